@@ -1,0 +1,258 @@
+"""The destination plugin API.
+
+A destination turns mapped events into HTTP requests and reads the platform's answers. It does
+no I/O: the engine owns the HTTP session, batching, retries, dedup, consent, storage and logging.
+
+The life of one event through a destination::
+
+    canonical event --(tag mapping over default_mapping)--> mapped dict
+    mapped dict --build_payload()--> payload           (at intake; stored in the outbox)
+    payload --check_item()--> None | reason            (at send time; e.g. "too old")
+    [payloads] --build_request()--> HttpRequest        (one batch; pure)
+    HttpResponse --read_response()--> [ItemResult]     (one result per item, in order)
+
+A third-party plugin subclasses :class:`Destination`, sets the class attributes and registers
+the class under the ``tagrelay.destinations`` entry-point group; its entry-point name is the
+``type:`` used in rule files.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar
+
+REDACTED = "[REDACTED]"
+
+
+class PayloadError(ValueError):
+    """The mapped event cannot become a valid payload for this platform.
+
+    The message names the platform rule that was broken. Never retried: the same input gives
+    the same error, so the engine records it as the tag's decision (or a permanent failure).
+    """
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One HTTP request, fully built; what the engine sends as is."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    @classmethod
+    def json_post(cls, url: str, obj: Any, headers: Mapping[str, str] | None = None) -> HttpRequest:
+        """A POST with a compact JSON body and ``Content-Type: application/json``."""
+        all_headers = {"Content-Type": "application/json"}
+        all_headers.update(headers or {})
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        return cls("POST", url, all_headers, body)
+
+    def json(self) -> Any:
+        """The body decoded as JSON, or None when it is empty or not JSON."""
+        try:
+            return json.loads(self.body) if self.body else None
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """What came back from the platform."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def json(self) -> Any:
+        """The body decoded as JSON, or None when it is empty or not JSON."""
+        try:
+            return json.loads(self.body) if self.body else None
+        except ValueError:
+            return None
+
+    def excerpt(self, limit: int = 500) -> str:
+        """The start of the body as text, for error records (never the request's secrets)."""
+        return self.body[:limit].decode("utf-8", "replace")
+
+
+class Outcome(enum.Enum):
+    """What happened to one item of a batch."""
+
+    DELIVERED = "delivered"
+    RETRYABLE = "retryable"  # timeouts, 408, 429, 5xx, platform throttling: try again later
+    PERMANENT = "permanent"  # the platform rejected this item; sending it again will not help
+    AUTH = "auth"  # credentials or permissions: an operator must act; retried slowly
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """The outcome of one item, with the platform's reason when it was not delivered."""
+
+    outcome: Outcome
+    error: str | None = None
+    retry_after: float | None = None
+
+    @classmethod
+    def delivered(cls) -> ItemResult:
+        """The platform accepted the item."""
+        return cls(Outcome.DELIVERED)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One delivery in a batch: the stored payload and the identifiers around it."""
+
+    delivery_id: str
+    event_id: str
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PayloadContext:
+    """What a destination knows about the event while building a payload (at intake)."""
+
+    tag: str
+    event_name: str  # the platform event name the tag chose
+    event_id: str
+    event_time: datetime  # timezone-aware, UTC
+    event: Mapping[str, Any]  # the canonical event, after consent stripping
+    restricted: bool = False  # analytics-only consent: identifiers were stripped
+    now: datetime | None = None  # the time of receipt; None means "now" (e.g. in unit tests)
+
+
+@dataclass(frozen=True)
+class SendContext:
+    """What a destination knows while building a request (at send time)."""
+
+    now: datetime
+    access_token: str | None = None  # from token_request(), when the destination uses one
+
+
+@dataclass(frozen=True)
+class Token:
+    """An access token from an OAuth exchange and its lifetime in seconds."""
+
+    value: str
+    expires_in: float
+
+
+class Destination:
+    """Base class of every destination adapter.
+
+    Subclasses set the class attributes and override :meth:`build_request` and
+    :meth:`read_response`; the rest has sensible defaults.
+    """
+
+    name: ClassVar[str] = ""
+    """The entry-point name, which is also the ``type:`` in rule files."""
+    max_batch: ClassVar[int] = 1
+    """The most items the platform takes in one request."""
+    secret_settings: ClassVar[frozenset[str]] = frozenset()
+    """Settings whose values never reach a log, a preview or an error message."""
+    settings_schema: ClassVar[dict[str, Any]] = {"type": "object"}
+    """JSON Schema of the destination's settings, checked by ``tagrelay check``."""
+    default_mapping: ClassVar[Mapping[str, str]] = {}
+    """Target path (dotted) -> expression over the canonical event. Tags override or extend it;
+    a tag mapping a target to ``null`` removes it."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings: Mapping[str, Any] = dict(settings)
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
+        """Turn the mapped fields into the stored payload of one item (normalize, hash, check).
+
+        Pure. Raise :class:`PayloadError` naming the broken rule when the event cannot be sent.
+        The default returns the mapped dict with the event's name, ID and time added.
+        """
+        payload = dict(mapped)
+        payload.setdefault("event_name", ctx.event_name)
+        payload.setdefault("event_id", ctx.event_id)
+        payload.setdefault("timestamp", ctx.event_time.isoformat().replace("+00:00", "Z"))
+        return payload
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def check_item(self, item: Item, ctx: SendContext) -> str | None:
+        """A reason why this item can no longer be sent (e.g. it is too old), else None."""
+        return None
+
+    def batch_key(self, item: Item) -> str:
+        """Items with different keys never share a request (e.g. GA4's one client_id)."""
+        return ""
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        """The request that delivers ``items`` (at most ``max_batch``, one batch key). Pure."""
+        raise NotImplementedError
+
+    def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+        """One result per item, in order. The default reads the HTTP status alone."""
+        return [status_result(response)] * len(items)
+
+    def token_request(self) -> HttpRequest | None:
+        """The request that obtains an access token (OAuth), or None when none is needed."""
+        return None
+
+    def read_token(self, response: HttpResponse) -> Token:
+        """Read the token out of the answer to :meth:`token_request`."""
+        raise NotImplementedError
+
+    # -- secrets --------------------------------------------------------------------------------
+
+    def secrets(self) -> list[str]:
+        """The secret setting values, longest first (so replacing never leaves a fragment)."""
+        values = [str(self.settings[k]) for k in self.secret_settings if self.settings.get(k)]
+        return sorted(values, key=len, reverse=True)
+
+    def redact(self, request: HttpRequest) -> HttpRequest:
+        """The same request with every secret setting value replaced by ``[REDACTED]``."""
+        secrets = self.secrets()
+        if not secrets:
+            return request
+        url, body = request.url, request.body.decode("utf-8", "replace")
+        headers = dict(request.headers)
+        for secret in secrets:
+            url = url.replace(secret, REDACTED)
+            body = body.replace(secret, REDACTED)
+            headers = {k: v.replace(secret, REDACTED) for k, v in headers.items()}
+        if "authorization" in {k.lower() for k in headers}:
+            headers = {
+                k: (REDACTED if k.lower() == "authorization" else v) for k, v in headers.items()
+            }
+        return replace(request, url=url, headers=headers, body=body.encode())
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The ``Retry-After`` header in seconds (delta-seconds or an HTTP date), if present."""
+    raw = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if raw.isdigit():
+        return float(raw)
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def status_result(response: HttpResponse) -> ItemResult:
+    """The generic reading of an HTTP status: 2xx delivered, 401/403 auth, 408/429/5xx retry."""
+    status = response.status
+    if 200 <= status < 300:
+        return ItemResult.delivered()
+    reason = f"HTTP {status}: {response.excerpt(200)}".strip()
+    if status in (401, 403):
+        return ItemResult(Outcome.AUTH, reason)
+    if status in (408, 425, 429) or status >= 500:
+        return ItemResult(Outcome.RETRYABLE, reason, retry_after_seconds(response.headers))
+    return ItemResult(Outcome.PERMANENT, reason)

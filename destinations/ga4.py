@@ -1,0 +1,499 @@
+"""``ga4``: Google Analytics 4 Measurement Protocol (see reference/platforms.md §2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from destinations import normalize
+from destinations.base import (
+    Destination,
+    HttpRequest,
+    HttpResponse,
+    Item,
+    ItemResult,
+    Outcome,
+    PayloadContext,
+    PayloadError,
+    SendContext,
+    status_result,
+)
+
+DEFAULT_ENDPOINT = "https://www.google-analytics.com"
+MAX_AGE = timedelta(hours=72)
+MAX_BODY_BYTES = 130_000
+MAX_PARAMS = 25
+MAX_ITEMS = 200
+MAX_NAME = 40
+MAX_VALUE = 100
+MAX_USER_ID = 256
+MAX_USER_PROPERTIES = 25
+MAX_USER_PROPERTY_NAME = 24
+MAX_USER_PROPERTY_VALUE = 36
+# Longer values GA's own collection limits allow for these params; longer ones are truncated
+# (descriptive context is not worth losing the event over).
+LONG_PARAMS = {"page_location": 1000, "page_referrer": 420, "page_title": 300}
+
+RESERVED_EVENTS = frozenset(
+    {"ad_impression", "app_remove", "app_store_refund", "app_store_subscription_cancel"}
+    | {"app_store_subscription_renew", "click", "error", "file_download", "first_open"}
+    | {"first_visit", "form_start", "form_submit", "in_app_purchase", "page_view", "scroll"}
+    | {"session_start", "user_engagement", "view_complete", "video_complete", "video_progress"}
+    | {"video_start", "view_search_results"}
+)
+# session_id and engagement_time_msec are reserved for UI-created events only: MP expects them.
+RESERVED_PARAMS = frozenset({"gclid", "session_number"})
+RESERVED_USER_PROPERTIES = frozenset(
+    {"first_open_time", "first_visit_time", "last_deep_link_referrer", "user_id"}
+    | {"first_open_after_install"}
+)
+RESERVED_PREFIXES = ("_", "firebase_", "ga_", "google_", "gtag.")
+TOP_LEVEL_FIELDS = frozenset(
+    {"client_id", "user_id", "user_data", "consent", "user_properties", "ip_override"}
+    | {"user_agent", "user_location", "device", "non_personalized_ads", "params"}
+)
+NAME_RULE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+GA_COOKIE = re.compile(r"GA\d\.\d+\.(\d+\.\d+)")
+SESSION_COOKIE = re.compile(r"GS\d\.\d+\.s?(\d+)")
+CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
+
+
+class GA4(Destination):
+    """Google Analytics 4 Measurement Protocol, web streams (reference/platforms.md §2).
+
+    Settings: ``measurement_id`` (``G-…``), ``api_secret``, ``validate`` (send to
+    ``/debug/mp/collect`` with ``validation_behavior: ENFORCE_RECOMMENDATIONS`` and report its
+    ``validationMessages``; nothing reaches reports), ``default_country`` (for phone numbers
+    without a country code when the event has no ``user_data.country``) and ``endpoint`` (base
+    URL; ``https://region1.google-analytics.com`` for EU collection, or a proxy or emulator).
+
+    Default mapping (target -> canonical event)::
+
+        client_id                          context.ga_client_id || visitor_id
+        user_id                            user_id
+        ip_override                        context.ip            (never hashed)
+        user_agent                         context.user_agent    (never hashed)
+        consent.ad_user_data               consent.ad_user_data  ("granted" -> "GRANTED")
+        consent.ad_personalization         consent.ad_personalization
+        params.transaction_id              properties.related_order_id || properties.order_id
+        params.value / params.currency     properties.value / properties.currency
+        params.items                       properties.items[] as {item_id, item_name, price,
+                                           quantity}
+        params.session_id                  context.ga_session_id
+        params.page_location               context.page_url
+        params.page_referrer               context.referrer
+        user_data.sha256_email_address     user_data.email       (normalized, hashed)
+        user_data.sha256_phone_number      user_data.phone       (E.164 with +, hashed)
+        user_data.address.sha256_first_name / sha256_last_name   (hashed)
+        user_data.address.city / region / postal_code / country  (normalized, clear text)
+
+    ``client_id`` is required for web streams: without the GA cookie's client ID it falls back
+    to the event's ``visitor_id``, which GA then counts as a separate (server-side) user. A raw
+    ``_ga`` cookie value (``GA1.1.<id>``) and a raw ``_ga_<stream>`` session cookie are reduced
+    to the IDs. ``transaction_id`` prefers ``related_order_id`` so that a ``refund`` event names
+    the original order. The tag's ``event_name`` is the GA4 event name (``purchase``,
+    ``refund``, …). A tag may map any ``params.*``, ``user_properties.*``, ``user_location`` or
+    ``device`` field; other top-level targets are refused.
+
+    Rules checked before sending (each :class:`PayloadError` names it): client_id required;
+    event and param names ≤ 40 chars, alphanumeric and ``_``, starting with a letter, not
+    reserved and without the reserved prefixes; ≤ 25 params; param values ≤ 100 chars (page
+    location, referrer and title are truncated to GA's longer limits); ≤ 200 items, each with
+    ``item_id`` or ``item_name``; ``currency`` whenever ``value`` is set; ``transaction_id`` on
+    ``purchase`` and ``refund``; user properties ≤ 25, names ≤ 24, values ≤ 36 chars; body
+    under 130 kB. At send time an event older than 72 hours fails alone (:meth:`check_item`).
+
+    Unconfirmed readings (platforms.md marks them so) and the safe choice made:
+
+    * Backdating: three GA pages disagree (72 h, 3 calendar days, 2 business days); 72 h is used.
+    * Event-level ``timestamp_micros`` is not in the reference read, so the timestamp is sent at
+      request level and requests only group events with the same timestamp, client_id and user
+      fields (:meth:`batch_key`).
+    * The Gmail ``+tag`` strip is confirmed for Data Manager, not for MP ``user_data``; it is
+      applied (as Google Ads does) through :func:`destinations.normalize.email`.
+    * ``user_agent`` is seen only in third-party code; GA ignores fields it does not know.
+    * With analytics-only consent (``restricted``) ``user_data`` is dropped and both consent
+      signals are sent as ``DENIED``.
+    """
+
+    name = "ga4"
+    max_batch = 25
+    secret_settings = frozenset({"api_secret"})
+    settings_schema = {
+        "type": "object",
+        "required": ["measurement_id", "api_secret"],
+        "additionalProperties": False,
+        "properties": {
+            "measurement_id": {"type": "string", "pattern": "^G-[A-Za-z0-9]+$"},
+            "api_secret": {"type": "string", "minLength": 1},
+            "validate": {
+                "type": "boolean",
+                "default": False,
+                "description": "send to /debug/mp/collect and report validationMessages",
+            },
+            "default_country": {"type": "string", "pattern": "^[A-Za-z]{2}$"},
+            "endpoint": {
+                "type": "string",
+                "pattern": "^https?://",
+                "default": DEFAULT_ENDPOINT,
+                "description": "base URL (EU: https://region1.google-analytics.com)",
+            },
+        },
+    }
+    default_mapping = {
+        "client_id": "context.ga_client_id || visitor_id",
+        "user_id": "user_id",
+        "ip_override": "context.ip",
+        "user_agent": "context.user_agent",
+        "consent.ad_user_data": "consent.ad_user_data",
+        "consent.ad_personalization": "consent.ad_personalization",
+        "params.transaction_id": "properties.related_order_id || properties.order_id",
+        "params.value": "properties.value",
+        "params.currency": "properties.currency",
+        "params.items": (
+            "properties.items[].{item_id: id, item_name: name, price: price, quantity: quantity}"
+        ),
+        "params.session_id": "context.ga_session_id",
+        "params.page_location": "context.page_url",
+        "params.page_referrer": "context.referrer",
+        "user_data.sha256_email_address": "user_data.email",
+        "user_data.sha256_phone_number": "user_data.phone",
+        "user_data.address.sha256_first_name": "user_data.first_name",
+        "user_data.address.sha256_last_name": "user_data.last_name",
+        "user_data.address.city": "user_data.city",
+        "user_data.address.region": "user_data.state",
+        "user_data.address.postal_code": "user_data.postal_code",
+        "user_data.address.country": "user_data.country",
+    }
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
+        """The stored item: ``{"request": <request-level fields>, "event": {name, params}}``.
+
+        Raises:
+            PayloadError: a Measurement Protocol rule is broken; the message names it.
+        """
+        if unknown := sorted(set(mapped) - TOP_LEVEL_FIELDS):
+            raise PayloadError(f"GA4: unknown top-level field(s) {unknown}")
+        _check_name(ctx.event_name, "event name")
+        if ctx.event_name in RESERVED_EVENTS:
+            raise PayloadError(f"GA4: event name {ctx.event_name!r} is reserved")
+
+        request: dict[str, Any] = {"client_id": _client_id(mapped.get("client_id"))}
+        if (user_id := mapped.get("user_id")) is not None:
+            request["user_id"] = _user_id(user_id)
+        request["timestamp_micros"] = int(ctx.event_time.timestamp() * 1_000_000)
+        for key in ("ip_override", "user_agent"):
+            if mapped.get(key):
+                request[key] = str(mapped[key])
+        for key in ("user_location", "device", "non_personalized_ads"):
+            if mapped.get(key) is not None:
+                request[key] = mapped[key]
+        if consent := _consent(mapped.get("consent"), ctx.restricted):
+            request["consent"] = consent
+        if not ctx.restricted and (
+            user_data := self._user_data(_as_dict(mapped.get("user_data"), "user_data"))
+        ):
+            request["user_data"] = user_data
+        if props := _user_properties(mapped.get("user_properties")):
+            request["user_properties"] = props
+
+        params = _params(_as_dict(mapped.get("params"), "params"), ctx.event_name)
+        payload = {"request": request, "event": {"name": ctx.event_name, "params": params}}
+        size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+        if size >= MAX_BODY_BYTES:
+            raise PayloadError(f"GA4: the post body must be under 130 kB (this event: {size} B)")
+        return payload
+
+    def _user_data(self, raw: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        addresses = [_as_dict(a, "user_data.address") for a in _listed(raw.get("address"))]
+        country = next((a.get("country") for a in addresses if a.get("country")), None)
+        country = country or self.settings.get("default_country")
+
+        def phone(v: str) -> str | None:
+            return normalize.phone(v, "google", default_country=country)
+
+        for key, norm in (("sha256_email_address", _email), ("sha256_phone_number", phone)):
+            if (digests := normalize.hashed_values(raw.get(key), norm)) is not None:
+                out[key] = digests
+        normalized = [a for a in (_address(a) for a in addresses) if a]
+        if normalized:
+            out["address"] = normalized[0] if len(normalized) == 1 else normalized
+        return out
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def check_item(self, item: Item, ctx: SendContext) -> str | None:
+        """Events older than 72 hours are refused by GA4 (the safe reading of §2.3)."""
+        micros = item.payload.get("request", {}).get("timestamp_micros")
+        if isinstance(micros, int) and ctx.now.timestamp() * 1_000_000 - micros > (
+            MAX_AGE.total_seconds() * 1_000_000
+        ):
+            return "GA4: timestamp_micros is older than the 72-hour backdating limit"
+        return None
+
+    def batch_key(self, item: Item) -> str:
+        """A digest of the request-level fields: one client_id (and one user) per request."""
+        request = item.payload.get("request", {})
+        canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        """One POST to ``/mp/collect`` (or ``/debug/mp/collect``) with up to 25 events."""
+        body: dict[str, Any] = dict(items[0].payload["request"])
+        now_micros = int(ctx.now.timestamp() * 1_000_000)
+        # MP takes past timestamps only; a clock slightly ahead must not lose the event.
+        body["timestamp_micros"] = min(int(body["timestamp_micros"]), now_micros)
+        body["events"] = [dict(i.payload["event"]) for i in items]
+        if self.settings.get("validate"):
+            body["validation_behavior"] = "ENFORCE_RECOMMENDATIONS"
+        return HttpRequest.json_post(self._url(), body)
+
+    def _url(self) -> str:
+        base = str(self.settings.get("endpoint") or DEFAULT_ENDPOINT).rstrip("/")
+        path = "/debug/mp/collect" if self.settings.get("validate") else "/mp/collect"
+        query = urlencode(
+            {
+                "measurement_id": self.settings.get("measurement_id", ""),
+                "api_secret": self.settings.get("api_secret", ""),
+            }
+        )
+        return f"{base}{path}?{query}"
+
+    def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+        """``/mp/collect`` answers 2xx to anything; only the validation server says more.
+
+        In ``validate`` mode each ``validationMessages`` entry becomes a PERMANENT result for the
+        event it names (``events[N]`` in ``fieldPath`` or "index: [N]" in the description), or
+        for every event when it names none.
+        """
+        if not 200 <= response.status < 300 or not self.settings.get("validate"):
+            return [status_result(response)] * len(items)
+        answer = response.json()
+        if not isinstance(answer, dict):
+            reason = "GA4 validation server: the answer is not a JSON object"
+            return [ItemResult(Outcome.RETRYABLE, reason)] * len(items)
+        errors: dict[int | None, list[str]] = {}
+        for message in _listed(answer.get("validationMessages")):
+            if isinstance(message, dict):
+                index, text = _validation_message(message)
+                errors.setdefault(index, []).append(text)
+        results = []
+        for index in range(len(items)):
+            found = errors.get(index, []) + errors.get(None, [])
+            results.append(
+                ItemResult(Outcome.PERMANENT, "; ".join(found)) if found else ItemResult.delivered()
+            )
+        return results
+
+
+# -- fields -------------------------------------------------------------------------------------
+
+
+def _check_name(name: str, what: str) -> None:
+    if len(name) > MAX_NAME:
+        raise PayloadError(f"GA4: {what} {name!r} is longer than {MAX_NAME} characters")
+    if not NAME_RULE.fullmatch(name):
+        raise PayloadError(
+            f"GA4: {what} {name!r} must be letters, digits and '_', starting with a letter"
+        )
+    if name.startswith(RESERVED_PREFIXES):
+        raise PayloadError(f"GA4: {what} {name!r} uses a reserved prefix {RESERVED_PREFIXES}")
+
+
+def _client_id(value: Any) -> str:
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        raise PayloadError(
+            "GA4: client_id is required for web streams (no ga_client_id and no visitor_id)"
+        )
+    if match := GA_COOKIE.fullmatch(text):
+        return match.group(1)
+    return text
+
+
+def _user_id(value: Any) -> str:
+    text = str(value)
+    if len(text) > MAX_USER_ID:
+        raise PayloadError(f"GA4: user_id must be at most {MAX_USER_ID} characters")
+    return text
+
+
+def _consent(raw: Any, restricted: bool) -> dict[str, str]:
+    if restricted:
+        return {"ad_user_data": "DENIED", "ad_personalization": "DENIED"}
+    out = {}
+    for key in ("ad_user_data", "ad_personalization"):
+        value = raw.get(key) if isinstance(raw, dict) else None
+        if isinstance(value, str) and value.lower() in CONSENT_VALUES:
+            out[key] = CONSENT_VALUES[value.lower()]
+    return out
+
+
+def _params(raw: dict[str, Any], event_name: str) -> dict[str, Any]:
+    params = {k: v for k, v in raw.items() if v is not None}
+    if len(params) > MAX_PARAMS:
+        raise PayloadError(f"GA4: at most {MAX_PARAMS} params per event ({len(params)} mapped)")
+    for key, value in list(params.items()):
+        _check_name(key, "param name")
+        if key in RESERVED_PARAMS:
+            raise PayloadError(f"GA4: param name {key!r} is reserved")
+        if key == "session_id":
+            params[key] = _session_id(value)
+        elif key == "items":
+            params[key] = _items(value)
+        elif key == "value":
+            params[key] = _number(value, "params.value")
+        elif key == "currency":
+            params[key] = str(value).strip().upper()
+        elif isinstance(value, str):
+            limit = LONG_PARAMS.get(key)
+            if limit is not None:
+                params[key] = value[:limit]
+            elif len(value) > MAX_VALUE:
+                raise PayloadError(f"GA4: param {key!r} is longer than {MAX_VALUE} characters")
+    if "value" in params and "currency" not in params:
+        raise PayloadError("GA4: currency is required when value is set")
+    if event_name in ("purchase", "refund") and not params.get("transaction_id"):
+        raise PayloadError(f"GA4: transaction_id is required for the {event_name} event")
+    if "transaction_id" in params:
+        params["transaction_id"] = str(params["transaction_id"])
+    return params
+
+
+def _session_id(value: Any) -> str:
+    text = str(value).strip()
+    match = SESSION_COOKIE.match(text)
+    return match.group(1) if match else text
+
+
+def _items(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise PayloadError("GA4: params.items must be a list")
+    if len(value) > MAX_ITEMS:
+        raise PayloadError(f"GA4: at most {MAX_ITEMS} items per event")
+    items = []
+    for raw in value:
+        item = {k: v for k, v in _as_dict(raw, "params.items[]").items() if v is not None}
+        if item.get("item_id") is None and item.get("item_name") is None:
+            raise PayloadError("GA4: every item needs item_id or item_name")
+        for key in ("item_id", "item_name"):
+            if key in item:
+                item[key] = str(item[key])
+        for key in ("price", "quantity"):
+            if key in item:
+                item[key] = _number(item[key], f"items[].{key}")
+        items.append(item)
+    return items
+
+
+def _number(value: Any, what: str) -> float | int:
+    if isinstance(value, bool):
+        raise PayloadError(f"GA4: {what} must be a number")
+    if isinstance(value, int | float):
+        return value
+    try:
+        return float(str(value))
+    except ValueError:
+        raise PayloadError(f"GA4: {what} must be a number") from None
+
+
+def _user_properties(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        return {}
+    props = {k: v for k, v in raw.items() if v is not None}
+    if len(props) > MAX_USER_PROPERTIES:
+        raise PayloadError(f"GA4: at most {MAX_USER_PROPERTIES} user properties")
+    out = {}
+    for key, value in props.items():
+        if len(key) > MAX_USER_PROPERTY_NAME:
+            raise PayloadError(f"GA4: user property name {key!r} is longer than 24 characters")
+        _check_name(key, "user property name")
+        if key in RESERVED_USER_PROPERTIES:
+            raise PayloadError(f"GA4: user property name {key!r} is reserved")
+        wrapped = value if isinstance(value, dict) and "value" in value else {"value": value}
+        inner = wrapped["value"]
+        if isinstance(inner, str) and len(inner) > MAX_USER_PROPERTY_VALUE:
+            raise PayloadError(f"GA4: user property {key!r} value is longer than 36 characters")
+        out[key] = wrapped
+    return out
+
+
+# -- user-provided data -------------------------------------------------------------------------
+
+
+def _email(value: str) -> str | None:
+    return normalize.email(value, "google")
+
+
+def _street(value: str) -> str | None:
+    """Google street rule: lowercase, symbols removed, trimmed (no helper in normalize.py)."""
+    text = re.sub(r"[^\w\s]", "", value.lower(), flags=re.UNICODE)
+    text = re.sub(r"\s+", " ", text).strip()
+    return text or None
+
+
+def _address(raw: dict[str, Any]) -> dict[str, Any]:
+    country = raw.get("country")
+    out: dict[str, Any] = {}
+    hashed_fields: tuple[tuple[str, Callable[[str], str | None]], ...] = (
+        ("sha256_first_name", lambda v: normalize.name(v, "google")),
+        ("sha256_last_name", lambda v: normalize.name(v, "google")),
+        ("sha256_street", _street),
+    )
+    for key, norm in hashed_fields:
+        if (digest := normalize.hashed(raw.get(key), norm)) is not None:
+            out[key] = digest
+    clear: tuple[tuple[str, Callable[[str], str | None]], ...] = (
+        ("city", lambda v: normalize.city(v, "google")),
+        ("region", lambda v: normalize.state(v, "google", country=country)),
+        ("postal_code", lambda v: normalize.postal_code(v, "google", country=country)),
+        ("country", lambda v: normalize.country(v, "google")),
+    )
+    for key, norm in clear:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if text := norm(str(value)):
+            out[key] = text
+    return out
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _listed(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _as_dict(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PayloadError(f"GA4: {what} must be an object")
+    return dict(value)
+
+
+_INDEX = re.compile(r"events\[(\d+)\]|index:? *\[(\d+)\]")
+_BRACKETED = re.compile(r"\[(?!\d+\])[^\]]*\]")
+
+
+def _validation_message(message: Mapping[str, Any]) -> tuple[int | None, str]:
+    """The event index a validation message names (if any) and a log-safe text for it."""
+    field_path = str(message.get("fieldPath") or "")
+    description = str(message.get("description") or "")
+    code = str(message.get("validationCode") or "VALIDATION_ERROR")
+    match = _INDEX.search(field_path) or _INDEX.search(description)
+    index = int(match.group(1) or match.group(2)) if match else None
+    # The description quotes the offending values in brackets; keep indexes, hide values.
+    safe = _BRACKETED.sub("[…]", description)[:200]
+    return index, f"GA4 validation {code} at {field_path or 'request'}: {safe}".strip()

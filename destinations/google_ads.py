@@ -1,0 +1,603 @@
+"""``google_ads``: Google Ads API conversion uploads and adjustments (reference/platforms.md §3)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from destinations import normalize
+from destinations.base import (
+    Destination,
+    HttpRequest,
+    HttpResponse,
+    Item,
+    ItemResult,
+    Outcome,
+    PayloadContext,
+    PayloadError,
+    SendContext,
+    Token,
+    retry_after_seconds,
+    status_result,
+)
+
+DEFAULT_ENDPOINT = "https://googleads.googleapis.com"
+DEFAULT_TOKEN_ENDPOINT = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL
+DEFAULT_API_VERSION = "v26"
+CONVERSIONS = "uploadClickConversions"
+ADJUSTMENTS = "uploadConversionAdjustments"
+ADJUSTMENT_TYPES = ("RETRACTION", "RESTATEMENT", "ENHANCEMENT")
+MAX_IDENTIFIERS = 5
+# No click-through window is longer than 90 days; adjustments expire 54 days after conversion.
+MAX_CONVERSION_AGE = timedelta(days=90)
+MAX_ADJUSTMENT_AGE = timedelta(days=54)
+CLICK_IDS = ("gclid", "wbraid", "gbraid")  # order of preference (see _click_id)
+CONVERSION_FIELDS = frozenset(
+    {"gclid", "gbraid", "wbraid", "conversionAction", "conversionValue", "currencyCode"}
+    | {"orderId", "userIdentifiers", "consent", "conversionEnvironment", "cartData"}
+    | {"customVariables", "userAgent"}
+)
+ADJUSTMENT_ONLY = frozenset({"adjustmentType", "gclidDateTimePair", "restatementValue"})
+CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
+CUSTOMER_ID = re.compile(r"\d{3}-?\d{3}-?\d{4}")
+ACTION_NAME = re.compile(r"customers/\d{10}/conversionActions/\d+")
+
+# -- how row and request errors are read (platforms.md §3.7) -------------------------------------
+RETRY_CODES = frozenset(
+    {"RESOURCE_EXHAUSTED", "RESOURCE_TEMPORARILY_EXHAUSTED", "INTERNAL_ERROR"}
+    | {"TRANSIENT_ERROR", "DEADLINE_EXCEEDED", "CONCURRENT_MODIFICATION"}
+)
+DELAYED_CODES = {
+    "TOO_RECENT_EVENT": 6 * 3600.0,  # the click is less than 6 h old
+    "TOO_RECENT_CONVERSION_ACTION": 6 * 3600.0,  # the action was created less than 6 h ago
+    "TOO_RECENT_CONVERSION": 24 * 3600.0,  # adjustments need a conversion at least 24 h old
+    "CONVERSION_NOT_FOUND": 3600.0,  # often just not processed yet (retry for some hours)
+}
+AUTH_CATEGORIES = frozenset({"authenticationError", "authorizationError"})
+RETRY_STATUSES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED"})
+AUTH_STATUSES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+
+
+class TokenError(Exception):
+    """The OAuth token exchange failed.
+
+    ``outcome`` says whether a retry can help: ``Outcome.RETRYABLE`` for 429/5xx or an
+    unreadable answer, ``Outcome.AUTH`` when the credentials were refused (an operator must act).
+    """
+
+    def __init__(self, message: str, outcome: Outcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class GoogleAds(Destination):
+    """Google Ads API: click conversions, enhanced conversions and adjustments (platforms.md §3).
+
+    Settings: ``customer_id`` (10 digits, hyphens allowed), ``conversion_action`` (its ID or
+    resource name), ``developer_token``, OAuth ``client_id`` / ``client_secret`` /
+    ``refresh_token``, ``login_customer_id`` (the manager account, when acting through one),
+    ``api_version`` (default ``v26``), ``validate_only`` (Google validates and executes
+    nothing), ``default_country`` (for phone numbers without a country code when the event has
+    no ``user_data.country``), ``currency`` (used when the event has none), and the ``endpoint``
+    and ``token_endpoint`` base-URL overrides for proxies and emulators.
+
+    Default mapping (target -> canonical event)::
+
+        gclid / gbraid / wbraid            context.gclid / context.gbraid / context.wbraid
+        orderId                            properties.related_order_id || properties.order_id
+        conversionValue                    properties.value
+        currencyCode                       properties.currency   (else the currency setting)
+        userIdentifiers.hashedEmail        user_data.email       (Google rule, hashed)
+        userIdentifiers.hashedPhoneNumber  user_data.phone       (E.164 with +, hashed)
+        consent.adUserData                 consent.ad_user_data  ("granted" -> "GRANTED")
+        consent.adPersonalization          consent.ad_personalization (not sent, see below)
+        userAgent                          context.user_agent    (ENHANCEMENT only)
+
+    When no click ID is mapped, gclid, gbraid and wbraid are read from the query string of the
+    event's ``context.page_url``. One click ID is sent: gclid when present, else wbraid (web
+    conversions), else gbraid; never gbraid and wbraid together. The conversion time is the
+    event time, as ``yyyy-mm-dd hh:mm:ss+00:00``. A mapped ``conversionAction`` (ID or
+    resource name) overrides the setting for that tag.
+
+    **What is uploaded.** By default an ``uploadClickConversions`` row (with a click ID, or
+    hashed email/phone only for enhanced conversions for leads). A tag whose ``event_name`` is
+    ``RETRACTION``, ``RESTATEMENT`` or ``ENHANCEMENT`` (or that maps ``adjustmentType``) makes an
+    ``uploadConversionAdjustments`` row instead, identified by ``orderId`` (the default mapping
+    gives a refund's ``related_order_id``) or by a mapped
+    ``gclidDateTimePair.{gclid,conversionDateTime}`` (then map ``orderId: null``), never both:
+
+    * ``RETRACTION``: a refund, cancellation or reversal of the whole order (value and count
+      zeroed). ``restatementValue`` is refused.
+    * ``RESTATEMENT``: a partial refund. Map ``restatementValue.adjustedValue`` to the order's
+      **new total** (not the refunded amount); ``currencyCode`` is used when it has none.
+    * ``ENHANCEMENT``: enhanced conversions for web; needs ``orderId`` and user identifiers,
+      and accepts ``userIdentifiers.addressInfo.*`` (``hashedFirstName``, ``hashedLastName``,
+      ``hashedStreetAddress`` hashed; ``city``, ``state``, ``countryCode``, ``postalCode`` in
+      clear) and ``userAgent``.
+
+    The adjustment time is the event time. The two kinds go to different endpoints, so
+    :meth:`batch_key` keeps them apart.
+
+    Rules checked before sending (each :class:`PayloadError` names it): one identifier per
+    ``userIdentifiers`` entry and at most 5; only hashed email and phone on click conversions (no
+    ``addressInfo``); a click conversion needs a click ID or a user identifier; adjustment rows
+    need ``orderId`` or a gclid/date-time pair; unknown fields are refused (Google rejects the
+    whole request for one). At most 2,000 rows per request. Already-hashed (64-hex) identifiers
+    pass through; the IP address and user agent are never hashed.
+
+    Unconfirmed readings (platforms.md §8) and the safe choice made: whether gclid may be sent
+    with gbraid/wbraid (only one is sent); the field name in partial-failure locations
+    (``conversions`` / ``conversion_adjustments``): any first path element with an ``index``
+    is taken as the row. ``consent.adPersonalization`` is accepted only by Customer Match and
+    UserDataService, so it is never sent on uploads; adjustments carry no consent field.
+    """
+
+    name = "google_ads"
+    max_batch = 2000
+    secret_settings = frozenset({"developer_token", "client_secret", "refresh_token"})
+    settings_schema = {
+        "type": "object",
+        "required": [
+            "customer_id",
+            "conversion_action",
+            "developer_token",
+            "client_id",
+            "client_secret",
+            "refresh_token",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "customer_id": {"type": "string", "pattern": "^[0-9]{3}-?[0-9]{3}-?[0-9]{4}$"},
+            "conversion_action": {
+                "type": "string",
+                "pattern": "^([0-9]+|customers/[0-9]{10}/conversionActions/[0-9]+)$",
+            },
+            "developer_token": {"type": "string", "minLength": 1},
+            "client_id": {"type": "string", "minLength": 1},
+            "client_secret": {"type": "string", "minLength": 1},
+            "refresh_token": {"type": "string", "minLength": 1},
+            "login_customer_id": {"type": "string", "pattern": "^[0-9]{3}-?[0-9]{3}-?[0-9]{4}$"},
+            "api_version": {"type": "string", "pattern": "^v[0-9]+$", "default": "v26"},
+            "validate_only": {"type": "boolean", "default": False},
+            "default_country": {"type": "string", "pattern": "^[A-Za-z]{2}$"},
+            "currency": {"type": "string", "pattern": "^[A-Za-z]{3}$"},
+            "endpoint": {"type": "string", "pattern": "^https?://", "default": DEFAULT_ENDPOINT},
+            "token_endpoint": {
+                "type": "string",
+                "pattern": "^https?://",
+                "default": DEFAULT_TOKEN_ENDPOINT,
+            },
+        },
+    }
+    default_mapping = {
+        "gclid": "context.gclid",
+        "gbraid": "context.gbraid",
+        "wbraid": "context.wbraid",
+        "orderId": "properties.related_order_id || properties.order_id",
+        "conversionValue": "properties.value",
+        "currencyCode": "properties.currency",
+        "userIdentifiers.hashedEmail": "user_data.email",
+        "userIdentifiers.hashedPhoneNumber": "user_data.phone",
+        "consent.adUserData": "consent.ad_user_data",
+        "consent.adPersonalization": "consent.ad_personalization",
+        "userAgent": "context.user_agent",
+    }
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
+        """The stored item: ``{"operation": <API method>, "row": <conversion or adjustment>}``.
+
+        Raises:
+            PayloadError: a Google Ads rule is broken; the message names it.
+        """
+        if unknown := sorted(set(mapped) - CONVERSION_FIELDS - ADJUSTMENT_ONLY):
+            raise PayloadError(f"Google Ads: unknown field(s) {unknown}")
+        kind = str(mapped.get("adjustmentType") or ctx.event_name).strip().upper()
+        if kind in ADJUSTMENT_TYPES:
+            return {"operation": ADJUSTMENTS, "row": self._adjustment(kind, mapped, ctx)}
+        if "adjustmentType" in mapped:
+            raise PayloadError(f"Google Ads: adjustmentType must be one of {ADJUSTMENT_TYPES}")
+        return {"operation": CONVERSIONS, "row": self._conversion(mapped, ctx)}
+
+    def _conversion(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
+        if misplaced := sorted(set(mapped) & ADJUSTMENT_ONLY):
+            raise PayloadError(f"Google Ads: {misplaced} apply to conversion adjustments only")
+        row: dict[str, Any] = {}
+        if click := _click_id(mapped, ctx.event):
+            row[click[0]] = click[1]
+        row["conversionAction"] = self._action(mapped.get("conversionAction"))
+        row["conversionDateTime"] = google_time(ctx.event_time)
+        if mapped.get("conversionValue") is not None:
+            row["conversionValue"] = _number(mapped["conversionValue"], "conversionValue")
+        if currency := self._currency(mapped.get("currencyCode")):
+            row["currencyCode"] = currency
+        if mapped.get("orderId") is not None:
+            row["orderId"] = str(mapped["orderId"])
+        raw_ids = _as_dict(mapped.get("userIdentifiers"), "userIdentifiers")
+        if "addressInfo" in raw_ids:
+            raise PayloadError(
+                "Google Ads: uploadClickConversions accepts only hashedEmail and "
+                "hashedPhoneNumber identifiers (addressInfo is for ENHANCEMENT adjustments)"
+            )
+        if not ctx.restricted and (ids := self._identifiers(raw_ids, ctx)):
+            row["userIdentifiers"] = ids
+        if not any(row.get(k) for k in CLICK_IDS) and "userIdentifiers" not in row:
+            raise PayloadError(
+                "Google Ads: a click conversion needs gclid, gbraid, wbraid or a hashed "
+                "email/phone (enhanced conversions for leads)"
+            )
+        consent = _as_dict(mapped.get("consent"), "consent")
+        ad_user_data = "DENIED" if ctx.restricted else _consent(consent.get("adUserData"))
+        if ad_user_data:
+            row["consent"] = {"adUserData": ad_user_data}
+        for key in ("conversionEnvironment", "cartData", "customVariables"):
+            if mapped.get(key) is not None:
+                row[key] = mapped[key]
+        return row
+
+    def _adjustment(self, kind: str, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "adjustmentType": kind,
+            "conversionAction": self._action(mapped.get("conversionAction")),
+            "adjustmentDateTime": google_time(ctx.event_time),
+        }
+        pair = _as_dict(mapped.get("gclidDateTimePair"), "gclidDateTimePair")
+        order_id = mapped.get("orderId")
+        if order_id is not None and pair:
+            raise PayloadError(
+                "Google Ads: an adjustment is identified by orderId or gclidDateTimePair, not both"
+            )
+        if order_id is not None:
+            row["orderId"] = str(order_id)
+        elif pair.get("gclid") and pair.get("conversionDateTime"):
+            row["gclidDateTimePair"] = {
+                "gclid": str(pair["gclid"]),
+                "conversionDateTime": str(pair["conversionDateTime"]),
+            }
+        else:
+            raise PayloadError(
+                "Google Ads: an adjustment needs orderId or gclidDateTimePair.{gclid,"
+                "conversionDateTime}"
+            )
+        restatement = _as_dict(mapped.get("restatementValue"), "restatementValue")
+        if kind == "RESTATEMENT":
+            if restatement.get("adjustedValue") is None:
+                raise PayloadError(
+                    "Google Ads: RESTATEMENT needs restatementValue.adjustedValue (the new total)"
+                )
+            value: dict[str, Any] = {
+                "adjustedValue": _number(restatement["adjustedValue"], "adjustedValue")
+            }
+            currency = self._currency(restatement.get("currencyCode") or mapped.get("currencyCode"))
+            if currency:
+                value["currencyCode"] = currency
+            row["restatementValue"] = value
+        elif restatement:
+            raise PayloadError(f"Google Ads: restatementValue must not be sent with {kind}")
+        if kind == "ENHANCEMENT":
+            if "orderId" not in row:
+                raise PayloadError(
+                    "Google Ads: ENHANCEMENT needs orderId (the tag's transaction ID)"
+                )
+            raw_ids = _as_dict(mapped.get("userIdentifiers"), "userIdentifiers")
+            ids = [] if ctx.restricted else self._identifiers(raw_ids, ctx, address=True)
+            if not ids:
+                raise PayloadError("Google Ads: ENHANCEMENT needs at least one user identifier")
+            row["userIdentifiers"] = ids
+            if mapped.get("userAgent"):
+                row["userAgent"] = str(mapped["userAgent"])
+        return row
+
+    def _identifiers(
+        self, raw: dict[str, Any], ctx: PayloadContext, address: bool = False
+    ) -> list[dict[str, Any]]:
+        """One identifier per entry (UserIdentifier is a oneof), at most five."""
+        if unknown := sorted(set(raw) - {"hashedEmail", "hashedPhoneNumber", "addressInfo"}):
+            raise PayloadError(f"Google Ads: unsupported user identifier(s) {unknown}")
+        addr = _as_dict(raw.get("addressInfo"), "userIdentifiers.addressInfo")
+        user_data = ctx.event.get("user_data")
+        country = (
+            addr.get("countryCode")
+            or (user_data.get("country") if isinstance(user_data, dict) else None)
+            or self.settings.get("default_country")
+        )
+
+        def phone(value: str) -> str | None:
+            return normalize.phone(value, "google", default_country=country)
+
+        ids: list[dict[str, Any]] = [
+            {"hashedEmail": h} for h in _hash_all(raw.get("hashedEmail"), _email)
+        ]
+        ids += [{"hashedPhoneNumber": h} for h in _hash_all(raw.get("hashedPhoneNumber"), phone)]
+        if address and (info := _address_info(addr)):
+            ids.append({"addressInfo": info})
+        if len(ids) > MAX_IDENTIFIERS:
+            raise PayloadError(
+                f"Google Ads: at most {MAX_IDENTIFIERS} userIdentifiers per row ({len(ids)} given)"
+            )
+        return ids
+
+    def _action(self, mapped: Any) -> str:
+        raw = str(mapped if mapped is not None else self.settings.get("conversion_action", ""))
+        raw = raw.strip()
+        if raw.isdigit():
+            return f"customers/{self._customer_id()}/conversionActions/{raw}"
+        if ACTION_NAME.fullmatch(raw):
+            return raw
+        raise PayloadError(
+            "Google Ads: conversionAction must be an ID or customers/<id>/conversionActions/<id>"
+        )
+
+    def _customer_id(self) -> str:
+        return str(self.settings.get("customer_id", "")).replace("-", "")
+
+    def _currency(self, value: Any) -> str | None:
+        raw = value if value is not None else self.settings.get("currency")
+        if raw is None:
+            return None
+        code = str(raw).strip().upper()
+        if not re.fullmatch(r"[A-Z]{3}", code):
+            raise PayloadError("Google Ads: currencyCode must be an ISO 4217 code (3 letters)")
+        return code
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def check_item(self, item: Item, ctx: SendContext) -> str | None:
+        """Rows past the longest click-through window (90 days) or adjustment window (54 days)."""
+        row = item.payload.get("row", {})
+        if item.payload.get("operation") == ADJUSTMENTS:
+            when, limit, rule = row.get("adjustmentDateTime"), MAX_ADJUSTMENT_AGE, "54 days"
+        else:
+            when, limit, rule = row.get("conversionDateTime"), MAX_CONVERSION_AGE, "90 days"
+        try:
+            moment = datetime.strptime(str(when), "%Y-%m-%d %H:%M:%S%z")
+        except ValueError:
+            return None
+        if ctx.now - moment > limit:
+            return f"Google Ads: older than {rule}, the longest window the API accepts"
+        return None
+
+    def batch_key(self, item: Item) -> str:
+        """Click conversions and adjustments go to different methods, never one request."""
+        return str(item.payload.get("operation", CONVERSIONS))
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        """One POST to ``customers/{id}:uploadClickConversions`` or ``…Adjustments``."""
+        operation = self.batch_key(items[0])
+        key = "conversions" if operation == CONVERSIONS else "conversionAdjustments"
+        body: dict[str, Any] = {key: [dict(i.payload["row"]) for i in items]}
+        body["partialFailure"] = True  # conversion uploads refuse anything else
+        if self.settings.get("validate_only"):
+            body["validateOnly"] = True
+        base = str(self.settings.get("endpoint") or DEFAULT_ENDPOINT).rstrip("/")
+        version = self.settings.get("api_version") or DEFAULT_API_VERSION
+        url = f"{base}/{version}/customers/{self._customer_id()}:{operation}"
+        headers = {"developer-token": str(self.settings.get("developer_token", ""))}
+        if ctx.access_token:
+            headers["Authorization"] = f"Bearer {ctx.access_token}"
+        if login := self.settings.get("login_customer_id"):
+            headers["login-customer-id"] = str(login).replace("-", "")
+        return HttpRequest.json_post(url, body, headers)
+
+    def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+        """Row results from ``partialFailureError`` (2xx) or the request's ``error`` (non-2xx)."""
+        answer = response.json()
+        if not 200 <= response.status < 300:
+            return _request_failure(response, answer, len(items))
+        if not isinstance(answer, dict):
+            reason = "Google Ads: the answer is not a JSON object"
+            return [ItemResult(Outcome.RETRYABLE, reason)] * len(items)
+        status = answer.get("partialFailureError")
+        if not isinstance(status, dict) or not status.get("code"):
+            return [ItemResult.delivered()] * len(items)
+        by_row = _row_errors(status, len(items))
+        return [by_row.get(i) or ItemResult.delivered() for i in range(len(items))]
+
+    # -- OAuth ----------------------------------------------------------------------------------
+
+    def token_request(self) -> HttpRequest:
+        """The refresh-token exchange at Google's OAuth token endpoint."""
+        form = {
+            "grant_type": "refresh_token",
+            "client_id": str(self.settings.get("client_id", "")),
+            "client_secret": str(self.settings.get("client_secret", "")),
+            "refresh_token": str(self.settings.get("refresh_token", "")),
+        }
+        url = str(self.settings.get("token_endpoint") or DEFAULT_TOKEN_ENDPOINT)
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        return HttpRequest("POST", url, headers, urlencode(form).encode())
+
+    def read_token(self, response: HttpResponse) -> Token:
+        """``access_token`` and ``expires_in`` (3600 s when absent).
+
+        Raises:
+            TokenError: the exchange failed; ``outcome`` says whether a retry can help.
+        """
+        answer = response.json()
+        if 200 <= response.status < 300 and isinstance(answer, dict):
+            token = answer.get("access_token")
+            if isinstance(token, str) and token:
+                expires = str(answer.get("expires_in", 3600))
+                return Token(token, float(expires) if expires.isdigit() else 3600.0)
+        error = answer.get("error") if isinstance(answer, dict) else None
+        reason = f"Google OAuth token exchange failed: HTTP {response.status}"
+        if isinstance(error, str):
+            reason += f" {error}"  # e.g. invalid_grant: an OAuth error code, never a secret
+        retry = response.status in (408, 429) or response.status >= 500
+        ok_but_unreadable = 200 <= response.status < 300
+        outcome = Outcome.RETRYABLE if retry or ok_but_unreadable else Outcome.AUTH
+        raise TokenError(reason, outcome)
+
+
+def google_time(moment: datetime) -> str:
+    """``yyyy-mm-dd hh:mm:ss+00:00`` in UTC: the offset is mandatory for Google Ads."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S+00:00")
+
+
+# -- fields -------------------------------------------------------------------------------------
+
+
+def _click_id(mapped: Mapping[str, Any], event: Mapping[str, Any]) -> tuple[str, str] | None:
+    """gclid first; else wbraid (web conversions); else gbraid. Never two."""
+    found = {k: str(mapped[k]) for k in CLICK_IDS if mapped.get(k)}
+    if not found:
+        context = event.get("context")
+        url = context.get("page_url") if isinstance(context, dict) else None
+        found = {k: v for k in CLICK_IDS if (v := normalize.url_param(url, k))}
+    return next(((k, found[k]) for k in CLICK_IDS if k in found), None)
+
+
+def _consent(value: Any) -> str | None:
+    return CONSENT_VALUES.get(value.lower()) if isinstance(value, str) else None
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool):
+        raise PayloadError(f"Google Ads: {what} must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise PayloadError(f"Google Ads: {what} must be a number") from None
+
+
+def _email(value: str) -> str | None:
+    return normalize.email(value, "google")
+
+
+def _hash_all(raw: Any, norm: Callable[[str], str | None]) -> list[str]:
+    """Distinct digests of the normalized values; pre-hashed ones pass, unusable ones drop."""
+    digests = normalize.hashed_values(raw, norm)
+    return [digests] if isinstance(digests, str) else digests or []
+
+
+def _street(value: str) -> str | None:
+    """Google street rule: lowercase, symbols removed, trimmed (no helper in normalize.py)."""
+    text = re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", value.lower())).strip()
+    return text or None
+
+
+def _address_info(raw: dict[str, Any]) -> dict[str, Any]:
+    country = raw.get("countryCode")
+    out: dict[str, Any] = {}
+    hashed: tuple[tuple[str, Callable[[str], str | None]], ...] = (
+        ("hashedFirstName", lambda v: normalize.name(v, "google")),
+        ("hashedLastName", lambda v: normalize.name(v, "google")),
+        ("hashedStreetAddress", _street),
+    )
+    for key, norm in hashed:
+        if (digest := normalize.hashed(raw.get(key), norm)) is not None:
+            out[key] = digest
+    clear: tuple[tuple[str, Callable[[str], str | None]], ...] = (
+        ("city", lambda v: normalize.city(v, "google")),
+        ("state", lambda v: normalize.state(v, "google", country=country)),
+        ("postalCode", lambda v: normalize.postal_code(v, "google", country=country)),
+        ("countryCode", lambda v: normalize.country(v, "google")),
+    )
+    for key, norm in clear:
+        if raw.get(key) is not None and (text := norm(str(raw[key]))):
+            out[key] = text
+    return out
+
+
+def _as_dict(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PayloadError(f"Google Ads: {what} must be an object")
+    return dict(value)
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+def _ads_errors(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The GoogleAdsError entries inside a google.rpc.Status's details."""
+    errors: list[Mapping[str, Any]] = []
+    for detail in status.get("details") or []:
+        if isinstance(detail, dict):
+            errors += [e for e in detail.get("errors") or [] if isinstance(e, dict)]
+    return errors
+
+
+def _row_index(error: Mapping[str, Any]) -> int | None:
+    location = error.get("location")
+    elements = location.get("fieldPathElements") if isinstance(location, dict) else None
+    for element in elements or []:
+        if isinstance(element, dict) and "index" in element:
+            try:
+                return int(element["index"])
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def _classify(error: Mapping[str, Any]) -> ItemResult:
+    code = error.get("errorCode")
+    category, enum = next(iter(code.items())) if isinstance(code, dict) and code else ("", "")
+    message = str(error.get("message") or "")[:200]
+    # The error's "trigger" may quote the offending value (personal data): never copied.
+    reason = f"Google Ads {category}.{enum}: {message}".strip()
+    if category in AUTH_CATEGORIES:
+        return ItemResult(Outcome.AUTH, reason)
+    if enum in DELAYED_CODES:
+        return ItemResult(Outcome.RETRYABLE, reason, DELAYED_CODES[enum])
+    if enum in RETRY_CODES or category == "quotaError":
+        return ItemResult(Outcome.RETRYABLE, reason, _retry_delay(error))
+    return ItemResult(Outcome.PERMANENT, reason)
+
+
+def _retry_delay(error: Mapping[str, Any]) -> float | None:
+    details = error.get("details")
+    quota = details.get("quotaErrorDetails") if isinstance(details, dict) else None
+    delay = quota.get("retryDelay") if isinstance(quota, dict) else None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)s", str(delay)) if delay is not None else None
+    return float(match.group(1)) if match else None
+
+
+def _row_errors(status: Mapping[str, Any], count: int) -> dict[int, ItemResult]:
+    """Row index -> failure. An error naming no row fails every row."""
+    by_row: dict[int, ItemResult] = {}
+    errors = _ads_errors(status)
+    if not errors:
+        reason = f"Google Ads partial failure: {str(status.get('message') or '')[:200]}"
+        return dict.fromkeys(range(count), ItemResult(Outcome.PERMANENT, reason))
+    for error in errors:
+        result = _classify(error)
+        index = _row_index(error)
+        rows = range(count) if index is None else [index] if 0 <= index < count else []
+        for row in rows:
+            by_row.setdefault(row, result)  # the first error of a row names it
+    return by_row
+
+
+def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[ItemResult]:
+    """A non-2xx answer: the whole request failed; nothing was processed."""
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if not isinstance(error, dict):
+        return [status_result(response)] * count
+    status = str(error.get("status") or "")
+    retry_after = retry_after_seconds(response.headers)
+    ads_errors = _ads_errors(error)
+    first = _classify(ads_errors[0]) if ads_errors else None
+    reason = f"Google Ads HTTP {response.status} {status}: " + (
+        first.error if first and first.error else str(error.get("message") or "")[:200]
+    )
+    if response.status in (401, 403) or status in AUTH_STATUSES:
+        return [ItemResult(Outcome.AUTH, reason)] * count
+    if response.status in (408, 429) or response.status >= 500 or status in RETRY_STATUSES:
+        delay = retry_after or (first.retry_after if first else None)
+        return [ItemResult(Outcome.RETRYABLE, reason, delay)] * count
+    by_row: dict[int, ItemResult] = {}
+    for ads_error in ads_errors:
+        index = _row_index(ads_error)
+        if index is not None and 0 <= index < count:
+            by_row.setdefault(index, _classify(ads_error))
+    if not by_row:
+        return [ItemResult(Outcome.PERMANENT, reason)] * count
+    # Rows named in the error sank the request; the others were fine and can go again.
+    innocent = ItemResult(Outcome.RETRYABLE, "Google Ads: not processed (another row failed)")
+    return [by_row.get(i, innocent) for i in range(count)]

@@ -1,0 +1,405 @@
+"""Meta (Facebook/Instagram) Conversions API (reference/platforms.md §1)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+from urllib.parse import urlencode
+
+from destinations import normalize
+from destinations.base import (
+    Destination,
+    HttpRequest,
+    HttpResponse,
+    Item,
+    ItemResult,
+    Outcome,
+    PayloadContext,
+    PayloadError,
+    SendContext,
+    retry_after_seconds,
+    status_result,
+)
+
+DEFAULT_ENDPOINT = "https://graph.facebook.com"
+DEFAULT_API_VERSION = "v26.0"
+ACTION_SOURCES = (
+    "email",
+    "website",
+    "app",
+    "phone_call",
+    "chat",
+    "physical_store",
+    "system_generated",
+    "business_messaging",
+    "other",
+)
+MAX_AGE = timedelta(days=7)
+MAX_AGE_PHYSICAL_STORE = timedelta(days=62)
+SEND_MARGIN = timedelta(minutes=5)
+"""An item this close to the age limit at send time is given up: it could cross the limit in
+flight, and one too-old event makes Meta reject the whole request."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_RETRY_CODES = frozenset({1, 2, 4, 17, 32, 613})
+_AUTH_CODES = frozenset({10, 102, 104, 190})
+_CLEAR_USER_FIELDS = ("client_ip_address", "client_user_agent", "fbc", "fbp")
+
+
+class MetaCapi(Destination):
+    """Meta Conversions API: ``POST {endpoint}/{api_version}/{pixel_id}/events``.
+
+    The request is form-encoded (``data`` = the JSON array of events, ``access_token``, and
+    ``test_event_code`` when set), as in Meta's official example; a JSON body is only seen in
+    third-party code (platforms.md §8.1). The token travels in the body, not the URL, so it
+    stays out of proxy logs.
+
+    Default mapping (target -> canonical event)::
+
+        event_id                      event_id
+        event_source_url              context.page_url
+        referrer_url                  context.referrer
+        user_data.em                  user_data.email          hashed
+        user_data.ph                  user_data.phone          digits with country code, hashed
+        user_data.fn / ln             user_data.first_name / last_name   hashed
+        user_data.db                  user_data.date_of_birth  YYYYMMDD, hashed
+        user_data.ge                  user_data.gender         f/m, hashed
+        user_data.ct / st / zp        user_data.city / state / postal_code   hashed
+        user_data.country             user_data.country        ISO alpha-2 lowercase, hashed
+        user_data.external_id         user_data.external_id || user_id       hashed
+        user_data.client_ip_address   context.ip               never hashed
+        user_data.client_user_agent   context.user_agent       never hashed
+        user_data.fbc / fbp           context.fbc / context.fbp              never hashed
+        fbclid                        context.fbclid   (input only: builds user_data.fbc)
+        custom_data.value / currency  properties.value / properties.currency
+        custom_data.order_id          properties.order_id
+        custom_data.contents          properties.items -> {id, quantity, item_price, title}
+        custom_data.content_ids       properties.items[].id
+        custom_data.content_type      "product" when there are items
+
+    ``event_name`` is the tag's event name, ``event_time`` the event's timestamp, and
+    ``action_source`` the tag's mapping, else the ``action_source`` setting (``website``).
+    When no ``fbc`` is given it is built as ``fb.1.<event time ms>.<fbclid>`` from ``fbclid``
+    or from the ``fbclid`` query parameter of ``event_source_url``; fbclid is never altered.
+    A national phone number is read in the person's country, else ``default_country``.
+
+    Rules enforced before sending: events older than 7 days (62 for ``physical_store``) are
+    refused at intake and given up at send time, because one old event fails the whole
+    request; ``action_source`` is required; ``website`` events need ``event_source_url``
+    (http/https) and ``client_user_agent``; ``Purchase`` needs ``value`` and ``currency``.
+
+    Unconfirmed (platforms.md §8), read safely: the Business-Use-Case rate-limit codes
+    80000-80014 are retried; Graph OAuth codes 102 and 104 are treated as auth errors; a 2xx
+    answer without ``events_received`` is retried (dedup by ``event_id`` makes a resend safe).
+    """
+
+    name: ClassVar[str] = "meta_capi"
+    max_batch: ClassVar[int] = 1000
+    secret_settings: ClassVar[frozenset[str]] = frozenset({"access_token"})
+    settings_schema: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "properties": {
+            "pixel_id": {
+                "type": ["string", "integer"],
+                "pattern": "^[0-9]+$",
+                "description": "The pixel (dataset) ID.",
+            },
+            "access_token": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Conversions API or system-user access token.",
+            },
+            "api_version": {
+                "type": "string",
+                "pattern": r"^v[0-9]+\.[0-9]+$",
+                "default": DEFAULT_API_VERSION,
+            },
+            "test_event_code": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Events Manager test code; events then show under Test Events.",
+            },
+            "default_country": {
+                "type": "string",
+                "minLength": 2,
+                "description": "ISO alpha-2 country for phone numbers written without one.",
+            },
+            "action_source": {"enum": list(ACTION_SOURCES), "default": "website"},
+            "endpoint": {
+                "type": "string",
+                "pattern": "^https?://",
+                "default": DEFAULT_ENDPOINT,
+                "description": "Base URL (a proxy, or an emulator in tests).",
+            },
+        },
+        "required": ["pixel_id", "access_token"],
+        "additionalProperties": False,
+    }
+    default_mapping: ClassVar[Mapping[str, str]] = {
+        "event_id": "event_id",
+        "event_source_url": "context.page_url",
+        "referrer_url": "context.referrer",
+        "user_data.em": "user_data.email",
+        "user_data.ph": "user_data.phone",
+        "user_data.fn": "user_data.first_name",
+        "user_data.ln": "user_data.last_name",
+        "user_data.db": "user_data.date_of_birth",
+        "user_data.ge": "user_data.gender",
+        "user_data.ct": "user_data.city",
+        "user_data.st": "user_data.state",
+        "user_data.zp": "user_data.postal_code",
+        "user_data.country": "user_data.country",
+        "user_data.external_id": "user_data.external_id || user_id",
+        "user_data.client_ip_address": "context.ip",
+        "user_data.client_user_agent": "context.user_agent",
+        "user_data.fbc": "context.fbc",
+        "user_data.fbp": "context.fbp",
+        "fbclid": "context.fbclid",
+        "custom_data.value": "properties.value",
+        "custom_data.currency": "properties.currency",
+        "custom_data.order_id": "properties.order_id",
+        "custom_data.contents": (
+            "properties.items[].{id: id, quantity: quantity, item_price: price, title: name}"
+        ),
+        "custom_data.content_ids": "properties.items[].id",
+        "custom_data.content_type": "properties.items[0] && 'product'",
+    }
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
+        """One server event for ``data[]``: normalized, hashed and checked.
+
+        Raises:
+            PayloadError: the event breaks a Meta rule (the message names it).
+        """
+        fields = dict(mapped)
+        fbclid = fields.pop("fbclid", None)
+        action_source = fields.pop("action_source", None) or self.settings.get(
+            "action_source", "website"
+        )
+        if action_source not in ACTION_SOURCES:
+            raise PayloadError(f"action_source must be one of {', '.join(ACTION_SOURCES)}")
+        age = (ctx.now or datetime.now(UTC)) - ctx.event_time
+        if age > _max_age(action_source):
+            raise PayloadError(
+                f"event_time must be within {_max_age(action_source).days} days"
+                f" for action_source {action_source}"
+            )
+        event_time = int(ctx.event_time.timestamp())
+        fields.pop("event_time", None)  # always the event's own timestamp
+        fields.pop("event_name", None)  # always the tag's event name
+
+        source_url = _text(fields.pop("event_source_url", None))
+        user_data = self._user_data(fields.pop("user_data", None))
+        if "fbc" not in user_data:
+            fbclid = _text(fbclid) or normalize.url_param(source_url, "fbclid")
+            if fbclid:
+                created_ms = (ctx.event_time - _EPOCH) // timedelta(milliseconds=1)
+                user_data["fbc"] = f"fb.1.{created_ms}.{fbclid}"
+        custom_data = _custom_data(fields.pop("custom_data", None))
+
+        if action_source == "website":
+            if not source_url or not source_url.lower().startswith(("http://", "https://")):
+                raise PayloadError("website events require event_source_url (http or https)")
+            if "client_user_agent" not in user_data:
+                raise PayloadError("website events require user_data.client_user_agent")
+        if not user_data:
+            raise PayloadError("user_data needs at least one customer information parameter")
+        if ctx.event_name == "Purchase" and not {"value", "currency"} <= set(custom_data):
+            raise PayloadError("Purchase events require custom_data.value and currency")
+
+        payload: dict[str, Any] = {
+            "event_name": ctx.event_name,
+            "event_time": event_time,
+            "event_id": str(fields.pop("event_id", None) or ctx.event_id),
+            "action_source": action_source,
+        }
+        if source_url:
+            payload["event_source_url"] = source_url
+        payload["user_data"] = user_data
+        if custom_data:
+            payload["custom_data"] = custom_data
+        payload.update((k, v) for k, v in fields.items() if v is not None)
+        return payload
+
+    def _user_data(self, raw: object) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, Mapping):
+            raise PayloadError("user_data must be an object")
+        person_country = _text(raw.get("country"))
+        if person_country and normalize.is_hashed(person_country):
+            person_country = None
+        region = person_country or _text(self.settings.get("default_country"))
+        if region and not normalize.country(region, "meta"):
+            region = _text(self.settings.get("default_country"))
+        hashers: dict[str, Callable[[str], str | None]] = {
+            "em": lambda v: normalize.email(v, "meta"),
+            "ph": lambda v: normalize.phone(v, "meta", region),
+            "fn": lambda v: normalize.name(v, "meta"),
+            "ln": lambda v: normalize.name(v, "meta"),
+            "db": lambda v: normalize.date_of_birth(v, "meta"),
+            "ge": lambda v: normalize.gender(v, "meta"),
+            "ct": lambda v: normalize.city(v, "meta"),
+            "st": lambda v: normalize.state(v, "meta", region),
+            "zp": lambda v: normalize.postal_code(v, "meta", region),
+            "country": lambda v: normalize.country(v, "meta"),
+            "external_id": lambda v: normalize.external_id(v, "meta"),
+        }
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in hashers:
+                digest = normalize.hashed_values(value, hashers[key])
+                if digest is not None:
+                    out[key] = digest
+            elif key in _CLEAR_USER_FIELDS:
+                text = _text(value)
+                if key == "client_ip_address" and text:
+                    text = _ip(text)
+                if text:
+                    out[key] = text
+            elif value is not None:
+                out[key] = value  # other Meta fields that are never hashed (lead_id, ...)
+        return out
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def check_item(self, item: Item, ctx: SendContext) -> str | None:
+        """Give up an event that is (about to be) past Meta's age limit."""
+        event_time = item.payload.get("event_time")
+        if not isinstance(event_time, int | float):
+            return None
+        limit = _max_age(str(item.payload.get("action_source", "")))
+        if ctx.now - datetime.fromtimestamp(event_time, UTC) > limit - SEND_MARGIN:
+            return f"event_time older than {limit.days} days: Meta would reject the request"
+        return None
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        """One form-encoded POST carrying up to 1,000 events."""
+        if len(items) > self.max_batch:
+            raise ValueError(f"Meta takes at most {self.max_batch} events per request")
+        base = str(self.settings.get("endpoint") or DEFAULT_ENDPOINT).rstrip("/")
+        version = self.settings.get("api_version") or DEFAULT_API_VERSION
+        url = f"{base}/{version}/{self.settings['pixel_id']}/events"
+        data = [dict(item.payload) for item in items]
+        form = {"data": json.dumps(data, separators=(",", ":"), ensure_ascii=False)}
+        if self.settings.get("test_event_code"):
+            form["test_event_code"] = str(self.settings["test_event_code"])
+        form["access_token"] = str(self.settings["access_token"])
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        return HttpRequest("POST", url, headers, urlencode(form).encode())
+
+    def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+        """The same result for every item: Meta accepts or rejects a request as a whole."""
+        return [_result(response)] * len(items)
+
+
+def _max_age(action_source: str) -> timedelta:
+    return MAX_AGE_PHYSICAL_STORE if action_source == "physical_store" else MAX_AGE
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _ip(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _number(value: object, field: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise PayloadError(f"custom_data.{field} must be a number")
+
+
+def _custom_data(raw: object) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise PayloadError("custom_data must be an object")
+    out = {k: v for k, v in raw.items() if v is not None}
+    for key in ("value", "predicted_ltv", "net_revenue"):
+        if key in out:
+            out[key] = _number(out[key], key)
+    if "currency" in out:
+        currency = str(out["currency"]).strip().upper()
+        if len(currency) != 3 or not currency.isalpha():
+            raise PayloadError("custom_data.currency must be an ISO 4217 code")
+        out["currency"] = currency
+    if "order_id" in out:
+        out["order_id"] = str(out["order_id"])
+    if "content_ids" in out:
+        ids = out["content_ids"] if isinstance(out["content_ids"], list) else [out["content_ids"]]
+        out["content_ids"] = [str(i) for i in ids if i is not None]
+    if "contents" in out:
+        out["contents"] = _contents(out["contents"])
+    return {k: v for k, v in out.items() if v not in ([], {}, None)}
+
+
+def _contents(raw: object) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        raise PayloadError("custom_data.contents must be a list")
+    contents = []
+    for entry in raw:
+        if not isinstance(entry, Mapping) or entry.get("id") is None:
+            continue  # Meta requires an id on every content
+        content = {k: v for k, v in entry.items() if v is not None}
+        content["id"] = str(content["id"])
+        if "quantity" in content:
+            content["quantity"] = int(_number(content["quantity"], "contents.quantity"))
+        if "item_price" in content:
+            content["item_price"] = _number(content["item_price"], "contents.item_price")
+        contents.append(content)
+    return contents
+
+
+def _result(response: HttpResponse) -> ItemResult:
+    body = response.json()
+    error = body.get("error") if isinstance(body, dict) else None
+    if 200 <= response.status < 300 and error is None:
+        if isinstance(body, dict) and isinstance(body.get("events_received"), int):
+            return ItemResult.delivered()
+        return ItemResult(Outcome.RETRYABLE, f"unexpected answer: {response.excerpt(200)}")
+    if not isinstance(error, dict):
+        return status_result(response)
+    code = error.get("code") if isinstance(error.get("code"), int) else None
+    reason = _reason(error)
+    retry_after = retry_after_seconds(response.headers)
+    if code in _RETRY_CODES or (code is not None and 80000 <= code <= 80014):
+        return ItemResult(Outcome.RETRYABLE, reason, retry_after)
+    if code in _AUTH_CODES or (code is not None and 200 <= code <= 299):
+        return ItemResult(Outcome.AUTH, reason)
+    if error.get("is_transient") is True or response.status >= 500:
+        return ItemResult(Outcome.RETRYABLE, reason, retry_after)
+    if code is None and response.status in (401, 403):
+        return ItemResult(Outcome.AUTH, reason)
+    if code is None and response.status in (408, 425, 429):
+        return ItemResult(Outcome.RETRYABLE, reason, retry_after)
+    return ItemResult(Outcome.PERMANENT, reason)
+
+
+def _reason(error: Mapping[str, Any]) -> str:
+    code = error.get("code")
+    subcode = error.get("error_subcode")
+    parts = [f"Meta error {code}" + (f"/{subcode}" if subcode is not None else "")]
+    for key in ("type", "message", "error_user_msg", "fbtrace_id"):
+        value = error.get(key)
+        if isinstance(value, str | int) and value != "":
+            parts.append(f"{key}={value}")
+    return "; ".join(parts)[:500]

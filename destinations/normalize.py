@@ -1,0 +1,426 @@
+"""Per-platform normalization and hashing of customer information.
+
+The platforms disagree (``reference/platforms.md`` §0), and a wrong normalization is a silent
+loss of attribution, so every normalizer takes the platform it normalizes for:
+
+* e-mail: trim + lowercase everywhere; **Google only** also drops dots and ``+tag`` from the
+  local part of gmail.com / googlemail.com addresses.
+* phone: Meta wants the digits with the country code and no ``+`` (``16505551212``); Google and
+  TikTok want E.164 with ``+`` (``+16505551212``). National numbers need a default country.
+* the rest (names, city, state, postal code, country, date of birth, gender) follow Meta's
+  customer-information rules (§1.3), which Google and TikTok share where they take the field.
+
+Each normalizer returns the normalized string, or None when the input cannot be normalized
+(empty, not an e-mail, not a phone number, unknown country...): a value that cannot match is
+left out rather than hashed. :func:`hashed` hashes a normalized value and passes through a value
+that is already a SHA-256 hex digest, so nothing is ever hashed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from functools import cache
+from typing import Literal
+from urllib.parse import parse_qs, urlsplit
+
+import phonenumbers
+from phonenumbers.geodata.locale import LOCALE_DATA
+
+Platform = Literal["meta", "google", "tiktok"]
+"""The platforms whose rules this module knows."""
+
+Normalizer = Callable[[str], str | None]
+"""A function from raw text to normalized text, or None when it cannot be normalized."""
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_GOOGLE_MAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
+
+
+# -- hashing ----------------------------------------------------------------------------------
+
+
+def sha256_hex(value: str) -> str:
+    """The SHA-256 of ``value`` (UTF-8) as 64 lowercase hex characters."""
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+def is_hashed(value: object) -> bool:
+    """Whether ``value`` is already a SHA-256 hex digest (64 hex characters, any case)."""
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value.strip()) is not None
+
+
+def hashed(value: object, normalizer: Normalizer) -> str | None:
+    """Normalize ``value`` with ``normalizer`` and hash it; pass a digest through lowercased.
+
+    Args:
+        value: the raw value (a string; numbers are turned into text).
+        normalizer: e.g. ``lambda v: email(v, "meta")``.
+
+    Returns:
+        The lowercase SHA-256 hex digest, or None when the value is empty or cannot be
+        normalized.
+    """
+    text = _text(value)
+    if text is None:
+        return None
+    if is_hashed(text):
+        return text.strip().lower()
+    normal = normalizer(text)
+    return sha256_hex(normal) if normal else None
+
+
+def hashed_values(value: object, normalizer: Normalizer) -> str | list[str] | None:
+    """Like :func:`hashed`, for fields that take a string or a list of strings.
+
+    A list gives a list of distinct digests in input order (None when none is left); anything
+    else gives what :func:`hashed` gives.
+    """
+    if isinstance(value, list | tuple):
+        digests: list[str] = []
+        for element in value:
+            digest = hashed(element, normalizer)
+            if digest is not None and digest not in digests:
+                digests.append(digest)
+        return digests or None
+    return hashed(value, normalizer)
+
+
+# -- identifiers --------------------------------------------------------------------------------
+
+
+def email(value: str, platform: Platform) -> str | None:
+    """An e-mail address, trimmed and lowercased.
+
+    For ``google`` only, the local part of a gmail.com or googlemail.com address also loses
+    every dot and any ``+tag`` (Data Manager formatting rule, platforms.md §3.6); Meta and
+    TikTok keep them. Returns None when the value is not shaped like an address.
+    """
+    text = value.strip().lower()
+    if not _EMAIL.fullmatch(text):
+        return None
+    if platform == "google":
+        local, _, domain = text.rpartition("@")
+        if domain in _GOOGLE_MAIL_DOMAINS:
+            local = local.split("+", 1)[0].replace(".", "")
+            if not local:
+                return None
+            text = f"{local}@{domain}"
+    return text
+
+
+def phone(value: str, platform: Platform, default_country: str | None = None) -> str | None:
+    """A phone number in the platform's format.
+
+    Meta: the digits of the E.164 form, country code included, no ``+`` (``16505551212``).
+    Google and TikTok: E.164 with ``+`` (``+16505551212``). A national trunk prefix
+    (``+44 (0)20…``) and a ``00`` international prefix are handled by ``phonenumbers``.
+
+    Args:
+        value: the number as the user typed it.
+        platform: whose format to produce.
+        default_country: ISO alpha-2 code (or a country name) used to read a number written
+            without its country code. Without it such a number is read as digits that already
+            start with a country code, and kept only if that gives a valid number.
+
+    Returns:
+        The normalized number, or None when it is not a possible phone number.
+    """
+    e164 = _e164(value, country(default_country, "google") if default_country else None)
+    if e164 is None:
+        return None
+    return e164[1:] if platform == "meta" else e164
+
+
+def _e164(value: str, region: str | None) -> str | None:
+    text = value.strip()
+    if not re.search(r"\d", text):
+        return None
+    if text.startswith("+") or text.startswith("00"):
+        # Parse the text itself (not just its digits): ``phonenumbers`` drops a written trunk
+        # prefix such as the ``(0)`` in ``+44 (0)20 7946 0958``.
+        number = _parse("+" + text[2:] if text.startswith("00") else text, None)
+        return _format(number) if number and phonenumbers.is_possible_number(number) else None
+    # No ``+``: the digits may already start with a country code (``16505551212``,
+    # ``4915112345678``). Accept that reading only when it is a valid number in the default
+    # country (or in any country when there is none); else read a national number.
+    guess = _parse("+" + re.sub(r"\D", "", text), None)
+    if (
+        guess is not None
+        and phonenumbers.is_valid_number(guess)
+        and region in (None, phonenumbers.region_code_for_number(guess))
+    ):
+        return _format(guess)
+    if region is None:
+        return None
+    number = _parse(text, region)
+    return _format(number) if number and phonenumbers.is_possible_number(number) else None
+
+
+def _parse(text: str, region: str | None) -> phonenumbers.PhoneNumber | None:
+    try:
+        return phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
+
+
+def _format(number: phonenumbers.PhoneNumber) -> str:
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+def external_id(value: str, platform: Platform) -> str | None:
+    """An advertiser's own user ID: trimmed, case kept.
+
+    TikTok's template does not lowercase it, Segment does (platforms.md §4.4, unconfirmed);
+    keeping the case matches what a pixel sends as is. Meta asks only for the same format on
+    Pixel and Conversions API. Returns None when empty.
+    """
+    text = value.strip()
+    return text or None
+
+
+# -- person -------------------------------------------------------------------------------------
+
+
+def name(value: str, platform: Platform) -> str | None:
+    """A first or last name: lowercase, letters only (any script, UTF-8), inner spaces kept.
+
+    Punctuation, digits and symbols are removed (``Jean-Luc`` -> ``jeanluc``, ``O'Brien`` ->
+    ``obrien``); accented and non-Latin letters are kept (``Valéry`` -> ``valéry``).
+    """
+    return _letters(value, keep_spaces=True)
+
+
+def gender(value: str, platform: Platform) -> str | None:
+    """``f`` or ``m`` from the usual spellings (``Female``, ``male``, ``F``...), else None."""
+    key = value.strip().lower()
+    if key in {"f", "female", "woman", "w"}:
+        return "f"
+    if key in {"m", "male", "man"}:
+        return "m"
+    return None
+
+
+_DOB_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(\d{4})[-/.]?(\d{1,2})[-/.]?(\d{1,2})(?:[T ].*)?"), "ymd"),
+    (re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})"), "mdy"),  # US order, as in Meta's example
+    (re.compile(r"(\d{1,2})[.-](\d{1,2})[.-](\d{4})"), "dmy"),
+)
+
+
+def date_of_birth(value: str | date, platform: Platform) -> str | None:
+    """A date of birth: ``YYYYMMDD`` for Meta, ``YYYY-MM-DD`` for the others.
+
+    Reads ``1997-02-16``, ``19970216``, ``1997/02/16``, an ISO date-time, ``2/16/1997``
+    (month first, as in Meta's docs; day first when the first number is above 12) and
+    ``16.02.1997`` (day first). Years outside 1900 to this year give None.
+    """
+    parsed = value if isinstance(value, date) else _parse_date(value.strip())
+    if parsed is None or not 1900 <= parsed.year <= datetime.now(UTC).year:
+        return None
+    return parsed.strftime("%Y%m%d") if platform == "meta" else parsed.isoformat()[:10]
+
+
+def _parse_date(text: str) -> date | None:
+    for pattern, order in _DOB_PATTERNS:
+        match = pattern.fullmatch(text)
+        if match is None:
+            continue
+        a, b, c = (int(g) for g in match.groups())
+        if order == "ymd":
+            year, month, day = a, b, c
+        elif order == "mdy":
+            year, month, day = (c, a, b) if a <= 12 else (c, b, a)
+        else:
+            year, month, day = c, b, a
+        try:
+            return date(year, month, day)
+        except ValueError:
+            return None
+    return None
+
+
+# -- address ------------------------------------------------------------------------------------
+
+
+def street(value: str, platform: Platform) -> str | None:
+    """A street address: lowercase, symbols and punctuation removed (not replaced), single spaces.
+
+    Google's rule (``1600 Amphitheatre Pkwy.`` -> ``1600 amphitheatre pkwy``); digits are kept.
+    """
+    text = unicodedata.normalize("NFC", value).lower()
+    kept = "".join(ch for ch in text if unicodedata.category(ch)[0] in "LMN" or ch.isspace())
+    return " ".join(kept.split()) or None
+
+
+def city(value: str, platform: Platform) -> str | None:
+    """A city: lowercase letters only.
+
+    Meta and TikTok: no spaces (``South San Francisco`` -> ``southsanfrancisco``). Google
+    (sent in clear text by GA4): digits and symbols removed, single spaces kept.
+    """
+    return _letters(value, keep_spaces=platform == "google")
+
+
+def state(value: str, platform: Platform, country: str | None = None) -> str | None:
+    """A state or region: US state names become their 2-letter code; lowercase, no punctuation.
+
+    Args:
+        value: ``California``, ``CA``, ``N.Y.``, ``Bavaria``...
+        platform: accepted for a uniform API; the rule is the same everywhere.
+        country: the address's country (code or name). Names are mapped to US codes only when
+            it is the United States or unknown.
+    """
+    key = _alnum(value)
+    if not key:
+        return None
+    resolved = _country_code(country) if country else None
+    if resolved in (None, "US"):
+        return _US_STATES.get(key, key)
+    return key
+
+
+def postal_code(value: str, platform: Platform, country: str | None = None) -> str | None:
+    """A postal code: US ZIPs keep their first 5 digits; others lose spaces and dashes.
+
+    A code is treated as a US ZIP when ``country`` is the United States, or when no country
+    is given and it looks like ZIP+4 (``94035-1234``). Meta and TikTok get lowercase
+    alphanumerics (``M1 1AE`` -> ``m11ae``, ``00-950`` -> ``00950``); Google, which receives the
+    code in clear text, gets it trimmed with single spaces.
+    """
+    text = value.strip()
+    resolved = _country_code(country) if country else None
+    if resolved == "US" or (resolved is None and re.fullmatch(r"\d{5}-\d{4}", text)):
+        digits = re.sub(r"\D", "", text)
+        return digits[:5] or None
+    if platform == "google":
+        return " ".join(text.split()) or None
+    return _alnum(text) or None
+
+
+def country(value: str, platform: Platform) -> str | None:
+    """An ISO 3166-1 alpha-2 code from a code or an English (or common European) name.
+
+    Lowercase for Meta and TikTok (``United States`` -> ``us``), uppercase for Google.
+    Returns None for an unknown country.
+    """
+    code = _country_code(value)
+    if code is None:
+        return None
+    return code if platform == "google" else code.lower()
+
+
+# -- URLs ---------------------------------------------------------------------------------------
+
+
+def url_param(url: object, param: str) -> str | None:
+    """The first value of query parameter ``param`` in ``url``, unchanged (case kept)."""
+    if not isinstance(url, str) or not url:
+        return None
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return None
+    values = parse_qs(query).get(param)
+    return values[0] if values and values[0] else None
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _text(value: object) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, int | float):
+        return str(int(value)) if float(value).is_integer() else str(value)
+    return None
+
+
+def _letters(value: str, *, keep_spaces: bool) -> str | None:
+    text = unicodedata.normalize("NFC", value).lower()
+    kept = "".join(
+        ch for ch in text if unicodedata.category(ch)[0] in "LM" or (keep_spaces and ch.isspace())
+    )
+    return " ".join(kept.split()) or None
+
+
+def _alnum(value: str) -> str:
+    text = unicodedata.normalize("NFC", value).lower()
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] in "LMN")
+
+
+def _country_key(value: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", value.casefold())
+    return "".join(ch for ch in decomposed if ch.isalnum() and ch.isascii())
+
+
+_COUNTRY_ALIASES = {
+    "usa": "US",
+    "unitedstatesofamerica": "US",
+    "america": "US",
+    "uk": "GB",
+    "greatbritain": "GB",
+    "england": "GB",
+    "scotland": "GB",
+    "wales": "GB",
+    "northernireland": "GB",
+    "czechia": "CZ",
+    "northmacedonia": "MK",
+    "turkiye": "TR",
+    "ivorycoast": "CI",
+    "republicofkorea": "KR",
+    "korearepublicof": "KR",
+    "russianfederation": "RU",
+    "vietnam": "VN",
+    "holland": "NL",
+    "thenetherlands": "NL",
+}
+
+
+@cache
+def _country_names() -> dict[str, str]:
+    """Names -> alpha-2, from the locale data that ships with ``phonenumbers``."""
+    names: dict[str, str] = {}
+    for language in ("en", "de", "fr", "es", "it", "nl", "pt"):
+        for region, by_language in LOCALE_DATA.items():
+            label = by_language.get(language)
+            while isinstance(label, str) and label.startswith("*"):
+                label = by_language.get(label[1:])
+            if isinstance(label, str) and len(region) == 2:
+                names.setdefault(_country_key(label), region)
+    names.update(_COUNTRY_ALIASES)
+    return names
+
+
+def _country_code(value: str) -> str | None:
+    key = _country_key(value)
+    if not key:
+        return None
+    upper = key.upper()
+    if len(key) == 2 and upper in LOCALE_DATA:
+        return upper
+    return _country_names().get(key)
+
+
+_US_STATES = {
+    "alabama": "al", "alaska": "ak", "arizona": "az", "arkansas": "ar", "california": "ca",
+    "colorado": "co", "connecticut": "ct", "delaware": "de", "districtofcolumbia": "dc",
+    "florida": "fl", "georgia": "ga", "hawaii": "hi", "idaho": "id", "illinois": "il",
+    "indiana": "in", "iowa": "ia", "kansas": "ks", "kentucky": "ky", "louisiana": "la",
+    "maine": "me", "maryland": "md", "massachusetts": "ma", "michigan": "mi",
+    "minnesota": "mn", "mississippi": "ms", "missouri": "mo", "montana": "mt",
+    "nebraska": "ne", "nevada": "nv", "newhampshire": "nh", "newjersey": "nj",
+    "newmexico": "nm", "newyork": "ny", "northcarolina": "nc", "northdakota": "nd",
+    "ohio": "oh", "oklahoma": "ok", "oregon": "or", "pennsylvania": "pa", "rhodeisland": "ri",
+    "southcarolina": "sc", "southdakota": "sd", "tennessee": "tn", "texas": "tx", "utah": "ut",
+    "vermont": "vt", "virginia": "va", "washington": "wa", "westvirginia": "wv",
+    "wisconsin": "wi", "wyoming": "wy", "puertorico": "pr", "guam": "gu",
+    "americansamoa": "as", "northernmarianaislands": "mp", "usvirginislands": "vi",
+    "virginislands": "vi",
+}  # fmt: skip

@@ -1,0 +1,76 @@
+"""Discovery of destination plugins through entry points, with contract checks.
+
+Every destination, built-in or third-party, is registered under the ``tagrelay.destinations``
+entry-point group; the entry-point name is the ``type:`` used in rule files. A plugin that does
+not load or breaks the contract fails when the registry is built (at start), never per request.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+
+import jsonschema
+
+from destinations.base import Destination
+from engine.errors import PluginError
+from engine.expr import ExpressionError, compile_mapping
+
+GROUP = "tagrelay.destinations"
+
+
+def check_contract(name: str, cls: object) -> type[Destination]:
+    """Check that ``cls`` is a usable destination class registered as ``name``.
+
+    Raises:
+        PluginError: naming the plugin and what it breaks.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Destination)):
+        raise PluginError(f"destination plugin {name!r} is not a subclass of Destination")
+    if cls.name != name:
+        raise PluginError(
+            f"destination plugin {name!r}: class name attribute is {cls.name!r}, "
+            "it must equal the entry-point name"
+        )
+    if not isinstance(cls.max_batch, int) or cls.max_batch < 1:
+        raise PluginError(f"destination plugin {name!r}: max_batch must be a positive integer")
+    try:
+        jsonschema.Draft202012Validator.check_schema(cls.settings_schema)
+    except jsonschema.SchemaError as exc:
+        raise PluginError(
+            f"destination plugin {name!r}: invalid settings_schema: {exc.message}"
+        ) from exc
+    known = set(cls.settings_schema.get("properties", {}))
+    if unknown := sorted(set(cls.secret_settings) - known):
+        raise PluginError(
+            f"destination plugin {name!r}: secret_settings {unknown} are not in settings_schema"
+        )
+    try:
+        compile_mapping(cls.default_mapping)
+    except ExpressionError as exc:
+        raise PluginError(f"destination plugin {name!r}: default_mapping: {exc}") from exc
+    if (
+        type(cls).__dict__.get("build_request") is None
+        and cls.build_request is Destination.build_request
+    ):
+        raise PluginError(f"destination plugin {name!r} does not implement build_request")
+    return cls
+
+
+@functools.cache
+def registry() -> Mapping[str, type[Destination]]:
+    """Every installed destination class by type name, checked. Built once per process."""
+    found: dict[str, type[Destination]] = {}
+    for ep in entry_points(group=GROUP):
+        try:
+            cls = ep.load()
+        except Exception as exc:
+            raise PluginError(f"destination plugin {ep.name!r} failed to load: {exc}") from exc
+        found[ep.name] = check_contract(ep.name, cls)
+    return found
+
+
+def get(type_name: str) -> type[Destination] | None:
+    """The destination class registered as ``type_name``, or None."""
+    return registry().get(type_name)

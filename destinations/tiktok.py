@@ -1,0 +1,314 @@
+"""TikTok Events API 2.0 (reference/platforms.md §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from destinations import normalize
+from destinations.base import (
+    Destination,
+    HttpRequest,
+    HttpResponse,
+    Item,
+    ItemResult,
+    Outcome,
+    PayloadContext,
+    PayloadError,
+    SendContext,
+    retry_after_seconds,
+    status_result,
+)
+
+DEFAULT_ENDPOINT = "https://business-api.tiktok.com"
+PATH = "/open_api/v1.3/event/track/"
+EVENT_SOURCES = ("web", "app", "offline", "crm")
+
+_SUCCESS_CODES = frozenset({0, 20001})
+_RETRY_CODES = frozenset({40100, 40700, 42900})
+_AUTH_CODES = frozenset({40001, 40102, 40104, 40105})
+_CLEAR_USER_FIELDS = ("ttclid", "ttp", "ip", "user_agent", "locale")
+
+
+class TikTok(Destination):
+    """TikTok Events API 2.0: ``POST {endpoint}/open_api/v1.3/event/track/``.
+
+    The token goes in the ``Access-Token`` header; the JSON body is ``{event_source,
+    event_source_id, test_event_code?, data: [...]}``, where ``event_source_id`` is the
+    ``pixel_code`` setting (for ``app``, ``offline`` and ``crm`` sources, put the app ID or event
+    set ID there).
+
+    Default mapping (target -> canonical event)::
+
+        event_id              event_id
+        user.email            user_data.email                 trim + lowercase, hashed
+        user.phone            user_data.phone                 E.164 with "+", hashed
+        user.external_id      user_data.external_id || user_id    trimmed, hashed
+        user.ttclid           context.ttclid (else the page URL's ttclid)   never hashed
+        user.ttp              context.ttp                      never hashed
+        user.ip               context.ip                       never hashed
+        user.user_agent       context.user_agent               never hashed
+        properties.value      properties.value
+        properties.currency   properties.currency
+        properties.order_id   properties.order_id
+        properties.contents   properties.items -> {content_id, content_name, price, quantity}
+        properties.content_type   "product" when there are items
+        page.url              context.page_url
+        page.referrer         context.referrer
+
+    ``event`` is the tag's event name and ``event_time`` the event's timestamp (Unix seconds).
+    A national phone number is read in the person's country (``user.country``, when a tag maps
+    it), else ``default_country``.
+
+    Unconfirmed (platforms.md §8.5), read safely:
+
+    * the batch limit of 1,000;
+    * the response codes: 0 and 20001 count as delivered; 40100, 40700, 42900 and 5xxxx are
+      retried; 40001 (no permission) and the access-token codes 40102/40104/40105 are auth
+      errors; 40002 and any other non-zero code reject the whole request permanently, as
+      RudderStack aborts them;
+    * the ``+`` in phone numbers (Segment's reading);
+    * ``external_id`` keeps its case, like TikTok's own template;
+    * the name and address user fields (``first_name``, ``last_name``, ``city``, ``state``,
+      ``country``, ``zip_code``) are normalized when a tag maps them but are not in the
+      default mapping, because no TikTok page confirms them.
+    """
+
+    name: ClassVar[str] = "tiktok"
+    max_batch: ClassVar[int] = 1000
+    secret_settings: ClassVar[frozenset[str]] = frozenset({"access_token"})
+    settings_schema: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "properties": {
+            "pixel_code": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Pixel code (web) or event set ID; sent as event_source_id.",
+            },
+            "access_token": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Events API access token from Events Manager.",
+            },
+            "test_event_code": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Events Manager test code. TikTok does not keep such events.",
+            },
+            "default_country": {
+                "type": "string",
+                "minLength": 2,
+                "description": "ISO alpha-2 country for phone numbers written without one.",
+            },
+            "event_source": {"enum": list(EVENT_SOURCES), "default": "web"},
+            "endpoint": {
+                "type": "string",
+                "pattern": "^https?://",
+                "default": DEFAULT_ENDPOINT,
+                "description": "Base URL (a proxy, or an emulator in tests).",
+            },
+        },
+        "required": ["pixel_code", "access_token"],
+        "additionalProperties": False,
+    }
+    default_mapping: ClassVar[Mapping[str, str]] = {
+        "event_id": "event_id",
+        "user.email": "user_data.email",
+        "user.phone": "user_data.phone",
+        "user.external_id": "user_data.external_id || user_id",
+        "user.ttclid": "context.ttclid",
+        "user.ttp": "context.ttp",
+        "user.ip": "context.ip",
+        "user.user_agent": "context.user_agent",
+        "properties.value": "properties.value",
+        "properties.currency": "properties.currency",
+        "properties.order_id": "properties.order_id",
+        "properties.contents": (
+            "properties.items[].{content_id: id, content_name: name, price: price,"
+            " quantity: quantity}"
+        ),
+        "properties.content_type": "properties.items[0] && 'product'",
+        "page.url": "context.page_url",
+        "page.referrer": "context.referrer",
+    }
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
+        """One event for ``data[]``: normalized, hashed and checked.
+
+        Raises:
+            PayloadError: the event breaks a TikTok rule (the message names it).
+        """
+        self._event_source()
+        fields = dict(mapped)
+        fields.pop("event_time", None)  # always the event's own timestamp
+        fields.pop("event", None)  # always the tag's event name
+        page = _object(fields.pop("page", None), "page")
+        user = self._user(_object(fields.pop("user", None), "user"))
+        if "ttclid" not in user:
+            ttclid = normalize.url_param(page.get("url"), "ttclid")
+            if ttclid:
+                user["ttclid"] = ttclid
+        properties = _properties(_object(fields.pop("properties", None), "properties"))
+
+        payload: dict[str, Any] = {
+            "event": ctx.event_name,
+            "event_time": int(ctx.event_time.timestamp()),
+            "event_id": str(fields.pop("event_id", None) or ctx.event_id),
+        }
+        if user:
+            payload["user"] = user
+        if properties:
+            payload["properties"] = properties
+        page = {k: str(v) for k, v in page.items() if v is not None}
+        if page:
+            payload["page"] = page
+        payload.update((k, v) for k, v in fields.items() if v is not None)
+        return payload
+
+    def _event_source(self) -> str:
+        source = str(self.settings.get("event_source") or "web")
+        if source not in EVENT_SOURCES:
+            raise PayloadError(f"event_source must be one of {', '.join(EVENT_SOURCES)}")
+        return source
+
+    def _user(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        person_country = _str(raw.get("country"))
+        if person_country and normalize.is_hashed(person_country):
+            person_country = None
+        region = normalize.country(person_country or "", "google") or normalize.country(
+            str(self.settings.get("default_country") or ""), "google"
+        )
+        hashers: dict[str, Callable[[str], str | None]] = {
+            "email": lambda v: normalize.email(v, "tiktok"),
+            "phone": lambda v: normalize.phone(v, "tiktok", region),
+            "external_id": lambda v: normalize.external_id(v, "tiktok"),
+            "first_name": lambda v: normalize.name(v, "tiktok"),
+            "last_name": lambda v: normalize.name(v, "tiktok"),
+            "zip_code": lambda v: normalize.postal_code(v, "tiktok", region),
+        }
+        clear: dict[str, Callable[[str], str | None]] = {
+            "city": lambda v: normalize.city(v, "tiktok"),
+            "state": lambda v: normalize.state(v, "tiktok", region),
+            "country": lambda v: normalize.country(v, "tiktok"),
+        }
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in hashers:
+                digest = normalize.hashed_values(value, hashers[key])
+                if digest is not None:
+                    out[key] = digest
+            elif key in clear:
+                text = _str(value)
+                normal = clear[key](text) if text else None
+                if normal:
+                    out[key] = normal
+            elif key in _CLEAR_USER_FIELDS:
+                text = _str(value)
+                if text:
+                    out[key] = text
+            elif value is not None:
+                out[key] = value
+        return out
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        """One JSON POST carrying up to 1,000 events."""
+        if len(items) > self.max_batch:
+            raise ValueError(f"TikTok takes at most {self.max_batch} events per request")
+        base = str(self.settings.get("endpoint") or DEFAULT_ENDPOINT).rstrip("/")
+        body: dict[str, Any] = {
+            "event_source": self._event_source(),
+            "event_source_id": str(self.settings["pixel_code"]),
+        }
+        if self.settings.get("test_event_code"):
+            body["test_event_code"] = str(self.settings["test_event_code"])
+        body["data"] = [dict(item.payload) for item in items]
+        headers = {"Access-Token": str(self.settings["access_token"])}
+        return HttpRequest.json_post(base + PATH, body, headers)
+
+    def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+        """The same result for every item: TikTok answers for the request as a whole."""
+        return [_result(response)] * len(items)
+
+
+def _str(value: object) -> str | None:
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _object(value: object, field: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PayloadError(f"{field} must be an object")
+    return dict(value)
+
+
+def _number(value: object, field: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise PayloadError(f"properties.{field} must be a number")
+
+
+def _properties(raw: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in raw.items() if v is not None}
+    for key in ("value", "predicted_ltv"):
+        if key in out:
+            out[key] = _number(out[key], key)
+    if "currency" in out:
+        currency = str(out["currency"]).strip().upper()
+        if len(currency) != 3 or not currency.isalpha():
+            raise PayloadError("properties.currency must be an ISO 4217 code")
+        out["currency"] = currency
+    if "order_id" in out:
+        out["order_id"] = str(out["order_id"])
+    if "content_ids" in out and isinstance(out["content_ids"], list):
+        out["content_ids"] = [str(i) for i in out["content_ids"] if i is not None]
+    if "contents" in out:
+        if not isinstance(out["contents"], list):
+            raise PayloadError("properties.contents must be a list")
+        out["contents"] = [_content(c) for c in out["contents"] if isinstance(c, Mapping)]
+    return {k: v for k, v in out.items() if v not in ([], {}, None)}
+
+
+def _content(raw: Mapping[str, Any]) -> dict[str, Any]:
+    content = {k: v for k, v in raw.items() if v is not None}
+    if "content_id" in content:
+        content["content_id"] = str(content["content_id"])
+    if "price" in content:
+        content["price"] = _number(content["price"], "contents.price")
+    if "quantity" in content:
+        content["quantity"] = int(_number(content["quantity"], "contents.quantity"))
+    return content
+
+
+def _result(response: HttpResponse) -> ItemResult:
+    body = response.json()
+    code = body.get("code") if isinstance(body, dict) else None
+    if not isinstance(code, int) or isinstance(code, bool):
+        if 200 <= response.status < 300:
+            return ItemResult(Outcome.RETRYABLE, f"unexpected answer: {response.excerpt(200)}")
+        return status_result(response)
+    message = body.get("message") if isinstance(body, dict) else None
+    reason = f"TikTok code {code}: {message}"[:500] if message else f"TikTok code {code}"
+    if code in _SUCCESS_CODES and 200 <= response.status < 300:
+        return ItemResult(Outcome.DELIVERED, None if code == 0 else reason)
+    retry_after = retry_after_seconds(response.headers)
+    if code in _RETRY_CODES or 50000 <= code <= 59999 or response.status >= 500:
+        return ItemResult(Outcome.RETRYABLE, reason, retry_after)
+    if code in _AUTH_CODES or response.status in (401, 403):
+        return ItemResult(Outcome.AUTH, reason)
+    if response.status in (408, 425, 429):
+        return ItemResult(Outcome.RETRYABLE, reason, retry_after)
+    return ItemResult(Outcome.PERMANENT, reason)

@@ -1,0 +1,161 @@
+"""HTTP endpoints: track, batch, health, readiness.
+
+Every error answers JSON ``{"success": false, "error": "..."}`` with a 4xx status (or 503 when the
+store is down); nothing a client sends can produce a 500 or a stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from engine.auth import authenticate
+from engine.config import Settings
+from engine.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RequestError,
+    StoreError,
+    UnsupportedMediaType,
+)
+from engine.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+bp = Blueprint("api", __name__)
+
+_JSON_TYPES = ("application/json", "text/json")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(body: bytes, content_type: str | None, allow_text: bool = False) -> Any:
+    """Decode a request body as strict JSON (no NaN/Infinity).
+
+    Raises:
+        UnsupportedMediaType: the Content-Type is not JSON.
+        BadRequest: the body is not valid UTF-8 JSON.
+    """
+    mime = (content_type or "").split(";")[0].strip().lower()
+    allowed = _JSON_TYPES + (("text/plain",) if allow_text else ())
+    if mime not in allowed:
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    if not body:
+        raise BadRequest("the request body is empty")
+    try:
+        text = body.decode("utf-8")
+        return json.loads(text, parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise BadRequest("the body is not valid UTF-8") from exc
+    except RecursionError as exc:
+        raise BadRequest("the JSON is nested too deeply") from exc
+    except ValueError as exc:
+        raise BadRequest(f"the body is not valid JSON: {str(exc).split(':')[0]}") from exc
+
+
+def _pipeline() -> Pipeline:
+    pipeline: Pipeline = current_app.extensions["tagrelay.pipeline"]
+    return pipeline
+
+
+def _settings() -> Settings:
+    settings: Settings = current_app.extensions["tagrelay.settings"]
+    return settings
+
+
+def _authenticated_body() -> bytes:
+    settings = _settings()
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
+    body = request.get_data(cache=True)
+    if len(body) > settings.max_body_bytes:
+        raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
+    g.key = authenticate(
+        dict(request.headers),
+        request.args,
+        body,
+        settings.server_keys,
+        time.time(),
+        settings.signature_window,
+    )
+    return body
+
+
+@bp.post("/v1/track")
+def track() -> tuple[Response, int]:
+    """Accept one event."""
+    body = _authenticated_body()
+    raw = parse_json_body(body, request.content_type)
+    outcome = _pipeline().accept([raw])[0]
+    if outcome.accepted is None:
+        raise BadRequest(outcome.error or "invalid event")
+    return jsonify(outcome.as_json()), 200
+
+
+@bp.post("/v1/track/batch")
+def track_batch() -> tuple[Response, int]:
+    """Accept up to 100 events; one result per event."""
+    body = _authenticated_body()
+    raw = parse_json_body(body, request.content_type)
+    if not isinstance(raw, dict) or not isinstance(raw.get("events"), list):
+        raise BadRequest('the body must be {"events": [...]}')
+    if extra := sorted(set(raw) - {"events"}):
+        raise BadRequest(f"unknown field {extra[0]!r} in batch")
+    items = raw["events"]
+    limit = _settings().max_batch_events
+    if len(items) > limit:
+        raise PayloadTooLarge(f"a batch holds at most {limit} events, got {len(items)}")
+    if not items:
+        raise BadRequest("the batch has no events")
+    outcomes = _pipeline().accept(items)
+    results = [o.as_json() for o in outcomes]
+    accepted = sum(1 for o in outcomes if o.accepted is not None)
+    return jsonify(
+        {
+            "success": True,
+            "accepted": accepted,
+            "rejected": len(items) - accepted,
+            "results": results,
+        }
+    ), 200
+
+
+@bp.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    """Liveness: the process answers."""
+    return jsonify({"status": "ok"}), 200
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Readiness: the store answers and rules are loaded."""
+    checks: dict[str, Any] = {}
+    ready = True
+    try:
+        _pipeline().store.ping()
+        checks["store"] = "ok"
+    except StoreError:
+        checks["store"] = "unreachable"
+        ready = False
+    holder = _pipeline().rules
+    container = holder.container
+    checks["rules"] = {"tags": len(container.tags), "fingerprint": container.fingerprint[:12]}
+    if holder.last_error:
+        checks["rules"]["reload_error"] = holder.last_error
+    return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), (
+        200 if ready else 503
+    )
+
+
+def error_response(exc: RequestError) -> tuple[Response, int]:
+    """The JSON answer for a request error."""
+    response = jsonify({"success": False, "error": str(exc)})
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response, exc.status

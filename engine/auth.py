@@ -1,0 +1,92 @@
+"""Server-key authentication and HMAC request signatures.
+
+A request carries its server key as ``Authorization: Bearer <key>`` or ``?api_key=<key>``. Keys
+are compared in constant time against every configured key (no early exit, so timing does not
+reveal how much of a key matched).
+
+A key configured with a signing secret also requires a signature: the header
+``X-Tagrelay-Timestamp`` holds Unix seconds, and ``X-Tagrelay-Signature`` holds the hex
+HMAC-SHA256 of ``timestamp + "." + raw body`` (optionally prefixed ``sha256=``). Timestamps more
+than five minutes from the server's clock are refused, so a captured request cannot be replayed
+later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
+
+from engine.config import ServerKey
+from engine.errors import Unauthorized
+
+TIMESTAMP_HEADER = "X-Tagrelay-Timestamp"
+SIGNATURE_HEADER = "X-Tagrelay-Signature"
+
+
+def signature(secret: str, timestamp: str, body: bytes) -> str:
+    """The hex HMAC-SHA256 of ``timestamp + "." + body`` with ``secret``."""
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def presented_key(headers: Mapping[str, str], args: Mapping[str, str]) -> str | None:
+    """The key a request presents, from the Authorization header or ``api_key``."""
+    auth = headers.get("Authorization", "")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("Authorization must be 'Bearer <server key>'")
+        return token.strip()
+    key = args.get("api_key")
+    return key.strip() if key else None
+
+
+def find_key(presented: str, keys: Sequence[ServerKey]) -> ServerKey | None:
+    """The configured key equal to ``presented``; compares against all keys in constant time."""
+    found = None
+    given = presented.encode()
+    for candidate in keys:
+        if hmac.compare_digest(given, candidate.key.encode()):
+            found = candidate
+    return found
+
+
+def authenticate(
+    headers: Mapping[str, str],
+    args: Mapping[str, str],
+    body: bytes,
+    keys: Sequence[ServerKey],
+    now: float,
+    window: float = 300.0,
+) -> ServerKey:
+    """Check a request's server key and, where the key requires it, its signature.
+
+    Raises:
+        Unauthorized: with a message that says what is missing or wrong (never the key).
+    """
+    presented = presented_key(headers, args)
+    if not presented:
+        raise Unauthorized("missing server key: send 'Authorization: Bearer <key>' or ?api_key=")
+    key = find_key(presented, keys)
+    if key is None:
+        raise Unauthorized("unknown server key")
+    if key.signing_secret is None:
+        return key
+    timestamp = headers.get(TIMESTAMP_HEADER, "").strip()
+    sent = headers.get(SIGNATURE_HEADER, "").strip()
+    if not timestamp or not sent:
+        raise Unauthorized(
+            f"this key requires signed requests: send {TIMESTAMP_HEADER} and {SIGNATURE_HEADER}"
+        )
+    try:
+        stamp = float(timestamp)
+    except ValueError as exc:
+        raise Unauthorized(f"{TIMESTAMP_HEADER} must be Unix seconds") from exc
+    if abs(now - stamp) > window:
+        raise Unauthorized(f"{TIMESTAMP_HEADER} is outside the {int(window)}-second replay window")
+    if sent.lower().startswith("sha256="):
+        sent = sent[7:]
+    expected = signature(key.signing_secret, timestamp, body)
+    if not hmac.compare_digest(expected.encode(), sent.lower().encode()):
+        raise Unauthorized("signature does not match the body")
+    return key

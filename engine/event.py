@@ -1,0 +1,170 @@
+"""The canonical event: parse, validate against its JSON Schema, normalize.
+
+What clients send is described in the brief; this module turns one decoded JSON value into a
+normalized event dict or raises :class:`~engine.errors.BadRequest` with a message that names the
+field. Normalization: ``event_type`` becomes ``event_name``; ``timestamp`` (ISO 8601 or Unix
+seconds) becomes ISO 8601 UTC with a ``Z``; a missing ``event_id`` is generated; consent values
+become ``"granted"`` / ``"denied"``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jsonschema
+
+from engine.errors import BadRequest
+
+_SHORT_STRING = {"type": "string", "maxLength": 256}
+_ID = {"type": ["string", "integer"], "minLength": 1, "maxLength": 256}
+_NULLABLE_STRING = {"type": ["string", "null"], "maxLength": 4096}
+_CONSENT_VALUE = {"oneOf": [{"enum": ["granted", "denied"]}, {"type": "boolean"}]}
+
+CONSENT_PURPOSES = ("ad_storage", "analytics_storage", "ad_user_data", "ad_personalization")
+
+EVENT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "tagrelay canonical event",
+    "type": "object",
+    "properties": {
+        "event_name": {**_SHORT_STRING, "minLength": 1},
+        "event_type": {**_SHORT_STRING, "minLength": 1},
+        "event_id": _ID,
+        "timestamp": {"type": ["string", "number"]},
+        "visitor_id": {**_SHORT_STRING, "minLength": 1},
+        "session_id": {**_SHORT_STRING, "minLength": 1},
+        "user_id": {**_SHORT_STRING, "minLength": 1},
+        "properties": {"type": "object"},
+        "user_data": {
+            "type": "object",
+            "properties": {
+                key: _NULLABLE_STRING
+                for key in (
+                    "email",
+                    "phone",
+                    "first_name",
+                    "last_name",
+                    "date_of_birth",
+                    "gender",
+                    "city",
+                    "state",
+                    "postal_code",
+                    "country",
+                    "external_id",
+                )
+            },
+        },
+        "context": {
+            "type": "object",
+            "properties": {"ip": _NULLABLE_STRING, "user_agent": _NULLABLE_STRING},
+        },
+        "consent": {
+            "type": "object",
+            "properties": {purpose: _CONSENT_VALUE for purpose in CONSENT_PURPOSES},
+            "additionalProperties": _CONSENT_VALUE,
+        },
+    },
+    "additionalProperties": False,
+}
+
+_VALIDATOR = jsonschema.Draft202012Validator(EVENT_SCHEMA)
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+_FUTURE_SLACK = timedelta(hours=1)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = ".".join(str(p) for p in error.absolute_path) or "event"
+    if error.validator == "additionalProperties" and isinstance(error.schema, dict):
+        instance: Any = error.instance
+        extra = sorted(set(instance) - set(error.schema.get("properties", {})))
+        return f"unknown field {extra[0]!r} in {where}" if extra else f"{where}: {error.message}"
+    if error.validator == "type":
+        expected = error.validator_value
+        if isinstance(expected, list):
+            expected = " or ".join(expected)
+        return f"{where} must be {expected}"
+    if error.validator in ("maxLength", "minLength"):
+        return f"{where} is too {'long' if error.validator == 'maxLength' else 'short'}"
+    if error.validator == "oneOf":
+        return f"{where} must be 'granted', 'denied' or a boolean"
+    return f"{where}: {error.message}"
+
+
+def parse_timestamp(value: Any, now: datetime) -> datetime:
+    """Read an ISO 8601 string or Unix seconds into an aware UTC datetime.
+
+    Raises:
+        BadRequest: unreadable, in milliseconds, before 2000 or more than an hour in the future.
+    """
+    if isinstance(value, bool):
+        raise BadRequest("timestamp must be an ISO 8601 string or Unix seconds")
+    if isinstance(value, int | float):
+        if value > 1e11:
+            raise BadRequest("timestamp looks like milliseconds; send Unix seconds")
+        try:
+            when = datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise BadRequest("timestamp is out of range") from exc
+    else:
+        text = str(value).strip()
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError as exc:
+            raise BadRequest("timestamp must be ISO 8601 (e.g. 2026-11-20T14:30:45Z)") from exc
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    if when < _EARLIEST:
+        raise BadRequest("timestamp is before the year 2000")
+    if when > now + _FUTURE_SLACK:
+        raise BadRequest("timestamp is more than an hour in the future")
+    return when
+
+
+def format_time(when: datetime) -> str:
+    """ISO 8601 in UTC with a ``Z`` and millisecond precision."""
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_event_id() -> str:
+    """A random event ID for events sent without one."""
+    return uuid.uuid4().hex
+
+
+def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
+    """Validate one event and return its normalized form.
+
+    Args:
+        raw: the decoded JSON value the client sent.
+        now: the time of receipt (UTC); defaults to the current time.
+
+    Raises:
+        BadRequest: with a message naming the first problem found.
+    """
+    now = now or datetime.now(UTC)
+    if not isinstance(raw, dict):
+        raise BadRequest("an event must be a JSON object")
+    if not _VALIDATOR.is_valid(raw):
+        error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(raw))
+        raise BadRequest(_describe(error))
+    event = dict(raw)
+    alias = event.pop("event_type", None)
+    if "event_name" not in event:
+        if alias is None:
+            raise BadRequest("event_name is required (event_type is accepted as an alias)")
+        event["event_name"] = alias
+    event_id = event.get("event_id")
+    event["event_id"] = str(event_id) if event_id not in (None, "") else new_event_id()
+    when = parse_timestamp(event["timestamp"], now) if "timestamp" in event else now
+    event["timestamp"] = format_time(when)
+    consent = event.get("consent")
+    if consent:
+        event["consent"] = {
+            k: ("granted" if v is True or v == "granted" else "denied") for k, v in consent.items()
+        }
+    return event
+
+
+def event_time(event: dict[str, Any]) -> datetime:
+    """The normalized event's timestamp as an aware datetime."""
+    return datetime.fromisoformat(event["timestamp"])

@@ -1,0 +1,151 @@
+"""The intake pipeline: validate -> evaluate rules -> dedup + store -> (outbox).
+
+Rule evaluation runs before the store transaction (it is pure CPU work); the store then claims
+the event ID and the tags' dedup keys and writes the event with its deliveries in one
+transaction, so a crash can never leave an event half-accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from engine import event as events
+from engine.errors import BadRequest, RulesError
+from engine.rules import Container, compile_container
+from engine.rules.source import rule_files
+from engine.store.base import Acceptance, Accepted, Store
+
+log = logging.getLogger(__name__)
+
+
+class RulesHolder:
+    """The live container, reloaded when its files change; a bad edit never replaces a good one.
+
+    Checks file modification times at most every ``interval`` seconds, on the request path but
+    without blocking it for more than a ``stat`` per file.
+    """
+
+    def __init__(self, path: Path, container: Container, interval: float = 2.0) -> None:
+        self.path = path
+        self._container = container
+        self._interval = interval
+        self._checked = time.monotonic()
+        self._mtimes = self._scan()
+        self._lock = threading.Lock()
+        self.last_error: str | None = None
+
+    def _scan(self) -> dict[str, float]:
+        try:
+            return {str(p): p.stat().st_mtime for p in rule_files(self.path)}
+        except OSError:
+            return {}
+
+    @property
+    def container(self) -> Container:
+        """The current container (reloaded first if the files changed)."""
+        if self._interval > 0 and time.monotonic() - self._checked >= self._interval:
+            self.maybe_reload()
+        return self._container
+
+    def maybe_reload(self) -> bool:
+        """Reload if the rule files changed; returns whether a new container was installed."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._checked = time.monotonic()
+            mtimes = self._scan()
+            if mtimes == self._mtimes:
+                return False
+            self._mtimes = mtimes
+            container, problems = compile_container(self.path)
+            if container is None:
+                errors = [str(p) for p in problems if p.severity == "error"]
+                self.last_error = "; ".join(errors[:5])
+                log.error(
+                    "rules reload refused; keeping the previous rules",
+                    extra={"problems": errors[:20]},
+                )
+                return False
+            if container.fingerprint == self._container.fingerprint:
+                return False
+            self._container = container
+            self.last_error = None
+            log.info("rules reloaded", extra={"tags": len(container.tags)})
+            return True
+        finally:
+            self._lock.release()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result for one event of a request: accepted (possibly duplicate) or rejected."""
+
+    accepted: Accepted | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The per-event JSON the API answers with."""
+        if self.accepted is None:
+            return {"success": False, "error": self.error}
+        return {
+            "success": True,
+            "event_id": self.accepted.event_id,
+            "duplicate": self.accepted.duplicate,
+            "fired": self.accepted.fired,
+        }
+
+
+class Pipeline:
+    """Accepts events: the one path every intake endpoint (and replay) goes through."""
+
+    def __init__(self, store: Store, rules: RulesHolder) -> None:
+        self.store = store
+        self.rules = rules
+
+    def prepare(self, raw: Any, container: Container, now: datetime) -> Acceptance:
+        """Validate and evaluate one event (no I/O).
+
+        Raises:
+            BadRequest: the event is invalid.
+        """
+        normalized = events.normalize(raw, now)
+        decisions = container.evaluate(normalized, now=now)
+        return Acceptance(normalized, decisions, container.dedup_window, now.timestamp())
+
+    def accept(self, raws: Sequence[Any], now: datetime | None = None) -> list[Outcome]:
+        """Accept a list of raw events; one outcome per event, in order.
+
+        Raises:
+            StoreError: the store could not commit; nothing of this call was accepted.
+        """
+        now = now or datetime.now(UTC)
+        container = self.rules.container
+        outcomes: list[Outcome | None] = []
+        prepared: list[Acceptance] = []
+        for raw in raws:
+            try:
+                prepared.append(self.prepare(raw, container, now))
+                outcomes.append(None)
+            except BadRequest as exc:
+                outcomes.append(Outcome(error=str(exc)))
+        stored = iter(self.store.accept_many(prepared) if prepared else [])
+        return [o if o is not None else Outcome(accepted=next(stored)) for o in outcomes]
+
+
+def load_rules(path: Path, interval: float = 2.0) -> RulesHolder:
+    """Compile the container at ``path`` for serving.
+
+    Raises:
+        RulesError: the container does not check; the server must not start.
+    """
+    container, problems = compile_container(path)
+    if container is None:
+        raise RulesError([p for p in problems if p.severity == "error"])
+    return RulesHolder(path, container, interval)

@@ -1,0 +1,64 @@
+"""Dry runs: what every tag would do with one event, and the exact requests it would send."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from destinations.base import HttpRequest, Item, SendContext
+from engine import event as events
+from engine.rules.model import Container
+
+PREVIEW_TOKEN = "[access token]"  # noqa: S105 - a placeholder, not a credential  # stands in for an OAuth token a preview never fetches
+
+
+def request_json(request: HttpRequest) -> dict[str, Any]:
+    """A request as JSON-friendly data; the body decoded when it is JSON."""
+    body: Any = request.json()
+    if body is None and request.body:
+        body = request.body.decode("utf-8", "replace")
+    return {
+        "method": request.method,
+        "url": request.url,
+        "headers": dict(request.headers),
+        "body": body,
+    }
+
+
+def preview(container: Container, raw: Any, now: datetime | None = None) -> dict[str, Any]:
+    """Evaluate ``raw`` against every tag, without storing or sending anything.
+
+    Returns:
+        ``{"event": normalized, "tags": [{name, destination, fired, reason, consent,
+        anonymous, request}]}``; ``request`` is None for tags that did not fire. Secrets in
+        requests are replaced by ``[REDACTED]``.
+
+    Raises:
+        BadRequest: the event is invalid.
+    """
+    now = now or datetime.now(UTC)
+    event = events.normalize(raw, now)
+    tags = []
+    for decision in container.evaluate(event, explain=True, now=now):
+        entry: dict[str, Any] = {
+            "name": decision.tag,
+            "destination": decision.destination,
+            "fired": decision.fired,
+            "reason": decision.reason,
+            "consent": decision.consent,
+            "anonymous": decision.anonymous,
+            "request": None,
+        }
+        if decision.fired and decision.payload is not None:
+            dest = container.destinations[decision.destination]
+            adapter = dest.adapter
+            item = Item("preview", str(event["event_id"]), decision.payload)
+            ctx = SendContext(now, PREVIEW_TOKEN if adapter.token_request() else None)
+            problem = adapter.check_item(item, ctx)
+            if problem:
+                entry["fired"] = False
+                entry["reason"] = f"would fail at send time: {problem}"
+            else:
+                entry["request"] = request_json(adapter.redact(adapter.build_request([item], ctx)))
+        tags.append(entry)
+    return {"event": event, "tags": tags}

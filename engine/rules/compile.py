@@ -1,0 +1,596 @@
+"""Load a rule container, check it, and compile it.
+
+:func:`load` reads a directory of YAML files (or one file), validates each against the rule-file
+schema, then checks what a schema cannot see: references between names, JMESPath syntax,
+adapter settings, environment variables, and triggers that can never fire. Every problem points
+at ``file:line:column``. Errors stop the container; warnings do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jmespath
+import jmespath.exceptions
+import jsonschema
+
+from destinations import registry
+from engine.consent import Requirement
+from engine.errors import PluginError, RulesError
+from engine.expr import (
+    ExpressionError,
+    Field,
+    Getter,
+    compile_expression,
+    compile_mapping,
+    constant,
+)
+from engine.rules.model import (
+    Condition,
+    Container,
+    DeliveryOptions,
+    DestinationInstance,
+    RuleTest,
+    Tag,
+    Trigger,
+)
+from engine.rules.schema import RULES_SCHEMA
+from engine.rules.source import Document, Position, Problem, parse_yaml, rule_files
+
+_SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(RULES_SCHEMA)
+_ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ENGINE_KEYS = ("type", "enabled", "delivery")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a text with a unit: ``500ms``, ``30s``, ``10m``, ``48h``, ``7d``."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass
+class _Entry:
+    """One named thing from some file, with where it came from."""
+
+    doc: Document
+    path: tuple[str | int, ...]
+    value: Any
+
+    def at(self, *sub: str | int) -> Position:
+        return self.doc.at(*self.path, *sub)
+
+
+@dataclass
+class _Compiler:
+    env: Mapping[str, str]
+    problems: list[Problem] = field(default_factory=list)
+    settings: dict[str, _Entry] = field(default_factory=dict)
+    destinations: dict[str, _Entry] = field(default_factory=dict)
+    variables: dict[str, _Entry] = field(default_factory=dict)
+    triggers: dict[str, _Entry] = field(default_factory=dict)
+    tags: list[_Entry] = field(default_factory=list)
+    tests: list[_Entry] = field(default_factory=list)
+    _var_getters: dict[str, Getter] = field(default_factory=dict)
+    _var_sources: dict[str, str | None] = field(default_factory=dict)
+    _resolving: set[str] = field(default_factory=set)
+
+    def error(self, where: Position, message: str) -> None:
+        self.problems.append(Problem(where, message))
+
+    def warn(self, where: Position, message: str) -> None:
+        self.problems.append(Problem(where, message, "warning"))
+
+    # -- gathering ------------------------------------------------------------------------------
+
+    def add_document(self, doc: Document) -> None:
+        if not isinstance(doc.data, dict):
+            self.error(doc.at(), "a rule file must be a mapping with sections such as tags:")
+            return
+        errors = sorted(_SCHEMA_VALIDATOR.iter_errors(doc.data), key=lambda e: list(e.path))
+        for err in errors:
+            self.error(doc.at(*err.absolute_path), _schema_message(err))
+        if errors:
+            return
+        for section, target in (
+            ("settings", self.settings),
+            ("destinations", self.destinations),
+            ("variables", self.variables),
+            ("triggers", self.triggers),
+        ):
+            for name, value in (doc.data.get(section) or {}).items():
+                if name in target:
+                    first = target[name].at()
+                    self.error(
+                        doc.at(section, name),
+                        f"{section[:-1]} {name!r} is already defined at {first}",
+                    )
+                    continue
+                target[name] = _Entry(doc, (section, name), value)
+        for i, value in enumerate(doc.data.get("tags") or []):
+            self.tags.append(_Entry(doc, ("tags", i), value))
+        for i, value in enumerate(doc.data.get("tests") or []):
+            self.tests.append(_Entry(doc, ("tests", i), value))
+
+    # -- expressions and variables --------------------------------------------------------------
+
+    def expression(self, source: str, where: Position, what: str) -> Getter | None:
+        """Compile an expression that may use $variables; report problems at ``where``."""
+        whole = _VAR_REF.fullmatch(source.strip())
+        if whole:
+            return self.variable(whole.group(1), where)
+        text = source
+        for name in dict.fromkeys(_VAR_REF.findall(source)):
+            if self.variable(name, where) is None:
+                return None
+            sub = self._var_sources.get(name)
+            if sub is None:
+                self.error(
+                    where, f"lookup table ${name} can only be used on its own, not inside {what}"
+                )
+                return None
+            replacement = f"({sub})".replace("\\", "\\\\")
+            text = re.sub(rf"\${re.escape(name)}\b", replacement, text)
+        try:
+            return compile_expression(text)
+        except ExpressionError as exc:
+            self.error(where, f"{what}: {exc}")
+            return None
+
+    def variable(self, name: str, where: Position) -> Getter | None:
+        if name in self._var_getters:
+            return self._var_getters[name]
+        entry = self.variables.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.variables)) or "none defined"
+            self.error(where, f"unknown variable ${name} (variables: {known})")
+            return None
+        if name in self._resolving:
+            self.error(entry.at(), f"variable ${name} refers to itself")
+            return None
+        self._resolving.add(name)
+        try:
+            getter = self._compile_variable(name, entry)
+        finally:
+            self._resolving.discard(name)
+        if getter is not None:
+            self._var_getters[name] = getter
+        return getter
+
+    def _compile_variable(self, name: str, entry: _Entry) -> Getter | None:
+        value = entry.value
+        if isinstance(value, str):
+            getter = self.expression(value, entry.at(), f"variable ${name}")
+            if getter is not None:
+                self._var_sources[name] = _expand_source(value, self._var_sources)
+            return getter
+        source = self.expression(value["lookup"], entry.at("lookup"), f"lookup ${name}")
+        if source is None:
+            return None
+        table = {str(k): v for k, v in value["table"].items()}
+        default = value.get("default")
+        self._var_sources[name] = None
+
+        def lookup(event: Any) -> Any:
+            key = source(event)
+            if key is None:
+                return default
+            if isinstance(key, bool):
+                key = str(key).lower()
+            return table.get(str(key), default)
+
+        return lookup
+
+    # -- sections -------------------------------------------------------------------------------
+
+    def compile_destinations(self) -> dict[str, DestinationInstance]:
+        out: dict[str, DestinationInstance] = {}
+        try:
+            known = registry.registry()
+        except PluginError as exc:
+            self.error(Position("<plugins>", 1, 1), str(exc))
+            return out
+        for name, entry in self.destinations.items():
+            type_name = entry.value["type"]
+            cls = known.get(type_name)
+            if cls is None:
+                types = ", ".join(sorted(known))
+                self.error(
+                    entry.at("type"), f"unknown destination type {type_name!r} (installed: {types})"
+                )
+                continue
+            settings = {k: v for k, v in entry.value.items() if k not in _ENGINE_KEYS}
+            settings = self._substitute(settings, entry)
+            validator = jsonschema.Draft202012Validator(cls.settings_schema)
+            errors = list(validator.iter_errors(settings))
+            for err in errors:
+                message = _schema_message(err, cls.secret_settings)
+                self.error(
+                    entry.at(*err.absolute_path), f"destination {name} ({type_name}): {message}"
+                )
+            if errors:
+                continue
+            try:
+                adapter = cls(settings)
+            except Exception as exc:  # noqa: BLE001 - a plugin's constructor is foreign code
+                self.error(
+                    entry.at(), f"destination {name} ({type_name}) rejected its settings: {exc}"
+                )
+                continue
+            delivery = entry.value.get("delivery") or {}
+            options = DeliveryOptions(
+                max_attempts=delivery.get("max_attempts", DeliveryOptions.max_attempts),
+                max_age=parse_duration(delivery.get("max_age", DeliveryOptions.max_age)),
+                batch_wait=parse_duration(delivery.get("batch_wait", DeliveryOptions.batch_wait)),
+                timeout=parse_duration(delivery.get("timeout", DeliveryOptions.timeout)),
+                concurrency=delivery.get("concurrency", DeliveryOptions.concurrency),
+            )
+            out[name] = DestinationInstance(
+                name, type_name, adapter, entry.value.get("enabled", True), options
+            )
+        return out
+
+    def _substitute(self, value: Any, entry: _Entry, path: tuple[str | int, ...] = ()) -> Any:
+        if isinstance(value, dict):
+            return {k: self._substitute(v, entry, (*path, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._substitute(v, entry, (*path, i)) for i, v in enumerate(value)]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+
+        def replace(match: re.Match[str]) -> str:
+            escaped, var, default = match.groups()
+            if escaped:
+                return match.group(0)[1:]
+            if var in self.env:
+                return self.env[var]
+            if default is not None:
+                return default
+            self.error(
+                entry.at(*path),
+                f"environment variable {var} is not set (write ${{{var}:-default}} for a default)",
+            )
+            return ""
+
+        return _ENV_REF.sub(replace, value)
+
+    def compile_triggers(self) -> dict[str, Trigger]:
+        out: dict[str, Trigger] = {}
+        for name, entry in self.triggers.items():
+            spec = entry.value
+            events = spec.get("event")
+            names: frozenset[str] | None
+            if events is None or events in ("*", ["*"]):
+                names = None
+            else:
+                names = frozenset([events] if isinstance(events, str) else events)
+                if not names:
+                    self.error(
+                        entry.at("event"), f"trigger {name} can never fire: its event list is empty"
+                    )
+            conds: dict[str, list[Condition]] = {"when": [], "unless": []}
+            for kind in ("when", "unless"):
+                raw = spec.get(kind)
+                for i, source in enumerate([raw] if isinstance(raw, str) else raw or []):
+                    where = entry.at(kind, i) if isinstance(raw, list) else entry.at(kind)
+                    getter = self.expression(source, where, f"trigger {name} {kind}")
+                    if getter is None:
+                        continue
+                    conds[kind].append(Condition(source, getter))
+                    self._check_reachable(name, kind, source, getter, names, where)
+            out[name] = Trigger(name, names, tuple(conds["when"]), tuple(conds["unless"]))
+        return out
+
+    def _check_reachable(
+        self,
+        trigger: str,
+        kind: str,
+        source: str,
+        getter: Getter,
+        names: frozenset[str] | None,
+        where: Position,
+    ) -> None:
+        if any(self._var_sources.get(v) is None for v in _VAR_REF.findall(source)):
+            return  # a lookup table's value is only known per event
+        expanded = _expand_source(source, self._var_sources)
+        try:
+            tree = jmespath.compile(expanded).parsed if expanded else None
+        except jmespath.exceptions.JMESPathError:
+            return
+        if tree is None:
+            return
+        if not _reads_event(tree):
+            value = bool(getter({}))
+            if kind == "when" and not value:
+                self.error(where, f"trigger {trigger} can never fire: `{source}` is always false")
+            if kind == "unless" and value:
+                self.error(
+                    where, f"trigger {trigger} can never fire: unless `{source}` is always true"
+                )
+            return
+        if kind == "when" and names is not None:
+            wanted = _required_event_names(tree)
+            if wanted is not None and not wanted & names:
+                listed = ", ".join(sorted(names))
+                self.error(
+                    where,
+                    f"trigger {trigger} can never fire: `{source}` needs event_name "
+                    f"{' or '.join(sorted(wanted))} but the trigger only takes [{listed}]",
+                )
+
+    def compile_tags(
+        self, dests: Mapping[str, DestinationInstance], triggers: Mapping[str, Trigger]
+    ) -> list[Tag]:
+        out: list[Tag] = []
+        seen: dict[str, Position] = {}
+        used_triggers: set[str] = set()
+        for entry in self.tags:
+            spec = entry.value
+            name = spec["name"]
+            if name in seen:
+                self.error(entry.at("name"), f"tag {name!r} is already defined at {seen[name]}")
+                continue
+            seen[name] = entry.at("name")
+            dest = dests.get(spec["destination"])
+            if dest is None:
+                if spec["destination"] not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none defined"
+                    wanted = spec["destination"]
+                    self.error(
+                        entry.at("destination"),
+                        f"tag {name}: unknown destination {wanted!r} (destinations: {known})",
+                    )
+                continue
+            trigs = self._trigger_refs(name, entry, "trigger", triggers)
+            excs = self._trigger_refs(name, entry, "except", triggers)
+            used_triggers |= {t.name for t in (*trigs, *excs)}
+            if set(t.name for t in trigs) & set(t.name for t in excs) and len(trigs) == 1:
+                self.error(
+                    entry.at("except"),
+                    f"tag {name} can never fire: its trigger is also its exception",
+                )
+            fields = self._mapping(name, entry, dest)
+            event_name = None
+            if "event_name" in spec:
+                raw_name = spec["event_name"]
+                event_name = (
+                    self.expression(raw_name, entry.at("event_name"), f"tag {name} event_name")
+                    if raw_name.startswith("$")
+                    else constant(raw_name)
+                )
+            dedup = None
+            if "dedup_key" in spec:
+                dedup = self.expression(
+                    spec["dedup_key"], entry.at("dedup_key"), f"tag {name} dedup_key"
+                )
+            out.append(
+                Tag(
+                    name=name,
+                    destination=dest,
+                    triggers=tuple(trigs),
+                    exceptions=tuple(excs),
+                    consent=_requirement(spec.get("consent")),
+                    fields=fields,
+                    event_name=event_name,
+                    dedup_key=dedup,
+                    enabled=spec.get("enabled", True),
+                    position=entry.at(),
+                )
+            )
+        for trig_name, trig_entry in self.triggers.items():
+            if trig_name not in used_triggers:
+                self.warn(trig_entry.at(), f"trigger {trig_name} is not used by any tag")
+        return out
+
+    def _trigger_refs(
+        self, tag: str, entry: _Entry, key: str, triggers: Mapping[str, Trigger]
+    ) -> list[Trigger]:
+        raw = entry.value.get(key)
+        refs = [raw] if isinstance(raw, str) else list(raw or [])
+        out = []
+        for i, ref in enumerate(refs):
+            if ref in triggers:
+                out.append(triggers[ref])
+            elif ref not in self.triggers:
+                known = ", ".join(sorted(self.triggers)) or "none defined"
+                where = entry.at(key, i) if isinstance(raw, list) else entry.at(key)
+                self.error(where, f"tag {tag}: unknown trigger {ref!r} (triggers: {known})")
+        return out
+
+    def _mapping(self, tag: str, entry: _Entry, dest: DestinationInstance) -> tuple[Field, ...]:
+        overrides: dict[str, Any] = entry.value.get("mapping") or {}
+        defaults = compile_mapping(
+            {
+                target: source
+                for target, source in dest.adapter.default_mapping.items()
+                if not any(target == t or target.startswith(t + ".") for t in overrides)
+            }
+        )
+        fields = list(defaults)
+        for target, source in overrides.items():
+            where = entry.at("mapping", target)
+            if source is None:
+                continue
+            if isinstance(source, dict):
+                fields.append(Field(tuple(target.split(".")), constant(source["value"])))
+            elif isinstance(source, str):
+                getter = self.expression(source, where, f"tag {tag} mapping {target}")
+                if getter is not None:
+                    fields.append(Field(tuple(target.split(".")), getter))
+            else:
+                fields.append(Field(tuple(target.split(".")), constant(source)))
+        return tuple(fields)
+
+    def compile_tests(self, tag_names: set[str]) -> list[RuleTest]:
+        out = []
+        for entry in self.tests:
+            spec = entry.value
+            for tag_name in spec["expect"]:
+                if tag_name not in tag_names:
+                    known = ", ".join(sorted(tag_names)) or "none defined"
+                    self.error(
+                        entry.at("expect", tag_name),
+                        f"test {spec['name']!r}: unknown tag {tag_name!r} (tags: {known})",
+                    )
+            out.append(RuleTest(spec["name"], spec["event"], spec["expect"], entry.at()))
+        return out
+
+
+def _requirement(raw: Any) -> Requirement:
+    if raw is None:
+        return Requirement()
+    if isinstance(raw, list):
+        return Requirement(frozenset(raw))
+    anonymous = raw.get("anonymous")
+    return Requirement(
+        frozenset(raw.get("require") or []), None if anonymous is None else frozenset(anonymous)
+    )
+
+
+def _expand_source(source: str, sources: Mapping[str, str | None]) -> str:
+    def sub(match: re.Match[str]) -> str:
+        text = sources.get(match.group(1))
+        return f"({text})" if text else "`null`"
+
+    return _VAR_REF.sub(sub, source)
+
+
+def _reads_event(node: Any) -> bool:
+    if isinstance(node, dict):
+        if node.get("type") in ("field", "current", "identity"):
+            return True
+        return any(_reads_event(child) for child in node.get("children", []))
+    return False
+
+
+def _required_event_names(node: Mapping[str, Any]) -> set[str] | None:
+    """Event names an expression insists on (``event_name == 'x'``, joined by ``&&``), if any."""
+    kind = node.get("type")
+    children = node.get("children", [])
+    if kind == "and_expression":
+        found = [_required_event_names(child) for child in children]
+        sets = [s for s in found if s is not None]
+        if not sets:
+            return None
+        result = sets[0]
+        for s in sets[1:]:
+            result = result & s
+        return result
+    if kind == "or_expression":
+        found = [_required_event_names(child) for child in children]
+        if any(s is None for s in found):
+            return None
+        return set().union(*[s for s in found if s is not None])
+    if kind == "comparator" and node.get("value") == "eq" and len(children) == 2:
+        left, right = children
+        if right.get("type") == "field":
+            left, right = right, left
+        if (
+            left == {"type": "field", "value": "event_name", "children": []}
+            and right.get("type") == "literal"
+        ):
+            value = right.get("value")
+            return {value} if isinstance(value, str) else None
+    return None
+
+
+def _schema_message(err: jsonschema.ValidationError, secrets: frozenset[str] = frozenset()) -> str:
+    where = ".".join(str(p) for p in err.absolute_path)
+    prefix = f"{where}: " if where else ""
+    if err.validator == "additionalProperties" and isinstance(err.schema, Mapping):
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{prefix}unknown key {extra[0]!r}{hint}" if extra else prefix + err.message
+    if err.validator == "required":
+        return f"{prefix}{err.message}"
+    if err.validator == "oneOf" and err.context:
+        best = jsonschema.exceptions.best_match(err.context)
+        return _schema_message(best, secrets) if best is not err else prefix + err.message
+    last = err.absolute_path[-1] if err.absolute_path else None
+    if last in secrets:
+        return f"{prefix}invalid value (secret, not shown)"
+    schema: Mapping[str, Any] = err.schema if isinstance(err.schema, Mapping) else {}
+    if (
+        err.validator == "pattern"
+        and isinstance(err.instance, str)
+        and str(schema.get("pattern", "")).startswith("^[A-Za-z_]")
+    ):
+        return (
+            f"{prefix}{err.instance!r} is not a valid name "
+            "(letters, digits, _ . - and not starting with a digit)"
+        )
+    return prefix + err.message
+
+
+def compile_container(
+    path: Path, env: Mapping[str, str] | None = None
+) -> tuple[Container | None, list[Problem]]:
+    """Load, check and compile the container at ``path``.
+
+    Returns:
+        the container (None if there were errors) and every problem found, errors and warnings.
+    """
+    compiler = _Compiler(env=os.environ if env is None else env)
+    files = list(rule_files(path)) if path.exists() else []
+    if not files:
+        where = Position(str(path), 1, 1)
+        return None, [Problem(where, "no rule files found (expected *.yaml files or a YAML file)")]
+    digest = hashlib.sha256()
+    for file in files:
+        text = file.read_text(encoding="utf-8", errors="replace")
+        digest.update(str(file).encode() + b"\0" + text.encode() + b"\0")
+        doc = parse_yaml(text, str(file), compiler.problems)
+        if doc is not None:
+            compiler.add_document(doc)
+    if any(p.severity == "error" for p in compiler.problems):
+        return None, _sorted(compiler.problems)
+    for name, entry in compiler.variables.items():
+        compiler.variable(name, entry.at())
+    dests = compiler.compile_destinations()
+    triggers = compiler.compile_triggers()
+    tags = compiler.compile_tags(dests, triggers)
+    tests = compiler.compile_tests(
+        {t.name for t in tags} | {e.value["name"] for e in compiler.tags}
+    )
+    settings = {k: e.value for k, e in compiler.settings.items()}
+    problems = _sorted(compiler.problems)
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    container = Container.create(
+        destinations=dests,
+        tags=tuple(tags),
+        tests=tuple(tests),
+        dedup_window=parse_duration(settings.get("dedup_window", 48 * 3600)),
+        consent_defaults=dict(settings.get("consent_defaults") or {}),
+        fingerprint=digest.hexdigest(),
+    )
+    return container, problems
+
+
+def load(path: Path, env: Mapping[str, str] | None = None) -> Container:
+    """Compile the container at ``path`` or raise :class:`RulesError` with every problem."""
+    container, problems = compile_container(path, env)
+    if container is None:
+        raise RulesError([p for p in problems if p.severity == "error"])
+    return container
+
+
+def _sorted(problems: list[Problem]) -> list[Problem]:
+    unique = dict.fromkeys(problems)
+    return sorted(unique, key=lambda p: (p.position, p.message))
+
+
+Loader = Callable[[Path], Container]

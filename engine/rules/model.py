@@ -1,0 +1,232 @@
+"""The compiled container: triggers, tags and destinations, ready to evaluate events.
+
+Everything here is built once by :mod:`engine.rules.compile` and is read-only afterwards, so one
+container can be shared by all threads of a worker and swapped whole on reload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from destinations.base import Destination, PayloadContext, PayloadError
+from engine.consent import Decision as ConsentDecision
+from engine.consent import Requirement, Verdict, decide, granted_purposes, strip_identifiers
+from engine.event import event_time
+from engine.expr import Field, Getter, build, truthy
+from engine.rules.source import Position
+from engine.store.base import Decision
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A compiled ``when``/``unless`` expression and its source text (for explanations)."""
+
+    source: str
+    get: Getter
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Which events: an event-name set (None: any) and conditions that must all hold."""
+
+    name: str
+    events: frozenset[str] | None
+    when: tuple[Condition, ...] = ()
+    unless: tuple[Condition, ...] = ()
+
+    def check(self, event: Mapping[str, Any]) -> tuple[bool, str]:
+        """Whether the trigger matches, and why (or why not), in words."""
+        name = event.get("event_name")
+        if self.events is not None and name not in self.events:
+            wanted = ", ".join(sorted(self.events))
+            return False, f"trigger {self.name}: event {name!r} is not one of [{wanted}]"
+        for cond in self.when:
+            if not truthy(cond.get(event)):
+                return False, f"trigger {self.name}: condition `{cond.source}` is false"
+        for cond in self.unless:
+            if truthy(cond.get(event)):
+                return False, f"trigger {self.name}: unless `{cond.source}` is true"
+        return True, f"trigger {self.name} matched"
+
+
+@dataclass(frozen=True)
+class DeliveryOptions:
+    """How the engine delivers to one destination (see the delivery section of the README)."""
+
+    max_attempts: int = 12
+    max_age: float = 3 * 86400.0
+    batch_wait: float = 1.0
+    timeout: float = 10.0
+    concurrency: int = 2
+
+
+@dataclass(frozen=True)
+class DestinationInstance:
+    """One configured destination: its name in the rules, its adapter and delivery options."""
+
+    name: str
+    type: str
+    adapter: Destination
+    enabled: bool = True
+    delivery: DeliveryOptions = field(default_factory=DeliveryOptions)
+
+
+@dataclass(frozen=True)
+class Tag:
+    """Trigger(s) + destination + consent + mapping."""
+
+    name: str
+    destination: DestinationInstance
+    triggers: tuple[Trigger, ...]
+    exceptions: tuple[Trigger, ...]
+    consent: Requirement
+    fields: tuple[Field, ...]
+    event_name: Getter | None = None  # None: the event's own name
+    dedup_key: Getter | None = None
+    enabled: bool = True
+    position: Position | None = None
+
+    def event_names(self) -> frozenset[str] | None:
+        """Every event name this tag can fire on, or None if any name can fire it."""
+        names: set[str] = set()
+        for trig in self.triggers:
+            if trig.events is None:
+                return None
+            names |= trig.events
+        return frozenset(names)
+
+    def evaluate(
+        self,
+        event: Mapping[str, Any],
+        consent_defaults: Mapping[str, str],
+        now: datetime | None = None,
+    ) -> Decision:
+        """Run this tag on a normalized event: trigger, exceptions, consent, mapping, payload."""
+        dest = self.destination.name
+        if not self.enabled:
+            return Decision(self.name, dest, False, "tag is disabled")
+        if not self.destination.enabled:
+            return Decision(self.name, dest, False, f"destination {dest} is disabled")
+        why_not = []
+        matched = None
+        for trig in self.triggers:
+            ok, why = trig.check(event)
+            if ok:
+                matched = why
+                break
+            why_not.append(why)
+        if matched is None:
+            return Decision(self.name, dest, False, "; ".join(why_not))
+        for exc in self.exceptions:
+            ok, _ = exc.check(event)
+            if ok:
+                return Decision(self.name, dest, False, f"blocked by exception trigger {exc.name}")
+        decision = self._consent(event, consent_defaults)
+        if decision.verdict is Verdict.BLOCKED:
+            return Decision(self.name, dest, False, decision.reason, decision.reason)
+        anonymous = decision.verdict is Verdict.ANONYMOUS
+        view = strip_identifiers(event) if anonymous else event
+        platform_name = self.event_name(view) if self.event_name else view.get("event_name")
+        if not isinstance(platform_name, str) or not platform_name:
+            return Decision(
+                self.name,
+                dest,
+                False,
+                "event_name mapping gave no name",
+                decision.reason,
+                anonymous,
+            )
+        ctx = PayloadContext(
+            tag=self.name,
+            event_name=platform_name,
+            event_id=str(event["event_id"]),
+            event_time=event_time(dict(event)),
+            event=view,
+            restricted=anonymous,
+            now=now,
+        )
+        try:
+            payload = self.destination.adapter.build_payload(build(self.fields, view), ctx)
+        except PayloadError as exc:
+            return Decision(
+                self.name, dest, False, f"invalid payload: {exc}", decision.reason, anonymous
+            )
+        key = None
+        if self.dedup_key is not None:
+            value = self.dedup_key(event)
+            if value is not None and value != "":
+                key = f"{self.name}:{value}"
+        return Decision(self.name, dest, True, matched, decision.reason, anonymous, payload, key)
+
+    def _consent(self, event: Mapping[str, Any], defaults: Mapping[str, str]) -> ConsentDecision:
+        consent = event.get("consent") or {}
+        granted = granted_purposes(consent, defaults)
+        return decide(self.consent, granted, frozenset(consent) | frozenset(defaults))
+
+
+@dataclass(frozen=True)
+class RuleTest:
+    """One test declared in a rule file."""
+
+    name: str
+    event: Mapping[str, Any]
+    expect: Mapping[str, Mapping[str, Any]]
+    position: Position
+
+
+@dataclass(frozen=True)
+class Container:
+    """A compiled rule container."""
+
+    destinations: Mapping[str, DestinationInstance]
+    tags: tuple[Tag, ...]
+    tests: tuple[RuleTest, ...] = ()
+    dedup_window: float = 48 * 3600.0
+    consent_defaults: Mapping[str, str] = field(default_factory=dict)
+    fingerprint: str = ""
+    by_event: Mapping[str, tuple[Tag, ...]] = field(default_factory=dict)
+    any_event: tuple[Tag, ...] = ()
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> Container:
+        """Build a container and its event-name index of tags."""
+        tags: tuple[Tag, ...] = kwargs["tags"]
+        index: dict[str, list[Tag]] = {}
+        wildcard: list[Tag] = []
+        for tag in tags:
+            names = tag.event_names()
+            if names is None:
+                wildcard.append(tag)
+            else:
+                for name in names:
+                    index.setdefault(name, []).append(tag)
+        order = {tag.name: i for i, tag in enumerate(tags)}
+        by_event = {
+            name: tuple(sorted([*found, *wildcard], key=lambda t: order[t.name]))
+            for name, found in index.items()
+        }
+        return cls(**kwargs, by_event=by_event, any_event=tuple(wildcard))
+
+    def candidates(self, event_name: str) -> tuple[Tag, ...]:
+        """The tags that can fire on events of this name, in declaration order."""
+        return self.by_event.get(event_name, self.any_event)
+
+    def evaluate(
+        self, event: Mapping[str, Any], explain: bool = False, now: datetime | None = None
+    ) -> list[Decision]:
+        """Run every candidate tag on a normalized event.
+
+        Args:
+            event: a normalized canonical event.
+            explain: also report the tags that could not fire on this event name, with why.
+            now: the time of receipt (adapters check event age against it).
+        """
+        name = str(event.get("event_name"))
+        if not explain:
+            return [
+                tag.evaluate(event, self.consent_defaults, now) for tag in self.candidates(name)
+            ]
+        return [tag.evaluate(event, self.consent_defaults, now) for tag in self.tags]

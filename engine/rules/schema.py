@@ -1,0 +1,184 @@
+"""The JSON Schema of a rule file.
+
+``tagrelay schema`` writes it to ``rules/tagrelay.schema.json`` so editors can autocomplete and
+flag mistakes as marketers type (the YAML language server reads a ``# yaml-language-server:
+$schema=...`` comment). ``tagrelay check`` validates every file against it first, then checks
+what a schema cannot: names that refer to each other, expressions, adapter settings, env vars.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.event import CONSENT_PURPOSES
+
+_NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_.-]*$"}
+_EXPR = {"type": "string", "minLength": 1, "description": "a JMESPath expression or $variable"}
+_ONE_OR_MORE_EXPR = {"oneOf": [_EXPR, {"type": "array", "items": _EXPR, "minItems": 1}]}
+_ONE_OR_MORE_NAME = {"oneOf": [_NAME, {"type": "array", "items": _NAME, "minItems": 1}]}
+_PURPOSES = {"type": "array", "items": {"enum": list(CONSENT_PURPOSES)}, "uniqueItems": True}
+_DURATION = {
+    "oneOf": [
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)\s*$"},
+        {"type": "number", "minimum": 0},
+    ],
+    "description": "seconds, or a number with a unit: 500ms, 30s, 10m, 48h, 7d",
+}
+
+_MAPPING_VALUE = {
+    "description": "expression, $variable, {value: constant}, or null to drop a default field",
+    "oneOf": [
+        _EXPR,
+        {"type": "null"},
+        {
+            "type": "object",
+            "properties": {"value": {}},
+            "required": ["value"],
+            "additionalProperties": False,
+        },
+        {"type": ["number", "boolean"]},
+    ],
+}
+
+RULES_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://tagrelay.dev/schema/rules.json",
+    "title": "tagrelay rule file",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "settings": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "dedup_window": _DURATION,
+                "consent_defaults": {
+                    "type": "object",
+                    "propertyNames": {"enum": list(CONSENT_PURPOSES)},
+                    "additionalProperties": {"enum": ["granted", "denied"]},
+                    "description": "what a purpose the event does not mention counts as",
+                },
+            },
+        },
+        "destinations": {
+            "type": "object",
+            "propertyNames": _NAME,
+            "additionalProperties": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {
+                    "type": {"type": "string", "description": "the destination adapter"},
+                    "enabled": {"type": "boolean"},
+                    "delivery": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "max_attempts": {"type": "integer", "minimum": 1},
+                            "max_age": _DURATION,
+                            "batch_wait": _DURATION,
+                            "timeout": _DURATION,
+                            "concurrency": {"type": "integer", "minimum": 1},
+                        },
+                    },
+                },
+            },
+        },
+        "variables": {
+            "type": "object",
+            "propertyNames": _NAME,
+            "additionalProperties": {
+                "oneOf": [
+                    _EXPR,
+                    {
+                        "type": "object",
+                        "description": "a lookup table: `lookup` is looked up in `table`",
+                        "required": ["lookup", "table"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "lookup": _EXPR,
+                            "table": {"type": "object"},
+                            "default": {},
+                        },
+                    },
+                ]
+            },
+        },
+        "triggers": {
+            "type": "object",
+            "propertyNames": _NAME,
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "minProperties": 1,
+                "properties": {
+                    "event": {
+                        "oneOf": [
+                            {"type": "string", "minLength": 1},
+                            {"type": "array", "items": {"type": "string", "minLength": 1}},
+                        ],
+                        "description": "event name(s) to match; '*' or absent matches all",
+                    },
+                    "when": _ONE_OR_MORE_EXPR,
+                    "unless": _ONE_OR_MORE_EXPR,
+                },
+            },
+        },
+        "tags": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "trigger", "destination"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": _NAME,
+                    "description": {"type": "string"},
+                    "enabled": {"type": "boolean"},
+                    "trigger": _ONE_OR_MORE_NAME,
+                    "except": _ONE_OR_MORE_NAME,
+                    "destination": _NAME,
+                    "event_name": {"type": "string", "minLength": 1},
+                    "consent": {
+                        "oneOf": [
+                            _PURPOSES,
+                            {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"require": _PURPOSES, "anonymous": _PURPOSES},
+                            },
+                        ]
+                    },
+                    "dedup_key": _EXPR,
+                    "mapping": {
+                        "type": "object",
+                        "additionalProperties": _MAPPING_VALUE,
+                    },
+                },
+            },
+        },
+        "tests": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "event", "expect"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string"},
+                    "event": {"type": "object"},
+                    "expect": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "fired": {"type": "boolean"},
+                                "reason": {"type": "string"},
+                                "payload": {"type": "object"},
+                                "anonymous": {"type": "boolean"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}

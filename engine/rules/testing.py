@@ -1,0 +1,95 @@
+"""Run the tests declared in rule files: input event -> expected tags and payload fields."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from engine import event as events
+from engine.errors import BadRequest
+from engine.rules.model import Container, RuleTest
+from engine.store.base import Decision
+
+
+@dataclass
+class TestResult:
+    """The outcome of one rule test: passed, or the differences found."""
+
+    test: RuleTest
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when nothing differed."""
+        return not self.differences
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def subset_differences(expected: Any, actual: Any, path: str) -> list[str]:
+    """Where ``actual`` does not contain ``expected`` (objects by key, other values equal)."""
+    if isinstance(expected, Mapping):
+        if not isinstance(actual, Mapping):
+            return [f"{path}: expected an object, got {_show(actual)}"]
+        out: list[str] = []
+        for key, value in expected.items():
+            sub = f"{path}.{key}"
+            if key not in actual:
+                out.append(f"{sub}: expected {_show(value)}, but it is missing")
+            else:
+                out.extend(subset_differences(value, actual[key], sub))
+        return out
+    if _is_number(expected) and _is_number(actual):
+        same = expected == actual
+    else:
+        same = type(expected) is type(actual) and expected == actual
+    return [] if same else [f"{path}: expected {_show(expected)}, got {_show(actual)}"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def run_test(container: Container, test: RuleTest, now: datetime | None = None) -> TestResult:
+    """Evaluate one test's event and compare with its expectations."""
+    result = TestResult(test)
+    try:
+        event = events.normalize(dict(test.event), now or datetime.now(UTC))
+    except BadRequest as exc:
+        result.differences.append(f"the test event is invalid: {exc}")
+        return result
+    decisions: dict[str, Decision] = {d.tag: d for d in container.evaluate(event, explain=True)}
+    for tag, expect in test.expect.items():
+        got = decisions.get(tag)
+        if got is None:
+            result.differences.append(f"{tag}: no such tag")
+            continue
+        if "fired" in expect and expect["fired"] != got.fired:
+            verb = "fire" if expect["fired"] else "not fire"
+            result.differences.append(f"{tag}: expected to {verb}, but {got.reason}")
+        if "anonymous" in expect and expect["anonymous"] != got.anonymous:
+            result.differences.append(
+                f"{tag}: expected anonymous={expect['anonymous']}, got {got.anonymous}"
+            )
+        if "reason" in expect and expect["reason"] not in got.reason:
+            result.differences.append(
+                f"{tag}: expected reason containing {expect['reason']!r}, got {got.reason!r}"
+            )
+        if "payload" in expect:
+            if got.payload is None:
+                result.differences.append(f"{tag}: expected a payload, but the tag did not fire")
+            else:
+                result.differences.extend(
+                    subset_differences(expect["payload"], got.payload, f"{tag}.payload")
+                )
+    return result
+
+
+def run_tests(container: Container) -> list[TestResult]:
+    """Run every test of the container."""
+    return [run_test(container, test) for test in container.tests]

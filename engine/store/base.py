@@ -1,0 +1,207 @@
+"""The storage interface: accepted events, dedup keys and the delivery outbox.
+
+One interface, two backends: SQLite (:mod:`engine.store.sqlite`, the embedded default, shared by
+all gunicorn workers on one host) and Redis (scale-out, several hosts). The pipeline and the
+delivery workers only ever talk to :class:`Store`.
+
+Guarantees every backend gives:
+
+- :meth:`Store.accept` is atomic: the event, its dedup keys and its deliveries are committed
+  together or not at all, and it returns only after the commit.
+- A dedup key (an event ID, or a tag's dedup key) is claimed by exactly one event within its
+  window, across processes and restarts.
+- A leased delivery is invisible to other workers until its lease expires; an expired lease is
+  taken over, so a killed worker loses nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(enum.Enum):
+    """Where a delivery is in its life."""
+
+    PENDING = "pending"  # waiting for its next attempt
+    LEASED = "leased"  # a worker is sending it
+    DELIVERED = "delivered"
+    DEAD = "dead"  # a dead letter: out of attempts or age, or rejected for good
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one tag decided for an accepted event (the record kept with the event)."""
+
+    tag: str
+    destination: str
+    fired: bool
+    reason: str
+    consent: str | None = None
+    anonymous: bool = False
+    payload: Mapping[str, Any] | None = None
+    dedup_key: str | None = None
+
+    def blocked(self, reason: str) -> Decision:
+        """The same decision, not fired, for ``reason``."""
+        return Decision(self.tag, self.destination, False, reason, self.consent, self.anonymous)
+
+    def summary(self) -> dict[str, Any]:
+        """The decision without its payload, as stored and returned to clients."""
+        out: dict[str, Any] = {
+            "tag": self.tag,
+            "destination": self.destination,
+            "fired": self.fired,
+            "reason": self.reason,
+        }
+        if self.consent:
+            out["consent"] = self.consent
+        if self.anonymous:
+            out["anonymous"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """An event to accept, with what the rules decided for it."""
+
+    event: Mapping[str, Any]
+    decisions: Sequence[Decision]
+    window: float  # dedup window in seconds
+    received_at: float  # Unix seconds
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The stored outcome of an accept: the original's, when it was a duplicate."""
+
+    event_id: str
+    duplicate: bool
+    decisions: Sequence[Mapping[str, Any]] = field(default_factory=list)
+
+    @property
+    def fired(self) -> list[str]:
+        """Names of the tags that queued a delivery."""
+        return [d["tag"] for d in self.decisions if d.get("fired")]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of one event to one destination by one tag (an outbox row)."""
+
+    id: int
+    event_id: str
+    tag: str
+    destination: str
+    payload: Mapping[str, Any]
+    status: Status
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An accepted event as stored, with its decisions."""
+
+    seq: int
+    event_id: str
+    event: Mapping[str, Any]
+    received_at: float
+    decisions: Sequence[Mapping[str, Any]]
+
+
+class Store(abc.ABC):
+    """What every storage backend implements."""
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def accept_many(self, acceptances: Sequence[Acceptance]) -> list[Accepted]:
+        """Accept events atomically, in order; returns one outcome per event.
+
+        For each event: if its event ID was accepted within the window, nothing is written and
+        the original outcome comes back with ``duplicate=True``. Otherwise the event is stored,
+        every fired decision whose dedup key is already claimed is turned into a "not fired"
+        decision naming the original event, and a pending delivery is queued for every
+        decision still fired. Returns only after the commit.
+
+        Raises:
+            StoreError: nothing was committed; a retry is safe.
+        """
+
+    def accept(self, acceptance: Acceptance) -> Accepted:
+        """Accept one event (see :meth:`accept_many`)."""
+        return self.accept_many([acceptance])[0]
+
+    @abc.abstractmethod
+    def get_event(self, event_id: str) -> StoredEvent | None:
+        """The most recent accepted event with this ID."""
+
+    # -- outbox ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def lease(
+        self, destination: str, limit: int, lease_seconds: float, owner: str, now: float
+    ) -> list[Delivery]:
+        """Take up to ``limit`` due deliveries of a destination (pending and due, or leased
+        with an expired lease), oldest first, and lease them to ``owner``."""
+
+    @abc.abstractmethod
+    def mark_delivered(self, ids: Sequence[int], now: float) -> None:
+        """Deliveries that reached the platform."""
+
+    @abc.abstractmethod
+    def mark_retry(self, ids: Sequence[int], next_attempt_at: float, error: str) -> None:
+        """Deliveries to try again at ``next_attempt_at``; counts one attempt."""
+
+    @abc.abstractmethod
+    def mark_dead(self, ids: Sequence[int], error: str, now: float) -> None:
+        """Deliveries that will not be retried (dead letters); counts one attempt."""
+
+    @abc.abstractmethod
+    def release(self, ids: Sequence[int]) -> None:
+        """Give leased deliveries back untouched (shutdown); no attempt is counted."""
+
+    @abc.abstractmethod
+    def destinations_due(self, now: float) -> dict[str, int]:
+        """Destinations with deliveries due now, with how many."""
+
+    @abc.abstractmethod
+    def depth(self) -> dict[str, int]:
+        """Undelivered (pending or leased) deliveries per destination."""
+
+    @abc.abstractmethod
+    def dead_letters(self, destination: str | None = None, limit: int = 100) -> list[Delivery]:
+        """Dead letters, newest first."""
+
+    @abc.abstractmethod
+    def get_delivery(self, delivery_id: int) -> Delivery | None:
+        """One delivery by ID."""
+
+    @abc.abstractmethod
+    def events_since(self, since: float, destination: str | None = None) -> list[StoredEvent]:
+        """Accepted events received at or after ``since`` (for replay), oldest first.
+
+        With ``destination``, only events that had a decision for it."""
+
+    @abc.abstractmethod
+    def delete_deliveries(self, ids: Sequence[int]) -> None:
+        """Remove deliveries (a replayed dead letter is superseded by the replay's own)."""
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise :class:`StoreError` unless the store answers (readiness)."""
+
+    @abc.abstractmethod
+    def purge_expired(self, now: float) -> int:
+        """Drop dedup keys past their window; returns how many."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends without resources
+        """Release connections."""

@@ -1,0 +1,363 @@
+"""The embedded store: one SQLite file in WAL mode, shared by every worker process on a host.
+
+Concurrency: each thread of each process has its own connection (opened lazily, reopened after a
+fork). Writes take SQLite's write lock up front (``BEGIN IMMEDIATE``) so the check-then-insert of
+dedup keys is atomic across processes; readers never block writers in WAL mode.
+
+Durability: ``synchronous=NORMAL`` (the default here) survives any crash of tagrelay itself,
+``kill -9`` included, because a committed transaction is in the WAL before ``accept`` returns;
+only a power loss or kernel crash can lose the last transactions. ``synchronous=FULL`` closes that
+gap at the cost of an fsync per commit (set ``TAGRELAY_SQLITE_SYNC=full``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from engine.errors import StoreError
+from engine.store.base import (
+    Acceptance,
+    Accepted,
+    Decision,
+    Delivery,
+    Status,
+    Store,
+    StoredEvent,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id     TEXT NOT NULL,
+    event_name   TEXT NOT NULL,
+    received_at  REAL NOT NULL,
+    body         TEXT NOT NULL,
+    decisions    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_event_id ON events (event_id);
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+
+CREATE TABLE IF NOT EXISTS dedup_keys (
+    key          TEXT PRIMARY KEY,
+    event_seq    INTEGER NOT NULL,
+    event_id     TEXT NOT NULL,
+    expires_at   REAL NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_seq        INTEGER NOT NULL,
+    event_id         TEXT NOT NULL,
+    tag              TEXT NOT NULL,
+    destination      TEXT NOT NULL,
+    payload          TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    created_at       REAL NOT NULL,
+    next_attempt_at  REAL NOT NULL,
+    lease_owner      TEXT,
+    lease_expires    REAL,
+    last_error       TEXT,
+    finished_at      REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_seq);
+"""
+
+_DELIVERY_COLUMNS = (
+    "id, event_id, tag, destination, payload, status, attempts, created_at, next_attempt_at, "
+    "last_error"
+)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(
+        id=row["id"],
+        event_id=row["event_id"],
+        tag=row["tag"],
+        destination=row["destination"],
+        payload=json.loads(row["payload"]),
+        status=Status(row["status"]),
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+    )
+
+
+def _stored_event(row: sqlite3.Row) -> StoredEvent:
+    return StoredEvent(
+        seq=row["seq"],
+        event_id=row["event_id"],
+        event=json.loads(row["body"]),
+        received_at=row["received_at"],
+        decisions=json.loads(row["decisions"]),
+    )
+
+
+class SQLiteStore(Store):
+    """The SQLite backend. Safe to share between threads and (through the file) processes."""
+
+    def __init__(self, path: str | Path, synchronous: str = "normal") -> None:
+        self.path = str(path)
+        if synchronous.lower() not in ("normal", "full"):
+            raise ValueError("synchronous must be 'normal' or 'full'")
+        self.synchronous = synchronous.upper()
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        try:
+            self._conn().executescript(_SCHEMA)  # executescript manages its own transaction
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot create the SQLite schema: {exc}") from exc
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            return conn
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=OFF")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the SQLite store: {exc}") from exc
+        self._local.conn = conn
+        self._local.pid = os.getpid()
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"the store is busy or unwritable: {exc}") from exc
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"store write failed: {exc}") from exc
+            raise
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def accept_many(self, acceptances: Sequence[Acceptance]) -> list[Accepted]:
+        """See :meth:`Store.accept_many`."""
+        out: list[Accepted] = []
+        with self._write() as db:
+            for acc in acceptances:
+                out.append(self._accept_one(db, acc))
+        return out
+
+    def _accept_one(self, db: sqlite3.Connection, acc: Acceptance) -> Accepted:
+        now = acc.received_at
+        event_id = str(acc.event["event_id"])
+        row = db.execute(
+            "SELECT e.decisions FROM dedup_keys k JOIN events e ON e.seq = k.event_seq "
+            "WHERE k.key = ? AND k.expires_at > ?",
+            ("event:" + event_id, now),
+        ).fetchone()
+        if row is not None:
+            return Accepted(event_id, True, json.loads(row["decisions"]))
+        decisions = [self._claim(db, d, now) for d in acc.decisions]
+        summaries = [d.summary() for d in decisions]
+        cur = db.execute(
+            "INSERT INTO events (event_id, event_name, received_at, body, decisions) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (event_id, str(acc.event.get("event_name")), now, _dumps(acc.event), _dumps(summaries)),
+        )
+        seq = cur.lastrowid
+        expires = now + acc.window
+        keys = [("event:" + event_id)] + [
+            "tag:" + d.dedup_key for d in decisions if d.fired and d.dedup_key
+        ]
+        db.executemany(
+            "INSERT OR REPLACE INTO dedup_keys (key, event_seq, event_id, expires_at) "
+            "VALUES (?, ?, ?, ?)",
+            [(key, seq, event_id, expires) for key in keys],
+        )
+        db.executemany(
+            "INSERT INTO deliveries (event_seq, event_id, tag, destination, payload, status, "
+            "created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+            [
+                (seq, event_id, d.tag, d.destination, _dumps(d.payload), now, now)
+                for d in decisions
+                if d.fired
+            ],
+        )
+        return Accepted(event_id, False, summaries)
+
+    @staticmethod
+    def _claim(db: sqlite3.Connection, decision: Decision, now: float) -> Decision:
+        if not (decision.fired and decision.dedup_key):
+            return decision
+        row = db.execute(
+            "SELECT event_id FROM dedup_keys WHERE key = ? AND expires_at > ?",
+            ("tag:" + decision.dedup_key, now),
+        ).fetchone()
+        if row is None:
+            return decision
+        return decision.blocked(
+            f"duplicate: dedup key already forwarded by event {row['event_id']}"
+        )
+
+    def get_event(self, event_id: str) -> StoredEvent | None:
+        """See :meth:`Store.get_event`."""
+        rows = self._read(
+            "SELECT * FROM events WHERE event_id = ? ORDER BY seq DESC LIMIT 1", (event_id,)
+        )
+        return _stored_event(rows[0]) if rows else None
+
+    # -- outbox ---------------------------------------------------------------------------------
+
+    def lease(
+        self, destination: str, limit: int, lease_seconds: float, owner: str, now: float
+    ) -> list[Delivery]:
+        """See :meth:`Store.lease`."""
+        with self._write() as db:
+            rows = db.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries "
+                "WHERE destination = ? AND ((status = 'pending' AND next_attempt_at <= ?) "
+                "OR (status = 'leased' AND lease_expires <= ?)) ORDER BY id LIMIT ?",
+                (destination, now, now, limit),
+            ).fetchall()
+            if rows:
+                db.executemany(
+                    "UPDATE deliveries SET status = 'leased', lease_owner = ?, lease_expires = ? "
+                    "WHERE id = ?",
+                    [(owner, now + lease_seconds, r["id"]) for r in rows],
+                )
+        return [_delivery(r) for r in rows]
+
+    def mark_delivered(self, ids: Sequence[int], now: float) -> None:
+        """See :meth:`Store.mark_delivered`."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, "
+                "finished_at = ?, lease_owner = NULL, lease_expires = NULL, payload = '{}' "
+                "WHERE id = ?",
+                [(now, i) for i in ids],
+            )
+
+    def mark_retry(self, ids: Sequence[int], next_attempt_at: float, error: str) -> None:
+        """See :meth:`Store.mark_retry`."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE deliveries SET status = 'pending', attempts = attempts + 1, "
+                "next_attempt_at = ?, last_error = ?, lease_owner = NULL, lease_expires = NULL "
+                "WHERE id = ?",
+                [(next_attempt_at, error, i) for i in ids],
+            )
+
+    def mark_dead(self, ids: Sequence[int], error: str, now: float) -> None:
+        """See :meth:`Store.mark_dead`."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, last_error = ?, "
+                "finished_at = ?, lease_owner = NULL, lease_expires = NULL WHERE id = ?",
+                [(error, now, i) for i in ids],
+            )
+
+    def release(self, ids: Sequence[int]) -> None:
+        """See :meth:`Store.release`."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE deliveries SET status = 'pending', lease_owner = NULL, "
+                "lease_expires = NULL WHERE id = ? AND status = 'leased'",
+                [(i,) for i in ids],
+            )
+
+    def destinations_due(self, now: float) -> dict[str, int]:
+        """See :meth:`Store.destinations_due`."""
+        rows = self._read(
+            "SELECT destination, COUNT(*) AS n FROM deliveries "
+            "WHERE (status = 'pending' AND next_attempt_at <= ?) "
+            "OR (status = 'leased' AND lease_expires <= ?) GROUP BY destination",
+            (now, now),
+        )
+        return {r["destination"]: r["n"] for r in rows}
+
+    def depth(self) -> dict[str, int]:
+        """See :meth:`Store.depth`."""
+        rows = self._read(
+            "SELECT destination, COUNT(*) AS n FROM deliveries "
+            "WHERE status IN ('pending', 'leased') GROUP BY destination"
+        )
+        return {r["destination"]: r["n"] for r in rows}
+
+    def dead_letters(self, destination: str | None = None, limit: int = 100) -> list[Delivery]:
+        """See :meth:`Store.dead_letters`."""
+        sql = f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE status = 'dead'"
+        params: list[Any] = []
+        if destination:
+            sql += " AND destination = ?"
+            params.append(destination)
+        rows = self._read(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        return [_delivery(r) for r in rows]
+
+    def get_delivery(self, delivery_id: int) -> Delivery | None:
+        """See :meth:`Store.get_delivery`."""
+        rows = self._read(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,)
+        )
+        return _delivery(rows[0]) if rows else None
+
+    def events_since(self, since: float, destination: str | None = None) -> list[StoredEvent]:
+        """See :meth:`Store.events_since`."""
+        rows = self._read("SELECT * FROM events WHERE received_at >= ? ORDER BY seq", (since,))
+        events = [_stored_event(r) for r in rows]
+        if destination is None:
+            return events
+        return [e for e in events if any(d.get("destination") == destination for d in e.decisions)]
+
+    def delete_deliveries(self, ids: Sequence[int]) -> None:
+        """See :meth:`Store.delete_deliveries`."""
+        with self._write() as db:
+            db.executemany("DELETE FROM deliveries WHERE id = ?", [(i,) for i in ids])
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """See :meth:`Store.ping`."""
+        self._read("SELECT 1")
+
+    def purge_expired(self, now: float) -> int:
+        """See :meth:`Store.purge_expired`."""
+        with self._write() as db:
+            cur = db.execute("DELETE FROM dedup_keys WHERE expires_at <= ?", (now,))
+            return cur.rowcount

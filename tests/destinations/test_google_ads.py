@@ -1,0 +1,602 @@
+"""The Google Ads adapter against a loopback Google Ads API emulator (platforms.md §3, §6, §7)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import jsonschema
+import pytest
+import requests
+
+from destinations.base import (
+    REDACTED,
+    HttpRequest,
+    HttpResponse,
+    Item,
+    ItemResult,
+    Outcome,
+    PayloadContext,
+    PayloadError,
+    SendContext,
+)
+from destinations.google_ads import GoogleAds, TokenError
+from engine.expr import build, compile_mapping
+from tests.emulators.google_ads import GoogleAdsEmulator
+from tests.emulators.server import LoopbackServer, Reply
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+JOHN_DOE = "06a240d11cc201676da976f7b49341181fd180da37cbe40a77432c0a366c80c3"
+CLOUDY = "223ebda6f6889b1494551ba902d9d381daf2f642bae055888e96343d53e9f9c4"
+USER_NAME = "f109a2a632fbcea5fc82049f50beed3d8621bf9034399f437fb622222acccdac"
+PHONE_650 = "1e231c66011e7a2d867a9cfae267a6aff103cf4913640b6e71a99850fc0ffbc8"
+PHONE_800 = "fb4f73a6ec5fdb7077d564cdd22c3554b43ce49168550c3b12c547b78c517b30"
+MARY = "6915771be1c5aa0c886870b6951b03d7eafc121fea0e80a5ea83beb7c449f4ec"
+OBRIEN = "b4cb6cb33fe4b865868de825023a1e2790dc12ac01ecc8d7c5afe8254071c8ba"
+
+EVENT: dict[str, Any] = {
+    "event_name": "purchase",
+    "event_id": "ord_789",
+    "visitor_id": "vis_abc",
+    "user_id": "user_12345",
+    "properties": {
+        "order_id": "ord_789",
+        "value": 129.0,
+        "currency": "EUR",
+        "items": [{"id": "sku_1", "name": "Shoe", "price": 129.0, "quantity": 1}],
+        "related_order_id": None,
+    },
+    "user_data": {
+        "email": "a@example.com",
+        "phone": "+4915112345678",
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+        "city": "Berlin",
+        "state": "BE",
+        "postal_code": "10115",
+        "country": "DE",
+    },
+    "context": {
+        "ip": "203.0.113.7",
+        "user_agent": "Mozilla/5.0 ...",
+        "page_url": "https://shop.example/checkout?gclid=abc",
+        "gclid": None,
+        "gbraid": None,
+        "wbraid": None,
+    },
+    "consent": {"ad_user_data": "granted", "ad_personalization": "denied"},
+}
+
+
+@pytest.fixture(scope="module")
+def emulator_server() -> Iterator[tuple[GoogleAdsEmulator, LoopbackServer]]:
+    emulator = GoogleAdsEmulator()
+    with LoopbackServer(emulator) as server:
+        yield emulator, server
+
+
+@pytest.fixture
+def emulator(emulator_server: tuple[GoogleAdsEmulator, LoopbackServer]) -> GoogleAdsEmulator:
+    emulator, server = emulator_server
+    emulator.conversions.clear()
+    emulator.adjustments.clear()
+    emulator.row_errors.clear()
+    emulator.throttle = 0
+    emulator.fail_with = None
+    server.clear()
+    return emulator
+
+
+@pytest.fixture
+def server(
+    emulator_server: tuple[GoogleAdsEmulator, LoopbackServer], emulator: GoogleAdsEmulator
+) -> LoopbackServer:
+    return emulator_server[1]  # ``emulator`` first forgets what earlier tests sent
+
+
+@pytest.fixture
+def ads(server: LoopbackServer, emulator: GoogleAdsEmulator) -> GoogleAds:
+    return google_ads(server, emulator)
+
+
+def google_ads(server: LoopbackServer, emulator: GoogleAdsEmulator, **settings: Any) -> GoogleAds:
+    base = {
+        "customer_id": "123-456-7890",
+        "conversion_action": "987654321",
+        "developer_token": emulator.developer_token,
+        "client_id": emulator.client_id,
+        "client_secret": emulator.client_secret,
+        "refresh_token": emulator.refresh_token,
+        "endpoint": server.url,
+        "token_endpoint": server.url + "/token",
+    }
+    return GoogleAds({**base, **settings})
+
+
+def send(request: HttpRequest) -> HttpResponse:
+    answer = requests.request(
+        request.method, request.url, headers=dict(request.headers), data=request.body, timeout=5
+    )
+    return HttpResponse(answer.status_code, dict(answer.headers), answer.content)
+
+
+def access_token(dest: GoogleAds) -> str:
+    """What the engine does before sending: exchange the refresh token at the token endpoint."""
+    return dest.read_token(send(dest.token_request())).value
+
+
+def payload_for(
+    dest: GoogleAds,
+    event: dict[str, Any],
+    *,
+    event_name: str = "purchase",
+    mapping: dict[str, Any] | None = None,
+    when: datetime = NOW,
+) -> dict[str, Any]:
+    """What the engine does at intake: default mapping + tag mapping, then build_payload."""
+    fields = compile_mapping({**GoogleAds.default_mapping, **(mapping or {})})
+    ctx = PayloadContext("tag", event_name, str(event.get("event_id")), when, event)
+    return dest.build_payload(build(fields, event), ctx)
+
+
+def deliver(
+    dest: GoogleAds, payloads: Sequence[dict[str, Any]], token: str | None = None
+) -> list[ItemResult]:
+    """What the engine does at send time: one real HTTP request, then read_response."""
+    items = [Item(f"d{i}", f"e{i}", p) for i, p in enumerate(payloads)]
+    ctx = SendContext(now=datetime.now(UTC), access_token=token or access_token(dest))
+    return dest.read_response(send(dest.build_request(items, ctx)), items)
+
+
+def event_with(**changes: Any) -> dict[str, Any]:
+    event = copy.deepcopy(EVENT)
+    for path, value in changes.items():
+        node = event
+        *parents, last = path.split("__")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return event
+
+
+def row(payload: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = payload["row"]
+    return result
+
+
+# -- the default mapping ----------------------------------------------------------------------
+
+
+def test_default_mapping_uploads_a_click_conversion_the_emulator_accepts(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    payload = payload_for(ads, EVENT)
+
+    results = deliver(ads, [payload])
+
+    assert results == [ItemResult.delivered()]
+    (sent,) = emulator.conversions
+    assert sent["gclid"] == "abc"  # read from the page URL
+    assert sent["conversionAction"] == "customers/1234567890/conversionActions/987654321"
+    assert sent["orderId"] == "ord_789"
+    assert sent["conversionValue"] == 129.0
+    assert sent["currencyCode"] == "EUR"
+    assert [set(i) for i in sent["userIdentifiers"]] == [{"hashedEmail"}, {"hashedPhoneNumber"}]
+    assert sent["consent"] == {"adUserData": "GRANTED"}
+
+
+def test_request_carries_bearer_token_developer_token_and_partial_failure(
+    server: LoopbackServer, emulator: GoogleAdsEmulator
+) -> None:
+    dest = google_ads(server, emulator, login_customer_id="111-222-3333")
+    emulator.login_customer_id = "1112223333"
+    try:
+        deliver(dest, [payload_for(dest, EVENT)])
+    finally:
+        emulator.login_customer_id = None
+
+    upload = server.requests[-1]
+    assert upload.path == "/v26/customers/1234567890:uploadClickConversions"
+    assert (upload.header("authorization") or "").startswith("Bearer ya29.")
+    assert upload.header("developer-token") == emulator.developer_token
+    assert upload.header("login-customer-id") == "1112223333"
+    assert upload.json()["partialFailure"] is True
+
+
+def test_conversion_time_has_the_mandatory_offset_in_utc(ads: GoogleAds) -> None:
+    berlin = datetime(2026, 5, 1, 14, 32, 45, tzinfo=timezone(timedelta(hours=2)))
+
+    payload = payload_for(ads, EVENT, when=berlin)
+
+    assert row(payload)["conversionDateTime"] == "2026-05-01 12:32:45+00:00"
+
+
+# -- click IDs --------------------------------------------------------------------------------
+
+
+def test_click_id_from_context_wins_over_the_page_url(ads: GoogleAds) -> None:
+    payload = payload_for(ads, event_with(context__gclid="from-context"))
+
+    assert row(payload)["gclid"] == "from-context"
+
+
+def test_gclid_is_preferred_and_only_one_click_id_is_sent(ads: GoogleAds) -> None:
+    event = event_with(context__gclid="g", context__gbraid="gb", context__wbraid="wb")
+
+    sent = row(payload_for(ads, event))
+
+    assert sent["gclid"] == "g"
+    assert "gbraid" not in sent and "wbraid" not in sent
+
+
+def test_gbraid_and_wbraid_are_never_sent_together(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    event = event_with(context__page_url="https://shop.example/?gbraid=gb1&wbraid=wb1")
+
+    results = deliver(ads, [payload_for(ads, event)])
+
+    assert results == [ItemResult.delivered()]
+    assert emulator.conversions[0]["wbraid"] == "wb1"
+    assert "gbraid" not in emulator.conversions[0]
+
+
+def test_conversion_with_neither_click_id_nor_identifier_is_refused(ads: GoogleAds) -> None:
+    event = event_with(context__page_url="https://shop.example/", user_data={})
+
+    with pytest.raises(PayloadError, match="needs gclid, gbraid, wbraid or a hashed"):
+        payload_for(ads, event)
+
+
+def test_lead_without_click_id_goes_up_with_hashed_identifiers_only(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    event = event_with(context__page_url=None)
+
+    results = deliver(ads, [payload_for(ads, event)])
+
+    assert results == [ItemResult.delivered()]
+    assert "gclid" not in emulator.conversions[0]
+
+
+# -- identifiers (platforms.md §7 vectors) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "digest"),
+    [
+        ("  John.Doe@Gmail.com ", JOHN_DOE),
+        ("John.Doe+promo@Gmail.com", JOHN_DOE),
+        ("Cloudy.SanFrancisco+shopping@gmail.com", CLOUDY),
+        ("user.name+NYC@Example.com", USER_NAME),
+    ],
+)
+def test_email_is_hashed_with_the_gmail_rule_as_in_the_vectors(
+    ads: GoogleAds, raw: str, digest: str
+) -> None:
+    payload = payload_for(ads, event_with(user_data__email=raw))
+
+    assert row(payload)["userIdentifiers"][0] == {"hashedEmail": digest}
+
+
+@pytest.mark.parametrize(
+    ("raw", "country", "digest"),
+    [("+1 (650) 555-1212", None, PHONE_650), ("(800)555-0100", "US", PHONE_800)],
+)
+def test_phone_is_hashed_as_e164_with_plus_as_in_the_vectors(
+    ads: GoogleAds, raw: str, country: str | None, digest: str
+) -> None:
+    event = event_with(user_data__phone=raw, user_data__country=country)
+
+    payload = payload_for(ads, event)
+
+    assert row(payload)["userIdentifiers"][1] == {"hashedPhoneNumber": digest}
+
+
+def test_phone_without_country_code_uses_the_default_country_setting(
+    server: LoopbackServer, emulator: GoogleAdsEmulator
+) -> None:
+    dest = google_ads(server, emulator, default_country="US")
+    event = event_with(user_data__phone="(800)555-0100", user_data__country=None)
+
+    payload = payload_for(dest, event)
+
+    assert row(payload)["userIdentifiers"][1] == {"hashedPhoneNumber": PHONE_800}
+
+
+def test_already_hashed_identifiers_pass_through_unchanged(ads: GoogleAds) -> None:
+    payload = payload_for(ads, event_with(user_data__email=JOHN_DOE))
+
+    assert row(payload)["userIdentifiers"][0] == {"hashedEmail": JOHN_DOE}
+
+
+def test_more_than_five_identifiers_are_refused(ads: GoogleAds) -> None:
+    emails = [f"user{i}@example.com" for i in range(6)]
+
+    with pytest.raises(PayloadError, match="at most 5 userIdentifiers"):
+        payload_for(ads, event_with(user_data__email=emails))
+
+
+def test_address_info_on_a_click_conversion_is_refused(ads: GoogleAds) -> None:
+    mapping = {"userIdentifiers.addressInfo.hashedFirstName": "user_data.first_name"}
+
+    with pytest.raises(PayloadError, match="accepts only hashedEmail and hashedPhoneNumber"):
+        payload_for(ads, EVENT, mapping=mapping)
+
+
+def test_ad_personalization_is_never_sent_on_a_click_conversion(ads: GoogleAds) -> None:
+    event = event_with(consent={"ad_user_data": "denied", "ad_personalization": "granted"})
+
+    payload = payload_for(ads, event)
+
+    assert row(payload)["consent"] == {"adUserData": "DENIED"}
+
+
+def test_unknown_field_is_refused_before_it_sinks_a_whole_request(ads: GoogleAds) -> None:
+    with pytest.raises(PayloadError, match="unknown field"):
+        payload_for(ads, EVENT, mapping={"conversionValu": "properties.value"})
+
+
+# -- refunds and adjustments (platforms.md §3.5, §6) ------------------------------------------
+
+
+def refund_event() -> dict[str, Any]:
+    event = event_with(event_name="refund", event_id="rf_1", properties__order_id="rf_1")
+    event["properties"]["related_order_id"] = "ord_789"
+    return event
+
+
+def test_retraction_event_name_uploads_an_adjustment_for_the_original_order(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    payload = payload_for(ads, refund_event(), event_name="RETRACTION")
+
+    results = deliver(ads, [payload])
+
+    assert results == [ItemResult.delivered()]
+    (sent,) = emulator.adjustments
+    assert sent["adjustmentType"] == "RETRACTION"
+    assert sent["orderId"] == "ord_789"
+    assert "restatementValue" not in sent
+
+
+def test_restatement_sends_the_new_total_with_its_currency(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    mapping = {"adjustmentType": {"value": "RESTATEMENT"}, "restatementValue.adjustedValue": "`79`"}
+
+    results = deliver(ads, [payload_for(ads, refund_event(), mapping=mapping)])
+
+    assert results == [ItemResult.delivered()]
+    assert emulator.adjustments[0]["restatementValue"] == {
+        "adjustedValue": 79.0,
+        "currencyCode": "EUR",
+    }
+
+
+def test_restatement_without_a_new_total_is_refused(ads: GoogleAds) -> None:
+    with pytest.raises(PayloadError, match=r"RESTATEMENT needs restatementValue\.adjustedValue"):
+        payload_for(ads, refund_event(), event_name="RESTATEMENT")
+
+
+def test_restatement_value_is_refused_on_a_retraction(ads: GoogleAds) -> None:
+    mapping = {"restatementValue.adjustedValue": "`79`"}
+
+    with pytest.raises(PayloadError, match="must not be sent with RETRACTION"):
+        payload_for(ads, refund_event(), event_name="RETRACTION", mapping=mapping)
+
+
+def test_adjustment_without_order_id_or_gclid_pair_is_refused(ads: GoogleAds) -> None:
+    event = refund_event()
+    event["properties"] = {}
+
+    with pytest.raises(PayloadError, match="needs orderId or gclidDateTimePair"):
+        payload_for(ads, event, event_name="RETRACTION")
+
+
+def test_enhancement_carries_address_info_to_the_adjustments_endpoint(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    mapping = {
+        "userIdentifiers.addressInfo.hashedFirstName": {"value": "  Mary "},
+        "userIdentifiers.addressInfo.hashedLastName": {"value": "O'Brien"},
+        "userIdentifiers.addressInfo.countryCode": "user_data.country",
+        "userIdentifiers.addressInfo.postalCode": "user_data.postal_code",
+    }
+
+    results = deliver(ads, [payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=mapping)])
+
+    assert results == [ItemResult.delivered()]
+    (sent,) = emulator.adjustments
+    assert sent["userIdentifiers"][-1] == {
+        "addressInfo": {
+            "hashedFirstName": MARY,
+            "hashedLastName": OBRIEN,
+            "postalCode": "10115",
+            "countryCode": "DE",
+        }
+    }
+    assert sent["userAgent"] == "Mozilla/5.0 ..."
+
+
+def test_click_conversions_and_adjustments_never_share_a_request(ads: GoogleAds) -> None:
+    conversion = Item("d1", "e1", payload_for(ads, EVENT))
+    retraction = Item("d2", "e2", payload_for(ads, refund_event(), event_name="RETRACTION"))
+
+    assert ads.batch_key(conversion) != ads.batch_key(retraction)
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+def test_partial_failure_fails_only_the_row_it_names(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    payloads = [payload_for(ads, event_with(properties__order_id=f"o{i}")) for i in range(3)]
+    emulator.row_errors["o1"] = ("conversionUploadError", "CLICK_CONVERSION_ALREADY_EXISTS")
+
+    results = deliver(ads, payloads)
+
+    assert results[0] == results[2] == ItemResult.delivered()
+    assert results[1].outcome is Outcome.PERMANENT
+    assert "CLICK_CONVERSION_ALREADY_EXISTS" in (results[1].error or "")
+    assert [c["orderId"] for c in emulator.conversions] == ["o0", "o2"]
+
+
+def test_too_recent_click_is_retried_after_six_hours(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    emulator.row_errors["ord_789"] = ("conversionUploadError", "TOO_RECENT_EVENT")
+
+    (result,) = deliver(ads, [payload_for(ads, EVENT)])
+
+    assert result.outcome is Outcome.RETRYABLE
+    assert result.retry_after == 6 * 3600
+
+
+def test_invalid_hash_comes_back_as_a_permanent_row_failure(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    payload = payload_for(ads, EVENT)
+    payload["row"]["userIdentifiers"][0]["hashedEmail"] = "A" * 64  # upper case: not accepted
+
+    (result,) = deliver(ads, [payload])
+
+    assert result.outcome is Outcome.PERMANENT
+    assert "INVALID_USER_IDENTIFIER" in (result.error or "")
+
+
+def test_quota_exhaustion_is_retryable_with_the_platform_delay(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    emulator.throttle = 1
+
+    results = deliver(ads, [payload_for(ads, EVENT)] * 2)
+
+    assert [r.outcome for r in results] == [Outcome.RETRYABLE] * 2
+    assert results[0].retry_after == 30.0
+    assert "RESOURCE_EXHAUSTED" in (results[0].error or "")
+
+
+def test_unknown_access_token_is_an_auth_failure(ads: GoogleAds) -> None:
+    (result,) = deliver(ads, [payload_for(ads, EVENT)], token="ya29.expired")
+
+    assert result.outcome is Outcome.AUTH
+    assert "UNAUTHENTICATED" in (result.error or "")
+
+
+def test_request_level_error_naming_a_row_fails_that_row_and_retries_the_others(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    failure = {
+        "errorCode": {"fieldError": "INVALID_VALUE"},
+        "message": "bad value",
+        "location": {"fieldPathElements": [{"fieldName": "conversions", "index": 1}]},
+    }
+    error = {"code": 400, "status": "INVALID_ARGUMENT", "message": "invalid", "details": [
+        {"@type": "type.googleapis.com/google.ads.googleads.v26.errors.GoogleAdsFailure",
+         "errors": [failure]}]}  # fmt: skip
+    emulator.fail_with = Reply.json({"error": error}, status=400)
+
+    results = deliver(ads, [payload_for(ads, EVENT)] * 3)
+
+    assert [r.outcome for r in results] == [
+        Outcome.RETRYABLE,
+        Outcome.PERMANENT,
+        Outcome.RETRYABLE,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"), [(502, Outcome.RETRYABLE), (200, Outcome.RETRYABLE)]
+)
+def test_non_json_answer_does_not_raise(
+    ads: GoogleAds, emulator: GoogleAdsEmulator, status: int, outcome: Outcome
+) -> None:
+    emulator.fail_with = Reply.text("<html>proxy error</html>", status=status)
+
+    (result,) = deliver(ads, [payload_for(ads, EVENT)])
+
+    assert result.outcome is outcome
+
+
+def test_validate_only_is_checked_by_google_and_stores_nothing(
+    server: LoopbackServer, emulator: GoogleAdsEmulator
+) -> None:
+    dest = google_ads(server, emulator, validate_only=True)
+
+    results = deliver(dest, [payload_for(dest, EVENT)])
+
+    assert results == [ItemResult.delivered()]
+    assert server.requests[-1].json()["validateOnly"] is True
+    assert emulator.conversions == []
+
+
+def test_emulator_refuses_more_than_two_thousand_rows_as_the_api_does(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    payload = payload_for(ads, EVENT)
+
+    results = deliver(ads, [payload] * 2001)
+
+    assert GoogleAds.max_batch == 2000
+    assert results[0].outcome is Outcome.PERMANENT
+    assert "TOO_MANY_CONVERSIONS_IN_REQUEST" in (results[0].error or "")
+
+
+def test_conversion_older_than_ninety_days_fails_alone_at_send_time(ads: GoogleAds) -> None:
+    old = Item("d1", "e1", payload_for(ads, EVENT, when=NOW - timedelta(days=91)))
+    fresh = Item("d2", "e2", payload_for(ads, EVENT, when=NOW - timedelta(days=89)))
+
+    reasons = [ads.check_item(i, SendContext(now=NOW)) for i in (old, fresh)]
+
+    assert reasons[0] is not None and "90 days" in reasons[0]
+    assert reasons[1] is None
+
+
+# -- OAuth, settings and secrets ----------------------------------------------------------------
+
+
+def test_token_exchange_returns_the_access_token_and_its_lifetime(ads: GoogleAds) -> None:
+    token = ads.read_token(send(ads.token_request()))
+
+    assert token.value.startswith("ya29.")
+    assert token.expires_in == 3599
+
+
+def test_refused_refresh_token_is_an_auth_error_without_secrets(
+    server: LoopbackServer, emulator: GoogleAdsEmulator
+) -> None:
+    dest = google_ads(server, emulator, refresh_token="1//revoked-token")
+
+    with pytest.raises(TokenError) as raised:
+        dest.read_token(send(dest.token_request()))
+
+    assert raised.value.outcome is Outcome.AUTH
+    assert "invalid_grant" in str(raised.value)
+    assert "revoked-token" not in str(raised.value)
+
+
+def test_secrets_never_appear_in_redacted_requests(ads: GoogleAds) -> None:
+    upload = ads.build_request(
+        [Item("d1", "e1", payload_for(ads, EVENT))], SendContext(now=NOW, access_token="ya29.x")
+    )
+    exchange = ads.token_request()
+
+    shown = [ads.redact(upload), ads.redact(exchange)]
+
+    text = " ".join(f"{r.url} {dict(r.headers)} {r.body.decode()}" for r in shown)
+    for secret in ("dev-token-123", "client-secret-xyz", "1//refresh-token-abc", "ya29.x"):
+        assert secret not in text
+    assert REDACTED in text
+
+
+def test_settings_schema_marks_secrets_and_refuses_unknown_settings() -> None:
+    validator = jsonschema.Draft202012Validator(GoogleAds.settings_schema)
+
+    errors = list(validator.iter_errors({"customer_id": "123-456-7890", "pixel_id": "1"}))
+
+    assert "pixel_id" in " ".join(e.message for e in errors)
+    assert GoogleAds.secret_settings == {"developer_token", "client_secret", "refresh_token"}

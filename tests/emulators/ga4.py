@@ -1,0 +1,214 @@
+"""A local GA4 Measurement Protocol server (reference/platforms.md §2).
+
+``/mp/collect`` answers 204 to anything, as GA does; what GA would have dropped is kept in
+:attr:`GA4Emulator.dropped` so tests can see it. ``/debug/mp/collect`` answers
+``{"validationMessages": [...]}`` built by the same checks. Usage::
+
+    emulator = GA4Emulator()
+    with LoopbackServer(emulator) as server:
+        ...  # settings: endpoint=server.url, measurement_id=emulator.measurement_id, ...
+        assert emulator.dropped == []
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any
+
+from tests.emulators.server import Reply, Request
+
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
+HEX64 = re.compile(r"[0-9a-f]{64}")
+RESERVED_EVENTS = frozenset(
+    {"ad_impression", "app_remove", "click", "error", "file_download", "first_open"}
+    | {"first_visit", "form_start", "form_submit", "page_view", "scroll", "session_start"}
+    | {"user_engagement", "video_complete", "video_progress", "video_start"}
+    | {"view_search_results", "in_app_purchase", "app_store_refund"}
+)
+RESERVED_PREFIXES = ("_", "firebase_", "ga_", "google_", "gtag.")
+LONG_PARAMS = {"page_location": 1000, "page_referrer": 420, "page_title": 300}
+TOP_LEVEL = frozenset(
+    {"client_id", "user_id", "timestamp_micros", "user_properties", "user_data", "consent"}
+    | {"non_personalized_ads", "user_location", "ip_override", "device", "user_agent"}
+    | {"validation_behavior", "events"}
+)
+MAX_AGE_MICROS = 72 * 3600 * 1_000_000
+
+
+def _msg(path: str, description: str, code: str) -> dict[str, str]:
+    return {"fieldPath": path, "description": description, "validationCode": code}
+
+
+class GA4Emulator:
+    """The GA4 collection and validation servers for one web stream.
+
+    Attributes:
+        measurement_id: the stream the requests must name.
+        api_secret: the secret ``/mp/collect`` requires (the debug server does not check it).
+        accepted: every event (with its request-level fields) ``/mp/collect`` would keep.
+        dropped: validation messages for what ``/mp/collect`` silently dropped.
+        fail_with: when set, the next request is answered with this reply instead.
+    """
+
+    def __init__(self, measurement_id: str = "G-TEST123", api_secret: str = "mp-secret") -> None:
+        self.measurement_id = measurement_id
+        self.api_secret = api_secret
+        self.accepted: list[dict[str, Any]] = []
+        self.dropped: list[dict[str, str]] = []
+        self.fail_with: Reply | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Request) -> Reply:
+        with self._lock:
+            if self.fail_with is not None:
+                reply, self.fail_with = self.fail_with, None
+                return reply
+        if request.method != "POST":
+            return Reply.text("method not allowed", status=405)
+        if request.path not in ("/mp/collect", "/debug/mp/collect"):
+            return Reply.text("not found", status=404)
+        debug = request.path.startswith("/debug")
+        messages = self.validate(request, check_secret=not debug)
+        if debug:
+            return Reply.json({"validationMessages": messages})
+        with self._lock:
+            if messages:
+                self.dropped.extend(messages)
+            else:
+                body = request.json()
+                top = {k: v for k, v in body.items() if k != "events"}
+                self.accepted.extend({**top, **event} for event in body["events"])
+        return Reply(204)
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def validate(self, request: Request, check_secret: bool = True) -> list[dict[str, str]]:
+        """Every validation message GA would give for this request (empty: it is valid)."""
+        if request.param("measurement_id") != self.measurement_id:
+            return [_msg("measurement_id", "unknown measurement_id", "VALUE_INVALID")]
+        if check_secret and request.param("api_secret") != self.api_secret:
+            return [_msg("api_secret", "invalid api_secret", "VALUE_INVALID")]
+        if not (request.header("content-type") or "").startswith("application/json"):
+            return [_msg("", "the body must be JSON", "VALUE_INVALID")]
+        if len(request.body) >= 130_000:
+            return [_msg("", "the post body must be under 130 kB", "VALUE_OUT_OF_BOUNDS")]
+        body = request.json()
+        if not isinstance(body, dict):
+            return [_msg("", "the body must be a JSON object", "VALUE_INVALID")]
+        out = [_msg(key, f"unknown field [{key}]", "NAME_INVALID") for key in set(body) - TOP_LEVEL]
+        client_id = body.get("client_id")
+        if not isinstance(client_id, str) or not client_id:
+            out.append(_msg("client_id", "client_id is required", "VALUE_REQUIRED"))
+        user_id = body.get("user_id")
+        if user_id is not None and (not isinstance(user_id, str) or len(user_id) > 256):
+            out.append(_msg("user_id", "user_id must be a string of 256 chars", "VALUE_INVALID"))
+        out += self._timestamp(body.get("timestamp_micros"))
+        out += _consent(body.get("consent"))
+        out += _user_data(body.get("user_data"))
+        events = body.get("events")
+        if not isinstance(events, list) or not events:
+            return [*out, _msg("events", "events is required", "VALUE_REQUIRED")]
+        if len(events) > 25:
+            out.append(_msg("events", "at most 25 events per request", "EXCEEDED_MAX_ENTITIES"))
+        for index, event in enumerate(events):
+            out += _event(index, event)
+        return out
+
+    @staticmethod
+    def _timestamp(value: Any) -> list[dict[str, str]]:
+        if value is None:
+            return []
+        now = int(time.time() * 1_000_000)
+        if not isinstance(value, int) or value > now or now - value > MAX_AGE_MICROS:
+            return [
+                _msg("timestamp_micros", "must be a past time within 72 hours", "VALUE_INVALID")
+            ]
+        return []
+
+
+def _consent(consent: Any) -> list[dict[str, str]]:
+    if consent is None:
+        return []
+    if not isinstance(consent, dict):
+        return [_msg("consent", "consent must be an object", "VALUE_INVALID")]
+    return [
+        _msg(f"consent.{k}", "must be GRANTED or DENIED", "VALUE_INVALID")
+        for k, v in consent.items()
+        if k not in ("ad_user_data", "ad_personalization") or v not in ("GRANTED", "DENIED")
+    ]
+
+
+def _user_data(user_data: Any) -> list[dict[str, str]]:
+    if user_data is None:
+        return []
+    if not isinstance(user_data, dict):
+        return [_msg("user_data", "user_data must be an object", "VALUE_INVALID")]
+    out = []
+    for key in ("sha256_email_address", "sha256_phone_number"):
+        values = user_data.get(key)
+        for value in values if isinstance(values, list) else [values] if values else []:
+            if not isinstance(value, str) or not HEX64.fullmatch(value):
+                out.append(
+                    _msg(f"user_data.{key}", "must be SHA-256 lowercase hex", "VALUE_INVALID")
+                )
+    addresses = user_data.get("address")
+    for addr in addresses if isinstance(addresses, list) else [addresses] if addresses else []:
+        for key in ("sha256_first_name", "sha256_last_name", "sha256_street"):
+            if key in addr and not HEX64.fullmatch(str(addr[key])):
+                out.append(_msg(f"user_data.address.{key}", "must be hex", "VALUE_INVALID"))
+        for key in ("city", "region", "postal_code", "country"):
+            if key in addr and HEX64.fullmatch(str(addr[key])):
+                out.append(_msg(f"user_data.address.{key}", "is sent in clear", "VALUE_INVALID"))
+        if "country" in addr and not re.fullmatch(r"[A-Za-z]{2}", str(addr["country"])):
+            out.append(_msg("user_data.address.country", "ISO alpha-2", "VALUE_INVALID"))
+    return out
+
+
+def _event(index: int, event: Any) -> list[dict[str, str]]:
+    path = f"events[{index}]"
+    if not isinstance(event, dict):
+        return [_msg(path, "an event must be an object", "VALUE_INVALID")]
+    name = event.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        return [
+            _msg(
+                f"{path}.name",
+                f"Event at index: [{index}] has invalid name [{name}].",
+                "NAME_INVALID",
+            )
+        ]
+    out = []
+    if name in RESERVED_EVENTS or name.startswith(RESERVED_PREFIXES):
+        out.append(_msg(f"{path}.name", f"Event name [{name}] is reserved.", "NAME_RESERVED"))
+    params = event.get("params") or {}
+    if not isinstance(params, dict):
+        return [*out, _msg(f"{path}.params", "params must be an object", "VALUE_INVALID")]
+    if len(params) > 25:
+        out.append(_msg(f"{path}.params", "at most 25 params", "EXCEEDED_MAX_ENTITIES"))
+    for key, value in params.items():
+        where = f"{path}.params.{key}"
+        if not NAME.fullmatch(key) or key.startswith(RESERVED_PREFIXES):
+            out.append(_msg(where, f"Param name [{key}] is invalid.", "NAME_INVALID"))
+        elif key in ("gclid", "session_number"):
+            out.append(_msg(where, f"Param name [{key}] is reserved.", "NAME_RESERVED"))
+        if isinstance(value, str) and len(value) > LONG_PARAMS.get(key, 100):
+            out.append(_msg(where, "Param value is too long.", "VALUE_OUT_OF_BOUNDS"))
+    items = params.get("items")
+    if items is not None:
+        if not isinstance(items, list) or len(items) > 200:
+            out.append(_msg(f"{path}.params.items", "at most 200 items", "VALUE_INVALID"))
+        else:
+            for i, item in enumerate(items):
+                if not isinstance(item, dict) or not ({"item_id", "item_name"} & set(item)):
+                    out.append(
+                        _msg(f"{path}.params.items[{i}]", "item_id or item_name", "VALUE_REQUIRED")
+                    )
+    if "value" in params and not isinstance(params["value"], int | float):
+        out.append(_msg(f"{path}.params.value", "value must be a number", "VALUE_INVALID"))
+    if "value" in params and "currency" not in params:
+        out.append(_msg(f"{path}.params.currency", "currency is required", "VALUE_REQUIRED"))
+    if name in ("purchase", "refund") and not params.get("transaction_id"):
+        out.append(_msg(f"{path}.params.transaction_id", "required", "VALUE_REQUIRED"))
+    return out
