@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from engine import metrics
 from engine.auth import authenticate
 from engine.config import Settings
 from engine.errors import (
@@ -126,6 +127,13 @@ def track_batch() -> tuple[Response, int]:
     ), 200
 
 
+@bp.get("/metrics")
+def metrics_page() -> Response:
+    """Prometheus metrics."""
+    body, content_type = metrics.render(_pipeline().store.depth)
+    return Response(body, 200, content_type=content_type)
+
+
 @bp.get("/healthz")
 def healthz() -> tuple[Response, int]:
     """Liveness: the process answers."""
@@ -155,6 +163,7 @@ def readyz() -> tuple[Response, int]:
 
 def error_response(exc: RequestError) -> tuple[Response, int]:
     """The JSON answer for a request error."""
+    metrics.REJECTED_REQUESTS.labels(str(exc.status)).inc()
     response = jsonify({"success": False, "error": str(exc)})
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine import __version__
 from engine.config import Settings, ensure_server_key, load_settings
@@ -17,6 +23,10 @@ from engine.errors import BadRequest, ConfigError, RulesError
 from engine.rules import compile_container
 from engine.rules.model import Container
 from engine.rules.schema import RULES_SCHEMA
+
+if TYPE_CHECKING:
+    from engine.store.base import Delivery
+    from engine.store.sqlite import SQLiteStore
 
 SCHEMA_FILE = "tagrelay.schema.json"
 
@@ -130,11 +140,24 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _metrics_dir(settings: Settings) -> None:
+    # Must be set before prometheus_client creates any metric, in the master, so that every
+    # worker writes its counts where /metrics can sum them. Stale files from a previous run
+    # would be summed too, so the directory starts empty.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    path = settings.data_dir / "metrics"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP server under gunicorn."""
+    settings = _settings(args)
+    _metrics_dir(settings)
     from engine.server import run
 
-    settings = _settings(args)
     container = _load(settings.rules)
     if container is None:
         _err(f"tagrelay: refusing to start: {settings.rules} has errors (see above)")
@@ -142,12 +165,133 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings, generated = ensure_server_key(settings)
     if generated:
         _out(f"tagrelay: server key (kept in {settings.data_dir / 'server_key'}): {generated}")
+    delivery = "delivering" if settings.deliver else "delivery off"
     _out(
         f"tagrelay {__version__}: serving {settings.rules} on http://{settings.bind} "
-        f"({settings.workers} workers, store {settings.database_path})"
+        f"({settings.workers} workers, {delivery}, store {settings.database_path})"
     )
     sys.stdout.flush()
     run(settings)
+    return 0
+
+
+def _store(settings: Settings) -> SQLiteStore:
+    from engine.store.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.database_path, settings.sqlite_sync)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Deliver the outbox without serving HTTP, until SIGTERM or SIGINT."""
+    from engine import logs
+    from engine.delivery import DeliveryWorker
+    from engine.pipeline import load_rules
+
+    settings = _settings(args)
+    logs.configure(settings.log_level)
+    rules = load_rules(settings.rules, settings.reload_interval)
+    worker = DeliveryWorker(_store(settings), lambda: rules.container)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    _out(f"tagrelay worker: delivering from {settings.database_path}")
+    sys.stdout.flush()
+    stop.wait()
+    worker.stop()
+    return 0
+
+
+def _delivery_json(d: Delivery) -> dict[str, object]:
+    return {
+        "id": d.id,
+        "event_id": d.event_id,
+        "tag": d.tag,
+        "destination": d.destination,
+        "status": d.status.value,
+        "attempts": d.attempts,
+        "created_at": datetime.fromtimestamp(d.created_at, UTC).isoformat(),
+        "last_error": d.last_error,
+    }
+
+
+def cmd_deadletters(args: argparse.Namespace) -> int:
+    """List, show or replay dead letters."""
+    settings = _settings(args)
+    store = _store(settings)
+    if args.action == "list":
+        letters = store.dead_letters(args.destination, args.limit)
+        if args.json:
+            _out(json.dumps([_delivery_json(d) for d in letters], indent=2))
+            return 0
+        for d in letters:
+            when = datetime.fromtimestamp(d.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            error = (d.last_error or "")[:80]
+            _out(f"{d.id:>8}  {when}  {d.destination:<14} {d.tag:<20} {d.event_id}  {error}")
+        _out(f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}")
+        return 0
+    if args.action == "show":
+        if not args.ids:
+            _err("deadletters show needs a delivery ID")
+            return 2
+        delivery = store.get_delivery(args.ids[0])
+        if delivery is None:
+            _err(f"no delivery {args.ids[0]}")
+            return 1
+        shown = _delivery_json(delivery)
+        shown["payload"] = delivery.payload
+        _out(json.dumps(shown, indent=2, ensure_ascii=False))
+        return 0
+    from engine.replay import replay_dead_letters
+
+    container = _load(settings.rules)
+    if container is None:
+        return 1
+    ids = list(args.ids)
+    if args.all:
+        ids += [d.id for d in store.dead_letters(args.destination, limit=1_000_000)]
+    if not ids:
+        _err("deadletters replay needs delivery IDs or --all")
+        return 2
+    report = replay_dead_letters(store, container, ids)
+    for line in report.skipped:
+        _out(f"skipped {line}")
+    _out(f"replayed {report.events} dead letters: {report.queued} deliveries queued")
+    return 0
+
+
+def _parse_since(text: str) -> datetime:
+    from engine.rules import parse_duration
+
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    when = datetime.fromisoformat(text)
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Send the events accepted since a time to one destination again (current rules)."""
+    from engine.replay import replay_destination
+
+    settings = _settings(args)
+    container = _load(settings.rules)
+    if container is None:
+        return 1
+    if args.destination not in container.destinations:
+        known = ", ".join(container.destinations)
+        _err(f"unknown destination {args.destination!r} (known: {known})")
+        return 2
+    try:
+        since = _parse_since(args.since)
+    except ValueError:
+        _err("--since takes an ISO 8601 time or a duration such as 2h or 7d")
+        return 2
+    report = replay_destination(_store(settings), container, args.destination, since)
+    for line in report.skipped:
+        _out(f"skipped {line}")
+    _out(f"replayed {report.events} events: {report.queued} deliveries queued")
     return 0
 
 
@@ -163,6 +307,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rules", help="rule container (env TAGRELAY_RULES; default rules/)")
     serve.add_argument("--data-dir", help="store and key directory (env TAGRELAY_DATA_DIR)")
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="deliver the outbox without serving HTTP")
+    worker.add_argument("--rules", help="rule container (env TAGRELAY_RULES)")
+    worker.add_argument("--data-dir", help="store directory (env TAGRELAY_DATA_DIR)")
+    worker.set_defaults(func=cmd_worker)
+
+    dead = sub.add_parser("deadletters", help="list, show or replay dead letters")
+    dead.add_argument("action", choices=["list", "show", "replay"])
+    dead.add_argument("ids", nargs="*", type=int, help="delivery IDs (show, replay)")
+    dead.add_argument("--destination", help="only this destination")
+    dead.add_argument("--limit", type=int, default=100)
+    dead.add_argument("--all", action="store_true", help="replay every dead letter")
+    dead.add_argument("--json", action="store_true")
+    dead.add_argument("--rules", help="rule container (env TAGRELAY_RULES)")
+    dead.add_argument("--data-dir", help="store directory (env TAGRELAY_DATA_DIR)")
+    dead.set_defaults(func=cmd_deadletters)
+
+    replay = sub.add_parser("replay", help="send events since a time to a destination again")
+    replay.add_argument("--destination", required=True)
+    replay.add_argument("--since", required=True, help="ISO 8601 time, or a duration like 6h")
+    replay.add_argument("--rules", help="rule container (env TAGRELAY_RULES)")
+    replay.add_argument("--data-dir", help="store directory (env TAGRELAY_DATA_DIR)")
+    replay.set_defaults(func=cmd_replay)
 
     check = sub.add_parser("check", help="validate a rule container")
     check.add_argument("path", nargs="?", default="rules")

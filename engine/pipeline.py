@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import event as events
+from engine import metrics
 from engine.errors import BadRequest, RulesError
 from engine.rules import Container, compile_container
 from engine.rules.source import rule_files
@@ -73,10 +74,10 @@ class RulesHolder:
                     extra={"problems": errors[:20]},
                 )
                 return False
+            self.last_error = None  # the files check again, even if they are back as they were
             if container.fingerprint == self._container.fingerprint:
                 return False
             self._container = container
-            self.last_error = None
             log.info("rules reloaded", extra={"tags": len(container.tags)})
             return True
         finally:
@@ -136,7 +137,24 @@ class Pipeline:
             except BadRequest as exc:
                 outcomes.append(Outcome(error=str(exc)))
         stored = iter(self.store.accept_many(prepared) if prepared else [])
-        return [o if o is not None else Outcome(accepted=next(stored)) for o in outcomes]
+        result = [o if o is not None else Outcome(accepted=next(stored)) for o in outcomes]
+        _count(result)
+        return result
+
+
+def _count(outcomes: Sequence[Outcome]) -> None:
+    for outcome in outcomes:
+        accepted = outcome.accepted
+        if accepted is None:
+            metrics.EVENTS.labels("rejected").inc()
+        elif accepted.duplicate:
+            metrics.EVENTS.labels("duplicate").inc()
+        else:
+            metrics.EVENTS.labels("accepted").inc()
+            for d in accepted.decisions:
+                fired = bool(d.get("fired"))
+                reason = "fired" if fired else metrics.reason_kind(str(d.get("reason", "")))
+                metrics.TAGS.labels(d["tag"], "fired" if fired else "blocked", reason).inc()
 
 
 def load_rules(path: Path, interval: float = 2.0) -> RulesHolder:

@@ -1,50 +1,87 @@
-"""Running the app under gunicorn, configured from :class:`~engine.config.Settings`."""
+"""Running the app under gunicorn, configured from :class:`~engine.config.Settings`.
+
+The app is built once in the master (``preload_app``), which checks the rules once and fails
+fast. After the fork each worker opens its own store connections and, unless delivery is turned
+off (``TAGRELAY_DELIVER=false``), starts a delivery thread; the workers share the outbox through
+leases. On SIGTERM gunicorn stops taking requests, and each worker lets its in-flight delivery
+batches finish before it exits.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from engine import logs
 from engine.app import create_app
 from engine.config import Settings
+from engine.delivery import DeliveryWorker
+from engine.pipeline import Pipeline
+
+
+def start_delivery(app: Flask) -> DeliveryWorker:
+    """Start a delivery worker on the app's store and live rules."""
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    worker = DeliveryWorker(pipeline.store, lambda: pipeline.rules.container)
+    worker.start()
+    app.extensions["tagrelay.delivery"] = worker
+    return worker
 
 
 class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
-    """A gunicorn application that builds tagrelay's app once, in the master, before forking.
-
-    Building before the fork checks the rules once and fails fast; every worker then opens its
-    own store connections (the store reconnects per process).
-    """
+    """A gunicorn application serving tagrelay (and delivering, per worker)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.app: Flask | None = None
         super().__init__()
 
     def load_config(self) -> None:
         """Apply tagrelay's settings to gunicorn's config."""
+        settings = self.settings
+
+        def post_fork(_server: Any, _worker: Any) -> None:
+            if settings.deliver and self.app is not None:
+                start_delivery(self.app)
+
+        def worker_exit(_server: Any, _worker: Any) -> None:
+            worker = self.app.extensions.get("tagrelay.delivery") if self.app else None
+            if worker is not None:
+                worker.stop()
+
+        def child_exit(_server: Any, worker: Any) -> None:
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
         options: dict[str, Any] = {
-            "bind": self.settings.bind,
-            "workers": self.settings.workers,
+            "bind": settings.bind,
+            "workers": settings.workers,
             "worker_class": "gthread",
             "threads": int(os.environ.get("TAGRELAY_THREADS", "4")),
             "preload_app": True,
             "timeout": 30,
-            "graceful_timeout": 20,
+            "graceful_timeout": 25,
             "keepalive": 5,
             "accesslog": None,
             "errorlog": "-",
-            "loglevel": self.settings.log_level.lower(),
+            "loglevel": settings.log_level.lower(),
+            "post_fork": post_fork,
+            "worker_exit": worker_exit,
+            "child_exit": child_exit,
         }
         for key, value in options.items():
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        """The WSGI app."""
+        """The WSGI app (built once, in the master)."""
         logs.configure(self.settings.log_level)
-        return create_app(self.settings)
+        self.app = create_app(self.settings)
+        return self.app
 
 
 def run(settings: Settings) -> None:

@@ -168,8 +168,8 @@ class Store(abc.ABC):
         """Give leased deliveries back untouched (shutdown); no attempt is counted."""
 
     @abc.abstractmethod
-    def destinations_due(self, now: float) -> dict[str, int]:
-        """Destinations with deliveries due now, with how many."""
+    def destinations_due(self, now: float) -> dict[str, tuple[int, float]]:
+        """Destinations with deliveries due now: how many, and since when the oldest is due."""
 
     @abc.abstractmethod
     def depth(self) -> dict[str, int]:
@@ -184,14 +184,30 @@ class Store(abc.ABC):
         """One delivery by ID."""
 
     @abc.abstractmethod
+    def event_for_delivery(self, delivery_id: int) -> StoredEvent | None:
+        """The event a delivery belongs to."""
+
+    @abc.abstractmethod
     def events_since(self, since: float, destination: str | None = None) -> list[StoredEvent]:
         """Accepted events received at or after ``since`` (for replay), oldest first.
 
         With ``destination``, only events that had a decision for it."""
 
     @abc.abstractmethod
-    def delete_deliveries(self, ids: Sequence[int]) -> None:
-        """Remove deliveries (a replayed dead letter is superseded by the replay's own)."""
+    def requeue(
+        self,
+        event: StoredEvent,
+        decisions: Sequence[Decision],
+        window: float,
+        now: float,
+        supersedes: Sequence[int] = (),
+    ) -> list[Decision]:
+        """Queue new deliveries for an already accepted event (replay), atomically.
+
+        Fired decisions whose dedup key is held by *another* event are turned into "not fired";
+        ``supersedes`` (the dead letters being replayed) are removed in the same transaction.
+        Returns the decisions as applied.
+        """
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -302,15 +302,15 @@ class SQLiteStore(Store):
                 [(i,) for i in ids],
             )
 
-    def destinations_due(self, now: float) -> dict[str, int]:
+    def destinations_due(self, now: float) -> dict[str, tuple[int, float]]:
         """See :meth:`Store.destinations_due`."""
         rows = self._read(
-            "SELECT destination, COUNT(*) AS n FROM deliveries "
+            "SELECT destination, COUNT(*) AS n, MIN(next_attempt_at) AS oldest FROM deliveries "
             "WHERE (status = 'pending' AND next_attempt_at <= ?) "
             "OR (status = 'leased' AND lease_expires <= ?) GROUP BY destination",
             (now, now),
         )
-        return {r["destination"]: r["n"] for r in rows}
+        return {r["destination"]: (r["n"], r["oldest"]) for r in rows}
 
     def depth(self) -> dict[str, int]:
         """See :meth:`Store.depth`."""
@@ -345,10 +345,63 @@ class SQLiteStore(Store):
             return events
         return [e for e in events if any(d.get("destination") == destination for d in e.decisions)]
 
-    def delete_deliveries(self, ids: Sequence[int]) -> None:
-        """See :meth:`Store.delete_deliveries`."""
+    def requeue(
+        self,
+        event: StoredEvent,
+        decisions: Sequence[Decision],
+        window: float,
+        now: float,
+        supersedes: Sequence[int] = (),
+    ) -> list[Decision]:
+        """See :meth:`Store.requeue`."""
+        applied: list[Decision] = []
         with self._write() as db:
-            db.executemany("DELETE FROM deliveries WHERE id = ?", [(i,) for i in ids])
+            for decision in decisions:
+                key = "tag:" + decision.dedup_key if decision.dedup_key else None
+                if decision.fired and key:
+                    row = db.execute(
+                        "SELECT event_id FROM dedup_keys WHERE key = ? AND expires_at > ?",
+                        (key, now),
+                    ).fetchone()
+                    if row is not None and row["event_id"] != event.event_id:
+                        decision = decision.blocked(  # noqa: PLW2901 - the applied version
+                            f"duplicate: dedup key already forwarded by event {row['event_id']}"
+                        )
+                    else:
+                        db.execute(
+                            "INSERT OR REPLACE INTO dedup_keys (key, event_seq, event_id, "
+                            "expires_at) VALUES (?, ?, ?, ?)",
+                            (key, event.seq, event.event_id, now + window),
+                        )
+                if decision.fired:
+                    db.execute(
+                        "INSERT INTO deliveries (event_seq, event_id, tag, destination, payload, "
+                        "status, created_at, next_attempt_at) "
+                        "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                        (
+                            event.seq,
+                            event.event_id,
+                            decision.tag,
+                            decision.destination,
+                            _dumps(decision.payload),
+                            now,
+                            now,
+                        ),
+                    )
+                applied.append(decision)
+            db.executemany(
+                "DELETE FROM deliveries WHERE id = ? AND status = 'dead'",
+                [(i,) for i in supersedes],
+            )
+        return applied
+
+    def event_for_delivery(self, delivery_id: int) -> StoredEvent | None:
+        """The event a delivery belongs to."""
+        rows = self._read(
+            "SELECT e.* FROM events e JOIN deliveries d ON d.event_seq = e.seq WHERE d.id = ?",
+            (delivery_id,),
+        )
+        return _stored_event(rows[0]) if rows else None
 
     # -- lifecycle ------------------------------------------------------------------------------
 

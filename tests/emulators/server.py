@@ -25,6 +25,8 @@ This module is shared by every emulator; keep its API stable.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -91,6 +93,11 @@ class Reply:
         all_headers = {"Content-Type": "application/json"}
         all_headers.update(headers or {})
         return cls(status, json.dumps(obj).encode(), all_headers)
+
+    @classmethod
+    def reset(cls) -> Reply:
+        """No answer at all: the connection is reset (TCP RST) instead."""
+        return cls(status=0)
 
     @classmethod
     def text(cls, text: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
@@ -217,6 +224,14 @@ def _make_handler_class(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
                 body=body,
             )
             reply = server._dispatch(request)
+            if reply.status == 0:
+                # SO_LINGER with a zero timeout makes close() send RST: a "connection reset".
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.close_connection = True
+                self.connection.close()
+                return
             self.send_response(reply.status)
             for name, value in reply.headers.items():
                 self.send_header(name, value)
@@ -224,6 +239,12 @@ def _make_handler_class(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if self.command.upper() != "HEAD":
                 self.wfile.write(reply.body)
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            except OSError:
+                pass  # the connection was reset on purpose
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
 

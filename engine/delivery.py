@@ -1,0 +1,441 @@
+"""The outbox worker: lease, batch, send, read per-item results, retry with backoff, dead-letter.
+
+One :class:`DeliveryWorker` runs per process (a thread in each gunicorn worker, or the
+``tagrelay worker`` process). Workers share the outbox through leases: a worker leases a batch,
+and a lease that expires because its worker died is taken over by another. Delivery is at least
+once; the event ID travels in every payload so platforms deduplicate.
+
+Per destination: batches up to the adapter's ``max_batch`` (or whatever is due once the oldest
+item has waited ``batch_wait``), at most ``concurrency`` requests in flight per process, and a
+circuit breaker that pauses a destination after consecutive failures and probes it again later.
+A slow or failing destination therefore never holds up the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from destinations.base import Destination, HttpResponse, Item, ItemResult, Outcome, SendContext
+from engine import metrics
+from engine.errors import StoreError
+from engine.rules.model import Container, DestinationInstance
+from engine.store.base import Delivery, Store
+from engine.transport import Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+AUTH_RETRY_FLOOR = 60.0  # credentials rarely fix themselves within seconds
+MISSING_DESTINATION_RETRY = 60.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter, capped; ``Retry-After`` wins when longer."""
+
+    base: float = 1.0
+    cap: float = 3600.0
+
+    def delay(self, attempt: int, retry_after: float | None = None, floor: float = 0.0) -> float:
+        """Seconds before attempt number ``attempt + 1`` (``attempt`` counts from 1)."""
+        ceiling = min(self.cap, self.base * 2 ** min(attempt - 1, 30))
+        jittered = ceiling / 2 + random.uniform(0, ceiling / 2)
+        return float(max(jittered, retry_after or 0.0, floor))
+
+
+@dataclass
+class CircuitBreaker:
+    """Pauses a destination that keeps failing; lets one probe through after ``cooldown``.
+
+    Closed: everything flows. After ``threshold`` consecutive failed requests it opens for
+    ``cooldown`` seconds (doubling on each failed probe up to ``max_cooldown``); then one
+    request is let through (half-open), and its success closes the circuit.
+    """
+
+    threshold: int = 5
+    cooldown: float = 10.0
+    max_cooldown: float = 300.0
+    failures: int = 0
+    open_until: float = 0.0
+    current_cooldown: float = 0.0
+    probing: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def allow(self, now: float) -> bool:
+        """Whether a request may go now."""
+        with self._lock:
+            if self.failures < self.threshold:
+                return True
+            if now < self.open_until or self.probing:
+                return False
+            self.probing = True
+            return True
+
+    def record(self, ok: bool, now: float) -> None:
+        """Count a request's outcome."""
+        with self._lock:
+            self.probing = False
+            if ok:
+                self.failures = 0
+                self.current_cooldown = 0.0
+                return
+            self.failures += 1
+            if self.failures >= self.threshold:
+                self.current_cooldown = min(
+                    self.max_cooldown, max(self.cooldown, self.current_cooldown * 2)
+                )
+                self.open_until = now + self.current_cooldown
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the destination is paused."""
+        return self.failures >= self.threshold
+
+
+@dataclass
+class _TokenCache:
+    value: str | None = None
+    expires_at: float = 0.0
+
+
+class DeliveryWorker:
+    """Delivers the outbox, in a background thread, until :meth:`stop`."""
+
+    def __init__(
+        self,
+        store: Store,
+        container: Callable[[], Container],
+        transport: Transport | None = None,
+        poll_interval: float = 0.2,
+        backoff: Backoff | None = None,
+        max_threads: int = 16,
+    ) -> None:
+        self.store = store
+        self.container = container
+        self.transport = transport or Transport()
+        self.poll_interval = poll_interval
+        self.backoff = backoff or Backoff()
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="deliver")
+        self._in_flight: dict[str, int] = defaultdict(int)
+        self._flight_lock = threading.Lock()
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._tokens: dict[str, _TokenCache] = {}
+        self._token_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the polling thread."""
+        self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
+        self._thread.start()
+        log.info("delivery worker started", extra={"owner": self.owner})
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop polling and let in-flight batches finish (their requests have timeouts)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        log.info("delivery worker stopped", extra={"owner": self.owner})
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except StoreError:
+                log.warning("store unavailable; delivery paused")
+                self._stop.wait(2.0)
+            except Exception as exc:
+                log.error(
+                    "delivery loop error", exc_info=exc, extra={"error_type": type(exc).__name__}
+                )
+                self._stop.wait(1.0)
+            self._stop.wait(self.poll_interval)
+
+    def breaker(self, destination: str) -> CircuitBreaker:
+        """The circuit breaker of one destination."""
+        return self._breakers.setdefault(destination, CircuitBreaker())
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def tick(self, wait: bool = False) -> int:
+        """One pass: start a batch for every destination that is due and has room.
+
+        Args:
+            wait: run the batches in this thread (tests, ``drain``) instead of the pool.
+
+        Returns:
+            how many batches were started.
+        """
+        now = time.time()
+        container = self.container()
+        started = 0
+        for name, (count, oldest) in self.store.destinations_due(now).items():
+            dest = container.destinations.get(name)
+            if dest is None:
+                self._park_missing(name, now)
+                continue
+            opts = dest.delivery
+            full = count >= dest.adapter.max_batch
+            if not full and now - oldest < opts.batch_wait and not wait:
+                continue  # let the batch fill up, up to batch_wait
+            if not self.breaker(name).allow(now):
+                continue
+            with self._flight_lock:
+                if self._in_flight[name] >= opts.concurrency:
+                    continue
+                self._in_flight[name] += 1
+            started += 1
+            if wait:
+                self._run_batch(dest)
+            else:
+                self._pool.submit(self._run_batch, dest)
+        return started
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Deliver everything due now, in this thread (for tests and one-shot runs)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.tick(wait=True):
+            pass
+
+    def _park_missing(self, name: str, now: float) -> None:
+        items = self.store.lease(name, 500, 5.0, self.owner, now)
+        if items:
+            log.error(
+                "deliveries for a destination not in the current rules", extra={"destination": name}
+            )
+            self.store.mark_retry(
+                [d.id for d in items],
+                now + MISSING_DESTINATION_RETRY,
+                f"destination {name} is not in the current rules",
+            )
+
+    # -- one batch ------------------------------------------------------------------------------
+
+    def _run_batch(self, dest: DestinationInstance) -> None:
+        try:
+            self._deliver(dest)
+        except StoreError:
+            log.warning("store unavailable during delivery", extra={"destination": dest.name})
+        except Exception as exc:
+            log.error(
+                "delivery batch error",
+                exc_info=exc,
+                extra={"destination": dest.name, "error_type": type(exc).__name__},
+            )
+        finally:
+            with self._flight_lock:
+                self._in_flight[dest.name] -= 1
+
+    def _deliver(self, dest: DestinationInstance) -> None:
+        adapter, opts = dest.adapter, dest.delivery
+        now = time.time()
+        lease_seconds = 2 * opts.timeout + 10
+        leased = self.store.lease(dest.name, adapter.max_batch, lease_seconds, self.owner, now)
+        if not leased:
+            return
+        ctx = SendContext(datetime.now(UTC))
+        groups: dict[str, list[tuple[Delivery, Item]]] = defaultdict(list)
+        for delivery in leased:
+            item = Item(str(delivery.id), delivery.event_id, delivery.payload)
+            problem = adapter.check_item(item, ctx)
+            if problem:
+                self._finish(dest, [delivery], ItemResult(Outcome.PERMANENT, problem))
+                continue
+            groups[adapter.batch_key(item)].append((delivery, item))
+        for group in groups.values():
+            for start in range(0, len(group), adapter.max_batch):
+                self._send(dest, group[start : start + adapter.max_batch], ctx)
+
+    def _send(
+        self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]], ctx: SendContext
+    ) -> None:
+        adapter = dest.adapter
+        deliveries = [d for d, _ in batch]
+        items = [i for _, i in batch]
+        uses_token = adapter.token_request() is not None
+        response = self._attempt(dest, deliveries, items, ctx)
+        if response is not None and response.status == 401 and uses_token:
+            self._forget_token(dest.name)  # expired or revoked: fetch a fresh one, try once more
+            response = self._attempt(dest, deliveries, items, ctx)
+        if response is None:
+            return
+        results = self._read(adapter, response, items)
+        ok = any(r.outcome is not Outcome.RETRYABLE for r in results)
+        self.breaker(dest.name).record(ok, time.time())
+        by_result: dict[ItemResult, list[Delivery]] = defaultdict(list)
+        for delivery, result in zip(deliveries, results, strict=True):
+            by_result[result].append(delivery)
+        for result, group in by_result.items():
+            self._finish(dest, group, result, response)
+
+    def _attempt(
+        self,
+        dest: DestinationInstance,
+        deliveries: Sequence[Delivery],
+        items: Sequence[Item],
+        ctx: SendContext,
+    ) -> HttpResponse | None:
+        """Build and send one request; None when it failed and the batch was already settled."""
+        adapter = dest.adapter
+        try:
+            token = self._token(dest)
+            if token is not None:
+                ctx = SendContext(ctx.now, token)
+            request = adapter.build_request(items, ctx)
+        except TransportError as exc:
+            self.breaker(dest.name).record(False, time.time())
+            self._finish(dest, deliveries, ItemResult(Outcome.RETRYABLE, f"token request: {exc}"))
+            return None
+        except TokenFailure as exc:
+            self._finish(dest, deliveries, ItemResult(exc.outcome, f"token request: {exc}"))
+            return None
+        except Exception as exc:  # noqa: BLE001 - a plugin bug is a permanent failure of the batch
+            message = _redact(adapter, f"build_request failed: {type(exc).__name__}: {exc}")
+            self._finish(dest, deliveries, ItemResult(Outcome.PERMANENT, message))
+            return None
+        started = time.monotonic()
+        try:
+            response = self.transport.send(request, dest.delivery.timeout)
+        except TransportError as exc:
+            metrics.REQUEST_SECONDS.labels(dest.name).observe(time.monotonic() - started)
+            self.breaker(dest.name).record(False, time.time())
+            self._finish(dest, deliveries, ItemResult(Outcome.RETRYABLE, str(exc)))
+            return None
+        metrics.REQUEST_SECONDS.labels(dest.name).observe(time.monotonic() - started)
+        return response
+
+    @staticmethod
+    def _read(
+        adapter: Destination, response: HttpResponse, items: Sequence[Item]
+    ) -> list[ItemResult]:
+        try:
+            results = adapter.read_response(response, items)
+        except Exception as exc:  # noqa: BLE001 - a plugin that cannot read an answer: retry
+            return [
+                ItemResult(Outcome.RETRYABLE, f"read_response failed: {type(exc).__name__}")
+            ] * len(items)
+        if len(results) != len(items):
+            return [
+                ItemResult(Outcome.RETRYABLE, "adapter returned the wrong number of results")
+            ] * len(items)
+        return results
+
+    def _finish(
+        self,
+        dest: DestinationInstance,
+        deliveries: Sequence[Delivery],
+        result: ItemResult,
+        response: HttpResponse | None = None,
+    ) -> None:
+        now = time.time()
+        ids = [d.id for d in deliveries]
+        if result.outcome is Outcome.DELIVERED:
+            self.store.mark_delivered(ids, now)
+            metrics.DELIVERIES.labels(dest.name, "delivered").inc(len(ids))
+            for d in deliveries:
+                metrics.LATENCY_SECONDS.labels(dest.name).observe(max(0.0, now - d.created_at))
+            log.debug("delivered", extra={"destination": dest.name, "count": len(ids)})
+            return
+        error = _redact(dest.adapter, f"{result.outcome.value}: {result.error or 'failed'}")
+        opts = dest.delivery
+        if result.outcome is Outcome.PERMANENT:
+            self._dead(dest, ids, error, now)
+            return
+        retry: list[int] = []
+        dead: list[int] = []
+        for d in deliveries:
+            attempt = d.attempts + 1
+            if attempt >= opts.max_attempts or now - d.created_at >= opts.max_age:
+                dead.append(d.id)
+            else:
+                retry.append(d.id)
+        if dead:
+            self._dead(dest, dead, f"{error} (gave up after retries)", now)
+        if retry:
+            attempts = max(d.attempts + 1 for d in deliveries)
+            floor = AUTH_RETRY_FLOOR if result.outcome is Outcome.AUTH else 0.0
+            delay = self.backoff.delay(attempts, result.retry_after, floor)
+            self.store.mark_retry(retry, now + delay, error)
+            metrics.DELIVERIES.labels(dest.name, "retried").inc(len(retry))
+            level = logging.ERROR if result.outcome is Outcome.AUTH else logging.WARNING
+            log.log(
+                level,
+                "delivery will be retried",
+                extra={
+                    "destination": dest.name,
+                    "count": len(retry),
+                    "delay": round(delay, 2),
+                    "outcome": result.outcome.value,
+                    "status": response.status if response is not None else None,
+                },
+            )
+
+    def _dead(self, dest: DestinationInstance, ids: list[int], error: str, now: float) -> None:
+        self.store.mark_dead(ids, error[:1000], now)
+        metrics.DELIVERIES.labels(dest.name, "dead_lettered").inc(len(ids))
+        log.error(
+            "deliveries dead-lettered",
+            extra={"destination": dest.name, "count": len(ids), "error": error[:300]},
+        )
+
+    # -- OAuth tokens ---------------------------------------------------------------------------
+
+    def _token(self, dest: DestinationInstance) -> str | None:
+        request = dest.adapter.token_request()
+        if request is None:
+            return None
+        with self._token_lock:
+            cached = self._tokens.get(dest.name)
+            if cached and cached.value and time.time() < cached.expires_at:
+                return cached.value
+            response = self.transport.send(request, dest.delivery.timeout)
+            if not 200 <= response.status < 300:
+                outcome = (
+                    Outcome.RETRYABLE
+                    if response.status >= 500 or response.status == 429
+                    else Outcome.AUTH
+                )
+                raise TokenFailure(f"HTTP {response.status}", outcome)
+            try:
+                token = dest.adapter.read_token(response)
+            except Exception as exc:
+                outcome = getattr(exc, "outcome", Outcome.AUTH)
+                raise TokenFailure(
+                    type(exc).__name__, outcome if isinstance(outcome, Outcome) else Outcome.AUTH
+                ) from exc
+            # Refresh a minute before expiry, so a token never expires mid-request.
+            self._tokens[dest.name] = _TokenCache(
+                token.value, time.time() + max(0.0, token.expires_in - 60)
+            )
+            return token.value
+
+    def _forget_token(self, name: str) -> None:
+        with self._token_lock:
+            self._tokens.pop(name, None)
+
+
+class TokenFailure(Exception):
+    """An OAuth token could not be obtained; ``outcome`` says whether retrying can help."""
+
+    def __init__(self, message: str, outcome: Outcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def _redact(adapter: Destination, text: str) -> str:
+    for secret in adapter.secrets():
+        text = text.replace(secret, "[REDACTED]")
+    return text

@@ -1,0 +1,433 @@
+"""Delivery: batching, per-item results, retries, dead letters, replay, isolation, tokens.
+
+Every test sends real HTTP to a loopback sink and uses a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from destinations import registry
+from destinations.base import (
+    Destination,
+    HttpRequest,
+    HttpResponse,
+    Item,
+    ItemResult,
+    Outcome,
+    SendContext,
+    Token,
+)
+from engine.delivery import Backoff, CircuitBreaker, DeliveryWorker
+from engine.pipeline import Pipeline, load_rules
+from engine.replay import replay_dead_letters, replay_destination
+from engine.rules.model import Container
+from engine.store.sqlite import SQLiteStore
+from tests.emulators.server import LoopbackServer, Reply, Request
+from tests.emulators.sink import FaultySink
+
+
+class PerItem(Destination):
+    """A test plugin whose platform answers per item, with an OAuth token."""
+
+    name = "per_item"
+    max_batch = 10
+    secret_settings = frozenset({"client_secret"})
+    settings_schema = {
+        "type": "object",
+        "properties": {"url": {"type": "string"}, "client_secret": {"type": "string"}},
+    }
+    default_mapping = {"value": "properties.value"}
+
+    def token_request(self) -> HttpRequest | None:
+        secret = str(self.settings["client_secret"])
+        return HttpRequest.json_post(f"{self.settings['url']}/token", {"secret": secret})
+
+    def read_token(self, response: HttpResponse) -> Token:
+        body = response.json()
+        return Token(body["access_token"], float(body["expires_in"]))
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        return HttpRequest.json_post(
+            f"{self.settings['url']}/items",
+            {"items": [dict(i.payload) for i in items]},
+            {"Authorization": f"Bearer {ctx.access_token}"},
+        )
+
+    def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+        if response.status == 401:
+            return [ItemResult(Outcome.AUTH, "token rejected")] * len(items)
+        return [
+            ItemResult.delivered() if r["ok"] else ItemResult(Outcome.PERMANENT, r["error"])
+            for r in response.json()["results"]
+        ]
+
+
+class PerItemPlatform:
+    """Rejects items whose value is negative; issues tokens and can revoke them."""
+
+    def __init__(self) -> None:
+        self.tokens_issued = 0
+        self.valid_token = ""
+        self.items: list[dict[str, Any]] = []
+
+    def __call__(self, request: Request) -> Reply:
+        if request.path == "/token":
+            self.tokens_issued += 1
+            self.valid_token = f"tok{self.tokens_issued}"
+            return Reply.json({"access_token": self.valid_token, "expires_in": 3600})
+        if request.header("Authorization") != f"Bearer {self.valid_token}":
+            return Reply.json({"error": "UNAUTHENTICATED"}, 401)
+        results = []
+        for item in request.json()["items"]:
+            ok = item.get("value", 0) >= 0
+            if ok:
+                self.items.append(item)
+            results.append({"ok": ok, "error": None if ok else "value must not be negative"})
+        return Reply.json({"results": results})
+
+
+@pytest.fixture
+def plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    known = dict(registry.registry())
+    known["per_item"] = registry.check_contract("per_item", PerItem)
+    monkeypatch.setattr(registry, "registry", lambda: known)
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[FaultySink, LoopbackServer]]:
+    handler = FaultySink(delay=1.5)
+    with LoopbackServer(handler) as server:
+        yield handler, server
+
+
+def make_rules(tmp_path: Path, destinations: str, tags: str) -> Path:
+    path = tmp_path / "rules.yaml"
+    text = "destinations:\n" + textwrap.indent(textwrap.dedent(destinations), "  ")
+    text += "triggers:\n  all: {event: '*'}\ntags:\n" + textwrap.indent(textwrap.dedent(tags), "  ")
+    path.write_text(text)
+    return path
+
+
+def webhook_rules(tmp_path: Path, url: str, delivery: str = "") -> Path:
+    return make_rules(
+        tmp_path,
+        f"""
+        hook:
+          type: webhook
+          url: {url}/hook
+          batch: true
+          delivery: {{timeout: 0.5, max_attempts: 3, batch_wait: 0 {delivery}}}
+        """,
+        "- {name: to_hook, trigger: all, destination: hook}\n",
+    )
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, rules: Path) -> None:
+        self.store = SQLiteStore(tmp_path / "store.db")
+        self.rules = load_rules(rules, interval=0)
+        self.pipeline = Pipeline(self.store, self.rules)
+        self.worker = DeliveryWorker(
+            self.store, lambda: self.rules.container, backoff=Backoff(base=60)
+        )
+
+    @property
+    def container(self) -> Container:
+        return self.rules.container
+
+    def accept(self, *events: dict[str, Any]) -> None:
+        outcomes = self.pipeline.accept(list(events))
+        assert all(o.accepted for o in outcomes), [o.error for o in outcomes]
+
+    def statuses(self) -> list[tuple[str, int, str | None]]:
+        rows = self.store._read("SELECT status, attempts, last_error FROM deliveries ORDER BY id")
+        return [(r["status"], r["attempts"], r["last_error"]) for r in rows]
+
+    def make_due(self) -> None:
+        with self.store._write() as db:
+            db.execute("UPDATE deliveries SET next_attempt_at = 0 WHERE status = 'pending'")
+
+
+def test_accepted_events_reach_the_sink_in_one_batch(tmp_path: Path, sink: Any) -> None:
+    handler, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(5)))
+
+    h.worker.drain()
+
+    assert sorted(handler.ids()) == [f"e{i}" for i in range(5)]
+    assert len(server.requests) == 1
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 5
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected_error"),
+    [
+        ("500", "HTTP 500"),
+        ("429", "HTTP 429"),
+        ("hang", "timed out"),
+        ("reset", "connection failed"),
+    ],
+)
+def test_transient_failures_are_retried_later(
+    tmp_path: Path, sink: Any, fault: str, expected_error: str
+) -> None:
+    handler, server = sink
+    handler.script(fault)
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept({"event_name": "lead", "event_id": "e1"})
+
+    before = time.time()
+    h.worker.drain()
+
+    [(status, attempts, error)] = h.statuses()
+    assert (status, attempts) == ("pending", 1)
+    assert error is not None and expected_error in error
+    due = h.store.get_delivery(1)
+    assert due is not None and due.next_attempt_at >= before + 30  # backoff base 60, jittered
+    h.make_due()
+    h.worker.drain()
+    assert h.statuses()[0][0] == "delivered"
+    assert handler.ids()["e1"] == 1
+
+
+def test_retry_after_is_honoured(tmp_path: Path, sink: Any) -> None:
+    handler, server = sink
+    handler.retry_after = 7200
+    handler.script("429")
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept({"event_name": "lead", "event_id": "e1"})
+
+    h.worker.drain()
+
+    delivery = h.store.get_delivery(1)
+    assert delivery is not None and delivery.next_attempt_at >= time.time() + 7000
+
+
+def test_a_delivery_out_of_attempts_becomes_a_dead_letter_and_replays(
+    tmp_path: Path, sink: Any
+) -> None:
+    handler, server = sink
+    handler.script("500", "500", "500")
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept({"event_name": "lead", "event_id": "e1"})
+
+    for _ in range(3):
+        h.make_due()
+        h.worker.drain()
+
+    [(status, attempts, error)] = h.statuses()
+    assert (status, attempts) == ("dead", 3)
+    assert error is not None and "HTTP 500" in error and "gave up" in error
+    [dead] = h.store.dead_letters()
+
+    report = replay_dead_letters(h.store, h.container, [dead.id])
+    h.worker.drain()
+
+    assert report.queued == 1
+    assert handler.ids()["e1"] == 1
+    assert h.store.dead_letters() == []
+    assert [s[0] for s in h.statuses()] == ["delivered"]
+
+
+def test_a_batch_with_mixed_results_is_split_per_item(tmp_path: Path, plugins: None) -> None:
+    platform = PerItemPlatform()
+    with LoopbackServer(platform) as server:
+        rules = make_rules(
+            tmp_path,
+            f"""
+            api: {{type: per_item, url: "{server.url}", client_secret: s3cret-value,
+                  delivery: {{batch_wait: 0}}}}
+            """,
+            "- {name: to_api, trigger: all, destination: api}\n",
+        )
+        h = Harness(tmp_path, rules)
+        h.accept(
+            {"event_name": "sale", "event_id": "good", "properties": {"value": 5}},
+            {"event_name": "sale", "event_id": "bad", "properties": {"value": -1}},
+        )
+
+        h.worker.drain()
+
+    assert [s[0] for s in h.statuses()] == ["delivered", "dead"]
+    assert "value must not be negative" in (h.statuses()[1][2] or "")
+    assert [i["value"] for i in platform.items] == [5]
+
+
+def test_oauth_token_is_cached_and_refreshed_on_401(tmp_path: Path, plugins: None) -> None:
+    platform = PerItemPlatform()
+    with LoopbackServer(platform) as server:
+        rules = make_rules(
+            tmp_path,
+            f"""
+            api: {{type: per_item, url: "{server.url}", client_secret: s3cret-value,
+                  delivery: {{batch_wait: 0}}}}
+            """,
+            "- {name: to_api, trigger: all, destination: api}\n",
+        )
+        h = Harness(tmp_path, rules)
+        h.accept({"event_name": "sale", "event_id": "a", "properties": {"value": 1}})
+        h.worker.drain()
+        h.accept({"event_name": "sale", "event_id": "b", "properties": {"value": 1}})
+        h.worker.drain()
+        assert platform.tokens_issued == 1  # cached between batches
+
+        platform.valid_token = "revoked-elsewhere"
+        h.accept({"event_name": "sale", "event_id": "c", "properties": {"value": 1}})
+        h.worker.drain()
+
+    assert platform.tokens_issued == 2
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 3
+
+
+def test_errors_kept_with_dead_letters_never_contain_secrets(tmp_path: Path, plugins: None) -> None:
+    def echo_secret(request: Request) -> Reply:
+        if request.path == "/token":
+            return Reply.json({"access_token": "t", "expires_in": 3600})
+        return Reply.text(f"bad request {request.body.decode()}", 400)
+
+    with LoopbackServer(echo_secret) as server:
+        rules = make_rules(
+            tmp_path,
+            f"""
+            api: {{type: per_item, url: "{server.url}", client_secret: s3cret-value,
+                  delivery: {{batch_wait: 0}}}}
+            """,
+            "- {name: to_api, trigger: all, destination: api}\n",
+        )
+
+        class Echo(PerItem):
+            def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+                return HttpRequest.json_post(f"{self.settings['url']}/items", {"s": "s3cret-value"})
+
+            def read_response(
+                self, response: HttpResponse, items: Sequence[Item]
+            ) -> list[ItemResult]:
+                return [ItemResult(Outcome.PERMANENT, response.excerpt())] * len(items)
+
+        h = Harness(tmp_path, rules)
+        object.__setattr__(
+            h.container.destinations["api"],
+            "adapter",
+            Echo({"url": server.url, "client_secret": "s3cret-value"}),
+        )
+        h.accept({"event_name": "sale", "event_id": "a", "properties": {"value": 1}})
+        h.worker.drain()
+
+    [(status, _, error)] = h.statuses()
+    assert status == "dead"
+    assert error is not None and "s3cret-value" not in error and "[REDACTED]" in error
+
+
+def test_circuit_breaker_pauses_a_failing_destination_then_probes() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown=10)
+    for _ in range(3):
+        assert breaker.allow(100.0)
+        breaker.record(False, 100.0)
+
+    assert not breaker.allow(105.0)  # open
+    assert breaker.allow(111.0)  # one probe after the cooldown
+    assert not breaker.allow(111.0)  # only one
+    breaker.record(False, 111.0)
+    assert not breaker.allow(125.0)  # cooldown doubled to 20 s
+    assert breaker.allow(131.5)
+    breaker.record(True, 131.5)
+    assert breaker.allow(131.6) and not breaker.is_open
+
+
+def test_a_slow_destination_does_not_hold_up_another(tmp_path: Path) -> None:
+    slow_handler, fast_handler = FaultySink("slow", delay=3.0), FaultySink()
+    with LoopbackServer(slow_handler) as slow, LoopbackServer(fast_handler) as fast:
+        rules = make_rules(
+            tmp_path,
+            f"""
+            slow: {{type: webhook, url: "{slow.url}/", delivery: {{timeout: 10, batch_wait: 0}}}}
+            fast: {{type: webhook, url: "{fast.url}/", delivery: {{batch_wait: 0}}}}
+            """,
+            "- {name: s, trigger: all, destination: slow}\n"
+            "- {name: f, trigger: all, destination: fast}\n",
+        )
+        h = Harness(tmp_path, rules)
+        h.worker.poll_interval = 0.05
+        h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(3)))
+        h.worker.start()
+        try:
+            deadline = time.time() + 2.5  # well under the slow sink's 3 s answer
+            while len(fast_handler.ids()) < 3 and time.time() < deadline:
+                time.sleep(0.02)
+            fast_done = len(fast_handler.ids())
+            slow_done = len(slow_handler.ids())
+        finally:
+            h.worker.stop()
+
+    assert fast_done == 3
+    assert slow_done == 0
+
+
+def test_an_expired_lease_is_taken_over(tmp_path: Path, sink: Any) -> None:
+    handler, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept({"event_name": "lead", "event_id": "e1"})
+    now = time.time()
+    assert len(h.store.lease("hook", 10, 1.0, "dead-worker", now)) == 1  # then the worker dies
+    assert h.store.lease("hook", 10, 1.0, "other", now) == []  # still leased
+
+    assert len(h.store.lease("hook", 10, 1.0, "other", now + 2)) == 1
+
+
+def test_replay_of_a_destination_uses_the_current_mapping(tmp_path: Path, sink: Any) -> None:
+    handler, server = sink
+    rules = webhook_rules(tmp_path, server.url)
+    h = Harness(tmp_path, rules)
+    h.accept({"event_name": "lead", "event_id": "e1", "properties": {"value": 3}})
+    h.worker.drain()
+    rules.write_text(
+        rules.read_text().replace(
+            "destination: hook}", "destination: hook, mapping: {fixed: properties.value}}"
+        )
+    )
+    h.rules.maybe_reload()
+
+    report = replay_destination(h.store, h.container, "hook", since=_an_hour_ago())
+    h.worker.drain()
+
+    assert report.queued == 1
+    assert [p.get("fixed") for p in handler.received] == [None, 3]
+
+
+def test_metrics_count_deliveries(tmp_path: Path, sink: Any) -> None:
+    from engine import metrics
+
+    handler, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    before = metrics.DELIVERIES.labels("hook", "delivered")._value.get()
+    h.accept({"event_name": "lead", "event_id": "m1"})
+    h.worker.drain()
+
+    body, _ = metrics.render(h.store.depth)
+
+    assert metrics.DELIVERIES.labels("hook", "delivered")._value.get() == before + 1
+    assert b"tagrelay_outbox_depth" in body
+    assert b"tagrelay_delivery_latency_seconds_bucket" in body
+
+
+def _an_hour_ago() -> Any:
+    from datetime import UTC, datetime, timedelta
+
+    return datetime.now(UTC) - timedelta(hours=1)
+
+
+def test_worker_thread_stops_cleanly(tmp_path: Path, sink: Any) -> None:
+    _, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.worker.start()
+    h.worker.stop(timeout=5)
+    assert not any(t.name == "delivery" and t.is_alive() for t in threading.enumerate())
