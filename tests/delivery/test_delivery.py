@@ -373,7 +373,7 @@ def test_a_slow_destination_does_not_hold_up_another(tmp_path: Path) -> None:
 
 
 def test_an_expired_lease_is_taken_over(tmp_path: Path, sink: Any) -> None:
-    handler, server = sink
+    _, server = sink
     h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
     h.accept({"event_name": "lead", "event_id": "e1"})
     now = time.time()
@@ -406,7 +406,7 @@ def test_replay_of_a_destination_uses_the_current_mapping(tmp_path: Path, sink: 
 def test_metrics_count_deliveries(tmp_path: Path, sink: Any) -> None:
     from engine import metrics
 
-    handler, server = sink
+    _, server = sink
     h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
     before = metrics.DELIVERIES.labels("hook", "delivered")._value.get()
     h.accept({"event_name": "lead", "event_id": "m1"})

@@ -24,6 +24,7 @@ This module is shared by every emulator; keep its API stable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -241,10 +242,8 @@ def _make_handler_class(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(reply.body)
 
         def finish(self) -> None:
-            try:
+            with contextlib.suppress(OSError):  # the connection was reset on purpose
                 super().finish()
-            except OSError:
-                pass  # the connection was reset on purpose
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
 
