@@ -1,0 +1,36 @@
+"""The repository keeps its promises: generated files in sync, docs naming real commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.cli import build_parser
+from engine.rules.schema import RULES_SCHEMA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_rule_schema_matches_the_code() -> None:
+    committed = json.loads((ROOT / "rules" / "tagrelay.schema.json").read_text())
+    assert committed == json.loads(json.dumps(RULES_SCHEMA)), (
+        "rules/tagrelay.schema.json is stale: run `tagrelay schema -o rules/tagrelay.schema.json`"
+    )
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "make serve" in readme and "make test" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_cli_command_in_the_readme_exists() -> None:
+    readme = (ROOT / "README.md").read_text()
+    parser = build_parser()
+    commands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    mentioned = {
+        line.split("`tagrelay ", 1)[1].split()[0].rstrip("`|*,")
+        for line in readme.splitlines()
+        if "`tagrelay " in line
+    }
+    assert mentioned <= commands, mentioned - commands
