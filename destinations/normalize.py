@@ -18,6 +18,7 @@ that is already a SHA-256 hex digest, so nothing is ever hashed twice.
 
 from __future__ import annotations
 
+import gettext
 import hashlib
 import re
 import unicodedata
@@ -28,7 +29,7 @@ from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 import phonenumbers
-from phonenumbers.geodata.locale import LOCALE_DATA
+import pycountry
 
 Platform = Literal["meta", "google", "tiktok"]
 """The platforms whose rules this module knows."""
@@ -385,15 +386,22 @@ _COUNTRY_ALIASES = {
 
 @cache
 def _country_names() -> dict[str, str]:
-    """Names -> alpha-2, from the locale data that ships with ``phonenumbers``."""
+    """Names -> alpha-2: ISO 3166 names from ``pycountry``, in English and six more languages.
+
+    (``phonenumbers`` ships locale data too, but importing it costs ~75 MB per process.)
+    """
     names: dict[str, str] = {}
-    for language in ("en", "de", "fr", "es", "it", "nl", "pt"):
-        for region, by_language in LOCALE_DATA.items():
-            label = by_language.get(language)
-            while isinstance(label, str) and label.startswith("*"):
-                label = by_language.get(label[1:])
-            if isinstance(label, str) and len(region) == 2:
-                names.setdefault(_country_key(label), region)
+    translations = [
+        gettext.translation("iso3166-1", pycountry.LOCALES_DIR, languages=[lang], fallback=True)
+        for lang in ("de", "fr", "es", "it", "nl", "pt")
+    ]
+    for entry in pycountry.countries:
+        code = str(entry.alpha_2)
+        labels = [getattr(entry, attr, None) for attr in ("name", "official_name", "common_name")]
+        labels += [t.gettext(str(entry.name)) for t in translations]
+        for label in labels:
+            if isinstance(label, str):
+                names.setdefault(_country_key(label), code)
     names.update(_COUNTRY_ALIASES)
     return names
 
@@ -403,9 +411,12 @@ def _country_code(value: str) -> str | None:
     if not key:
         return None
     upper = key.upper()
-    if len(key) == 2 and upper in LOCALE_DATA:
+    if len(key) == 2 and upper in _ALPHA_2:
         return upper
     return _country_names().get(key)
+
+
+_ALPHA_2 = frozenset(str(c.alpha_2) for c in pycountry.countries)
 
 
 _US_STATES = {
