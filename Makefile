@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: serve test check lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/plugin/pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e examples/plugin
 	touch $(STAMP)
 
 serve: $(STAMP)
@@ -24,6 +24,8 @@ check: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/tagrelay check rules/
 	$(BIN)/tagrelay test rules/
+	$(BIN)/tagrelay check examples/ecommerce
+	$(BIN)/tagrelay test examples/ecommerce
 
 format: $(STAMP)
 	$(BIN)/ruff format .

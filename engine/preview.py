@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
 from destinations.base import HttpRequest, Item, SendContext
 from engine import event as events
@@ -12,10 +14,21 @@ from engine.rules.model import Container
 PREVIEW_TOKEN = "[access token]"  # noqa: S105 - a placeholder, not a credential  # stands in for an OAuth token a preview never fetches
 
 
+def _maybe_json(text: str) -> Any:
+    try:
+        return json.loads(text) if text[:1] in "[{" else text
+    except ValueError:
+        return text
+
+
 def request_json(request: HttpRequest) -> dict[str, Any]:
     """A request as JSON-friendly data; the body decoded when it is JSON."""
     body: Any = request.json()
-    if body is None and request.body:
+    content_type = next((v for k, v in request.headers.items() if k.lower() == "content-type"), "")
+    if body is None and content_type.startswith("application/x-www-form-urlencoded"):
+        # Form bodies (Meta) are shown as fields; fields holding JSON are shown decoded.
+        body = {k: _maybe_json(v) for k, v in parse_qsl(request.body.decode("utf-8", "replace"))}
+    elif body is None and request.body:
         body = request.body.decode("utf-8", "replace")
     return {
         "method": request.method,

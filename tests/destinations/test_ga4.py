@@ -313,7 +313,7 @@ def test_restricted_consent_drops_user_data_and_denies_the_ad_signals(
 @pytest.mark.parametrize(
     ("event_name", "rule"),
     [
-        ("page_view", "is reserved"),
+        ("screen_view", "is reserved"),
         ("session_start", "is reserved"),
         ("a" * 41, "longer than 40"),
         ("2fast", "starting with a letter"),
@@ -456,7 +456,7 @@ def test_collect_answers_2xx_even_to_what_it_drops(
 ) -> None:
     dest = ga4(server)
     bad = payload_for(dest, BRIEF_EVENT)
-    bad["event"]["name"] = "page_view"
+    bad["event"]["name"] = "first_visit"
 
     results = deliver(dest, [bad])
 

@@ -22,10 +22,13 @@ from tests.emulators.server import Reply, Request
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 RESERVED_EVENTS = frozenset(
-    {"ad_impression", "app_remove", "click", "error", "file_download", "first_open"}
-    | {"first_visit", "form_start", "form_submit", "page_view", "scroll", "session_start"}
-    | {"user_engagement", "video_complete", "video_progress", "video_start"}
-    | {"view_search_results", "in_app_purchase", "app_store_refund"}
+    {"ad_activeview", "ad_click", "ad_exposure", "ad_impression", "ad_query", "ad_reward"}
+    | {"adunit_exposure", "app_background", "app_clear_data", "app_exception", "app_install"}
+    | {"app_remove", "app_store_refund", "app_update", "app_upgrade", "dynamic_link_app_open"}
+    | {"dynamic_link_app_update", "dynamic_link_first_open", "error", "firebase_campaign"}
+    | {"first_open", "first_visit", "in_app_purchase", "notification_dismiss"}
+    | {"notification_foreground", "notification_open", "notification_receive"}
+    | {"notification_send", "os_update", "screen_view", "session_start", "user_engagement"}
 )
 RESERVED_PREFIXES = ("_", "firebase_", "ga_", "google_", "gtag.")
 LONG_PARAMS = {"page_location": 1000, "page_referrer": 420, "page_title": 300}
