@@ -6,6 +6,7 @@ store is down); nothing a client sends can produce a 500 or a stack trace.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -14,16 +15,18 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from engine import metrics
-from engine.auth import authenticate
+from engine.auth import authenticate, presented_key
 from engine.config import Settings
 from engine.errors import (
     BadRequest,
+    Forbidden,
     PayloadTooLarge,
     RequestError,
     StoreError,
     UnsupportedMediaType,
 )
 from engine.pipeline import Pipeline
+from engine.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
@@ -74,17 +77,26 @@ def _authenticated_body() -> bytes:
     length = request.content_length
     if length is not None and length > settings.max_body_bytes:
         raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
+    presented = presented_key(dict(request.headers), request.args)
+    if presented and any(
+        hmac.compare_digest(presented.encode(), pk.key.encode()) for pk in settings.publishable_keys
+    ):
+        raise Forbidden("a publishable key can only reach /v1/collect")
     body = request.get_data(cache=True)
     if len(body) > settings.max_body_bytes:
         raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
-    g.key = authenticate(
+    now = time.time()
+    key = authenticate(
         dict(request.headers),
         request.args,
         body,
         settings.server_keys,
-        time.time(),
+        now,
         settings.signature_window,
     )
+    g.key = key
+    limiter: RateLimiter = current_app.extensions["tagrelay.ratelimit"]
+    limiter.check(key.key, now)
     return body
 
 

@@ -6,11 +6,13 @@ import logging
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from engine import api
+from engine import api, collect
 from engine.config import Settings, ensure_server_key, load_settings
 from engine.errors import RequestError, StoreError
-from engine.pipeline import Pipeline, RulesHolder, load_rules
+from engine.pipeline import Pipeline, Privacy, RulesHolder, load_rules
+from engine.ratelimit import RateLimiter
 from engine.store.base import Store
 from engine.store.sqlite import SQLiteStore
 
@@ -38,13 +40,22 @@ def create_app(
     rules = rules or load_rules(settings.rules, settings.reload_interval)
     store = store or SQLiteStore(settings.database_path, settings.sqlite_sync)
 
+    privacy = Privacy(settings.ip_storage, settings.click_id_window)
     app = Flask("tagrelay")
+    if settings.trusted_proxies > 0:
+        # The client IP is taken from X-Forwarded-For only as far as the configured number of
+        # proxies in front of us appended to it; anything further left is client-supplied.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies
+        )
     # The body limit is enforced by the endpoints (with a JSON 413), before parsing.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     app.json.sort_keys = False  # type: ignore[attr-defined]  # flask's DefaultJSONProvider has it
     app.extensions["tagrelay.settings"] = settings
-    app.extensions["tagrelay.pipeline"] = Pipeline(store, rules)
+    app.extensions["tagrelay.pipeline"] = Pipeline(store, rules, privacy)
+    app.extensions["tagrelay.ratelimit"] = RateLimiter(store, settings.rate_limit)
     app.register_blueprint(api.bp)
+    app.register_blueprint(collect.bp)
 
     @app.errorhandler(RequestError)
     def request_error(exc: RequestError) -> tuple[Response, int]:

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine import __version__
 from engine.config import Settings, ensure_server_key, load_settings
@@ -93,8 +93,19 @@ def cmd_preview(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         _err(f"cannot read {args.event}: {exc}")
         return 2
+    settings = _settings(args)
+    enricher = None
+    if settings.database_path.exists():  # enrich from the store when there is one
+        from engine.pipeline import Privacy, enrich_from_store
+
+        store = _store(settings)
+        privacy = Privacy(settings.ip_storage, settings.click_id_window)
+
+        def enricher(event: dict[str, Any], now: datetime) -> list[str]:
+            return enrich_from_store(store, privacy, event, now)
+
     try:
-        result = preview(container, raw)
+        result = preview(container, raw, enricher=enricher, ip_storage=settings.ip_storage)
     except BadRequest as exc:
         _err(f"{args.event}: invalid event: {exc}")
         return 2
@@ -103,6 +114,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
         return 0
     event = result["event"]
     _out(f"event {event['event_name']!r} (event_id {event['event_id']})")
+    if event.get("enriched"):
+        _out(f"  enriched from the visitor's identity: {', '.join(event['enriched'])}")
     for tag in result["tags"]:
         mark = "FIRED  " if tag["fired"] else "skipped"
         _out(f"  {mark} {tag['name']} -> {tag['destination']}: {tag['reason']}")
@@ -295,6 +308,31 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Erase a person's events, identities and pending deliveries; report what was removed."""
+    if not (args.user_id or args.visitor_id or args.email):
+        _err("forget needs --user-id, --visitor-id or --email")
+        return 2
+    store = _store(_settings(args))
+    removed = store.forget(user_id=args.user_id, visitor_id=args.visitor_id, email=args.email)
+    if args.json:
+        _out(json.dumps(removed))
+    else:
+        _out("removed: " + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Apply retention now (the server also does it hourly)."""
+    from engine.maintenance import run_once
+
+    settings = _settings(args)
+    days = args.days if args.days is not None else settings.retention_days
+    removed = run_once(_store(settings), days)
+    _out("removed: " + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tagrelay`` command."""
     parser = argparse.ArgumentParser(prog="tagrelay", description="Server-side tag manager.")
@@ -331,6 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--data-dir", help="store directory (env TAGRELAY_DATA_DIR)")
     replay.set_defaults(func=cmd_replay)
 
+    forget = sub.add_parser("forget", help="erase a person's events, identities, deliveries")
+    forget.add_argument("--user-id")
+    forget.add_argument("--visitor-id")
+    forget.add_argument("--email")
+    forget.add_argument("--json", action="store_true")
+    forget.add_argument("--data-dir", help="store directory (env TAGRELAY_DATA_DIR)")
+    forget.set_defaults(func=cmd_forget)
+
+    purge = sub.add_parser("purge", help="apply the retention period now")
+    purge.add_argument("--days", type=int, help="default: TAGRELAY_RETENTION_DAYS (395)")
+    purge.add_argument("--data-dir", help="store directory (env TAGRELAY_DATA_DIR)")
+    purge.set_defaults(func=cmd_purge)
+
     check = sub.add_parser("check", help="validate a rule container")
     check.add_argument("path", nargs="?", default="rules")
     check.set_defaults(func=cmd_check)
@@ -343,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     prev.add_argument("event", help="a JSON file with one event")
     prev.add_argument("--rules", default="rules")
     prev.add_argument("--json", action="store_true", help="print one JSON object")
+    prev.add_argument("--data-dir", help="enrich from this store (env TAGRELAY_DATA_DIR)")
     prev.set_defaults(func=cmd_preview)
 
     schema = sub.add_parser("schema", help="print or write the rule-file JSON Schema")

@@ -33,6 +33,24 @@ class ServerKey:
 
 
 @dataclass(frozen=True)
+class PublishableKey:
+    """A browser key: it reaches only ``/v1/collect``, and only from its allowed origins."""
+
+    key: str
+    origins: tuple[str, ...] = ()  # exact origins, or "*" for any
+
+    def allows(self, origin: str | None) -> bool:
+        """Whether a page at ``origin`` may use this key."""
+        return "*" in self.origins or (origin is not None and origin in self.origins)
+
+    def __repr__(self) -> str:
+        return f"PublishableKey({self.key[:6]}…, origins={self.origins})"
+
+
+MAX_COOKIE_AGE = 400 * 86400  # browsers cap cookie lifetimes at 400 days
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the server needs to start."""
 
@@ -49,6 +67,16 @@ class Settings:
     reload_interval: float = 2.0
     log_level: str = "INFO"
     deliver: bool = True
+    publishable_keys: tuple[PublishableKey, ...] = ()
+    cookie_name: str = "tr_vid"
+    cookie_max_age: int = 365 * 86400
+    cookie_domain: str | None = None
+    cookie_secure: bool = True
+    trusted_proxies: int = 0  # how many proxies in front set X-Forwarded-For
+    rate_limit: int = 1000  # requests per minute per key; 0 turns it off
+    ip_storage: str = "consent"  # consent | truncate | drop | keep
+    click_id_window: float = 30 * 86400.0
+    retention_days: int = 395  # events and identities older than this are purged; 0: never
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,6 +97,17 @@ def parse_keys(raw: str) -> tuple[ServerKey, ...]:
             continue
         key, _, secret = entry.strip().partition(":")
         keys.append(ServerKey(key.strip(), secret.strip() or None))
+    return tuple(keys)
+
+
+def parse_publishable(raw: str) -> tuple[PublishableKey, ...]:
+    """``pk_1=https://a.example|https://b.example,pk_2=*`` -> publishable keys."""
+    keys = []
+    for entry in raw.split(","):
+        key, _, origins = entry.strip().partition("=")
+        if key.strip():
+            allowed = tuple(o.strip().rstrip("/") for o in origins.split("|") if o.strip())
+            keys.append(PublishableKey(key.strip(), allowed))
     return tuple(keys)
 
 
@@ -103,6 +142,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "log_level",
         "server_keys",
         "deliver",
+        "publishable_keys",
+        "cookie_name",
+        "cookie_max_age",
+        "cookie_domain",
+        "cookie_secure",
+        "trusted_proxies",
+        "rate_limit",
+        "ip_storage",
+        "click_id_window_days",
+        "retention_days",
     ):
         if f"TAGRELAY_{name.upper()}" in env:
             values[name] = env[f"TAGRELAY_{name.upper()}"]
@@ -135,6 +184,24 @@ def _build(values: Mapping[str, Any]) -> Settings:
     if workers < 1:
         raise ValueError("workers must be at least 1")
     deliver = values.get("deliver", s.deliver)
+    pks = values.get("publishable_keys")
+    if isinstance(pks, str):
+        publishable = parse_publishable(pks)
+    elif isinstance(pks, list):
+        publishable = tuple(
+            PublishableKey(str(k["key"]), tuple(str(o).rstrip("/") for o in k.get("origins", [])))
+            for k in pks
+        )
+    else:
+        publishable = ()
+    max_age = int(values.get("cookie_max_age", s.cookie_max_age))
+    if not 0 < max_age <= MAX_COOKIE_AGE:
+        raise ValueError(f"cookie_max_age must be 1 to {MAX_COOKIE_AGE} seconds (400 days)")
+    ip_storage = str(values.get("ip_storage", s.ip_storage)).lower()
+    if ip_storage not in ("consent", "truncate", "drop", "keep"):
+        raise ValueError("ip_storage must be consent, truncate, drop or keep")
+    secure = values.get("cookie_secure", s.cookie_secure)
+    window_days = float(values.get("click_id_window_days", s.click_id_window / 86400))
     return Settings(
         rules=Path(str(values.get("rules", s.rules))),
         data_dir=Path(str(values.get("data_dir", s.data_dir))),
@@ -145,6 +212,16 @@ def _build(values: Mapping[str, Any]) -> Settings:
         sqlite_sync=sync,
         log_level=str(values.get("log_level", s.log_level)).upper(),
         deliver=_bool(deliver) if isinstance(deliver, str) else bool(deliver),
+        publishable_keys=publishable,
+        cookie_name=str(values.get("cookie_name", s.cookie_name)),
+        cookie_max_age=max_age,
+        cookie_domain=str(values["cookie_domain"]) if values.get("cookie_domain") else None,
+        cookie_secure=_bool(secure) if isinstance(secure, str) else bool(secure),
+        trusted_proxies=int(values.get("trusted_proxies", s.trusted_proxies)),
+        rate_limit=int(values.get("rate_limit", s.rate_limit)),
+        ip_storage=ip_storage,
+        click_id_window=window_days * 86400,
+        retention_days=int(values.get("retention_days", s.retention_days)),
     )
 
 

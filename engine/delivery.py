@@ -131,6 +131,7 @@ class DeliveryWorker:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._tokens: dict[str, _TokenCache] = {}
         self._token_lock = threading.Lock()
+        self._token_locks: dict[str, threading.Lock] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -397,34 +398,40 @@ class DeliveryWorker:
         request = dest.adapter.token_request()
         if request is None:
             return None
-        with self._token_lock:
+        cached = self._tokens.get(dest.name)
+        if cached and cached.value and time.time() < cached.expires_at:
+            return cached.value
+        with self._token_lock:  # one lock per destination: a slow token endpoint stalls no other
+            lock = self._token_locks.setdefault(dest.name, threading.Lock())
+        with lock:
             cached = self._tokens.get(dest.name)
             if cached and cached.value and time.time() < cached.expires_at:
-                return cached.value
+                return cached.value  # another thread refreshed it meanwhile
             response = self.transport.send(request, dest.delivery.timeout)
-            if not 200 <= response.status < 300:
-                outcome = (
-                    Outcome.RETRYABLE
-                    if response.status >= 500 or response.status == 429
-                    else Outcome.AUTH
-                )
-                raise TokenFailure(f"HTTP {response.status}", outcome)
             try:
                 token = dest.adapter.read_token(response)
             except Exception as exc:
-                outcome = getattr(exc, "outcome", Outcome.AUTH)
                 raise TokenFailure(
-                    type(exc).__name__, outcome if isinstance(outcome, Outcome) else Outcome.AUTH
+                    f"HTTP {response.status} ({type(exc).__name__})", _token_outcome(exc, response)
                 ) from exc
             # Refresh a minute before expiry, so a token never expires mid-request.
-            self._tokens[dest.name] = _TokenCache(
-                token.value, time.time() + max(0.0, token.expires_in - 60)
-            )
+            expires_at = time.time() + max(0.0, token.expires_in - 60)
+            self._tokens[dest.name] = _TokenCache(token.value, expires_at)
             return token.value
 
     def _forget_token(self, name: str) -> None:
         with self._token_lock:
             self._tokens.pop(name, None)
+
+
+def _token_outcome(exc: Exception, response: HttpResponse) -> Outcome:
+    """How a failed token exchange should be retried: the adapter's word, else the status."""
+    outcome = getattr(exc, "outcome", None)
+    if isinstance(outcome, Outcome):
+        return outcome
+    if response.status in (408, 425, 429) or response.status >= 500:
+        return Outcome.RETRYABLE
+    return Outcome.AUTH
 
 
 class TokenFailure(Exception):

@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from engine import event as events
-from engine import metrics
+from engine import identity, metrics
+from engine.consent import granted_purposes
 from engine.errors import BadRequest, RulesError
 from engine.rules import Container, compile_container
 from engine.rules.source import rule_files
@@ -103,22 +104,64 @@ class Outcome:
         }
 
 
-class Pipeline:
-    """Accepts events: the one path every intake endpoint (and replay) goes through."""
+@dataclass(frozen=True)
+class Privacy:
+    """What the pipeline keeps about people (see README, "Privacy")."""
 
-    def __init__(self, store: Store, rules: RulesHolder) -> None:
+    ip_storage: str = "consent"  # consent | truncate | drop | keep
+    click_id_window: float = 30 * 86400.0
+    click_id_windows: Mapping[str, float] = field(default_factory=dict)  # per click ID name
+
+
+def enrich_from_store(
+    store: Store, privacy: Privacy, event: dict[str, Any], now: datetime
+) -> list[str]:
+    """Add what ``store`` remembers about the event's visitor or user; the fields added."""
+    visitor, user = event.get("visitor_id"), event.get("user_id")
+    if not visitor and not user:
+        return []
+    found = store.recall(
+        str(visitor) if visitor else None,
+        str(user) if user else None,
+        now.timestamp(),
+        privacy.click_id_windows,
+        privacy.click_id_window,
+    )
+    return identity.enrich(event, found) if found else []
+
+
+class Pipeline:
+    """Accepts events: the one path every intake endpoint goes through.
+
+    validate -> enrich from the visitor's identity -> IP policy -> rules -> one store
+    transaction (dedup, event, deliveries, identity update).
+    """
+
+    def __init__(self, store: Store, rules: RulesHolder, privacy: Privacy | None = None) -> None:
         self.store = store
         self.rules = rules
+        self.privacy = privacy or Privacy()
 
-    def prepare(self, raw: Any, container: Container, now: datetime) -> Acceptance:
-        """Validate and evaluate one event (no I/O).
+    def enrich(self, event: dict[str, Any], now: datetime) -> list[str]:
+        """Add what the store remembers about the event's visitor or user; the fields added."""
+        return enrich_from_store(self.store, self.privacy, event, now)
+
+    def prepare(
+        self, raw: Any, container: Container, now: datetime, enrich: bool = True
+    ) -> Acceptance:
+        """Validate, enrich and evaluate one event (reads the store, writes nothing).
 
         Raises:
             BadRequest: the event is invalid.
         """
         normalized = events.normalize(raw, now)
+        if enrich and (added := self.enrich(normalized, now)):
+            normalized["enriched"] = added
+        granted = granted_purposes(normalized.get("consent"), container.consent_defaults)
+        identity.apply_ip_policy(normalized, self.privacy.ip_storage, granted)
         decisions = container.evaluate(normalized, now=now)
-        return Acceptance(normalized, decisions, container.dedup_window, now.timestamp())
+        update = identity.identity_update(normalized, granted, now.timestamp())
+        return Acceptance(normalized, decisions, container.dedup_window, now.timestamp(), update)
 
     def accept(self, raws: Sequence[Any], now: datetime | None = None) -> list[Outcome]:
         """Accept a list of raw events; one outcome per event, in order.

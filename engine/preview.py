@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
 from destinations.base import HttpRequest, Item, SendContext
 from engine import event as events
+from engine.consent import granted_purposes
+from engine.identity import apply_ip_policy
 from engine.rules.model import Container
 
 PREVIEW_TOKEN = "[access token]"  # noqa: S105 - a placeholder, not a credential  # stands in for an OAuth token a preview never fetches
@@ -38,7 +41,16 @@ def request_json(request: HttpRequest) -> dict[str, Any]:
     }
 
 
-def preview(container: Container, raw: Any, now: datetime | None = None) -> dict[str, Any]:
+Enricher = Callable[[dict[str, Any], datetime], list[str]]
+
+
+def preview(
+    container: Container,
+    raw: Any,
+    now: datetime | None = None,
+    enricher: Enricher | None = None,
+    ip_storage: str = "consent",
+) -> dict[str, Any]:
     """Evaluate ``raw`` against every tag, without storing or sending anything.
 
     Returns:
@@ -51,6 +63,10 @@ def preview(container: Container, raw: Any, now: datetime | None = None) -> dict
     """
     now = now or datetime.now(UTC)
     event = events.normalize(raw, now)
+    if enricher is not None and (added := enricher(event, now)):
+        event["enriched"] = added  # shown, so the reader sees what the store contributed
+    granted = granted_purposes(event.get("consent"), container.consent_defaults)
+    apply_ip_policy(event, ip_storage, granted)
     tags = []
     for decision in container.evaluate(event, explain=True, now=now):
         entry: dict[str, Any] = {

@@ -19,6 +19,7 @@ from engine import logs
 from engine.app import create_app
 from engine.config import Settings
 from engine.delivery import DeliveryWorker
+from engine.maintenance import Maintenance
 from engine.pipeline import Pipeline
 
 
@@ -29,6 +30,15 @@ def start_delivery(app: Flask) -> DeliveryWorker:
     worker.start()
     app.extensions["tagrelay.delivery"] = worker
     return worker
+
+
+def start_maintenance(app: Flask, settings: Settings) -> Maintenance:
+    """Start the retention thread on the app's store."""
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    maintenance = Maintenance(pipeline.store, settings.retention_days)
+    maintenance.start()
+    app.extensions["tagrelay.maintenance"] = maintenance
+    return maintenance
 
 
 class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -44,7 +54,10 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
         settings = self.settings
 
         def post_fork(_server: Any, _worker: Any) -> None:
-            if settings.deliver and self.app is not None:
+            if self.app is None:
+                return
+            start_maintenance(self.app, settings)
+            if settings.deliver:
                 start_delivery(self.app)
 
         def worker_exit(_server: Any, _worker: Any) -> None:
@@ -74,6 +87,10 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
             "worker_exit": worker_exit,
             "child_exit": child_exit,
         }
+        if "control_socket" in self.cfg.settings:
+            # gunicorn 23+ opens a control socket at one path per user by default, which
+            # several tagrelay instances on a host would fight over; keep it per instance.
+            options["control_socket"] = str(settings.data_dir.resolve() / "gunicorn.ctl")
         for key, value in options.items():
             self.cfg.set(key, value)
 

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.identity import Identity, IdentityUpdate
+
 
 class Status(enum.Enum):
     """Where a delivery is in its life."""
@@ -72,6 +74,7 @@ class Acceptance:
     decisions: Sequence[Decision]
     window: float  # dedup window in seconds
     received_at: float  # Unix seconds
+    identity: IdentityUpdate | None = None  # what to remember about the visitor
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,40 @@ class Store(abc.ABC):
         ``supersedes`` (the dead letters being replayed) are removed in the same transaction.
         Returns the decisions as applied.
         """
+
+    # -- identity and privacy -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def recall(
+        self,
+        visitor_id: str | None,
+        user_id: str | None,
+        now: float,
+        windows: Mapping[str, float],
+        default_window: float,
+    ) -> Identity | None:
+        """What is remembered about a visitor (or the latest visitor linked to ``user_id``).
+
+        Click IDs and cookies first seen longer ago than their window are left out.
+        """
+
+    @abc.abstractmethod
+    def forget(
+        self, user_id: str | None = None, visitor_id: str | None = None, email: str | None = None
+    ) -> dict[str, int]:
+        """Erase a person: events, deliveries (pending ones too), identities and links.
+
+        ``email`` matches the event's ``user_data.email`` trimmed and lower-cased, or its
+        SHA-256. Returns how many of each kind were removed.
+        """
+
+    @abc.abstractmethod
+    def purge(self, before: float) -> dict[str, int]:
+        """Erase events received, and identities last seen, before ``before`` (retention)."""
+
+    @abc.abstractmethod
+    def rate_hit(self, key: str, window_start: float) -> int:
+        """Count one request for ``key`` in the window; returns the count so far."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 

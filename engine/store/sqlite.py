@@ -13,16 +13,19 @@ gap at the cost of an fsync per commit (set ``TAGRELAY_SQLITE_SYNC=full``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from engine.errors import StoreError
+from engine.identity import Identity, IdentityUpdate
 from engine.store.base import (
     Acceptance,
     Accepted,
@@ -70,6 +73,39 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_seq);
+
+CREATE TABLE IF NOT EXISTS visitors (
+    visitor_id   TEXT PRIMARY KEY,
+    user_id      TEXT,
+    user_agent   TEXT,
+    ip           TEXT,
+    first_seen   REAL NOT NULL,
+    last_seen    REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS visitors_last_seen ON visitors (last_seen);
+
+CREATE TABLE IF NOT EXISTS visitor_values (
+    visitor_id   TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    value        TEXT NOT NULL,
+    first_seen   REAL NOT NULL,
+    last_seen    REAL NOT NULL,
+    PRIMARY KEY (visitor_id, name)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS user_visitors (
+    user_id      TEXT NOT NULL,
+    visitor_id   TEXT NOT NULL,
+    linked_at    REAL NOT NULL,
+    PRIMARY KEY (user_id, visitor_id)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS rate_counters (
+    key          TEXT NOT NULL,
+    window       REAL NOT NULL,
+    n            INTEGER NOT NULL,
+    PRIMARY KEY (key, window)
+) WITHOUT ROWID;
 """
 
 _DELIVERY_COLUMNS = (
@@ -80,6 +116,15 @@ _DELIVERY_COLUMNS = (
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _marks(values: Iterable[Any]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+def _chunks(values: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:
@@ -220,7 +265,36 @@ class SQLiteStore(Store):
                 if d.fired
             ],
         )
+        if acc.identity is not None:
+            self._remember(db, acc.identity, now)
         return Accepted(event_id, False, summaries)
+
+    @staticmethod
+    def _remember(db: sqlite3.Connection, update: IdentityUpdate, now: float) -> None:
+        visitor = update.visitor_id
+        if visitor is None:
+            return
+        db.execute(
+            "INSERT INTO visitors (visitor_id, user_id, user_agent, ip, first_seen, last_seen) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (visitor_id) DO UPDATE SET "
+            "user_id = COALESCE(excluded.user_id, user_id), "
+            "user_agent = COALESCE(excluded.user_agent, user_agent), "
+            "ip = COALESCE(excluded.ip, ip), last_seen = excluded.last_seen",
+            (visitor, update.user_id, update.user_agent, update.ip, now, now),
+        )
+        db.executemany(
+            "INSERT INTO visitor_values (visitor_id, name, value, first_seen, last_seen) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (visitor_id, name) DO UPDATE SET "
+            "first_seen = CASE WHEN value = excluded.value THEN first_seen "
+            "ELSE excluded.first_seen END, value = excluded.value, last_seen = excluded.last_seen",
+            [(visitor, name, value, now, now) for name, value in update.values.items()],
+        )
+        if update.user_id:
+            db.execute(
+                "INSERT INTO user_visitors (user_id, visitor_id, linked_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (user_id, visitor_id) DO UPDATE SET linked_at = excluded.linked_at",
+                (update.user_id, visitor, now),
+            )
 
     @staticmethod
     def _claim(db: sqlite3.Connection, decision: Decision, now: float) -> Decision:
@@ -402,6 +476,153 @@ class SQLiteStore(Store):
             (delivery_id,),
         )
         return _stored_event(rows[0]) if rows else None
+
+    # -- identity and privacy -------------------------------------------------------------------
+
+    def recall(
+        self,
+        visitor_id: str | None,
+        user_id: str | None,
+        now: float,
+        windows: Mapping[str, float],
+        default_window: float,
+    ) -> Identity | None:
+        """See :meth:`Store.recall`."""
+        if not visitor_id and user_id:
+            rows = self._read(
+                "SELECT visitor_id FROM user_visitors WHERE user_id = ? "
+                "ORDER BY linked_at DESC LIMIT 1",
+                (user_id,),
+            )
+            visitor_id = rows[0]["visitor_id"] if rows else None
+        if not visitor_id:
+            return None
+        rows = self._read("SELECT * FROM visitors WHERE visitor_id = ?", (visitor_id,))
+        if not rows:
+            return None
+        visitor = rows[0]
+        values = {
+            r["name"]: (r["value"], r["first_seen"])
+            for r in self._read(
+                "SELECT name, value, first_seen FROM visitor_values WHERE visitor_id = ?",
+                (visitor_id,),
+            )
+            if now - r["first_seen"] <= windows.get(r["name"], default_window)
+        }
+        return Identity(
+            visitor_id, visitor["user_id"], values, visitor["user_agent"], visitor["ip"]
+        )
+
+    def forget(
+        self, user_id: str | None = None, visitor_id: str | None = None, email: str | None = None
+    ) -> dict[str, int]:
+        """See :meth:`Store.forget`."""
+        removed = {"events": 0, "deliveries": 0, "visitors": 0, "links": 0, "dedup_keys": 0}
+        with self._write() as db:
+            visitors = {visitor_id} if visitor_id else set()
+            users = {user_id} if user_id else set()
+            for _ in range(2):  # follow links both ways: user -> visitors -> users
+                for u in list(users):
+                    visitors |= {
+                        r[0]
+                        for r in db.execute(
+                            "SELECT visitor_id FROM user_visitors WHERE user_id = ?", (u,)
+                        )
+                    }
+                    visitors |= {
+                        r[0]
+                        for r in db.execute(
+                            "SELECT visitor_id FROM visitors WHERE user_id = ?", (u,)
+                        )
+                    }
+                for v in list(visitors):
+                    users |= {
+                        r[0]
+                        for r in db.execute(
+                            "SELECT user_id FROM user_visitors WHERE visitor_id = ?", (v,)
+                        )
+                    }
+            conditions, params = [], []
+            if users:
+                conditions.append(f"json_extract(body, '$.user_id') IN ({_marks(users)})")
+                params += sorted(users)
+            if visitors:
+                conditions.append(f"json_extract(body, '$.visitor_id') IN ({_marks(visitors)})")
+                params += sorted(visitors)
+            if email:
+                normalized = email.strip().lower()
+                digest = hashlib.sha256(normalized.encode()).hexdigest()
+                conditions.append("lower(trim(json_extract(body, '$.user_data.email'))) IN (?, ?)")
+                params += [normalized, digest]
+            if not conditions:
+                return removed
+            seqs = [
+                r[0]
+                for r in db.execute(
+                    f"SELECT seq FROM events WHERE {' OR '.join(conditions)}", params
+                )
+            ]
+            for chunk in _chunks(seqs, 500):
+                marks = _marks(chunk)
+                removed["deliveries"] += db.execute(
+                    f"DELETE FROM deliveries WHERE event_seq IN ({marks})", chunk
+                ).rowcount
+                removed["dedup_keys"] += db.execute(
+                    f"DELETE FROM dedup_keys WHERE event_seq IN ({marks})", chunk
+                ).rowcount
+                removed["events"] += db.execute(
+                    f"DELETE FROM events WHERE seq IN ({marks})", chunk
+                ).rowcount
+            for v in visitors:
+                removed["visitors"] += db.execute(
+                    "DELETE FROM visitors WHERE visitor_id = ?", (v,)
+                ).rowcount
+                db.execute("DELETE FROM visitor_values WHERE visitor_id = ?", (v,))
+                removed["links"] += db.execute(
+                    "DELETE FROM user_visitors WHERE visitor_id = ?", (v,)
+                ).rowcount
+            for u in users:
+                removed["links"] += db.execute(
+                    "DELETE FROM user_visitors WHERE user_id = ?", (u,)
+                ).rowcount
+        return removed
+
+    def purge(self, before: float) -> dict[str, int]:
+        """See :meth:`Store.purge`."""
+        with self._write() as db:
+            old = "SELECT seq FROM events WHERE received_at < ?"
+            deliveries = db.execute(
+                f"DELETE FROM deliveries WHERE event_seq IN ({old}) "
+                "AND status IN ('delivered', 'dead')",
+                (before,),
+            ).rowcount
+            events = db.execute(
+                "DELETE FROM events WHERE received_at < ? AND seq NOT IN "
+                "(SELECT event_seq FROM deliveries)",
+                (before,),
+            ).rowcount
+            stale = "SELECT visitor_id FROM visitors WHERE last_seen < ?"
+            db.execute(f"DELETE FROM visitor_values WHERE visitor_id IN ({stale})", (before,))
+            db.execute(f"DELETE FROM user_visitors WHERE visitor_id IN ({stale})", (before,))
+            visitors = db.execute("DELETE FROM visitors WHERE last_seen < ?", (before,)).rowcount
+            db.execute("DELETE FROM rate_counters WHERE window < ?", (time.time() - 3600,))
+        return {"events": events, "deliveries": deliveries, "visitors": visitors}
+
+    def rate_hit(self, key: str, window_start: float) -> int:
+        """See :meth:`Store.rate_hit`."""
+        try:
+            row = (
+                self._conn()
+                .execute(
+                    "INSERT INTO rate_counters (key, window, n) VALUES (?, ?, 1) "
+                    "ON CONFLICT (key, window) DO UPDATE SET n = n + 1 RETURNING n",
+                    (key, window_start),
+                )
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"rate counter failed: {exc}") from exc
+        return int(row[0])
 
     # -- lifecycle ------------------------------------------------------------------------------
 

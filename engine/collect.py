@@ -1,0 +1,163 @@
+"""Browser collection: ``POST /v1/collect``, the visitor cookie, CORS, and ``/tagrelay.js``.
+
+Browsers authenticate with a publishable key (``?key=``) that reaches nothing else, from the
+origins that key allows. Bodies may be ``text/plain`` JSON, so ``navigator.sendBeacon`` and
+``fetch`` without a CORS preflight both work. When tagrelay is served from the site's own
+subdomain (a CNAME such as ``t.shop.example``), the visitor cookie it sets is a first-party,
+server-set cookie, which browsers do not cap at 7 days as they cap cookies set by scripts.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from importlib import resources
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from engine.api import error_response, parse_json_body
+from engine.config import PublishableKey, Settings
+from engine.errors import BadRequest, Forbidden, PayloadTooLarge, RequestError, Unauthorized
+from engine.identity import capture_click_ids
+from engine.pipeline import Pipeline
+from engine.ratelimit import RateLimiter
+
+bp = Blueprint("collect", __name__)
+
+MAX_COLLECT_BYTES = 64 * 1024  # a browser event is small; a large body is a mistake or abuse
+
+
+def _settings() -> Settings:
+    settings: Settings = current_app.extensions["tagrelay.settings"]
+    return settings
+
+
+def _key() -> PublishableKey:
+    presented = request.args.get("key", "")
+    if not presented:
+        raise Unauthorized("missing publishable key: send ?key=<publishable key>")
+    found = None
+    for candidate in _settings().publishable_keys:
+        if hmac.compare_digest(presented.encode(), candidate.key.encode()):
+            found = candidate
+    if found is None:
+        raise Unauthorized("unknown publishable key")
+    return found
+
+
+def _origin() -> str | None:
+    origin = request.headers.get("Origin")
+    return origin.rstrip("/") if origin and origin != "null" else None
+
+
+def _cors(response: Response, key: PublishableKey | None) -> Response:
+    origin = _origin()
+    if key is not None and origin and key.allows(origin):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Vary"] = "Origin"
+    return response
+
+
+@bp.route("/v1/collect", methods=["OPTIONS"])
+def preflight() -> Response:
+    """CORS preflight: allowed origins of the key get POST with Content-Type."""
+    response = Response(status=204)
+    try:
+        key = _key()
+    except RequestError:
+        return response  # no allowance: the browser refuses the request itself
+    _cors(response, key)
+    if "Access-Control-Allow-Origin" in response.headers:
+        response.headers["Access-Control-Allow-Methods"] = "POST"
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+@bp.post("/v1/collect")
+def collect() -> tuple[Response, int]:
+    """Accept one event from a browser; set or refresh the visitor cookie."""
+    key: PublishableKey | None = None
+    try:
+        key = _key()
+        if not key.allows(_origin()):
+            raise Forbidden("this page's origin is not allowed for the publishable key")
+        limiter: RateLimiter = current_app.extensions["tagrelay.ratelimit"]
+        limiter.check(key.key, time.time())
+        length = request.content_length
+        if length is not None and length > MAX_COLLECT_BYTES:
+            raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
+        body = request.get_data(cache=False)
+        if len(body) > MAX_COLLECT_BYTES:
+            raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
+        raw = parse_json_body(body, request.content_type, allow_text=True)
+        if not isinstance(raw, dict):
+            raise BadRequest("an event must be a JSON object")
+        visitor_id = _visitor_id(raw)
+        event = _from_browser(raw, visitor_id)
+        pipeline: Pipeline = current_app.extensions["tagrelay.pipeline"]
+        outcome = pipeline.accept([event])[0]
+        if outcome.accepted is None:
+            raise BadRequest(outcome.error or "invalid event")
+    except RequestError as exc:
+        response, status = error_response(exc)
+        return _cors(response, key), status
+    answer = outcome.as_json()
+    answer["visitor_id"] = visitor_id
+    response = jsonify(answer)
+    _set_cookie(response, visitor_id)
+    return _cors(response, key), 200
+
+
+def _visitor_id(raw: dict[str, Any]) -> str:
+    """The server's cookie first (the page cannot forge it), then the event's, else new."""
+    name = _settings().cookie_name
+    for candidate in (request.cookies.get(name), raw.get("visitor_id")):
+        if isinstance(candidate, str) and 0 < len(candidate) <= 128 and candidate.isprintable():
+            return candidate
+    return "v_" + secrets.token_urlsafe(18)
+
+
+def _from_browser(raw: dict[str, Any], visitor_id: str) -> dict[str, Any]:
+    """The event as the server sees it: its visitor, the request's IP and UA, click IDs."""
+    event = dict(raw)
+    event["visitor_id"] = visitor_id
+    context = event.get("context")
+    context = dict(context) if isinstance(context, dict) else {}
+    if request.remote_addr:
+        context["ip"] = request.remote_addr  # behind trusted proxies: the client's (ProxyFix)
+    if request.user_agent.string:
+        context["user_agent"] = request.user_agent.string[:1000]
+    event["context"] = context
+    capture_click_ids(event)
+    return event
+
+
+def _set_cookie(response: Response, visitor_id: str) -> None:
+    settings = _settings()
+    response.set_cookie(
+        settings.cookie_name,
+        visitor_id,
+        max_age=settings.cookie_max_age,
+        path="/",
+        domain=settings.cookie_domain,
+        secure=settings.cookie_secure,
+        httponly=True,
+        samesite="Lax",
+    )
+
+
+@bp.get("/tagrelay.js")
+def script() -> Response:
+    """The browser script."""
+    try:
+        text = resources.files("engine").joinpath("static/tagrelay.js").read_bytes()
+    except FileNotFoundError:
+        return Response("// tagrelay.js is not installed\n", 404, content_type="text/javascript")
+    response = Response(text, 200, content_type="text/javascript; charset=utf-8")
+    response.headers["Cache-Control"] = "public, max-age=3600"
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    return response

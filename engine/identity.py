@@ -1,0 +1,165 @@
+"""Visitor identity for hybrid tracking: capture click IDs, remember them, enrich server events.
+
+The browser records the click and the visit; the backend confirms the business outcome; one
+visitor ID links them. On ``/v1/collect`` the click IDs in the page URL and referrer, and the
+platforms' cookies the script forwards, are remembered per visitor, each with the time first
+seen. A later server event that names the visitor (or a user ID linked to it by ``identify``)
+is enriched with what is remembered, before the rules run, so a backend ``sale`` reaches Meta
+with its ``fbc``/``fbp``, Google Ads with its ``gclid`` and TikTok with its ``ttclid``.
+
+Consent governs what is remembered: click IDs and platform cookies only when ``ad_storage`` is
+granted; the user agent and IP only when ``ad_user_data`` is granted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from engine.consent import truncate_ip
+
+# Query parameter -> context field. ScCid (Snapchat) keeps its documented spelling in URLs.
+CLICK_PARAMS: Mapping[str, str] = {
+    "gclid": "gclid",
+    "gbraid": "gbraid",
+    "wbraid": "wbraid",
+    "fbclid": "fbclid",
+    "ttclid": "ttclid",
+    "msclkid": "msclkid",
+    "li_fat_id": "li_fat_id",
+    "epik": "epik",
+    "ScCid": "sccid",
+    "rdt_cid": "rdt_cid",
+}
+COOKIE_FIELDS = ("fbc", "fbp", "ttp", "ga_client_id")
+REMEMBERED = (*CLICK_PARAMS.values(), *COOKIE_FIELDS)
+
+
+def click_ids_in_url(url: Any) -> dict[str, str]:
+    """The click IDs in a URL's query string (case of values kept)."""
+    if not isinstance(url, str) or "?" not in url:
+        return {}
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return {}
+    found: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=False):
+        name = CLICK_PARAMS.get(key) or CLICK_PARAMS.get(key.lower())
+        if name and value and name not in found:
+            found[name] = value[:500]
+    return found
+
+
+def capture_click_ids(event: dict[str, Any]) -> None:
+    """Copy click IDs from the page URL (first) and referrer into ``context``, if not set."""
+    context = event.setdefault("context", {})
+    for source in (context.get("page_url"), context.get("referrer")):
+        for name, value in click_ids_in_url(source).items():
+            context.setdefault(name, value)
+
+
+def apply_ip_policy(event: dict[str, Any], mode: str, granted: frozenset[str]) -> None:
+    """Keep, truncate or drop ``context.ip`` before the event is stored.
+
+    ``consent`` (the default) keeps the full IP when ``ad_user_data`` is granted, truncates it
+    (IPv4 /24, IPv6 /48) when only ``analytics_storage`` is, and drops it otherwise.
+    """
+    context = event.get("context")
+    if not isinstance(context, dict) or not context.get("ip"):
+        return
+    if mode == "consent":
+        mode = (
+            "keep"
+            if "ad_user_data" in granted
+            else "truncate"
+            if "analytics_storage" in granted
+            else "drop"
+        )
+    if mode == "drop":
+        context.pop("ip")
+    elif mode == "truncate":
+        truncated = truncate_ip(str(context["ip"]))
+        if truncated is None:
+            context.pop("ip")
+        else:
+            context["ip"] = truncated
+
+
+@dataclass(frozen=True)
+class IdentityUpdate:
+    """What one event teaches about its visitor; written in the event's store transaction."""
+
+    visitor_id: str | None
+    user_id: str | None = None
+    values: Mapping[str, str] = field(default_factory=dict)  # click IDs and cookies
+    user_agent: str | None = None
+    ip: str | None = None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the store remembers about a visitor (values within their attribution window)."""
+
+    visitor_id: str | None = None
+    user_id: str | None = None
+    values: Mapping[str, tuple[str, float]] = field(default_factory=dict)  # name -> (value, first)
+    user_agent: str | None = None
+    ip: str | None = None
+
+
+def identity_update(
+    event: Mapping[str, Any], granted: frozenset[str], received_at: float
+) -> IdentityUpdate | None:
+    """What to remember from an accepted event, as consent allows; None when nothing."""
+    visitor = event.get("visitor_id")
+    user = event.get("user_id")
+    if not visitor and not user:
+        return None
+    context = event.get("context") or {}
+    values: dict[str, str] = {}
+    if "ad_storage" in granted:
+        for name in REMEMBERED:
+            value = context.get(name)
+            if isinstance(value, str) and value:
+                values[name] = value[:500]
+        if "fbclid" in values and "fbc" not in values:
+            # Meta's documented fbc format, with the time the click was first seen.
+            values["fbc"] = f"fb.1.{int(received_at * 1000)}.{values['fbclid']}"
+    identified = "ad_user_data" in granted
+    ua = context.get("user_agent") if identified else None
+    ip = context.get("ip") if identified else None
+    if not visitor and not values and not ua:
+        return IdentityUpdate(None, str(user)) if user else None
+    return IdentityUpdate(
+        str(visitor) if visitor else None,
+        str(user) if user else None,
+        values,
+        ua if isinstance(ua, str) else None,
+        ip if isinstance(ip, str) else None,
+    )
+
+
+def enrich(event: dict[str, Any], identity: Identity) -> list[str]:
+    """Fill what the event lacks from the visitor's identity; returns the fields added."""
+    added: list[str] = []
+    if identity.visitor_id and not event.get("visitor_id"):
+        event["visitor_id"] = identity.visitor_id
+        added.append("visitor_id")
+    if identity.user_id and not event.get("user_id"):
+        event["user_id"] = identity.user_id
+        added.append("user_id")
+    context = event.setdefault("context", {})
+    for name, (value, _first_seen) in identity.values.items():
+        if not context.get(name):
+            context[name] = value
+            added.append(f"context.{name}")
+    for name, remembered in (("user_agent", identity.user_agent), ("ip", identity.ip)):
+        if remembered and not context.get(name):
+            context[name] = remembered
+            added.append(f"context.{name}")
+    if not context:
+        event.pop("context")
+    return added

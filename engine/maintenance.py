@@ -1,0 +1,61 @@
+"""Scheduled housekeeping: retention (events and identities older than N days) and expired keys.
+
+Runs in a background thread of every server or worker process, once an hour (the first run a
+minute after start). Running it in several processes at once is harmless: each purge is one
+transaction of idempotent deletes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from engine.errors import StoreError
+from engine.store.base import Store
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+
+
+def run_once(store: Store, retention_days: int, now: float | None = None) -> dict[str, int]:
+    """Purge what is past retention and past its dedup window; returns what was removed."""
+    now = time.time() if now is None else now
+    removed = {"dedup_keys": store.purge_expired(now)}
+    if retention_days > 0:
+        removed.update(store.purge(now - retention_days * DAY))
+    return removed
+
+
+class Maintenance:
+    """The housekeeping thread."""
+
+    def __init__(
+        self, store: Store, retention_days: int, interval: float = 3600.0, delay: float = 60.0
+    ) -> None:
+        self.store = store
+        self.retention_days = retention_days
+        self.interval = interval
+        self.delay = delay
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="maintenance", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (it finishes the purge it is in)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        wait = self.delay
+        while not self._stop.wait(wait):
+            wait = self.interval
+            try:
+                removed = run_once(self.store, self.retention_days)
+                log.info("retention purge done", extra={"removed": removed})
+            except StoreError:
+                log.warning("retention purge skipped: store unavailable")

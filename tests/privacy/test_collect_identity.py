@@ -1,0 +1,389 @@
+"""Browser collection, visitor identity and enrichment, privacy controls, rate limits, proxies."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from engine.app import create_app
+from engine.cli import main
+from engine.config import PublishableKey, ServerKey, Settings
+from engine.maintenance import run_once
+from engine.pipeline import Pipeline
+from engine.store.sqlite import SQLiteStore
+
+SERVER_KEY = "sk_privacy_tests_0123456789"
+PK = "pk_test_0123456789"
+ORIGIN = "https://shop.example"
+ALL_GRANTED = {p: "granted" for p in ("ad_storage", "analytics_storage", "ad_user_data")}
+
+RULES = """
+destinations:
+  hook: {type: webhook, url: "http://127.0.0.1:9/hook"}
+triggers: {all: {event: '*'}}
+tags:
+  - {name: to_hook, trigger: all, destination: hook}
+"""
+
+
+def make_app(tmp_path: Path, **overrides: Any) -> Flask:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    settings = Settings(
+        rules=rules,
+        data_dir=tmp_path / "data",
+        server_keys=(ServerKey(SERVER_KEY),),
+        publishable_keys=(PublishableKey(PK, (ORIGIN,)),),
+        **overrides,
+    )
+    return create_app(settings)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Flask:
+    return make_app(tmp_path)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def store_of(app: Flask) -> SQLiteStore:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    assert isinstance(pipeline.store, SQLiteStore)
+    return pipeline.store
+
+
+def collect(client: FlaskClient, event: dict[str, Any], **kwargs: Any) -> Any:
+    headers = {"Origin": ORIGIN, "User-Agent": "Mozilla/5.0 test", **kwargs.pop("headers", {})}
+    return client.post(
+        f"/v1/collect?key={kwargs.pop('key', PK)}",
+        data=json.dumps(event),
+        content_type=kwargs.pop("content_type", "text/plain"),
+        headers=headers,
+        **kwargs,
+    )
+
+
+def track(client: FlaskClient, event: dict[str, Any]) -> Any:
+    return client.post("/v1/track", json=event, headers={"Authorization": f"Bearer {SERVER_KEY}"})
+
+
+def stored(app: Flask, event_id: str) -> dict[str, Any]:
+    found = store_of(app).get_event(event_id)
+    assert found is not None
+    return dict(found.event)
+
+
+def test_collect_sets_a_long_lived_first_party_visitor_cookie(client: FlaskClient) -> None:
+    response = collect(client, {"event_name": "page_view", "consent": ALL_GRANTED})
+
+    assert response.status_code == 200
+    body = response.get_json()
+    cookie = response.headers["Set-Cookie"]
+    assert cookie.startswith(f"tr_vid={body['visitor_id']};")
+    for attribute in ("Max-Age=31536000", "Path=/", "HttpOnly", "SameSite=Lax", "Secure"):
+        assert attribute in cookie
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+
+
+def test_the_server_cookie_wins_over_the_visitor_id_in_the_body(client: FlaskClient) -> None:
+    first = collect(client, {"event_name": "page_view"}).get_json()["visitor_id"]
+
+    again = collect(client, {"event_name": "page_view", "visitor_id": "forged"}).get_json()
+
+    assert again["visitor_id"] == first
+
+
+def test_cookie_lifetime_and_domain_are_configurable(tmp_path: Path) -> None:
+    app = make_app(tmp_path, cookie_max_age=400 * 86400, cookie_domain="shop.example")
+
+    cookie = collect(app.test_client(), {"event_name": "page_view"}).headers["Set-Cookie"]
+
+    assert "Max-Age=34560000" in cookie and "Domain=shop.example" in cookie
+
+
+def test_an_origin_not_allowed_for_the_key_is_refused_without_cors(client: FlaskClient) -> None:
+    response = collect(
+        client, {"event_name": "page_view"}, headers={"Origin": "https://evil.example"}
+    )
+
+    assert response.status_code == 403
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_preflight_allows_only_the_keys_origins(client: FlaskClient) -> None:
+    ok = client.options(f"/v1/collect?key={PK}", headers={"Origin": ORIGIN})
+    bad = client.options(f"/v1/collect?key={PK}", headers={"Origin": "https://evil.example"})
+
+    assert ok.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "POST" in ok.headers["Access-Control-Allow-Methods"]
+    assert "Access-Control-Allow-Origin" not in bad.headers
+
+
+def test_a_publishable_key_reaches_nothing_but_collect(client: FlaskClient) -> None:
+    response = client.post(
+        "/v1/track", json={"event_name": "x"}, headers={"Authorization": f"Bearer {PK}"}
+    )
+
+    assert response.status_code == 403
+    assert "publishable" in response.get_json()["error"]
+
+
+def test_a_server_key_is_not_a_publishable_key(client: FlaskClient) -> None:
+    assert collect(client, {"event_name": "x"}, key=SERVER_KEY).status_code == 401
+
+
+def test_oversized_collect_bodies_are_refused(client: FlaskClient) -> None:
+    big = {"event_name": "x", "properties": {"blob": "a" * 70_000}}
+
+    assert collect(client, big).status_code == 413
+
+
+def test_click_ids_are_captured_from_the_page_url_and_referrer(
+    app: Flask, client: FlaskClient
+) -> None:
+    collect(
+        client,
+        {
+            "event_name": "page_view",
+            "event_id": "pv1",
+            "consent": ALL_GRANTED,
+            "context": {
+                "page_url": f"{ORIGIN}/?gclid=Gc-1&ScCid=snap1",
+                "referrer": "https://www.bing.com/?msclkid=ms-9&fbclid=IwAR-Mixed_Case",
+            },
+        },
+    )
+
+    context = stored(app, "pv1")["context"]
+    assert (context["gclid"], context["sccid"], context["msclkid"]) == ("Gc-1", "snap1", "ms-9")
+    assert context["fbclid"] == "IwAR-Mixed_Case"
+    assert context["user_agent"] == "Mozilla/5.0 test"
+
+
+def test_a_server_sale_is_enriched_with_the_visitors_click_ids(
+    app: Flask, client: FlaskClient
+) -> None:
+    visitor = collect(
+        client,
+        {
+            "event_name": "page_view",
+            "consent": ALL_GRANTED,
+            "context": {
+                "page_url": f"{ORIGIN}/?gclid=Gc-1&fbclid=IwAR-Mixed_Case&ttclid=tt-1",
+                "fbp": "fb.1.1700000000000.42",
+            },
+        },
+    ).get_json()["visitor_id"]
+
+    response = track(client, {"event_name": "sale", "event_id": "s1", "visitor_id": visitor})
+
+    assert response.status_code == 200
+    event = stored(app, "s1")
+    context = event["context"]
+    assert context["gclid"] == "Gc-1" and context["ttclid"] == "tt-1"
+    assert context["fbp"] == "fb.1.1700000000000.42"
+    assert context["fbc"].startswith("fb.1.") and context["fbc"].endswith(".IwAR-Mixed_Case")
+    assert "context.gclid" in event["enriched"]
+
+
+def test_identify_links_a_user_id_so_a_backend_event_by_user_finds_the_clicks(
+    app: Flask, client: FlaskClient
+) -> None:
+    collect(
+        client,
+        {
+            "event_name": "page_view",
+            "consent": ALL_GRANTED,
+            "context": {"page_url": f"{ORIGIN}/?gclid=Gc-2"},
+        },
+    )
+    collect(client, {"event_name": "identify", "user_id": "u42", "consent": ALL_GRANTED})
+
+    track(client, {"event_name": "sale", "event_id": "s2", "user_id": "u42"})
+
+    event = stored(app, "s2")
+    assert event["context"]["gclid"] == "Gc-2"
+    assert event["visitor_id"].startswith("v_")
+
+
+def test_click_ids_are_not_remembered_without_ad_storage_consent(
+    app: Flask, client: FlaskClient
+) -> None:
+    visitor = collect(
+        client,
+        {
+            "event_name": "page_view",
+            "consent": {"analytics_storage": "granted"},
+            "context": {"page_url": f"{ORIGIN}/?gclid=Gc-3"},
+        },
+    ).get_json()["visitor_id"]
+
+    track(client, {"event_name": "sale", "event_id": "s3", "visitor_id": visitor})
+
+    assert "gclid" not in stored(app, "s3").get("context", {})
+
+
+def test_click_ids_older_than_their_window_are_not_used(app: Flask) -> None:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    long_ago = datetime.now(UTC) - timedelta(days=31)
+    pipeline.accept(
+        [
+            {
+                "event_name": "page_view",
+                "visitor_id": "v_old",
+                "consent": ALL_GRANTED,
+                "context": {"gclid": "Gc-old"},
+            }
+        ],
+        now=long_ago,
+    )
+
+    pipeline.accept([{"event_name": "sale", "event_id": "s4", "visitor_id": "v_old"}])
+
+    assert "gclid" not in stored(app, "s4").get("context", {})
+
+
+@pytest.mark.parametrize(
+    ("consent", "expected"),
+    [
+        (ALL_GRANTED, "203.0.113.77"),
+        ({"analytics_storage": "granted"}, "203.0.113.0"),
+        ({}, None),
+    ],
+)
+def test_the_ip_is_kept_truncated_or_dropped_by_consent_before_storage(
+    app: Flask, client: FlaskClient, consent: dict[str, str], expected: str | None
+) -> None:
+    track(
+        client,
+        {
+            "event_name": "x",
+            "event_id": "ip1",
+            "consent": consent,
+            "context": {"ip": "203.0.113.77"},
+        },
+    )
+
+    assert stored(app, "ip1").get("context", {}).get("ip") == expected
+
+
+def test_ip_storage_drop_never_stores_an_ip(tmp_path: Path) -> None:
+    app = make_app(tmp_path, ip_storage="drop")
+
+    track(
+        app.test_client(),
+        {
+            "event_name": "x",
+            "event_id": "ip2",
+            "consent": ALL_GRANTED,
+            "context": {"ip": "203.0.113.77"},
+        },
+    )
+
+    assert "ip" not in stored(app, "ip2").get("context", {})
+
+
+def test_rate_limit_answers_429_with_retry_after_per_key(tmp_path: Path) -> None:
+    app = make_app(tmp_path, rate_limit=3)
+    client = app.test_client()
+
+    answers = [track(client, {"event_name": "x"}) for _ in range(4)]
+    browser = collect(client, {"event_name": "x"})
+
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert 1 <= int(answers[3].headers["Retry-After"]) <= 60
+    assert "rate limit" in answers[3].get_json()["error"]
+    assert browser.status_code == 200  # another key, its own budget
+
+
+def test_the_client_ip_comes_from_x_forwarded_for_only_behind_trusted_proxies(
+    tmp_path: Path,
+) -> None:
+    plain = make_app(tmp_path / "a")
+    proxied = make_app(tmp_path / "b", trusted_proxies=1)
+    headers = {"X-Forwarded-For": "198.51.100.9, 203.0.113.5"}
+    event = {"event_name": "x", "event_id": "p1", "consent": ALL_GRANTED}
+
+    collect(plain.test_client(), event, headers=headers)
+    collect(proxied.test_client(), event, headers=headers)
+
+    assert stored(plain, "p1")["context"]["ip"] == "127.0.0.1"
+    assert stored(proxied, "p1")["context"]["ip"] == "203.0.113.5"  # only the last hop is ours
+
+
+def test_retention_purges_old_events_and_identities_but_not_pending_ones(app: Flask) -> None:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    store = store_of(app)
+    old = datetime.now(UTC) - timedelta(days=400)
+    pipeline.accept(
+        [
+            {
+                "event_name": "x",
+                "event_id": "old",
+                "visitor_id": "v1",
+                "consent": ALL_GRANTED,
+                "context": {"gclid": "g"},
+            }
+        ],
+        now=old,
+    )
+    pipeline.accept([{"event_name": "x", "event_id": "new"}])
+    with store._write() as db:
+        db.execute("UPDATE deliveries SET status = 'delivered' WHERE event_id = 'old'")
+
+    removed = run_once(store, retention_days=395)
+
+    assert removed["events"] == 1 and removed["visitors"] == 1
+    assert store.get_event("old") is None and store.get_event("new") is not None
+    assert store.recall("v1", None, datetime.now(UTC).timestamp(), {}, 1e9) is None
+
+
+def test_forget_erases_a_person_and_reports_what_it_removed(
+    app: Flask, client: FlaskClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    visitor = collect(
+        client,
+        {
+            "event_name": "page_view",
+            "consent": ALL_GRANTED,
+            "context": {"page_url": f"{ORIGIN}/?gclid=G"},
+        },
+    ).get_json()["visitor_id"]
+    collect(client, {"event_name": "identify", "user_id": "u7", "consent": ALL_GRANTED})
+    track(client, {"event_name": "sale", "event_id": "mine", "user_id": "u7"})
+    track(
+        client,
+        {"event_name": "lead", "event_id": "by_mail", "user_data": {"email": " Ada@Example.com "}},
+    )
+    track(client, {"event_name": "sale", "event_id": "someone_else", "user_id": "u8"})
+
+    code = main(["forget", "--user-id", "u7", "--json", "--data-dir", str(tmp_path / "data")])
+    by_user = json.loads(capsys.readouterr().out)
+    main(["forget", "--email", "ada@example.com", "--json", "--data-dir", str(tmp_path / "data")])
+    by_email = json.loads(capsys.readouterr().out)
+
+    store = store_of(app)
+    assert code == 0
+    assert by_user["events"] == 3 and by_user["visitors"] == 1  # 2 collected + the sale
+    assert by_user["deliveries"] == 3  # pending deliveries go too
+    assert by_email["events"] == 1
+    assert store.get_event("someone_else") is not None
+    assert store.recall(visitor, None, datetime.now(UTC).timestamp(), {}, 1e9) is None
+
+
+def test_tagrelay_js_is_served(client: FlaskClient) -> None:
+    response = client.get("/tagrelay.js")
+
+    assert response.status_code in (200, 404)  # 404 only until the script ships
+    assert response.content_type.startswith("text/javascript")
