@@ -1,19 +1,35 @@
-"""Rate limits per key, shared by every worker process through the store.
+"""Rate limits per key, shared by every worker process (and host) through the store.
 
-A fixed one-minute window per key: the store counts requests (one atomic upsert), and the
-request over the limit is answered 429 with ``Retry-After`` set to the seconds left in the
-window. Keys are counted under a hash, so the store never holds a key itself.
+A fixed one-minute window per key. Each process counts locally and adds its count to the
+store's shared counter every ``limit / 100`` requests (at least every request for small limits,
+and at least once a second), so the store sees one write per batch of requests rather than one
+per request. The shared total can therefore lag by at most one unflushed batch per process: a
+process never lets a key past ``limit`` by its own count, and the overshoot across processes is
+bounded by ``processes * limit / 100``. Over the limit, the answer is 429 with ``Retry-After``
+set to the seconds left in the window. Keys are counted under a hash, so the store never holds
+a key itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from dataclasses import dataclass
 
 from engine.errors import TooManyRequests
 from engine.store.base import Store
 
 WINDOW = 60.0
+FLUSH_SECONDS = 1.0
+
+
+@dataclass
+class _Count:
+    window: float
+    pending: int = 0  # counted here, not yet added to the store
+    shared: int = 0  # the store's total as of the last flush (this process's flushes included)
+    flushed_at: float = 0.0
 
 
 class RateLimiter:
@@ -22,6 +38,9 @@ class RateLimiter:
     def __init__(self, store: Store, limit: int) -> None:
         self.store = store
         self.limit = limit
+        self.batch = max(1, limit // 100)
+        self._counts: dict[str, _Count] = {}
+        self._lock = threading.Lock()
 
     def check(self, key: str, now: float) -> None:
         """Count one request for ``key``.
@@ -33,8 +52,22 @@ class RateLimiter:
             return
         window = math.floor(now / WINDOW) * WINDOW
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        count = self.store.rate_hit(digest, window)
-        if count > self.limit:
+        with self._lock:
+            count = self._counts.get(digest)
+            if count is None or count.window != window:
+                count = self._counts[digest] = _Count(window, flushed_at=now)
+            count.pending += 1
+            flush = count.pending >= self.batch or now - count.flushed_at >= FLUSH_SECONDS
+            pending = count.pending if flush else 0
+            if flush:
+                count.pending = 0
+                count.flushed_at = now
+        if pending:
+            total = self.store.rate_hit(digest, window, pending)
+            with self._lock:
+                if count.window == window:
+                    count.shared = max(count.shared, total)
+        if count.shared + count.pending > self.limit:
             retry = max(1, math.ceil(window + WINDOW - now))
             raise TooManyRequests(
                 f"rate limit of {self.limit} requests per minute exceeded; retry in {retry} s",

@@ -243,8 +243,8 @@ class Store(abc.ABC):
         """Erase events received, and identities last seen, before ``before`` (retention)."""
 
     @abc.abstractmethod
-    def rate_hit(self, key: str, window_start: float) -> int:
-        """Count one request for ``key`` in the window; returns the count so far."""
+    def rate_hit(self, key: str, window_start: float, count: int = 1) -> int:
+        """Add ``count`` requests for ``key`` in the window; returns the total so far."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -608,21 +608,22 @@ class SQLiteStore(Store):
             db.execute("DELETE FROM rate_counters WHERE window < ?", (time.time() - 3600,))
         return {"events": events, "deliveries": deliveries, "visitors": visitors}
 
-    def rate_hit(self, key: str, window_start: float) -> int:
+    def rate_hit(self, key: str, window_start: float, count: int = 1) -> int:
         """See :meth:`Store.rate_hit`."""
         try:
-            row = (
+            # fetchall: a RETURNING statement holds the write lock until it is exhausted.
+            rows = (
                 self._conn()
                 .execute(
-                    "INSERT INTO rate_counters (key, window, n) VALUES (?, ?, 1) "
-                    "ON CONFLICT (key, window) DO UPDATE SET n = n + 1 RETURNING n",
-                    (key, window_start),
+                    "INSERT INTO rate_counters (key, window, n) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key, window) DO UPDATE SET n = n + excluded.n RETURNING n",
+                    (key, window_start, count),
                 )
-                .fetchone()
+                .fetchall()
             )
         except sqlite3.Error as exc:
             raise StoreError(f"rate counter failed: {exc}") from exc
-        return int(row[0])
+        return int(rows[0][0])
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -387,3 +387,29 @@ def test_tagrelay_js_is_served(client: FlaskClient) -> None:
 
     assert response.status_code in (200, 404)  # 404 only until the script ships
     assert response.content_type.startswith("text/javascript")
+
+
+def test_large_limits_write_the_shared_counter_once_per_batch(app: Flask) -> None:
+    from engine.ratelimit import RateLimiter
+
+    store = store_of(app)
+    limiter = RateLimiter(store, limit=1000)  # batches of 10
+    for _ in range(25):
+        limiter.check("k", 120.0)
+
+    rows = store._read("SELECT n FROM rate_counters")
+    assert [r["n"] for r in rows] == [20]  # two flushes of 10; 5 still local
+
+
+def test_processes_sharing_a_store_share_the_limit(app: Flask) -> None:
+    from engine.errors import TooManyRequests
+    from engine.ratelimit import RateLimiter
+
+    store = store_of(app)
+    one, two = RateLimiter(store, limit=4), RateLimiter(store, limit=4)
+    for limiter in (one, two, one, two):
+        limiter.check("k", 60.0)
+
+    with pytest.raises(TooManyRequests):
+        one.check("k", 61.0)
+    one.check("k", 121.0)  # a new window
