@@ -63,7 +63,7 @@ def create_app(
 
     @app.errorhandler(StoreError)
     def store_error(exc: StoreError) -> tuple[Response, int]:
-        log.error("store unavailable; request refused", extra={"error_type": type(exc).__name__})
+        log.error("store unavailable; request refused", extra={"error": str(exc)[:200]})
         response = jsonify({"success": False, "error": "the event store is unavailable; retry"})
         response.headers["Retry-After"] = "5"
         return response, 503
