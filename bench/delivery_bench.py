@@ -150,7 +150,9 @@ def memory_with_destination_down(events: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         rules = write_rules(Path(tmp) / "rules.yaml", dead_url)
         port = free_port()
-        env = dict(os.environ, TAGRELAY_SERVER_KEYS=KEY, TAGRELAY_DATA_DIR=tmp)
+        env = dict(
+            os.environ, TAGRELAY_SERVER_KEYS=KEY, TAGRELAY_DATA_DIR=tmp, TAGRELAY_RATE_LIMIT="0"
+        )
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         proc = subprocess.Popen(
             [

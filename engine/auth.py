@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from collections.abc import Mapping, Sequence
 
 from engine.config import ServerKey
@@ -29,9 +30,18 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
     return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
+def _header(headers: Mapping[str, str], name: str) -> str:
+    """A header's value by case-insensitive name ("" when absent)."""
+    value = headers.get(name)
+    if value is None:
+        wanted = name.lower()
+        value = next((v for k, v in headers.items() if k.lower() == wanted), "")
+    return value
+
+
 def presented_key(headers: Mapping[str, str], args: Mapping[str, str]) -> str | None:
     """The key a request presents, from the Authorization header or ``api_key``."""
-    auth = headers.get("Authorization", "")
+    auth = _header(headers, "Authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -44,9 +54,11 @@ def presented_key(headers: Mapping[str, str], args: Mapping[str, str]) -> str | 
 def find_key(presented: str, keys: Sequence[ServerKey]) -> ServerKey | None:
     """The configured key equal to ``presented``; compares against all keys in constant time."""
     found = None
-    given = presented.encode()
+    # Digests have one length, so neither the comparison time nor an early length mismatch
+    # tells how long a configured key is.
+    given = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
     for candidate in keys:
-        if hmac.compare_digest(given, candidate.key.encode()):
+        if hmac.compare_digest(given, hashlib.sha256(candidate.key.encode()).digest()):
             found = candidate
     return found
 
@@ -72,8 +84,8 @@ def authenticate(
         raise Unauthorized("unknown server key")
     if key.signing_secret is None:
         return key
-    timestamp = headers.get(TIMESTAMP_HEADER, "").strip()
-    sent = headers.get(SIGNATURE_HEADER, "").strip()
+    timestamp = _header(headers, TIMESTAMP_HEADER).strip()
+    sent = _header(headers, SIGNATURE_HEADER).strip()
     if not timestamp or not sent:
         raise Unauthorized(
             f"this key requires signed requests: send {TIMESTAMP_HEADER} and {SIGNATURE_HEADER}"
@@ -82,11 +94,13 @@ def authenticate(
         stamp = float(timestamp)
     except ValueError as exc:
         raise Unauthorized(f"{TIMESTAMP_HEADER} must be Unix seconds") from exc
+    if not math.isfinite(stamp):  # "nan" would pass every window comparison
+        raise Unauthorized(f"{TIMESTAMP_HEADER} must be Unix seconds")
     if abs(now - stamp) > window:
         raise Unauthorized(f"{TIMESTAMP_HEADER} is outside the {int(window)}-second replay window")
     if sent.lower().startswith("sha256="):
         sent = sent[7:]
     expected = signature(key.signing_secret, timestamp, body)
-    if not hmac.compare_digest(expected.encode(), sent.lower().encode()):
+    if not hmac.compare_digest(expected.encode(), sent.lower().encode("utf-8", "surrogatepass")):
         raise Unauthorized("signature does not match the body")
     return key

@@ -7,6 +7,7 @@ slower. Everything is compiled once, when the container loads, never per event.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 import jmespath
 import jmespath.exceptions
+import jmespath.visitor as jmespath_visitor
 
 Getter = Callable[[Any], Any]
 
@@ -69,17 +71,159 @@ def compile_expression(source: str) -> Getter:
         raise ExpressionError(
             f"invalid JMESPath expression {source!r}: {_jmespath_msg(exc)}"
         ) from exc
-    options = jmespath.Options(dict_cls=dict)
+    tree: Any = compiled.parsed
+    getter = _closure(tree)
 
     def search(data: Any) -> Any:
         try:
-            return compiled.search(data, options=options)
-        except jmespath.exceptions.JMESPathError:
+            return getter(data)
+        except Exception:  # noqa: BLE001 - jmespath raises bare TypeErrors too, e.g. for 'a' > 1
             # A type error at run time (e.g. comparing a string to a number) means "no value",
             # the same as a missing field; it must never fail the event.
             return None
 
     return search
+
+
+_OPTIONS = jmespath.Options(dict_cls=dict)
+_COMPARE: dict[str, Callable[[Any, Any], Any]] = {
+    "lt": operator.lt,
+    "lte": operator.le,
+    "gt": operator.gt,
+    "gte": operator.ge,
+}
+
+
+def _closure(node: dict[str, Any]) -> Getter:
+    """Turn a parsed JMESPath AST into nested Python closures.
+
+    The common node types (fields, paths, indexes, projections, ``||``/``&&``/``!``,
+    comparisons, literals, multi-selects, pipes) become direct Python; the rest (functions,
+    filters, slices, ...) is handed to jmespath's own interpreter, node by node, so the
+    semantics are jmespath's everywhere. ``tests/engine/test_expr_compiler.py`` holds the two
+    together on generated data.
+    """
+    kind = node["type"]
+    children = [_closure(c) for c in node.get("children", ())] if kind in _COMPILED else []
+    if kind == "field":
+        key = node["value"]
+        return lambda v: v.get(key) if isinstance(v, dict) else None
+    if kind in ("subexpression", "index_expression", "pipe"):
+        return _chain(children)
+    if kind == "index":
+        index = node["value"]
+
+        def at(v: Any) -> Any:
+            if not isinstance(v, list):
+                return None
+            try:
+                return v[index]
+            except IndexError:
+                return None
+
+        return at
+    if kind in ("current", "identity"):
+        return lambda v: v
+    if kind == "literal":
+        literal = node["value"]
+        return lambda _v: literal
+    if kind == "or_expression":
+        left, right = children
+        return lambda v: r if truthy(r := left(v)) else right(v)
+    if kind == "and_expression":
+        left, right = children
+        return lambda v: right(v) if truthy(r := left(v)) else r
+    if kind == "not_expression":
+        (inner,) = children
+        return lambda v: not truthy(inner(v))
+    if kind == "comparator":
+        left, right = children
+        op = node["value"]
+        if op == "eq":
+            return lambda v: _equals(left(v), right(v))
+        if op == "ne":
+            return lambda v: not _equals(left(v), right(v))
+        compare = _COMPARE[op]
+
+        def ordered(v: Any) -> Any:
+            a, b = left(v), right(v)
+            if not (_comparable(a) and _comparable(b)):
+                return None
+            return compare(a, b)
+
+        return ordered
+    if kind == "flatten":
+        (inner,) = children
+
+        def flatten(v: Any) -> Any:
+            base = inner(v)
+            if not isinstance(base, list):
+                return None
+            merged: list[Any] = []
+            for element in base:
+                if isinstance(element, list):
+                    merged.extend(element)
+                else:
+                    merged.append(element)
+            return merged
+
+        return flatten
+    if kind == "projection":
+        left, right = children
+
+        def project(v: Any) -> Any:
+            base = left(v)
+            if not isinstance(base, list):
+                return None
+            return [r for element in base if (r := right(element)) is not None]
+
+        return project
+    if kind == "multi_select_dict":
+        pairs = [(c["value"], _closure(c["children"][0])) for c in node["children"]]
+        return lambda v: None if v is None else {k: get(v) for k, get in pairs}
+    if kind == "multi_select_list":
+        return lambda v: None if v is None else [get(v) for get in children]
+    interpreter = jmespath_visitor.TreeInterpreter(_OPTIONS)
+    tree: Any = node
+    return lambda v: interpreter.visit(tree, v)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _comparable(x: Any) -> bool:
+    """JMESPath orders numbers and strings; anything else compares to null."""
+    return _number(x) or isinstance(x, str)
+
+
+def _equals(x: Any, y: Any) -> bool:
+    """JMESPath equality: Python's, except that 0/1 never equal false/true."""
+    if _number(x) and x in (0, 1) and isinstance(y, bool):
+        return False
+    if _number(y) and y in (0, 1) and isinstance(x, bool):
+        return False
+    return bool(x == y)
+
+
+_COMPILED = frozenset(
+    {"field", "subexpression", "index_expression", "pipe", "index", "current", "identity"}
+    | {"literal", "or_expression", "and_expression", "not_expression", "comparator"}
+    | {"flatten", "projection", "multi_select_list"}
+)
+
+
+def _chain(steps: list[Getter]) -> Getter:
+    if len(steps) == 2:
+        first, second = steps
+        return lambda v: second(first(v))
+
+    def chained(v: Any) -> Any:
+        for step in steps:
+            v = step(v)
+        return v
+
+    return chained
 
 
 def _is_keyword(text: str) -> bool:
@@ -88,6 +232,14 @@ def _is_keyword(text: str) -> bool:
 
 
 def _jmespath_msg(exc: Exception) -> str:
+    if isinstance(exc, jmespath.exceptions.IncompleteExpressionError):
+        return "the expression ends too early"
+    if isinstance(exc, jmespath.exceptions.LexerError):
+        what = getattr(exc, "message", "") or "unreadable text"
+        return f"{what} at character {getattr(exc, 'lexer_position', 0) + 1}"
+    if isinstance(exc, jmespath.exceptions.ParseError):
+        where = f" at character {exc.lex_position + 1}" if exc.lex_position is not None else ""
+        return f"{exc.msg}{where}"
     msg = str(exc).strip().splitlines()
     return msg[0] if msg else type(exc).__name__
 
@@ -112,6 +264,9 @@ class Field:
 def build(fields: tuple[Field, ...], event: Any) -> dict[str, Any]:
     """Evaluate ``fields`` over ``event`` into a nested dict; missing (None) values are left out."""
     out: dict[str, Any] = {}
+    # Dicts built here; any other dict came from the event (or a constant) and is copied before
+    # a deeper field is written into it, so a mapping never changes the event it reads.
+    owned = {id(out)}
     for f in fields:
         value = f.get(event)
         if value is None:
@@ -122,6 +277,10 @@ def build(fields: tuple[Field, ...], event: Any) -> dict[str, Any]:
             if not isinstance(child, dict):
                 child = {}
                 node[key] = child
+            elif id(child) not in owned:
+                child = dict(child)
+                node[key] = child
+            owned.add(id(child))
             node = child
         node[f.target[-1]] = value
     return out

@@ -85,7 +85,7 @@ class _Compiler:
     tests: list[_Entry] = field(default_factory=list)
     _var_getters: dict[str, Getter] = field(default_factory=dict)
     _var_sources: dict[str, str | None] = field(default_factory=dict)
-    _resolving: set[str] = field(default_factory=set)
+    _resolving: list[str] = field(default_factory=list)
 
     def error(self, where: Position, message: str) -> None:
         self.problems.append(Problem(where, message))
@@ -101,7 +101,7 @@ class _Compiler:
             return
         errors = sorted(_SCHEMA_VALIDATOR.iter_errors(doc.data), key=lambda e: list(e.path))
         for err in errors:
-            self.error(doc.at(*err.absolute_path), _schema_message(err))
+            self.error(_error_position(doc, (), err), _schema_message(err))
         if errors:
             return
         for section, target in (
@@ -158,13 +158,18 @@ class _Compiler:
             self.error(where, f"unknown variable ${name} (variables: {known})")
             return None
         if name in self._resolving:
-            self.error(entry.at(), f"variable ${name} refers to itself")
+            chain = [*self._resolving[self._resolving.index(name) :], name]
+            if len(chain) == 2:
+                self.error(entry.at(), f"variable ${name} refers to itself")
+            else:
+                cycle = " -> ".join(f"${n}" for n in chain)
+                self.error(entry.at(), f"variable ${name} is part of a cycle: {cycle}")
             return None
-        self._resolving.add(name)
+        self._resolving.append(name)
         try:
             getter = self._compile_variable(name, entry)
         finally:
-            self._resolving.discard(name)
+            self._resolving.pop()
         if getter is not None:
             self._var_getters[name] = getter
         return getter
@@ -174,7 +179,12 @@ class _Compiler:
         if isinstance(value, str):
             getter = self.expression(value, entry.at(), f"variable ${name}")
             if getter is not None:
-                self._var_sources[name] = _expand_source(value, self._var_sources)
+                refs = _VAR_REF.findall(value)
+                # An alias of a lookup table is itself only known per event.
+                per_event = any(self._var_sources.get(ref) is None for ref in refs)
+                self._var_sources[name] = (
+                    None if per_event else _expand_source(value, self._var_sources)
+                )
             return getter
         source = self.expression(value["lookup"], entry.at("lookup"), f"lookup ${name}")
         if source is None:
@@ -212,13 +222,17 @@ class _Compiler:
                 )
                 continue
             settings = {k: v for k, v in entry.value.items() if k not in _ENGINE_KEYS}
+            before = len(self.problems)
             settings = self._substitute(settings, entry)
+            if len(self.problems) > before:
+                continue  # a missing variable; its empty stand-in would only add noise
             validator = jsonschema.Draft202012Validator(cls.settings_schema)
             errors = list(validator.iter_errors(settings))
             for err in errors:
                 message = _schema_message(err, cls.secret_settings)
                 self.error(
-                    entry.at(*err.absolute_path), f"destination {name} ({type_name}): {message}"
+                    _error_position(entry.doc, entry.path, err),
+                    f"destination {name} ({type_name}): {message}",
                 )
             if errors:
                 continue
@@ -314,10 +328,13 @@ class _Compiler:
         if not _reads_event(tree):
             value = bool(getter({}))
             if kind == "when" and not value:
-                self.error(where, f"trigger {trigger} can never fire: `{source}` is always false")
+                self.error(
+                    where, f"trigger {trigger} can never fire: {_quote(source)} is always false"
+                )
             if kind == "unless" and value:
                 self.error(
-                    where, f"trigger {trigger} can never fire: unless `{source}` is always true"
+                    where,
+                    f"trigger {trigger} can never fire: unless {_quote(source)} is always true",
                 )
             return
         if kind == "when" and names is not None:
@@ -326,7 +343,7 @@ class _Compiler:
                 listed = ", ".join(sorted(names))
                 self.error(
                     where,
-                    f"trigger {trigger} can never fire: `{source}` needs event_name "
+                    f"trigger {trigger} can never fire: {_quote(source)} needs event_name "
                     f"{' or '.join(sorted(wanted))} but the trigger only takes [{listed}]",
                 )
 
@@ -343,6 +360,9 @@ class _Compiler:
                 self.error(entry.at("name"), f"tag {name!r} is already defined at {seen[name]}")
                 continue
             seen[name] = entry.at("name")
+            for key in ("trigger", "except"):  # used, even if this tag has other mistakes
+                refs = spec.get(key)
+                used_triggers |= {refs} if isinstance(refs, str) else set(refs or [])
             dest = dests.get(spec["destination"])
             if dest is None:
                 if spec["destination"] not in self.destinations:
@@ -355,7 +375,6 @@ class _Compiler:
                 continue
             trigs = self._trigger_refs(name, entry, "trigger", triggers)
             excs = self._trigger_refs(name, entry, "except", triggers)
-            used_triggers |= {t.name for t in (*trigs, *excs)}
             if set(t.name for t in trigs) & set(t.name for t in excs) and len(trigs) == 1:
                 self.error(
                     entry.at("except"),
@@ -467,6 +486,11 @@ def _expand_source(source: str, sources: Mapping[str, str | None]) -> str:
     return _VAR_REF.sub(sub, source)
 
 
+def _quote(source: str) -> str:
+    """An expression quoted for a message (backticks, unless it holds JMESPath literals)."""
+    return f'"{source}"' if "`" in source else f"`{source}`"
+
+
 def _reads_event(node: Any) -> bool:
     if isinstance(node, dict):
         if node.get("type") in ("field", "current", "identity"):
@@ -506,6 +530,32 @@ def _required_event_names(node: Mapping[str, Any]) -> set[str] | None:
     return None
 
 
+def _best_alternative(err: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """The error of the ``oneOf`` branch the writer most likely meant.
+
+    A branch whose type does not even match the value (a list where an object is also allowed)
+    is the least likely one, so its "is not of type" error is only the last resort.
+    """
+    while err.validator == "oneOf" and err.context:
+        meant = [e for e in err.context if e.validator != "type"] or list(err.context)
+        err = jsonschema.exceptions.best_match(meant)
+    return err
+
+
+def _error_position(
+    doc: Document, base: tuple[str | int, ...], err: jsonschema.ValidationError
+) -> Position:
+    """Where a schema error points: an unknown key at the key itself, else at the value."""
+    err = _best_alternative(err)
+    path: tuple[str | int, ...] = (*base, *err.absolute_path)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = err.schema.get("properties", {}) if isinstance(err.schema, Mapping) else {}
+        extra = sorted(set(err.instance) - set(allowed))
+        if extra:
+            return doc.key_at(*path, extra[0])
+    return doc.at(*path)
+
+
 def _schema_message(err: jsonschema.ValidationError, secrets: frozenset[str] = frozenset()) -> str:
     where = ".".join(str(p) for p in err.absolute_path)
     prefix = f"{where}: " if where else ""
@@ -517,7 +567,7 @@ def _schema_message(err: jsonschema.ValidationError, secrets: frozenset[str] = f
     if err.validator == "required":
         return f"{prefix}{err.message}"
     if err.validator == "oneOf" and err.context:
-        best = jsonschema.exceptions.best_match(err.context)
+        best = _best_alternative(err)
         return _schema_message(best, secrets) if best is not err else prefix + err.message
     last = err.absolute_path[-1] if err.absolute_path else None
     if last in secrets:

@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 from destinations.base import Destination, PayloadContext, PayloadError
-from engine.consent import Decision as ConsentDecision
 from engine.consent import Requirement, Verdict, decide, granted_purposes, strip_identifiers
 from engine.event import event_time
 from engine.expr import Field, Getter, build, truthy
@@ -103,8 +102,14 @@ class Tag:
         event: Mapping[str, Any],
         consent_defaults: Mapping[str, str],
         now: datetime | None = None,
+        scope: EventScope | None = None,
     ) -> Decision:
-        """Run this tag on a normalized event: trigger, exceptions, consent, mapping, payload."""
+        """Run this tag on a normalized event: trigger, exceptions, consent, mapping, payload.
+
+        ``scope`` carries what every tag needs of the same event (trigger results, granted
+        purposes, the parsed time, the stripped copy), so a container computes it once.
+        """
+        scope = scope or EventScope(event, consent_defaults)
         dest = self.destination.name
         if not self.enabled:
             return Decision(self.name, dest, False, "tag is disabled")
@@ -113,7 +118,7 @@ class Tag:
         why_not = []
         matched = None
         for trig in self.triggers:
-            ok, why = trig.check(event)
+            ok, why = scope.check(trig)
             if ok:
                 matched = why
                 break
@@ -121,14 +126,14 @@ class Tag:
         if matched is None:
             return Decision(self.name, dest, False, "; ".join(why_not))
         for exc in self.exceptions:
-            ok, _ = exc.check(event)
+            ok, _ = scope.check(exc)
             if ok:
                 return Decision(self.name, dest, False, f"blocked by exception trigger {exc.name}")
-        decision = self._consent(event, consent_defaults)
+        decision = decide(self.consent, scope.granted, scope.mentioned)
         if decision.verdict is Verdict.BLOCKED:
             return Decision(self.name, dest, False, decision.reason, decision.reason)
         anonymous = decision.verdict is Verdict.ANONYMOUS
-        view = strip_identifiers(event) if anonymous else event
+        view = scope.stripped() if anonymous else event
         platform_name = self.event_name(view) if self.event_name else view.get("event_name")
         if not isinstance(platform_name, str) or not platform_name:
             return Decision(
@@ -143,7 +148,7 @@ class Tag:
             tag=self.name,
             event_name=platform_name,
             event_id=str(event["event_id"]),
-            event_time=event_time(dict(event)),
+            event_time=scope.time,
             event=view,
             restricted=anonymous,
             now=now,
@@ -161,10 +166,41 @@ class Tag:
                 key = f"{self.name}:{value}"
         return Decision(self.name, dest, True, matched, decision.reason, anonymous, payload, key)
 
-    def _consent(self, event: Mapping[str, Any], defaults: Mapping[str, str]) -> ConsentDecision:
+
+class EventScope:
+    """Per-event facts shared by every tag of one evaluation, each computed at most once."""
+
+    __slots__ = ("_stripped", "_time", "_triggers", "defaults", "event", "granted", "mentioned")
+
+    def __init__(self, event: Mapping[str, Any], defaults: Mapping[str, str]) -> None:
+        self.event = event
+        self.defaults = defaults
         consent = event.get("consent") or {}
-        granted = granted_purposes(consent, defaults)
-        return decide(self.consent, granted, frozenset(consent) | frozenset(defaults))
+        self.granted = granted_purposes(consent, defaults)
+        self.mentioned = frozenset(consent) | frozenset(defaults)
+        self._triggers: dict[str, tuple[bool, str]] = {}
+        self._stripped: dict[str, Any] | None = None
+        self._time: datetime | None = None
+
+    def check(self, trigger: Trigger) -> tuple[bool, str]:
+        """The trigger's verdict on this event (evaluated once per trigger)."""
+        found = self._triggers.get(trigger.name)
+        if found is None:
+            found = self._triggers[trigger.name] = trigger.check(self.event)
+        return found
+
+    def stripped(self) -> dict[str, Any]:
+        """The event without identifiers (for anonymous forwarding)."""
+        if self._stripped is None:
+            self._stripped = strip_identifiers(self.event)
+        return self._stripped
+
+    @property
+    def time(self) -> datetime:
+        """The event's timestamp."""
+        if self._time is None:
+            self._time = event_time(dict(self.event))
+        return self._time
 
 
 @dataclass(frozen=True)
@@ -225,8 +261,6 @@ class Container:
             now: the time of receipt (adapters check event age against it).
         """
         name = str(event.get("event_name"))
-        if not explain:
-            return [
-                tag.evaluate(event, self.consent_defaults, now) for tag in self.candidates(name)
-            ]
-        return [tag.evaluate(event, self.consent_defaults, now) for tag in self.tags]
+        scope = EventScope(event, self.consent_defaults)
+        tags = self.tags if explain else self.candidates(name)
+        return [tag.evaluate(event, self.consent_defaults, now, scope) for tag in tags]

@@ -40,6 +40,12 @@ _MAPPING_VALUE = {
     ],
 }
 
+
+def _may_be_empty(section: dict[str, Any]) -> dict[str, Any]:
+    """A section written with nothing under it (``variables:``) is null; that is allowed."""
+    return {**section, "type": [section["type"], "null"]}
+
+
 RULES_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://tagrelay.dev/schema/rules.json",
@@ -182,3 +188,5 @@ RULES_SCHEMA: dict[str, Any] = {
         },
     },
 }
+for _section in ("settings", "destinations", "variables", "triggers", "tags", "tests"):
+    RULES_SCHEMA["properties"][_section] = _may_be_empty(RULES_SCHEMA["properties"][_section])

@@ -47,6 +47,11 @@ class Document:
     file: str
     data: Any
     positions: dict[PathKey, Position] = field(default_factory=dict)
+    key_positions: dict[PathKey, Position] = field(default_factory=dict)
+
+    def key_at(self, *path: str | int) -> Position:
+        """The position of the key that names the value at ``path`` (else :meth:`at`)."""
+        return self.key_positions.get(tuple(path)) or self.at(*path)
 
     def at(self, *path: str | int) -> Position:
         """The position of the value at ``path`` (or of its nearest known parent)."""
@@ -86,6 +91,7 @@ class _Walker:
                         )
                     )
                 out[skey] = self.walk(value_node, (*path, skey))
+                self.doc.key_positions[(*path, skey)] = self.pos(key_node)
                 # Scalars point at the value; blocks point at their key, where a reader looks.
                 if not isinstance(value_node, yaml.ScalarNode):
                     self.doc.positions[(*path, skey)] = self.pos(key_node)

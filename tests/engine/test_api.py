@@ -1,0 +1,372 @@
+"""The HTTP intake through Flask's test client: statuses, JSON errors, batches, duplicates."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from engine.app import create_app
+from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
+from engine.config import ServerKey, Settings
+from engine.errors import StoreError
+from engine.pipeline import load_rules
+
+KEY = "sk_test_0123456789"
+SIGNED_KEY = ServerKey("sk_signed_0123456789", "whsec_0123456789")
+AUTH = {"Authorization": f"Bearer {KEY}"}
+RULES = """
+destinations:
+  log: {type: log}
+triggers:
+  all: {event: "*"}
+  purchase: {event: purchase}
+tags:
+  - {name: log_all, trigger: all, destination: log}
+  - {name: log_purchase, trigger: purchase, destination: log, consent: [ad_storage]}
+"""
+
+
+@pytest.fixture
+def app(tmp_path: Path, write_rules: Callable[..., Path]) -> Flask:
+    container = write_rules(RULES)
+    settings = Settings(
+        rules=container,
+        data_dir=tmp_path / "data",
+        server_keys=(ServerKey(KEY), SIGNED_KEY),
+        deliver=False,
+    )
+    return create_app(settings, rules=load_rules(container, interval=0))
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Callable[[str], list[tuple[Any, ...]]]:
+    def query(sql: str) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(tmp_path / "data" / "tagrelay.db") as conn:
+            return conn.execute(sql).fetchall()
+
+    return query
+
+
+def post(client: FlaskClient, path: str, body: Any, **kwargs: Any) -> Any:
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    data = body if isinstance(body, bytes | str) else json.dumps(body)
+    kwargs.setdefault("content_type", "application/json")
+    return client.post(path, data=data, headers=headers, **kwargs)
+
+
+def assert_error(response: Any, status: int, message: str | None = None) -> None:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json
+    body = response.get_json()
+    assert set(body) == {"success", "error"}
+    assert body["success"] is False
+    assert "Traceback" not in body["error"]
+    if message is not None:
+        assert body["error"] == message
+
+
+# -- /v1/track --------------------------------------------------------------------------------
+
+
+def test_an_event_is_accepted_with_the_tags_that_fired(client: FlaskClient) -> None:
+    response = post(
+        client,
+        "/v1/track",
+        {"event_name": "purchase", "event_id": "o1", "consent": {"ad_storage": "granted"}},
+    )
+
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "success": True,
+        "event_id": "o1",
+        "duplicate": False,
+        "fired": ["log_all", "log_purchase"],
+    }
+
+
+def test_an_event_without_an_id_gets_one(client: FlaskClient) -> None:
+    response = post(client, "/v1/track", {"event_type": "page_view"})
+
+    assert response.status_code == 200
+    assert len(response.get_json()["event_id"]) == 32
+
+
+def test_a_repeat_returns_the_original_result_and_stores_nothing_new(
+    client: FlaskClient, db: Callable[[str], list[tuple[Any, ...]]]
+) -> None:
+    first = post(client, "/v1/track", {"event_name": "purchase", "event_id": "o1"}).get_json()
+
+    again = post(
+        client,
+        "/v1/track",
+        {"event_name": "purchase", "event_id": "o1", "consent": {"ad_storage": "granted"}},
+    ).get_json()
+
+    assert again == {**first, "duplicate": True}
+    assert db("SELECT COUNT(*) FROM events") == [(1,)]
+    assert db("SELECT COUNT(*) FROM deliveries") == [(1,)]
+
+
+def test_an_event_is_committed_before_it_is_acknowledged(
+    client: FlaskClient, db: Callable[[str], list[tuple[Any, ...]]]
+) -> None:
+    post(client, "/v1/track", {"event_name": "lead", "event_id": "l1"})
+
+    assert db("SELECT event_id, event_name FROM events") == [("l1", "lead")]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "the body is not valid JSON"),
+        (b"", "the request body is empty"),
+        (b'{"event_name": NaN}', "the body is not valid JSON"),
+        (b"\xff\xfe", "the body is not valid UTF-8"),
+        (b"[" * 100_000, "the JSON is nested too deeply"),
+        (b"[]", "an event must be a JSON object"),
+        (b'{"event_id": "x"}', "event_name is required (event_type is accepted as an alias)"),
+        (b'{"event_name": "x", "price": 1}', "unknown field 'price' in event"),
+        (
+            b'{"event_name": "x", "timestamp": 1795185045000}',
+            "timestamp looks like milliseconds; send Unix seconds",
+        ),
+    ],
+)
+def test_bad_bodies_get_400_with_a_clear_message(
+    client: FlaskClient, body: bytes, message: str
+) -> None:
+    response = post(client, "/v1/track", body)
+
+    assert_error(response, 400)
+    assert response.get_json()["error"].startswith(message)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
+def test_a_body_that_is_not_declared_json_gets_415(client: FlaskClient, content_type: str) -> None:
+    response = post(client, "/v1/track", {"event_name": "x"}, content_type=content_type)
+
+    assert_error(response, 415, "Content-Type must be application/json")
+
+
+def test_json_with_a_charset_parameter_is_accepted(client: FlaskClient) -> None:
+    response = post(
+        client, "/v1/track", {"event_name": "x"}, content_type="application/json; charset=utf-8"
+    )
+
+    assert response.status_code == 200
+
+
+def test_no_key_gets_401(client: FlaskClient) -> None:
+    response = client.post("/v1/track", json={"event_name": "x"})
+
+    assert_error(
+        response, 401, "missing server key: send 'Authorization: Bearer <key>' or ?api_key="
+    )
+
+
+def test_an_unknown_key_gets_401(client: FlaskClient) -> None:
+    response = post(
+        client, "/v1/track", {"event_name": "x"}, headers={"Authorization": "Bearer no"}
+    )
+
+    assert_error(response, 401, "unknown server key")
+
+
+def test_the_key_may_come_as_a_query_parameter(client: FlaskClient) -> None:
+    response = client.post(f"/v1/track?api_key={KEY}", json={"event_name": "x"})
+
+    assert response.status_code == 200
+
+
+def test_a_signed_request_is_accepted_and_a_tampered_one_refused(client: FlaskClient) -> None:
+    body = b'{"event_name": "purchase"}'
+    stamp = str(int(time.time()))
+    headers = {
+        "Authorization": f"Bearer {SIGNED_KEY.key}",
+        TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: "sha256=" + signature("whsec_0123456789", stamp, body),
+    }
+
+    ok = client.post("/v1/track", data=body, headers=headers, content_type="application/json")
+    tampered = client.post(
+        "/v1/track",
+        data=body.replace(b"purchase", b"refund"),
+        headers=headers,
+        content_type="application/json",
+    )
+
+    assert ok.status_code == 200
+    assert_error(tampered, 401, "signature does not match the body")
+
+
+def test_a_body_over_one_megabyte_gets_413(client: FlaskClient) -> None:
+    body = json.dumps({"event_name": "x", "properties": {"blob": "a" * 1_048_576}})
+
+    assert_error(post(client, "/v1/track", body), 413, "the body is over 1048576 bytes")
+
+
+def test_a_body_of_exactly_one_megabyte_is_read(client: FlaskClient) -> None:
+    head = '{"event_name": "x", "properties": {"blob": "'
+    body = head + "a" * (1_048_576 - len(head) - 3) + '"}}'
+    assert len(body) == 1_048_576
+
+    assert post(client, "/v1/track", body).status_code == 200
+
+
+def test_the_size_limit_applies_before_authentication(client: FlaskClient) -> None:
+    response = client.post("/v1/track", data=b"x" * 1_048_577, content_type="application/json")
+
+    assert_error(response, 413)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "message"),
+    [
+        ("get", "/v1/track", 405, "method not allowed"),
+        ("post", "/v1/nothing", 404, "no such endpoint"),
+        ("get", "/", 404, "no such endpoint"),
+        ("post", "/healthz", 405, "method not allowed"),
+    ],
+)
+def test_unknown_routes_and_methods_answer_json(
+    client: FlaskClient, method: str, path: str, status: int, message: str
+) -> None:
+    assert_error(getattr(client, method)(path), status, message)
+
+
+def test_the_store_being_down_gets_503_with_retry_after(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = app.extensions["tagrelay.pipeline"].store
+
+    def broken(*_: Any) -> Any:
+        raise StoreError("disk I/O error")
+
+    monkeypatch.setattr(store, "accept_many", broken)
+
+    response = post(client, "/v1/track", {"event_name": "x"})
+
+    assert_error(response, 503, "the event store is unavailable; retry")
+    assert response.headers["Retry-After"] == "5"
+
+
+# -- /v1/track/batch --------------------------------------------------------------------------
+
+
+def test_a_batch_answers_one_result_per_event_and_a_bad_one_sinks_nothing(
+    client: FlaskClient, db: Callable[[str], list[tuple[Any, ...]]]
+) -> None:
+    events = [
+        {"event_name": "lead", "event_id": "b1"},
+        {"event_id": "b2"},
+        "not an event",
+        {"event_name": "lead", "event_id": "b1"},
+        {"event_name": "lead", "event_id": "b3"},
+    ]
+
+    response = post(client, "/v1/track/batch", {"events": events})
+
+    body = response.get_json()
+    assert response.status_code == 200
+    assert (body["success"], body["accepted"], body["rejected"]) == (True, 3, 2)
+    assert body["results"] == [
+        {"success": True, "event_id": "b1", "duplicate": False, "fired": ["log_all"]},
+        {
+            "success": False,
+            "error": "event_name is required (event_type is accepted as an alias)",
+        },
+        {"success": False, "error": "an event must be a JSON object"},
+        {"success": True, "event_id": "b1", "duplicate": True, "fired": ["log_all"]},
+        {"success": True, "event_id": "b3", "duplicate": False, "fired": ["log_all"]},
+    ]
+    assert db("SELECT event_id FROM events ORDER BY seq") == [("b1",), ("b3",)]
+
+
+def test_a_batch_of_exactly_100_events_is_accepted(client: FlaskClient) -> None:
+    events = [{"event_name": "x", "event_id": f"e{i}"} for i in range(100)]
+
+    response = post(client, "/v1/track/batch", {"events": events})
+
+    assert response.status_code == 200
+    assert response.get_json()["accepted"] == 100
+
+
+def test_a_batch_over_100_events_gets_413_and_stores_nothing(
+    client: FlaskClient, db: Callable[[str], list[tuple[Any, ...]]]
+) -> None:
+    events = [{"event_name": "x"} for _ in range(101)]
+
+    response = post(client, "/v1/track/batch", {"events": events})
+
+    assert_error(response, 413, "a batch holds at most 100 events, got 101")
+    assert db("SELECT COUNT(*) FROM events") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([{"event_name": "x"}], 'the body must be {"events": [...]}'),
+        ({"events": {"event_name": "x"}}, 'the body must be {"events": [...]}'),
+        ({"event_name": "x"}, 'the body must be {"events": [...]}'),
+        ({"events": []}, "the batch has no events"),
+        ({"events": [{"event_name": "x"}], "sent_at": 1}, "unknown field 'sent_at' in batch"),
+    ],
+)
+def test_a_malformed_batch_gets_400(client: FlaskClient, body: Any, message: str) -> None:
+    assert_error(post(client, "/v1/track/batch", body), 400, message)
+
+
+def test_a_batch_body_over_one_megabyte_gets_413(client: FlaskClient) -> None:
+    events = [{"event_name": "x", "properties": {"blob": "a" * 20_000}} for _ in range(60)]
+
+    assert_error(post(client, "/v1/track/batch", {"events": events}), 413)
+
+
+# -- health -----------------------------------------------------------------------------------
+
+
+def test_healthz_answers_without_a_key(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+
+    assert (response.status_code, response.get_json()) == (200, {"status": "ok"})
+
+
+def test_readyz_reports_the_store_and_the_rules(client: FlaskClient) -> None:
+    response = client.get("/readyz")
+
+    body = response.get_json()
+    assert response.status_code == 200
+    assert body["status"] == "ready"
+    assert body["checks"]["store"] == "ok"
+    assert body["checks"]["rules"]["tags"] == 2
+
+
+def test_readyz_reports_a_refused_reload_but_stays_ready(
+    app: Flask, client: FlaskClient, write_rules: Callable[..., Path]
+) -> None:
+    container = write_rules(RULES.replace("trigger: purchase,", "trigger: purchse,"))
+    holder = app.extensions["tagrelay.pipeline"].rules
+    file = container / "rules.yaml"
+    stat = file.stat()
+    import os
+
+    os.utime(file, (stat.st_atime + 5, stat.st_mtime + 5))
+    holder.maybe_reload()
+
+    body = client.get("/readyz").get_json()
+
+    assert body["status"] == "ready"
+    assert "unknown trigger 'purchse'" in body["checks"]["rules"]["reload_error"]

@@ -1,0 +1,222 @@
+"""`tagrelay test` and `tagrelay preview`: readable results, exit codes, redacted secrets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.cli import main
+
+WriteRules = Callable[..., Path]
+SECRET = "whsec_preview_signing_secret_0123"
+HEADER_TOKEN = "Bearer crm-api-token-4567"
+
+RULES = f"""
+destinations:
+  crm:
+    type: webhook
+    url: https://crm.example/in
+    secret: {SECRET}
+    headers: {{Authorization: "{HEADER_TOKEN}", X-Api-Key: crm-key-89}}
+  log: {{type: log}}
+triggers:
+  purchase: {{event: purchase}}
+  all: {{event: "*"}}
+tags:
+  - name: crm_purchase
+    trigger: purchase
+    destination: crm
+    event_name: Purchase
+    consent: [ad_user_data]
+    mapping: {{value: properties.value}}
+  - {{name: log_all, trigger: all, destination: log}}
+"""
+PASSING_TESTS = """
+tests:
+  - name: a purchase reaches the crm
+    event: {event_name: purchase, properties: {value: 10}, consent: {ad_user_data: granted}}
+    expect:
+      crm_purchase: {fired: true, payload: {event_name: Purchase, value: 10}}
+      log_all: {fired: true}
+"""
+FAILING_TESTS = """
+tests:
+  - name: a purchase reaches the crm
+    event: {event_name: purchase, properties: {value: 10}, consent: {ad_user_data: granted}}
+    expect:
+      crm_purchase: {fired: true, payload: {value: 12, currency: EUR}}
+  - name: a page view does not
+    event: {event_name: page_view}
+    expect:
+      crm_purchase: {fired: true}
+      log_all: {fired: false, reason: nothing}
+"""
+
+
+def test_passing_rule_tests_exit_0(
+    write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    container = write_rules(RULES + PASSING_TESTS)
+
+    code = main(["test", str(container)])
+
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0].startswith("ok   a purchase reaches the crm  (")
+    assert out[-1] == "1 passed, 0 failed"
+
+
+def test_failing_rule_tests_show_each_difference_and_exit_1(
+    write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    container = write_rules(RULES + FAILING_TESTS)
+
+    code = main(["test", str(container)])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    file = container / "rules.yaml"
+    assert out.splitlines() == [
+        f"FAIL a purchase reaches the crm  ({file}:21:5)",
+        "       crm_purchase.payload.value: expected 12, got 10",
+        '       crm_purchase.payload.currency: expected "EUR", but it is missing',
+        f"FAIL a page view does not  ({file}:25:5)",
+        "       crm_purchase: expected to fire, but trigger purchase: event 'page_view' is not "
+        "one of [purchase]",
+        "       log_all: expected to not fire, but trigger all matched",
+        "       log_all: expected reason containing 'nothing', got 'trigger all matched'",
+        "0 passed, 2 failed",
+    ]
+
+
+def test_rule_tests_on_a_broken_container_exit_1_with_the_errors(
+    write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    container = write_rules(RULES.replace("trigger: purchase\n", "trigger: purchse\n"))
+
+    code = main(["test", str(container)])
+
+    assert code == 1
+    assert "unknown trigger 'purchse'" in capsys.readouterr().err
+
+
+def test_a_rule_test_with_an_invalid_event_fails_and_says_why(
+    write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    container = write_rules(
+        RULES
+        + "tests:\n  - name: bad\n    event: {event_name: x, colour: red}\n"
+        + "    expect: {log_all: {fired: true}}\n"
+    )
+
+    code = main(["test", str(container)])
+
+    assert code == 1
+    assert "the test event is invalid: unknown field 'colour' in event" in capsys.readouterr().out
+
+
+# -- preview ----------------------------------------------------------------------------------
+
+EVENT = {
+    "event_name": "purchase",
+    "event_id": "ord_1",
+    "timestamp": "2026-11-20T14:30:45+01:00",
+    "properties": {"value": 10},
+    "consent": {"ad_user_data": "granted"},
+}
+
+
+def preview_json(
+    container: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], event: Any = EVENT
+) -> tuple[int, str]:
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(event))
+    code = main(["preview", str(path), "--rules", str(container), "--json"])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_preview_json_has_the_event_and_one_entry_per_tag(
+    write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = preview_json(write_rules(RULES), tmp_path, capsys)
+
+    result = json.loads(out)
+    assert code == 0
+    assert set(result) == {"event", "tags"}
+    assert result["event"]["timestamp"] == "2026-11-20T13:30:45.000Z"
+    crm, log = result["tags"]
+    assert {"name", "destination", "fired", "reason", "request"} <= set(crm)
+    assert (crm["name"], crm["destination"], crm["fired"]) == ("crm_purchase", "crm", True)
+    assert crm["reason"] == "trigger purchase matched"
+    request = crm["request"]
+    assert set(request) == {"method", "url", "headers", "body"}
+    assert (request["method"], request["url"]) == ("POST", "https://crm.example/in")
+    assert request["body"]["event_name"] == "Purchase"
+    assert request["body"]["value"] == 10
+    assert (log["name"], log["fired"]) == ("log_all", True)
+
+
+def test_preview_redacts_the_webhook_secret_and_custom_headers(
+    write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, out = preview_json(write_rules(RULES), tmp_path, capsys)
+
+    headers = json.loads(out)["tags"][0]["request"]["headers"]
+    assert headers["Authorization"] == "[REDACTED]"
+    assert headers["X-Api-Key"] == "[REDACTED]"
+    for secret in (SECRET, HEADER_TOKEN, "crm-api-token-4567", "crm-key-89"):
+        assert secret not in out
+
+
+def test_preview_text_output_redacts_secrets_too(
+    write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(EVENT))
+
+    code = main(["preview", str(path), "--rules", str(write_rules(RULES))])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "FIRED   crm_purchase -> crm: trigger purchase matched" in out
+    assert "POST https://crm.example/in" in out
+    for secret in (SECRET, "crm-api-token-4567", "crm-key-89"):
+        assert secret not in out
+
+
+def test_preview_explains_tags_that_do_not_fire(
+    write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = {**EVENT, "consent": {"ad_user_data": "denied"}}
+
+    _, out = preview_json(write_rules(RULES), tmp_path, capsys, event)
+
+    crm = json.loads(out)["tags"][0]
+    assert (crm["fired"], crm["reason"], crm["request"]) == (
+        False,
+        "consent denied: ad_user_data",
+        None,
+    )
+
+
+def test_preview_of_an_invalid_event_exits_2(
+    write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, output = preview_json(write_rules(RULES), tmp_path, capsys, {"event_id": "x"})
+
+    assert code == 2
+    assert "event.json: invalid event: event_name is required" in output
+
+
+def test_preview_of_an_unreadable_file_exits_2(
+    write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["preview", str(tmp_path / "missing.json"), "--rules", str(write_rules(RULES))])
+
+    assert code == 2
+    assert "cannot read" in capsys.readouterr().err

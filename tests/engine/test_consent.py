@@ -1,0 +1,201 @@
+"""Consent: the three outcomes, what anonymous forwarding strips, defaults and reasons."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.consent import (
+    Requirement,
+    Verdict,
+    decide,
+    granted_purposes,
+    strip_identifiers,
+    truncate_ip,
+)
+from engine.event import normalize
+from engine.rules import compile_container
+
+NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
+ADS = Requirement(frozenset({"ad_storage", "ad_user_data"}))
+ANALYTICS = Requirement(frozenset({"ad_storage"}), frozenset({"analytics_storage"}))
+
+
+def verdict(requirement: Requirement, consent: dict[str, str], defaults: Any = None) -> Any:
+    defaults = defaults or {}
+    granted = granted_purposes(consent, defaults)
+    return decide(requirement, granted, frozenset(consent) | frozenset(defaults))
+
+
+def test_every_required_purpose_granted_forwards_the_full_event() -> None:
+    result = verdict(ADS, {"ad_storage": "granted", "ad_user_data": "granted"})
+
+    assert result.verdict is Verdict.FULL
+    assert result.reason == "consent granted (requires ad_storage, ad_user_data)"
+
+
+def test_a_tag_that_requires_nothing_always_forwards() -> None:
+    result = verdict(Requirement(), {})
+
+    assert (result.verdict, result.reason) == (Verdict.FULL, "consent granted (requires nothing)")
+
+
+def test_a_denied_purpose_blocks_and_is_named() -> None:
+    result = verdict(ADS, {"ad_storage": "granted", "ad_user_data": "denied"})
+
+    assert (result.verdict, result.reason) == (Verdict.BLOCKED, "consent denied: ad_user_data")
+
+
+def test_a_missing_signal_counts_as_denied_and_the_reason_says_so() -> None:
+    result = verdict(ADS, {"ad_storage": "granted"})
+
+    assert result.verdict is Verdict.BLOCKED
+    assert result.reason == "consent denied: ad_user_data (no signal)"
+
+
+def test_analytics_only_consent_forwards_anonymously_for_tags_that_allow_it() -> None:
+    result = verdict(ANALYTICS, {"analytics_storage": "granted", "ad_storage": "denied"})
+
+    assert result.verdict is Verdict.ANONYMOUS
+    assert result.reason == "forwarded without identifiers: denied ad_storage"
+
+
+def test_analytics_only_consent_blocks_tags_without_an_anonymous_mode() -> None:
+    assert verdict(ADS, {"analytics_storage": "granted"}).verdict is Verdict.BLOCKED
+
+
+def test_no_consent_at_all_blocks_even_the_anonymous_mode() -> None:
+    assert verdict(ANALYTICS, {}).verdict is Verdict.BLOCKED
+
+
+def test_container_defaults_fill_in_missing_signals_but_never_override_the_event() -> None:
+    defaults = {"ad_storage": "granted", "ad_user_data": "granted"}
+
+    assert verdict(ADS, {}, defaults).verdict is Verdict.FULL
+    assert verdict(ADS, {"ad_user_data": "denied"}, defaults).verdict is Verdict.BLOCKED
+
+
+# -- stripping --------------------------------------------------------------------------------
+
+FULL_EVENT: dict[str, Any] = {
+    "event_name": "purchase",
+    "event_id": "o1",
+    "visitor_id": "vis_1",
+    "user_id": "user_1",
+    "user_data": {"email": "a@example.com"},
+    "properties": {"value": 10},
+    "context": {
+        "ip": "203.0.113.7",
+        "user_agent": "UA",
+        "gclid": "g1",
+        "fbclid": "f1",
+        "fbc": "fb.1.1.f1",
+        "fbp": "fb.1.1.123",
+        "ttclid": "t1",
+        "msclkid": "m1",
+        "page_url": "https://shop.example/p?gclid=g1&color=red&FBCLID=f1&utm_source=x",
+        "referrer": "https://search.example/?q=shoes&msclkid=m1",
+    },
+}
+
+
+def test_stripping_removes_every_identifier_and_keeps_the_rest() -> None:
+    stripped = strip_identifiers(FULL_EVENT)
+
+    assert "user_data" not in stripped
+    assert "user_id" not in stripped
+    assert stripped["context"] == {
+        "ip": "203.0.113.0",
+        "user_agent": "UA",
+        "page_url": "https://shop.example/p?color=red&utm_source=x",
+        "referrer": "https://search.example/?q=shoes",
+    }
+    assert stripped["properties"] == {"value": 10}
+    assert stripped["event_id"] == "o1"
+
+
+def test_stripping_does_not_change_the_stored_event() -> None:
+    before = repr(FULL_EVENT)
+
+    strip_identifiers(FULL_EVENT)
+
+    assert repr(FULL_EVENT) == before
+
+
+@pytest.mark.parametrize(
+    ("ip", "truncated"),
+    [
+        ("203.0.113.77", "203.0.113.0"),
+        (" 198.51.100.1 ", "198.51.100.0"),
+        ("2001:db8:abcd:1234:5678::1", "2001:db8:abcd::"),
+        ("2001:db8:abcd:ffff:ffff:ffff:ffff:ffff", "2001:db8:abcd::"),
+        ("not an ip", None),
+        ("", None),
+    ],
+)
+def test_ips_are_truncated_to_a_24_or_a_48(ip: str, truncated: str | None) -> None:
+    assert truncate_ip(ip) == truncated
+
+
+def test_urls_without_click_ids_are_left_as_they_were() -> None:
+    event = {"context": {"page_url": "https://shop.example/p", "referrer": None}}
+
+    assert strip_identifiers(event)["context"] == event["context"]
+
+
+# -- through the rules ------------------------------------------------------------------------
+
+RULES = """
+settings:
+  consent_defaults: {analytics_storage: granted}
+destinations:
+  hook: {type: webhook, url: "https://hook.example/in"}
+triggers:
+  all: {event: "*"}
+tags:
+  - name: ads
+    trigger: all
+    destination: hook
+    consent: [ad_storage, ad_user_data]
+  - name: analytics
+    trigger: all
+    destination: hook
+    consent: {require: [ad_storage], anonymous: [analytics_storage]}
+"""
+
+
+def test_the_three_outcomes_through_compiled_rules(
+    write_rules: Callable[..., Path],
+) -> None:
+    rules, _ = compile_container(write_rules(RULES), {})
+    assert rules is not None
+
+    def run(consent: dict[str, Any]) -> dict[str, Any]:
+        event = normalize({**FULL_EVENT, "consent": consent}, NOW)
+        return {d.tag: d for d in rules.evaluate(event, now=NOW)}
+
+    full = run({"ad_storage": True, "ad_user_data": True})
+    analytics_only = run({"ad_storage": False, "ad_user_data": False})
+    nothing = run({"ad_storage": False, "analytics_storage": False})
+
+    assert full["ads"].fired and full["analytics"].fired
+    assert not full["analytics"].anonymous
+    assert full["analytics"].payload is not None
+    assert full["analytics"].payload["user_id"] == "user_1"
+
+    assert not analytics_only["ads"].fired
+    assert analytics_only["ads"].consent == "consent denied: ad_storage, ad_user_data"
+    anon = analytics_only["analytics"]
+    assert anon.fired and anon.anonymous
+    assert anon.payload is not None
+    assert "user_id" not in anon.payload
+    assert "user_data" not in anon.payload
+    assert anon.payload["context"]["ip"] == "203.0.113.0"
+    assert "gclid" not in anon.payload["context"]
+
+    assert not nothing["ads"].fired and not nothing["analytics"].fired
+    assert nothing["analytics"].reason == "consent denied: ad_storage"

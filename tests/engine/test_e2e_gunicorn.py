@@ -1,0 +1,255 @@
+"""End to end: `tagrelay serve` under gunicorn with two workers, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk_e2e_0123456789"
+SIGNED_KEY, SIGNING_SECRET = "sk_e2e_signed_0123", "whsec_e2e_secret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+RULES = """
+destinations:
+  log: {type: log}
+triggers:
+  all: {event: "*"}
+tags:
+  - {name: log_all, trigger: all, destination: log}
+"""
+
+
+def tagrelay_command() -> list[str]:
+    script = Path(sys.executable).parent / "tagrelay"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "engine.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """One `tagrelay serve` (master and workers in their own process group)."""
+
+    def __init__(self, rules: Path, data_dir: Path) -> None:
+        self.rules, self.data_dir = rules, data_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data_dir.parent / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TAGRELAY_")}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        return env | {
+            "TAGRELAY_RULES": str(self.rules),
+            "TAGRELAY_DATA_DIR": str(self.data_dir),
+            "TAGRELAY_SERVER_KEYS": f"{KEY},{SIGNED_KEY}:{SIGNING_SECRET}",
+            "TAGRELAY_BIND": f"127.0.0.1:{self.port}",
+            "TAGRELAY_WORKERS": "2",
+            "TAGRELAY_DELIVER": "false",
+            "TAGRELAY_LOG_LEVEL": "WARNING",
+        }
+
+    def start(self) -> None:
+        # stderr goes to a file: a pipe nobody reads would block the workers once it is full.
+        self.log = self.data_dir.parent / f"server-{self.port}.log"
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [*tagrelay_command(), "serve"],
+                env=self.env(),
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the server did not become ready in 30 s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text()[-4000:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def track(self, event: dict[str, Any]) -> dict[str, Any]:
+        response = requests.post(self.url + "/v1/track", json=event, headers=AUTH, timeout=10)
+        assert response.status_code == 200, f"{response.text}\nserver log:\n{self.output()}"
+        body: dict[str, Any] = response.json()
+        return body
+
+    def count(self, sql: str) -> Any:
+        with sqlite3.connect(self.data_dir / "tagrelay.db") as db:
+            return db.execute(sql).fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "rules.yaml").write_text(RULES)
+    running = Server(root / "rules.yaml", root / "data")
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_health_and_readiness_answer(server: Server) -> None:
+    assert requests.get(server.url + "/healthz", timeout=5).json() == {"status": "ok"}
+    ready = requests.get(server.url + "/readyz", timeout=5).json()
+    assert ready["status"] == "ready"
+    assert ready["checks"]["rules"]["tags"] == 1
+
+
+def test_repeats_across_many_connections_store_one_event(server: Server) -> None:
+    event = {"event_name": "purchase", "event_id": "e2e-dup-1", "properties": {"value": 5}}
+
+    results = [server.track(event) for _ in range(20)]
+
+    assert [r["duplicate"] for r in results] == [False] + [True] * 19
+    assert {r["event_id"] for r in results} == {"e2e-dup-1"}
+    assert server.count("SELECT COUNT(*) FROM events WHERE event_id = 'e2e-dup-1'") == 1
+    assert server.count("SELECT COUNT(*) FROM deliveries WHERE event_id = 'e2e-dup-1'") == 1
+
+
+def test_concurrent_repeats_on_both_workers_accept_the_event_once(server: Server) -> None:
+    event = {"event_name": "purchase", "event_id": "e2e-race-1"}
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: server.track(event), range(48)))
+
+    assert sum(1 for r in results if not r["duplicate"]) == 1
+    assert server.count("SELECT COUNT(*) FROM events WHERE event_id = 'e2e-race-1'") == 1
+    assert server.count("SELECT COUNT(*) FROM deliveries WHERE event_id = 'e2e-race-1'") == 1
+
+
+def test_a_batch_answers_per_event(server: Server) -> None:
+    events = [{"event_name": "lead", "event_id": "e2e-b1"}, {"event_id": "e2e-b2"}]
+
+    response = requests.post(
+        server.url + "/v1/track/batch", json={"events": events}, headers=AUTH, timeout=10
+    )
+
+    body = response.json()
+    assert response.status_code == 200
+    assert (body["accepted"], body["rejected"]) == (1, 1)
+    assert body["results"][1] == {
+        "success": False,
+        "error": "event_name is required (event_type is accepted as an alias)",
+    }
+
+
+def test_a_signed_key_needs_a_valid_signature(server: Server) -> None:
+    body = json.dumps({"event_name": "lead", "event_id": "e2e-signed"}).encode()
+    stamp = str(int(time.time()))
+    headers = {
+        "Authorization": f"Bearer {SIGNED_KEY}",
+        "Content-Type": "application/json",
+        TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: signature(SIGNING_SECRET, stamp, body),
+    }
+
+    ok = requests.post(server.url + "/v1/track", data=body, headers=headers, timeout=10)
+    unsigned = requests.post(
+        server.url + "/v1/track",
+        data=body,
+        headers={"Authorization": f"Bearer {SIGNED_KEY}", "Content-Type": "application/json"},
+        timeout=10,
+    )
+
+    assert ok.status_code == 200
+    assert unsigned.status_code == 401
+    assert unsigned.json()["success"] is False
+
+
+def test_errors_over_http_are_json(server: Server) -> None:
+    bad = requests.post(
+        server.url + "/v1/track",
+        data=b"{oops",
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=10,
+    )
+    missing = requests.get(server.url + "/nope", timeout=10)
+
+    assert bad.status_code == 400 and bad.json()["success"] is False
+    assert missing.status_code == 404 and missing.json() == {
+        "success": False,
+        "error": "no such endpoint",
+    }
+
+
+def test_the_server_refuses_to_start_on_an_invalid_container(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("trigger: all", "trigger: al"))
+    server = Server(rules, tmp_path / "data")
+
+    done = subprocess.run(
+        [*tagrelay_command(), "serve"],
+        env=server.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 1
+    assert f"{rules}:7:30: error: tag log_all: unknown trigger 'al'" in done.stderr
+    assert "refusing to start" in done.stderr
+
+
+def test_dedup_holds_across_a_restart(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    server = Server(rules, tmp_path / "data")
+    event = {"event_name": "purchase", "event_id": "e2e-restart-1"}
+    server.start()
+    try:
+        first = server.track(event)
+    finally:
+        server.stop()
+
+    server.start()
+    try:
+        again = server.track(event)
+    finally:
+        server.stop()
+
+    assert (first["duplicate"], again["duplicate"]) == (False, True)
+    assert server.count("SELECT COUNT(*) FROM events WHERE event_id = 'e2e-restart-1'") == 1

@@ -1,0 +1,169 @@
+"""The canonical event: validation, the event_type alias, timestamps, IDs and consent values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from engine.errors import BadRequest
+from engine.event import normalize, parse_timestamp
+
+NOW = datetime(2026, 11, 20, 15, 0, 0, tzinfo=UTC)
+
+
+def norm(**fields: Any) -> dict[str, Any]:
+    return normalize({"event_name": "purchase", **fields}, NOW)
+
+
+def error_of(raw: Any) -> str:
+    with pytest.raises(BadRequest) as info:
+        normalize(raw, NOW)
+    return str(info.value)
+
+
+def test_minimal_event_gets_an_id_and_the_time_of_receipt() -> None:
+    event = normalize({"event_name": "page_view"}, NOW)
+
+    assert event["event_name"] == "page_view"
+    assert len(event["event_id"]) == 32
+    assert event["timestamp"] == "2026-11-20T15:00:00.000Z"
+
+
+def test_generated_event_ids_are_unique() -> None:
+    ids = {normalize({"event_name": "x"}, NOW)["event_id"] for _ in range(200)}
+
+    assert len(ids) == 200
+
+
+def test_empty_event_id_is_rejected_rather_than_silently_replaced() -> None:
+    assert error_of({"event_name": "x", "event_id": ""}) == "event_id is too short"
+
+
+def test_integer_event_id_is_kept_as_text() -> None:
+    assert norm(event_id=12345)["event_id"] == "12345"
+
+
+def test_event_type_is_an_alias_of_event_name() -> None:
+    event = normalize({"event_type": "sale", "event_id": "o1"}, NOW)
+
+    assert event["event_name"] == "sale"
+    assert "event_type" not in event
+
+
+def test_event_name_wins_over_event_type_when_both_are_sent() -> None:
+    event = normalize({"event_name": "purchase", "event_type": "sale"}, NOW)
+
+    assert event["event_name"] == "purchase"
+    assert "event_type" not in event
+
+
+def test_event_without_a_name_names_the_alias_in_its_error() -> None:
+    assert error_of({"event_id": "a"}) == (
+        "event_name is required (event_type is accepted as an alias)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ([], "an event must be a JSON object"),
+        ("purchase", "an event must be a JSON object"),
+        (None, "an event must be a JSON object"),
+        ({"event_name": ""}, "event_name is too short"),
+        ({"event_name": "x" * 257}, "event_name is too long"),
+        ({"event_name": 5}, "event_name must be string"),
+        ({"event_name": "x", "colour": "red"}, "unknown field 'colour' in event"),
+        ({"event_name": "x", "properties": []}, "properties must be object"),
+        ({"event_name": "x", "user_data": {"email": 5}}, "user_data.email must be string or null"),
+        ({"event_name": "x", "context": {"ip": 5}}, "context.ip must be string or null"),
+        ({"event_name": "x", "event_id": 1.5}, "event_id must be string or integer"),
+        ({"event_name": "x", "event_id": True}, "event_id must be string or integer"),
+        (
+            {"event_name": "x", "consent": {"ad_storage": "yes"}},
+            "consent.ad_storage must be 'granted', 'denied' or a boolean",
+        ),
+        ({"event_name": "x", "timestamp": None}, "timestamp must be string or number"),
+    ],
+)
+def test_invalid_events_are_rejected_with_a_message_naming_the_field(
+    raw: Any, message: str
+) -> None:
+    assert error_of(raw) == message
+
+
+def test_user_data_fields_may_be_null() -> None:
+    event = norm(user_data={"email": None, "phone": "+4915112345678"})
+
+    assert event["user_data"] == {"email": None, "phone": "+4915112345678"}
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("2026-11-20T14:30:45Z", "2026-11-20T14:30:45.000Z"),
+        ("2026-11-20T14:30:45+02:00", "2026-11-20T12:30:45.000Z"),
+        ("2026-11-20T09:30:45.123-05:00", "2026-11-20T14:30:45.123Z"),
+        ("2026-11-20T14:30:45", "2026-11-20T14:30:45.000Z"),  # no offset: taken as UTC
+        (" 2026-11-20T14:30:45Z ", "2026-11-20T14:30:45.000Z"),
+        (1795185045, "2026-11-20T14:30:45.000Z"),
+        (1795185045.5, "2026-11-20T14:30:45.500Z"),
+    ],
+)
+def test_timestamps_are_stored_in_utc_with_a_z(sent: Any, stored: str) -> None:
+    assert norm(timestamp=sent)["timestamp"] == stored
+
+
+@pytest.mark.parametrize(
+    ("sent", "message"),
+    [
+        (1795185045000, "timestamp looks like milliseconds; send Unix seconds"),
+        ("20 Nov 2026", "timestamp must be ISO 8601 (e.g. 2026-11-20T14:30:45Z)"),
+        ("1795703445", "timestamp must be ISO 8601 (e.g. 2026-11-20T14:30:45Z)"),
+        (True, "timestamp must be an ISO 8601 string or Unix seconds"),
+        ("1999-12-31T23:59:59Z", "timestamp is before the year 2000"),
+        (0, "timestamp is before the year 2000"),
+        (-5, "timestamp is before the year 2000"),
+        ("0001-01-01T00:00:00+01:00", "timestamp is out of range"),
+        ("9999-12-31T23:59:59-14:00", "timestamp is out of range"),
+        (1e300, "timestamp is out of range"),
+        (float("nan"), "timestamp is out of range"),
+    ],
+)
+def test_unreadable_timestamps_are_rejected(sent: Any, message: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_timestamp(sent, NOW)
+
+    assert str(info.value) == message
+
+
+def test_timestamp_up_to_an_hour_ahead_is_accepted_for_clock_skew() -> None:
+    ahead = (NOW + timedelta(minutes=59)).timestamp()
+
+    assert norm(timestamp=ahead)["timestamp"] == "2026-11-20T15:59:00.000Z"
+
+
+def test_timestamp_more_than_an_hour_in_the_future_is_rejected() -> None:
+    ahead = (NOW + timedelta(hours=1, seconds=1)).isoformat()
+
+    with pytest.raises(BadRequest, match="more than an hour in the future"):
+        norm(timestamp=ahead)
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [(True, "granted"), (False, "denied"), ("granted", "granted"), ("denied", "denied")],
+)
+def test_consent_values_become_granted_or_denied(sent: Any, stored: str) -> None:
+    event = norm(consent={"ad_storage": sent, "custom_purpose": sent})
+
+    assert event["consent"] == {"ad_storage": stored, "custom_purpose": stored}
+
+
+def test_normalize_does_not_change_what_the_client_sent() -> None:
+    raw = {"event_type": "x", "consent": {"ad_storage": True}}
+
+    normalize(raw, NOW)
+
+    assert raw == {"event_type": "x", "consent": {"ad_storage": True}}

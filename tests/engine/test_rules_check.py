@@ -1,0 +1,233 @@
+"""`tagrelay check`: every fixture in tests/rules/invalid names the problems it must produce.
+
+Convention for fixtures (a file, or a directory container):
+
+- ``# expect: [FILE:]LINE:COLUMN: MESSAGE`` — an error at that position whose message contains
+  MESSAGE. FILE defaults to the file holding the comment (in a directory, a name relative to it).
+- ``# expect-warning: [FILE:]LINE:COLUMN: MESSAGE`` — the same for a warning.
+- ``# expect-absent: TEXT`` — TEXT (e.g. a secret) appears in no problem at all.
+
+Every expected problem must be found, and an invalid fixture has no unexpected errors. Every
+fixture in tests/rules/valid checks with no errors (warnings only where expected) and its own
+rule tests pass.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.rules import compile_container
+from engine.rules.source import Problem
+from engine.rules.testing import run_tests
+
+RULES = Path(__file__).resolve().parents[1] / "rules"
+ENV = {"TAGRELAY_FIXTURE_TOKEN": "fixture-token"}
+_EXPECT = re.compile(r"^#\s*expect(-warning|-absent)?:\s*(.*)$")
+_WHERE = re.compile(r"^(?:(?P<file>[^:\s]+\.ya?ml):)?(?P<line>\d+):(?P<column>\d+):\s*(?P<msg>.+)$")
+
+
+@dataclass(frozen=True)
+class Expected:
+    severity: str
+    file: str
+    line: int
+    column: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.severity}: {self.message}"
+
+    def matches(self, problem: Problem) -> bool:
+        pos = problem.position
+        return (
+            problem.severity == self.severity
+            and Path(pos.file).name == self.file
+            and (pos.line, pos.column) == (self.line, self.column)
+            and self.message in problem.message
+        )
+
+
+def read_expectations(container: Path) -> tuple[list[Expected], list[str]]:
+    files = [container] if container.is_file() else sorted(container.glob("*.y*ml"))
+    expected, absent = [], []
+    for file in files:
+        for line in file.read_text().splitlines():
+            match = _EXPECT.match(line)
+            if not match:
+                continue
+            kind, rest = match.groups()
+            if kind == "-absent":
+                absent.append(rest.strip())
+                continue
+            where = _WHERE.match(rest.strip())
+            assert where, f"{file}: unreadable expectation {line!r}"
+            expected.append(
+                Expected(
+                    "warning" if kind == "-warning" else "error",
+                    where["file"] or file.name,
+                    int(where["line"]),
+                    int(where["column"]),
+                    where["msg"].strip(),
+                )
+            )
+    return expected, absent
+
+
+def fixtures(kind: str) -> list[Path]:
+    return sorted(p for p in (RULES / kind).iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("container", fixtures("invalid"), ids=lambda p: p.name)
+def test_invalid_fixture_reports_the_errors_it_names(container: Path) -> None:
+    expected, absent = read_expectations(container)
+    assert expected, f"{container.name} names no expected error"
+
+    compiled, problems = compile_container(container, ENV)
+
+    assert compiled is None
+    shown = "\n".join(str(p) for p in problems)
+    for want in expected:
+        assert any(want.matches(p) for p in problems), f"missing {want}\ngot:\n{shown}"
+    unexpected = [
+        p for p in problems if p.severity == "error" and not any(w.matches(p) for w in expected)
+    ]
+    assert not unexpected, f"unexpected errors:\n{shown}"
+    for text in absent:
+        assert text not in shown
+
+
+@pytest.mark.parametrize("container", fixtures("valid"), ids=lambda p: p.name)
+def test_valid_fixture_checks_clean_and_its_tests_pass(container: Path) -> None:
+    expected, _ = read_expectations(container)
+
+    compiled, problems = compile_container(container, ENV)
+
+    assert compiled is not None, "\n".join(str(p) for p in problems)
+    warnings = [p for p in problems if p.severity == "warning"]
+    assert len(warnings) == len(expected)
+    for want in expected:
+        assert any(want.matches(p) for p in warnings), f"missing {want}"
+    failed = [r for r in run_tests(compiled) if not r.passed]
+    assert not failed, [r.differences for r in failed]
+
+
+def test_every_fixture_convention_line_is_readable() -> None:
+    for container in fixtures("invalid") + fixtures("valid"):
+        read_expectations(container)  # asserts on malformed lines
+
+
+def test_env_variable_is_substituted_and_default_used_only_when_unset(tmp_path: Path) -> None:
+    rules = tmp_path / "env.yaml"
+    rules.write_text(
+        "destinations:\n"
+        "  a: {type: webhook, url: '${HOOK_URL:-https://default.example/}'}\n"
+        "  b: {type: webhook, url: '${OTHER_URL:-https://default.example/}'}\n"
+    )
+
+    compiled, _ = compile_container(rules, {"HOOK_URL": "https://set.example/in"})
+
+    assert compiled is not None
+    assert compiled.destinations["a"].adapter.settings["url"] == "https://set.example/in"
+    assert compiled.destinations["b"].adapter.settings["url"] == "https://default.example/"
+
+
+def test_dollar_dollar_escapes_an_env_reference(tmp_path: Path) -> None:
+    rules = tmp_path / "env.yaml"
+    rules.write_text(
+        "destinations:\n"
+        "  a: {type: webhook, url: 'https://x.example/', headers: {X: '$${LITERAL}'}}\n"
+    )
+
+    compiled, _ = compile_container(rules, {})
+
+    assert compiled is not None
+    assert compiled.destinations["a"].adapter.settings["headers"] == {"X": "${LITERAL}"}
+
+
+def test_missing_container_is_reported_not_raised(tmp_path: Path) -> None:
+    compiled, problems = compile_container(tmp_path / "nowhere", {})
+
+    assert compiled is None
+    assert [p.message for p in problems] == [
+        "no rule files found (expected *.yaml files or a YAML file)"
+    ]
+
+
+def test_settings_are_compiled_into_the_container(write_rules) -> None:  # type: ignore[no-untyped-def]
+    container = write_rules(
+        """
+        settings:
+          dedup_window: 90m
+          consent_defaults: {analytics_storage: granted}
+        destinations:
+          log: {type: log}
+        """
+    )
+
+    compiled, _ = compile_container(container, {})
+
+    assert compiled is not None
+    assert compiled.dedup_window == 5400.0
+    assert compiled.consent_defaults == {"analytics_storage": "granted"}
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+def test_check_cli_prints_each_problem_as_file_line_column_and_exits_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = RULES / "invalid" / "every_error_is_reported.yaml"
+
+    code = main(["check", str(path)])
+
+    out = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert out[:3] == [
+        f"{path}:10:14: error: tag a: unknown trigger 'purchse' (triggers: purchase)",
+        f"{path}:14:18: error: tag b: unknown destination 'webhok' (destinations: log)",
+        f"{path}:18:22: error: unknown variable $valu (variables: none defined)",
+    ]
+    assert out[-1] == f"{path}: 3 errors"
+
+
+def test_check_cli_exits_0_on_a_valid_container_and_summarizes_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = RULES / "valid" / "minimal.yaml"
+
+    code = main(["check", str(path)])
+
+    assert code == 0
+    assert capsys.readouterr().out == f"{path}: ok (1 destinations, 1 tags, 0 tests)\n"
+
+
+def test_check_cli_prints_warnings_but_still_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    path = RULES / "valid" / "unused_trigger.yaml"
+
+    code = main(["check", str(path)])
+
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0] == f"{path}:6:3: warning: trigger spare is not used by any tag"
+    assert out[1].startswith(f"{path}: ok")
+
+
+def test_check_cli_on_a_missing_path_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["check", str(tmp_path / "missing")])
+
+    assert code == 1
+    assert "no rule files found" in capsys.readouterr().out
+
+
+def test_shipped_default_rules_check_clean() -> None:
+    compiled, problems = compile_container(Path(__file__).resolve().parents[2] / "rules", {})
+
+    assert compiled is not None, "\n".join(str(p) for p in problems)

@@ -1,0 +1,220 @@
+"""The SQLite store: event-ID dedup, tag dedup keys, atomicity, several processes, restarts."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.errors import StoreError
+from engine.store.base import Acceptance, Decision
+from engine.store.sqlite import SQLiteStore
+
+T0 = 1_795_185_045.0  # 2026-11-20T14:30:45Z
+HOUR = 3600.0
+WINDOW = 48 * HOUR
+
+
+def decision(tag: str = "meta", dedup_key: str | None = None, fired: bool = True) -> Decision:
+    payload = {"event_name": "Purchase"} if fired else None
+    return Decision(tag, tag + "_dest", fired, "trigger matched", None, False, payload, dedup_key)
+
+
+def acceptance(
+    event_id: str, *decisions: Decision, at: float = T0, window: float = WINDOW
+) -> Acceptance:
+    event = {"event_name": "purchase", "event_id": event_id}
+    return Acceptance(event, list(decisions) or [decision()], window, at)
+
+
+def rows(path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as db:
+        return db.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "tagrelay.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> SQLiteStore:
+    return SQLiteStore(db_path)
+
+
+def test_an_accepted_event_is_stored_with_its_deliveries(store: SQLiteStore, db_path: Path) -> None:
+    result = store.accept(acceptance("o1", decision("meta"), decision("ga4", fired=False)))
+
+    assert (result.event_id, result.duplicate, result.fired) == ("o1", False, ["meta"])
+    stored = store.get_event("o1")
+    assert stored is not None and stored.event["event_name"] == "purchase"
+    assert rows(db_path, "SELECT tag, status FROM deliveries") == [("meta", "pending")]
+
+
+def test_the_store_uses_wal_mode(store: SQLiteStore, db_path: Path) -> None:
+    store.accept(acceptance("o1"))
+
+    assert rows(db_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_a_repeat_within_the_window_returns_the_original_result_and_queues_nothing(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    first = store.accept(acceptance("o1", decision("meta")))
+
+    again = store.accept(acceptance("o1", decision("meta"), decision("tiktok"), at=T0 + HOUR))
+
+    assert again.duplicate is True
+    assert again.decisions == first.decisions
+    assert rows(db_path, "SELECT COUNT(*) FROM events") == [(1,)]
+    assert rows(db_path, "SELECT COUNT(*) FROM deliveries") == [(1,)]
+
+
+def test_a_repeat_after_the_window_is_a_new_event(store: SQLiteStore, db_path: Path) -> None:
+    store.accept(acceptance("o1", at=T0 - WINDOW - 1))
+
+    again = store.accept(acceptance("o1", at=T0))
+
+    assert again.duplicate is False
+    assert rows(db_path, "SELECT COUNT(*) FROM deliveries") == [(2,)]
+
+
+def test_the_window_is_the_containers_setting(store: SQLiteStore) -> None:
+    store.accept(acceptance("o1", window=60.0))
+
+    assert store.accept(acceptance("o1", at=T0 + 59, window=60.0)).duplicate is True
+    assert store.accept(acceptance("o1", at=T0 + 61, window=60.0)).duplicate is False
+
+
+def test_a_tag_dedup_key_forwards_browser_and_server_copies_once(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    browser = store.accept(acceptance("browser-1", decision("meta", "meta:ord_9")))
+
+    server = store.accept(acceptance("server-1", decision("meta", "meta:ord_9"), at=T0 + 5))
+
+    assert browser.fired == ["meta"]
+    assert server.duplicate is False
+    assert server.fired == []
+    assert server.decisions[0]["reason"] == (
+        "duplicate: dedup key already forwarded by event browser-1"
+    )
+    assert rows(db_path, "SELECT event_id FROM deliveries") == [("browser-1",)]
+
+
+def test_a_dedup_key_blocks_only_its_own_tag(store: SQLiteStore) -> None:
+    store.accept(acceptance("a", decision("meta", "meta:ord_9")))
+
+    later = store.accept(acceptance("b", decision("meta", "meta:ord_9"), decision("ga4")))
+
+    assert later.fired == ["ga4"]
+
+
+def test_a_dedup_key_expires_with_the_window(store: SQLiteStore) -> None:
+    store.accept(acceptance("a", decision("meta", "meta:ord_9"), at=T0 - WINDOW - 1))
+
+    later = store.accept(acceptance("b", decision("meta", "meta:ord_9")))
+
+    assert later.fired == ["meta"]
+
+
+def test_a_tag_that_did_not_fire_claims_no_dedup_key(store: SQLiteStore) -> None:
+    store.accept(acceptance("a", decision("meta", "meta:ord_9", fired=False)))
+
+    later = store.accept(acceptance("b", decision("meta", "meta:ord_9")))
+
+    assert later.fired == ["meta"]
+
+
+def test_a_batch_is_deduplicated_within_itself(store: SQLiteStore, db_path: Path) -> None:
+    results = store.accept_many([acceptance("o1"), acceptance("o2"), acceptance("o1")])
+
+    assert [r.duplicate for r in results] == [False, False, True]
+    assert rows(db_path, "SELECT COUNT(*) FROM events") == [(2,)]
+
+
+def test_a_batch_that_fails_midway_stores_nothing(store: SQLiteStore, db_path: Path) -> None:
+    unstorable = Decision("meta", "meta_dest", True, "matched", payload={"x": object()})
+
+    with pytest.raises(StoreError):  # group commit: every caller of the batch hears of it
+        store.accept_many([acceptance("o1"), acceptance("o2", unstorable)])
+
+    assert rows(db_path, "SELECT COUNT(*) FROM events") == [(0,)]
+    assert rows(db_path, "SELECT COUNT(*) FROM deliveries") == [(0,)]
+    assert rows(db_path, "SELECT COUNT(*) FROM dedup_keys") == [(0,)]
+    assert store.accept(acceptance("o1")).duplicate is False
+
+
+def test_accepted_events_and_dedup_survive_reopening_the_file(db_path: Path) -> None:
+    first = SQLiteStore(db_path)
+    first.accept(acceptance("o1", decision("meta", "meta:ord_9")))
+    first.close()
+
+    reopened = SQLiteStore(db_path)
+
+    assert reopened.accept(acceptance("o1", at=T0 + 10)).duplicate is True
+    assert reopened.accept(acceptance("o2", decision("meta", "meta:ord_9"))).fired == []
+    assert reopened.depth() == {"meta_dest": 1}
+
+
+def test_purge_drops_only_expired_keys(store: SQLiteStore) -> None:
+    store.accept(acceptance("old", at=T0 - WINDOW - 1))
+    store.accept(acceptance("new"))
+
+    purged = store.purge_expired(T0)
+
+    assert purged == 1
+    assert store.accept(acceptance("new", at=T0 + 1)).duplicate is True
+
+
+def test_ping_answers_on_a_working_store(store: SQLiteStore) -> None:
+    store.ping()
+
+
+# -- several processes ------------------------------------------------------------------------
+
+EVENTS = 40
+PROCESSES = 4
+
+
+def _accept_all(path: str, start: Any, offset: int) -> list[tuple[str, bool, list[str]]]:
+    """Accept every event (rotated by ``offset``) one request at a time, like a worker would."""
+    store = SQLiteStore(path)
+    start.wait(30)
+    order = list(range(EVENTS))
+    order = order[offset:] + order[:offset]
+    out = []
+    for i in order:
+        # Events 2k and 2k+1 are the browser and server copies of one order.
+        acc = acceptance(f"e{i}", decision("a"), decision("b", f"b:order-{i // 2}"))
+        result = store.accept(acc)
+        out.append((result.event_id, result.duplicate, result.fired))
+    store.close()
+    return out
+
+
+def test_processes_racing_on_the_same_event_ids_accept_each_exactly_once(db_path: Path) -> None:
+    SQLiteStore(db_path).close()  # the schema exists before the race, as under gunicorn
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Manager().Event()
+    with ctx.Pool(PROCESSES) as pool:
+        pending = [
+            pool.apply_async(_accept_all, (str(db_path), start, k * 7)) for k in range(PROCESSES)
+        ]
+        start.set()
+        results = [r for p in pending for r in p.get(timeout=60)]
+
+    originals = Counter(event_id for event_id, duplicate, _ in results if not duplicate)
+    assert originals == Counter({f"e{i}": 1 for i in range(EVENTS)})
+    assert len(results) == EVENTS * PROCESSES
+    assert rows(db_path, "SELECT COUNT(*), COUNT(DISTINCT event_id) FROM events") == [
+        (EVENTS, EVENTS)
+    ]
+    per_tag = dict(rows(db_path, "SELECT tag, COUNT(*) FROM deliveries GROUP BY tag"))
+    assert per_tag == {"a": EVENTS, "b": EVENTS // 2}
+    repeated = "SELECT event_id, tag FROM deliveries GROUP BY 1, 2 HAVING COUNT(*) > 1"
+    assert rows(db_path, repeated) == []
