@@ -24,7 +24,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from datetime import UTC, date, datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -137,6 +137,7 @@ def phone(value: str, platform: Platform, default_country: str | None = None) ->
     return e164[1:] if platform == "meta" else e164
 
 
+@lru_cache(maxsize=8192)  # the same number is parsed for every platform of an event
 def _e164(value: str, region: str | None) -> str | None:
     text = value.strip()
     if not re.search(r"\d", text):
@@ -406,6 +407,7 @@ def _country_names() -> dict[str, str]:
     return names
 
 
+@lru_cache(maxsize=1024)
 def _country_code(value: str) -> str | None:
     key = _country_key(value)
     if not key:

@@ -263,6 +263,63 @@ class Field:
 
 def build(fields: tuple[Field, ...], event: Any) -> dict[str, Any]:
     """Evaluate ``fields`` over ``event`` into a nested dict; missing (None) values are left out."""
+    cached = _PLANS.get(id(fields))
+    if cached is None or cached[0] is not fields:
+        # Keyed by identity (hashing a tuple of fields per event would cost more than it
+        # saves); the tuple is kept in the entry so its id cannot be reused meanwhile.
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        cached = _PLANS[id(fields)] = (fields, _plan(fields))
+    plan = cached[1]
+    return plan(event) if plan is not None else _build_generic(fields, event)
+
+
+Builder = Callable[[Any], dict[str, Any]]
+_PLANS: dict[int, tuple[tuple[Field, ...], Builder | None]] = {}
+
+
+def _plan(fields: tuple[Field, ...]) -> Builder | None:
+    """A builder with the nesting worked out once, for mappings whose targets do not overlap.
+
+    (A target that is a prefix of another, e.g. ``custom_data`` and ``custom_data.value``,
+    needs the generic merge; mappings compiled from rules almost never have one.)
+    """
+    targets = [f.target for f in fields]
+    known = set(targets)
+    if len(known) != len(targets) or any(
+        t[:i] in known for t in targets for i in range(1, len(t))
+    ):
+        return None
+    tree: dict[str, Any] = {}
+    for f in fields:
+        node = tree
+        for key in f.target[:-1]:
+            node = node.setdefault(key, {})
+        node[f.target[-1]] = f.get
+    return _tree_builder(tree)
+
+
+def _tree_builder(tree: dict[str, Any]) -> Builder:
+    steps = [
+        (key, None, _tree_builder(sub)) if isinstance(sub, dict) else (key, sub, None)
+        for key, sub in tree.items()
+    ]
+
+    def run(event: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, get, nested in steps:
+            if get is not None:
+                value = get(event)
+                if value is not None:
+                    out[key] = value
+            elif nested is not None and (child := nested(event)):
+                out[key] = child
+        return out
+
+    return run
+
+
+def _build_generic(fields: tuple[Field, ...], event: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     # Dicts built here; any other dict came from the event (or a constant) and is copied before
     # a deeper field is written into it, so a mapping never changes the event it reads.
