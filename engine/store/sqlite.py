@@ -20,6 +20,7 @@ import random
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -121,6 +122,29 @@ def _dumps(value: Any) -> str:
 
 
 BUSY_TIMEOUT = 30.0
+CHECKPOINT_INTERVAL = 1.0
+
+
+def _checkpoint_loop(store_ref: weakref.ReferenceType[SQLiteStore], path: str) -> None:
+    """Move WAL pages into the database every second, while the store is alive.
+
+    PASSIVE never blocks writers or readers; a busy moment just leaves the work for the next
+    round. One connection of its own, opened in the process that runs it.
+    """
+    try:
+        conn = sqlite3.connect(path, timeout=1.0, isolation_level=None)
+    except sqlite3.Error:
+        return
+    try:
+        while True:
+            store = store_ref()
+            if store is None or store._closed.wait(CHECKPOINT_INTERVAL):
+                return
+            del store
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    finally:
+        conn.close()
 
 
 @dataclass
@@ -185,6 +209,8 @@ class SQLiteStore(Store):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._checkpointer_pid = -1
+        self._closed = threading.Event()
         self._wlock = threading.Lock()
         self._lock_pid = os.getpid()
         self._group = threading.Condition(threading.Lock())
@@ -212,11 +238,28 @@ class SQLiteStore(Store):
             # sleeps in steps of milliseconds, which under steady load wastes most of them.
             conn.execute("PRAGMA busy_timeout=0")
             conn.execute("PRAGMA foreign_keys=OFF")
+            # Checkpoints (which fsync the database) run in a background thread, not after
+            # the commit of whichever request happens to cross the WAL threshold.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the SQLite store: {exc}") from exc
         self._local.conn = conn
         self._local.pid = os.getpid()
+        self._start_checkpointer()
         return conn
+
+    def _start_checkpointer(self) -> None:
+        if self.path == ":memory:" or self._checkpointer_pid == os.getpid():
+            return
+        self._checkpointer_pid = os.getpid()
+        thread = threading.Thread(
+            target=_checkpoint_loop,
+            args=(weakref.ref(self), self.path),
+            name="sqlite-checkpoint",
+            daemon=True,
+        )
+        thread.start()
 
     def _process_lock(self) -> threading.Lock:
         # One writer per process at a time: threads queue on a Python lock (cheap, fair enough)
@@ -266,7 +309,8 @@ class SQLiteStore(Store):
             raise StoreError(f"store read failed: {exc}") from exc
 
     def close(self) -> None:
-        """Close this thread's connection."""
+        """Close this thread's connection (and stop checkpointing when no longer used)."""
+        self._closed.set()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
