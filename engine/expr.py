@@ -286,9 +286,7 @@ def _plan(fields: tuple[Field, ...]) -> Builder | None:
     """
     targets = [f.target for f in fields]
     known = set(targets)
-    if len(known) != len(targets) or any(
-        t[:i] in known for t in targets for i in range(1, len(t))
-    ):
+    if len(known) != len(targets) or any(t[:i] in known for t in targets for i in range(1, len(t))):
         return None
     tree: dict[str, Any] = {}
     for f in fields:
