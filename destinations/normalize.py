@@ -137,7 +137,9 @@ def phone(value: str, platform: Platform, default_country: str | None = None) ->
     return e164[1:] if platform == "meta" else e164
 
 
-@lru_cache(maxsize=8192)  # the same number is parsed for every platform of an event
+# The same number is parsed for every platform of an event; kept small, since the keys are
+# raw phone numbers held in memory.
+@lru_cache(maxsize=512)
 def _e164(value: str, region: str | None) -> str | None:
     text = value.strip()
     if not re.search(r"\d", text):

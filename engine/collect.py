@@ -9,6 +9,7 @@ server-set cookie, which browsers do not cap at 7 days as they cap cookies set b
 
 from __future__ import annotations
 
+import functools
 import hmac
 import secrets
 import time
@@ -150,11 +151,16 @@ def _set_cookie(response: Response, visitor_id: str) -> None:
     )
 
 
+@functools.cache
+def _script() -> bytes:
+    return resources.files("engine").joinpath("static/tagrelay.js").read_bytes()
+
+
 @bp.get("/tagrelay.js")
 def script() -> Response:
-    """The browser script."""
+    """The browser script (read once per process)."""
     try:
-        text = resources.files("engine").joinpath("static/tagrelay.js").read_bytes()
+        text = _script()
     except FileNotFoundError:
         return Response("// tagrelay.js is not installed\n", 404, content_type="text/javascript")
     response = Response(text, 200, content_type="text/javascript; charset=utf-8")

@@ -1,0 +1,294 @@
+/*! tagrelay.js — browser collection for a tagrelay server. No build step, no dependencies.
+ *
+ * Either let the script tag configure itself (it then sends the first page view):
+ *
+ *   <script async src="https://t.shop.example/tagrelay.js" data-key="pk_live_..."></script>
+ *
+ * or call init() yourself (needed when consent must be known before the first event):
+ *
+ *   <script src="https://t.shop.example/tagrelay.js"></script>
+ *   <script>
+ *     tagrelay.init({key: "pk_live_...", spa: true});
+ *     tagrelay.consent({ad_storage: "granted", analytics_storage: "granted",
+ *                       ad_user_data: "granted", ad_personalization: "denied"});
+ *     tagrelay.page();
+ *     var eventId = tagrelay.track("add_to_cart", {value: 19.9, currency: "EUR"});
+ *   </script>
+ *
+ * Calls made before the script has loaded can be queued as arrays:
+ *   window.tagrelay = window.tagrelay || []; tagrelay.push(["track", "signup", {}]);
+ *
+ * Every event gets an event_id made here and returned by track()/page()/identify(): hand it to
+ * your backend so the browser's and the server's copies of an event deduplicate. The server
+ * answers with the visitor ID it keeps in its own HttpOnly cookie (tr_vid); this script keeps
+ * a copy in localStorage so every event, and your page via getVisitorId(), can name the visitor.
+ */
+(function (window, document) {
+  "use strict";
+
+  var STORAGE_VISITOR = "tr_vid";
+  var STORAGE_USER = "tr_uid";
+  // user_data fields of the canonical event; other identify() traits go under properties.
+  var USER_DATA_KEYS = ["email", "phone", "first_name", "last_name", "date_of_birth", "gender",
+    "city", "state", "postal_code", "country", "external_id"];
+  // Platform cookies set by the platforms' own pixels -> canonical context fields.
+  var PLATFORM_COOKIES = {_fbp: "fbp", _fbc: "fbc", _ttp: "ttp", _ga: "ga_client_id"};
+
+  var queued = Array.isArray(window.tagrelay) ? window.tagrelay : [];
+  if (window.tagrelay && !Array.isArray(window.tagrelay)) return; // loaded twice: keep the first
+
+  var script = document.currentScript;
+  var config = null; // {endpoint, key, spa}
+  var consentState = null; // Consent Mode v2 purposes, sent with every event once set
+  var beforeInit = []; // events made before init(), sent once it is called
+  var inFlight = []; // promises of requests not yet answered (see flush())
+  var unloading = false; // after pagehide, only sendBeacon reliably leaves the page
+  var lastPage = null; // URL of the last page view (SPA route changes compare against it)
+  var memory = {}; // storage when localStorage is unavailable (private mode, sandboxes)
+
+  // -- small helpers ---------------------------------------------------------------------------
+
+  function store(name, value) {
+    try {
+      if (value === undefined) return window.localStorage.getItem(name) || memory[name] || null;
+      if (value === null) window.localStorage.removeItem(name);
+      else window.localStorage.setItem(name, value);
+    } catch (e) { /* storage disabled: keep it for this page only */ }
+    if (value !== undefined) memory[name] = value;
+    return value;
+  }
+
+  function uuid() {
+    var c = window.crypto;
+    if (c && typeof c.randomUUID === "function") return c.randomUUID(); // secure contexts only
+    var b = new Uint8Array(16);
+    if (c && c.getRandomValues) c.getRandomValues(b);
+    else for (var i = 0; i < 16; i++) b[i] = Math.floor(Math.random() * 256);
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    var h = Array.prototype.map.call(b, function (x) { return (x + 0x100).toString(16).slice(1); });
+    return h.slice(0, 4).join("") + "-" + h.slice(4, 6).join("") + "-" + h.slice(6, 8).join("") +
+      "-" + h.slice(8, 10).join("") + "-" + h.slice(10).join("");
+  }
+
+  function readCookie(name) {
+    var parts = document.cookie ? document.cookie.split("; ") : [];
+    for (var i = 0; i < parts.length; i++) {
+      var eq = parts[i].indexOf("=");
+      if (parts[i].slice(0, eq) === name) {
+        try { return decodeURIComponent(parts[i].slice(eq + 1)); } catch (e) { return null; }
+      }
+    }
+    return null;
+  }
+
+  function assign(target, source) {
+    for (var k in source) {
+      if (Object.prototype.hasOwnProperty.call(source, k)) target[k] = source[k];
+    }
+    return target;
+  }
+
+  function pageKey(href) {
+    // A route is its path and query; hash changes (anchors) are not page views.
+    return href.split("#")[0];
+  }
+
+  // -- the visitor ---------------------------------------------------------------------------
+
+  function visitorId() {
+    // Made here on the very first event so concurrent first events agree; the server prefers
+    // its own cookie and answers with the ID it kept, which replaces this one.
+    return store(STORAGE_VISITOR) || store(STORAGE_VISITOR, "v_" + uuid().replace(/-/g, ""));
+  }
+
+  // -- building and sending events -------------------------------------------------------------
+
+  function build(name, properties, options) {
+    options = options || {};
+    var context = {
+      page_url: window.location.href,
+      referrer: options.referrer || document.referrer || null
+    };
+    for (var cookie in PLATFORM_COOKIES) {
+      var value = readCookie(cookie);
+      if (value) context[PLATFORM_COOKIES[cookie]] = value;
+    }
+    var event = {
+      event_name: name,
+      event_id: String(options.event_id || uuid()),
+      timestamp: new Date().toISOString(),
+      visitor_id: visitorId(),
+      properties: assign({}, properties || {}),
+      context: context
+    };
+    var userId = options.user_id || store(STORAGE_USER);
+    if (userId) event.user_id = String(userId);
+    if (options.user_data) event.user_data = options.user_data;
+    if (consentState) event.consent = assign({}, consentState);
+    return event;
+  }
+
+  function enqueue(event) {
+    if (config) send(event);
+    else beforeInit.push(event);
+    return event.event_id;
+  }
+
+  function collectUrl() {
+    return config.endpoint + "/v1/collect?key=" + encodeURIComponent(config.key);
+  }
+
+  function beacon(body) {
+    // text/plain needs no CORS preflight; the browser sends the visitor cookie with it.
+    return !!(navigator.sendBeacon &&
+      navigator.sendBeacon(collectUrl(), new Blob([body], {type: "text/plain"})));
+  }
+
+  function remember(answer) {
+    if (answer && typeof answer.visitor_id === "string") store(STORAGE_VISITOR, answer.visitor_id);
+    if (config.onResponse) config.onResponse(answer);
+    return answer;
+  }
+
+  function send(event) {
+    var body = JSON.stringify(event);
+    if (unloading || typeof window.fetch !== "function") {
+      if (!beacon(body) && config.debug) console.warn("tagrelay: could not send", event.event_name);
+      return;
+    }
+    var request = window.fetch(collectUrl(), {
+      method: "POST",
+      body: body,
+      headers: {"Content-Type": "text/plain"}, // a "simple" request: no preflight
+      credentials: "include", // send and receive the server's visitor cookie
+      keepalive: true, // finishes even when the page is closed meanwhile
+      mode: "cors"
+    }).then(function (response) {
+      return response.json().catch(function () { return null; }).then(function (answer) {
+        if (!response.ok && config.debug) console.warn("tagrelay:", response.status, answer);
+        return response.ok ? remember(answer) : answer;
+      });
+    }, function () {
+      // Network error or keepalive quota: a beacon is safe to try, the event_id deduplicates.
+      beacon(body);
+      return null;
+    });
+    inFlight.push(request);
+    var done = function () { inFlight.splice(inFlight.indexOf(request), 1); };
+    request.then(done, done);
+  }
+
+  // -- single-page apps ----------------------------------------------------------------------
+
+  function routeChanged() {
+    var previous = lastPage;
+    if (previous !== null && pageKey(previous) === pageKey(window.location.href)) return;
+    // In an SPA the referrer of a route is the previous route, not the document's referrer.
+    api.page({}, previous === null ? {} : {referrer: previous});
+  }
+
+  function watchHistory() {
+    ["pushState", "replaceState"].forEach(function (method) {
+      var original = window.history[method];
+      window.history[method] = function () {
+        var result = original.apply(this, arguments);
+        routeChanged();
+        return result;
+      };
+    });
+    window.addEventListener("popstate", routeChanged);
+  }
+
+  // -- the API -------------------------------------------------------------------------------
+
+  var api = {
+    /** Configure: {key, endpoint (default: where this script came from), spa, debug, consent,
+     *  onResponse(answer)}. Events made before init() are sent now. */
+    init: function (options) {
+      options = options || {};
+      if (config) return api; // once per page
+      var origin = script && script.src ? new URL(script.src, window.location.href).origin : "";
+      config = {
+        key: options.key,
+        endpoint: String(options.endpoint || origin).replace(/\/+$/, ""),
+        spa: options.spa !== false,
+        debug: !!options.debug,
+        onResponse: options.onResponse
+      };
+      if (!config.key) throw new Error("tagrelay.init: a publishable key is required");
+      if (options.consent) api.consent(options.consent);
+      if (config.spa) watchHistory();
+      window.addEventListener("pagehide", function () { unloading = true; });
+      window.addEventListener("pageshow", function () { unloading = false; }); // back/forward cache
+      beforeInit.splice(0).forEach(send);
+      return api;
+    },
+
+    /** Send an event; returns its event_id (pass it to your backend for deduplication).
+     *  options: {event_id, user_id, user_data} — user_data only if your page has it. */
+    track: function (eventName, properties, options) {
+      if (!eventName) throw new Error("tagrelay.track: an event name is required");
+      return enqueue(build(String(eventName), properties, options));
+    },
+
+    /** A page view of the current URL; returns its event_id. */
+    page: function (properties, options) {
+      lastPage = window.location.href;
+      var props = assign({title: document.title}, properties || {});
+      return enqueue(build("page_view", props, options));
+    },
+
+    /** Name the visitor: later events carry user_id. Traits that are user_data fields (email,
+     *  phone, names, address, external_id) go under user_data, others under properties. */
+    identify: function (userId, traits) {
+      if (userId) store(STORAGE_USER, String(userId));
+      var userData = {}, properties = {}, any = false;
+      for (var k in traits || {}) {
+        if (USER_DATA_KEYS.indexOf(k) >= 0) { userData[k] = traits[k]; any = true; }
+        else properties[k] = traits[k];
+      }
+      return enqueue(build("identify", properties, any ? {user_data: userData} : {}));
+    },
+
+    /** Consent Mode v2 purposes ({ad_storage, analytics_storage, ad_user_data,
+     *  ad_personalization}: "granted"/"denied"/boolean), sent with every later event. */
+    consent: function (state) {
+      consentState = assign(consentState || {}, state || {});
+      return api;
+    },
+
+    /** The visitor ID (the server's, once it has answered). */
+    getVisitorId: function () {
+      return visitorId();
+    },
+
+    /** Forget the user (on logout): later events carry no user_id. */
+    reset: function () {
+      store(STORAGE_USER, null);
+      return api;
+    },
+
+    /** A promise settled when every request sent so far is answered (tests, before navigation). */
+    flush: function () {
+      var settled = inFlight.map(function (p) { return p.catch(function () {}); });
+      return Promise.all(settled).then(function () {});
+    }
+  };
+
+  window.tagrelay = api;
+
+  // Self-configuration from the script tag: data-key, data-endpoint, data-spa="false". Calls
+  // queued before the script loaded run next, in order (so a queued consent() precedes the
+  // automatic first page view).
+  var selfConfigured = !!(script && script.getAttribute("data-key"));
+  if (selfConfigured) {
+    api.init({
+      key: script.getAttribute("data-key"),
+      endpoint: script.getAttribute("data-endpoint") || undefined,
+      spa: script.getAttribute("data-spa") !== "false"
+    });
+  }
+  queued.forEach(function (call) { api[call[0]].apply(api, call.slice(1)); });
+  if (selfConfigured && lastPage === null) api.page();
+})(window, document);
