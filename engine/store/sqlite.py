@@ -85,19 +85,11 @@ CREATE TABLE IF NOT EXISTS visitors (
     user_id      TEXT,
     user_agent   TEXT,
     ip           TEXT,
+    vals         TEXT NOT NULL DEFAULT '{}',  -- click IDs and cookies: {name: [value, first]}
     first_seen   REAL NOT NULL,
     last_seen    REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS visitors_last_seen ON visitors (last_seen);
-
-CREATE TABLE IF NOT EXISTS visitor_values (
-    visitor_id   TEXT NOT NULL,
-    name         TEXT NOT NULL,
-    value        TEXT NOT NULL,
-    first_seen   REAL NOT NULL,
-    last_seen    REAL NOT NULL,
-    PRIMARY KEY (visitor_id, name)
-) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS user_visitors (
     user_id      TEXT NOT NULL,
@@ -125,6 +117,7 @@ def _dumps(value: Any) -> str:
 
 
 BUSY_TIMEOUT = 30.0
+IDENTITY_TOUCH = 3600.0  # a visitor's last_seen (for retention) is refreshed at most hourly
 CHECKPOINT_INTERVAL = 1.0
 
 
@@ -396,22 +389,30 @@ class SQLiteStore(Store):
         visitor = update.visitor_id
         if visitor is None:
             return
-        db.execute(
-            "INSERT INTO visitors (visitor_id, user_id, user_agent, ip, first_seen, last_seen) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (visitor_id) DO UPDATE SET "
-            "user_id = COALESCE(excluded.user_id, user_id), "
-            "user_agent = COALESCE(excluded.user_agent, user_agent), "
-            "ip = COALESCE(excluded.ip, ip), last_seen = excluded.last_seen",
-            (visitor, update.user_id, update.user_agent, update.ip, now, now),
-        )
-        db.executemany(
-            "INSERT INTO visitor_values (visitor_id, name, value, first_seen, last_seen) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (visitor_id, name) DO UPDATE SET "
-            "first_seen = CASE WHEN value = excluded.value THEN first_seen "
-            "ELSE excluded.first_seen END, value = excluded.value, last_seen = excluded.last_seen",
-            [(visitor, name, value, now, now) for name, value in update.values.items()],
-        )
-        if update.user_id:
+        row = db.execute(
+            "SELECT user_id, user_agent, ip, vals, last_seen FROM visitors WHERE visitor_id = ?",
+            (visitor,),
+        ).fetchone()
+        vals: dict[str, list[Any]] = json.loads(row["vals"]) if row else {}
+        changed = row is None or now - row["last_seen"] > IDENTITY_TOUCH
+        for name, value in update.values.items():
+            if vals.get(name, [None])[0] != value:
+                vals[name] = [value, now]  # a new click starts its attribution window anew
+                changed = True
+        for column in ("user_id", "user_agent", "ip"):
+            new = getattr(update, column)
+            changed = changed or (new is not None and new != row[column])
+        if changed:  # an unchanged visitor seen again within the hour costs no write
+            db.execute(
+                "INSERT INTO visitors (visitor_id, user_id, user_agent, ip, vals, first_seen, "
+                "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (visitor_id) DO UPDATE SET "
+                "user_id = COALESCE(excluded.user_id, user_id), "
+                "user_agent = COALESCE(excluded.user_agent, user_agent), "
+                "ip = COALESCE(excluded.ip, ip), vals = excluded.vals, "
+                "last_seen = excluded.last_seen",
+                (visitor, update.user_id, update.user_agent, update.ip, _dumps(vals), now, now),
+            )
+        if update.user_id and (row is None or row["user_id"] != update.user_id or changed):
             db.execute(
                 "INSERT INTO user_visitors (user_id, visitor_id, linked_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (user_id, visitor_id) DO UPDATE SET linked_at = excluded.linked_at",
@@ -627,12 +628,9 @@ class SQLiteStore(Store):
             return None
         visitor = rows[0]
         values = {
-            r["name"]: (r["value"], r["first_seen"])
-            for r in self._read(
-                "SELECT name, value, first_seen FROM visitor_values WHERE visitor_id = ?",
-                (visitor_id,),
-            )
-            if now - r["first_seen"] <= windows.get(r["name"], default_window)
+            name: (value, first_seen)
+            for name, (value, first_seen) in json.loads(visitor["vals"]).items()
+            if now - first_seen <= windows.get(name, default_window)
         }
         return Identity(
             visitor_id, visitor["user_id"], values, visitor["user_agent"], visitor["ip"]
@@ -702,7 +700,6 @@ class SQLiteStore(Store):
                 removed["visitors"] += db.execute(
                     "DELETE FROM visitors WHERE visitor_id = ?", (v,)
                 ).rowcount
-                db.execute("DELETE FROM visitor_values WHERE visitor_id = ?", (v,))
                 removed["links"] += db.execute(
                     "DELETE FROM user_visitors WHERE visitor_id = ?", (v,)
                 ).rowcount
@@ -727,7 +724,6 @@ class SQLiteStore(Store):
                 (before,),
             ).rowcount
             stale = "SELECT visitor_id FROM visitors WHERE last_seen < ?"
-            db.execute(f"DELETE FROM visitor_values WHERE visitor_id IN ({stale})", (before,))
             db.execute(f"DELETE FROM user_visitors WHERE visitor_id IN ({stale})", (before,))
             visitors = db.execute("DELETE FROM visitors WHERE last_seen < ?", (before,)).rowcount
             db.execute("DELETE FROM rate_counters WHERE window < ?", (time.time() - 3600,))
