@@ -87,7 +87,9 @@ def collect() -> tuple[Response, int]:
         if not key.allows(_origin()):
             raise Forbidden("this page's origin is not allowed for the publishable key")
         limiter: RateLimiter = current_app.extensions["tagrelay.ratelimit"]
-        limiter.check(key.key, time.time())
+        # A publishable key is shared by every visitor of a site: its limit applies per client
+        # IP, so one abusive client is throttled without silencing the whole site.
+        limiter.check(f"{key.key}|{request.remote_addr}", time.time())
         length = request.content_length
         if length is not None and length > MAX_COLLECT_BYTES:
             raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")

@@ -414,3 +414,15 @@ def test_processes_sharing_a_store_share_the_limit(app: Flask) -> None:
     with pytest.raises(TooManyRequests):
         one.check("k", 61.0)
     one.check("k", 121.0)  # a new window
+
+
+def test_a_publishable_key_is_limited_per_client_ip(tmp_path: Path) -> None:
+    app = make_app(tmp_path, rate_limit=2, trusted_proxies=1)
+    client = app.test_client()
+
+    def from_ip(ip: str) -> int:
+        answer = collect(client, {"event_name": "x"}, headers={"X-Forwarded-For": ip})
+        return int(answer.status_code)
+
+    assert [from_ip("198.51.100.1") for _ in range(3)] == [200, 200, 429]
+    assert from_ip("198.51.100.2") == 200  # another visitor of the same site

@@ -1,0 +1,559 @@
+"""The browser script in real headless Chromium against a real ``tagrelay serve``.
+
+A shop page on its own loopback origin loads ``/tagrelay.js`` from the tagrelay server and
+collects page views through ``/v1/collect``. The visitor lands with Google and Meta click IDs in
+the URL; later the shop's backend sends the ``sale`` to ``/v1/track`` naming only the visitor
+ID the script reports, and the platforms' emulators must receive the click IDs the browser saw.
+The rest checks the visitor cookie, single-page-app route changes, the script-tag set-up, and
+that a page from an origin the publishable key does not allow gets no CORS allowance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import requests
+
+from tests.emulators.google_ads import GoogleAdsEmulator
+from tests.emulators.meta import MetaEmulator
+from tests.emulators.server import LoopbackServer, Reply, Request
+
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVER_KEY = "sk_browser_test_0123456789"
+PUBLISHABLE_KEY = "pk_test"
+ANY_ORIGIN_KEY = "pk_other"
+WAIT = 30.0
+
+GCLID = "TeSt-gclid_123"  # mixed case, '-' and '_': must arrive unchanged
+FBCLID = "IwAR-TeSt_fbclid"
+FBP = "fb.1.1732100000000.1234567890"  # the _fbp cookie Meta's pixel would have set
+GRANTED = {
+    "ad_storage": "granted",
+    "analytics_storage": "granted",
+    "ad_user_data": "granted",
+    "ad_personalization": "denied",
+}
+
+RULES = """\
+destinations:
+  meta:
+    type: meta_capi
+    pixel_id: "{meta.pixel_id}"
+    access_token: {meta.access_token}
+    endpoint: {meta.url}
+    delivery: {{batch_wait: 0.1}}
+  gads:
+    type: google_ads
+    customer_id: "123-456-7890"
+    conversion_action: "111111111"
+    developer_token: {gads.developer_token}
+    client_id: {gads.client_id}
+    client_secret: {gads.client_secret}
+    refresh_token: "{gads.refresh_token}"
+    endpoint: {gads_url}
+    token_endpoint: {gads_url}/token
+    delivery: {{batch_wait: 0.1}}
+triggers:
+  sale: {{event: sale}}
+tags:
+  - {{name: meta_purchase, trigger: sale, destination: meta, event_name: Purchase,
+     consent: [ad_storage, ad_user_data]}}
+  - {{name: gads_sale, trigger: sale, destination: gads, consent: [ad_storage, ad_user_data]}}
+"""
+
+
+# -- the shop's pages -----------------------------------------------------------------------------
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Trail shoe</title>
+<script src="{script}"></script>
+<script>
+  window.collected = [];
+  document.cookie = "_fbp={fbp}; path=/";
+  tagrelay.init({{key: "{key}", onResponse: function (a) {{ window.collected.push(a); }}}});
+  tagrelay.consent({consent});
+  window.firstPageView = tagrelay.page();
+</script></head>
+<body><h1>Trail shoe</h1></body></html>
+"""
+
+# The script tag configures itself; consent is queued before the script loads.
+AUTO_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Auto</title>
+<script>window.tagrelay = [["consent", {consent}]];</script>
+<script async src="{script}" data-key="{key}"></script>
+</head><body>auto</body></html>
+"""
+
+
+class Site:
+    """The shop: ``/page.html`` and SPA routes under ``/app/``, ``/auto.html``; set ``script``."""
+
+    def __init__(self) -> None:
+        self.script = ""
+
+    def __call__(self, request: Request) -> Reply:
+        values = {"script": self.script, "key": PUBLISHABLE_KEY, "consent": json.dumps(GRANTED)}
+        if request.path == "/page.html" or request.path.startswith("/app/"):
+            html = PAGE.format(fbp=FBP, **values)
+        elif request.path == "/auto.html":
+            html = AUTO_PAGE.format(**values)
+        else:
+            return Reply.text("not found", status=404)
+        return Reply(200, html.encode(), {"Content-Type": "text/html; charset=utf-8"})
+
+
+# -- the server -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``tagrelay serve`` in its own process group; its log goes to ``<data_dir>/server.log``."""
+
+    def __init__(self, rules: Path, data_dir: Path, env: dict[str, str]) -> None:
+        self.rules, self.data_dir, self.extra_env = rules, data_dir, env
+        self.port = free_port()
+        self.log = data_dir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TAGRELAY_")}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        env.update(TAGRELAY_SERVER_KEYS=SERVER_KEY, TAGRELAY_DATA_DIR=str(self.data_dir))
+        env.update(self.extra_env)
+        command = [sys.executable, "-m", "engine.cli", "serve", "--rules", str(self.rules)]
+        command += ["--bind", f"127.0.0.1:{self.port}", "--workers", "2"]
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tagrelay serve exited early:\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"tagrelay serve did not become ready:\n{self.tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM to the process group (graceful), SIGKILL if it does not end in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+    def track(self, event: dict[str, Any]) -> dict[str, Any]:
+        answer = requests.post(
+            self.url + "/v1/track",
+            json=event,
+            headers={"Authorization": f"Bearer {SERVER_KEY}"},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        body: dict[str, Any] = answer.json()
+        return body
+
+    def stored(self) -> list[dict[str, Any]]:
+        """Every stored event, as the pipeline stored it (read-only, beside the server)."""
+        database = self.data_dir / "tagrelay.db"
+        if not database.exists():
+            return []
+        db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = db.execute("SELECT body FROM events ORDER BY seq").fetchall()
+        finally:
+            db.close()
+        return [json.loads(body) for (body,) in rows]
+
+    def stored_event(self, event_id: str) -> dict[str, Any] | None:
+        return next((e for e in self.stored() if e.get("event_id") == event_id), None)
+
+
+@dataclass
+class Stack:
+    """The platforms, the shop on an allowed and on a foreign origin, and tagrelay."""
+
+    meta: MetaEmulator
+    gads: GoogleAdsEmulator
+    shop: LoopbackServer
+    foreign: LoopbackServer
+    server: Server
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("browser")
+    gads, site = GoogleAdsEmulator(), Site()
+    with (
+        MetaEmulator() as meta,
+        LoopbackServer(gads) as gads_server,
+        LoopbackServer(site) as shop,
+        LoopbackServer(site) as foreign,  # same pages, an origin no key allows except pk_other
+    ):
+        rules = tmp / "rules.yaml"
+        rules.write_text(RULES.format(meta=meta, gads=gads, gads_url=gads_server.url))
+        server = Server(
+            rules,
+            tmp / "data",
+            {
+                "TAGRELAY_PUBLISHABLE_KEYS": (
+                    f"{PUBLISHABLE_KEY}={shop.url}|https://shop.example,{ANY_ORIGIN_KEY}=*"
+                ),
+                "TAGRELAY_COOKIE_SECURE": "false",  # the test pages are plain http
+            },
+        )
+        site.script = server.url + "/tagrelay.js"
+        try:
+            server.start()
+            yield Stack(meta, gads, shop, foreign, server)
+        finally:
+            server.stop()
+
+
+def wait_for(condition: Callable[[], Any], what: str, server: Server) -> Any:
+    """Poll ``condition`` until it returns something truthy (returned); fail naming ``what``."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}\n--- server log ---\n{server.tail()}")
+
+
+def collected(browser: WebDriver) -> list[dict[str, Any]]:
+    """The /v1/collect answers the page received so far."""
+    answers: list[dict[str, Any]] = browser.execute_script("return window.collected || [];")
+    return answers
+
+
+def cookie_attributes(set_cookie: str) -> dict[str, str]:
+    """``name=value; Max-Age=1; HttpOnly`` -> ``{"name": "value", "max-age": "1", ...}``."""
+    pairs = (part.strip().partition("=") for part in set_cookie.split(";"))
+    return {(name if i == 0 else name.lower()): value for i, (name, _, value) in enumerate(pairs)}
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+
+def test_click_ids_seen_in_the_browser_reach_platforms_with_a_later_server_sale(
+    stack: Stack, browser: WebDriver
+) -> None:
+    server = stack.server
+    landed_ms = int(time.time() * 1000)
+
+    browser.get(f"{stack.shop.url}/page.html?gclid={GCLID}&fbclid={FBCLID}")
+    answer = wait_for(lambda: collected(browser), "the page view to be collected", server)[0]
+    visitor = browser.execute_script("return tagrelay.getVisitorId();")
+    page_view_id = browser.execute_script("return window.firstPageView;")
+    user_agent = browser.execute_script("return navigator.userAgent;")
+    seen_ms = int(time.time() * 1000)
+
+    assert answer["success"] is True
+    assert answer["event_id"] == page_view_id
+    assert re.fullmatch(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", page_view_id
+    )
+    assert visitor == answer["visitor_id"]
+    # The server's cookie holds the same visitor, out of reach of the page's scripts.
+    cookie = browser.get_cookie("tr_vid")
+    assert cookie is not None
+    assert cookie["value"] == visitor
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Lax"
+    assert cookie["path"] == "/"
+    assert cookie["secure"] is False  # TAGRELAY_COOKIE_SECURE=false
+    assert "tr_vid" not in browser.execute_script("return document.cookie;")
+    stored = server.stored_event(page_view_id)
+    assert stored is not None
+    assert stored["event_name"] == "page_view"
+    assert stored["visitor_id"] == visitor
+    assert stored["consent"] == GRANTED
+    assert stored["properties"]["title"] == "Trail shoe"
+    context = stored["context"]
+    assert context["page_url"] == f"{stack.shop.url}/page.html?gclid={GCLID}&fbclid={FBCLID}"
+    assert context["gclid"] == GCLID
+    assert context["fbclid"] == FBCLID
+    assert context["fbp"] == FBP  # read from the _fbp cookie by the script
+    assert context["user_agent"] == user_agent
+    assert context["ip"] == "127.0.0.1"
+
+    # Script storage lost (as ITP does to it): the server's cookie brings the visitor back.
+    browser.execute_script("localStorage.clear();")
+    browser.get(f"{stack.shop.url}/page.html")
+    again = wait_for(lambda: collected(browser), "the second page view", server)[0]
+    assert again["visitor_id"] == visitor
+    assert browser.execute_script("return tagrelay.getVisitorId();") == visitor
+
+    # Act: the backend confirms the sale, naming only the visitor (no click IDs, no cookies).
+    sale = {
+        "event_name": "sale",
+        "event_id": "ord_browser_1",
+        "visitor_id": visitor,
+        "properties": {"order_id": "ord_browser_1", "value": 59.0, "currency": "EUR"},
+        "context": {"page_url": "https://shop.example/checkout/complete"},
+        "consent": GRANTED,
+    }
+    assert server.track(sale)["fired"] == ["meta_purchase", "gads_sale"]
+    wait_for(
+        lambda: stack.gads.conversions and stack.meta.events,
+        "the sale at Google Ads and Meta",
+        server,
+    )
+
+    conversion = stack.gads.conversions[0]
+    assert conversion["gclid"] == GCLID
+    assert conversion["orderId"] == "ord_browser_1"
+    assert conversion["conversionValue"] == 59.0
+    purchase = stack.meta.events[0]
+    assert purchase["event_name"] == "Purchase"
+    assert purchase["event_id"] == "ord_browser_1"
+    user_data = purchase["user_data"]
+    match = re.fullmatch(rf"fb\.1\.(\d{{13}})\.{re.escape(FBCLID)}", user_data["fbc"])
+    assert match, user_data["fbc"]  # fbclid unchanged, case kept
+    assert landed_ms - 1000 <= int(match.group(1)) <= seen_ms + 1000  # when the click was seen
+    assert user_data["fbp"] == FBP
+    assert user_data["client_user_agent"] == user_agent  # remembered from the browser
+    assert stack.meta.server.errors == []
+
+
+def test_single_page_app_route_changes_send_page_views(stack: Stack, browser: WebDriver) -> None:
+    server = stack.server
+    browser.get(f"{stack.shop.url}/app/home")
+    wait_for(lambda: collected(browser), "the first page view", server)
+
+    browser.execute_script("history.pushState({}, '', '/app/cart');")
+    cart = wait_for(lambda: collected(browser)[1:], "a page view for the pushState", server)[0]
+    browser.execute_script("history.replaceState({}, '', '/app/cart#reviews');")  # same route
+    browser.execute_script("history.back();")  # popstate back to /app/home
+    back = wait_for(lambda: collected(browser)[2:], "a page view for popstate", server)[0]
+    browser.execute_script("return tagrelay.flush();")
+    time.sleep(0.5)
+
+    assert len(collected(browser)) == 3  # the hash-only replaceState sent nothing
+    cart_view = server.stored_event(cart["event_id"])
+    assert cart_view is not None
+    assert cart_view["event_name"] == "page_view"
+    assert cart_view["context"]["page_url"] == f"{stack.shop.url}/app/cart"
+    assert cart_view["context"]["referrer"] == f"{stack.shop.url}/app/home"
+    back_view = server.stored_event(back["event_id"])
+    assert back_view is not None
+    assert back_view["context"]["page_url"] == f"{stack.shop.url}/app/home"
+
+    # track() and identify() return the event IDs they sent; user data only as the page gave it.
+    order_id = browser.execute_script(
+        "return tagrelay.track('add_to_cart', {value: 19.9, currency: 'EUR'});"
+    )
+    identify_id = browser.execute_script(
+        "return tagrelay.identify('cust_9', {email: 'ada@example.com', plan: 'pro'});"
+    )
+    wait_for(lambda: len(collected(browser)) == 5, "track and identify", server)
+    added = server.stored_event(order_id)
+    assert added is not None
+    assert added["event_name"] == "add_to_cart"
+    assert added["properties"] == {"value": 19.9, "currency": "EUR"}
+    assert "user_data" not in added
+    identified = server.stored_event(identify_id)
+    assert identified is not None
+    assert identified["event_name"] == "identify"
+    assert identified["user_id"] == "cust_9"
+    assert identified["user_data"] == {"email": "ada@example.com"}
+    assert identified["properties"] == {"plan": "pro"}
+
+
+def test_beacon_carries_events_without_fetch_and_after_pagehide(
+    stack: Stack, browser: WebDriver
+) -> None:
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    visitor = wait_for(lambda: collected(browser), "the page view", server)[0]["visitor_id"]
+    browser.execute_script(
+        """window.beacons = 0;
+        const send = navigator.sendBeacon.bind(navigator);
+        navigator.sendBeacon = (url, data) => { window.beacons += 1; return send(url, data); };"""
+    )
+
+    after_pagehide = browser.execute_script(
+        "window.dispatchEvent(new PageTransitionEvent('pagehide'));"
+        "return tagrelay.track('left_page');"
+    )
+    without_fetch = browser.execute_script(
+        "window.dispatchEvent(new PageTransitionEvent('pageshow'));"
+        "window.fetch = undefined; return tagrelay.track('old_browser');"
+    )
+
+    assert browser.execute_script("return window.beacons;") == 2
+    for event_id in (after_pagehide, without_fetch):
+        stored = wait_for(
+            lambda event_id=event_id: server.stored_event(event_id), "a beaconed event", server
+        )
+        assert stored["visitor_id"] == visitor
+        assert stored["consent"] == GRANTED
+
+
+def test_script_tag_attributes_configure_it_and_send_the_first_page_view(
+    stack: Stack, browser: WebDriver
+) -> None:
+    server = stack.server
+    browser.get(f"{stack.shop.url}/auto.html")
+
+    def auto_page_view() -> dict[str, Any] | None:
+        url = f"{stack.shop.url}/auto.html"
+        return next((e for e in server.stored() if e["context"].get("page_url") == url), None)
+
+    stored = wait_for(auto_page_view, "the automatic page view", server)
+    assert stored["event_name"] == "page_view"
+    assert stored["consent"] == GRANTED  # the queued consent() ran before the page view
+    assert stored["visitor_id"] == browser.execute_script("return tagrelay.getVisitorId();")
+
+
+def test_a_page_from_an_origin_the_key_does_not_allow_gets_no_cors_allowance(
+    stack: Stack, browser: WebDriver
+) -> None:
+    server = stack.server
+    page_url = f"{stack.foreign.url}/page.html?gclid=foreign"
+    browser.get(page_url)
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+    error = browser.execute_async_script(
+        """const done = arguments[arguments.length - 1];
+        fetch(arguments[0], {method: "POST", body: '{"event_name": "probe"}',
+                             headers: {"Content-Type": "text/plain"}, credentials: "include"})
+          .then(r => done("answered " + r.status), e => done(e.name));""",
+        f"{server.url}/v1/collect?key={PUBLISHABLE_KEY}",
+    )
+    time.sleep(0.5)  # a beacon fallback, had one been accepted, is stored by now
+
+    assert error == "TypeError"  # the browser refused the answer: no allowance for this origin
+    assert collected(browser) == []
+    assert not [e for e in server.stored() if e["context"].get("page_url") == page_url]
+    assert not [e for e in server.stored() if e["event_name"] == "probe"]
+
+
+def test_collect_answers_cors_and_sets_the_visitor_cookie(stack: Stack, tmp_path: Path) -> None:
+    server, allowed, foreign = stack.server, stack.shop.url, stack.foreign.url
+    url = f"{server.url}/v1/collect?key={PUBLISHABLE_KEY}"
+    body = json.dumps({"event_name": "page_view", "context": {"page_url": allowed + "/x"}})
+
+    preflight = requests.options(
+        url,
+        headers={
+            "Origin": allowed,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+        timeout=5,
+    )
+    answer = requests.post(
+        url, data=body, headers={"Origin": allowed, "Content-Type": "text/plain"}, timeout=5
+    )
+    as_json = requests.post(
+        url, data=body, headers={"Origin": allowed, "Content-Type": "application/json"}, timeout=5
+    )
+    foreign_preflight = requests.options(
+        url, headers={"Origin": foreign, "Access-Control-Request-Method": "POST"}, timeout=5
+    )
+    foreign_post = requests.post(
+        url, data=body, headers={"Origin": foreign, "Content-Type": "text/plain"}, timeout=5
+    )
+    any_origin = requests.post(
+        f"{server.url}/v1/collect?key={ANY_ORIGIN_KEY}",
+        data=body,
+        headers={"Origin": foreign, "Content-Type": "text/plain"},
+        timeout=5,
+    )
+
+    assert preflight.status_code in (200, 204)
+    assert preflight.headers["Access-Control-Allow-Origin"] == allowed
+    assert preflight.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "content-type" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["success"] is True
+    assert answer.headers["Access-Control-Allow-Origin"] == allowed
+    assert answer.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "Origin" in answer.headers.get("Vary", "")
+    cookie = cookie_attributes(answer.headers["Set-Cookie"])
+    assert cookie["tr_vid"] == answer.json()["visitor_id"]
+    assert 0 < int(cookie["max-age"]) <= 400 * 86400
+    assert cookie["path"] == "/"
+    assert cookie["samesite"] == "Lax"
+    assert "httponly" in cookie
+    assert "secure" not in cookie  # TAGRELAY_COOKIE_SECURE=false
+    assert as_json.status_code == 200, as_json.text
+    # An origin the key does not allow: no allowance, and the event is refused.
+    assert "Access-Control-Allow-Origin" not in foreign_preflight.headers
+    assert foreign_post.status_code == 403, foreign_post.text
+    assert "Access-Control-Allow-Origin" not in foreign_post.headers
+    assert "Set-Cookie" not in foreign_post.headers
+    # A key allowing any origin still echoes the exact origin (credentials forbid "*").
+    assert any_origin.status_code == 200, any_origin.text
+    assert any_origin.headers["Access-Control-Allow-Origin"] == foreign
+
+    # By default the cookie is Secure (a deployment serves tagrelay over https).
+    secure_server = Server(
+        server.rules,
+        tmp_path / "secure",
+        {"TAGRELAY_PUBLISHABLE_KEYS": f"{PUBLISHABLE_KEY}={allowed}"},
+    )
+    try:
+        secure_server.start()
+        secure = requests.post(
+            f"{secure_server.url}/v1/collect?key={PUBLISHABLE_KEY}",
+            data=body,
+            headers={"Origin": allowed, "Content-Type": "text/plain"},
+            timeout=5,
+        )
+    finally:
+        secure_server.stop()
+    assert secure.status_code == 200, secure.text
+    assert "secure" in cookie_attributes(secure.headers["Set-Cookie"])
