@@ -11,13 +11,7 @@ that a page from an origin the publishable key does not allow gets no CORS allow
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,13 +24,13 @@ import requests
 from tests.emulators.google_ads import GoogleAdsEmulator
 from tests.emulators.meta import MetaEmulator
 from tests.emulators.server import LoopbackServer, Reply, Request
+from tests.support.server import TagrelayServer
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 SERVER_KEY = "sk_browser_test_0123456789"
 PUBLISHABLE_KEY = "pk_test"
 ANY_ORIGIN_KEY = "pk_other"
@@ -124,95 +118,8 @@ class Site:
 # -- the server -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``tagrelay serve`` in its own process group; its log goes to ``<data_dir>/server.log``."""
-
-    def __init__(self, rules: Path, data_dir: Path, env: dict[str, str]) -> None:
-        self.rules, self.data_dir, self.extra_env = rules, data_dir, env
-        self.port = free_port()
-        self.log = data_dir / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Server:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TAGRELAY_")}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        env.update(TAGRELAY_SERVER_KEYS=SERVER_KEY, TAGRELAY_DATA_DIR=str(self.data_dir))
-        env.update(self.extra_env)
-        command = [sys.executable, "-m", "engine.cli", "serve", "--rules", str(self.rules)]
-        command += ["--bind", f"127.0.0.1:{self.port}", "--workers", "2"]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                start_new_session=True,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tagrelay serve exited early:\n{self.tail()}")
-            try:
-                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"tagrelay serve did not become ready:\n{self.tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM to the process group (graceful), SIGKILL if it does not end in time."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
-
-    def track(self, event: dict[str, Any]) -> dict[str, Any]:
-        answer = requests.post(
-            self.url + "/v1/track",
-            json=event,
-            headers={"Authorization": f"Bearer {SERVER_KEY}"},
-            timeout=10,
-        )
-        assert answer.status_code == 200, answer.text
-        body: dict[str, Any] = answer.json()
-        return body
-
-    def stored(self) -> list[dict[str, Any]]:
-        """Every stored event, as the pipeline stored it (read-only, beside the server)."""
-        database = self.data_dir / "tagrelay.db"
-        if not database.exists():
-            return []
-        db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
-        try:
-            rows = db.execute("SELECT body FROM events ORDER BY seq").fetchall()
-        finally:
-            db.close()
-        return [json.loads(body) for (body,) in rows]
+class Server(TagrelayServer):
+    """The shared harness, reading stored events by ID."""
 
     def stored_event(self, event_id: str) -> dict[str, Any] | None:
         return next((e for e in self.stored() if e.get("event_id") == event_id), None)
@@ -244,6 +151,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         server = Server(
             rules,
             tmp / "data",
+            SERVER_KEY,
             {
                 "TAGRELAY_PUBLISHABLE_KEYS": (
                     f"{PUBLISHABLE_KEY}={shop.url}|https://shop.example,{ANY_ORIGIN_KEY}=*"
@@ -543,6 +451,7 @@ def test_collect_answers_cors_and_sets_the_visitor_cookie(stack: Stack, tmp_path
     secure_server = Server(
         server.rules,
         tmp_path / "secure",
+        SERVER_KEY,
         {"TAGRELAY_PUBLISHABLE_KEYS": f"{PUBLISHABLE_KEY}={allowed}"},
     )
     try:

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,61 +12,9 @@ import requests
 
 from tests.emulators.server import LoopbackServer
 from tests.emulators.sink import FaultySink
+from tests.support.server import TagrelayServer
 
 KEY = "sk_crash_test_key_0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``tagrelay serve`` in its own process group, so SIGKILL reaches master and workers."""
-
-    def __init__(self, rules: Path, data_dir: Path, port: int) -> None:
-        self.rules, self.data_dir, self.port = rules, data_dir, port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = dict(os.environ, TAGRELAY_SERVER_KEYS=KEY, TAGRELAY_DATA_DIR=str(self.data_dir))
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "engine.cli",
-                "serve",
-                "--rules",
-                str(self.rules),
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--workers",
-                "2",
-            ],
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise RuntimeError("the server did not become ready")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -94,7 +37,7 @@ def test_kill_9_mid_load_loses_no_accepted_event(
         "triggers: {all: {event: '*'}}\n"
         "tags: [{name: to_hook, trigger: all, destination: hook}]\n"
     )
-    server = Server(rules, tmp_path / "data", free_port())
+    server = TagrelayServer(rules, tmp_path / "data", KEY)
     server.start()
     accepted: set[str] = set()
     lock = threading.Lock()
@@ -124,7 +67,7 @@ def test_kill_9_mid_load_loses_no_accepted_event(
         for t in threads:
             t.start()
         time.sleep(1.5)
-        server.kill(signal.SIGKILL)  # master and both workers, mid-load and mid-delivery
+        server.kill()  # SIGKILL to master and both workers, mid-load and mid-delivery
         stop.set()
         for t in threads:
             t.join(10)
@@ -135,7 +78,7 @@ def test_kill_9_mid_load_loses_no_accepted_event(
             time.sleep(0.25)
     finally:
         stop.set()
-        server.kill(signal.SIGTERM)
+        server.stop()
 
     arrived = handler.ids()
     missing = accepted - set(arrived)
@@ -159,7 +102,7 @@ def test_sigterm_finishes_or_releases_in_flight_batches(tmp_path: Path) -> None:
             "triggers: {all: {event: '*'}}\n"
             "tags: [{name: to_hook, trigger: all, destination: hook}]\n"
         )
-        server = Server(rules, tmp_path / "data", free_port())
+        server = TagrelayServer(rules, tmp_path / "data", KEY)
         server.start()
         try:
             for i in range(10):
@@ -171,7 +114,7 @@ def test_sigterm_finishes_or_releases_in_flight_batches(tmp_path: Path) -> None:
                 )
             time.sleep(0.3)  # deliveries are in flight at the slow sink
         finally:
-            server.kill(signal.SIGTERM)
+            server.stop()
 
     from engine.store.sqlite import SQLiteStore
 

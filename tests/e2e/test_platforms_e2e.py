@@ -12,13 +12,7 @@ the same e-mail address and phone number hash differently for Meta, Google and T
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
-import socket
-import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,17 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from tests.emulators.ga4 import GA4Emulator
 from tests.emulators.google_ads import GoogleAdsEmulator
 from tests.emulators.meta import MetaEmulator
 from tests.emulators.server import LoopbackServer, Request
 from tests.emulators.tiktok import TikTokEmulator
+from tests.support.server import TagrelayServer
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk_e2e_platforms_0123456789"
 WORKERS = 2
 WAIT = 30.0  # bound of every poll for deliveries
@@ -211,105 +204,13 @@ tags:
 # -- the server -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``tagrelay serve`` in its own process group; its log goes to ``<data_dir>/server.log``."""
-
-    def __init__(self, rules: Path, data_dir: Path) -> None:
-        self.rules, self.data_dir, self.port = rules, data_dir, free_port()
-        self.log = data_dir / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def database(self) -> Path:
-        return self.data_dir / "tagrelay.db"
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TAGRELAY_")}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        env.update(TAGRELAY_SERVER_KEYS=KEY, TAGRELAY_DATA_DIR=str(self.data_dir))
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "engine.cli",
-                    "serve",
-                    "--rules",
-                    str(self.rules),
-                    "--bind",
-                    f"127.0.0.1:{self.port}",
-                    "--workers",
-                    str(WORKERS),
-                ],
-                cwd=ROOT,
-                env=env,
-                start_new_session=True,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tagrelay serve exited early:\n{self.tail()}")
-            try:
-                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"tagrelay serve did not become ready:\n{self.tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM to the process group (graceful), then SIGKILL to whatever is left of it."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=15)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # a hung master, or a straggling worker
-        self.proc.wait(timeout=10)
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
-
-    def track(self, event: dict[str, Any]) -> dict[str, Any]:
-        answer = requests.post(
-            self.url + "/v1/track",
-            json=event,
-            headers={"Authorization": f"Bearer {KEY}"},
-            timeout=10,
-        )
-        assert answer.status_code == 200, answer.text
-        body: dict[str, Any] = answer.json()
-        return body
+class Server(TagrelayServer):
+    """The shared harness, plus the delivery rows this test reads."""
 
     def deliveries(self) -> list[dict[str, Any]]:
         """Every delivery row of the store (read-only, beside the running server)."""
-        db = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=5)
-        db.row_factory = sqlite3.Row
-        try:
-            rows = db.execute(
-                "SELECT event_id, tag, destination, status, attempts, last_error FROM deliveries"
-            ).fetchall()
-        finally:
-            db.close()
-        return [dict(r) for r in rows]
+        sql = "SELECT event_id, tag, destination, status, attempts, last_error FROM deliveries"
+        return [dict(r) for r in self.query(sql)]
 
 
 def wait_for(condition: Callable[[], bool], what: str, server: Server) -> None:
@@ -371,7 +272,7 @@ def running_server(rules_text: str, directory: Path) -> Iterator[Server]:
     directory.mkdir(parents=True, exist_ok=True)
     rules = directory / "rules.yaml"
     rules.write_text(rules_text)
-    server = Server(rules, directory / "data")
+    server = Server(rules, directory / "data", KEY, workers=WORKERS)
     try:
         server.start()
         yield server
