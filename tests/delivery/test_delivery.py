@@ -116,6 +116,17 @@ def make_rules(tmp_path: Path, destinations: str, tags: str) -> Path:
     return path
 
 
+def per_item_rules(tmp_path: Path, url: str) -> Path:
+    return make_rules(
+        tmp_path,
+        f"""
+        api: {{type: per_item, url: "{url}", client_secret: s3cret-value,
+              delivery: {{batch_wait: 0}}}}
+        """,
+        "- {name: to_api, trigger: all, destination: api}\n",
+    )
+
+
 def webhook_rules(tmp_path: Path, url: str, delivery: str = "") -> Path:
     return make_rules(
         tmp_path,
@@ -241,14 +252,7 @@ def test_a_delivery_out_of_attempts_becomes_a_dead_letter_and_replays(
 def test_a_batch_with_mixed_results_is_split_per_item(tmp_path: Path, plugins: None) -> None:
     platform = PerItemPlatform()
     with LoopbackServer(platform) as server:
-        rules = make_rules(
-            tmp_path,
-            f"""
-            api: {{type: per_item, url: "{server.url}", client_secret: s3cret-value,
-                  delivery: {{batch_wait: 0}}}}
-            """,
-            "- {name: to_api, trigger: all, destination: api}\n",
-        )
+        rules = per_item_rules(tmp_path, server.url)
         h = Harness(tmp_path, rules)
         h.accept(
             {"event_name": "sale", "event_id": "good", "properties": {"value": 5}},
@@ -265,14 +269,7 @@ def test_a_batch_with_mixed_results_is_split_per_item(tmp_path: Path, plugins: N
 def test_oauth_token_is_cached_and_refreshed_on_401(tmp_path: Path, plugins: None) -> None:
     platform = PerItemPlatform()
     with LoopbackServer(platform) as server:
-        rules = make_rules(
-            tmp_path,
-            f"""
-            api: {{type: per_item, url: "{server.url}", client_secret: s3cret-value,
-                  delivery: {{batch_wait: 0}}}}
-            """,
-            "- {name: to_api, trigger: all, destination: api}\n",
-        )
+        rules = per_item_rules(tmp_path, server.url)
         h = Harness(tmp_path, rules)
         h.accept({"event_name": "sale", "event_id": "a", "properties": {"value": 1}})
         h.worker.drain()
@@ -295,14 +292,7 @@ def test_errors_kept_with_dead_letters_never_contain_secrets(tmp_path: Path, plu
         return Reply.text(f"bad request {request.body.decode()}", 400)
 
     with LoopbackServer(echo_secret) as server:
-        rules = make_rules(
-            tmp_path,
-            f"""
-            api: {{type: per_item, url: "{server.url}", client_secret: s3cret-value,
-                  delivery: {{batch_wait: 0}}}}
-            """,
-            "- {name: to_api, trigger: all, destination: api}\n",
-        )
+        rules = per_item_rules(tmp_path, server.url)
 
         class Echo(PerItem):
             def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
