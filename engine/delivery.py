@@ -387,9 +387,11 @@ class DeliveryWorker:
     def _dead(self, dest: DestinationInstance, ids: list[int], error: str, now: float) -> None:
         self.store.mark_dead(ids, error[:1000], now)
         metrics.DELIVERIES.labels(dest.name, "dead_lettered").inc(len(ids))
+        # The error itself stays in the store (`tagrelay deadletters show`): a platform's answer
+        # can echo payload fields, such as an IP, that must not reach a log.
         log.error(
             "deliveries dead-lettered",
-            extra={"destination": dest.name, "count": len(ids), "error": error[:300]},
+            extra={"destination": dest.name, "count": len(ids), "kind": error.split(":", 1)[0]},
         )
 
     # -- OAuth tokens ---------------------------------------------------------------------------
