@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from engine.app import create_app
 from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
 from engine.config import ServerKey, Settings
+from engine.event import EVENT_SCHEMA
 from engine.pipeline import load_rules
 
 KEY = "sk_fuzz_0123456789"
@@ -131,21 +132,7 @@ maybe_text = st.one_of(
     ),
 )
 user_data = st.dictionaries(
-    st.sampled_from(
-        [
-            "email",
-            "phone",
-            "first_name",
-            "last_name",
-            "date_of_birth",
-            "gender",
-            "city",
-            "state",
-            "postal_code",
-            "country",
-            "external_id",
-        ]
-    ),
+    st.sampled_from(sorted(EVENT_SCHEMA["properties"]["user_data"]["properties"])),
     maybe_text,
 )
 context = st.dictionaries(
