@@ -119,6 +119,25 @@ def _dumps(value: Any) -> str:
 BUSY_TIMEOUT = 30.0
 IDENTITY_TOUCH = 3600.0  # a visitor's last_seen (for retention) is refreshed at most hourly
 CHECKPOINT_INTERVAL = 1.0
+WAL_CHECKPOINT_PAGES = 4000
+"""The WAL size (in pages, 16 MB at 4 KB) past which the committing writer checkpoints itself.
+
+The background checkpoint alone never lets the WAL restart under sustained writes: a PASSIVE
+checkpoint cannot catch up with frames appended while it runs, and SQLite only rewinds the WAL
+when a writer finds it fully copied. The file would then grow without bound (a single-event
+commit adds about 60 KB of frames: gigabytes within minutes at full intake), and every commit
+would pay for extending it. The writer's own
+checkpoint finishes what the background one left, so the next transaction rewinds the WAL."""
+
+_PID = os.getpid()
+
+
+def _after_fork() -> None:
+    global _PID  # the one process-wide fact a fork changes
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _checkpoint_loop(store_ref: weakref.ReferenceType[SQLiteStore], path: str) -> None:
@@ -208,7 +227,7 @@ class SQLiteStore(Store):
         self._checkpointer_pid = -1
         self._closed = threading.Event()
         self._wlock = threading.Lock()
-        self._lock_pid = os.getpid()
+        self._lock_pid = _PID
         self._group = threading.Condition(threading.Lock())
         self._queue: list[_Slot] = []
         self._leading = False
@@ -221,7 +240,7 @@ class SQLiteStore(Store):
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+        if conn is not None and getattr(self._local, "pid", None) == _PID:
             return conn
         try:
             conn = sqlite3.connect(
@@ -234,21 +253,22 @@ class SQLiteStore(Store):
             # sleeps in steps of milliseconds, which under steady load wastes most of them.
             conn.execute("PRAGMA busy_timeout=0")
             conn.execute("PRAGMA foreign_keys=OFF")
-            # Checkpoints (which fsync the database) run in a background thread, not after
-            # the commit of whichever request happens to cross the WAL threshold.
-            conn.execute("PRAGMA wal_autocheckpoint=0")
+            # Checkpoints (which fsync the database) run mostly in a background thread; the
+            # writer only finishes the remainder when the WAL has grown past the threshold
+            # (see WAL_CHECKPOINT_PAGES).
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             conn.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the SQLite store: {exc}") from exc
         self._local.conn = conn
-        self._local.pid = os.getpid()
+        self._local.pid = _PID
         self._start_checkpointer()
         return conn
 
     def _start_checkpointer(self) -> None:
-        if self.path == ":memory:" or self._checkpointer_pid == os.getpid():
+        if self.path == ":memory:" or self._checkpointer_pid == _PID:
             return
-        self._checkpointer_pid = os.getpid()
+        self._checkpointer_pid = _PID
         thread = threading.Thread(
             target=_checkpoint_loop,
             args=(weakref.ref(self), self.path),
@@ -260,7 +280,7 @@ class SQLiteStore(Store):
     def _process_lock(self) -> threading.Lock:
         # One writer per process at a time: threads queue on a Python lock (cheap, fair enough)
         # instead of all spinning on SQLite's. A lock must not cross a fork, hence per pid.
-        pid = os.getpid()
+        pid = _PID
         if self._lock_pid != pid:
             self._wlock = threading.Lock()
             self._lock_pid = pid

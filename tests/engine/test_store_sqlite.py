@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from engine.errors import StoreError
+from engine.store import sqlite as sqlite_store
 from engine.store.base import Acceptance, Decision
 from engine.store.sqlite import SQLiteStore
 
@@ -173,6 +174,25 @@ def test_purge_drops_only_expired_keys(store: SQLiteStore) -> None:
 
 def test_ping_answers_on_a_working_store(store: SQLiteStore) -> None:
     store.ping()
+
+
+def test_the_wal_stays_bounded_under_sustained_writes(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The background checkpoint is kept out of the way: the writers alone must rewind the WAL,
+    # as they have to when commits never pause long enough for it to catch up.
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_INTERVAL", 3600.0)
+    monkeypatch.setattr(sqlite_store, "WAL_CHECKPOINT_PAGES", 100)
+    store = SQLiteStore(db_path)
+    big = {"event_name": "Purchase", "blob": "x" * 3000}
+    for i in range(600):  # ~4 pages per commit: ~2,400 pages of WAL without a rewind
+        d = Decision("meta", "meta_dest", True, "trigger matched", None, False, big)
+        store.accept(acceptance(f"e{i}", d))
+
+    wal_pages = (db_path.parent / (db_path.name + "-wal")).stat().st_size / 4096
+    store.close()
+    assert wal_pages < 300
+    assert rows(db_path, "SELECT COUNT(*) FROM events") == [(600,)]
 
 
 # -- several processes ------------------------------------------------------------------------
