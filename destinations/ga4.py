@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode
 
@@ -68,6 +69,11 @@ NAME_RULE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 GA_COOKIE = re.compile(r"GA\d\.\d+\.(\d+\.\d+)")
 SESSION_COOKIE = re.compile(r"GS\d\.\d+\.s?(\d+)")
 CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
+# What counts as an object: dict comes first, since an exact type test is much cheaper than
+# the Mapping ABC check that a dict would pass anyway.
+_MAPPING = (dict, Mapping)
+# The body as sent (compact, UTF-8): one encoder for every size check.
+_BODY_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 class GA4(Destination):
@@ -178,6 +184,10 @@ class GA4(Destination):
         "user_data.address.country": "user_data.country",
     }
 
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        self._default_country: Any = self.settings.get("default_country")  # read once
+
     # -- intake ---------------------------------------------------------------------------------
 
     def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
@@ -186,7 +196,8 @@ class GA4(Destination):
         Raises:
             PayloadError: a Measurement Protocol rule is broken; the message names it.
         """
-        if unknown := sorted(set(mapped) - TOP_LEVEL_FIELDS):
+        if not TOP_LEVEL_FIELDS.issuperset(mapped):
+            unknown = sorted(set(mapped) - TOP_LEVEL_FIELDS)
             raise PayloadError(f"GA4: unknown top-level field(s) {unknown}")
         _check_name(ctx.event_name, "event name")
         if ctx.event_name in RESERVED_EVENTS:
@@ -205,24 +216,29 @@ class GA4(Destination):
         if consent := _consent(mapped.get("consent"), ctx.restricted):
             request["consent"] = consent
         if not ctx.restricted and (
-            user_data := self._user_data(_as_dict(mapped.get("user_data"), "user_data"))
+            user_data := self._user_data(_object(mapped.get("user_data"), "user_data"))
         ):
             request["user_data"] = user_data
         if props := _user_properties(mapped.get("user_properties")):
             request["user_properties"] = props
 
-        params = _params(_as_dict(mapped.get("params"), "params"), ctx.event_name)
+        params = _params(_object(mapped.get("params"), "params"), ctx.event_name)
         payload = {"request": request, "event": {"name": ctx.event_name, "params": params}}
-        size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+        body = _BODY_JSON.encode(payload)
+        # ASCII text has one byte per character; other text is encoded (which also refuses
+        # what cannot be sent, such as a lone surrogate).
+        size = len(body) if body.isascii() else len(body.encode())
         if size >= MAX_BODY_BYTES:
             raise PayloadError(f"GA4: the post body must be under 130 kB (this event: {size} B)")
         return payload
 
-    def _user_data(self, raw: dict[str, Any]) -> dict[str, Any]:
+    def _user_data(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        if not raw:
+            return {}
         out: dict[str, Any] = {}
-        addresses = [_as_dict(a, "user_data.address") for a in _listed(raw.get("address"))]
+        addresses = [_object(a, "user_data.address") for a in _listed(raw.get("address"))]
         country = next((a.get("country") for a in addresses if a.get("country")), None)
-        country = country or self.settings.get("default_country")
+        country = country or self._default_country
 
         def phone(v: str) -> str | None:
             return normalize.phone(v, "google", default_country=country)
@@ -304,7 +320,23 @@ class GA4(Destination):
 # -- fields -------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1024)
+def _valid_name(name: str) -> bool:
+    """Whether ``name`` passes every rule :func:`_check_name` checks.
+
+    The names are the tags' event names and mapped param and user property names, so few
+    distinct ones repeat on every event; the verdict is kept for each.
+    """
+    return (
+        len(name) <= MAX_NAME
+        and NAME_RULE.fullmatch(name) is not None
+        and not name.startswith(RESERVED_PREFIXES)
+    )
+
+
 def _check_name(name: str, what: str) -> None:
+    if _valid_name(name):
+        return
     if len(name) > MAX_NAME:
         raise PayloadError(f"GA4: {what} {name!r} is longer than {MAX_NAME} characters")
     if not NAME_RULE.fullmatch(name):
@@ -344,7 +376,7 @@ def _consent(raw: Any, restricted: bool) -> dict[str, str]:
     return out
 
 
-def _params(raw: dict[str, Any], event_name: str) -> dict[str, Any]:
+def _params(raw: Mapping[str, Any], event_name: str) -> dict[str, Any]:
     params = {k: v for k, v in raw.items() if v is not None}
     if len(params) > MAX_PARAMS:
         raise PayloadError(f"GA4: at most {MAX_PARAMS} params per event ({len(params)} mapped)")
@@ -388,15 +420,15 @@ def _items(value: Any) -> list[dict[str, Any]]:
         raise PayloadError(f"GA4: at most {MAX_ITEMS} items per event")
     items = []
     for raw in value:
-        item = {k: v for k, v in _as_dict(raw, "params.items[]").items() if v is not None}
+        item = {k: v for k, v in _object(raw, "params.items[]").items() if v is not None}
         if item.get("item_id") is None and item.get("item_name") is None:
             raise PayloadError("GA4: every item needs item_id or item_name")
         for key in ("item_id", "item_name"):
             if key in item:
                 item[key] = str(item[key])
-        for key in ("price", "quantity"):
+        for key, what in (("price", "items[].price"), ("quantity", "items[].quantity")):
             if key in item:
-                item[key] = _number(item[key], f"items[].{key}")
+                item[key] = _number(item[key], what)
         items.append(item)
     return items
 
@@ -447,28 +479,35 @@ def _street(value: str) -> str | None:
     return text or None
 
 
-def _address(raw: dict[str, Any]) -> dict[str, Any]:
+def _name(value: str) -> str | None:
+    return normalize.name(value, "google")
+
+
+_HASHED_ADDRESS_FIELDS: tuple[tuple[str, Callable[[str], str | None]], ...] = (
+    ("sha256_first_name", _name),
+    ("sha256_last_name", _name),
+    ("sha256_street", _street),
+)
+# Clear-text address fields: normalizer of (value, the address's country).
+_CLEAR_ADDRESS_FIELDS: tuple[tuple[str, Callable[[str, Any], str | None]], ...] = (
+    ("city", lambda v, country: normalize.city(v, "google")),
+    ("region", lambda v, country: normalize.state(v, "google", country=country)),
+    ("postal_code", lambda v, country: normalize.postal_code(v, "google", country=country)),
+    ("country", lambda v, country: normalize.country(v, "google")),
+)
+
+
+def _address(raw: Mapping[str, Any]) -> dict[str, Any]:
     country = raw.get("country")
     out: dict[str, Any] = {}
-    hashed_fields: tuple[tuple[str, Callable[[str], str | None]], ...] = (
-        ("sha256_first_name", lambda v: normalize.name(v, "google")),
-        ("sha256_last_name", lambda v: normalize.name(v, "google")),
-        ("sha256_street", _street),
-    )
-    for key, norm in hashed_fields:
+    for key, norm in _HASHED_ADDRESS_FIELDS:
         if (digest := normalize.hashed(raw.get(key), norm)) is not None:
             out[key] = digest
-    clear: tuple[tuple[str, Callable[[str], str | None]], ...] = (
-        ("city", lambda v: normalize.city(v, "google")),
-        ("region", lambda v: normalize.state(v, "google", country=country)),
-        ("postal_code", lambda v: normalize.postal_code(v, "google", country=country)),
-        ("country", lambda v: normalize.country(v, "google")),
-    )
-    for key, norm in clear:
+    for key, clear in _CLEAR_ADDRESS_FIELDS:
         value = raw.get(key)
         if value is None:
             continue
-        if text := norm(str(value)):
+        if text := clear(str(value), country):
             out[key] = text
     return out
 
@@ -482,12 +521,13 @@ def _listed(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def _as_dict(value: Any, what: str) -> dict[str, Any]:
+def _object(value: Any, what: str) -> Mapping[str, Any]:
+    """``value`` itself when it is an object (read, never changed), else refused; None is {}."""
     if value is None:
         return {}
-    if not isinstance(value, Mapping):
+    if not isinstance(value, _MAPPING):
         raise PayloadError(f"GA4: {what} must be an object")
-    return dict(value)
+    return value
 
 
 _INDEX = re.compile(r"events\[(\d+)\]|index:? *\[(\d+)\]")

@@ -41,7 +41,13 @@ CONVERSION_FIELDS = frozenset(
     | {"customVariables", "userAgent"}
 )
 ADJUSTMENT_ONLY = frozenset({"adjustmentType", "gclidDateTimePair", "restatementValue"})
+_KNOWN_FIELDS = CONVERSION_FIELDS | ADJUSTMENT_ONLY
+_IDENTIFIER_FIELDS = frozenset({"hashedEmail", "hashedPhoneNumber", "addressInfo"})
+_CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
+# What counts as an object: dict comes first, since an exact type test is much cheaper than
+# the Mapping ABC check that a dict would pass anyway.
+_MAPPING = (dict, Mapping)
 CUSTOMER_ID = re.compile(r"\d{3}-?\d{3}-?\d{4}")
 ACTION_NAME = re.compile(r"customers/\d{10}/conversionActions/\d+")
 
@@ -186,6 +192,13 @@ class GoogleAds(Destination):
         "userAgent": "context.user_agent",
     }
 
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        # Read once: build_payload runs for every event.
+        self._conversion_action: Any = self.settings.get("conversion_action", "")
+        self._default_currency: Any = self.settings.get("currency")
+        self._default_country: Any = self.settings.get("default_country")
+
     # -- intake ---------------------------------------------------------------------------------
 
     def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
@@ -194,7 +207,8 @@ class GoogleAds(Destination):
         Raises:
             PayloadError: a Google Ads rule is broken; the message names it.
         """
-        if unknown := sorted(set(mapped) - CONVERSION_FIELDS - ADJUSTMENT_ONLY):
+        if not _KNOWN_FIELDS.issuperset(mapped):
+            unknown = sorted(set(mapped) - CONVERSION_FIELDS - ADJUSTMENT_ONLY)
             raise PayloadError(f"Google Ads: unknown field(s) {unknown}")
         kind = str(mapped.get("adjustmentType") or ctx.event_name).strip().upper()
         if kind in ADJUSTMENT_TYPES:
@@ -204,7 +218,8 @@ class GoogleAds(Destination):
         return {"operation": CONVERSIONS, "row": self._conversion(mapped, ctx)}
 
     def _conversion(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
-        if misplaced := sorted(set(mapped) & ADJUSTMENT_ONLY):
+        if not ADJUSTMENT_ONLY.isdisjoint(mapped):
+            misplaced = sorted(set(mapped) & ADJUSTMENT_ONLY)
             raise PayloadError(f"Google Ads: {misplaced} apply to conversion adjustments only")
         row: dict[str, Any] = {}
         if click := _click_id(mapped, ctx.event):
@@ -296,14 +311,15 @@ class GoogleAds(Destination):
         self, raw: dict[str, Any], ctx: PayloadContext, address: bool = False
     ) -> list[dict[str, Any]]:
         """One identifier per entry (UserIdentifier is a oneof), at most five."""
-        if unknown := sorted(set(raw) - {"hashedEmail", "hashedPhoneNumber", "addressInfo"}):
+        if not _IDENTIFIER_FIELDS.issuperset(raw):
+            unknown = sorted(set(raw) - _IDENTIFIER_FIELDS)
             raise PayloadError(f"Google Ads: unsupported user identifier(s) {unknown}")
         addr = _as_dict(raw.get("addressInfo"), "userIdentifiers.addressInfo")
         user_data = ctx.event.get("user_data")
         country = (
             addr.get("countryCode")
             or (user_data.get("country") if isinstance(user_data, dict) else None)
-            or self.settings.get("default_country")
+            or self._default_country
         )
 
         def phone(value: str) -> str | None:
@@ -322,8 +338,7 @@ class GoogleAds(Destination):
         return ids
 
     def _action(self, mapped: Any) -> str:
-        raw = str(mapped if mapped is not None else self.settings.get("conversion_action", ""))
-        raw = raw.strip()
+        raw = str(mapped if mapped is not None else self._conversion_action).strip()
         if raw.isdigit():
             return f"customers/{self._customer_id()}/conversionActions/{raw}"
         if ACTION_NAME.fullmatch(raw):
@@ -336,11 +351,11 @@ class GoogleAds(Destination):
         return str(self.settings.get("customer_id", "")).replace("-", "")
 
     def _currency(self, value: Any) -> str | None:
-        raw = value if value is not None else self.settings.get("currency")
+        raw = value if value is not None else self._default_currency
         if raw is None:
             return None
         code = str(raw).strip().upper()
-        if not re.fullmatch(r"[A-Z]{3}", code):
+        if not _CURRENCY_CODE.fullmatch(code):
             raise PayloadError("Google Ads: currencyCode must be an ISO 4217 code (3 letters)")
         return code
 
@@ -435,7 +450,10 @@ class GoogleAds(Destination):
 
 def google_time(moment: datetime) -> str:
     """``yyyy-mm-dd hh:mm:ss+00:00`` in UTC: the offset is mandatory for Google Ads."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S+00:00")
+    utc = moment.astimezone(UTC)
+    if utc.year < 1000:  # strftime may not pad such a year to four digits; isoformat does
+        return utc.strftime("%Y-%m-%d %H:%M:%S+00:00")
+    return utc.isoformat(" ", "seconds")  # the same text, at a fraction of strftime's cost
 
 
 # -- fields -------------------------------------------------------------------------------------
@@ -506,7 +524,7 @@ def _address_info(raw: dict[str, Any]) -> dict[str, Any]:
 def _as_dict(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
-    if not isinstance(value, Mapping):
+    if not isinstance(value, _MAPPING):
         raise PayloadError(f"Google Ads: {what} must be an object")
     return dict(value)
 

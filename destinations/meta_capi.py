@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
@@ -44,9 +46,24 @@ SEND_MARGIN = timedelta(minutes=5)
 flight, and one too-old event makes Meta reject the whole request."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# What counts as an object: dict comes first, since an exact type test is much cheaper than
+# the Mapping ABC check that a dict would pass anyway.
+_MAPPING = (dict, Mapping)
 _RETRY_CODES = frozenset({1, 2, 4, 17, 32, 613})
 _AUTH_CODES = frozenset({10, 102, 104, 190})
-_CLEAR_USER_FIELDS = ("client_ip_address", "client_user_agent", "fbc", "fbp")
+# Mapped fields build_payload reads itself; the other mapped fields are passed on as they are.
+# event_time and event_name are always the event's own timestamp and the tag's event name.
+_BUILT_FIELDS = frozenset(
+    {"fbclid", "action_source", "event_time", "event_name", "event_source_url", "user_data"}
+    | {"custom_data", "event_id"}
+)
+_CLEAR_USER_FIELDS = frozenset({"client_ip_address", "client_user_agent", "fbc", "fbp"})
+# An IPv4 address in its canonical dotted form (no leading zeros, octets up to 255), which
+# ``ipaddress`` reads and writes back unchanged.
+_CANONICAL_IPV4 = re.compile(
+    r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+)
 
 
 class MetaCapi(Destination):
@@ -168,6 +185,12 @@ class MetaCapi(Destination):
         "custom_data.content_type": "properties.items[0] && 'product'",
     }
 
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        # Read once: build_payload runs for every event.
+        self._action_source: Any = self.settings.get("action_source", "website")
+        self._default_country = _text(self.settings.get("default_country"))
+
     # -- intake ---------------------------------------------------------------------------------
 
     def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
@@ -176,11 +199,8 @@ class MetaCapi(Destination):
         Raises:
             PayloadError: the event breaks a Meta rule (the message names it).
         """
-        fields = dict(mapped)
-        fbclid = fields.pop("fbclid", None)
-        action_source = fields.pop("action_source", None) or self.settings.get(
-            "action_source", "website"
-        )
+        fbclid = mapped.get("fbclid")
+        action_source = mapped.get("action_source") or self._action_source
         if action_source not in ACTION_SOURCES:
             raise PayloadError(f"action_source must be one of {', '.join(ACTION_SOURCES)}")
         age = (ctx.now or datetime.now(UTC)) - ctx.event_time
@@ -190,17 +210,15 @@ class MetaCapi(Destination):
                 f" for action_source {action_source}"
             )
         event_time = int(ctx.event_time.timestamp())
-        fields.pop("event_time", None)  # always the event's own timestamp
-        fields.pop("event_name", None)  # always the tag's event name
 
-        source_url = _text(fields.pop("event_source_url", None))
-        user_data = self._user_data(fields.pop("user_data", None))
+        source_url = _text(mapped.get("event_source_url"))
+        user_data = self._user_data(mapped.get("user_data"))
         if "fbc" not in user_data:
             fbclid = _text(fbclid) or normalize.url_param(source_url, "fbclid")
             if fbclid:
                 created_ms = (ctx.event_time - _EPOCH) // timedelta(milliseconds=1)
                 user_data["fbc"] = f"fb.1.{created_ms}.{fbclid}"
-        custom_data = _custom_data(fields.pop("custom_data", None))
+        custom_data = _custom_data(mapped.get("custom_data"))
 
         if action_source == "website":
             if not source_url or not source_url.lower().startswith(("http://", "https://")):
@@ -215,7 +233,7 @@ class MetaCapi(Destination):
         payload: dict[str, Any] = {
             "event_name": ctx.event_name,
             "event_time": event_time,
-            "event_id": str(fields.pop("event_id", None) or ctx.event_id),
+            "event_id": str(mapped.get("event_id") or ctx.event_id),
             "action_source": action_source,
         }
         if source_url:
@@ -223,37 +241,23 @@ class MetaCapi(Destination):
         payload["user_data"] = user_data
         if custom_data:
             payload["custom_data"] = custom_data
-        payload.update((k, v) for k, v in fields.items() if v is not None)
+        payload.update(
+            (k, v) for k, v in mapped.items() if v is not None and k not in _BUILT_FIELDS
+        )
         return payload
 
     def _user_data(self, raw: object) -> dict[str, Any]:
         if raw is None:
             return {}
-        if not isinstance(raw, Mapping):
+        if not isinstance(raw, _MAPPING):
             raise PayloadError("user_data must be an object")
-        person_country = _text(raw.get("country"))
-        if person_country and normalize.is_hashed(person_country):
-            person_country = None
-        region = person_country or _text(self.settings.get("default_country"))
-        if region and not normalize.country(region, "meta"):
-            region = _text(self.settings.get("default_country"))
-        hashers: dict[str, Callable[[str], str | None]] = {
-            "em": lambda v: normalize.email(v, "meta"),
-            "ph": lambda v: normalize.phone(v, "meta", region),
-            "fn": lambda v: normalize.name(v, "meta"),
-            "ln": lambda v: normalize.name(v, "meta"),
-            "db": lambda v: normalize.date_of_birth(v, "meta"),
-            "ge": lambda v: normalize.gender(v, "meta"),
-            "ct": lambda v: normalize.city(v, "meta"),
-            "st": lambda v: normalize.state(v, "meta", region),
-            "zp": lambda v: normalize.postal_code(v, "meta", region),
-            "country": lambda v: normalize.country(v, "meta"),
-            "external_id": lambda v: normalize.external_id(v, "meta"),
-        }
+        # Page views and the like carry nothing to hash: no region to work out then.
+        hashers = _hashers(self._region(raw)) if not _HASHED_FIELDS.isdisjoint(raw) else {}
         out: dict[str, Any] = {}
         for key, value in raw.items():
-            if key in hashers:
-                digest = normalize.hashed_values(value, hashers[key])
+            hasher = hashers.get(key)
+            if hasher is not None:
+                digest = normalize.hashed_values(value, hasher)
                 if digest is not None:
                     out[key] = digest
             elif key in _CLEAR_USER_FIELDS:
@@ -265,6 +269,16 @@ class MetaCapi(Destination):
             elif value is not None:
                 out[key] = value  # other Meta fields that are never hashed (lead_id, ...)
         return out
+
+    def _region(self, raw: Mapping[str, Any]) -> str | None:
+        """The country that national phone numbers, states and postal codes are read in."""
+        person_country = _text(raw.get("country"))
+        if person_country and normalize.is_hashed(person_country):
+            person_country = None
+        region = person_country or self._default_country
+        if region and not normalize.country(region, "meta"):
+            region = self._default_country
+        return region
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -298,6 +312,28 @@ class MetaCapi(Destination):
         return [_result(response)] * len(items)
 
 
+@lru_cache(maxsize=64)
+def _hashers(region: str | None) -> Mapping[str, normalize.Normalizer]:
+    """The normalizer of each hashed user_data key; ``region`` reads national phone numbers,
+    states and postal codes. Built once per region (a country name or code, few distinct)."""
+    return {
+        "em": lambda v: normalize.email(v, "meta"),
+        "ph": lambda v: normalize.phone(v, "meta", region),
+        "fn": lambda v: normalize.name(v, "meta"),
+        "ln": lambda v: normalize.name(v, "meta"),
+        "db": lambda v: normalize.date_of_birth(v, "meta"),
+        "ge": lambda v: normalize.gender(v, "meta"),
+        "ct": lambda v: normalize.city(v, "meta"),
+        "st": lambda v: normalize.state(v, "meta", region),
+        "zp": lambda v: normalize.postal_code(v, "meta", region),
+        "country": lambda v: normalize.country(v, "meta"),
+        "external_id": lambda v: normalize.external_id(v, "meta"),
+    }
+
+
+_HASHED_FIELDS = frozenset(_hashers(None))
+
+
 def _max_age(action_source: str) -> timedelta:
     return MAX_AGE_PHYSICAL_STORE if action_source == "physical_store" else MAX_AGE
 
@@ -311,6 +347,8 @@ def _text(value: object) -> str | None:
 
 
 def _ip(text: str) -> str | None:
+    if _CANONICAL_IPV4.fullmatch(text):
+        return text  # what str(ipaddress.ip_address(text)) gives, without the parse
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
@@ -331,7 +369,7 @@ def _number(value: object, field: str) -> float:
 def _custom_data(raw: object) -> dict[str, Any]:
     if raw is None:
         return {}
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, _MAPPING):
         raise PayloadError("custom_data must be an object")
     out = {k: v for k, v in raw.items() if v is not None}
     for key in ("value", "predicted_ltv", "net_revenue"):
@@ -357,7 +395,7 @@ def _contents(raw: object) -> list[dict[str, Any]]:
         raise PayloadError("custom_data.contents must be a list")
     contents = []
     for entry in raw:
-        if not isinstance(entry, Mapping) or entry.get("id") is None:
+        if not isinstance(entry, _MAPPING) or entry.get("id") is None:
             continue  # Meta requires an id on every content
         content = {k: v for k, v in entry.items() if v is not None}
         content["id"] = str(content["id"])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any, ClassVar
 
 from destinations import normalize
@@ -25,9 +26,15 @@ PATH = "/open_api/v1.3/event/track/"
 EVENT_SOURCES = ("web", "app", "offline", "crm")
 
 _SUCCESS_CODES = frozenset({0, 20001})
+# What counts as an object: dict comes first, since an exact type test is much cheaper than
+# the Mapping ABC check that a dict would pass anyway.
+_MAPPING = (dict, Mapping)
 _RETRY_CODES = frozenset({40100, 40700, 42900})
 _AUTH_CODES = frozenset({40001, 40102, 40104, 40105})
-_CLEAR_USER_FIELDS = ("ttclid", "ttp", "ip", "user_agent", "locale")
+# Mapped fields build_payload reads itself; the other mapped fields are passed on as they are.
+# event_time and event are always the event's own timestamp and the tag's event name.
+_BUILT_FIELDS = frozenset({"event_time", "event", "page", "user", "properties", "event_id"})
+_CLEAR_USER_FIELDS = frozenset({"ttclid", "ttp", "ip", "user_agent", "locale"})
 
 
 class TikTok(Destination):
@@ -132,6 +139,14 @@ class TikTok(Destination):
         "page.referrer": "context.referrer",
     }
 
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        # Read once: build_payload runs for every event (and checks the source each time).
+        self._source = str(self.settings.get("event_source") or "web")
+        self._default_region = normalize.country(
+            str(self.settings.get("default_country") or ""), "google"
+        )
+
     # -- intake ---------------------------------------------------------------------------------
 
     def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
@@ -141,58 +156,46 @@ class TikTok(Destination):
             PayloadError: the event breaks a TikTok rule (the message names it).
         """
         self._event_source()
-        fields = dict(mapped)
-        fields.pop("event_time", None)  # always the event's own timestamp
-        fields.pop("event", None)  # always the tag's event name
-        page = _object(fields.pop("page", None), "page")
-        user = self._user(_object(fields.pop("user", None), "user"))
+        page = _object(mapped.get("page"), "page")
+        user = self._user(_object(mapped.get("user"), "user"))
         if "ttclid" not in user:
             ttclid = normalize.url_param(page.get("url"), "ttclid")
             if ttclid:
                 user["ttclid"] = ttclid
-        properties = _properties(_object(fields.pop("properties", None), "properties"))
+        properties = _properties(_object(mapped.get("properties"), "properties"))
 
         payload: dict[str, Any] = {
             "event": ctx.event_name,
             "event_time": int(ctx.event_time.timestamp()),
-            "event_id": str(fields.pop("event_id", None) or ctx.event_id),
+            "event_id": str(mapped.get("event_id") or ctx.event_id),
         }
         if user:
             payload["user"] = user
         if properties:
             payload["properties"] = properties
-        page = {k: str(v) for k, v in page.items() if v is not None}
-        if page:
-            payload["page"] = page
-        payload.update((k, v) for k, v in fields.items() if v is not None)
+        page_out = {k: str(v) for k, v in page.items() if v is not None}
+        if page_out:
+            payload["page"] = page_out
+        payload.update(
+            (k, v) for k, v in mapped.items() if v is not None and k not in _BUILT_FIELDS
+        )
         return payload
 
     def _event_source(self) -> str:
-        source = str(self.settings.get("event_source") or "web")
-        if source not in EVENT_SOURCES:
+        if self._source not in EVENT_SOURCES:
             raise PayloadError(f"event_source must be one of {', '.join(EVENT_SOURCES)}")
-        return source
+        return self._source
 
     def _user(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        person_country = _str(raw.get("country"))
-        if person_country and normalize.is_hashed(person_country):
-            person_country = None
-        region = normalize.country(person_country or "", "google") or normalize.country(
-            str(self.settings.get("default_country") or ""), "google"
-        )
-        hashers: dict[str, Callable[[str], str | None]] = {
-            "email": lambda v: normalize.email(v, "tiktok"),
-            "phone": lambda v: normalize.phone(v, "tiktok", region),
-            "external_id": lambda v: normalize.external_id(v, "tiktok"),
-            "first_name": lambda v: normalize.name(v, "tiktok"),
-            "last_name": lambda v: normalize.name(v, "tiktok"),
-            "zip_code": lambda v: normalize.postal_code(v, "tiktok", region),
-        }
-        clear: dict[str, Callable[[str], str | None]] = {
-            "city": lambda v: normalize.city(v, "tiktok"),
-            "state": lambda v: normalize.state(v, "tiktok", region),
-            "country": lambda v: normalize.country(v, "tiktok"),
-        }
+        # Page views and the like carry nothing to normalize: no region to work out then.
+        if _NORMALIZED_FIELDS.isdisjoint(raw):
+            hashers, clear = _NO_NORMALIZERS
+        else:
+            person_country = _str(raw.get("country"))
+            if person_country and normalize.is_hashed(person_country):
+                person_country = None
+            region = normalize.country(person_country or "", "google") or self._default_region
+            hashers, clear = _normalizers(region)
         out: dict[str, Any] = {}
         for key, value in raw.items():
             if key in hashers:
@@ -234,6 +237,33 @@ class TikTok(Destination):
         return [_result(response)] * len(items)
 
 
+_Normalizers = tuple[Mapping[str, normalize.Normalizer], Mapping[str, normalize.Normalizer]]
+
+
+@lru_cache(maxsize=256)
+def _normalizers(region: str | None) -> _Normalizers:
+    """The normalizers of the hashed and of the clear-text user fields, built once per region
+    (an alpha-2 code that reads national phone numbers, states and postal codes)."""
+    hashers: dict[str, normalize.Normalizer] = {
+        "email": lambda v: normalize.email(v, "tiktok"),
+        "phone": lambda v: normalize.phone(v, "tiktok", region),
+        "external_id": lambda v: normalize.external_id(v, "tiktok"),
+        "first_name": lambda v: normalize.name(v, "tiktok"),
+        "last_name": lambda v: normalize.name(v, "tiktok"),
+        "zip_code": lambda v: normalize.postal_code(v, "tiktok", region),
+    }
+    clear: dict[str, normalize.Normalizer] = {
+        "city": lambda v: normalize.city(v, "tiktok"),
+        "state": lambda v: normalize.state(v, "tiktok", region),
+        "country": lambda v: normalize.country(v, "tiktok"),
+    }
+    return hashers, clear
+
+
+_NO_NORMALIZERS: _Normalizers = ({}, {})
+_NORMALIZED_FIELDS = frozenset().union(*_normalizers(None))
+
+
 def _str(value: object) -> str | None:
     if isinstance(value, str):
         return value.strip() or None
@@ -242,12 +272,13 @@ def _str(value: object) -> str | None:
     return None
 
 
-def _object(value: object, field: str) -> dict[str, Any]:
+def _object(value: object, field: str) -> Mapping[str, Any]:
+    """``value`` itself when it is an object (read, never changed), else refused; None is {}."""
     if value is None:
         return {}
-    if not isinstance(value, Mapping):
+    if not isinstance(value, _MAPPING):
         raise PayloadError(f"{field} must be an object")
-    return dict(value)
+    return value
 
 
 def _number(value: object, field: str) -> float:
@@ -278,7 +309,7 @@ def _properties(raw: Mapping[str, Any]) -> dict[str, Any]:
     if "contents" in out:
         if not isinstance(out["contents"], list):
             raise PayloadError("properties.contents must be a list")
-        out["contents"] = [_content(c) for c in out["contents"] if isinstance(c, Mapping)]
+        out["contents"] = [_content(c) for c in out["contents"] if isinstance(c, _MAPPING)]
     return {k: v for k, v in out.items() if v not in ([], {}, None)}
 
 
