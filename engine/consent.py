@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,10 @@ CLICK_ID_FIELDS = (
     "twclid",
 )
 _CLICK_ID_PARAMS = frozenset(p.lower() for p in CLICK_ID_FIELDS)
+
+
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
 
 
 class Verdict(enum.Enum):
@@ -83,6 +88,73 @@ def granted_purposes(
     return frozenset(granted)
 
 
+class ConsentState:
+    """One consent signal (with the container's defaults applied) and its decisions, memoized.
+
+    Events carry one of a handful of consent signals, so :class:`ConsentStates` hands out one
+    shared state per signal and each tag's decision is worded once per signal, not per event.
+    Everything here is immutable once computed; concurrent threads at worst compute the same
+    decision twice and store equal values.
+    """
+
+    __slots__ = ("_decisions", "granted", "mentioned")
+
+    def __init__(self, granted: frozenset[str], mentioned: frozenset[str]) -> None:
+        self.granted = granted
+        self.mentioned = mentioned
+        # Keyed by the requirement's id: a requirement is a dataclass whose hash is computed in
+        # Python on every lookup. The requirement is kept in the entry, so its id cannot be
+        # reused by another object while the entry exists, and it is checked on every hit.
+        self._decisions: dict[int, tuple[Requirement, Decision]] = {}
+
+    @classmethod
+    def of(cls, consent: Mapping[str, Any] | None, defaults: Mapping[str, str]) -> ConsentState:
+        """The state of one event's ``consent`` (not shared; see :class:`ConsentStates`)."""
+        consent = consent or {}
+        return cls(granted_purposes(consent, defaults), frozenset(consent) | frozenset(defaults))
+
+    def decide(self, requirement: Requirement) -> Decision:
+        """:func:`decide` for this signal, computed once per requirement."""
+        found = self._decisions.get(id(requirement))
+        if found is not None and found[0] is requirement:
+            return found[1]
+        if len(self._decisions) >= _MAX_MEMO:
+            self._decisions.clear()
+        decision = decide(requirement, self.granted, self.mentioned)
+        self._decisions[id(requirement)] = (requirement, decision)
+        return decision
+
+
+_MAX_MEMO = 1024
+
+
+class ConsentStates:
+    """The shared :class:`ConsentState` of each consent signal, under one set of defaults.
+
+    A container keeps one (its defaults never change). Keyed by the signal's items: two
+    signals with equal items grant and mention the same purposes. Bounded (emptied when
+    full), since a client may send purposes of its own; a signal that cannot be a key (an
+    unhashable value, possible only in events that were not normalized) gets a fresh state.
+    """
+
+    def __init__(self, defaults: Mapping[str, str]) -> None:
+        self.defaults = defaults
+        self._states: dict[tuple[tuple[str, Any], ...], ConsentState] = {}
+
+    def of(self, consent: Mapping[str, Any] | None) -> ConsentState:
+        """The state of one event's ``consent``."""
+        key = tuple(consent.items()) if consent else ()
+        try:
+            found = self._states.get(key)
+        except TypeError:
+            return ConsentState.of(consent, self.defaults)
+        if found is None:
+            if len(self._states) >= _MAX_MEMO:
+                self._states.clear()
+            found = self._states[key] = ConsentState.of(consent, self.defaults)
+        return found
+
+
 def decide(
     requirement: Requirement, granted: frozenset[str], mentioned: frozenset[str]
 ) -> Decision:
@@ -112,8 +184,15 @@ def all_purposes_known(purposes: frozenset[str]) -> list[str]:
 
 def truncate_ip(ip: str) -> str | None:
     """IPv4 to /24 and IPv6 to /48 (the last octet or 80 bits zeroed); None if unreadable."""
+    text = ip.strip()
+    quad = _DOTTED_QUAD.fullmatch(text)
+    if quad is not None:
+        # A dotted quad that ipaddress accepts (octets as strict as its parser: ASCII digits,
+        # 0-255, no leading zero) is already written the way ipaddress writes it back, so its
+        # /24 is its first three octets and a zero: no need to build address objects.
+        return f"{quad[1]}.{quad[2]}.{quad[3]}.0"
     try:
-        address = ipaddress.ip_address(ip.strip())
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
     prefix = 24 if address.version == 4 else 48

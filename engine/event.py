@@ -10,6 +10,7 @@ become ``"granted"`` / ``"denied"``.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -98,16 +99,7 @@ _USER_DATA_KEYS = frozenset(EVENT_SCHEMA["properties"]["user_data"]["properties"
 _CONSENT_VALUES = frozenset({"granted", "denied"})
 
 
-def _short(value: Any, limit: int) -> bool:
-    return type(value) is str and 0 < len(value) <= limit
-
-
-def _nullable(container: dict[str, Any], keys: frozenset[str] | tuple[str, ...]) -> bool:
-    for key in keys:
-        value = container.get(key)
-        if value is not None and not (type(value) is str and len(value) <= 4096):
-            return False
-    return True
+_MISSING = object()
 
 
 def conforms(raw: dict[str, Any]) -> bool:
@@ -119,25 +111,49 @@ def conforms(raw: dict[str, Any]) -> bool:
     """
     if not _TOP_KEYS.issuperset(raw):
         return False
+    get = raw.get
     for key in _ID_KEYS:
-        if key in raw and not _short(raw[key], 256):
+        value = get(key, _MISSING)
+        if value is not _MISSING and not (type(value) is str and 0 < len(value) <= 256):
             return False
-    if "event_id" in raw:
-        event_id = raw["event_id"]
-        if not (_short(event_id, 256) or type(event_id) is int):
-            return False
-    if "timestamp" in raw and type(raw["timestamp"]) not in (str, int, float):
+    event_id = get("event_id", _MISSING)
+    if event_id is not _MISSING and not (
+        type(event_id) is int or (type(event_id) is str and 0 < len(event_id) <= 256)
+    ):
         return False
-    for key in ("properties", "user_data", "context", "consent"):
-        if key in raw and type(raw[key]) is not dict:
-            return False
-    if "user_data" in raw and not _nullable(raw["user_data"], _USER_DATA_KEYS):
+    timestamp = get("timestamp", _MISSING)
+    if timestamp is not _MISSING and type(timestamp) not in (str, int, float):
         return False
-    if "context" in raw and not _nullable(raw["context"], ("ip", "user_agent")):
+    properties = get("properties", _MISSING)
+    if properties is not _MISSING and type(properties) is not dict:
         return False
-    for value in (raw.get("consent") or {}).values():
-        if not (value in _CONSENT_VALUES if type(value) is str else type(value) is bool):
+    # user_data and context: the schema's string fields may be null or a string of up to 4096
+    # characters; other keys are free. Only the keys present need looking at.
+    user_data = get("user_data", _MISSING)
+    if user_data is not _MISSING:
+        if type(user_data) is not dict:
             return False
+        for key, value in user_data.items():
+            if type(value) is str:
+                if len(value) > 4096 and key in _USER_DATA_KEYS:
+                    return False
+            elif value is not None and key in _USER_DATA_KEYS:
+                return False
+    context = get("context", _MISSING)
+    if context is not _MISSING:
+        if type(context) is not dict:
+            return False
+        for key in ("ip", "user_agent"):
+            value = context.get(key)
+            if value is not None and not (type(value) is str and len(value) <= 4096):
+                return False
+    consent = get("consent", _MISSING)
+    if consent is not _MISSING:
+        if type(consent) is not dict:
+            return False
+        for value in consent.values():
+            if not (value in _CONSENT_VALUES if type(value) is str else type(value) is bool):
+                return False
     return True
 
 
@@ -175,7 +191,18 @@ def parse_timestamp(value: Any, now: datetime) -> datetime:
 
 def format_time(when: datetime) -> str:
     """ISO 8601 in UTC with a ``Z`` and millisecond precision."""
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    when = when.astimezone(UTC)
+    # What isoformat(timespec="milliseconds") writes (with "Z" for "+00:00"), without its
+    # keyword parsing and time zone lookup: about twice as fast.
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031 - the fastest form
+        when.year,
+        when.month,
+        when.day,
+        when.hour,
+        when.minute,
+        when.second,
+        when.microsecond // 1000,
+    )
 
 
 def new_event_id() -> str:
@@ -217,6 +244,6 @@ def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
     return event
 
 
-def event_time(event: dict[str, Any]) -> datetime:
+def event_time(event: Mapping[str, Any]) -> datetime:
     """The normalized event's timestamp as an aware datetime."""
     return datetime.fromisoformat(event["timestamp"])

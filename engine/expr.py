@@ -11,6 +11,7 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jmespath
@@ -26,15 +27,24 @@ class ExpressionError(ValueError):
     """An expression that does not parse; the message says where."""
 
 
+# Getters that are plain dotted paths, constants or ``path || path`` carry what they read as a
+# function attribute, so a mapping's builder can inline them (see compile_builder).
+_PATH_ATTR = "_tagrelay_path"
+_CONSTANT_ATTR = "_tagrelay_constant"
+_EITHER_ATTR = "_tagrelay_either"  # ``a.b || c``: the two paths
+
+
 def _path_getter(parts: tuple[str, ...]) -> Getter:
+    """A getter for a dotted path: None as soon as a step is missing or not a dict."""
+    getter: Getter
     if len(parts) == 1:
         key = parts[0]
 
         def get1(data: Any) -> Any:
             return data.get(key) if isinstance(data, dict) else None
 
-        return get1
-    if len(parts) == 2:
+        getter = get1
+    elif len(parts) == 2:
         k1, k2 = parts
 
         def get2(data: Any) -> Any:
@@ -44,16 +54,25 @@ def _path_getter(parts: tuple[str, ...]) -> Getter:
                     return inner.get(k2)
             return None
 
-        return get2
+        getter = get2
+    else:
 
-    def get_n(data: Any) -> Any:
-        for key in parts:
-            if not isinstance(data, dict):
-                return None
-            data = data.get(key)
-        return data
+        def get_n(data: Any) -> Any:
+            for key in parts:
+                if not isinstance(data, dict):
+                    return None
+                data = data.get(key)
+            return data
 
-    return get_n
+        getter = get_n
+    setattr(getter, _PATH_ATTR, parts)
+    return getter
+
+
+def path_of(getter: Getter) -> tuple[str, ...] | None:
+    """The dotted path a getter reads, if it is a plain path getter (else None)."""
+    parts = getattr(getter, _PATH_ATTR, None)
+    return parts if isinstance(parts, tuple) else None
 
 
 def compile_expression(source: str) -> Getter:
@@ -73,6 +92,8 @@ def compile_expression(source: str) -> Getter:
         ) from exc
     tree: Any = compiled.parsed
     getter = _closure(tree)
+    if not _may_raise(tree):
+        return getter  # nothing to catch: saves a call per evaluation
 
     def search(data: Any) -> Any:
         try:
@@ -104,10 +125,14 @@ def _closure(node: dict[str, Any]) -> Getter:
     together on generated data.
     """
     kind = node["type"]
+    steps = _steps(node)
+    if steps is not None and steps:
+        # A chain of fields and indexes (``a.b[0].c``): JMESPath's field step is "v.get(key)
+        # if v is a dict, else null" and its index step "v[i] if v is a list and i is within
+        # it, else null", which a path getter does in one call instead of one per step.
+        keys = [step for step in steps if isinstance(step, str)]
+        return _path_getter(tuple(keys)) if len(keys) == len(steps) else _steps_getter(steps)
     children = [_closure(c) for c in node.get("children", ())] if kind in _COMPILED else []
-    if kind == "field":
-        key = node["value"]
-        return lambda v: v.get(key) if isinstance(v, dict) else None
     if kind in ("subexpression", "index_expression", "pipe"):
         return _chain(children)
     if kind == "index":
@@ -129,10 +154,39 @@ def _closure(node: dict[str, Any]) -> Getter:
         return lambda _v: literal
     if kind == "or_expression":
         left, right = children
-        return lambda v: r if truthy(r := left(v)) else right(v)
+
+        def either(v: Any) -> Any:
+            r = left(v)
+            # not truthy(r), inline: null, false, or an empty string, array or object
+            if r is None or r is False or (not r and isinstance(r, _SIZED)):
+                return right(v)
+            return r
+
+        left_path, right_path = path_of(left), path_of(right)
+        if left_path is not None and right_path is not None:
+            setattr(either, _EITHER_ATTR, (left_path, right_path))
+        return either
     if kind == "and_expression":
         left, right = children
-        return lambda v: right(v) if truthy(r := left(v)) else r
+        then = node["children"][1]
+        if then["type"] == "literal":
+            literal = then["value"]  # ``x && 'product'``: no call for the constant
+
+            def both_literal(v: Any) -> Any:
+                r = left(v)
+                if r is None or r is False or (not r and isinstance(r, _SIZED)):
+                    return r
+                return literal
+
+            return both_literal
+
+        def both(v: Any) -> Any:
+            r = left(v)
+            if r is None or r is False or (not r and isinstance(r, _SIZED)):
+                return r
+            return right(v)
+
+        return both
     if kind == "not_expression":
         (inner,) = children
         return lambda v: not truthy(inner(v))
@@ -170,6 +224,8 @@ def _closure(node: dict[str, Any]) -> Getter:
         return flatten
     if kind == "projection":
         left, right = children
+        if node["children"][0]["type"] == "flatten":
+            return _flat_projection(_closure(node["children"][0]["children"][0]), right)
 
         def project(v: Any) -> Any:
             base = left(v)
@@ -179,13 +235,112 @@ def _closure(node: dict[str, Any]) -> Getter:
 
         return project
     if kind == "multi_select_dict":
-        pairs = [(c["value"], _closure(c["children"][0])) for c in node["children"]]
-        return lambda v: None if v is None else {k: get(v) for k, get in pairs}
+        return _select_dict(node["children"])
     if kind == "multi_select_list":
         return lambda v: None if v is None else [get(v) for get in children]
     interpreter = jmespath_visitor.TreeInterpreter(_OPTIONS)
     tree: Any = node
     return lambda v: interpreter.visit(tree, v)
+
+
+def _may_raise(node: dict[str, Any]) -> bool:
+    """Whether the compiled form of ``node`` can raise on JSON data.
+
+    Field lookups, indexes (IndexError is caught), projections, flattens, multi-selects,
+    literals, ``||``/``&&``/``!`` and equality never do. Ordering comparisons can ('a' < 1 is
+    a TypeError), and so can whatever is left to jmespath's interpreter (functions, ...).
+    """
+    kind = node["type"]
+    if kind not in _COMPILED and kind not in ("multi_select_dict", "key_val_pair"):
+        return True
+    if kind == "comparator" and node["value"] in _COMPARE:
+        return True
+    return any(_may_raise(child) for child in node.get("children", ()))
+
+
+def _flat_projection(source: Getter, right: Getter) -> Getter:
+    """``source[].right``: flatten one level, then project, without the intermediate list."""
+
+    def project(v: Any) -> Any:
+        base = source(v)
+        if not isinstance(base, list):
+            return None
+        out: list[Any] = []
+        for element in base:
+            if isinstance(element, list):
+                for inner in element:
+                    if (r := right(inner)) is not None:
+                        out.append(r)
+            elif (r := right(element)) is not None:
+                out.append(r)
+        return out
+
+    return project
+
+
+def _select_dict(pairs: list[dict[str, Any]]) -> Getter:
+    """``{k: expr, ...}``: null on null, else a dict of each expression's value."""
+    names = [pair["value"] for pair in pairs]
+    values = [pair["children"][0] for pair in pairs]
+    steps = [_steps(value) for value in values]
+    keys = [p[0] for p in steps if p is not None and len(p) == 1 and isinstance(p[0], str)]
+    if len(keys) == len(names):
+        # Every value is a plain field (``{id: id, name: name}``): read with dict lookups, not
+        # one getter call each; a non-dict has no fields, so every value is null.
+        fields = list(zip(names, keys, strict=True))
+
+        def select_fields(v: Any) -> Any:
+            if v is None:
+                return None
+            if isinstance(v, dict):
+                return {name: v.get(key) for name, key in fields}
+            return dict.fromkeys(names)
+
+        return select_fields
+    getters = [(name, _closure(value)) for name, value in zip(names, values, strict=True)]
+    return lambda v: None if v is None else {k: get(v) for k, get in getters}
+
+
+def _steps(node: dict[str, Any]) -> tuple[str | int, ...] | None:
+    """The keys and indexes of a chain of fields, indexes and ``@`` (``a.b[0].c``), else None."""
+    kind = node["type"]
+    if kind == "field":
+        return (node["value"],)
+    if kind == "index":
+        return (node["value"],)
+    if kind in ("current", "identity"):
+        return ()
+    if kind not in ("subexpression", "index_expression"):
+        return None
+    steps: tuple[str | int, ...] = ()
+    for child in node["children"]:
+        found = _steps(child)
+        if found is None:
+            return None
+        steps += found
+    return steps
+
+
+def _steps_getter(steps: tuple[str | int, ...]) -> Getter:
+    """A getter for a chain of keys (str) and indexes (int); see :func:`_steps`."""
+    plan: list[tuple[bool, Any]] = [(isinstance(step, str), step) for step in steps]
+
+    def get_steps(data: Any) -> Any:
+        for is_key, step in plan:
+            if is_key:
+                if not isinstance(data, dict):
+                    return None
+                data = data.get(step)
+            else:
+                if not isinstance(data, list):
+                    return None
+                try:
+                    data = data[step]
+                except IndexError:
+                    return None
+        return data
+
+    return get_steps
 
 
 def _number(x: Any) -> bool:
@@ -205,6 +360,8 @@ def _equals(x: Any, y: Any) -> bool:
         return False
     return bool(x == y)
 
+
+_SIZED = (str, list, dict)  # JMESPath's false when empty
 
 _COMPILED = frozenset(
     {"field", "subexpression", "index_expression", "pipe", "index", "current", "identity"}
@@ -261,60 +418,192 @@ class Field:
     get: Getter
 
 
+Builder = Callable[[Any], dict[str, Any]]
+
+
 def build(fields: tuple[Field, ...], event: Any) -> dict[str, Any]:
-    """Evaluate ``fields`` over ``event`` into a nested dict; missing (None) values are left out."""
-    cached = _PLANS.get(id(fields))
+    """Evaluate ``fields`` over ``event`` into a nested dict; missing (None) values are left out.
+
+    For a mapping evaluated many times, compile it once with :func:`compile_builder` instead
+    (a :class:`~engine.rules.model.Tag` does); this looks the builder up in a cache per call.
+    """
+    cached = _BUILDERS.get(id(fields))
     if cached is None or cached[0] is not fields:
         # Keyed by identity (hashing a tuple of fields per event would cost more than it
         # saves); the tuple is kept in the entry so its id cannot be reused meanwhile.
-        if len(_PLANS) > 4096:
-            _PLANS.clear()
-        cached = _PLANS[id(fields)] = (fields, _plan(fields))
-    plan = cached[1]
-    return plan(event) if plan is not None else _build_generic(fields, event)
+        if len(_BUILDERS) > 4096:
+            _BUILDERS.clear()
+        cached = _BUILDERS[id(fields)] = (fields, compile_builder(fields))
+    return cached[1](event)
 
 
-Builder = Callable[[Any], dict[str, Any]]
-_PLANS: dict[int, tuple[tuple[Field, ...], Builder | None]] = {}
+_BUILDERS: dict[int, tuple[tuple[Field, ...], Builder]] = {}
+
+# Paths deeper than this are read through their getter rather than inlined: every step of an
+# inlined path is one more level of indentation in the generated source, which Python caps.
+_MAX_INLINED_DEPTH = 24
 
 
-def _plan(fields: tuple[Field, ...]) -> Builder | None:
-    """A builder with the nesting worked out once, for mappings whose targets do not overlap.
+def compile_builder(fields: tuple[Field, ...], name: str = "mapping") -> Builder:
+    """Compile a mapping into one function of the event that builds its nested dict.
 
-    (A target that is a prefix of another, e.g. ``custom_data`` and ``custom_data.value``,
-    needs the generic merge; mappings compiled from rules almost never have one.)
+    The result equals :func:`_build_generic`'s (a property test holds them together). For a
+    mapping whose targets do not overlap (no target is a prefix of another, none repeats: a
+    mapping compiled from rules almost never has one), the nesting is worked out once and a
+    specialised function is generated:
+
+    - plain-path fields (and both sides of ``path || path``) are read inline and grouped by
+      their source prefix, so the ``user_data`` of an event without one is looked up once for
+      all of its fields;
+    - constants are embedded; other getters (JMESPath, lookup tables) are called as they are;
+    - the output is assembled in target order: a key appears in the order of its first
+      target in the mapping, a nested dict only when something was put into it.
+
+    Getters are pure functions of the event, so reading the values in a different order than
+    the targets' changes nothing. Overlapping mappings get the generic merge. ``name`` labels
+    the generated function in tracebacks and profiles.
     """
     targets = [f.target for f in fields]
     known = set(targets)
-    if len(known) != len(targets) or any(t[:i] in known for t in targets for i in range(1, len(t))):
-        return None
-    tree: dict[str, Any] = {}
-    for f in fields:
-        node = tree
-        for key in f.target[:-1]:
-            node = node.setdefault(key, {})
-        node[f.target[-1]] = f.get
-    return _tree_builder(tree)
+    if (
+        len(known) != len(targets)
+        or not all(targets)
+        or any(t[:i] in known for t in targets for i in range(1, len(t)))
+    ):
+        return partial(_build_generic, fields)
+    return _BuilderSource(fields).compile(name)
 
 
-def _tree_builder(tree: dict[str, Any]) -> Builder:
-    steps = [
-        (key, None, _tree_builder(sub)) if isinstance(sub, dict) else (key, sub, None)
-        for key, sub in tree.items()
-    ]
+class _Source:
+    """A node of the trie of source paths: the locals read exactly here, and deeper steps."""
 
-    def run(event: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, get, nested in steps:
-            if get is not None:
-                value = get(event)
-                if value is not None:
-                    out[key] = value
-            elif nested is not None and (child := nested(event)):
-                out[key] = child
+    __slots__ = ("children", "fields")
+
+    def __init__(self) -> None:
+        self.fields: list[str] = []
+        self.children: dict[str, _Source] = {}
+
+    def add(self, path: tuple[str, ...], local: str) -> None:
+        """Read ``path`` into the local variable ``local``."""
+        node = self
+        for key in path:
+            node = node.children.setdefault(key, _Source())
+        node.fields.append(local)
+
+    def below(self) -> list[str]:
+        """Every local read strictly below this node."""
+        out: list[str] = []
+        for child in self.children.values():
+            out += child.fields
+            out += child.below()
         return out
 
-    return run
+
+class _BuilderSource:
+    """Writes the source of one mapping's builder function (see :func:`compile_builder`)."""
+
+    def __init__(self, fields: tuple[Field, ...]) -> None:
+        self.fields = fields
+        self.lines = ["def build_mapping(event):"]
+        # Getters and constants are passed in as globals of the generated function; only
+        # keys (strings, written with repr) and generated local names appear in its text.
+        self.namespace: dict[str, Any] = {
+            "__builtins__": {"isinstance": isinstance, "dict": dict},
+            "sized": _SIZED,
+        }
+        self.constants: dict[int, Any] = {}
+        self.counter = 0
+
+    def compile(self, name: str) -> Builder:
+        roots = _Source()
+        either: list[int] = []
+        for i, f in enumerate(self.fields):
+            parts = path_of(f.get)
+            constant_box = getattr(f.get, _CONSTANT_ATTR, None)
+            paths = getattr(f.get, _EITHER_ATTR, None)
+            if parts is not None and len(parts) <= _MAX_INLINED_DEPTH:
+                roots.add(parts, f"v{i}")
+            elif isinstance(constant_box, tuple):
+                self.constants[i] = constant_box[0]
+            elif isinstance(paths, tuple) and max(map(len, paths)) <= _MAX_INLINED_DEPTH:
+                # ``a.b || c``: both paths read inline (reading the right one when the left
+                # is truthy costs less than a call, and getters have no side effects).
+                roots.add(paths[0], f"left{i}")
+                roots.add(paths[1], f"right{i}")
+                either.append(i)
+            else:
+                self.namespace[f"get{i}"] = f.get
+                self.emit(1, f"v{i} = get{i}(event)")
+        if roots.children:
+            self.emit(1, "if isinstance(event, dict):")
+            self.read(roots, "event", 2)
+            self.emit(1, "else:")
+            self.emit(2, " = ".join(roots.below()) + " = None")
+        for i in either:
+            # JMESPath's ``||``: the left value unless it is false (null, false or an empty
+            # string, array or object), else the right one.
+            left, right = f"left{i}", f"right{i}"
+            self.emit(
+                1,
+                f"v{i} = {right} if {left} is None or {left} is False"
+                f" or (not {left} and isinstance({left}, sized)) else {left}",
+            )
+        tree: dict[str, Any] = {}
+        for i, f in enumerate(self.fields):
+            out = tree
+            for key in f.target[:-1]:
+                out = out.setdefault(key, {})
+            out[f.target[-1]] = i
+        self.emit(1, f"return {self.assemble(tree)}")
+        source = "\n".join(self.lines) + "\n"
+        # The text is generated here from repr()-quoted keys and local names only, never from
+        # rule text as code, so exec runs nothing but the lookups written above.
+        exec(compile(source, f"<{name}>", "exec"), self.namespace)  # noqa: S102
+        builder: Builder = self.namespace["build_mapping"]
+        return builder
+
+    def emit(self, depth: int, line: str) -> None:
+        self.lines.append("    " * depth + line)
+
+    def local(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def read(self, node: _Source, var: str, depth: int) -> None:
+        """Read ``node``'s children from ``var`` (known to be a dict) into the fields' locals."""
+        for key, child in node.children.items():
+            if not child.children and len(child.fields) == 1:
+                self.emit(depth, f"{child.fields[0]} = {var}.get({key!r})")
+                continue
+            step = self.local("s")
+            self.emit(depth, f"{step} = {var}.get({key!r})")
+            for local in child.fields:
+                self.emit(depth, f"{local} = {step}")
+            if child.children:
+                # One test for every field under this prefix (JMESPath and the path getters
+                # read a step of a non-dict as null).
+                self.emit(depth, f"if isinstance({step}, dict):")
+                self.read(child, step, depth + 1)
+                self.emit(depth, "else:")
+                self.emit(depth + 1, " = ".join(child.below()) + " = None")
+
+    def assemble(self, tree: dict[str, Any]) -> str:
+        """Emit the statements filling one output dict; returns the local holding it."""
+        out = self.local("out")
+        self.emit(1, f"{out} = {{}}")
+        for key, sub in tree.items():
+            if isinstance(sub, dict):
+                child = self.assemble(sub)
+                self.emit(1, f"if {child}:")
+                self.emit(2, f"{out}[{key!r}] = {child}")
+            elif sub in self.constants:
+                if self.constants[sub] is not None:
+                    self.namespace[f"const{sub}"] = self.constants[sub]
+                    self.emit(1, f"{out}[{key!r}] = const{sub}")
+            else:
+                self.emit(1, f"if v{sub} is not None:")
+                self.emit(2, f"{out}[{key!r}] = v{sub}")
+        return out
 
 
 def _build_generic(fields: tuple[Field, ...], event: Any) -> dict[str, Any]:
@@ -343,7 +632,12 @@ def _build_generic(fields: tuple[Field, ...], event: Any) -> dict[str, Any]:
 
 def constant(value: Any) -> Getter:
     """A getter that ignores the event and returns ``value``."""
-    return lambda _event: value
+
+    def get_constant(_event: Any) -> Any:
+        return value
+
+    setattr(get_constant, _CONSTANT_ATTR, (value,))
+    return get_constant
 
 
 def compile_mapping(mapping: Mapping[str, Any]) -> tuple[Field, ...]:

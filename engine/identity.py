@@ -35,6 +35,7 @@ CLICK_PARAMS: Mapping[str, str] = {
 }
 COOKIE_FIELDS = ("fbc", "fbp", "ttp", "ga_client_id")
 REMEMBERED = (*CLICK_PARAMS.values(), *COOKIE_FIELDS)
+_REMEMBERED_SET = frozenset(REMEMBERED)
 
 
 def click_ids_in_url(url: Any) -> dict[str, str]:
@@ -121,10 +122,14 @@ def identity_update(
     context = event.get("context") or {}
     values: dict[str, str] = {}
     if "ad_storage" in granted:
-        for name in REMEMBERED:
-            value = context.get(name)
-            if isinstance(value, str) and value:
-                values[name] = value[:500]
+        # One set intersection finds the few remembered names an event carries; they are
+        # then taken in REMEMBERED's order, as always.
+        present = _REMEMBERED_SET.intersection(context)
+        for name in REMEMBERED if present else ():
+            if name in present:
+                value = context[name]
+                if isinstance(value, str) and value:
+                    values[name] = value[:500]
         if "fbclid" in values and "fbc" not in values:
             # Meta's documented fbc format, with the time the click was first seen.
             values["fbc"] = f"fb.1.{int(received_at * 1000)}.{values['fbclid']}"

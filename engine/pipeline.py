@@ -18,7 +18,6 @@ from typing import Any
 
 from engine import event as events
 from engine import identity, metrics
-from engine.consent import granted_purposes
 from engine.errors import BadRequest, RulesError
 from engine.rules import Container, compile_container
 from engine.rules.source import rule_files
@@ -157,11 +156,14 @@ class Pipeline:
         normalized = events.normalize(raw, now)
         if enrich and (added := self.enrich(normalized, now)):
             normalized["enriched"] = added
-        granted = granted_purposes(normalized.get("consent"), container.consent_defaults)
-        identity.apply_ip_policy(normalized, self.privacy.ip_storage, granted)
-        decisions = container.evaluate(normalized, now=now)
-        update = identity.identity_update(normalized, granted, now.timestamp())
-        return Acceptance(normalized, decisions, container.dedup_window, now.timestamp(), update)
+        # Computed once for the IP policy, every tag and the identity update; neither the
+        # enrichment above nor the IP policy touches the event's consent.
+        consent = container.consent(normalized)
+        identity.apply_ip_policy(normalized, self.privacy.ip_storage, consent.granted)
+        decisions = container.evaluate(normalized, now=now, consent=consent)
+        received_at = now.timestamp()
+        update = identity.identity_update(normalized, consent.granted, received_at)
+        return Acceptance(normalized, decisions, container.dedup_window, received_at, update)
 
     def accept(self, raws: Sequence[Any], now: datetime | None = None) -> list[Outcome]:
         """Accept a list of raw events; one outcome per event, in order.

@@ -12,9 +12,9 @@ from datetime import datetime
 from typing import Any
 
 from destinations.base import Destination, PayloadContext, PayloadError
-from engine.consent import Requirement, Verdict, decide, granted_purposes, strip_identifiers
+from engine.consent import ConsentState, ConsentStates, Requirement, Verdict, strip_identifiers
 from engine.event import event_time
-from engine.expr import Field, Getter, build, truthy
+from engine.expr import Builder, Field, Getter, compile_builder, truthy
 from engine.rules.source import Position
 from engine.store.base import Decision
 
@@ -35,6 +35,11 @@ class Trigger:
     events: frozenset[str] | None
     when: tuple[Condition, ...] = ()
     unless: tuple[Condition, ...] = ()
+    _matched: tuple[bool, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The answer when the trigger matches is the same for every event: worded once.
+        object.__setattr__(self, "_matched", (True, f"trigger {self.name} matched"))
 
     def check(self, event: Mapping[str, Any]) -> tuple[bool, str]:
         """Whether the trigger matches, and why (or why not), in words."""
@@ -48,7 +53,7 @@ class Trigger:
         for cond in self.unless:
             if truthy(cond.get(event)):
                 return False, f"trigger {self.name}: unless `{cond.source}` is true"
-        return True, f"trigger {self.name} matched"
+        return self._matched
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,11 @@ class Tag:
     dedup_key: Getter | None = None
     enabled: bool = True
     position: Position | None = None
+    _build: Builder = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The mapping is compiled into one function when the tag is made, not per event.
+        object.__setattr__(self, "_build", compile_builder(self.fields, f"tag {self.name}"))
 
     def event_names(self) -> frozenset[str] | None:
         """Every event name this tag can fire on, or None if any name can fire it."""
@@ -106,33 +116,34 @@ class Tag:
     ) -> Decision:
         """Run this tag on a normalized event: trigger, exceptions, consent, mapping, payload.
 
-        ``scope`` carries what every tag needs of the same event (trigger results, granted
-        purposes, the parsed time, the stripped copy), so a container computes it once.
+        ``scope`` carries what every tag needs of the same event (trigger results, the consent
+        state, the parsed time, the stripped copy), so a container computes it once.
         """
-        scope = scope or EventScope(event, consent_defaults)
-        dest = self.destination.name
+        if scope is None:
+            scope = EventScope(event, consent_defaults)
+        destination = self.destination
+        dest = destination.name
         if not self.enabled:
             return Decision(self.name, dest, False, "tag is disabled")
-        if not self.destination.enabled:
+        if not destination.enabled:
             return Decision(self.name, dest, False, f"destination {dest} is disabled")
-        why_not = []
-        matched = None
+        checked = scope.checked
         for trig in self.triggers:
-            ok, why = scope.check(trig)
+            # A verdict is a non-empty tuple, so "or" only asks the scope on the first look.
+            ok, matched = checked.get(trig.name) or scope.check(trig)
             if ok:
-                matched = why
                 break
-            why_not.append(why)
-        if matched is None:
-            return Decision(self.name, dest, False, "; ".join(why_not))
+        else:
+            why_not = "; ".join([scope.check(trig)[1] for trig in self.triggers])
+            return Decision(self.name, dest, False, why_not)
         for exc in self.exceptions:
-            ok, _ = scope.check(exc)
-            if ok:
+            if scope.check(exc)[0]:
                 return Decision(self.name, dest, False, f"blocked by exception trigger {exc.name}")
-        decision = decide(self.consent, scope.granted, scope.mentioned)
-        if decision.verdict is Verdict.BLOCKED:
+        decision = scope.consent.decide(self.consent)
+        verdict = decision.verdict
+        if verdict is _BLOCKED:
             return Decision(self.name, dest, False, decision.reason, decision.reason)
-        anonymous = decision.verdict is Verdict.ANONYMOUS
+        anonymous = verdict is _ANONYMOUS
         view = scope.stripped() if anonymous else event
         platform_name = self.event_name(view) if self.event_name else view.get("event_name")
         if not isinstance(platform_name, str) or not platform_name:
@@ -145,16 +156,10 @@ class Tag:
                 anonymous,
             )
         ctx = PayloadContext(
-            tag=self.name,
-            event_name=platform_name,
-            event_id=str(event["event_id"]),
-            event_time=scope.time,
-            event=view,
-            restricted=anonymous,
-            now=now,
+            self.name, platform_name, str(event["event_id"]), scope.time, view, anonymous, now
         )
         try:
-            payload = self.destination.adapter.build_payload(build(self.fields, view), ctx)
+            payload = destination.adapter.build_payload(self._build(view), ctx)
         except PayloadError as exc:
             return Decision(
                 self.name, dest, False, f"invalid payload: {exc}", decision.reason, anonymous
@@ -170,23 +175,40 @@ class Tag:
 class EventScope:
     """Per-event facts shared by every tag of one evaluation, each computed at most once."""
 
-    __slots__ = ("_stripped", "_time", "_triggers", "defaults", "event", "granted", "mentioned")
+    __slots__ = (
+        "_stripped",
+        "_time",
+        "checked",
+        "consent",
+        "defaults",
+        "event",
+        "granted",
+        "mentioned",
+    )
 
-    def __init__(self, event: Mapping[str, Any], defaults: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        event: Mapping[str, Any],
+        defaults: Mapping[str, str],
+        consent: ConsentState | None = None,
+    ) -> None:
+        """``consent``: the event's consent state, if the caller has it already."""
         self.event = event
         self.defaults = defaults
-        consent = event.get("consent") or {}
-        self.granted = granted_purposes(consent, defaults)
-        self.mentioned = frozenset(consent) | frozenset(defaults)
-        self._triggers: dict[str, tuple[bool, str]] = {}
+        if consent is None:
+            consent = ConsentState.of(event.get("consent"), defaults)
+        self.consent = consent
+        self.granted = consent.granted
+        self.mentioned = consent.mentioned
+        self.checked: dict[str, tuple[bool, str]] = {}  # trigger name -> verdict
         self._stripped: dict[str, Any] | None = None
         self._time: datetime | None = None
 
     def check(self, trigger: Trigger) -> tuple[bool, str]:
         """The trigger's verdict on this event (evaluated once per trigger)."""
-        found = self._triggers.get(trigger.name)
+        found = self.checked.get(trigger.name)
         if found is None:
-            found = self._triggers[trigger.name] = trigger.check(self.event)
+            found = self.checked[trigger.name] = trigger.check(self.event)
         return found
 
     def stripped(self) -> dict[str, Any]:
@@ -199,8 +221,13 @@ class EventScope:
     def time(self) -> datetime:
         """The event's timestamp."""
         if self._time is None:
-            self._time = event_time(dict(self.event))
+            self._time = event_time(self.event)
         return self._time
+
+
+# Enum members are looked up through the enum's metaclass; plain globals are ten times faster.
+_BLOCKED = Verdict.BLOCKED
+_ANONYMOUS = Verdict.ANONYMOUS
 
 
 @dataclass(frozen=True)
@@ -225,6 +252,10 @@ class Container:
     fingerprint: str = ""
     by_event: Mapping[str, tuple[Tag, ...]] = field(default_factory=dict)
     any_event: tuple[Tag, ...] = ()
+    _consent: ConsentStates = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_consent", ConsentStates(self.consent_defaults))
 
     @classmethod
     def create(cls, **kwargs: Any) -> Container:
@@ -250,8 +281,16 @@ class Container:
         """The tags that can fire on events of this name, in declaration order."""
         return self.by_event.get(event_name, self.any_event)
 
+    def consent(self, event: Mapping[str, Any]) -> ConsentState:
+        """The consent state of an event under this container's defaults (shared, memoized)."""
+        return self._consent.of(event.get("consent"))
+
     def evaluate(
-        self, event: Mapping[str, Any], explain: bool = False, now: datetime | None = None
+        self,
+        event: Mapping[str, Any],
+        explain: bool = False,
+        now: datetime | None = None,
+        consent: ConsentState | None = None,
     ) -> list[Decision]:
         """Run every candidate tag on a normalized event.
 
@@ -259,8 +298,9 @@ class Container:
             event: a normalized canonical event.
             explain: also report the tags that could not fire on this event name, with why.
             now: the time of receipt (adapters check event age against it).
+            consent: the event's :meth:`consent` state, if the caller has it already.
         """
-        name = str(event.get("event_name"))
-        scope = EventScope(event, self.consent_defaults)
-        tags = self.tags if explain else self.candidates(name)
-        return [tag.evaluate(event, self.consent_defaults, now, scope) for tag in tags]
+        defaults = self.consent_defaults
+        scope = EventScope(event, defaults, consent or self._consent.of(event.get("consent")))
+        tags = self.tags if explain else self.candidates(str(event.get("event_name")))
+        return [tag.evaluate(event, defaults, now, scope) for tag in tags]

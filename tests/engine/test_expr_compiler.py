@@ -42,6 +42,25 @@ HANDWRITTEN = [
     "`null`",
     "@",
     "a[0][0]",
+    # shapes with their own compiled forms: chains of keys and indexes, projections of
+    # field selections, ``&&`` with a literal, and expressions that need no exception guard
+    "a[0].b",
+    "a.b[0]",
+    "a[0][1].c",
+    "[0]",
+    "@[0]",
+    "a.b[-1].c",
+    "a[].{x: b, y: c.x}",
+    "a[].{x: b, x: c}",
+    "{x: a, y: b}",
+    "a[][]",
+    "a[].b[]",
+    "a && `1`",
+    "a.b && 'x'",
+    "a || `0`",
+    "a.b || c.x || y",
+    "!a.b",
+    "a > `1` || b",
 ]
 ADAPTER = sorted(
     {
