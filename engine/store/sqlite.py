@@ -13,6 +13,7 @@ gap at the cost of an fsync per commit (set ``TAGRELAY_SQLITE_SYNC=full``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import gate
 from engine.errors import StoreError
 from engine.identity import Identity, IdentityUpdate
 from engine.store.base import (
@@ -112,8 +114,11 @@ _DELIVERY_COLUMNS = (
 )
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 BUSY_TIMEOUT = 30.0
@@ -213,6 +218,252 @@ def _stored_event(row: sqlite3.Row) -> StoredEvent:
     )
 
 
+# -- accepting a group of events ---------------------------------------------------------------
+#
+# One transaction accepts every event of a group commit with a fixed number of statements
+# (multi-row INSERTs, IN lookups), not a handful per event: each statement releases the GIL,
+# and with the other request threads of the process waiting for it, every release is a thread
+# switch made while this process holds the database's write lock.
+
+_MAX_PARAMS = 900  # per statement; under SQLite's historical limit of 999 host parameters
+
+
+@functools.lru_cache(maxsize=512)
+def _values_sql(head: str, rows: int, width: int, tail: str) -> str:
+    marks = "(" + ", ".join("?" * width) + ")"
+    return f"{head} VALUES {', '.join([marks] * rows)}{tail}"
+
+
+@functools.lru_cache(maxsize=512)
+def _in_sql(sql: str, count: int) -> str:
+    return sql.format(marks=", ".join("?" * count))
+
+
+def _insert_rows(
+    db: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]], tail: str = ""
+) -> list[int]:
+    """``head VALUES (...), (...) tail`` for all ``rows`` (chunked); the rowid of every row.
+
+    The rowids are only meaningful for a rowid table whose keys SQLite assigns (AUTOINCREMENT):
+    one multi-row INSERT then numbers its rows consecutively, the write lock being ours, so
+    the last rowid of a chunk gives all of them.
+    """
+    if not rows:
+        return []
+    width = len(rows[0])
+    size = max(1, _MAX_PARAMS // width)
+    rowids: list[int] = []
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        sql = _values_sql(head, len(chunk), width, tail)
+        last = int(db.execute(sql, [value for row in chunk for value in row]).lastrowid or 0)
+        rowids += range(last - len(chunk) + 1, last + 1)
+    return rowids
+
+
+def _select_in(db: sqlite3.Connection, sql: str, keys: Sequence[Any]) -> list[sqlite3.Row]:
+    """``sql`` with its ``{marks}`` filled in for ``keys`` (chunked)."""
+    rows: list[sqlite3.Row] = []
+    for start in range(0, len(keys), _MAX_PARAMS):
+        chunk = keys[start : start + _MAX_PARAMS]
+        rows += db.execute(_in_sql(sql, len(chunk)), chunk).fetchall()
+    return rows
+
+
+@dataclass
+class _Visitor:
+    """A visitor row as the group's updates leave it (written once, at the end)."""
+
+    user_id: str | None
+    user_agent: str | None
+    ip: str | None
+    vals: dict[str, list[Any]]
+    first_seen: float
+    last_seen: float
+    dirty: bool = False
+
+
+def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Accepted]:
+    """Accept ``accs`` in order inside the caller's write transaction (see Store.accept_many)."""
+    event_ids = [str(acc.event["event_id"]) for acc in accs]
+    wanted = {"event:" + event_id for event_id in event_ids}
+    wanted.update(
+        "tag:" + d.dedup_key for acc in accs for d in acc.decisions if d.fired and d.dedup_key
+    )
+    stored = {
+        row["key"]: row
+        for row in _select_in(
+            db,
+            "SELECT key, event_seq, event_id, expires_at FROM dedup_keys WHERE key IN ({marks})",
+            sorted(wanted),
+        )
+    }
+    # Stored originals of repeated event IDs (a live key whose event is gone counts as absent).
+    live = [
+        row["event_seq"]
+        for acc, event_id in zip(accs, event_ids, strict=True)
+        if (row := stored.get("event:" + event_id)) is not None
+        and row["expires_at"] > acc.received_at
+    ]
+    originals = (
+        {
+            row["seq"]: json.loads(row["decisions"])
+            for row in _select_in(
+                db, "SELECT seq, decisions FROM events WHERE seq IN ({marks})", sorted(set(live))
+            )
+        }
+        if live
+        else {}
+    )
+    results: list[Accepted] = []
+    claimed: dict[str, str] = {}  # tag dedup key -> event ID, for keys claimed in this group
+    first_of: dict[str, int] = {}  # event ID -> index of its first copy in this group
+    fresh: list[tuple[int, Acceptance, list[Decision], list[dict[str, Any]]]] = []
+    for i, (acc, event_id) in enumerate(zip(accs, event_ids, strict=True)):
+        now = acc.received_at
+        if event_id in first_of:
+            results.append(Accepted(event_id, True, results[first_of[event_id]].decisions))
+            continue
+        hit = stored.get("event:" + event_id)
+        if hit is not None and hit["expires_at"] > now and hit["event_seq"] in originals:
+            results.append(Accepted(event_id, True, originals[hit["event_seq"]]))
+            continue
+        first_of[event_id] = i
+        decisions = [_claim(d, event_id, now, claimed, stored) for d in acc.decisions]
+        summaries = [d.summary() for d in decisions]
+        fresh.append((i, acc, decisions, summaries))
+        results.append(Accepted(event_id, False, summaries))
+
+    # The events, then the rows that point at them by seq.
+    seqs = _insert_rows(
+        db,
+        "INSERT INTO events (event_id, event_name, received_at, body, decisions)",
+        [
+            (
+                event_ids[i],
+                str(acc.event.get("event_name")),
+                acc.received_at,
+                _dumps(acc.event),
+                _dumps(summaries),
+            )
+            for i, acc, _, summaries in fresh
+        ],
+    )
+    key_rows: list[tuple[str, int, str, float]] = []
+    delivery_rows: list[tuple[int, str, str, str, str, str, float, float]] = []
+    for seq, (i, acc, decisions, _) in zip(seqs, fresh, strict=True):
+        event_id, now = event_ids[i], acc.received_at
+        expires = now + acc.window
+        key_rows.append(("event:" + event_id, seq, event_id, expires))
+        for d in decisions:
+            if d.fired:
+                if d.dedup_key:
+                    key_rows.append(("tag:" + d.dedup_key, seq, event_id, expires))
+                delivery_rows.append(
+                    (seq, event_id, d.tag, d.destination, _dumps(d.payload), "pending", now, now)
+                )
+    _insert_rows(
+        db, "INSERT OR REPLACE INTO dedup_keys (key, event_seq, event_id, expires_at)", key_rows
+    )
+    _insert_rows(
+        db,
+        "INSERT INTO deliveries (event_seq, event_id, tag, destination, payload, status, "
+        "created_at, next_attempt_at)",
+        delivery_rows,
+    )
+    _remember(db, [(acc.identity, acc.received_at) for _, acc, _, _ in fresh if acc.identity])
+
+    return results
+
+
+def _claim(
+    decision: Decision,
+    event_id: str,
+    now: float,
+    claimed: dict[str, str],
+    stored: Mapping[str, sqlite3.Row],
+) -> Decision:
+    """The decision, blocked if its dedup key is held (by the group or the store), else claimed."""
+    if not (decision.fired and decision.dedup_key):
+        return decision
+    key = "tag:" + decision.dedup_key
+    owner = claimed.get(key)
+    if owner is None and (row := stored.get(key)) is not None and row["expires_at"] > now:
+        owner = row["event_id"]
+    if owner is not None:
+        return decision.blocked(f"duplicate: dedup key already forwarded by event {owner}")
+    claimed[key] = event_id
+    return decision
+
+
+def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, float]]) -> None:
+    """Fold what the group's events teach about their visitors into the visitor rows.
+
+    A visitor seen again within the hour with nothing new costs no write; click IDs keep the
+    time they were first seen with that value, so a new click starts its window anew.
+    """
+    updates = [(u, now) for u, now in updates if u.visitor_id is not None]
+    if not updates:
+        return
+    ids = sorted({str(u.visitor_id) for u, _ in updates})
+    visitors: dict[str, _Visitor] = {
+        row["visitor_id"]: _Visitor(
+            row["user_id"],
+            row["user_agent"],
+            row["ip"],
+            json.loads(row["vals"]),
+            row["first_seen"],
+            row["last_seen"],
+        )
+        for row in _select_in(
+            db,
+            "SELECT visitor_id, user_id, user_agent, ip, vals, first_seen, last_seen "
+            "FROM visitors WHERE visitor_id IN ({marks})",
+            ids,
+        )
+    }
+    links: dict[tuple[str, str], float] = {}
+    for update, now in updates:
+        visitor_id = str(update.visitor_id)
+        row = visitors.get(visitor_id)
+        known = row is not None
+        if row is None:
+            row = visitors[visitor_id] = _Visitor(None, None, None, {}, now, now)
+        changed = not known or now - row.last_seen > IDENTITY_TOUCH
+        for name, value in update.values.items():
+            if row.vals.get(name, [None])[0] != value:
+                row.vals[name] = [value, now]  # a new click starts its attribution window anew
+                changed = True
+        previous_user = row.user_id
+        for column in ("user_id", "user_agent", "ip"):
+            new = getattr(update, column)
+            if new is not None and new != getattr(row, column):
+                setattr(row, column, new)
+                changed = True
+        if changed:
+            row.last_seen, row.dirty = now, True
+        if update.user_id and (not known or previous_user != update.user_id or changed):
+            links[(update.user_id, visitor_id)] = now
+    _insert_rows(
+        db,
+        "INSERT INTO visitors (visitor_id, user_id, user_agent, ip, vals, first_seen, last_seen)",
+        [
+            (vid, v.user_id, v.user_agent, v.ip, _dumps(v.vals), v.first_seen, v.last_seen)
+            for vid, v in visitors.items()
+            if v.dirty
+        ],
+        " ON CONFLICT (visitor_id) DO UPDATE SET user_id = excluded.user_id, "
+        "user_agent = excluded.user_agent, ip = excluded.ip, vals = excluded.vals, "
+        "last_seen = excluded.last_seen",
+    )
+    _insert_rows(
+        db,
+        "INSERT INTO user_visitors (user_id, visitor_id, linked_at)",
+        [(user, vid, at) for (user, vid), at in links.items()],
+        " ON CONFLICT (user_id, visitor_id) DO UPDATE SET linked_at = excluded.linked_at",
+    )
+
+
 class SQLiteStore(Store):
     """The SQLite backend. Safe to share between threads and (through the file) processes."""
 
@@ -309,8 +560,9 @@ class SQLiteStore(Store):
             except sqlite3.Error as exc:
                 raise StoreError(f"the store is busy or unwritable: {exc}") from exc
             try:
-                yield db
-                db.execute("COMMIT")
+                with gate.CPU:
+                    yield db
+                    db.execute("COMMIT")
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
@@ -353,8 +605,9 @@ class SQLiteStore(Store):
         error: BaseException | None = None
         try:
             with self._write() as db:
+                results = iter(_accept_group(db, [a for m in batch for a in m.acceptances]))
                 for member in batch:
-                    member.results = [self._accept_one(db, acc) for acc in member.acceptances]
+                    member.results = [next(results) for _ in member.acceptances]
         except BaseException as exc:  # noqa: BLE001 - handed to every member of the batch below
             error = exc
         with self._group:
@@ -363,95 +616,6 @@ class SQLiteStore(Store):
             self._leading = False
             self._group.notify_all()
         return slot.outcome()
-
-    def _accept_one(self, db: sqlite3.Connection, acc: Acceptance) -> Accepted:
-        now = acc.received_at
-        event_id = str(acc.event["event_id"])
-        row = db.execute(
-            "SELECT e.decisions FROM dedup_keys k JOIN events e ON e.seq = k.event_seq "
-            "WHERE k.key = ? AND k.expires_at > ?",
-            ("event:" + event_id, now),
-        ).fetchone()
-        if row is not None:
-            return Accepted(event_id, True, json.loads(row["decisions"]))
-        decisions = [self._claim(db, d, now) for d in acc.decisions]
-        summaries = [d.summary() for d in decisions]
-        cur = db.execute(
-            "INSERT INTO events (event_id, event_name, received_at, body, decisions) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (event_id, str(acc.event.get("event_name")), now, _dumps(acc.event), _dumps(summaries)),
-        )
-        seq = cur.lastrowid
-        expires = now + acc.window
-        keys = [("event:" + event_id)] + [
-            "tag:" + d.dedup_key for d in decisions if d.fired and d.dedup_key
-        ]
-        db.executemany(
-            "INSERT OR REPLACE INTO dedup_keys (key, event_seq, event_id, expires_at) "
-            "VALUES (?, ?, ?, ?)",
-            [(key, seq, event_id, expires) for key in keys],
-        )
-        db.executemany(
-            "INSERT INTO deliveries (event_seq, event_id, tag, destination, payload, status, "
-            "created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-            [
-                (seq, event_id, d.tag, d.destination, _dumps(d.payload), now, now)
-                for d in decisions
-                if d.fired
-            ],
-        )
-        if acc.identity is not None:
-            self._remember(db, acc.identity, now)
-        return Accepted(event_id, False, summaries)
-
-    @staticmethod
-    def _remember(db: sqlite3.Connection, update: IdentityUpdate, now: float) -> None:
-        visitor = update.visitor_id
-        if visitor is None:
-            return
-        row = db.execute(
-            "SELECT user_id, user_agent, ip, vals, last_seen FROM visitors WHERE visitor_id = ?",
-            (visitor,),
-        ).fetchone()
-        vals: dict[str, list[Any]] = json.loads(row["vals"]) if row else {}
-        changed = row is None or now - row["last_seen"] > IDENTITY_TOUCH
-        for name, value in update.values.items():
-            if vals.get(name, [None])[0] != value:
-                vals[name] = [value, now]  # a new click starts its attribution window anew
-                changed = True
-        for column in ("user_id", "user_agent", "ip"):
-            new = getattr(update, column)
-            changed = changed or (new is not None and new != row[column])
-        if changed:  # an unchanged visitor seen again within the hour costs no write
-            db.execute(
-                "INSERT INTO visitors (visitor_id, user_id, user_agent, ip, vals, first_seen, "
-                "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (visitor_id) DO UPDATE SET "
-                "user_id = COALESCE(excluded.user_id, user_id), "
-                "user_agent = COALESCE(excluded.user_agent, user_agent), "
-                "ip = COALESCE(excluded.ip, ip), vals = excluded.vals, "
-                "last_seen = excluded.last_seen",
-                (visitor, update.user_id, update.user_agent, update.ip, _dumps(vals), now, now),
-            )
-        if update.user_id and (row is None or row["user_id"] != update.user_id or changed):
-            db.execute(
-                "INSERT INTO user_visitors (user_id, visitor_id, linked_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (user_id, visitor_id) DO UPDATE SET linked_at = excluded.linked_at",
-                (update.user_id, visitor, now),
-            )
-
-    @staticmethod
-    def _claim(db: sqlite3.Connection, decision: Decision, now: float) -> Decision:
-        if not (decision.fired and decision.dedup_key):
-            return decision
-        row = db.execute(
-            "SELECT event_id FROM dedup_keys WHERE key = ? AND expires_at > ?",
-            ("tag:" + decision.dedup_key, now),
-        ).fetchone()
-        if row is None:
-            return decision
-        return decision.blocked(
-            f"duplicate: dedup key already forwarded by event {row['event_id']}"
-        )
 
     def get_event(self, event_id: str) -> StoredEvent | None:
         """See :meth:`Store.get_event`."""

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from engine import gate
 from engine.errors import StoreError
+from engine.identity import IdentityUpdate
 from engine.store import sqlite as sqlite_store
 from engine.store.base import Acceptance, Decision
 from engine.store.sqlite import SQLiteStore
@@ -138,6 +143,84 @@ def test_a_batch_is_deduplicated_within_itself(store: SQLiteStore, db_path: Path
     assert rows(db_path, "SELECT COUNT(*) FROM events") == [(2,)]
 
 
+def test_a_large_batch_links_every_row_to_its_own_event(store: SQLiteStore, db_path: Path) -> None:
+    # Enough rows that every multi-row INSERT is split into several statements.
+    accs = [
+        acceptance(f"e{i}", decision("a"), decision("b", f"b:{i}"), decision("c", fired=False))
+        for i in range(450)
+    ]
+    accs[300] = acceptance("e7")  # a repeat of an earlier event of the same batch
+    accs[301] = acceptance("e301", decision("b", "b:5"))  # a dedup key claimed earlier
+
+    results = store.accept_many(accs)
+
+    assert [r.event_id for r in results] == [a.event["event_id"] for a in accs]
+    assert results[300].duplicate and results[300].fired == ["a", "b"]
+    assert results[301].fired == [] and "forwarded by event e5" in str(results[301].decisions)
+    assert rows(db_path, "SELECT COUNT(*) FROM events") == [(449,)]
+    mislinked = (
+        "SELECT COUNT(*) FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+        "WHERE e.event_id != d.event_id"
+    )
+    assert rows(db_path, mislinked) == [(0,)]
+    assert rows(db_path, "SELECT COUNT(*) FROM deliveries") == [(2 * 448,)]
+    keys = "SELECT COUNT(*) FROM dedup_keys k JOIN events e ON e.seq = k.event_seq"
+    assert rows(db_path, keys) == [(449 + 448,)]
+
+
+def test_concurrent_callers_are_committed_together_and_each_gets_its_own_results(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    def call(k: int) -> list[tuple[str, bool]]:
+        accs = [acceptance(f"t{k}-{i}") for i in range(20)] + [acceptance("shared")]
+        return [(r.event_id, r.duplicate) for r in store.accept_many(accs)]
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(call, range(8)))
+
+    for k, got in enumerate(outcomes):
+        assert got[:-1] == [(f"t{k}-{i}", False) for i in range(20)]
+    assert (
+        sorted(dup for out in outcomes for eid, dup in out if eid == "shared")
+        == [False] + [True] * 7
+    )
+    assert rows(db_path, "SELECT COUNT(*) FROM events") == [(8 * 20 + 1,)]
+
+
+def test_a_live_key_whose_event_is_gone_does_not_make_a_duplicate(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    store.accept(acceptance("o1"))
+    with sqlite3.connect(db_path) as db:
+        db.execute("DELETE FROM events")
+
+    assert store.accept(acceptance("o1", at=T0 + 1)).duplicate is False
+
+
+def test_identity_updates_of_one_visitor_in_one_batch_are_all_kept(store: SQLiteStore) -> None:
+    first = acceptance("v1", at=T0)
+    first = replace(first, identity=IdentityUpdate("vis", values={"gclid": "g1"}, ip="1.2.3.4"))
+    second = acceptance("v2", at=T0 + 5)
+    second = replace(
+        second, identity=IdentityUpdate("vis", "user-9", {"fbclid": "f1"}, user_agent="UA")
+    )
+    third = replace(
+        acceptance("v3", at=T0 + 9), identity=IdentityUpdate("vis", values={"gclid": "g2"})
+    )
+
+    store.accept_many([first, second, third])
+
+    found = store.recall(None, "user-9", T0 + 10, {}, 30 * 86400.0)
+    assert found is not None
+    assert (found.visitor_id, found.user_id, found.ip, found.user_agent) == (
+        "vis",
+        "user-9",
+        "1.2.3.4",
+        "UA",
+    )
+    assert found.values == {"gclid": ("g2", T0 + 9), "fbclid": ("f1", T0 + 5)}
+
+
 def test_a_batch_that_fails_midway_stores_nothing(store: SQLiteStore, db_path: Path) -> None:
     unstorable = Decision("meta", "meta_dest", True, "matched", payload={"x": object()})
 
@@ -238,3 +321,19 @@ def test_processes_racing_on_the_same_event_ids_accept_each_exactly_once(db_path
     assert per_tag == {"a": EVENTS, "b": EVENTS // 2}
     repeated = "SELECT event_id, tag FROM deliveries GROUP BY 1, 2 HAVING COUNT(*) > 1"
     assert rows(db_path, repeated) == []
+
+
+def test_a_store_write_inside_gated_work_does_not_deadlock(store: SQLiteStore) -> None:
+    with gate.CPU:  # e.g. a plugin or an operator command writing while evaluating
+        assert store.accept(acceptance("g1")).duplicate is False
+
+
+def test_the_gate_is_fresh_in_a_forked_child() -> None:
+    read, write = os.pipe()
+    with gate.CPU:
+        pid = os.fork()
+        if pid == 0:  # the child must be able to take the lock its parent holds
+            os.write(write, b"1" if gate.CPU.acquire(timeout=5) else b"0")
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
