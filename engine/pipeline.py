@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import event as events
-from engine import identity, metrics
+from engine import gate, identity, metrics
 from engine.errors import BadRequest, RulesError
 from engine.rules import Container, compile_container
 from engine.rules.source import rule_files
@@ -177,7 +177,8 @@ class Pipeline:
         prepared: list[Acceptance] = []
         for raw in raws:
             try:
-                prepared.append(self.prepare(raw, container, now))
+                with gate.CPU:
+                    prepared.append(self.prepare(raw, container, now))
                 outcomes.append(None)
             except BadRequest as exc:
                 outcomes.append(Outcome(error=str(exc)))
