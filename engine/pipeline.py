@@ -192,15 +192,15 @@ def _count(outcomes: Sequence[Outcome]) -> None:
     for outcome in outcomes:
         accepted = outcome.accepted
         if accepted is None:
-            metrics.EVENTS.labels("rejected").inc()
+            metrics.TALLY.add(metrics.EVENTS, "rejected")
         elif accepted.duplicate:
-            metrics.EVENTS.labels("duplicate").inc()
+            metrics.TALLY.add(metrics.EVENTS, "duplicate")
         else:
-            metrics.EVENTS.labels("accepted").inc()
+            metrics.TALLY.add(metrics.EVENTS, "accepted")
             for d in accepted.decisions:
                 fired = bool(d.get("fired"))
                 reason = "fired" if fired else metrics.reason_kind(str(d.get("reason", "")))
-                metrics.TAGS.labels(d["tag"], "fired" if fired else "blocked", reason).inc()
+                metrics.TALLY.add(metrics.TAGS, d["tag"], "fired" if fired else "blocked", reason)
 
 
 def load_rules(path: Path, interval: float = 2.0) -> RulesHolder:

@@ -15,7 +15,7 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
-from engine import logs
+from engine import logs, metrics
 from engine.app import create_app
 from engine.config import Settings
 from engine.delivery import DeliveryWorker
@@ -64,6 +64,7 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
             worker = self.app.extensions.get("tagrelay.delivery") if self.app else None
             if worker is not None:
                 worker.stop()
+            metrics.TALLY.flush()  # counts not yet added to the shared counters
 
         def child_exit(_server: Any, worker: Any) -> None:
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
