@@ -87,6 +87,7 @@ def profile_http(requests: int, top: int, save: Path | None) -> None:
         def send(n: int, prefix: str) -> None:
             for i in range(n):
                 body = bodies[i % len(bodies)].replace(workload.PLACEHOLDER, f"{prefix}-{i}")
+                body = body.replace(workload.NUMBER, f"{i % 10_000_000:07d}")
                 resp = client.post("/v1/track", data=body, headers=headers)
                 assert resp.status_code == 200, resp.get_data()
 

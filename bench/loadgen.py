@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from workload import PLACEHOLDER
+from workload import NUMBER, PLACEHOLDER
 
 HERE = Path(__file__).resolve().parent
 
@@ -110,6 +110,7 @@ function request()
     n = n + 1
     return prefix .. counter .. "-" .. n
   end)
+  body = body:gsub("%(number)s", string.format("%%07d", (tid * 1000000 + counter) %% 10000000))
   return wrk.format("POST", "%(path)s", req_headers, body)
 end
 
@@ -148,6 +149,7 @@ def _run_wrk(spec: LoadSpec) -> LoadResult:
         "max_per_thread": max(1, spec.max_requests // threads),
         "run_id": spec.run_id,
         "placeholder": PLACEHOLDER,
+        "number": NUMBER,
         "path": spec.path,
     }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
@@ -260,6 +262,7 @@ class _Connection:
 
 def _client(spec: LoadSpec) -> dict[str, Any]:
     parts = [t.encode().split(PLACEHOLDER.encode()) for t in spec.templates]
+    number = NUMBER.encode()
     head = f"POST {spec.path} HTTP/1.1\r\nHost: {spec.host}:{spec.port}\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in spec.headers.items()
     )
@@ -279,6 +282,7 @@ def _client(spec: LoadSpec) -> dict[str, Any]:
             pieces = parts[n % len(parts)]
             ids = [f"{spec.run_id}-{tid}-{n}-{i}".encode() for i in range(len(pieces) - 1)]
             body = b"".join(itertools.chain.from_iterable(zip(pieces, [*ids, b""], strict=True)))
+            body = body.replace(number, b"%07d" % ((tid * 1_000_000 + n) % 10_000_000))
             request = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
             start = time.perf_counter()
             try:
