@@ -180,8 +180,13 @@ class Destination:
         payload = dict(mapped)
         payload.setdefault("event_name", ctx.event_name)
         payload.setdefault("event_id", ctx.event_id)
-        if "timestamp" not in payload:  # formatted only when needed
-            payload["timestamp"] = ctx.event_time.isoformat().replace("+00:00", "Z")
+        if "timestamp" not in payload:
+            # The canonical event's own timestamp is this time already written in UTC with
+            # milliseconds; formatting ``event_time`` again would only cost.
+            stamp = ctx.event.get("timestamp")
+            if not isinstance(stamp, str):
+                stamp = ctx.event_time.isoformat().replace("+00:00", "Z")
+            payload["timestamp"] = stamp
         return payload
 
     # -- delivery -------------------------------------------------------------------------------

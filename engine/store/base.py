@@ -71,9 +71,12 @@ class Decision:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Acceptance:
-    """An event to accept, with what the rules decided for it."""
+    """An event to accept, with what the rules decided for it.
+
+    Read-only by contract; not frozen because one is made for every event (see Decision).
+    """
 
     event: Mapping[str, Any]
     decisions: Sequence[Decision]
