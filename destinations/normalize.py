@@ -28,8 +28,9 @@ from functools import cache, lru_cache
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
-import phonenumbers
 import pycountry
+
+from destinations.e164 import e164
 
 Platform = Literal["meta", "google", "tiktok"]
 """The platforms whose rules this module knows."""
@@ -40,7 +41,6 @@ Normalizer = Callable[[str], str | None]
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _GOOGLE_MAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
-_DIGIT = re.compile(r"\d")
 _NON_DIGITS = re.compile(r"\D")
 _ZIP_PLUS_4 = re.compile(r"\d{5}-\d{4}")
 # What lets a query key differ from its text in the URL: a percent-escape, or a tab or newline
@@ -49,8 +49,15 @@ _KEY_DISGUISE = re.compile(r"[%\t\r\n]")
 
 
 # -- hashing ----------------------------------------------------------------------------------
+#
+# The normalizers of free text and the hash keep their last few thousand answers: one event's
+# identifiers are normalized and hashed for up to four platforms, most fields the same way for
+# all of them, and names, cities, states and dates repeat across events. The caches are bounded
+# and live in process memory only, next to the events being processed; nothing is written out.
+_CACHE_SIZE = 4096
 
 
+@lru_cache(maxsize=_CACHE_SIZE)
 def sha256_hex(value: str) -> str:
     """The SHA-256 of ``value`` (UTF-8) as 64 lowercase hex characters."""
     return hashlib.sha256(value.encode("utf-8")).hexdigest()
@@ -108,10 +115,15 @@ def email(value: str, platform: Platform) -> str | None:
     every dot and any ``+tag`` (Data Manager formatting rule, platforms.md §3.6); Meta and
     TikTok keep them. Returns None when the value is not shaped like an address.
     """
+    return _email(value, platform == "google")
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _email(value: str, google: bool) -> str | None:
     text = value.strip().lower()
     if not _EMAIL.fullmatch(text):
         return None
-    if platform == "google":
+    if google:
         local, _, domain = text.rpartition("@")
         if domain in _GOOGLE_MAIL_DOMAINS:
             local = local.split("+", 1)[0].replace(".", "")
@@ -138,70 +150,10 @@ def phone(value: str, platform: Platform, default_country: str | None = None) ->
     Returns:
         The normalized number, or None when it is not a possible phone number.
     """
-    e164 = _e164(value, country(default_country, "google") if default_country else None)
-    if e164 is None:
+    number = e164(value, country(default_country, "google") if default_country else None)
+    if number is None:
         return None
-    return e164[1:] if platform == "meta" else e164
-
-
-# The same number is parsed for every platform of an event; kept small, since the keys are
-# raw phone numbers held in memory.
-@lru_cache(maxsize=512)
-def _e164(value: str, region: str | None) -> str | None:
-    text = value.strip()
-    if not _DIGIT.search(text):
-        return None
-    if text.startswith("+") or text.startswith("00"):
-        # Parse the text itself (not just its digits): ``phonenumbers`` drops a written trunk
-        # prefix such as the ``(0)`` in ``+44 (0)20 7946 0958``.
-        number = _parse("+" + text[2:] if text.startswith("00") else text, None)
-        return _format(number) if number and phonenumbers.is_possible_number(number) else None
-    # No ``+``: the digits may already start with a country code (``16505551212``,
-    # ``4915112345678``). Accept that reading only when it is a valid number in the default
-    # country (or in any country when there is none); else read a national number.
-    digits = _NON_DIGITS.sub("", text)
-    if _may_start_with_country_code(digits, region):
-        guess = _parse("+" + digits, None)
-        if (
-            guess is not None
-            and phonenumbers.is_valid_number(guess)
-            and region in (None, phonenumbers.region_code_for_number(guess))
-        ):
-            return _format(guess)
-    if region is None:
-        return None
-    number = _parse(text, region)
-    return _format(number) if number and phonenumbers.is_possible_number(number) else None
-
-
-def _may_start_with_country_code(digits: str, region: str | None) -> bool:
-    """Whether ``"+" + digits`` can be read as a valid number that :func:`_e164` keeps.
-
-    False only when that reading is bound to be refused, which saves a parse:
-
-    * country calling codes never start with 0, so ``phonenumbers`` refuses "+0…" (the digits
-      start with a national trunk prefix, as in ``0151…``);
-    * with a region, the reading is kept only when the number's region is that region, so its
-      calling code (the leading digits, which ``phonenumbers`` reads from ASCII digits as they
-      are) must be the region's: ``6505551212`` cannot be a US number written with its ``1``.
-    """
-    if digits.startswith("0"):
-        return False
-    if region is None or not digits.isascii():
-        return True
-    code = phonenumbers.country_code_for_region(region)
-    return code == 0 or digits.startswith(str(code))
-
-
-def _parse(text: str, region: str | None) -> phonenumbers.PhoneNumber | None:
-    try:
-        return phonenumbers.parse(text, region)
-    except phonenumbers.NumberParseException:
-        return None
-
-
-def _format(number: phonenumbers.PhoneNumber) -> str:
-    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+    return number[1:] if platform == "meta" else number
 
 
 def external_id(value: str, platform: Platform) -> str | None:
@@ -224,7 +176,7 @@ def name(value: str, platform: Platform) -> str | None:
     Punctuation, digits and symbols are removed (``Jean-Luc`` -> ``jeanluc``, ``O'Brien`` ->
     ``obrien``); accented and non-Latin letters are kept (``Valéry`` -> ``valéry``).
     """
-    return _letters(value, keep_spaces=True)
+    return _letters(value, True)
 
 
 def gender(value: str, platform: Platform) -> str | None:
@@ -261,6 +213,7 @@ def date_of_birth(value: str | date, platform: Platform) -> str | None:
     return iso.replace("-", "") if platform == "meta" else iso
 
 
+@lru_cache(maxsize=_CACHE_SIZE)
 def _parse_date(text: str) -> date | None:
     for pattern, order in _DOB_PATTERNS:
         match = pattern.fullmatch(text)
@@ -299,9 +252,10 @@ def city(value: str, platform: Platform) -> str | None:
     Meta and TikTok: no spaces (``South San Francisco`` -> ``southsanfrancisco``). Google
     (sent in clear text by GA4): digits and symbols removed, single spaces kept.
     """
-    return _letters(value, keep_spaces=platform == "google")
+    return _letters(value, platform == "google")
 
 
+@lru_cache(maxsize=_CACHE_SIZE)
 def state(value: str, platform: Platform, country: str | None = None) -> str | None:
     """A state or region: US state names become their 2-letter code; lowercase, no punctuation.
 
@@ -320,6 +274,7 @@ def state(value: str, platform: Platform, country: str | None = None) -> str | N
     return key
 
 
+@lru_cache(maxsize=_CACHE_SIZE)
 def postal_code(value: str, platform: Platform, country: str | None = None) -> str | None:
     """A postal code: US ZIPs keep their first 5 digits; others lose spaces and dashes.
 
@@ -410,7 +365,8 @@ _ASCII_NON_LETTERS_SPACES = _ascii_deletions(_is_letter_or_space)
 _ASCII_NON_ALNUM = _ascii_deletions(_is_alnum)
 
 
-def _letters(value: str, *, keep_spaces: bool) -> str | None:
+@lru_cache(maxsize=_CACHE_SIZE)
+def _letters(value: str, keep_spaces: bool) -> str | None:
     if value.isascii():
         if value.isalpha():  # ASCII letters only: the usual name or city
             return value.lower()
@@ -421,6 +377,7 @@ def _letters(value: str, *, keep_spaces: bool) -> str | None:
     return " ".join("".join(filter(keep, text)).split()) or None
 
 
+@lru_cache(maxsize=_CACHE_SIZE)
 def _alnum(value: str) -> str:
     if value.isascii():
         return value.lower().translate(_ASCII_NON_ALNUM)

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from destinations import ga4, google_ads, meta_capi, normalize
+from destinations import e164, ga4, google_ads, meta_capi, normalize
 from destinations.base import PayloadError
 
 # -- references: the code before the fast paths -------------------------------------------------
@@ -81,23 +81,19 @@ def _reference_e164(value: str, region: str | None) -> str | None:
     if not re.search(r"\d", text):
         return None
     if text.startswith("+") or text.startswith("00"):
-        number = normalize._parse("+" + text[2:] if text.startswith("00") else text, None)
-        return (
-            normalize._format(number)
-            if number and phonenumbers.is_possible_number(number)
-            else None
-        )
-    guess = normalize._parse("+" + re.sub(r"\D", "", text), None)
+        number = e164._parse("+" + text[2:] if text.startswith("00") else text, None)
+        return e164._format(number) if number and phonenumbers.is_possible_number(number) else None
+    guess = e164._parse("+" + re.sub(r"\D", "", text), None)
     if (
         guess is not None
         and phonenumbers.is_valid_number(guess)
         and region in (None, phonenumbers.region_code_for_number(guess))
     ):
-        return normalize._format(guess)
+        return e164._format(guess)
     if region is None:
         return None
-    number = normalize._parse(text, region)
-    return normalize._format(number) if number and phonenumbers.is_possible_number(number) else None
+    number = e164._parse(text, region)
+    return e164._format(number) if number and phonenumbers.is_possible_number(number) else None
 
 
 def _reference_ip(text: str) -> str | None:
@@ -270,7 +266,7 @@ def test_hashed_length_shortcut_matches_the_digest_check(value: str | tuple[str,
 @given(st.text(alphabet="0123456789", max_size=20))
 def test_a_plus_sign_before_a_zero_never_parses(rest: str) -> None:
     # Why _e164 skips the country-code reading of digits that start with a trunk prefix.
-    assert normalize._parse("+0" + rest, None) is None
+    assert e164._parse("+0" + rest, None) is None
 
 
 def test_every_region_has_the_calling_code_it_is_listed_under() -> None:
@@ -308,8 +304,8 @@ def digits_and_region(draw: st.DrawFn) -> tuple[str, str]:
 @given(digits_and_region())
 def test_a_skipped_country_code_reading_is_never_kept(case: tuple[str, str]) -> None:
     digits, region = case
-    if not normalize._may_start_with_country_code(digits, region):
-        guess = normalize._parse("+" + digits, None)
+    if not e164._may_start_with_country_code(digits, region):
+        guess = e164._parse("+" + digits, None)
         assert (
             guess is None
             or not phonenumbers.is_valid_number(guess)
@@ -320,7 +316,7 @@ def test_a_skipped_country_code_reading_is_never_kept(case: tuple[str, str]) -> 
 @settings(max_examples=600, deadline=None)
 @given(phone_text, regions)
 def test_e164_matches_the_unshortened_reading(value: str, region: str | None) -> None:
-    assert normalize._e164.__wrapped__(value, region) == _reference_e164(value, region)
+    assert e164._e164.__wrapped__(value, region) == _reference_e164(value, region)
 
 
 # -- adapters -----------------------------------------------------------------------------------
