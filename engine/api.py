@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, request
 
 from engine import metrics
 from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, authenticate, presented_key
@@ -60,6 +60,15 @@ def parse_json_body(body: bytes, content_type: str | None, allow_text: bool = Fa
         raise BadRequest("the JSON is nested too deeply") from exc
     except ValueError as exc:
         raise BadRequest(f"the body is not valid JSON: {str(exc).split(':')[0]}") from exc
+
+
+_ANSWER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    """A compact JSON answer (UTF-8). What ``jsonify`` gives, without its provider lookups,
+    which cost a single-event request several times what encoding the answer does."""
+    return Response(_ANSWER.encode(obj), status, mimetype="application/json")
 
 
 def _pipeline() -> Pipeline:
@@ -114,7 +123,7 @@ def track() -> tuple[Response, int]:
     outcome = _pipeline().accept([raw])[0]
     if outcome.accepted is None:
         raise BadRequest(outcome.error or "invalid event")
-    return jsonify(outcome.as_json()), 200
+    return json_response(outcome.as_json()), 200
 
 
 @bp.post("/v1/track/batch")
@@ -135,7 +144,7 @@ def track_batch() -> tuple[Response, int]:
     outcomes = _pipeline().accept(items)
     results = [o.as_json() for o in outcomes]
     accepted = sum(1 for o in outcomes if o.accepted is not None)
-    return jsonify(
+    return json_response(
         {
             "success": True,
             "accepted": accepted,
@@ -155,7 +164,7 @@ def metrics_page() -> Response:
 @bp.get("/healthz")
 def healthz() -> tuple[Response, int]:
     """Liveness: the process answers."""
-    return jsonify({"status": "ok"}), 200
+    return json_response({"status": "ok"}), 200
 
 
 @bp.get("/readyz")
@@ -174,7 +183,7 @@ def readyz() -> tuple[Response, int]:
     checks["rules"] = {"tags": len(container.tags), "fingerprint": container.fingerprint[:12]}
     if holder.last_error:
         checks["rules"]["reload_error"] = holder.last_error
-    return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), (
+    return json_response({"status": "ready" if ready else "not ready", "checks": checks}), (
         200 if ready else 503
     )
 
@@ -182,7 +191,7 @@ def readyz() -> tuple[Response, int]:
 def error_response(exc: RequestError) -> tuple[Response, int]:
     """The JSON answer for a request error."""
     metrics.REJECTED_REQUESTS.labels(str(exc.status)).inc()
-    response = jsonify({"success": False, "error": str(exc)})
+    response = json_response({"success": False, "error": str(exc)})
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
     return response, exc.status
