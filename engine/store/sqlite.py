@@ -1,8 +1,10 @@
 """The embedded store: one SQLite file in WAL mode, shared by every worker process on a host.
 
-Concurrency: each thread of each process has its own connection (opened lazily, reopened after a
-fork). Writes take SQLite's write lock up front (``BEGIN IMMEDIATE``) so the check-then-insert of
-dedup keys is atomic across processes; readers never block writers in WAL mode.
+Concurrency: each process has one connection for its writes (opened lazily, reopened after a
+fork), which also serves lookups by key while no write is running; other reads use a connection of
+the reading thread (see "connections" below). Writes take SQLite's write lock up front
+(``BEGIN IMMEDIATE``) so the check-then-insert of dedup keys is atomic across processes; readers
+never block writers in WAL mode.
 
 Durability: ``synchronous=NORMAL`` (the default here) survives any crash of tagrelay itself,
 ``kill -9`` included, because a committed transaction is in the WAL before ``accept`` returns;
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -42,6 +45,11 @@ from engine.store.base import (
 )
 
 _SCHEMA = """
+-- AUTOINCREMENT (events.seq, deliveries.id) costs every commit a write of the sqlite_sequence
+-- page, and is kept for what it promises: an ID is never given again after its row is erased.
+-- Without it SQLite reuses the highest rowid once that row is deleted (forget, purge): a worker
+-- would then mark delivered, by ID, a new delivery in place of the one it sent, and a dedup key
+-- would point at another event than its own.
 CREATE TABLE IF NOT EXISTS events (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id     TEXT NOT NULL,
@@ -80,7 +88,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error       TEXT,
     finished_at      REAL
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, status, next_attempt_at);
+-- The outbox's queue: only deliveries still to send are indexed (the delivered and dead ones,
+-- most of the table, cost no entry and no scan). Destination first, so that leasing for one
+-- destination never walks the backlog of another (a platform that is down or slow can hold
+-- most of the queue), even though one commit's deliveries then touch an index page per
+-- destination. Replaces deliveries_due (every row). Queries must repeat the WHERE term
+-- verbatim (_OPEN) for SQLite to use it.
+DROP INDEX IF EXISTS deliveries_due;
+CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (destination, status, next_attempt_at)
+    WHERE status IN ('pending', 'leased');
 
 CREATE TABLE IF NOT EXISTS visitors (
     visitor_id   TEXT PRIMARY KEY,
@@ -112,13 +128,60 @@ _DELIVERY_COLUMNS = (
     "id, event_id, tag, destination, payload, status, attempts, created_at, next_attempt_at, "
     "last_error"
 )
+_OPEN = "status IN ('pending', 'leased')"  # the WHERE of the deliveries_open index
+_DUE = (
+    f"{_OPEN} AND ((status = 'pending' AND next_attempt_at <= ?) "
+    "OR (status = 'leased' AND lease_expires <= ?))"
+)
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
+def _not_serializable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# The C encoder, made once: JSONEncoder.encode builds a new one on every call, a third of the
+# cost of encoding an accept's ~5 small documents. No circular-reference markers: the values
+# come from parsed JSON and compiled mappings (a cycle still fails, as a RecursionError), and
+# the C encoder leaves stale markers behind after an error, which would then be taken for
+# cycles in later documents.
+_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_ITERENCODE = (
+    _C_ENCODER(
+        None, _not_serializable, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+    if _C_ENCODER is not None
+    else None
+)
+
+
 def _dumps(value: Any) -> str:
-    return _ENCODER.encode(value)
+    if _ITERENCODE is None:  # an interpreter without the C accelerator
+        return _ENCODER.encode(value)
+    return "".join(_ITERENCODE(value, 0))
+
+
+@functools.lru_cache(maxsize=1024)
+def _summary_json(
+    tag: str, destination: str, fired: bool, reason: str, consent: str | None, anonymous: bool
+) -> str:
+    # The key is every field Decision.summary reads (a test compares the two).
+    return _dumps(Decision(tag, destination, fired, reason, consent, anonymous).summary())
+
+
+def _summaries_json(decisions: Sequence[Decision]) -> str:
+    """``_dumps([d.summary() for d in decisions])``, from a cache of each decision's JSON.
+
+    The decisions of a container's tags take few distinct forms (a tag, its reason, its
+    consent), so encoding them anew for every event, a fifth of an accept's JSON, is waste.
+    """
+    parts = [
+        _summary_json(d.tag, d.destination, d.fired, d.reason, d.consent, d.anonymous)
+        for d in decisions
+    ]
+    return "[" + ",".join(parts) + "]"
 
 
 BUSY_TIMEOUT = 30.0
@@ -130,7 +193,7 @@ WAL_CHECKPOINT_PAGES = 4000
 The background checkpoint alone never lets the WAL restart under sustained writes: a PASSIVE
 checkpoint cannot catch up with frames appended while it runs, and SQLite only rewinds the WAL
 when a writer finds it fully copied. The file would then grow without bound (a single-event
-commit adds about 60 KB of frames: gigabytes within minutes at full intake), and every commit
+commit adds about 45 KB of frames: gigabytes within minutes at full intake), and every commit
 would pay for extending it. The writer's own
 checkpoint finishes what the background one left, so the next transaction rewinds the WAL."""
 
@@ -182,6 +245,12 @@ class _Slot:
                 raise StoreError(str(self.error)) from self.error
             raise StoreError(f"store write failed: {type(self.error).__name__}") from self.error
         return self.results
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused for a lock another connection holds (worth waiting for)."""
+    text = str(exc)
+    return "locked" in text or "busy" in text
 
 
 def _marks(values: Iterable[Any]) -> str:
@@ -240,9 +309,14 @@ def _in_sql(sql: str, count: int) -> str:
 
 
 def _insert_rows(
-    db: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]], tail: str = ""
+    db: sqlite3.Connection,
+    head: str,
+    rows: Sequence[Sequence[Any]],
+    tail: str = "",
+    rowids: bool = False,
 ) -> list[int]:
-    """``head VALUES (...), (...) tail`` for all ``rows`` (chunked); the rowid of every row.
+    """``head VALUES (...), (...) tail`` for all ``rows`` (chunked); with ``rowids``, the rowid
+    of every row.
 
     The rowids are only meaningful for a rowid table whose keys SQLite assigns (AUTOINCREMENT):
     one multi-row INSERT then numbers its rows consecutively, the write lock being ours, so
@@ -252,13 +326,15 @@ def _insert_rows(
         return []
     width = len(rows[0])
     size = max(1, _MAX_PARAMS // width)
-    rowids: list[int] = []
+    out: list[int] = []
     for start in range(0, len(rows), size):
         chunk = rows[start : start + size]
-        sql = _values_sql(head, len(chunk), width, tail)
-        last = int(db.execute(sql, [value for row in chunk for value in row]).lastrowid or 0)
-        rowids += range(last - len(chunk) + 1, last + 1)
-    return rowids
+        params = chunk[0] if len(chunk) == 1 else list(itertools.chain.from_iterable(chunk))
+        cursor = db.execute(_values_sql(head, len(chunk), width, tail), params)
+        if rowids:
+            last = int(cursor.lastrowid or 0)
+            out += range(last - len(chunk) + 1, last + 1)
+    return out
 
 
 def _select_in(db: sqlite3.Connection, sql: str, keys: Sequence[Any]) -> list[sqlite3.Row]:
@@ -281,6 +357,7 @@ class _Visitor:
     first_seen: float
     last_seen: float
     dirty: bool = False
+    touched: bool = False  # last_seen moved (new, or not touched for an hour)
 
 
 def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Accepted]:
@@ -318,7 +395,7 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
     results: list[Accepted] = []
     claimed: dict[str, str] = {}  # tag dedup key -> event ID, for keys claimed in this group
     first_of: dict[str, int] = {}  # event ID -> index of its first copy in this group
-    fresh: list[tuple[int, Acceptance, list[Decision], list[dict[str, Any]]]] = []
+    fresh: list[tuple[int, Acceptance, list[Decision]]] = []
     for i, (acc, event_id) in enumerate(zip(accs, event_ids, strict=True)):
         now = acc.received_at
         if event_id in first_of:
@@ -331,7 +408,7 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
         first_of[event_id] = i
         decisions = [_claim(d, event_id, now, claimed, stored) for d in acc.decisions]
         summaries = [d.summary() for d in decisions]
-        fresh.append((i, acc, decisions, summaries))
+        fresh.append((i, acc, decisions))
         results.append(Accepted(event_id, False, summaries))
 
     # The events, then the rows that point at them by seq.
@@ -344,14 +421,15 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
                 str(acc.event.get("event_name")),
                 acc.received_at,
                 _dumps(acc.event),
-                _dumps(summaries),
+                _summaries_json(decisions),
             )
-            for i, acc, _, summaries in fresh
+            for i, acc, decisions in fresh
         ],
+        rowids=True,
     )
     key_rows: list[tuple[str, int, str, float]] = []
     delivery_rows: list[tuple[int, str, str, str, str, str, float, float]] = []
-    for seq, (i, acc, decisions, _) in zip(seqs, fresh, strict=True):
+    for seq, (i, acc, decisions) in zip(seqs, fresh, strict=True):
         event_id, now = event_ids[i], acc.received_at
         expires = now + acc.window
         key_rows.append(("event:" + event_id, seq, event_id, expires))
@@ -371,7 +449,7 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
         "created_at, next_attempt_at)",
         delivery_rows,
     )
-    _remember(db, [(acc.identity, acc.received_at) for _, acc, _, _ in fresh if acc.identity])
+    _remember(db, [(acc.identity, acc.received_at) for _, acc, _ in fresh if acc.identity])
 
     return results
 
@@ -396,11 +474,24 @@ def _claim(
     return decision
 
 
+_VISITOR_UPDATE = (
+    " ON CONFLICT (visitor_id) DO UPDATE SET user_id = excluded.user_id, "
+    "user_agent = excluded.user_agent, ip = excluded.ip, vals = excluded.vals"
+)
+# Only with last_seen moving: a column named in SET rewrites its index entries, even unchanged.
+_VISITOR_TOUCH = _VISITOR_UPDATE + ", last_seen = excluded.last_seen"
+
+
 def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, float]]) -> None:
     """Fold what the group's events teach about their visitors into the visitor rows.
 
     A visitor seen again within the hour with nothing new costs no write; click IDs keep the
     time they were first seen with that value, so a new click starts its window anew.
+
+    ``last_seen`` (only retention reads it) moves at most hourly, new values or not: moving it
+    moves the visitor's entry in the visitors_last_seen index too, two more pages written by a
+    commit that only learnt a new cookie. Retention may then take a visitor up to an hour
+    early, never late.
     """
     updates = [(u, now) for u, now in updates if u.visitor_id is not None]
     if not updates:
@@ -429,7 +520,8 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
         known = row is not None
         if row is None:
             row = visitors[visitor_id] = _Visitor(None, None, None, {}, now, now)
-        changed = not known or now - row.last_seen > IDENTITY_TOUCH
+        touch = not known or now - row.last_seen > IDENTITY_TOUCH
+        changed = touch
         for name, value in update.values.items():
             if row.vals.get(name, [None])[0] != value:
                 row.vals[name] = [value, now]  # a new click starts its attribution window anew
@@ -440,22 +532,23 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
             if new is not None and new != getattr(row, column):
                 setattr(row, column, new)
                 changed = True
-        if changed:
-            row.last_seen, row.dirty = now, True
+        if touch:
+            row.last_seen, row.touched = now, True
+        row.dirty = row.dirty or changed
         if update.user_id and (not known or previous_user != update.user_id or changed):
             links[(update.user_id, visitor_id)] = now
-    _insert_rows(
-        db,
-        "INSERT INTO visitors (visitor_id, user_id, user_agent, ip, vals, first_seen, last_seen)",
-        [
-            (vid, v.user_id, v.user_agent, v.ip, _dumps(v.vals), v.first_seen, v.last_seen)
-            for vid, v in visitors.items()
-            if v.dirty
-        ],
-        " ON CONFLICT (visitor_id) DO UPDATE SET user_id = excluded.user_id, "
-        "user_agent = excluded.user_agent, ip = excluded.ip, vals = excluded.vals, "
-        "last_seen = excluded.last_seen",
-    )
+    for touched, tail in ((True, _VISITOR_TOUCH), (False, _VISITOR_UPDATE)):
+        _insert_rows(
+            db,
+            "INSERT INTO visitors (visitor_id, user_id, user_agent, ip, vals, first_seen, "
+            "last_seen)",
+            [
+                (vid, v.user_id, v.user_agent, v.ip, _dumps(v.vals), v.first_seen, v.last_seen)
+                for vid, v in visitors.items()
+                if v.dirty and v.touched is touched
+            ],
+            tail,
+        )
     _insert_rows(
         db,
         "INSERT INTO user_visitors (user_id, visitor_id, linked_at)",
@@ -475,6 +568,8 @@ class SQLiteStore(Store):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._writer: sqlite3.Connection | None = None
+        self._writer_pid = -1
         self._checkpointer_pid = -1
         self._closed = threading.Event()
         self._wlock = threading.Lock()
@@ -483,16 +578,64 @@ class SQLiteStore(Store):
         self._queue: list[_Slot] = []
         self._leading = False
         try:
-            self._conn().executescript(_SCHEMA)  # executescript manages its own transaction
+            with self._process_lock():
+                self._create_schema(self._writer_conn())
         except sqlite3.Error as exc:
             raise StoreError(f"cannot create the SQLite schema: {exc}") from exc
 
+    @staticmethod
+    def _create_schema(db: sqlite3.Connection) -> None:
+        # The script only writes when it creates or replaces something (a new file, or the
+        # first open of a file an older version made); another process writing meanwhile is
+        # waited for, as every writer is (busy_timeout is 0, see _open). Every statement is
+        # idempotent, so a retry simply runs the script again.
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        delay = 0.001
+        while True:
+            try:
+                db.executescript(_SCHEMA)  # executescript manages its own transactions
+                return
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+
     # -- connections ----------------------------------------------------------------------------
+    #
+    # One connection per process makes every write, and the lookups by key made while it is idle
+    # (recall, for every event); other reads, and lookups while a write runs, use a connection
+    # of the reading thread. In WAL mode a connection drops its whole page cache whenever
+    # another connection has committed since its last transaction: with a connection per
+    # thread, nearly every transaction started cold and read again each B-tree page it touched
+    # (~25 reads of 4 KB for a single-event accept, with request threads taking turns). The
+    # shared writer only starts cold after another process has committed.
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        """The process's shared connection; the caller holds the process lock."""
+        conn = self._writer
+        if conn is not None and self._writer_pid == _PID:
+            if not conn.in_transaction:
+                return conn
+            # A transaction whose ROLLBACK failed (an I/O error) must not become the next
+            # caller's: the connection is replaced.
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        conn = self._writer = self._open()
+        self._writer_pid = _PID
+        return conn
 
     def _conn(self) -> sqlite3.Connection:
+        """This thread's own connection, for reads while the writer is busy."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None and getattr(self._local, "pid", None) == _PID:
             return conn
+        conn = self._open()
+        self._local.conn = conn
+        self._local.pid = _PID
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
                 self.path, timeout=30.0, isolation_level=None, check_same_thread=False
@@ -511,8 +654,6 @@ class SQLiteStore(Store):
             conn.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the SQLite store: {exc}") from exc
-        self._local.conn = conn
-        self._local.pid = _PID
         self._start_checkpointer()
         return conn
 
@@ -545,16 +686,15 @@ class SQLiteStore(Store):
             try:
                 return db.execute(sql, params)
             except sqlite3.OperationalError as exc:
-                text = str(exc)
-                if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                if not _busy(exc) or time.monotonic() > deadline:
                     raise
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.005)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
         with self._process_lock():
+            db = self._writer_conn()
             try:
                 self._retry_busy(db, "BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -570,19 +710,45 @@ class SQLiteStore(Store):
                     raise StoreError(f"store write failed: {exc}") from exc
                 raise
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _read(
+        self, sql: str, params: Sequence[Any] = (), lookup: bool = False
+    ) -> list[sqlite3.Row]:
+        """Rows of a query; a ``lookup`` (a few rows found by key) uses the writer when it is idle.
+
+        A read never waits for the writer: it takes the writer only if no write is running,
+        and then holds it for its whole length, which is why scans use their own connection.
+        In ":memory:" every read takes the writer, waiting if need be: another connection
+        would be another, empty database.
+        """
+        memory = self.path == ":memory:"
+        lock = self._process_lock()
+        if (lookup or memory) and lock.acquire(blocking=memory):
+            try:
+                return list(self._writer_conn().execute(sql, params).fetchall())
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    raise StoreError(f"store read failed: {exc}") from exc
+                # retried below, on this thread's connection, with the process lock released
+            except sqlite3.Error as exc:
+                raise StoreError(f"store read failed: {exc}") from exc
+            finally:
+                lock.release()
         try:
             return list(self._retry_busy(self._conn(), sql, params).fetchall())
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
     def close(self) -> None:
-        """Close this thread's connection (and stop checkpointing when no longer used)."""
+        """Close this thread's connection and the process's writer (and stop checkpointing)."""
         self._closed.set()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+        with self._process_lock():
+            if self._writer is not None and self._writer_pid == _PID:
+                self._writer.close()
+            self._writer = None
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -622,6 +788,7 @@ class SQLiteStore(Store):
         rows = self._read(
             "SELECT e.* FROM dedup_keys k JOIN events e ON e.seq = k.event_seq WHERE k.key = ?",
             ("event:" + event_id,),
+            lookup=True,
         ) or self._read(
             "SELECT * FROM events WHERE event_id = ? ORDER BY seq DESC LIMIT 1", (event_id,)
         )
@@ -636,8 +803,7 @@ class SQLiteStore(Store):
         with self._write() as db:
             rows = db.execute(
                 f"SELECT {_DELIVERY_COLUMNS} FROM deliveries "
-                "WHERE destination = ? AND ((status = 'pending' AND next_attempt_at <= ?) "
-                "OR (status = 'leased' AND lease_expires <= ?)) ORDER BY id LIMIT ?",
+                f"WHERE destination = ? AND {_DUE} ORDER BY id LIMIT ?",
                 (destination, now, now, limit),
             ).fetchall()
             if rows:
@@ -690,8 +856,7 @@ class SQLiteStore(Store):
         """See :meth:`Store.destinations_due`."""
         rows = self._read(
             "SELECT destination, COUNT(*) AS n, MIN(next_attempt_at) AS oldest FROM deliveries "
-            "WHERE (status = 'pending' AND next_attempt_at <= ?) "
-            "OR (status = 'leased' AND lease_expires <= ?) GROUP BY destination",
+            f"WHERE {_DUE} GROUP BY destination",
             (now, now),
         )
         return {r["destination"]: (r["n"], r["oldest"]) for r in rows}
@@ -699,8 +864,7 @@ class SQLiteStore(Store):
     def depth(self) -> dict[str, int]:
         """See :meth:`Store.depth`."""
         rows = self._read(
-            "SELECT destination, COUNT(*) AS n FROM deliveries "
-            "WHERE status IN ('pending', 'leased') GROUP BY destination"
+            f"SELECT destination, COUNT(*) AS n FROM deliveries WHERE {_OPEN} GROUP BY destination"
         )
         return {r["destination"]: r["n"] for r in rows}
 
@@ -717,7 +881,7 @@ class SQLiteStore(Store):
     def get_delivery(self, delivery_id: int) -> Delivery | None:
         """See :meth:`Store.get_delivery`."""
         rows = self._read(
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,)
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,), lookup=True
         )
         return _delivery(rows[0]) if rows else None
 
@@ -784,6 +948,7 @@ class SQLiteStore(Store):
         rows = self._read(
             "SELECT e.* FROM events e JOIN deliveries d ON d.event_seq = e.seq WHERE d.id = ?",
             (delivery_id,),
+            lookup=True,
         )
         return _stored_event(rows[0]) if rows else None
 
@@ -803,11 +968,12 @@ class SQLiteStore(Store):
                 "SELECT visitor_id FROM user_visitors WHERE user_id = ? "
                 "ORDER BY linked_at DESC LIMIT 1",
                 (user_id,),
+                lookup=True,
             )
             visitor_id = rows[0]["visitor_id"] if rows else None
         if not visitor_id:
             return None
-        rows = self._read("SELECT * FROM visitors WHERE visitor_id = ?", (visitor_id,))
+        rows = self._read("SELECT * FROM visitors WHERE visitor_id = ?", (visitor_id,), lookup=True)
         if not rows:
             return None
         visitor = rows[0]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sqlite3
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -233,6 +235,84 @@ def test_a_batch_that_fails_midway_stores_nothing(store: SQLiteStore, db_path: P
     assert store.accept(acceptance("o1")).duplicate is False
 
 
+def test_the_stored_decisions_are_the_json_of_the_returned_ones(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    consented = Decision("ga4", "ga4_dest", True, "trigger matched", "consent granted", True, {})
+    refused = Decision("tiktok", "tiktok_dest", False, "consent refusé: ad_storage", "denied")
+    store.accept(acceptance("k1", decision("meta", "meta:ord_1")))
+
+    result = store.accept(
+        acceptance("k2", decision("meta", "meta:ord_1"), consented, refused, decision("meta"))
+    )
+
+    [(stored,)] = rows(db_path, "SELECT decisions FROM events WHERE event_id = 'k2'")
+    assert stored == json.dumps(result.decisions, separators=(",", ":"), ensure_ascii=False)
+    assert "forwarded by event k1" in stored
+
+
+def test_a_payload_that_contains_itself_stores_nothing(store: SQLiteStore, db_path: Path) -> None:
+    looped: dict[str, Any] = {"event_name": "Purchase"}
+    looped["self"] = looped
+
+    with pytest.raises(StoreError):
+        store.accept(
+            acceptance("o1", Decision("meta", "meta_dest", True, "matched", None, False, looped))
+        )
+
+    assert rows(db_path, "SELECT COUNT(*) FROM events") == [(0,)]
+    assert store.accept(acceptance("o2")).duplicate is False
+
+
+def test_event_and_delivery_ids_are_never_reused_after_forget_or_purge(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    # Deliveries are leased, marked and superseded by ID, and dedup keys point at events by
+    # seq: a new row taking the ID of an erased one would inherit what was meant for that one.
+    def last_ids() -> tuple[int, int]:
+        [(seq, delivery_id)] = rows(
+            db_path, "SELECT MAX(seq), (SELECT MAX(id) FROM deliveries) FROM events"
+        )
+        return seq, delivery_id
+
+    person = Acceptance(
+        {"event_name": "purchase", "event_id": "p1", "user_id": "u1"}, [decision()], WINDOW, T0
+    )
+    store.accept(person)
+    erased = last_ids()
+    store.forget(user_id="u1")
+    store.accept(acceptance("o1"))
+    after_forget = last_ids()
+    store.mark_delivered([d.id for d in store.lease("meta_dest", 10, 60.0, "w", T0)], T0)
+    store.purge(T0 + 1)
+    assert rows(db_path, "SELECT COUNT(*) FROM events") == [(0,)]
+
+    store.accept(acceptance("o2", at=T0 + 2))
+
+    after_purge = last_ids()
+    assert after_forget[0] > erased[0] and after_forget[1] > erased[1]
+    assert after_purge[0] > after_forget[0] and after_purge[1] > after_forget[1]
+
+
+def test_a_visitors_last_seen_moves_at_most_hourly_even_when_it_brings_news(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    def seen(event_id: str, at: float, gclid: str) -> None:
+        update = IdentityUpdate("vis", values={"gclid": gclid})
+        store.accept(replace(acceptance(event_id, at=at), identity=update))
+
+    seen("v1", T0, "g1")
+    seen("v2", T0 + 60, "g2")  # a new click within the hour: remembered, last_seen kept
+
+    assert rows(db_path, "SELECT last_seen FROM visitors") == [(T0,)]
+    found = store.recall("vis", None, T0 + 61, {}, 30 * 86400.0)
+    assert found is not None and found.values == {"gclid": ("g2", T0 + 60)}
+
+    seen("v3", T0 + HOUR + 1, "g2")  # nothing new, but an hour later
+
+    assert rows(db_path, "SELECT last_seen FROM visitors") == [(T0 + HOUR + 1,)]
+
+
 def test_accepted_events_and_dedup_survive_reopening_the_file(db_path: Path) -> None:
     first = SQLiteStore(db_path)
     first.accept(acceptance("o1", decision("meta", "meta:ord_9")))
@@ -243,6 +323,40 @@ def test_accepted_events_and_dedup_survive_reopening_the_file(db_path: Path) -> 
     assert reopened.accept(acceptance("o1", at=T0 + 10)).duplicate is True
     assert reopened.accept(acceptance("o2", decision("meta", "meta:ord_9"))).fired == []
     assert reopened.depth() == {"meta_dest": 1}
+
+
+def test_a_file_of_the_previous_version_gets_the_open_deliveries_index(db_path: Path) -> None:
+    first = SQLiteStore(db_path)
+    first.accept(acceptance("o1", decision("meta"), decision("ga4")))
+    first.mark_delivered([d.id for d in first.lease("ga4_dest", 10, 60.0, "w1", T0)], T0)
+    first.close()
+    with sqlite3.connect(db_path) as db:  # the outbox index as the previous version made it
+        db.executescript(
+            "DROP INDEX deliveries_open; "
+            "CREATE INDEX deliveries_due ON deliveries (destination, status, next_attempt_at);"
+        )
+
+    reopened = SQLiteStore(db_path)
+
+    indexes = {r[1] for r in rows(db_path, "PRAGMA index_list(deliveries)")}
+    assert indexes == {"deliveries_open"}
+    assert reopened.depth() == {"meta_dest": 1}
+    assert [d.tag for d in reopened.lease("meta_dest", 10, 60.0, "w2", T0)] == ["meta"]
+    assert reopened.accept(acceptance("o1", at=T0 + 1)).duplicate is True
+
+
+def test_opening_a_file_whose_schema_must_change_waits_for_another_writer(db_path: Path) -> None:
+    SQLiteStore(db_path).close()
+    with sqlite3.connect(db_path) as db:
+        db.execute("DROP INDEX deliveries_open")
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+    threading.Timer(0.3, other.rollback).start()
+
+    SQLiteStore(db_path)
+
+    assert "deliveries_open" in {r[1] for r in rows(db_path, "PRAGMA index_list(deliveries)")}
+    other.close()
 
 
 def test_purge_drops_only_expired_keys(store: SQLiteStore) -> None:
@@ -276,6 +390,83 @@ def test_the_wal_stays_bounded_under_sustained_writes(
     store.close()
     assert wal_pages < 300
     assert rows(db_path, "SELECT COUNT(*) FROM events") == [(600,)]
+
+
+# -- the outbox -------------------------------------------------------------------------------
+
+
+def test_the_outbox_queries_read_only_the_index_of_open_deliveries(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Delivered and dead rows, most of the table, must not be scanned every poll.
+    statements: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    store = SQLiteStore(db_path)
+    store.accept(acceptance("o1", decision("meta"), decision("ga4")))
+
+    store.destinations_due(T0)
+    store.depth()
+    store.lease("meta_dest", 10, 60.0, "w", T0)
+
+    queries = [q for q in statements if q.startswith("SELECT") and "FROM deliveries" in q]
+    assert len(queries) == 3
+    with connect(db_path) as db:
+        for query in queries:
+            plan = " ".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + query))
+            assert "INDEX deliveries_open" in plan, query
+
+
+# -- connections ------------------------------------------------------------------------------
+
+
+def test_threads_taking_turns_write_through_one_connection(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection drops its page cache after another connection's commit: one per thread
+    # would make every write start cold.
+    store.accept(acceptance("o0"))
+    opened: list[Any] = []
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: opened.append(a) or connect(*a, **k))
+
+    for k in range(4):
+        worker = threading.Thread(target=store.accept, args=(acceptance(f"t{k}"),))
+        worker.start()
+        worker.join()
+
+    assert opened == []
+
+
+def test_a_read_does_not_wait_for_a_write_in_progress(store: SQLiteStore) -> None:
+    store.accept(acceptance("o1"))
+    writing, finish = threading.Event(), threading.Event()
+
+    class SlowPayload(dict[str, Any]):
+        def items(self) -> Any:  # the encoder calls it inside the write transaction
+            writing.set()
+            finish.wait(10)
+            return super().items()
+
+    slow = Decision("meta", "meta_dest", True, "matched", None, False, SlowPayload(a=1))
+    writer = threading.Thread(target=store.accept, args=(acceptance("o2", slow),))
+    writer.start()
+    try:
+        assert writing.wait(10)
+
+        found = store.get_event("o1")
+
+        assert found is not None and writer.is_alive()
+    finally:
+        finish.set()
+        writer.join()
+    assert store.get_event("o2") is not None
 
 
 # -- several processes ------------------------------------------------------------------------
@@ -337,3 +528,26 @@ def test_the_gate_is_fresh_in_a_forked_child() -> None:
             os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1"
+
+
+def test_a_forked_child_writes_through_a_connection_of_its_own(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    store.accept(acceptance("parent-1"))  # the writer is open before the fork, as under gunicorn
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if store.accept(acceptance("child-1")).duplicate is False else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.accept(acceptance("parent-2")).duplicate is False
+    assert rows(db_path, "SELECT event_id FROM events ORDER BY seq") == [
+        ("parent-1",),
+        ("child-1",),
+        ("parent-2",),
+    ]
