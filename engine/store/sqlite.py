@@ -15,6 +15,7 @@ gap at the cost of an fsync per commit (set ``TAGRELAY_SQLITE_SYNC=full``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -570,6 +571,8 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._writer: sqlite3.Connection | None = None
         self._writer_pid = -1
+        self._lock_fd: int | None = None  # the host writer lock (see _host_lock), per process
+        self._lock_fd_pid = -1
         self._checkpointer_pid = -1
         self._closed = threading.Event()
         self._wlock = threading.Lock()
@@ -692,8 +695,34 @@ class SQLiteStore(Store):
             delay = min(delay * 2, 0.005)
 
     @contextmanager
+    def _host_lock(self) -> Iterator[None]:
+        """Hold the host's writer lock: one writing process at a time, queued by the kernel.
+
+        SQLite's write lock cannot be waited for, only retried (see _retry_busy), and a process
+        that sleeps between tries leaves the lock idle after it is freed; under steady load
+        from several workers those gaps, not the writes, set the pace. Every tagrelay process
+        writing this file first takes an exclusive ``flock`` on ``<file>-writer`` instead, which
+        the kernel hands to the next waiter the moment it is released (and releases itself if
+        the process dies). ``BEGIN IMMEDIATE`` then rarely has to retry: only when a process
+        that is not tagrelay writes.
+        """
+        if self.path == ":memory:":
+            yield
+            return
+        fd = self._lock_fd
+        if fd is None or self._lock_fd_pid != _PID:
+            # Per process: an open file description inherited across fork would share its lock.
+            fd = os.open(f"{self.path}-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_fd, self._lock_fd_pid = fd, _PID
+        fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._process_lock():
+        with self._process_lock(), self._host_lock():
             db = self._writer_conn()
             try:
                 self._retry_busy(db, "BEGIN IMMEDIATE")
@@ -749,6 +778,9 @@ class SQLiteStore(Store):
             if self._writer is not None and self._writer_pid == _PID:
                 self._writer.close()
             self._writer = None
+            if self._lock_fd is not None and self._lock_fd_pid == _PID:
+                os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -767,16 +799,22 @@ class SQLiteStore(Store):
             if slot.done:
                 return slot.outcome()
             self._leading = True
-            batch, self._queue = self._queue, []
         error: BaseException | None = None
+        batch: list[_Slot] = []
         try:
             with self._write() as db:
+                # Taken only now: whoever arrived while the leader waited for the write lock
+                # joins this commit instead of waiting for the next one.
+                with self._group:
+                    batch, self._queue = self._queue, []
                 results = iter(_accept_group(db, [a for m in batch for a in m.acceptances]))
                 for member in batch:
                     member.results = [next(results) for _ in member.acceptances]
         except BaseException as exc:  # noqa: BLE001 - handed to every member of the batch below
             error = exc
         with self._group:
+            if not batch:  # the write failed before the batch was taken: it fails with it
+                batch, self._queue = self._queue, []
             for member in batch:
                 member.done, member.error = True, error
             self._leading = False

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import sqlite3
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -551,3 +552,54 @@ def test_a_forked_child_writes_through_a_connection_of_its_own(
         ("child-1",),
         ("parent-2",),
     ]
+
+
+def _hold_host_lock(db_path: Path) -> int:
+    """Take the host's writer lock as another tagrelay process would (own open file)."""
+    import fcntl
+
+    fd = os.open(f"{db_path}-writer", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def test_a_writer_waits_for_the_process_holding_the_host_lock(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    fd = _hold_host_lock(db_path)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (store.accept_many([acceptance("h1")]), done.set()))
+    worker.start()
+    try:
+        assert not done.wait(0.3)  # queued behind the other process, not failed
+    finally:
+        os.close(fd)  # closing the file releases the lock, as a process's death would
+    worker.join(10)
+    assert done.is_set()
+    assert rows(db_path, "SELECT event_id FROM events") == [("h1",)]
+
+
+def test_requests_arriving_while_the_leader_waits_join_its_commit(
+    store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    groups: list[int] = []
+    original = sqlite_store._accept_group
+
+    def recording(db: sqlite3.Connection, accs: Any) -> Any:
+        groups.append(len(accs))
+        return original(db, accs)
+
+    monkeypatch.setattr(sqlite_store, "_accept_group", recording)
+    store.accept_many([acceptance("warm")])  # opens the writer connection and the lock file
+    groups.clear()
+    fd = _hold_host_lock(db_path)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(store.accept_many, [acceptance(f"g{i}")]) for i in range(4)]
+        deadline = time.monotonic() + 5
+        while len(store._queue) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.close(fd)
+        results = [f.result(timeout=10) for f in futures]
+
+    assert [r[0].duplicate for r in results] == [False] * 4
+    assert groups == [4]  # one transaction for all four
