@@ -712,7 +712,12 @@ class SQLiteStore(Store):
         fd = self._lock_fd
         if fd is None or self._lock_fd_pid != _PID:
             # Per process: an open file description inherited across fork would share its lock.
-            fd = os.open(f"{self.path}-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Read-only is enough for flock, so an operator's command run as another user who
+            # can read the database can take it too.
+            try:
+                fd = os.open(f"{self.path}-writer", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StoreError(f"cannot open the store's writer lock: {exc}") from exc
             self._lock_fd, self._lock_fd_pid = fd, _PID
         fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
         try:
