@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -53,21 +54,45 @@ def parse_json_body(body: bytes, content_type: str | None, allow_text: bool = Fa
         raise BadRequest("the request body is empty")
     try:
         text = body.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant)
     except UnicodeDecodeError as exc:
         raise BadRequest("the body is not valid UTF-8") from exc
     except RecursionError as exc:
         raise BadRequest("the JSON is nested too deeply") from exc
     except ValueError as exc:
         raise BadRequest(f"the body is not valid JSON: {str(exc).split(':')[0]}") from exc
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        raise BadRequest(
+            "the body holds an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF): "
+            "text that is not Unicode cannot be stored"
+        )
+    return value
 
 
-_ANSWER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# A surrogate can only reach a decoded body through a ``\uD8xx``-style escape (UTF-8 cannot
+# carry one), so bodies without such an escape, nearly all, are not looked at further.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in ``value`` (keys included) holds an unpaired surrogate."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (RecursionError, ValueError):
+        return False
+    return False
+
+
+# ASCII, as jsonify writes it: an answer may echo a client's text (an event ID), which may
+# hold a lone surrogate that UTF-8 cannot encode; escaped, it goes back as the client sent it.
+_ANSWER = json.JSONEncoder(separators=(",", ":"))
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
-    """A compact JSON answer (UTF-8). What ``jsonify`` gives, without its provider lookups,
-    which cost a single-event request several times what encoding the answer does."""
+    """A compact JSON answer. What ``jsonify`` gives, without its provider lookups, which cost
+    a single-event request several times what encoding the answer does."""
     return Response(_ANSWER.encode(obj), status, mimetype="application/json")
 
 

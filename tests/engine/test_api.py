@@ -143,6 +143,14 @@ def test_an_event_is_committed_before_it_is_acknowledged(
             b'{"event_name": "x", "timestamp": 1795185045000}',
             "timestamp looks like milliseconds; send Unix seconds",
         ),
+        (
+            b'{"event_name": "x", "event_id": "a\\ud800b"}',
+            "the body holds an unpaired UTF-16 surrogate escape",
+        ),
+        (
+            b'{"event_name": "x", "properties": {"\\udfff": 1}}',
+            "the body holds an unpaired UTF-16 surrogate escape",
+        ),
     ],
 )
 def test_bad_bodies_get_400_with_a_clear_message(
@@ -370,3 +378,13 @@ def test_readyz_reports_a_refused_reload_but_stays_ready(
 
     assert body["status"] == "ready"
     assert "unknown trigger 'purchse'" in body["checks"]["rules"]["reload_error"]
+
+
+def test_escaped_surrogate_pairs_and_escaped_backslashes_are_ordinary_text(
+    client: FlaskClient,
+) -> None:
+    pair = post(client, "/v1/track", b'{"event_name": "x", "event_id": "e\\ud83d\\ude00"}')
+    backslash = post(client, "/v1/track", b'{"event_name": "x", "event_id": "f\\\\ud800"}')
+
+    assert pair.status_code == 200 and pair.get_json()["event_id"] == "e\U0001f600"
+    assert backslash.status_code == 200 and backslash.get_json()["event_id"] == "f\\ud800"
