@@ -26,11 +26,11 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine import gate
 from engine.errors import StoreError
@@ -252,6 +252,27 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     """Whether SQLite refused for a lock another connection holds (worth waiting for)."""
     text = str(exc)
     return "locked" in text or "busy" in text
+
+
+_T = TypeVar("_T")
+
+
+def _retry_busy(run: Callable[[], _T]) -> _T:
+    """``run()``, tried again with growing sleeps while SQLite answers busy or locked.
+
+    busy_timeout is 0 (see _open): SQLite's own handler sleeps in steps of milliseconds.
+    Raises the last error after BUSY_TIMEOUT seconds, or at once for any other error.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    delay = 0.0001
+    while True:
+        try:
+            return run()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.005)
 
 
 def _marks(values: Iterable[Any]) -> str:
@@ -581,28 +602,13 @@ class SQLiteStore(Store):
         self._queue: list[_Slot] = []
         self._leading = False
         try:
-            with self._process_lock():
-                self._create_schema(self._writer_conn())
+            # The script only writes when it creates or replaces something (a new file, or the
+            # first open of a file an older version made); every statement is idempotent.
+            with self._process_lock(), self._host_lock():
+                db = self._writer_conn()
+                _retry_busy(lambda: db.executescript(_SCHEMA))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot create the SQLite schema: {exc}") from exc
-
-    @staticmethod
-    def _create_schema(db: sqlite3.Connection) -> None:
-        # The script only writes when it creates or replaces something (a new file, or the
-        # first open of a file an older version made); another process writing meanwhile is
-        # waited for, as every writer is (busy_timeout is 0, see _open). Every statement is
-        # idempotent, so a retry simply runs the script again.
-        deadline = time.monotonic() + BUSY_TIMEOUT
-        delay = 0.001
-        while True:
-            try:
-                db.executescript(_SCHEMA)  # executescript manages its own transactions
-                return
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.05)
 
     # -- connections ----------------------------------------------------------------------------
     #
@@ -646,8 +652,8 @@ class SQLiteStore(Store):
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            # Waiting for the write lock is ours to do (see _begin): SQLite's own busy handler
-            # sleeps in steps of milliseconds, which under steady load wastes most of them.
+            # Waiting for the write lock is ours to do (_host_lock, then _retry_busy): SQLite's
+            # own busy handler sleeps in steps of milliseconds, wasting most of them under load.
             conn.execute("PRAGMA busy_timeout=0")
             conn.execute("PRAGMA foreign_keys=OFF")
             # Checkpoints (which fsync the database) run mostly in a background thread; the
@@ -680,19 +686,6 @@ class SQLiteStore(Store):
             self._wlock = threading.Lock()
             self._lock_pid = pid
         return self._wlock
-
-    @staticmethod
-    def _retry_busy(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
-        deadline = time.monotonic() + BUSY_TIMEOUT
-        delay = 0.0001
-        while True:
-            try:
-                return db.execute(sql, params)
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.005)
 
     @contextmanager
     def _host_lock(self) -> Iterator[None]:
@@ -730,7 +723,7 @@ class SQLiteStore(Store):
         with self._process_lock(), self._host_lock():
             db = self._writer_conn()
             try:
-                self._retry_busy(db, "BEGIN IMMEDIATE")
+                _retry_busy(lambda: db.execute("BEGIN IMMEDIATE"))
             except sqlite3.Error as exc:
                 raise StoreError(f"the store is busy or unwritable: {exc}") from exc
             try:
@@ -768,7 +761,8 @@ class SQLiteStore(Store):
             finally:
                 lock.release()
         try:
-            return list(self._retry_busy(self._conn(), sql, params).fetchall())
+            conn = self._conn()
+            return list(_retry_busy(lambda: conn.execute(sql, params)).fetchall())
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
