@@ -13,6 +13,7 @@ later.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -58,9 +59,15 @@ def find_key(presented: str, keys: Sequence[ServerKey]) -> ServerKey | None:
     # tells how long a configured key is.
     given = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
     for candidate in keys:
-        if hmac.compare_digest(given, hashlib.sha256(candidate.key.encode()).digest()):
+        if hmac.compare_digest(given, _digest(candidate.key)):
             found = candidate
     return found
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(configured: str) -> bytes:
+    """SHA-256 of a configured key (the same few keys for every request)."""
+    return hashlib.sha256(configured.encode()).digest()
 
 
 def authenticate(

@@ -12,6 +12,7 @@ a key itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -51,7 +52,7 @@ class RateLimiter:
         if self.limit <= 0:
             return
         window = math.floor(now / WINDOW) * WINDOW
-        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        digest = _digest(key)
         with self._lock:
             count = self._counts.get(digest)
             if count is None or count.window != window:
@@ -73,3 +74,9 @@ class RateLimiter:
                 f"rate limit of {self.limit} requests per minute exceeded; retry in {retry} s",
                 retry,
             )
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(key: str) -> str:
+    """The name a key is counted under (the store never holds the key itself)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
