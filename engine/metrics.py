@@ -9,10 +9,11 @@ the truth across hosts too.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -74,8 +75,14 @@ class Tally:
 
     def add(self, counter: Counter, *labels: str) -> None:
         """Count one for ``counter`` with ``labels``."""
+        self.add_many([(counter, labels)])
+
+    def add_many(self, counts: Iterable[tuple[Counter, tuple[str, ...]]]) -> None:
+        """Count one for each ``(counter, labels)`` (a request's counts, under one lock)."""
         with self._lock:
-            self._pending[(counter, labels)] += 1
+            pending = self._pending
+            for key in counts:
+                pending[key] += 1
             due = time.monotonic() - self._flushed >= self.interval
             if not due and self._timer is None:
                 self._timer = threading.Timer(self.interval, self.flush)
@@ -99,6 +106,7 @@ class Tally:
 TALLY = Tally()
 
 
+@functools.lru_cache(maxsize=1024)
 def reason_kind(reason: str) -> str:
     """A bounded label for a decision's reason (the full text is stored with the event)."""
     for prefix, kind in (

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
+
 from engine import event as events
 from engine import gate, identity, metrics
 from engine.errors import BadRequest, RulesError
@@ -189,18 +191,20 @@ class Pipeline:
 
 
 def _count(outcomes: Sequence[Outcome]) -> None:
+    counts: list[tuple[Counter, tuple[str, ...]]] = []
     for outcome in outcomes:
         accepted = outcome.accepted
         if accepted is None:
-            metrics.TALLY.add(metrics.EVENTS, "rejected")
+            counts.append((metrics.EVENTS, ("rejected",)))
         elif accepted.duplicate:
-            metrics.TALLY.add(metrics.EVENTS, "duplicate")
+            counts.append((metrics.EVENTS, ("duplicate",)))
         else:
-            metrics.TALLY.add(metrics.EVENTS, "accepted")
+            counts.append((metrics.EVENTS, ("accepted",)))
             for d in accepted.decisions:
                 fired = bool(d.get("fired"))
                 reason = "fired" if fired else metrics.reason_kind(str(d.get("reason", "")))
-                metrics.TALLY.add(metrics.TAGS, d["tag"], "fired" if fired else "blocked", reason)
+                counts.append((metrics.TAGS, (d["tag"], "fired" if fired else "blocked", reason)))
+    metrics.TALLY.add_many(counts)
 
 
 def load_rules(path: Path, interval: float = 2.0) -> RulesHolder:
