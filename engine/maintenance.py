@@ -1,8 +1,8 @@
 """Scheduled housekeeping: retention (events and identities older than N days) and expired keys.
 
 Runs in a background thread of every server or worker process, once an hour (the first run a
-minute after start). Running it in several processes at once is harmless: each purge is one
-transaction of idempotent deletes.
+minute after start). Running it in several processes at once is harmless: each purge is a
+series of short transactions of idempotent deletes, so intake is never held up for long.
 """
 
 from __future__ import annotations

@@ -248,7 +248,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def purge(self, before: float) -> dict[str, int]:
-        """Erase events received, and identities last seen, before ``before`` (retention)."""
+        """Erase events received, and identities last seen, before ``before`` (retention).
+
+        Deliveries still to send, and their events, are kept. Backends should work in bounded
+        steps (it runs hourly, beside intake) and must tolerate running in several processes.
+        """
 
     @abc.abstractmethod
     def rate_hit(self, key: str, window_start: float, count: int = 1) -> int:
@@ -262,7 +266,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def purge_expired(self, now: float) -> int:
-        """Drop dedup keys past their window; returns how many."""
+        """Drop dedup keys past their window, in bounded steps; returns how many."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release connections."""

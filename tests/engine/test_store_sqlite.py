@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -326,21 +327,24 @@ def test_accepted_events_and_dedup_survive_reopening_the_file(db_path: Path) -> 
     assert reopened.depth() == {"meta_dest": 1}
 
 
-def test_a_file_of_the_previous_version_gets_the_open_deliveries_index(db_path: Path) -> None:
+def test_a_file_of_a_previous_version_gets_the_current_indexes(db_path: Path) -> None:
     first = SQLiteStore(db_path)
     first.accept(acceptance("o1", decision("meta"), decision("ga4")))
     first.mark_delivered([d.id for d in first.lease("ga4_dest", 10, 60.0, "w1", T0)], T0)
     first.close()
-    with sqlite3.connect(db_path) as db:  # the outbox index as the previous version made it
+    with sqlite3.connect(db_path) as db:  # the indexes as earlier versions made them
         db.executescript(
-            "DROP INDEX deliveries_open; "
+            "DROP INDEX deliveries_open; DROP INDEX deliveries_event; "
+            "DROP INDEX user_visitors_visitor; "
             "CREATE INDEX deliveries_due ON deliveries (destination, status, next_attempt_at);"
         )
 
     reopened = SQLiteStore(db_path)
 
     indexes = {r[1] for r in rows(db_path, "PRAGMA index_list(deliveries)")}
-    assert indexes == {"deliveries_open"}
+    assert indexes == {"deliveries_open", "deliveries_event"}
+    links = {r[1] for r in rows(db_path, "PRAGMA index_list(user_visitors)")}
+    assert "user_visitors_visitor" in links
     assert reopened.depth() == {"meta_dest": 1}
     assert [d.tag for d in reopened.lease("meta_dest", 10, 60.0, "w2", T0)] == ["meta"]
     assert reopened.accept(acceptance("o1", at=T0 + 1)).duplicate is True
@@ -368,6 +372,96 @@ def test_purge_drops_only_expired_keys(store: SQLiteStore) -> None:
 
     assert purged == 1
     assert store.accept(acceptance("new", at=T0 + 1)).duplicate is True
+
+
+def test_expiry_walks_the_keys_in_short_transactions(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "PURGE_SCAN", 3)
+    store = SQLiteStore(db_path)
+    for i in range(10):
+        store.accept(acceptance(f"old{i}", at=T0 - WINDOW - 1))
+        store.accept(acceptance(f"new{i}"))
+    began, removed = _count_transactions(monkeypatch, store, lambda: store.purge_expired(T0))
+
+    assert removed == 10
+    assert began >= 20 // 3  # a transaction per stretch of 3 keys, not one for the table
+    assert sorted(r[0] for r in rows(db_path, "SELECT key FROM dedup_keys")) == sorted(
+        f"event:new{i}" for i in range(10)
+    )
+
+
+def test_retention_works_in_chunks_across_events_received_together(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch's events share one received_at: a chunk boundary inside them must skip none.
+    monkeypatch.setattr(sqlite_store, "PURGE_CHUNK", 2)
+    store = SQLiteStore(db_path)
+    store.accept_many([acceptance(f"b{i}", decision("meta"), at=T0) for i in range(5)])
+    store.accept_many([acceptance(f"p{i}", decision("tiktok"), at=T0) for i in range(2)])
+    store.accept(acceptance("late", decision("meta"), at=T0 + 2 * HOUR))
+    leased = store.lease("meta_dest", 100, 60.0, "w", T0)
+    store.mark_delivered([d.id for d in leased if d.event_id != "late"], T0)
+    for visitor, user in (("v1", "u1"), ("v2", "u2"), ("v3", None)):
+        seen = acceptance(f"seen-{visitor}", decision(fired=False), at=T0)
+        store.accept(replace(seen, identity=IdentityUpdate(visitor, user)))
+
+    began, removed = _count_transactions(monkeypatch, store, lambda: store.purge(T0 + HOUR))
+
+    assert removed == {"events": 8, "deliveries": 5, "visitors": 3}  # 5 sent, 3 had no tag
+    assert began >= 4  # 7 old events and 3 visitors in chunks of 2
+    remaining = {r[0] for r in rows(db_path, "SELECT event_id FROM events")}
+    assert remaining == {"p0", "p1", "late"}  # still to send, or too recent
+    assert rows(db_path, "SELECT COUNT(*) FROM user_visitors") == [(0,)]
+
+
+def test_retention_and_expiry_find_their_rows_by_index(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # They run hourly in every process, inside the write lock: no statement may scan a table.
+    statements: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    store = SQLiteStore(db_path)
+    store.accept(replace(acceptance("o1"), identity=IdentityUpdate("v1", "u1")))
+    statements.clear()
+
+    store.purge(T0 + HOUR)
+    store.purge_expired(T0 + WINDOW + 1)
+
+    # rate_counters holds a few rows per server key (the last hour's minutes): scanned.
+    queries = [
+        q for q in statements if q.split()[0] in ("SELECT", "DELETE") and "rate_counters" not in q
+    ]
+    assert len(queries) >= 6
+    with connect(db_path) as db:
+        for query in queries:
+            sql = query.replace("-Inf", "-1e999")  # the trace writes -inf as "-Inf"
+            plan = [str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + sql)]
+            assert not [step for step in plan if step.startswith("SCAN")], (query, plan)
+
+
+def _count_transactions(
+    monkeypatch: pytest.MonkeyPatch, store: SQLiteStore, run: Callable[[], Any]
+) -> tuple[int, Any]:
+    """How many write transactions ``run()`` took, and what it returned."""
+    began = 0
+    write = store._write
+
+    def counted() -> Any:
+        nonlocal began
+        began += 1
+        return write()
+
+    monkeypatch.setattr(store, "_write", counted)
+    result = run()
+    return began, result
 
 
 def test_ping_answers_on_a_working_store(store: SQLiteStore) -> None:
