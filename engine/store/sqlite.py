@@ -586,6 +586,78 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
     )
 
 
+def _linked(
+    db: sqlite3.Connection, visitors: set[str], users: set[str], by_visitor_row: bool
+) -> None:
+    """Add to ``visitors`` and ``users`` everyone linked to them (two steps each way).
+
+    Every user ID a visitor row has ever held is also a link (see _remember); the visitors
+    table itself, which has no index by user, is read only when ``by_visitor_row``.
+    """
+    by_user = ["SELECT visitor_id FROM user_visitors WHERE user_id = ?"]
+    if by_visitor_row:
+        by_user.append("SELECT visitor_id FROM visitors WHERE user_id = ?")
+    for _ in range(2):
+        for u in list(users):
+            for sql in by_user:
+                visitors.update(r[0] for r in db.execute(sql, (u,)))
+        for v in list(visitors):
+            links = db.execute("SELECT user_id FROM user_visitors WHERE visitor_id = ?", (v,))
+            users.update(r[0] for r in links)
+
+
+def _person_filter(users: set[str], visitors: set[str], email: str | None) -> tuple[str, list[Any]]:
+    """The WHERE condition (and its parameters) matching a person's events."""
+    conditions, params = ["0"], []
+    if users:
+        conditions.append(f"json_extract(body, '$.user_id') IN ({_marks(users)})")
+        params += sorted(users)
+    if visitors:
+        conditions.append(f"json_extract(body, '$.visitor_id') IN ({_marks(visitors)})")
+        params += sorted(visitors)
+    if email:
+        normalized = email.strip().lower()
+        digest = hashlib.sha256(normalized.encode()).hexdigest()
+        conditions.append("lower(trim(json_extract(body, '$.user_data.email'))) IN (?, ?)")
+        params += [normalized, digest]
+    return " OR ".join(conditions), params
+
+
+def _keys_of(db: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[str, int]]:
+    """The dedup keys (key, event seq) pointing at ``seqs``: one scan of the keys for all."""
+    if not seqs:
+        return []
+    return [
+        (r[0], r[1])
+        for r in db.execute(
+            "SELECT key, event_seq FROM dedup_keys "
+            "WHERE event_seq IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(seqs)),),
+        )
+    ]
+
+
+def _erase_events(
+    db: sqlite3.Connection,
+    seqs: Sequence[int],
+    keys: Sequence[tuple[str, int]],
+    removed: dict[str, int],
+) -> None:
+    """Delete events, their deliveries (pending ones too) and the dedup keys given."""
+    for chunk in _chunks(list(seqs), _MAX_PARAMS):
+        marks = _marks(chunk)
+        removed["deliveries"] += db.execute(
+            f"DELETE FROM deliveries WHERE event_seq IN ({marks})", chunk
+        ).rowcount
+        removed["events"] += db.execute(
+            f"DELETE FROM events WHERE seq IN ({marks})", chunk
+        ).rowcount
+    for key, seq in keys:  # unless the key was taken by a later event since
+        removed["dedup_keys"] += db.execute(
+            "DELETE FROM dedup_keys WHERE key = ? AND event_seq = ?", (key, seq)
+        ).rowcount
+
+
 class SQLiteStore(Store):
     """The SQLite backend. Safe to share between threads and (through the file) processes."""
 
@@ -1033,63 +1105,61 @@ class SQLiteStore(Store):
     def forget(
         self, user_id: str | None = None, visitor_id: str | None = None, email: str | None = None
     ) -> dict[str, int]:
-        """See :meth:`Store.forget`."""
+        """See :meth:`Store.forget`.
+
+        Finding the person's events reads every event (their IDs are inside the body), which
+        takes seconds on a large store: that scan runs on a snapshot outside the write lock.
+        The events found are then erased in short transactions, and the last transaction
+        looks again, inside the lock, at the events that arrived during the scan (and at all
+        events for anyone linked to the person meanwhile, which is rare), so nothing of the
+        person is left as of that transaction.
+        """
         removed = {"events": 0, "deliveries": 0, "visitors": 0, "links": 0, "dedup_keys": 0}
+        visitors = {visitor_id} if visitor_id else set()
+        users = {user_id} if user_id else set()
+        if not (visitors or users or email):
+            return removed
+        conn = self._conn()
+        try:
+            _retry_busy(lambda: conn.execute("BEGIN"))  # one snapshot for the whole search
+            try:
+                _linked(conn, visitors, users, by_visitor_row=True)
+                last = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+                where, params = _person_filter(users, visitors, email)
+                seqs = [
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT seq FROM events WHERE seq <= ? AND ({where})", [last, *params]
+                    )
+                ]
+                keys = _keys_of(conn, seqs)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+        for chunk in _chunks(seqs, PURGE_CHUNK):
+            with self._write() as db:
+                _erase_events(db, chunk, [k for k in keys if k[1] in set(chunk)], removed)
         with self._write() as db:
-            visitors = {visitor_id} if visitor_id else set()
-            users = {user_id} if user_id else set()
-            for _ in range(2):  # follow links both ways: user -> visitors -> users
-                for u in list(users):
-                    visitors |= {
-                        r[0]
-                        for r in db.execute(
-                            "SELECT visitor_id FROM user_visitors WHERE user_id = ?", (u,)
-                        )
-                    }
-                    visitors |= {
-                        r[0]
-                        for r in db.execute(
-                            "SELECT visitor_id FROM visitors WHERE user_id = ?", (u,)
-                        )
-                    }
-                for v in list(visitors):
-                    users |= {
-                        r[0]
-                        for r in db.execute(
-                            "SELECT user_id FROM user_visitors WHERE visitor_id = ?", (v,)
-                        )
-                    }
-            conditions, params = [], []
-            if users:
-                conditions.append(f"json_extract(body, '$.user_id') IN ({_marks(users)})")
-                params += sorted(users)
-            if visitors:
-                conditions.append(f"json_extract(body, '$.visitor_id') IN ({_marks(visitors)})")
-                params += sorted(visitors)
-            if email:
-                normalized = email.strip().lower()
-                digest = hashlib.sha256(normalized.encode()).hexdigest()
-                conditions.append("lower(trim(json_extract(body, '$.user_data.email'))) IN (?, ?)")
-                params += [normalized, digest]
-            if not conditions:
-                return removed
-            seqs = [
+            known = (set(visitors), set(users))
+            _linked(db, visitors, users, by_visitor_row=False)
+            where, params = _person_filter(users, visitors, email)
+            tail = [
                 r[0]
                 for r in db.execute(
-                    f"SELECT seq FROM events WHERE {' OR '.join(conditions)}", params
+                    f"SELECT seq FROM events WHERE seq > ? AND ({where})", [last, *params]
                 )
             ]
-            for chunk in _chunks(seqs, 500):
-                marks = _marks(chunk)
-                removed["deliveries"] += db.execute(
-                    f"DELETE FROM deliveries WHERE event_seq IN ({marks})", chunk
-                ).rowcount
-                removed["dedup_keys"] += db.execute(
-                    f"DELETE FROM dedup_keys WHERE event_seq IN ({marks})", chunk
-                ).rowcount
-                removed["events"] += db.execute(
-                    f"DELETE FROM events WHERE seq IN ({marks})", chunk
-                ).rowcount
+            if (visitors, users) != known:  # linked meanwhile: their older events too
+                where, params = _person_filter(users - known[1], visitors - known[0], None)
+                tail += [
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT seq FROM events WHERE seq <= ? AND ({where})", [last, *params]
+                    )
+                ]
+            if tail:
+                _erase_events(db, tail, _keys_of(db, tail), removed)
             for v in visitors:
                 removed["visitors"] += db.execute(
                     "DELETE FROM visitors WHERE visitor_id = ?", (v,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -9,7 +10,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -444,6 +445,68 @@ def test_retention_and_expiry_find_their_rows_by_index(
         for query in queries:
             sql = query.replace("-Inf", "-1e999")  # the trace writes -inf as "-Inf"
             plan = [str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + sql)]
+            assert not [step for step in plan if step.startswith("SCAN")], (query, plan)
+
+
+def _of_person(event_id: str) -> Acceptance:
+    event = {"event_name": "purchase", "event_id": event_id, "user_id": "u1"}
+    return replace(acceptance(event_id, decision("meta", dedup_key=event_id)), event=event)
+
+
+@pytest.mark.parametrize("arrival", [False, True], ids=["quiet", "event-arrives-meanwhile"])
+def test_forget_searches_outside_the_write_lock_and_misses_no_event_accepted_meanwhile(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, arrival: bool
+) -> None:
+    # Finding a person's events reads every event body: seconds on a large store, which
+    # intake must not wait for. An event of theirs committed during that read is erased too.
+    statements: list[tuple[bool, str]] = []
+    locked = False
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(lambda sql: statements.append((locked, sql)))
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    store = SQLiteStore(db_path)
+    store.accept(_of_person("p1"))
+    store.accept(acceptance("other"))
+    write, keys_of = store._write, sqlite_store._keys_of
+
+    @contextlib.contextmanager
+    def flagged() -> Iterator[sqlite3.Connection]:
+        nonlocal locked
+        with write() as db:
+            locked = True
+            try:
+                yield db
+            finally:
+                locked = False
+
+    def keys_then_accept(db: sqlite3.Connection, seqs: Any) -> Any:
+        found = keys_of(db, seqs)
+        if arrival and not locked:  # the search on its snapshot: a new event arrives
+            store.accept(_of_person("p2"))
+        return found
+
+    monkeypatch.setattr(store, "_write", flagged)
+    monkeypatch.setattr(sqlite_store, "_keys_of", keys_then_accept)
+    statements.clear()
+
+    removed = store.forget(user_id="u1")
+
+    assert rows(db_path, "SELECT event_id FROM events") == [("other",)]
+    assert rows(db_path, "SELECT COUNT(*) FROM deliveries WHERE event_id != 'other'") == [(0,)]
+    assert sorted(r[0] for r in rows(db_path, "SELECT key FROM dedup_keys")) == ["event:other"]
+    assert (removed["events"], removed["dedup_keys"]) == ((2, 4) if arrival else (1, 2))
+    if arrival:
+        return  # the late event's dedup keys are found by a scan, inside the lock: rare
+    under_lock = [q for held, q in statements if held and q.split()[0] in ("SELECT", "DELETE")]
+    assert any("json_extract" in q for q in under_lock)  # the look at late arrivals
+    with connect(db_path) as db:
+        for query in under_lock:
+            plan = [str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + query)]
             assert not [step for step in plan if step.startswith("SCAN")], (query, plan)
 
 
