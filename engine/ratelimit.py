@@ -12,7 +12,6 @@ a key itself.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import threading
@@ -52,7 +51,7 @@ class RateLimiter:
         if self.limit <= 0:
             return
         window = math.floor(now / WINDOW) * WINDOW
-        digest = _digest(key)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         with self._lock:
             count = self._counts.get(digest)
             if count is None or count.window != window:
@@ -74,9 +73,3 @@ class RateLimiter:
                 f"rate limit of {self.limit} requests per minute exceeded; retry in {retry} s",
                 retry,
             )
-
-
-@functools.lru_cache(maxsize=256)
-def _digest(key: str) -> str:
-    """The name a key is counted under (the store never holds the key itself)."""
-    return hashlib.sha256(key.encode()).hexdigest()[:24]

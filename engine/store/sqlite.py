@@ -1138,8 +1138,9 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
         for chunk in _chunks(seqs, PURGE_CHUNK):
+            these = set(chunk)
             with self._write() as db:
-                _erase_events(db, chunk, [k for k in keys if k[1] in set(chunk)], removed)
+                _erase_events(db, chunk, [k for k in keys if k[1] in these], removed)
         with self._write() as db:
             known = (set(visitors), set(users))
             _linked(db, visitors, users, by_visitor_row=False)
