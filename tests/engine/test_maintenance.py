@@ -1,0 +1,55 @@
+"""The housekeeping thread: retention every run, expired dedup keys less often."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from engine.maintenance import Maintenance, run_once
+from engine.store.sqlite import SQLiteStore
+
+
+@pytest.fixture
+def counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[SQLiteStore, Counter[str]]:
+    store = SQLiteStore(tmp_path / "t.db")
+    calls: Counter[str] = Counter()
+    purge, purge_expired = store.purge, store.purge_expired
+
+    def counted_purge(before: float) -> dict[str, int]:
+        calls["purge"] += 1
+        return purge(before)
+
+    def counted_expired(now: float) -> int:
+        calls["purge_expired"] += 1
+        return purge_expired(now)
+
+    monkeypatch.setattr(store, "purge", counted_purge)
+    monkeypatch.setattr(store, "purge_expired", counted_expired)
+    return store, calls
+
+
+def test_expired_keys_are_dropped_at_their_own_slower_pace(
+    counted: tuple[SQLiteStore, Counter[str]],
+) -> None:
+    store, calls = counted
+    job = Maintenance(store, retention_days=30, interval=0.02, delay=0.0, key_interval=3600)
+    job.start()
+    deadline = time.monotonic() + 5
+    while calls["purge"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.stop()
+
+    assert calls["purge"] >= 4
+    assert calls["purge_expired"] == 1  # the first run, then not before key_interval
+
+
+def test_a_manual_purge_drops_expired_keys_too(counted: tuple[SQLiteStore, Counter[str]]) -> None:
+    store, calls = counted
+
+    removed = run_once(store, retention_days=30)
+
+    assert set(removed) == {"dedup_keys", "events", "deliveries", "visitors"}
+    assert calls == {"purge": 1, "purge_expired": 1}
