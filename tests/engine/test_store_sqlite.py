@@ -47,6 +47,37 @@ def rows(path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return db.execute(sql, params).fetchall()
 
 
+_CONNECT = sqlite3.connect
+
+
+def trace_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every SQL statement run by connections opened from now on, in order."""
+    statements: list[str] = []
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = _CONNECT(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    return statements
+
+
+def plans(path: Path, queries: list[str]) -> list[tuple[str, list[str]]]:
+    """Each query with its EXPLAIN QUERY PLAN steps."""
+    with _CONNECT(path) as db:
+        return [
+            (q, [str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + q)])
+            # the trace writes -inf as "-Inf", which SQL reads as a column name
+            for q in (query.replace("-Inf", "-1e999") for query in queries)
+        ]
+
+
+def scans(path: Path, queries: list[str]) -> list[tuple[str, list[str]]]:
+    """The queries whose plan scans a table."""
+    return [(q, p) for q, p in plans(path, queries) if any(s.startswith("SCAN") for s in p)]
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "tagrelay.db"
@@ -420,15 +451,7 @@ def test_retention_and_expiry_find_their_rows_by_index(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # They run hourly in every process, inside the write lock: no statement may scan a table.
-    statements: list[str] = []
-    connect = sqlite3.connect
-
-    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = connect(*args, **kwargs)
-        conn.set_trace_callback(statements.append)
-        return conn
-
-    monkeypatch.setattr(sqlite3, "connect", traced)
+    statements = trace_statements(monkeypatch)
     store = SQLiteStore(db_path)
     store.accept(replace(acceptance("o1"), identity=IdentityUpdate("v1", "u1")))
     statements.clear()
@@ -441,11 +464,7 @@ def test_retention_and_expiry_find_their_rows_by_index(
         q for q in statements if q.split()[0] in ("SELECT", "DELETE") and "rate_counters" not in q
     ]
     assert len(queries) >= 6
-    with connect(db_path) as db:
-        for query in queries:
-            sql = query.replace("-Inf", "-1e999")  # the trace writes -inf as "-Inf"
-            plan = [str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + sql)]
-            assert not [step for step in plan if step.startswith("SCAN")], (query, plan)
+    assert scans(db_path, queries) == []
 
 
 def _of_person(event_id: str) -> Acceptance:
@@ -459,34 +478,25 @@ def test_forget_searches_outside_the_write_lock_and_misses_no_event_accepted_mea
 ) -> None:
     # Finding a person's events reads every event body: seconds on a large store, which
     # intake must not wait for. An event of theirs committed during that read is erased too.
-    statements: list[tuple[bool, str]] = []
-    locked = False
-    connect = sqlite3.connect
-
-    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = connect(*args, **kwargs)
-        conn.set_trace_callback(lambda sql: statements.append((locked, sql)))
-        return conn
-
-    monkeypatch.setattr(sqlite3, "connect", traced)
+    statements = trace_statements(monkeypatch)
     store = SQLiteStore(db_path)
     store.accept(_of_person("p1"))
     store.accept(acceptance("other"))
     write, keys_of = store._write, sqlite_store._keys_of
+    held: list[range] = []  # the statements run inside write transactions
 
     @contextlib.contextmanager
     def flagged() -> Iterator[sqlite3.Connection]:
-        nonlocal locked
         with write() as db:
-            locked = True
+            start = len(statements)
             try:
                 yield db
             finally:
-                locked = False
+                held.append(range(start, len(statements)))
 
     def keys_then_accept(db: sqlite3.Connection, seqs: Any) -> Any:
         found = keys_of(db, seqs)
-        if arrival and not locked:  # the search on its snapshot: a new event arrives
+        if arrival and db is not store._writer:  # the search: a new event arrives meanwhile
             store.accept(_of_person("p2"))
         return found
 
@@ -502,12 +512,14 @@ def test_forget_searches_outside_the_write_lock_and_misses_no_event_accepted_mea
     assert (removed["events"], removed["dedup_keys"]) == ((2, 4) if arrival else (1, 2))
     if arrival:
         return  # the late event's dedup keys are found by a scan, inside the lock: rare
-    under_lock = [q for held, q in statements if held and q.split()[0] in ("SELECT", "DELETE")]
+    under_lock = [
+        statements[i]
+        for span in held
+        for i in span
+        if statements[i].split()[0] in ("SELECT", "DELETE")
+    ]
     assert any("json_extract" in q for q in under_lock)  # the look at late arrivals
-    with connect(db_path) as db:
-        for query in under_lock:
-            plan = [str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + query)]
-            assert not [step for step in plan if step.startswith("SCAN")], (query, plan)
+    assert scans(db_path, under_lock) == []
 
 
 def _count_transactions(
@@ -557,15 +569,7 @@ def test_the_outbox_queries_read_only_the_index_of_open_deliveries(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Delivered and dead rows, most of the table, must not be scanned every poll.
-    statements: list[str] = []
-    connect = sqlite3.connect
-
-    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = connect(*args, **kwargs)
-        conn.set_trace_callback(statements.append)
-        return conn
-
-    monkeypatch.setattr(sqlite3, "connect", traced)
+    statements = trace_statements(monkeypatch)
     store = SQLiteStore(db_path)
     store.accept(acceptance("o1", decision("meta"), decision("ga4")))
 
@@ -575,10 +579,8 @@ def test_the_outbox_queries_read_only_the_index_of_open_deliveries(
 
     queries = [q for q in statements if q.startswith("SELECT") and "FROM deliveries" in q]
     assert len(queries) == 3
-    with connect(db_path) as db:
-        for query in queries:
-            plan = " ".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + query))
-            assert "INDEX deliveries_open" in plan, query
+    for query, plan in plans(db_path, queries):
+        assert "INDEX deliveries_open" in " ".join(plan), query
 
 
 # -- connections ------------------------------------------------------------------------------
