@@ -1,8 +1,9 @@
 """Scheduled housekeeping: retention (events and identities older than N days) and expired keys.
 
 Runs in a background thread of every server or worker process, once an hour (the first run a
-minute after start); expired dedup keys are dropped on every sixth run. Running it in several processes at once is harmless: each purge is a
-series of short transactions of idempotent deletes, so intake is never held up for long.
+minute after start); expired dedup keys are dropped every six hours (KEY_INTERVAL). Running it
+in several processes at once is harmless: each purge is a series of short transactions of
+idempotent deletes, so intake is never held up for long.
 """
 
 from __future__ import annotations
