@@ -845,6 +845,25 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
+    def _snapshot(self, run: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``run(connection)`` in one read transaction, outside the write lock.
+
+        For long reads that must see one state of the file. In ":memory:" it runs in a write
+        transaction instead: another connection would be another, empty database.
+        """
+        if self.path == ":memory:":
+            with self._write() as db:
+                return run(db)
+        conn = self._conn()
+        try:
+            _retry_busy(lambda: conn.execute("BEGIN"))
+            try:
+                return run(conn)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+
     def close(self) -> None:
         """Close this thread's connection and the process's writer (and stop checkpointing)."""
         self._closed.set()
@@ -1119,24 +1138,16 @@ class SQLiteStore(Store):
         users = {user_id} if user_id else set()
         if not (visitors or users or email):
             return removed
-        conn = self._conn()
-        try:
-            _retry_busy(lambda: conn.execute("BEGIN"))  # one snapshot for the whole search
-            try:
-                _linked(conn, visitors, users, by_visitor_row=True)
-                last = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
-                where, params = _person_filter(users, visitors, email)
-                seqs = [
-                    r[0]
-                    for r in conn.execute(
-                        f"SELECT seq FROM events WHERE seq <= ? AND ({where})", [last, *params]
-                    )
-                ]
-                keys = _keys_of(conn, seqs)
-            finally:
-                conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(f"store read failed: {exc}") from exc
+
+        def search(db: sqlite3.Connection) -> tuple[int, list[int], list[tuple[str, int]]]:
+            _linked(db, visitors, users, by_visitor_row=True)
+            last = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+            where, params = _person_filter(users, visitors, email)
+            sql = f"SELECT seq FROM events WHERE seq <= ? AND ({where})"
+            seqs = [r[0] for r in db.execute(sql, [last, *params])]
+            return last, seqs, _keys_of(db, seqs)
+
+        last, seqs, keys = self._snapshot(search)
         for chunk in _chunks(seqs, PURGE_CHUNK):
             these = set(chunk)
             with self._write() as db:

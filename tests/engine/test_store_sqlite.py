@@ -522,6 +522,18 @@ def test_forget_searches_outside_the_write_lock_and_misses_no_event_accepted_mea
     assert scans(db_path, under_lock) == []
 
 
+def test_forget_works_on_an_in_memory_store() -> None:
+    # There the search cannot use a connection of its own: it would see an empty database.
+    store = SQLiteStore(":memory:")
+    store.accept(_of_person("p1"))
+    store.accept(acceptance("other"))
+
+    removed = store.forget(user_id="u1")
+
+    assert (removed["events"], removed["deliveries"], removed["dedup_keys"]) == (1, 1, 2)
+    assert store.get_event("p1") is None and store.get_event("other") is not None
+
+
 def _count_transactions(
     monkeypatch: pytest.MonkeyPatch, store: SQLiteStore, run: Callable[[], Any]
 ) -> tuple[int, Any]:
