@@ -1153,8 +1153,14 @@ class SQLiteStore(Store):
             with self._write() as db:
                 _erase_events(db, chunk, [k for k in keys if k[1] in these], removed)
         with self._write() as db:
-            known = (set(visitors), set(users))
-            _linked(db, visitors, users, by_visitor_row=False)
+            # The same closure from the same start, on the links as they are now: whoever it
+            # reaches that the search did not was linked meanwhile.
+            now_visitors = {visitor_id} if visitor_id else set()
+            now_users = {user_id} if user_id else set()
+            _linked(db, now_visitors, now_users, by_visitor_row=False)
+            new_visitors, new_users = now_visitors - visitors, now_users - users
+            visitors |= new_visitors
+            users |= new_users
             where, params = _person_filter(users, visitors, email)
             tail = [
                 r[0]
@@ -1162,8 +1168,8 @@ class SQLiteStore(Store):
                     f"SELECT seq FROM events WHERE seq > ? AND ({where})", [last, *params]
                 )
             ]
-            if (visitors, users) != known:  # linked meanwhile: their older events too
-                where, params = _person_filter(users - known[1], visitors - known[0], None)
+            if new_visitors or new_users:  # their older events too (rare: a full read)
+                where, params = _person_filter(new_users, new_visitors, None)
                 tail += [
                     r[0]
                     for r in db.execute(

@@ -482,6 +482,18 @@ def test_forget_searches_outside_the_write_lock_and_misses_no_event_accepted_mea
     store = SQLiteStore(db_path)
     store.accept(_of_person("p1"))
     store.accept(acceptance("other"))
+    # A chain of shared devices longer than the two steps forget follows from the person.
+    for n, (visitor, user) in enumerate(
+        [("v1", "u1"), ("v1", "u2"), ("v2", "u2"), ("v2", "u3"), ("v3", "u3")]
+    ):
+        body = {
+            "event_name": "login",
+            "event_id": f"link{n}",
+            "visitor_id": visitor,
+            "user_id": user,
+        }
+        seen = replace(acceptance(f"link{n}", decision(fired=False)), event=body)
+        store.accept(replace(seen, identity=IdentityUpdate(visitor, user)))
     write, keys_of = store._write, sqlite_store._keys_of
     held: list[range] = []  # the statements run inside write transactions
 
@@ -509,7 +521,8 @@ def test_forget_searches_outside_the_write_lock_and_misses_no_event_accepted_mea
     assert rows(db_path, "SELECT event_id FROM events") == [("other",)]
     assert rows(db_path, "SELECT COUNT(*) FROM deliveries WHERE event_id != 'other'") == [(0,)]
     assert sorted(r[0] for r in rows(db_path, "SELECT key FROM dedup_keys")) == ["event:other"]
-    assert (removed["events"], removed["dedup_keys"]) == ((2, 4) if arrival else (1, 2))
+    assert (removed["events"], removed["dedup_keys"]) == ((7, 9) if arrival else (6, 7))
+    assert rows(db_path, "SELECT visitor_id FROM visitors") == [("v3",)]  # two steps only
     if arrival:
         return  # the late event's dedup keys are found by a scan, inside the lock: rare
     under_lock = [
@@ -519,6 +532,7 @@ def test_forget_searches_outside_the_write_lock_and_misses_no_event_accepted_mea
         if statements[i].split()[0] in ("SELECT", "DELETE")
     ]
     assert any("json_extract" in q for q in under_lock)  # the look at late arrivals
+    assert not [q for q in under_lock if "seq <=" in q]  # no second read of all events
     assert scans(db_path, under_lock) == []
 
 
