@@ -327,7 +327,8 @@ def _stop(server: Server) -> None:
 
 
 @contextlib.contextmanager
-def _servers(workers: int, threads: int, workdir: Path) -> Iterator[tuple[Server, Server]]:
+def _servers(workers: int, threads: int, workdir: Path) -> Iterator[dict[str, Server]]:
+    """tagrelay, the bare app and the durable floor, under the same gunicorn options."""
     env = dict(os.environ)
     env.update(
         TAGRELAY_THREADS=str(threads),
@@ -340,36 +341,40 @@ def _servers(workers: int, threads: int, workdir: Path) -> Iterator[tuple[Server
     env.pop("TAGRELAY_DATABASE", None)
     log_level = env.get("TAGRELAY_LOG_LEVEL", "INFO")
     bin_dir = Path(sys.executable).parent
-    tagrelay_port, bare_port = _free_port(), _free_port()
-    tagrelay_cmd = [
-        str(bin_dir / "tagrelay"),
-        "serve",
-        "--bind",
-        f"127.0.0.1:{tagrelay_port}",
-        "--workers",
-        str(workers),
-        "--rules",
-        str(CONTAINER),
-        "--data-dir",
-        str(workdir / "data"),
-    ]
-    bare_cmd = [
-        sys.executable,
-        str(HERE / "bare_app.py"),
-        "--bind",
-        f"127.0.0.1:{bare_port}",
-        "--workers",
-        str(workers),
-        "--log-level",
-        log_level,
-    ]
-    started: list[Server] = []
+    ports = {name: _free_port() for name in ("tagrelay", "bare", "floor")}
+    commands = {
+        "tagrelay": [
+            str(bin_dir / "tagrelay"),
+            "serve",
+            "--bind",
+            f"127.0.0.1:{ports['tagrelay']}",
+            "--workers",
+            str(workers),
+            "--rules",
+            str(CONTAINER),
+            "--data-dir",
+            str(workdir / "data"),
+        ],
+    }
+    for name, extra in (("bare", []), ("floor", ["--commit", str(workdir / "floor.db")])):
+        commands[name] = [
+            sys.executable,
+            str(HERE / "bare_app.py"),
+            "--bind",
+            f"127.0.0.1:{ports[name]}",
+            "--workers",
+            str(workers),
+            "--log-level",
+            log_level,
+            *extra,
+        ]
+    started: dict[str, Server] = {}
     try:
-        started.append(_start("tagrelay", tagrelay_cmd, env, tagrelay_port, workdir))
-        started.append(_start("bare", bare_cmd, env, bare_port, workdir))
-        yield started[0], started[1]
+        for name, cmd in commands.items():
+            started[name] = _start(name, cmd, env, ports[name], workdir)
+        yield started
     finally:
-        for server in started:
+        for server in started.values():
             _stop(server)
 
 
@@ -385,28 +390,30 @@ def _post(port: int, path: str, body: bytes, key: str | None) -> tuple[int, Any]
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def _sanity(tagrelay: Server, bare: Server, single: str, batch: str) -> dict[str, Any]:
+def _sanity(servers: dict[str, Server], single: str, batch: str) -> dict[str, Any]:
     """One request of each kind, checked, before anything is timed."""
     one = single.replace(workload.PLACEHOLDER, "sanity-1").replace(workload.NUMBER, "1234567")
     one = one.encode()
-    status, answer = _post(tagrelay.port, "/v1/track", one, SERVER_KEY)
+    status, answer = _post(servers["tagrelay"].port, "/v1/track", one, SERVER_KEY)
     if status != 200 or not answer.get("success"):
         raise RuntimeError(f"tagrelay /v1/track answered {status}: {answer}")
     parts = batch.split(workload.PLACEHOLDER)
     many = "".join(p + (f"sanity-b{i}" if i < len(parts) - 1 else "") for i, p in enumerate(parts))
     many = many.replace(workload.NUMBER, "7654321")
-    status, answer_b = _post(tagrelay.port, "/v1/track/batch", many.encode(), SERVER_KEY)
+    status, answer_b = _post(servers["tagrelay"].port, "/v1/track/batch", many.encode(), SERVER_KEY)
     if status != 200 or answer_b.get("accepted") != BATCH_SIZE:
         raise RuntimeError(f"tagrelay /v1/track/batch answered {status}: {str(answer_b)[:500]}")
-    status, answer_bare = _post(bare.port, "/v1/track", one, None)
+    status, answer_bare = _post(servers["bare"].port, "/v1/track", one, None)
     if status != 200:
         raise RuntimeError(f"the bare app answered {status}: {answer_bare}")
+    floor = [_post(servers["floor"].port, "/v1/track", one, None) for _ in range(2)]
+    if [(s, a.get("duplicate")) for s, a in floor] != [(200, False), (200, True)]:
+        raise RuntimeError(f"the durable floor answered {floor} to an event and its repeat")
     fired = sum(len(r.get("fired", [])) for r in answer_b["results"]) / BATCH_SIZE
     return {"track_fired": answer.get("fired"), "batch_fired_per_event": fired}
 
 
-def _count_stored(workdir: Path) -> int | None:
-    path = workdir / "data" / "tagrelay.db"
+def _count_stored(path: Path) -> int | None:
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             row = db.execute("SELECT COUNT(*) FROM events").fetchone()
@@ -418,7 +425,7 @@ def _count_stored(workdir: Path) -> int | None:
 def bench_http(
     plan: Plan, workers: int, threads: int, connections: int, tool: str
 ) -> dict[str, Any]:
-    """Bare Flask vs tagrelay track vs tagrelay batch, alternating, under one gunicorn setup."""
+    """Bare Flask, the durable floor, tagrelay track and batch: alternating, one gunicorn setup."""
     singles = workload.templates(200)
     batches = workload.batch_templates(4, BATCH_SIZE)
     plain = {"Content-Type": "application/json"}
@@ -426,30 +433,40 @@ def bench_http(
     used_tool = "wrk" if tool == "wrk" or (tool == "auto" and wrk_path()) else "python"
     with tempfile.TemporaryDirectory(prefix="tagrelay-bench-") as tmp:
         workdir = Path(tmp)
-        with _servers(workers, threads, workdir) as (tagrelay, bare):
-            sanity = _sanity(tagrelay, bare, singles[0], batches[0])
+        with _servers(workers, threads, workdir) as servers:
+            sanity = _sanity(servers, singles[0], batches[0])
 
-            # target -> (port, path, body templates, headers, request cap)
+            # target -> (server, path, body templates, headers, request cap)
             setups = {
-                "bare": (bare.port, "/v1/track", singles, plain, plan.max_single),
-                "track": (tagrelay.port, "/v1/track", singles, auth, plan.max_single),
-                "batch": (tagrelay.port, "/v1/track/batch", batches, auth, plan.max_batch),
+                "bare": (servers["bare"], "/v1/track", singles, plain, plan.max_single),
+                "floor": (servers["floor"], "/v1/track", singles, plain, plan.max_single),
+                "track": (servers["tagrelay"], "/v1/track", singles, auth, plan.max_single),
+                "batch": (servers["tagrelay"], "/v1/track/batch", batches, auth, plan.max_batch),
             }
 
             def spec(target: str, seconds: float, run_id: str) -> LoadSpec:
-                port, path, bodies, headers, cap = setups[target]
+                server, path, bodies, headers, cap = setups[target]
                 return LoadSpec(
-                    "127.0.0.1", port, path, bodies, headers, seconds, cap, connections, 1, run_id
+                    "127.0.0.1",
+                    server.port,
+                    path,
+                    bodies,
+                    headers,
+                    seconds,
+                    cap,
+                    connections,
+                    1,
+                    run_id,
                 )
 
-            targets = ("bare", "track", "batch")
+            targets = ("bare", "floor", "track", "batch")
             for target in targets:
                 run_load(spec(target, plan.http_warmup, f"w{target}"), tool)
             measured: dict[str, list[LoadResult]] = {t: [] for t in targets}
             server_cpu: dict[str, list[float]] = {t: [] for t in targets}
             for r in range(plan.http_rounds):
                 for target in targets:
-                    pid = (bare if target == "bare" else tagrelay).proc.pid
+                    pid = setups[target][0].proc.pid
                     cpu_before = _cpu_seconds(pid)
                     result = run_load(spec(target, plan.http_seconds, f"r{r}{target}"), tool)
                     cpu = (_cpu_seconds(pid) - cpu_before) / max(result.requests, 1)
@@ -460,7 +477,8 @@ def bench_http(
                         f"{result.rps:9.1f} req/s  {cpu * 1e6:8.0f} server CPU us/req  "
                         f"bad={result.bad}"
                     )
-        stored = _count_stored(workdir)
+        stored = _count_stored(workdir / "data" / "tagrelay.db")
+        floor_stored = _count_stored(workdir / "floor.db")
 
     def summary(target: str, per_request: int) -> dict[str, Any]:
         results = measured[target]
@@ -477,7 +495,8 @@ def bench_http(
             "rounds": [asdict(r) | {"rps": r.rps} for r in results],
         }
 
-    bare_s, track_s, batch_s = summary("bare", 1), summary("track", 1), summary("batch", BATCH_SIZE)
+    bare_s, floor_s = summary("bare", 1), summary("floor", 1)
+    track_s, batch_s = summary("track", 1), summary("batch", BATCH_SIZE)
     sent = sum(r.requests for r in measured["track"]) + BATCH_SIZE * sum(
         r.requests for r in measured["batch"]
     )
@@ -495,6 +514,7 @@ def bench_http(
         },
         "sanity": sanity,
         "bare": bare_s,
+        "floor": floor_s,
         "track": track_s,
         "batch": batch_s,
         "ratios": {
@@ -507,8 +527,16 @@ def bench_http(
             / track_s["server_cpu_us_per_req"],
             "cpu_batch_events_over_bare_req": bare_s["server_cpu_us_per_req"]
             / batch_s["server_cpu_us_per_event"],
+            # What committing each event before answering costs, and tagrelay over that floor.
+            "floor_over_bare": floor_s["req_per_s"] / bare_s["req_per_s"],
+            "cpu_floor_over_bare": bare_s["server_cpu_us_per_req"]
+            / floor_s["server_cpu_us_per_req"],
+            "track_over_floor": track_s["req_per_s"] / floor_s["req_per_s"],
+            "cpu_track_over_floor": floor_s["server_cpu_us_per_req"]
+            / track_s["server_cpu_us_per_req"],
         },
         "stored_events": stored,
+        "floor_stored_events": floor_stored,
         "accepted_in_measured_rounds_at_least": sent,
     }
 
@@ -579,6 +607,7 @@ def report(results: dict[str, Any]) -> str:
         ]
         for label, key in (
             ("bare Flask POST (JSON parse only)", "bare"),
+            ("durable floor (bare + 1 commit)", "floor"),
             ("tagrelay POST /v1/track", "track"),
             ("tagrelay POST /v1/track/batch x100", "batch"),
         ):
@@ -596,8 +625,14 @@ def report(results: dict[str, Any]) -> str:
             " (throughput)",
             f"  {'batch events/s / bare req/s':34s} {r['batch_events_over_bare_req']:10.2f} "
             f"{r['cpu_batch_events_over_bare_req']:8.2f}",
-            "  (by CPU: bare's server CPU per request over tagrelay's, per request or per event)",
-            f"  events in the store after the run: {h['stored_events']}",
+            f"  {'floor req/s / bare req/s':34s} {r['floor_over_bare']:10.2f} "
+            f"{r['cpu_floor_over_bare']:8.2f}   (committing before answering, alone)",
+            f"  {'track req/s / floor req/s':34s} {r['track_over_floor']:10.2f} "
+            f"{r['cpu_track_over_floor']:8.2f}   (tagrelay's work over that floor)",
+            "  (by CPU: the first server's CPU per request over the second's, per request or per"
+            " event)",
+            f"  events in the store after the run: {h['stored_events']} "
+            f"(floor: {h['floor_stored_events']})",
             "",
         ]
     return "\n".join(lines)
