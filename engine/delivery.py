@@ -80,6 +80,12 @@ class CircuitBreaker:
             self.probing = True
             return True
 
+    def end_probe(self) -> None:
+        """The probe let through by :meth:`allow` ended without a request to judge it by (its
+        items were all settled before sending, or taken by another worker): let another go."""
+        with self._lock:
+            self.probing = False
+
     def record(self, ok: bool, now: float) -> None:
         """Count a request's outcome."""
         with self._lock:
@@ -192,17 +198,19 @@ class DeliveryWorker:
             full = count >= dest.adapter.max_batch
             if not full and now - oldest < opts.batch_wait and not wait:
                 continue  # let the batch fill up, up to batch_wait
-            if not self.breaker(name).allow(now):
-                continue
+            breaker = self.breaker(name)
             with self._flight_lock:
                 if self._in_flight[name] >= opts.concurrency:
+                    continue
+                probe = breaker.is_open
+                if not breaker.allow(now):
                     continue
                 self._in_flight[name] += 1
             started += 1
             if wait:
-                self._run_batch(dest)
+                self._run_batch(dest, probe)
             else:
-                self._pool.submit(self._run_batch, dest)
+                self._pool.submit(self._run_batch, dest, probe)
         return started
 
     def drain(self, timeout: float = 30.0) -> None:
@@ -217,15 +225,19 @@ class DeliveryWorker:
             log.error(
                 "deliveries for a destination not in the current rules", extra={"destination": name}
             )
+            # Nothing was attempted: waiting for the destination to come back uses up none of
+            # the items' attempts (its max_age still applies once it is back).
             self.store.mark_retry(
                 [d.id for d in items],
+                self.owner,
                 now + MISSING_DESTINATION_RETRY,
                 f"destination {name} is not in the current rules",
+                count_attempt=False,
             )
 
     # -- one batch ------------------------------------------------------------------------------
 
-    def _run_batch(self, dest: DestinationInstance) -> None:
+    def _run_batch(self, dest: DestinationInstance, probe: bool = False) -> None:
         try:
             self._deliver(dest)
         except StoreError:
@@ -237,31 +249,68 @@ class DeliveryWorker:
                 extra={"destination": dest.name, "error_type": type(exc).__name__},
             )
         finally:
+            if probe:  # a probe that sent a request was judged by record(); this is a no-op then
+                self.breaker(dest.name).end_probe()
             with self._flight_lock:
                 self._in_flight[dest.name] -= 1
 
     def _deliver(self, dest: DestinationInstance) -> None:
+        """Lease a batch and send it, one request per batch key (and per ``max_batch``).
+
+        The lease covers one request. Before each further request (GA4 sends one per client,
+        so a batch can take many in a row) the lease of what that request carries is renewed,
+        and whatever another worker has meanwhile taken over is left to it: an item is only
+        ever sent by the worker that holds it.
+        """
         adapter, opts = dest.adapter, dest.delivery
-        now = time.time()
         lease_seconds = 2 * opts.timeout + 10
-        leased = self.store.lease(dest.name, adapter.max_batch, lease_seconds, self.owner, now)
+        leased = self.store.lease(
+            dest.name, adapter.max_batch, lease_seconds, self.owner, time.time()
+        )
         if not leased:
             return
         ctx = SendContext(datetime.now(UTC))
         groups: dict[str, list[tuple[Delivery, Item]]] = defaultdict(list)
         for delivery in leased:
             item = Item(str(delivery.id), delivery.event_id, delivery.payload)
-            problem = adapter.check_item(item, ctx)
+            try:
+                problem = adapter.check_item(item, ctx)
+                key = adapter.batch_key(item) if not problem else ""
+            except Exception as exc:  # noqa: BLE001 - a plugin bug fails that item alone
+                problem = f"{type(exc).__name__} in the adapter's check of the item"
             if problem:
                 self._finish(dest, [delivery], ItemResult(Outcome.PERMANENT, problem))
                 continue
-            groups[adapter.batch_key(item)].append((delivery, item))
+            groups[key].append((delivery, item))
+        fresh = True
         for group in groups.values():
             for start in range(0, len(group), adapter.max_batch):
-                self._send(dest, group[start : start + adapter.max_batch], ctx)
+                batch = group[start : start + adapter.max_batch]
+                if not fresh:
+                    batch = self._renew(dest, batch, lease_seconds)
+                if batch:
+                    self._send(dest, batch, ctx, lease_seconds)
+                    fresh = False
+
+    def _renew(
+        self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]], seconds: float
+    ) -> list[tuple[Delivery, Item]]:
+        """The part of ``batch`` still leased to this worker, its lease renewed for ``seconds``."""
+        held = set(self.store.renew([d.id for d, _ in batch], self.owner, seconds, time.time()))
+        kept = [pair for pair in batch if pair[0].id in held]
+        if len(kept) < len(batch):
+            log.warning(
+                "lease lost; another worker delivers these",
+                extra={"destination": dest.name, "count": len(batch) - len(kept)},
+            )
+        return kept
 
     def _send(
-        self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]], ctx: SendContext
+        self,
+        dest: DestinationInstance,
+        batch: Sequence[tuple[Delivery, Item]],
+        ctx: SendContext,
+        lease_seconds: float,
     ) -> None:
         adapter = dest.adapter
         deliveries = [d for d, _ in batch]
@@ -269,7 +318,13 @@ class DeliveryWorker:
         uses_token = adapter.token_request() is not None
         response = self._attempt(dest, deliveries, items, ctx)
         if response is not None and response.status == 401 and uses_token:
-            self._forget_token(dest.name)  # expired or revoked: fetch a fresh one, try once more
+            # Expired or revoked: fetch a fresh token and try once more, still holding the lease.
+            self._forget_token(dest.name)
+            batch = self._renew(dest, batch, lease_seconds)
+            if not batch:
+                return
+            deliveries = [d for d, _ in batch]
+            items = [i for _, i in batch]
             response = self._attempt(dest, deliveries, items, ctx)
         if response is None:
             return
@@ -344,7 +399,7 @@ class DeliveryWorker:
         now = time.time()
         ids = [d.id for d in deliveries]
         if result.outcome is Outcome.DELIVERED:
-            self.store.mark_delivered(ids, now)
+            self._settled(dest, len(ids), self.store.mark_delivered(ids, self.owner, now))
             metrics.DELIVERIES.labels(dest.name, "delivered").inc(len(ids))
             for d in deliveries:
                 metrics.LATENCY_SECONDS.labels(dest.name).observe(max(0.0, now - d.created_at))
@@ -369,7 +424,9 @@ class DeliveryWorker:
             attempts = max(d.attempts + 1 for d in deliveries)
             floor = AUTH_RETRY_FLOOR if result.outcome is Outcome.AUTH else 0.0
             delay = self.backoff.delay(attempts, result.retry_after, floor)
-            self.store.mark_retry(retry, now + delay, error)
+            self._settled(
+                dest, len(retry), self.store.mark_retry(retry, self.owner, now + delay, error)
+            )
             metrics.DELIVERIES.labels(dest.name, "retried").inc(len(retry))
             level = logging.ERROR if result.outcome is Outcome.AUTH else logging.WARNING
             log.log(
@@ -384,8 +441,15 @@ class DeliveryWorker:
                 },
             )
 
+    def _settled(self, dest: DestinationInstance, count: int, applied: int) -> None:
+        if applied < count:  # the lease ran out mid-request and another worker took over
+            log.warning(
+                "lease lost before the answer; kept the other worker's outcome",
+                extra={"destination": dest.name, "count": count - applied},
+            )
+
     def _dead(self, dest: DestinationInstance, ids: list[int], error: str, now: float) -> None:
-        self.store.mark_dead(ids, error[:1000], now)
+        self._settled(dest, len(ids), self.store.mark_dead(ids, self.owner, error[:1000], now))
         metrics.DELIVERIES.labels(dest.name, "dead_lettered").inc(len(ids))
         # The error itself stays in the store (`tagrelay deadletters show`): a platform's answer
         # can echo payload fields, such as an IP, that must not reach a log.

@@ -38,7 +38,7 @@ def run_once(
     now = time.time() if now is None else now
     removed = {"dedup_keys": store.purge_expired(now)} if keys else {}
     if retention_days > 0:
-        removed.update(store.purge(now - retention_days * DAY))
+        removed.update(store.purge(now - retention_days * DAY, now))
     return removed
 
 

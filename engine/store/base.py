@@ -162,21 +162,41 @@ class Store(abc.ABC):
         """Take up to ``limit`` due deliveries of a destination (pending and due, or leased
         with an expired lease), oldest first, and lease them to ``owner``."""
 
-    @abc.abstractmethod
-    def mark_delivered(self, ids: Sequence[int], now: float) -> None:
-        """Deliveries that reached the platform."""
+    # A worker settles only what it still holds: once its lease has expired, another worker may
+    # have taken the delivery over (and sent it), and a late answer must not overwrite that.
 
     @abc.abstractmethod
-    def mark_retry(self, ids: Sequence[int], next_attempt_at: float, error: str) -> None:
-        """Deliveries to try again at ``next_attempt_at``; counts one attempt."""
+    def renew(self, ids: Sequence[int], owner: str, lease_seconds: float, now: float) -> list[int]:
+        """Extend ``owner``'s lease on ``ids`` to ``now + lease_seconds``; the IDs it still holds.
+
+        A delivery taken over by another worker, or already settled, is not held any more.
+        """
 
     @abc.abstractmethod
-    def mark_dead(self, ids: Sequence[int], error: str, now: float) -> None:
-        """Deliveries that will not be retried (dead letters); counts one attempt."""
+    def mark_delivered(self, ids: Sequence[int], owner: str, now: float) -> int:
+        """Deliveries that reached the platform; how many were still leased to ``owner``."""
 
     @abc.abstractmethod
-    def release(self, ids: Sequence[int]) -> None:
-        """Give leased deliveries back untouched (shutdown); no attempt is counted."""
+    def mark_retry(
+        self,
+        ids: Sequence[int],
+        owner: str,
+        next_attempt_at: float,
+        error: str,
+        count_attempt: bool = True,
+    ) -> int:
+        """Deliveries to try again at ``next_attempt_at``, counting one attempt unless
+        ``count_attempt`` is false; how many were still leased to ``owner``."""
+
+    @abc.abstractmethod
+    def mark_dead(self, ids: Sequence[int], owner: str, error: str, now: float) -> int:
+        """Deliveries that will not be retried (dead letters), counting one attempt; how many
+        were still leased to ``owner``."""
+
+    @abc.abstractmethod
+    def release(self, ids: Sequence[int], owner: str) -> int:
+        """Give leased deliveries back untouched (shutdown), no attempt counted; how many were
+        still leased to ``owner``."""
 
     @abc.abstractmethod
     def destinations_due(self, now: float) -> dict[str, tuple[int, float]]:
@@ -216,7 +236,9 @@ class Store(abc.ABC):
         """Queue new deliveries for an already accepted event (replay), atomically.
 
         Fired decisions whose dedup key is held by *another* event are turned into "not fired";
-        ``supersedes`` (the dead letters being replayed) are removed in the same transaction.
+        ``supersedes`` (the dead letters being replayed) are removed in the same transaction
+        if anything was queued in their place. Nothing is queued if the event is no longer
+        stored, or if one of ``supersedes`` is no longer a dead letter (replayed meanwhile).
         Returns the decisions as applied.
         """
 
@@ -247,11 +269,13 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def purge(self, before: float) -> dict[str, int]:
+    def purge(self, before: float, now: float | None = None) -> dict[str, int]:
         """Erase events received, and identities last seen, before ``before`` (retention).
 
-        Deliveries still to send, and their events, are kept. Backends should work in bounded
-        steps (it runs hourly, beside intake) and must tolerate running in several processes.
+        Deliveries still to send, and their events, are kept; so are events whose ID is still
+        deduplicated at ``now`` (default: the current time), until their window ends. Backends
+        should work in bounded steps (it runs hourly, beside intake) and must tolerate running
+        in several processes.
         """
 
     @abc.abstractmethod

@@ -135,6 +135,7 @@ _DELIVERY_COLUMNS = (
     "last_error"
 )
 _OPEN = "status IN ('pending', 'leased')"  # the WHERE of the deliveries_open index
+_HELD = "status = 'leased' AND lease_owner = ?"  # still leased to the worker settling it
 _DUE = (
     f"{_OPEN} AND ((status = 'pending' AND next_attempt_at <= ?) "
     "OR (status = 'leased' AND lease_expires <= ?))"
@@ -586,6 +587,15 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
     )
 
 
+def _is_dead(db: sqlite3.Connection, delivery_id: int) -> bool:
+    row = db.execute("SELECT status FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+    return row is not None and row[0] == "dead"
+
+
+def _not_queued(decisions: Sequence[Decision], why: str) -> list[Decision]:
+    return [d.blocked(f"not queued: {why}") if d.fired else d for d in decisions]
+
+
 def _linked(
     db: sqlite3.Connection, visitors: set[str], users: set[str], by_visitor_row: bool
 ) -> None:
@@ -621,6 +631,28 @@ def _person_filter(users: set[str], visitors: set[str], email: str | None) -> tu
         conditions.append("lower(trim(json_extract(body, '$.user_data.email'))) IN (?, ?)")
         params += [normalized, digest]
     return " OR ".join(conditions), params
+
+
+def _ids_by_email(
+    db: sqlite3.Connection,
+    email: str,
+    where: str,
+    params: list[Any],
+    visitors: set[str],
+    users: set[str],
+) -> None:
+    """Add to ``visitors`` and ``users`` the IDs on the events (matching ``where``) with
+    ``email``: erasing a person found by e-mail erases what their IDs are remembered with."""
+    match, email_params = _person_filter(set(), set(), email)
+    for visitor, user in db.execute(
+        "SELECT json_extract(body, '$.visitor_id'), json_extract(body, '$.user_id') FROM events "
+        f"WHERE {where} AND ({match})",
+        [*params, *email_params],
+    ):
+        if visitor is not None:
+            visitors.add(str(visitor))
+        if user is not None:
+            users.add(str(user))
 
 
 def _keys_of(db: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[str, int]]:
@@ -949,43 +981,62 @@ class SQLiteStore(Store):
                 )
         return [_delivery(r) for r in rows]
 
-    def mark_delivered(self, ids: Sequence[int], now: float) -> None:
+    def renew(self, ids: Sequence[int], owner: str, lease_seconds: float, now: float) -> list[int]:
+        """See :meth:`Store.renew`."""
+        held: list[int] = []
+        with self._write() as db:
+            for chunk in _chunks(list(ids), _MAX_PARAMS - 2):
+                held += (
+                    row[0]
+                    for row in db.execute(
+                        f"UPDATE deliveries SET lease_expires = ? WHERE id IN ({_marks(chunk)}) "
+                        f"AND {_HELD} RETURNING id",
+                        [now + lease_seconds, *chunk, owner],
+                    )
+                )
+        return sorted(held)
+
+    def _settle(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        with self._write() as db:
+            return int(db.executemany(f"{sql} WHERE id = ? AND {_HELD}", rows).rowcount)
+
+    def mark_delivered(self, ids: Sequence[int], owner: str, now: float) -> int:
         """See :meth:`Store.mark_delivered`."""
-        with self._write() as db:
-            db.executemany(
-                "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, "
-                "finished_at = ?, lease_owner = NULL, lease_expires = NULL, payload = '{}' "
-                "WHERE id = ?",
-                [(now, i) for i in ids],
-            )
+        return self._settle(
+            "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, "
+            "finished_at = ?, lease_owner = NULL, lease_expires = NULL, payload = '{}'",
+            [(now, i, owner) for i in ids],
+        )
 
-    def mark_retry(self, ids: Sequence[int], next_attempt_at: float, error: str) -> None:
+    def mark_retry(
+        self,
+        ids: Sequence[int],
+        owner: str,
+        next_attempt_at: float,
+        error: str,
+        count_attempt: bool = True,
+    ) -> int:
         """See :meth:`Store.mark_retry`."""
-        with self._write() as db:
-            db.executemany(
-                "UPDATE deliveries SET status = 'pending', attempts = attempts + 1, "
-                "next_attempt_at = ?, last_error = ?, lease_owner = NULL, lease_expires = NULL "
-                "WHERE id = ?",
-                [(next_attempt_at, error, i) for i in ids],
-            )
+        return self._settle(
+            "UPDATE deliveries SET status = 'pending', attempts = attempts + ?, "
+            "next_attempt_at = ?, last_error = ?, lease_owner = NULL, lease_expires = NULL",
+            [(int(count_attempt), next_attempt_at, error, i, owner) for i in ids],
+        )
 
-    def mark_dead(self, ids: Sequence[int], error: str, now: float) -> None:
+    def mark_dead(self, ids: Sequence[int], owner: str, error: str, now: float) -> int:
         """See :meth:`Store.mark_dead`."""
-        with self._write() as db:
-            db.executemany(
-                "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, last_error = ?, "
-                "finished_at = ?, lease_owner = NULL, lease_expires = NULL WHERE id = ?",
-                [(error, now, i) for i in ids],
-            )
+        return self._settle(
+            "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, last_error = ?, "
+            "finished_at = ?, lease_owner = NULL, lease_expires = NULL",
+            [(error, now, i, owner) for i in ids],
+        )
 
-    def release(self, ids: Sequence[int]) -> None:
+    def release(self, ids: Sequence[int], owner: str) -> int:
         """See :meth:`Store.release`."""
-        with self._write() as db:
-            db.executemany(
-                "UPDATE deliveries SET status = 'pending', lease_owner = NULL, "
-                "lease_expires = NULL WHERE id = ? AND status = 'leased'",
-                [(i,) for i in ids],
-            )
+        return self._settle(
+            "UPDATE deliveries SET status = 'pending', lease_owner = NULL, lease_expires = NULL",
+            [(i, owner) for i in ids],
+        )
 
     def destinations_due(self, now: float) -> dict[str, tuple[int, float]]:
         """See :meth:`Store.destinations_due`."""
@@ -1039,6 +1090,12 @@ class SQLiteStore(Store):
         """See :meth:`Store.requeue`."""
         applied: list[Decision] = []
         with self._write() as db:
+            # Checked under the write lock: what the caller read before may have changed.
+            if db.execute("SELECT 1 FROM events WHERE seq = ?", (event.seq,)).fetchone() is None:
+                return _not_queued(decisions, "the event was erased meanwhile")
+            dead = [i for i in set(supersedes) if _is_dead(db, i)]
+            if len(dead) < len(set(supersedes)):
+                return _not_queued(decisions, "the dead letter was replayed meanwhile")
             for decision in decisions:
                 key = "tag:" + decision.dedup_key if decision.dedup_key else None
                 if decision.fired and key:
@@ -1072,10 +1129,8 @@ class SQLiteStore(Store):
                         ),
                     )
                 applied.append(decision)
-            db.executemany(
-                "DELETE FROM deliveries WHERE id = ? AND status = 'dead'",
-                [(i,) for i in supersedes],
-            )
+            if any(d.fired for d in applied):  # a dead letter replaced by nothing stays
+                db.executemany("DELETE FROM deliveries WHERE id = ?", [(i,) for i in dead])
         return applied
 
     def event_for_delivery(self, delivery_id: int) -> StoredEvent | None:
@@ -1134,14 +1189,21 @@ class SQLiteStore(Store):
         person is left as of that transaction.
         """
         removed = {"events": 0, "deliveries": 0, "visitors": 0, "links": 0, "dedup_keys": 0}
-        visitors = {visitor_id} if visitor_id else set()
-        users = {user_id} if user_id else set()
-        if not (visitors or users or email):
+        # The person's own IDs: those given, and with ``email`` those of their events with it.
+        seed_visitors = {visitor_id} if visitor_id else set()
+        seed_users = {user_id} if user_id else set()
+        if not (seed_visitors or seed_users or email):
             return removed
+        visitors: set[str] = set()
+        users: set[str] = set()
 
         def search(db: sqlite3.Connection) -> tuple[int, list[int], list[tuple[str, int]]]:
-            _linked(db, visitors, users, by_visitor_row=True)
             last = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+            if email:
+                _ids_by_email(db, email, "seq <= ?", [last], seed_visitors, seed_users)
+            visitors.update(seed_visitors)
+            users.update(seed_users)
+            _linked(db, visitors, users, by_visitor_row=True)
             where, params = _person_filter(users, visitors, email)
             sql = f"SELECT seq FROM events WHERE seq <= ? AND ({where})"
             seqs = [r[0] for r in db.execute(sql, [last, *params])]
@@ -1155,8 +1217,9 @@ class SQLiteStore(Store):
         with self._write() as db:
             # The same closure from the same start, on the links as they are now: whoever it
             # reaches that the search did not was linked meanwhile.
-            now_visitors = {visitor_id} if visitor_id else set()
-            now_users = {user_id} if user_id else set()
+            if email:
+                _ids_by_email(db, email, "seq > ?", [last], seed_visitors, seed_users)
+            now_visitors, now_users = set(seed_visitors), set(seed_users)
             _linked(db, now_visitors, now_users, by_visitor_row=False)
             new_visitors, new_users = now_visitors - visitors, now_users - users
             visitors |= new_visitors
@@ -1191,13 +1254,14 @@ class SQLiteStore(Store):
                 ).rowcount
         return removed
 
-    def purge(self, before: float) -> dict[str, int]:
+    def purge(self, before: float, now: float | None = None) -> dict[str, int]:
         """See :meth:`Store.purge`.
 
         In transactions of at most PURGE_CHUNK events (or visitors), each found by an index,
         so intake never waits for more than one chunk however large the store: one
         transaction for everything held the write lock while it scanned the outbox.
         """
+        now = time.time() if now is None else now
         removed = {"events": 0, "deliveries": 0, "visitors": 0}
         after: tuple[float, int] = (-math.inf, 0)  # (received_at, seq) of the last event seen
         while True:
@@ -1215,11 +1279,14 @@ class SQLiteStore(Store):
                         "AND status IN ('delivered', 'dead')",
                         seqs,
                     ).rowcount
-                    # An event stays while a delivery of it is still to be sent.
+                    # An event stays while a delivery of it is still to be sent, and while its
+                    # ID is still deduplicated: a repeat is answered with the stored original.
                     removed["events"] += db.execute(
                         f"DELETE FROM events WHERE seq IN ({marks}) AND NOT EXISTS "
-                        "(SELECT 1 FROM deliveries WHERE event_seq = events.seq)",
-                        seqs,
+                        "(SELECT 1 FROM deliveries WHERE event_seq = events.seq) AND NOT EXISTS "
+                        "(SELECT 1 FROM dedup_keys WHERE key = 'event:' || events.event_id "
+                        "AND event_seq = events.seq AND expires_at > ?)",
+                        [*seqs, now],
                     ).rowcount
             if len(rows) < PURGE_CHUNK:
                 break

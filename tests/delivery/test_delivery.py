@@ -94,10 +94,34 @@ class PerItemPlatform:
         return Reply.json({"results": results})
 
 
+class OneByOne(Destination):
+    """A test plugin that sends every item in a request of its own (as GA4 does per client),
+    and checks items before sending: ``"stale"`` is too old, ``"boom"`` trips a plugin bug."""
+
+    name = "one_by_one"
+    max_batch = 10
+    settings_schema = {"type": "object", "properties": {"url": {"type": "string"}}}
+    default_mapping = {"value": "properties.value"}
+
+    def check_item(self, item: Item, ctx: SendContext) -> str | None:
+        value = item.payload.get("value")
+        if value == "boom":
+            raise ValueError("a bug in the plugin")
+        return "too old to send" if value == "stale" else None
+
+    def batch_key(self, item: Item) -> str:
+        return item.delivery_id
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        events = [{"event_id": i.event_id, **i.payload} for i in items]
+        return HttpRequest.json_post(str(self.settings["url"]), {"events": events})
+
+
 @pytest.fixture
 def plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     known = dict(registry.registry())
     known["per_item"] = registry.check_contract("per_item", PerItem)
+    known["one_by_one"] = registry.check_contract("one_by_one", OneByOne)
     monkeypatch.setattr(registry, "registry", lambda: known)
 
 
@@ -421,3 +445,119 @@ def test_worker_thread_stops_cleanly(tmp_path: Path, sink: Any) -> None:
     h.worker.start()
     h.worker.stop(timeout=5)
     assert not any(t.name == "delivery" and t.is_alive() for t in threading.enumerate())
+
+
+def one_by_one_rules(tmp_path: Path, url: str) -> Path:
+    return make_rules(
+        tmp_path,
+        f"""
+        api: {{type: one_by_one, url: "{url}/items", delivery: {{batch_wait: 0}}}}
+        """,
+        "- {name: to_api, trigger: all, destination: api}\n",
+    )
+
+
+def test_a_batch_sent_request_by_request_sends_nothing_another_worker_took_over(
+    tmp_path: Path, plugins: None
+) -> None:
+    sent: list[Any] = []
+    store_box: list[SQLiteStore] = []
+
+    def platform(request: Request) -> Reply:
+        sent.append(request.json()["events"][0]["value"])
+        if len(sent) == 1:  # the first request outlasts the lease; another worker takes the rest
+            with store_box[0]._write() as db:
+                db.execute(
+                    "UPDATE deliveries SET lease_owner = 'other', lease_expires = ? WHERE id > 1",
+                    (time.time() + 3600,),
+                )
+        return Reply.json({"ok": True})
+
+    with LoopbackServer(platform) as server:
+        h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
+        store_box.append(h.store)
+        h.accept(
+            *(
+                {"event_name": "sale", "event_id": f"e{i}", "properties": {"value": i}}
+                for i in range(3)
+            )
+        )
+        h.worker.tick(wait=True)
+
+    assert sent == [0]  # the two taken over are the other worker's to send
+    owners = h.store._read("SELECT status, lease_owner FROM deliveries ORDER BY id")
+    assert [(r["status"], r["lease_owner"]) for r in owners] == [
+        ("delivered", None),
+        ("leased", "other"),
+        ("leased", "other"),
+    ]
+
+
+def test_a_plugin_error_checking_one_item_fails_that_item_alone(
+    tmp_path: Path, plugins: None
+) -> None:
+    sink = FaultySink()
+    with LoopbackServer(sink) as server:
+        h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
+        h.accept(
+            {"event_name": "sale", "event_id": "bug", "properties": {"value": "boom"}},
+            {"event_name": "sale", "event_id": "fine", "properties": {"value": 1}},
+        )
+        h.worker.drain()
+
+    [(bug, _, error), (fine, _, _)] = h.statuses()
+    assert (bug, fine) == ("dead", "delivered")
+    assert error is not None and "ValueError" in error
+    assert sink.ids() == {"fine": 1}
+
+
+def test_a_probe_that_sends_nothing_lets_the_next_probe_through(
+    tmp_path: Path, plugins: None
+) -> None:
+    sink = FaultySink()
+    with LoopbackServer(sink) as server:
+        h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
+        breaker = h.worker.breaker("api")
+        for _ in range(breaker.threshold):
+            breaker.record(False, time.time() - 60)  # open, its cooldown over
+        h.accept({"event_name": "sale", "event_id": "old", "properties": {"value": "stale"}})
+
+        h.worker.tick(wait=True)  # the probe: its only item is too old, so no request is made
+        h.accept({"event_name": "sale", "event_id": "new", "properties": {"value": 1}})
+        h.worker.drain()
+
+    assert sink.ids() == {"new": 1}
+    assert not breaker.is_open
+
+
+def test_a_destination_with_no_room_does_not_take_the_probe(tmp_path: Path, sink: Any) -> None:
+    _, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    breaker = h.worker.breaker("hook")
+    for _ in range(breaker.threshold):
+        breaker.record(False, time.time() - 60)
+    h.accept({"event_name": "lead", "event_id": "e1"})
+    h.worker._in_flight["hook"] = h.container.destinations["hook"].delivery.concurrency
+
+    assert h.worker.tick() == 0
+    assert not breaker.probing  # still free for the first batch that has room
+
+
+def test_deliveries_of_a_destination_missing_from_the_rules_wait_without_using_attempts(
+    tmp_path: Path, sink: Any
+) -> None:
+    _, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept({"event_name": "lead", "event_id": "e1"})
+    (tmp_path / "other").mkdir()
+    elsewhere = load_rules(webhook_rules(tmp_path / "other", server.url), interval=0).container
+    del elsewhere.destinations["hook"]  # as if the destination had been taken out of the rules
+    parked = DeliveryWorker(h.store, lambda: elsewhere)
+
+    for _ in range(5):
+        h.make_due()
+        parked.tick(wait=True)
+
+    [(status, attempts, error)] = h.statuses()
+    assert (status, attempts) == ("pending", 0)
+    assert error is not None and "not in the current rules" in error

@@ -18,9 +18,9 @@ def counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[SQLiteStor
     calls: Counter[str] = Counter()
     purge, purge_expired = store.purge, store.purge_expired
 
-    def counted_purge(before: float) -> dict[str, int]:
+    def counted_purge(before: float, now: float | None = None) -> dict[str, int]:
         calls["purge"] += 1
-        return purge(before)
+        return purge(before, now)
 
     def counted_expired(now: float) -> int:
         calls["purge_expired"] += 1

@@ -317,7 +317,7 @@ def test_event_and_delivery_ids_are_never_reused_after_forget_or_purge(
     store.forget(user_id="u1")
     store.accept(acceptance("o1"))
     after_forget = last_ids()
-    store.mark_delivered([d.id for d in store.lease("meta_dest", 10, 60.0, "w", T0)], T0)
+    store.mark_delivered([d.id for d in store.lease("meta_dest", 10, 60.0, "w", T0)], "w", T0)
     store.purge(T0 + 1)
     assert rows(db_path, "SELECT COUNT(*) FROM events") == [(0,)]
 
@@ -362,7 +362,7 @@ def test_accepted_events_and_dedup_survive_reopening_the_file(db_path: Path) -> 
 def test_a_file_of_a_previous_version_gets_the_current_indexes(db_path: Path) -> None:
     first = SQLiteStore(db_path)
     first.accept(acceptance("o1", decision("meta"), decision("ga4")))
-    first.mark_delivered([d.id for d in first.lease("ga4_dest", 10, 60.0, "w1", T0)], T0)
+    first.mark_delivered([d.id for d in first.lease("ga4_dest", 10, 60.0, "w1", T0)], "w1", T0)
     first.close()
     with sqlite3.connect(db_path) as db:  # the indexes as earlier versions made them
         db.executescript(
@@ -433,7 +433,7 @@ def test_retention_works_in_chunks_across_events_received_together(
     store.accept_many([acceptance(f"p{i}", decision("tiktok"), at=T0) for i in range(2)])
     store.accept(acceptance("late", decision("meta"), at=T0 + 2 * HOUR))
     leased = store.lease("meta_dest", 100, 60.0, "w", T0)
-    store.mark_delivered([d.id for d in leased if d.event_id != "late"], T0)
+    store.mark_delivered([d.id for d in leased if d.event_id != "late"], "w", T0)
     for visitor, user in (("v1", "u1"), ("v2", "u2"), ("v3", None)):
         seen = acceptance(f"seen-{visitor}", decision(fired=False), at=T0)
         store.accept(replace(seen, identity=IdentityUpdate(visitor, user)))
@@ -788,3 +788,136 @@ def test_requests_arriving_while_the_leader_waits_join_its_commit(
 
     assert [r[0].duplicate for r in results] == [False] * 4
     assert groups == [4]  # one transaction for all four
+
+
+# -- the outbox: leases are settled only by their holder ---------------------------------------
+
+
+def test_a_late_answer_cannot_overwrite_the_worker_that_took_the_lease_over(
+    store: SQLiteStore,
+) -> None:
+    store.accept(acceptance("o1"))
+    [mine] = store.lease("meta_dest", 10, 30.0, "A", T0)  # A's request hangs past its lease
+    [theirs] = store.lease("meta_dest", 10, 30.0, "B", T0 + 31)
+
+    assert store.mark_delivered([theirs.id], "B", T0 + 32) == 1
+    assert store.mark_retry([mine.id], "A", T0 + 40, "retryable: timed out") == 0
+    assert store.mark_dead([mine.id], "A", "permanent: HTTP 400", T0 + 40) == 0
+    assert store.release([mine.id], "A") == 0
+
+    settled = store.get_delivery(mine.id)
+    assert settled is not None and settled.status.value == "delivered"
+    assert store.lease("meta_dest", 10, 30.0, "C", T0 + 100) == []  # never sent again
+
+
+def test_a_lease_is_renewed_only_by_its_holder(store: SQLiteStore) -> None:
+    store.accept(acceptance("o1"))
+    store.accept(acceptance("o2"))
+    first, second = store.lease("meta_dest", 10, 30.0, "A", T0)
+    [taken] = store.lease("meta_dest", 1, 30.0, "B", T0 + 31)  # A's lease ran out; B took one
+
+    held = store.renew([first.id, second.id], "A", 30.0, T0 + 32)
+
+    assert held == [second.id] and taken.id == first.id
+    assert store.lease("meta_dest", 10, 30.0, "C", T0 + 60) == []  # the renewal holds
+    assert store.mark_delivered([second.id], "A", T0 + 62) == 1
+
+
+def test_waiting_without_an_attempt_keeps_the_attempt_count(store: SQLiteStore) -> None:
+    store.accept(acceptance("o1"))
+    [d] = store.lease("meta_dest", 10, 30.0, "A", T0)
+
+    store.mark_retry([d.id], "A", T0 + 60, "destination missing", count_attempt=False)
+
+    parked = store.get_delivery(d.id)
+    assert parked is not None and (parked.status.value, parked.attempts) == ("pending", 0)
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+
+def _dead_letter(store: SQLiteStore, event_id: str) -> int:
+    store.accept(acceptance(event_id))
+    [d] = store.lease("meta_dest", 10, 30.0, "w", T0)
+    store.mark_dead([d.id], "w", "permanent: HTTP 400", T0)
+    return d.id
+
+
+def test_a_dead_letter_replayed_twice_at_once_is_queued_once(store: SQLiteStore) -> None:
+    dead = _dead_letter(store, "o1")
+    event = store.event_for_delivery(dead)
+    assert event is not None
+
+    # Two replays that both saw the dead letter before either wrote.
+    first = store.requeue(event, [decision()], WINDOW, T0 + 1, supersedes=[dead])
+    second = store.requeue(event, [decision()], WINDOW, T0 + 2, supersedes=[dead])
+
+    assert [d.fired for d in first] == [True]
+    assert [d.fired for d in second] == [False]
+    assert "replayed meanwhile" in second[0].reason
+    assert len(store.lease("meta_dest", 10, 30.0, "w", T0 + 3)) == 1  # one, in the dead's place
+    assert store.dead_letters() == []
+
+
+def test_a_replay_that_queues_nothing_keeps_the_dead_letter(store: SQLiteStore) -> None:
+    dead = _dead_letter(store, "o1")
+    event = store.event_for_delivery(dead)
+    assert event is not None
+
+    applied = store.requeue(event, [decision(fired=False)], WINDOW, T0 + 1, supersedes=[dead])
+
+    assert [d.fired for d in applied] == [False]
+    assert [d.id for d in store.dead_letters()] == [dead]
+
+
+def test_a_replay_of_an_event_erased_meanwhile_queues_nothing(store: SQLiteStore) -> None:
+    store.accept(_of_person("p1"))
+    event = store.get_event("p1")
+    assert event is not None
+    store.forget(user_id="u1")  # between the replay's read and its write
+
+    applied = store.requeue(event, [decision()], WINDOW, T0 + 1)
+
+    assert [d.fired for d in applied] == [False] and "erased" in applied[0].reason
+    assert store.lease("meta_dest", 10, 30.0, "w", T0 + 2) == []
+
+
+# -- retention and erasure ---------------------------------------------------------------------
+
+
+def test_retention_keeps_an_event_while_its_id_is_deduplicated(store: SQLiteStore) -> None:
+    store.accept(acceptance("o1"))
+    [d] = store.lease("meta_dest", 10, 30.0, "w", T0)
+    store.mark_delivered([d.id], "w", T0 + 1)
+
+    # Retention of a day, a 48-hour window: at 30 hours the event is old but still the original.
+    kept = store.purge(T0 + 6 * HOUR, now=T0 + 30 * HOUR)
+    repeat = store.accept(acceptance("o1", at=T0 + 30 * HOUR))
+    gone = store.purge(T0 + 6 * HOUR, now=T0 + WINDOW + 1)
+
+    assert kept["events"] == 0
+    assert repeat.duplicate and repeat.fired == ["meta"]
+    assert store.lease("meta_dest", 10, 30.0, "w", T0 + 31 * HOUR) == []  # nothing sent twice
+    assert gone["events"] == 1 and store.get_event("o1") is None
+
+
+def test_forget_by_email_erases_the_identities_the_person_was_seen_with(
+    store: SQLiteStore,
+) -> None:
+    event = {
+        "event_name": "purchase",
+        "event_id": "m1",
+        "visitor_id": "vis-1",
+        "user_id": "u-ada",
+        "user_data": {"email": "ada@example.com"},
+    }
+    update = IdentityUpdate("vis-1", "u-ada", {"gclid": "g1"}, "UA", "203.0.113.7")
+    store.accept(replace(acceptance("m1"), event=event, identity=update))
+    page = {"event_name": "page_view", "event_id": "pv1", "visitor_id": "vis-1"}
+    store.accept(replace(acceptance("pv1"), event=page))
+
+    removed = store.forget(email=" Ada@Example.com ")
+
+    assert (removed["events"], removed["visitors"], removed["links"]) == (2, 1, 1)
+    assert store.recall("vis-1", None, T0, {}, 1e9) is None
+    assert store.recall(None, "u-ada", T0, {}, 1e9) is None
