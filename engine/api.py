@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import time
 from typing import Any
@@ -39,8 +40,33 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as infinity, which JSON cannot carry onward
+        raise BadRequest(f"the number {text[:40]} is out of range")
+    return value
+
+
+MAX_DEPTH = 64  # objects and arrays inside one another; events need a handful
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels deep."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if type(node) is dict else node
+        stack.extend((c, depth + 1) for c in children if type(c) is dict or type(c) is list)
+    return False
+
+
+_TOO_DEEP = f"the JSON is nested too deeply (at most {MAX_DEPTH} levels)"
+
+
 def parse_json_body(body: bytes, content_type: str | None, allow_text: bool = False) -> Any:
-    """Decode a request body as strict JSON (no NaN/Infinity).
+    """Decode a request body as strict JSON (no NaN/Infinity, finite numbers, bounded depth).
 
     Raises:
         UnsupportedMediaType: the Content-Type is not JSON.
@@ -54,13 +80,16 @@ def parse_json_body(body: bytes, content_type: str | None, allow_text: bool = Fa
         raise BadRequest("the request body is empty")
     try:
         text = body.decode("utf-8")
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
     except UnicodeDecodeError as exc:
         raise BadRequest("the body is not valid UTF-8") from exc
     except RecursionError as exc:
-        raise BadRequest("the JSON is nested too deeply") from exc
+        raise BadRequest(_TOO_DEEP) from exc
     except ValueError as exc:
         raise BadRequest(f"the body is not valid JSON: {str(exc).split(':')[0]}") from exc
+    # Counting brackets (quoted ones too) is cheap and rules out nearly every body at once.
+    if text.count("{") + text.count("[") > MAX_DEPTH and _too_deep(value, MAX_DEPTH):
+        raise BadRequest(_TOO_DEEP)
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
         raise BadRequest(
             "the body holds an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF): "

@@ -16,7 +16,7 @@ import time
 from importlib import resources
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from engine.api import error_response, parse_json_body
 from engine.config import PublishableKey, Settings
@@ -62,6 +62,15 @@ def _cors(response: Response, key: PublishableKey | None) -> Response:
     return response
 
 
+@bp.after_request
+def _cors_on_every_answer(response: Response) -> Response:
+    """CORS on the answers the app's error handlers make too (503 when the store is down), so
+    the page's script can read why, and retry."""
+    if request.method == "POST" and "Access-Control-Allow-Origin" not in response.headers:
+        _cors(response, g.get("collect_key"))
+    return response
+
+
 @bp.route("/v1/collect", methods=["OPTIONS"])
 def preflight() -> Response:
     """CORS preflight: allowed origins of the key get POST with Content-Type."""
@@ -83,7 +92,7 @@ def collect() -> tuple[Response, int]:
     """Accept one event from a browser; set or refresh the visitor cookie."""
     key: PublishableKey | None = None
     try:
-        key = _key()
+        key = g.collect_key = _key()
         if not key.allows(_origin()):
             raise Forbidden("this page's origin is not allowed for the publishable key")
         limiter: RateLimiter = current_app.extensions["tagrelay.ratelimit"]

@@ -19,7 +19,8 @@ import jsonschema
 from engine.errors import BadRequest
 
 _SHORT_STRING = {"type": "string", "maxLength": 256}
-_ID = {"type": ["string", "integer"], "minLength": 1, "maxLength": 256}
+_MAX_ID = 256
+_ID = {"type": ["string", "integer"], "minLength": 1, "maxLength": _MAX_ID}
 _NULLABLE_STRING = {"type": ["string", "null"], "maxLength": 4096}
 _CONSENT_VALUE = {"oneOf": [{"enum": ["granted", "denied"]}, {"type": "boolean"}]}
 
@@ -168,6 +169,8 @@ def parse_timestamp(value: Any, now: datetime) -> datetime:
     if isinstance(value, int | float):
         if 1e11 < value < 1e14:
             raise BadRequest("timestamp looks like milliseconds; send Unix seconds")
+        if 1e14 <= value < 1e17:
+            raise BadRequest("timestamp looks like microseconds; send Unix seconds")
         try:
             when = datetime.fromtimestamp(value, UTC)
         except (OverflowError, OSError, ValueError) as exc:
@@ -175,7 +178,8 @@ def parse_timestamp(value: Any, now: datetime) -> datetime:
     else:
         text = str(value).strip()
         try:
-            when = datetime.fromisoformat(text)
+            # RFC 3339 allows a lower-case "t" and "z", which fromisoformat does not read.
+            when = datetime.fromisoformat(text if text.isupper() else text.upper())
         except ValueError as exc:
             raise BadRequest("timestamp must be ISO 8601 (e.g. 2026-11-20T14:30:45Z)") from exc
         try:
@@ -233,7 +237,13 @@ def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
             raise BadRequest("event_name is required (event_type is accepted as an alias)")
         event["event_name"] = alias
     event_id = event.get("event_id")
-    event["event_id"] = str(event_id) if event_id not in (None, "") else new_event_id()
+    if event_id is None:
+        event["event_id"] = new_event_id()
+    elif type(event_id) is not str:
+        # The schema's "integer" also admits 1.0 and 1e300, and its maxLength counts no digits.
+        if type(event_id) is not int or len(str(event_id)) > _MAX_ID:
+            raise BadRequest(f"event_id must be a string or a whole number of {_MAX_ID} digits")
+        event["event_id"] = str(event_id)
     when = parse_timestamp(event["timestamp"], now) if "timestamp" in event else now
     event["timestamp"] = format_time(when)
     consent = event.get("consent")

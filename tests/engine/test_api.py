@@ -144,6 +144,23 @@ def test_an_event_is_committed_before_it_is_acknowledged(
             "timestamp looks like milliseconds; send Unix seconds",
         ),
         (
+            b'{"event_name": "x", "properties": {"value": 1e400}}',
+            "the number 1e400 is out of range",
+        ),
+        (
+            b'{"event_name": "x", "properties": {"x": ' + b"[" * 980 + b"]" * 980 + b"}}",
+            "the JSON is nested too deeply (at most 64 levels)",
+        ),
+        (b'{"event_name": "x", "event_id": 1.0}', "event_id must be a string or a whole number"),
+        (
+            b'{"event_name": "x", "event_id": ' + b"9" * 300 + b"}",
+            "event_id must be a string or a whole number of 256 digits",
+        ),
+        (
+            b'{"event_name": "x", "timestamp": 1795185045000000}',
+            "timestamp looks like microseconds; send Unix seconds",
+        ),
+        (
             b'{"event_name": "x", "event_id": "a\\ud800b"}',
             "the body holds an unpaired UTF-16 surrogate escape",
         ),
@@ -388,3 +405,30 @@ def test_escaped_surrogate_pairs_and_escaped_backslashes_are_ordinary_text(
 
     assert pair.status_code == 200 and pair.get_json()["event_id"] == "e\U0001f600"
     assert backslash.status_code == 200 and backslash.get_json()["event_id"] == "f\\ud800"
+
+
+def test_rfc_3339_lower_case_t_and_z_are_read(
+    client: FlaskClient, db: Callable[[str], list[tuple[Any, ...]]]
+) -> None:
+    event = {"event_name": "x", "event_id": "lc", "timestamp": "2026-11-20t14:30:45z"}
+    response = post(client, "/v1/track", event)
+
+    assert response.status_code == 200
+    [(body,)] = db("SELECT body FROM events")
+    assert json.loads(body)["timestamp"] == "2026-11-20T14:30:45.000Z"
+
+
+def test_an_integer_event_id_is_stored_as_its_digits(client: FlaskClient) -> None:
+    response = post(client, "/v1/track", {"event_name": "x", "event_id": 1234567890123})
+
+    assert response.get_json()["event_id"] == "1234567890123"
+
+
+def test_an_event_nested_as_deep_as_allowed_is_stored(client: FlaskClient) -> None:
+    # 60 levels are allowed; the store must be able to encode whatever parsing lets through.
+    deep: Any = 1
+    for _ in range(60):
+        deep = [deep]
+    response = post(client, "/v1/track", {"event_name": "x", "properties": {"deep": deep}})
+
+    assert response.status_code == 200, response.get_json()

@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from engine.app import create_app
 from engine.cli import main
 from engine.config import PublishableKey, ServerKey, Settings
+from engine.errors import StoreError
 from engine.maintenance import run_once
 from engine.pipeline import Pipeline
 from engine.store.sqlite import SQLiteStore
@@ -110,6 +111,20 @@ def test_cookie_lifetime_and_domain_are_configurable(tmp_path: Path) -> None:
     cookie = collect(app.test_client(), {"event_name": "page_view"}).headers["Set-Cookie"]
 
     assert "Max-Age=34560000" in cookie and "Domain=shop.example" in cookie
+
+
+def test_a_store_outage_answer_carries_cors_so_the_page_can_read_it(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(*_: Any, **__: Any) -> Any:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(app.extensions["tagrelay.pipeline"], "accept", down)
+
+    response = collect(client, {"event_name": "page_view"})
+
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
 
 
 def test_an_origin_not_allowed_for_the_key_is_refused_without_cors(client: FlaskClient) -> None:
