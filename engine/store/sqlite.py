@@ -239,11 +239,22 @@ def _checkpoint_loop(store_ref: weakref.ReferenceType[SQLiteStore], path: str) -
         conn.close()
 
 
+# An acceptance's event body and its fired decisions' payloads as JSON (None for the others),
+# encoded by the caller's thread before it joins a group commit: outside the write lock, and
+# so that a value that cannot be encoded fails its own request, not the group's.
+_Encoded = tuple[str, list[str | None]]
+
+
+def _encode(acc: Acceptance) -> _Encoded:
+    return _dumps(acc.event), [_dumps(d.payload) if d.fired else None for d in acc.decisions]
+
+
 @dataclass
 class _Slot:
     """One accept_many call waiting in a group commit."""
 
     acceptances: Sequence[Acceptance]
+    encoded: list[_Encoded]
     done: bool = False
     results: list[Accepted] = field(default_factory=list)
     error: BaseException | None = None
@@ -390,8 +401,11 @@ class _Visitor:
     touched: bool = False  # last_seen moved (new, or not touched for an hour)
 
 
-def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Accepted]:
-    """Accept ``accs`` in order inside the caller's write transaction (see Store.accept_many)."""
+def _accept_group(
+    db: sqlite3.Connection, accs: Sequence[Acceptance], encoded: Sequence[_Encoded]
+) -> list[Accepted]:
+    """Accept ``accs`` (``encoded`` as _encode does) in order inside the caller's write
+    transaction (see Store.accept_many)."""
     event_ids = [str(acc.event["event_id"]) for acc in accs]
     wanted = {"event:" + event_id for event_id in event_ids}
     wanted.update(
@@ -450,7 +464,7 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
                 event_ids[i],
                 str(acc.event.get("event_name")),
                 acc.received_at,
-                _dumps(acc.event),
+                encoded[i][0],
                 _summaries_json(decisions),
             )
             for i, acc, decisions in fresh
@@ -458,17 +472,18 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
         rowids=True,
     )
     key_rows: list[tuple[str, int, str, float]] = []
-    delivery_rows: list[tuple[int, str, str, str, str, str, float, float]] = []
+    delivery_rows: list[tuple[int, str, str, str, str | None, str, float, float]] = []
     for seq, (i, acc, decisions) in zip(seqs, fresh, strict=True):
         event_id, now = event_ids[i], acc.received_at
         expires = now + acc.window
         key_rows.append(("event:" + event_id, seq, event_id, expires))
-        for d in decisions:
+        payloads = encoded[i][1]
+        for d, payload in zip(decisions, payloads, strict=True):
             if d.fired:
                 if d.dedup_key:
                     key_rows.append(("tag:" + d.dedup_key, seq, event_id, expires))
                 delivery_rows.append(
-                    (seq, event_id, d.tag, d.destination, _dumps(d.payload), "pending", now, now)
+                    (seq, event_id, d.tag, d.destination, payload, "pending", now, now)
                 )
     _insert_rows(
         db, "INSERT OR REPLACE INTO dedup_keys (key, event_seq, event_id, expires_at)", key_rows
@@ -920,7 +935,13 @@ class SQLiteStore(Store):
         wait and are then committed together, by one of them, in one transaction. Every caller
         still returns only after its own events are committed.
         """
-        slot = _Slot(acceptances)
+        try:
+            encoded = [_encode(a) for a in acceptances]
+        except (TypeError, ValueError, RecursionError) as exc:  # a plugin's payload, say
+            raise StoreError(
+                f"store write failed: an event or payload is not JSON ({type(exc).__name__})"
+            ) from exc
+        slot = _Slot(acceptances, encoded)
         with self._group:
             self._queue.append(slot)
             while not slot.done and self._leading:
@@ -936,7 +957,8 @@ class SQLiteStore(Store):
                 # joins this commit instead of waiting for the next one.
                 with self._group:
                     batch, self._queue = self._queue, []
-                results = iter(_accept_group(db, [a for m in batch for a in m.acceptances]))
+                accs = [a for m in batch for a in m.acceptances]
+                results = iter(_accept_group(db, accs, [e for m in batch for e in m.encoded]))
                 for member in batch:
                     member.results = [next(results) for _ in member.acceptances]
         except BaseException as exc:  # noqa: BLE001 - handed to every member of the batch below

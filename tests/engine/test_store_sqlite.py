@@ -770,9 +770,9 @@ def test_requests_arriving_while_the_leader_waits_join_its_commit(
     groups: list[int] = []
     original = sqlite_store._accept_group
 
-    def recording(db: sqlite3.Connection, accs: Any) -> Any:
+    def recording(db: sqlite3.Connection, accs: Any, encoded: Any) -> Any:
         groups.append(len(accs))
-        return original(db, accs)
+        return original(db, accs, encoded)
 
     monkeypatch.setattr(sqlite_store, "_accept_group", recording)
     store.accept_many([acceptance("warm")])  # opens the writer connection and the lock file
@@ -921,3 +921,27 @@ def test_forget_by_email_erases_the_identities_the_person_was_seen_with(
     assert (removed["events"], removed["visitors"], removed["links"]) == (2, 1, 1)
     assert store.recall("vis-1", None, T0, {}, 1e9) is None
     assert store.recall(None, "u-ada", T0, {}, 1e9) is None
+
+
+def test_an_event_that_cannot_be_encoded_fails_alone_not_its_group_commit(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    looped: dict[str, Any] = {"event_name": "Purchase"}
+    looped["self"] = looped
+    bad = acceptance("bad", Decision("meta", "meta_dest", True, "matched", None, False, looped))
+    store.accept_many([acceptance("warm")])
+    fd = _hold_host_lock(db_path)  # the good ones queue up behind one leader
+    with ThreadPoolExecutor(4) as pool:
+        good = [pool.submit(store.accept_many, [acceptance(f"g{i}")]) for i in range(3)]
+        deadline = time.monotonic() + 5
+        while len(store._queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        failed = pool.submit(store.accept_many, [bad])
+        time.sleep(0.05)
+        os.close(fd)
+        results = [f.result(timeout=10) for f in good]
+        with pytest.raises(StoreError, match="not JSON"):
+            failed.result(timeout=10)
+
+    assert [r[0].duplicate for r in results] == [False] * 3
+    assert rows(db_path, "SELECT COUNT(*) FROM events WHERE event_id LIKE 'g%'") == [(3,)]
