@@ -63,7 +63,65 @@ class Document:
         return self.positions.get((), Position(self.file, 1, 1))
 
 
+# Limits on what one rule file may make the reader build. Rule files are small; these only stop
+# files that would exhaust the reader (a value nested thousands deep, or aliases of aliases that
+# expand a few hundred bytes into a billion values) with a message instead of a crash or a hang.
+MAX_DEPTH = 100
+MAX_ALIAS_VALUES = 100_000
+
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _screen(loader: yaml.SafeLoader, file: str, problems: list[Problem]) -> bool:
+    """Read the YAML events once, before anything is built: False (with a problem) if the file
+    nests deeper than :data:`MAX_DEPTH`, has an alias inside the value it names, or has aliases
+    that expand to more than :data:`MAX_ALIAS_VALUES` values.
+
+    The parser is a state machine, so this pass needs no recursion however deep the file is;
+    building nodes (PyYAML's composer) and walking them recurse once per level.
+    """
+
+    def stop(event: yaml.Event, message: str) -> bool:
+        mark = event.start_mark
+        where = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
+        problems.append(Problem(where, message))
+        return False
+
+    open_values: list[list[Any]] = []  # per open mapping or sequence: [anchor, values in it]
+    sizes: dict[str, int] = {}  # anchor -> how many values it stands for
+    added = 0  # values that aliases add to the file
+    while not loader.check_event(yaml.StreamEndEvent):
+        event = loader.get_event()  # type: ignore[no-untyped-call]  # PyYAML's stubs lack it
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(open_values) >= MAX_DEPTH:
+                return stop(event, f"values are nested more than {MAX_DEPTH} levels deep")
+            open_values.append([event.anchor, 1])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, count = open_values.pop()
+            if anchor is not None:
+                sizes[anchor] = count
+            if open_values:
+                open_values[-1][1] += count
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+            if open_values:
+                open_values[-1][1] += 1
+        elif isinstance(event, yaml.AliasEvent):
+            name = str(event.anchor)
+            if any(anchor == name for anchor, _ in open_values):
+                return stop(event, f"alias *{name} is used inside the value it names (&{name})")
+            size = sizes.get(name, 1)  # an unknown anchor is reported when composing
+            added += size
+            if added > MAX_ALIAS_VALUES:
+                return stop(
+                    event,
+                    f"aliases make this file expand to more than {MAX_ALIAS_VALUES:,} values "
+                    "(aliases of aliases multiply); write the values out instead",
+                )
+            if open_values:
+                open_values[-1][1] += size
+    return True
 
 
 class _Walker:
@@ -130,10 +188,17 @@ class _Walker:
 def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None:
     """Parse one YAML document, recording positions; syntax errors become problems.
 
-    Mapping keys are the text as written.
+    Mapping keys are the text as written. Files nested too deeply, values that contain
+    themselves through an alias, and alias bombs are problems too, never a crash or a hang.
     """
     doc = Document(file, None)
     try:
+        screen = yaml.SafeLoader(text)
+        try:
+            if not _screen(screen, file, problems):
+                return None
+        finally:
+            screen.dispose()
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
@@ -151,6 +216,10 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None
         return None
     except yaml.YAMLError as exc:
         problems.append(Problem(Position(file, 1, 1), f"YAML error: {exc}"))
+        return None
+    except RecursionError:
+        # The screen keeps files well within Python's limit; this is the last line of defence.
+        problems.append(Problem(Position(file, 1, 1), "the file is nested too deeply to read"))
         return None
     return doc
 

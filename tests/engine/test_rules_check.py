@@ -231,3 +231,25 @@ def test_shipped_default_rules_check_clean() -> None:
     compiled, problems = compile_container(Path(__file__).resolve().parents[2] / "rules", {})
 
     assert compiled is not None, "\n".join(str(p) for p in problems)
+
+
+# -- odd YAML ---------------------------------------------------------------------------------
+
+
+def test_a_file_nested_thousands_deep_is_a_problem_at_its_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = tmp_path / "deep.yaml"
+    rules.write_text(
+        "tests:\n  - name: deep\n"
+        f"    event: {{event_name: a, properties: {{p: {'[' * 3000}{']' * 3000}}}}}\n"
+        "    expect: {}\n"
+    )
+
+    code = main(["check", str(rules)])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"{rules}:3:" in out
+    assert "nested more than 100 levels deep" in out
+    assert "Traceback" not in out
