@@ -223,13 +223,26 @@ class _Compiler:
                 continue
             settings = {k: v for k, v in entry.value.items() if k not in _ENGINE_KEYS}
             before = len(self.problems)
-            settings = self._substitute(settings, entry)
+            emptied: dict[str, str] = {}
+            settings = self._substitute(settings, entry, emptied)
             if len(self.problems) > before:
                 continue  # a missing variable; its empty stand-in would only add noise
             validator = jsonschema.Draft202012Validator(cls.settings_schema)
             errors = list(validator.iter_errors(settings))
             for err in errors:
                 message = _schema_message(err, cls.secret_settings)
+                missing = _missing_required(err)
+                if (
+                    missing is not None
+                    and ".".join([*map(str, err.absolute_path), missing]) in emptied
+                ):
+                    setting = ".".join([*map(str, err.absolute_path), missing])
+                    self.error(
+                        entry.at(*err.absolute_path, missing),
+                        f"destination {name} ({type_name}): {setting} is required, but "
+                        f"{emptied[setting]} is empty",
+                    )
+                    continue
                 self.error(
                     _error_position(entry.doc, entry.path, err),
                     f"destination {name} ({type_name}): {message}",
@@ -256,11 +269,30 @@ class _Compiler:
             )
         return out
 
-    def _substitute(self, value: Any, entry: _Entry, path: tuple[str | int, ...] = ()) -> Any:
+    def _substitute(
+        self,
+        value: Any,
+        entry: _Entry,
+        emptied: dict[str, str],
+        path: tuple[str | int, ...] = (),
+    ) -> Any:
+        """``value`` with ``${VAR}`` references replaced from the environment.
+
+        A setting whose whole text comes from the environment and comes out empty
+        (``${VAR:-}`` with VAR unset or empty) is left out, as if it were not written; its
+        dotted path and text go into ``emptied`` so a required one can be explained.
+        """
         if isinstance(value, dict):
-            return {k: self._substitute(v, entry, (*path, k)) for k, v in value.items()}
+            out = {}
+            for key, item in value.items():
+                sub = self._substitute(item, entry, emptied, (*path, key))
+                if sub == "" and isinstance(item, str) and item:
+                    emptied[".".join(map(str, (*path, key)))] = item
+                    continue
+                out[key] = sub
+            return out
         if isinstance(value, list):
-            return [self._substitute(v, entry, (*path, i)) for i, v in enumerate(value)]
+            return [self._substitute(v, entry, emptied, (*path, i)) for i, v in enumerate(value)]
         if not isinstance(value, str) or "${" not in value:
             return value
 
@@ -268,10 +300,11 @@ class _Compiler:
             escaped, var, default = match.groups()
             if escaped:
                 return match.group(0)[1:]
-            if var in self.env:
-                return self.env[var]
+            found = self.env.get(var)
             if default is not None:
-                return default
+                return found or default  # as in the shell: the default when unset or empty
+            if found is not None:
+                return found
             self.error(
                 entry.at(*path),
                 f"environment variable {var} is not set (write ${{{var}:-default}} for a default)",
@@ -528,6 +561,14 @@ def _required_event_names(node: Mapping[str, Any]) -> set[str] | None:
             value = right.get("value")
             return {value} if isinstance(value, str) else None
     return None
+
+
+def _missing_required(err: jsonschema.ValidationError) -> str | None:
+    """The property a ``required`` error is about (the first one missing), else None."""
+    if err.validator != "required" or not isinstance(err.instance, Mapping):
+        return None
+    names = err.validator_value if isinstance(err.validator_value, list) else []
+    return next((str(n) for n in names if n not in err.instance), None)
 
 
 def _best_alternative(err: jsonschema.ValidationError) -> jsonschema.ValidationError:

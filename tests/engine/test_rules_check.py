@@ -26,7 +26,7 @@ from engine.rules.source import Problem
 from engine.rules.testing import run_tests
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
-ENV = {"TAGRELAY_FIXTURE_TOKEN": "fixture-token"}
+ENV = {"TAGRELAY_FIXTURE_TOKEN": "fixture-token", "TAGRELAY_FIXTURE_EMPTY": ""}
 _EXPECT = re.compile(r"^#\s*expect(-warning|-absent)?:\s*(.*)$")
 _WHERE = re.compile(r"^(?:(?P<file>[^:\s]+\.ya?ml):)?(?P<line>\d+):(?P<column>\d+):\s*(?P<msg>.+)$")
 
