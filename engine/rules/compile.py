@@ -230,7 +230,7 @@ class _Compiler:
             validator = jsonschema.Draft202012Validator(cls.settings_schema)
             errors = list(validator.iter_errors(settings))
             for err in errors:
-                message = _schema_message(err, cls.secret_settings)
+                message = _setting_message(err)
                 missing = _missing_required(err)
                 if (
                     missing is not None
@@ -252,8 +252,9 @@ class _Compiler:
             try:
                 adapter = cls(settings)
             except Exception as exc:  # noqa: BLE001 - a plugin's constructor is foreign code
+                reason = _redact(str(exc), settings, cls.secret_settings)
                 self.error(
-                    entry.at(), f"destination {name} ({type_name}) rejected its settings: {exc}"
+                    entry.at(), f"destination {name} ({type_name}) rejected its settings: {reason}"
                 )
                 continue
             delivery = entry.value.get("delivery") or {}
@@ -597,7 +598,7 @@ def _error_position(
     return doc.at(*path)
 
 
-def _schema_message(err: jsonschema.ValidationError, secrets: frozenset[str] = frozenset()) -> str:
+def _schema_message(err: jsonschema.ValidationError) -> str:
     where = ".".join(str(p) for p in err.absolute_path)
     prefix = f"{where}: " if where else ""
     if err.validator == "additionalProperties" and isinstance(err.schema, Mapping):
@@ -609,10 +610,7 @@ def _schema_message(err: jsonschema.ValidationError, secrets: frozenset[str] = f
         return f"{prefix}{err.message}"
     if err.validator == "oneOf" and err.context:
         best = _best_alternative(err)
-        return _schema_message(best, secrets) if best is not err else prefix + err.message
-    last = err.absolute_path[-1] if err.absolute_path else None
-    if last in secrets:
-        return f"{prefix}invalid value (secret, not shown)"
+        return _schema_message(best) if best is not err else prefix + err.message
     schema: Mapping[str, Any] = err.schema if isinstance(err.schema, Mapping) else {}
     if (
         err.validator == "pattern"
@@ -624,6 +622,80 @@ def _schema_message(err: jsonschema.ValidationError, secrets: frozenset[str] = f
             "(letters, digits, _ . - and not starting with a digit)"
         )
     return prefix + err.message
+
+
+_TYPE_WORDS = {
+    "string": "text",
+    "integer": "a whole number",
+    "number": "a number",
+    "boolean": "true or false",
+    "object": "a mapping",
+    "array": "a list",
+    "null": "null",
+}
+_BOUND_WORDS = {
+    "minimum": "at least",
+    "exclusiveMinimum": "more than",
+    "maximum": "at most",
+    "exclusiveMaximum": "less than",
+}
+
+
+def _setting_message(err: jsonschema.ValidationError) -> str:
+    """A schema error about a destination setting that names the setting, never its value.
+
+    Any setting can hold a secret (a token pasted into a header, a key in a URL's query), and
+    ``check`` output ends up in CI logs, so these messages say what is wrong, not what is there.
+    """
+    err = _best_alternative(err)
+    if err.validator in ("additionalProperties", "required"):
+        return _schema_message(err)  # they name keys, not values
+    where = ".".join(str(p) for p in err.absolute_path)
+    prefix = f"{where}: " if where else ""
+    kind, want = err.validator, err.validator_value
+    if kind == "type":
+        types = want if isinstance(want, list) else [want]
+        what = f"must be {' or '.join(_TYPE_WORDS.get(str(t), str(t)) for t in types)}"
+    elif kind == "pattern":
+        what = f"does not have the expected form (pattern {want})"
+    elif kind == "minLength":
+        what = "must not be empty" if want == 1 else f"must be at least {want} characters long"
+    elif kind == "maxLength":
+        what = f"must be at most {want} characters long"
+    elif kind == "enum" and isinstance(want, list):
+        what = f"must be one of: {', '.join(str(v) for v in want)}"
+    elif kind == "const":
+        what = f"must be {want}"
+    elif kind == "format":
+        what = f"is not a valid {want}"
+    elif kind in _BOUND_WORDS:
+        what = f"must be {_BOUND_WORDS[kind]} {want}"
+    else:
+        what = f"is not valid (the adapter's schema: {kind})"
+    return f"{prefix}{what} (value not shown)"
+
+
+def _redact(message: str, settings: Mapping[str, Any], secrets: frozenset[str]) -> str:
+    """``message`` (from a plugin's own code) without the setting values it may quote."""
+    values: set[str] = set()
+
+    def collect(value: Any, secret: bool) -> None:
+        if isinstance(value, Mapping):
+            for item in value.values():
+                collect(item, secret)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item, secret)
+        elif value is not None and not isinstance(value, bool):
+            text = str(value)
+            if text and (secret or len(text) >= 4):
+                values.add(text)
+
+    for key, value in settings.items():
+        collect(value, key in secrets)
+    for text in sorted(values, key=len, reverse=True):
+        message = message.replace(text, "[REDACTED]")
+    return message
 
 
 def compile_container(
