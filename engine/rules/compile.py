@@ -23,6 +23,7 @@ import jsonschema
 from destinations import registry
 from engine.consent import Requirement
 from engine.errors import PluginError, RulesError
+from engine.event import EVENT_SCHEMA
 from engine.expr import (
     ExpressionError,
     Field,
@@ -30,6 +31,7 @@ from engine.expr import (
     compile_expression,
     compile_mapping,
     constant,
+    path_of,
 )
 from engine.rules.model import (
     Condition,
@@ -49,6 +51,7 @@ _VAR_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENGINE_KEYS = ("type", "enabled", "delivery")
+_USER_DATA_FIELDS = frozenset(EVENT_SCHEMA["properties"]["user_data"]["properties"])
 
 
 def parse_duration(value: Any) -> float:
@@ -464,6 +467,7 @@ class _Compiler:
 
     def _mapping(self, tag: str, entry: _Entry, dest: DestinationInstance) -> tuple[Field, ...]:
         overrides: dict[str, Any] = entry.value.get("mapping") or {}
+        default_targets = list(dest.adapter.default_mapping)
         defaults = compile_mapping(
             {
                 target: source
@@ -472,11 +476,12 @@ class _Compiler:
             }
         )
         fields = list(defaults)
+        removals: list[tuple[str, Position]] = []
         for target, source in overrides.items():
             where = entry.at("mapping", target)
             if source is None:
-                continue
-            if isinstance(source, dict):
+                removals.append((target, where))
+            elif isinstance(source, dict):
                 fields.append(Field(tuple(target.split(".")), constant(source["value"])))
             elif isinstance(source, str):
                 getter = self.expression(source, where, f"tag {tag} mapping {target}")
@@ -484,7 +489,43 @@ class _Compiler:
                     fields.append(Field(tuple(target.split(".")), getter))
             else:
                 fields.append(Field(tuple(target.split(".")), constant(source)))
+        reads = {f.target: path_of(f.get) for f in fields}
+        for target, where in removals:
+            parts = tuple(target.split("."))
+            # A default of exactly this target, or below it, was left out above. A field that
+            # sends a whole object holding it (the webhook's ``user_data: user_data``) sends it
+            # still: that field now removes it from its value.
+            removed = any(t == target or t.startswith(target + ".") for t in default_targets)
+            holders = [
+                i
+                for i, f in enumerate(fields)
+                if len(f.target) < len(parts) and parts[: len(f.target)] == f.target
+            ]
+            for i in holders:
+                rest = parts[len(fields[i].target) :]
+                fields[i] = Field(fields[i].target, _without(fields[i].get, rest))
+                source = reads.get(fields[i].target)
+                if source is not None:
+                    self._check_canonical(tag, target, (*source, *rest), where)
+            if not removed and not holders:
+                self.error(
+                    where,
+                    f"tag {tag} mapping {target}: null removes nothing: the {dest.type} "
+                    f"mapping sends no {target} and nothing that holds it",
+                )
         return tuple(fields)
+
+    def _check_canonical(
+        self, tag: str, target: str, source: tuple[str, ...], where: Position
+    ) -> None:
+        """Warn when a removed field is read from a user_data field the event never has."""
+        if len(source) == 2 and source[0] == "user_data" and source[1] not in _USER_DATA_FIELDS:
+            known = ", ".join(sorted(_USER_DATA_FIELDS))
+            self.warn(
+                where,
+                f"tag {tag} mapping {target}: null removes user_data.{source[1]}, which is "
+                f"no field of the event (user_data fields: {known})",
+            )
 
     def compile_tests(self, tag_names: set[str]) -> list[RuleTest]:
         out = []
@@ -499,6 +540,27 @@ class _Compiler:
                     )
             out.append(RuleTest(spec["name"], spec["event"], spec["expect"], entry.at()))
         return out
+
+
+def _without(get: Getter, path: tuple[str, ...]) -> Getter:
+    """``get``, with the value at ``path`` (keys of nested objects) removed from its result."""
+
+    def without(event: Any) -> Any:
+        return _drop(get(event), path)
+
+    return without
+
+
+def _drop(value: Any, path: tuple[str, ...]) -> Any:
+    """A copy of ``value`` without ``path``; the original (part of the event) is never changed."""
+    if not isinstance(value, dict) or path[0] not in value:
+        return value
+    out = dict(value)
+    if len(path) == 1:
+        del out[path[0]]
+    else:
+        out[path[0]] = _drop(out[path[0]], path[1:])
+    return out
 
 
 def _requirement(raw: Any) -> Requirement:
