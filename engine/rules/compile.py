@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jmespath
-import jmespath.exceptions
 import jsonschema
 
 from destinations import registry
@@ -25,14 +23,17 @@ from engine.consent import Requirement
 from engine.errors import PluginError, RulesError
 from engine.event import EVENT_SCHEMA
 from engine.expr import (
+    VARIABLE,
     ExpressionError,
     Field,
     Getter,
-    compile_expression,
     compile_mapping,
+    compile_tree,
     constant,
     path_of,
 )
+from engine.rules import expressions
+from engine.rules.expressions import Variable
 from engine.rules.model import (
     Condition,
     Container,
@@ -86,8 +87,7 @@ class _Compiler:
     triggers: dict[str, _Entry] = field(default_factory=dict)
     tags: list[_Entry] = field(default_factory=list)
     tests: list[_Entry] = field(default_factory=list)
-    _var_getters: dict[str, Getter] = field(default_factory=dict)
-    _var_sources: dict[str, str | None] = field(default_factory=dict)
+    _variables: dict[str, Variable] = field(default_factory=dict)
     _resolving: list[str] = field(default_factory=list)
 
     def error(self, where: Position, message: str) -> None:
@@ -131,30 +131,31 @@ class _Compiler:
 
     def expression(self, source: str, where: Position, what: str) -> Getter | None:
         """Compile an expression that may use $variables; report problems at ``where``."""
+        found = self.parsed(source, where, what)
+        return None if found is None else found.get
+
+    def parsed(self, source: str, where: Position, what: str) -> Variable | None:
+        """An expression's getter and syntax tree (as an unnamed :class:`Variable`), or None
+        with its problems reported at ``where``."""
         whole = _VAR_REF.fullmatch(source.strip())
         if whole:
             return self.variable(whole.group(1), where)
-        text = source
-        for name in dict.fromkeys(_VAR_REF.findall(source)):
-            if self.variable(name, where) is None:
+        variables: dict[str, Variable] = {}
+        for name in expressions.references(source):
+            var = self.variable(name, where)
+            if var is None:
                 return None
-            sub = self._var_sources.get(name)
-            if sub is None:
-                self.error(
-                    where, f"lookup table ${name} can only be used on its own, not inside {what}"
-                )
-                return None
-            replacement = f"({sub})".replace("\\", "\\\\")
-            text = re.sub(rf"\${re.escape(name)}\b", replacement, text)
+            variables[name] = var
         try:
-            return compile_expression(text)
+            tree = expressions.parse(source, variables)
+            return Variable("", compile_tree(tree), tree)
         except ExpressionError as exc:
             self.error(where, f"{what}: {exc}")
             return None
 
-    def variable(self, name: str, where: Position) -> Getter | None:
-        if name in self._var_getters:
-            return self._var_getters[name]
+    def variable(self, name: str, where: Position) -> Variable | None:
+        if name in self._variables:
+            return self._variables[name]
         entry = self.variables.get(name)
         if entry is None:
             known = ", ".join(sorted(self.variables)) or "none defined"
@@ -170,31 +171,23 @@ class _Compiler:
             return None
         self._resolving.append(name)
         try:
-            getter = self._compile_variable(name, entry)
+            var = self._compile_variable(name, entry)
         finally:
             self._resolving.pop()
-        if getter is not None:
-            self._var_getters[name] = getter
-        return getter
+        if var is not None:
+            self._variables[name] = var
+        return var
 
-    def _compile_variable(self, name: str, entry: _Entry) -> Getter | None:
+    def _compile_variable(self, name: str, entry: _Entry) -> Variable | None:
         value = entry.value
         if isinstance(value, str):
-            getter = self.expression(value, entry.at(), f"variable ${name}")
-            if getter is not None:
-                refs = _VAR_REF.findall(value)
-                # An alias of a lookup table is itself only known per event.
-                per_event = any(self._var_sources.get(ref) is None for ref in refs)
-                self._var_sources[name] = (
-                    None if per_event else _expand_source(value, self._var_sources)
-                )
-            return getter
+            found = self.parsed(value, entry.at(), f"variable ${name}")
+            return None if found is None else Variable(name, found.get, found.tree)
         source = self.expression(value["lookup"], entry.at("lookup"), f"lookup ${name}")
         if source is None:
             return None
         table = {str(k): v for k, v in value["table"].items()}
         default = value.get("default")
-        self._var_sources[name] = None
 
         def lookup(event: Any) -> Any:
             key = source(event)
@@ -204,7 +197,7 @@ class _Compiler:
                 key = str(key).lower()
             return table.get(str(key), default)
 
-        return lookup
+        return Variable(name, lookup)  # no tree: its value is only known per event
 
     # -- sections -------------------------------------------------------------------------------
 
@@ -336,11 +329,11 @@ class _Compiler:
                 raw = spec.get(kind)
                 for i, source in enumerate([raw] if isinstance(raw, str) else raw or []):
                     where = entry.at(kind, i) if isinstance(raw, list) else entry.at(kind)
-                    getter = self.expression(source, where, f"trigger {name} {kind}")
-                    if getter is None:
+                    found = self.parsed(source, where, f"trigger {name} {kind}")
+                    if found is None:
                         continue
-                    conds[kind].append(Condition(source, getter))
-                    self._check_reachable(name, kind, source, getter, names, where)
+                    conds[kind].append(Condition(source, found.get))
+                    self._check_reachable(name, kind, source, found, names, where)
             out[name] = Trigger(name, names, tuple(conds["when"]), tuple(conds["unless"]))
         return out
 
@@ -349,21 +342,15 @@ class _Compiler:
         trigger: str,
         kind: str,
         source: str,
-        getter: Getter,
+        expression: Variable,
         names: frozenset[str] | None,
         where: Position,
     ) -> None:
-        if any(self._var_sources.get(v) is None for v in _VAR_REF.findall(source)):
-            return  # a lookup table's value is only known per event
-        expanded = _expand_source(source, self._var_sources)
-        try:
-            tree = jmespath.compile(expanded).parsed if expanded else None
-        except jmespath.exceptions.JMESPathError:
-            return
+        tree = expression.tree
         if tree is None:
-            return
+            return  # a lookup table's value is only known per event
         if not _reads_event(tree):
-            value = bool(getter({}))
+            value = bool(expression.get({}))
             if kind == "when" and not value:
                 self.error(
                     where, f"trigger {trigger} can never fire: {_quote(source)} is always false"
@@ -574,14 +561,6 @@ def _requirement(raw: Any) -> Requirement:
     )
 
 
-def _expand_source(source: str, sources: Mapping[str, str | None]) -> str:
-    def sub(match: re.Match[str]) -> str:
-        text = sources.get(match.group(1))
-        return f"({text})" if text else "`null`"
-
-    return _VAR_REF.sub(sub, source)
-
-
 def _quote(source: str) -> str:
     """An expression quoted for a message (backticks, unless it holds JMESPath literals)."""
     return f'"{source}"' if "`" in source else f"`{source}`"
@@ -591,6 +570,9 @@ def _reads_event(node: Any) -> bool:
     if isinstance(node, dict):
         if node.get("type") in ("field", "current", "identity"):
             return True
+        if node.get("type") == VARIABLE:
+            var = expressions.variable_of(node)
+            return var is None or var.tree is None or _reads_event(var.tree)
         return any(_reads_event(child) for child in node.get("children", []))
     return False
 
@@ -599,6 +581,9 @@ def _required_event_names(node: Mapping[str, Any]) -> set[str] | None:
     """Event names an expression insists on (``event_name == 'x'``, joined by ``&&``), if any."""
     kind = node.get("type")
     children = node.get("children", [])
+    var = expressions.variable_of(node)
+    if var is not None:
+        return None if var.tree is None else _required_event_names(var.tree)
     if kind == "and_expression":
         found = [_required_event_names(child) for child in children]
         sets = [s for s in found if s is not None]
