@@ -8,15 +8,17 @@ slower. Everything is compiled once, when the container loads, never per event.
 from __future__ import annotations
 
 import contextvars
+import difflib
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import jmespath
 import jmespath.exceptions
+import jmespath.functions
 import jmespath.visitor as jmespath_visitor
 
 Getter = Callable[[Any], Any]
@@ -80,7 +82,8 @@ def compile_expression(source: str) -> Getter:
     """Compile a JMESPath expression into a function of the event.
 
     Raises:
-        ExpressionError: the expression does not parse.
+        ExpressionError: the expression does not parse, or calls a function that does not exist
+            or with the wrong number of arguments.
     """
     text = source.strip()
     if _PLAIN_PATH.fullmatch(text) and not _is_keyword(text):
@@ -92,6 +95,7 @@ def compile_expression(source: str) -> Getter:
             f"invalid JMESPath expression {source!r}: {jmespath_message(exc)}"
         ) from exc
     tree: Any = compiled.parsed
+    check_functions(tree, text)
     return compile_tree(tree)
 
 
@@ -165,6 +169,48 @@ class _Interpreter(jmespath_visitor.TreeInterpreter):
 
     def visit_tagrelay_variable(self, node: dict[str, Any], value: Any) -> Any:
         return _variable_value(node, value)
+
+
+# -- functions --------------------------------------------------------------------------------
+
+_FUNCTIONS: dict[str, Any] = dict(jmespath.functions.Functions.FUNCTION_TABLE)
+
+
+def check_functions(tree: dict[str, Any], source: str) -> None:
+    """Raise ExpressionError for a call of an unknown function or with a wrong argument count.
+
+    jmespath only finds these when it evaluates the call, and a failed call is null for us,
+    so a misspelled ``lenght(...)`` would make a condition silently false forever.
+    """
+    for node in _walk(tree):
+        if node["type"] != "function_expression":
+            continue
+        name, given = node["value"], len(node["children"])
+        where = _call_position(source, name)
+        spec = _FUNCTIONS.get(name)
+        if spec is None:
+            close = difflib.get_close_matches(name, _FUNCTIONS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ExpressionError(f"unknown function {name}(){where}{hint}")
+        signature = spec["signature"]
+        variadic = bool(signature) and signature[-1].get("variadic", False)
+        wanted = len(signature)
+        if given < wanted or (given > wanted and not variadic):
+            count = f"at least {wanted}" if variadic else str(wanted)
+            noun = "argument" if wanted == 1 and not variadic else "arguments"
+            raise ExpressionError(f"{name}(){where} takes {count} {noun}, not {given}")
+
+
+def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("children", ()):
+        if isinstance(child, dict):
+            yield from _walk(child)
+
+
+def _call_position(source: str, name: str) -> str:
+    match = re.search(rf"(?<![A-Za-z0-9_$]){re.escape(name)}\s*\(", source)
+    return f" at character {match.start() + 1}" if match else ""
 
 
 _OPTIONS = jmespath.Options(dict_cls=dict)

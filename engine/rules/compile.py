@@ -361,6 +361,16 @@ class _Compiler:
                     f"trigger {trigger} can never fire: unless {_quote(source)} is always true",
                 )
             return
+        if kind == "unless" and names is not None:
+            always = _implied_by_event_names(tree)
+            if always and names <= always:
+                listed = ", ".join(sorted(names))
+                self.error(
+                    where,
+                    f"trigger {trigger} can never fire: unless {_quote(source)} is true for "
+                    f"every event it takes ([{listed}])",
+                )
+            return
         if kind == "when" and names is not None:
             wanted = _required_event_names(tree)
             if wanted is not None and not wanted & names:
@@ -399,11 +409,7 @@ class _Compiler:
                 continue
             trigs = self._trigger_refs(name, entry, "trigger", triggers)
             excs = self._trigger_refs(name, entry, "except", triggers)
-            if set(t.name for t in trigs) & set(t.name for t in excs) and len(trigs) == 1:
-                self.error(
-                    entry.at("except"),
-                    f"tag {name} can never fire: its trigger is also its exception",
-                )
+            self._check_exceptions(name, entry, trigs, excs)
             fields = self._mapping(name, entry, dest)
             event_name = None
             if "event_name" in spec:
@@ -436,6 +442,35 @@ class _Compiler:
             if trig_name not in used_triggers:
                 self.warn(trig_entry.at(), f"trigger {trig_name} is not used by any tag")
         return out
+
+    def _check_exceptions(
+        self, tag: str, entry: _Entry, trigs: list[Trigger], excs: list[Trigger]
+    ) -> None:
+        """A tag whose exceptions block every event its triggers take can never fire."""
+        if not trigs:
+            return
+        names = {t.name for t in trigs}
+        if names <= {t.name for t in excs}:
+            what = (
+                "its trigger is also its exception"
+                if len(names) == 1
+                else "each of its triggers is also one of its exceptions"
+            )
+            self.error(entry.at("except"), f"tag {tag} can never fire: {what}")
+            return
+        takes: set[str] = set()
+        for trig in trigs:
+            if trig.events is None:
+                return  # any event name: an exception for some names leaves others
+            takes |= trig.events
+        for exc in excs:
+            if not exc.when and not exc.unless and (exc.events is None or takes <= exc.events):
+                self.error(
+                    entry.at("except"),
+                    f"tag {tag} can never fire: exception {exc.name} has no conditions and "
+                    f"takes every event its triggers take ([{', '.join(sorted(takes))}])",
+                )
+                return
 
     def _trigger_refs(
         self, tag: str, entry: _Entry, key: str, triggers: Mapping[str, Trigger]
@@ -617,6 +652,31 @@ def _missing_required(err: jsonschema.ValidationError) -> str | None:
         return None
     names = err.validator_value if isinstance(err.validator_value, list) else []
     return next((str(n) for n in names if n not in err.instance), None)
+
+
+def _implied_by_event_names(node: Mapping[str, Any]) -> set[str] | None:
+    """Event names for which an expression is certainly true (``event_name == 'x'``, joined by
+    ``||`` or ``&&``), if it can tell."""
+    kind = node.get("type")
+    children = node.get("children", [])
+    var = expressions.variable_of(node)
+    if var is not None:
+        return None if var.tree is None else _implied_by_event_names(var.tree)
+    if kind == "or_expression":
+        found = [_implied_by_event_names(child) for child in children]
+        sets = [s for s in found if s is not None]
+        return set().union(*sets) if sets else None
+    if kind == "and_expression":
+        found = [_implied_by_event_names(child) for child in children]
+        if any(s is None for s in found):
+            return None
+        result = found[0] or set()
+        for s in found[1:]:
+            result = result & (s or set())
+        return result
+    if kind == "comparator":
+        return _required_event_names(node)  # one equality: needed and enough
+    return None
 
 
 def _best_alternative(err: jsonschema.ValidationError) -> jsonschema.ValidationError:

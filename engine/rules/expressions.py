@@ -26,6 +26,7 @@ from engine.expr import (
     VARIABLE,
     ExpressionError,
     Getter,
+    check_functions,
     compile_tree,
     jmespath_message,
     variable_node,
@@ -91,7 +92,8 @@ def parse(source: str, variables: Mapping[str, Variable]) -> dict[str, Any]:
     """The syntax tree of ``source`` with each ``$name`` a variable node.
 
     Raises:
-        ExpressionError: the expression does not parse, or uses ``$name`` where no value can go.
+        ExpressionError: the expression does not parse, uses ``$name`` where no value can go,
+            or calls an unknown function or one with the wrong number of arguments.
     """
     refs = _references(source)
     unique = dict.fromkeys(ref.name for ref in refs)
@@ -124,6 +126,7 @@ def parse(source: str, variables: Mapping[str, Variable]) -> dict[str, Any]:
         ) from exc
     by_placeholder = {placeholder: variables[name] for name, placeholder in names.items()}
     rewritten: dict[str, Any] = _rewrite(tree, by_placeholder, at_root=True)
+    check_functions(rewritten, source)
     return rewritten
 
 
