@@ -43,7 +43,7 @@ from engine.rules.model import (
     Tag,
     Trigger,
 )
-from engine.rules.schema import RULES_SCHEMA
+from engine.rules.schema import RULES_SCHEMA, VARIABLE_NAME_PATTERN
 from engine.rules.source import Document, Position, Problem, parse_yaml, rule_files
 
 _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(RULES_SCHEMA)
@@ -318,6 +318,12 @@ class _Compiler:
             names: frozenset[str] | None
             if events is None or events in ("*", ["*"]):
                 names = None
+            elif isinstance(events, list) and "*" in events:
+                names = None
+                self.warn(
+                    entry.at("event"),
+                    f"trigger {name}: '*' takes every event; the other names add nothing",
+                )
             else:
                 names = frozenset([events] if isinstance(events, str) else events)
                 if not names:
@@ -697,6 +703,8 @@ def _error_position(
     """Where a schema error points: an unknown key at the key itself, else at the value."""
     err = _best_alternative(err)
     path: tuple[str | int, ...] = (*base, *err.absolute_path)
+    if "propertyNames" in err.relative_schema_path and isinstance(err.instance, str):
+        return doc.key_at(*path, err.instance)  # a bad name: at the name itself
     if err.validator == "additionalProperties" and isinstance(err.instance, dict):
         allowed = err.schema.get("properties", {}) if isinstance(err.schema, Mapping) else {}
         extra = sorted(set(err.instance) - set(allowed))
@@ -719,6 +727,12 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         best = _best_alternative(err)
         return _schema_message(best) if best is not err else prefix + err.message
     schema: Mapping[str, Any] = err.schema if isinstance(err.schema, Mapping) else {}
+    if err.validator == "pattern" and schema.get("pattern") == VARIABLE_NAME_PATTERN:
+        usable = re.sub(r"\W", "_", str(err.instance))
+        return (
+            f"{prefix}{err.instance!r} is not a valid variable name: it is used as $name, so "
+            f"letters, digits and _ only, not starting with a digit (e.g. {usable})"
+        )
     if (
         err.validator == "pattern"
         and isinstance(err.instance, str)
