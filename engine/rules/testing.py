@@ -10,6 +10,7 @@ from typing import Any
 
 from engine import event as events
 from engine.errors import BadRequest
+from engine.identity import apply_ip_policy
 from engine.rules.model import Container, RuleTest
 from engine.store.base import Decision
 
@@ -55,15 +56,29 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def run_test(container: Container, test: RuleTest, now: datetime | None = None) -> TestResult:
-    """Evaluate one test's event and compare with its expectations."""
+def run_test(
+    container: Container,
+    test: RuleTest,
+    now: datetime | None = None,
+    ip_storage: str = "consent",
+) -> TestResult:
+    """Evaluate one test's event as the server would and compare with its expectations.
+
+    ``ip_storage`` is the server's IP policy (``TAGRELAY_IP_STORAGE``), applied to the event
+    before the rules see it, as intake and ``tagrelay preview`` do.
+    """
     result = TestResult(test)
+    now = now or datetime.now(UTC)
     try:
-        event = events.normalize(dict(test.event), now or datetime.now(UTC))
+        event = events.normalize(dict(test.event), now)
     except BadRequest as exc:
         result.differences.append(f"the test event is invalid: {exc}")
         return result
-    decisions: dict[str, Decision] = {d.tag: d for d in container.evaluate(event, explain=True)}
+    consent = container.consent(event)
+    apply_ip_policy(event, ip_storage, consent.granted)
+    decisions: dict[str, Decision] = {
+        d.tag: d for d in container.evaluate(event, explain=True, now=now, consent=consent)
+    }
     for tag, expect in test.expect.items():
         got = decisions.get(tag)
         if got is None:
@@ -90,6 +105,6 @@ def run_test(container: Container, test: RuleTest, now: datetime | None = None) 
     return result
 
 
-def run_tests(container: Container) -> list[TestResult]:
-    """Run every test of the container."""
-    return [run_test(container, test) for test in container.tests]
+def run_tests(container: Container, ip_storage: str = "consent") -> list[TestResult]:
+    """Run every test of the container (``ip_storage``: see :func:`run_test`)."""
+    return [run_test(container, test, ip_storage=ip_storage) for test in container.tests]
