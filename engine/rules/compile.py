@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -566,7 +567,9 @@ class _Compiler:
                         entry.at("expect", tag_name),
                         f"test {spec['name']!r}: unknown tag {tag_name!r} (tags: {known})",
                     )
-            out.append(RuleTest(spec["name"], spec["event"], spec["expect"], entry.at()))
+            out.append(
+                RuleTest(spec["name"], _iso_times(spec["event"]), spec["expect"], entry.at())
+            )
         return out
 
 
@@ -589,6 +592,24 @@ def _drop(value: Any, path: tuple[str, ...]) -> Any:
     else:
         out[path[0]] = _drop(out[path[0]], path[1:])
     return out
+
+
+def _iso_times(value: Any) -> Any:
+    """``value`` with YAML timestamps (``2026-01-20T14:30:45Z`` unquoted) as ISO 8601 text.
+
+    A test event is written in YAML but stands for JSON, which has no time type.
+    """
+    if isinstance(value, dict):
+        return {k: _iso_times(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_iso_times(v) for v in value]
+    if isinstance(value, datetime):
+        # YAML reads a time without an offset as UTC; PyYAML leaves it naive.
+        aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return aware.isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
 
 
 def _requirement(raw: Any) -> Requirement:

@@ -33,14 +33,21 @@ def _show(value: Any) -> str:
 
 
 def subset_differences(expected: Any, actual: Any, path: str) -> list[str]:
-    """Where ``actual`` does not contain ``expected`` (objects by key, other values equal)."""
+    """Where ``actual`` does not contain ``expected`` (objects by key, other values equal).
+
+    An expected ``null`` under an object's key means the key must be absent (or null): the
+    payload never carries nulls of its own, so that is how a test says "not sent".
+    """
     if isinstance(expected, Mapping):
         if not isinstance(actual, Mapping):
             return [f"{path}: expected an object, got {_show(actual)}"]
         out: list[str] = []
         for key, value in expected.items():
             sub = f"{path}.{key}"
-            if key not in actual:
+            if value is None:
+                if actual.get(key) is not None:
+                    out.append(f"{sub}: expected to be absent, got {_show(actual[key])}")
+            elif key not in actual:
                 out.append(f"{sub}: expected {_show(value)}, but it is missing")
             else:
                 out.extend(subset_differences(value, actual[key], sub))
