@@ -70,7 +70,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     container = _load(Path(args.path))
     if container is None:
         return 1
-    results = run_tests(container)
+    # The server's IP policy applies before the rules, so the tests see what it would send.
+    results = run_tests(container, ip_storage=_settings(args).ip_storage)
     failed = [r for r in results if not r.passed]
     for result in results:
         mark = "ok  " if result.passed else "FAIL"

@@ -10,6 +10,10 @@ anonymous copy (``anonymous``). Three outcomes follow (``seeds/001``):
   event goes out stripped of identifiers (no user_data, no user ID, no click IDs, IP truncated).
 - ``BLOCKED``: neither; the event stays stored and is not forwarded.
 
+A tag with ``anonymous`` purposes and nothing to ``require`` only ever sends anonymously: it is
+``ANONYMOUS`` when its anonymous purposes are granted and ``BLOCKED`` otherwise, never ``FULL``
+(a tag that asks for an anonymous copy does not want the identifiers at all).
+
 A purpose the event does not mention counts as denied unless the container's defaults say
 otherwise. Every decision carries its reason, which is stored with the event.
 """
@@ -165,11 +169,23 @@ def decide(
         granted: purposes granted by the event (defaults applied).
         mentioned: purposes the event states at all, to tell "denied" from "no signal".
     """
+
+    def denied(purposes: list[str]) -> str:
+        return ", ".join(p if p in mentioned else f"{p} (no signal)" for p in purposes)
+
+    if not requirement.require and requirement.anonymous is not None:
+        # Only anonymous forwarding was asked for: never the identifiers.
+        anon_missing = sorted(requirement.anonymous - granted)
+        if anon_missing:
+            return Decision(Verdict.BLOCKED, f"consent denied: {denied(anon_missing)}")
+        return Decision(
+            Verdict.ANONYMOUS, "forwarded without identifiers: the tag is anonymous only"
+        )
     missing = sorted(requirement.require - granted)
     if not missing:
         needed = ", ".join(sorted(requirement.require)) or "nothing"
         return Decision(Verdict.FULL, f"consent granted (requires {needed})")
-    why = ", ".join(p if p in mentioned else f"{p} (no signal)" for p in missing)
+    why = denied(missing)
     if requirement.anonymous is not None:
         anon_missing = sorted(requirement.anonymous - granted)
         if not anon_missing:

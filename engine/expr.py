@@ -7,15 +7,18 @@ slower. Everything is compiled once, when the container loads, never per event.
 
 from __future__ import annotations
 
+import contextvars
+import difflib
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import jmespath
 import jmespath.exceptions
+import jmespath.functions
 import jmespath.visitor as jmespath_visitor
 
 Getter = Callable[[Any], Any]
@@ -79,7 +82,8 @@ def compile_expression(source: str) -> Getter:
     """Compile a JMESPath expression into a function of the event.
 
     Raises:
-        ExpressionError: the expression does not parse.
+        ExpressionError: the expression does not parse, or calls a function that does not exist
+            or with the wrong number of arguments.
     """
     text = source.strip()
     if _PLAIN_PATH.fullmatch(text) and not _is_keyword(text):
@@ -88,22 +92,125 @@ def compile_expression(source: str) -> Getter:
         compiled = jmespath.compile(text)
     except jmespath.exceptions.JMESPathError as exc:
         raise ExpressionError(
-            f"invalid JMESPath expression {source!r}: {_jmespath_msg(exc)}"
+            f"invalid JMESPath expression {source!r}: {jmespath_message(exc)}"
         ) from exc
     tree: Any = compiled.parsed
+    check_functions(tree, text)
+    return compile_tree(tree)
+
+
+def compile_tree(tree: dict[str, Any]) -> Getter:
+    """Compile a parsed expression (jmespath's syntax tree, maybe with variable nodes)."""
     getter = _closure(tree)
-    if not _may_raise(tree):
-        return getter  # nothing to catch: saves a call per evaluation
+    if _may_raise(tree):
+        safe = getter
 
-    def search(data: Any) -> Any:
-        try:
-            return getter(data)
-        except Exception:  # noqa: BLE001 - jmespath raises bare TypeErrors too, e.g. for 'a' > 1
-            # A type error at run time (e.g. comparing a string to a number) means "no value",
-            # the same as a missing field; it must never fail the event.
-            return None
+        def search(data: Any) -> Any:
+            try:
+                return safe(data)
+            except Exception:  # noqa: BLE001 - jmespath raises bare TypeErrors too, e.g. 'a' > 1
+                # A type error at run time (e.g. comparing a string to a number) means "no
+                # value", the same as a missing field; it must never fail the event.
+                return None
 
-    return search
+        getter = search
+    if _reads_root(tree):
+        inner = getter
+
+        def rooted(event: Any) -> Any:
+            token = _ROOT.set(event)
+            try:
+                return inner(event)
+            finally:
+                _ROOT.reset(token)
+
+        getter = rooted
+    return getter
+
+
+# -- variables --------------------------------------------------------------------------------
+#
+# A variable node stands for a named expression's value for the whole event, wherever it sits
+# in another expression (``items[?price < $min_price]`` compares each item's price with the
+# event's minimum). Its ``get`` is the variable's getter. Where the node is evaluated against
+# the event itself (``at_root``: not inside a projection, filter, function reference or the
+# right side of a ``.`` or ``|``), it is just that getter; elsewhere it reads the event an
+# enclosing getter was called with, which :func:`compile_tree` keeps in ``_ROOT``.
+
+VARIABLE = "tagrelay_variable"
+_ROOT: contextvars.ContextVar[Any] = contextvars.ContextVar("tagrelay_event")
+
+
+def variable_node(name: str, get: Getter, at_root: bool, **extra: Any) -> dict[str, Any]:
+    """A syntax-tree node for the value of variable ``name`` (``get``) for the event."""
+    return {
+        "type": VARIABLE,
+        "value": name,
+        "children": [],
+        "get": get,
+        "at_root": at_root,
+        **extra,
+    }
+
+
+def _reads_root(node: dict[str, Any]) -> bool:
+    if node["type"] == VARIABLE:
+        return not node["at_root"]
+    return any(isinstance(c, dict) and _reads_root(c) for c in node.get("children", ()))
+
+
+def _variable_value(node: dict[str, Any], current: Any) -> Any:
+    get: Getter = node["get"]
+    return get(current) if node["at_root"] else get(_ROOT.get())
+
+
+class _Interpreter(jmespath_visitor.TreeInterpreter):
+    """jmespath's interpreter, which also evaluates variable nodes."""
+
+    def visit_tagrelay_variable(self, node: dict[str, Any], value: Any) -> Any:
+        return _variable_value(node, value)
+
+
+# -- functions --------------------------------------------------------------------------------
+
+_FUNCTIONS: dict[str, Any] = dict(jmespath.functions.Functions.FUNCTION_TABLE)
+
+
+def check_functions(tree: dict[str, Any], source: str) -> None:
+    """Raise ExpressionError for a call of an unknown function or with a wrong argument count.
+
+    jmespath only finds these when it evaluates the call, and a failed call is null for us,
+    so a misspelled ``lenght(...)`` would make a condition silently false forever.
+    """
+    for node in _walk(tree):
+        if node["type"] != "function_expression":
+            continue
+        name, given = node["value"], len(node["children"])
+        where = _call_position(source, name)
+        spec = _FUNCTIONS.get(name)
+        if spec is None:
+            close = difflib.get_close_matches(name, _FUNCTIONS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ExpressionError(f"unknown function {name}(){where}{hint}")
+        signature = spec["signature"]
+        variadic = bool(signature) and signature[-1].get("variadic", False)
+        wanted = len(signature)
+        if given < wanted or (given > wanted and not variadic):
+            count = f"at least {wanted}" if variadic else str(wanted)
+            noun = "argument" if wanted == 1 and not variadic else "arguments"
+            raise ExpressionError(f"{name}(){where} takes {count} {noun}, not {given}")
+
+
+def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("children", ()):
+        if isinstance(child, dict):
+            yield from _walk(child)
+
+
+def _call_position(source: str, name: str) -> str:
+    match = re.search(rf"(?<![A-Za-z0-9_$]){re.escape(name)}\s*\(", source)
+    return f" at character {match.start() + 1}" if match else ""
 
 
 _OPTIONS = jmespath.Options(dict_cls=dict)
@@ -125,6 +232,11 @@ def _closure(node: dict[str, Any]) -> Getter:
     together on generated data.
     """
     kind = node["type"]
+    if kind == VARIABLE:
+        get: Getter = node["get"]
+        if node["at_root"]:
+            return get
+        return lambda _v: get(_ROOT.get())
     steps = _steps(node)
     if steps is not None and steps:
         # A chain of fields and indexes (``a.b[0].c``): JMESPath's field step is "v.get(key)
@@ -238,7 +350,7 @@ def _closure(node: dict[str, Any]) -> Getter:
         return _select_dict(node["children"])
     if kind == "multi_select_list":
         return lambda v: None if v is None else [get(v) for get in children]
-    interpreter = jmespath_visitor.TreeInterpreter(_OPTIONS)
+    interpreter = _Interpreter(_OPTIONS)
     tree: Any = node
     return lambda v: interpreter.visit(tree, v)
 
@@ -251,6 +363,8 @@ def _may_raise(node: dict[str, Any]) -> bool:
     a TypeError), and so can whatever is left to jmespath's interpreter (functions, ...).
     """
     kind = node["type"]
+    if kind == VARIABLE:
+        return False  # a variable's getter is itself compiled safe
     if kind not in _COMPILED and kind not in ("multi_select_dict", "key_val_pair"):
         return True
     if kind == "comparator" and node["value"] in _COMPARE:
@@ -388,14 +502,23 @@ def _is_keyword(text: str) -> bool:
     return text in {"true", "false", "null"}
 
 
-def _jmespath_msg(exc: Exception) -> str:
+def jmespath_message(exc: Exception, position: Callable[[int], int] = lambda p: p) -> str:
+    """A jmespath error in words, with the 1-based character it points at.
+
+    ``position`` maps a 0-based position in the parsed text to one in the text the writer
+    wrote (they differ when ``$variables`` were replaced before parsing).
+    """
     if isinstance(exc, jmespath.exceptions.IncompleteExpressionError):
         return "the expression ends too early"
     if isinstance(exc, jmespath.exceptions.LexerError):
         what = getattr(exc, "message", "") or "unreadable text"
-        return f"{what} at character {getattr(exc, 'lexer_position', 0) + 1}"
+        return f"{what} at character {position(getattr(exc, 'lexer_position', 0)) + 1}"
     if isinstance(exc, jmespath.exceptions.ParseError):
-        where = f" at character {exc.lex_position + 1}" if exc.lex_position is not None else ""
+        where = (
+            f" at character {position(exc.lex_position) + 1}"
+            if exc.lex_position is not None
+            else ""
+        )
         return f"{exc.msg}{where}"
     msg = str(exc).strip().splitlines()
     return msg[0] if msg else type(exc).__name__

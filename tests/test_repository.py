@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from engine.cli import build_parser
+from engine.rules import compile_container
 from engine.rules.schema import RULES_SCHEMA
+from engine.rules.testing import run_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +36,17 @@ def test_every_cli_command_in_the_readme_exists() -> None:
         if "`tagrelay " in line
     }
     assert mentioned <= commands, mentioned - commands
+
+
+def test_the_readme_rule_example_checks_clean_and_its_tests_pass(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = readme.split("```yaml\n")[1:]
+    example = next(b.split("```", 1)[0] for b in blocks if b.startswith("settings:"))
+    (tmp_path / "rules.yaml").write_text(example)
+
+    container, problems = compile_container(tmp_path, {"META_ACCESS_TOKEN": "token"})
+
+    assert container is not None, "\n".join(map(str, problems))
+    assert "test_event_code" not in container.destinations["meta"].adapter.settings
+    failed = [r.differences for r in run_tests(container) if not r.passed]
+    assert not failed

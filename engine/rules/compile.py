@@ -13,24 +13,28 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-import jmespath
-import jmespath.exceptions
 import jsonschema
 
 from destinations import registry
 from engine.consent import Requirement
 from engine.errors import PluginError, RulesError
+from engine.event import EVENT_SCHEMA
 from engine.expr import (
+    VARIABLE,
     ExpressionError,
     Field,
     Getter,
-    compile_expression,
     compile_mapping,
+    compile_tree,
     constant,
+    path_of,
 )
+from engine.rules import expressions
+from engine.rules.expressions import Variable
 from engine.rules.model import (
     Condition,
     Container,
@@ -40,7 +44,7 @@ from engine.rules.model import (
     Tag,
     Trigger,
 )
-from engine.rules.schema import RULES_SCHEMA
+from engine.rules.schema import RULES_SCHEMA, VARIABLE_NAME_PATTERN
 from engine.rules.source import Document, Position, Problem, parse_yaml, rule_files
 
 _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(RULES_SCHEMA)
@@ -49,6 +53,7 @@ _VAR_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENGINE_KEYS = ("type", "enabled", "delivery")
+_USER_DATA_FIELDS = frozenset(EVENT_SCHEMA["properties"]["user_data"]["properties"])
 
 
 def parse_duration(value: Any) -> float:
@@ -83,8 +88,7 @@ class _Compiler:
     triggers: dict[str, _Entry] = field(default_factory=dict)
     tags: list[_Entry] = field(default_factory=list)
     tests: list[_Entry] = field(default_factory=list)
-    _var_getters: dict[str, Getter] = field(default_factory=dict)
-    _var_sources: dict[str, str | None] = field(default_factory=dict)
+    _variables: dict[str, Variable] = field(default_factory=dict)
     _resolving: list[str] = field(default_factory=list)
 
     def error(self, where: Position, message: str) -> None:
@@ -128,30 +132,31 @@ class _Compiler:
 
     def expression(self, source: str, where: Position, what: str) -> Getter | None:
         """Compile an expression that may use $variables; report problems at ``where``."""
+        found = self.parsed(source, where, what)
+        return None if found is None else found.get
+
+    def parsed(self, source: str, where: Position, what: str) -> Variable | None:
+        """An expression's getter and syntax tree (as an unnamed :class:`Variable`), or None
+        with its problems reported at ``where``."""
         whole = _VAR_REF.fullmatch(source.strip())
         if whole:
             return self.variable(whole.group(1), where)
-        text = source
-        for name in dict.fromkeys(_VAR_REF.findall(source)):
-            if self.variable(name, where) is None:
+        variables: dict[str, Variable] = {}
+        for name in expressions.references(source):
+            var = self.variable(name, where)
+            if var is None:
                 return None
-            sub = self._var_sources.get(name)
-            if sub is None:
-                self.error(
-                    where, f"lookup table ${name} can only be used on its own, not inside {what}"
-                )
-                return None
-            replacement = f"({sub})".replace("\\", "\\\\")
-            text = re.sub(rf"\${re.escape(name)}\b", replacement, text)
+            variables[name] = var
         try:
-            return compile_expression(text)
+            tree = expressions.parse(source, variables)
+            return Variable("", compile_tree(tree), tree)
         except ExpressionError as exc:
             self.error(where, f"{what}: {exc}")
             return None
 
-    def variable(self, name: str, where: Position) -> Getter | None:
-        if name in self._var_getters:
-            return self._var_getters[name]
+    def variable(self, name: str, where: Position) -> Variable | None:
+        if name in self._variables:
+            return self._variables[name]
         entry = self.variables.get(name)
         if entry is None:
             known = ", ".join(sorted(self.variables)) or "none defined"
@@ -167,31 +172,23 @@ class _Compiler:
             return None
         self._resolving.append(name)
         try:
-            getter = self._compile_variable(name, entry)
+            var = self._compile_variable(name, entry)
         finally:
             self._resolving.pop()
-        if getter is not None:
-            self._var_getters[name] = getter
-        return getter
+        if var is not None:
+            self._variables[name] = var
+        return var
 
-    def _compile_variable(self, name: str, entry: _Entry) -> Getter | None:
+    def _compile_variable(self, name: str, entry: _Entry) -> Variable | None:
         value = entry.value
         if isinstance(value, str):
-            getter = self.expression(value, entry.at(), f"variable ${name}")
-            if getter is not None:
-                refs = _VAR_REF.findall(value)
-                # An alias of a lookup table is itself only known per event.
-                per_event = any(self._var_sources.get(ref) is None for ref in refs)
-                self._var_sources[name] = (
-                    None if per_event else _expand_source(value, self._var_sources)
-                )
-            return getter
+            found = self.parsed(value, entry.at(), f"variable ${name}")
+            return None if found is None else Variable(name, found.get, found.tree)
         source = self.expression(value["lookup"], entry.at("lookup"), f"lookup ${name}")
         if source is None:
             return None
         table = {str(k): v for k, v in value["table"].items()}
         default = value.get("default")
-        self._var_sources[name] = None
 
         def lookup(event: Any) -> Any:
             key = source(event)
@@ -201,7 +198,7 @@ class _Compiler:
                 key = str(key).lower()
             return table.get(str(key), default)
 
-        return lookup
+        return Variable(name, lookup)  # no tree: its value is only known per event
 
     # -- sections -------------------------------------------------------------------------------
 
@@ -223,13 +220,26 @@ class _Compiler:
                 continue
             settings = {k: v for k, v in entry.value.items() if k not in _ENGINE_KEYS}
             before = len(self.problems)
-            settings = self._substitute(settings, entry)
+            emptied: dict[str, str] = {}
+            settings = self._substitute(settings, entry, emptied)
             if len(self.problems) > before:
                 continue  # a missing variable; its empty stand-in would only add noise
             validator = jsonschema.Draft202012Validator(cls.settings_schema)
             errors = list(validator.iter_errors(settings))
             for err in errors:
-                message = _schema_message(err, cls.secret_settings)
+                message = _setting_message(err)
+                missing = _missing_required(err)
+                if (
+                    missing is not None
+                    and ".".join([*map(str, err.absolute_path), missing]) in emptied
+                ):
+                    setting = ".".join([*map(str, err.absolute_path), missing])
+                    self.error(
+                        entry.at(*err.absolute_path, missing),
+                        f"destination {name} ({type_name}): {setting} is required, but "
+                        f"{emptied[setting]} is empty",
+                    )
+                    continue
                 self.error(
                     _error_position(entry.doc, entry.path, err),
                     f"destination {name} ({type_name}): {message}",
@@ -239,8 +249,9 @@ class _Compiler:
             try:
                 adapter = cls(settings)
             except Exception as exc:  # noqa: BLE001 - a plugin's constructor is foreign code
+                reason = _redact(str(exc), settings, cls.secret_settings)
                 self.error(
-                    entry.at(), f"destination {name} ({type_name}) rejected its settings: {exc}"
+                    entry.at(), f"destination {name} ({type_name}) rejected its settings: {reason}"
                 )
                 continue
             delivery = entry.value.get("delivery") or {}
@@ -256,11 +267,30 @@ class _Compiler:
             )
         return out
 
-    def _substitute(self, value: Any, entry: _Entry, path: tuple[str | int, ...] = ()) -> Any:
+    def _substitute(
+        self,
+        value: Any,
+        entry: _Entry,
+        emptied: dict[str, str],
+        path: tuple[str | int, ...] = (),
+    ) -> Any:
+        """``value`` with ``${VAR}`` references replaced from the environment.
+
+        A setting whose whole text comes from the environment and comes out empty
+        (``${VAR:-}`` with VAR unset or empty) is left out, as if it were not written; its
+        dotted path and text go into ``emptied`` so a required one can be explained.
+        """
         if isinstance(value, dict):
-            return {k: self._substitute(v, entry, (*path, k)) for k, v in value.items()}
+            out = {}
+            for key, item in value.items():
+                sub = self._substitute(item, entry, emptied, (*path, key))
+                if sub == "" and isinstance(item, str) and item:
+                    emptied[".".join(map(str, (*path, key)))] = item
+                    continue
+                out[key] = sub
+            return out
         if isinstance(value, list):
-            return [self._substitute(v, entry, (*path, i)) for i, v in enumerate(value)]
+            return [self._substitute(v, entry, emptied, (*path, i)) for i, v in enumerate(value)]
         if not isinstance(value, str) or "${" not in value:
             return value
 
@@ -268,10 +298,11 @@ class _Compiler:
             escaped, var, default = match.groups()
             if escaped:
                 return match.group(0)[1:]
-            if var in self.env:
-                return self.env[var]
+            found = self.env.get(var)
             if default is not None:
-                return default
+                return found or default  # as in the shell: the default when unset or empty
+            if found is not None:
+                return found
             self.error(
                 entry.at(*path),
                 f"environment variable {var} is not set (write ${{{var}:-default}} for a default)",
@@ -288,6 +319,12 @@ class _Compiler:
             names: frozenset[str] | None
             if events is None or events in ("*", ["*"]):
                 names = None
+            elif isinstance(events, list) and "*" in events:
+                names = None
+                self.warn(
+                    entry.at("event"),
+                    f"trigger {name}: '*' takes every event; the other names add nothing",
+                )
             else:
                 names = frozenset([events] if isinstance(events, str) else events)
                 if not names:
@@ -299,11 +336,11 @@ class _Compiler:
                 raw = spec.get(kind)
                 for i, source in enumerate([raw] if isinstance(raw, str) else raw or []):
                     where = entry.at(kind, i) if isinstance(raw, list) else entry.at(kind)
-                    getter = self.expression(source, where, f"trigger {name} {kind}")
-                    if getter is None:
+                    found = self.parsed(source, where, f"trigger {name} {kind}")
+                    if found is None:
                         continue
-                    conds[kind].append(Condition(source, getter))
-                    self._check_reachable(name, kind, source, getter, names, where)
+                    conds[kind].append(Condition(source, found.get))
+                    self._check_reachable(name, kind, source, found, names, where)
             out[name] = Trigger(name, names, tuple(conds["when"]), tuple(conds["unless"]))
         return out
 
@@ -312,21 +349,15 @@ class _Compiler:
         trigger: str,
         kind: str,
         source: str,
-        getter: Getter,
+        expression: Variable,
         names: frozenset[str] | None,
         where: Position,
     ) -> None:
-        if any(self._var_sources.get(v) is None for v in _VAR_REF.findall(source)):
-            return  # a lookup table's value is only known per event
-        expanded = _expand_source(source, self._var_sources)
-        try:
-            tree = jmespath.compile(expanded).parsed if expanded else None
-        except jmespath.exceptions.JMESPathError:
-            return
+        tree = expression.tree
         if tree is None:
-            return
+            return  # a lookup table's value is only known per event
         if not _reads_event(tree):
-            value = bool(getter({}))
+            value = bool(expression.get({}))
             if kind == "when" and not value:
                 self.error(
                     where, f"trigger {trigger} can never fire: {_quote(source)} is always false"
@@ -335,6 +366,16 @@ class _Compiler:
                 self.error(
                     where,
                     f"trigger {trigger} can never fire: unless {_quote(source)} is always true",
+                )
+            return
+        if kind == "unless" and names is not None:
+            always = _implied_by_event_names(tree)
+            if always and names <= always:
+                listed = ", ".join(sorted(names))
+                self.error(
+                    where,
+                    f"trigger {trigger} can never fire: unless {_quote(source)} is true for "
+                    f"every event it takes ([{listed}])",
                 )
             return
         if kind == "when" and names is not None:
@@ -375,11 +416,7 @@ class _Compiler:
                 continue
             trigs = self._trigger_refs(name, entry, "trigger", triggers)
             excs = self._trigger_refs(name, entry, "except", triggers)
-            if set(t.name for t in trigs) & set(t.name for t in excs) and len(trigs) == 1:
-                self.error(
-                    entry.at("except"),
-                    f"tag {name} can never fire: its trigger is also its exception",
-                )
+            self._check_exceptions(name, entry, trigs, excs)
             fields = self._mapping(name, entry, dest)
             event_name = None
             if "event_name" in spec:
@@ -413,6 +450,35 @@ class _Compiler:
                 self.warn(trig_entry.at(), f"trigger {trig_name} is not used by any tag")
         return out
 
+    def _check_exceptions(
+        self, tag: str, entry: _Entry, trigs: list[Trigger], excs: list[Trigger]
+    ) -> None:
+        """A tag whose exceptions block every event its triggers take can never fire."""
+        if not trigs:
+            return
+        names = {t.name for t in trigs}
+        if names <= {t.name for t in excs}:
+            what = (
+                "its trigger is also its exception"
+                if len(names) == 1
+                else "each of its triggers is also one of its exceptions"
+            )
+            self.error(entry.at("except"), f"tag {tag} can never fire: {what}")
+            return
+        takes: set[str] = set()
+        for trig in trigs:
+            if trig.events is None:
+                return  # any event name: an exception for some names leaves others
+            takes |= trig.events
+        for exc in excs:
+            if not exc.when and not exc.unless and (exc.events is None or takes <= exc.events):
+                self.error(
+                    entry.at("except"),
+                    f"tag {tag} can never fire: exception {exc.name} has no conditions and "
+                    f"takes every event its triggers take ([{', '.join(sorted(takes))}])",
+                )
+                return
+
     def _trigger_refs(
         self, tag: str, entry: _Entry, key: str, triggers: Mapping[str, Trigger]
     ) -> list[Trigger]:
@@ -430,6 +496,7 @@ class _Compiler:
 
     def _mapping(self, tag: str, entry: _Entry, dest: DestinationInstance) -> tuple[Field, ...]:
         overrides: dict[str, Any] = entry.value.get("mapping") or {}
+        default_targets = list(dest.adapter.default_mapping)
         defaults = compile_mapping(
             {
                 target: source
@@ -438,11 +505,12 @@ class _Compiler:
             }
         )
         fields = list(defaults)
+        removals: list[tuple[str, Position]] = []
         for target, source in overrides.items():
             where = entry.at("mapping", target)
             if source is None:
-                continue
-            if isinstance(source, dict):
+                removals.append((target, where))
+            elif isinstance(source, dict):
                 fields.append(Field(tuple(target.split(".")), constant(source["value"])))
             elif isinstance(source, str):
                 getter = self.expression(source, where, f"tag {tag} mapping {target}")
@@ -450,7 +518,43 @@ class _Compiler:
                     fields.append(Field(tuple(target.split(".")), getter))
             else:
                 fields.append(Field(tuple(target.split(".")), constant(source)))
+        reads = {f.target: path_of(f.get) for f in fields}
+        for target, where in removals:
+            parts = tuple(target.split("."))
+            # A default of exactly this target, or below it, was left out above. A field that
+            # sends a whole object holding it (the webhook's ``user_data: user_data``) sends it
+            # still: that field now removes it from its value.
+            removed = any(t == target or t.startswith(target + ".") for t in default_targets)
+            holders = [
+                i
+                for i, f in enumerate(fields)
+                if len(f.target) < len(parts) and parts[: len(f.target)] == f.target
+            ]
+            for i in holders:
+                rest = parts[len(fields[i].target) :]
+                fields[i] = Field(fields[i].target, _without(fields[i].get, rest))
+                source = reads.get(fields[i].target)
+                if source is not None:
+                    self._check_canonical(tag, target, (*source, *rest), where)
+            if not removed and not holders:
+                self.error(
+                    where,
+                    f"tag {tag} mapping {target}: null removes nothing: the {dest.type} "
+                    f"mapping sends no {target} and nothing that holds it",
+                )
         return tuple(fields)
+
+    def _check_canonical(
+        self, tag: str, target: str, source: tuple[str, ...], where: Position
+    ) -> None:
+        """Warn when a removed field is read from a user_data field the event never has."""
+        if len(source) == 2 and source[0] == "user_data" and source[1] not in _USER_DATA_FIELDS:
+            known = ", ".join(sorted(_USER_DATA_FIELDS))
+            self.warn(
+                where,
+                f"tag {tag} mapping {target}: null removes user_data.{source[1]}, which is "
+                f"no field of the event (user_data fields: {known})",
+            )
 
     def compile_tests(self, tag_names: set[str]) -> list[RuleTest]:
         out = []
@@ -463,8 +567,49 @@ class _Compiler:
                         entry.at("expect", tag_name),
                         f"test {spec['name']!r}: unknown tag {tag_name!r} (tags: {known})",
                     )
-            out.append(RuleTest(spec["name"], spec["event"], spec["expect"], entry.at()))
+            out.append(
+                RuleTest(spec["name"], _iso_times(spec["event"]), spec["expect"], entry.at())
+            )
         return out
+
+
+def _without(get: Getter, path: tuple[str, ...]) -> Getter:
+    """``get``, with the value at ``path`` (keys of nested objects) removed from its result."""
+
+    def without(event: Any) -> Any:
+        return _drop(get(event), path)
+
+    return without
+
+
+def _drop(value: Any, path: tuple[str, ...]) -> Any:
+    """A copy of ``value`` without ``path``; the original (part of the event) is never changed."""
+    if not isinstance(value, dict) or path[0] not in value:
+        return value
+    out = dict(value)
+    if len(path) == 1:
+        del out[path[0]]
+    else:
+        out[path[0]] = _drop(out[path[0]], path[1:])
+    return out
+
+
+def _iso_times(value: Any) -> Any:
+    """``value`` with YAML timestamps (``2026-01-20T14:30:45Z`` unquoted) as ISO 8601 text.
+
+    A test event is written in YAML but stands for JSON, which has no time type.
+    """
+    if isinstance(value, dict):
+        return {k: _iso_times(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_iso_times(v) for v in value]
+    if isinstance(value, datetime):
+        # YAML reads a time without an offset as UTC; PyYAML leaves it naive.
+        aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return aware.isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
 
 
 def _requirement(raw: Any) -> Requirement:
@@ -478,14 +623,6 @@ def _requirement(raw: Any) -> Requirement:
     )
 
 
-def _expand_source(source: str, sources: Mapping[str, str | None]) -> str:
-    def sub(match: re.Match[str]) -> str:
-        text = sources.get(match.group(1))
-        return f"({text})" if text else "`null`"
-
-    return _VAR_REF.sub(sub, source)
-
-
 def _quote(source: str) -> str:
     """An expression quoted for a message (backticks, unless it holds JMESPath literals)."""
     return f'"{source}"' if "`" in source else f"`{source}`"
@@ -495,6 +632,9 @@ def _reads_event(node: Any) -> bool:
     if isinstance(node, dict):
         if node.get("type") in ("field", "current", "identity"):
             return True
+        if node.get("type") == VARIABLE:
+            var = expressions.variable_of(node)
+            return var is None or var.tree is None or _reads_event(var.tree)
         return any(_reads_event(child) for child in node.get("children", []))
     return False
 
@@ -503,6 +643,9 @@ def _required_event_names(node: Mapping[str, Any]) -> set[str] | None:
     """Event names an expression insists on (``event_name == 'x'``, joined by ``&&``), if any."""
     kind = node.get("type")
     children = node.get("children", [])
+    var = expressions.variable_of(node)
+    if var is not None:
+        return None if var.tree is None else _required_event_names(var.tree)
     if kind == "and_expression":
         found = [_required_event_names(child) for child in children]
         sets = [s for s in found if s is not None]
@@ -530,6 +673,39 @@ def _required_event_names(node: Mapping[str, Any]) -> set[str] | None:
     return None
 
 
+def _missing_required(err: jsonschema.ValidationError) -> str | None:
+    """The property a ``required`` error is about (the first one missing), else None."""
+    if err.validator != "required" or not isinstance(err.instance, Mapping):
+        return None
+    names = err.validator_value if isinstance(err.validator_value, list) else []
+    return next((str(n) for n in names if n not in err.instance), None)
+
+
+def _implied_by_event_names(node: Mapping[str, Any]) -> set[str] | None:
+    """Event names for which an expression is certainly true (``event_name == 'x'``, joined by
+    ``||`` or ``&&``), if it can tell."""
+    kind = node.get("type")
+    children = node.get("children", [])
+    var = expressions.variable_of(node)
+    if var is not None:
+        return None if var.tree is None else _implied_by_event_names(var.tree)
+    if kind == "or_expression":
+        found = [_implied_by_event_names(child) for child in children]
+        sets = [s for s in found if s is not None]
+        return set().union(*sets) if sets else None
+    if kind == "and_expression":
+        found = [_implied_by_event_names(child) for child in children]
+        if any(s is None for s in found):
+            return None
+        result = found[0] or set()
+        for s in found[1:]:
+            result = result & (s or set())
+        return result
+    if kind == "comparator":
+        return _required_event_names(node)  # one equality: needed and enough
+    return None
+
+
 def _best_alternative(err: jsonschema.ValidationError) -> jsonschema.ValidationError:
     """The error of the ``oneOf`` branch the writer most likely meant.
 
@@ -548,6 +724,8 @@ def _error_position(
     """Where a schema error points: an unknown key at the key itself, else at the value."""
     err = _best_alternative(err)
     path: tuple[str | int, ...] = (*base, *err.absolute_path)
+    if "propertyNames" in err.relative_schema_path and isinstance(err.instance, str):
+        return doc.key_at(*path, err.instance)  # a bad name: at the name itself
     if err.validator == "additionalProperties" and isinstance(err.instance, dict):
         allowed = err.schema.get("properties", {}) if isinstance(err.schema, Mapping) else {}
         extra = sorted(set(err.instance) - set(allowed))
@@ -556,7 +734,7 @@ def _error_position(
     return doc.at(*path)
 
 
-def _schema_message(err: jsonschema.ValidationError, secrets: frozenset[str] = frozenset()) -> str:
+def _schema_message(err: jsonschema.ValidationError) -> str:
     where = ".".join(str(p) for p in err.absolute_path)
     prefix = f"{where}: " if where else ""
     if err.validator == "additionalProperties" and isinstance(err.schema, Mapping):
@@ -568,11 +746,14 @@ def _schema_message(err: jsonschema.ValidationError, secrets: frozenset[str] = f
         return f"{prefix}{err.message}"
     if err.validator == "oneOf" and err.context:
         best = _best_alternative(err)
-        return _schema_message(best, secrets) if best is not err else prefix + err.message
-    last = err.absolute_path[-1] if err.absolute_path else None
-    if last in secrets:
-        return f"{prefix}invalid value (secret, not shown)"
+        return _schema_message(best) if best is not err else prefix + err.message
     schema: Mapping[str, Any] = err.schema if isinstance(err.schema, Mapping) else {}
+    if err.validator == "pattern" and schema.get("pattern") == VARIABLE_NAME_PATTERN:
+        usable = re.sub(r"\W", "_", str(err.instance))
+        return (
+            f"{prefix}{err.instance!r} is not a valid variable name: it is used as $name, so "
+            f"letters, digits and _ only, not starting with a digit (e.g. {usable})"
+        )
     if (
         err.validator == "pattern"
         and isinstance(err.instance, str)
@@ -583,6 +764,80 @@ def _schema_message(err: jsonschema.ValidationError, secrets: frozenset[str] = f
             "(letters, digits, _ . - and not starting with a digit)"
         )
     return prefix + err.message
+
+
+_TYPE_WORDS = {
+    "string": "text",
+    "integer": "a whole number",
+    "number": "a number",
+    "boolean": "true or false",
+    "object": "a mapping",
+    "array": "a list",
+    "null": "null",
+}
+_BOUND_WORDS = {
+    "minimum": "at least",
+    "exclusiveMinimum": "more than",
+    "maximum": "at most",
+    "exclusiveMaximum": "less than",
+}
+
+
+def _setting_message(err: jsonschema.ValidationError) -> str:
+    """A schema error about a destination setting that names the setting, never its value.
+
+    Any setting can hold a secret (a token pasted into a header, a key in a URL's query), and
+    ``check`` output ends up in CI logs, so these messages say what is wrong, not what is there.
+    """
+    err = _best_alternative(err)
+    if err.validator in ("additionalProperties", "required"):
+        return _schema_message(err)  # they name keys, not values
+    where = ".".join(str(p) for p in err.absolute_path)
+    prefix = f"{where}: " if where else ""
+    kind, want = err.validator, err.validator_value
+    if kind == "type":
+        types = want if isinstance(want, list) else [want]
+        what = f"must be {' or '.join(_TYPE_WORDS.get(str(t), str(t)) for t in types)}"
+    elif kind == "pattern":
+        what = f"does not have the expected form (pattern {want})"
+    elif kind == "minLength":
+        what = "must not be empty" if want == 1 else f"must be at least {want} characters long"
+    elif kind == "maxLength":
+        what = f"must be at most {want} characters long"
+    elif kind == "enum" and isinstance(want, list):
+        what = f"must be one of: {', '.join(str(v) for v in want)}"
+    elif kind == "const":
+        what = f"must be {want}"
+    elif kind == "format":
+        what = f"is not a valid {want}"
+    elif kind in _BOUND_WORDS:
+        what = f"must be {_BOUND_WORDS[kind]} {want}"
+    else:
+        what = f"is not valid (the adapter's schema: {kind})"
+    return f"{prefix}{what} (value not shown)"
+
+
+def _redact(message: str, settings: Mapping[str, Any], secrets: frozenset[str]) -> str:
+    """``message`` (from a plugin's own code) without the setting values it may quote."""
+    values: set[str] = set()
+
+    def collect(value: Any, secret: bool) -> None:
+        if isinstance(value, Mapping):
+            for item in value.values():
+                collect(item, secret)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item, secret)
+        elif value is not None and not isinstance(value, bool):
+            text = str(value)
+            if text and (secret or len(text) >= 4):
+                values.add(text)
+
+    for key, value in settings.items():
+        collect(value, key in secrets)
+    for text in sorted(values, key=len, reverse=True):
+        message = message.replace(text, "[REDACTED]")
+    return message
 
 
 def compile_container(

@@ -13,6 +13,8 @@ from typing import Any
 from engine.event import CONSENT_PURPOSES
 
 _NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_.-]*$"}
+# A variable is referred to as $name, which ends at the first character that is not one of these.
+VARIABLE_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"
 _EXPR = {"type": "string", "minLength": 1, "description": "a JMESPath expression or $variable"}
 _ONE_OR_MORE_EXPR = {"oneOf": [_EXPR, {"type": "array", "items": _EXPR, "minItems": 1}]}
 _ONE_OR_MORE_NAME = {"oneOf": [_NAME, {"type": "array", "items": _NAME, "minItems": 1}]}
@@ -91,7 +93,7 @@ RULES_SCHEMA: dict[str, Any] = {
         },
         "variables": {
             "type": "object",
-            "propertyNames": _NAME,
+            "propertyNames": {"type": "string", "pattern": VARIABLE_NAME_PATTERN},
             "additionalProperties": {
                 "oneOf": [
                     _EXPR,

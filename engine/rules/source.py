@@ -63,54 +63,151 @@ class Document:
         return self.positions.get((), Position(self.file, 1, 1))
 
 
+# Limits on what one rule file may make the reader build. Rule files are small; these only stop
+# files that would exhaust the reader (a value nested thousands deep, or aliases of aliases that
+# expand a few hundred bytes into a billion values) with a message instead of a crash or a hang.
+MAX_DEPTH = 100
+MAX_ALIAS_VALUES = 100_000
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _screen(loader: yaml.SafeLoader, file: str, problems: list[Problem]) -> bool:
+    """Read the YAML events once, before anything is built: False (with a problem) if the file
+    nests deeper than :data:`MAX_DEPTH`, has an alias inside the value it names, or has aliases
+    that expand to more than :data:`MAX_ALIAS_VALUES` values.
+
+    The parser is a state machine, so this pass needs no recursion however deep the file is;
+    building nodes (PyYAML's composer) and walking them recurse once per level.
+    """
+
+    def stop(event: yaml.Event, message: str) -> bool:
+        mark = event.start_mark
+        where = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
+        problems.append(Problem(where, message))
+        return False
+
+    open_values: list[list[Any]] = []  # per open mapping or sequence: [anchor, values in it]
+    sizes: dict[str, int] = {}  # anchor -> how many values it stands for
+    added = 0  # values that aliases add to the file
+    while not loader.check_event(yaml.StreamEndEvent):
+        event = loader.get_event()  # type: ignore[no-untyped-call]  # PyYAML's stubs lack it
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(open_values) >= MAX_DEPTH:
+                return stop(event, f"values are nested more than {MAX_DEPTH} levels deep")
+            open_values.append([event.anchor, 1])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, count = open_values.pop()
+            if anchor is not None:
+                sizes[anchor] = count
+            if open_values:
+                open_values[-1][1] += count
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+            if open_values:
+                open_values[-1][1] += 1
+        elif isinstance(event, yaml.AliasEvent):
+            name = str(event.anchor)
+            if any(anchor == name for anchor, _ in open_values):
+                return stop(event, f"alias *{name} is used inside the value it names (&{name})")
+            size = sizes.get(name, 1)  # an unknown anchor is reported when composing
+            added += size
+            if added > MAX_ALIAS_VALUES:
+                return stop(
+                    event,
+                    f"aliases make this file expand to more than {MAX_ALIAS_VALUES:,} values "
+                    "(aliases of aliases multiply); write the values out instead",
+                )
+            if open_values:
+                open_values[-1][1] += size
+    return True
+
+
 class _Walker:
-    def __init__(self, doc: Document, loader: yaml.SafeLoader, problems: list[Problem]) -> None:
+    def __init__(self, doc: Document, problems: list[Problem]) -> None:
         self.doc = doc
-        self.loader = loader
         self.problems = problems
 
     def pos(self, node: yaml.Node) -> Position:
         mark = node.start_mark
         return Position(self.doc.file, mark.line + 1, mark.column + 1)
 
-    def walk(self, node: yaml.Node, path: PathKey) -> Any:
+    def walk(self, node: yaml.Node, path: PathKey, loader: yaml.SafeLoader) -> Any:
         self.doc.positions[path] = self.pos(node)
         if isinstance(node, yaml.MappingNode):
-            self.loader.flatten_mapping(node)  # resolve YAML merge keys (<<)
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = self.loader.construct_object(key_node, deep=True)
-                if not isinstance(key, str | int | float | bool) or key is None:
-                    self.problems.append(Problem(self.pos(key_node), "keys must be plain text"))
-                    continue
-                skey = str(key) if not isinstance(key, bool) else str(key).lower()
-                if skey in out:
-                    self.problems.append(
-                        Problem(
-                            self.pos(key_node), f"duplicate key {skey!r} (it is already set above)"
-                        )
-                    )
-                out[skey] = self.walk(value_node, (*path, skey))
+            out: dict[str, Any] = {}
+            for skey, (key_node, value_node) in self.pairs(node).items():
+                out[skey] = self.walk(value_node, (*path, skey), loader)
                 self.doc.key_positions[(*path, skey)] = self.pos(key_node)
                 # Scalars point at the value; blocks point at their key, where a reader looks.
                 if not isinstance(value_node, yaml.ScalarNode):
                     self.doc.positions[(*path, skey)] = self.pos(key_node)
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self.walk(child, (*path, i)) for i, child in enumerate(node.value)]
-        return self.loader.construct_object(node, deep=True)
+            return [self.walk(child, (*path, i), loader) for i, child in enumerate(node.value)]
+        return loader.construct_object(node, deep=True)
+
+    def pairs(self, node: yaml.MappingNode) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """A mapping's keys and value nodes, with YAML merge keys (``<<: *base``) resolved.
+
+        A key written in the mapping overrides a merged one (that is what ``<<`` is for); of
+        several merged mappings (``<<: [*a, *b]``) the earlier wins. Only a key written twice in
+        the same mapping is a duplicate.
+        """
+        merged: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        own: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                sources = (
+                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                )
+                for source in sources:
+                    if not isinstance(source, yaml.MappingNode):
+                        self.problems.append(
+                            Problem(self.pos(source), "<< merges a mapping (or a list of them)")
+                        )
+                        continue
+                    for skey, pair in self.pairs(source).items():
+                        merged.setdefault(skey, pair)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.problems.append(Problem(self.pos(key_node), "keys must be plain text"))
+                continue
+            # The key as written: YAML 1.1 would read NO, ON, 01067 or 1:30 as false, true, 567
+            # and 90, and a lookup table's keys are compared with text from events.
+            skey = key_node.value
+            if skey in own:
+                self.problems.append(
+                    Problem(self.pos(key_node), f"duplicate key {skey!r} (it is already set above)")
+                )
+            own[skey] = (key_node, value_node)
+        return {**{k: v for k, v in merged.items() if k not in own}, **own}
 
 
 def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None:
-    """Parse one YAML document, recording positions; syntax errors become problems."""
+    """Parse one YAML document, recording positions; syntax errors become problems.
+
+    Mapping keys are the text as written. Files nested too deeply, values that contain
+    themselves through an alias, and alias bombs are problems too, never a crash or a hang.
+    """
     doc = Document(file, None)
-    loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
-        if node is None:
-            doc.data = {}
-            return doc
-        doc.data = _Walker(doc, loader, problems).walk(node, ())
+        screen = yaml.SafeLoader(text)
+        try:
+            if not _screen(screen, file, problems):
+                return None
+        finally:
+            screen.dispose()
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                doc.data = {}
+                return doc
+            doc.data = _Walker(doc, problems).walk(node, (), loader)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
@@ -120,8 +217,10 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None
     except yaml.YAMLError as exc:
         problems.append(Problem(Position(file, 1, 1), f"YAML error: {exc}"))
         return None
-    finally:
-        loader.dispose()
+    except RecursionError:
+        # The screen keeps files well within Python's limit; this is the last line of defence.
+        problems.append(Problem(Position(file, 1, 1), "the file is nested too deeply to read"))
+        return None
     return doc
 
 

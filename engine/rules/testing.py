@@ -10,6 +10,7 @@ from typing import Any
 
 from engine import event as events
 from engine.errors import BadRequest
+from engine.identity import apply_ip_policy
 from engine.rules.model import Container, RuleTest
 from engine.store.base import Decision
 
@@ -32,14 +33,21 @@ def _show(value: Any) -> str:
 
 
 def subset_differences(expected: Any, actual: Any, path: str) -> list[str]:
-    """Where ``actual`` does not contain ``expected`` (objects by key, other values equal)."""
+    """Where ``actual`` does not contain ``expected`` (objects by key, other values equal).
+
+    An expected ``null`` under an object's key means the key must be absent (or null): the
+    payload never carries nulls of its own, so that is how a test says "not sent".
+    """
     if isinstance(expected, Mapping):
         if not isinstance(actual, Mapping):
             return [f"{path}: expected an object, got {_show(actual)}"]
         out: list[str] = []
         for key, value in expected.items():
             sub = f"{path}.{key}"
-            if key not in actual:
+            if value is None:
+                if actual.get(key) is not None:
+                    out.append(f"{sub}: expected to be absent, got {_show(actual[key])}")
+            elif key not in actual:
                 out.append(f"{sub}: expected {_show(value)}, but it is missing")
             else:
                 out.extend(subset_differences(value, actual[key], sub))
@@ -55,15 +63,29 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def run_test(container: Container, test: RuleTest, now: datetime | None = None) -> TestResult:
-    """Evaluate one test's event and compare with its expectations."""
+def run_test(
+    container: Container,
+    test: RuleTest,
+    now: datetime | None = None,
+    ip_storage: str = "consent",
+) -> TestResult:
+    """Evaluate one test's event as the server would and compare with its expectations.
+
+    ``ip_storage`` is the server's IP policy (``TAGRELAY_IP_STORAGE``), applied to the event
+    before the rules see it, as intake and ``tagrelay preview`` do.
+    """
     result = TestResult(test)
+    now = now or datetime.now(UTC)
     try:
-        event = events.normalize(dict(test.event), now or datetime.now(UTC))
+        event = events.normalize(dict(test.event), now)
     except BadRequest as exc:
         result.differences.append(f"the test event is invalid: {exc}")
         return result
-    decisions: dict[str, Decision] = {d.tag: d for d in container.evaluate(event, explain=True)}
+    consent = container.consent(event)
+    apply_ip_policy(event, ip_storage, consent.granted)
+    decisions: dict[str, Decision] = {
+        d.tag: d for d in container.evaluate(event, explain=True, now=now, consent=consent)
+    }
     for tag, expect in test.expect.items():
         got = decisions.get(tag)
         if got is None:
@@ -90,6 +112,6 @@ def run_test(container: Container, test: RuleTest, now: datetime | None = None) 
     return result
 
 
-def run_tests(container: Container) -> list[TestResult]:
-    """Run every test of the container."""
-    return [run_test(container, test) for test in container.tests]
+def run_tests(container: Container, ip_storage: str = "consent") -> list[TestResult]:
+    """Run every test of the container (``ip_storage``: see :func:`run_test`)."""
+    return [run_test(container, test, ip_storage=ip_storage) for test in container.tests]

@@ -119,6 +119,52 @@ def test_a_rule_test_with_an_invalid_event_fails_and_says_why(
     assert "the test event is invalid: unknown field 'colour' in event" in capsys.readouterr().out
 
 
+def test_rule_tests_say_when_a_field_expected_absent_is_sent(
+    write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    container = write_rules(
+        RULES
+        + "tests:\n  - name: absent\n"
+        + "    event: {event_name: purchase, properties: {value: 10},"
+        + " consent: {ad_user_data: granted}}\n"
+        + "    expect: {crm_purchase: {payload: {value: null, currency: null}}}\n"
+    )
+
+    code = main(["test", str(container)])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "crm_purchase.payload.value: expected to be absent, got 10" in out
+    assert "currency" not in out
+
+
+def test_rule_tests_apply_the_ip_policy_the_server_is_configured_with(
+    write_rules: WriteRules, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    container = write_rules(
+        """
+        destinations:
+          hook: {type: webhook, url: "https://hook.example/in"}
+        triggers:
+          all: {event: "*"}
+        tags:
+          - {name: hook_all, trigger: all, destination: hook}
+        tests:
+          - name: the ip as the server would send it, without any consent
+            event: {event_name: purchase, context: {ip: 203.0.113.7}}
+            expect: {hook_all: {payload: {context: {ip: 203.0.113.7}}}}
+        """
+    )
+
+    monkeypatch.setenv("TAGRELAY_IP_STORAGE", "keep")
+    kept = main(["test", str(container)])
+    monkeypatch.setenv("TAGRELAY_IP_STORAGE", "consent")
+    dropped = main(["test", str(container)])
+
+    assert (kept, dropped) == (0, 1)
+    assert "hook_all.payload.context.ip: expected" in capsys.readouterr().out
+
+
 # -- preview ----------------------------------------------------------------------------------
 
 EVENT = {

@@ -72,6 +72,18 @@ def test_no_consent_at_all_blocks_even_the_anonymous_mode() -> None:
     assert verdict(ANALYTICS, {}).verdict is Verdict.BLOCKED
 
 
+def test_a_tag_with_only_anonymous_purposes_never_sends_identifiers() -> None:
+    anonymous_only = Requirement(anonymous=frozenset({"analytics_storage"}))
+
+    granted = verdict(anonymous_only, {"analytics_storage": "granted", "ad_user_data": "granted"})
+    nothing = verdict(anonymous_only, {})
+
+    assert granted.verdict is Verdict.ANONYMOUS
+    assert granted.reason == "forwarded without identifiers: the tag is anonymous only"
+    assert nothing.verdict is Verdict.BLOCKED
+    assert nothing.reason == "consent denied: analytics_storage (no signal)"
+
+
 def test_container_defaults_fill_in_missing_signals_but_never_override_the_event() -> None:
     defaults = {"ad_storage": "granted", "ad_user_data": "granted"}
 
@@ -165,6 +177,10 @@ tags:
     trigger: all
     destination: hook
     consent: {require: [ad_storage], anonymous: [analytics_storage]}
+  - name: anonymous_only
+    trigger: all
+    destination: hook
+    consent: {anonymous: [analytics_storage]}
 """
 
 
@@ -199,3 +215,24 @@ def test_the_three_outcomes_through_compiled_rules(
 
     assert not nothing["ads"].fired and not nothing["analytics"].fired
     assert nothing["analytics"].reason == "consent denied: ad_storage"
+
+
+def test_an_anonymous_only_tag_strips_identifiers_and_needs_its_purposes(
+    write_rules: Callable[..., Path],
+) -> None:
+    rules, _ = compile_container(write_rules(RULES.replace("analytics_storage: granted", "")), {})
+    assert rules is not None
+
+    def run(consent: dict[str, Any]) -> Any:
+        event = normalize({**FULL_EVENT, "consent": consent}, NOW)
+        return {d.tag: d for d in rules.evaluate(event, now=NOW)}["anonymous_only"]
+
+    everything = run({p: "granted" for p in ("ad_storage", "ad_user_data", "analytics_storage")})
+    no_signal = run({})
+
+    assert everything.fired and everything.anonymous
+    assert everything.payload is not None
+    assert "user_data" not in everything.payload and "user_id" not in everything.payload
+    assert everything.payload["context"]["ip"] == "203.0.113.0"
+    assert not no_signal.fired
+    assert no_signal.reason == "consent denied: analytics_storage (no signal)"

@@ -15,18 +15,22 @@ rule tests pass.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from destinations import registry
+from destinations.base import Destination
 from engine.cli import main
 from engine.rules import compile_container
 from engine.rules.source import Problem
 from engine.rules.testing import run_tests
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
-ENV = {"TAGRELAY_FIXTURE_TOKEN": "fixture-token"}
+ENV = {"TAGRELAY_FIXTURE_TOKEN": "fixture-token", "TAGRELAY_FIXTURE_EMPTY": ""}
 _EXPECT = re.compile(r"^#\s*expect(-warning|-absent)?:\s*(.*)$")
 _WHERE = re.compile(r"^(?:(?P<file>[^:\s]+\.ya?ml):)?(?P<line>\d+):(?P<column>\d+):\s*(?P<msg>.+)$")
 
@@ -231,3 +235,51 @@ def test_shipped_default_rules_check_clean() -> None:
     compiled, problems = compile_container(Path(__file__).resolve().parents[2] / "rules", {})
 
     assert compiled is not None, "\n".join(str(p) for p in problems)
+
+
+# -- odd YAML ---------------------------------------------------------------------------------
+
+
+def test_a_file_nested_thousands_deep_is_a_problem_at_its_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = tmp_path / "deep.yaml"
+    rules.write_text(
+        "tests:\n  - name: deep\n"
+        f"    event: {{event_name: a, properties: {{p: {'[' * 3000}{']' * 3000}}}}}\n"
+        "    expect: {}\n"
+    )
+
+    code = main(["check", str(rules)])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"{rules}:3:" in out
+    assert "nested more than 100 levels deep" in out
+    assert "Traceback" not in out
+
+
+def test_a_plugin_that_rejects_its_settings_never_gets_them_quoted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Picky(Destination):
+        """Quotes its settings back, as foreign code may."""
+
+        name = "picky"
+        secret_settings = frozenset({"token"})
+        settings_schema = {"type": "object", "properties": {"token": {}, "url": {}}}
+
+        def __init__(self, settings: Mapping[str, Any]) -> None:
+            raise ValueError(f"bad settings: {dict(settings)}")
+
+    monkeypatch.setattr(registry, "registry", lambda: {"picky": Picky})
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "destinations:\n  p: {type: picky, token: 8471, url: 'https://x.example/?key=abcdef'}\n"
+    )
+
+    _, problems = compile_container(rules, {})
+
+    shown = "\n".join(map(str, problems))
+    assert "rejected its settings" in shown
+    assert "8471" not in shown and "abcdef" not in shown

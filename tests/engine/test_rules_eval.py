@@ -330,6 +330,48 @@ def test_extending_a_default_object_never_changes_the_event_or_other_tags(
     assert event["properties"] == {"value": 3}
 
 
+def test_null_removes_a_field_from_the_whole_object_a_default_sends(
+    write_rules: WriteRules,
+) -> None:
+    rules = build(
+        write_rules,
+        """
+        triggers:
+          all: {event: "*"}
+        tags:
+          - name: crm_no_email
+            trigger: all
+            destination: hook
+            mapping:
+              user_data.email: null   # the webhook sends user_data: user_data whole
+              context.ip: null
+              properties.basket.coupon: null
+          - {name: crm_all, trigger: all, destination: hook}
+        """,
+    )
+    event = normalize(
+        {
+            "event_name": "purchase",
+            "user_data": {"email": "a@example.com", "country": "DE"},
+            "context": {"ip": "203.0.113.7", "user_agent": "UA"},
+            "properties": {"basket": {"coupon": "X", "size": 2}},
+        },
+        NOW,
+    )
+
+    decisions = {d.tag: d for d in rules.evaluate(event, now=NOW)}
+
+    payload = decisions["crm_no_email"].payload
+    assert payload is not None
+    assert payload["user_data"] == {"country": "DE"}
+    assert payload["context"] == {"user_agent": "UA"}
+    assert payload["properties"] == {"basket": {"size": 2}}
+    other = decisions["crm_all"].payload
+    assert other is not None and other["user_data"]["email"] == "a@example.com"
+    assert event["user_data"]["email"] == "a@example.com"
+    assert event["properties"]["basket"] == {"coupon": "X", "size": 2}
+
+
 def test_event_name_can_be_fixed_or_looked_up(write_rules: WriteRules) -> None:
     rules = build(
         write_rules,

@@ -1,0 +1,181 @@
+"""Expressions in rule files: JMESPath with ``$variables``.
+
+A ``$name`` is the value of the variable ``name`` for the event being evaluated, wherever it is
+written: on its own (``$order_value > `0```), inside a filter (``items[?price < $min_price]``:
+``price`` is each item's, ``$min_price`` the event's), or as a function's argument. A lookup
+table is a value like any other. Inside quotes (``'$code'``, ``"$field"``) and JSON literals in
+backticks, ``$`` is plain text.
+
+JMESPath (as jmespath.py implements it) has no variables, so each reference is replaced by a
+placeholder name before parsing and the placeholder's node in the parsed tree is swapped for a
+variable node, which :mod:`engine.expr` evaluates with the variable's own getter on the event.
+Nothing of one expression's text is pasted into another.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jmespath
+import jmespath.exceptions
+
+from engine.expr import (
+    VARIABLE,
+    ExpressionError,
+    Getter,
+    check_functions,
+    compile_tree,
+    jmespath_message,
+    variable_node,
+)
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_QUOTES = "'\"`"
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A named expression: its getter and, for static checks, its parsed definition."""
+
+    name: str
+    get: Getter
+    tree: dict[str, Any] | None = None  # None: only known per event (a lookup table)
+
+
+@dataclass(frozen=True)
+class _Reference:
+    name: str
+    start: int  # where ``$name`` starts in the source
+    end: int
+
+
+def _references(source: str) -> list[_Reference]:
+    """Every ``$name`` outside quotes and literals, in order."""
+    found: list[_Reference] = []
+    quote = ""
+    i = 0
+    while i < len(source):
+        char = source[i]
+        if quote:
+            if char == "\\":
+                i += 2  # jmespath lets a backslash escape the closing quote
+                continue
+            if char == quote:
+                quote = ""
+        elif char in _QUOTES:
+            quote = char
+        elif char == "$":
+            match = NAME.match(source, i + 1)
+            before = source[i - 1] if i else ""
+            # ``a$b`` is no reference: left alone, it stays the syntax error it is.
+            if match and not (before.isalnum() or before == "_"):
+                found.append(_Reference(match.group(), i, match.end()))
+                i = match.end()
+                continue
+        i += 1
+    return found
+
+
+def references(source: str) -> list[str]:
+    """The variable names an expression refers to, each once, in order of appearance."""
+    return list(dict.fromkeys(ref.name for ref in _references(source)))
+
+
+def _placeholder(index: int) -> str:
+    return f"__tagrelay_var{index}__"
+
+
+def parse(source: str, variables: Mapping[str, Variable]) -> dict[str, Any]:
+    """The syntax tree of ``source`` with each ``$name`` a variable node.
+
+    Raises:
+        ExpressionError: the expression does not parse, uses ``$name`` where no value can go,
+            or calls an unknown function or one with the wrong number of arguments.
+    """
+    refs = _references(source)
+    unique = dict.fromkeys(ref.name for ref in refs)
+    names = {name: _placeholder(i) for i, name in enumerate(unique)}
+    text = source
+    shifts: list[tuple[int, int, int]] = []  # (start in text, its length there, length in source)
+    for ref in reversed(refs):
+        placeholder = names[ref.name]
+        text = text[: ref.start] + placeholder + text[ref.end :]
+    offset = 0
+    for ref in refs:
+        length = len(names[ref.name])
+        shifts.append((ref.start + offset, length, ref.end - ref.start))
+        offset += length - (ref.end - ref.start)
+
+    def position(at: int) -> int:
+        back = 0
+        for start, length, original in shifts:
+            if at >= start + length:
+                back += length - original
+            elif at >= start:
+                return start - back  # inside a placeholder: its ``$``
+        return at - back
+
+    try:
+        tree: Any = jmespath.compile(text).parsed
+    except jmespath.exceptions.JMESPathError as exc:
+        raise ExpressionError(
+            f"invalid JMESPath expression {source!r}: {jmespath_message(exc, position)}"
+        ) from exc
+    by_placeholder = {placeholder: variables[name] for name, placeholder in names.items()}
+    rewritten: dict[str, Any] = _rewrite(tree, by_placeholder, at_root=True)
+    check_functions(rewritten, source)
+    return rewritten
+
+
+def compile_expression(source: str, variables: Mapping[str, Variable]) -> Getter:
+    """Compile an expression that may refer to ``variables`` (see :func:`parse`)."""
+    return compile_tree(parse(source, variables))
+
+
+# Node types whose children are evaluated against the same value as the node itself, and those
+# whose first child is (the left side of ``.``, ``|``, ``[...]`` and projections).
+_SAME_VALUE = frozenset(
+    {"comparator", "and_expression", "or_expression", "not_expression", "function_expression"}
+    | {"multi_select_list", "multi_select_dict", "key_val_pair", "flatten"}
+)
+_LEFT_SAME_VALUE = frozenset(
+    {"subexpression", "index_expression", "pipe", "projection", "value_projection"}
+    | {"filter_projection"}
+)
+
+
+def _rewrite(node: Any, variables: Mapping[str, Variable], at_root: bool) -> Any:
+    """A copy of ``node`` with placeholder fields made variable nodes (the original is jmespath's
+    cached tree and stays as it is)."""
+    if not isinstance(node, dict):
+        return node
+    kind, value = node.get("type"), node.get("value")
+    if isinstance(value, str) and value in variables:
+        name = variables[value].name
+        if kind == "field":
+            var = variables[value]
+            return variable_node(name, var.get, at_root, variable=var)
+        if kind == "key_val_pair":
+            raise ExpressionError(f"${name} cannot name a key: write {{key: ${name}}}")
+        if kind == "function_expression":
+            raise ExpressionError(f"${name} is a variable, not a function")
+    children = [
+        _rewrite(
+            child,
+            variables,
+            at_root and (kind in _SAME_VALUE or (kind in _LEFT_SAME_VALUE and i == 0)),
+        )
+        for i, child in enumerate(node.get("children", ()))
+    ]
+    return {**node, "children": children}
+
+
+def variable_of(node: Mapping[str, Any]) -> Variable | None:
+    """The variable a syntax-tree node refers to, if it is a variable node."""
+    if node.get("type") != VARIABLE:
+        return None
+    var = node.get("variable")
+    return var if isinstance(var, Variable) else None
