@@ -174,9 +174,17 @@ class Destination:
     def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
         """Turn the mapped fields into the stored payload of one item (normalize, hash, check).
 
-        Pure. Raise :class:`PayloadError` naming the broken rule when the event cannot be sent.
-        The default returns the mapped dict with the event's name, ID and time added.
+        Pure. Raise :class:`PayloadError` naming the broken rule when the event cannot be sent;
+        any other exception is a bug of the adapter, which the engine records as the tag's
+        decision (the tag does not fire). Read mapped values through
+        :mod:`destinations.values`: a mapping can give any JSON value, NaN or an infinity for
+        any target. The default refuses values JSON cannot carry (NaN, infinities) and returns
+        the mapped dict with the event's name, ID and time added.
         """
+        # Imported here: destinations.values imports this module (for PayloadError).
+        from destinations.values import check_json
+
+        check_json(mapped, "")
         payload = dict(mapped)
         payload.setdefault("event_name", ctx.event_name)
         payload.setdefault("event_id", ctx.event_id)
