@@ -372,6 +372,44 @@ def test_dedup_key_is_prefixed_with_the_tag_name(write_rules: WriteRules) -> Non
     assert decide(rules, properties={})["t"].dedup_key is None
 
 
+# -- adapters that fail --------------------------------------------------------------------------
+
+
+def test_an_adapter_bug_leaves_its_tag_unfired_and_the_other_tags_unharmed(
+    write_rules: WriteRules, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rules = build(
+        write_rules,
+        """
+        triggers:
+          all: {event: "*"}
+        tags:
+          - {name: hook_all, trigger: all, destination: hook}
+          - {name: log_all, trigger: all, destination: log}
+        """,
+    )
+
+    def broken(mapped: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        # A plugin's bug, with personal data in its message as real errors often have.
+        raise ValueError(f"could not convert {mapped['user_data']['email']!r}")
+
+    monkeypatch.setattr(rules.destinations["hook"].adapter, "build_payload", broken)
+
+    decisions = decide(rules, user_data={"email": "ada@example.com"})
+
+    assert not decisions["hook_all"].fired
+    assert decisions["hook_all"].reason == "invalid payload: webhook failed: ValueError"
+    assert decisions["hook_all"].payload is None
+    assert decisions["log_all"].fired
+    [record] = [r for r in caplog.records if r.name == "engine.rules.model"]
+    assert record.levelname == "ERROR"
+    assert vars(record)["tag"] == "hook_all"
+    assert vars(record)["error"] == "ValueError"
+    assert "test_rules_eval.py" in vars(record)["where"]
+    assert "ada@example.com" not in caplog.text
+    assert "ada@example.com" not in str(vars(record))
+
+
 # -- the trigger index ------------------------------------------------------------------------
 
 
