@@ -444,6 +444,28 @@ def test_readyz_reports_a_refused_reload_but_stays_ready(
     assert "unknown trigger 'purchse'" in body["checks"]["rules"]["reload_error"]
 
 
+def test_a_rules_file_that_crashes_the_compiler_on_reload_fails_no_request(
+    tmp_path: Path, write_rules: Callable[..., Path]
+) -> None:
+    container = write_rules(RULES)
+    settings = Settings(
+        rules=container, data_dir=tmp_path / "data", server_keys=(ServerKey(KEY),), deliver=False
+    )
+    client = create_app(settings, rules=load_rules(container, interval=0.001)).test_client()
+    (container / "bad.yaml").write_text("variables: &v\n  a: *v\n")  # refers to itself
+    time.sleep(0.01)
+
+    statuses = [post(client, "/v1/track", {"event_name": "lead"}).status_code for _ in range(3)]
+    ready = client.get("/readyz")
+
+    assert statuses == [200, 200, 200]
+    assert ready.status_code == 200
+    body = ready.get_json()
+    assert body["checks"]["rules"]["tags"] == 2  # the previous rules still serve
+    assert "bad.yaml" in body["checks"]["rules"]["reload_error"]
+    assert "Traceback" not in ready.get_data(as_text=True)
+
+
 def test_escaped_surrogate_pairs_and_escaped_backslashes_are_ordinary_text(
     client: FlaskClient,
 ) -> None:

@@ -502,6 +502,50 @@ def test_reverting_a_broken_edit_clears_the_error(write_rules: WriteRules) -> No
     assert [t.name for t in holder.container.tags] == ["first"]
 
 
+def test_a_reload_the_compiler_fails_on_keeps_the_old_rules_and_tries_again_after_a_change(
+    write_rules: WriteRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    container = write_rules(RELOADABLE)
+    holder = load_rules(container, interval=0)
+    good = holder.container
+    calls: list[Path] = []
+
+    def crash(path: Path) -> Any:
+        calls.append(path)
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("engine.pipeline.compile_container", crash)
+    (container / "bad.yaml").write_text("variables: &v\n  a: *v\n")
+
+    assert holder.maybe_reload() is False
+    assert holder.container is good
+    assert holder.last_error is not None
+    assert holder.last_error.startswith("rules reload failed: RecursionError")
+    assert "bad.yaml" in holder.last_error
+    assert holder.maybe_reload() is False  # unchanged since: not compiled again
+    assert len(calls) == 1
+
+    touch_later(container / "bad.yaml", 5)
+    holder.maybe_reload()
+
+    assert len(calls) == 2
+
+
+def test_a_recursive_yaml_file_dropped_into_the_rules_is_a_refused_reload(
+    write_rules: WriteRules,
+) -> None:
+    container = write_rules(RELOADABLE)
+    holder = load_rules(container, interval=0)
+    good = holder.container
+
+    (container / "bad.yaml").write_text("variables: &v\n  a: *v\n")
+
+    assert holder.maybe_reload() is False
+    assert holder.container is good
+    assert holder.last_error is not None
+    assert "bad.yaml" in holder.last_error
+
+
 def test_unchanged_files_are_not_recompiled(write_rules: WriteRules) -> None:
     container = write_rules(RELOADABLE)
     holder = load_rules(container, interval=0)
