@@ -19,12 +19,15 @@ the class under the ``tagrelay.destinations`` entry-point group; its entry-point
 from __future__ import annotations
 
 import enum
+import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
+from urllib.parse import quote, quote_plus
 
 REDACTED = "[REDACTED]"
 
@@ -174,8 +177,15 @@ class Destination:
     def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
         """Turn the mapped fields into the stored payload of one item (normalize, hash, check).
 
-        Pure. Raise :class:`PayloadError` naming the broken rule when the event cannot be sent.
-        The default returns the mapped dict with the event's name, ID and time added.
+        Pure. Raise :class:`PayloadError` naming the broken rule when the event cannot be sent;
+        any other exception is a bug of the adapter, which the engine records as the tag's
+        decision (the tag does not fire). Read mapped values through
+        :mod:`destinations.values`: a mapping can give any JSON value, NaN or an infinity for
+        any target.
+
+        The default returns the mapped dict with the event's name, ID and time added, its values
+        unchecked; an adapter that sends them on as they are refuses what JSON cannot carry with
+        :func:`destinations.values.check_json` first (as ``webhook`` does).
         """
         payload = dict(mapped)
         payload.setdefault("event_name", ctx.event_name)
@@ -223,21 +233,69 @@ class Destination:
         return sorted(values, key=len, reverse=True)
 
     def redact(self, request: HttpRequest) -> HttpRequest:
-        """The same request with every secret setting value replaced by ``[REDACTED]``."""
-        secrets = self.secrets()
-        if not secrets:
+        """The same request with every secret replaced by ``[REDACTED]`` (see :meth:`redact_text`).
+
+        The URL, every header value and the body are redacted; an ``Authorization`` header is
+        replaced whole.
+        """
+        if not self.secrets():
             return request
-        url, body = request.url, request.body.decode("utf-8", "replace")
-        headers = dict(request.headers)
-        for secret in secrets:
-            url = url.replace(secret, REDACTED)
-            body = body.replace(secret, REDACTED)
-            headers = {k: v.replace(secret, REDACTED) for k, v in headers.items()}
-        if "authorization" in {k.lower() for k in headers}:
-            headers = {
-                k: (REDACTED if k.lower() == "authorization" else v) for k, v in headers.items()
-            }
+        url = self.redact_text(request.url)
+        body = self.redact_text(request.body.decode("utf-8", "replace"))
+        headers = {
+            k: REDACTED if k.lower() == "authorization" else self.redact_text(v)
+            for k, v in request.headers.items()
+        }
         return replace(request, url=url, headers=headers, body=body.encode())
+
+    def redact_text(self, text: str) -> str:
+        """``text`` with every secret setting value replaced by ``[REDACTED]``.
+
+        For anything shown or stored that may quote a request: previews, error messages, dead
+        letters. A secret is found as it is and in every form a request or an answer may carry
+        it in: percent-encoded in a URL (``quote``, with or without ``/`` kept, either case of
+        hex digits), form-encoded (``quote_plus``) and escaped in a JSON string (with or without
+        ``\\u`` escapes and ``\\/``). Only whole occurrences are replaced: a secret that starts
+        or ends with a letter, digit, ``_`` or ``-`` must not go on into more of them, so a short
+        secret such as ``tok`` leaves ``access_token`` alone while ``access_token=tok`` becomes
+        ``access_token=[REDACTED]``.
+        """
+        pattern = _secrets_pattern(tuple(self.secrets()))
+        return pattern.sub(REDACTED, text) if pattern is not None else text
+
+
+# A character that continues a token: a secret next to one is part of something longer.
+_TOKEN_CHAR = re.compile(r"[\w-]")
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+
+
+def _secret_forms(secret: str) -> set[str]:
+    """``secret`` as written raw, percent-encoded, form-encoded and JSON-escaped."""
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        quote(secret),  # "/" kept, as in a URL path
+        quote_plus(secret),  # urlencode() of a form or a query string
+        quote_plus(secret, safe="/"),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
+    forms |= {form.replace("/", "\\/") for form in forms if "/" in form}  # JSON's optional \/
+    forms |= {_PERCENT_ESCAPE.sub(lambda m: m.group().lower(), form) for form in forms}
+    forms.discard("")
+    return forms
+
+
+@functools.lru_cache(maxsize=256)
+def _secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One regular expression matching every form of every secret as a whole token."""
+    forms = sorted({form for secret in secrets for form in _secret_forms(secret)}, key=len)
+    alternatives = []
+    for form in reversed(forms):  # longest first: a longer form wins over its own prefix
+        before = r"(?<![\w-])" if _TOKEN_CHAR.match(form[0]) else ""
+        after = r"(?![\w-])" if _TOKEN_CHAR.match(form[-1]) else ""
+        alternatives.append(before + re.escape(form) + after)
+    return re.compile("|".join(alternatives)) if alternatives else None
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode
 
-from destinations import normalize
+from destinations import normalize, values
 from destinations.base import (
     Destination,
     HttpRequest,
@@ -72,8 +72,9 @@ CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
 # What counts as an object: dict comes first, since an exact type test is much cheaper than
 # the Mapping ABC check that a dict would pass anyway.
 _MAPPING = (dict, Mapping)
-# The body as sent (compact, UTF-8): one encoder for every size check.
-_BODY_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# The body as sent (compact, UTF-8): one encoder for every size check. It refuses NaN and the
+# infinities, which fields passed on as mapped (params, user_location, ...) could hold.
+_BODY_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 class GA4(Destination):
@@ -209,7 +210,7 @@ class GA4(Destination):
         request["timestamp_micros"] = int(ctx.event_time.timestamp() * 1_000_000)
         for key in ("ip_override", "user_agent"):
             if mapped.get(key):
-                request[key] = str(mapped[key])
+                request[key] = values.text(mapped[key], f"GA4: {key}")
         for key in ("user_location", "device", "non_personalized_ads"):
             if mapped.get(key) is not None:
                 request[key] = mapped[key]
@@ -224,7 +225,14 @@ class GA4(Destination):
 
         params = _params(_object(mapped.get("params"), "params"), ctx.event_name)
         payload = {"request": request, "event": {"name": ctx.event_name, "params": params}}
-        body = _BODY_JSON.encode(payload)
+        try:
+            body = _BODY_JSON.encode(payload)
+        except ValueError:
+            # NaN or an infinity in a field passed on as mapped: name it.
+            fields = [*request.items(), *((f"params.{k}", v) for k, v in params.items())]
+            for key, value in fields:
+                values.check_json(value, f"GA4: {key}")
+            raise PayloadError("GA4: the event holds a value JSON cannot carry") from None
         # ASCII text has one byte per character; other text is encoded (which also refuses
         # what cannot be sent, such as a lone surrogate).
         size = len(body) if body.isascii() else len(body.encode())
@@ -237,7 +245,7 @@ class GA4(Destination):
             return {}
         out: dict[str, Any] = {}
         addresses = [_object(a, "user_data.address") for a in _listed(raw.get("address"))]
-        country = next((a.get("country") for a in addresses if a.get("country")), None)
+        country = next((c for a in addresses if (c := _country(a.get("country")))), None)
         country = country or self._default_country
 
         def phone(v: str) -> str | None:
@@ -348,7 +356,7 @@ def _check_name(name: str, what: str) -> None:
 
 
 def _client_id(value: Any) -> str:
-    text = str(value).strip() if value is not None else ""
+    text = values.text(value, "GA4: client_id").strip() if value is not None else ""
     if not text:
         raise PayloadError(
             "GA4: client_id is required for web streams (no ga_client_id and no visitor_id)"
@@ -359,7 +367,7 @@ def _client_id(value: Any) -> str:
 
 
 def _user_id(value: Any) -> str:
-    text = str(value)
+    text = values.text(value, "GA4: user_id")
     if len(text) > MAX_USER_ID:
         raise PayloadError(f"GA4: user_id must be at most {MAX_USER_ID} characters")
     return text
@@ -391,7 +399,7 @@ def _params(raw: Mapping[str, Any], event_name: str) -> dict[str, Any]:
         elif key == "value":
             params[key] = _number(value, "params.value")
         elif key == "currency":
-            params[key] = str(value).strip().upper()
+            params[key] = values.text(value, "GA4: params.currency").strip().upper()
         elif isinstance(value, str):
             limit = LONG_PARAMS.get(key)
             if limit is not None:
@@ -403,12 +411,12 @@ def _params(raw: Mapping[str, Any], event_name: str) -> dict[str, Any]:
     if event_name in ("purchase", "refund") and not params.get("transaction_id"):
         raise PayloadError(f"GA4: transaction_id is required for the {event_name} event")
     if "transaction_id" in params:
-        params["transaction_id"] = str(params["transaction_id"])
+        params["transaction_id"] = values.text(params["transaction_id"], "GA4: transaction_id")
     return params
 
 
 def _session_id(value: Any) -> str:
-    text = str(value).strip()
+    text = values.text(value, "GA4: params.session_id").strip()
     match = SESSION_COOKIE.match(text)
     return match.group(1) if match else text
 
@@ -425,7 +433,7 @@ def _items(value: Any) -> list[dict[str, Any]]:
             raise PayloadError("GA4: every item needs item_id or item_name")
         for key in ("item_id", "item_name"):
             if key in item:
-                item[key] = str(item[key])
+                item[key] = values.text(item[key], f"GA4: items[].{key}")
         for key, what in (("price", "items[].price"), ("quantity", "items[].quantity")):
             if key in item:
                 item[key] = _number(item[key], what)
@@ -434,14 +442,8 @@ def _items(value: Any) -> list[dict[str, Any]]:
 
 
 def _number(value: Any, what: str) -> float | int:
-    if isinstance(value, bool):
-        raise PayloadError(f"GA4: {what} must be a number")
-    if isinstance(value, int | float):
-        return value
-    try:
-        return float(str(value))
-    except ValueError:
-        raise PayloadError(f"GA4: {what} must be a number") from None
+    number = values.number(value, f"GA4: {what}")  # finite, not a boolean
+    return value if type(value) is int else number  # an integer stays one (quantity: 2)
 
 
 def _user_properties(raw: Any) -> dict[str, Any]:
@@ -498,18 +500,22 @@ _CLEAR_ADDRESS_FIELDS: tuple[tuple[str, Callable[[str, Any], str | None]], ...] 
 
 
 def _address(raw: Mapping[str, Any]) -> dict[str, Any]:
-    country = raw.get("country")
+    country = _country(raw.get("country"))
     out: dict[str, Any] = {}
     for key, norm in _HASHED_ADDRESS_FIELDS:
         if (digest := normalize.hashed(raw.get(key), norm)) is not None:
             out[key] = digest
     for key, clear in _CLEAR_ADDRESS_FIELDS:
-        value = raw.get(key)
-        if value is None:
-            continue
-        if text := clear(str(value), country):
+        # Like the hashed fields, a value that is no text (a list, an object) is left out.
+        value = values.scalar_text(raw.get(key))
+        if value and (text := clear(value, country)):
             out[key] = text
     return out
+
+
+def _country(value: Any) -> str | None:
+    """A mapped country as text to read addresses and phone numbers in (None: not text)."""
+    return (value.strip() or None) if isinstance(value, str) else None
 
 
 # -- helpers ------------------------------------------------------------------------------------

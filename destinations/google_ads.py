@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
-from destinations import normalize
+from destinations import normalize, values
 from destinations.base import (
     Destination,
     HttpRequest,
@@ -231,7 +231,7 @@ class GoogleAds(Destination):
         if currency := self._currency(mapped.get("currencyCode")):
             row["currencyCode"] = currency
         if mapped.get("orderId") is not None:
-            row["orderId"] = str(mapped["orderId"])
+            row["orderId"] = values.text(mapped["orderId"], "Google Ads: orderId")
         raw_ids = _as_dict(mapped.get("userIdentifiers"), "userIdentifiers")
         if "addressInfo" in raw_ids:
             raise PayloadError(
@@ -251,6 +251,7 @@ class GoogleAds(Destination):
             row["consent"] = {"adUserData": ad_user_data}
         for key in ("conversionEnvironment", "cartData", "customVariables"):
             if mapped.get(key) is not None:
+                values.check_json(mapped[key], f"Google Ads: {key}")  # passed on as mapped
                 row[key] = mapped[key]
         return row
 
@@ -267,11 +268,11 @@ class GoogleAds(Destination):
                 "Google Ads: an adjustment is identified by orderId or gclidDateTimePair, not both"
             )
         if order_id is not None:
-            row["orderId"] = str(order_id)
+            row["orderId"] = values.text(order_id, "Google Ads: orderId")
         elif pair.get("gclid") and pair.get("conversionDateTime"):
             row["gclidDateTimePair"] = {
-                "gclid": str(pair["gclid"]),
-                "conversionDateTime": str(pair["conversionDateTime"]),
+                key: values.text(pair[key], f"Google Ads: gclidDateTimePair.{key}")
+                for key in ("gclid", "conversionDateTime")
             }
         else:
             raise PayloadError(
@@ -304,7 +305,7 @@ class GoogleAds(Destination):
                 raise PayloadError("Google Ads: ENHANCEMENT needs at least one user identifier")
             row["userIdentifiers"] = ids
             if mapped.get("userAgent"):
-                row["userAgent"] = str(mapped["userAgent"])
+                row["userAgent"] = values.text(mapped["userAgent"], "Google Ads: userAgent")
         return row
 
     def _identifiers(
@@ -317,8 +318,8 @@ class GoogleAds(Destination):
         addr = _as_dict(raw.get("addressInfo"), "userIdentifiers.addressInfo")
         user_data = ctx.event.get("user_data")
         country = (
-            addr.get("countryCode")
-            or (user_data.get("country") if isinstance(user_data, dict) else None)
+            _country(addr.get("countryCode"))
+            or (_country(user_data.get("country")) if isinstance(user_data, dict) else None)
             or self._default_country
         )
 
@@ -338,8 +339,9 @@ class GoogleAds(Destination):
         return ids
 
     def _action(self, mapped: Any) -> str:
-        raw = str(mapped if mapped is not None else self._conversion_action).strip()
-        if raw.isdigit():
+        chosen = mapped if mapped is not None else self._conversion_action
+        raw = values.text(chosen, "Google Ads: conversionAction").strip()
+        if raw.isascii() and raw.isdigit():
             return f"customers/{self._customer_id()}/conversionActions/{raw}"
         if ACTION_NAME.fullmatch(raw):
             return raw
@@ -354,7 +356,7 @@ class GoogleAds(Destination):
         raw = value if value is not None else self._default_currency
         if raw is None:
             return None
-        code = str(raw).strip().upper()
+        code = raw.strip().upper() if isinstance(raw, str) else ""
         if not _CURRENCY_CODE.fullmatch(code):
             raise PayloadError("Google Ads: currencyCode must be an ISO 4217 code (3 letters)")
         return code
@@ -461,7 +463,7 @@ def google_time(moment: datetime) -> str:
 
 def _click_id(mapped: Mapping[str, Any], event: Mapping[str, Any]) -> tuple[str, str] | None:
     """gclid first; else wbraid (web conversions); else gbraid. Never two."""
-    found = {k: str(mapped[k]) for k in CLICK_IDS if mapped.get(k)}
+    found = {k: values.text(mapped[k], f"Google Ads: {k}") for k in CLICK_IDS if mapped.get(k)}
     if not found:
         context = event.get("context")
         url = context.get("page_url") if isinstance(context, dict) else None
@@ -474,12 +476,7 @@ def _consent(value: Any) -> str | None:
 
 
 def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool):
-        raise PayloadError(f"Google Ads: {what} must be a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise PayloadError(f"Google Ads: {what} must be a number") from None
+    return values.number(value, f"Google Ads: {what}")
 
 
 def _email(value: str) -> str | None:
@@ -499,7 +496,7 @@ def _street(value: str) -> str | None:
 
 
 def _address_info(raw: dict[str, Any]) -> dict[str, Any]:
-    country = raw.get("countryCode")
+    country = _country(raw.get("countryCode"))
     out: dict[str, Any] = {}
     hashed: tuple[tuple[str, Callable[[str], str | None]], ...] = (
         ("hashedFirstName", lambda v: normalize.name(v, "google")),
@@ -516,9 +513,16 @@ def _address_info(raw: dict[str, Any]) -> dict[str, Any]:
         ("countryCode", lambda v: normalize.country(v, "google")),
     )
     for key, norm in clear:
-        if raw.get(key) is not None and (text := norm(str(raw[key]))):
+        # Like the hashed fields, a value that is no text (a list, an object) is left out.
+        value = values.scalar_text(raw.get(key))
+        if value and (text := norm(value)):
             out[key] = text
     return out
+
+
+def _country(value: Any) -> str | None:
+    """A mapped country as text to read addresses and phone numbers in (None: not text)."""
+    return (value.strip() or None) if isinstance(value, str) else None
 
 
 def _as_dict(value: Any, what: str) -> dict[str, Any]:

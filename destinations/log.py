@@ -11,7 +11,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from destinations.base import Destination, HttpRequest, Item, SendContext
+from destinations.base import Destination, HttpRequest, Item, PayloadContext, SendContext
+from destinations.values import check_json
 
 LOG_URL = "log:tagrelay.delivered"
 """The engine's transport writes requests to this URL to the log (see engine.transport)."""
@@ -28,6 +29,18 @@ class Log(Destination):
         "properties": {"level": {"enum": ["debug", "info"], "default": "info"}},
     }
     default_mapping = {"properties": "properties"}
+
+    def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
+        """The mapped fields as they are, with the event's name, ID and time.
+
+        The values are never written out, but they are stored as the payload, which stays
+        strict JSON like every other destination's.
+
+        Raises:
+            PayloadError: a value JSON cannot carry (NaN, an infinity), naming its field.
+        """
+        check_json(mapped, "")
+        return super().build_payload(mapped, ctx)
 
     def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
         """A request to the ``log:`` transport carrying one summary line per item."""

@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
-from destinations import normalize
+from destinations import normalize, values
 from destinations.base import (
     Destination,
     HttpRequest,
@@ -233,7 +233,7 @@ class MetaCapi(Destination):
         payload: dict[str, Any] = {
             "event_name": ctx.event_name,
             "event_time": event_time,
-            "event_id": str(mapped.get("event_id") or ctx.event_id),
+            "event_id": values.text(mapped.get("event_id") or ctx.event_id, "event_id"),
             "action_source": action_source,
         }
         if source_url:
@@ -241,9 +241,10 @@ class MetaCapi(Destination):
         payload["user_data"] = user_data
         if custom_data:
             payload["custom_data"] = custom_data
-        payload.update(
-            (k, v) for k, v in mapped.items() if v is not None and k not in _BUILT_FIELDS
-        )
+        for key, value in mapped.items():
+            if value is not None and key not in _BUILT_FIELDS:
+                values.check_json(value, key)
+                payload[key] = value
         return payload
 
     def _user_data(self, raw: object) -> dict[str, Any]:
@@ -267,7 +268,9 @@ class MetaCapi(Destination):
                 if text:
                     out[key] = text
             elif value is not None:
-                out[key] = value  # other Meta fields that are never hashed (lead_id, ...)
+                # Other Meta fields that are never hashed (lead_id, ...), passed on as mapped.
+                values.check_json(value, f"user_data.{key}")
+                out[key] = value
         return out
 
     def _region(self, raw: Mapping[str, Any]) -> str | None:
@@ -341,9 +344,7 @@ def _max_age(action_source: str) -> timedelta:
 def _text(value: object) -> str | None:
     if isinstance(value, str):
         return value.strip() or None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
+    return values.scalar_text(value)
 
 
 def _ip(text: str) -> str | None:
@@ -356,14 +357,13 @@ def _ip(text: str) -> str | None:
 
 
 def _number(value: object, field: str) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise PayloadError(f"custom_data.{field} must be a number")
+    return values.number(value, f"custom_data.{field}")
+
+
+# custom_data fields _custom_data reads itself; the others are passed on as they are.
+_CUSTOM_BUILT_FIELDS = frozenset(
+    {"value", "predicted_ltv", "net_revenue", "currency", "order_id", "content_ids", "contents"}
+)
 
 
 def _custom_data(raw: object) -> dict[str, Any]:
@@ -376,17 +376,23 @@ def _custom_data(raw: object) -> dict[str, Any]:
         if key in out:
             out[key] = _number(out[key], key)
     if "currency" in out:
-        currency = str(out["currency"]).strip().upper()
-        if len(currency) != 3 or not currency.isalpha():
+        currency = out["currency"]
+        currency = currency.strip().upper() if isinstance(currency, str) else ""
+        if len(currency) != 3 or not currency.isalpha() or not currency.isascii():
             raise PayloadError("custom_data.currency must be an ISO 4217 code")
         out["currency"] = currency
     if "order_id" in out:
-        out["order_id"] = str(out["order_id"])
+        out["order_id"] = values.text(out["order_id"], "custom_data.order_id")
     if "content_ids" in out:
         ids = out["content_ids"] if isinstance(out["content_ids"], list) else [out["content_ids"]]
-        out["content_ids"] = [str(i) for i in ids if i is not None]
+        out["content_ids"] = [
+            values.text(i, "custom_data.content_ids[]") for i in ids if i is not None
+        ]
     if "contents" in out:
         out["contents"] = _contents(out["contents"])
+    for key, value in out.items():
+        if key not in _CUSTOM_BUILT_FIELDS:
+            values.check_json(value, f"custom_data.{key}")
     return {k: v for k, v in out.items() if v not in ([], {}, None)}
 
 
@@ -398,11 +404,16 @@ def _contents(raw: object) -> list[dict[str, Any]]:
         if not isinstance(entry, _MAPPING) or entry.get("id") is None:
             continue  # Meta requires an id on every content
         content = {k: v for k, v in entry.items() if v is not None}
-        content["id"] = str(content["id"])
+        content["id"] = values.text(content["id"], "custom_data.contents[].id")
         if "quantity" in content:
-            content["quantity"] = int(_number(content["quantity"], "contents.quantity"))
+            content["quantity"] = values.integer(
+                content["quantity"], "custom_data.contents[].quantity"
+            )
         if "item_price" in content:
-            content["item_price"] = _number(content["item_price"], "contents.item_price")
+            content["item_price"] = values.number(
+                content["item_price"], "custom_data.contents[].item_price"
+            )
+        values.check_json(content, "custom_data.contents[]")
         contents.append(content)
     return contents
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gettext
 import hashlib
+import math
 import re
 import unicodedata
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 import pycountry
 
 from destinations.e164 import e164
+from destinations.values import scalar_text
 
 Platform = Literal["meta", "google", "tiktok"]
 """The platforms whose rules this module knows."""
@@ -297,8 +299,10 @@ def country(value: str, platform: Platform) -> str | None:
     """An ISO 3166-1 alpha-2 code from a code or an English (or common European) name.
 
     Lowercase for Meta and TikTok (``United States`` -> ``us``), uppercase for Google.
-    Returns None for an unknown country.
+    Returns None for an unknown country, and for a value that is not text.
     """
+    if not isinstance(value, str):
+        return None  # a mapped number, list or object: read as no country at all
     code = _country_code(value)
     if code is None:
         return None
@@ -336,8 +340,13 @@ def _text(value: object) -> str | None:
         return None if not value or value.isspace() else value
     if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return str(int(value)) if float(value).is_integer() else str(value)
+    if isinstance(value, int):
+        # An int of any size is its digits (``float()`` would overflow past 1e308).
+        return scalar_text(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None  # NaN and the infinities are no one's phone number or postal code
+        return str(int(value)) if value.is_integer() else str(value)
     return None
 
 

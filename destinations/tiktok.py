@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any, ClassVar
 
-from destinations import normalize
+from destinations import normalize, values
 from destinations.base import (
     Destination,
     HttpRequest,
@@ -167,18 +167,19 @@ class TikTok(Destination):
         payload: dict[str, Any] = {
             "event": ctx.event_name,
             "event_time": int(ctx.event_time.timestamp()),
-            "event_id": str(mapped.get("event_id") or ctx.event_id),
+            "event_id": values.text(mapped.get("event_id") or ctx.event_id, "event_id"),
         }
         if user:
             payload["user"] = user
         if properties:
             payload["properties"] = properties
-        page_out = {k: str(v) for k, v in page.items() if v is not None}
+        page_out = {k: values.text(v, f"page.{k}") for k, v in page.items() if v is not None}
         if page_out:
             payload["page"] = page_out
-        payload.update(
-            (k, v) for k, v in mapped.items() if v is not None and k not in _BUILT_FIELDS
-        )
+        for key, value in mapped.items():
+            if value is not None and key not in _BUILT_FIELDS:
+                values.check_json(value, key)
+                payload[key] = value
         return payload
 
     def _event_source(self) -> str:
@@ -212,6 +213,7 @@ class TikTok(Destination):
                 if text:
                     out[key] = text
             elif value is not None:
+                values.check_json(value, f"user.{key}")
                 out[key] = value
         return out
 
@@ -267,9 +269,7 @@ _NORMALIZED_FIELDS = frozenset().union(*_normalizers(None))
 def _str(value: object) -> str | None:
     if isinstance(value, str):
         return value.strip() or None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
+    return values.scalar_text(value)
 
 
 def _object(value: object, field: str) -> Mapping[str, Any]:
@@ -282,14 +282,13 @@ def _object(value: object, field: str) -> Mapping[str, Any]:
 
 
 def _number(value: object, field: str) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise PayloadError(f"properties.{field} must be a number")
+    return values.number(value, f"properties.{field}")
+
+
+# properties fields _properties reads itself; the others are passed on as they are.
+_PROPERTIES_BUILT_FIELDS = frozenset(
+    {"value", "predicted_ltv", "currency", "order_id", "content_ids", "contents"}
+)
 
 
 def _properties(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,29 +297,43 @@ def _properties(raw: Mapping[str, Any]) -> dict[str, Any]:
         if key in out:
             out[key] = _number(out[key], key)
     if "currency" in out:
-        currency = str(out["currency"]).strip().upper()
-        if len(currency) != 3 or not currency.isalpha():
+        currency = out["currency"]
+        currency = currency.strip().upper() if isinstance(currency, str) else ""
+        if len(currency) != 3 or not currency.isalpha() or not currency.isascii():
             raise PayloadError("properties.currency must be an ISO 4217 code")
         out["currency"] = currency
     if "order_id" in out:
-        out["order_id"] = str(out["order_id"])
-    if "content_ids" in out and isinstance(out["content_ids"], list):
-        out["content_ids"] = [str(i) for i in out["content_ids"] if i is not None]
+        out["order_id"] = values.text(out["order_id"], "properties.order_id")
+    if "content_ids" in out:
+        if isinstance(out["content_ids"], list):
+            out["content_ids"] = [
+                values.text(i, "properties.content_ids[]")
+                for i in out["content_ids"]
+                if i is not None
+            ]
+        else:
+            values.check_json(out["content_ids"], "properties.content_ids")
     if "contents" in out:
         if not isinstance(out["contents"], list):
             raise PayloadError("properties.contents must be a list")
         out["contents"] = [_content(c) for c in out["contents"] if isinstance(c, _MAPPING)]
+    for key, value in out.items():
+        if key not in _PROPERTIES_BUILT_FIELDS:
+            values.check_json(value, f"properties.{key}")
     return {k: v for k, v in out.items() if v not in ([], {}, None)}
 
 
 def _content(raw: Mapping[str, Any]) -> dict[str, Any]:
     content = {k: v for k, v in raw.items() if v is not None}
     if "content_id" in content:
-        content["content_id"] = str(content["content_id"])
+        content["content_id"] = values.text(
+            content["content_id"], "properties.contents[].content_id"
+        )
     if "price" in content:
-        content["price"] = _number(content["price"], "contents.price")
+        content["price"] = values.number(content["price"], "properties.contents[].price")
     if "quantity" in content:
-        content["quantity"] = int(_number(content["quantity"], "contents.quantity"))
+        content["quantity"] = values.integer(content["quantity"], "properties.contents[].quantity")
+    values.check_json(content, "properties.contents[]")
     return content
 
 

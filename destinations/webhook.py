@@ -8,7 +8,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from destinations.base import Destination, HttpRequest, Item, SendContext
+from destinations.base import Destination, HttpRequest, Item, PayloadContext, SendContext
+from destinations.values import check_json
 
 SIGNATURE_HEADER = "X-Tagrelay-Signature"
 
@@ -60,6 +61,15 @@ class Webhook(Destination):
             "consent",
         )
     }
+
+    def build_payload(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
+        """The mapped fields as they are, with the event's name, ID and time.
+
+        Raises:
+            PayloadError: a value JSON cannot carry (NaN, an infinity), naming its field.
+        """
+        check_json(mapped, "")
+        return super().build_payload(mapped, ctx)
 
     def batch_key(self, item: Item) -> str:
         """Without ``batch: true`` every item travels alone."""

@@ -66,8 +66,22 @@ class RulesHolder:
             mtimes = self._scan()
             if mtimes == self._mtimes:
                 return False
+            changed = sorted(p for p, t in mtimes.items() if self._mtimes.get(p) != t)
+            # Recorded first: files that fail are not compiled again on every request, only
+            # after their next change.
             self._mtimes = mtimes
-            container, problems = compile_container(self.path)
+            try:
+                container, problems = compile_container(self.path)
+            except Exception as exc:  # noqa: BLE001 - a reload must never fail a request
+                # e.g. RecursionError from a deeply nested or self-referencing YAML file. The
+                # message may quote the files (values of secrets included): only the type.
+                error = type(exc).__name__
+                self.last_error = f"rules reload failed: {error} (changed: {', '.join(changed)})"
+                log.error(
+                    "rules reload failed; keeping the previous rules",
+                    extra={"error": error, "changed": changed[:20]},
+                )
+                return False
             if container is None:
                 errors = [str(p) for p in problems if p.severity == "error"]
                 self.last_error = "; ".join(errors[:5])

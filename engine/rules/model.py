@@ -6,6 +6,8 @@ container can be shared by all threads of a worker and swapped whole on reload.
 
 from __future__ import annotations
 
+import logging
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +19,8 @@ from engine.event import event_time
 from engine.expr import Builder, Field, Getter, compile_builder, truthy
 from engine.rules.source import Position
 from engine.store.base import Decision
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -158,18 +162,46 @@ class Tag:
         ctx = PayloadContext(
             self.name, platform_name, str(event["event_id"]), scope.time, view, anonymous, now
         )
+        mapped = self._build(view)
+        adapter = destination.adapter
         try:
-            payload = destination.adapter.build_payload(self._build(view), ctx)
+            payload = adapter.build_payload(mapped, ctx)
         except PayloadError as exc:
             return Decision(
                 self.name, dest, False, f"invalid payload: {exc}", decision.reason, anonymous
             )
+        except Exception as exc:  # noqa: BLE001 - an adapter's bug must not fail the event
+            reason = (
+                f"invalid payload: {adapter.name or destination.type} failed: {type(exc).__name__}"
+            )
+            _log_adapter_failure(self.name, destination, exc)
+            return Decision(self.name, dest, False, reason, decision.reason, anonymous)
         key = None
         if self.dedup_key is not None:
             value = self.dedup_key(event)
             if value is not None and value != "":
                 key = f"{self.name}:{value}"
         return Decision(self.name, dest, True, matched, decision.reason, anonymous, payload, key)
+
+
+def _log_adapter_failure(tag: str, destination: DestinationInstance, exc: Exception) -> None:
+    """Log a build_payload bug for the operator: where it was raised, never the message.
+
+    The message and a traceback's text can quote the mapped values (personal data); the type,
+    the tag and the place in the adapter's code are enough to find the bug.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    log.error(
+        "destination adapter failed to build a payload; the tag did not fire",
+        extra={
+            "tag": tag,
+            "destination": destination.name,
+            "type": destination.type,
+            "error": type(exc).__name__,
+            "where": where,
+        },
+    )
 
 
 class EventScope:

@@ -320,6 +320,70 @@ def test_a_batch_answers_one_result_per_event_and_a_bad_one_sinks_nothing(
     assert db("SELECT event_id FROM events ORDER BY seq") == [("b1",), ("b3",)]
 
 
+PLATFORM_RULES = """
+destinations:
+  log: {type: log}
+  meta: {type: meta_capi, pixel_id: "1234567890", access_token: meta-token}
+  tiktok: {type: tiktok, pixel_code: CABCDEF123, access_token: tt-token}
+  ga4: {type: ga4, measurement_id: G-ABC123, api_secret: ga4-secret}
+triggers:
+  all: {event: "*"}
+tags:
+  - {name: log_all, trigger: all, destination: log}
+  - {name: meta_purchase, trigger: all, destination: meta, event_name: Purchase}
+  - {name: tiktok_purchase, trigger: all, destination: tiktok, event_name: CompletePayment}
+  - {name: ga4_purchase, trigger: all, destination: ga4}
+"""
+
+
+def sale(event_id: str, quantity: Any = 1) -> dict[str, Any]:
+    return {
+        "event_name": "purchase",
+        "event_id": event_id,
+        "properties": {
+            "order_id": event_id,
+            "value": 10.0,
+            "currency": "EUR",
+            "items": [{"id": "sku_1", "price": 10.0, "quantity": quantity}],
+        },
+        "user_data": {"email": "ada@example.com"},
+        "context": {"page_url": "https://shop.example/thanks", "user_agent": "Mozilla/5.0"},
+        "visitor_id": "v1",
+    }
+
+
+@pytest.mark.parametrize("quantity", ["NaN", "1e999", "inf"])
+def test_a_quantity_no_platform_can_take_leaves_those_tags_unfired_not_a_500(
+    tmp_path: Path, write_rules: Callable[..., Path], quantity: str
+) -> None:
+    container = write_rules(PLATFORM_RULES)
+    settings = Settings(
+        rules=container, data_dir=tmp_path / "data", server_keys=(ServerKey(KEY),), deliver=False
+    )
+    client = create_app(settings, rules=load_rules(container, interval=0)).test_client()
+
+    single = post(client, "/v1/track", sale("o1", quantity))
+    batch = post(client, "/v1/track/batch", {"events": [sale("o2"), sale("o3", quantity)]})
+
+    assert single.status_code == 200, single.get_data(as_text=True)
+    assert single.get_json()["fired"] == ["log_all"]
+    assert batch.status_code == 200, batch.get_data(as_text=True)
+    results = batch.get_json()["results"]
+    assert results[0]["fired"] == ["log_all", "meta_purchase", "tiktok_purchase", "ga4_purchase"]
+    assert (results[1]["success"], results[1]["event_id"]) == (True, "o3")
+    assert results[1]["fired"] == ["log_all"]
+    with sqlite3.connect(tmp_path / "data" / "tagrelay.db") as conn:
+        [(stored,)] = conn.execute("SELECT decisions FROM events WHERE event_id = 'o1'")
+    reasons = {d["tag"]: d["reason"] for d in json.loads(stored)}
+    assert reasons["meta_purchase"] == (
+        "invalid payload: custom_data.contents[].quantity must be a number"
+    )
+    assert reasons["tiktok_purchase"] == (
+        "invalid payload: properties.contents[].quantity must be a number"
+    )
+    assert reasons["ga4_purchase"] == "invalid payload: GA4: items[].quantity must be a number"
+
+
 def test_a_batch_of_exactly_100_events_is_accepted(client: FlaskClient) -> None:
     events = [{"event_name": "x", "event_id": f"e{i}"} for i in range(100)]
 
@@ -395,6 +459,28 @@ def test_readyz_reports_a_refused_reload_but_stays_ready(
 
     assert body["status"] == "ready"
     assert "unknown trigger 'purchse'" in body["checks"]["rules"]["reload_error"]
+
+
+def test_a_rules_file_that_crashes_the_compiler_on_reload_fails_no_request(
+    tmp_path: Path, write_rules: Callable[..., Path]
+) -> None:
+    container = write_rules(RULES)
+    settings = Settings(
+        rules=container, data_dir=tmp_path / "data", server_keys=(ServerKey(KEY),), deliver=False
+    )
+    client = create_app(settings, rules=load_rules(container, interval=0.001)).test_client()
+    (container / "bad.yaml").write_text("variables: &v\n  a: *v\n")  # refers to itself
+    time.sleep(0.01)
+
+    statuses = [post(client, "/v1/track", {"event_name": "lead"}).status_code for _ in range(3)]
+    ready = client.get("/readyz")
+
+    assert statuses == [200, 200, 200]
+    assert ready.status_code == 200
+    body = ready.get_json()
+    assert body["checks"]["rules"]["tags"] == 2  # the previous rules still serve
+    assert "bad.yaml" in body["checks"]["rules"]["reload_error"]
+    assert "Traceback" not in ready.get_data(as_text=True)
 
 
 def test_escaped_surrogate_pairs_and_escaped_backslashes_are_ordinary_text(

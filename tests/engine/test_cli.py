@@ -250,6 +250,35 @@ def test_preview_explains_tags_that_do_not_fire(
     )
 
 
+META_RULES = """
+destinations:
+  meta: {type: meta_capi, pixel_id: "1234567890", access_token: meta-token}
+triggers:
+  all: {event: "*"}
+tags:
+  - {name: meta_purchase, trigger: all, destination: meta, event_name: Purchase}
+"""
+
+
+def test_preview_of_a_quantity_meta_cannot_take_explains_it_without_a_traceback(
+    write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = {
+        **{k: v for k, v in EVENT.items() if k != "timestamp"},  # now: Meta refuses old events
+        "properties": {"value": 10, "currency": "EUR", "items": [{"id": "a", "quantity": "NaN"}]},
+        "context": {"page_url": "https://shop.example/", "user_agent": "Mozilla/5.0"},
+    }
+
+    code, out = preview_json(write_rules(META_RULES), tmp_path, capsys, event)
+
+    assert code == 0, out
+    [meta] = json.loads(out)["tags"]
+    assert (meta["fired"], meta["reason"]) == (
+        False,
+        "invalid payload: custom_data.contents[].quantity must be a number",
+    )
+
+
 def test_preview_of_an_invalid_event_exits_2(
     write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -414,6 +414,44 @@ def test_dedup_key_is_prefixed_with_the_tag_name(write_rules: WriteRules) -> Non
     assert decide(rules, properties={})["t"].dedup_key is None
 
 
+# -- adapters that fail --------------------------------------------------------------------------
+
+
+def test_an_adapter_bug_leaves_its_tag_unfired_and_the_other_tags_unharmed(
+    write_rules: WriteRules, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rules = build(
+        write_rules,
+        """
+        triggers:
+          all: {event: "*"}
+        tags:
+          - {name: hook_all, trigger: all, destination: hook}
+          - {name: log_all, trigger: all, destination: log}
+        """,
+    )
+
+    def broken(mapped: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        # A plugin's bug, with personal data in its message as real errors often have.
+        raise ValueError(f"could not convert {mapped['user_data']['email']!r}")
+
+    monkeypatch.setattr(rules.destinations["hook"].adapter, "build_payload", broken)
+
+    decisions = decide(rules, user_data={"email": "ada@example.com"})
+
+    assert not decisions["hook_all"].fired
+    assert decisions["hook_all"].reason == "invalid payload: webhook failed: ValueError"
+    assert decisions["hook_all"].payload is None
+    assert decisions["log_all"].fired
+    [record] = [r for r in caplog.records if r.name == "engine.rules.model"]
+    assert record.levelname == "ERROR"
+    assert vars(record)["tag"] == "hook_all"
+    assert vars(record)["error"] == "ValueError"
+    assert "test_rules_eval.py" in vars(record)["where"]
+    assert "ada@example.com" not in caplog.text
+    assert "ada@example.com" not in str(vars(record))
+
+
 # -- the trigger index ------------------------------------------------------------------------
 
 
@@ -504,6 +542,50 @@ def test_reverting_a_broken_edit_clears_the_error(write_rules: WriteRules) -> No
 
     assert holder.last_error is None
     assert [t.name for t in holder.container.tags] == ["first"]
+
+
+def test_a_reload_the_compiler_fails_on_keeps_the_old_rules_and_tries_again_after_a_change(
+    write_rules: WriteRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    container = write_rules(RELOADABLE)
+    holder = load_rules(container, interval=0)
+    good = holder.container
+    calls: list[Path] = []
+
+    def crash(path: Path) -> Any:
+        calls.append(path)
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("engine.pipeline.compile_container", crash)
+    (container / "bad.yaml").write_text("variables: &v\n  a: *v\n")
+
+    assert holder.maybe_reload() is False
+    assert holder.container is good
+    assert holder.last_error is not None
+    assert holder.last_error.startswith("rules reload failed: RecursionError")
+    assert "bad.yaml" in holder.last_error
+    assert holder.maybe_reload() is False  # unchanged since: not compiled again
+    assert len(calls) == 1
+
+    touch_later(container / "bad.yaml", 5)
+    holder.maybe_reload()
+
+    assert len(calls) == 2
+
+
+def test_a_recursive_yaml_file_dropped_into_the_rules_is_a_refused_reload(
+    write_rules: WriteRules,
+) -> None:
+    container = write_rules(RELOADABLE)
+    holder = load_rules(container, interval=0)
+    good = holder.container
+
+    (container / "bad.yaml").write_text("variables: &v\n  a: *v\n")
+
+    assert holder.maybe_reload() is False
+    assert holder.container is good
+    assert holder.last_error is not None
+    assert "bad.yaml" in holder.last_error
 
 
 def test_unchanged_files_are_not_recompiled(write_rules: WriteRules) -> None:
