@@ -509,6 +509,5 @@ class TokenFailure(Exception):
 
 
 def _redact(adapter: Destination, text: str) -> str:
-    for secret in adapter.secrets():
-        text = text.replace(secret, "[REDACTED]")
-    return text
+    # Every encoded form too: a platform's error can echo the request's URL or form body.
+    return adapter.redact_text(text)

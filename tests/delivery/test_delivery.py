@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_plus
 
 import pytest
 
@@ -339,6 +340,35 @@ def test_errors_kept_with_dead_letters_never_contain_secrets(tmp_path: Path, plu
     [(status, _, error)] = h.statuses()
     assert status == "dead"
     assert error is not None and "s3cret-value" not in error and "[REDACTED]" in error
+
+
+def test_a_secret_echoed_url_encoded_is_redacted_from_dead_letters(
+    tmp_path: Path, plugins: None
+) -> None:
+    secret = "s3cret/va+lue="
+
+    def echo_encoded(request: Request) -> Reply:
+        if request.path == "/token":
+            return Reply.json({"access_token": "t", "expires_in": 3600})
+        return Reply.text(f"invalid credential in ?key={quote_plus(secret)}", 400)
+
+    class Echo(PerItem):
+        def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+            return [ItemResult(Outcome.PERMANENT, response.excerpt())] * len(items)
+
+    with LoopbackServer(echo_encoded) as server:
+        h = Harness(tmp_path, per_item_rules(tmp_path, server.url))
+        object.__setattr__(
+            h.container.destinations["api"],
+            "adapter",
+            Echo({"url": server.url, "client_secret": secret}),
+        )
+        h.accept({"event_name": "sale", "event_id": "a", "properties": {"value": 1}})
+        h.worker.drain()
+
+    [(status, _, error)] = h.statuses()
+    assert status == "dead"
+    assert error is not None and quote_plus(secret) not in error and "[REDACTED]" in error
 
 
 def test_circuit_breaker_pauses_a_failing_destination_then_probes() -> None:
