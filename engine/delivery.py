@@ -282,15 +282,24 @@ class DeliveryWorker:
                 self._finish(dest, [delivery], ItemResult(Outcome.PERMANENT, problem))
                 continue
             groups[key].append((delivery, item))
-        fresh = True
-        for group in groups.values():
-            for start in range(0, len(group), adapter.max_batch):
-                batch = group[start : start + adapter.max_batch]
-                if not fresh:
-                    batch = self._renew(dest, batch, lease_seconds)
-                if batch:
-                    self._send(dest, batch, ctx, lease_seconds)
-                    fresh = False
+        size = adapter.max_batch
+        chunks = [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+        for n, chunk in enumerate(chunks):
+            batch = chunk
+            if n:
+                if self._stop.is_set():  # shutting down: what is not sent yet goes back now
+                    self._release(dest, [pair for rest in chunks[n:] for pair in rest])
+                    return
+                batch = self._renew(dest, chunk, lease_seconds)
+            if batch:
+                self._send(dest, batch, ctx, lease_seconds)
+
+    def _release(self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]]) -> None:
+        released = self.store.release([d.id for d, _ in batch], self.owner)
+        log.info(
+            "delivery stopping; unsent deliveries released",
+            extra={"destination": dest.name, "count": released},
+        )
 
     def _renew(
         self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]], seconds: float
@@ -320,6 +329,9 @@ class DeliveryWorker:
         if response is not None and response.status == 401 and uses_token:
             # Expired or revoked: fetch a fresh token and try once more, still holding the lease.
             self._forget_token(dest.name)
+            if self._stop.is_set():
+                self._release(dest, batch)
+                return
             batch = self._renew(dest, batch, lease_seconds)
             if not batch:
                 return

@@ -1,16 +1,22 @@
 """JSON log lines for production, with redaction by design.
 
 Messages are constant strings; variables go in ``extra`` and become JSON fields. Fields whose
-names suggest secrets or personal data are never written, whatever a caller passes.
+names suggest secrets or personal data are never written, whatever a caller passes. Messages
+that other libraries format themselves (gunicorn's "Invalid request from ip=...: <request
+line>", urllib3's request lines) lose their query strings, which can carry an API key or a
+platform secret, and client IPs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+from gunicorn import glogging
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 _NEVER = frozenset(
@@ -34,6 +40,21 @@ _NEVER = frozenset(
 )
 
 
+# A query string glued to a path or URL ("/v1/track?api_key=...", "...collect?api_secret=..."),
+# and gunicorn's "ip=<client address>" (an IPv6 address holds colons, never ": ").
+_QUERY = re.compile(r"(?<=\S)\?[^\s'\"]+")
+_CLIENT_IP = re.compile(r"\bip=\S*?(?=: |,|\s|$)")
+
+
+def scrub(text: str) -> str:
+    """``text`` without query strings and client IPs."""
+    if "?" in text:
+        text = _QUERY.sub("?[redacted]", text)
+    if "ip=" in text:
+        text = _CLIENT_IP.sub("ip=[redacted]", text)
+    return text
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the record's extras."""
 
@@ -43,7 +64,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": scrub(record.getMessage()),
         }
         for key, value in vars(record).items():
             if key in _RESERVED or key.startswith("_"):
@@ -57,6 +78,9 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str = "INFO") -> None:
     """Send JSON lines to stderr at ``level`` (idempotent)."""
+    # urllib3 logs every request line at DEBUG, with the query string that carries GA4's
+    # api_secret; scrubbing would catch it, but those lines are noise for tagrelay's users too.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
     root = logging.getLogger()
     if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
         root.setLevel(level)
@@ -65,3 +89,18 @@ def configure(level: str = "INFO") -> None:
     handler.setFormatter(JsonFormatter())
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class GunicornLogger(glogging.Logger):  # type: ignore[misc]  # gunicorn ships no type hints
+    """gunicorn's own lines (start, workers, refused requests) as JSON, scrubbed like ours.
+
+    gunicorn writes plain-text lines of its own, among them a refused request's client IP and
+    request line, API key included.
+    """
+
+    def setup(self, cfg: Any) -> None:
+        """gunicorn's set-up, then our handler in place of its plain-text one."""
+        super().setup(cfg)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        self.error_log.handlers[:] = [handler]

@@ -21,6 +21,8 @@ from engine.config import Settings
 from engine.delivery import DeliveryWorker
 from engine.maintenance import Maintenance
 from engine.pipeline import Pipeline
+from engine.rules.model import MAX_TIMEOUT
+from engine.transport import CONNECT_TIMEOUT
 
 
 def start_delivery(app: Flask) -> DeliveryWorker:
@@ -39,6 +41,9 @@ def start_maintenance(app: Flask, settings: Settings) -> Maintenance:
     maintenance.start()
     app.extensions["tagrelay.maintenance"] = maintenance
     return maintenance
+
+
+GRACEFUL_TIMEOUT = 2 * (CONNECT_TIMEOUT + MAX_TIMEOUT) + 5
 
 
 class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -79,10 +84,13 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
             "threads": int(os.environ.get("TAGRELAY_THREADS", "4")),
             "preload_app": True,
             "timeout": 30,
-            "graceful_timeout": 25,
+            # Long enough for a delivery's last request (a token, then the send, each with its
+            # connect and read timeouts); workers with nothing in flight stop at once.
+            "graceful_timeout": GRACEFUL_TIMEOUT,
             "keepalive": 5,
             "accesslog": None,
             "errorlog": "-",
+            "logger_class": logs.GunicornLogger,
             "loglevel": settings.log_level.lower(),
             "post_fork": post_fork,
             "worker_exit": worker_exit,

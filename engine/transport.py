@@ -19,6 +19,7 @@ import requests.adapters
 from destinations.base import HttpRequest, HttpResponse
 
 log = logging.getLogger(__name__)
+CONNECT_TIMEOUT = 5.0  # seconds; the read timeout is each destination's own
 delivered_log = logging.getLogger("tagrelay.delivered")
 
 
@@ -33,7 +34,7 @@ class TransportError(Exception):
 class Transport:
     """Sends requests; one instance per process is enough (it is thread-safe)."""
 
-    def __init__(self, pool_size: int = 32, connect_timeout: float = 5.0) -> None:
+    def __init__(self, pool_size: int = 32, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self._local_pid = -1

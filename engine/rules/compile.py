@@ -36,6 +36,7 @@ from engine.expr import (
 from engine.rules import expressions
 from engine.rules.expressions import Variable
 from engine.rules.model import (
+    MAX_TIMEOUT,
     Condition,
     Container,
     DeliveryOptions,
@@ -262,6 +263,12 @@ class _Compiler:
                 timeout=parse_duration(delivery.get("timeout", DeliveryOptions.timeout)),
                 concurrency=delivery.get("concurrency", DeliveryOptions.concurrency),
             )
+            if not 0 < options.timeout <= MAX_TIMEOUT:
+                self.error(
+                    entry.at("delivery", "timeout"),
+                    f"delivery timeout must be more than 0 and at most {MAX_TIMEOUT:g}s: a "
+                    "request in flight must end before a stopping server gives up waiting",
+                )
             out[name] = DestinationInstance(
                 name, type_name, adapter, entry.value.get("enabled", True), options
             )

@@ -60,6 +60,11 @@ class Trigger:
         return self._matched
 
 
+# A request in flight must end before a stopping worker is killed: the server's graceful
+# shutdown waits for two requests (an OAuth token, then the send) of this length, and more.
+MAX_TIMEOUT = 30.0
+
+
 @dataclass(frozen=True)
 class DeliveryOptions:
     """How the engine delivers to one destination (see the delivery section of the README)."""
@@ -67,7 +72,7 @@ class DeliveryOptions:
     max_attempts: int = 12
     max_age: float = 3 * 86400.0
     batch_wait: float = 1.0
-    timeout: float = 10.0
+    timeout: float = 10.0  # at most MAX_TIMEOUT
     concurrency: int = 2
 
 

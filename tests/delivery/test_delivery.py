@@ -591,3 +591,34 @@ def test_deliveries_of_a_destination_missing_from_the_rules_wait_without_using_a
     [(status, attempts, error)] = h.statuses()
     assert (status, attempts) == ("pending", 0)
     assert error is not None and "not in the current rules" in error
+
+
+def test_a_stopping_worker_sends_nothing_more_and_gives_back_what_it_did_not_send(
+    tmp_path: Path, plugins: None
+) -> None:
+    sent: list[Any] = []
+    worker_box: list[DeliveryWorker] = []
+
+    def platform(request: Request) -> Reply:
+        sent.append(request.json()["events"][0]["value"])
+        worker_box[0]._stop.set()  # SIGTERM arrives while the first request is in flight
+        return Reply.json({"ok": True})
+
+    with LoopbackServer(platform) as server:
+        h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
+        worker_box.append(h.worker)
+        h.accept(
+            *(
+                {"event_name": "sale", "event_id": f"e{i}", "properties": {"value": i}}
+                for i in range(3)
+            )
+        )
+        h.worker.tick(wait=True)
+
+    assert sent == [0]
+    rows = h.store._read("SELECT status, lease_owner FROM deliveries ORDER BY id")
+    assert [(r["status"], r["lease_owner"]) for r in rows] == [
+        ("delivered", None),
+        ("pending", None),  # released at once, for the next worker to send
+        ("pending", None),
+    ]

@@ -253,3 +253,21 @@ def test_dedup_holds_across_a_restart(tmp_path: Path) -> None:
 
     assert (first["duplicate"], again["duplicate"]) == (False, True)
     assert server.count("SELECT COUNT(*) FROM events WHERE event_id = 'e2e-restart-1'") == 1
+
+
+def test_gunicorn_logs_a_refused_request_as_json_without_its_key_or_client_ip(
+    server: Server,
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        # A request line gunicorn refuses (no HTTP version), with a key in its query string.
+        sock.sendall(b"GET /v1/track?api_key=sk_live_LEAKED_IN_LOGS\r\n\r\n")
+        sock.recv(4096)
+    deadline = time.monotonic() + 10
+    while "Invalid request" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    log = server.log.read_text()
+    refused = [line for line in log.splitlines() if "Invalid request" in line]
+    assert refused, log[-2000:]
+    assert all(json.loads(line)["logger"] == "gunicorn.error" for line in refused)
+    assert "LEAKED_IN_LOGS" not in log and "ip=127.0.0.1" not in log
