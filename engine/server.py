@@ -43,7 +43,7 @@ def start_maintenance(app: Flask, settings: Settings) -> Maintenance:
     return maintenance
 
 
-GRACEFUL_TIMEOUT = 2 * (CONNECT_TIMEOUT + MAX_TIMEOUT) + 5
+GRACEFUL_TIMEOUT = int(2 * (CONNECT_TIMEOUT + MAX_TIMEOUT) + 5)  # 75 s
 
 
 class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
