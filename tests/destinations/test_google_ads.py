@@ -421,6 +421,56 @@ def test_enhancement_carries_address_info_to_the_adjustments_endpoint(
     assert sent["userAgent"] == "Mozilla/5.0 ..."
 
 
+CLICK_PAIR = {
+    "gclidDateTimePair.gclid": {"value": "Cj0KCQ"},
+    "gclidDateTimePair.conversionDateTime": {"value": "2026-11-20 14:30:45+00:00"},
+}
+
+
+def test_enhancement_sends_a_gclid_pair_alongside_its_order_id(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    # platforms.md §3.4: orderId required, gclidDateTimePair optional, for ENHANCEMENT
+    payload = payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=CLICK_PAIR)
+
+    results = deliver(ads, [payload])
+
+    assert results == [ItemResult.delivered()]
+    (sent,) = emulator.adjustments
+    assert sent["orderId"] == "ord_789"
+    assert sent["gclidDateTimePair"] == {
+        "gclid": "Cj0KCQ",
+        "conversionDateTime": "2026-11-20 14:30:45+00:00",
+    }
+
+
+def test_enhancement_sends_a_conversion_time_without_gclid_but_no_gclid_without_its_time(
+    ads: GoogleAds,
+) -> None:
+    date_only = {"gclidDateTimePair.conversionDateTime": {"value": "2026-11-20 14:30:45+00:00"}}
+    gclid_only = {"gclidDateTimePair.gclid": {"value": "Cj0KCQ"}}
+
+    with_date = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=date_only))
+    with_gclid = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=gclid_only))
+
+    assert with_date["gclidDateTimePair"] == {"conversionDateTime": "2026-11-20 14:30:45+00:00"}
+    assert "gclidDateTimePair" not in with_gclid
+    assert with_gclid["orderId"] == "ord_789"
+
+
+@pytest.mark.parametrize("kind", ["RETRACTION", "RESTATEMENT"])
+def test_refund_adjustment_with_order_id_and_gclid_pair_is_refused(
+    ads: GoogleAds, kind: str
+) -> None:
+    # platforms.md §3.5: the conversion to change is named by one or the other, never both
+    mapping = {**CLICK_PAIR, "restatementValue.adjustedValue": "`79`"}
+    if kind == "RETRACTION":
+        del mapping["restatementValue.adjustedValue"]
+
+    with pytest.raises(PayloadError, match="not both"):
+        payload_for(ads, refund_event(), event_name=kind, mapping=mapping)
+
+
 def test_click_conversions_and_adjustments_never_share_a_request(ads: GoogleAds) -> None:
     conversion = Item("d1", "e1", payload_for(ads, EVENT))
     retraction = Item("d2", "e2", payload_for(ads, refund_event(), event_name="RETRACTION"))
