@@ -31,9 +31,11 @@ CONVERSIONS = "uploadClickConversions"
 ADJUSTMENTS = "uploadConversionAdjustments"
 ADJUSTMENT_TYPES = ("RETRACTION", "RESTATEMENT", "ENHANCEMENT")
 MAX_IDENTIFIERS = 5
-# No click-through window is longer than 90 days; adjustments expire 54 days after conversion.
+# No click-through window is longer than 90 days; adjustments expire 54 days after conversion
+# (§3.5); enhanced conversions for web must be sent within 24 hours of the conversion (§3.4).
 MAX_CONVERSION_AGE = timedelta(days=90)
 MAX_ADJUSTMENT_AGE = timedelta(days=54)
+MAX_ENHANCEMENT_AGE = timedelta(hours=24)
 CLICK_IDS = ("gclid", "wbraid", "gbraid")  # order of preference (see _click_id)
 CONVERSION_FIELDS = frozenset(
     {"gclid", "gbraid", "wbraid", "conversionAction", "conversionValue", "currencyCode"}
@@ -388,17 +390,29 @@ class GoogleAds(Destination):
     # -- delivery -------------------------------------------------------------------------------
 
     def check_item(self, item: Item, ctx: SendContext) -> str | None:
-        """Rows past the longest click-through window (90 days) or adjustment window (54 days)."""
+        """Rows past their window: an ENHANCEMENT 24 hours after the conversion (§3.4), other
+        adjustments 54 days (§3.5), click conversions the longest click-through window (90 days).
+        """
         row = item.payload.get("row", {})
+        if row.get("adjustmentType") == "ENHANCEMENT":
+            # Measured from the conversion: the mapped conversionDateTime when there is one,
+            # else the adjustment time, which is the enhancing event's own time.
+            pair = row.get("gclidDateTimePair")
+            times = [row.get("adjustmentDateTime")]
+            times += [pair.get("conversionDateTime")] if isinstance(pair, dict) else []
+            moments = [m for m in map(_google_moment, times) if m is not None]
+            if moments and ctx.now - min(moments) > MAX_ENHANCEMENT_AGE:
+                return (
+                    "Google Ads: ENHANCEMENT older than 24 hours; enhanced conversions for web "
+                    "must be sent within 24 hours of the conversion"
+                )
+            return None
         if item.payload.get("operation") == ADJUSTMENTS:
             when, limit, rule = row.get("adjustmentDateTime"), MAX_ADJUSTMENT_AGE, "54 days"
         else:
             when, limit, rule = row.get("conversionDateTime"), MAX_CONVERSION_AGE, "90 days"
-        try:
-            moment = datetime.strptime(str(when), "%Y-%m-%d %H:%M:%S%z")
-        except ValueError:
-            return None
-        if ctx.now - moment > limit:
+        moment = _google_moment(when)
+        if moment is not None and ctx.now - moment > limit:
             return f"Google Ads: older than {rule}, the longest window the API accepts"
         return None
 
@@ -480,6 +494,14 @@ def google_time(moment: datetime) -> str:
     if utc.year < 1000:  # strftime may not pad such a year to four digits; isoformat does
         return utc.strftime("%Y-%m-%d %H:%M:%S+00:00")
     return utc.isoformat(" ", "seconds")  # the same text, at a fraction of strftime's cost
+
+
+def _google_moment(text: Any) -> datetime | None:
+    """A ``yyyy-mm-dd hh:mm:ss+hh:mm`` time as an aware datetime; None when it is not one."""
+    try:
+        return datetime.strptime(str(text), "%Y-%m-%d %H:%M:%S%z")
+    except ValueError:
+        return None
 
 
 # -- fields -------------------------------------------------------------------------------------

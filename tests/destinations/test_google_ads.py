@@ -606,6 +606,48 @@ def test_conversion_older_than_ninety_days_fails_alone_at_send_time(ads: GoogleA
     assert reasons[1] is None
 
 
+def test_enhancement_older_than_24_hours_is_given_up_at_send_time(ads: GoogleAds) -> None:
+    # platforms.md §3.4: enhanced conversions for web are sent within 24 hours
+    stale = payload_for(ads, EVENT, event_name="ENHANCEMENT", when=NOW - timedelta(hours=25))
+    fresh = payload_for(ads, EVENT, event_name="ENHANCEMENT", when=NOW - timedelta(hours=23))
+
+    reasons = [
+        ads.check_item(Item(f"d{i}", "e", p), SendContext(now=NOW))
+        for i, p in enumerate((stale, fresh))
+    ]
+
+    assert reasons[0] is not None and "ENHANCEMENT older than 24 hours" in reasons[0]
+    assert reasons[1] is None
+
+
+def test_enhancement_age_counts_from_a_mapped_conversion_time(ads: GoogleAds) -> None:
+    conversion = (NOW - timedelta(hours=30)).strftime("%Y-%m-%d %H:%M:%S+00:00")
+    mapping = {"gclidDateTimePair.conversionDateTime": {"value": conversion}}
+    payload = payload_for(
+        ads, EVENT, event_name="ENHANCEMENT", mapping=mapping, when=NOW - timedelta(hours=1)
+    )
+
+    reason = ads.check_item(Item("d1", "e1", payload), SendContext(now=NOW))
+
+    assert reason is not None and "24 hours" in reason
+
+
+def test_refund_adjustments_keep_the_54_day_window(ads: GoogleAds) -> None:
+    month_old = payload_for(
+        ads, refund_event(), event_name="RETRACTION", when=NOW - timedelta(days=30)
+    )
+    too_old = payload_for(
+        ads, refund_event(), event_name="RETRACTION", when=NOW - timedelta(days=55)
+    )
+
+    reasons = [
+        ads.check_item(Item("d", "e", p), SendContext(now=NOW)) for p in (month_old, too_old)
+    ]
+
+    assert reasons[0] is None
+    assert reasons[1] is not None and "54 days" in reasons[1]
+
+
 # -- OAuth, settings and secrets ----------------------------------------------------------------
 
 
