@@ -40,15 +40,18 @@ MAX_USER_PROPERTY_VALUE = 36
 # (descriptive context is not worth losing the event over).
 LONG_PARAMS = {"page_location": 1000, "page_referrer": 420, "page_title": 300}
 
-# The Measurement Protocol reference's own reserved list. The longer "event naming rules" list
-# in GA's help centre (page_view, click, scroll, form_*, video_*, ...) governs events created in
-# the GA interface; page_view and the enhanced-measurement names are what server-side setups
-# send through MP every day, so refusing them would silently lose page views. Safest reading:
-# refuse only what MP itself reserves.
+# The Measurement Protocol reference's own reserved list, plus the app-store subscription
+# events that platforms.md §2.4 names among those never to send. The longer "event naming
+# rules" list in GA's help centre (page_view, click, scroll, form_*, video_*, ...) governs
+# events created in the GA interface; page_view and the enhanced-measurement names are what
+# server-side setups send through MP every day, so refusing them would silently lose page
+# views. Safest reading: refuse what MP itself reserves and the app-store events, which no
+# server-side setup has reason to send.
 RESERVED_EVENTS = frozenset(
     {"ad_activeview", "ad_click", "ad_exposure", "ad_impression", "ad_query", "ad_reward"}
     | {"adunit_exposure", "app_background", "app_clear_data", "app_exception", "app_install"}
     | {"app_remove", "app_store_refund", "app_update", "app_upgrade", "dynamic_link_app_open"}
+    | {"app_store_subscription_cancel", "app_store_subscription_renew"}
     | {"dynamic_link_app_update", "dynamic_link_first_open", "error", "firebase_campaign"}
     | {"first_open", "first_visit", "in_app_purchase", "notification_dismiss"}
     | {"notification_foreground", "notification_open", "notification_receive"}

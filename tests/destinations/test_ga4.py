@@ -315,6 +315,8 @@ def test_restricted_consent_drops_user_data_and_denies_the_ad_signals(
     [
         ("screen_view", "is reserved"),
         ("session_start", "is reserved"),
+        ("app_store_subscription_cancel", "is reserved"),  # platforms.md §2.4
+        ("app_store_subscription_renew", "is reserved"),
         ("a" * 41, "longer than 40"),
         ("2fast", "starting with a letter"),
         ("has-dash", "letters, digits and '_'"),
