@@ -287,6 +287,20 @@ def test_first_name_and_street_are_hashed_as_in_the_vectors(server: LoopbackServ
     )
 
 
+def test_names_lose_their_prefix_and_suffix_before_hashing(server: LoopbackServer) -> None:
+    # platforms.md §3.6 (shared by GA4 user_data, §2.5): no prefixes (Mrs.) or suffixes (Jr.)
+    event = event_with(user_data__first_name="Mrs. Mary", user_data__last_name="O'Brien Jr.")
+
+    address = payload_for(ga4(server), event)["request"]["user_data"]["address"]
+
+    assert address["sha256_first_name"] == (
+        "6915771be1c5aa0c886870b6951b03d7eafc121fea0e80a5ea83beb7c449f4ec"  # mary
+    )
+    assert address["sha256_last_name"] == (
+        "b4cb6cb33fe4b865868de825023a1e2790dc12ac01ecc8d7c5afe8254071c8ba"  # obrien
+    )
+
+
 def test_an_already_hashed_email_passes_through_unchanged(server: LoopbackServer) -> None:
     digest = "06a240d11cc201676da976f7b49341181fd180da37cbe40a77432c0a366c80c3"
 

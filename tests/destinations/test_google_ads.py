@@ -421,6 +421,19 @@ def test_enhancement_carries_address_info_to_the_adjustments_endpoint(
     assert sent["userAgent"] == "Mozilla/5.0 ..."
 
 
+def test_enhancement_names_lose_their_prefix_and_suffix(ads: GoogleAds) -> None:
+    # platforms.md §3.6: first/last name, no prefixes (Mrs.) or suffixes (Jr.)
+    mapping = {
+        "userIdentifiers.addressInfo.hashedFirstName": {"value": "Mrs. Mary"},
+        "userIdentifiers.addressInfo.hashedLastName": {"value": "O'Brien, Jr."},
+    }
+
+    sent = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=mapping))
+
+    assert sent["userIdentifiers"][-1]["addressInfo"]["hashedFirstName"] == MARY
+    assert sent["userIdentifiers"][-1]["addressInfo"]["hashedLastName"] == OBRIEN
+
+
 CLICK_PAIR = {
     "gclidDateTimePair.gclid": {"value": "Cj0KCQ"},
     "gclidDateTimePair.conversionDateTime": {"value": "2026-11-20 14:30:45+00:00"},

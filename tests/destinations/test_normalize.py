@@ -319,6 +319,37 @@ def test_gender_is_f_or_m(raw: str, expected: str | None) -> None:
     assert normalize.gender(raw, "meta") == expected
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Smith Jr.", "smith"),
+        ("Mrs. Mary", "mary"),
+        ("Smith, Jr.", "smith"),
+        ("MR John", "john"),
+        ("Prof. Dr. Hans", "hans"),
+        ("Henry III", "henry"),
+        ("Miss Ada Sr", "ada"),
+        ("Mary Ann", "mary ann"),  # inner words that are no title stay
+        ("Drew Mrsich", "drew mrsich"),  # only whole words are titles
+        ("Jr. Smith", "jr smith"),  # a suffix before the name is not a suffix
+    ],
+)
+def test_google_names_lose_prefixes_and_suffixes(raw: str, expected: str) -> None:
+    # platforms.md §3.6: first/last name, no prefixes (Mrs.) or suffixes (Jr.)
+    assert normalize.name(raw, "google") == expected
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("Ii", "ii"), ("Dr.", "dr"), ("Mr. Jr.", "mr jr")])
+def test_google_name_of_titles_alone_is_kept_whole(raw: str, expected: str) -> None:
+    assert normalize.name(raw, "google") == expected
+
+
+@pytest.mark.parametrize("platform", ["meta", "tiktok"])
+def test_meta_and_tiktok_names_keep_titles(platform: Platform) -> None:
+    assert normalize.name("Smith Jr.", platform) == "smith jr"
+    assert normalize.name("Mrs. Mary", platform) == "mrs mary"
+
+
 def test_google_city_keeps_single_spaces_but_meta_removes_them() -> None:
     assert normalize.city(" New  York 10 ", "google") == "new york"
     assert normalize.city(" New  York 10 ", "meta") == "newyork"
