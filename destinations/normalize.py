@@ -330,7 +330,8 @@ def postal_code(value: str, platform: Platform, country: str | None = None) -> s
 
 
 def country(value: str, platform: Platform) -> str | None:
-    """An ISO 3166-1 alpha-2 code from a code or an English (or common European) name.
+    """An ISO 3166-1 alpha-2 code from an alpha-2 or alpha-3 code (``DEU`` -> ``de``) or an
+    English (or common European) name.
 
     Lowercase for Meta and TikTok (``United States`` -> ``us``), uppercase for Google.
     Returns None for an unknown country, and for a value that is not text.
@@ -486,10 +487,13 @@ def _country_code(value: str) -> str | None:
     upper = key.upper()
     if len(key) == 2 and upper in _ALPHA_2:
         return upper
+    if len(key) == 3 and upper in _ALPHA_3:  # no 3-letter country name is another's code
+        return _ALPHA_3[upper]
     return _country_names().get(key)
 
 
 _ALPHA_2 = frozenset(str(c.alpha_2) for c in pycountry.countries)
+_ALPHA_3 = {str(c.alpha_3): str(c.alpha_2) for c in pycountry.countries}
 
 
 _US_STATES = {
