@@ -40,15 +40,18 @@ MAX_USER_PROPERTY_VALUE = 36
 # (descriptive context is not worth losing the event over).
 LONG_PARAMS = {"page_location": 1000, "page_referrer": 420, "page_title": 300}
 
-# The Measurement Protocol reference's own reserved list. The longer "event naming rules" list
-# in GA's help centre (page_view, click, scroll, form_*, video_*, ...) governs events created in
-# the GA interface; page_view and the enhanced-measurement names are what server-side setups
-# send through MP every day, so refusing them would silently lose page views. Safest reading:
-# refuse only what MP itself reserves.
+# The Measurement Protocol reference's own reserved list, plus the app-store subscription
+# events that platforms.md §2.4 names among those never to send. The longer "event naming
+# rules" list in GA's help centre (page_view, click, scroll, form_*, video_*, ...) governs
+# events created in the GA interface; page_view and the enhanced-measurement names are what
+# server-side setups send through MP every day, so refusing them would silently lose page
+# views. Safest reading: refuse what MP itself reserves and the app-store events, which no
+# server-side setup has reason to send.
 RESERVED_EVENTS = frozenset(
     {"ad_activeview", "ad_click", "ad_exposure", "ad_impression", "ad_query", "ad_reward"}
     | {"adunit_exposure", "app_background", "app_clear_data", "app_exception", "app_install"}
     | {"app_remove", "app_store_refund", "app_update", "app_upgrade", "dynamic_link_app_open"}
+    | {"app_store_subscription_cancel", "app_store_subscription_renew"}
     | {"dynamic_link_app_update", "dynamic_link_first_open", "error", "firebase_campaign"}
     | {"first_open", "first_visit", "in_app_purchase", "notification_dismiss"}
     | {"notification_foreground", "notification_open", "notification_receive"}
@@ -75,6 +78,14 @@ _MAPPING = (dict, Mapping)
 # The body as sent (compact, UTF-8): one encoder for every size check. It refuses NaN and the
 # infinities, which fields passed on as mapped (params, user_location, ...) could hold.
 _BODY_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# A request body is the request-level object with its events added:
+#   {<request fields>,"events":[<event>,<event>,...],"validation_behavior":"..."}
+# so it is the request's JSON, plus _EVENTS_FRAME, plus each event and a comma between two,
+# plus _VALIDATE_FIELD in validate mode (always counted: 49 bytes is not worth a second rule).
+# A stored payload is {"request":<request>,"event":<event>}: _PAYLOAD_FRAME around the two.
+_EVENTS_FRAME = len(',"events":[]')
+_VALIDATE_FIELD = len(',"validation_behavior":"ENFORCE_RECOMMENDATIONS"')
+_PAYLOAD_FRAME = len('{"request":,"event":}')
 
 
 class GA4(Destination):
@@ -120,7 +131,8 @@ class GA4(Destination):
     location, referrer and title are truncated to GA's longer limits); ≤ 200 items, each with
     ``item_id`` or ``item_name``; ``currency`` whenever ``value`` is set; ``transaction_id`` on
     ``purchase`` and ``refund``; user properties ≤ 25, names ≤ 24, values ≤ 36 chars; body
-    under 130 kB. At send time an event older than 72 hours fails alone (:meth:`check_item`).
+    under 130 kB. At send time an event older than 72 hours fails alone (:meth:`check_item`),
+    and an event too large to go 25 to a request under 130 kB goes alone (:meth:`batch_key`).
 
     Unconfirmed readings (platforms.md marks them so) and the safe choice made:
 
@@ -236,6 +248,8 @@ class GA4(Destination):
         # ASCII text has one byte per character; other text is encoded (which also refuses
         # what cannot be sent, such as a lone surrogate).
         size = len(body) if body.isascii() else len(body.encode())
+        # The body of the request that sends this event alone (see batch_key).
+        size += _EVENTS_FRAME + _VALIDATE_FIELD - _PAYLOAD_FRAME
         if size >= MAX_BODY_BYTES:
             raise PayloadError(f"GA4: the post body must be under 130 kB (this event: {size} B)")
         return payload
@@ -271,10 +285,33 @@ class GA4(Destination):
         return None
 
     def batch_key(self, item: Item) -> str:
-        """A digest of the request-level fields: one client_id (and one user) per request."""
+        """A digest of the request-level fields: one client_id (and one user) per request.
+
+        The engine batches by count (up to 25 items of one key), and the body must stay under
+        130 kB (platforms.md §2.4). Items of one key share their request-level fields, so a
+        request of them fits when each event fits 25 times beside them; an event too large for
+        that gets a key of its own and goes alone (build_payload made sure it fits alone).
+        """
         request = item.payload.get("request", {})
         canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        key = hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        if not self._fits_a_full_batch(request, item.payload.get("event", {})):
+            return f"{key}:alone:{item.delivery_id}"
+        return key
+
+    def _fits_a_full_batch(self, request: Mapping[str, Any], event: Mapping[str, Any]) -> bool:
+        """Whether ``max_batch`` events of this size or smaller fit under 130 kB with
+        ``request``: the largest body a request of this key can have."""
+        request_size = _byte_size(_BODY_JSON.encode(request))
+        event_size = _byte_size(_BODY_JSON.encode(event))
+        largest = (
+            request_size
+            + _EVENTS_FRAME
+            + _VALIDATE_FIELD
+            + self.max_batch * event_size
+            + (self.max_batch - 1)  # the commas between events
+        )
+        return largest < MAX_BODY_BYTES
 
     def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
         """One POST to ``/mp/collect`` (or ``/debug/mp/collect``) with up to 25 events."""
@@ -519,6 +556,11 @@ def _country(value: Any) -> str | None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _byte_size(text: str) -> int:
+    """The length of ``text`` in UTF-8 (ASCII text: one byte per character, no encoding)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def _listed(value: Any) -> list[Any]:

@@ -31,9 +31,11 @@ CONVERSIONS = "uploadClickConversions"
 ADJUSTMENTS = "uploadConversionAdjustments"
 ADJUSTMENT_TYPES = ("RETRACTION", "RESTATEMENT", "ENHANCEMENT")
 MAX_IDENTIFIERS = 5
-# No click-through window is longer than 90 days; adjustments expire 54 days after conversion.
+# No click-through window is longer than 90 days; adjustments expire 54 days after conversion
+# (§3.5); enhanced conversions for web must be sent within 24 hours of the conversion (§3.4).
 MAX_CONVERSION_AGE = timedelta(days=90)
 MAX_ADJUSTMENT_AGE = timedelta(days=54)
+MAX_ENHANCEMENT_AGE = timedelta(hours=24)
 CLICK_IDS = ("gclid", "wbraid", "gbraid")  # order of preference (see _click_id)
 CONVERSION_FIELDS = frozenset(
     {"gclid", "gbraid", "wbraid", "conversionAction", "conversionValue", "currencyCode"}
@@ -111,9 +113,7 @@ class GoogleAds(Destination):
     **What is uploaded.** By default an ``uploadClickConversions`` row (with a click ID, or
     hashed email/phone only for enhanced conversions for leads). A tag whose ``event_name`` is
     ``RETRACTION``, ``RESTATEMENT`` or ``ENHANCEMENT`` (or that maps ``adjustmentType``) makes an
-    ``uploadConversionAdjustments`` row instead, identified by ``orderId`` (the default mapping
-    gives a refund's ``related_order_id``) or by a mapped
-    ``gclidDateTimePair.{gclid,conversionDateTime}`` (then map ``orderId: null``), never both:
+    ``uploadConversionAdjustments`` row instead:
 
     * ``RETRACTION``: a refund, cancellation or reversal of the whole order (value and count
       zeroed). ``restatementValue`` is refused.
@@ -122,17 +122,24 @@ class GoogleAds(Destination):
     * ``ENHANCEMENT``: enhanced conversions for web; needs ``orderId`` and user identifiers,
       and accepts ``userIdentifiers.addressInfo.*`` (``hashedFirstName``, ``hashedLastName``,
       ``hashedStreetAddress`` hashed; ``city``, ``state``, ``countryCode``, ``postalCode`` in
-      clear) and ``userAgent``.
+      clear), ``userAgent`` and, alongside ``orderId``, an optional mapped
+      ``gclidDateTimePair`` (sent when it has its ``conversionDateTime``; platforms.md §3.4).
+
+    A RETRACTION or RESTATEMENT names the conversion it changes by ``orderId`` (the default
+    mapping gives a refund's ``related_order_id``) or by a mapped
+    ``gclidDateTimePair.{gclid,conversionDateTime}`` (then map ``orderId: null``), never both
+    (§3.5).
 
     The adjustment time is the event time. The two kinds go to different endpoints, so
     :meth:`batch_key` keeps them apart.
 
     Rules checked before sending (each :class:`PayloadError` names it): one identifier per
     ``userIdentifiers`` entry and at most 5; only hashed email and phone on click conversions (no
-    ``addressInfo``); a click conversion needs a click ID or a user identifier; adjustment rows
-    need ``orderId`` or a gclid/date-time pair; unknown fields are refused (Google rejects the
-    whole request for one). At most 2,000 rows per request. Already-hashed (64-hex) identifiers
-    pass through; the IP address and user agent are never hashed.
+    ``addressInfo``); a click conversion needs a click ID or a user identifier; an ENHANCEMENT
+    needs ``orderId``, a RETRACTION or RESTATEMENT ``orderId`` or a gclid/date-time pair; unknown
+    fields are refused (Google rejects the whole request for one). At most 2,000 rows per
+    request. Already-hashed (64-hex) identifiers pass through; the IP address and user agent are
+    never hashed.
 
     Unconfirmed readings (platforms.md §8) and the safe choice made: whether gclid may be sent
     with gbraid/wbraid (only one is sent); the field name in partial-failure locations
@@ -263,11 +270,30 @@ class GoogleAds(Destination):
         }
         pair = _as_dict(mapped.get("gclidDateTimePair"), "gclidDateTimePair")
         order_id = mapped.get("orderId")
-        if order_id is not None and pair:
+        if kind == "ENHANCEMENT":
+            # platforms.md §3.4 gives ENHANCEMENT its own fields: orderId required (checked
+            # below) and gclidDateTimePair optional, alongside it. §3.5's "orderId or
+            # gclidDateTimePair, never both" is about naming the conversion a RETRACTION or
+            # RESTATEMENT changes (§6: they are "keyed by orderId or gclidDateTimePair"). The
+            # v26 proto the reference read (conversion_adjustment_upload_service.py) agrees:
+            # "If the adjustment_type is ENHANCEMENT, this value is optional but may be set in
+            # addition to the order_id". Refusing the pair lost the whole enhancement. It is
+            # sent when it has its conversionDateTime, with gclid if mapped (Google's
+            # upload_enhanced_conversions_for_web.py example, quoted in §3.6, sends the date
+            # alone); a gclid without its date is left out rather than sent incomplete.
+            if order_id is not None:
+                row["orderId"] = values.text(order_id, "Google Ads: orderId")
+            if pair.get("conversionDateTime"):
+                row["gclidDateTimePair"] = {
+                    key: values.text(pair[key], f"Google Ads: gclidDateTimePair.{key}")
+                    for key in ("gclid", "conversionDateTime")
+                    if pair.get(key)
+                }
+        elif order_id is not None and pair:
             raise PayloadError(
-                "Google Ads: an adjustment is identified by orderId or gclidDateTimePair, not both"
+                f"Google Ads: a {kind} is identified by orderId or gclidDateTimePair, not both"
             )
-        if order_id is not None:
+        elif order_id is not None:
             row["orderId"] = values.text(order_id, "Google Ads: orderId")
         elif pair.get("gclid") and pair.get("conversionDateTime"):
             row["gclidDateTimePair"] = {
@@ -276,7 +302,7 @@ class GoogleAds(Destination):
             }
         else:
             raise PayloadError(
-                "Google Ads: an adjustment needs orderId or gclidDateTimePair.{gclid,"
+                f"Google Ads: a {kind} needs orderId or gclidDateTimePair.{{gclid,"
                 "conversionDateTime}"
             )
         restatement = _as_dict(mapped.get("restatementValue"), "restatementValue")
@@ -364,17 +390,29 @@ class GoogleAds(Destination):
     # -- delivery -------------------------------------------------------------------------------
 
     def check_item(self, item: Item, ctx: SendContext) -> str | None:
-        """Rows past the longest click-through window (90 days) or adjustment window (54 days)."""
+        """Rows past their window: an ENHANCEMENT 24 hours after the conversion (§3.4), other
+        adjustments 54 days (§3.5), click conversions the longest click-through window (90 days).
+        """
         row = item.payload.get("row", {})
+        if row.get("adjustmentType") == "ENHANCEMENT":
+            # Measured from the conversion: the mapped conversionDateTime when there is one,
+            # else the adjustment time, which is the enhancing event's own time.
+            pair = row.get("gclidDateTimePair")
+            times = [row.get("adjustmentDateTime")]
+            times += [pair.get("conversionDateTime")] if isinstance(pair, dict) else []
+            moments = [m for m in map(_google_moment, times) if m is not None]
+            if moments and ctx.now - min(moments) > MAX_ENHANCEMENT_AGE:
+                return (
+                    "Google Ads: ENHANCEMENT older than 24 hours; enhanced conversions for web "
+                    "must be sent within 24 hours of the conversion"
+                )
+            return None
         if item.payload.get("operation") == ADJUSTMENTS:
             when, limit, rule = row.get("adjustmentDateTime"), MAX_ADJUSTMENT_AGE, "54 days"
         else:
             when, limit, rule = row.get("conversionDateTime"), MAX_CONVERSION_AGE, "90 days"
-        try:
-            moment = datetime.strptime(str(when), "%Y-%m-%d %H:%M:%S%z")
-        except ValueError:
-            return None
-        if ctx.now - moment > limit:
+        moment = _google_moment(when)
+        if moment is not None and ctx.now - moment > limit:
             return f"Google Ads: older than {rule}, the longest window the API accepts"
         return None
 
@@ -456,6 +494,14 @@ def google_time(moment: datetime) -> str:
     if utc.year < 1000:  # strftime may not pad such a year to four digits; isoformat does
         return utc.strftime("%Y-%m-%d %H:%M:%S+00:00")
     return utc.isoformat(" ", "seconds")  # the same text, at a fraction of strftime's cost
+
+
+def _google_moment(text: Any) -> datetime | None:
+    """A ``yyyy-mm-dd hh:mm:ss+hh:mm`` time as an aware datetime; None when it is not one."""
+    try:
+        return datetime.strptime(str(text), "%Y-%m-%d %H:%M:%S%z")
+    except ValueError:
+        return None
 
 
 # -- fields -------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ loss of attribution, so every normalizer takes the platform it normalizes for:
 * phone: Meta wants the digits with the country code and no ``+`` (``16505551212``); Google and
   TikTok want E.164 with ``+`` (``+16505551212``). National numbers need a default country.
 * the rest (names, city, state, postal code, country, date of birth, gender) follow Meta's
-  customer-information rules (§1.3), which Google and TikTok share where they take the field.
+  customer-information rules (§1.3), which Google and TikTok share where they take the field;
+  Google's names also lose titles such as ``Mrs.`` and ``Jr.`` (§3.6).
 
 Each normalizer returns the normalized string, or None when the input cannot be normalized
 (empty, not an e-mail, not a phone number, unknown country...): a value that cannot match is
@@ -177,8 +178,41 @@ def name(value: str, platform: Platform) -> str | None:
 
     Punctuation, digits and symbols are removed (``Jean-Luc`` -> ``jeanluc``, ``O'Brien`` ->
     ``obrien``); accented and non-Latin letters are kept (``Valéry`` -> ``valéry``).
+
+    For ``google`` only, honorifics before the name (``Mr``, ``Mrs``, ``Ms``, ``Miss``, ``Dr``,
+    ``Prof``) and generational suffixes after it (``Jr``, ``Sr``, ``II``, ``III``, ``IV``) are
+    dropped as whole words, with or without a dot: ``Mrs. Mary`` -> ``mary``, ``Smith, Jr.``
+    -> ``smith`` (platforms.md §3.6: "no prefixes (Mrs.) or suffixes (Jr.)"). A name made of
+    such words alone is kept as it is (``Ii`` is a surname too): a hash that matches no one
+    costs nothing, a real name left out loses the match. Meta's and TikTok's rules (§1.3,
+    §4.4) say nothing of titles, so their names keep them.
     """
+    if platform == "google" and not value.isalpha():  # one word of letters: nothing to strip
+        return _google_name(value)
     return _letters(value, True)
+
+
+# Whole words, lowercase, without their dot (Google's rule, platforms.md §3.6).
+_NAME_PREFIXES = frozenset({"mr", "mrs", "ms", "miss", "dr", "prof"})
+_NAME_SUFFIXES = frozenset({"jr", "sr", "ii", "iii", "iv"})
+
+
+def _title_key(word: str) -> str:
+    """A word as the title lists spell it: lowercase, without a trailing dot or comma."""
+    return word.lower().rstrip(".,")
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _google_name(value: str) -> str | None:
+    words = value.split()
+    start, end = 0, len(words)
+    while start < end and _title_key(words[start]) in _NAME_PREFIXES:
+        start += 1
+    while end > start and _title_key(words[end - 1]) in _NAME_SUFFIXES:
+        end -= 1
+    if start == end:  # titles only: keep them rather than lose the whole name
+        return _letters(value, True)
+    return _letters(" ".join(words[start:end]), True)
 
 
 def gender(value: str, platform: Platform) -> str | None:
@@ -296,7 +330,8 @@ def postal_code(value: str, platform: Platform, country: str | None = None) -> s
 
 
 def country(value: str, platform: Platform) -> str | None:
-    """An ISO 3166-1 alpha-2 code from a code or an English (or common European) name.
+    """An ISO 3166-1 alpha-2 code from an alpha-2 or alpha-3 code (``DEU`` -> ``de``) or an
+    English (or common European) name.
 
     Lowercase for Meta and TikTok (``United States`` -> ``us``), uppercase for Google.
     Returns None for an unknown country, and for a value that is not text.
@@ -452,10 +487,13 @@ def _country_code(value: str) -> str | None:
     upper = key.upper()
     if len(key) == 2 and upper in _ALPHA_2:
         return upper
+    if len(key) == 3 and upper in _ALPHA_3:  # no 3-letter country name is another's code
+        return _ALPHA_3[upper]
     return _country_names().get(key)
 
 
 _ALPHA_2 = frozenset(str(c.alpha_2) for c in pycountry.countries)
+_ALPHA_3 = {str(c.alpha_3): str(c.alpha_2) for c in pycountry.countries}
 
 
 _US_STATES = {

@@ -64,8 +64,9 @@ class TikTok(Destination):
         page.referrer         context.referrer
 
     ``event`` is the tag's event name and ``event_time`` the event's timestamp (Unix seconds).
-    A national phone number is read in the person's country (``user.country``, when a tag maps
-    it), else ``default_country``.
+    A national phone number (and a mapped state or ZIP) is read in the person's country: a
+    mapped ``user.country``, else the event's ``user_data.country`` (read for this only: the
+    default mapping does not send it, see below), else ``default_country``.
 
     Unconfirmed (platforms.md §8.5), read safely:
 
@@ -157,7 +158,7 @@ class TikTok(Destination):
         """
         self._event_source()
         page = _object(mapped.get("page"), "page")
-        user = self._user(_object(mapped.get("user"), "user"))
+        user = self._user(_object(mapped.get("user"), "user"), ctx.event)
         if "ttclid" not in user:
             ttclid = normalize.url_param(page.get("url"), "ttclid")
             if ttclid:
@@ -187,15 +188,20 @@ class TikTok(Destination):
             raise PayloadError(f"event_source must be one of {', '.join(EVENT_SOURCES)}")
         return self._source
 
-    def _user(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+    def _user(self, raw: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any]:
         # Page views and the like carry nothing to normalize: no region to work out then.
         if _NORMALIZED_FIELDS.isdisjoint(raw):
             hashers, clear = _NO_NORMALIZERS
         else:
-            person_country = _str(raw.get("country"))
-            if person_country and normalize.is_hashed(person_country):
-                person_country = None
-            region = normalize.country(person_country or "", "google") or self._default_region
+            # The person's country, as Meta and Google Ads read it: the mapped one, else the
+            # event's own (TikTok's payload does not carry it by default), else the setting.
+            # Without this a US number would be read as German under default_country DE.
+            user_data = event.get("user_data")
+            region = (
+                _region(raw.get("country"))
+                or (_region(user_data.get("country")) if isinstance(user_data, _MAPPING) else None)
+                or self._default_region
+            )
             hashers, clear = _normalizers(region)
         out: dict[str, Any] = {}
         for key, value in raw.items():
@@ -264,6 +270,14 @@ def _normalizers(region: str | None) -> _Normalizers:
 
 _NO_NORMALIZERS: _Normalizers = ({}, {})
 _NORMALIZED_FIELDS = frozenset().union(*_normalizers(None))
+
+
+def _region(value: object) -> str | None:
+    """The alpha-2 code of a country given as text (code or name), None if it is none."""
+    text = _str(value)
+    if not text or normalize.is_hashed(text):
+        return None
+    return normalize.country(text, "google")
 
 
 def _str(value: object) -> str | None:

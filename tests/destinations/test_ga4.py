@@ -287,6 +287,20 @@ def test_first_name_and_street_are_hashed_as_in_the_vectors(server: LoopbackServ
     )
 
 
+def test_names_lose_their_prefix_and_suffix_before_hashing(server: LoopbackServer) -> None:
+    # platforms.md §3.6 (shared by GA4 user_data, §2.5): no prefixes (Mrs.) or suffixes (Jr.)
+    event = event_with(user_data__first_name="Mrs. Mary", user_data__last_name="O'Brien Jr.")
+
+    address = payload_for(ga4(server), event)["request"]["user_data"]["address"]
+
+    assert address["sha256_first_name"] == (
+        "6915771be1c5aa0c886870b6951b03d7eafc121fea0e80a5ea83beb7c449f4ec"  # mary
+    )
+    assert address["sha256_last_name"] == (
+        "b4cb6cb33fe4b865868de825023a1e2790dc12ac01ecc8d7c5afe8254071c8ba"  # obrien
+    )
+
+
 def test_an_already_hashed_email_passes_through_unchanged(server: LoopbackServer) -> None:
     digest = "06a240d11cc201676da976f7b49341181fd180da37cbe40a77432c0a366c80c3"
 
@@ -315,6 +329,8 @@ def test_restricted_consent_drops_user_data_and_denies_the_ad_signals(
     [
         ("screen_view", "is reserved"),
         ("session_start", "is reserved"),
+        ("app_store_subscription_cancel", "is reserved"),  # platforms.md §2.4
+        ("app_store_subscription_renew", "is reserved"),
         ("a" * 41, "longer than 40"),
         ("2fast", "starting with a letter"),
         ("has-dash", "letters, digits and '_'"),
@@ -418,6 +434,95 @@ def test_twenty_five_events_of_one_client_go_in_one_accepted_request(
     assert results == [ItemResult.delivered()] * 25
     assert len(server.requests) == 1
     assert len(emulator.accepted) == 25
+
+
+def engine_batches(dest: GA4, payloads: Sequence[dict[str, Any]]) -> list[list[Item]]:
+    """What engine/delivery.py does with leased items: group by batch_key, then cut each group
+    into requests of at most max_batch items, by count alone."""
+    groups: dict[str, list[Item]] = {}
+    for i, payload in enumerate(payloads):
+        item = Item(f"d{i}", f"e{i}", payload)
+        groups.setdefault(dest.batch_key(item), []).append(item)
+    return [
+        group[start : start + dest.max_batch]
+        for group in groups.values()
+        for start in range(0, len(group), dest.max_batch)
+    ]
+
+
+def items_of(size: int, chunk: int = 100) -> dict[str, Any]:
+    """A mapping giving the event ``size`` characters of item IDs (IDs of at most ``chunk``)."""
+    ids = ["x" * min(chunk, size - start) for start in range(0, size, chunk)]
+    return {"params.items": {"value": [{"item_id": i} for i in ids]}}
+
+
+def test_events_too_large_to_go_25_together_never_make_a_request_over_130_kb(
+    server: LoopbackServer, emulator: GA4Emulator
+) -> None:
+    # platforms.md §2.4: post body under 130 kB; the engine batches one client by count only
+    dest = ga4(server)
+    big = [
+        payload_for(dest, BRIEF_EVENT, event_name="view_item_list", mapping=items_of(19_000))
+        for _ in range(8)
+    ]
+    small = [payload_for(dest, BRIEF_EVENT, event_name=f"step_{i}") for i in range(3)]
+
+    batches = engine_batches(dest, big + small)
+    requests_sent = [dest.build_request(batch, SendContext(now=NOW)) for batch in batches]
+    results = [r for batch in batches for r in deliver(dest, [i.payload for i in batch])]
+
+    assert max(len(r.body) for r in requests_sent) < 130_000
+    assert results == [ItemResult.delivered()] * 11
+    assert len(emulator.accepted) == 11 and emulator.dropped == []
+    assert sorted(len(b) for b in batches) == [1] * 8 + [3]  # the small ones still share one
+
+
+def test_events_that_fit_25_to_a_request_share_one_up_to_the_last_byte(
+    server: LoopbackServer,
+) -> None:
+    # validate mode adds validation_behavior: the body is then exactly what batch_key counts
+    dest = ga4(server, validate=True)
+
+    def full_batch(size: int) -> tuple[bool, int]:
+        """Whether 25 such events share a key, and the size of their request's body."""
+        mapping = items_of(size)
+        payload = payload_for(dest, BRIEF_EVENT, event_name="view_item_list", mapping=mapping)
+        items = [Item(f"d{i}", f"e{i}", payload) for i in range(25)]
+        shared = len({dest.batch_key(i) for i in items}) == 1
+        return shared, len(dest.build_request(items, SendContext(now=NOW)).body)
+
+    low, high = 100, 10_000  # shared at low, not at high: find the largest shared size
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if full_batch(middle)[0] else (low, middle)
+    shared, body = full_batch(low)
+
+    assert shared
+    assert 130_000 - 25 <= body < 130_000  # one byte more per event would not fit
+
+
+def test_the_largest_event_accepted_at_intake_fits_alone_even_in_validate_mode(
+    server: LoopbackServer,
+) -> None:
+    dest = ga4(server, validate=True)
+
+    def accepted(size: int) -> dict[str, Any] | None:
+        mapping = items_of(size, chunk=1000)  # at most 200 items
+        try:
+            return payload_for(dest, BRIEF_EVENT, event_name="view_item_list", mapping=mapping)
+        except PayloadError:
+            return None
+
+    low, high = 100, 130_000  # accepted at low, refused at high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if accepted(middle) else (low, middle)
+    largest = accepted(low)
+    assert largest is not None
+
+    body = dest.build_request([Item("d", "e", largest)], SendContext(now=NOW)).body
+
+    assert 130_000 - 15 <= len(body) < 130_000
 
 
 # -- validate mode and responses ------------------------------------------------------------

@@ -421,6 +421,69 @@ def test_enhancement_carries_address_info_to_the_adjustments_endpoint(
     assert sent["userAgent"] == "Mozilla/5.0 ..."
 
 
+def test_enhancement_names_lose_their_prefix_and_suffix(ads: GoogleAds) -> None:
+    # platforms.md §3.6: first/last name, no prefixes (Mrs.) or suffixes (Jr.)
+    mapping = {
+        "userIdentifiers.addressInfo.hashedFirstName": {"value": "Mrs. Mary"},
+        "userIdentifiers.addressInfo.hashedLastName": {"value": "O'Brien, Jr."},
+    }
+
+    sent = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=mapping))
+
+    assert sent["userIdentifiers"][-1]["addressInfo"]["hashedFirstName"] == MARY
+    assert sent["userIdentifiers"][-1]["addressInfo"]["hashedLastName"] == OBRIEN
+
+
+CLICK_PAIR = {
+    "gclidDateTimePair.gclid": {"value": "Cj0KCQ"},
+    "gclidDateTimePair.conversionDateTime": {"value": "2026-11-20 14:30:45+00:00"},
+}
+
+
+def test_enhancement_sends_a_gclid_pair_alongside_its_order_id(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    # platforms.md §3.4: orderId required, gclidDateTimePair optional, for ENHANCEMENT
+    payload = payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=CLICK_PAIR)
+
+    results = deliver(ads, [payload])
+
+    assert results == [ItemResult.delivered()]
+    (sent,) = emulator.adjustments
+    assert sent["orderId"] == "ord_789"
+    assert sent["gclidDateTimePair"] == {
+        "gclid": "Cj0KCQ",
+        "conversionDateTime": "2026-11-20 14:30:45+00:00",
+    }
+
+
+def test_enhancement_sends_a_conversion_time_without_gclid_but_no_gclid_without_its_time(
+    ads: GoogleAds,
+) -> None:
+    date_only = {"gclidDateTimePair.conversionDateTime": {"value": "2026-11-20 14:30:45+00:00"}}
+    gclid_only = {"gclidDateTimePair.gclid": {"value": "Cj0KCQ"}}
+
+    with_date = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=date_only))
+    with_gclid = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=gclid_only))
+
+    assert with_date["gclidDateTimePair"] == {"conversionDateTime": "2026-11-20 14:30:45+00:00"}
+    assert "gclidDateTimePair" not in with_gclid
+    assert with_gclid["orderId"] == "ord_789"
+
+
+@pytest.mark.parametrize("kind", ["RETRACTION", "RESTATEMENT"])
+def test_refund_adjustment_with_order_id_and_gclid_pair_is_refused(
+    ads: GoogleAds, kind: str
+) -> None:
+    # platforms.md §3.5: the conversion to change is named by one or the other, never both
+    mapping = {**CLICK_PAIR, "restatementValue.adjustedValue": "`79`"}
+    if kind == "RETRACTION":
+        del mapping["restatementValue.adjustedValue"]
+
+    with pytest.raises(PayloadError, match="not both"):
+        payload_for(ads, refund_event(), event_name=kind, mapping=mapping)
+
+
 def test_click_conversions_and_adjustments_never_share_a_request(ads: GoogleAds) -> None:
     conversion = Item("d1", "e1", payload_for(ads, EVENT))
     retraction = Item("d2", "e2", payload_for(ads, refund_event(), event_name="RETRACTION"))
@@ -554,6 +617,48 @@ def test_conversion_older_than_ninety_days_fails_alone_at_send_time(ads: GoogleA
 
     assert reasons[0] is not None and "90 days" in reasons[0]
     assert reasons[1] is None
+
+
+def test_enhancement_older_than_24_hours_is_given_up_at_send_time(ads: GoogleAds) -> None:
+    # platforms.md §3.4: enhanced conversions for web are sent within 24 hours
+    stale = payload_for(ads, EVENT, event_name="ENHANCEMENT", when=NOW - timedelta(hours=25))
+    fresh = payload_for(ads, EVENT, event_name="ENHANCEMENT", when=NOW - timedelta(hours=23))
+
+    reasons = [
+        ads.check_item(Item(f"d{i}", "e", p), SendContext(now=NOW))
+        for i, p in enumerate((stale, fresh))
+    ]
+
+    assert reasons[0] is not None and "ENHANCEMENT older than 24 hours" in reasons[0]
+    assert reasons[1] is None
+
+
+def test_enhancement_age_counts_from_a_mapped_conversion_time(ads: GoogleAds) -> None:
+    conversion = (NOW - timedelta(hours=30)).strftime("%Y-%m-%d %H:%M:%S+00:00")
+    mapping = {"gclidDateTimePair.conversionDateTime": {"value": conversion}}
+    payload = payload_for(
+        ads, EVENT, event_name="ENHANCEMENT", mapping=mapping, when=NOW - timedelta(hours=1)
+    )
+
+    reason = ads.check_item(Item("d1", "e1", payload), SendContext(now=NOW))
+
+    assert reason is not None and "24 hours" in reason
+
+
+def test_refund_adjustments_keep_the_54_day_window(ads: GoogleAds) -> None:
+    month_old = payload_for(
+        ads, refund_event(), event_name="RETRACTION", when=NOW - timedelta(days=30)
+    )
+    too_old = payload_for(
+        ads, refund_event(), event_name="RETRACTION", when=NOW - timedelta(days=55)
+    )
+
+    reasons = [
+        ads.check_item(Item("d", "e", p), SendContext(now=NOW)) for p in (month_old, too_old)
+    ]
+
+    assert reasons[0] is None
+    assert reasons[1] is not None and "54 days" in reasons[1]
 
 
 # -- OAuth, settings and secrets ----------------------------------------------------------------

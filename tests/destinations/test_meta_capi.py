@@ -178,6 +178,19 @@ def test_national_phone_is_read_in_the_persons_country_before_the_default_countr
     assert american["user_data"]["ph"] == sha256_hex("16505551212")
 
 
+def test_alpha3_country_is_sent_as_alpha2_and_reads_the_phone() -> None:
+    # Arrange: platforms.md §1.3 wants country as alpha-2, sent even for one-country shops
+    mapped = web_mapped()
+    mapped["user_data"].update(ph="020 7946 0958", country="GBR")
+
+    # Act
+    user_data = meta(default_country="US").build_payload(mapped, context())["user_data"]
+
+    # Assert
+    assert user_data["country"] == sha256_hex("gb")
+    assert user_data["ph"] == sha256_hex("442079460958")
+
+
 def test_meta_keeps_gmail_dots_and_plus_tags() -> None:
     # Arrange
     mapped = web_mapped()

@@ -256,6 +256,10 @@ def test_gmail_dot_and_plus_rule_applies_to_google_only() -> None:
         ("United States of America", "meta", "us"),
         ("fr", "google", "FR"),
         ("Côte d'Ivoire", "meta", "ci"),
+        ("DEU", "meta", "de"),  # ISO 3166-1 alpha-3
+        ("GBR", "google", "GB"),
+        ("fra", "tiktok", "fr"),
+        ("CAN", "google", "CA"),
     ],
 )
 def test_country_names_and_codes_become_alpha2_in_the_platform_case(
@@ -267,6 +271,27 @@ def test_country_names_and_codes_become_alpha2_in_the_platform_case(
 def test_unknown_country_is_left_out() -> None:
     assert normalize.country("Narnia", "meta") is None
     assert normalize.country("XX", "meta") is None
+    assert normalize.country("XXX", "meta") is None
+
+
+def test_no_three_letter_country_name_is_the_alpha3_code_of_another_country() -> None:
+    # alpha-3 codes are read before names: a name spelled like another's code would be misread
+    import pycountry
+
+    alpha3 = {str(c.alpha_3).lower(): str(c.alpha_2) for c in pycountry.countries}
+    names = normalize._country_names()
+
+    clashes = {k: v for k, v in names.items() if k in alpha3 and alpha3[k] != v}
+
+    assert clashes == {}
+
+
+def test_alpha3_country_reads_phones_states_and_zips_in_that_country() -> None:
+    assert normalize.phone("0151 12345678", "google", "DEU") == "+4915112345678"
+    assert normalize.phone("020 7946 0958", "meta", "GBR") == "442079460958"
+    assert normalize.state("New York", "meta", "USA") == "ny"
+    assert normalize.state("Washington", "meta", "GBR") == "washington"
+    assert normalize.postal_code("94035-1234", "google", "CAN") == "94035-1234"
 
 
 def test_us_state_names_become_codes_but_other_regions_are_only_cleaned() -> None:
@@ -317,6 +342,37 @@ def test_date_of_birth_for_other_platforms_is_iso() -> None:
 )
 def test_gender_is_f_or_m(raw: str, expected: str | None) -> None:
     assert normalize.gender(raw, "meta") == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Smith Jr.", "smith"),
+        ("Mrs. Mary", "mary"),
+        ("Smith, Jr.", "smith"),
+        ("MR John", "john"),
+        ("Prof. Dr. Hans", "hans"),
+        ("Henry III", "henry"),
+        ("Miss Ada Sr", "ada"),
+        ("Mary Ann", "mary ann"),  # inner words that are no title stay
+        ("Drew Mrsich", "drew mrsich"),  # only whole words are titles
+        ("Jr. Smith", "jr smith"),  # a suffix before the name is not a suffix
+    ],
+)
+def test_google_names_lose_prefixes_and_suffixes(raw: str, expected: str) -> None:
+    # platforms.md §3.6: first/last name, no prefixes (Mrs.) or suffixes (Jr.)
+    assert normalize.name(raw, "google") == expected
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("Ii", "ii"), ("Dr.", "dr"), ("Mr. Jr.", "mr jr")])
+def test_google_name_of_titles_alone_is_kept_whole(raw: str, expected: str) -> None:
+    assert normalize.name(raw, "google") == expected
+
+
+@pytest.mark.parametrize("platform", ["meta", "tiktok"])
+def test_meta_and_tiktok_names_keep_titles(platform: Platform) -> None:
+    assert normalize.name("Smith Jr.", platform) == "smith jr"
+    assert normalize.name("Mrs. Mary", platform) == "mrs mary"
 
 
 def test_google_city_keeps_single_spaces_but_meta_removes_them() -> None:

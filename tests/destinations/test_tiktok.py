@@ -38,13 +38,17 @@ def tiktok(emulator: TikTokEmulator | None = None, **settings: Any) -> TikTok:
     return TikTok(base)
 
 
-def context(event_name: str = "Purchase", event_time: datetime | None = None) -> PayloadContext:
+def context(
+    event_name: str = "Purchase",
+    event_time: datetime | None = None,
+    event: dict[str, Any] | None = None,
+) -> PayloadContext:
     return PayloadContext(
         tag="tiktok_purchase",
         event_name=event_name,
         event_id="ord_789",
         event_time=event_time or NOW - timedelta(minutes=1),
-        event={},
+        event=event or {},
     )
 
 
@@ -156,6 +160,35 @@ def test_national_phone_is_read_in_the_default_country() -> None:
 
     # Assert
     assert payload["user"]["phone"] == sha256_hex("+4915112345678")
+
+
+@pytest.mark.parametrize("default_country", [None, "DE"])
+def test_national_phone_is_read_in_the_event_country_before_the_default(
+    default_country: str | None,
+) -> None:
+    # Arrange: the default mapping does not map user.country; the event says US
+    settings = {"default_country": default_country} if default_country else {}
+    event = {"user_data": {"phone": "(650) 555-1212", "country": "US"}}
+    mapped = build(compile_mapping(TikTok.default_mapping), event)
+
+    # Act
+    user = tiktok(**settings).build_payload(mapped, context(event=event))["user"]
+
+    # Assert: read as a US number, and the country itself is still not sent
+    assert user["phone"] == sha256_hex("+16505551212")
+    assert "country" not in user
+
+
+def test_mapped_user_country_wins_over_the_event_country() -> None:
+    # Arrange
+    event = {"user_data": {"country": "US"}}
+    mapped = mapped_event(phone="0151 12345678", country="Germany")
+
+    # Act
+    user = tiktok().build_payload(mapped, context(event=event))["user"]
+
+    # Assert
+    assert user["phone"] == sha256_hex("+4915112345678")
 
 
 def test_tiktok_email_keeps_gmail_dots() -> None:

@@ -228,7 +228,9 @@ def _adjustment(row: dict[str, Any]) -> list[Problem]:
         )
     if not DATE_TIME.fullmatch(str(row.get("adjustmentDateTime"))):
         out.append(("dateError", "INVALID_STRING_DATE_TIME", "adjustmentDateTime"))
-    if "orderId" in row and "gclidDateTimePair" in row:
+    # ENHANCEMENT takes gclidDateTimePair alongside its required orderId (platforms.md §3.4);
+    # "never both" names the conversion a RETRACTION or RESTATEMENT changes (§3.5).
+    if kind != "ENHANCEMENT" and "orderId" in row and "gclidDateTimePair" in row:
         enum = "GCLID_DATE_TIME_PAIR_AND_ORDER_ID_BOTH_SET"
         out.append(("conversionAdjustmentUploadError", enum, "orderId"))
     if "orderId" not in row and "gclidDateTimePair" not in row:
