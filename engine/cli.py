@@ -145,13 +145,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings().with_overrides(
-        bind=getattr(args, "bind", None),
-        workers=getattr(args, "workers", None),
-        rules=Path(args.rules) if getattr(args, "rules", None) else None,
-        data_dir=Path(args.data_dir) if getattr(args, "data_dir", None) else None,
-    )
-    return settings
+    """Settings with the command's flags over the environment and the config file."""
+    flags = {name: getattr(args, name, None) for name in ("bind", "workers", "rules", "data_dir")}
+    return load_settings(flags=flags)
 
 
 def _metrics_dir(settings: Settings) -> None:
@@ -342,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the HTTP server (gunicorn)")
     serve.add_argument("--bind", help="address:port (env TAGRELAY_BIND; default 127.0.0.1:8080)")
-    serve.add_argument("--workers", type=int, help="gunicorn workers (env TAGRELAY_WORKERS)")
+    serve.add_argument("--workers", help="gunicorn workers (env TAGRELAY_WORKERS; default 2)")
     serve.add_argument("--rules", help="rule container (env TAGRELAY_RULES; default rules/)")
     serve.add_argument("--data-dir", help="store and key directory (env TAGRELAY_DATA_DIR)")
     serve.set_defaults(func=cmd_serve)

@@ -76,7 +76,7 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
             "bind": settings.bind,
             "workers": settings.workers,
             "worker_class": "gthread",
-            "threads": int(os.environ.get("TAGRELAY_THREADS", "4")),
+            "threads": settings.threads,
             "preload_app": True,
             "timeout": 30,
             "graceful_timeout": 25,
