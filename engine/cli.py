@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine import __version__
-from engine.config import Settings, ensure_server_key, load_settings
+from engine.config import Settings, ensure_server_key, load_settings, prepare_data_dir
 from engine.errors import BadRequest, ConfigError, RulesError
 from engine.rules import compile_container
 from engine.rules.model import Container
@@ -162,9 +162,15 @@ def _metrics_dir(settings: Settings) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
+def _prepare_data_dir(settings: Settings) -> None:
+    for note in prepare_data_dir(settings):
+        _err(f"tagrelay: {note}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP server under gunicorn."""
     settings = _settings(args)
+    _prepare_data_dir(settings)
     _metrics_dir(settings)
     from engine.server import run
 
@@ -198,6 +204,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from engine.pipeline import load_rules
 
     settings = _settings(args)
+    _prepare_data_dir(settings)
     logs.configure(settings.log_level)
     rules = load_rules(settings.rules, settings.reload_interval)
     worker = DeliveryWorker(_store(settings), lambda: rules.container)

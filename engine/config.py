@@ -15,6 +15,7 @@ import math
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -441,6 +442,79 @@ def load_settings(
     return Settings(**fields, sources={key: source for key, (_, source) in given.items()})
 
 
+# -- the data directory -----------------------------------------------------------------------
+
+_STORE_SUFFIXES = ("", "-wal", "-shm", "-journal", "-writer")
+
+
+def _ours(directory: Path, database: Path) -> bool:
+    """Whether ``directory`` holds nothing but what tagrelay puts in a data directory."""
+    names = {KEY_FILE, "metrics", "gunicorn.ctl"}
+    names |= {"tagrelay.db" + s for s in _STORE_SUFFIXES}
+    names |= {database.name + s for s in _STORE_SUFFIXES}
+    try:
+        return all(entry.name in names for entry in directory.iterdir())
+    except OSError:
+        return False
+
+
+def private_dir(path: Path, setting: str, database: Path | None = None) -> str | None:
+    """Create ``path`` (mode 0700) or tighten it: it holds the store, which has personal data.
+
+    A directory that exists keeps its mode, less any access for group and others, when it is
+    the user's own and holds only tagrelay's files; a mode is never loosened. Anything else
+    (a shared directory such as ``/tmp``, or one with other files) is left as it is.
+
+    Returns:
+        a line for the operator when the directory stays readable by others, or was tightened;
+        None otherwise.
+
+    Raises:
+        ConfigError: ``path`` is not a directory or cannot be created.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{setting} {path} is not a directory")
+    if not path.exists():
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.chmod(0o700)  # mkdir's mode is filtered through the umask
+        except OSError as exc:
+            raise ConfigError(f"{setting}: cannot create {path}: {exc.strerror}") from exc
+        return None
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077:
+        return None
+    shared = mode & stat.S_ISVTX or info.st_uid != os.geteuid()
+    if not shared and _ours(path, database or path / "tagrelay.db"):
+        try:
+            path.chmod(mode & ~0o077)
+        except OSError:
+            pass
+        else:
+            return f"{path} made private (mode {mode & ~0o077:04o}, was {mode:04o})"
+    return (
+        f"warning: {path} ({setting}) is open to other users (mode {mode:04o}) and holds "
+        "personal data; give tagrelay a directory of its own"
+    )
+
+
+def prepare_data_dir(settings: Settings) -> list[str]:
+    """Create the data directory, and the store's when ``db`` is elsewhere, privately.
+
+    Returns:
+        lines for the operator (see :func:`private_dir`).
+
+    Raises:
+        ConfigError: a directory that is not one or cannot be created, naming its setting.
+    """
+    notes = [private_dir(settings.data_dir, settings.name_of("data_dir"), settings.database)]
+    parent = settings.database_path.parent
+    if settings.database is not None and not parent.exists():
+        notes.append(private_dir(parent, settings.name_of("db")))
+    return [note for note in notes if note]
+
+
 def ensure_server_key(settings: Settings) -> tuple[Settings, str | None]:
     """Settings with at least one server key; generates and keeps one in the data directory.
 
@@ -451,8 +525,8 @@ def ensure_server_key(settings: Settings) -> tuple[Settings, str | None]:
     if settings.server_keys:
         return settings, None
     path = settings.data_dir / KEY_FILE
+    private_dir(settings.data_dir, settings.name_of("data_dir"), settings.database)
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:

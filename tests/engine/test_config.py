@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import textwrap
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from engine.cli import main
 from engine.config import (
     PublishableKey,
     ServerKey,
+    Settings,
     load_settings,
+    prepare_data_dir,
 )
 from engine.errors import ConfigError
 
@@ -263,3 +266,87 @@ def test_workers_0_on_the_command_line_is_refused(capsys: pytest.CaptureFixture[
 
     assert code == 2
     assert "--workers must be a whole number, at least 1" in capsys.readouterr().err
+
+
+# -- the data directory -----------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_data_directory_is_created_private(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "new" / "data")
+
+    assert prepare_data_dir(settings) == []
+
+    assert mode(tmp_path / "new" / "data") == 0o700
+
+
+def test_an_existing_data_directory_of_tagrelay_is_tightened_never_loosened(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tagrelay.db").touch()
+    data.chmod(0o755)
+    strict = tmp_path / "strict"
+    strict.mkdir()
+    strict.chmod(0o500)
+
+    notes = prepare_data_dir(Settings(data_dir=data))
+    prepare_data_dir(Settings(data_dir=strict))
+
+    assert mode(data) == 0o700
+    assert notes == [f"{data} made private (mode 0700, was 0755)"]
+    assert mode(strict) == 0o500
+
+
+def test_a_shared_directory_is_left_as_it_is_with_a_warning(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "someone_elses.txt").touch()
+    shared.chmod(0o755)
+
+    notes = prepare_data_dir(Settings(data_dir=shared, sources={"data_dir": "--data-dir"}))
+
+    assert mode(shared) == 0o755
+    assert notes == [
+        f"warning: {shared} (--data-dir) is open to other users (mode 0755) and holds personal "
+        "data; give tagrelay a directory of its own"
+    ]
+
+
+def test_a_data_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "afile"
+    file.touch()
+
+    with pytest.raises(ConfigError) as not_a_directory:
+        prepare_data_dir(Settings(data_dir=file, sources={"data_dir": "--data-dir"}))
+    with pytest.raises(ConfigError) as under_a_file:
+        prepare_data_dir(Settings(data_dir=file / "sub"))
+
+    assert str(not_a_directory.value) == f"--data-dir {file} is not a directory"
+    assert str(under_a_file.value) == (
+        f"TAGRELAY_DATA_DIR: cannot create {file / 'sub'}: Not a directory"
+    )
+
+
+def test_serve_with_a_data_directory_that_is_a_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "afile"
+    file.touch()
+
+    code = main(["serve", "--data-dir", str(file)])
+
+    assert code == 2
+    assert capsys.readouterr().err == f"tagrelay: --data-dir {file} is not a directory\n"
+
+
+def test_a_database_elsewhere_gets_a_private_directory_too(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database=tmp_path / "db" / "store.db")
+
+    prepare_data_dir(settings)
+
+    assert mode(tmp_path / "db") == 0o700
