@@ -178,9 +178,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if container is None:
         _err(f"tagrelay: refusing to start: {settings.rules} has errors (see above)")
         return 1
+    configured = bool(settings.server_keys)
     settings, generated = ensure_server_key(settings)
+    key_file = settings.data_dir / "server_key"
     if generated:
-        _out(f"tagrelay: server key (kept in {settings.data_dir / 'server_key'}): {generated}")
+        _out(f"tagrelay: generated a server key (kept in {key_file}): {generated}")
+    elif not configured:
+        _out(f"tagrelay: server key kept in {key_file}")
     delivery = "delivering" if settings.deliver else "delivery off"
     _out(
         f"tagrelay {__version__}: serving {settings.rules} on http://{settings.bind} "

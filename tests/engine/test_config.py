@@ -14,6 +14,7 @@ from engine.config import (
     PublishableKey,
     ServerKey,
     Settings,
+    ensure_server_key,
     load_settings,
     prepare_data_dir,
 )
@@ -350,3 +351,26 @@ def test_a_database_elsewhere_gets_a_private_directory_too(tmp_path: Path) -> No
     prepare_data_dir(settings)
 
     assert mode(tmp_path / "db") == 0o700
+
+
+# -- the server key -----------------------------------------------------------------------------
+
+
+def test_the_server_key_is_returned_only_when_it_is_generated(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+
+    first, generated = ensure_server_key(settings)
+    again, repeated = ensure_server_key(settings)
+
+    assert generated is not None
+    assert first.server_keys == again.server_keys == (ServerKey(generated),)
+    assert repeated is None
+    assert mode(tmp_path / "data") == 0o700
+    assert mode(tmp_path / "data" / "server_key") == 0o600
+
+
+def test_no_key_is_generated_when_keys_are_configured(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", server_keys=(ServerKey("k1"),))
+
+    assert ensure_server_key(settings) == (settings, None)
+    assert not (tmp_path / "data").exists()
