@@ -6,11 +6,14 @@ Exit codes: 0 success; 1 the rules or tests failed; 2 bad usage or unreadable in
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -150,16 +153,76 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(flags=flags)
 
 
+# The per-instance metrics directory stays locked (flock) while the instance runs; the lock
+# file descriptor is inherited by the gunicorn workers, so it is held until all have exited.
+_METRICS_LOCK = ".lock"
+_metrics_lock_fd: int | None = None
+
+
+def _writable_dir(path: Path, name: str) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{name} {path} cannot hold the metrics files: {exc.strerror or exc}"
+        ) from exc
+
+
+def _remove_stale_metrics(root: Path) -> None:
+    """Remove the metrics directories of instances that no longer run (nobody holds their lock)."""
+    for path in root.iterdir():
+        if not path.is_dir():
+            continue
+        try:
+            fd = os.open(path / _METRICS_LOCK, os.O_RDWR)
+        except OSError:
+            continue  # being created right now, or not ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # an instance that runs
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def _metrics_dir(settings: Settings) -> None:
-    # Must be set before prometheus_client creates any metric, in the master, so that every
-    # worker writes its counts where /metrics can sum them. Stale files from a previous run
-    # would be summed too, so the directory starts empty.
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    """Point ``PROMETHEUS_MULTIPROC_DIR`` at a directory where the workers' counts are summed.
+
+    Must run in the master before prometheus_client is imported. A directory set by the
+    operator is created if missing and must be writable (metrics written nowhere would fail
+    every request after its event was committed). Otherwise each instance gets a fresh
+    directory of its own under ``<data dir>/metrics``, so several instances sharing a data
+    directory neither wipe nor sum each other's counts; the directories of instances that
+    have stopped are removed.
+
+    Raises:
+        ConfigError: the directory cannot be created or written.
+    """
+    global _metrics_lock_fd
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        _writable_dir(Path(configured), "PROMETHEUS_MULTIPROC_DIR")
         return
-    path = settings.data_dir / "metrics"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    root = settings.data_dir / "metrics"
+    _writable_dir(root, f"{settings.name_of('data_dir')}: the metrics directory")
+    _remove_stale_metrics(root)
+    for _ in range(3):
+        path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+        fd = os.open(path / _METRICS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Another instance's clean-up may have taken the lock between the open and the flock
+        # and removed the directory; then start again.
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(path / _METRICS_LOCK)):
+                _metrics_lock_fd = fd
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+                return
+        os.close(fd)
+    raise ConfigError(f"cannot create a metrics directory in {root}")
 
 
 def _prepare_data_dir(settings: Settings) -> None:

@@ -1,4 +1,5 @@
-"""A real `tagrelay serve`: the server key it prints."""
+"""A real `tagrelay serve`: the server key it prints, its metrics directory, and several
+instances on one data directory."""
 
 from __future__ import annotations
 
@@ -49,3 +50,39 @@ def test_the_generated_server_key_is_printed_once(tmp_path: Path, rules: Path) -
     assert log.count(key) == 1
     assert f"tagrelay: generated a server key (kept in {data / 'server_key'}): {key}" in log
     assert f"tagrelay: server key kept in {data / 'server_key'}\n" in log
+
+
+def test_a_metrics_directory_that_does_not_exist_yet_is_created_and_events_are_accepted(
+    tmp_path: Path, rules: Path
+) -> None:
+    multiproc = tmp_path / "not" / "yet" / "there"
+    server = TagrelayServer(
+        rules, tmp_path / "data", KEY, env={"PROMETHEUS_MULTIPROC_DIR": str(multiproc)}, workers=1
+    )
+    server.start()
+    try:
+        answer = server.track({"event_name": "sale", "event_id": "m1"})
+
+        assert answer["success"] is True
+        assert multiproc.is_dir()
+    finally:
+        server.stop()
+
+
+def test_instances_sharing_a_data_directory_do_not_wipe_each_others_metrics(
+    tmp_path: Path, rules: Path
+) -> None:
+    data = tmp_path / "data"
+    first = TagrelayServer(rules, data, KEY, workers=1).start()
+    try:
+        first.track({"event_name": "sale", "event_id": "a1"})
+        second = TagrelayServer(rules, data, KEY, workers=1).start()
+        try:
+            second.track({"event_name": "sale", "event_id": "b1"})
+            second.track({"event_name": "sale", "event_id": "b2"})
+
+            assert (accepted(first), accepted(second)) == (1.0, 2.0)
+        finally:
+            second.stop()
+    finally:
+        first.stop()
