@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import __version__
 from engine.config import Settings, ensure_server_key, load_settings, prepare_data_dir
-from engine.errors import BadRequest, ConfigError, RulesError
+from engine.errors import BadRequest, ConfigError, RulesError, StoreError
 from engine.rules import compile_container
 from engine.rules.model import Container
 from engine.rules.schema import RULES_SCHEMA
@@ -99,10 +99,11 @@ def cmd_preview(args: argparse.Namespace) -> int:
         return 2
     settings = _settings(args)
     enricher = None
-    if settings.database_path.exists():  # enrich from the store when there is one
+    # Enrich from the store when there is one; a --data-dir given must hold one.
+    if args.data_dir or settings.database_path.is_file():
         from engine.pipeline import Privacy, enrich_from_store
 
-        store = _store(settings)
+        store = _existing_store(settings)
         privacy = Privacy(settings.ip_storage, settings.click_id_window)
 
         def enricher(event: dict[str, Any], now: datetime) -> list[str]:
@@ -259,9 +260,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _store(settings: Settings) -> SQLiteStore:
+    """The store, created when there is none (``serve`` and ``worker``)."""
     from engine.store.sqlite import SQLiteStore
 
-    return SQLiteStore(settings.database_path, settings.sqlite_sync)
+    try:
+        return SQLiteStore(settings.database_path, settings.sqlite_sync)
+    except StoreError as exc:
+        raise StoreError(f"the store {settings.database_path} cannot be used: {exc}") from exc
+
+
+def _existing_store(settings: Settings) -> SQLiteStore:
+    """The store, which must exist: a mistyped directory is an error, not a new empty store.
+
+    Raises:
+        ConfigError: there is no store file where the settings point.
+    """
+    path = settings.database_path
+    if not path.is_file():
+        key = "db" if settings.database is not None else "data_dir"
+        given = settings.database if settings.database is not None else settings.data_dir
+        raise ConfigError(f"no store at {path} ({settings.name_of(key)} {given})")
+    return _store(settings)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -302,7 +321,7 @@ def _delivery_json(d: Delivery) -> dict[str, object]:
 def cmd_deadletters(args: argparse.Namespace) -> int:
     """List, show or replay dead letters."""
     settings = _settings(args)
-    store = _store(settings)
+    store = _existing_store(settings)
     if args.action == "list":
         letters = store.dead_letters(args.destination, args.limit)
         if args.json:
@@ -372,7 +391,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ValueError:
         _err("--since takes an ISO 8601 time or a duration such as 2h or 7d")
         return 2
-    report = replay_destination(_store(settings), container, args.destination, since)
+    report = replay_destination(_existing_store(settings), container, args.destination, since)
     for line in report.skipped:
         _out(f"skipped {line}")
     _out(f"replayed {report.events} events: {report.queued} deliveries queued")
@@ -384,7 +403,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if not (args.user_id or args.visitor_id or args.email):
         _err("forget needs --user-id, --visitor-id or --email")
         return 2
-    store = _store(_settings(args))
+    store = _existing_store(_settings(args))
     removed = store.forget(user_id=args.user_id, visitor_id=args.visitor_id, email=args.email)
     if args.json:
         _out(json.dumps(removed))
@@ -399,7 +418,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     days = args.days if args.days is not None else settings.retention_days
-    removed = run_once(_store(settings), days)
+    removed = run_once(_existing_store(settings), days)
     _out("removed: " + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
     return 0
 
@@ -480,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, RulesError) as exc:
+    except (ConfigError, RulesError, StoreError) as exc:
         _err(f"tagrelay: {exc}")
         return 2
     except KeyboardInterrupt:

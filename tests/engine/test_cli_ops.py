@@ -1,4 +1,5 @@
-"""The operator's commands: the metrics directory of `serve`."""
+"""The operator's commands: the metrics directory of `serve`, store commands on a store that
+must exist."""
 
 from __future__ import annotations
 
@@ -93,3 +94,75 @@ def test_instances_sharing_a_data_directory_keep_their_own_metrics(
     for fd in (second_lock, cli._metrics_lock_fd):
         assert fd is not None
         os.close(fd)
+
+
+# -- a store that must exist --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["deadletters", "list"],
+        ["deadletters", "show", "1"],
+        ["forget", "--user-id", "u1"],
+        ["purge"],
+        ["replay", "--destination", "log", "--since", "1h"],
+    ],
+)
+def test_a_mistyped_data_directory_is_an_error_not_a_new_store(
+    argv: list[str], tmp_path: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "dta"
+
+    code = run(
+        *argv, "--data-dir", missing, *(["--rules", write_rules(RULES)] * (argv[0] == "replay"))
+    )
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"tagrelay: no store at {missing / 'tagrelay.db'} (--data-dir {missing})\n"
+    )
+    assert not missing.exists()
+
+
+def test_preview_with_a_data_directory_without_a_store_is_an_error(
+    tmp_path: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = tmp_path / "event.json"
+    event.write_text('{"event_name": "sale"}')
+
+    code = run("preview", event, "--rules", write_rules(RULES), "--data-dir", tmp_path / "dta")
+
+    assert code == 2
+    assert "tagrelay: no store at" in capsys.readouterr().err
+    assert not (tmp_path / "dta").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["deadletters", "list"],
+        ["forget", "--email", "a@example.com"],
+        ["purge"],
+        ["replay", "--destination", "log", "--since", "1h"],
+        ["preview", "EVENT"],
+    ],
+)
+def test_a_store_that_is_not_a_database_is_a_clear_error(
+    argv: list[str], tmp_path: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tagrelay.db").write_text("not a database, just some text " * 200)
+    event = tmp_path / "event.json"
+    event.write_text('{"event_name": "sale"}')
+    argv = [str(event) if a == "EVENT" else a for a in argv]
+    rules = ["--rules", str(write_rules(RULES))] if argv[0] in ("replay", "preview") else []
+
+    code = run(*argv, *rules, "--data-dir", data)
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"tagrelay: the store {data / 'tagrelay.db'} cannot be used: ")
+    assert "not a database" in err
+    assert "Traceback" not in err
