@@ -1,6 +1,8 @@
-"""The ``tagrelay`` command: serve | check | test | preview | schema.
+"""The ``tagrelay`` command: serve | worker | check | test | preview | schema | deadletters |
+replay | forget | purge.
 
-Exit codes: 0 success; 1 the rules or tests failed; 2 bad usage or unreadable input.
+Exit codes: 0 success; 1 the rules or tests failed, or there was nothing to do that was asked
+for (no such dead letter); 2 bad usage, bad settings, or an unreadable file or store.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine import __version__
-from engine.config import Settings, ensure_server_key, load_settings, prepare_data_dir
+from engine.config import MAX_DAYS, Settings, ensure_server_key, load_settings, prepare_data_dir
 from engine.errors import BadRequest, ConfigError, RulesError, StoreError
 from engine.rules import compile_container
 from engine.rules.model import Container
@@ -87,17 +90,23 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     """Dry-run one event: per tag, fired or not and why, and the request it would send."""
+    from engine.api import parse_json_body
     from engine.preview import preview
 
-    container = _load(Path(args.rules))
+    settings = _settings(args)
+    container = _load(settings.rules)
     if container is None:
         return 1
     try:
-        raw = json.loads(Path(args.event).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        # The limits of intake (depth, NaN, numbers out of range): what the server would refuse
+        # is refused here, and a deeply nested file is an error, not a RecursionError.
+        raw = parse_json_body(Path(args.event).read_bytes(), "application/json")
+    except OSError as exc:
+        _err(f"cannot read {args.event}: {exc.strerror or exc}")
+        return 2
+    except BadRequest as exc:
         _err(f"cannot read {args.event}: {exc}")
         return 2
-    settings = _settings(args)
     enricher = None
     # Enrich from the store when there is one; a --data-dir given must hold one.
     if args.data_dir or settings.database_path.is_file():
@@ -142,9 +151,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
     text = json.dumps(RULES_SCHEMA, indent=2) + "\n"
     if args.output == "-":
         sys.stdout.write(text)
-    else:
+        return 0
+    try:
         Path(args.output).write_text(text)
-        _out(f"wrote {args.output}")
+    except OSError as exc:
+        _err(f"tagrelay: cannot write {args.output}: {exc.strerror or exc}")
+        return 2
+    _out(f"wrote {args.output}")
     return 0
 
 
@@ -320,6 +333,8 @@ def _delivery_json(d: Delivery) -> dict[str, object]:
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
     """List, show or replay dead letters."""
+    from engine.store.base import Status
+
     settings = _settings(args)
     store = _existing_store(settings)
     if args.action == "list":
@@ -341,6 +356,9 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
         if delivery is None:
             _err(f"no delivery {args.ids[0]}")
             return 1
+        if delivery.status is not Status.DEAD:
+            _err(f"delivery {delivery.id} is not a dead letter (it is {delivery.status.value})")
+            return 1
         shown = _delivery_json(delivery)
         shown["payload"] = delivery.payload
         _out(json.dumps(shown, indent=2, ensure_ascii=False))
@@ -360,17 +378,30 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
     for line in report.skipped:
         _out(f"skipped {line}")
     _out(f"replayed {report.events} dead letters: {report.queued} deliveries queued")
-    return 0
+    return 0 if report.events else 1
 
 
 def _parse_since(text: str) -> datetime:
+    """``--since``: a duration back from now, or an ISO 8601 time.
+
+    Raises:
+        ValueError: neither, or a duration further back than dates go; the message says so.
+    """
     from engine.rules import parse_duration
 
     try:
-        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+        seconds = parse_duration(text)
     except ValueError:
         pass
-    when = datetime.fromisoformat(text)
+    else:
+        try:
+            return datetime.now(UTC) - timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError(f"--since {text} goes back further than the year 1") from None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("--since takes an ISO 8601 time or a duration such as 2h or 7d") from None
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
@@ -388,8 +419,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     try:
         since = _parse_since(args.since)
-    except ValueError:
-        _err("--since takes an ISO 8601 time or a duration such as 2h or 7d")
+    except ValueError as exc:
+        _err(f"tagrelay: {exc}")
         return 2
     report = replay_destination(_existing_store(settings), container, args.destination, since)
     for line in report.skipped:
@@ -423,6 +454,23 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole(minimum: int, maximum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number in a range (a store ID or limit must fit in 64 bits)."""
+
+    def parse(text: str) -> int:
+        number = int(text) if re.fullmatch(r"\s*[0-9]{1,19}\s*", text) else -1
+        if not minimum <= number <= maximum:
+            raise argparse.ArgumentTypeError(f"{what} must be {minimum} to {maximum}, not {text!r}")
+        return number
+
+    return parse
+
+
+_ID = _whole(1, 2**63 - 1, "a delivery ID")
+_LIMIT = _whole(1, 2**63 - 1, "the limit")
+_DAYS = _whole(0, MAX_DAYS, "the days")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tagrelay`` command."""
     parser = argparse.ArgumentParser(prog="tagrelay", description="Server-side tag manager.")
@@ -443,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dead = sub.add_parser("deadletters", help="list, show or replay dead letters")
     dead.add_argument("action", choices=["list", "show", "replay"])
-    dead.add_argument("ids", nargs="*", type=int, help="delivery IDs (show, replay)")
+    dead.add_argument("ids", nargs="*", type=_ID, help="delivery IDs (show, replay)")
     dead.add_argument("--destination", help="only this destination")
-    dead.add_argument("--limit", type=int, default=100)
+    dead.add_argument("--limit", type=_LIMIT, default=100)
     dead.add_argument("--all", action="store_true", help="replay every dead letter")
     dead.add_argument("--json", action="store_true")
     dead.add_argument("--rules", help="rule container (env TAGRELAY_RULES)")
@@ -468,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.set_defaults(func=cmd_forget)
 
     purge = sub.add_parser("purge", help="apply the retention period now")
-    purge.add_argument("--days", type=int, help="default: TAGRELAY_RETENTION_DAYS (395)")
+    purge.add_argument("--days", type=_DAYS, help="default: TAGRELAY_RETENTION_DAYS (395)")
     purge.add_argument("--data-dir", help="store directory (env TAGRELAY_DATA_DIR)")
     purge.set_defaults(func=cmd_purge)
 
@@ -482,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prev = sub.add_parser("preview", help="dry-run one event through the rules")
     prev.add_argument("event", help="a JSON file with one event")
-    prev.add_argument("--rules", default="rules")
+    prev.add_argument("--rules", help="rule container (env TAGRELAY_RULES; default rules/)")
     prev.add_argument("--json", action="store_true", help="print one JSON object")
     prev.add_argument("--data-dir", help="enrich from this store (env TAGRELAY_DATA_DIR)")
     prev.set_defaults(func=cmd_preview)

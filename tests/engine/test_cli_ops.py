@@ -1,8 +1,9 @@
 """The operator's commands: the metrics directory of `serve`, store commands on a store that
-must exist."""
+must exist, clear errors and exit codes."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,8 @@ from engine import cli
 from engine.cli import main
 from engine.config import Settings
 from engine.errors import ConfigError
+from engine.store.base import Acceptance, Decision
+from engine.store.sqlite import SQLiteStore
 
 WriteRules = Callable[..., Path]
 T0 = 1_795_185_045.0
@@ -166,3 +169,154 @@ def test_a_store_that_is_not_a_database_is_a_clear_error(
     assert err.startswith(f"tagrelay: the store {data / 'tagrelay.db'} cannot be used: ")
     assert "not a database" in err
     assert "Traceback" not in err
+
+
+# -- dead letters -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A store with delivery 1 dead and delivery 2 delivered."""
+    data = tmp_path / "data"
+    store = SQLiteStore(data / "tagrelay.db")
+    for event_id in ("e1", "e2"):
+        decision = Decision("log_all", "log", True, "trigger all matched", payload={"x": 1})
+        event = {
+            "event_name": "sale",
+            "event_id": event_id,
+            "timestamp": "2026-11-20T14:30:45.000Z",
+        }
+        store.accept(Acceptance(event, [decision], 60, T0))
+    dead, delivered = store.lease("log", 10, 60.0, "w", T0)
+    store.mark_dead([dead.id], "w", "HTTP 400", T0)
+    store.mark_delivered([delivered.id], "w", T0)
+    store.close()
+    return data
+
+
+def test_show_says_when_a_delivery_is_not_a_dead_letter(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run("deadletters", "show", "2", "--data-dir", data_dir)
+
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.err == "delivery 2 is not a dead letter (it is delivered)\n"
+    assert captured.out == ""
+
+
+def test_show_prints_a_dead_letter(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run("deadletters", "show", "1", "--data-dir", data_dir)
+
+    shown = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (shown["id"], shown["status"], shown["last_error"]) == (1, "dead", "HTTP 400")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["deadletters", "show", "99999999999999999999999"],
+        ["deadletters", "replay", "0"],
+        ["deadletters", "list", "--limit", "99999999999999999999999"],
+        ["purge", "--days", "99999999999999999999999"],
+        ["purge", "--days", "-1"],
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(
+    argv: list[str], data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run(*argv, "--data-dir", data_dir)
+
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "must be" in err.splitlines()[-1]
+    assert "Traceback" not in err
+
+
+def test_replaying_nothing_that_is_a_dead_letter_exits_1(
+    data_dir: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = write_rules(RULES)
+
+    code = run("deadletters", "replay", "999999", "2", "--rules", rules, "--data-dir", data_dir)
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "skipped delivery 999999: not a dead letter" in out
+    assert "skipped delivery 2: not a dead letter" in out
+    assert "replayed 0 dead letters" in out
+
+
+def test_replaying_a_dead_letter_exits_0(
+    data_dir: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run("deadletters", "replay", "1", "--rules", write_rules(RULES), "--data-dir", data_dir)
+
+    assert code == 0
+    assert "replayed 1 dead letters: 1 deliveries queued" in capsys.readouterr().out
+
+
+def test_replay_since_further_back_than_dates_go_is_a_clear_error(
+    data_dir: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = write_rules(RULES)
+
+    code = run(
+        "replay", "--destination", "log", "--since", "99999999999d", "--rules", rules,
+        "--data-dir", data_dir,
+    )  # fmt: skip
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "tagrelay: --since 99999999999d goes back further than the year 1\n"
+    )
+
+
+# -- preview and schema -----------------------------------------------------------------------
+
+
+def test_preview_of_a_deeply_nested_event_is_refused_like_intake(
+    tmp_path: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = tmp_path / "deep.json"
+    event.write_text(
+        '{"event_name": "sale", "properties": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    )
+
+    code = run("preview", event, "--rules", write_rules(RULES))
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"cannot read {event}: the JSON is nested too deeply (at most 64 levels)\n"
+
+
+def test_preview_reads_the_rules_from_tagrelay_rules_like_serve(
+    tmp_path: Path,
+    write_rules: WriteRules,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    event = tmp_path / "event.json"
+    event.write_text('{"event_name": "sale"}')
+    monkeypatch.setenv("TAGRELAY_RULES", str(write_rules(RULES)))
+    monkeypatch.chdir(tmp_path)  # no rules/ here
+
+    code = run("preview", event, "--json")
+
+    assert code == 0
+    assert [t["name"] for t in json.loads(capsys.readouterr().out)["tags"]] == ["log_all"]
+
+
+def test_schema_to_a_directory_that_does_not_exist_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "nonexistent" / "x.json"
+
+    code = run("schema", "-o", target)
+
+    assert code == 2
+    assert (
+        capsys.readouterr().err == f"tagrelay: cannot write {target}: No such file or directory\n"
+    )
