@@ -296,25 +296,37 @@ def _existing_store(settings: Settings) -> SQLiteStore:
     return _store(settings)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Deliver the outbox without serving HTTP, until SIGTERM or SIGINT."""
+    """Deliver the outbox and apply retention without serving HTTP, until SIGTERM or SIGINT."""
     from engine import logs
     from engine.delivery import DeliveryWorker
+    from engine.maintenance import Maintenance
     from engine.pipeline import load_rules
 
     settings = _settings(args)
     _prepare_data_dir(settings)
     logs.configure(settings.log_level)
     rules = load_rules(settings.rules, settings.reload_interval)
-    worker = DeliveryWorker(_store(settings), lambda: rules.container)
+    store = _store(settings)
+    worker = DeliveryWorker(store, lambda: rules.container)
+    # Retention runs where the store is used; a host with only workers purges too.
+    maintenance = Maintenance(store, settings.retention_days)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    worker.start()
-    _out(f"tagrelay worker: delivering from {settings.database_path}")
-    sys.stdout.flush()
-    stop.wait()
-    worker.stop()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    try:
+        worker.start()
+        maintenance.start()
+        _out(f"tagrelay worker: delivering from {settings.database_path}")
+        sys.stdout.flush()
+        stop.wait()
+    finally:
+        worker.stop()
+        maintenance.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -1,10 +1,12 @@
 """The operator's commands: the metrics directory of `serve`, store commands on a store that
-must exist, clear errors and exit codes."""
+must exist, clear errors and exit codes, the worker's housekeeping."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from engine import cli
 from engine.cli import main
 from engine.config import Settings
 from engine.errors import ConfigError
+from engine.maintenance import Maintenance
 from engine.store.base import Acceptance, Decision
 from engine.store.sqlite import SQLiteStore
 
@@ -320,3 +323,43 @@ def test_schema_to_a_directory_that_does_not_exist_is_a_clear_error(
     assert (
         capsys.readouterr().err == f"tagrelay: cannot write {target}: No such file or directory\n"
     )
+
+
+# -- the worker ---------------------------------------------------------------------------------
+
+
+def test_the_worker_applies_retention_like_serve(
+    data_dir: Path,
+    write_rules: WriteRules,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    started: list[Maintenance] = []
+    start = Maintenance.start
+
+    def record(self: Maintenance) -> None:
+        start(self)
+        started.append(self)
+        os.kill(os.getpid(), signal.SIGTERM)  # and stop the worker at once
+
+    monkeypatch.setattr(Maintenance, "start", record)
+    monkeypatch.setattr("engine.logs.configure", lambda level: None)  # pytest keeps the logs
+    monkeypatch.setenv("TAGRELAY_RETENTION_DAYS", "30")
+    handler = signal.getsignal(signal.SIGTERM)
+    # Should the worker never start its maintenance, it is stopped anyway and the test fails.
+    deadline = threading.Timer(10, os.kill, (os.getpid(), signal.SIGTERM))
+    deadline.start()
+
+    try:
+        code = run("worker", "--rules", write_rules(RULES), "--data-dir", data_dir)
+    finally:
+        deadline.cancel()
+
+    assert code == 0
+    [maintenance] = started
+    assert maintenance.retention_days == 30
+    assert isinstance(maintenance.store, SQLiteStore)
+    assert Path(maintenance.store.path) == data_dir / "tagrelay.db"
+    assert not maintenance._thread.is_alive()  # stopped with the worker
+    assert signal.getsignal(signal.SIGTERM) == handler  # the caller's handler is back
+    assert "tagrelay worker: delivering from" in capsys.readouterr().out
