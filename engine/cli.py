@@ -1,16 +1,22 @@
-"""The ``tagrelay`` command: serve | check | test | preview | schema.
+"""The ``tagrelay`` command: serve | worker | check | test | preview | schema | deadletters |
+replay | forget | purge.
 
-Exit codes: 0 success; 1 the rules or tests failed; 2 bad usage or unreadable input.
+Exit codes: 0 success; 1 the rules or tests failed, or there was nothing to do that was asked
+for (no such dead letter); 2 bad usage, bad settings, or an unreadable file or store.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -18,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine import __version__
-from engine.config import Settings, ensure_server_key, load_settings
-from engine.errors import BadRequest, ConfigError, RulesError
+from engine.config import MAX_DAYS, Settings, ensure_server_key, load_settings, prepare_data_dir
+from engine.errors import BadRequest, ConfigError, RulesError, StoreError
 from engine.rules import compile_container
 from engine.rules.model import Container
 from engine.rules.schema import RULES_SCHEMA
@@ -84,22 +90,29 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     """Dry-run one event: per tag, fired or not and why, and the request it would send."""
+    from engine.api import parse_json_body
     from engine.preview import preview
 
-    container = _load(Path(args.rules))
+    settings = _settings(args)
+    container = _load(settings.rules)
     if container is None:
         return 1
     try:
-        raw = json.loads(Path(args.event).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        # The limits of intake (depth, NaN, numbers out of range): what the server would refuse
+        # is refused here, and a deeply nested file is an error, not a RecursionError.
+        raw = parse_json_body(Path(args.event).read_bytes(), "application/json")
+    except OSError as exc:
+        _err(f"cannot read {args.event}: {exc.strerror or exc}")
+        return 2
+    except BadRequest as exc:
         _err(f"cannot read {args.event}: {exc}")
         return 2
-    settings = _settings(args)
     enricher = None
-    if settings.database_path.exists():  # enrich from the store when there is one
+    # Enrich from the store when there is one; a --data-dir given must hold one.
+    if args.data_dir or settings.database_path.is_file():
         from engine.pipeline import Privacy, enrich_from_store
 
-        store = _store(settings)
+        store = _existing_store(settings)
         privacy = Privacy(settings.ip_storage, settings.click_id_window)
 
         def enricher(event: dict[str, Any], now: datetime) -> list[str]:
@@ -138,37 +151,103 @@ def cmd_schema(args: argparse.Namespace) -> int:
     text = json.dumps(RULES_SCHEMA, indent=2) + "\n"
     if args.output == "-":
         sys.stdout.write(text)
-    else:
+        return 0
+    try:
         Path(args.output).write_text(text)
-        _out(f"wrote {args.output}")
+    except OSError as exc:
+        _err(f"tagrelay: cannot write {args.output}: {exc.strerror or exc}")
+        return 2
+    _out(f"wrote {args.output}")
     return 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings().with_overrides(
-        bind=getattr(args, "bind", None),
-        workers=getattr(args, "workers", None),
-        rules=Path(args.rules) if getattr(args, "rules", None) else None,
-        data_dir=Path(args.data_dir) if getattr(args, "data_dir", None) else None,
-    )
-    return settings
+    """Settings with the command's flags over the environment and the config file."""
+    flags = {name: getattr(args, name, None) for name in ("bind", "workers", "rules", "data_dir")}
+    return load_settings(flags=flags)
+
+
+# The per-instance metrics directory stays locked (flock) while the instance runs; the lock
+# file descriptor is inherited by the gunicorn workers, so it is held until all have exited.
+_METRICS_LOCK = ".lock"
+_metrics_lock_fd: int | None = None
+
+
+def _writable_dir(path: Path, name: str) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{name} {path} cannot hold the metrics files: {exc.strerror or exc}"
+        ) from exc
+
+
+def _remove_stale_metrics(root: Path) -> None:
+    """Remove the metrics directories of instances that no longer run (nobody holds their lock)."""
+    for path in root.iterdir():
+        if not path.is_dir():
+            continue
+        try:
+            fd = os.open(path / _METRICS_LOCK, os.O_RDWR)
+        except OSError:
+            continue  # being created right now, or not ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # an instance that runs
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _metrics_dir(settings: Settings) -> None:
-    # Must be set before prometheus_client creates any metric, in the master, so that every
-    # worker writes its counts where /metrics can sum them. Stale files from a previous run
-    # would be summed too, so the directory starts empty.
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    """Point ``PROMETHEUS_MULTIPROC_DIR`` at a directory where the workers' counts are summed.
+
+    Must run in the master before prometheus_client is imported. A directory set by the
+    operator is created if missing and must be writable (metrics written nowhere would fail
+    every request after its event was committed). Otherwise each instance gets a fresh
+    directory of its own under ``<data dir>/metrics``, so several instances sharing a data
+    directory neither wipe nor sum each other's counts; the directories of instances that
+    have stopped are removed.
+
+    Raises:
+        ConfigError: the directory cannot be created or written.
+    """
+    global _metrics_lock_fd
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        _writable_dir(Path(configured), "PROMETHEUS_MULTIPROC_DIR")
         return
-    path = settings.data_dir / "metrics"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    root = settings.data_dir / "metrics"
+    _writable_dir(root, f"{settings.name_of('data_dir')}: the metrics directory")
+    _remove_stale_metrics(root)
+    for _ in range(3):
+        path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+        fd = os.open(path / _METRICS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Another instance's clean-up may have taken the lock between the open and the flock
+        # and removed the directory; then start again.
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(path / _METRICS_LOCK)):
+                _metrics_lock_fd = fd
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+                return
+        os.close(fd)
+    raise ConfigError(f"cannot create a metrics directory in {root}")
+
+
+def _prepare_data_dir(settings: Settings) -> None:
+    for note in prepare_data_dir(settings):
+        _err(f"tagrelay: {note}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP server under gunicorn."""
     settings = _settings(args)
+    _prepare_data_dir(settings)
     _metrics_dir(settings)
     from engine.server import run
 
@@ -176,9 +255,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if container is None:
         _err(f"tagrelay: refusing to start: {settings.rules} has errors (see above)")
         return 1
+    configured = bool(settings.server_keys)
     settings, generated = ensure_server_key(settings)
+    key_file = settings.data_dir / "server_key"
     if generated:
-        _out(f"tagrelay: server key (kept in {settings.data_dir / 'server_key'}): {generated}")
+        _out(f"tagrelay: generated a server key (kept in {key_file}): {generated}")
+    elif not configured:
+        _out(f"tagrelay: server key kept in {key_file}")
     delivery = "delivering" if settings.deliver else "delivery off"
     _out(
         f"tagrelay {__version__}: serving {settings.rules} on http://{settings.bind} "
@@ -190,29 +273,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _store(settings: Settings) -> SQLiteStore:
+    """The store, created when there is none (``serve`` and ``worker``)."""
     from engine.store.sqlite import SQLiteStore
 
-    return SQLiteStore(settings.database_path, settings.sqlite_sync)
+    try:
+        return SQLiteStore(settings.database_path, settings.sqlite_sync)
+    except StoreError as exc:
+        raise StoreError(f"the store {settings.database_path} cannot be used: {exc}") from exc
+
+
+def _existing_store(settings: Settings) -> SQLiteStore:
+    """The store, which must exist: a mistyped directory is an error, not a new empty store.
+
+    Raises:
+        ConfigError: there is no store file where the settings point.
+    """
+    path = settings.database_path
+    if not path.is_file():
+        key = "db" if settings.database is not None else "data_dir"
+        given = settings.database if settings.database is not None else settings.data_dir
+        raise ConfigError(f"no store at {path} ({settings.name_of(key)} {given})")
+    return _store(settings)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Deliver the outbox without serving HTTP, until SIGTERM or SIGINT."""
+    """Deliver the outbox and apply retention without serving HTTP, until SIGTERM or SIGINT."""
     from engine import logs
     from engine.delivery import DeliveryWorker
+    from engine.maintenance import Maintenance
     from engine.pipeline import load_rules
 
     settings = _settings(args)
+    _prepare_data_dir(settings)
     logs.configure(settings.log_level)
     rules = load_rules(settings.rules, settings.reload_interval)
-    worker = DeliveryWorker(_store(settings), lambda: rules.container)
+    store = _store(settings)
+    worker = DeliveryWorker(store, lambda: rules.container)
+    # Retention runs where the store is used; a host with only workers purges too.
+    maintenance = Maintenance(store, settings.retention_days)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    worker.start()
-    _out(f"tagrelay worker: delivering from {settings.database_path}")
-    sys.stdout.flush()
-    stop.wait()
-    worker.stop()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    try:
+        worker.start()
+        maintenance.start()
+        _out(f"tagrelay worker: delivering from {settings.database_path}")
+        sys.stdout.flush()
+        stop.wait()
+    finally:
+        worker.stop()
+        maintenance.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -231,8 +345,10 @@ def _delivery_json(d: Delivery) -> dict[str, object]:
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
     """List, show or replay dead letters."""
+    from engine.store.base import Status
+
     settings = _settings(args)
-    store = _store(settings)
+    store = _existing_store(settings)
     if args.action == "list":
         letters = store.dead_letters(args.destination, args.limit)
         if args.json:
@@ -251,6 +367,9 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
         delivery = store.get_delivery(args.ids[0])
         if delivery is None:
             _err(f"no delivery {args.ids[0]}")
+            return 1
+        if delivery.status is not Status.DEAD:
+            _err(f"delivery {delivery.id} is not a dead letter (it is {delivery.status.value})")
             return 1
         shown = _delivery_json(delivery)
         shown["payload"] = delivery.payload
@@ -271,17 +390,30 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
     for line in report.skipped:
         _out(f"skipped {line}")
     _out(f"replayed {report.events} dead letters: {report.queued} deliveries queued")
-    return 0
+    return 0 if report.events else 1
 
 
 def _parse_since(text: str) -> datetime:
+    """``--since``: a duration back from now, or an ISO 8601 time.
+
+    Raises:
+        ValueError: neither, or a duration further back than dates go; the message says so.
+    """
     from engine.rules import parse_duration
 
     try:
-        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+        seconds = parse_duration(text)
     except ValueError:
         pass
-    when = datetime.fromisoformat(text)
+    else:
+        try:
+            return datetime.now(UTC) - timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError(f"--since {text} goes back further than the year 1") from None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("--since takes an ISO 8601 time or a duration such as 2h or 7d") from None
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
@@ -299,10 +431,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     try:
         since = _parse_since(args.since)
-    except ValueError:
-        _err("--since takes an ISO 8601 time or a duration such as 2h or 7d")
+    except ValueError as exc:
+        _err(f"tagrelay: {exc}")
         return 2
-    report = replay_destination(_store(settings), container, args.destination, since)
+    report = replay_destination(_existing_store(settings), container, args.destination, since)
     for line in report.skipped:
         _out(f"skipped {line}")
     _out(f"replayed {report.events} events: {report.queued} deliveries queued")
@@ -314,7 +446,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if not (args.user_id or args.visitor_id or args.email):
         _err("forget needs --user-id, --visitor-id or --email")
         return 2
-    store = _store(_settings(args))
+    store = _existing_store(_settings(args))
     removed = store.forget(user_id=args.user_id, visitor_id=args.visitor_id, email=args.email)
     if args.json:
         _out(json.dumps(removed))
@@ -329,9 +461,26 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     days = args.days if args.days is not None else settings.retention_days
-    removed = run_once(_store(settings), days)
+    removed = run_once(_existing_store(settings), days)
     _out("removed: " + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
     return 0
+
+
+def _whole(minimum: int, maximum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number in a range (a store ID or limit must fit in 64 bits)."""
+
+    def parse(text: str) -> int:
+        number = int(text) if re.fullmatch(r"\s*[0-9]{1,19}\s*", text) else -1
+        if not minimum <= number <= maximum:
+            raise argparse.ArgumentTypeError(f"{what} must be {minimum} to {maximum}, not {text!r}")
+        return number
+
+    return parse
+
+
+_ID = _whole(1, 2**63 - 1, "a delivery ID")
+_LIMIT = _whole(1, 2**63 - 1, "the limit")
+_DAYS = _whole(0, MAX_DAYS, "the days")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the HTTP server (gunicorn)")
     serve.add_argument("--bind", help="address:port (env TAGRELAY_BIND; default 127.0.0.1:8080)")
-    serve.add_argument("--workers", type=int, help="gunicorn workers (env TAGRELAY_WORKERS)")
+    serve.add_argument("--workers", help="gunicorn workers (env TAGRELAY_WORKERS; default 2)")
     serve.add_argument("--rules", help="rule container (env TAGRELAY_RULES; default rules/)")
     serve.add_argument("--data-dir", help="store and key directory (env TAGRELAY_DATA_DIR)")
     serve.set_defaults(func=cmd_serve)
@@ -354,9 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dead = sub.add_parser("deadletters", help="list, show or replay dead letters")
     dead.add_argument("action", choices=["list", "show", "replay"])
-    dead.add_argument("ids", nargs="*", type=int, help="delivery IDs (show, replay)")
+    dead.add_argument("ids", nargs="*", type=_ID, help="delivery IDs (show, replay)")
     dead.add_argument("--destination", help="only this destination")
-    dead.add_argument("--limit", type=int, default=100)
+    dead.add_argument("--limit", type=_LIMIT, default=100)
     dead.add_argument("--all", action="store_true", help="replay every dead letter")
     dead.add_argument("--json", action="store_true")
     dead.add_argument("--rules", help="rule container (env TAGRELAY_RULES)")
@@ -379,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.set_defaults(func=cmd_forget)
 
     purge = sub.add_parser("purge", help="apply the retention period now")
-    purge.add_argument("--days", type=int, help="default: TAGRELAY_RETENTION_DAYS (395)")
+    purge.add_argument("--days", type=_DAYS, help="default: TAGRELAY_RETENTION_DAYS (395)")
     purge.add_argument("--data-dir", help="store directory (env TAGRELAY_DATA_DIR)")
     purge.set_defaults(func=cmd_purge)
 
@@ -393,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prev = sub.add_parser("preview", help="dry-run one event through the rules")
     prev.add_argument("event", help="a JSON file with one event")
-    prev.add_argument("--rules", default="rules")
+    prev.add_argument("--rules", help="rule container (env TAGRELAY_RULES; default rules/)")
     prev.add_argument("--json", action="store_true", help="print one JSON object")
     prev.add_argument("--data-dir", help="enrich from this store (env TAGRELAY_DATA_DIR)")
     prev.set_defaults(func=cmd_preview)
@@ -410,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, RulesError) as exc:
+    except (ConfigError, RulesError, StoreError) as exc:
         _err(f"tagrelay: {exc}")
         return 2
     except KeyboardInterrupt:

@@ -1,14 +1,22 @@
 """Server settings: from the environment (``TAGRELAY_*``), an optional YAML file, and the CLI.
 
 Precedence, highest first: command-line flags, environment variables, the file named by
-``TAGRELAY_CONFIG``, defaults. Secrets (server keys, signing secrets) are never printed whole.
+``TAGRELAY_CONFIG``, defaults. A file uses the variables' names in lower case (``workers``,
+``db``). Every value is checked as it is read: a value that is not allowed, or a key the file
+should not have, is a :class:`~engine.errors.ConfigError` that names the setting as it was given
+(``TAGRELAY_WORKERS``, ``workers`` in the file, ``--workers``) and says what is allowed. Secrets
+(server keys, signing secrets) are never printed whole, nor quoted in an error.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import re
 import secrets
-from collections.abc import Mapping
+import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +25,12 @@ import yaml
 
 from engine.errors import ConfigError
 
-DEFAULT_BIND = "127.0.0.1:8080"
+DEFAULT_PORT = 8080
+DEFAULT_BIND = f"127.0.0.1:{DEFAULT_PORT}"
 KEY_FILE = "server_key"
+MAX_COOKIE_AGE = 400 * 86400  # browsers cap cookie lifetimes at 400 days
+MAX_DAYS = 36500  # a hundred years: retention and windows beyond that are a typo
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -47,9 +59,6 @@ class PublishableKey:
         return f"PublishableKey({self.key[:6]}…, origins={self.origins})"
 
 
-MAX_COOKIE_AGE = 400 * 86400  # browsers cap cookie lifetimes at 400 days
-
-
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to start."""
@@ -59,6 +68,7 @@ class Settings:
     database: Path | None = None  # default: <data_dir>/tagrelay.db
     bind: str = DEFAULT_BIND
     workers: int = 2
+    threads: int = 4  # gunicorn gthread threads per worker
     server_keys: tuple[ServerKey, ...] = ()
     sqlite_sync: str = "normal"
     max_body_bytes: int = 1_048_576
@@ -78,175 +88,457 @@ class Settings:
     click_id_window: float = 30 * 86400.0
     retention_days: int = 395  # events and identities older than this are purged; 0: never
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # How each setting that was given was named (config key -> "--data-dir", ...), for messages.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def database_path(self) -> Path:
         """Where the SQLite store lives."""
         return self.database or self.data_dir / "tagrelay.db"
 
-    def with_overrides(self, **overrides: Any) -> Settings:
-        """A copy with the given (non-None) fields replaced."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+    def name_of(self, key: str) -> str:
+        """How the setting ``key`` (its config-file key) was given, for messages.
+
+        ``--data-dir``, ``TAGRELAY_DATA_DIR`` or ``FILE: data_dir``; a setting left at its
+        default is named by its environment variable.
+        """
+        return self.sources.get(key, f"TAGRELAY_{key.upper()}")
+
+
+# -- reading one value ------------------------------------------------------------------------
+#
+# A parser takes a value as given (text from the environment or a flag; any YAML value from the
+# file) and returns it typed, or raises ValueError saying what is allowed ("must be ...").
+
+Parser = Callable[[Any], Any]
+_WHOLE = re.compile(r"[+-]?[0-9]{1,30}")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]*)?|\.[0-9]+)")
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 6265 token
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _whole(minimum: int, maximum: int | None = None) -> Parser:
+    allowed = (
+        f"must be a whole number from {minimum} to {maximum}"
+        if maximum is not None
+        else f"must be a whole number, at least {minimum}"
+    )
+
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
+            value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(allowed)
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(allowed)
+        return value
+
+    return parse
+
+
+def _days_in_seconds(value: Any) -> float:
+    allowed = f"must be a number of days from 0 to {MAX_DAYS}"
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        value = float(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(allowed)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(allowed)
+    if not 0 <= value <= MAX_DAYS:
+        raise ValueError(allowed)
+    return float(value) * 86400
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("must be true or false (or 1/0, yes/no, on/off)")
+
+
+def _choice(*allowed: str) -> Parser:
+    message = "must be one of " + ", ".join(a.lower() for a in allowed)
+
+    def parse(value: Any) -> str:
+        if isinstance(value, str):
+            for choice in allowed:
+                if value.strip().lower() == choice.lower():
+                    return choice
+        raise ValueError(message)
+
+    return parse
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a path")
+    return Path(value)
+
+
+def _optional_path(value: Any) -> Path | None:
+    return None if value is None or value == "" else _path(value)
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("must be text")
+    return value.strip()
+
+
+def _cookie_name(value: Any) -> str:
+    if not isinstance(value, str) or not _COOKIE_NAME.fullmatch(value):
+        raise ValueError("must be a cookie name: letters, digits and !#$%&'*+-.^_`|~")
+    return value
+
+
+def _bind(value: Any) -> str:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``unix:PATH``; a missing port is 8080."""
+    allowed = (
+        "must be HOST:PORT with a port from 1 to 65535 (8080 when left out), "
+        "[IPv6 address]:PORT, or unix:PATH"
+    )
+    text = value.strip() if isinstance(value, str) else ""
+    if text.startswith("unix:"):
+        if not text[len("unix:") :].strip("/"):
+            raise ValueError(allowed)
+        return text
+    if match := re.fullmatch(r"(\[[0-9A-Za-z:.%]+\])(?::(.*))?", text):
+        host, port = match.group(1), match.group(2)
+    elif text.count(":") > 1:
+        raise ValueError(allowed + " (an IPv6 address goes in brackets: [::1]:8080)")
+    else:
+        host, sep, given = text.partition(":")
+        port = given if sep else None
+        if not host or re.search(r"[\s/\[\]]", host):
+            raise ValueError(allowed)
+    if port is None:
+        return f"{host}:{DEFAULT_PORT}"
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        raise ValueError(allowed)
+    return f"{host}:{int(port)}"
 
 
 def parse_keys(raw: str) -> tuple[ServerKey, ...]:
-    """``key1,key2:signing-secret`` -> server keys (a ``:secret`` makes signing required)."""
+    """``key1,key2:signing-secret`` -> server keys (a ``:secret`` makes signing required).
+
+    Raises:
+        ValueError: an entry with a secret but no key.
+    """
     keys = []
     for entry in raw.split(","):
         if not entry.strip():
             continue
         key, _, secret = entry.strip().partition(":")
+        if not key.strip():
+            raise ValueError("has an entry with no key before its ':signing-secret'")
         keys.append(ServerKey(key.strip(), secret.strip() or None))
     return tuple(keys)
 
 
 def parse_publishable(raw: str) -> tuple[PublishableKey, ...]:
-    """``pk_1=https://a.example|https://b.example,pk_2=*`` -> publishable keys."""
+    """``pk_1=https://a.example|https://b.example,pk_2=*`` -> publishable keys.
+
+    Raises:
+        ValueError: an entry with no key, or a key with no origins.
+    """
     keys = []
     for entry in raw.split(","):
+        if not entry.strip():
+            continue
         key, _, origins = entry.strip().partition("=")
-        if key.strip():
-            allowed = tuple(o.strip().rstrip("/") for o in origins.split("|") if o.strip())
-            keys.append(PublishableKey(key.strip(), allowed))
+        allowed = tuple(o.strip().rstrip("/") for o in origins.split("|") if o.strip())
+        if not key.strip():
+            raise ValueError("has an entry with no key before its '=origins'")
+        if not allowed:
+            raise ValueError(
+                "has a key with no origins: write key=https://shop.example|https://other.example"
+                " (or key=* for any page)"
+            )
+        keys.append(PublishableKey(key.strip(), allowed))
     return tuple(keys)
 
 
-def _bool(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
+_YAML_NUMBERS = "quote it in the file: YAML reads unquoted digits as a number"
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Settings from ``TAGRELAY_CONFIG`` (YAML) and ``TAGRELAY_*`` environment variables.
+def _text_in(entry: Mapping[str, Any], name: str, where: str, required: bool) -> str | None:
+    value = entry.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f"{where}: {name} must be text; {_YAML_NUMBERS}")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where} needs a {name} (text)")
+    return value.strip()
+
+
+def _entries(value: Any, fields: tuple[str, ...], example: str) -> list[tuple[str, Any]]:
+    """A list of keys from the file: each entry with where it is, for messages."""
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of entries such as {example}, or comma-separated text")
+    entries = []
+    for number, entry in enumerate(value, 1):
+        where = f"entry {number}"
+        if isinstance(entry, dict):
+            unknown = sorted(str(k) for k in entry if k not in fields)
+            if unknown:
+                raise ValueError(
+                    f"{where} has an unknown field {unknown[0]!r} (known: {', '.join(fields)})"
+                )
+        entries.append((where, entry))
+    return entries
+
+
+def _server_keys(value: Any) -> tuple[ServerKey, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return parse_keys(value)
+    keys = []
+    fields = ("key", "signing_secret")
+    for where, entry in _entries(value, fields, "{key: ..., signing_secret: ...}"):
+        if isinstance(entry, dict):
+            key = _text_in(entry, "key", where, required=True)
+            assert key is not None  # required
+            keys.append(ServerKey(key, _text_in(entry, "signing_secret", where, required=False)))
+        elif isinstance(entry, str) and entry.strip():
+            keys.append(ServerKey(entry.strip()))
+        elif isinstance(entry, int | float) and not isinstance(entry, bool):
+            raise ValueError(f"{where} must be text; {_YAML_NUMBERS}")
+        else:
+            raise ValueError(f"{where} must be a key (text) or {{key: ..., signing_secret: ...}}")
+    return tuple(keys)
+
+
+def _publishable_keys(value: Any) -> tuple[PublishableKey, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return parse_publishable(value)
+    keys = []
+    example = "{key: pk_1, origins: [https://shop.example]}"
+    for where, entry in _entries(value, ("key", "origins"), example):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be {example}")
+        key = _text_in(entry, "key", where, required=True)
+        assert key is not None  # required
+        origins = entry.get("origins")
+        if isinstance(origins, str):
+            origins = [origins]
+        if (
+            not isinstance(origins, list)
+            or not origins
+            or not all(isinstance(o, str) and o.strip() for o in origins)
+        ):
+            raise ValueError(f"{where} needs origins: a list of page origins, or ['*'] for any")
+        keys.append(PublishableKey(key, tuple(o.strip().rstrip("/") for o in origins)))
+    return tuple(keys)
+
+
+# config key -> (Settings field, parser, whether its value may be quoted in an error)
+_SETTINGS: dict[str, tuple[str, Parser, bool]] = {
+    "rules": ("rules", _path, True),
+    "data_dir": ("data_dir", _path, True),
+    "db": ("database", _optional_path, True),
+    "bind": ("bind", _bind, True),
+    "workers": ("workers", _whole(1), True),
+    "threads": ("threads", _whole(1), True),
+    "server_keys": ("server_keys", _server_keys, False),
+    "sqlite_sync": ("sqlite_sync", _choice("normal", "full"), True),
+    "deliver": ("deliver", _boolean, True),
+    "log_level": ("log_level", _choice(*LOG_LEVELS), True),
+    "publishable_keys": ("publishable_keys", _publishable_keys, False),
+    "rate_limit": ("rate_limit", _whole(0), True),
+    "trusted_proxies": ("trusted_proxies", _whole(0), True),
+    "ip_storage": ("ip_storage", _choice("consent", "truncate", "drop", "keep"), True),
+    "retention_days": ("retention_days", _whole(0, MAX_DAYS), True),
+    "click_id_window_days": ("click_id_window", _days_in_seconds, True),
+    "cookie_name": ("cookie_name", _cookie_name, True),
+    "cookie_max_age": ("cookie_max_age", _whole(1, MAX_COOKIE_AGE), True),
+    "cookie_domain": ("cookie_domain", _optional_text, True),
+    "cookie_secure": ("cookie_secure", _boolean, True),
+}
+KNOWN_KEYS = tuple(_SETTINGS)
+_ALIASES = {"database": "db"}  # the name the store's file had before `db`; still read
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read TAGRELAY_CONFIG {path}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings (key: value)")
+    values: dict[str, Any] = {}
+    for raw_key, value in loaded.items():
+        key = _ALIASES.get(str(raw_key), str(raw_key))
+        if key not in _SETTINGS:
+            close = difflib.get_close_matches(str(raw_key), KNOWN_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"{path}: unknown setting {str(raw_key)!r} ({hint}known: {', '.join(KNOWN_KEYS)})"
+            )
+        if key in values:
+            raise ConfigError(f"{path}: db and database are the same setting; keep db")
+        values[key] = value
+    return values
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
+) -> Settings:
+    """Settings from flags, ``TAGRELAY_*`` environment variables and ``TAGRELAY_CONFIG`` (YAML).
+
+    Args:
+        env: the environment; ``os.environ`` when omitted.
+        flags: command-line values by config key (``{"workers": "3"}``); None values are
+            flags that were not given.
 
     Raises:
-        ConfigError: a file or value that cannot be read, with what is wrong.
+        ConfigError: a file that cannot be read, an unknown key in it, or a value that is not
+            allowed; the message names the setting and says what is allowed.
     """
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
+    given: dict[str, tuple[Any, str]] = {}  # config key -> (value, how it was named)
     config_file = env.get("TAGRELAY_CONFIG")
     if config_file:
+        for key, value in _read_file(config_file).items():
+            given[key] = (value, f"{config_file}: {key}")
+    for alias, key in _ALIASES.items():  # the alias first, so that the documented name wins
+        if f"TAGRELAY_{alias.upper()}" in env:
+            given[key] = (env[f"TAGRELAY_{alias.upper()}"], f"TAGRELAY_{alias.upper()}")
+    for key in _SETTINGS:
+        if f"TAGRELAY_{key.upper()}" in env:
+            given[key] = (env[f"TAGRELAY_{key.upper()}"], f"TAGRELAY_{key.upper()}")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            given[key] = (value, "--" + key.replace("_", "-"))
+    fields: dict[str, Any] = {}
+    for key, (value, source) in given.items():
+        name, parse, quotable = _SETTINGS[key]
         try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read TAGRELAY_CONFIG {config_file}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{config_file}: expected a mapping of settings")
-        values.update(loaded)
-    for name in (
-        "rules",
-        "data_dir",
-        "database",
-        "bind",
-        "workers",
-        "sqlite_sync",
-        "log_level",
-        "server_keys",
-        "deliver",
-        "publishable_keys",
-        "cookie_name",
-        "cookie_max_age",
-        "cookie_domain",
-        "cookie_secure",
-        "trusted_proxies",
-        "rate_limit",
-        "ip_storage",
-        "click_id_window_days",
-        "retention_days",
-    ):
-        if f"TAGRELAY_{name.upper()}" in env:
-            values[name] = env[f"TAGRELAY_{name.upper()}"]
-    if "TAGRELAY_DB" in env:
-        values["database"] = env["TAGRELAY_DB"]
+            fields[name] = parse(value)
+        except ValueError as exc:
+            shown = f", not {_shown(value)}" if quotable else ""
+            raise ConfigError(f"{source} {exc}{shown}") from None
+    return Settings(**fields, sources={key: source for key, (_, source) in given.items()})
+
+
+# -- the data directory -----------------------------------------------------------------------
+
+_STORE_SUFFIXES = ("", "-wal", "-shm", "-journal", "-writer")
+
+
+def _ours(directory: Path, database: Path) -> bool:
+    """Whether ``directory`` holds nothing but what tagrelay puts in a data directory."""
+    names = {KEY_FILE, "metrics", "gunicorn.ctl"}
+    names |= {"tagrelay.db" + s for s in _STORE_SUFFIXES}
+    names |= {database.name + s for s in _STORE_SUFFIXES}
     try:
-        return _build(values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid setting: {exc}") from exc
+        return all(entry.name in names for entry in directory.iterdir())
+    except OSError:
+        return False
 
 
-def _build(values: Mapping[str, Any]) -> Settings:
-    s = Settings()
-    keys = values.get("server_keys")
-    if isinstance(keys, str):
-        server_keys = parse_keys(keys)
-    elif isinstance(keys, list):
-        server_keys = tuple(
-            ServerKey(str(k["key"]), k.get("signing_secret"))
-            if isinstance(k, dict)
-            else ServerKey(str(k))
-            for k in keys
-        )
-    else:
-        server_keys = ()
-    sync = str(values.get("sqlite_sync", s.sqlite_sync)).lower()
-    if sync not in ("normal", "full"):
-        raise ValueError("sqlite_sync must be normal or full")
-    workers = int(values.get("workers", s.workers))
-    if workers < 1:
-        raise ValueError("workers must be at least 1")
-    deliver = values.get("deliver", s.deliver)
-    pks = values.get("publishable_keys")
-    if isinstance(pks, str):
-        publishable = parse_publishable(pks)
-    elif isinstance(pks, list):
-        publishable = tuple(
-            PublishableKey(str(k["key"]), tuple(str(o).rstrip("/") for o in k.get("origins", [])))
-            for k in pks
-        )
-    else:
-        publishable = ()
-    max_age = int(values.get("cookie_max_age", s.cookie_max_age))
-    if not 0 < max_age <= MAX_COOKIE_AGE:
-        raise ValueError(f"cookie_max_age must be 1 to {MAX_COOKIE_AGE} seconds (400 days)")
-    ip_storage = str(values.get("ip_storage", s.ip_storage)).lower()
-    if ip_storage not in ("consent", "truncate", "drop", "keep"):
-        raise ValueError("ip_storage must be consent, truncate, drop or keep")
-    secure = values.get("cookie_secure", s.cookie_secure)
-    window_days = float(values.get("click_id_window_days", s.click_id_window / 86400))
-    return Settings(
-        rules=Path(str(values.get("rules", s.rules))),
-        data_dir=Path(str(values.get("data_dir", s.data_dir))),
-        database=Path(str(values["database"])) if values.get("database") else None,
-        bind=str(values.get("bind", s.bind)),
-        workers=workers,
-        server_keys=server_keys,
-        sqlite_sync=sync,
-        log_level=str(values.get("log_level", s.log_level)).upper(),
-        deliver=_bool(deliver) if isinstance(deliver, str) else bool(deliver),
-        publishable_keys=publishable,
-        cookie_name=str(values.get("cookie_name", s.cookie_name)),
-        cookie_max_age=max_age,
-        cookie_domain=str(values["cookie_domain"]) if values.get("cookie_domain") else None,
-        cookie_secure=_bool(secure) if isinstance(secure, str) else bool(secure),
-        trusted_proxies=int(values.get("trusted_proxies", s.trusted_proxies)),
-        rate_limit=int(values.get("rate_limit", s.rate_limit)),
-        ip_storage=ip_storage,
-        click_id_window=window_days * 86400,
-        retention_days=int(values.get("retention_days", s.retention_days)),
+def private_dir(path: Path, setting: str, database: Path | None = None) -> str | None:
+    """Create ``path`` (mode 0700) or tighten it: it holds the store, which has personal data.
+
+    A directory that exists keeps its mode, less any access for group and others, when it is
+    the user's own and holds only tagrelay's files; a mode is never loosened. Anything else
+    (a shared directory such as ``/tmp``, or one with other files) is left as it is.
+
+    Returns:
+        a line for the operator when the directory stays readable by others, or was tightened;
+        None otherwise.
+
+    Raises:
+        ConfigError: ``path`` is not a directory or cannot be created.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{setting} {path} is not a directory")
+    if not path.exists():
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.chmod(0o700)  # mkdir's mode is filtered through the umask
+        except OSError as exc:
+            raise ConfigError(f"{setting}: cannot create {path}: {exc.strerror}") from exc
+        return None
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077:
+        return None
+    shared = mode & stat.S_ISVTX or info.st_uid != os.geteuid()
+    if not shared and _ours(path, database or path / "tagrelay.db"):
+        try:
+            path.chmod(mode & ~0o077)
+        except OSError:
+            pass
+        else:
+            return f"{path} made private (mode {mode & ~0o077:04o}, was {mode:04o})"
+    return (
+        f"warning: {path} ({setting}) is open to other users (mode {mode:04o}) and holds "
+        "personal data; give tagrelay a directory of its own"
     )
+
+
+def prepare_data_dir(settings: Settings) -> list[str]:
+    """Create the data directory, and the store's when ``db`` is elsewhere, privately.
+
+    Returns:
+        lines for the operator (see :func:`private_dir`).
+
+    Raises:
+        ConfigError: a directory that is not one or cannot be created, naming its setting.
+    """
+    notes = [private_dir(settings.data_dir, settings.name_of("data_dir"), settings.database)]
+    parent = settings.database_path.parent
+    if settings.database is not None and not parent.exists():
+        notes.append(private_dir(parent, settings.name_of("db")))
+    return [note for note in notes if note]
 
 
 def ensure_server_key(settings: Settings) -> tuple[Settings, str | None]:
     """Settings with at least one server key; generates and keeps one in the data directory.
 
     Returns:
-        the settings, and the generated (or previously generated) key when no key was
-        configured, so that ``tagrelay serve`` can print it; None when keys were configured.
+        the settings, and the key when it was generated by this call (so that ``tagrelay
+        serve`` prints it once); None when keys were configured or the key was generated
+        before (it is then read from ``<data dir>/server_key``).
     """
     if settings.server_keys:
         return settings, None
     path = settings.data_dir / KEY_FILE
+    private_dir(settings.data_dir, settings.name_of("data_dir"), settings.database)
+    generated = None
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             key = path.read_text().strip()
         else:
-            key = "sk_" + secrets.token_urlsafe(32)
+            key = generated = "sk_" + secrets.token_urlsafe(32)
             with os.fdopen(fd, "w") as fh:
                 fh.write(key + "\n")
     except OSError as exc:
         raise ConfigError(f"cannot keep the generated server key in {path}: {exc}") from exc
     if not key:
         raise ConfigError(f"{path} is empty; delete it to generate a new key")
-    return replace(settings, server_keys=(ServerKey(key),)), key
+    return replace(settings, server_keys=(ServerKey(key),)), generated

@@ -81,7 +81,7 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
             "bind": settings.bind,
             "workers": settings.workers,
             "worker_class": "gthread",
-            "threads": int(os.environ.get("TAGRELAY_THREADS", "4")),
+            "threads": settings.threads,
             "preload_app": True,
             "timeout": 30,
             # Long enough for a delivery's last request (a token, then the send, each with its

@@ -1,0 +1,88 @@
+"""A real `tagrelay serve`: the server key it prints, its metrics directory, and several
+instances on one data directory."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.server import TagrelayServer
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk_ops_0123456789"
+RULES = """
+destinations:
+  log: {type: log}
+triggers:
+  all: {event: "*"}
+tags:
+  - {name: log_all, trigger: all, destination: log}
+"""
+
+
+@pytest.fixture
+def rules(tmp_path: Path) -> Path:
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    return path
+
+
+def accepted(server: TagrelayServer) -> float:
+    """The server's count of accepted events, from /metrics."""
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    match = re.search(r'^tagrelay_events_total\{outcome="accepted"\} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_the_generated_server_key_is_printed_once(tmp_path: Path, rules: Path) -> None:
+    data = tmp_path / "data"
+    for _ in range(2):
+        server = TagrelayServer(rules, data, KEY, env={"TAGRELAY_SERVER_KEYS": ""}, workers=1)
+        server.start()
+        server.stop()
+
+    key = (data / "server_key").read_text().strip()
+    log = (data / "server.log").read_text()
+    assert log.count(key) == 1
+    assert f"tagrelay: generated a server key (kept in {data / 'server_key'}): {key}" in log
+    assert f"tagrelay: server key kept in {data / 'server_key'}\n" in log
+
+
+def test_a_metrics_directory_that_does_not_exist_yet_is_created_and_events_are_accepted(
+    tmp_path: Path, rules: Path
+) -> None:
+    multiproc = tmp_path / "not" / "yet" / "there"
+    server = TagrelayServer(
+        rules, tmp_path / "data", KEY, env={"PROMETHEUS_MULTIPROC_DIR": str(multiproc)}, workers=1
+    )
+    server.start()
+    try:
+        answer = server.track({"event_name": "sale", "event_id": "m1"})
+
+        assert answer["success"] is True
+        assert multiproc.is_dir()
+    finally:
+        server.stop()
+
+
+def test_instances_sharing_a_data_directory_do_not_wipe_each_others_metrics(
+    tmp_path: Path, rules: Path
+) -> None:
+    data = tmp_path / "data"
+    first = TagrelayServer(rules, data, KEY, workers=1).start()
+    try:
+        first.track({"event_name": "sale", "event_id": "a1"})
+        second = TagrelayServer(rules, data, KEY, workers=1).start()
+        try:
+            second.track({"event_name": "sale", "event_id": "b1"})
+            second.track({"event_name": "sale", "event_id": "b2"})
+
+            assert (accepted(first), accepted(second)) == (1.0, 2.0)
+        finally:
+            second.stop()
+    finally:
+        first.stop()
