@@ -137,6 +137,8 @@ def _is_json(value: Any) -> bool:
         elif isinstance(value, float):
             if not math.isfinite(value):
                 return False
+        elif isinstance(value, dict | list | tuple):  # subclasses (an OrderedDict) are JSON too
+            stack.extend(value.values() if isinstance(value, dict) else value)
         elif not isinstance(value, str | int):  # subclasses (a str subclass, an IntEnum) are JSON
             return False
     return True

@@ -344,6 +344,16 @@ def _publishable_keys(value: Any) -> tuple[PublishableKey, ...]:
     return tuple(keys)
 
 
+_LOG_LEVEL = _choice(*LOG_LEVELS)
+
+
+def _log_level(value: Any) -> str:
+    # Python's logging reads WARN as WARNING; so did tagrelay before its settings were checked.
+    if isinstance(value, str) and value.strip().upper() == "WARN":
+        return "WARNING"
+    return _LOG_LEVEL(value)
+
+
 # config key -> (Settings field, parser, whether its value may be quoted in an error)
 _SETTINGS: dict[str, tuple[str, Parser, bool]] = {
     "rules": ("rules", _path, True),
@@ -355,7 +365,7 @@ _SETTINGS: dict[str, tuple[str, Parser, bool]] = {
     "server_keys": ("server_keys", _server_keys, False),
     "sqlite_sync": ("sqlite_sync", _choice("normal", "full"), True),
     "deliver": ("deliver", _boolean, True),
-    "log_level": ("log_level", _choice(*LOG_LEVELS), True),
+    "log_level": ("log_level", _log_level, True),
     "publishable_keys": ("publishable_keys", _publishable_keys, False),
     "rate_limit": ("rate_limit", _whole(0), True),
     "trusted_proxies": ("trusted_proxies", _whole(0), True),
@@ -440,6 +450,31 @@ def load_settings(
             shown = f", not {_shown(value)}" if quotable else ""
             raise ConfigError(f"{source} {exc}{shown}") from None
     return Settings(**fields, sources={key: source for key, (_, source) in given.items()})
+
+
+def load_setting(key: str, env: Mapping[str, str] | None = None) -> Any:
+    """One setting from ``TAGRELAY_<KEY>``, else ``TAGRELAY_CONFIG``, else its default.
+
+    For commands that need one server setting (``tagrelay test`` reads the IP policy) and must
+    not fail on the others.
+
+    Raises:
+        ConfigError: as :func:`load_settings`, for this setting (or an unreadable file).
+    """
+    env = os.environ if env is None else env
+    name, parse, quotable = _SETTINGS[key]
+    variable, config_file = f"TAGRELAY_{key.upper()}", env.get("TAGRELAY_CONFIG")
+    if variable in env:
+        value, source = env[variable], variable
+    elif config_file and key in (values := _read_file(config_file)):
+        value, source = values[key], f"{config_file}: {key}"
+    else:
+        return getattr(Settings, name)
+    try:
+        return parse(value)
+    except ValueError as exc:
+        shown = f", not {_shown(value)}" if quotable else ""
+        raise ConfigError(f"{source} {exc}{shown}") from None
 
 
 # -- the data directory -----------------------------------------------------------------------

@@ -239,10 +239,16 @@ def _checkpoint_loop(store_ref: weakref.ReferenceType[SQLiteStore], path: str) -
         conn.close()
 
 
-# An acceptance's event body and its fired decisions' payloads as JSON (None for the others),
-# encoded by the caller's thread before it joins a group commit: outside the write lock, and
-# so that a value that cannot be encoded fails its own request, not the group's.
+# An acceptance's event body and its fired decisions' payloads as JSON (None for the others).
 _Encoded = tuple[str, list[str | None]]
+
+
+class _Unencodable(Exception):
+    """Acceptance ``index`` of a group cannot be encoded; raised before anything is written."""
+
+    def __init__(self, index: int, cause: Exception) -> None:
+        super().__init__(index)
+        self.index, self.cause = index, cause
 
 
 def _encode(acc: Acceptance) -> _Encoded:
@@ -254,7 +260,6 @@ class _Slot:
     """One accept_many call waiting in a group commit."""
 
     acceptances: Sequence[Acceptance]
-    encoded: list[_Encoded]
     done: bool = False
     results: list[Accepted] = field(default_factory=list)
     error: BaseException | None = None
@@ -401,11 +406,13 @@ class _Visitor:
     touched: bool = False  # last_seen moved (new, or not touched for an hour)
 
 
-def _accept_group(
-    db: sqlite3.Connection, accs: Sequence[Acceptance], encoded: Sequence[_Encoded]
-) -> list[Accepted]:
-    """Accept ``accs`` (``encoded`` as _encode does) in order inside the caller's write
-    transaction (see Store.accept_many)."""
+def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Accepted]:
+    """Accept ``accs`` in order inside the caller's write transaction (see Store.accept_many).
+
+    Raises:
+        _Unencodable: before anything is written, naming the first acceptance whose event or
+            payloads cannot be encoded as JSON.
+    """
     event_ids = [str(acc.event["event_id"]) for acc in accs]
     wanted = {"event:" + event_id for event_id in event_ids}
     wanted.update(
@@ -455,6 +462,15 @@ def _accept_group(
         fresh.append((i, acc, decisions))
         results.append(Accepted(event_id, False, summaries))
 
+    # Only what is new is encoded (a re-sent batch of duplicates costs no encoding), and all of
+    # it before the first write, so that the caller can leave out one that cannot be encoded.
+    encoded: dict[int, _Encoded] = {}
+    for i, acc, _ in fresh:
+        try:
+            encoded[i] = _encode(acc)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _Unencodable(i, exc) from exc
+
     # The events, then the rows that point at them by seq.
     seqs = _insert_rows(
         db,
@@ -497,6 +513,36 @@ def _accept_group(
     _remember(db, [(acc.identity, acc.received_at) for _, acc, _ in fresh if acc.identity])
 
     return results
+
+
+def _accept_members(
+    db: sqlite3.Connection, batch: Sequence[_Slot]
+) -> tuple[list[_Slot], list[Accepted]]:
+    """Accept the group's members whose events can all be encoded; fail the others.
+
+    An event or payload that cannot be encoded (a plugin's payload, say) fails its own call,
+    never the group: _accept_group finds it before writing anything, so its member is left
+    out, with its error, and the others are accepted in the same transaction.
+    """
+    members = list(batch)
+    while members:
+        try:
+            return members, _accept_group(db, [a for m in members for a in m.acceptances])
+        except _Unencodable as exc:
+            owner = _owner_of(members, exc.index)
+            owner.error = StoreError(
+                f"store write failed: an event or payload is not JSON ({type(exc.cause).__name__})"
+            )
+            members.remove(owner)
+    return [], []
+
+
+def _owner_of(members: Sequence[_Slot], index: int) -> _Slot:
+    for member in members:
+        if index < len(member.acceptances):
+            return member
+        index -= len(member.acceptances)
+    raise IndexError(index)
 
 
 def _claim(
@@ -935,13 +981,7 @@ class SQLiteStore(Store):
         wait and are then committed together, by one of them, in one transaction. Every caller
         still returns only after its own events are committed.
         """
-        try:
-            encoded = [_encode(a) for a in acceptances]
-        except (TypeError, ValueError, RecursionError) as exc:  # a plugin's payload, say
-            raise StoreError(
-                f"store write failed: an event or payload is not JSON ({type(exc).__name__})"
-            ) from exc
-        slot = _Slot(acceptances, encoded)
+        slot = _Slot(acceptances)
         with self._group:
             self._queue.append(slot)
             while not slot.done and self._leading:
@@ -957,9 +997,9 @@ class SQLiteStore(Store):
                 # joins this commit instead of waiting for the next one.
                 with self._group:
                     batch, self._queue = self._queue, []
-                accs = [a for m in batch for a in m.acceptances]
-                results = iter(_accept_group(db, accs, [e for m in batch for e in m.encoded]))
-                for member in batch:
+                members, accepted = _accept_members(db, batch)
+                results = iter(accepted)
+                for member in members:
                     member.results = [next(results) for _ in member.acceptances]
         except BaseException as exc:  # noqa: BLE001 - handed to every member of the batch below
             error = exc
@@ -967,7 +1007,7 @@ class SQLiteStore(Store):
             if not batch:  # the write failed before the batch was taken: it fails with it
                 batch, self._queue = self._queue, []
             for member in batch:
-                member.done, member.error = True, error
+                member.done, member.error = True, member.error or error
             self._leading = False
             self._group.notify_all()
         return slot.outcome()

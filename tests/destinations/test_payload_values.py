@@ -426,3 +426,14 @@ def test_check_json_reads_values_nested_deeper_than_the_recursion_limit() -> Non
     values.check_json(nested(1.5), "x")
     with pytest.raises(PayloadError, match=r"\[2\]\.y must be a finite number$"):
         values.check_json(nested(math.nan), "x")
+
+
+def test_check_json_takes_mapping_and_sequence_subclasses() -> None:
+    from collections import OrderedDict
+
+    from destinations.values import check_json
+
+    check_json(OrderedDict(a=1), "x")
+    check_json({"a": OrderedDict(b=[1.5])}, "x")
+    with pytest.raises(PayloadError, match=r"x\.a\.b must be a finite number"):
+        check_json({"a": OrderedDict(b=float("nan"))}, "x")

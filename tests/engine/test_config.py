@@ -374,3 +374,21 @@ def test_no_key_is_generated_when_keys_are_configured(tmp_path: Path) -> None:
 
     assert ensure_server_key(settings) == (settings, None)
     assert not (tmp_path / "data").exists()
+
+
+def test_warn_is_read_as_warning_as_pythons_logging_does() -> None:
+    assert load_settings({"TAGRELAY_LOG_LEVEL": "warn"}).log_level == "WARNING"
+
+
+def test_tagrelay_test_reads_the_ip_policy_and_no_other_server_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TAGRELAY_WORKERS", "zero")  # wrong, but not the rules tests' business
+
+    rules = str(Path(__file__).resolve().parents[2] / "rules")
+    code = main(["test", rules])
+
+    assert code == 0, capsys.readouterr().err
+    monkeypatch.setenv("TAGRELAY_IP_STORAGE", "bogus")
+    assert main(["test", rules]) == 2
+    assert "TAGRELAY_IP_STORAGE must be one of" in capsys.readouterr().err

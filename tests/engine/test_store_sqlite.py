@@ -770,9 +770,9 @@ def test_requests_arriving_while_the_leader_waits_join_its_commit(
     groups: list[int] = []
     original = sqlite_store._accept_group
 
-    def recording(db: sqlite3.Connection, accs: Any, encoded: Any) -> Any:
+    def recording(db: sqlite3.Connection, accs: Any) -> Any:
         groups.append(len(accs))
-        return original(db, accs, encoded)
+        return original(db, accs)
 
     monkeypatch.setattr(sqlite_store, "_accept_group", recording)
     store.accept_many([acceptance("warm")])  # opens the writer connection and the lock file
@@ -945,3 +945,23 @@ def test_an_event_that_cannot_be_encoded_fails_alone_not_its_group_commit(
 
     assert [r[0].duplicate for r in results] == [False] * 3
     assert rows(db_path, "SELECT COUNT(*) FROM events WHERE event_id LIKE 'g%'") == [(3,)]
+
+
+def test_a_resent_batch_of_duplicates_is_not_encoded_again(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = [acceptance(f"r{i}") for i in range(20)]
+    store.accept_many(batch)
+    encoded: list[Any] = []
+    encode = sqlite_store._encode
+
+    def counted(acc: Acceptance) -> Any:
+        encoded.append(acc)
+        return encode(acc)
+
+    monkeypatch.setattr(sqlite_store, "_encode", counted)
+
+    again = store.accept_many(batch)
+
+    assert all(r.duplicate for r in again)
+    assert encoded == []  # a client's retry of a whole batch costs lookups, not encoding
