@@ -351,7 +351,7 @@ def _log_level(value: Any) -> str:
     # Python's logging reads WARN as WARNING; so did tagrelay before its settings were checked.
     if isinstance(value, str) and value.strip().upper() == "WARN":
         return "WARNING"
-    return _LOG_LEVEL(value)
+    return str(_LOG_LEVEL(value))
 
 
 # config key -> (Settings field, parser, whether its value may be quoted in an error)
