@@ -441,15 +441,20 @@ def load_settings(
     for key, value in (flags or {}).items():
         if value is not None:
             given[key] = (value, "--" + key.replace("_", "-"))
-    fields: dict[str, Any] = {}
-    for key, (value, source) in given.items():
-        name, parse, quotable = _SETTINGS[key]
-        try:
-            fields[name] = parse(value)
-        except ValueError as exc:
-            shown = f", not {_shown(value)}" if quotable else ""
-            raise ConfigError(f"{source} {exc}{shown}") from None
+    fields = {
+        _SETTINGS[key][0]: _parse(key, value, source) for key, (value, source) in given.items()
+    }
     return Settings(**fields, sources={key: source for key, (_, source) in given.items()})
+
+
+def _parse(key: str, value: Any, source: str) -> Any:
+    """``value`` of setting ``key`` as Settings holds it; ConfigError naming ``source``."""
+    _, parse, quotable = _SETTINGS[key]
+    try:
+        return parse(value)
+    except ValueError as exc:
+        shown = f", not {_shown(value)}" if quotable else ""
+        raise ConfigError(f"{source} {exc}{shown}") from None
 
 
 def load_setting(key: str, env: Mapping[str, str] | None = None) -> Any:
@@ -462,19 +467,12 @@ def load_setting(key: str, env: Mapping[str, str] | None = None) -> Any:
         ConfigError: as :func:`load_settings`, for this setting (or an unreadable file).
     """
     env = os.environ if env is None else env
-    name, parse, quotable = _SETTINGS[key]
     variable, config_file = f"TAGRELAY_{key.upper()}", env.get("TAGRELAY_CONFIG")
     if variable in env:
-        value, source = env[variable], variable
-    elif config_file and key in (values := _read_file(config_file)):
-        value, source = values[key], f"{config_file}: {key}"
-    else:
-        return getattr(Settings, name)
-    try:
-        return parse(value)
-    except ValueError as exc:
-        shown = f", not {_shown(value)}" if quotable else ""
-        raise ConfigError(f"{source} {exc}{shown}") from None
+        return _parse(key, env[variable], variable)
+    if config_file and key in (values := _read_file(config_file)):
+        return _parse(key, values[key], f"{config_file}: {key}")
+    return getattr(Settings, _SETTINGS[key][0])
 
 
 # -- the data directory -----------------------------------------------------------------------

@@ -376,7 +376,7 @@ class _Compiler:
                 )
             return
         if kind == "unless" and names is not None:
-            always = _implied_by_event_names(tree)
+            always = _event_names(tree, _SUFFICIENT)
             if always and names <= always:
                 listed = ", ".join(sorted(names))
                 self.error(
@@ -386,7 +386,7 @@ class _Compiler:
                 )
             return
         if kind == "when" and names is not None:
-            wanted = _required_event_names(tree)
+            wanted = _event_names(tree, _NECESSARY)
             if wanted is not None and not wanted & names:
                 listed = ", ".join(sorted(names))
                 self.error(
@@ -646,27 +646,38 @@ def _reads_event(node: Any) -> bool:
     return False
 
 
-def _required_event_names(node: Mapping[str, Any]) -> set[str] | None:
-    """Event names an expression insists on (``event_name == 'x'``, joined by ``&&``), if any."""
-    kind = node.get("type")
-    children = node.get("children", [])
+def _missing_required(err: jsonschema.ValidationError) -> str | None:
+    """The property a ``required`` error is about (the first one missing), else None."""
+    if err.validator != "required" or not isinstance(err.instance, Mapping):
+        return None
+    names = err.validator_value if isinstance(err.validator_value, list) else []
+    return next((str(n) for n in names if n not in err.instance), None)
+
+
+_NECESSARY, _SUFFICIENT = "and_expression", "or_expression"
+
+
+def _event_names(node: Mapping[str, Any], lenient: str) -> set[str] | None:
+    """Event names told by ``event_name == 'x'`` comparisons joined by ``&&`` and ``||``.
+
+    With ``lenient=_NECESSARY``: the names the expression insists on (true only for those).
+    With ``lenient=_SUFFICIENT``: the names it is certainly true for. The joint named by
+    ``lenient`` may have parts that tell nothing (they are left out); the other needs all its
+    parts to tell. None when the expression tells nothing.
+    """
     var = expressions.variable_of(node)
     if var is not None:
-        return None if var.tree is None else _required_event_names(var.tree)
-    if kind == "and_expression":
-        found = [_required_event_names(child) for child in children]
+        return None if var.tree is None else _event_names(var.tree, lenient)
+    kind = node.get("type")
+    children = node.get("children", [])
+    if kind in (_NECESSARY, _SUFFICIENT):
+        found = [_event_names(child, lenient) for child in children]
+        if kind != lenient and any(s is None for s in found):
+            return None
         sets = [s for s in found if s is not None]
         if not sets:
             return None
-        result = sets[0]
-        for s in sets[1:]:
-            result = result & s
-        return result
-    if kind == "or_expression":
-        found = [_required_event_names(child) for child in children]
-        if any(s is None for s in found):
-            return None
-        return set().union(*[s for s in found if s is not None])
+        return set.intersection(*sets) if kind == "and_expression" else set().union(*sets)
     if kind == "comparator" and node.get("value") == "eq" and len(children) == 2:
         left, right = children
         if right.get("type") == "field":
@@ -677,39 +688,6 @@ def _required_event_names(node: Mapping[str, Any]) -> set[str] | None:
         ):
             value = right.get("value")
             return {value} if isinstance(value, str) else None
-    return None
-
-
-def _missing_required(err: jsonschema.ValidationError) -> str | None:
-    """The property a ``required`` error is about (the first one missing), else None."""
-    if err.validator != "required" or not isinstance(err.instance, Mapping):
-        return None
-    names = err.validator_value if isinstance(err.validator_value, list) else []
-    return next((str(n) for n in names if n not in err.instance), None)
-
-
-def _implied_by_event_names(node: Mapping[str, Any]) -> set[str] | None:
-    """Event names for which an expression is certainly true (``event_name == 'x'``, joined by
-    ``||`` or ``&&``), if it can tell."""
-    kind = node.get("type")
-    children = node.get("children", [])
-    var = expressions.variable_of(node)
-    if var is not None:
-        return None if var.tree is None else _implied_by_event_names(var.tree)
-    if kind == "or_expression":
-        found = [_implied_by_event_names(child) for child in children]
-        sets = [s for s in found if s is not None]
-        return set().union(*sets) if sets else None
-    if kind == "and_expression":
-        found = [_implied_by_event_names(child) for child in children]
-        if any(s is None for s in found):
-            return None
-        result = found[0] or set()
-        for s in found[1:]:
-            result = result & (s or set())
-        return result
-    if kind == "comparator":
-        return _required_event_names(node)  # one equality: needed and enough
     return None
 
 

@@ -183,6 +183,15 @@ class Harness:
         outcomes = self.pipeline.accept(list(events))
         assert all(o.accepted for o in outcomes), [o.error for o in outcomes]
 
+    def accept_sales(self, count: int) -> None:
+        """Sales e0, e1, ... of value 0, 1, ..."""
+        self.accept(
+            *(
+                {"event_name": "sale", "event_id": f"e{i}", "properties": {"value": i}}
+                for i in range(count)
+            )
+        )
+
     def statuses(self) -> list[tuple[str, int, str | None]]:
         rows = self.store._read("SELECT status, attempts, last_error FROM deliveries ORDER BY id")
         return [(r["status"], r["attempts"], r["last_error"]) for r in rows]
@@ -506,12 +515,7 @@ def test_a_batch_sent_request_by_request_sends_nothing_another_worker_took_over(
     with LoopbackServer(platform) as server:
         h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
         store_box.append(h.store)
-        h.accept(
-            *(
-                {"event_name": "sale", "event_id": f"e{i}", "properties": {"value": i}}
-                for i in range(3)
-            )
-        )
+        h.accept_sales(3)
         h.worker.tick(wait=True)
 
     assert sent == [0]  # the two taken over are the other worker's to send
@@ -607,12 +611,7 @@ def test_a_stopping_worker_sends_nothing_more_and_gives_back_what_it_did_not_sen
     with LoopbackServer(platform) as server:
         h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
         worker_box.append(h.worker)
-        h.accept(
-            *(
-                {"event_name": "sale", "event_id": f"e{i}", "properties": {"value": i}}
-                for i in range(3)
-            )
-        )
+        h.accept_sales(3)
         h.worker.tick(wait=True)
 
     assert sent == [0]

@@ -295,36 +295,3 @@ def test_preview_of_an_unreadable_file_exits_2(
 
     assert code == 2
     assert "cannot read" in capsys.readouterr().err
-
-
-def test_log_lines_lose_query_strings_and_client_ips() -> None:
-    import logging
-
-    from engine.logs import JsonFormatter
-
-    record = logging.LogRecord(
-        "gunicorn.error",
-        logging.WARNING,
-        __file__,
-        1,
-        "Invalid request from ip=%s: %s",
-        ("2001:db8::7", "Invalid HTTP request line: 'GET /v1/track?api_key=sk_live_x'"),
-        None,
-    )
-    line = json.loads(JsonFormatter().format(record))
-
-    assert line["message"] == (
-        "Invalid request from ip=[redacted]: Invalid HTTP request line: 'GET /v1/track?[redacted]'"
-    )
-
-
-def test_urllib3_request_lines_are_not_logged_even_at_debug() -> None:
-    import logging
-
-    from engine import logs
-
-    logs.configure("DEBUG")
-    try:
-        assert not logging.getLogger("urllib3.connectionpool").isEnabledFor(logging.DEBUG)
-    finally:
-        logs.configure("INFO")

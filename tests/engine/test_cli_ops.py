@@ -19,17 +19,11 @@ from engine.errors import ConfigError
 from engine.maintenance import Maintenance
 from engine.store.base import Acceptance, Decision
 from engine.store.sqlite import SQLiteStore
+from tests.support.server import LOG_ALL_RULES
 
 WriteRules = Callable[..., Path]
 T0 = 1_795_185_045.0
-RULES = """
-destinations:
-  log: {type: log}
-triggers:
-  all: {event: "*"}
-tags:
-  - {name: log_all, trigger: all, destination: log}
-"""
+RULES = LOG_ALL_RULES
 
 
 @pytest.fixture(autouse=True)

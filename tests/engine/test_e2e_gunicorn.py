@@ -19,20 +19,14 @@ import pytest
 import requests
 
 from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
+from tests.support.server import LOG_ALL_RULES
 
 pytestmark = pytest.mark.slow
 
 KEY = "sk_e2e_0123456789"
 SIGNED_KEY, SIGNING_SECRET = "sk_e2e_signed_0123", "whsec_e2e_secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-RULES = """
-destinations:
-  log: {type: log}
-triggers:
-  all: {event: "*"}
-tags:
-  - {name: log_all, trigger: all, destination: log}
-"""
+RULES = LOG_ALL_RULES
 
 
 def tagrelay_command() -> list[str]:

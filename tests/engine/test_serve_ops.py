@@ -9,19 +9,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.server import TagrelayServer
+from tests.support.server import LOG_ALL_RULES, TagrelayServer
 
 pytestmark = pytest.mark.slow
 
 KEY = "sk_ops_0123456789"
-RULES = """
-destinations:
-  log: {type: log}
-triggers:
-  all: {event: "*"}
-tags:
-  - {name: log_all, trigger: all, destination: log}
-"""
+RULES = LOG_ALL_RULES
 
 
 @pytest.fixture

@@ -25,6 +25,16 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The smallest working container: every event to the log destination.
+LOG_ALL_RULES = """
+destinations:
+  log: {type: log}
+triggers:
+  all: {event: "*"}
+tags:
+  - {name: log_all, trigger: all, destination: log}
+"""
+
 
 def free_port() -> int:
     """A port nothing listens on right now."""
