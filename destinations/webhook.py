@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from destinations.base import Destination, HttpRequest, Item, PayloadContext, SendContext
 from destinations.values import check_json
 
 SIGNATURE_HEADER = "X-Tagrelay-Signature"
+
+# ``Bearer <token>``, ``Basic <base64>``, ``Token token=<t>``: a scheme word, then the credential.
+_SCHEME_VALUE = re.compile(r"^([A-Za-z][\w-]*)\s+(\S.*)$")
+MIN_PART = 6  # characters of a credential found inside a header value
+_WORD = re.compile(r"[^\W_]")
+_AUTH_PARAM = re.compile(r"[\w-]+\s*=\s*\"?([^\",\s]+)")
+# Query parameters that carry a credential in webhook URLs (Zapier, Make, IFTTT, custom CRMs).
+_CREDENTIAL_PARAM = re.compile(r"token|key|secret|sig|auth|pass|code|credential", re.IGNORECASE)
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -91,8 +103,51 @@ class Webhook(Destination):
         return HttpRequest("POST", str(self.settings["url"]), headers, body)
 
     def secrets(self) -> list[str]:
-        """The signing secret and every custom header value (they often carry tokens)."""
-        values = [str(v) for v in (self.settings.get("headers") or {}).values() if v]
+        """Everything in the settings that may be a credential, longest first.
+
+        The signing secret; every custom header value, whole and by its credential part
+        (``Bearer <token>`` also hides a bare ``<token>`` quoted in an answer, ``Basic`` also the
+        decoded password); and in the URL, the password of ``user:password@`` and the values of
+        query parameters named like a credential (``token``, ``api_key``, ``sig``, ...).
+        """
+        headers = [str(v) for v in (self.settings.get("headers") or {}).values() if v]
+        values = {v for v in headers if v.strip()}
         if self.settings.get("secret"):
-            values.append(str(self.settings["secret"]))
+            values.add(str(self.settings["secret"]))
+        # Parts found inside a header value: a short word ("X-Source: my site") or a fragment
+        # with no letter or digit ("=") is taken for no credential: it would mangle text.
+        parts = (p for v in headers for p in _header_credentials(v))
+        values.update(p for p in parts if len(p) >= MIN_PART and _WORD.search(p))
+        values.update(p for p in _url_credentials(self) if _WORD.search(p))
         return sorted(values, key=len, reverse=True)
+
+
+def _header_credentials(value: str) -> Iterator[str]:
+    """The credential inside a header value."""
+    if (match := _SCHEME_VALUE.match(value.strip())) is None:
+        return
+    scheme, credential = match.group(1).lower(), match.group(2).strip()
+    yield credential
+    if scheme != "basic":  # ``Token token="abc"``: each parameter's value (base64 ends in "=")
+        yield from (m.group(1) for m in _AUTH_PARAM.finditer(credential))
+    else:
+        try:
+            decoded = base64.b64decode(credential, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return
+        yield decoded
+        yield decoded.partition(":")[2]
+
+
+def _url_credentials(hook: Webhook) -> Iterator[str]:
+    """The password and the credential-named query values of the webhook's URL."""
+    try:
+        parts = urlsplit(str(hook.settings.get("url") or ""))
+        password = parts.password
+    except ValueError:
+        return
+    if password:
+        yield password
+    for name, value in parse_qsl(parts.query, keep_blank_values=False):
+        if _CREDENTIAL_PARAM.search(name):
+            yield value

@@ -210,3 +210,59 @@ def test_preview_json_shows_no_form_of_an_awkward_meta_token_or_ga4_secret(
     assert tags["g"]["request"]["url"].endswith(f"api_secret={REDACTED}")
     assert leaks(out, AWKWARD) == []
     assert leaks(out, "a/b+c=d e") == []
+
+
+WEBHOOK_SETTINGS: dict[str, Any] = {
+    "url": "https://crm:pa55-word@hooks.example.com/in?api_key=K3y_value&source=web&sig=s1gn",
+    "headers": {
+        "Authorization": "Bearer tok_live_4242",
+        "X-Basic": "Basic dXNlcjpzM2NyZXQtcGFzcw==",  # user:s3cret-pass
+        "X-Api": 'Token token="zz9-token"',
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "credential",
+    ["tok_live_4242", "s3cret-pass", "zz9-token", "pa55-word", "K3y_value", "s1gn"],
+)
+def test_a_webhook_credential_quoted_alone_is_redacted(credential: str) -> None:
+    from destinations.webhook import Webhook
+
+    hook = Webhook(WEBHOOK_SETTINGS)
+    answer = f'{{"error": "credential {credential} was refused"}}'
+
+    assert credential not in hook.redact_text(answer)
+    assert hook.redact_text(answer) == '{"error": "credential [REDACTED] was refused"}'
+
+
+def test_a_webhook_request_shows_no_credential_and_keeps_the_rest() -> None:
+    from destinations.webhook import Webhook
+
+    hook = Webhook(WEBHOOK_SETTINGS)
+    request = hook.build_request([Item("d1", "e1", {"event_name": "lead"})], SendContext(NOW))
+
+    redacted = hook.redact(request)
+
+    for credential in ("tok_live_4242", "s3cret-pass", "pa55-word", "K3y_value", "s1gn"):
+        assert leaks(shown(redacted), credential) == []
+    assert "source=web" in redacted.url and "hooks.example.com/in" in redacted.url
+    assert json.loads(redacted.body) == {"event_name": "lead"}
+
+
+def test_a_webhook_without_credentials_redacts_nothing() -> None:
+    from destinations.webhook import Webhook
+
+    hook = Webhook({"url": "https://hooks.example.com/in?source=web&page=2"})
+
+    assert hook.secrets() == []
+    assert hook.redact_text("source=web page 2") == "source=web page 2"
+
+
+def test_a_plain_webhook_header_hides_its_whole_value_but_not_its_words() -> None:
+    from destinations.webhook import Webhook
+
+    hook = Webhook({"url": "https://hooks.example.com/in", "headers": {"X-Source": "my site"}})
+
+    assert hook.redact_text("from my site") == "from [REDACTED]"
+    assert hook.redact_text("the site is down") == "the site is down"
