@@ -223,9 +223,12 @@ def track_batch() -> tuple[Response, int]:
 
 
 @bp.get("/metrics")
-def metrics_page() -> Response:
+def metrics_page() -> Response | tuple[Response, int]:
     """Prometheus metrics."""
-    body, content_type = metrics.render(_pipeline().store.depth)
+    try:
+        body, content_type = metrics.render(_pipeline().store.depth)
+    except metrics.MetricsUnavailable as exc:
+        return json_response({"success": False, "error": str(exc)}), 503
     return Response(body, 200, content_type=content_type)
 
 
@@ -258,7 +261,7 @@ def readyz() -> tuple[Response, int]:
 
 def error_response(exc: RequestError) -> tuple[Response, int]:
     """The JSON answer for a request error."""
-    metrics.REJECTED_REQUESTS.labels(str(exc.status)).inc()
+    metrics.inc(metrics.REJECTED_REQUESTS, (str(exc.status),))
     response = json_response({"success": False, "error": str(exc)})
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)

@@ -378,11 +378,11 @@ class DeliveryWorker:
         try:
             response = self.transport.send(request, dest.delivery.timeout)
         except TransportError as exc:
-            metrics.REQUEST_SECONDS.labels(dest.name).observe(time.monotonic() - started)
+            metrics.observe(metrics.REQUEST_SECONDS, (dest.name,), time.monotonic() - started)
             self.breaker(dest.name).record(False, time.time())
             self._finish(dest, deliveries, ItemResult(Outcome.RETRYABLE, str(exc)))
             return None
-        metrics.REQUEST_SECONDS.labels(dest.name).observe(time.monotonic() - started)
+        metrics.observe(metrics.REQUEST_SECONDS, (dest.name,), time.monotonic() - started)
         return response
 
     @staticmethod
@@ -412,9 +412,9 @@ class DeliveryWorker:
         ids = [d.id for d in deliveries]
         if result.outcome is Outcome.DELIVERED:
             self._settled(dest, len(ids), self.store.mark_delivered(ids, self.owner, now))
-            metrics.DELIVERIES.labels(dest.name, "delivered").inc(len(ids))
+            metrics.inc(metrics.DELIVERIES, (dest.name, "delivered"), len(ids))
             for d in deliveries:
-                metrics.LATENCY_SECONDS.labels(dest.name).observe(max(0.0, now - d.created_at))
+                metrics.observe(metrics.LATENCY_SECONDS, (dest.name,), max(0.0, now - d.created_at))
             log.debug("delivered", extra={"destination": dest.name, "count": len(ids)})
             return
         error = _redact(dest.adapter, f"{result.outcome.value}: {result.error or 'failed'}")
@@ -439,7 +439,7 @@ class DeliveryWorker:
             self._settled(
                 dest, len(retry), self.store.mark_retry(retry, self.owner, now + delay, error)
             )
-            metrics.DELIVERIES.labels(dest.name, "retried").inc(len(retry))
+            metrics.inc(metrics.DELIVERIES, (dest.name, "retried"), len(retry))
             level = logging.ERROR if result.outcome is Outcome.AUTH else logging.WARNING
             log.log(
                 level,
@@ -462,7 +462,7 @@ class DeliveryWorker:
 
     def _dead(self, dest: DestinationInstance, ids: list[int], error: str, now: float) -> None:
         self._settled(dest, len(ids), self.store.mark_dead(ids, self.owner, error[:1000], now))
-        metrics.DELIVERIES.labels(dest.name, "dead_lettered").inc(len(ids))
+        metrics.inc(metrics.DELIVERIES, (dest.name, "dead_lettered"), len(ids))
         # The error itself stays in the store (`tagrelay deadletters show`): a platform's answer
         # can echo payload fields, such as an IP, that must not reach a log.
         log.error(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 EVENTS = Counter(
     "tagrelay_events", "Events received, by outcome (accepted, duplicate, rejected)", ["outcome"]
@@ -100,10 +103,48 @@ class Tally:
                 self._timer.cancel()
                 self._timer = None
         for (counter, labels), n in pending.items():
-            counter.labels(*labels).inc(n)
+            inc(counter, labels, n)
 
 
 TALLY = Tally()
+
+
+class MetricsUnavailable(Exception):
+    """The metrics directory cannot be read (``GET /metrics`` answers 503)."""
+
+
+_failed_at = -3600.0
+
+
+def _write_failed(exc: Exception) -> None:
+    """Report a metrics write that failed, at most once a minute."""
+    global _failed_at
+    if time.monotonic() - _failed_at >= 60:
+        _failed_at = time.monotonic()
+        log.error(
+            "metrics cannot be written; counts are lost until PROMETHEUS_MULTIPROC_DIR is back",
+            extra={"error": f"{type(exc).__name__}: {exc}"},
+        )
+
+
+def inc(counter: Counter, labels: tuple[str, ...], amount: float = 1) -> None:
+    """``counter.labels(*labels).inc(amount)``; a failure is logged, never raised.
+
+    Under gunicorn a count writes a file in ``PROMETHEUS_MULTIPROC_DIR``: if that directory
+    went away, the request or delivery being counted has already happened, and must not fail.
+    """
+    try:
+        counter.labels(*labels).inc(amount)
+    except OSError as exc:
+        _write_failed(exc)
+
+
+def observe(histogram: Histogram, labels: tuple[str, ...], value: float) -> None:
+    """``histogram.labels(*labels).observe(value)``; a failure is logged, never raised."""
+    try:
+        histogram.labels(*labels).observe(value)
+    except OSError as exc:
+        _write_failed(exc)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -148,7 +189,11 @@ def render(depth: Callable[[], dict[str, int]]) -> tuple[bytes, str]:
     """The metrics page and its content type."""
     TALLY.flush()
     registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if not os.path.isdir(directory):
+            raise MetricsUnavailable(
+                "metrics unavailable: the PROMETHEUS_MULTIPROC_DIR directory is missing"
+            )
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
     else:
         from prometheus_client import REGISTRY
@@ -157,7 +202,10 @@ def render(depth: Callable[[], dict[str, int]]) -> tuple[bytes, str]:
         body = generate_latest(registry) + generate_latest(_with(OutboxCollector(depth)))
         return body, CONTENT_TYPE_LATEST
     registry.register(OutboxCollector(depth))
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    try:
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    except OSError as exc:  # a file removed while it was read
+        raise MetricsUnavailable(f"metrics unavailable: {exc.strerror or exc}") from exc
 
 
 def _with(collector: Collector) -> CollectorRegistry:

@@ -4,6 +4,8 @@ instances on one data directory."""
 from __future__ import annotations
 
 import re
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,32 @@ def test_instances_sharing_a_data_directory_do_not_wipe_each_others_metrics(
             second.stop()
     finally:
         first.stop()
+
+
+def test_a_metrics_directory_removed_under_a_running_server_never_fails_a_request(
+    tmp_path: Path, rules: Path
+) -> None:
+    multiproc = tmp_path / "multiproc"
+    server = TagrelayServer(
+        rules, tmp_path / "data", KEY, env={"PROMETHEUS_MULTIPROC_DIR": str(multiproc)}, workers=1
+    )
+    server.start()
+    try:
+        shutil.rmtree(multiproc)  # before the worker wrote a single count
+
+        answer = server.track({"event_name": "sale", "event_id": "gone1"})
+        refused = requests.post(server.url + "/v1/track", json={"event_name": "x"}, timeout=10)
+        page = requests.get(server.url + "/metrics", timeout=10)
+
+        assert answer["success"] is True
+        assert refused.status_code == 401
+        assert page.status_code == 503
+        assert page.json() == {
+            "success": False,
+            "error": "metrics unavailable: the PROMETHEUS_MULTIPROC_DIR directory is missing",
+        }
+        time.sleep(1.5)  # the tally's timer flush runs, and must not die with a traceback
+        assert "Traceback" not in server.tail(200)
+        assert "metrics cannot be written" in server.tail(200)
+    finally:
+        server.stop()
