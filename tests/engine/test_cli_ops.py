@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli
-from engine.cli import main
+from engine.cli import main, processes
 from engine.config import Settings
 from engine.errors import ConfigError
 from engine.maintenance import Maintenance
@@ -45,7 +44,7 @@ def no_metrics_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     """PROMETHEUS_MULTIPROC_DIR unset now and restored after; no lock held after the test."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
-    monkeypatch.setattr(cli, "_metrics_lock_fd", None)
+    monkeypatch.setattr(processes, "_metrics_lock_fd", None)
 
 
 def test_a_metrics_directory_that_does_not_exist_is_created(
@@ -54,7 +53,7 @@ def test_a_metrics_directory_that_does_not_exist_is_created(
     configured = tmp_path / "prom" / "multiproc"
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(configured))
 
-    cli._metrics_dir(Settings(data_dir=tmp_path / "data"))
+    processes._metrics_dir(Settings(data_dir=tmp_path / "data"))
 
     assert configured.is_dir()
     assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(configured)
@@ -67,7 +66,7 @@ def test_a_metrics_directory_that_cannot_be_made_refuses_the_start(
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "afile" / "metrics"))
 
     with pytest.raises(ConfigError, match=r"^PROMETHEUS_MULTIPROC_DIR .* cannot hold the metrics"):
-        cli._metrics_dir(Settings(data_dir=tmp_path / "data"))
+        processes._metrics_dir(Settings(data_dir=tmp_path / "data"))
 
 
 def test_instances_sharing_a_data_directory_keep_their_own_metrics(
@@ -76,11 +75,13 @@ def test_instances_sharing_a_data_directory_keep_their_own_metrics(
     settings = Settings(data_dir=tmp_path / "data")
     (tmp_path / "data").mkdir()
 
-    cli._metrics_dir(settings)  # a first instance, still running
-    first, first_lock = Path(os.environ.pop("PROMETHEUS_MULTIPROC_DIR")), cli._metrics_lock_fd
+    processes._metrics_dir(settings)  # a first instance, still running
+    first = Path(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"))
+    first_lock = processes._metrics_lock_fd
     (first / "counter_1.db").write_bytes(b"counts")
-    cli._metrics_dir(settings)  # a second one starts beside it
-    second, second_lock = Path(os.environ.pop("PROMETHEUS_MULTIPROC_DIR")), cli._metrics_lock_fd
+    processes._metrics_dir(settings)  # a second one starts beside it
+    second = Path(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"))
+    second_lock = processes._metrics_lock_fd
 
     assert first != second
     assert (first / "counter_1.db").read_bytes() == b"counts"
@@ -88,10 +89,10 @@ def test_instances_sharing_a_data_directory_keep_their_own_metrics(
 
     assert first_lock is not None
     os.close(first_lock)  # the first instance stops
-    cli._metrics_dir(settings)  # a third one cleans up after it
+    processes._metrics_dir(settings)  # a third one cleans up after it
     assert not first.exists()
     assert second.exists()
-    for fd in (second_lock, cli._metrics_lock_fd):
+    for fd in (second_lock, processes._metrics_lock_fd):
         assert fd is not None
         os.close(fd)
 

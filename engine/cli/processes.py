@@ -1,0 +1,157 @@
+"""The long-running commands, ``serve`` and ``worker``, and the directories they prepare."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from engine import __version__
+from engine.cli.common import _err, _load, _out, _settings, _store
+from engine.config import Settings, ensure_server_key, prepare_data_dir
+from engine.errors import ConfigError
+
+# The per-instance metrics directory stays locked (flock) while the instance runs; the lock
+# file descriptor is inherited by the gunicorn workers, so it is held until all have exited.
+_METRICS_LOCK = ".lock"
+_metrics_lock_fd: int | None = None
+
+
+def _writable_dir(path: Path, name: str) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{name} {path} cannot hold the metrics files: {exc.strerror or exc}"
+        ) from exc
+
+
+def _remove_stale_metrics(root: Path) -> None:
+    """Remove the metrics directories of instances that no longer run (nobody holds their lock)."""
+    for path in root.iterdir():
+        if not path.is_dir():
+            continue
+        try:
+            fd = os.open(path / _METRICS_LOCK, os.O_RDWR)
+        except OSError:
+            continue  # being created right now, or not ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # an instance that runs
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _metrics_dir(settings: Settings) -> None:
+    """Point ``PROMETHEUS_MULTIPROC_DIR`` at a directory where the workers' counts are summed.
+
+    Must run in the master before prometheus_client is imported. A directory set by the
+    operator is created if missing and must be writable (metrics written nowhere would fail
+    every request after its event was committed). Otherwise each instance gets a fresh
+    directory of its own under ``<data dir>/metrics``, so several instances sharing a data
+    directory neither wipe nor sum each other's counts; the directories of instances that
+    have stopped are removed.
+
+    Raises:
+        ConfigError: the directory cannot be created or written.
+    """
+    global _metrics_lock_fd
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        _writable_dir(Path(configured), "PROMETHEUS_MULTIPROC_DIR")
+        return
+    root = settings.data_dir / "metrics"
+    _writable_dir(root, f"{settings.name_of('data_dir')}: the metrics directory")
+    _remove_stale_metrics(root)
+    for _ in range(3):
+        path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+        fd = os.open(path / _METRICS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Another instance's clean-up may have taken the lock between the open and the flock
+        # and removed the directory; then start again.
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(path / _METRICS_LOCK)):
+                _metrics_lock_fd = fd
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+                return
+        os.close(fd)
+    raise ConfigError(f"cannot create a metrics directory in {root}")
+
+
+def _prepare_data_dir(settings: Settings) -> None:
+    for note in prepare_data_dir(settings):
+        _err(f"tagrelay: {note}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the HTTP server under gunicorn."""
+    settings = _settings(args)
+    _prepare_data_dir(settings)
+    _metrics_dir(settings)
+    from engine.server import run
+
+    container = _load(settings.rules)
+    if container is None:
+        _err(f"tagrelay: refusing to start: {settings.rules} has errors (see above)")
+        return 1
+    configured = bool(settings.server_keys)
+    settings, generated = ensure_server_key(settings)
+    key_file = settings.data_dir / "server_key"
+    if generated:
+        _out(f"tagrelay: generated a server key (kept in {key_file}): {generated}")
+    elif not configured:
+        _out(f"tagrelay: server key kept in {key_file}")
+    delivery = "delivering" if settings.deliver else "delivery off"
+    _out(
+        f"tagrelay {__version__}: serving {settings.rules} on http://{settings.bind} "
+        f"({settings.workers} workers, {delivery}, store {settings.database_path})"
+    )
+    sys.stdout.flush()
+    run(settings)
+    return 0
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Deliver the outbox and apply retention without serving HTTP, until SIGTERM or SIGINT."""
+    from engine import logs
+    from engine.delivery import DeliveryWorker
+    from engine.maintenance import Maintenance
+    from engine.pipeline import load_rules
+
+    settings = _settings(args)
+    _prepare_data_dir(settings)
+    logs.configure(settings.log_level)
+    rules = load_rules(settings.rules, settings.reload_interval)
+    store = _store(settings)
+    worker = DeliveryWorker(store, lambda: rules.container)
+    # Retention runs where the store is used; a host with only workers purges too.
+    maintenance = Maintenance(store, settings.retention_days)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    try:
+        worker.start()
+        maintenance.start()
+        _out(f"tagrelay worker: delivering from {settings.database_path}")
+        sys.stdout.flush()
+        stop.wait()
+    finally:
+        worker.stop()
+        maintenance.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
