@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from engine import __version__
-from engine.cli.common import _err
+from engine.cli.common import err
 from engine.cli.ops import cmd_deadletters, cmd_forget, cmd_purge, cmd_replay
 from engine.cli.processes import cmd_serve, cmd_worker
 from engine.cli.rulefiles import cmd_check, cmd_preview, cmd_schema, cmd_test
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (ConfigError, RulesError, StoreError) as exc:
-        _err(f"tagrelay: {exc}")
+        err(f"tagrelay: {exc}")
         return 2
     except KeyboardInterrupt:
         return 130

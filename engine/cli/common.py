@@ -16,29 +16,32 @@ if TYPE_CHECKING:
     from engine.store.sqlite import SQLiteStore
 
 
-def _out(text: str = "") -> None:
+def out(text: str = "") -> None:
+    """Print a line of a command's output."""
     sys.stdout.write(text + "\n")
 
 
-def _err(text: str) -> None:
+def err(text: str) -> None:
+    """Print a line to stderr (problems, notes)."""
     sys.stderr.write(text + "\n")
 
 
-def _load(path: Path) -> Container | None:
+def load_container(path: Path) -> Container | None:
+    """The container at ``path``, its problems printed to stderr; None when it has errors."""
     container, problems = compile_container(path)
     for problem in problems:
-        _err(str(problem))
+        err(str(problem))
     return container
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def command_settings(args: argparse.Namespace) -> Settings:
     """Settings with the command's flags over the environment and the config file."""
     flags = {name: getattr(args, name, None) for name in ("bind", "workers", "rules", "data_dir")}
     return load_settings(flags=flags)
 
 
-def _store(settings: Settings) -> SQLiteStore:
-    """The store, created when there is none (``serve`` and ``worker``)."""
+def open_store(settings: Settings) -> SQLiteStore:
+    """The store, created when there is none (``worker``)."""
     from engine.store.sqlite import SQLiteStore
 
     try:
@@ -47,7 +50,7 @@ def _store(settings: Settings) -> SQLiteStore:
         raise StoreError(f"the store {settings.database_path} cannot be used: {exc}") from exc
 
 
-def _existing_store(settings: Settings) -> SQLiteStore:
+def existing_store(settings: Settings) -> SQLiteStore:
     """The store, which must exist: a mistyped directory is an error, not a new empty store.
 
     Raises:
@@ -58,4 +61,4 @@ def _existing_store(settings: Settings) -> SQLiteStore:
         key = "db" if settings.database is not None else "data_dir"
         given = settings.database if settings.database is not None else settings.data_dir
         raise ConfigError(f"no store at {path} ({settings.name_of(key)} {given})")
-    return _store(settings)
+    return open_store(settings)

@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from engine.cli.common import _err, _existing_store, _load, _out, _settings
+from engine.cli.common import command_settings, err, existing_store, load_container, out
 
 if TYPE_CHECKING:
     from engine.store.base import Delivery
@@ -30,49 +30,49 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
     """List, show or replay dead letters."""
     from engine.store.base import Status
 
-    settings = _settings(args)
-    store = _existing_store(settings)
+    settings = command_settings(args)
+    store = existing_store(settings)
     if args.action == "list":
         letters = store.dead_letters(args.destination, args.limit)
         if args.json:
-            _out(json.dumps([_delivery_json(d) for d in letters], indent=2))
+            out(json.dumps([_delivery_json(d) for d in letters], indent=2))
             return 0
         for d in letters:
             when = datetime.fromtimestamp(d.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
             error = (d.last_error or "")[:80]
-            _out(f"{d.id:>8}  {when}  {d.destination:<14} {d.tag:<20} {d.event_id}  {error}")
-        _out(f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}")
+            out(f"{d.id:>8}  {when}  {d.destination:<14} {d.tag:<20} {d.event_id}  {error}")
+        out(f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}")
         return 0
     if args.action == "show":
         if not args.ids:
-            _err("deadletters show needs a delivery ID")
+            err("deadletters show needs a delivery ID")
             return 2
         delivery = store.get_delivery(args.ids[0])
         if delivery is None:
-            _err(f"no delivery {args.ids[0]}")
+            err(f"no delivery {args.ids[0]}")
             return 1
         if delivery.status is not Status.DEAD:
-            _err(f"delivery {delivery.id} is not a dead letter (it is {delivery.status.value})")
+            err(f"delivery {delivery.id} is not a dead letter (it is {delivery.status.value})")
             return 1
         shown = _delivery_json(delivery)
         shown["payload"] = delivery.payload
-        _out(json.dumps(shown, indent=2, ensure_ascii=False))
+        out(json.dumps(shown, indent=2, ensure_ascii=False))
         return 0
     from engine.replay import replay_dead_letters
 
-    container = _load(settings.rules)
+    container = load_container(settings.rules)
     if container is None:
         return 1
     ids = list(args.ids)
     if args.all:
         ids += [d.id for d in store.dead_letters(args.destination, limit=1_000_000)]
     if not ids:
-        _err("deadletters replay needs delivery IDs or --all")
+        err("deadletters replay needs delivery IDs or --all")
         return 2
     report = replay_dead_letters(store, container, ids)
     for line in report.skipped:
-        _out(f"skipped {line}")
-    _out(f"replayed {report.events} dead letters: {report.queued} deliveries queued")
+        out(f"skipped {line}")
+    out(f"replayed {report.events} dead letters: {report.queued} deliveries queued")
     return 0 if report.events else 1
 
 
@@ -104,37 +104,37 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Send the events accepted since a time to one destination again (current rules)."""
     from engine.replay import replay_destination
 
-    settings = _settings(args)
-    container = _load(settings.rules)
+    settings = command_settings(args)
+    container = load_container(settings.rules)
     if container is None:
         return 1
     if args.destination not in container.destinations:
         known = ", ".join(container.destinations)
-        _err(f"unknown destination {args.destination!r} (known: {known})")
+        err(f"unknown destination {args.destination!r} (known: {known})")
         return 2
     try:
         since = _parse_since(args.since)
     except ValueError as exc:
-        _err(f"tagrelay: {exc}")
+        err(f"tagrelay: {exc}")
         return 2
-    report = replay_destination(_existing_store(settings), container, args.destination, since)
+    report = replay_destination(existing_store(settings), container, args.destination, since)
     for line in report.skipped:
-        _out(f"skipped {line}")
-    _out(f"replayed {report.events} events: {report.queued} deliveries queued")
+        out(f"skipped {line}")
+    out(f"replayed {report.events} events: {report.queued} deliveries queued")
     return 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
     """Erase a person's events, identities and pending deliveries; report what was removed."""
     if not (args.user_id or args.visitor_id or args.email):
-        _err("forget needs --user-id, --visitor-id or --email")
+        err("forget needs --user-id, --visitor-id or --email")
         return 2
-    store = _existing_store(_settings(args))
+    store = existing_store(command_settings(args))
     removed = store.forget(user_id=args.user_id, visitor_id=args.visitor_id, email=args.email)
     if args.json:
-        _out(json.dumps(removed))
+        out(json.dumps(removed))
     else:
-        _out("removed: " + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
+        out("removed: " + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
     return 0
 
 
@@ -142,8 +142,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
     """Apply retention now (the server also does it hourly)."""
     from engine.maintenance import run_once
 
-    settings = _settings(args)
+    settings = command_settings(args)
     days = args.days if args.days is not None else settings.retention_days
-    removed = run_once(_existing_store(settings), days)
-    _out("removed: " + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
+    removed = run_once(existing_store(settings), days)
+    out("removed: " + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
     return 0

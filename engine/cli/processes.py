@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from engine import __version__
-from engine.cli.common import _err, _load, _out, _settings, _store
+from engine.cli.common import command_settings, err, load_container, open_store, out
 from engine.config import Settings, ensure_server_key, prepare_data_dir
 from engine.errors import ConfigError
 
@@ -92,29 +92,29 @@ def _metrics_dir(settings: Settings) -> None:
 
 def _prepare_data_dir(settings: Settings) -> None:
     for note in prepare_data_dir(settings):
-        _err(f"tagrelay: {note}")
+        err(f"tagrelay: {note}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP server under gunicorn."""
-    settings = _settings(args)
+    settings = command_settings(args)
     _prepare_data_dir(settings)
     _metrics_dir(settings)
     from engine.server import run
 
-    container = _load(settings.rules)
+    container = load_container(settings.rules)
     if container is None:
-        _err(f"tagrelay: refusing to start: {settings.rules} has errors (see above)")
+        err(f"tagrelay: refusing to start: {settings.rules} has errors (see above)")
         return 1
     configured = bool(settings.server_keys)
     settings, generated = ensure_server_key(settings)
     key_file = settings.data_dir / "server_key"
     if generated:
-        _out(f"tagrelay: generated a server key (kept in {key_file}): {generated}")
+        out(f"tagrelay: generated a server key (kept in {key_file}): {generated}")
     elif not configured:
-        _out(f"tagrelay: server key kept in {key_file}")
+        out(f"tagrelay: server key kept in {key_file}")
     delivery = "delivering" if settings.deliver else "delivery off"
-    _out(
+    out(
         f"tagrelay {__version__}: serving {settings.rules} on http://{settings.bind} "
         f"({settings.workers} workers, {delivery}, store {settings.database_path})"
     )
@@ -133,11 +133,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from engine.maintenance import Maintenance
     from engine.pipeline import load_rules
 
-    settings = _settings(args)
+    settings = command_settings(args)
     _prepare_data_dir(settings)
     logs.configure(settings.log_level)
     rules = load_rules(settings.rules, settings.reload_interval)
-    store = _store(settings)
+    store = open_store(settings)
     worker = DeliveryWorker(store, lambda: rules.container)
     # Retention runs where the store is used; a host with only workers purges too.
     maintenance = Maintenance(store, settings.retention_days)
@@ -146,7 +146,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         worker.start()
         maintenance.start()
-        _out(f"tagrelay worker: delivering from {settings.database_path}")
+        out(f"tagrelay worker: delivering from {settings.database_path}")
         sys.stdout.flush()
         stop.wait()
     finally:

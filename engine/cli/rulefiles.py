@@ -9,13 +9,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from engine.cli.common import _err, _existing_store, _load, _out, _settings
+from engine.cli.common import command_settings, err, existing_store, load_container, out
 from engine.config import load_setting
 from engine.errors import BadRequest
 from engine.rules import compile_container
 from engine.rules.schema import RULES_SCHEMA
-
-SCHEMA_FILE = "tagrelay.schema.json"
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -23,12 +21,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     path = Path(args.path)
     container, problems = compile_container(path)
     for problem in problems:
-        _out(str(problem))
+        out(str(problem))
     if container is None:
         errors = sum(1 for p in problems if p.severity == "error")
-        _out(f"{path}: {errors} error{'s' if errors != 1 else ''}")
+        out(f"{path}: {errors} error{'s' if errors != 1 else ''}")
         return 1
-    _out(
+    out(
         f"{path}: ok ({len(container.destinations)} destinations, {len(container.tags)} tags, "
         f"{len(container.tests)} tests)"
     )
@@ -39,7 +37,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     """Run the rule files' tests."""
     from engine.rules.testing import run_tests
 
-    container = _load(Path(args.path))
+    container = load_container(Path(args.path))
     if container is None:
         return 1
     # The server's IP policy applies before the rules, so the tests see what it would send;
@@ -48,10 +46,10 @@ def cmd_test(args: argparse.Namespace) -> int:
     failed = [r for r in results if not r.passed]
     for result in results:
         mark = "ok  " if result.passed else "FAIL"
-        _out(f"{mark} {result.test.name}  ({result.test.position})")
+        out(f"{mark} {result.test.name}  ({result.test.position})")
         for diff in result.differences:
-            _out(f"       {diff}")
-    _out(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+            out(f"       {diff}")
+    out(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
 
@@ -60,8 +58,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from engine.api import parse_json_body
     from engine.preview import preview
 
-    settings = _settings(args)
-    container = _load(settings.rules)
+    settings = command_settings(args)
+    container = load_container(settings.rules)
     if container is None:
         return 1
     try:
@@ -69,17 +67,17 @@ def cmd_preview(args: argparse.Namespace) -> int:
         # is refused here, and a deeply nested file is an error, not a RecursionError.
         raw = parse_json_body(Path(args.event).read_bytes(), "application/json")
     except OSError as exc:
-        _err(f"cannot read {args.event}: {exc.strerror or exc}")
+        err(f"cannot read {args.event}: {exc.strerror or exc}")
         return 2
     except BadRequest as exc:
-        _err(f"cannot read {args.event}: {exc}")
+        err(f"cannot read {args.event}: {exc}")
         return 2
     enricher = None
     # Enrich from the store when there is one; a --data-dir given must hold one.
     if args.data_dir or settings.database_path.is_file():
         from engine.pipeline import Privacy, enrich_from_store
 
-        store = _existing_store(settings)
+        store = existing_store(settings)
         privacy = Privacy(settings.ip_storage, settings.click_id_window)
 
         def enricher(event: dict[str, Any], now: datetime) -> list[str]:
@@ -88,28 +86,28 @@ def cmd_preview(args: argparse.Namespace) -> int:
     try:
         result = preview(container, raw, enricher=enricher, ip_storage=settings.ip_storage)
     except BadRequest as exc:
-        _err(f"{args.event}: invalid event: {exc}")
+        err(f"{args.event}: invalid event: {exc}")
         return 2
     if args.json:
-        _out(json.dumps(result, indent=2, ensure_ascii=False))
+        out(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     event = result["event"]
-    _out(f"event {event['event_name']!r} (event_id {event['event_id']})")
+    out(f"event {event['event_name']!r} (event_id {event['event_id']})")
     if event.get("enriched"):
-        _out(f"  enriched from the visitor's identity: {', '.join(event['enriched'])}")
+        out(f"  enriched from the visitor's identity: {', '.join(event['enriched'])}")
     for tag in result["tags"]:
         mark = "FIRED  " if tag["fired"] else "skipped"
-        _out(f"  {mark} {tag['name']} -> {tag['destination']}: {tag['reason']}")
+        out(f"  {mark} {tag['name']} -> {tag['destination']}: {tag['reason']}")
         if tag.get("consent"):
             suffix = " (anonymous)" if tag.get("anonymous") else ""
-            _out(f"          consent: {tag['consent']}{suffix}")
+            out(f"          consent: {tag['consent']}{suffix}")
         if tag["request"]:
             req = tag["request"]
-            _out(f"          {req['method']} {req['url']}")
+            out(f"          {req['method']} {req['url']}")
             for name, value in req["headers"].items():
-                _out(f"          {name}: {value}")
+                out(f"          {name}: {value}")
             body = json.dumps(req["body"], indent=2, ensure_ascii=False)
-            _out("\n".join("          " + line for line in body.splitlines()))
+            out("\n".join("          " + line for line in body.splitlines()))
     return 0
 
 
@@ -122,7 +120,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
     try:
         Path(args.output).write_text(text)
     except OSError as exc:
-        _err(f"tagrelay: cannot write {args.output}: {exc.strerror or exc}")
+        err(f"tagrelay: cannot write {args.output}: {exc.strerror or exc}")
         return 2
-    _out(f"wrote {args.output}")
+    out(f"wrote {args.output}")
     return 0
