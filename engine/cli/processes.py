@@ -18,10 +18,15 @@ from engine.cli.common import command_settings, err, load_container, open_store,
 from engine.config import Settings, ensure_server_key, prepare_data_dir
 from engine.errors import ConfigError
 
-# The per-instance metrics directory stays locked (flock) while the instance runs; the lock
-# file descriptor is inherited by the gunicorn workers, so it is held until all have exited.
+# The per-instance metrics directory stays locked (a shared flock) while the instance runs; the
+# lock file descriptor is inherited by the gunicorn workers, so it is held until all have
+# exited. A clean-up removes a directory only if it gets the lock exclusively.
 _METRICS_LOCK = ".lock"
 _metrics_lock_fd: int | None = None
+# Names the directory tagrelay chose itself. gunicorn's upgrade (USR2) re-executes the master
+# with this environment, PROMETHEUS_MULTIPROC_DIR included: the new master knows the directory
+# by this name as its own, not the operator's, and locks it too.
+OWN_METRICS_DIR = "TAGRELAY_OWN_METRICS_DIR"
 
 
 def _writable_dir(path: Path, name: str) -> None:
@@ -47,7 +52,7 @@ def _remove_stale_metrics(root: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            continue  # an instance that runs
+            continue  # an instance that runs (or two, across an upgrade)
         else:
             shutil.rmtree(path, ignore_errors=True)
         finally:
@@ -62,32 +67,50 @@ def _metrics_dir(settings: Settings) -> None:
     every request after its event was committed). Otherwise each instance gets a fresh
     directory of its own under ``<data dir>/metrics``, so several instances sharing a data
     directory neither wipe nor sum each other's counts; the directories of instances that
-    have stopped are removed.
+    have stopped are removed. A master re-executed by gunicorn's upgrade (USR2) keeps its
+    predecessor's directory, and its counts, while that directory is still there.
 
     Raises:
         ConfigError: the directory cannot be created or written.
     """
-    global _metrics_lock_fd
     configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if configured:
+    own = os.environ.pop(OWN_METRICS_DIR, None)
+    if configured and configured != own:
         _writable_dir(Path(configured), "PROMETHEUS_MULTIPROC_DIR")
         return
+    if configured and _lock_metrics_dir(Path(configured)):
+        os.environ[OWN_METRICS_DIR] = configured
+        return
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     root = settings.data_dir / "metrics"
     _writable_dir(root, f"{settings.name_of('data_dir')}: the metrics directory")
     _remove_stale_metrics(root)
     for _ in range(3):
         path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
-        fd = os.open(path / _METRICS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        # Another instance's clean-up may have taken the lock between the open and the flock
-        # and removed the directory; then start again.
-        with contextlib.suppress(OSError):
-            if os.path.samestat(os.fstat(fd), os.stat(path / _METRICS_LOCK)):
-                _metrics_lock_fd = fd
-                os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-                return
-        os.close(fd)
+        if _lock_metrics_dir(path, create=True):
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[OWN_METRICS_DIR] = str(path)
+            return
     raise ConfigError(f"cannot create a metrics directory in {root}")
+
+
+def _lock_metrics_dir(path: Path, create: bool = False) -> bool:
+    """Take the shared lock of an instance's metrics directory; False if it is gone.
+
+    Another instance's clean-up may take the lock between the open and the flock and remove
+    the directory: the lock then holds a file no longer there, and the caller starts again.
+    """
+    global _metrics_lock_fd
+    try:
+        fd = os.open(path / _METRICS_LOCK, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    except OSError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    with contextlib.suppress(OSError):
+        if os.path.samestat(os.fstat(fd), os.stat(path / _METRICS_LOCK)):
+            _metrics_lock_fd = fd
+            return True
+    os.close(fd)
+    return False
 
 
 def _prepare_data_dir(settings: Settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -42,8 +43,9 @@ def run(*argv: str | Path) -> int:
 @pytest.fixture
 def no_metrics_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     """PROMETHEUS_MULTIPROC_DIR unset now and restored after; no lock held after the test."""
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    for name in ("PROMETHEUS_MULTIPROC_DIR", processes.OWN_METRICS_DIR):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setattr(processes, "_metrics_lock_fd", None)
 
 
@@ -95,6 +97,35 @@ def test_instances_sharing_a_data_directory_keep_their_own_metrics(
     for fd in (second_lock, processes._metrics_lock_fd):
         assert fd is not None
         os.close(fd)
+
+
+def test_a_re_executed_master_keeps_its_own_metrics_directory_while_it_exists(
+    tmp_path: Path, no_metrics_dir: None
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    processes._metrics_dir(settings)  # the master before gunicorn's USR2 upgrade
+    own = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    before = processes._metrics_lock_fd
+
+    processes._metrics_dir(settings)  # re-executed with the same environment: the same directory
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == own
+    after = processes._metrics_lock_fd
+    assert before is not None and after is not None
+    os.close(before)  # the old master leaves; the new one's lock keeps the directory
+    del os.environ["PROMETHEUS_MULTIPROC_DIR"], os.environ[processes.OWN_METRICS_DIR]
+    processes._metrics_dir(settings)  # another instance starts, and cleans up
+    assert Path(own).is_dir()
+    assert processes._metrics_lock_fd is not None
+    os.close(processes._metrics_lock_fd)
+
+    os.close(after)
+    shutil.rmtree(own)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[processes.OWN_METRICS_DIR] = own
+    processes._metrics_dir(settings)  # its directory is gone: a fresh one, not a missing one
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] != own
+    assert Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
+    assert processes._metrics_lock_fd is not None
+    os.close(processes._metrics_lock_fd)
 
 
 # -- a store that must exist --------------------------------------------------------------------

@@ -3,9 +3,12 @@ instances on one data directory."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,37 @@ def test_a_metrics_directory_removed_under_a_running_server_never_fails_a_reques
         assert "metrics cannot be written" in server.tail(200)
     finally:
         server.stop()
+
+
+def test_a_master_upgraded_with_usr2_keeps_its_metrics_directory_and_counts(
+    tmp_path: Path, rules: Path
+) -> None:
+    data = tmp_path / "data"
+    server = TagrelayServer(rules, data, KEY, workers=1).start()
+    assert server.proc is not None
+    old_master = server.proc.pid
+    try:
+        server.track({"event_name": "sale", "event_id": "before"})
+        os.kill(old_master, signal.SIGUSR2)  # gunicorn re-executes the master beside the old one
+        wait_for(lambda: server.log.read_text().count("Listening at") == 2)
+        os.kill(old_master, signal.SIGTERM)  # the upgrade done: the old master leaves
+        server.proc.wait(timeout=30)
+        # Another instance on the same data directory cleans up after stopped instances.
+        other = TagrelayServer(rules, data, KEY, workers=1).start()
+        other.stop()
+
+        answer = server.track({"event_name": "sale", "event_id": "after"})
+        refused = requests.post(server.url + "/v1/track", json={"event_name": "x"}, timeout=10)
+
+        assert answer["success"] is True
+        assert refused.status_code == 401
+        assert accepted(server) == 2.0
+    finally:
+        server.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
