@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test check lint format bench clean
+.PHONY: serve test check format bench clean
 
 $(STAMP): pyproject.toml examples/plugin/pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
