@@ -30,6 +30,7 @@ def test_every_cli_command_in_the_readme_exists() -> None:
     readme = (ROOT / "README.md").read_text()
     parser = build_parser()
     commands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    commands |= {flag for action in parser._actions for flag in action.option_strings}
     mentioned = {
         line.split("`tagrelay ", 1)[1].split()[0].rstrip("`|*,")
         for line in readme.splitlines()
