@@ -13,7 +13,7 @@ granted; the user agent and IP only when ``ad_user_data`` is granted.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -151,8 +151,13 @@ def identity_update(
     )
 
 
-def enrich(event: dict[str, Any], identity: Identity) -> list[str]:
-    """Fill what the event lacks from the visitor's identity; returns the fields added."""
+def enrich(event: dict[str, Any], identity: Identity, granted: frozenset[str]) -> list[str]:
+    """Fill what the event lacks from the visitor's identity; returns the fields added.
+
+    Only as the event's own consent (``granted``) allows, the way :func:`identity_update`
+    remembers: click IDs and cookies with ``ad_storage``, the user agent and IP with
+    ``ad_user_data``. A person who withdrew consent gets nothing remembered back.
+    """
     added: list[str] = []
     if identity.visitor_id and not event.get("visitor_id"):
         event["visitor_id"] = identity.visitor_id
@@ -161,14 +166,28 @@ def enrich(event: dict[str, Any], identity: Identity) -> list[str]:
         event["user_id"] = identity.user_id
         added.append("user_id")
     context = event.setdefault("context", {})
-    for name, (value, _first_seen) in identity.values.items():
+    for name, (value, _first_seen) in identity.values.items() if "ad_storage" in granted else ():
         if not context.get(name):
             context[name] = value
             added.append(f"context.{name}")
-    for name, remembered in (("user_agent", identity.user_agent), ("ip", identity.ip)):
+    personal = (("user_agent", identity.user_agent), ("ip", identity.ip))
+    for name, remembered in personal if "ad_user_data" in granted else ():
         if remembered and not context.get(name):
             context[name] = remembered
             added.append(f"context.{name}")
     if not context:
         event.pop("context")
     return added
+
+
+def still_held(event: Mapping[str, Any], added: Sequence[str]) -> list[str]:
+    """The fields of ``added`` (``name`` or ``context.name``) that ``event`` still holds.
+
+    For the stored ``enriched`` list, after the IP policy may have dropped an added IP.
+    """
+    context = event.get("context") or {}
+    return [
+        name
+        for name in added
+        if (context.get(name[8:]) if name.startswith("context.") else event.get(name))
+    ]

@@ -129,9 +129,10 @@ class Privacy:
 
 
 def enrich_from_store(
-    store: Store, privacy: Privacy, event: dict[str, Any], now: datetime
+    store: Store, privacy: Privacy, event: dict[str, Any], now: datetime, granted: frozenset[str]
 ) -> list[str]:
-    """Add what ``store`` remembers about the event's visitor or user; the fields added."""
+    """Add what ``store`` remembers about the event's visitor or user, as the event's consent
+    (``granted``) allows; the fields added."""
     visitor, user = event.get("visitor_id"), event.get("user_id")
     if not visitor and not user:
         return []
@@ -142,7 +143,7 @@ def enrich_from_store(
         privacy.click_id_windows,
         privacy.click_id_window,
     )
-    return identity.enrich(event, found) if found else []
+    return identity.enrich(event, found, granted) if found else []
 
 
 class Pipeline:
@@ -157,9 +158,10 @@ class Pipeline:
         self.rules = rules
         self.privacy = privacy or Privacy()
 
-    def enrich(self, event: dict[str, Any], now: datetime) -> list[str]:
-        """Add what the store remembers about the event's visitor or user; the fields added."""
-        return enrich_from_store(self.store, self.privacy, event, now)
+    def enrich(self, event: dict[str, Any], now: datetime, granted: frozenset[str]) -> list[str]:
+        """Add what the store remembers about the event's visitor or user, as its consent
+        allows; the fields added."""
+        return enrich_from_store(self.store, self.privacy, event, now, granted)
 
     def prepare(
         self, raw: Any, container: Container, now: datetime, enrich: bool = True
@@ -170,12 +172,13 @@ class Pipeline:
             BadRequest: the event is invalid.
         """
         normalized = events.normalize(raw, now)
-        if enrich and (added := self.enrich(normalized, now)):
-            normalized["enriched"] = added
-        # Computed once for the IP policy, every tag and the identity update; neither the
-        # enrichment above nor the IP policy touches the event's consent.
+        # Computed once for the enrichment, the IP policy, every tag and the identity update;
+        # neither the enrichment nor the IP policy touches the event's consent.
         consent = container.consent(normalized)
+        added = self.enrich(normalized, now, consent.granted) if enrich else []
         identity.apply_ip_policy(normalized, self.privacy.ip_storage, consent.granted)
+        if added and (added := identity.still_held(normalized, added)):
+            normalized["enriched"] = added
         decisions = container.evaluate(normalized, now=now, consent=consent)
         received_at = now.timestamp()
         update = identity.identity_update(normalized, consent.granted, received_at)

@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 from destinations.base import HttpRequest, Item, SendContext
 from engine import event as events
 from engine.consent import granted_purposes
-from engine.identity import apply_ip_policy
+from engine.identity import apply_ip_policy, still_held
 from engine.rules.model import Container
 
 PREVIEW_TOKEN = "[access token]"  # noqa: S105 - a placeholder, not a credential  # stands in for an OAuth token a preview never fetches
@@ -41,7 +41,7 @@ def request_json(request: HttpRequest) -> dict[str, Any]:
     }
 
 
-Enricher = Callable[[dict[str, Any], datetime], list[str]]
+Enricher = Callable[[dict[str, Any], datetime, frozenset[str]], list[str]]
 
 
 def preview(
@@ -63,10 +63,11 @@ def preview(
     """
     now = now or datetime.now(UTC)
     event = events.normalize(raw, now)
-    if enricher is not None and (added := enricher(event, now)):
-        event["enriched"] = added  # shown, so the reader sees what the store contributed
     granted = granted_purposes(event.get("consent"), container.consent_defaults)
+    added = enricher(event, now, granted) if enricher is not None else []
     apply_ip_policy(event, ip_storage, granted)
+    if added and (added := still_held(event, added)):
+        event["enriched"] = added  # shown, so the reader sees what the store contributed
     tags = []
     for decision in container.evaluate(event, explain=True, now=now):
         entry: dict[str, Any] = {

@@ -80,8 +80,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
         store = existing_store(settings)
         privacy = Privacy(settings.ip_storage, settings.click_id_window)
 
-        def enricher(event: dict[str, Any], now: datetime) -> list[str]:
-            return enrich_from_store(store, privacy, event, now)
+        def enricher(event: dict[str, Any], now: datetime, granted: frozenset[str]) -> list[str]:
+            return enrich_from_store(store, privacy, event, now, granted)
 
     try:
         result = preview(container, raw, enricher=enricher, ip_storage=settings.ip_storage)

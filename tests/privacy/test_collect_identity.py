@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,10 @@ def test_a_server_sale_is_enriched_with_the_visitors_click_ids(
         },
     ).get_json()["visitor_id"]
 
-    response = track(client, {"event_name": "sale", "event_id": "s1", "visitor_id": visitor})
+    response = track(
+        client,
+        {"event_name": "sale", "event_id": "s1", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
 
     assert response.status_code == 200
     event = stored(app, "s1")
@@ -225,7 +229,9 @@ def test_identify_links_a_user_id_so_a_backend_event_by_user_finds_the_clicks(
     )
     collect(client, {"event_name": "identify", "user_id": "u42", "consent": ALL_GRANTED})
 
-    track(client, {"event_name": "sale", "event_id": "s2", "user_id": "u42"})
+    track(
+        client, {"event_name": "sale", "event_id": "s2", "user_id": "u42", "consent": ALL_GRANTED}
+    )
 
     event = stored(app, "s2")
     assert event["context"]["gclid"] == "Gc-2"
@@ -247,6 +253,62 @@ def test_click_ids_are_not_remembered_without_ad_storage_consent(
     track(client, {"event_name": "sale", "event_id": "s3", "visitor_id": visitor})
 
     assert "gclid" not in stored(app, "s3").get("context", {})
+
+
+def remembered_visitor(client: FlaskClient) -> str:
+    """A visitor whose click ID, cookie, user agent and IP the store remembers."""
+    return str(
+        collect(
+            client,
+            {
+                "event_name": "page_view",
+                "consent": ALL_GRANTED,
+                "context": {"page_url": f"{ORIGIN}/?gclid=Gc-9", "fbp": "fb.1.1700000000000.7"},
+            },
+        ).get_json()["visitor_id"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("consent", "expected"),
+    [
+        ({}, set()),
+        ({"analytics_storage": "granted"}, set()),
+        ({"ad_storage": "granted"}, {"gclid", "fbp"}),
+        ({"ad_user_data": "granted"}, {"user_agent", "ip"}),
+        (ALL_GRANTED, {"gclid", "fbp", "user_agent", "ip"}),
+    ],
+)
+def test_enrichment_gives_back_only_what_the_events_own_consent_allows(
+    app: Flask, client: FlaskClient, consent: dict[str, str], expected: set[str]
+) -> None:
+    visitor = remembered_visitor(client)
+
+    track(
+        client, {"event_name": "sale", "event_id": "e1", "visitor_id": visitor, "consent": consent}
+    )
+
+    event = stored(app, "e1")
+    remembered = {"gclid", "fbp", "user_agent", "ip"}
+    assert remembered & set(event.get("context", {})) == expected
+    assert {f.removeprefix("context.") for f in event.get("enriched", [])} == expected
+
+
+def test_enriched_names_no_ip_that_the_ip_policy_then_dropped(
+    app: Flask, client: FlaskClient
+) -> None:
+    visitor = remembered_visitor(client)
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    pipeline.privacy = replace(pipeline.privacy, ip_storage="drop")
+
+    track(
+        client,
+        {"event_name": "sale", "event_id": "e2", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+
+    event = stored(app, "e2")
+    assert "ip" not in event["context"]
+    assert "context.ip" not in event["enriched"] and "context.gclid" in event["enriched"]
 
 
 def test_click_ids_older_than_their_window_are_not_used(app: Flask) -> None:
