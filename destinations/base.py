@@ -8,7 +8,9 @@ The life of one event through a destination::
     canonical event --(tag mapping over default_mapping)--> mapped dict
     mapped dict --build_payload()--> payload           (at intake; stored in the outbox)
     payload --check_item()--> None | reason            (at send time; e.g. "too old")
-    [payloads] --build_request()--> HttpRequest        (one batch; pure)
+    payload --batch_key()--> key                       (items of one key may share a request)
+    [items of one key] --split()--> [[items], ...]     (the requests to send; pure)
+    [payloads] --build_request()--> HttpRequest        (one request; pure)
     HttpResponse --read_response()--> [ItemResult]     (one result per item, in order)
 
 A third-party plugin subclasses :class:`Destination`, sets the class attributes and registers
@@ -209,8 +211,23 @@ class Destination:
         """Items with different keys never share a request (e.g. GA4's one client_id)."""
         return ""
 
+    def split(self, items: Sequence[Item]) -> list[list[Item]]:
+        """Cut the items of one batch key into the requests that deliver them. Pure.
+
+        The engine sends one request per list, in the order given, through
+        :meth:`build_request`. Every item must be in exactly one list (the same objects, in any
+        order), and every list must hold 1 to ``max_batch`` items. An exception, or an answer
+        that breaks these rules, is taken for a bug of the plugin: the items of that batch key
+        become dead letters naming the problem, and none of them is sent.
+
+        The default cuts by count, in order: runs of ``max_batch`` items. Override it when a
+        request has another limit, such as a largest body.
+        """
+        size = self.max_batch
+        return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
     def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
-        """The request that delivers ``items`` (at most ``max_batch``, one batch key). Pure."""
+        """The request that delivers ``items``: one list of :meth:`split`. Pure."""
         raise NotImplementedError
 
     def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
