@@ -33,6 +33,9 @@ from urllib.parse import quote, quote_plus
 
 REDACTED = "[REDACTED]"
 
+JSON_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+"""The encoder of :meth:`HttpRequest.json_post` bodies: compact, text left unescaped (UTF-8)."""
+
 
 class PayloadError(ValueError):
     """The mapped event cannot become a valid payload for this platform.
@@ -56,8 +59,7 @@ class HttpRequest:
         """A POST with a compact JSON body and ``Content-Type: application/json``."""
         all_headers = {"Content-Type": "application/json"}
         all_headers.update(headers or {})
-        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-        return cls("POST", url, all_headers, body)
+        return cls("POST", url, all_headers, JSON_BODY.encode(obj).encode())
 
     def json(self) -> Any:
         """The body decoded as JSON, or None when it is empty or not JSON."""
@@ -65,6 +67,22 @@ class HttpRequest:
             return json.loads(self.body) if self.body else None
         except ValueError:
             return None
+
+
+def json_size(obj: Any) -> int:
+    """The length in bytes of ``obj`` as :meth:`HttpRequest.json_post` encodes it (UTF-8).
+
+    For a :meth:`Destination.split` that packs requests by body size: encode each part once and
+    add up the parts, rather than encoding every candidate body whole.
+
+    Raises:
+        ValueError: ``obj`` holds text that UTF-8 cannot carry (a lone surrogate), as the body
+            itself would.
+        TypeError: ``obj`` is not JSON data.
+    """
+    text = JSON_BODY.encode(obj)
+    # ASCII text has one byte per character: no need to encode it to count them.
+    return len(text) if text.isascii() else len(text.encode())
 
 
 @dataclass(frozen=True)
@@ -221,7 +239,7 @@ class Destination:
         become dead letters naming the problem, and none of them is sent.
 
         The default cuts by count, in order: runs of ``max_batch`` items. Override it when a
-        request has another limit, such as a largest body.
+        request has another limit, such as GA4's body size (:class:`destinations.ga4.GA4`).
         """
         size = self.max_batch
         return [list(items[start : start + size]) for start in range(0, len(items), size)]

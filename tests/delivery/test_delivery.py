@@ -5,6 +5,7 @@ Every test sends real HTTP to a loopback sink and uses a real SQLite file.
 
 from __future__ import annotations
 
+import json
 import textwrap
 import threading
 import time
@@ -31,6 +32,7 @@ from engine.pipeline import Pipeline, load_rules
 from engine.replay import replay_dead_letters, replay_destination
 from engine.rules.model import Container
 from engine.store.sqlite import SQLiteStore
+from tests.emulators.ga4 import GA4Emulator
 from tests.emulators.server import LoopbackServer, Reply, Request
 from tests.emulators.sink import FaultySink
 
@@ -711,6 +713,14 @@ def test_the_default_split_cuts_a_batch_by_max_batch_in_order() -> None:
     assert Counted({}).split([]) == []
 
 
+def test_every_built_in_destination_but_ga4_splits_by_count_as_before() -> None:
+    built_in = {n: c for n, c in registry.registry().items() if c.__module__.startswith("dest")}
+
+    overriding = [name for name, cls in built_in.items() if "split" in vars(cls)]
+
+    assert overriding == ["ga4"] and len(built_in) > 1
+
+
 def test_a_plugin_split_decides_the_requests_of_a_batch(tmp_path: Path, plugins: None) -> None:
     sink = FaultySink()
     with LoopbackServer(sink) as server:
@@ -744,3 +754,41 @@ def test_a_split_that_raises_or_breaks_the_contract_dead_letters_its_group_unsen
         ("delivered", 1, None),
     ]
     assert len(h.store.dead_letters()) == 3  # kept, for `deadletters replay` once it is fixed
+
+
+def test_the_engine_sends_a_ga4_clients_large_events_in_the_fewest_requests_under_130_kb(
+    tmp_path: Path,
+) -> None:
+    emulator = GA4Emulator()
+    with LoopbackServer(emulator) as server:
+        rules = make_rules(
+            tmp_path,
+            f"""
+            ga4: {{type: ga4, measurement_id: {emulator.measurement_id},
+                   api_secret: {emulator.api_secret}, endpoint: "{server.url}",
+                   delivery: {{batch_wait: 0}}}}
+            """,
+            "- {name: to_ga4, trigger: all, destination: ga4, event_name: purchase}\n",
+        )
+        h = Harness(tmp_path, rules)
+        items = [{"id": f"{n:03d}" + "x" * 50} for n in range(80)]  # an event of about 5.5 kB
+        h.accept(
+            *(
+                {
+                    "event_name": "sale",
+                    "event_id": f"e{i}",
+                    "visitor_id": "vis_1",
+                    "properties": {"order_id": f"ord_{i}", "items": items},
+                }
+                for i in range(25)
+            )
+        )
+        h.worker.drain()
+
+    bodies = [request.body for request in server.requests]
+    sent = [e["params"]["transaction_id"] for b in bodies for e in json.loads(b)["events"]]
+    assert len(bodies) == 2  # 25 such events make about 138 kB: two requests, not 25
+    assert all(len(body) < 130_000 for body in bodies)
+    assert sorted(sent) == sorted(f"ord_{i}" for i in range(25))  # every event, once
+    assert emulator.dropped == [] and len(emulator.accepted) == 25
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 25
