@@ -8,7 +8,9 @@ The life of one event through a destination::
     canonical event --(tag mapping over default_mapping)--> mapped dict
     mapped dict --build_payload()--> payload           (at intake; stored in the outbox)
     payload --check_item()--> None | reason            (at send time; e.g. "too old")
-    [payloads] --build_request()--> HttpRequest        (one batch; pure)
+    payload --batch_key()--> key                       (items of one key may share a request)
+    [items of one key] --split()--> [[items], ...]     (the requests to send; pure)
+    [payloads] --build_request()--> HttpRequest        (one request; pure)
     HttpResponse --read_response()--> [ItemResult]     (one result per item, in order)
 
 A third-party plugin subclasses :class:`Destination`, sets the class attributes and registers
@@ -30,6 +32,9 @@ from typing import Any, ClassVar
 from urllib.parse import quote, quote_plus
 
 REDACTED = "[REDACTED]"
+
+JSON_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+"""The encoder of :meth:`HttpRequest.json_post` bodies: compact, text left unescaped (UTF-8)."""
 
 
 class PayloadError(ValueError):
@@ -54,8 +59,7 @@ class HttpRequest:
         """A POST with a compact JSON body and ``Content-Type: application/json``."""
         all_headers = {"Content-Type": "application/json"}
         all_headers.update(headers or {})
-        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-        return cls("POST", url, all_headers, body)
+        return cls("POST", url, all_headers, JSON_BODY.encode(obj).encode())
 
     def json(self) -> Any:
         """The body decoded as JSON, or None when it is empty or not JSON."""
@@ -63,6 +67,22 @@ class HttpRequest:
             return json.loads(self.body) if self.body else None
         except ValueError:
             return None
+
+
+def json_size(obj: Any) -> int:
+    """The length in bytes of ``obj`` as :meth:`HttpRequest.json_post` encodes it (UTF-8).
+
+    For a :meth:`Destination.split` that packs requests by body size: encode each part once and
+    add up the parts, rather than encoding every candidate body whole.
+
+    Raises:
+        ValueError: ``obj`` holds text that UTF-8 cannot carry (a lone surrogate), as the body
+            itself would.
+        TypeError: ``obj`` is not JSON data.
+    """
+    text = JSON_BODY.encode(obj)
+    # ASCII text has one byte per character: no need to encode it to count them.
+    return len(text) if text.isascii() else len(text.encode())
 
 
 @dataclass(frozen=True)
@@ -209,8 +229,23 @@ class Destination:
         """Items with different keys never share a request (e.g. GA4's one client_id)."""
         return ""
 
+    def split(self, items: Sequence[Item]) -> list[list[Item]]:
+        """Cut the items of one batch key into the requests that deliver them. Pure.
+
+        The engine sends one request per list, in the order given, through
+        :meth:`build_request`. Every item must be in exactly one list (the same objects, in any
+        order), and every list must hold 1 to ``max_batch`` items. An exception, or an answer
+        that breaks these rules, is taken for a bug of the plugin: the items of that batch key
+        become dead letters naming the problem, and none of them is sent.
+
+        The default cuts by count, in order: runs of ``max_batch`` items. Override it when a
+        request has another limit, such as GA4's body size (:class:`destinations.ga4.GA4`).
+        """
+        size = self.max_batch
+        return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
     def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
-        """The request that delivers ``items`` (at most ``max_batch``, one batch key). Pure."""
+        """The request that delivers ``items``: one list of :meth:`split`. Pure."""
         raise NotImplementedError
 
     def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:

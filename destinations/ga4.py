@@ -22,6 +22,7 @@ from destinations.base import (
     PayloadContext,
     PayloadError,
     SendContext,
+    json_size,
     status_result,
 )
 
@@ -78,11 +79,12 @@ _MAPPING = (dict, Mapping)
 # The body as sent (compact, UTF-8): one encoder for every size check. It refuses NaN and the
 # infinities, which fields passed on as mapped (params, user_location, ...) could hold.
 _BODY_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-# A request body is the request-level object with its events added:
+# A request body is the request-level object with its events added (see build_request):
 #   {<request fields>,"events":[<event>,<event>,...],"validation_behavior":"..."}
 # so it is the request's JSON, plus _EVENTS_FRAME, plus each event and a comma between two,
-# plus _VALIDATE_FIELD in validate mode (always counted: 49 bytes is not worth a second rule).
-# A stored payload is {"request":<request>,"event":<event>}: _PAYLOAD_FRAME around the two.
+# plus _VALIDATE_FIELD in validate mode (which the intake check always counts: 49 bytes is not
+# worth a second rule). A stored payload is {"request":<request>,"event":<event>}:
+# _PAYLOAD_FRAME around the two.
 _EVENTS_FRAME = len(',"events":[]')
 _VALIDATE_FIELD = len(',"validation_behavior":"ENFORCE_RECOMMENDATIONS"')
 _PAYLOAD_FRAME = len('{"request":,"event":}')
@@ -131,8 +133,9 @@ class GA4(Destination):
     location, referrer and title are truncated to GA's longer limits); ≤ 200 items, each with
     ``item_id`` or ``item_name``; ``currency`` whenever ``value`` is set; ``transaction_id`` on
     ``purchase`` and ``refund``; user properties ≤ 25, names ≤ 24, values ≤ 36 chars; body
-    under 130 kB. At send time an event older than 72 hours fails alone (:meth:`check_item`),
-    and an event too large to go 25 to a request under 130 kB goes alone (:meth:`batch_key`).
+    under 130 kB. At send time an event older than 72 hours fails alone (:meth:`check_item`);
+    the events of one client are packed in order into requests of at most 25 events whose body
+    stays under 130 kB (:meth:`split`); an event too large to share a request goes alone.
 
     Unconfirmed readings (platforms.md marks them so) and the safe choice made:
 
@@ -248,7 +251,7 @@ class GA4(Destination):
         # ASCII text has one byte per character; other text is encoded (which also refuses
         # what cannot be sent, such as a lone surrogate).
         size = len(body) if body.isascii() else len(body.encode())
-        # The body of the request that sends this event alone (see batch_key).
+        # The body of the request that sends this event alone (see split).
         size += _EVENTS_FRAME + _VALIDATE_FIELD - _PAYLOAD_FRAME
         if size >= MAX_BODY_BYTES:
             raise PayloadError(f"GA4: the post body must be under 130 kB (this event: {size} B)")
@@ -285,40 +288,41 @@ class GA4(Destination):
         return None
 
     def batch_key(self, item: Item) -> str:
-        """A digest of the request-level fields: one client_id (and one user) per request.
-
-        The engine batches by count (up to 25 items of one key), and the body must stay under
-        130 kB (platforms.md §2.4). Items of one key share their request-level fields, so a
-        request of them fits when each event fits 25 times beside them; an event too large for
-        that gets a key of its own and goes alone (build_payload made sure it fits alone).
-        """
+        """A digest of the request-level fields: one client_id (and one user) per request."""
         request = item.payload.get("request", {})
         canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
-        key = hashlib.sha256(canonical.encode()).hexdigest()[:32]
-        if not self._fits_a_full_batch(request, item.payload.get("event", {})):
-            return f"{key}:alone:{item.delivery_id}"
-        return key
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
-    def _fits_a_full_batch(self, request: Mapping[str, Any], event: Mapping[str, Any]) -> bool:
-        """Whether ``max_batch`` events of this size or smaller fit under 130 kB with
-        ``request``: the largest body a request of this key can have."""
-        request_size = _byte_size(_BODY_JSON.encode(request))
-        event_size = _byte_size(_BODY_JSON.encode(event))
-        largest = (
-            request_size
-            + _EVENTS_FRAME
-            + _VALIDATE_FIELD
-            + self.max_batch * event_size
-            + (self.max_batch - 1)  # the commas between events
-        )
-        return largest < MAX_BODY_BYTES
+    def split(self, items: Sequence[Item]) -> list[list[Item]]:
+        """The events of one client packed in order into requests of at most 25 events whose
+        body stays under 130 kB (platforms.md §2.4).
+
+        Greedy: each event joins the current request when it still fits, else starts the next.
+        The size counted is the body :meth:`build_request` sends, byte for byte (UTF-8, with
+        ``validation_behavior`` in validate mode), from each event encoded once. An event that
+        fits only alone goes alone; :meth:`build_payload` made sure that it fits alone.
+
+        Raises:
+            ValueError: an item holds text UTF-8 cannot carry (the request could not be sent).
+        """
+        frame = _EVENTS_FRAME + (_VALIDATE_FIELD if self.settings.get("validate") else 0)
+        requests: list[list[Item]] = []
+        size = 0
+        for item in items:
+            event_size = json_size(item.payload["event"])
+            grown = size + 1 + event_size  # a comma, then the event
+            if requests and len(requests[-1]) < self.max_batch and grown < MAX_BODY_BYTES:
+                requests[-1].append(item)
+                size = grown
+            else:  # a new request, with the request-level fields of its first item
+                size = json_size(_request_fields(item.payload["request"])) + frame + event_size
+                requests.append([item])
+        return requests
 
     def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
         """One POST to ``/mp/collect`` (or ``/debug/mp/collect``) with up to 25 events."""
-        body: dict[str, Any] = dict(items[0].payload["request"])
         now_micros = int(ctx.now.timestamp() * 1_000_000)
-        # MP takes past timestamps only; a clock slightly ahead must not lose the event.
-        body["timestamp_micros"] = min(int(body["timestamp_micros"]), now_micros)
+        body = _request_fields(items[0].payload["request"], now_micros)
         body["events"] = [dict(i.payload["event"]) for i in items]
         if self.settings.get("validate"):
             body["validation_behavior"] = "ENFORCE_RECOMMENDATIONS"
@@ -363,6 +367,20 @@ class GA4(Destination):
 
 
 # -- fields -------------------------------------------------------------------------------------
+
+
+def _request_fields(request: Mapping[str, Any], now_micros: int | None = None) -> dict[str, Any]:
+    """The request-level fields of a body as sent: the stored ones, ``timestamp_micros`` an
+    integer no later than ``now_micros``.
+
+    MP takes past timestamps only; a clock slightly ahead must not lose the event. Without
+    ``now_micros`` (to measure a body before sending it) the stored time is kept: a later one
+    has at least as many digits as the time it is cut to, so the body is never underestimated.
+    """
+    fields = dict(request)
+    micros = int(fields["timestamp_micros"])
+    fields["timestamp_micros"] = micros if now_micros is None else min(micros, now_micros)
+    return fields
 
 
 @lru_cache(maxsize=1024)
@@ -556,11 +574,6 @@ def _country(value: Any) -> str | None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def _byte_size(text: str) -> int:
-    """The length of ``text`` in UTF-8 (ASCII text: one byte per character, no encoding)."""
-    return len(text) if text.isascii() else len(text.encode())
 
 
 def _listed(value: Any) -> list[Any]:

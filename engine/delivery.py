@@ -6,8 +6,9 @@ and a lease that expires because its worker died is taken over by another. Deliv
 once; the event ID travels in every payload so platforms deduplicate.
 
 Per destination: batches up to the adapter's ``max_batch`` (or whatever is due once the oldest
-item has waited ``batch_wait``), at most ``concurrency`` requests in flight per process, and a
-circuit breaker that pauses a destination after consecutive failures and probes it again later.
+item has waited ``batch_wait``), sent in the requests the adapter's ``split`` makes of each batch
+key's items; at most ``concurrency`` requests in flight per process; and a circuit breaker that
+pauses a destination after consecutive failures and probes it again later.
 A slow or failing destination therefore never holds up the others.
 """
 
@@ -19,11 +20,12 @@ import random
 import threading
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from destinations.base import Destination, HttpResponse, Item, ItemResult, Outcome, SendContext
 from engine import metrics
@@ -255,7 +257,8 @@ class DeliveryWorker:
                 self._in_flight[dest.name] -= 1
 
     def _deliver(self, dest: DestinationInstance) -> None:
-        """Lease a batch and send it, one request per batch key (and per ``max_batch``).
+        """Lease a batch and send it: the items of each batch key in the requests the adapter's
+        :meth:`~destinations.base.Destination.split` makes of them.
 
         The lease covers one request. Before each further request (GA4 sends one per client,
         so a batch can take many in a row) the lease of what that request carries is renewed,
@@ -282,8 +285,7 @@ class DeliveryWorker:
                 self._finish(dest, [delivery], ItemResult(Outcome.PERMANENT, problem))
                 continue
             groups[key].append((delivery, item))
-        size = adapter.max_batch
-        chunks = [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+        chunks = self._split(dest, groups.values())
         for n, chunk in enumerate(chunks):
             batch = chunk
             if n:
@@ -293,6 +295,23 @@ class DeliveryWorker:
                 batch = self._renew(dest, chunk, lease_seconds)
             if batch:
                 self._send(dest, batch, ctx, lease_seconds)
+
+    def _split(
+        self, dest: DestinationInstance, groups: Iterable[Sequence[tuple[Delivery, Item]]]
+    ) -> list[list[tuple[Delivery, Item]]]:
+        """The requests to send: each batch-key group as the adapter splits it.
+
+        A group whose split raises, or breaks the contract (an item left out, in two requests or
+        not of the group; an empty request; one over ``max_batch``), is a plugin bug: its items
+        become dead letters naming the problem, and none of them is sent.
+        """
+        requests: list[list[tuple[Delivery, Item]]] = []
+        for group in groups:
+            try:
+                requests += _split_group(dest.adapter, group)
+            except _SplitError as exc:
+                self._finish(dest, [d for d, _ in group], ItemResult(Outcome.PERMANENT, str(exc)))
+        return requests
 
     def _release(self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]]) -> None:
         released = self.store.release([d.id for d, _ in batch], self.owner)
@@ -500,6 +519,48 @@ class DeliveryWorker:
     def _forget_token(self, name: str) -> None:
         with self._token_lock:
             self._tokens.pop(name, None)
+
+
+class _SplitError(Exception):
+    """An adapter's :meth:`~destinations.base.Destination.split` raised or broke its contract."""
+
+
+def _split_group(
+    adapter: Destination, group: Sequence[tuple[Delivery, Item]]
+) -> list[list[tuple[Delivery, Item]]]:
+    """``group`` cut into requests by ``adapter.split``, as the engine's own pairs.
+
+    Raises:
+        _SplitError: the split raised, or its answer is not the group's items each in exactly
+            one request of 1 to ``max_batch`` items; the message names the problem.
+    """
+    items = [item for _, item in group]
+    try:
+        requests = [list(request) for request in adapter.split(items)]
+    except Exception as exc:  # a plugin bug: its group fails alone
+        raise _SplitError(f"{type(exc).__name__} in the adapter's split of a batch") from exc
+    if problem := _split_problem(requests, items, adapter.max_batch):
+        raise _SplitError(f"the adapter's split of a batch is invalid: {problem}")
+    # By identity: Item holds a dict, so it cannot be hashed, and a copy is not the item.
+    pair_of = {id(item): pair for pair, item in zip(group, items, strict=True)}
+    return [[pair_of[id(item)] for item in request] for request in requests]
+
+
+def _split_problem(requests: list[list[Any]], items: Sequence[Item], limit: int) -> str | None:
+    """What makes ``requests`` no split of ``items`` into requests of 1 to ``limit``, or None."""
+    if any(not request for request in requests):
+        return "an empty request"
+    if any(len(request) > limit for request in requests):
+        return f"a request of more than max_batch ({limit}) items"
+    given = {id(item) for item in items}
+    returned = Counter(id(item) for request in requests for item in request)
+    if any(count > 1 for count in returned.values()):
+        return "an item more than once"
+    if set(returned) - given:
+        return "an item that is not in the batch"
+    if missing := len(given - set(returned)):
+        return f"{missing} item(s) left out"
+    return None
 
 
 def _token_outcome(exc: Exception, response: HttpResponse) -> Outcome:

@@ -5,6 +5,7 @@ Every test sends real HTTP to a loopback sink and uses a real SQLite file.
 
 from __future__ import annotations
 
+import json
 import textwrap
 import threading
 import time
@@ -31,6 +32,7 @@ from engine.pipeline import Pipeline, load_rules
 from engine.replay import replay_dead_letters, replay_destination
 from engine.rules.model import Container
 from engine.store.sqlite import SQLiteStore
+from tests.emulators.ga4 import GA4Emulator
 from tests.emulators.server import LoopbackServer, Reply, Request
 from tests.emulators.sink import FaultySink
 
@@ -118,11 +120,64 @@ class OneByOne(Destination):
         return HttpRequest.json_post(str(self.settings["url"]), {"events": events})
 
 
+class Splitter(Destination):
+    """A test plugin that keeps each ``group`` apart and splits the group ``"odd"`` as its
+    ``split`` setting says: ``pairs`` (requests of two, in order) or one way of breaking the
+    contract (see :data:`BROKEN_SPLITS`)."""
+
+    name = "splitter"
+    max_batch = 10
+    settings_schema = {
+        "type": "object",
+        "properties": {"url": {"type": "string"}, "split": {"type": "string"}},
+    }
+    default_mapping = {"value": "properties.value", "group": "properties.group"}
+
+    def batch_key(self, item: Item) -> str:
+        return str(item.payload.get("group"))
+
+    def split(self, items: Sequence[Item]) -> list[list[Item]]:
+        if items[0].payload.get("group") != "odd":
+            return super().split(items)
+        how = self.settings["split"]
+        if how == "pairs":
+            return [list(items[i : i + 2]) for i in range(0, len(items), 2)]
+        if how == "raise":
+            raise ValueError("a bug in the plugin")
+        broken: dict[str, Any] = {
+            "drop": [list(items[:-1])],
+            "twice": [list(items), [items[0]]],
+            "empty": [list(items), []],
+            "oversized": [[*items, *items, *items, *items]],
+            "foreign": [[*items, Item("x", "x", {"value": "x"})]],
+            "none": None,
+        }
+        return broken[how]  # deliberately not always what the contract allows
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        events = [{"event_id": i.event_id, **i.payload} for i in items]
+        return HttpRequest.json_post(str(self.settings["url"]), {"events": events})
+
+
+# How a split can break its contract, and the error its group's dead letters then keep.
+INVALID = "permanent: the adapter's split of a batch is invalid:"
+BROKEN_SPLITS = {
+    "raise": "permanent: ValueError in the adapter's split of a batch",
+    "none": "permanent: TypeError in the adapter's split of a batch",
+    "drop": f"{INVALID} 1 item(s) left out",
+    "twice": f"{INVALID} an item more than once",
+    "empty": f"{INVALID} an empty request",
+    "oversized": f"{INVALID} a request of more than max_batch (10) items",
+    "foreign": f"{INVALID} an item that is not in the batch",
+}
+
+
 @pytest.fixture
 def plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     known = dict(registry.registry())
     known["per_item"] = registry.check_contract("per_item", PerItem)
     known["one_by_one"] = registry.check_contract("one_by_one", OneByOne)
+    known["splitter"] = registry.check_contract("splitter", Splitter)
     monkeypatch.setattr(registry, "registry", lambda: known)
 
 
@@ -621,3 +676,119 @@ def test_a_stopping_worker_sends_nothing_more_and_gives_back_what_it_did_not_sen
         ("pending", None),  # released at once, for the next worker to send
         ("pending", None),
     ]
+
+
+def splitter_rules(tmp_path: Path, url: str, split: str) -> Path:
+    return make_rules(
+        tmp_path,
+        f"""
+        api: {{type: splitter, url: "{url}/items", split: {split}, delivery: {{batch_wait: 0}}}}
+        """,
+        "- {name: to_api, trigger: all, destination: api}\n",
+    )
+
+
+def grouped_sales(*groups: str) -> list[dict[str, Any]]:
+    """Sales e0, e1, ... of value 0, 1, ..., each in the group given for it."""
+    return [
+        {"event_name": "sale", "event_id": f"e{i}", "properties": {"value": i, "group": group}}
+        for i, group in enumerate(groups)
+    ]
+
+
+def test_the_default_split_cuts_a_batch_by_max_batch_in_order() -> None:
+    class Counted(Destination):
+        max_batch = 3
+
+    items = [Item(f"d{i}", f"e{i}", {"value": i}) for i in range(8)]
+
+    requests = Counted({}).split(items)
+
+    assert [[i.delivery_id for i in request] for request in requests] == [
+        ["d0", "d1", "d2"],
+        ["d3", "d4", "d5"],
+        ["d6", "d7"],
+    ]
+    assert all(a is b for a, b in zip([i for r in requests for i in r], items, strict=True))
+    assert Counted({}).split([]) == []
+
+
+def test_every_built_in_destination_but_ga4_splits_by_count_as_before() -> None:
+    built_in = {n: c for n, c in registry.registry().items() if c.__module__.startswith("dest")}
+
+    overriding = [name for name, cls in built_in.items() if "split" in vars(cls)]
+
+    assert overriding == ["ga4"] and len(built_in) > 1
+
+
+def test_a_plugin_split_decides_the_requests_of_a_batch(tmp_path: Path, plugins: None) -> None:
+    sink = FaultySink()
+    with LoopbackServer(sink) as server:
+        h = Harness(tmp_path, splitter_rules(tmp_path, server.url, "pairs"))
+        h.accept(*grouped_sales("odd", "odd", "odd", "odd", "odd"))
+        h.worker.drain()
+
+    sent = [[e["value"] for e in r.json()["events"]] for r in server.requests]
+    assert sent == [[0, 1], [2, 3], [4]]
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 5
+
+
+@pytest.mark.parametrize(("how", "error"), BROKEN_SPLITS.items(), ids=list(BROKEN_SPLITS))
+def test_a_split_that_raises_or_breaks_the_contract_dead_letters_its_group_unsent(
+    tmp_path: Path, plugins: None, how: str, error: str
+) -> None:
+    sink = FaultySink()
+    with LoopbackServer(sink) as server:
+        h = Harness(tmp_path, splitter_rules(tmp_path, server.url, how))
+        h.accept(*grouped_sales("odd", "even", "odd", "odd", "even"))
+        h.worker.drain()
+        h.make_due()
+        h.worker.drain()  # nothing is left to lease again
+
+    assert sink.ids() == {"e1": 1, "e4": 1}  # the other group is sent, once
+    assert h.statuses() == [
+        ("dead", 1, error),
+        ("delivered", 1, None),
+        ("dead", 1, error),
+        ("dead", 1, error),
+        ("delivered", 1, None),
+    ]
+    assert len(h.store.dead_letters()) == 3  # kept, for `deadletters replay` once it is fixed
+
+
+def test_the_engine_sends_a_ga4_clients_large_events_in_the_fewest_requests_under_130_kb(
+    tmp_path: Path,
+) -> None:
+    emulator = GA4Emulator()
+    with LoopbackServer(emulator) as server:
+        rules = make_rules(
+            tmp_path,
+            f"""
+            ga4: {{type: ga4, measurement_id: {emulator.measurement_id},
+                   api_secret: {emulator.api_secret}, endpoint: "{server.url}",
+                   delivery: {{batch_wait: 0}}}}
+            """,
+            "- {name: to_ga4, trigger: all, destination: ga4, event_name: purchase}\n",
+        )
+        h = Harness(tmp_path, rules)
+        items = [{"id": f"{n:03d}" + "x" * 50} for n in range(80)]  # an event of about 5.5 kB
+        h.accept(
+            *(
+                {
+                    "event_name": "sale",
+                    "event_id": f"e{i}",
+                    "visitor_id": "vis_1",
+                    "properties": {"order_id": f"ord_{i}", "items": items},
+                }
+                for i in range(25)
+            )
+        )
+        h.worker.drain()
+
+    bodies = [request.body for request in server.requests]
+    sent = [e["params"]["transaction_id"] for b in bodies for e in json.loads(b)["events"]]
+    assert len(bodies) == 2  # 25 such events make about 138 kB: two requests, not 25
+    assert all(len(body) < 130_000 for body in bodies)
+    assert sorted(sent) == sorted(f"ord_{i}" for i in range(25))  # every event, once
+    assert emulator.dropped == [] and len(emulator.accepted) == 25
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 25

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -438,28 +439,29 @@ def test_twenty_five_events_of_one_client_go_in_one_accepted_request(
 
 def engine_batches(dest: GA4, payloads: Sequence[dict[str, Any]]) -> list[list[Item]]:
     """What engine/delivery.py does with leased items: group by batch_key, then cut each group
-    into requests of at most max_batch items, by count alone."""
+    into requests with the adapter's split."""
     groups: dict[str, list[Item]] = {}
     for i, payload in enumerate(payloads):
         item = Item(f"d{i}", f"e{i}", payload)
         groups.setdefault(dest.batch_key(item), []).append(item)
-    return [
-        group[start : start + dest.max_batch]
-        for group in groups.values()
-        for start in range(0, len(group), dest.max_batch)
-    ]
+    return [request for group in groups.values() for request in dest.split(group)]
 
 
-def items_of(size: int, chunk: int = 100) -> dict[str, Any]:
-    """A mapping giving the event ``size`` characters of item IDs (IDs of at most ``chunk``)."""
-    ids = ["x" * min(chunk, size - start) for start in range(0, size, chunk)]
+def items_of(size: int, chunk: int = 100, char: str = "x") -> dict[str, Any]:
+    """A mapping giving the event ``size`` characters ``char`` of item IDs (IDs of at most
+    ``chunk``)."""
+    ids = [char * min(chunk, size - start) for start in range(0, size, chunk)]
     return {"params.items": {"value": [{"item_id": i} for i in ids]}}
 
 
-def test_events_too_large_to_go_25_together_never_make_a_request_over_130_kb(
+def body_sizes(requests: Sequence[Any]) -> list[int]:
+    return [len(request.body) for request in requests]
+
+
+def test_large_events_of_one_client_are_packed_into_requests_under_130_kb(
     server: LoopbackServer, emulator: GA4Emulator
 ) -> None:
-    # platforms.md §2.4: post body under 130 kB; the engine batches one client by count only
+    # platforms.md §2.4: post body under 130 kB
     dest = ga4(server)
     big = [
         payload_for(dest, BRIEF_EVENT, event_name="view_item_list", mapping=items_of(19_000))
@@ -471,24 +473,100 @@ def test_events_too_large_to_go_25_together_never_make_a_request_over_130_kb(
     requests_sent = [dest.build_request(batch, SendContext(now=NOW)) for batch in batches]
     results = [r for batch in batches for r in deliver(dest, [i.payload for i in batch])]
 
-    assert max(len(r.body) for r in requests_sent) < 130_000
+    assert max(body_sizes(requests_sent)) < 130_000
     assert results == [ItemResult.delivered()] * 11
     assert len(emulator.accepted) == 11 and emulator.dropped == []
-    assert sorted(len(b) for b in batches) == [1] * 8 + [3]  # the small ones still share one
+    # five events of 22 kB fill a request (six would make 133 kB); the rest share the next
+    assert [[i.delivery_id for i in b] for b in batches] == [
+        [f"d{i}" for i in range(5)],
+        [f"d{i}" for i in range(5, 11)],
+    ]
+
+
+def test_twenty_five_events_of_5_kb_go_in_the_fewest_requests_each_under_130_kb(
+    server: LoopbackServer, emulator: GA4Emulator
+) -> None:
+    dest = ga4(server)
+    payloads = [
+        payload_for(
+            dest, event_with(properties__order_id=f"ord_{i}"), mapping=items_of(4_000, chunk=50)
+        )
+        for i in range(25)
+    ]
+
+    batches = engine_batches(dest, payloads)
+    results = [r for batch in batches for r in deliver(dest, [i.payload for i in batch])]
+
+    bodies = [request.body for request in server.requests]
+    events = [event["params"]["transaction_id"] for body in bodies for event in _events(body)]
+    assert len(bodies) == 2  # 25 such events make about 135 kB: two requests, not 25
+    assert all(len(body) < 130_000 for body in bodies)
+    assert sorted(events) == sorted(f"ord_{i}" for i in range(25))  # every event, once
+    assert results == [ItemResult.delivered()] * 25
+    assert len(emulator.accepted) == 25 and emulator.dropped == []
+
+
+def _events(body: bytes) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = json.loads(body)["events"]
+    return events
+
+
+def test_no_request_holds_more_than_25_events(server: LoopbackServer) -> None:
+    dest = ga4(server)
+    items = [Item(f"d{i}", f"e{i}", payload_for(dest, BRIEF_EVENT)) for i in range(60)]
+
+    requests_made = dest.split(items)
+
+    assert [len(r) for r in requests_made] == [25, 25, 10]
+    assert [i for r in requests_made for i in r] == items  # in order
+
+
+@pytest.mark.parametrize("validate", [False, True], ids=["collect", "validate"])
+@pytest.mark.parametrize("char", ["x", "é", "€", "😀"], ids=["ascii", "2-byte", "3-byte", "4-byte"])
+def test_a_request_is_filled_up_to_the_last_byte_of_the_body_sent(
+    server: LoopbackServer, validate: bool, char: str
+) -> None:
+    # UTF-8 bytes are counted, not characters; non-ASCII request-level fields too.
+    dest = ga4(server, validate=validate)
+    event = event_with(user_id="Jürgen ✓", context__user_agent="Mozilla/5.0 (Ünïcødé; 😀)")
+    mapping = {**items_of(20_000, chunk=1000), "params.note": {"value": "ß€😀"}}
+    fixed = [
+        Item(
+            f"d{i}", f"e{i}", payload_for(dest, event, event_name="view_item_list", mapping=mapping)
+        )
+        for i in range(2)
+    ]
+
+    def items(size: int) -> list[Item]:
+        """The two fixed events and one of ``size`` characters ``char`` of item IDs."""
+        mapping = items_of(size, chunk=1000, char=char)
+        last = payload_for(dest, event, event_name="view_item_list", mapping=mapping)
+        return [*fixed, Item("d2", "e2", last)]
+
+    def body_size(size: int) -> int:
+        return len(dest.build_request(items(size), SendContext(now=NOW)).body)
+
+    low, high = 1_000 // len(char.encode()), 100_000 // len(char.encode())
+    assert len(dest.split(items(low))) == 1 and len(dest.split(items(high))) == 2
+    while high - low > 1:  # the largest size that still goes in one request
+        middle = (low + high) // 2
+        low, high = (middle, high) if len(dest.split(items(middle))) == 1 else (low, middle)
+
+    assert body_size(low) < 130_000 <= body_size(high)
+    assert [len(r) for r in dest.split(items(high))] == [2, 1]
 
 
 def test_events_that_fit_25_to_a_request_share_one_up_to_the_last_byte(
     server: LoopbackServer,
 ) -> None:
-    # validate mode adds validation_behavior: the body is then exactly what batch_key counts
     dest = ga4(server, validate=True)
 
     def full_batch(size: int) -> tuple[bool, int]:
-        """Whether 25 such events share a key, and the size of their request's body."""
+        """Whether 25 such events go in one request, and the size of its body."""
         mapping = items_of(size)
         payload = payload_for(dest, BRIEF_EVENT, event_name="view_item_list", mapping=mapping)
         items = [Item(f"d{i}", f"e{i}", payload) for i in range(25)]
-        shared = len({dest.batch_key(i) for i in items}) == 1
+        shared = len(dest.split(items)) == 1
         return shared, len(dest.build_request(items, SendContext(now=NOW)).body)
 
     low, high = 100, 10_000  # shared at low, not at high: find the largest shared size
@@ -499,6 +577,20 @@ def test_events_that_fit_25_to_a_request_share_one_up_to_the_last_byte(
 
     assert shared
     assert 130_000 - 25 <= body < 130_000  # one byte more per event would not fit
+
+
+def test_an_event_that_fits_only_alone_goes_alone_between_others(server: LoopbackServer) -> None:
+    dest = ga4(server)
+    mapping = items_of(127_000, chunk=1000)  # alone, a body of 129.8 kB
+    large = payload_for(dest, BRIEF_EVENT, event_name="view_item_list", mapping=mapping)
+    small = payload_for(dest, BRIEF_EVENT, event_name="add_to_cart")
+    items = [Item(f"d{i}", f"e{i}", p) for i, p in enumerate((small, large, small, small))]
+
+    requests_made = dest.split(items)
+
+    assert [[i.delivery_id for i in r] for r in requests_made] == [["d0"], ["d1"], ["d2", "d3"]]
+    sizes = body_sizes([dest.build_request(r, SendContext(now=NOW)) for r in requests_made])
+    assert max(sizes) < 130_000
 
 
 def test_the_largest_event_accepted_at_intake_fits_alone_even_in_validate_mode(
