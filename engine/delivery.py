@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from destinations.base import Destination, HttpResponse, Item, ItemResult, Outcome, SendContext
 from engine import metrics
+from engine.batching import SplitError, split_group
+from engine.breaker import Backoff, CircuitBreaker
 from engine.errors import StoreError
 from engine.rules.model import Container, DestinationInstance
 from engine.store.base import Delivery, Store
@@ -38,75 +38,6 @@ log = logging.getLogger(__name__)
 
 AUTH_RETRY_FLOOR = 60.0  # credentials rarely fix themselves within seconds
 MISSING_DESTINATION_RETRY = 60.0
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter, capped; ``Retry-After`` wins when longer."""
-
-    base: float = 1.0
-    cap: float = 3600.0
-
-    def delay(self, attempt: int, retry_after: float | None = None, floor: float = 0.0) -> float:
-        """Seconds before attempt number ``attempt + 1`` (``attempt`` counts from 1)."""
-        ceiling = min(self.cap, self.base * 2 ** min(attempt - 1, 30))
-        jittered = ceiling / 2 + random.uniform(0, ceiling / 2)
-        return float(max(jittered, retry_after or 0.0, floor))
-
-
-@dataclass
-class CircuitBreaker:
-    """Pauses a destination that keeps failing; lets one probe through after ``cooldown``.
-
-    Closed: everything flows. After ``threshold`` consecutive failed requests it opens for
-    ``cooldown`` seconds (doubling on each failed probe up to ``max_cooldown``); then one
-    request is let through (half-open), and its success closes the circuit.
-    """
-
-    threshold: int = 5
-    cooldown: float = 10.0
-    max_cooldown: float = 300.0
-    failures: int = 0
-    open_until: float = 0.0
-    current_cooldown: float = 0.0
-    probing: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def allow(self, now: float) -> bool:
-        """Whether a request may go now."""
-        with self._lock:
-            if self.failures < self.threshold:
-                return True
-            if now < self.open_until or self.probing:
-                return False
-            self.probing = True
-            return True
-
-    def end_probe(self) -> None:
-        """The probe let through by :meth:`allow` ended without a request to judge it by (its
-        items were all settled before sending, or taken by another worker): let another go."""
-        with self._lock:
-            self.probing = False
-
-    def record(self, ok: bool, now: float) -> None:
-        """Count a request's outcome."""
-        with self._lock:
-            self.probing = False
-            if ok:
-                self.failures = 0
-                self.current_cooldown = 0.0
-                return
-            self.failures += 1
-            if self.failures >= self.threshold:
-                self.current_cooldown = min(
-                    self.max_cooldown, max(self.cooldown, self.current_cooldown * 2)
-                )
-                self.open_until = now + self.current_cooldown
-
-    @property
-    def is_open(self) -> bool:
-        """Whether the destination is paused."""
-        return self.failures >= self.threshold
 
 
 @dataclass
@@ -308,8 +239,8 @@ class DeliveryWorker:
         requests: list[list[tuple[Delivery, Item]]] = []
         for group in groups:
             try:
-                requests += _split_group(dest.adapter, group)
-            except _SplitError as exc:
+                requests += split_group(dest.adapter, group)
+            except SplitError as exc:
                 self._finish(dest, [d for d, _ in group], ItemResult(Outcome.PERMANENT, str(exc)))
         return requests
 
@@ -519,48 +450,6 @@ class DeliveryWorker:
     def _forget_token(self, name: str) -> None:
         with self._token_lock:
             self._tokens.pop(name, None)
-
-
-class _SplitError(Exception):
-    """An adapter's :meth:`~destinations.base.Destination.split` raised or broke its contract."""
-
-
-def _split_group(
-    adapter: Destination, group: Sequence[tuple[Delivery, Item]]
-) -> list[list[tuple[Delivery, Item]]]:
-    """``group`` cut into requests by ``adapter.split``, as the engine's own pairs.
-
-    Raises:
-        _SplitError: the split raised, or its answer is not the group's items each in exactly
-            one request of 1 to ``max_batch`` items; the message names the problem.
-    """
-    items = [item for _, item in group]
-    try:
-        requests = [list(request) for request in adapter.split(items)]
-    except Exception as exc:  # a plugin bug: its group fails alone
-        raise _SplitError(f"{type(exc).__name__} in the adapter's split of a batch") from exc
-    if problem := _split_problem(requests, items, adapter.max_batch):
-        raise _SplitError(f"the adapter's split of a batch is invalid: {problem}")
-    # By identity: Item holds a dict, so it cannot be hashed, and a copy is not the item.
-    pair_of = {id(item): pair for pair, item in zip(group, items, strict=True)}
-    return [[pair_of[id(item)] for item in request] for request in requests]
-
-
-def _split_problem(requests: list[list[Any]], items: Sequence[Item], limit: int) -> str | None:
-    """What makes ``requests`` no split of ``items`` into requests of 1 to ``limit``, or None."""
-    if any(not request for request in requests):
-        return "an empty request"
-    if any(len(request) > limit for request in requests):
-        return f"a request of more than max_batch ({limit}) items"
-    given = {id(item) for item in items}
-    returned = Counter(id(item) for request in requests for item in request)
-    if any(count > 1 for count in returned.values()):
-        return "an item more than once"
-    if set(returned) - given:
-        return "an item that is not in the batch"
-    if missing := len(given - set(returned)):
-        return f"{missing} item(s) left out"
-    return None
 
 
 def _token_outcome(exc: Exception, response: HttpResponse) -> Outcome:

@@ -27,7 +27,8 @@ from destinations.base import (
     SendContext,
     Token,
 )
-from engine.delivery import Backoff, CircuitBreaker, DeliveryWorker
+from engine.breaker import Backoff, CircuitBreaker
+from engine.delivery import DeliveryWorker
 from engine.pipeline import Pipeline, load_rules
 from engine.replay import replay_dead_letters, replay_destination
 from engine.rules.model import Container

@@ -1,0 +1,77 @@
+"""When to try a destination again: backoff between attempts, and a circuit breaker that pauses
+a destination that keeps failing (used by :mod:`engine.delivery`)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter, capped; ``Retry-After`` wins when longer."""
+
+    base: float = 1.0
+    cap: float = 3600.0
+
+    def delay(self, attempt: int, retry_after: float | None = None, floor: float = 0.0) -> float:
+        """Seconds before attempt number ``attempt + 1`` (``attempt`` counts from 1)."""
+        ceiling = min(self.cap, self.base * 2 ** min(attempt - 1, 30))
+        jittered = ceiling / 2 + random.uniform(0, ceiling / 2)
+        return float(max(jittered, retry_after or 0.0, floor))
+
+
+@dataclass
+class CircuitBreaker:
+    """Pauses a destination that keeps failing; lets one probe through after ``cooldown``.
+
+    Closed: everything flows. After ``threshold`` consecutive failed requests it opens for
+    ``cooldown`` seconds (doubling on each failed probe up to ``max_cooldown``); then one
+    request is let through (half-open), and its success closes the circuit.
+    """
+
+    threshold: int = 5
+    cooldown: float = 10.0
+    max_cooldown: float = 300.0
+    failures: int = 0
+    open_until: float = 0.0
+    current_cooldown: float = 0.0
+    probing: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def allow(self, now: float) -> bool:
+        """Whether a request may go now."""
+        with self._lock:
+            if self.failures < self.threshold:
+                return True
+            if now < self.open_until or self.probing:
+                return False
+            self.probing = True
+            return True
+
+    def end_probe(self) -> None:
+        """The probe let through by :meth:`allow` ended without a request to judge it by (its
+        items were all settled before sending, or taken by another worker): let another go."""
+        with self._lock:
+            self.probing = False
+
+    def record(self, ok: bool, now: float) -> None:
+        """Count a request's outcome."""
+        with self._lock:
+            self.probing = False
+            if ok:
+                self.failures = 0
+                self.current_cooldown = 0.0
+                return
+            self.failures += 1
+            if self.failures >= self.threshold:
+                self.current_cooldown = min(
+                    self.max_cooldown, max(self.cooldown, self.current_cooldown * 2)
+                )
+                self.open_until = now + self.current_cooldown
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the destination is paused."""
+        return self.failures >= self.threshold
