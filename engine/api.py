@@ -76,7 +76,8 @@ def parse_json_body(body: bytes, content_type: str | None, allow_text: bool = Fa
     mime = (content_type or "").split(";")[0].strip().lower()
     allowed = _JSON_TYPES + (("text/plain",) if allow_text else ())
     if mime not in allowed:
-        raise UnsupportedMediaType("Content-Type must be application/json")
+        given = f"not {mime[:60]}" if mime else "none was sent"
+        raise UnsupportedMediaType(f"Content-Type must be {' or '.join(allowed)} ({given})")
     if not body:
         raise BadRequest("the request body is empty")
     try:

@@ -13,10 +13,11 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from engine.api import parse_json_body
 from engine.app import create_app
 from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
 from engine.config import ServerKey, Settings
-from engine.errors import StoreError
+from engine.errors import StoreError, UnsupportedMediaType
 from engine.pipeline import load_rules
 
 KEY = "sk_test_0123456789"
@@ -183,7 +184,8 @@ def test_bad_bodies_get_400_with_a_clear_message(
 def test_a_body_that_is_not_declared_json_gets_415(client: FlaskClient, content_type: str) -> None:
     response = post(client, "/v1/track", {"event_name": "x"}, content_type=content_type)
 
-    assert_error(response, 415, "Content-Type must be application/json")
+    given = f"not {content_type}" if content_type else "none was sent"
+    assert_error(response, 415, f"Content-Type must be application/json or text/json ({given})")
 
 
 def test_json_with_a_charset_parameter_is_accepted(client: FlaskClient) -> None:
@@ -518,3 +520,12 @@ def test_an_event_nested_as_deep_as_allowed_is_stored(client: FlaskClient) -> No
     response = post(client, "/v1/track", {"event_name": "x", "properties": {"deep": deep}})
 
     assert response.status_code == 200, response.get_json()
+
+
+def test_the_415_message_names_every_type_the_endpoint_takes() -> None:
+    with pytest.raises(UnsupportedMediaType) as refused:
+        parse_json_body(b"{}", "application/xml", allow_text=True)
+
+    assert str(refused.value) == (
+        "Content-Type must be application/json or text/json or text/plain (not application/xml)"
+    )
