@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from engine.consent import (
+    TRACKING_PARAMS,
     Requirement,
     Verdict,
     decide,
@@ -157,6 +158,87 @@ def test_urls_without_click_ids_are_left_as_they_were() -> None:
     event = {"context": {"page_url": "https://shop.example/p", "referrer": None}}
 
     assert strip_identifiers(event)["context"] == event["context"]
+
+
+def anonymous_url(url: str) -> str | None:
+    context = strip_identifiers({"context": {"page_url": url}})["context"]
+    found: str | None = context.get("page_url")
+    return found
+
+
+GL = "1*1x2y3z*_gcl_aw*R0NMLjE3MzIxMDAwMDAuR0NMSUQtU0VDUkVU*_ga*MTIzNDU2Nzg5MC4xNzMyMTAwMDAw"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"_gl={GL}",  # the gtag linker: a base64 gclid (_gcl_aw) and the _ga cookie
+        "srsltid=AfmBOoSECRETCLICK",  # Google Merchant Center auto-tagging
+        "_GL=x",
+        "SrSltId=x",
+        "%5Fgl=x",  # a percent-escaped key is the same key
+    ],
+)
+def test_the_google_linker_and_shopping_click_ids_are_stripped(query: str) -> None:
+    assert anonymous_url(f"https://shop.example/?{query}") == "https://shop.example/"
+
+
+@pytest.mark.parametrize("param", sorted(TRACKING_PARAMS))
+def test_every_tracking_parameter_is_stripped_in_any_case(param: str) -> None:
+    url = f"https://shop.example/p?{param}=SECRET&color=red&{param.upper()}=SECRET2"
+
+    assert anonymous_url(url) == "https://shop.example/p?color=red"
+
+
+def test_the_deny_list_holds_the_click_linker_and_recipient_ids_it_promises() -> None:
+    promised = (
+        "_gl srsltid gclid gclsrc gbraid wbraid dclid msclkid twclid li_fat_id ScCid epik "
+        "rdt_cid mc_eid _hsenc _hsmi yclid irclickid igshid _kx ttclid fbclid"
+    )
+    assert {p.lower() for p in promised.split()} <= TRACKING_PARAMS
+    assert not any(p.startswith("utm_") for p in TRACKING_PARAMS)
+
+
+def test_campaign_parameters_and_ordinary_ones_stay_exactly_as_written() -> None:
+    url = (
+        "https://shop.example/p?utm_source=news&utm_medium=email&utm_campaign=spring%20sale"
+        "&gad_source=1&mc_cid=c1&q=a+b&flag&gclid=G1&_hsenc=p2&id=5"
+    )
+
+    assert anonymous_url(url) == (
+        "https://shop.example/p?utm_source=news&utm_medium=email&utm_campaign=spring%20sale"
+        "&gad_source=1&mc_cid=c1&q=a+b&flag&id=5"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "stripped"),
+    [
+        (f"https://shop.example/p#_gl={GL}", "https://shop.example/p"),
+        ("https://shop.example/#section&_gl=x", "https://shop.example/#section"),
+        ("https://shop.example/#/landing?gclid=G1&tab=2", "https://shop.example/#/landing?tab=2"),
+        ("https://shop.example/#/landing?fbclid=F1", "https://shop.example/#/landing"),
+        ("https://shop.example/p?a=1#reviews", "https://shop.example/p?a=1#reviews"),
+        ("https://shop.example/p?a=1&amp;gclid=G1", "https://shop.example/p?a=1"),
+    ],
+)
+def test_tracking_parameters_in_the_fragment_are_stripped_too(url: str, stripped: str) -> None:
+    assert anonymous_url(url) == stripped
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1?gclid=G1",
+        "http://[shop.example/landing?gclid=abc",
+        "https://[shop.example]/?gclid=abc",
+        "https://shop\uff03example/?gclid=abc",  # a host that NFKC turns into a "#"
+    ],
+)
+def test_a_url_that_cannot_be_parsed_is_dropped_from_the_anonymous_view(url: str) -> None:
+    event = {"context": {"page_url": url, "referrer": url, "user_agent": "UA"}}
+
+    assert strip_identifiers(event)["context"] == {"user_agent": "UA"}
 
 
 # -- through the rules ------------------------------------------------------------------------
