@@ -273,8 +273,34 @@ def all_purposes_known(purposes: frozenset[str]) -> list[str]:
     return sorted(purposes - set(CONSENT_PURPOSES))
 
 
+def plain_ip(ip: str) -> str:
+    """An IPv4-mapped IPv6 address as the IPv4 address it is; any other text unchanged.
+
+    A server listening on ``[::]`` sees every IPv4 client as ``::ffff:203.0.113.7``; that is
+    ``203.0.113.7``, and is kept, truncated and forwarded as such.
+    """
+    if ":" not in ip or "ffff" not in ip.lower():
+        return ip  # IPv4, or IPv6 that cannot be mapped: most addresses, without a parse
+    try:
+        mapped = ipaddress.IPv6Address(ip.strip()).ipv4_mapped
+    except ValueError:
+        return ip
+    return ip if mapped is None else str(mapped)
+
+
+# 6to4 (RFC 3056): the client's IPv4 address is bits 16-48, so a /48 would keep all of it.
+_6TO4 = ipaddress.IPv6Network("2002::/16")
+
+
 def truncate_ip(ip: str) -> str | None:
-    """IPv4 to /24 and IPv6 to /48 (the last octet or 80 bits zeroed); None if unreadable."""
+    """The address with its host part zeroed; None if unreadable.
+
+    IPv4 is cut to /24 and IPv6 to /48, except where an IPv6 address carries an IPv4 address
+    in its first 48 bits: an IPv4-mapped address (``::ffff:203.0.113.7``) is its IPv4 address
+    cut to /24 (``203.0.113.0``), and a 6to4 address (``2002::/16``) is cut to /40, which
+    keeps the embedded IPv4 address's /24 only. Teredo (``2001::/32``) carries the client's
+    address in its last 32 bits, which the /48 removes.
+    """
     text = ip.strip()
     quad = _DOTTED_QUAD.fullmatch(text)
     if quad is not None:
@@ -286,7 +312,14 @@ def truncate_ip(ip: str) -> str | None:
         address = ipaddress.ip_address(text)
     except ValueError:
         return None
-    prefix = 24 if address.version == 4 else 48
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.version == 4:
+        prefix = 24
+    elif address in _6TO4:
+        prefix = 40
+    else:
+        prefix = 48
     network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
     return str(network.network_address)
 

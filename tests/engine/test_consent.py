@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from engine.consent import (
     Verdict,
     decide,
     granted_purposes,
+    plain_ip,
     strip_identifiers,
     truncate_ip,
 )
@@ -146,12 +148,63 @@ def test_stripping_does_not_change_the_stored_event() -> None:
         (" 198.51.100.1 ", "198.51.100.0"),
         ("2001:db8:abcd:1234:5678::1", "2001:db8:abcd::"),
         ("2001:db8:abcd:ffff:ffff:ffff:ffff:ffff", "2001:db8:abcd::"),
+        ("::ffff:203.0.113.7", "203.0.113.0"),
+        ("::FFFF:203.0.113.7", "203.0.113.0"),
+        ("::ffff:cb00:7107", "203.0.113.0"),
+        ("0:0:0:0:0:ffff:203.0.113.7", "203.0.113.0"),
+        ("2002:cb00:7107::1", "2002:cb00:7100::"),
+        ("2002:cb00:7107:1234:5678::1", "2002:cb00:7100::"),
         ("not an ip", None),
         ("", None),
     ],
 )
 def test_ips_are_truncated_to_a_24_or_a_48(ip: str, truncated: str | None) -> None:
     assert truncate_ip(ip) == truncated
+
+
+def test_an_ipv4_mapped_address_is_truncated_as_the_ipv4_address_it_is() -> None:
+    # How a server listening on [::] sees every IPv4 client; it used to become "::".
+    assert truncate_ip("::ffff:203.0.113.7") == "203.0.113.0"
+
+
+def test_a_6to4_address_keeps_no_more_than_the_24_of_its_embedded_ipv4() -> None:
+    client = ipaddress.IPv4Address("203.0.113.7")
+    six_to_four = ipaddress.IPv6Address((0x2002 << 112) | (int(client) << 80) | 0x1234_5678)
+
+    truncated = ipaddress.IPv6Address(truncate_ip(str(six_to_four)))
+
+    assert truncated.sixtofour == ipaddress.IPv4Address("203.0.113.0")
+
+
+def test_a_teredo_address_loses_the_clients_address_with_its_last_80_bits() -> None:
+    # RFC 4380: server IPv4 in bits 32-64, the client's (inverted) in the last 32 bits.
+    teredo = ipaddress.IPv6Address("2001:0:4136:e378:8000:63bf:3fff:fdd2")
+    assert teredo.teredo is not None
+    _server, client = teredo.teredo
+
+    truncated = ipaddress.IPv6Address(truncate_ip(str(teredo)))
+
+    assert truncated == ipaddress.IPv6Address("2001:0:4136::")
+    assert truncated.teredo is not None and truncated.teredo[1] != client
+    assert int(truncated) & ((1 << 80) - 1) == 0
+
+
+@pytest.mark.parametrize(
+    ("ip", "plain"),
+    [
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("::ffff:cb00:7107", "203.0.113.7"),
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8::ffff", "2001:db8::ffff"),
+        ("2002:cb00:7107::1", "2002:cb00:7107::1"),
+        ("not an ip", "not an ip"),
+        ("::ffff:not", "::ffff:not"),
+    ],
+)
+def test_an_ipv4_mapped_address_is_read_as_plain_ipv4_and_others_are_left_alone(
+    ip: str, plain: str
+) -> None:
+    assert plain_ip(ip) == plain
 
 
 def test_urls_without_click_ids_are_left_as_they_were() -> None:

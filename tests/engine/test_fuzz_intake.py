@@ -129,6 +129,8 @@ maybe_text = st.one_of(
             "https://shop.example/p?_gl=1*abc&srsltid=x#/route?gclid=z",
             "http://[shop.example/landing?gclid=x&fbclid=y&ttclid=z",  # unparsable
             "https://[shop.example]/?gclid=x",  # unparsable
+            "::ffff:203.0.113.7",
+            "2002:cb00:7107::1",
             "",
             " ",
         ]

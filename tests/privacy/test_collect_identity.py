@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.serving import make_server
 
 from engine.app import create_app
 from engine.cli import main
@@ -452,6 +457,130 @@ def test_anonymous_copies_carry_no_linker_or_shopping_click_ids(
         assert sent["ga4"]["event"]["params"]["page_location"] == f"{ORIGIN}/p?utm_source=news"
         assert sent["hook"]["context"]["page_url"] == f"{ORIGIN}/p?utm_source=news"
         assert sent["hook"]["context"]["referrer"] == f"{ORIGIN}/#utm_source=news"
+
+
+def test_an_ipv4_mapped_client_address_is_kept_truncated_and_remembered_as_plain_ipv4(
+    tmp_path: Path,
+) -> None:
+    app = make_app(tmp_path, ANONYMOUS_RULES)
+    client = app.test_client()
+    mapped = {"REMOTE_ADDR": "::ffff:203.0.113.7"}  # an IPv4 client of a server on [::]
+
+    visitor = collect(
+        client,
+        {"event_name": "page_view", "event_id": "pv", "consent": ALL_GRANTED},
+        environ_base=mapped,
+    ).get_json()["visitor_id"]
+    collect(
+        client,
+        {"event_name": "page_view", "event_id": "anon", "consent": ANALYTICS_ONLY},
+        environ_base=mapped,
+    )
+    track(
+        client,
+        {"event_name": "sale", "event_id": "later", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+
+    assert stored(app, "pv")["context"]["ip"] == "203.0.113.7"
+    assert stored(app, "anon")["context"]["ip"] == "203.0.113.0"
+    assert outbox(app, "anon")["ga4"]["request"]["ip_override"] == "203.0.113.0"
+    assert stored(app, "later")["context"]["ip"] == "203.0.113.7"  # remembered plain
+
+
+@pytest.mark.parametrize(
+    ("forwarded_for", "ip"),
+    [
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("198.51.100.9, ::ffff:203.0.113.7", "203.0.113.7"),
+        ("::ffff:cb00:7107", "203.0.113.7"),
+        ("2001:db8::7", "2001:db8::7"),
+    ],
+)
+def test_a_trusted_proxys_ipv4_mapped_forwarded_for_is_stored_as_plain_ipv4(
+    tmp_path: Path, forwarded_for: str, ip: str
+) -> None:
+    app = make_app(tmp_path, trusted_proxies=1)
+
+    collect(
+        app.test_client(),
+        {"event_name": "x", "event_id": "p1", "consent": ALL_GRANTED},
+        headers={"X-Forwarded-For": forwarded_for},
+    )
+
+    assert stored(app, "p1")["context"]["ip"] == ip
+
+
+def test_a_backend_events_ipv4_mapped_ip_is_stored_as_plain_ipv4(
+    app: Flask, client: FlaskClient
+) -> None:
+    for event_id, consent in (("keep", ALL_GRANTED), ("truncate", ANALYTICS_ONLY)):
+        track(
+            client,
+            {
+                "event_name": "x",
+                "event_id": event_id,
+                "consent": consent,
+                "context": {"ip": "::ffff:203.0.113.7"},
+            },
+        )
+
+    assert stored(app, "keep")["context"]["ip"] == "203.0.113.7"
+    assert stored(app, "truncate")["context"]["ip"] == "203.0.113.0"
+
+
+def test_an_ipv4_client_has_one_rate_limit_however_its_address_is_written(
+    tmp_path: Path,
+) -> None:
+    app = make_app(tmp_path, rate_limit=2, trusted_proxies=1)
+    client = app.test_client()
+
+    def from_ip(ip: str) -> int:
+        answer = collect(client, {"event_name": "x"}, headers={"X-Forwarded-For": ip})
+        return int(answer.status_code)
+
+    answers = [from_ip(ip) for ip in ("198.51.100.1", "::ffff:198.51.100.1", "::ffff:c633:6401")]
+
+    assert answers == [200, 200, 429]
+
+
+@pytest.fixture
+def dual_stack_url(app: Flask) -> Iterator[str]:
+    """The app served over real HTTP on [::], reached over IPv4 (a dual-stack listener)."""
+    try:
+        server = make_server("::", 0, app)
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+    port = server.socket.getsockname()[1]
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        server.server_close()
+        pytest.skip("the IPv6 listener takes no IPv4 connections here (bindv6only)")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_an_ipv4_client_of_a_dual_stack_listener_is_stored_as_ipv4(
+    app: Flask, dual_stack_url: str
+) -> None:
+    def send(event_id: str, consent: dict[str, str]) -> int:
+        answer = requests.post(
+            f"{dual_stack_url}/v1/collect?key={PK}",
+            data=json.dumps({"event_name": "page_view", "event_id": event_id, "consent": consent}),
+            headers={"Origin": ORIGIN, "Content-Type": "text/plain"},
+            timeout=10,
+        )
+        return answer.status_code
+
+    assert send("kept", ALL_GRANTED) == 200
+    assert send("truncated", ANALYTICS_ONLY) == 200
+
+    assert stored(app, "kept")["context"]["ip"] == "127.0.0.1"
+    assert stored(app, "truncated")["context"]["ip"] == "127.0.0.0"
 
 
 def test_retention_purges_old_events_and_identities_but_not_pending_ones(app: Flask) -> None:
