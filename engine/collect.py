@@ -20,6 +20,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from engine.api import error_response, parse_json_body
 from engine.config import PublishableKey, Settings
+from engine.consent import plain_ip
 from engine.errors import BadRequest, Forbidden, PayloadTooLarge, RequestError, Unauthorized
 from engine.identity import capture_click_ids
 from engine.pipeline import Pipeline
@@ -98,7 +99,7 @@ def collect() -> tuple[Response, int]:
         limiter: RateLimiter = current_app.extensions["tagrelay.ratelimit"]
         # A publishable key is shared by every visitor of a site: its limit applies per client
         # IP, so one abusive client is throttled without silencing the whole site.
-        limiter.check(f"{key.key}|{request.remote_addr}", time.time())
+        limiter.check(f"{key.key}|{_client_ip()}", time.time())
         length = request.content_length
         if length is not None and length > MAX_COLLECT_BYTES:
             raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
@@ -133,14 +134,25 @@ def _visitor_id(raw: dict[str, Any]) -> str:
     return "v_" + secrets.token_urlsafe(18)
 
 
+def _client_ip() -> str | None:
+    """The client's IP address: behind trusted proxies, the one they name (``ProxyFix``).
+
+    An IPv4-mapped address is read as the IPv4 address it is: a server listening on ``[::]``
+    sees every IPv4 client as ``::ffff:203.0.113.7``, and so may a proxy's header.
+    """
+    remote = request.remote_addr
+    return plain_ip(remote) if remote else None
+
+
 def _from_browser(raw: dict[str, Any], visitor_id: str) -> dict[str, Any]:
     """The event as the server sees it: its visitor, the request's IP and UA, click IDs."""
     event = dict(raw)
     event["visitor_id"] = visitor_id
     context = event.get("context")
     context = dict(context) if isinstance(context, dict) else {}
-    if request.remote_addr:
-        context["ip"] = request.remote_addr  # behind trusted proxies: the client's (ProxyFix)
+    client_ip = _client_ip()
+    if client_ip:
+        context["ip"] = client_ip
     if request.user_agent.string:
         context["user_agent"] = request.user_agent.string[:1000]
     event["context"] = context

@@ -7,7 +7,8 @@ anonymous copy (``anonymous``). Three outcomes follow (``seeds/001``):
 
 - ``FULL``: every required purpose is granted; the event goes out whole.
 - ``ANONYMOUS``: a required purpose is missing but the tag's anonymous purposes are granted; the
-  event goes out stripped of identifiers (no user_data, no user ID, no click IDs, IP truncated).
+  event goes out stripped of identifiers (no user_data, no user ID, no click IDs, no tracking
+  parameters in its URLs, IP truncated).
 - ``BLOCKED``: neither; the event stays stored and is not forwarded.
 
 A tag with ``anonymous`` purposes and nothing to ``require`` only ever sends anonymously: it is
@@ -26,7 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from engine.event import CONSENT_PURPOSES
 
@@ -48,7 +49,81 @@ CLICK_ID_FIELDS = (
     "rdt_cid",
     "twclid",
 )
-_CLICK_ID_PARAMS = frozenset(p.lower() for p in CLICK_ID_FIELDS)
+
+# URL query parameters that identify one click, one person or one email recipient: removed
+# from ``page_url`` and ``referrer`` (query and fragment, any case) in the anonymous view.
+# Drawn from the platforms' documentation and the browsers' query-stripping lists (Brave's
+# query filter, Firefox's strip list). Campaign-level parameters (``utm_*``, ``gad_source``,
+# ``mc_cid``) name no one and stay: analytics needs them, as it needs the page path.
+TRACKING_PARAMS: frozenset[str] = frozenset(
+    {
+        # Google: Ads, Display & Video, Search Ads 360 click IDs; the gtag linker ``_gl``
+        # (carries the ``_gcl_aw`` gclid and the ``_ga`` cookie, base64) and analytics.js's
+        # ``_gac``; ``srsltid``, the per-click ID of Merchant Center auto-tagging.
+        "gclid",
+        "gclsrc",
+        "gbraid",
+        "wbraid",
+        "dclid",
+        "_gl",
+        "_gac",
+        "srsltid",
+        # Ad platforms' click IDs.
+        "fbclid",  # Meta
+        "fb_action_ids",  # Meta (the sharer's actions)
+        "igshid",  # Instagram share (the sharer)
+        "igsh",
+        "msclkid",  # Microsoft Advertising
+        "ttclid",  # TikTok
+        "twclid",  # X
+        "li_fat_id",  # LinkedIn (a member ID)
+        "sccid",  # Snapchat (ScCid)
+        "epik",  # Pinterest
+        "rdt_cid",  # Reddit
+        "qclid",  # Quora
+        "yclid",  # Yandex Direct
+        "ymclid",  # Yandex Market
+        "ysclid",  # Yandex search
+        "tblci",  # Taboola
+        "dicbo",  # Outbrain
+        # Affiliate networks' click references.
+        "irclickid",  # impact.com
+        "cjevent",  # CJ
+        "awc",  # Awin
+        "rb_clickid",
+        "unicorn_click_id",
+        "wickedid",  # Wicked Reports
+        "_openstat",  # Openstat
+        "_branch_match_id",  # Branch
+        # Email and marketing automation: the recipient.
+        "mc_eid",  # Mailchimp
+        "_kx",  # Klaviyo
+        "_ke",  # Klaviyo (the address itself, encoded)
+        "_hsenc",  # HubSpot
+        "_hsmi",
+        "__hstc",
+        "__hssc",
+        "__hsfp",
+        "hsctatracking",
+        "mkt_tok",  # Marketo
+        "oly_anon_id",  # Omeda
+        "oly_enc_id",
+        "vero_id",  # Vero
+        "vero_conv",
+        "__s",  # Drip
+        "ml_subscriber",  # MailerLite
+        "ml_subscriber_hash",
+        "ck_subscriber_id",  # Kit (ConvertKit)
+        "ss_email_id",  # Squarespace
+        "et_rid",  # Salesforce Marketing Cloud
+        "bsft_uid",  # Blueshift
+        "bsft_clkid",
+        "at_recipient_id",  # Adobe
+        "at_recipient_list",
+        "_bhlid",  # beehiiv
+    }
+    | {p.lower() for p in CLICK_ID_FIELDS}
+)
 
 
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -198,8 +273,34 @@ def all_purposes_known(purposes: frozenset[str]) -> list[str]:
     return sorted(purposes - set(CONSENT_PURPOSES))
 
 
+def plain_ip(ip: str) -> str:
+    """An IPv4-mapped IPv6 address as the IPv4 address it is; any other text unchanged.
+
+    A server listening on ``[::]`` sees every IPv4 client as ``::ffff:203.0.113.7``; that is
+    ``203.0.113.7``, and is kept, truncated and forwarded as such.
+    """
+    if ":" not in ip or "ffff" not in ip.lower():
+        return ip  # IPv4, or IPv6 that cannot be mapped: most addresses, without a parse
+    try:
+        mapped = ipaddress.IPv6Address(ip.strip()).ipv4_mapped
+    except ValueError:
+        return ip
+    return ip if mapped is None else str(mapped)
+
+
+# 6to4 (RFC 3056): the client's IPv4 address is bits 16-48, so a /48 would keep all of it.
+_6TO4 = ipaddress.IPv6Network("2002::/16")
+
+
 def truncate_ip(ip: str) -> str | None:
-    """IPv4 to /24 and IPv6 to /48 (the last octet or 80 bits zeroed); None if unreadable."""
+    """The address with its host part zeroed; None if unreadable.
+
+    IPv4 is cut to /24 and IPv6 to /48, except where an IPv6 address carries an IPv4 address
+    in its first 48 bits: an IPv4-mapped address (``::ffff:203.0.113.7``) is its IPv4 address
+    cut to /24 (``203.0.113.0``), and a 6to4 address (``2002::/16``) is cut to /40, which
+    keeps the embedded IPv4 address's /24 only. Teredo (``2001::/32``) carries the client's
+    address in its last 32 bits, which the /48 removes.
+    """
     text = ip.strip()
     quad = _DOTTED_QUAD.fullmatch(text)
     if quad is not None:
@@ -211,28 +312,67 @@ def truncate_ip(ip: str) -> str | None:
         address = ipaddress.ip_address(text)
     except ValueError:
         return None
-    prefix = 24 if address.version == 4 else 48
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.version == 4:
+        prefix = 24
+    elif address in _6TO4:
+        prefix = 40
+    else:
+        prefix = 48
     network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
     return str(network.network_address)
 
 
-def _strip_url(url: Any) -> Any:
-    if not isinstance(url, str) or "?" not in url:
+def _tracking(field: str) -> bool:
+    """Whether one ``name=value`` field of a query names a tracking parameter."""
+    name = unquote_plus(field.partition("=")[0]).lower()
+    # "&amp;gclid=" is a URL copied out of HTML: the platforms' scripts read it as gclid too.
+    return name in TRACKING_PARAMS or name.removeprefix("amp;") in TRACKING_PARAMS
+
+
+def _strip_query(query: str) -> str:
+    """The query without its tracking parameters; the other fields exactly as they were."""
+    return "&".join(field for field in query.split("&") if not _tracking(field))
+
+
+def _strip_fragment(fragment: str) -> str:
+    """The fragment without tracking parameters: the gtag linker can put ``_gl`` there
+    (``#_gl=...``), and single-page apps that route by fragment carry their query in it
+    (``#/landing?gclid=...``). A fragment without ``=`` (``#reviews``) is left as it is."""
+    if "?" in fragment:
+        route, _, query = fragment.partition("?")
+        kept = _strip_query(query)
+        if kept == query:
+            return fragment
+        return f"{route}?{kept}" if kept else route
+    return _strip_query(fragment) if "=" in fragment else fragment
+
+
+def _strip_url(url: str) -> str | None:
+    """The URL without tracking parameters; None when it cannot be parsed.
+
+    A URL that cannot be parsed cannot be shown to be free of click IDs, so the anonymous
+    view drops it rather than forward it as it came.
+    """
+    if "?" not in url and "#" not in url:
         return url
-    parts = urlsplit(url)
-    query = [
-        (k, v)
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        if k.lower() not in _CLICK_ID_PARAMS
-    ]
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced "[" or a host that is no IP in brackets, for instance
+        return None
+    query, fragment = _strip_query(parts.query), _strip_fragment(parts.fragment)
+    if query == parts.query and fragment == parts.fragment:
+        return url  # nothing to remove: the URL exactly as it came
+    return urlunsplit(parts._replace(query=query, fragment=fragment))
 
 
 def strip_identifiers(event: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of the event with no way back to a person: for analytics-only forwarding.
 
-    Drops ``user_data`` and ``user_id``, every click ID and platform cookie, click-ID query
-    parameters from the page URL and referrer, and truncates the IP.
+    Drops ``user_data`` and ``user_id``, every click ID and platform cookie, the
+    :data:`TRACKING_PARAMS` from the page URL and referrer (a URL that cannot be parsed is
+    dropped whole), and truncates the IP (:func:`truncate_ip`).
     """
     stripped = {k: v for k, v in event.items() if k not in ("user_data", "user_id")}
     context = event.get("context")
@@ -241,7 +381,12 @@ def strip_identifiers(event: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(ctx.get("ip"), str):
             ctx["ip"] = truncate_ip(ctx["ip"])
         for key in ("page_url", "referrer"):
-            if key in ctx:
-                ctx[key] = _strip_url(ctx[key])
+            url = ctx.get(key)
+            if isinstance(url, str):
+                clean = _strip_url(url)
+                if clean is None:
+                    del ctx[key]
+                else:
+                    ctx[key] = clean
         stripped["context"] = ctx
     return stripped

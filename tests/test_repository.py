@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from engine.cli import build_parser
+from engine.consent import TRACKING_PARAMS
 from engine.rules import compile_container
 from engine.rules.schema import RULES_SCHEMA
 from engine.rules.testing import run_tests
@@ -18,6 +20,14 @@ def test_committed_rule_schema_matches_the_code() -> None:
     assert committed == json.loads(json.dumps(RULES_SCHEMA)), (
         "rules/tagrelay.schema.json is stale: run `tagrelay schema -o rules/tagrelay.schema.json`"
     )
+
+
+def test_the_readme_names_every_url_parameter_anonymous_forwarding_strips() -> None:
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| not all of it,"))
+    named = {name.lower() for name in re.findall(r"`([A-Za-z_]+)`", row)}
+
+    assert not TRACKING_PARAMS - named, "README Consent table: add these parameters"
 
 
 def test_ci_runs_the_readme_test_command() -> None:

@@ -729,6 +729,12 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         return f"{prefix}unknown key {extra[0]!r}{hint}" if extra else prefix + err.message
     if err.validator == "required":
         return f"{prefix}{err.message}"
+    if err.validator == "minItems" and tuple(err.absolute_path)[-2:] == ("consent", "anonymous"):
+        return (
+            f"{prefix}an empty anonymous list would forward a copy whatever the consent: name "
+            "the purposes the anonymous copy needs (e.g. [analytics_storage]), or remove "
+            "anonymous to forward nothing without the required consent"
+        )
     if err.validator == "oneOf" and err.context:
         best = _best_alternative(err)
         return _schema_message(best) if best is not err else prefix + err.message

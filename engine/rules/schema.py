@@ -19,6 +19,12 @@ _EXPR = {"type": "string", "minLength": 1, "description": "a JMESPath expression
 _ONE_OR_MORE_EXPR = {"oneOf": [_EXPR, {"type": "array", "items": _EXPR, "minItems": 1}]}
 _ONE_OR_MORE_NAME = {"oneOf": [_NAME, {"type": "array", "items": _NAME, "minItems": 1}]}
 _PURPOSES = {"type": "array", "items": {"enum": list(CONSENT_PURPOSES)}, "uniqueItems": True}
+# An empty list would make the anonymous copy need no consent at all.
+_ANONYMOUS_PURPOSES = {
+    **_PURPOSES,
+    "minItems": 1,
+    "description": "purposes that, if granted, allow a copy without identifiers (at least one)",
+}
 _DURATION = {
     "oneOf": [
         {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)\s*$"},
@@ -151,7 +157,10 @@ RULES_SCHEMA: dict[str, Any] = {
                             {
                                 "type": "object",
                                 "additionalProperties": False,
-                                "properties": {"require": _PURPOSES, "anonymous": _PURPOSES},
+                                "properties": {
+                                    "require": _PURPOSES,
+                                    "anonymous": _ANONYMOUS_PURPOSES,
+                                },
                             },
                         ]
                     },

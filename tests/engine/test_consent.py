@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,10 +11,12 @@ from typing import Any
 import pytest
 
 from engine.consent import (
+    TRACKING_PARAMS,
     Requirement,
     Verdict,
     decide,
     granted_purposes,
+    plain_ip,
     strip_identifiers,
     truncate_ip,
 )
@@ -145,6 +148,12 @@ def test_stripping_does_not_change_the_stored_event() -> None:
         (" 198.51.100.1 ", "198.51.100.0"),
         ("2001:db8:abcd:1234:5678::1", "2001:db8:abcd::"),
         ("2001:db8:abcd:ffff:ffff:ffff:ffff:ffff", "2001:db8:abcd::"),
+        ("::ffff:203.0.113.7", "203.0.113.0"),
+        ("::FFFF:203.0.113.7", "203.0.113.0"),
+        ("::ffff:cb00:7107", "203.0.113.0"),
+        ("0:0:0:0:0:ffff:203.0.113.7", "203.0.113.0"),
+        ("2002:cb00:7107::1", "2002:cb00:7100::"),
+        ("2002:cb00:7107:1234:5678::1", "2002:cb00:7100::"),
         ("not an ip", None),
         ("", None),
     ],
@@ -153,10 +162,136 @@ def test_ips_are_truncated_to_a_24_or_a_48(ip: str, truncated: str | None) -> No
     assert truncate_ip(ip) == truncated
 
 
+def test_an_ipv4_mapped_address_is_truncated_as_the_ipv4_address_it_is() -> None:
+    # How a server listening on [::] sees every IPv4 client; it used to become "::".
+    assert truncate_ip("::ffff:203.0.113.7") == "203.0.113.0"
+
+
+def test_a_6to4_address_keeps_no_more_than_the_24_of_its_embedded_ipv4() -> None:
+    client = ipaddress.IPv4Address("203.0.113.7")
+    six_to_four = ipaddress.IPv6Address((0x2002 << 112) | (int(client) << 80) | 0x1234_5678)
+
+    truncated = ipaddress.IPv6Address(truncate_ip(str(six_to_four)))
+
+    assert truncated.sixtofour == ipaddress.IPv4Address("203.0.113.0")
+
+
+def test_a_teredo_address_loses_the_clients_address_with_its_last_80_bits() -> None:
+    # RFC 4380: server IPv4 in bits 32-64, the client's (inverted) in the last 32 bits.
+    teredo = ipaddress.IPv6Address("2001:0:4136:e378:8000:63bf:3fff:fdd2")
+    assert teredo.teredo is not None
+    _server, client = teredo.teredo
+
+    truncated = ipaddress.IPv6Address(truncate_ip(str(teredo)))
+
+    assert truncated == ipaddress.IPv6Address("2001:0:4136::")
+    assert truncated.teredo is not None and truncated.teredo[1] != client
+    assert int(truncated) & ((1 << 80) - 1) == 0
+
+
+@pytest.mark.parametrize(
+    ("ip", "plain"),
+    [
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("::ffff:cb00:7107", "203.0.113.7"),
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8::ffff", "2001:db8::ffff"),
+        ("2002:cb00:7107::1", "2002:cb00:7107::1"),
+        ("not an ip", "not an ip"),
+        ("::ffff:not", "::ffff:not"),
+    ],
+)
+def test_an_ipv4_mapped_address_is_read_as_plain_ipv4_and_others_are_left_alone(
+    ip: str, plain: str
+) -> None:
+    assert plain_ip(ip) == plain
+
+
 def test_urls_without_click_ids_are_left_as_they_were() -> None:
     event = {"context": {"page_url": "https://shop.example/p", "referrer": None}}
 
     assert strip_identifiers(event)["context"] == event["context"]
+
+
+def anonymous_url(url: str) -> str | None:
+    context = strip_identifiers({"context": {"page_url": url}})["context"]
+    found: str | None = context.get("page_url")
+    return found
+
+
+GL = "1*1x2y3z*_gcl_aw*R0NMLjE3MzIxMDAwMDAuR0NMSUQtU0VDUkVU*_ga*MTIzNDU2Nzg5MC4xNzMyMTAwMDAw"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"_gl={GL}",  # the gtag linker: a base64 gclid (_gcl_aw) and the _ga cookie
+        "srsltid=AfmBOoSECRETCLICK",  # Google Merchant Center auto-tagging
+        "_GL=x",
+        "SrSltId=x",
+        "%5Fgl=x",  # a percent-escaped key is the same key
+    ],
+)
+def test_the_google_linker_and_shopping_click_ids_are_stripped(query: str) -> None:
+    assert anonymous_url(f"https://shop.example/?{query}") == "https://shop.example/"
+
+
+@pytest.mark.parametrize("param", sorted(TRACKING_PARAMS))
+def test_every_tracking_parameter_is_stripped_in_any_case(param: str) -> None:
+    url = f"https://shop.example/p?{param}=SECRET&color=red&{param.upper()}=SECRET2"
+
+    assert anonymous_url(url) == "https://shop.example/p?color=red"
+
+
+def test_the_deny_list_holds_the_click_linker_and_recipient_ids_it_promises() -> None:
+    promised = (
+        "_gl srsltid gclid gclsrc gbraid wbraid dclid msclkid twclid li_fat_id ScCid epik "
+        "rdt_cid mc_eid _hsenc _hsmi yclid irclickid igshid _kx ttclid fbclid"
+    )
+    assert {p.lower() for p in promised.split()} <= TRACKING_PARAMS
+    assert not any(p.startswith("utm_") for p in TRACKING_PARAMS)
+
+
+def test_campaign_parameters_and_ordinary_ones_stay_exactly_as_written() -> None:
+    url = (
+        "https://shop.example/p?utm_source=news&utm_medium=email&utm_campaign=spring%20sale"
+        "&gad_source=1&mc_cid=c1&q=a+b&flag&gclid=G1&_hsenc=p2&id=5"
+    )
+
+    assert anonymous_url(url) == (
+        "https://shop.example/p?utm_source=news&utm_medium=email&utm_campaign=spring%20sale"
+        "&gad_source=1&mc_cid=c1&q=a+b&flag&id=5"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "stripped"),
+    [
+        (f"https://shop.example/p#_gl={GL}", "https://shop.example/p"),
+        ("https://shop.example/#section&_gl=x", "https://shop.example/#section"),
+        ("https://shop.example/#/landing?gclid=G1&tab=2", "https://shop.example/#/landing?tab=2"),
+        ("https://shop.example/#/landing?fbclid=F1", "https://shop.example/#/landing"),
+        ("https://shop.example/p?a=1#reviews", "https://shop.example/p?a=1#reviews"),
+        ("https://shop.example/p?a=1&amp;gclid=G1", "https://shop.example/p?a=1"),
+    ],
+)
+def test_tracking_parameters_in_the_fragment_are_stripped_too(url: str, stripped: str) -> None:
+    assert anonymous_url(url) == stripped
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1?gclid=G1",
+        "http://[shop.example/landing?gclid=abc",
+        "https://[shop.example]/?gclid=abc",
+        "https://shop\uff03example/?gclid=abc",  # a host that NFKC turns into a "#"
+    ],
+)
+def test_a_url_that_cannot_be_parsed_is_dropped_from_the_anonymous_view(url: str) -> None:
+    event = {"context": {"page_url": url, "referrer": url, "user_agent": "UA"}}
+
+    assert strip_identifiers(event)["context"] == {"user_agent": "UA"}
 
 
 # -- through the rules ------------------------------------------------------------------------

@@ -126,6 +126,11 @@ maybe_text = st.one_of(
             "203.0.113.7",
             "2001:db8::1",
             "https://shop.example/p?gclid=x&fbclid=y",
+            "https://shop.example/p?_gl=1*abc&srsltid=x#/route?gclid=z",
+            "http://[shop.example/landing?gclid=x&fbclid=y&ttclid=z",  # unparsable
+            "https://[shop.example]/?gclid=x",  # unparsable
+            "::ffff:203.0.113.7",
+            "2002:cb00:7107::1",
             "",
             " ",
         ]

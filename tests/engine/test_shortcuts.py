@@ -35,12 +35,19 @@ NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
 
 
 def reference_truncate_ip(ip: str) -> str | None:
-    """truncate_ip as it was: always through ipaddress."""
+    """truncate_ip's rule, always through ipaddress: IPv4 (mapped too) /24, 6to4 /40, IPv6 /48."""
     try:
         address = ipaddress.ip_address(ip.strip())
     except ValueError:
         return None
-    prefix = 24 if address.version == 4 else 48
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if address.version == 4:
+        prefix = 24
+    elif address.sixtofour is not None:
+        prefix = 40
+    else:
+        prefix = 48
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
 
 
@@ -60,6 +67,10 @@ ips = st.one_of(
     dotted,
     padded,
     st.ip_addresses().map(str),
+    # IPv4 inside IPv6: mapped (as a dual-stack listener sees IPv4 clients), 6to4 and Teredo.
+    st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),
+    st.ip_addresses(network="2002::/16").map(str),
+    st.ip_addresses(network="2001::/32").map(str),
     st.text(alphabet="0123456789.:abcdef%/ ", max_size=20),
 )
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import socket
+import sqlite3
+import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.serving import make_server
 
 from engine.app import create_app
 from engine.cli import main
@@ -34,10 +40,10 @@ tags:
 """
 
 
-def make_app(tmp_path: Path, **overrides: Any) -> Flask:
+def make_app(tmp_path: Path, rules_text: str = RULES, **overrides: Any) -> Flask:
     tmp_path.mkdir(parents=True, exist_ok=True)
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(rules_text)
     settings = Settings(
         rules=rules,
         data_dir=tmp_path / "data",
@@ -397,6 +403,246 @@ def test_the_client_ip_comes_from_x_forwarded_for_only_behind_trusted_proxies(
 
     assert stored(plain, "p1")["context"]["ip"] == "127.0.0.1"
     assert stored(proxied, "p1")["context"]["ip"] == "203.0.113.5"  # only the last hop is ours
+
+
+# -- anonymous copies over HTTP: URLs and IPs ---------------------------------------------------
+
+# Every built-in adapter that reads the page URL, each allowed an anonymous copy.
+ANONYMOUS_RULES = """
+destinations:
+  ga4: {type: ga4, measurement_id: G-TEST1, api_secret: s, endpoint: "http://127.0.0.1:9"}
+  meta: {type: meta_capi, pixel_id: "123", access_token: t, endpoint: "http://127.0.0.1:9"}
+  tiktok: {type: tiktok, pixel_code: CTEST, access_token: t, endpoint: "http://127.0.0.1:9"}
+  gads:
+    type: google_ads
+    customer_id: "123-456-7890"
+    conversion_action: "111"
+    developer_token: d
+    client_id: c
+    client_secret: s
+    refresh_token: r
+    endpoint: "http://127.0.0.1:9"
+    currency: EUR
+  hook: {type: webhook, url: "http://127.0.0.1:9/hook"}
+triggers:
+  all: {event: '*'}
+tags:
+  - {name: ga4, trigger: all, destination: ga4, event_name: page_view,
+     consent: {require: [analytics_storage, ad_user_data], anonymous: [analytics_storage]}}
+  - {name: meta, trigger: all, destination: meta, event_name: PageView,
+     consent: {require: [ad_storage, ad_user_data], anonymous: [analytics_storage]}}
+  - {name: tiktok, trigger: all, destination: tiktok, event_name: ViewContent,
+     consent: {require: [ad_storage, ad_user_data], anonymous: [analytics_storage]}}
+  - {name: gads, trigger: all, destination: gads,
+     consent: {require: [ad_storage, ad_user_data], anonymous: [analytics_storage]}}
+  - {name: hook, trigger: all, destination: hook, consent: {anonymous: [analytics_storage]}}
+"""
+ANALYTICS_ONLY = {"analytics_storage": "granted"}
+
+
+def outbox(app: Flask, event_id: str) -> dict[str, Any]:
+    """The queued payload of each tag that fired on the event."""
+    with sqlite3.connect(store_of(app).path) as db:
+        rows = db.execute(
+            "SELECT tag, payload FROM deliveries WHERE event_id = ?", (event_id,)
+        ).fetchall()
+    return {tag: json.loads(payload) for tag, payload in rows}
+
+
+UNPARSABLE_URLS = [
+    "http://[shop.example/landing?gclid=G-SECRET",  # "[" never closed
+    "https://[shop.example]/?gclid=G-SECRET",  # no IP address in the brackets
+]
+
+
+@pytest.mark.parametrize("url", UNPARSABLE_URLS)
+def test_an_unparsable_page_url_is_accepted_on_every_endpoint_and_left_out_of_anonymous_copies(
+    tmp_path: Path, url: str
+) -> None:
+    app = make_app(tmp_path, ANONYMOUS_RULES)
+    client = app.test_client()
+    context = {"page_url": url, "referrer": url, "user_agent": "UA"}
+    bad = {
+        "event_name": "page_view",
+        "visitor_id": "v_1",
+        "consent": ANALYTICS_ONLY,
+        "context": context,
+    }
+
+    single = track(client, {**bad, "event_id": "single"})
+    batch = client.post(
+        "/v1/track/batch",
+        json={"events": [{"event_name": "sale", "event_id": "innocent"}, {**bad, "event_id": "b"}]},
+        headers={"Authorization": f"Bearer {SERVER_KEY}"},
+    )
+    browser = collect(client, {**bad, "event_id": "browser"})
+    full = track(client, {**bad, "event_id": "full", "consent": ALL_GRANTED})
+
+    assert [r.status_code for r in (single, batch, browser, full)] == [200, 200, 200, 200]
+    assert batch.get_json()["accepted"] == 2
+    assert stored(app, "innocent")["event_name"] == "sale"
+    for event_id in ("single", "b", "browser"):
+        sent = json.dumps(outbox(app, event_id))
+        # Meta needs the page URL of a website event, and Google Ads a click ID: without
+        # them, their anonymous copies are not sent (and the decision says why).
+        assert set(outbox(app, event_id)) == {"ga4", "tiktok", "hook"}
+        assert "G-SECRET" not in sent and "shop.example" not in sent
+        assert stored(app, event_id)["context"]["page_url"] == url  # stored as it came
+    assert "G-SECRET" in json.dumps(outbox(app, "full")["meta"])  # full consent: forwarded
+
+
+def test_anonymous_copies_carry_no_linker_or_shopping_click_ids(
+    tmp_path: Path,
+) -> None:
+    app = make_app(tmp_path, ANONYMOUS_RULES)
+    client = app.test_client()
+    gl = "1*1x2y3z*_gcl_aw*R0NMLjE3MzIxMDAwMDAuR0NMSUQtU0VDUkVU*_ga*MTIzNDU2Nzg5MC4xNzMyMTAwMDAw"
+    queries = {
+        "gl": f"_gl={gl}&utm_source=news",
+        "srsltid": "srsltid=AfmBOoSECRETCLICK&utm_source=news",
+        "mixed": "Gclsrc=aw.ds&wbraid=W1&_hsenc=H1&mc_eid=M1&utm_source=news",
+    }
+
+    for event_id, query in queries.items():
+        collect(
+            client,
+            {
+                "event_name": "page_view",
+                "event_id": event_id,
+                "consent": ANALYTICS_ONLY,
+                "context": {"page_url": f"{ORIGIN}/p?{query}", "referrer": f"{ORIGIN}/#{query}"},
+            },
+        )
+
+    for event_id in queries:
+        sent = outbox(app, event_id)
+        assert sent["ga4"]["event"]["params"]["page_location"] == f"{ORIGIN}/p?utm_source=news"
+        assert sent["hook"]["context"]["page_url"] == f"{ORIGIN}/p?utm_source=news"
+        assert sent["hook"]["context"]["referrer"] == f"{ORIGIN}/#utm_source=news"
+
+
+def test_an_ipv4_mapped_client_address_is_kept_truncated_and_remembered_as_plain_ipv4(
+    tmp_path: Path,
+) -> None:
+    app = make_app(tmp_path, ANONYMOUS_RULES)
+    client = app.test_client()
+    mapped = {"REMOTE_ADDR": "::ffff:203.0.113.7"}  # an IPv4 client of a server on [::]
+
+    visitor = collect(
+        client,
+        {"event_name": "page_view", "event_id": "pv", "consent": ALL_GRANTED},
+        environ_base=mapped,
+    ).get_json()["visitor_id"]
+    collect(
+        client,
+        {"event_name": "page_view", "event_id": "anon", "consent": ANALYTICS_ONLY},
+        environ_base=mapped,
+    )
+    track(
+        client,
+        {"event_name": "sale", "event_id": "later", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+
+    assert stored(app, "pv")["context"]["ip"] == "203.0.113.7"
+    assert stored(app, "anon")["context"]["ip"] == "203.0.113.0"
+    assert outbox(app, "anon")["ga4"]["request"]["ip_override"] == "203.0.113.0"
+    assert stored(app, "later")["context"]["ip"] == "203.0.113.7"  # remembered plain
+
+
+@pytest.mark.parametrize(
+    ("forwarded_for", "ip"),
+    [
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("198.51.100.9, ::ffff:203.0.113.7", "203.0.113.7"),
+        ("::ffff:cb00:7107", "203.0.113.7"),
+        ("2001:db8::7", "2001:db8::7"),
+    ],
+)
+def test_a_trusted_proxys_ipv4_mapped_forwarded_for_is_stored_as_plain_ipv4(
+    tmp_path: Path, forwarded_for: str, ip: str
+) -> None:
+    app = make_app(tmp_path, trusted_proxies=1)
+
+    collect(
+        app.test_client(),
+        {"event_name": "x", "event_id": "p1", "consent": ALL_GRANTED},
+        headers={"X-Forwarded-For": forwarded_for},
+    )
+
+    assert stored(app, "p1")["context"]["ip"] == ip
+
+
+def test_a_backend_events_ipv4_mapped_ip_is_stored_as_plain_ipv4(
+    app: Flask, client: FlaskClient
+) -> None:
+    for event_id, consent in (("keep", ALL_GRANTED), ("truncate", ANALYTICS_ONLY)):
+        track(
+            client,
+            {
+                "event_name": "x",
+                "event_id": event_id,
+                "consent": consent,
+                "context": {"ip": "::ffff:203.0.113.7"},
+            },
+        )
+
+    assert stored(app, "keep")["context"]["ip"] == "203.0.113.7"
+    assert stored(app, "truncate")["context"]["ip"] == "203.0.113.0"
+
+
+def test_an_ipv4_client_has_one_rate_limit_however_its_address_is_written(
+    tmp_path: Path,
+) -> None:
+    app = make_app(tmp_path, rate_limit=2, trusted_proxies=1)
+    client = app.test_client()
+
+    def from_ip(ip: str) -> int:
+        answer = collect(client, {"event_name": "x"}, headers={"X-Forwarded-For": ip})
+        return int(answer.status_code)
+
+    answers = [from_ip(ip) for ip in ("198.51.100.1", "::ffff:198.51.100.1", "::ffff:c633:6401")]
+
+    assert answers == [200, 200, 429]
+
+
+@pytest.fixture
+def dual_stack_url(app: Flask) -> Iterator[str]:
+    """The app served over real HTTP on [::], reached over IPv4 (a dual-stack listener)."""
+    try:
+        server = make_server("::", 0, app)
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+    port = server.socket.getsockname()[1]
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        server.server_close()
+        pytest.skip("the IPv6 listener takes no IPv4 connections here (bindv6only)")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_an_ipv4_client_of_a_dual_stack_listener_is_stored_as_ipv4(
+    app: Flask, dual_stack_url: str
+) -> None:
+    def send(event_id: str, consent: dict[str, str]) -> int:
+        answer = requests.post(
+            f"{dual_stack_url}/v1/collect?key={PK}",
+            data=json.dumps({"event_name": "page_view", "event_id": event_id, "consent": consent}),
+            headers={"Origin": ORIGIN, "Content-Type": "text/plain"},
+            timeout=10,
+        )
+        return answer.status_code
+
+    assert send("kept", ALL_GRANTED) == 200
+    assert send("truncated", ANALYTICS_ONLY) == 200
+
+    assert stored(app, "kept")["context"]["ip"] == "127.0.0.1"
+    assert stored(app, "truncated")["context"]["ip"] == "127.0.0.0"
 
 
 def test_retention_purges_old_events_and_identities_but_not_pending_ones(app: Flask) -> None:
