@@ -262,10 +262,17 @@ class Store(abc.ABC):
     def forget(
         self, user_id: str | None = None, visitor_id: str | None = None, email: str | None = None
     ) -> dict[str, int]:
-        """Erase a person: events, deliveries (pending ones too), identities and links.
+        """Erase what is or may be a person's, never what is provably another user's.
 
-        ``email`` matches the event's ``user_data.email`` trimmed and lower-cased, or its
-        SHA-256. Returns how many of each kind were removed.
+        The person's user IDs are ``user_id`` and, with ``email``, those the client sent on
+        the events with that address; their visitors are ``visitor_id``, those the client sent
+        on such events, and every visitor linked to one of their user IDs (one step, no
+        further). Erased: events with one of their user IDs; events on one of their visitors
+        with no user ID, or with one the pipeline only copied from the visitor's identity
+        (listed under ``enriched``); events with ``email`` as ``user_data.email``, plain or
+        SHA-256. Events the client sent with another user's ID stay. The deliveries of erased
+        events go with them (pending ones too), and so do the person's visitor rows and every
+        link of their visitors and user IDs. Returns how many of each kind were removed.
         """
 
     @abc.abstractmethod

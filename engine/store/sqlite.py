@@ -657,35 +657,58 @@ def _not_queued(decisions: Sequence[Decision], why: str) -> list[Decision]:
     return [d.blocked(f"not queued: {why}") if d.fired else d for d in decisions]
 
 
-def _linked(
-    db: sqlite3.Connection, visitors: set[str], users: set[str], by_visitor_row: bool
-) -> None:
-    """Add to ``visitors`` and ``users`` everyone linked to them (two steps each way).
+# What forget reads in an event body.
+_USER = "json_extract(body, '$.user_id')"
+_VISITOR = "json_extract(body, '$.visitor_id')"
+# A user ID the pipeline copied from the visitor's identity (listed under ``enriched``) is a guess
+# from a browser possibly shared, not the client's word on whose event it is.
+_USER_GUESSED = "instr(COALESCE(json_extract(body, '$.enriched'), ''), '\"user_id\"') > 0"
 
-    Every user ID a visitor row has ever held is also a link (see _remember); the visitors
-    table itself, which has no index by user, is read only when ``by_visitor_row``.
+
+def _visitors_of(db: sqlite3.Connection, users: Iterable[str], by_visitor_row: bool) -> set[str]:
+    """The visitors linked to ``users``: the person's own browsers and devices (one step).
+
+    Links are followed from a user to their visitors, and no further: a browser that two people
+    logged in on links both, and what the other one did elsewhere is not the person's. Every
+    user ID a visitor row has held is also a link (see _remember); the visitors table itself,
+    which has no index by user, is read only when ``by_visitor_row``.
     """
     by_user = ["SELECT visitor_id FROM user_visitors WHERE user_id = ?"]
     if by_visitor_row:
         by_user.append("SELECT visitor_id FROM visitors WHERE user_id = ?")
-    for _ in range(2):
-        for u in list(users):
-            for sql in by_user:
-                visitors.update(r[0] for r in db.execute(sql, (u,)))
-        for v in list(visitors):
-            links = db.execute("SELECT user_id FROM user_visitors WHERE visitor_id = ?", (v,))
-            users.update(r[0] for r in links)
+    found: set[str] = set()
+    for u in users:
+        for sql in by_user:
+            found.update(r[0] for r in db.execute(sql, (u,)))
+    return found
 
 
-def _person_filter(users: set[str], visitors: set[str], email: str | None) -> tuple[str, list[Any]]:
-    """The WHERE condition (and its parameters) matching a person's events."""
+def _person_filter(
+    users: set[str],
+    visitors: set[str],
+    email: str | None,
+    own_users: set[str] | None = None,
+) -> tuple[str, list[Any]]:
+    """The WHERE condition (and its parameters) matching a person's events.
+
+    An event is the person's when it carries one of ``users``, or when it was seen on one of
+    ``visitors`` and carries no user ID, one of ``own_users`` (default: ``users``), or a user
+    ID only guessed from the visitor; an event on the person's visitor that the client sent
+    with another user's ID is that user's, and stays. With ``email``, also every event whose
+    ``user_data.email`` is that address (see _email_keys).
+    """
+    own = users if own_users is None else own_users
     conditions, params = ["0"], []
     if users:
-        conditions.append(f"json_extract(body, '$.user_id') IN ({_marks(users)})")
+        conditions.append(f"{_USER} IN ({_marks(users)})")
         params += sorted(users)
     if visitors:
-        conditions.append(f"json_extract(body, '$.visitor_id') IN ({_marks(visitors)})")
+        anyone = [f"{_USER} IS NULL", _USER_GUESSED]
+        if own:
+            anyone.append(f"{_USER} IN ({_marks(own)})")
+        conditions.append(f"({_VISITOR} IN ({_marks(visitors)}) AND ({' OR '.join(anyone)}))")
         params += sorted(visitors)
+        params += sorted(own)
     if email:
         normalized = email.strip().lower()
         digest = hashlib.sha256(normalized.encode()).hexdigest()
@@ -703,16 +726,21 @@ def _ids_by_email(
     users: set[str],
 ) -> None:
     """Add to ``visitors`` and ``users`` the IDs on the events (matching ``where``) with
-    ``email``: erasing a person found by e-mail erases what their IDs are remembered with."""
+    ``email``: erasing a person found by e-mail erases what their IDs are remembered with.
+
+    Only the IDs the client sent: one the pipeline copied from a remembered identity (listed
+    under ``enriched``) may be another person's, on a shared browser.
+    """
     match, email_params = _person_filter(set(), set(), email)
-    for visitor, user in db.execute(
-        "SELECT json_extract(body, '$.visitor_id'), json_extract(body, '$.user_id') FROM events "
+    for visitor, user, enriched in db.execute(
+        f"SELECT {_VISITOR}, {_USER}, json_extract(body, '$.enriched') FROM events "
         f"WHERE {where} AND ({match})",
         [*params, *email_params],
     ):
-        if visitor is not None:
+        guessed = json.loads(enriched) if enriched else []
+        if visitor is not None and "visitor_id" not in guessed:
             visitors.add(str(visitor))
-        if user is not None:
+        if user is not None and "user_id" not in guessed:
             users.add(str(user))
 
 
@@ -1247,7 +1275,7 @@ class SQLiteStore(Store):
         takes seconds on a large store: that scan runs on a snapshot outside the write lock.
         The events found are then erased in short transactions, and the last transaction
         looks again, inside the lock, at the events that arrived during the scan (and at all
-        events for anyone linked to the person meanwhile, which is rare), so nothing of the
+        events on any visitor linked to the person meanwhile, which is rare), so nothing of the
         person is left as of that transaction.
         """
         removed = {"events": 0, "deliveries": 0, "visitors": 0, "links": 0, "dedup_keys": 0}
@@ -1263,9 +1291,8 @@ class SQLiteStore(Store):
             last = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
             if email:
                 _ids_by_email(db, email, "seq <= ?", [last], seed_visitors, seed_users)
-            visitors.update(seed_visitors)
             users.update(seed_users)
-            _linked(db, visitors, users, by_visitor_row=True)
+            visitors.update(seed_visitors, _visitors_of(db, users, by_visitor_row=True))
             where, params = _person_filter(users, visitors, email)
             sql = f"SELECT seq FROM events WHERE seq <= ? AND ({where})"
             seqs = [r[0] for r in db.execute(sql, [last, *params])]
@@ -1277,15 +1304,16 @@ class SQLiteStore(Store):
             with self._write() as db:
                 _erase_events(db, chunk, [k for k in keys if k[1] in these], removed)
         with self._write() as db:
-            # The same closure from the same start, on the links as they are now: whoever it
+            # The same step from the same start, on the links as they are now: whoever it
             # reaches that the search did not was linked meanwhile.
             if email:
                 _ids_by_email(db, email, "seq > ?", [last], seed_visitors, seed_users)
-            now_visitors, now_users = set(seed_visitors), set(seed_users)
-            _linked(db, now_visitors, now_users, by_visitor_row=False)
-            new_visitors, new_users = now_visitors - visitors, now_users - users
-            visitors |= new_visitors
+            new_users = seed_users - users
             users |= new_users
+            new_visitors = (
+                seed_visitors | _visitors_of(db, users, by_visitor_row=False)
+            ) - visitors
+            visitors |= new_visitors
             where, params = _person_filter(users, visitors, email)
             tail = [
                 r[0]
@@ -1294,7 +1322,7 @@ class SQLiteStore(Store):
                 )
             ]
             if new_visitors or new_users:  # their older events too (rare: a full read)
-                where, params = _person_filter(new_users, new_visitors, None)
+                where, params = _person_filter(new_users, new_visitors, None, own_users=users)
                 tail += [
                     r[0]
                     for r in db.execute(
@@ -1303,6 +1331,10 @@ class SQLiteStore(Store):
                 ]
             if tail:
                 _erase_events(db, tail, _keys_of(db, tail), removed)
+            # A visitor of the person's is erased whole, even one another person used too: it
+            # is only what enrichment remembers (click IDs, user agent, IP), which cannot be
+            # told apart by person; the other person's events, and their own links to their
+            # other visitors, stay.
             for v in visitors:
                 removed["visitors"] += db.execute(
                     "DELETE FROM visitors WHERE visitor_id = ?", (v,)

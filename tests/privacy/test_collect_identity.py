@@ -397,6 +397,105 @@ def test_forget_erases_a_person_and_reports_what_it_removed(
     assert store.recall(visitor, None, datetime.now(UTC).timestamp(), {}, 1e9) is None
 
 
+def _shared_browser(client: FlaskClient) -> str:
+    """Ada and Bob log in, in turn, on one browser; Bob also orders from his phone and backend.
+
+    Returns the shared browser's visitor ID.
+    """
+    shared = collect(
+        client, {"event_name": "page_view", "event_id": "anon-before", "consent": ALL_GRANTED}
+    ).get_json()["visitor_id"]
+    for user in ("ada", "bob"):
+        login = {"event_name": "identify", "event_id": f"{user}-login", "user_id": user}
+        collect(client, {**login, "consent": ALL_GRANTED})
+    # Nobody logged in: the pipeline guesses the last user of the browser (bob), unproven.
+    collect(client, {"event_name": "page_view", "event_id": "anon-after", "consent": ALL_GRANTED})
+    orders = [
+        {"event_id": "bob-phone", "user_id": "bob", "visitor_id": "v_bobs_phone"},
+        {"event_id": "bob-backend", "user_id": "bob"},
+        {"event_id": "ada-backend", "user_id": "ada"},
+    ]
+    for order in orders:
+        track(client, {"event_name": "sale", "consent": ALL_GRANTED, **order})
+    return str(shared)
+
+
+def _kept(app: Flask, *event_ids: str) -> dict[str, bool]:
+    store = store_of(app)
+    return {e: store.get_event(e) is not None for e in event_ids}
+
+
+ALL_EVENTS = ("anon-before", "ada-login", "bob-login", "anon-after", "bob-phone", "bob-backend")
+
+
+def test_forgetting_one_user_of_a_shared_browser_keeps_the_other_users_events(
+    app: Flask, client: FlaskClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = _shared_browser(client)
+
+    main(["forget", "--user-id", "ada", "--json", "--data-dir", str(tmp_path / "data")])
+
+    removed = json.loads(capsys.readouterr().out)
+    assert _kept(app, *ALL_EVENTS, "ada-backend") == {
+        "anon-before": False,  # on Ada's browser, with no user: may be hers
+        "ada-login": False,
+        "bob-login": True,  # on Ada's browser, but sent as Bob's
+        "anon-after": False,  # on Ada's browser, Bob only guessed
+        "bob-phone": True,
+        "bob-backend": True,
+        "ada-backend": False,
+    }
+    assert removed["events"] == 4 and removed["deliveries"] == 4  # pending ones included
+    assert store_of(app).depth() == {"hook": 3}  # Bob's deliveries are still to be sent
+    now = datetime.now(UTC).timestamp()
+    # The shared browser's identity goes (nothing in it says whose it is); Bob's phone stays.
+    assert store_of(app).recall(shared, None, now, {}, 1e9) is None
+    assert store_of(app).recall(None, "bob", now, {}, 1e9) is not None
+
+
+def test_forgetting_a_visitor_keeps_what_its_users_did_elsewhere(
+    app: Flask, client: FlaskClient
+) -> None:
+    shared = _shared_browser(client)
+
+    removed = store_of(app).forget(visitor_id=shared)
+
+    # The browser's events that no user was sent with go; its users' own stay, on the browser
+    # and everywhere else (forget them by --user-id).
+    assert _kept(app, *ALL_EVENTS, "ada-backend") == {
+        "anon-before": False,
+        "ada-login": True,
+        "bob-login": True,
+        "anon-after": False,
+        "bob-phone": True,
+        "bob-backend": True,
+        "ada-backend": True,
+    }
+    assert removed["events"] == 2 and removed["visitors"] == 1
+
+
+def test_forgetting_by_email_on_a_shared_browser_keeps_the_other_users_events(
+    app: Flask, client: FlaskClient
+) -> None:
+    shared = _shared_browser(client)
+    login = {"event_name": "identify", "event_id": "bob-again", "user_id": "bob"}
+    collect(client, {**login, "consent": ALL_GRANTED})
+    # Ada orders on the shared browser without logging in: Bob's ID is guessed onto her order.
+    order = {"event_name": "sale", "event_id": "ada-order", "visitor_id": shared}
+    track(client, {**order, "consent": ALL_GRANTED, "user_data": {"email": "ada@example.com"}})
+    assert stored(app, "ada-order")["user_id"] == "bob"
+
+    store_of(app).forget(email="ada@example.com")
+
+    assert _kept(app, "ada-order", "bob-login", "bob-again", "bob-phone", "bob-backend") == {
+        "ada-order": False,
+        "bob-login": True,
+        "bob-again": True,
+        "bob-phone": True,
+        "bob-backend": True,
+    }
+
+
 def test_tagrelay_js_is_served(client: FlaskClient) -> None:
     response = client.get("/tagrelay.js")
 
