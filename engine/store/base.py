@@ -270,9 +270,10 @@ class Store(abc.ABC):
         further). Erased: events with one of their user IDs; events on one of their visitors
         with no user ID, or with one the pipeline only copied from the visitor's identity
         (listed under ``enriched``); events with ``email`` as ``user_data.email``, plain or
-        SHA-256. Events the client sent with another user's ID stay. The deliveries of erased
-        events go with them (pending ones too), and so do the person's visitor rows and every
-        link of their visitors and user IDs. Returns how many of each kind were removed.
+        SHA-256, normalized as the adapters do before hashing. Events the client sent with
+        another user's ID stay. The deliveries of erased events go with them (pending ones
+        too), and so do the person's visitor rows and every link of their visitors and user
+        IDs. Returns how many of each kind were removed.
         """
 
     @abc.abstractmethod

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import itertools
 import json
 import math
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from destinations import normalize
+from destinations.normalize import is_hashed, sha256_hex
 from engine import gate
 from engine.errors import StoreError
 from engine.identity import Identity, IdentityUpdate
@@ -709,12 +710,52 @@ def _person_filter(
         conditions.append(f"({_VISITOR} IN ({_marks(visitors)}) AND ({' OR '.join(anyone)}))")
         params += sorted(visitors)
         params += sorted(own)
-    if email:
-        normalized = email.strip().lower()
-        digest = hashlib.sha256(normalized.encode()).hexdigest()
-        conditions.append("lower(trim(json_extract(body, '$.user_data.email'))) IN (?, ?)")
-        params += [normalized, digest]
+    keys = _email_keys(email) if email else []
+    if keys:
+        conditions.append(
+            f"{_EMAIL_KEY}(json_extract(body, '$.user_data.email')) IN ({_marks(keys)})"
+        )
+        params += keys
     return " OR ".join(conditions), params
+
+
+_EMAIL_KEY = "tagrelay_email_key"  # the SQL name of _email_key, on every connection (see _open)
+
+
+def _email_key(value: object) -> str | None:
+    """What an event's ``user_data.email`` is compared by, for erasure.
+
+    A SHA-256 digest, lower-cased; any other text normalized as the adapters do before
+    hashing (Python's Unicode-aware trim and lower-casing: a tab, a newline, ``Ü``), in
+    Google's form, which also reads a gmail.com address without the dots and ``+tag`` of its
+    local part: those name the same mailbox. SQLite's own ``trim``/``lower`` know only spaces
+    and ASCII, and missed such addresses.
+    """
+    if not isinstance(value, str):
+        return None
+    if is_hashed(value):
+        return value.strip().lower()
+    return normalize.email(value, "google") or value.strip().lower() or None
+
+
+def _email_keys(email: str) -> list[str]:
+    """The keys (see _email_key) of the events that carry ``email``, plain or hashed.
+
+    A hash is matched when it is the SHA-256 of the address as any platform normalizes it
+    (Meta and TikTok keep a gmail.com address's dots, Google drops them); ``email`` may itself
+    be a digest.
+    """
+    if not email.strip():
+        return []
+    if is_hashed(email):
+        return [email.strip().lower()]
+    forms = (normalize.email(email, "meta"), normalize.email(email, "google"))
+    plain = {f for f in forms if f} or {email.strip().lower()}
+    keys = {sha256_hex(p) for p in plain}
+    key = _email_key(email)
+    if key:
+        keys.add(key)
+    return sorted(keys)
 
 
 def _ids_by_email(
@@ -856,6 +897,7 @@ class SQLiteStore(Store):
             # own busy handler sleeps in steps of milliseconds, wasting most of them under load.
             conn.execute("PRAGMA busy_timeout=0")
             conn.execute("PRAGMA foreign_keys=OFF")
+            conn.create_function(_EMAIL_KEY, 1, _email_key, deterministic=True)
             # Checkpoints (which fsync the database) run mostly in a background thread; the
             # writer only finishes the remainder when the WAL has grown past the threshold
             # (see WAL_CHECKPOINT_PAGES).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import multiprocessing
 import os
@@ -924,6 +925,46 @@ def test_forget_by_email_erases_the_identities_the_person_was_seen_with(
     assert (removed["events"], removed["visitors"], removed["links"]) == (2, 1, 1)
     assert store.recall("vis-1", None, T0, {}, 1e9) is None
     assert store.recall(None, "u-ada", T0, {}, 1e9) is None
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("asked", "stored", "erased"),
+    [
+        ("ada@example.com", "ada@example.com\n", True),
+        ("ada@example.com", "\tada@example.com", True),
+        ("ada@example.com", "\u00a0Ada@Example.COM\r\n", True),
+        ("ada.müller@example.com", "ADA.MÜLLER@example.com", True),
+        ("ADA.MÜLLER@example.com", _sha256("ada.müller@example.com"), True),
+        ("ada@example.com", _sha256("ada@example.com").upper(), True),
+        ("ada@example.com", " " + _sha256("ada@example.com") + "\n", True),
+        (_sha256("ada@example.com"), "ada@example.com", False),  # a digest matches digests
+        (_sha256("ada@example.com"), _sha256("ada@example.com"), True),
+        # A gmail.com address names one mailbox with or without dots and +tag (Google's form).
+        ("Ada.Lovelace@gmail.com", "adalovelace+shop@gmail.com", True),
+        ("ada.lovelace@gmail.com", _sha256("adalovelace@gmail.com"), True),
+        ("ada.lovelace@gmail.com", _sha256("ada.lovelace@gmail.com"), True),
+        ("ada@example.com", "ada@example.org", False),
+        ("ada@example.com", "bada@example.com", False),
+        ("ada.lovelace@example.com", "adalovelace@example.com", False),  # only gmail.com
+        ("ada@example.com", _sha256("bob@example.com"), False),
+    ],
+)
+def test_forget_by_email_finds_every_form_the_platforms_would_match(
+    store: SQLiteStore, asked: str, stored: str, erased: bool
+) -> None:
+    event = {"event_name": "lead", "event_id": "m1", "user_data": {"email": stored}}
+    store.accept(replace(acceptance("m1"), event=event))
+    store.accept(acceptance("other"))
+
+    removed = store.forget(email=asked)
+
+    assert (store.get_event("m1") is None) is erased
+    assert removed["events"] == int(erased)
+    assert store.get_event("other") is not None
 
 
 def test_an_event_that_cannot_be_encoded_fails_alone_not_its_group_commit(
