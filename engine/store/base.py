@@ -255,7 +255,9 @@ class Store(abc.ABC):
     ) -> Identity | None:
         """What is remembered about a visitor (or the latest visitor linked to ``user_id``).
 
-        Click IDs and cookies first seen longer ago than their window are left out.
+        Click IDs and cookies first seen longer ago than their window are left out, and so
+        are the user agent and IP when last seen longer ago than ``default_window`` (or at a
+        time not known).
         """
 
     @abc.abstractmethod

@@ -110,7 +110,11 @@ CREATE TABLE IF NOT EXISTS visitors (
     ip           TEXT,
     vals         TEXT NOT NULL DEFAULT '{}',  -- click IDs and cookies: {name: [value, first]}
     first_seen   REAL NOT NULL,
-    last_seen    REAL NOT NULL
+    last_seen    REAL NOT NULL,
+    -- The columns below are added to a file of an earlier version by _upgrade (same order).
+    ip_seen      REAL,  -- when ip was last seen (to the hour); NULL: not known, so never used
+    ua_seen      REAL,  -- the same for user_agent
+    oldest       REAL NOT NULL DEFAULT 0  -- see _oldest; 0 in rows of an earlier version
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS visitors_last_seen ON visitors (last_seen);
 
@@ -130,6 +134,49 @@ CREATE TABLE IF NOT EXISTS rate_counters (
     PRIMARY KEY (key, window)
 ) WITHOUT ROWID;
 """
+
+# Columns that files made by earlier versions lack, in the order _SCHEMA declares them: SQL has
+# no "ADD COLUMN IF NOT EXISTS", so _upgrade adds them.
+_ADDED_COLUMNS = {
+    "visitors": (("ip_seen", "REAL"), ("ua_seen", "REAL"), ("oldest", "REAL NOT NULL DEFAULT 0")),
+}
+# Indexes on added columns, made once the columns exist.
+_ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS visitors_oldest ON visitors (oldest);"
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Bring a file made by an earlier version up to _SCHEMA, in place (after _SCHEMA ran).
+
+    Adds the columns it lacks, in one write transaction that looks again under the write lock
+    (another process may have added them meanwhile), then their indexes. Writes nothing when
+    the file is current, so an operator's command that may only read the file can open it.
+    Rows written before get each added column's default.
+    """
+    if not any(
+        name not in _columns(db, table)
+        for table, added in _ADDED_COLUMNS.items()
+        for name, _ in added
+    ):
+        db.executescript(_ADDED_INDEXES)
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for table, added in _ADDED_COLUMNS.items():
+            have = _columns(db, table)
+            for name, declaration in added:
+                if name not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    db.executescript(_ADDED_INDEXES)
+
 
 _DELIVERY_COLUMNS = (
     "id, event_id, tag, destination, payload, status, attempts, created_at, next_attempt_at, "
@@ -403,6 +450,9 @@ class _Visitor:
     vals: dict[str, list[Any]]
     first_seen: float
     last_seen: float
+    ip_seen: float | None = None
+    ua_seen: float | None = None
+    oldest: float | None = None  # as stored (None: a new row)
     dirty: bool = False
     touched: bool = False  # last_seen moved (new, or not touched for an hour)
 
@@ -568,17 +618,60 @@ def _claim(
 
 _VISITOR_UPDATE = (
     " ON CONFLICT (visitor_id) DO UPDATE SET user_id = excluded.user_id, "
-    "user_agent = excluded.user_agent, ip = excluded.ip, vals = excluded.vals"
+    "user_agent = excluded.user_agent, ip = excluded.ip, vals = excluded.vals, "
+    "ip_seen = excluded.ip_seen, ua_seen = excluded.ua_seen"
 )
-# Only with last_seen moving: a column named in SET rewrites its index entries, even unchanged.
-_VISITOR_TOUCH = _VISITOR_UPDATE + ", last_seen = excluded.last_seen"
+
+
+@functools.lru_cache(maxsize=4)
+def _visitor_upsert(touched: bool, moved: bool) -> str:
+    """The upsert's tail; an indexed column only when it moves (``last_seen``, ``oldest``): a
+    column named in SET rewrites its index entries, even unchanged."""
+    tail = _VISITOR_UPDATE
+    if touched:
+        tail += ", last_seen = excluded.last_seen"
+    if moved:
+        tail += ", oldest = excluded.oldest"
+    return tail
+
+
+def _oldest(
+    vals: Mapping[str, Sequence[Any]],
+    ip_seen: float | None,
+    ua_seen: float | None,
+    last_seen: float,
+) -> float:
+    """A visitor row's ``oldest``: when its oldest remembered value was seen (a click ID or
+    cookie by the time first seen, the IP and user agent by the time last seen), else its
+    ``last_seen``. Retention finds through it, by index, the rows with something to drop."""
+    times = [float(first) for _, first in vals.values()]
+    times += [t for t in (ip_seen, ua_seen) if t is not None]
+    return min(times) if times else last_seen
+
+
+def _seen(row: _Visitor, column: str, new: str | None, now: float) -> bool:
+    """Fold the user agent or IP an event was sent with into ``row``; whether the row changed.
+
+    Its time last seen moves at most hourly for the same value (see IDENTITY_TOUCH): within
+    the hour, a visitor seen again with nothing new costs no write.
+    """
+    if new is None:
+        return False
+    seen_column = "ip_seen" if column == "ip" else "ua_seen"
+    seen: float | None = getattr(row, seen_column)
+    if new == getattr(row, column) and seen is not None and now - seen <= IDENTITY_TOUCH:
+        return False
+    setattr(row, column, new)
+    setattr(row, seen_column, now)
+    return True
 
 
 def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, float]]) -> None:
     """Fold what the group's events teach about their visitors into the visitor rows.
 
     A visitor seen again within the hour with nothing new costs no write; click IDs keep the
-    time they were first seen with that value, so a new click starts its window anew.
+    time they were first seen with that value, so a new click starts its window anew; the
+    user agent and IP keep the time they were last seen (to the hour), for their window.
 
     ``last_seen`` (only retention reads it) moves at most hourly, new values or not: moving it
     moves the visitor's entry in the visitors_last_seen index too, two more pages written by a
@@ -597,11 +690,14 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
             json.loads(row["vals"]),
             row["first_seen"],
             row["last_seen"],
+            row["ip_seen"],
+            row["ua_seen"],
+            row["oldest"],
         )
         for row in _select_in(
             db,
-            "SELECT visitor_id, user_id, user_agent, ip, vals, first_seen, last_seen "
-            "FROM visitors WHERE visitor_id IN ({marks})",
+            "SELECT visitor_id, user_id, user_agent, ip, vals, first_seen, last_seen, ip_seen, "
+            "ua_seen, oldest FROM visitors WHERE visitor_id IN ({marks})",
             ids,
         )
     }
@@ -611,7 +707,7 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
         row = visitors.get(visitor_id)
         known = row is not None
         if row is None:
-            row = visitors[visitor_id] = _Visitor(None, None, None, {}, now, now)
+            row = visitors[visitor_id] = _Visitor(None, None, None, {}, now, now, oldest=None)
         touch = not known or now - row.last_seen > IDENTITY_TOUCH
         changed = touch
         for name, value in update.values.items():
@@ -619,27 +715,44 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
                 row.vals[name] = [value, now]  # a new click starts its attribution window anew
                 changed = True
         previous_user = row.user_id
-        for column in ("user_id", "user_agent", "ip"):
-            new = getattr(update, column)
-            if new is not None and new != getattr(row, column):
-                setattr(row, column, new)
-                changed = True
+        if update.user_id is not None and update.user_id != row.user_id:
+            row.user_id = update.user_id
+            changed = True
+        changed = _seen(row, "user_agent", update.user_agent, now) or changed
+        changed = _seen(row, "ip", update.ip, now) or changed
         if touch:
             row.last_seen, row.touched = now, True
         row.dirty = row.dirty or changed
         if update.user_id and (not known or previous_user != update.user_id or changed):
             links[(update.user_id, visitor_id)] = now
-    for touched, tail in ((True, _VISITOR_TOUCH), (False, _VISITOR_UPDATE)):
+    groups: dict[tuple[bool, bool], list[tuple[Any, ...]]] = {}
+    for vid, v in visitors.items():
+        if not v.dirty:
+            continue
+        oldest = _oldest(
+            v.vals, v.ip_seen if v.ip else None, v.ua_seen if v.user_agent else None, v.last_seen
+        )
+        groups.setdefault((v.touched, oldest != v.oldest), []).append(
+            (
+                vid,
+                v.user_id,
+                v.user_agent,
+                v.ip,
+                _dumps(v.vals),
+                v.first_seen,
+                v.last_seen,
+                v.ip_seen,
+                v.ua_seen,
+                oldest,
+            )
+        )
+    for (touched, moved), rows in sorted(groups.items()):
         _insert_rows(
             db,
             "INSERT INTO visitors (visitor_id, user_id, user_agent, ip, vals, first_seen, "
-            "last_seen)",
-            [
-                (vid, v.user_id, v.user_agent, v.ip, _dumps(v.vals), v.first_seen, v.last_seen)
-                for vid, v in visitors.items()
-                if v.dirty and v.touched is touched
-            ],
-            tail,
+            "last_seen, ip_seen, ua_seen, oldest)",
+            rows,
+            _visitor_upsert(touched, moved),
         )
     _insert_rows(
         db,
@@ -848,6 +961,7 @@ class SQLiteStore(Store):
             with self._process_lock(), self._host_lock():
                 db = self._writer_conn()
                 _retry_busy(lambda: db.executescript(_SCHEMA))
+                _retry_busy(lambda: _upgrade(db))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot create the SQLite schema: {exc}") from exc
 
@@ -1304,8 +1418,19 @@ class SQLiteStore(Store):
             for name, (value, first_seen) in json.loads(visitor["vals"]).items()
             if now - first_seen <= windows.get(name, default_window)
         }
+
+        def recent(column: str, seen: str) -> str | None:
+            # Seen within the window, as click IDs are; a time not known (a row of an earlier
+            # version) is not taken for a recent one.
+            at = visitor[seen]
+            return visitor[column] if at is not None and now - at <= default_window else None
+
         return Identity(
-            visitor_id, visitor["user_id"], values, visitor["user_agent"], visitor["ip"]
+            visitor_id,
+            visitor["user_id"],
+            values,
+            recent("user_agent", "ua_seen"),
+            recent("ip", "ip_seen"),
         )
 
     def forget(

@@ -383,6 +383,96 @@ def test_a_file_of_a_previous_version_gets_the_current_indexes(db_path: Path) ->
     assert reopened.accept(acceptance("o1", at=T0 + 1)).duplicate is True
 
 
+_VISITORS_BEFORE_SEEN_TIMES = """
+DROP TABLE visitors;
+CREATE TABLE visitors (
+    visitor_id   TEXT PRIMARY KEY,
+    user_id      TEXT,
+    user_agent   TEXT,
+    ip           TEXT,
+    vals         TEXT NOT NULL DEFAULT '{}',
+    first_seen   REAL NOT NULL,
+    last_seen    REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX visitors_last_seen ON visitors (last_seen);
+"""
+
+
+def test_a_file_of_a_previous_version_gets_the_new_visitor_columns_in_place(
+    db_path: Path,
+) -> None:
+    SQLiteStore(db_path).close()
+    with sqlite3.connect(db_path) as db:  # visitors as earlier versions made them
+        db.executescript(_VISITORS_BEFORE_SEEN_TIMES)
+        db.execute(
+            "INSERT INTO visitors VALUES ('vis', 'u1', 'UA', '203.0.113.7', ?, ?, ?)",
+            (json.dumps({"gclid": ["g1", T0]}), T0, T0),
+        )
+
+    reopened = SQLiteStore(db_path)
+
+    columns = [r[1] for r in rows(db_path, "PRAGMA table_info(visitors)")]
+    assert columns[-3:] == ["ip_seen", "ua_seen", "oldest"]
+    assert "visitors_oldest" in {r[1] for r in rows(db_path, "PRAGMA index_list(visitors)")}
+    found = reopened.recall("vis", None, T0 + 60, {}, 30 * 86400.0)
+    # The click ID is kept; an IP and user agent of unknown age are not taken for recent ones.
+    assert found is not None and found.values == {"gclid": ("g1", T0)}
+    assert (found.user_id, found.ip, found.user_agent) == ("u1", None, None)
+    update = IdentityUpdate("vis", user_agent="UA", ip="203.0.113.7")
+    reopened.accept(replace(acceptance("o1", at=T0 + 120), identity=update))
+    found = reopened.recall("vis", None, T0 + 180, {}, 30 * 86400.0)
+    assert found is not None and (found.ip, found.user_agent) == ("203.0.113.7", "UA")
+    SQLiteStore(db_path).close()  # a third open finds nothing to add
+
+
+def _open_and_remember(path: str, start: Any, n: int) -> bool:
+    start.wait(30)
+    store = SQLiteStore(path)
+    store.accept(replace(acceptance(f"o{n}"), identity=IdentityUpdate(f"v{n}", ip="192.0.2.1")))
+    store.close()
+    return True
+
+
+def test_workers_opening_a_previous_versions_file_at_once_upgrade_it_once(db_path: Path) -> None:
+    SQLiteStore(db_path).close()
+    with sqlite3.connect(db_path) as db:
+        db.executescript(_VISITORS_BEFORE_SEEN_TIMES)
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Manager().Event()
+    with ctx.Pool(PROCESSES) as pool:
+        pending = [
+            pool.apply_async(_open_and_remember, (str(db_path), start, n)) for n in range(PROCESSES)
+        ]
+        start.set()
+        assert all(p.get(timeout=60) for p in pending)
+
+    columns = [r[1] for r in rows(db_path, "PRAGMA table_info(visitors)")]
+    assert columns.count("ip_seen") == 1 and columns[-1] == "oldest"
+    assert rows(db_path, "SELECT COUNT(*) FROM visitors WHERE ip_seen = ?", T0) == [(PROCESSES,)]
+
+
+def test_the_ip_and_user_agent_keep_the_time_last_seen_to_the_hour(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    def seen(event_id: str, at: float, ip: str) -> None:
+        update = IdentityUpdate("vis", user_agent="UA", ip=ip)
+        store.accept(replace(acceptance(event_id, at=at), identity=update))
+
+    seen("v1", T0, "203.0.113.7")
+    seen("v2", T0 + 60, "203.0.113.7")  # the same within the hour: no write
+    seen("v3", T0 + 120, "198.51.100.1")  # a new IP: seen now
+    seen("v4", T0 + HOUR + 121, "198.51.100.1")  # the same an hour later: seen again
+
+    assert rows(db_path, "SELECT ip_seen, ua_seen FROM visitors") == [
+        (T0 + HOUR + 121, T0 + HOUR + 121)
+    ]
+    window = 2 * HOUR
+    at_the_edge = store.recall("vis", None, T0 + HOUR + 121 + window, {}, window)
+    past_it = store.recall("vis", None, T0 + HOUR + 122 + window, {}, window)
+    assert at_the_edge is not None and at_the_edge.ip == "198.51.100.1"
+    assert past_it is not None and (past_it.ip, past_it.user_agent) == (None, None)
+
+
 def test_opening_a_file_whose_schema_must_change_waits_for_another_writer(db_path: Path) -> None:
     SQLiteStore(db_path).close()
     with sqlite3.connect(db_path) as db:

@@ -269,6 +269,42 @@ def test_click_ids_older_than_their_window_are_not_used(app: Flask) -> None:
     assert "gclid" not in stored(app, "s4").get("context", {})
 
 
+@pytest.mark.parametrize(("days_ago", "used"), [(200, False), (31, False), (29, True)])
+def test_a_remembered_ip_and_user_agent_are_used_only_within_the_attribution_window(
+    app: Flask, days_ago: int, used: bool
+) -> None:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    now = datetime.now(UTC)
+    seen = {"ip": "198.51.100.23", "user_agent": "UA-then"}
+    visit = {"event_name": "page_view", "visitor_id": "v_ua", "consent": ALL_GRANTED}
+    pipeline.accept([{**visit, "context": seen}], now=now - timedelta(days=days_ago))
+    # Seen again since, without ad_user_data: neither is seen anew.
+    pipeline.accept([{**visit, "consent": {}}], now=now - timedelta(days=1))
+
+    sale = {"event_name": "sale", "event_id": "s5", "visitor_id": "v_ua"}
+    pipeline.accept([{**sale, "consent": ALL_GRANTED}], now=now)
+
+    context = stored(app, "s5").get("context", {})
+    assert (context.get("ip"), context.get("user_agent")) == (
+        (seen["ip"], seen["user_agent"]) if used else (None, None)
+    )
+
+
+def test_a_returning_visitors_ip_and_user_agent_stay_fresh(app: Flask) -> None:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    now = datetime.now(UTC)
+    visit = {"event_name": "page_view", "visitor_id": "v_back", "consent": ALL_GRANTED}
+    for days_ago in (200, 100, 20):
+        seen = {"ip": "198.51.100.23", "user_agent": "UA-same"}
+        pipeline.accept([{**visit, "context": seen}], now=now - timedelta(days=days_ago))
+
+    sale = {"event_name": "sale", "event_id": "s6", "visitor_id": "v_back"}
+    pipeline.accept([{**sale, "consent": ALL_GRANTED}], now=now)
+
+    context = stored(app, "s6")["context"]
+    assert (context["ip"], context["user_agent"]) == ("198.51.100.23", "UA-same")
+
+
 @pytest.mark.parametrize(
     ("consent", "expected"),
     [
