@@ -282,6 +282,10 @@ class Store(abc.ABC):
     def purge(self, before: float, now: float | None = None) -> dict[str, int]:
         """Erase events received, and identities last seen, before ``before`` (retention).
 
+        Of the identities still seen, the values remembered from before ``before`` go: click
+        IDs and cookies first seen, the user agent and IP last seen (or at a time not known),
+        before it (``visitor_values`` in the result).
+
         Deliveries still to send, and their events, are kept; so are events whose ID is still
         deduplicated at ``now`` (default: the current time), until their window ends. Backends
         should work in bounded steps (it runs hourly, beside intake) and must tolerate running

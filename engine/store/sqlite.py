@@ -649,6 +649,14 @@ def _oldest(
     return min(times) if times else last_seen
 
 
+def _seen_at(value: str | None, seen: float | None) -> float | None:
+    """When a remembered user agent or IP was last seen, for ``oldest``: None without one, 0
+    for one of an earlier version, whose time is not known (retention then drops it)."""
+    if value is None:
+        return None
+    return 0.0 if seen is None else seen
+
+
 def _seen(row: _Visitor, column: str, new: str | None, now: float) -> bool:
     """Fold the user agent or IP an event was sent with into ``row``; whether the row changed.
 
@@ -730,7 +738,7 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
         if not v.dirty:
             continue
         oldest = _oldest(
-            v.vals, v.ip_seen if v.ip else None, v.ua_seen if v.user_agent else None, v.last_seen
+            v.vals, _seen_at(v.ip, v.ip_seen), _seen_at(v.user_agent, v.ua_seen), v.last_seen
         )
         groups.setdefault((v.touched, oldest != v.oldest), []).append(
             (
@@ -760,6 +768,29 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
         [(user, vid, at) for (user, vid), at in links.items()],
         " ON CONFLICT (user_id, visitor_id) DO UPDATE SET linked_at = excluded.linked_at",
     )
+
+
+def _trimmed(row: sqlite3.Row, before: float) -> tuple[tuple[Any, ...], int]:
+    """A visitor row without the values it remembers from before ``before`` (retention).
+
+    Click IDs and cookies first seen before it go, and the user agent and IP last seen before
+    it, or at a time not known (a row of an earlier version). Returns the UPDATE's parameters
+    (vals, user_agent, ua_seen, ip, ip_seen, oldest, visitor_id) and how many values went.
+    """
+    vals = json.loads(row["vals"])
+    kept = {name: entry for name, entry in vals.items() if entry[1] >= before}
+    dropped = len(vals) - len(kept)
+    out: list[Any] = [_dumps(kept)]
+    times: dict[str, float | None] = {}
+    for column, seen in (("user_agent", "ua_seen"), ("ip", "ip_seen")):
+        value, at = row[column], row[seen]
+        if value is not None and (at is None or at < before):
+            value, at = None, None
+            dropped += 1
+        out += [value, at]
+        times[column] = at if value is not None else None
+    oldest = _oldest(kept, times["ip"], times["user_agent"], row["last_seen"])
+    return (*out, oldest, row["visitor_id"]), dropped
 
 
 def _is_dead(db: sqlite3.Connection, delivery_id: int) -> bool:
@@ -1523,7 +1554,7 @@ class SQLiteStore(Store):
         transaction for everything held the write lock while it scanned the outbox.
         """
         now = time.time() if now is None else now
-        removed = {"events": 0, "deliveries": 0, "visitors": 0}
+        removed = {"events": 0, "deliveries": 0, "visitors": 0, "visitor_values": 0}
         after: tuple[float, int] = (-math.inf, 0)  # (received_at, seq) of the last event seen
         while True:
             with self._write() as db:
@@ -1569,6 +1600,32 @@ class SQLiteStore(Store):
                         f"DELETE FROM visitors WHERE visitor_id IN ({marks})", visitors
                     ).rowcount
             if len(visitors) < PURGE_CHUNK:
+                break
+        # Visitors still seen, with values remembered since before the cut-off (a regular's
+        # click ID of long ago): those values go. Each row comes out with ``oldest`` at or
+        # after the cut-off, or is erased, so every round makes progress.
+        while True:
+            with self._write() as db:
+                found = db.execute(
+                    "SELECT visitor_id, user_agent, ip, vals, last_seen, ip_seen, ua_seen "
+                    "FROM visitors WHERE oldest < ? ORDER BY oldest LIMIT ?",
+                    (before, PURGE_CHUNK),
+                ).fetchall()
+                gone = [r["visitor_id"] for r in found if r["last_seen"] < before]
+                kept = [_trimmed(r, before) for r in found if r["last_seen"] >= before]
+                db.executemany(
+                    "UPDATE visitors SET vals = ?, user_agent = ?, ua_seen = ?, ip = ?, "
+                    "ip_seen = ?, oldest = ? WHERE visitor_id = ?",
+                    [row for row, _ in kept],
+                )
+                removed["visitor_values"] += sum(n for _, n in kept)
+                if gone:  # last seen before the cut-off since the loop above: rare
+                    marks = _marks(gone)
+                    db.execute(f"DELETE FROM user_visitors WHERE visitor_id IN ({marks})", gone)
+                    removed["visitors"] += db.execute(
+                        f"DELETE FROM visitors WHERE visitor_id IN ({marks})", gone
+                    ).rowcount
+            if len(found) < PURGE_CHUNK:
                 break
         with self._write() as db:  # a few rows per key: the last hour's windows
             db.execute("DELETE FROM rate_counters WHERE window < ?", (time.time() - 3600,))

@@ -51,5 +51,5 @@ def test_a_manual_purge_drops_expired_keys_too(counted: tuple[SQLiteStore, Count
 
     removed = run_once(store, retention_days=30)
 
-    assert set(removed) == {"dedup_keys", "events", "deliveries", "visitors"}
+    assert set(removed) == {"dedup_keys", "events", "deliveries", "visitors", "visitor_values"}
     assert calls == {"purge": 1, "purge_expired": 1}

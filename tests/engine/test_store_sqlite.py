@@ -531,11 +531,67 @@ def test_retention_works_in_chunks_across_events_received_together(
 
     began, removed = _count_transactions(monkeypatch, store, lambda: store.purge(T0 + HOUR))
 
-    assert removed == {"events": 8, "deliveries": 5, "visitors": 3}  # 5 sent, 3 had no tag
-    assert began >= 4  # 7 old events and 3 visitors in chunks of 2
+    assert removed == {"events": 8, "deliveries": 5, "visitors": 3, "visitor_values": 0}
+    assert began >= 4  # 7 old events (5 sent, 3 had no tag) and 3 visitors in chunks of 2
     remaining = {r[0] for r in rows(db_path, "SELECT event_id FROM events")}
     assert remaining == {"p0", "p1", "late"}  # still to send, or too recent
     assert rows(db_path, "SELECT COUNT(*) FROM user_visitors") == [(0,)]
+
+
+def test_retention_drops_what_a_visitor_still_seen_remembers_from_before_the_cut_off(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "PURGE_CHUNK", 2)
+    store = SQLiteStore(db_path)
+    cut = T0 + 10 * HOUR
+    for n in range(5):  # regulars: an old click, a newer cookie, seen again after the cut-off
+        visitor = f"v{n}"
+        old = IdentityUpdate(visitor, values={"gclid": f"g{n}"}, user_agent="UA", ip="192.0.2.1")
+        store.accept(replace(acceptance(f"old{n}", at=T0), identity=old))
+        newer = IdentityUpdate(visitor, values={"fbp": f"fb{n}"})
+        store.accept(replace(acceptance(f"new{n}", at=cut + HOUR), identity=newer))
+    fresh = IdentityUpdate("v-fresh", values={"gclid": "g"}, ip="192.0.2.2")
+    store.accept(replace(acceptance("fresh", at=cut + HOUR), identity=fresh))
+
+    began, removed = _count_transactions(monkeypatch, store, lambda: store.purge(cut))
+
+    assert removed["visitors"] == 0 and removed["visitor_values"] == 5 * 3
+    assert began >= 3  # 5 visitors to trim, in chunks of 2
+    for n in range(5):
+        found = store.recall(f"v{n}", None, cut + 2 * HOUR, {}, 1e9)
+        assert found is not None
+        assert (found.values, found.ip, found.user_agent) == (
+            {"fbp": (f"fb{n}", cut + HOUR)},
+            None,
+            None,
+        )
+    kept = store.recall("v-fresh", None, cut + 2 * HOUR, {}, 1e9)
+    assert kept is not None and (kept.values, kept.ip) == (
+        {"gclid": ("g", cut + HOUR)},
+        "192.0.2.2",
+    )
+    assert rows(db_path, "SELECT MIN(oldest) FROM visitors") == [(cut + HOUR,)]
+    assert store.purge(cut)["visitor_values"] == 0  # nothing left to find
+
+
+def test_retention_drops_the_ip_and_user_agent_of_unknown_age_from_a_previous_version(
+    db_path: Path,
+) -> None:
+    SQLiteStore(db_path).close()
+    with sqlite3.connect(db_path) as db:
+        db.executescript(_VISITORS_BEFORE_SEEN_TIMES)
+        db.execute(
+            "INSERT INTO visitors VALUES ('vis', NULL, 'UA', '203.0.113.7', ?, ?, ?)",
+            (json.dumps({"gclid": ["g1", T0 - WINDOW], "fbp": ["f1", T0 + HOUR]}), T0, T0 + HOUR),
+        )
+    store = SQLiteStore(db_path)
+
+    removed = store.purge(T0)
+
+    assert removed["visitor_values"] == 3  # the old click ID, the IP and the user agent
+    assert rows(db_path, "SELECT vals, ip, user_agent, oldest FROM visitors") == [
+        ('{"fbp":["f1",%r]}' % (T0 + HOUR), None, None, T0 + HOUR)
+    ]
 
 
 def test_retention_and_expiry_find_their_rows_by_index(

@@ -400,6 +400,33 @@ def test_retention_purges_old_events_and_identities_but_not_pending_ones(app: Fl
     assert store.recall("v1", None, datetime.now(UTC).timestamp(), {}, 1e9) is None
 
 
+def test_retention_drops_a_returning_visitors_click_ids_older_than_retention(app: Flask) -> None:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    store = store_of(app)
+    now = datetime.now(UTC)
+    first = {"gclid": "Gc-400-days", "ip": "198.51.100.23", "user_agent": "UA-400-days"}
+    visit = {"event_name": "page_view", "visitor_id": "v_regular"}
+    pipeline.accept(
+        [{**visit, "consent": ALL_GRANTED, "context": first}], now=now - timedelta(days=400)
+    )
+    for days_ago in (300, 200, 100):  # back without ad consent: nothing new remembered
+        pipeline.accept([{**visit, "consent": {}}], now=now - timedelta(days=days_ago))
+    later = {"fbp": "fb.1.1.100-days"}
+    pipeline.accept(
+        [{**visit, "consent": ALL_GRANTED, "context": later}], now=now - timedelta(days=1)
+    )
+    with store._write() as db:
+        db.execute("UPDATE deliveries SET status = 'delivered'")
+
+    removed = run_once(store, retention_days=395)
+
+    found = store.recall("v_regular", None, now.timestamp(), {}, 1e9)
+    assert found is not None  # still a visitor
+    assert set(found.values) == {"fbp"}
+    assert (found.ip, found.user_agent) == (None, None)
+    assert removed["visitors"] == 0 and removed["visitor_values"] == 3
+
+
 def test_forget_erases_a_person_and_reports_what_it_removed(
     app: Flask, client: FlaskClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
