@@ -296,6 +296,25 @@ class Store(abc.ABC):
     def rate_hit(self, key: str, window_start: float, count: int = 1) -> int:
         """Add ``count`` requests for ``key`` in the window; returns the total so far."""
 
+    @abc.abstractmethod
+    def purge_rate_counters(self, before: float) -> int:
+        """Drop the rate counters of windows that started before ``before``; returns how many.
+
+        Runs hourly whatever the retention setting (counters are only of use for a minute).
+        """
+
+    @abc.abstractmethod
+    def secret(self, name: str) -> bytes:
+        """The random secret named ``name`` (32 bytes), made on first use and kept in the store.
+
+        Every process and host using the store gets the same one, so that what they make with
+        it (say, the names rate counters are shared under) agrees; it never leaves the store
+        otherwise.
+
+        Raises:
+            StoreError: the store could not be read or written.
+        """
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -127,6 +127,12 @@ CREATE TABLE IF NOT EXISTS user_visitors (
 -- Links by visitor, for retention and forget (links are written only when a user ID is new).
 CREATE INDEX IF NOT EXISTS user_visitors_visitor ON user_visitors (visitor_id);
 
+-- Random secrets shared by every process using the store (Store.secret).
+CREATE TABLE IF NOT EXISTS secrets (
+    name         TEXT PRIMARY KEY,
+    value        BLOB NOT NULL
+) WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS rate_counters (
     key          TEXT NOT NULL,
     window       REAL NOT NULL,
@@ -1627,8 +1633,6 @@ class SQLiteStore(Store):
                     ).rowcount
             if len(found) < PURGE_CHUNK:
                 break
-        with self._write() as db:  # a few rows per key: the last hour's windows
-            db.execute("DELETE FROM rate_counters WHERE window < ?", (time.time() - 3600,))
         return removed
 
     def rate_hit(self, key: str, window_start: float, count: int = 1) -> int:
@@ -1640,6 +1644,28 @@ class SQLiteStore(Store):
                 (key, window_start, count),
             ).fetchall()
         return int(rows[0][0])
+
+    def purge_rate_counters(self, before: float) -> int:
+        """See :meth:`Store.purge_rate_counters`.
+
+        One statement that reads the whole table: it holds the last minutes' counters only, a
+        row per server key and per client IP of a publishable key, per minute.
+        """
+        with self._write() as db:
+            return int(db.execute("DELETE FROM rate_counters WHERE window < ?", (before,)).rowcount)
+
+    def secret(self, name: str) -> bytes:
+        """See :meth:`Store.secret`."""
+        rows = self._read("SELECT value FROM secrets WHERE name = ?", (name,), lookup=True)
+        if rows:
+            return bytes(rows[0][0])
+        with self._write() as db:  # the first of several processes to get here makes it
+            db.execute(
+                "INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, os.urandom(32)),
+            )
+            row = db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0])
 
     # -- lifecycle ------------------------------------------------------------------------------
 

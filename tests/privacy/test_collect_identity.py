@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from engine.config import PublishableKey, ServerKey, Settings
 from engine.errors import StoreError
 from engine.maintenance import run_once
 from engine.pipeline import Pipeline
+from engine.ratelimit import RateLimiter
 from engine.store.sqlite import SQLiteStore
 
 SERVER_KEY = "sk_privacy_tests_0123456789"
@@ -591,6 +593,48 @@ def test_processes_sharing_a_store_share_the_limit(app: Flask) -> None:
     with pytest.raises(TooManyRequests):
         one.check("k", 61.0)
     one.check("k", 121.0)  # a new window
+
+
+def test_a_rate_counter_reveals_no_client_ip(tmp_path: Path) -> None:
+    import hashlib
+
+    app = make_app(tmp_path, rate_limit=50, trusted_proxies=1, ip_storage="drop")
+    collect(app.test_client(), {"event_name": "x"}, headers={"X-Forwarded-For": "198.51.100.77"})
+    other = make_app(tmp_path / "other", rate_limit=50, trusted_proxies=1)
+    collect(other.test_client(), {"event_name": "x"}, headers={"X-Forwarded-For": "198.51.100.77"})
+
+    [key] = [r["key"] for r in store_of(app)._read("SELECT key FROM rate_counters")]
+    [elsewhere] = [r["key"] for r in store_of(other)._read("SELECT key FROM rate_counters")]
+    # Whoever knows the public key cannot try every IP against the counter: the name is keyed
+    # by a random secret of the store's, which another store does not share.
+    plain = hashlib.sha256(f"{PK}|198.51.100.77".encode()).hexdigest()
+    assert not plain.startswith(key) and key not in plain
+    assert key != elsewhere
+    # The same store, opened again (another worker or host), names the counter the same.
+    reopened = SQLiteStore(store_of(app).path)
+    limiter = RateLimiter(reopened, limit=50)
+    assert limiter.counter_key(f"{PK}|198.51.100.77") == key
+
+
+def test_a_limiter_keeps_no_count_of_past_minutes_in_memory(app: Flask) -> None:
+    limiter = RateLimiter(store_of(app), limit=1000)
+    for n in range(20):  # twenty visitors in one minute
+        limiter.check(f"{PK}|198.51.100.{n}", 60.0)
+
+    limiter.check(f"{PK}|198.51.100.99", 125.0)  # the next minute's first
+
+    assert len(limiter._counts) == 1
+
+
+def test_stores_opened_at_once_make_one_secret(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    SQLiteStore(path).close()
+    stores = [SQLiteStore(path) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        secrets = set(pool.map(lambda s: s.secret("k"), stores))
+
+    assert len(secrets) == 1 and len(secrets.pop()) == 32
+    assert SQLiteStore(path).secret("other") != SQLiteStore(path).secret("k")
 
 
 def test_a_publishable_key_is_limited_per_client_ip(tmp_path: Path) -> None:
