@@ -189,9 +189,11 @@ class Store(abc.ABC):
         ``count_attempt`` is false; how many were still leased to ``owner``."""
 
     @abc.abstractmethod
-    def mark_dead(self, ids: Sequence[int], owner: str, error: str, now: float) -> int:
-        """Deliveries that will not be retried (dead letters), counting one attempt; how many
-        were still leased to ``owner``."""
+    def mark_dead(
+        self, ids: Sequence[int], owner: str, error: str, now: float, count_attempt: bool = True
+    ) -> int:
+        """Deliveries that will not be retried (dead letters), counting one attempt unless
+        ``count_attempt`` is false; how many were still leased to ``owner``."""
 
     @abc.abstractmethod
     def release(self, ids: Sequence[int], owner: str) -> int:

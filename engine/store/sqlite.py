@@ -1306,12 +1306,14 @@ class SQLiteStore(Store):
             [(int(count_attempt), next_attempt_at, error, i, owner) for i in ids],
         )
 
-    def mark_dead(self, ids: Sequence[int], owner: str, error: str, now: float) -> int:
+    def mark_dead(
+        self, ids: Sequence[int], owner: str, error: str, now: float, count_attempt: bool = True
+    ) -> int:
         """See :meth:`Store.mark_dead`."""
         return self._settle(
-            "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, last_error = ?, "
+            "UPDATE deliveries SET status = 'dead', attempts = attempts + ?, last_error = ?, "
             "finished_at = ?, lease_owner = NULL, lease_expires = NULL",
-            [(error, now, i, owner) for i in ids],
+            [(int(count_attempt), error, now, i, owner) for i in ids],
         )
 
     def release(self, ids: Sequence[int], owner: str) -> int:
