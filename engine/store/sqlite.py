@@ -721,7 +721,7 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
         row = visitors.get(visitor_id)
         known = row is not None
         if row is None:
-            row = visitors[visitor_id] = _Visitor(None, None, None, {}, now, now, oldest=None)
+            row = visitors[visitor_id] = _Visitor(None, None, None, {}, now, now)
         touch = not known or now - row.last_seen > IDENTITY_TOUCH
         changed = touch
         for name, value in update.values.items():
@@ -1650,8 +1650,9 @@ class SQLiteStore(Store):
     def purge_rate_counters(self, before: float) -> int:
         """See :meth:`Store.purge_rate_counters`.
 
-        One statement that reads the whole table: it holds the last minutes' counters only, a
-        row per server key and per client IP of a publishable key, per minute.
+        One statement that reads the whole table: it holds about an hour of counters (the
+        housekeeping runs hourly), a row per server key and per client IP of a publishable
+        key, per minute.
         """
         with self._write() as db:
             return int(db.execute("DELETE FROM rate_counters WHERE window < ?", (before,)).rowcount)
