@@ -30,7 +30,7 @@ from engine import metrics
 from engine.batching import SplitError, split_group
 from engine.breaker import Backoff, CircuitBreaker
 from engine.errors import StoreError
-from engine.rules.model import Container, DestinationInstance
+from engine.rules.model import Container, DeliveryOptions, DestinationInstance
 from engine.store.base import Delivery, Store
 from engine.transport import Transport, TransportError
 
@@ -153,19 +153,40 @@ class DeliveryWorker:
             pass
 
     def _park_missing(self, name: str, now: float) -> None:
+        """Hold the due deliveries of a destination that is not in the rules; give up old ones.
+
+        Nothing is attempted, so no attempt is counted: a destination put back within the
+        default ``max_age`` still gets them all. Those older than that become dead letters
+        (listed, replayable, and taken by retention with their events): left pending, they
+        kept their events past retention for good.
+        """
         items = self.store.lease(name, 500, 5.0, self.owner, now)
-        if items:
-            log.error(
-                "deliveries for a destination not in the current rules", extra={"destination": name}
-            )
-            # Nothing was attempted: waiting for the destination to come back uses up none of
-            # the items' attempts (its max_age still applies once it is back).
+        if not items:
+            return
+        log.error(
+            "deliveries for a destination not in the current rules", extra={"destination": name}
+        )
+        max_age = DeliveryOptions().max_age  # the destination's own setting went with it
+        expired = [d.id for d in items if now - d.created_at >= max_age]
+        waiting = [d.id for d in items if now - d.created_at < max_age]
+        if waiting:
             self.store.mark_retry(
-                [d.id for d in items],
+                waiting,
                 self.owner,
                 now + MISSING_DESTINATION_RETRY,
                 f"destination {name} is not in the current rules",
                 count_attempt=False,
+            )
+        if expired:
+            error = (
+                f"destination {name} is no longer in the rules "
+                f"(gave up after {max_age / 86400:g} days)"
+            )
+            self.store.mark_dead(expired, self.owner, error, now, count_attempt=False)
+            metrics.inc(metrics.DELIVERIES, (name, "dead_lettered"), len(expired))
+            log.error(
+                "deliveries dead-lettered",
+                extra={"destination": name, "count": len(expired), "kind": "missing"},
             )
 
     # -- one batch ------------------------------------------------------------------------------

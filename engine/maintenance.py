@@ -1,4 +1,5 @@
-"""Scheduled housekeeping: retention (events and identities older than N days) and expired keys.
+"""Scheduled housekeeping: retention (events and identities older than N days), expired keys
+and rate counters.
 
 Runs in a background thread of every server or worker process, once an hour (the first run a
 minute after start); expired dedup keys are dropped every six hours (KEY_INTERVAL). Running it
@@ -13,6 +14,7 @@ import threading
 import time
 
 from engine.errors import StoreError
+from engine.ratelimit import COUNTER_TTL
 from engine.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,12 @@ a duplicate, whenever it is dropped."""
 def run_once(
     store: Store, retention_days: int, now: float | None = None, keys: bool = True
 ) -> dict[str, int]:
-    """Purge what is past retention and (with ``keys``) past its dedup window; returns what
-    was removed."""
+    """Purge what is past retention, rate counters past use (whatever the retention: their
+    keys are made from client IPs) and, with ``keys``, dedup keys past their window; returns
+    what was removed."""
     now = time.time() if now is None else now
     removed = {"dedup_keys": store.purge_expired(now)} if keys else {}
+    removed["rate_counters"] = store.purge_rate_counters(now - COUNTER_TTL)
     if retention_days > 0:
         removed.update(store.purge(now - retention_days * DAY, now))
     return removed

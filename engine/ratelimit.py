@@ -6,13 +6,19 @@ and at least once a second), so the store sees one write per batch of requests r
 per request. The shared total can therefore lag by at most one unflushed batch per process: a
 process never lets a key past ``limit`` by its own count, and the overshoot across processes is
 bounded by ``processes * limit / 100``. Over the limit, the answer is 429 with ``Retry-After``
-set to the seconds left in the window. Keys are counted under a hash, so the store never holds
-a key itself.
+set to the seconds left in the window.
+
+Keys are counted under an HMAC-SHA256 with a random secret kept in the store (see
+:meth:`Store.secret`), never under the key itself or a plain hash of it: a publishable key is
+public and IPv4 addresses are few, so a plain hash of the two gave the client's IP back to
+anyone who tried them all. Counters are dropped once :data:`COUNTER_TTL` old, by the hourly
+housekeeping, whatever the retention setting.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import threading
 from dataclasses import dataclass
@@ -22,6 +28,11 @@ from engine.store.base import Store
 
 WINDOW = 60.0
 FLUSH_SECONDS = 1.0
+COUNTER_TTL = 600.0
+"""Seconds after which a window's shared counter is dropped: only the current window is read,
+and ten minutes leave room for hosts whose clocks differ."""
+HMAC_KEY_NAME = "rate_limit_key"
+"""The name of the store secret that counter keys are made with."""
 
 
 @dataclass
@@ -40,19 +51,39 @@ class RateLimiter:
         self.limit = limit
         self.batch = max(1, limit // 100)
         self._counts: dict[str, _Count] = {}
+        self._window = -math.inf  # the latest window counted here
+        self._secret: bytes | None = None
         self._lock = threading.Lock()
+
+    def counter_key(self, key: str) -> str:
+        """The name ``key`` is counted under: an HMAC of it, which reveals nothing of the key
+        (or of a client IP in it) without the store's secret.
+
+        Raises:
+            StoreError: the secret could not be read from the store.
+        """
+        secret = self._secret
+        if secret is None:  # once per process; every process reads the same secret
+            secret = self._secret = self.store.secret(HMAC_KEY_NAME)
+        return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:32]
 
     def check(self, key: str, now: float) -> None:
         """Count one request for ``key``.
 
         Raises:
             TooManyRequests: the key is over its limit in this window.
+            StoreError: the store could not be read or written.
         """
         if self.limit <= 0:
             return
         window = math.floor(now / WINDOW) * WINDOW
-        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        digest = self.counter_key(key)
         with self._lock:
+            if window > self._window:
+                # A new minute: the counts of earlier ones are of no more use, and a key per
+                # client IP would otherwise pile up here for the life of the process.
+                self._counts = {k: c for k, c in self._counts.items() if c.window >= window}
+                self._window = window
             count = self._counts.get(digest)
             if count is None or count.window != window:
                 count = self._counts[digest] = _Count(window, flushed_at=now)

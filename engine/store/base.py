@@ -189,9 +189,11 @@ class Store(abc.ABC):
         ``count_attempt`` is false; how many were still leased to ``owner``."""
 
     @abc.abstractmethod
-    def mark_dead(self, ids: Sequence[int], owner: str, error: str, now: float) -> int:
-        """Deliveries that will not be retried (dead letters), counting one attempt; how many
-        were still leased to ``owner``."""
+    def mark_dead(
+        self, ids: Sequence[int], owner: str, error: str, now: float, count_attempt: bool = True
+    ) -> int:
+        """Deliveries that will not be retried (dead letters), counting one attempt unless
+        ``count_attempt`` is false; how many were still leased to ``owner``."""
 
     @abc.abstractmethod
     def release(self, ids: Sequence[int], owner: str) -> int:
@@ -255,22 +257,36 @@ class Store(abc.ABC):
     ) -> Identity | None:
         """What is remembered about a visitor (or the latest visitor linked to ``user_id``).
 
-        Click IDs and cookies first seen longer ago than their window are left out.
+        Click IDs and cookies first seen longer ago than their window are left out, and so
+        are the user agent and IP when last seen longer ago than ``default_window`` (or at a
+        time not known).
         """
 
     @abc.abstractmethod
     def forget(
         self, user_id: str | None = None, visitor_id: str | None = None, email: str | None = None
     ) -> dict[str, int]:
-        """Erase a person: events, deliveries (pending ones too), identities and links.
+        """Erase what is or may be a person's, never what is provably another user's.
 
-        ``email`` matches the event's ``user_data.email`` trimmed and lower-cased, or its
-        SHA-256. Returns how many of each kind were removed.
+        The person's user IDs are ``user_id`` and, with ``email``, those the client sent on
+        the events with that address; their visitors are ``visitor_id``, those the client sent
+        on such events, and every visitor linked to one of their user IDs (one step, no
+        further). Erased: events with one of their user IDs; events on one of their visitors
+        with no user ID, or with one the pipeline only copied from the visitor's identity
+        (listed under ``enriched``); events with ``email`` as ``user_data.email``, plain or
+        SHA-256, normalized as the adapters do before hashing. Events the client sent with
+        another user's ID stay. The deliveries of erased events go with them (pending ones
+        too), and so do the person's visitor rows and every link of their visitors and user
+        IDs. Returns how many of each kind were removed.
         """
 
     @abc.abstractmethod
     def purge(self, before: float, now: float | None = None) -> dict[str, int]:
         """Erase events received, and identities last seen, before ``before`` (retention).
+
+        Of the identities still seen, the values remembered from before ``before`` go: click
+        IDs and cookies first seen, the user agent and IP last seen (or at a time not known),
+        before it (``visitor_values`` in the result).
 
         Deliveries still to send, and their events, are kept; so are events whose ID is still
         deduplicated at ``now`` (default: the current time), until their window ends. Backends
@@ -281,6 +297,25 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def rate_hit(self, key: str, window_start: float, count: int = 1) -> int:
         """Add ``count`` requests for ``key`` in the window; returns the total so far."""
+
+    @abc.abstractmethod
+    def purge_rate_counters(self, before: float) -> int:
+        """Drop the rate counters of windows that started before ``before``; returns how many.
+
+        Runs hourly whatever the retention setting (counters are only of use for a minute).
+        """
+
+    @abc.abstractmethod
+    def secret(self, name: str) -> bytes:
+        """The random secret named ``name`` (32 bytes), made on first use and kept in the store.
+
+        Every process and host using the store gets the same one, so that what they make with
+        it (say, the names rate counters are shared under) agrees; it never leaves the store
+        otherwise.
+
+        Raises:
+            StoreError: the store could not be read or written.
+        """
 
     # -- lifecycle ------------------------------------------------------------------------------
 

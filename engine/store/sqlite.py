@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import itertools
 import json
 import math
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from destinations import normalize
+from destinations.normalize import is_hashed, sha256_hex
 from engine import gate
 from engine.errors import StoreError
 from engine.identity import Identity, IdentityUpdate
@@ -109,7 +110,11 @@ CREATE TABLE IF NOT EXISTS visitors (
     ip           TEXT,
     vals         TEXT NOT NULL DEFAULT '{}',  -- click IDs and cookies: {name: [value, first]}
     first_seen   REAL NOT NULL,
-    last_seen    REAL NOT NULL
+    last_seen    REAL NOT NULL,
+    -- The columns below are added to a file of an earlier version by _upgrade (same order).
+    ip_seen      REAL,  -- when ip was last seen (to the hour); NULL: not known, so never used
+    ua_seen      REAL,  -- the same for user_agent
+    oldest       REAL NOT NULL DEFAULT 0  -- see _oldest; 0 in rows of an earlier version
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS visitors_last_seen ON visitors (last_seen);
 
@@ -122,6 +127,12 @@ CREATE TABLE IF NOT EXISTS user_visitors (
 -- Links by visitor, for retention and forget (links are written only when a user ID is new).
 CREATE INDEX IF NOT EXISTS user_visitors_visitor ON user_visitors (visitor_id);
 
+-- Random secrets shared by every process using the store (Store.secret).
+CREATE TABLE IF NOT EXISTS secrets (
+    name         TEXT PRIMARY KEY,
+    value        BLOB NOT NULL
+) WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS rate_counters (
     key          TEXT NOT NULL,
     window       REAL NOT NULL,
@@ -129,6 +140,49 @@ CREATE TABLE IF NOT EXISTS rate_counters (
     PRIMARY KEY (key, window)
 ) WITHOUT ROWID;
 """
+
+# Columns that files made by earlier versions lack, in the order _SCHEMA declares them: SQL has
+# no "ADD COLUMN IF NOT EXISTS", so _upgrade adds them.
+_ADDED_COLUMNS = {
+    "visitors": (("ip_seen", "REAL"), ("ua_seen", "REAL"), ("oldest", "REAL NOT NULL DEFAULT 0")),
+}
+# Indexes on added columns, made once the columns exist.
+_ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS visitors_oldest ON visitors (oldest);"
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Bring a file made by an earlier version up to _SCHEMA, in place (after _SCHEMA ran).
+
+    Adds the columns it lacks, in one write transaction that looks again under the write lock
+    (another process may have added them meanwhile), then their indexes. Writes nothing when
+    the file is current, so an operator's command that may only read the file can open it.
+    Rows written before get each added column's default.
+    """
+    if not any(
+        name not in _columns(db, table)
+        for table, added in _ADDED_COLUMNS.items()
+        for name, _ in added
+    ):
+        db.executescript(_ADDED_INDEXES)
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for table, added in _ADDED_COLUMNS.items():
+            have = _columns(db, table)
+            for name, declaration in added:
+                if name not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    db.executescript(_ADDED_INDEXES)
+
 
 _DELIVERY_COLUMNS = (
     "id, event_id, tag, destination, payload, status, attempts, created_at, next_attempt_at, "
@@ -402,6 +456,9 @@ class _Visitor:
     vals: dict[str, list[Any]]
     first_seen: float
     last_seen: float
+    ip_seen: float | None = None
+    ua_seen: float | None = None
+    oldest: float | None = None  # as stored (None: a new row)
     dirty: bool = False
     touched: bool = False  # last_seen moved (new, or not touched for an hour)
 
@@ -567,17 +624,68 @@ def _claim(
 
 _VISITOR_UPDATE = (
     " ON CONFLICT (visitor_id) DO UPDATE SET user_id = excluded.user_id, "
-    "user_agent = excluded.user_agent, ip = excluded.ip, vals = excluded.vals"
+    "user_agent = excluded.user_agent, ip = excluded.ip, vals = excluded.vals, "
+    "ip_seen = excluded.ip_seen, ua_seen = excluded.ua_seen"
 )
-# Only with last_seen moving: a column named in SET rewrites its index entries, even unchanged.
-_VISITOR_TOUCH = _VISITOR_UPDATE + ", last_seen = excluded.last_seen"
+
+
+@functools.lru_cache(maxsize=4)
+def _visitor_upsert(touched: bool, moved: bool) -> str:
+    """The upsert's tail; an indexed column only when it moves (``last_seen``, ``oldest``): a
+    column named in SET rewrites its index entries, even unchanged."""
+    tail = _VISITOR_UPDATE
+    if touched:
+        tail += ", last_seen = excluded.last_seen"
+    if moved:
+        tail += ", oldest = excluded.oldest"
+    return tail
+
+
+def _oldest(
+    vals: Mapping[str, Sequence[Any]],
+    ip_seen: float | None,
+    ua_seen: float | None,
+    last_seen: float,
+) -> float:
+    """A visitor row's ``oldest``: when its oldest remembered value was seen (a click ID or
+    cookie by the time first seen, the IP and user agent by the time last seen), else its
+    ``last_seen``. Retention finds through it, by index, the rows with something to drop."""
+    times = [float(first) for _, first in vals.values()]
+    times += [t for t in (ip_seen, ua_seen) if t is not None]
+    return min(times) if times else last_seen
+
+
+def _seen_at(value: str | None, seen: float | None) -> float | None:
+    """When a remembered user agent or IP was last seen, for ``oldest``: None without one, 0
+    for one of an earlier version, whose time is not known (retention then drops it)."""
+    if value is None:
+        return None
+    return 0.0 if seen is None else seen
+
+
+def _seen(row: _Visitor, column: str, new: str | None, now: float) -> bool:
+    """Fold the user agent or IP an event was sent with into ``row``; whether the row changed.
+
+    Its time last seen moves at most hourly for the same value (see IDENTITY_TOUCH): within
+    the hour, a visitor seen again with nothing new costs no write.
+    """
+    if new is None:
+        return False
+    seen_column = "ip_seen" if column == "ip" else "ua_seen"
+    seen: float | None = getattr(row, seen_column)
+    if new == getattr(row, column) and seen is not None and now - seen <= IDENTITY_TOUCH:
+        return False
+    setattr(row, column, new)
+    setattr(row, seen_column, now)
+    return True
 
 
 def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, float]]) -> None:
     """Fold what the group's events teach about their visitors into the visitor rows.
 
     A visitor seen again within the hour with nothing new costs no write; click IDs keep the
-    time they were first seen with that value, so a new click starts its window anew.
+    time they were first seen with that value, so a new click starts its window anew; the
+    user agent and IP keep the time they were last seen (to the hour), for their window.
 
     ``last_seen`` (only retention reads it) moves at most hourly, new values or not: moving it
     moves the visitor's entry in the visitors_last_seen index too, two more pages written by a
@@ -596,11 +704,14 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
             json.loads(row["vals"]),
             row["first_seen"],
             row["last_seen"],
+            row["ip_seen"],
+            row["ua_seen"],
+            row["oldest"],
         )
         for row in _select_in(
             db,
-            "SELECT visitor_id, user_id, user_agent, ip, vals, first_seen, last_seen "
-            "FROM visitors WHERE visitor_id IN ({marks})",
+            "SELECT visitor_id, user_id, user_agent, ip, vals, first_seen, last_seen, ip_seen, "
+            "ua_seen, oldest FROM visitors WHERE visitor_id IN ({marks})",
             ids,
         )
     }
@@ -618,27 +729,44 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
                 row.vals[name] = [value, now]  # a new click starts its attribution window anew
                 changed = True
         previous_user = row.user_id
-        for column in ("user_id", "user_agent", "ip"):
-            new = getattr(update, column)
-            if new is not None and new != getattr(row, column):
-                setattr(row, column, new)
-                changed = True
+        if update.user_id is not None and update.user_id != row.user_id:
+            row.user_id = update.user_id
+            changed = True
+        changed = _seen(row, "user_agent", update.user_agent, now) or changed
+        changed = _seen(row, "ip", update.ip, now) or changed
         if touch:
             row.last_seen, row.touched = now, True
         row.dirty = row.dirty or changed
         if update.user_id and (not known or previous_user != update.user_id or changed):
             links[(update.user_id, visitor_id)] = now
-    for touched, tail in ((True, _VISITOR_TOUCH), (False, _VISITOR_UPDATE)):
+    groups: dict[tuple[bool, bool], list[tuple[Any, ...]]] = {}
+    for vid, v in visitors.items():
+        if not v.dirty:
+            continue
+        oldest = _oldest(
+            v.vals, _seen_at(v.ip, v.ip_seen), _seen_at(v.user_agent, v.ua_seen), v.last_seen
+        )
+        groups.setdefault((v.touched, oldest != v.oldest), []).append(
+            (
+                vid,
+                v.user_id,
+                v.user_agent,
+                v.ip,
+                _dumps(v.vals),
+                v.first_seen,
+                v.last_seen,
+                v.ip_seen,
+                v.ua_seen,
+                oldest,
+            )
+        )
+    for (touched, moved), rows in sorted(groups.items()):
         _insert_rows(
             db,
             "INSERT INTO visitors (visitor_id, user_id, user_agent, ip, vals, first_seen, "
-            "last_seen)",
-            [
-                (vid, v.user_id, v.user_agent, v.ip, _dumps(v.vals), v.first_seen, v.last_seen)
-                for vid, v in visitors.items()
-                if v.dirty and v.touched is touched
-            ],
-            tail,
+            "last_seen, ip_seen, ua_seen, oldest)",
+            rows,
+            _visitor_upsert(touched, moved),
         )
     _insert_rows(
         db,
@@ -646,6 +774,29 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
         [(user, vid, at) for (user, vid), at in links.items()],
         " ON CONFLICT (user_id, visitor_id) DO UPDATE SET linked_at = excluded.linked_at",
     )
+
+
+def _trimmed(row: sqlite3.Row, before: float) -> tuple[tuple[Any, ...], int]:
+    """A visitor row without the values it remembers from before ``before`` (retention).
+
+    Click IDs and cookies first seen before it go, and the user agent and IP last seen before
+    it, or at a time not known (a row of an earlier version). Returns the UPDATE's parameters
+    (vals, user_agent, ua_seen, ip, ip_seen, oldest, visitor_id) and how many values went.
+    """
+    vals = json.loads(row["vals"])
+    kept = {name: entry for name, entry in vals.items() if entry[1] >= before}
+    dropped = len(vals) - len(kept)
+    out: list[Any] = [_dumps(kept)]
+    times: dict[str, float | None] = {}
+    for column, seen in (("user_agent", "ua_seen"), ("ip", "ip_seen")):
+        value, at = row[column], row[seen]
+        if value is not None and (at is None or at < before):
+            value, at = None, None
+            dropped += 1
+        out += [value, at]
+        times[column] = at if value is not None else None
+    oldest = _oldest(kept, times["ip"], times["user_agent"], row["last_seen"])
+    return (*out, oldest, row["visitor_id"]), dropped
 
 
 def _is_dead(db: sqlite3.Connection, delivery_id: int) -> bool:
@@ -657,41 +808,104 @@ def _not_queued(decisions: Sequence[Decision], why: str) -> list[Decision]:
     return [d.blocked(f"not queued: {why}") if d.fired else d for d in decisions]
 
 
-def _linked(
-    db: sqlite3.Connection, visitors: set[str], users: set[str], by_visitor_row: bool
-) -> None:
-    """Add to ``visitors`` and ``users`` everyone linked to them (two steps each way).
+# What forget reads in an event body.
+_USER = "json_extract(body, '$.user_id')"
+_VISITOR = "json_extract(body, '$.visitor_id')"
+# A user ID the pipeline copied from the visitor's identity (listed under ``enriched``) is a guess
+# from a browser possibly shared, not the client's word on whose event it is.
+_USER_GUESSED = "instr(COALESCE(json_extract(body, '$.enriched'), ''), '\"user_id\"') > 0"
 
-    Every user ID a visitor row has ever held is also a link (see _remember); the visitors
-    table itself, which has no index by user, is read only when ``by_visitor_row``.
+
+def _visitors_of(db: sqlite3.Connection, users: Iterable[str], by_visitor_row: bool) -> set[str]:
+    """The visitors linked to ``users``: the person's own browsers and devices (one step).
+
+    Links are followed from a user to their visitors, and no further: a browser that two people
+    logged in on links both, and what the other one did elsewhere is not the person's. Every
+    user ID a visitor row has held is also a link (see _remember); the visitors table itself,
+    which has no index by user, is read only when ``by_visitor_row``.
     """
     by_user = ["SELECT visitor_id FROM user_visitors WHERE user_id = ?"]
     if by_visitor_row:
         by_user.append("SELECT visitor_id FROM visitors WHERE user_id = ?")
-    for _ in range(2):
-        for u in list(users):
-            for sql in by_user:
-                visitors.update(r[0] for r in db.execute(sql, (u,)))
-        for v in list(visitors):
-            links = db.execute("SELECT user_id FROM user_visitors WHERE visitor_id = ?", (v,))
-            users.update(r[0] for r in links)
+    found: set[str] = set()
+    for u in users:
+        for sql in by_user:
+            found.update(r[0] for r in db.execute(sql, (u,)))
+    return found
 
 
-def _person_filter(users: set[str], visitors: set[str], email: str | None) -> tuple[str, list[Any]]:
-    """The WHERE condition (and its parameters) matching a person's events."""
+def _person_filter(
+    users: set[str],
+    visitors: set[str],
+    email: str | None,
+    own_users: set[str] | None = None,
+) -> tuple[str, list[Any]]:
+    """The WHERE condition (and its parameters) matching a person's events.
+
+    An event is the person's when it carries one of ``users``, or when it was seen on one of
+    ``visitors`` and carries no user ID, one of ``own_users`` (default: ``users``), or a user
+    ID only guessed from the visitor; an event on the person's visitor that the client sent
+    with another user's ID is that user's, and stays. With ``email``, also every event whose
+    ``user_data.email`` is that address (see _email_keys).
+    """
+    own = users if own_users is None else own_users
     conditions, params = ["0"], []
     if users:
-        conditions.append(f"json_extract(body, '$.user_id') IN ({_marks(users)})")
+        conditions.append(f"{_USER} IN ({_marks(users)})")
         params += sorted(users)
     if visitors:
-        conditions.append(f"json_extract(body, '$.visitor_id') IN ({_marks(visitors)})")
+        anyone = [f"{_USER} IS NULL", _USER_GUESSED]
+        if own:
+            anyone.append(f"{_USER} IN ({_marks(own)})")
+        conditions.append(f"({_VISITOR} IN ({_marks(visitors)}) AND ({' OR '.join(anyone)}))")
         params += sorted(visitors)
-    if email:
-        normalized = email.strip().lower()
-        digest = hashlib.sha256(normalized.encode()).hexdigest()
-        conditions.append("lower(trim(json_extract(body, '$.user_data.email'))) IN (?, ?)")
-        params += [normalized, digest]
+        params += sorted(own)
+    keys = _email_keys(email) if email else []
+    if keys:
+        conditions.append(
+            f"{_EMAIL_KEY}(json_extract(body, '$.user_data.email')) IN ({_marks(keys)})"
+        )
+        params += keys
     return " OR ".join(conditions), params
+
+
+_EMAIL_KEY = "tagrelay_email_key"  # the SQL name of _email_key, on every connection (see _open)
+
+
+def _email_key(value: object) -> str | None:
+    """What an event's ``user_data.email`` is compared by, for erasure.
+
+    A SHA-256 digest, lower-cased; any other text normalized as the adapters do before
+    hashing (Python's Unicode-aware trim and lower-casing: a tab, a newline, ``Ü``), in
+    Google's form, which also reads a gmail.com address without the dots and ``+tag`` of its
+    local part: those name the same mailbox. SQLite's own ``trim``/``lower`` know only spaces
+    and ASCII, and missed such addresses.
+    """
+    if not isinstance(value, str):
+        return None
+    if is_hashed(value):
+        return value.strip().lower()
+    return normalize.email(value, "google") or value.strip().lower() or None
+
+
+def _email_keys(email: str) -> list[str]:
+    """The keys (see _email_key) of the events that carry ``email``, plain or hashed.
+
+    A hash is matched when it is the SHA-256 of the address as any platform normalizes it
+    (Meta and TikTok keep a gmail.com address's dots, Google drops them); ``email`` may itself
+    be a digest.
+    """
+    if not email.strip():
+        return []
+    if is_hashed(email):
+        return [email.strip().lower()]
+    forms = (normalize.email(email, "meta"), normalize.email(email, "google"))
+    plain = {f for f in forms if f} or {email.strip().lower()}
+    keys = {sha256_hex(p) for p in plain}
+    key = _email_key(email)
+    if key:
+        keys.add(key)
+    return sorted(keys)
 
 
 def _ids_by_email(
@@ -703,16 +917,21 @@ def _ids_by_email(
     users: set[str],
 ) -> None:
     """Add to ``visitors`` and ``users`` the IDs on the events (matching ``where``) with
-    ``email``: erasing a person found by e-mail erases what their IDs are remembered with."""
+    ``email``: erasing a person found by e-mail erases what their IDs are remembered with.
+
+    Only the IDs the client sent: one the pipeline copied from a remembered identity (listed
+    under ``enriched``) may be another person's, on a shared browser.
+    """
     match, email_params = _person_filter(set(), set(), email)
-    for visitor, user in db.execute(
-        "SELECT json_extract(body, '$.visitor_id'), json_extract(body, '$.user_id') FROM events "
+    for visitor, user, enriched in db.execute(
+        f"SELECT {_VISITOR}, {_USER}, json_extract(body, '$.enriched') FROM events "
         f"WHERE {where} AND ({match})",
         [*params, *email_params],
     ):
-        if visitor is not None:
+        guessed = json.loads(enriched) if enriched else []
+        if visitor is not None and "visitor_id" not in guessed:
             visitors.add(str(visitor))
-        if user is not None:
+        if user is not None and "user_id" not in guessed:
             users.add(str(user))
 
 
@@ -779,6 +998,7 @@ class SQLiteStore(Store):
             with self._process_lock(), self._host_lock():
                 db = self._writer_conn()
                 _retry_busy(lambda: db.executescript(_SCHEMA))
+                _retry_busy(lambda: _upgrade(db))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot create the SQLite schema: {exc}") from exc
 
@@ -828,6 +1048,7 @@ class SQLiteStore(Store):
             # own busy handler sleeps in steps of milliseconds, wasting most of them under load.
             conn.execute("PRAGMA busy_timeout=0")
             conn.execute("PRAGMA foreign_keys=OFF")
+            conn.create_function(_EMAIL_KEY, 1, _email_key, deterministic=True)
             # Checkpoints (which fsync the database) run mostly in a background thread; the
             # writer only finishes the remainder when the WAL has grown past the threshold
             # (see WAL_CHECKPOINT_PAGES).
@@ -1085,12 +1306,14 @@ class SQLiteStore(Store):
             [(int(count_attempt), next_attempt_at, error, i, owner) for i in ids],
         )
 
-    def mark_dead(self, ids: Sequence[int], owner: str, error: str, now: float) -> int:
+    def mark_dead(
+        self, ids: Sequence[int], owner: str, error: str, now: float, count_attempt: bool = True
+    ) -> int:
         """See :meth:`Store.mark_dead`."""
         return self._settle(
-            "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, last_error = ?, "
+            "UPDATE deliveries SET status = 'dead', attempts = attempts + ?, last_error = ?, "
             "finished_at = ?, lease_owner = NULL, lease_expires = NULL",
-            [(error, now, i, owner) for i in ids],
+            [(int(count_attempt), error, now, i, owner) for i in ids],
         )
 
     def release(self, ids: Sequence[int], owner: str) -> int:
@@ -1234,8 +1457,19 @@ class SQLiteStore(Store):
             for name, (value, first_seen) in json.loads(visitor["vals"]).items()
             if now - first_seen <= windows.get(name, default_window)
         }
+
+        def recent(column: str, seen: str) -> str | None:
+            # Seen within the window, as click IDs are; a time not known (a row of an earlier
+            # version) is not taken for a recent one.
+            at = visitor[seen]
+            return visitor[column] if at is not None and now - at <= default_window else None
+
         return Identity(
-            visitor_id, visitor["user_id"], values, visitor["user_agent"], visitor["ip"]
+            visitor_id,
+            visitor["user_id"],
+            values,
+            recent("user_agent", "ua_seen"),
+            recent("ip", "ip_seen"),
         )
 
     def forget(
@@ -1247,7 +1481,7 @@ class SQLiteStore(Store):
         takes seconds on a large store: that scan runs on a snapshot outside the write lock.
         The events found are then erased in short transactions, and the last transaction
         looks again, inside the lock, at the events that arrived during the scan (and at all
-        events for anyone linked to the person meanwhile, which is rare), so nothing of the
+        events on any visitor linked to the person meanwhile, which is rare), so nothing of the
         person is left as of that transaction.
         """
         removed = {"events": 0, "deliveries": 0, "visitors": 0, "links": 0, "dedup_keys": 0}
@@ -1263,9 +1497,8 @@ class SQLiteStore(Store):
             last = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
             if email:
                 _ids_by_email(db, email, "seq <= ?", [last], seed_visitors, seed_users)
-            visitors.update(seed_visitors)
             users.update(seed_users)
-            _linked(db, visitors, users, by_visitor_row=True)
+            visitors.update(seed_visitors, _visitors_of(db, users, by_visitor_row=True))
             where, params = _person_filter(users, visitors, email)
             sql = f"SELECT seq FROM events WHERE seq <= ? AND ({where})"
             seqs = [r[0] for r in db.execute(sql, [last, *params])]
@@ -1277,15 +1510,16 @@ class SQLiteStore(Store):
             with self._write() as db:
                 _erase_events(db, chunk, [k for k in keys if k[1] in these], removed)
         with self._write() as db:
-            # The same closure from the same start, on the links as they are now: whoever it
+            # The same step from the same start, on the links as they are now: whoever it
             # reaches that the search did not was linked meanwhile.
             if email:
                 _ids_by_email(db, email, "seq > ?", [last], seed_visitors, seed_users)
-            now_visitors, now_users = set(seed_visitors), set(seed_users)
-            _linked(db, now_visitors, now_users, by_visitor_row=False)
-            new_visitors, new_users = now_visitors - visitors, now_users - users
-            visitors |= new_visitors
+            new_users = seed_users - users
             users |= new_users
+            new_visitors = (
+                seed_visitors | _visitors_of(db, users, by_visitor_row=False)
+            ) - visitors
+            visitors |= new_visitors
             where, params = _person_filter(users, visitors, email)
             tail = [
                 r[0]
@@ -1294,7 +1528,7 @@ class SQLiteStore(Store):
                 )
             ]
             if new_visitors or new_users:  # their older events too (rare: a full read)
-                where, params = _person_filter(new_users, new_visitors, None)
+                where, params = _person_filter(new_users, new_visitors, None, own_users=users)
                 tail += [
                     r[0]
                     for r in db.execute(
@@ -1303,6 +1537,10 @@ class SQLiteStore(Store):
                 ]
             if tail:
                 _erase_events(db, tail, _keys_of(db, tail), removed)
+            # A visitor of the person's is erased whole, even one another person used too: it
+            # is only what enrichment remembers (click IDs, user agent, IP), which cannot be
+            # told apart by person; the other person's events, and their own links to their
+            # other visitors, stay.
             for v in visitors:
                 removed["visitors"] += db.execute(
                     "DELETE FROM visitors WHERE visitor_id = ?", (v,)
@@ -1324,7 +1562,7 @@ class SQLiteStore(Store):
         transaction for everything held the write lock while it scanned the outbox.
         """
         now = time.time() if now is None else now
-        removed = {"events": 0, "deliveries": 0, "visitors": 0}
+        removed = {"events": 0, "deliveries": 0, "visitors": 0, "visitor_values": 0}
         after: tuple[float, int] = (-math.inf, 0)  # (received_at, seq) of the last event seen
         while True:
             with self._write() as db:
@@ -1371,8 +1609,32 @@ class SQLiteStore(Store):
                     ).rowcount
             if len(visitors) < PURGE_CHUNK:
                 break
-        with self._write() as db:  # a few rows per key: the last hour's windows
-            db.execute("DELETE FROM rate_counters WHERE window < ?", (time.time() - 3600,))
+        # Visitors still seen, with values remembered since before the cut-off (a regular's
+        # click ID of long ago): those values go. Each row comes out with ``oldest`` at or
+        # after the cut-off, or is erased, so every round makes progress.
+        while True:
+            with self._write() as db:
+                found = db.execute(
+                    "SELECT visitor_id, user_agent, ip, vals, last_seen, ip_seen, ua_seen "
+                    "FROM visitors WHERE oldest < ? ORDER BY oldest LIMIT ?",
+                    (before, PURGE_CHUNK),
+                ).fetchall()
+                gone = [r["visitor_id"] for r in found if r["last_seen"] < before]
+                kept = [_trimmed(r, before) for r in found if r["last_seen"] >= before]
+                db.executemany(
+                    "UPDATE visitors SET vals = ?, user_agent = ?, ua_seen = ?, ip = ?, "
+                    "ip_seen = ?, oldest = ? WHERE visitor_id = ?",
+                    [row for row, _ in kept],
+                )
+                removed["visitor_values"] += sum(n for _, n in kept)
+                if gone:  # last seen before the cut-off since the loop above: rare
+                    marks = _marks(gone)
+                    db.execute(f"DELETE FROM user_visitors WHERE visitor_id IN ({marks})", gone)
+                    removed["visitors"] += db.execute(
+                        f"DELETE FROM visitors WHERE visitor_id IN ({marks})", gone
+                    ).rowcount
+            if len(found) < PURGE_CHUNK:
+                break
         return removed
 
     def rate_hit(self, key: str, window_start: float, count: int = 1) -> int:
@@ -1384,6 +1646,29 @@ class SQLiteStore(Store):
                 (key, window_start, count),
             ).fetchall()
         return int(rows[0][0])
+
+    def purge_rate_counters(self, before: float) -> int:
+        """See :meth:`Store.purge_rate_counters`.
+
+        One statement that reads the whole table: it holds about an hour of counters (the
+        housekeeping runs hourly), a row per server key and per client IP of a publishable
+        key, per minute.
+        """
+        with self._write() as db:
+            return int(db.execute("DELETE FROM rate_counters WHERE window < ?", (before,)).rowcount)
+
+    def secret(self, name: str) -> bytes:
+        """See :meth:`Store.secret`."""
+        rows = self._read("SELECT value FROM secrets WHERE name = ?", (name,), lookup=True)
+        if rows:
+            return bytes(rows[0][0])
+        with self._write() as db:  # the first of several processes to get here makes it
+            db.execute(
+                "INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, os.urandom(32)),
+            )
+            row = db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0])
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
@@ -29,6 +30,7 @@ from destinations.base import (
 )
 from engine.breaker import Backoff, CircuitBreaker
 from engine.delivery import DeliveryWorker
+from engine.maintenance import run_once
 from engine.pipeline import Pipeline, load_rules
 from engine.replay import replay_dead_letters, replay_destination
 from engine.rules.model import Container
@@ -651,6 +653,59 @@ def test_deliveries_of_a_destination_missing_from_the_rules_wait_without_using_a
     [(status, attempts, error)] = h.statuses()
     assert (status, attempts) == ("pending", 0)
     assert error is not None and "not in the current rules" in error
+
+
+def test_deliveries_to_a_removed_destination_become_dead_letters_after_the_default_max_age(
+    tmp_path: Path, sink: Any
+) -> None:
+    handler, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept({"event_name": "lead", "event_id": "old"}, {"event_name": "lead", "event_id": "new"})
+    three_days = 3 * 86400.0
+    with h.store._write() as db:  # "old" was accepted just over three days ago
+        db.execute(
+            "UPDATE deliveries SET created_at = created_at - ? WHERE event_id = 'old'",
+            (three_days + 1,),
+        )
+        db.execute(
+            "UPDATE events SET received_at = received_at - ? WHERE event_id = 'old'",
+            (three_days + 1,),
+        )
+    (tmp_path / "other").mkdir()
+    elsewhere = load_rules(webhook_rules(tmp_path / "other", server.url), interval=0).container
+    del elsewhere.destinations["hook"]  # as if the destination had been taken out of the rules
+
+    DeliveryWorker(h.store, lambda: elsewhere).tick(wait=True)
+
+    [dead] = h.store.dead_letters()
+    assert (dead.event_id, dead.attempts) == ("old", 0)  # nothing was attempted
+    assert dead.last_error is not None
+    assert "destination hook is no longer in the rules" in dead.last_error
+    [waiting] = [d for d in (h.store.get_delivery(i) for i in (1, 2)) if d and d.event_id == "new"]
+    assert (waiting.status.value, waiting.attempts) == ("pending", 0)
+    # Put back within the three days, the destination gets what waited; the dead letter replays.
+    report = replay_dead_letters(h.store, h.container, [dead.id])
+    h.make_due()
+    h.worker.drain()
+    assert report.queued == 1
+    assert handler.ids() == {"old": 1, "new": 1}
+
+
+def test_a_removed_destination_keeps_no_event_past_retention(tmp_path: Path, sink: Any) -> None:
+    _, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    long_ago = datetime.now(UTC) - timedelta(days=400)
+    outcomes = h.pipeline.accept([{"event_name": "lead", "event_id": "e1"}], now=long_ago)
+    assert outcomes[0].accepted is not None
+    (tmp_path / "other").mkdir()
+    elsewhere = load_rules(webhook_rules(tmp_path / "other", server.url), interval=0).container
+    del elsewhere.destinations["hook"]
+
+    DeliveryWorker(h.store, lambda: elsewhere).tick(wait=True)
+    run_once(h.store, retention_days=395)
+
+    assert h.store.get_event("e1") is None
+    assert h.statuses() == []
 
 
 def test_a_stopping_worker_sends_nothing_more_and_gives_back_what_it_did_not_send(

@@ -51,5 +51,24 @@ def test_a_manual_purge_drops_expired_keys_too(counted: tuple[SQLiteStore, Count
 
     removed = run_once(store, retention_days=30)
 
-    assert set(removed) == {"dedup_keys", "events", "deliveries", "visitors"}
+    assert set(removed) == {
+        "dedup_keys",
+        "rate_counters",
+        "events",
+        "deliveries",
+        "visitors",
+        "visitor_values",
+    }
     assert calls == {"purge": 1, "purge_expired": 1}
+
+
+def test_rate_counters_are_dropped_even_when_retention_is_off(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    now = 1_795_185_060.0
+    store.rate_hit("old", now - 2 * 3600)
+    store.rate_hit("recent", now - 60)
+
+    removed = run_once(store, retention_days=0, now=now)
+
+    assert [r["key"] for r in store._read("SELECT key FROM rate_counters")] == ["recent"]
+    assert removed["rate_counters"] == 1

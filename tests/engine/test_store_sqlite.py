@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import multiprocessing
 import os
@@ -382,6 +383,96 @@ def test_a_file_of_a_previous_version_gets_the_current_indexes(db_path: Path) ->
     assert reopened.accept(acceptance("o1", at=T0 + 1)).duplicate is True
 
 
+_VISITORS_BEFORE_SEEN_TIMES = """
+DROP TABLE visitors;
+CREATE TABLE visitors (
+    visitor_id   TEXT PRIMARY KEY,
+    user_id      TEXT,
+    user_agent   TEXT,
+    ip           TEXT,
+    vals         TEXT NOT NULL DEFAULT '{}',
+    first_seen   REAL NOT NULL,
+    last_seen    REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX visitors_last_seen ON visitors (last_seen);
+"""
+
+
+def test_a_file_of_a_previous_version_gets_the_new_visitor_columns_in_place(
+    db_path: Path,
+) -> None:
+    SQLiteStore(db_path).close()
+    with sqlite3.connect(db_path) as db:  # visitors as earlier versions made them
+        db.executescript(_VISITORS_BEFORE_SEEN_TIMES)
+        db.execute(
+            "INSERT INTO visitors VALUES ('vis', 'u1', 'UA', '203.0.113.7', ?, ?, ?)",
+            (json.dumps({"gclid": ["g1", T0]}), T0, T0),
+        )
+
+    reopened = SQLiteStore(db_path)
+
+    columns = [r[1] for r in rows(db_path, "PRAGMA table_info(visitors)")]
+    assert columns[-3:] == ["ip_seen", "ua_seen", "oldest"]
+    assert "visitors_oldest" in {r[1] for r in rows(db_path, "PRAGMA index_list(visitors)")}
+    found = reopened.recall("vis", None, T0 + 60, {}, 30 * 86400.0)
+    # The click ID is kept; an IP and user agent of unknown age are not taken for recent ones.
+    assert found is not None and found.values == {"gclid": ("g1", T0)}
+    assert (found.user_id, found.ip, found.user_agent) == ("u1", None, None)
+    update = IdentityUpdate("vis", user_agent="UA", ip="203.0.113.7")
+    reopened.accept(replace(acceptance("o1", at=T0 + 120), identity=update))
+    found = reopened.recall("vis", None, T0 + 180, {}, 30 * 86400.0)
+    assert found is not None and (found.ip, found.user_agent) == ("203.0.113.7", "UA")
+    SQLiteStore(db_path).close()  # a third open finds nothing to add
+
+
+def _open_and_remember(path: str, start: Any, n: int) -> bool:
+    start.wait(30)
+    store = SQLiteStore(path)
+    store.accept(replace(acceptance(f"o{n}"), identity=IdentityUpdate(f"v{n}", ip="192.0.2.1")))
+    store.close()
+    return True
+
+
+def test_workers_opening_a_previous_versions_file_at_once_upgrade_it_once(db_path: Path) -> None:
+    SQLiteStore(db_path).close()
+    with sqlite3.connect(db_path) as db:
+        db.executescript(_VISITORS_BEFORE_SEEN_TIMES)
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Manager().Event()
+    with ctx.Pool(PROCESSES) as pool:
+        pending = [
+            pool.apply_async(_open_and_remember, (str(db_path), start, n)) for n in range(PROCESSES)
+        ]
+        start.set()
+        assert all(p.get(timeout=60) for p in pending)
+
+    columns = [r[1] for r in rows(db_path, "PRAGMA table_info(visitors)")]
+    assert columns.count("ip_seen") == 1 and columns[-1] == "oldest"
+    assert rows(db_path, "SELECT COUNT(*) FROM visitors WHERE ip_seen = ?", T0) == [(PROCESSES,)]
+
+
+def test_the_ip_and_user_agent_keep_the_time_last_seen_to_the_hour(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    def seen(event_id: str, at: float, ip: str) -> None:
+        update = IdentityUpdate("vis", user_agent="UA", ip=ip)
+        store.accept(replace(acceptance(event_id, at=at), identity=update))
+
+    seen("v1", T0, "203.0.113.7")
+    seen("v2", T0 + 60, "203.0.113.7")  # the same within the hour: no write
+    seen("v3", T0 + 120, "198.51.100.1")  # a new IP: seen now
+    seen("v4", T0 + HOUR + 121, "198.51.100.1")  # the same an hour later: seen again
+
+    assert rows(db_path, "SELECT ip_seen, ua_seen FROM visitors") == [
+        (T0 + HOUR + 121, T0 + HOUR + 121)
+    ]
+    window = 2 * HOUR
+    at_the_edge = store.recall("vis", None, T0 + HOUR + 121 + window, {}, window)
+    past_it = store.recall("vis", None, T0 + HOUR + 122 + window, {}, window)
+    assert at_the_edge is not None and at_the_edge.ip == "198.51.100.1"
+    assert past_it is not None and (past_it.ip, past_it.user_agent) == (None, None)
+
+
 def test_opening_a_file_whose_schema_must_change_waits_for_another_writer(db_path: Path) -> None:
     SQLiteStore(db_path).close()
     with sqlite3.connect(db_path) as db:
@@ -440,11 +531,67 @@ def test_retention_works_in_chunks_across_events_received_together(
 
     began, removed = _count_transactions(monkeypatch, store, lambda: store.purge(T0 + HOUR))
 
-    assert removed == {"events": 8, "deliveries": 5, "visitors": 3}  # 5 sent, 3 had no tag
-    assert began >= 4  # 7 old events and 3 visitors in chunks of 2
+    assert removed == {"events": 8, "deliveries": 5, "visitors": 3, "visitor_values": 0}
+    assert began >= 4  # 7 old events (5 sent, 3 had no tag) and 3 visitors in chunks of 2
     remaining = {r[0] for r in rows(db_path, "SELECT event_id FROM events")}
     assert remaining == {"p0", "p1", "late"}  # still to send, or too recent
     assert rows(db_path, "SELECT COUNT(*) FROM user_visitors") == [(0,)]
+
+
+def test_retention_drops_what_a_visitor_still_seen_remembers_from_before_the_cut_off(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "PURGE_CHUNK", 2)
+    store = SQLiteStore(db_path)
+    cut = T0 + 10 * HOUR
+    for n in range(5):  # regulars: an old click, a newer cookie, seen again after the cut-off
+        visitor = f"v{n}"
+        old = IdentityUpdate(visitor, values={"gclid": f"g{n}"}, user_agent="UA", ip="192.0.2.1")
+        store.accept(replace(acceptance(f"old{n}", at=T0), identity=old))
+        newer = IdentityUpdate(visitor, values={"fbp": f"fb{n}"})
+        store.accept(replace(acceptance(f"new{n}", at=cut + HOUR), identity=newer))
+    fresh = IdentityUpdate("v-fresh", values={"gclid": "g"}, ip="192.0.2.2")
+    store.accept(replace(acceptance("fresh", at=cut + HOUR), identity=fresh))
+
+    began, removed = _count_transactions(monkeypatch, store, lambda: store.purge(cut))
+
+    assert removed["visitors"] == 0 and removed["visitor_values"] == 5 * 3
+    assert began >= 3  # 5 visitors to trim, in chunks of 2
+    for n in range(5):
+        found = store.recall(f"v{n}", None, cut + 2 * HOUR, {}, 1e9)
+        assert found is not None
+        assert (found.values, found.ip, found.user_agent) == (
+            {"fbp": (f"fb{n}", cut + HOUR)},
+            None,
+            None,
+        )
+    kept = store.recall("v-fresh", None, cut + 2 * HOUR, {}, 1e9)
+    assert kept is not None and (kept.values, kept.ip) == (
+        {"gclid": ("g", cut + HOUR)},
+        "192.0.2.2",
+    )
+    assert rows(db_path, "SELECT MIN(oldest) FROM visitors") == [(cut + HOUR,)]
+    assert store.purge(cut)["visitor_values"] == 0  # nothing left to find
+
+
+def test_retention_drops_the_ip_and_user_agent_of_unknown_age_from_a_previous_version(
+    db_path: Path,
+) -> None:
+    SQLiteStore(db_path).close()
+    with sqlite3.connect(db_path) as db:
+        db.executescript(_VISITORS_BEFORE_SEEN_TIMES)
+        db.execute(
+            "INSERT INTO visitors VALUES ('vis', NULL, 'UA', '203.0.113.7', ?, ?, ?)",
+            (json.dumps({"gclid": ["g1", T0 - WINDOW], "fbp": ["f1", T0 + HOUR]}), T0, T0 + HOUR),
+        )
+    store = SQLiteStore(db_path)
+
+    removed = store.purge(T0)
+
+    assert removed["visitor_values"] == 3  # the old click ID, the IP and the user agent
+    assert rows(db_path, "SELECT vals, ip, user_agent, oldest FROM visitors") == [
+        ('{"fbp":["f1",%r]}' % (T0 + HOUR), None, None, T0 + HOUR)
+    ]
 
 
 def test_retention_and_expiry_find_their_rows_by_index(
@@ -482,7 +629,7 @@ def test_forget_searches_outside_the_write_lock_and_misses_no_event_accepted_mea
     store = SQLiteStore(db_path)
     store.accept(_of_person("p1"))
     store.accept(acceptance("other"))
-    # A chain of shared devices longer than the two steps forget follows from the person.
+    # A chain of shared devices: forget follows one step, from the person to their visitors.
     for n, (visitor, user) in enumerate(
         [("v1", "u1"), ("v1", "u2"), ("v2", "u2"), ("v2", "u3"), ("v3", "u3")]
     ):
@@ -518,11 +665,14 @@ def test_forget_searches_outside_the_write_lock_and_misses_no_event_accepted_mea
 
     removed = store.forget(user_id="u1")
 
-    assert rows(db_path, "SELECT event_id FROM events") == [("other",)]
+    others = ["other", "link1", "link2", "link3", "link4"]  # link1: u2 on the person's v1
+    assert sorted(r[0] for r in rows(db_path, "SELECT event_id FROM events")) == sorted(others)
     assert rows(db_path, "SELECT COUNT(*) FROM deliveries WHERE event_id != 'other'") == [(0,)]
-    assert sorted(r[0] for r in rows(db_path, "SELECT key FROM dedup_keys")) == ["event:other"]
-    assert (removed["events"], removed["dedup_keys"]) == ((7, 9) if arrival else (6, 7))
-    assert rows(db_path, "SELECT visitor_id FROM visitors") == [("v3",)]  # two steps only
+    assert sorted(r[0] for r in rows(db_path, "SELECT key FROM dedup_keys")) == sorted(
+        f"event:{e}" for e in others
+    )
+    assert (removed["events"], removed["dedup_keys"]) == ((3, 5) if arrival else (2, 3))
+    assert rows(db_path, "SELECT visitor_id FROM visitors ORDER BY 1") == [("v2",), ("v3",)]
     if arrival:
         return  # the late event's dedup keys are found by a scan, inside the lock: rare
     under_lock = [
@@ -921,6 +1071,46 @@ def test_forget_by_email_erases_the_identities_the_person_was_seen_with(
     assert (removed["events"], removed["visitors"], removed["links"]) == (2, 1, 1)
     assert store.recall("vis-1", None, T0, {}, 1e9) is None
     assert store.recall(None, "u-ada", T0, {}, 1e9) is None
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("asked", "stored", "erased"),
+    [
+        ("ada@example.com", "ada@example.com\n", True),
+        ("ada@example.com", "\tada@example.com", True),
+        ("ada@example.com", "\u00a0Ada@Example.COM\r\n", True),
+        ("ada.müller@example.com", "ADA.MÜLLER@example.com", True),
+        ("ADA.MÜLLER@example.com", _sha256("ada.müller@example.com"), True),
+        ("ada@example.com", _sha256("ada@example.com").upper(), True),
+        ("ada@example.com", " " + _sha256("ada@example.com") + "\n", True),
+        (_sha256("ada@example.com"), "ada@example.com", False),  # a digest matches digests
+        (_sha256("ada@example.com"), _sha256("ada@example.com"), True),
+        # A gmail.com address names one mailbox with or without dots and +tag (Google's form).
+        ("Ada.Lovelace@gmail.com", "adalovelace+shop@gmail.com", True),
+        ("ada.lovelace@gmail.com", _sha256("adalovelace@gmail.com"), True),
+        ("ada.lovelace@gmail.com", _sha256("ada.lovelace@gmail.com"), True),
+        ("ada@example.com", "ada@example.org", False),
+        ("ada@example.com", "bada@example.com", False),
+        ("ada.lovelace@example.com", "adalovelace@example.com", False),  # only gmail.com
+        ("ada@example.com", _sha256("bob@example.com"), False),
+    ],
+)
+def test_forget_by_email_finds_every_form_the_platforms_would_match(
+    store: SQLiteStore, asked: str, stored: str, erased: bool
+) -> None:
+    event = {"event_name": "lead", "event_id": "m1", "user_data": {"email": stored}}
+    store.accept(replace(acceptance("m1"), event=event))
+    store.accept(acceptance("other"))
+
+    removed = store.forget(email=asked)
+
+    assert (store.get_event("m1") is None) is erased
+    assert removed["events"] == int(erased)
+    assert store.get_event("other") is not None
 
 
 def test_an_event_that_cannot_be_encoded_fails_alone_not_its_group_commit(

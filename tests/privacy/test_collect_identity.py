@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +25,7 @@ from engine.config import PublishableKey, ServerKey, Settings
 from engine.errors import StoreError
 from engine.maintenance import run_once
 from engine.pipeline import Pipeline
+from engine.ratelimit import RateLimiter
 from engine.store.sqlite import SQLiteStore
 
 SERVER_KEY = "sk_privacy_tests_0123456789"
@@ -335,6 +337,42 @@ def test_click_ids_older_than_their_window_are_not_used(app: Flask) -> None:
     pipeline.accept([{"event_name": "sale", "event_id": "s4", "visitor_id": "v_old"}])
 
     assert "gclid" not in stored(app, "s4").get("context", {})
+
+
+@pytest.mark.parametrize(("days_ago", "used"), [(200, False), (31, False), (29, True)])
+def test_a_remembered_ip_and_user_agent_are_used_only_within_the_attribution_window(
+    app: Flask, days_ago: int, used: bool
+) -> None:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    now = datetime.now(UTC)
+    seen = {"ip": "198.51.100.23", "user_agent": "UA-then"}
+    visit = {"event_name": "page_view", "visitor_id": "v_ua", "consent": ALL_GRANTED}
+    pipeline.accept([{**visit, "context": seen}], now=now - timedelta(days=days_ago))
+    # Seen again since, without ad_user_data: neither is seen anew.
+    pipeline.accept([{**visit, "consent": {}}], now=now - timedelta(days=1))
+
+    sale = {"event_name": "sale", "event_id": "s5", "visitor_id": "v_ua"}
+    pipeline.accept([{**sale, "consent": ALL_GRANTED}], now=now)
+
+    context = stored(app, "s5").get("context", {})
+    assert (context.get("ip"), context.get("user_agent")) == (
+        (seen["ip"], seen["user_agent"]) if used else (None, None)
+    )
+
+
+def test_a_returning_visitors_ip_and_user_agent_stay_fresh(app: Flask) -> None:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    now = datetime.now(UTC)
+    visit = {"event_name": "page_view", "visitor_id": "v_back", "consent": ALL_GRANTED}
+    for days_ago in (200, 100, 20):
+        seen = {"ip": "198.51.100.23", "user_agent": "UA-same"}
+        pipeline.accept([{**visit, "context": seen}], now=now - timedelta(days=days_ago))
+
+    sale = {"event_name": "sale", "event_id": "s6", "visitor_id": "v_back"}
+    pipeline.accept([{**sale, "consent": ALL_GRANTED}], now=now)
+
+    context = stored(app, "s6")["context"]
+    assert (context["ip"], context["user_agent"]) == ("198.51.100.23", "UA-same")
 
 
 @pytest.mark.parametrize(
@@ -672,6 +710,33 @@ def test_retention_purges_old_events_and_identities_but_not_pending_ones(app: Fl
     assert store.recall("v1", None, datetime.now(UTC).timestamp(), {}, 1e9) is None
 
 
+def test_retention_drops_a_returning_visitors_click_ids_older_than_retention(app: Flask) -> None:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    store = store_of(app)
+    now = datetime.now(UTC)
+    first = {"gclid": "Gc-400-days", "ip": "198.51.100.23", "user_agent": "UA-400-days"}
+    visit = {"event_name": "page_view", "visitor_id": "v_regular"}
+    pipeline.accept(
+        [{**visit, "consent": ALL_GRANTED, "context": first}], now=now - timedelta(days=400)
+    )
+    for days_ago in (300, 200, 100):  # back without ad consent: nothing new remembered
+        pipeline.accept([{**visit, "consent": {}}], now=now - timedelta(days=days_ago))
+    later = {"fbp": "fb.1.1.100-days"}
+    pipeline.accept(
+        [{**visit, "consent": ALL_GRANTED, "context": later}], now=now - timedelta(days=1)
+    )
+    with store._write() as db:
+        db.execute("UPDATE deliveries SET status = 'delivered'")
+
+    removed = run_once(store, retention_days=395)
+
+    found = store.recall("v_regular", None, now.timestamp(), {}, 1e9)
+    assert found is not None  # still a visitor
+    assert set(found.values) == {"fbp"}
+    assert (found.ip, found.user_agent) == (None, None)
+    assert removed["visitors"] == 0 and removed["visitor_values"] == 3
+
+
 def test_forget_erases_a_person_and_reports_what_it_removed(
     app: Flask, client: FlaskClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -703,6 +768,105 @@ def test_forget_erases_a_person_and_reports_what_it_removed(
     assert by_email["events"] == 1
     assert store.get_event("someone_else") is not None
     assert store.recall(visitor, None, datetime.now(UTC).timestamp(), {}, 1e9) is None
+
+
+def _shared_browser(client: FlaskClient) -> str:
+    """Ada and Bob log in, in turn, on one browser; Bob also orders from his phone and backend.
+
+    Returns the shared browser's visitor ID.
+    """
+    shared = collect(
+        client, {"event_name": "page_view", "event_id": "anon-before", "consent": ALL_GRANTED}
+    ).get_json()["visitor_id"]
+    for user in ("ada", "bob"):
+        login = {"event_name": "identify", "event_id": f"{user}-login", "user_id": user}
+        collect(client, {**login, "consent": ALL_GRANTED})
+    # Nobody logged in: the pipeline guesses the last user of the browser (bob), unproven.
+    collect(client, {"event_name": "page_view", "event_id": "anon-after", "consent": ALL_GRANTED})
+    orders = [
+        {"event_id": "bob-phone", "user_id": "bob", "visitor_id": "v_bobs_phone"},
+        {"event_id": "bob-backend", "user_id": "bob"},
+        {"event_id": "ada-backend", "user_id": "ada"},
+    ]
+    for order in orders:
+        track(client, {"event_name": "sale", "consent": ALL_GRANTED, **order})
+    return str(shared)
+
+
+def _kept(app: Flask, *event_ids: str) -> dict[str, bool]:
+    store = store_of(app)
+    return {e: store.get_event(e) is not None for e in event_ids}
+
+
+ALL_EVENTS = ("anon-before", "ada-login", "bob-login", "anon-after", "bob-phone", "bob-backend")
+
+
+def test_forgetting_one_user_of_a_shared_browser_keeps_the_other_users_events(
+    app: Flask, client: FlaskClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = _shared_browser(client)
+
+    main(["forget", "--user-id", "ada", "--json", "--data-dir", str(tmp_path / "data")])
+
+    removed = json.loads(capsys.readouterr().out)
+    assert _kept(app, *ALL_EVENTS, "ada-backend") == {
+        "anon-before": False,  # on Ada's browser, with no user: may be hers
+        "ada-login": False,
+        "bob-login": True,  # on Ada's browser, but sent as Bob's
+        "anon-after": False,  # on Ada's browser, Bob only guessed
+        "bob-phone": True,
+        "bob-backend": True,
+        "ada-backend": False,
+    }
+    assert removed["events"] == 4 and removed["deliveries"] == 4  # pending ones included
+    assert store_of(app).depth() == {"hook": 3}  # Bob's deliveries are still to be sent
+    now = datetime.now(UTC).timestamp()
+    # The shared browser's identity goes (nothing in it says whose it is); Bob's phone stays.
+    assert store_of(app).recall(shared, None, now, {}, 1e9) is None
+    assert store_of(app).recall(None, "bob", now, {}, 1e9) is not None
+
+
+def test_forgetting_a_visitor_keeps_what_its_users_did_elsewhere(
+    app: Flask, client: FlaskClient
+) -> None:
+    shared = _shared_browser(client)
+
+    removed = store_of(app).forget(visitor_id=shared)
+
+    # The browser's events that no user was sent with go; its users' own stay, on the browser
+    # and everywhere else (forget them by --user-id).
+    assert _kept(app, *ALL_EVENTS, "ada-backend") == {
+        "anon-before": False,
+        "ada-login": True,
+        "bob-login": True,
+        "anon-after": False,
+        "bob-phone": True,
+        "bob-backend": True,
+        "ada-backend": True,
+    }
+    assert removed["events"] == 2 and removed["visitors"] == 1
+
+
+def test_forgetting_by_email_on_a_shared_browser_keeps_the_other_users_events(
+    app: Flask, client: FlaskClient
+) -> None:
+    shared = _shared_browser(client)
+    login = {"event_name": "identify", "event_id": "bob-again", "user_id": "bob"}
+    collect(client, {**login, "consent": ALL_GRANTED})
+    # Ada orders on the shared browser without logging in: Bob's ID is guessed onto her order.
+    order = {"event_name": "sale", "event_id": "ada-order", "visitor_id": shared}
+    track(client, {**order, "consent": ALL_GRANTED, "user_data": {"email": "ada@example.com"}})
+    assert stored(app, "ada-order")["user_id"] == "bob"
+
+    store_of(app).forget(email="ada@example.com")
+
+    assert _kept(app, "ada-order", "bob-login", "bob-again", "bob-phone", "bob-backend") == {
+        "ada-order": False,
+        "bob-login": True,
+        "bob-again": True,
+        "bob-phone": True,
+        "bob-backend": True,
+    }
 
 
 def test_tagrelay_js_is_served(client: FlaskClient) -> None:
@@ -737,6 +901,48 @@ def test_processes_sharing_a_store_share_the_limit(app: Flask) -> None:
     with pytest.raises(TooManyRequests):
         one.check("k", 61.0)
     one.check("k", 121.0)  # a new window
+
+
+def test_a_rate_counter_reveals_no_client_ip(tmp_path: Path) -> None:
+    import hashlib
+
+    app = make_app(tmp_path, rate_limit=50, trusted_proxies=1, ip_storage="drop")
+    collect(app.test_client(), {"event_name": "x"}, headers={"X-Forwarded-For": "198.51.100.77"})
+    other = make_app(tmp_path / "other", rate_limit=50, trusted_proxies=1)
+    collect(other.test_client(), {"event_name": "x"}, headers={"X-Forwarded-For": "198.51.100.77"})
+
+    [key] = [r["key"] for r in store_of(app)._read("SELECT key FROM rate_counters")]
+    [elsewhere] = [r["key"] for r in store_of(other)._read("SELECT key FROM rate_counters")]
+    # Whoever knows the public key cannot try every IP against the counter: the name is keyed
+    # by a random secret of the store's, which another store does not share.
+    plain = hashlib.sha256(f"{PK}|198.51.100.77".encode()).hexdigest()
+    assert not plain.startswith(key) and key not in plain
+    assert key != elsewhere
+    # The same store, opened again (another worker or host), names the counter the same.
+    reopened = SQLiteStore(store_of(app).path)
+    limiter = RateLimiter(reopened, limit=50)
+    assert limiter.counter_key(f"{PK}|198.51.100.77") == key
+
+
+def test_a_limiter_keeps_no_count_of_past_minutes_in_memory(app: Flask) -> None:
+    limiter = RateLimiter(store_of(app), limit=1000)
+    for n in range(20):  # twenty visitors in one minute
+        limiter.check(f"{PK}|198.51.100.{n}", 60.0)
+
+    limiter.check(f"{PK}|198.51.100.99", 125.0)  # the next minute's first
+
+    assert len(limiter._counts) == 1
+
+
+def test_stores_opened_at_once_make_one_secret(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    SQLiteStore(path).close()
+    stores = [SQLiteStore(path) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        secrets = set(pool.map(lambda s: s.secret("k"), stores))
+
+    assert len(secrets) == 1 and len(secrets.pop()) == 32
+    assert SQLiteStore(path).secret("other") != SQLiteStore(path).secret("k")
 
 
 def test_a_publishable_key_is_limited_per_client_ip(tmp_path: Path) -> None:
