@@ -143,11 +143,13 @@ def _url_credentials(hook: Webhook) -> Iterator[str]:
     """The password and the credential-named query values of the webhook's URL."""
     try:
         parts = urlsplit(str(hook.settings.get("url") or ""))
-        password = parts.password
+        user, password = parts.username, parts.password
     except ValueError:
         return
     if password:
         yield password
+    if user and (not password or len(user) >= MIN_PART):  # ``https://KEY:@host`` and the like
+        yield user
     for name, value in parse_qsl(parts.query, keep_blank_values=False):
         if _CREDENTIAL_PARAM.search(name):
             yield value

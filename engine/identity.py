@@ -13,7 +13,7 @@ granted; the user agent and IP only when ``ad_user_data`` is granted.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -120,14 +120,24 @@ class Identity:
 
 
 def identity_update(
-    event: Mapping[str, Any], granted: frozenset[str], received_at: float
+    event: Mapping[str, Any],
+    granted: frozenset[str],
+    received_at: float,
+    enriched: Collection[str] = (),
 ) -> IdentityUpdate | None:
-    """What to remember from an accepted event, as consent allows; None when nothing."""
+    """What to remember from an accepted event, as consent allows; None when nothing.
+
+    ``enriched``: the fields enrichment added (``context.ip``, ...). They came from the store,
+    not from the client, so they are not remembered again: a remembered IP copied into every
+    backend event would otherwise count as seen again, and never age out.
+    """
     visitor = event.get("visitor_id")
     user = event.get("user_id")
     if not visitor and not user:
         return None
     context = event.get("context") or {}
+    if enriched:
+        context = {k: v for k, v in context.items() if f"context.{k}" not in enriched}
     values: dict[str, str] = {}
     if "ad_storage" in granted:
         # One set intersection finds the few remembered names an event carries; they are

@@ -177,11 +177,11 @@ class Pipeline:
         consent = container.consent(normalized)
         added = self.enrich(normalized, now, consent.granted) if enrich else []
         identity.apply_ip_policy(normalized, self.privacy.ip_storage, consent.granted)
-        if added and (added := identity.still_held(normalized, added)):
-            normalized["enriched"] = added
+        if added and (held := identity.still_held(normalized, added)):
+            normalized["enriched"] = held
         decisions = container.evaluate(normalized, now=now, consent=consent)
         received_at = now.timestamp()
-        update = identity.identity_update(normalized, consent.granted, received_at)
+        update = identity.identity_update(normalized, consent.granted, received_at, added)
         return Acceptance(normalized, decisions, container.dedup_window, received_at, update)
 
     def accept(self, raws: Sequence[Any], now: datetime | None = None) -> list[Outcome]:

@@ -87,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     purge.set_defaults(func=cmd_purge)
 
     check = sub.add_parser("check", help="validate a rule container")
-    check.add_argument("path", nargs="?", default="rules")
+    check.add_argument("path", nargs="?", help="default: TAGRELAY_RULES, else rules/")
     check.set_defaults(func=cmd_check)
 
     test = sub.add_parser("test", help="run the rule files' tests")
-    test.add_argument("path", nargs="?", default="rules")
+    test.add_argument("path", nargs="?", help="default: TAGRELAY_RULES, else rules/")
     test.set_defaults(func=cmd_test)
 
     prev = sub.add_parser("preview", help="dry-run one event through the rules")

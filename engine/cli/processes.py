@@ -75,14 +75,14 @@ def _metrics_dir(settings: Settings) -> None:
     """
     configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     own = os.environ.pop(OWN_METRICS_DIR, None)
-    if configured and configured != own:
+    root = settings.data_dir / "metrics"
+    if configured and configured != own and not _made_here(Path(configured), root):
         _writable_dir(Path(configured), "PROMETHEUS_MULTIPROC_DIR")
         return
     if configured and _lock_metrics_dir(Path(configured)):
         os.environ[OWN_METRICS_DIR] = configured
         return
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    root = settings.data_dir / "metrics"
     _writable_dir(root, f"{settings.name_of('data_dir')}: the metrics directory")
     _remove_stale_metrics(root)
     for _ in range(3):
@@ -91,6 +91,18 @@ def _metrics_dir(settings: Settings) -> None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[OWN_METRICS_DIR] = str(path)
             return
     raise ConfigError(f"cannot create a metrics directory in {root}")
+
+
+def _made_here(path: Path, root: Path) -> bool:
+    """Whether ``path`` is an instance directory tagrelay made under ``root``, with its lock.
+
+    A master re-executed by USR2 from a version that did not name its directory in
+    ``OWN_METRICS_DIR`` is known by the directory itself.
+    """
+    try:
+        return path.parent.resolve() == root.resolve() and (path / _METRICS_LOCK).is_file()
+    except OSError:
+        return False
 
 
 def _lock_metrics_dir(path: Path, create: bool = False) -> bool:
@@ -104,7 +116,16 @@ def _lock_metrics_dir(path: Path, create: bool = False) -> bool:
         fd = os.open(path / _METRICS_LOCK, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
     except OSError:
         return False
-    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not create:
+            # A master of an earlier version, which locked its directory exclusively, is
+            # handing over (USR2): the lock is ours once it leaves; start meanwhile.
+            _metrics_lock_fd = fd
+            threading.Thread(target=fcntl.flock, args=(fd, fcntl.LOCK_SH), daemon=True).start()
+            return True
+        fcntl.flock(fd, fcntl.LOCK_SH)  # a clean-up looking at it: done in a moment
     with contextlib.suppress(OSError):
         if os.path.samestat(os.fstat(fd), os.stat(path / _METRICS_LOCK)):
             _metrics_lock_fd = fd

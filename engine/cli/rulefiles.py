@@ -16,9 +16,15 @@ from engine.rules import compile_container
 from engine.rules.schema import RULES_SCHEMA
 
 
+def _rules_path(args: argparse.Namespace) -> Path:
+    """The container to read: the PATH given, else ``TAGRELAY_RULES`` (or the config's), else
+    ``rules/``; only that setting is read, so another bad setting cannot fail the command."""
+    return Path(args.path) if args.path else Path(load_setting("rules"))
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a container; every problem with file:line:column."""
-    path = Path(args.path)
+    path = _rules_path(args)
     container, problems = compile_container(path)
     for problem in problems:
         out(str(problem))
@@ -37,7 +43,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     """Run the rule files' tests."""
     from engine.rules.testing import run_tests
 
-    container = load_container(Path(args.path))
+    container = load_container(_rules_path(args))
     if container is None:
         return 1
     # The server's IP policy applies before the rules, so the tests see what it would send;

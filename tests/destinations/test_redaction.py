@@ -266,3 +266,19 @@ def test_a_plain_webhook_header_hides_its_whole_value_but_not_its_words() -> Non
 
     assert hook.redact_text("from my site") == "from [REDACTED]"
     assert hook.redact_text("the site is down") == "the site is down"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://sk_live_4eC39HqLyjWDarjtT1zdp7dc@hooks.example.com/in",
+        "https://sk_live_4eC39HqLyjWDarjtT1zdp7dc:@hooks.example.com/in",
+    ],
+)
+def test_a_credential_given_as_the_urls_user_name_is_redacted(url: str) -> None:
+    from destinations.webhook import Webhook
+
+    hook = Webhook({"url": url})
+    request = hook.build_request([Item("d1", "e1", {"event_name": "lead"})], SendContext(NOW))
+
+    assert leaks(shown(hook.redact(request)), "sk_live_4eC39HqLyjWDarjtT1zdp7dc") == []

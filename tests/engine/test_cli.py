@@ -70,6 +70,24 @@ def test_passing_rule_tests_exit_0(
     assert out[-1] == "1 passed, 0 failed"
 
 
+@pytest.mark.parametrize("command", ["check", "test"])
+def test_without_a_path_check_and_test_read_tagrelay_rules(
+    write_rules: WriteRules,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    container = write_rules(RULES + PASSING_TESTS)
+    monkeypatch.setenv("TAGRELAY_RULES", str(container))
+    monkeypatch.setenv("TAGRELAY_WORKERS", "not a number")  # another setting cannot fail it
+
+    code = main([command])
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert ("1 passed, 0 failed" if command == "test" else f"{container}: ok") in out
+
+
 def test_failing_rule_tests_show_each_difference_and_exit_1(
     write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
 ) -> None:

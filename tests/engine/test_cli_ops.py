@@ -3,11 +3,13 @@ must exist, clear errors and exit codes, the worker's housekeeping."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,6 +126,40 @@ def test_a_re_executed_master_keeps_its_own_metrics_directory_while_it_exists(
     processes._metrics_dir(settings)  # its directory is gone: a fresh one, not a missing one
     assert os.environ["PROMETHEUS_MULTIPROC_DIR"] != own
     assert Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
+    assert processes._metrics_lock_fd is not None
+    os.close(processes._metrics_lock_fd)
+
+
+def test_a_master_upgraded_from_a_version_that_locked_exclusively_keeps_the_directory(
+    tmp_path: Path, no_metrics_dir: None
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    old = tmp_path / "data" / "metrics" / "4242-abcdefgh"
+    old.mkdir(parents=True)
+    old_master = os.open(old / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(old_master, fcntl.LOCK_EX)  # as the previous version held it
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(old)  # and put it in the environment
+
+    processes._metrics_dir(settings)  # the re-executed master: starts at once, same directory
+
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(old)
+    assert os.environ[processes.OWN_METRICS_DIR] == str(old)
+    os.close(old_master)  # the old master leaves; the new one's lock is taken in a moment
+    held = os.open(old / ".lock", os.O_RDWR)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                break  # held (shared) by the new master
+            fcntl.flock(held, fcntl.LOCK_UN)
+            assert time.monotonic() < deadline, "the new master never took the lock"
+            time.sleep(0.01)
+    finally:
+        os.close(held)
+    processes._remove_stale_metrics(old.parent)  # another instance cleans up
+    assert old.is_dir()
     assert processes._metrics_lock_fd is not None
     os.close(processes._metrics_lock_fd)
 

@@ -375,6 +375,24 @@ def test_a_returning_visitors_ip_and_user_agent_stay_fresh(app: Flask) -> None:
     assert (context["ip"], context["user_agent"]) == ("198.51.100.23", "UA-same")
 
 
+def test_a_remembered_ip_copied_into_backend_events_still_ages_out(app: Flask) -> None:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    start = datetime.now(UTC) - timedelta(days=40)
+    seen = {"ip": "198.51.100.23", "user_agent": "UA-then"}
+    visit = {"event_name": "page_view", "visitor_id": "v_crm", "consent": ALL_GRANTED}
+    pipeline.accept([{**visit, "event_id": "b0", "context": seen}], now=start)
+    # Only backend events from then on, every two days: no IP or user agent of their own.
+    for day in range(2, 40, 2):
+        update = {"event_name": "crm_update", "event_id": f"k{day}", "visitor_id": "v_crm"}
+        pipeline.accept([{**update, "consent": ALL_GRANTED}], now=start + timedelta(days=day))
+
+    sale = {"event_name": "sale", "event_id": "s7", "visitor_id": "v_crm"}
+    pipeline.accept([{**sale, "consent": ALL_GRANTED}])
+
+    assert stored(app, "k20")["context"]["ip"] == "198.51.100.23"  # within its 30 days
+    assert "ip" not in stored(app, "s7").get("context", {})  # the client sent it 40 days ago
+
+
 @pytest.mark.parametrize(
     ("consent", "expected"),
     [
