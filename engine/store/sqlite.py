@@ -602,6 +602,15 @@ def _owner_of(members: Sequence[_Slot], index: int) -> _Slot:
     raise IndexError(index)
 
 
+def _erase_visitors(db: sqlite3.Connection, visitors: Sequence[str]) -> int:
+    """Delete these visitor rows (at most _MAX_PARAMS) and their links; the rows deleted."""
+    if not visitors:
+        return 0
+    marks = _marks(visitors)
+    db.execute(f"DELETE FROM user_visitors WHERE visitor_id IN ({marks})", visitors)
+    return int(db.execute(f"DELETE FROM visitors WHERE visitor_id IN ({marks})", visitors).rowcount)
+
+
 def _claim(
     decision: Decision,
     event_id: str,
@@ -1601,12 +1610,7 @@ class SQLiteStore(Store):
                         (before, PURGE_CHUNK),
                     )
                 ]
-                if visitors:
-                    marks = _marks(visitors)
-                    db.execute(f"DELETE FROM user_visitors WHERE visitor_id IN ({marks})", visitors)
-                    removed["visitors"] += db.execute(
-                        f"DELETE FROM visitors WHERE visitor_id IN ({marks})", visitors
-                    ).rowcount
+                removed["visitors"] += _erase_visitors(db, visitors)
             if len(visitors) < PURGE_CHUNK:
                 break
         # Visitors still seen, with values remembered since before the cut-off (a regular's
@@ -1627,12 +1631,8 @@ class SQLiteStore(Store):
                     [row for row, _ in kept],
                 )
                 removed["visitor_values"] += sum(n for _, n in kept)
-                if gone:  # last seen before the cut-off since the loop above: rare
-                    marks = _marks(gone)
-                    db.execute(f"DELETE FROM user_visitors WHERE visitor_id IN ({marks})", gone)
-                    removed["visitors"] += db.execute(
-                        f"DELETE FROM visitors WHERE visitor_id IN ({marks})", gone
-                    ).rowcount
+                # Last seen before the cut-off since the loop above: rare.
+                removed["visitors"] += _erase_visitors(db, gone)
             if len(found) < PURGE_CHUNK:
                 break
         return removed
