@@ -9,9 +9,11 @@ same by construction.
 With ``--commit FILE`` it is the *durable floor* instead: the same app, except that each event
 is committed to a SQLite file before the answer, as tagrelay must (an accepted event is stored
 before the response says so): one row per event ID in WAL mode with tagrelay's default
-``synchronous=NORMAL``, a repeated ID answered as a duplicate. Nothing else: no auth,
-validation, rules, outbox or identity. The gap between bare and floor is what committing before
-answering costs on this machine; the gap between floor and tagrelay is tagrelay's own work.
+``synchronous=NORMAL``, a repeated ID answered as a duplicate, written with the store's
+discipline (group commit within a process, an ``flock`` queue between processes). Nothing
+else: no auth, validation, rules, outbox or identity. The gap between bare and floor is what
+committing before answering costs on this machine; the gap between floor and tagrelay is
+tagrelay's own work.
 
 Run: ``python bench/bare_app.py --bind 127.0.0.1:8090 --workers 2 [--commit floor.db]``
 """
@@ -24,6 +26,7 @@ import json
 import os
 import sqlite3
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +54,34 @@ def create_bare_app() -> Flask:
     return app
 
 
+@dataclass
+class _Pending:
+    """One event waiting in a group commit."""
+
+    event_id: str
+    body: str
+    done: bool = False
+    fresh: bool = False
+    error: BaseException | None = None
+
+
 class _Rows:
     """One SQLite connection per process, with the write discipline tagrelay's store uses.
 
-    Threads of a process take turns on a lock, processes on an ``flock`` of ``<file>-writer``
-    (the kernel hands it straight to the next waiter), so ``BEGIN IMMEDIATE`` never waits.
+    Group commit: an insert that arrives while another thread of the process is committing
+    waits, and is then committed with the others queued by then, by one of them, in one
+    transaction; every caller returns only after its own row is committed. Processes take
+    turns on an ``flock`` of ``<file>-writer`` (the kernel hands it straight to the next
+    waiter), so ``BEGIN IMMEDIATE`` never waits. One transaction per request instead, with the
+    threads of a process queued on a lock, makes the threads convoy on the lock and the GIL:
+    the floor would then measure that convoy, not what committing costs.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        self._group = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._leading = False
         self._pid = 0
         self._db: sqlite3.Connection | None = None
         self._fd = -1
@@ -81,23 +102,52 @@ class _Rows:
 
     def insert(self, event_id: str, body: str) -> bool:
         """Commit one event; False if its ID was already stored."""
-        with self._lock:
+        slot = _Pending(event_id, body)
+        with self._group:
+            self._queue.append(slot)
+            while not slot.done and self._leading:
+                self._group.wait()
+            if not slot.done:
+                self._leading = True
+        if not slot.done:
+            self._commit_queue()
+        if slot.error is not None:
+            raise slot.error
+        return slot.fresh
+
+    def _commit_queue(self) -> None:
+        """As the leader: commit everything queued, in one transaction, then wake the others."""
+        batch: list[_Pending] = []
+        error: BaseException | None = None
+        try:
             db, fd = self._open()
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
+                with self._group:  # taken only now: whoever queued meanwhile joins this commit
+                    batch, self._queue = self._queue, []
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    cur = db.execute(
-                        "INSERT OR IGNORE INTO events (event_id, body) VALUES (?, ?)",
-                        (event_id, body),
-                    )
+                    for row in batch:
+                        cur = db.execute(
+                            "INSERT OR IGNORE INTO events (event_id, body) VALUES (?, ?)",
+                            (row.event_id, row.body),
+                        )
+                        row.fresh = cur.rowcount == 1
                     db.execute("COMMIT")
                 except BaseException:
                     db.execute("ROLLBACK")
                     raise
-                return cur.rowcount == 1
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        except BaseException as exc:  # handed to every member of the batch
+            error = exc
+        with self._group:
+            if not batch:  # failed before the batch was taken: it fails with it
+                batch, self._queue = self._queue, []
+            for row in batch:
+                row.done, row.error = True, error
+            self._leading = False
+            self._group.notify_all()
 
 
 def create_floor_app(path: Path) -> Flask:
