@@ -484,6 +484,57 @@ def test_refund_adjustment_with_order_id_and_gclid_pair_is_refused(
         payload_for(ads, refund_event(), event_name=kind, mapping=mapping)
 
 
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ("2026-11-20T14:30:45.000Z", "2026-11-20 14:30:45+00:00"),  # the canonical event's form
+        ("2026-11-20T15:30:45+01:00", "2026-11-20 14:30:45+00:00"),
+        ("2026-11-20 15:30:45+01:00", "2026-11-20 15:30:45+01:00"),  # Google's own, kept
+    ],
+)
+def test_gclid_pair_conversion_time_is_sent_in_googles_format(
+    ads: GoogleAds, emulator: GoogleAdsEmulator, given: str, sent: str
+) -> None:
+    # platforms.md §3.3: "yyyy-mm-dd hh:mm:ss+|-hh:mm". The timezone offset is mandatory (§3.5:
+    # a gclidDateTimePair names the conversion by its gclid and conversion time)
+    mapping = {
+        "orderId": None,
+        "gclidDateTimePair.gclid": {"value": "Cj0KCQ"},
+        "gclidDateTimePair.conversionDateTime": {"value": given},
+    }
+    payload = payload_for(ads, refund_event(), event_name="RETRACTION", mapping=mapping)
+
+    results = deliver(ads, [payload])
+
+    assert results == [ItemResult.delivered()]
+    (adjustment,) = emulator.adjustments
+    assert adjustment["gclidDateTimePair"] == {"gclid": "Cj0KCQ", "conversionDateTime": sent}
+
+
+@pytest.mark.parametrize("given", ["2026-11-20T14:30:45", "1795185045", "20 Nov 2026"])
+def test_gclid_pair_conversion_time_without_an_offset_is_refused_naming_the_format(
+    ads: GoogleAds, given: str
+) -> None:
+    mapping = {
+        "orderId": None,
+        "gclidDateTimePair.gclid": {"value": "Cj0KCQ"},
+        "gclidDateTimePair.conversionDateTime": {"value": given},
+    }
+
+    with pytest.raises(PayloadError, match=r"conversionDateTime must be yyyy-mm-dd hh:mm:ss"):
+        payload_for(ads, refund_event(), event_name="RETRACTION", mapping=mapping)
+
+
+def test_enhancement_gclid_pair_conversion_time_is_sent_in_googles_format(
+    ads: GoogleAds,
+) -> None:
+    mapping = {"gclidDateTimePair.conversionDateTime": {"value": "2026-11-20T14:30:45Z"}}
+
+    sent = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=mapping))
+
+    assert sent["gclidDateTimePair"] == {"conversionDateTime": "2026-11-20 14:30:45+00:00"}
+
+
 def test_click_conversions_and_adjustments_never_share_a_request(ads: GoogleAds) -> None:
     conversion = Item("d1", "e1", payload_for(ads, EVENT))
     retraction = Item("d2", "e2", payload_for(ads, refund_event(), event_name="RETRACTION"))
