@@ -569,9 +569,8 @@ def _hash_all(raw: Any, norm: Callable[[str], str | None]) -> list[str]:
 
 
 def _street(value: str) -> str | None:
-    """Google street rule: lowercase, symbols removed, trimmed (no helper in normalize.py)."""
-    text = re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", value.lower())).strip()
-    return text or None
+    """Google street rule: lowercase, symbols removed, trimmed (:func:`normalize.street`)."""
+    return normalize.street(value, "google")
 
 
 def _address_info(raw: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import unicodedata
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -419,6 +421,25 @@ def test_enhancement_carries_address_info_to_the_adjustments_endpoint(
         }
     }
     assert sent["userAgent"] == "Mozilla/5.0 ..."
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        (unicodedata.normalize("NFD", "Rue de l'Église 5"), "rue de léglise 5"),
+        ("Main_Street 5", "mainstreet 5"),
+    ],
+)
+def test_enhancement_street_loses_symbols_only_whatever_its_unicode_form(
+    ads: GoogleAds, raw: str, normalized: str
+) -> None:
+    # platforms.md §3.6: street "lowercase, remove symbols, trim; hashed"
+    mapping = {"userIdentifiers.addressInfo.hashedStreetAddress": {"value": raw}}
+
+    sent = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=mapping))
+
+    address = sent["userIdentifiers"][-1]["addressInfo"]
+    assert address["hashedStreetAddress"] == hashlib.sha256(normalized.encode()).hexdigest()
 
 
 def test_enhancement_names_lose_their_prefix_and_suffix(ads: GoogleAds) -> None:
