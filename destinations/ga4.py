@@ -530,10 +530,8 @@ def _email(value: str) -> str | None:
 
 
 def _street(value: str) -> str | None:
-    """Google street rule: lowercase, symbols removed, trimmed (no helper in normalize.py)."""
-    text = re.sub(r"[^\w\s]", "", value.lower(), flags=re.UNICODE)
-    text = re.sub(r"\s+", " ", text).strip()
-    return text or None
+    """Google street rule: lowercase, symbols removed, trimmed (:func:`normalize.street`)."""
+    return normalize.street(value, "google")
 
 
 def _name(value: str) -> str | None:

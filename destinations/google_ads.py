@@ -46,6 +46,7 @@ ADJUSTMENT_ONLY = frozenset({"adjustmentType", "gclidDateTimePair", "restatement
 _KNOWN_FIELDS = CONVERSION_FIELDS | ADJUSTMENT_ONLY
 _IDENTIFIER_FIELDS = frozenset({"hashedEmail", "hashedPhoneNumber", "addressInfo"})
 _CURRENCY_CODE = re.compile(r"[A-Z]{3}")
+_GOOGLE_TIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}")
 CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
 # What counts as an object: dict comes first, since an exact type test is much cheaper than
 # the Mapping ABC check that a dict would pass anyway.
@@ -128,7 +129,9 @@ class GoogleAds(Destination):
     A RETRACTION or RESTATEMENT names the conversion it changes by ``orderId`` (the default
     mapping gives a refund's ``related_order_id``) or by a mapped
     ``gclidDateTimePair.{gclid,conversionDateTime}`` (then map ``orderId: null``), never both
-    (§3.5).
+    (§3.5). A mapped ``conversionDateTime`` is sent in Google's ``yyyy-mm-dd hh:mm:ss+hh:mm``:
+    given so, it is kept; given in ISO 8601 with an offset or ``Z`` (as the canonical event's
+    timestamps are), it is rewritten in UTC; without an offset it is refused.
 
     The adjustment time is the event time. The two kinds go to different endpoints, so
     :meth:`batch_key` keeps them apart.
@@ -284,11 +287,7 @@ class GoogleAds(Destination):
             if order_id is not None:
                 row["orderId"] = values.text(order_id, "Google Ads: orderId")
             if pair.get("conversionDateTime"):
-                row["gclidDateTimePair"] = {
-                    key: values.text(pair[key], f"Google Ads: gclidDateTimePair.{key}")
-                    for key in ("gclid", "conversionDateTime")
-                    if pair.get(key)
-                }
+                row["gclidDateTimePair"] = _gclid_pair(pair)
         elif order_id is not None and pair:
             raise PayloadError(
                 f"Google Ads: a {kind} is identified by orderId or gclidDateTimePair, not both"
@@ -296,10 +295,7 @@ class GoogleAds(Destination):
         elif order_id is not None:
             row["orderId"] = values.text(order_id, "Google Ads: orderId")
         elif pair.get("gclid") and pair.get("conversionDateTime"):
-            row["gclidDateTimePair"] = {
-                key: values.text(pair[key], f"Google Ads: gclidDateTimePair.{key}")
-                for key in ("gclid", "conversionDateTime")
-            }
+            row["gclidDateTimePair"] = _gclid_pair(pair)
         else:
             raise PayloadError(
                 f"Google Ads: a {kind} needs orderId or gclidDateTimePair.{{gclid,"
@@ -496,6 +492,43 @@ def google_time(moment: datetime) -> str:
     return utc.isoformat(" ", "seconds")  # the same text, at a fraction of strftime's cost
 
 
+def _gclid_pair(pair: Mapping[str, Any]) -> dict[str, str]:
+    """A mapped ``gclidDateTimePair``: its ``gclid`` when there is one, and its
+    ``conversionDateTime`` in Google's format (see :func:`_conversion_time`)."""
+    out = {}
+    if pair.get("gclid"):
+        out["gclid"] = values.text(pair["gclid"], "Google Ads: gclidDateTimePair.gclid")
+    out["conversionDateTime"] = _conversion_time(pair["conversionDateTime"])
+    return out
+
+
+def _conversion_time(value: Any) -> str:
+    """A mapped conversion time as ``yyyy-mm-dd hh:mm:ss+hh:mm`` (platforms.md §3.3, §3.5).
+
+    Google takes only that format, with its offset. A time already in it is kept as it is; an
+    ISO 8601 time with an offset or ``Z`` (how the canonical event writes its timestamps) is
+    written as :func:`google_time` writes the conversion times tagrelay uploads, so a sale's
+    own timestamp names the conversion it was uploaded as.
+
+    Raises:
+        PayloadError: the time is not one of those, or has no offset (Google could only read
+            it as another moment).
+    """
+    field = "Google Ads: gclidDateTimePair.conversionDateTime"
+    text = values.text(value, field).strip()
+    if _GOOGLE_TIME.fullmatch(text):
+        return text
+    try:
+        moment = datetime.fromisoformat(text)
+        if moment.tzinfo is not None:
+            return google_time(moment)
+    except (ValueError, OverflowError):  # not ISO 8601, or out of range in UTC
+        pass
+    raise PayloadError(
+        f"{field} must be yyyy-mm-dd hh:mm:ss+hh:mm (or ISO 8601 with an offset or Z)"
+    )
+
+
 def _google_moment(text: Any) -> datetime | None:
     """A ``yyyy-mm-dd hh:mm:ss+hh:mm`` time as an aware datetime; None when it is not one."""
     try:
@@ -536,9 +569,8 @@ def _hash_all(raw: Any, norm: Callable[[str], str | None]) -> list[str]:
 
 
 def _street(value: str) -> str | None:
-    """Google street rule: lowercase, symbols removed, trimmed (no helper in normalize.py)."""
-    text = re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", value.lower())).strip()
-    return text or None
+    """Google street rule: lowercase, symbols removed, trimmed (:func:`normalize.street`)."""
+    return normalize.street(value, "google")
 
 
 def _address_info(raw: dict[str, Any]) -> dict[str, Any]:

@@ -314,14 +314,17 @@ def state(value: str, platform: Platform, country: str | None = None) -> str | N
 def postal_code(value: str, platform: Platform, country: str | None = None) -> str | None:
     """A postal code: US ZIPs keep their first 5 digits; others lose spaces and dashes.
 
-    A code is treated as a US ZIP when ``country`` is the United States, or when no country
-    is given and it looks like ZIP+4 (``94035-1234``). Meta and TikTok get lowercase
-    alphanumerics (``M1 1AE`` -> ``m11ae``, ``00-950`` -> ``00950``); Google, which receives the
-    code in clear text, gets it trimmed with single spaces.
+    A code is treated as a US ZIP when ``country`` is the United States and the code has no
+    letters (no ZIP has; ``country`` is often a shop's default, and a Canadian ``K1A 0B1`` cut
+    to its digits would be ``101``), or when no country is given and it looks like ZIP+4
+    (``94035-1234``). Meta and TikTok get lowercase alphanumerics (``M1 1AE`` -> ``m11ae``,
+    ``00-950`` -> ``00950``); Google, which receives the code in clear text, gets it trimmed
+    with single spaces.
     """
     text = value.strip()
     resolved = _country_code(country) if country else None
-    if resolved == "US" or (resolved is None and _ZIP_PLUS_4.fullmatch(text)):
+    us_zip = resolved == "US" and not any(ch.isalpha() for ch in text)
+    if us_zip or (resolved is None and _ZIP_PLUS_4.fullmatch(text)):
         digits = _NON_DIGITS.sub("", text)
         return digits[:5] or None
     if platform == "google":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import unicodedata
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -286,6 +288,27 @@ def test_first_name_and_street_are_hashed_as_in_the_vectors(server: LoopbackServ
     assert address["sha256_street"] == (
         "22b7e2d69b91e0ef4a88e81a73d897b92fd9c93ccfbe0a860f77db16c26f662e"
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        # The same street typed in decomposed Unicode (é as e + U+0301) keeps its accent.
+        (unicodedata.normalize("NFD", "Rue de l'Église 5"), "rue de léglise 5"),
+        ("Rue de l'Église 5", "rue de léglise 5"),
+        ("Main_Street 5", "mainstreet 5"),  # "_" is a symbol like any other
+    ],
+)
+def test_street_loses_symbols_only_whatever_its_unicode_form(
+    server: LoopbackServer, raw: str, normalized: str
+) -> None:
+    # platforms.md §2.5: "Street: remove symbols, lowercase, trim."
+    mapping = {"user_data.address.sha256_street": {"value": raw}}
+
+    payload = payload_for(ga4(server), BRIEF_EVENT, mapping=mapping)
+
+    address = payload["request"]["user_data"]["address"]
+    assert address["sha256_street"] == hashlib.sha256(normalized.encode()).hexdigest()
 
 
 def test_names_lose_their_prefix_and_suffix_before_hashing(server: LoopbackServer) -> None:

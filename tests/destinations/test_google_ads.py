@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import unicodedata
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -421,6 +423,25 @@ def test_enhancement_carries_address_info_to_the_adjustments_endpoint(
     assert sent["userAgent"] == "Mozilla/5.0 ..."
 
 
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        (unicodedata.normalize("NFD", "Rue de l'Église 5"), "rue de léglise 5"),
+        ("Main_Street 5", "mainstreet 5"),
+    ],
+)
+def test_enhancement_street_loses_symbols_only_whatever_its_unicode_form(
+    ads: GoogleAds, raw: str, normalized: str
+) -> None:
+    # platforms.md §3.6: street "lowercase, remove symbols, trim; hashed"
+    mapping = {"userIdentifiers.addressInfo.hashedStreetAddress": {"value": raw}}
+
+    sent = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=mapping))
+
+    address = sent["userIdentifiers"][-1]["addressInfo"]
+    assert address["hashedStreetAddress"] == hashlib.sha256(normalized.encode()).hexdigest()
+
+
 def test_enhancement_names_lose_their_prefix_and_suffix(ads: GoogleAds) -> None:
     # platforms.md §3.6: first/last name, no prefixes (Mrs.) or suffixes (Jr.)
     mapping = {
@@ -482,6 +503,57 @@ def test_refund_adjustment_with_order_id_and_gclid_pair_is_refused(
 
     with pytest.raises(PayloadError, match="not both"):
         payload_for(ads, refund_event(), event_name=kind, mapping=mapping)
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ("2026-11-20T14:30:45.000Z", "2026-11-20 14:30:45+00:00"),  # the canonical event's form
+        ("2026-11-20T15:30:45+01:00", "2026-11-20 14:30:45+00:00"),
+        ("2026-11-20 15:30:45+01:00", "2026-11-20 15:30:45+01:00"),  # Google's own, kept
+    ],
+)
+def test_gclid_pair_conversion_time_is_sent_in_googles_format(
+    ads: GoogleAds, emulator: GoogleAdsEmulator, given: str, sent: str
+) -> None:
+    # platforms.md §3.3: "yyyy-mm-dd hh:mm:ss+|-hh:mm". The timezone offset is mandatory (§3.5:
+    # a gclidDateTimePair names the conversion by its gclid and conversion time)
+    mapping = {
+        "orderId": None,
+        "gclidDateTimePair.gclid": {"value": "Cj0KCQ"},
+        "gclidDateTimePair.conversionDateTime": {"value": given},
+    }
+    payload = payload_for(ads, refund_event(), event_name="RETRACTION", mapping=mapping)
+
+    results = deliver(ads, [payload])
+
+    assert results == [ItemResult.delivered()]
+    (adjustment,) = emulator.adjustments
+    assert adjustment["gclidDateTimePair"] == {"gclid": "Cj0KCQ", "conversionDateTime": sent}
+
+
+@pytest.mark.parametrize("given", ["2026-11-20T14:30:45", "1795185045", "20 Nov 2026"])
+def test_gclid_pair_conversion_time_without_an_offset_is_refused_naming_the_format(
+    ads: GoogleAds, given: str
+) -> None:
+    mapping = {
+        "orderId": None,
+        "gclidDateTimePair.gclid": {"value": "Cj0KCQ"},
+        "gclidDateTimePair.conversionDateTime": {"value": given},
+    }
+
+    with pytest.raises(PayloadError, match=r"conversionDateTime must be yyyy-mm-dd hh:mm:ss"):
+        payload_for(ads, refund_event(), event_name="RETRACTION", mapping=mapping)
+
+
+def test_enhancement_gclid_pair_conversion_time_is_sent_in_googles_format(
+    ads: GoogleAds,
+) -> None:
+    mapping = {"gclidDateTimePair.conversionDateTime": {"value": "2026-11-20T14:30:45Z"}}
+
+    sent = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=mapping))
+
+    assert sent["gclidDateTimePair"] == {"conversionDateTime": "2026-11-20 14:30:45+00:00"}
 
 
 def test_click_conversions_and_adjustments_never_share_a_request(ads: GoogleAds) -> None:

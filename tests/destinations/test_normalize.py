@@ -307,6 +307,16 @@ def test_us_zip_keeps_its_first_five_digits() -> None:
     assert normalize.postal_code("940351234", "meta") == "940351234"  # not known to be US
 
 
+@pytest.mark.parametrize("platform", ["meta", "tiktok", "google"])
+def test_postal_code_with_letters_is_never_cut_to_a_us_zip(platform: Platform) -> None:
+    # platforms.md §1.3: "US: first 5 digits only"; no US ZIP has letters, and ``country`` may
+    # be a shop's default_country rather than the person's
+    expected = "K1A 0B1" if platform == "google" else "k1a0b1"
+
+    assert normalize.postal_code("K1A 0B1", platform, "US") == expected
+    assert normalize.postal_code("94035 1234", platform, "US") == "94035"
+
+
 def test_google_postal_code_stays_readable() -> None:
     assert normalize.postal_code(" M1  1AE ", "google", "GB") == "M1 1AE"
 

@@ -191,6 +191,17 @@ def test_mapped_user_country_wins_over_the_event_country() -> None:
     assert user["phone"] == sha256_hex("+4915112345678")
 
 
+def test_zip_code_with_letters_is_no_us_zip_under_a_us_default_country() -> None:
+    # Arrange: the person's country is unknown, the shop's default is the US
+    mapped = mapped_event(zip_code="K1A 0B1")
+
+    # Act
+    user = tiktok(default_country="US").build_payload(mapped, context())["user"]
+
+    # Assert: lowercase alphanumerics, not the digits "101"
+    assert user["zip_code"] == sha256_hex("k1a0b1")
+
+
 def test_tiktok_email_keeps_gmail_dots() -> None:
     # Arrange
     mapped = mapped_event(email="  John.Doe@Gmail.com ")

@@ -228,6 +228,10 @@ def _adjustment(row: dict[str, Any]) -> list[Problem]:
         )
     if not DATE_TIME.fullmatch(str(row.get("adjustmentDateTime"))):
         out.append(("dateError", "INVALID_STRING_DATE_TIME", "adjustmentDateTime"))
+    pair = row.get("gclidDateTimePair")
+    if pair is not None and not DATE_TIME.fullmatch(str(pair.get("conversionDateTime"))):
+        field = "gclidDateTimePair.conversionDateTime"
+        out.append(("dateError", "INVALID_STRING_DATE_TIME", field))
     # ENHANCEMENT takes gclidDateTimePair alongside its required orderId (platforms.md §3.4);
     # "never both" names the conversion a RETRACTION or RESTATEMENT changes (§3.5).
     if kind != "ENHANCEMENT" and "orderId" in row and "gclidDateTimePair" in row:
