@@ -246,7 +246,12 @@ class DeliveryWorker:
                     return
                 batch = self._renew(dest, chunk, lease_seconds)
             if batch:
-                self._send(dest, batch, ctx, lease_seconds)
+                try:
+                    self._send(dest, batch, ctx, lease_seconds)
+                except StoreError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a plugin bug fails its request alone
+                    self._failed(dest, batch, exc)
 
     def _split(
         self, dest: DestinationInstance, groups: Iterable[Sequence[tuple[Delivery, Item]]]
@@ -264,6 +269,24 @@ class DeliveryWorker:
             except SplitError as exc:
                 self._finish(dest, [d for d, _ in group], ItemResult(Outcome.PERMANENT, str(exc)))
         return requests
+
+    def _failed(
+        self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]], exc: Exception
+    ) -> None:
+        """A request broke off with an error no step expected (a plugin bug, most likely, such as
+        a ``token_request`` that raises): what it still holds is retried, the attempt counted.
+
+        Left leased, the items went again each time the lease ran out, for ever and with no
+        attempt counted: sent again and again when the request had reached the platform, and
+        never a dead letter. Counted, a bug that stays ends in dead letters naming it.
+        """
+        log.error(
+            "delivery batch error",
+            exc_info=exc,
+            extra={"destination": dest.name, "error_type": type(exc).__name__},
+        )
+        error = f"{type(exc).__name__} in the delivery of a request"
+        self._finish(dest, [d for d, _ in batch], ItemResult(Outcome.RETRYABLE, error))
 
     def _release(self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]]) -> None:
         released = self.store.release([d.id for d, _ in batch], self.owner)
@@ -361,7 +384,7 @@ class DeliveryWorker:
         adapter: Destination, response: HttpResponse, items: Sequence[Item]
     ) -> list[ItemResult]:
         try:
-            results = adapter.read_response(response, items)
+            results = list(adapter.read_response(response, items))
         except Exception as exc:  # noqa: BLE001 - a plugin that cannot read an answer: retry
             return [
                 ItemResult(Outcome.RETRYABLE, f"read_response failed: {type(exc).__name__}")
@@ -369,6 +392,10 @@ class DeliveryWorker:
         if len(results) != len(items):
             return [
                 ItemResult(Outcome.RETRYABLE, "adapter returned the wrong number of results")
+            ] * len(items)
+        if not all(map(_valid_result, results)):
+            return [
+                ItemResult(Outcome.RETRYABLE, "adapter returned a result that is no ItemResult")
             ] * len(items)
         return results
 
@@ -388,7 +415,7 @@ class DeliveryWorker:
                 metrics.observe(metrics.LATENCY_SECONDS, (dest.name,), max(0.0, now - d.created_at))
             log.debug("delivered", extra={"destination": dest.name, "count": len(ids)})
             return
-        error = _redact(dest.adapter, f"{result.outcome.value}: {result.error or 'failed'}")
+        error = f"{result.outcome.value}: {_redact(dest.adapter, result.error or 'failed')}"
         opts = dest.delivery
         if result.outcome is Outcome.PERMANENT:
             self._dead(dest, ids, error, now)
@@ -491,6 +518,18 @@ class TokenFailure(Exception):
         self.outcome = outcome
 
 
+def _valid_result(result: object) -> bool:
+    """Whether ``result`` is an ItemResult the engine can act on (a Retry-After in seconds)."""
+    if not isinstance(result, ItemResult) or not isinstance(result.outcome, Outcome):
+        return False
+    delay = result.retry_after
+    return delay is None or (isinstance(delay, int | float) and not isinstance(delay, bool))
+
+
 def _redact(adapter: Destination, text: str) -> str:
     # Every encoded form too: a platform's error can echo the request's URL or form body.
-    return adapter.redact_text(text)
+    try:
+        return adapter.redact_text(text)
+    except Exception as exc:  # noqa: BLE001 - a plugin's secrets() bug must not stall delivery
+        # Nothing of the text can be shown safely without the adapter's secrets.
+        return f"(error withheld: {type(exc).__name__} in the adapter's redaction)"

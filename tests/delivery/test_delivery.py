@@ -27,6 +27,7 @@ from destinations.base import (
     Outcome,
     SendContext,
     Token,
+    status_result,
 )
 from engine.breaker import Backoff, CircuitBreaker
 from engine.delivery import DeliveryWorker
@@ -175,12 +176,60 @@ BROKEN_SPLITS = {
 }
 
 
+class Buggy(Destination):
+    """A test plugin with one bug, named by its ``bug`` setting, outside the calls the engine
+    guards one by one (see :data:`PLUGIN_BUGS`); ``results_as_generator`` is no bug at all."""
+
+    name = "buggy"
+    max_batch = 10
+    settings_schema = {
+        "type": "object",
+        "properties": {"url": {"type": "string"}, "bug": {"type": "string"}},
+    }
+    default_mapping = {"value": "properties.value"}
+
+    def secrets(self) -> list[str]:
+        if self.settings["bug"] == "secrets":
+            raise RuntimeError("a bug in the plugin")
+        return []
+
+    def token_request(self) -> HttpRequest | None:
+        if self.settings["bug"] == "token_request":
+            raise KeyError("client_id")
+        return None
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        events = [{"event_id": i.event_id, **i.payload} for i in items]
+        return HttpRequest.json_post(str(self.settings["url"]), {"events": events})
+
+    def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+        bug = self.settings["bug"]
+        if bug == "retry_after_text":  # the header's text where seconds belong
+            delay: Any = response.headers.get("Retry-After")
+            return [ItemResult(Outcome.RETRYABLE, "throttled", delay)] * len(items)
+        if bug == "not_a_result":
+            return [None] * len(items)  # type: ignore[list-item]  # the bug under test
+        if bug == "results_as_generator":
+            return (status_result(response) for _ in items)  # type: ignore[return-value]
+        return [status_result(response)] * len(items)
+
+
+# A plugin bug that broke off a request, and the error its deliveries keep.
+PLUGIN_BUGS = {
+    "retry_after_text": "adapter returned a result that is no ItemResult",
+    "not_a_result": "adapter returned a result that is no ItemResult",
+    "token_request": "KeyError in the delivery of a request",
+    "secrets": "error withheld: RuntimeError in the adapter's redaction",
+}
+
+
 @pytest.fixture
 def plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     known = dict(registry.registry())
     known["per_item"] = registry.check_contract("per_item", PerItem)
     known["one_by_one"] = registry.check_contract("one_by_one", OneByOne)
     known["splitter"] = registry.check_contract("splitter", Splitter)
+    known["buggy"] = registry.check_contract("buggy", Buggy)
     monkeypatch.setattr(registry, "registry", lambda: known)
 
 
@@ -848,3 +897,51 @@ def test_the_engine_sends_a_ga4_clients_large_events_in_the_fewest_requests_unde
     assert sorted(sent) == sorted(f"ord_{i}" for i in range(25))  # every event, once
     assert emulator.dropped == [] and len(emulator.accepted) == 25
     assert [s[0] for s in h.statuses()] == ["delivered"] * 25
+
+
+def buggy_rules(tmp_path: Path, url: str, bug: str) -> Path:
+    return make_rules(
+        tmp_path,
+        f"""
+        api: {{type: buggy, url: "{url}/items", bug: {bug},
+              delivery: {{batch_wait: 0, max_attempts: 3}}}}
+        """,
+        "- {name: to_api, trigger: all, destination: api}\n",
+    )
+
+
+@pytest.mark.parametrize(("bug", "error"), PLUGIN_BUGS.items(), ids=list(PLUGIN_BUGS))
+def test_a_plugin_bug_that_breaks_off_a_request_counts_an_attempt_and_ends_in_a_dead_letter(
+    tmp_path: Path, plugins: None, bug: str, error: str
+) -> None:
+    sink = FaultySink("429" if bug == "retry_after_text" else "500" if bug == "secrets" else "ok")
+    with LoopbackServer(sink) as server:
+        h = Harness(tmp_path, buggy_rules(tmp_path, server.url, bug))
+        h.accept({"event_name": "sale", "event_id": "e1", "properties": {"value": 1}})
+
+        h.worker.drain()
+        after_one = h.statuses()
+        for _ in range(2):
+            h.make_due()
+            h.worker.drain()
+
+    # Not left leased (sent again whenever the lease ran out, never counted, never given up).
+    [(status, attempts, first_error)] = after_one
+    assert (status, attempts) == ("pending", 1)
+    assert first_error is not None and error in first_error
+    [(status, attempts, last_error)] = h.statuses()
+    assert (status, attempts) == ("dead", 3)
+    assert last_error is not None and error in last_error
+    assert len(server.requests) <= 3
+
+
+def test_results_read_as_a_generator_are_taken_as_a_list(tmp_path: Path, plugins: None) -> None:
+    sink = FaultySink()
+    with LoopbackServer(sink) as server:
+        h = Harness(tmp_path, buggy_rules(tmp_path, server.url, "results_as_generator"))
+        h.accept({"event_name": "sale", "event_id": "e1", "properties": {"value": 1}})
+
+        h.worker.drain()
+
+    assert [s[0] for s in h.statuses()] == ["delivered"]
+    assert sink.ids() == {"e1": 1}
