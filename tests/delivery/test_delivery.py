@@ -6,6 +6,7 @@ Every test sends real HTTP to a loopback sink and uses a real SQLite file.
 from __future__ import annotations
 
 import json
+import socket
 import textwrap
 import threading
 import time
@@ -945,3 +946,68 @@ def test_results_read_as_a_generator_are_taken_as_a_list(tmp_path: Path, plugins
 
     assert [s[0] for s in h.statuses()] == ["delivered"]
     assert sink.ids() == {"e1": 1}
+
+
+class TricklingSink:
+    """A loopback HTTP server that takes a request and answers 200 at once, then sends its body
+    one byte every ``pause`` seconds: each wait is shorter than a read timeout, the whole far
+    longer. Counts the requests it received."""
+
+    def __init__(self, size: int = 30, pause: float = 0.2) -> None:
+        self.size, self.pause = size, pause
+        self.requests = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as request:
+            length = 0
+            while (line := request.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            request.read(length)
+            self.requests += 1
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.size)
+            for _ in range(self.size):
+                time.sleep(self.pause)
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return  # the client gave up
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_an_answer_trickling_in_past_the_timeout_times_out_well_within_the_lease(
+    tmp_path: Path,
+) -> None:
+    # timeout 0.5 s: the lease is 11 s; the body takes 30 x 0.2 s = 6 s, each wait 0.2 s.
+    sink = TricklingSink()
+    try:
+        h = Harness(tmp_path, webhook_rules(tmp_path, sink.url))
+        h.accept({"event_name": "lead", "event_id": "e1"})
+
+        started = time.monotonic()
+        h.worker.drain()
+        took = time.monotonic() - started
+    finally:
+        sink.close()
+
+    [(status, attempts, error)] = h.statuses()
+    assert (status, attempts) == ("pending", 1)
+    assert error is not None and "timed out" in error
+    assert took < 3  # connect + read timeout (1 s), not the 6 s the body took to trickle in
+    assert sink.requests == 1
