@@ -422,14 +422,22 @@ class DeliveryWorker:
             return
         retry: list[int] = []
         dead: list[int] = []
+        late: list[int] = []  # the platform asks to wait past their max_age
+        wait = result.retry_after
         for d in deliveries:
             attempt = d.attempts + 1
             if attempt >= opts.max_attempts or now - d.created_at >= opts.max_age:
                 dead.append(d.id)
+            elif wait is not None and now + wait > d.created_at + opts.max_age:
+                late.append(d.id)
             else:
                 retry.append(d.id)
         if dead:
             self._dead(dest, dead, f"{error} (gave up after retries)", now)
+        if late:
+            # Scheduled that late they stayed pending, unlisted and past retention, for as long
+            # as the header said (years, from a broken proxy), and were never given up.
+            self._dead(dest, late, f"{error} (Retry-After {wait:g} s reaches past max_age)", now)
         if retry:
             attempts = max(d.attempts + 1 for d in deliveries)
             floor = AUTH_RETRY_FLOOR if result.outcome is Outcome.AUTH else 0.0

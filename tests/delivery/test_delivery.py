@@ -365,6 +365,26 @@ def test_retry_after_is_honoured(tmp_path: Path, sink: Any) -> None:
     assert delivery is not None and delivery.next_attempt_at >= time.time() + 7000
 
 
+def test_a_retry_after_reaching_past_max_age_makes_a_dead_letter_at_once(
+    tmp_path: Path, sink: Any
+) -> None:
+    handler, server = sink
+    handler.retry_after = 30 * 86400  # a month; the delivery gives up after an hour
+    handler.script("429")
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url, ", max_age: 1h"))
+    h.accept({"event_name": "lead", "event_id": "e1"})
+
+    h.worker.drain()
+
+    [(status, attempts, error)] = h.statuses()
+    assert (status, attempts) == ("dead", 1)  # listed and replayable, not pending for a month
+    assert error is not None and "HTTP 429" in error and "reaches past max_age" in error
+    [dead] = h.store.dead_letters()
+    replay_dead_letters(h.store, h.container, [dead.id])
+    h.worker.drain()
+    assert handler.ids() == {"e1": 1}
+
+
 def test_a_delivery_out_of_attempts_becomes_a_dead_letter_and_replays(
     tmp_path: Path, sink: Any
 ) -> None:
