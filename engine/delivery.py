@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 AUTH_RETRY_FLOOR = 60.0  # credentials rarely fix themselves within seconds
 MISSING_DESTINATION_RETRY = 60.0
+MAX_THREADS = 4096
+"""The delivery pool's bound, only against runaway settings: what bounds the threads is each
+destination's ``concurrency`` (the batches in flight, queued included, that :meth:`tick` allows
+it), and threads are made as batches need them. A pool smaller than the concurrencies added up
+let a slow destination's batches take every thread and hold up the others."""
 
 
 @dataclass
@@ -56,7 +61,6 @@ class DeliveryWorker:
         transport: Transport | None = None,
         poll_interval: float = 0.2,
         backoff: Backoff | None = None,
-        max_threads: int = 16,
     ) -> None:
         self.store = store
         self.container = container
@@ -64,7 +68,7 @@ class DeliveryWorker:
         self.poll_interval = poll_interval
         self.backoff = backoff or Backoff()
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="deliver")
+        self._pool = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="deliver")
         self._in_flight: dict[str, int] = defaultdict(int)
         self._flight_lock = threading.Lock()
         self._breakers: dict[str, CircuitBreaker] = {}

@@ -215,6 +215,18 @@ class Buggy(Destination):
         return [status_result(response)] * len(items)
 
 
+class Single(Destination):
+    """A test plugin that sends one item per request (``max_batch = 1``, as in the README's
+    Slack example): a backlog then takes one batch, and one thread, per item."""
+
+    name = "single"
+    max_batch = 1
+    settings_schema = {"type": "object", "properties": {"url": {"type": "string"}}}
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        return HttpRequest.json_post(str(self.settings["url"]), dict(items[0].payload))
+
+
 # A plugin bug that broke off a request, and the error its deliveries keep.
 PLUGIN_BUGS = {
     "retry_after_text": "adapter returned a result that is no ItemResult",
@@ -231,6 +243,7 @@ def plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     known["one_by_one"] = registry.check_contract("one_by_one", OneByOne)
     known["splitter"] = registry.check_contract("splitter", Splitter)
     known["buggy"] = registry.check_contract("buggy", Buggy)
+    known["single"] = registry.check_contract("single", Single)
     monkeypatch.setattr(registry, "registry", lambda: known)
 
 
@@ -551,6 +564,46 @@ def test_a_slow_destination_does_not_hold_up_another(tmp_path: Path) -> None:
 
     assert fast_done == 3
     assert slow_done == 0
+
+
+def test_a_slow_destination_using_all_its_concurrency_holds_up_no_other(
+    tmp_path: Path, plugins: None
+) -> None:
+    slow_handler, fast_handler = FaultySink("slow", delay=2.0), FaultySink()
+    with LoopbackServer(slow_handler) as slow, LoopbackServer(fast_handler) as fast:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(
+            textwrap.dedent(f"""
+            destinations:
+              slow: {{type: single, url: "{slow.url}/",
+                      delivery: {{timeout: 5, batch_wait: 0, concurrency: 16}}}}
+              fast: {{type: webhook, url: "{fast.url}/", delivery: {{batch_wait: 0}}}}
+            triggers: {{lead: {{event: lead}}, sale: {{event: sale}}}}
+            tags:
+              - {{name: s, trigger: lead, destination: slow}}
+              - {{name: f, trigger: sale, destination: fast}}
+            """)
+        )
+        h = Harness(tmp_path, rules)
+        h.worker.poll_interval = 0.02
+        h.accept(*({"event_name": "lead", "event_id": f"l{i}"} for i in range(40)))
+        h.worker.start()
+        try:
+            deadline = time.time() + 1.5  # the slow batches start one per tick
+            while len(slow.requests) < 16 and time.time() < deadline:
+                time.sleep(0.01)
+            in_flight = len(slow.requests)
+            h.accept({"event_name": "sale", "event_id": "s1"})
+            started = time.time()
+            while not fast_handler.ids() and time.time() < started + 5:
+                time.sleep(0.01)
+            waited = time.time() - started
+        finally:
+            h.worker.stop()
+
+    assert in_flight == 16
+    assert fast_handler.ids() == {"s1": 1}
+    assert waited < 1.0  # not until a slow request (2 s) gives a thread back
 
 
 def test_an_expired_lease_is_taken_over(tmp_path: Path, sink: Any) -> None:
