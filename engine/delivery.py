@@ -108,6 +108,16 @@ class DeliveryWorker:
                 self._stop.wait(1.0)
             self._stop.wait(self.poll_interval)
 
+    def _holder(self) -> str:
+        """Who holds the leases of the batch this thread runs: this worker and the thread.
+
+        Two batches of one worker run at once, and one may lease again what the other leased and
+        let run out (a batch sent request by request can outlast its lease); under one name for
+        both, the renewal before each request told neither that the other had it, and both sent
+        it. A thread runs one batch at a time.
+        """
+        return f"{self.owner}:{threading.get_ident()}"
+
     def breaker(self, destination: str) -> CircuitBreaker:
         """The circuit breaker of one destination."""
         return self._breakers.setdefault(destination, CircuitBreaker())
@@ -164,7 +174,7 @@ class DeliveryWorker:
         (listed, replayable, and taken by retention with their events): left pending, they
         kept their events past retention for good.
         """
-        items = self.store.lease(name, 500, 5.0, self.owner, now)
+        items = self.store.lease(name, 500, 5.0, self._holder(), now)
         if not items:
             return
         log.error(
@@ -176,7 +186,7 @@ class DeliveryWorker:
         if waiting:
             self.store.mark_retry(
                 waiting,
-                self.owner,
+                self._holder(),
                 now + MISSING_DESTINATION_RETRY,
                 f"destination {name} is not in the current rules",
                 count_attempt=False,
@@ -186,7 +196,7 @@ class DeliveryWorker:
                 f"destination {name} is no longer in the rules "
                 f"(gave up after {max_age / 86400:g} days)"
             )
-            self.store.mark_dead(expired, self.owner, error, now, count_attempt=False)
+            self.store.mark_dead(expired, self._holder(), error, now, count_attempt=False)
             metrics.inc(metrics.DELIVERIES, (name, "dead_lettered"), len(expired))
             log.error(
                 "deliveries dead-lettered",
@@ -218,13 +228,13 @@ class DeliveryWorker:
 
         The lease covers one request. Before each further request (GA4 sends one per client,
         so a batch can take many in a row) the lease of what that request carries is renewed,
-        and whatever another worker has meanwhile taken over is left to it: an item is only
-        ever sent by the worker that holds it.
+        and whatever another worker, or another batch of this one, has meanwhile taken over is
+        left to it: an item is only ever sent by the batch that holds it.
         """
         adapter, opts = dest.adapter, dest.delivery
         lease_seconds = 2 * opts.timeout + 10
         leased = self.store.lease(
-            dest.name, adapter.max_batch, lease_seconds, self.owner, time.time()
+            dest.name, adapter.max_batch, lease_seconds, self._holder(), time.time()
         )
         if not leased:
             return
@@ -293,7 +303,7 @@ class DeliveryWorker:
         self._finish(dest, [d for d, _ in batch], ItemResult(Outcome.RETRYABLE, error))
 
     def _release(self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]]) -> None:
-        released = self.store.release([d.id for d, _ in batch], self.owner)
+        released = self.store.release([d.id for d, _ in batch], self._holder())
         log.info(
             "delivery stopping; unsent deliveries released",
             extra={"destination": dest.name, "count": released},
@@ -302,8 +312,9 @@ class DeliveryWorker:
     def _renew(
         self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]], seconds: float
     ) -> list[tuple[Delivery, Item]]:
-        """The part of ``batch`` still leased to this worker, its lease renewed for ``seconds``."""
-        held = set(self.store.renew([d.id for d, _ in batch], self.owner, seconds, time.time()))
+        """The part of ``batch`` still leased to this batch, its lease renewed for ``seconds``."""
+        holder = self._holder()
+        held = set(self.store.renew([d.id for d, _ in batch], holder, seconds, time.time()))
         kept = [pair for pair in batch if pair[0].id in held]
         if len(kept) < len(batch):
             log.warning(
@@ -413,7 +424,7 @@ class DeliveryWorker:
         now = time.time()
         ids = [d.id for d in deliveries]
         if result.outcome is Outcome.DELIVERED:
-            self._settled(dest, len(ids), self.store.mark_delivered(ids, self.owner, now))
+            self._settled(dest, len(ids), self.store.mark_delivered(ids, self._holder(), now))
             metrics.inc(metrics.DELIVERIES, (dest.name, "delivered"), len(ids))
             for d in deliveries:
                 metrics.observe(metrics.LATENCY_SECONDS, (dest.name,), max(0.0, now - d.created_at))
@@ -447,7 +458,7 @@ class DeliveryWorker:
             floor = AUTH_RETRY_FLOOR if result.outcome is Outcome.AUTH else 0.0
             delay = self.backoff.delay(attempts, result.retry_after, floor)
             self._settled(
-                dest, len(retry), self.store.mark_retry(retry, self.owner, now + delay, error)
+                dest, len(retry), self.store.mark_retry(retry, self._holder(), now + delay, error)
             )
             metrics.inc(metrics.DELIVERIES, (dest.name, "retried"), len(retry))
             level = logging.ERROR if result.outcome is Outcome.AUTH else logging.WARNING
@@ -471,7 +482,7 @@ class DeliveryWorker:
             )
 
     def _dead(self, dest: DestinationInstance, ids: list[int], error: str, now: float) -> None:
-        self._settled(dest, len(ids), self.store.mark_dead(ids, self.owner, error[:1000], now))
+        self._settled(dest, len(ids), self.store.mark_dead(ids, self._holder(), error[:1000], now))
         metrics.inc(metrics.DELIVERIES, (dest.name, "dead_lettered"), len(ids))
         # The error itself stays in the store (`tagrelay deadletters show`): a platform's answer
         # can echo payload fields, such as an IP, that must not reach a log.

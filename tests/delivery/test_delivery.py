@@ -708,6 +708,43 @@ def test_a_batch_sent_request_by_request_sends_nothing_another_worker_took_over(
     ]
 
 
+def test_a_batch_of_the_same_worker_that_took_over_the_rest_of_a_batch_sends_it_alone(
+    tmp_path: Path, plugins: None
+) -> None:
+    sent: list[Any] = []
+    box: list[Harness] = []
+    second_batch: list[threading.Thread] = []
+    second_started = threading.Event()
+
+    def platform(request: Request) -> Reply:
+        value = request.json()["events"][0]["value"]
+        sent.append(value)
+        h = box[0]
+        if len(sent) == 1:
+            # The first request outlasts the lease of the rest of its batch, and this worker's
+            # next batch (another thread) leases that rest while this one is still in flight.
+            with h.store._write() as db:
+                db.execute("UPDATE deliveries SET lease_expires = 0 WHERE id > 1")
+            dest = h.container.destinations["api"]
+            second_batch.append(threading.Thread(target=h.worker._deliver, args=(dest,)))
+            second_batch[0].start()
+            second_started.wait(5)
+        elif not second_started.is_set():
+            second_started.set()  # the second batch's first request: kept in flight a while
+            time.sleep(1.0)
+        return Reply.json({"ok": True})
+
+    with LoopbackServer(platform) as server:
+        h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
+        box.append(h)
+        h.accept_sales(3)
+        h.worker.tick(wait=True)
+        second_batch[0].join(10)
+
+    assert sorted(sent) == [0, 1, 2]  # each once: the first batch left the rest to the second
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 3
+
+
 def test_a_plugin_error_checking_one_item_fails_that_item_alone(
     tmp_path: Path, plugins: None
 ) -> None:
