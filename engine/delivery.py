@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 AUTH_RETRY_FLOOR = 60.0  # credentials rarely fix themselves within seconds
 MISSING_DESTINATION_RETRY = 60.0
+MAX_THREADS = 4096
+"""The delivery pool's bound, only against runaway settings: what bounds the threads is each
+destination's ``concurrency`` (the batches in flight, queued included, that :meth:`tick` allows
+it), and threads are made as batches need them. A pool smaller than the concurrencies added up
+let a slow destination's batches take every thread and hold up the others."""
 
 
 @dataclass
@@ -56,7 +61,6 @@ class DeliveryWorker:
         transport: Transport | None = None,
         poll_interval: float = 0.2,
         backoff: Backoff | None = None,
-        max_threads: int = 16,
     ) -> None:
         self.store = store
         self.container = container
@@ -64,7 +68,7 @@ class DeliveryWorker:
         self.poll_interval = poll_interval
         self.backoff = backoff or Backoff()
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="deliver")
+        self._pool = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="deliver")
         self._in_flight: dict[str, int] = defaultdict(int)
         self._flight_lock = threading.Lock()
         self._breakers: dict[str, CircuitBreaker] = {}
@@ -103,6 +107,16 @@ class DeliveryWorker:
                 )
                 self._stop.wait(1.0)
             self._stop.wait(self.poll_interval)
+
+    def _holder(self) -> str:
+        """Who holds the leases of the batch this thread runs: this worker and the thread.
+
+        Two batches of one worker run at once, and one may lease again what the other leased and
+        let run out (a batch sent request by request can outlast its lease); under one name for
+        both, the renewal before each request told neither that the other had it, and both sent
+        it. A thread runs one batch at a time.
+        """
+        return f"{self.owner}:{threading.get_ident()}"
 
     def breaker(self, destination: str) -> CircuitBreaker:
         """The circuit breaker of one destination."""
@@ -160,7 +174,7 @@ class DeliveryWorker:
         (listed, replayable, and taken by retention with their events): left pending, they
         kept their events past retention for good.
         """
-        items = self.store.lease(name, 500, 5.0, self.owner, now)
+        items = self.store.lease(name, 500, 5.0, self._holder(), now)
         if not items:
             return
         log.error(
@@ -172,7 +186,7 @@ class DeliveryWorker:
         if waiting:
             self.store.mark_retry(
                 waiting,
-                self.owner,
+                self._holder(),
                 now + MISSING_DESTINATION_RETRY,
                 f"destination {name} is not in the current rules",
                 count_attempt=False,
@@ -182,7 +196,7 @@ class DeliveryWorker:
                 f"destination {name} is no longer in the rules "
                 f"(gave up after {max_age / 86400:g} days)"
             )
-            self.store.mark_dead(expired, self.owner, error, now, count_attempt=False)
+            self.store.mark_dead(expired, self._holder(), error, now, count_attempt=False)
             metrics.inc(metrics.DELIVERIES, (name, "dead_lettered"), len(expired))
             log.error(
                 "deliveries dead-lettered",
@@ -214,13 +228,13 @@ class DeliveryWorker:
 
         The lease covers one request. Before each further request (GA4 sends one per client,
         so a batch can take many in a row) the lease of what that request carries is renewed,
-        and whatever another worker has meanwhile taken over is left to it: an item is only
-        ever sent by the worker that holds it.
+        and whatever another worker, or another batch of this one, has meanwhile taken over is
+        left to it: an item is only ever sent by the batch that holds it.
         """
         adapter, opts = dest.adapter, dest.delivery
         lease_seconds = 2 * opts.timeout + 10
         leased = self.store.lease(
-            dest.name, adapter.max_batch, lease_seconds, self.owner, time.time()
+            dest.name, adapter.max_batch, lease_seconds, self._holder(), time.time()
         )
         if not leased:
             return
@@ -246,7 +260,12 @@ class DeliveryWorker:
                     return
                 batch = self._renew(dest, chunk, lease_seconds)
             if batch:
-                self._send(dest, batch, ctx, lease_seconds)
+                try:
+                    self._send(dest, batch, ctx, lease_seconds)
+                except StoreError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a plugin bug fails its request alone
+                    self._failed(dest, batch, exc)
 
     def _split(
         self, dest: DestinationInstance, groups: Iterable[Sequence[tuple[Delivery, Item]]]
@@ -265,8 +284,26 @@ class DeliveryWorker:
                 self._finish(dest, [d for d, _ in group], ItemResult(Outcome.PERMANENT, str(exc)))
         return requests
 
+    def _failed(
+        self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]], exc: Exception
+    ) -> None:
+        """A request broke off with an error no step expected (a plugin bug, most likely, such as
+        a ``token_request`` that raises): what it still holds is retried, the attempt counted.
+
+        Left leased, the items went again each time the lease ran out, for ever and with no
+        attempt counted: sent again and again when the request had reached the platform, and
+        never a dead letter. Counted, a bug that stays ends in dead letters naming it.
+        """
+        log.error(
+            "delivery batch error",
+            exc_info=exc,
+            extra={"destination": dest.name, "error_type": type(exc).__name__},
+        )
+        error = f"{type(exc).__name__} in the delivery of a request"
+        self._finish(dest, [d for d, _ in batch], ItemResult(Outcome.RETRYABLE, error))
+
     def _release(self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]]) -> None:
-        released = self.store.release([d.id for d, _ in batch], self.owner)
+        released = self.store.release([d.id for d, _ in batch], self._holder())
         log.info(
             "delivery stopping; unsent deliveries released",
             extra={"destination": dest.name, "count": released},
@@ -275,8 +312,9 @@ class DeliveryWorker:
     def _renew(
         self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]], seconds: float
     ) -> list[tuple[Delivery, Item]]:
-        """The part of ``batch`` still leased to this worker, its lease renewed for ``seconds``."""
-        held = set(self.store.renew([d.id for d, _ in batch], self.owner, seconds, time.time()))
+        """The part of ``batch`` still leased to this batch, its lease renewed for ``seconds``."""
+        holder = self._holder()
+        held = set(self.store.renew([d.id for d, _ in batch], holder, seconds, time.time()))
         kept = [pair for pair in batch if pair[0].id in held]
         if len(kept) < len(batch):
             log.warning(
@@ -361,7 +399,7 @@ class DeliveryWorker:
         adapter: Destination, response: HttpResponse, items: Sequence[Item]
     ) -> list[ItemResult]:
         try:
-            results = adapter.read_response(response, items)
+            results = list(adapter.read_response(response, items))
         except Exception as exc:  # noqa: BLE001 - a plugin that cannot read an answer: retry
             return [
                 ItemResult(Outcome.RETRYABLE, f"read_response failed: {type(exc).__name__}")
@@ -369,6 +407,10 @@ class DeliveryWorker:
         if len(results) != len(items):
             return [
                 ItemResult(Outcome.RETRYABLE, "adapter returned the wrong number of results")
+            ] * len(items)
+        if not all(map(_valid_result, results)):
+            return [
+                ItemResult(Outcome.RETRYABLE, "adapter returned a result that is no ItemResult")
             ] * len(items)
         return results
 
@@ -382,33 +424,41 @@ class DeliveryWorker:
         now = time.time()
         ids = [d.id for d in deliveries]
         if result.outcome is Outcome.DELIVERED:
-            self._settled(dest, len(ids), self.store.mark_delivered(ids, self.owner, now))
+            self._settled(dest, len(ids), self.store.mark_delivered(ids, self._holder(), now))
             metrics.inc(metrics.DELIVERIES, (dest.name, "delivered"), len(ids))
             for d in deliveries:
                 metrics.observe(metrics.LATENCY_SECONDS, (dest.name,), max(0.0, now - d.created_at))
             log.debug("delivered", extra={"destination": dest.name, "count": len(ids)})
             return
-        error = _redact(dest.adapter, f"{result.outcome.value}: {result.error or 'failed'}")
+        error = f"{result.outcome.value}: {_redact(dest.adapter, result.error or 'failed')}"
         opts = dest.delivery
         if result.outcome is Outcome.PERMANENT:
             self._dead(dest, ids, error, now)
             return
         retry: list[int] = []
         dead: list[int] = []
+        late: list[int] = []  # the platform asks to wait past their max_age
+        wait = result.retry_after
         for d in deliveries:
             attempt = d.attempts + 1
             if attempt >= opts.max_attempts or now - d.created_at >= opts.max_age:
                 dead.append(d.id)
+            elif wait is not None and now + wait > d.created_at + opts.max_age:
+                late.append(d.id)
             else:
                 retry.append(d.id)
         if dead:
             self._dead(dest, dead, f"{error} (gave up after retries)", now)
+        if late:
+            # Scheduled that late they stayed pending, unlisted and past retention, for as long
+            # as the header said (years, from a broken proxy), and were never given up.
+            self._dead(dest, late, f"{error} (Retry-After {wait:g} s reaches past max_age)", now)
         if retry:
             attempts = max(d.attempts + 1 for d in deliveries)
             floor = AUTH_RETRY_FLOOR if result.outcome is Outcome.AUTH else 0.0
             delay = self.backoff.delay(attempts, result.retry_after, floor)
             self._settled(
-                dest, len(retry), self.store.mark_retry(retry, self.owner, now + delay, error)
+                dest, len(retry), self.store.mark_retry(retry, self._holder(), now + delay, error)
             )
             metrics.inc(metrics.DELIVERIES, (dest.name, "retried"), len(retry))
             level = logging.ERROR if result.outcome is Outcome.AUTH else logging.WARNING
@@ -432,7 +482,7 @@ class DeliveryWorker:
             )
 
     def _dead(self, dest: DestinationInstance, ids: list[int], error: str, now: float) -> None:
-        self._settled(dest, len(ids), self.store.mark_dead(ids, self.owner, error[:1000], now))
+        self._settled(dest, len(ids), self.store.mark_dead(ids, self._holder(), error[:1000], now))
         metrics.inc(metrics.DELIVERIES, (dest.name, "dead_lettered"), len(ids))
         # The error itself stays in the store (`tagrelay deadletters show`): a platform's answer
         # can echo payload fields, such as an IP, that must not reach a log.
@@ -491,6 +541,18 @@ class TokenFailure(Exception):
         self.outcome = outcome
 
 
+def _valid_result(result: object) -> bool:
+    """Whether ``result`` is an ItemResult the engine can act on (a Retry-After in seconds)."""
+    if not isinstance(result, ItemResult) or not isinstance(result.outcome, Outcome):
+        return False
+    delay = result.retry_after
+    return delay is None or (isinstance(delay, int | float) and not isinstance(delay, bool))
+
+
 def _redact(adapter: Destination, text: str) -> str:
     # Every encoded form too: a platform's error can echo the request's URL or form body.
-    return adapter.redact_text(text)
+    try:
+        return adapter.redact_text(text)
+    except Exception as exc:  # noqa: BLE001 - a plugin's secrets() bug must not stall delivery
+        # Nothing of the text can be shown safely without the adapter's secrets.
+        return f"(error withheld: {type(exc).__name__} in the adapter's redaction)"

@@ -8,10 +8,12 @@ destination), so a container works with no platform account.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
+import time
 
 import requests
 import requests.adapters
@@ -29,6 +31,39 @@ class TransportError(Exception):
     Always safe to retry: platforms deduplicate by event ID, and delivery is at least once.
     The message names the failure's kind only, never the URL (which can carry secrets).
     """
+
+
+def _read_body(response: requests.Response, deadline: float, timeout: float) -> bytes:
+    """The body of ``response``, read by ``deadline`` (``time.monotonic()``) or not at all.
+
+    A watchdog shuts the socket's reading side at the deadline, which ends a read blocked on it.
+
+    Raises:
+        TransportError: the deadline passed first.
+        requests.RequestException: the body could not be read.
+    """
+    cut = threading.Event()
+
+    def shut() -> None:
+        cut.set()
+        with contextlib.suppress(Exception):  # already released or closed: nothing to cut
+            response.raw.shutdown()
+
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), shut)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        body = response.content
+    except requests.RequestException as exc:
+        if cut.is_set():
+            raise TransportError(f"timed out after {timeout:g}s") from exc
+        raise
+    finally:
+        watchdog.cancel()
+        response.close()
+    if cut.is_set():  # a body read to the end of the connection may have been cut short
+        raise TransportError(f"timed out after {timeout:g}s")
+    return body
 
 
 class Transport:
@@ -64,15 +99,22 @@ class Transport:
         """
         if request.url.startswith("log:"):
             return self._log(request)
+        connect = min(self.connect_timeout, timeout)
+        # The read timeout bounds each wait for data, not the answer: a body that trickles in
+        # faster than that never timed out, and a request outlasting its lease was sent again
+        # by the worker that took the lease over. The whole answer gets connect + read timeout.
+        deadline = time.monotonic() + connect + timeout
         try:
             response = self._sess().request(
                 request.method,
                 request.url,
                 headers=dict(request.headers),
                 data=request.body,
-                timeout=(min(self.connect_timeout, timeout), timeout),
+                timeout=(connect, timeout),
                 allow_redirects=False,
+                stream=True,
             )
+            body = _read_body(response, deadline, timeout)
         except requests.Timeout as exc:
             raise TransportError(f"timed out after {timeout:g}s") from exc
         except requests.ConnectionError as exc:
@@ -81,7 +123,7 @@ class Transport:
             ) from exc
         except requests.RequestException as exc:
             raise TransportError(f"request failed ({type(exc).__name__})") from exc
-        return HttpResponse(response.status_code, dict(response.headers), response.content)
+        return HttpResponse(response.status_code, dict(response.headers), body)
 
     @staticmethod
     def _log(request: HttpRequest) -> HttpResponse:

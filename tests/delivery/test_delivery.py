@@ -6,6 +6,7 @@ Every test sends real HTTP to a loopback sink and uses a real SQLite file.
 from __future__ import annotations
 
 import json
+import socket
 import textwrap
 import threading
 import time
@@ -27,6 +28,7 @@ from destinations.base import (
     Outcome,
     SendContext,
     Token,
+    status_result,
 )
 from engine.breaker import Backoff, CircuitBreaker
 from engine.delivery import DeliveryWorker
@@ -175,12 +177,73 @@ BROKEN_SPLITS = {
 }
 
 
+class Buggy(Destination):
+    """A test plugin with one bug, named by its ``bug`` setting, outside the calls the engine
+    guards one by one (see :data:`PLUGIN_BUGS`); ``results_as_generator`` is no bug at all."""
+
+    name = "buggy"
+    max_batch = 10
+    settings_schema = {
+        "type": "object",
+        "properties": {"url": {"type": "string"}, "bug": {"type": "string"}},
+    }
+    default_mapping = {"value": "properties.value"}
+
+    def secrets(self) -> list[str]:
+        if self.settings["bug"] == "secrets":
+            raise RuntimeError("a bug in the plugin")
+        return []
+
+    def token_request(self) -> HttpRequest | None:
+        if self.settings["bug"] == "token_request":
+            raise KeyError("client_id")
+        return None
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        events = [{"event_id": i.event_id, **i.payload} for i in items]
+        return HttpRequest.json_post(str(self.settings["url"]), {"events": events})
+
+    def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+        bug = self.settings["bug"]
+        if bug == "retry_after_text":  # the header's text where seconds belong
+            delay: Any = response.headers.get("Retry-After")
+            return [ItemResult(Outcome.RETRYABLE, "throttled", delay)] * len(items)
+        if bug == "not_a_result":
+            return [None] * len(items)  # type: ignore[list-item]  # the bug under test
+        if bug == "results_as_generator":
+            return (status_result(response) for _ in items)  # type: ignore[return-value]
+        return [status_result(response)] * len(items)
+
+
+class Single(Destination):
+    """A test plugin that sends one item per request (``max_batch = 1``, as in the README's
+    Slack example): a backlog then takes one batch, and one thread, per item."""
+
+    name = "single"
+    max_batch = 1
+    settings_schema = {"type": "object", "properties": {"url": {"type": "string"}}}
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        return HttpRequest.json_post(str(self.settings["url"]), dict(items[0].payload))
+
+
+# A plugin bug that broke off a request, and the error its deliveries keep.
+PLUGIN_BUGS = {
+    "retry_after_text": "adapter returned a result that is no ItemResult",
+    "not_a_result": "adapter returned a result that is no ItemResult",
+    "token_request": "KeyError in the delivery of a request",
+    "secrets": "error withheld: RuntimeError in the adapter's redaction",
+}
+
+
 @pytest.fixture
 def plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     known = dict(registry.registry())
     known["per_item"] = registry.check_contract("per_item", PerItem)
     known["one_by_one"] = registry.check_contract("one_by_one", OneByOne)
     known["splitter"] = registry.check_contract("splitter", Splitter)
+    known["buggy"] = registry.check_contract("buggy", Buggy)
+    known["single"] = registry.check_contract("single", Single)
     monkeypatch.setattr(registry, "registry", lambda: known)
 
 
@@ -313,6 +376,26 @@ def test_retry_after_is_honoured(tmp_path: Path, sink: Any) -> None:
 
     delivery = h.store.get_delivery(1)
     assert delivery is not None and delivery.next_attempt_at >= time.time() + 7000
+
+
+def test_a_retry_after_reaching_past_max_age_makes_a_dead_letter_at_once(
+    tmp_path: Path, sink: Any
+) -> None:
+    handler, server = sink
+    handler.retry_after = 30 * 86400  # a month; the delivery gives up after an hour
+    handler.script("429")
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url, ", max_age: 1h"))
+    h.accept({"event_name": "lead", "event_id": "e1"})
+
+    h.worker.drain()
+
+    [(status, attempts, error)] = h.statuses()
+    assert (status, attempts) == ("dead", 1)  # listed and replayable, not pending for a month
+    assert error is not None and "HTTP 429" in error and "reaches past max_age" in error
+    [dead] = h.store.dead_letters()
+    replay_dead_letters(h.store, h.container, [dead.id])
+    h.worker.drain()
+    assert handler.ids() == {"e1": 1}
 
 
 def test_a_delivery_out_of_attempts_becomes_a_dead_letter_and_replays(
@@ -483,6 +566,46 @@ def test_a_slow_destination_does_not_hold_up_another(tmp_path: Path) -> None:
     assert slow_done == 0
 
 
+def test_a_slow_destination_using_all_its_concurrency_holds_up_no_other(
+    tmp_path: Path, plugins: None
+) -> None:
+    slow_handler, fast_handler = FaultySink("slow", delay=2.0), FaultySink()
+    with LoopbackServer(slow_handler) as slow, LoopbackServer(fast_handler) as fast:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(
+            textwrap.dedent(f"""
+            destinations:
+              slow: {{type: single, url: "{slow.url}/",
+                      delivery: {{timeout: 5, batch_wait: 0, concurrency: 16}}}}
+              fast: {{type: webhook, url: "{fast.url}/", delivery: {{batch_wait: 0}}}}
+            triggers: {{lead: {{event: lead}}, sale: {{event: sale}}}}
+            tags:
+              - {{name: s, trigger: lead, destination: slow}}
+              - {{name: f, trigger: sale, destination: fast}}
+            """)
+        )
+        h = Harness(tmp_path, rules)
+        h.worker.poll_interval = 0.02
+        h.accept(*({"event_name": "lead", "event_id": f"l{i}"} for i in range(40)))
+        h.worker.start()
+        try:
+            deadline = time.time() + 1.5  # the slow batches start one per tick
+            while len(slow.requests) < 16 and time.time() < deadline:
+                time.sleep(0.01)
+            in_flight = len(slow.requests)
+            h.accept({"event_name": "sale", "event_id": "s1"})
+            started = time.time()
+            while not fast_handler.ids() and time.time() < started + 5:
+                time.sleep(0.01)
+            waited = time.time() - started
+        finally:
+            h.worker.stop()
+
+    assert in_flight == 16
+    assert fast_handler.ids() == {"s1": 1}
+    assert waited < 1.0  # not until a slow request (2 s) gives a thread back
+
+
 def test_an_expired_lease_is_taken_over(tmp_path: Path, sink: Any) -> None:
     _, server = sink
     h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
@@ -583,6 +706,43 @@ def test_a_batch_sent_request_by_request_sends_nothing_another_worker_took_over(
         ("leased", "other"),
         ("leased", "other"),
     ]
+
+
+def test_a_batch_of_the_same_worker_that_took_over_the_rest_of_a_batch_sends_it_alone(
+    tmp_path: Path, plugins: None
+) -> None:
+    sent: list[Any] = []
+    box: list[Harness] = []
+    second_batch: list[threading.Thread] = []
+    second_started = threading.Event()
+
+    def platform(request: Request) -> Reply:
+        value = request.json()["events"][0]["value"]
+        sent.append(value)
+        h = box[0]
+        if len(sent) == 1:
+            # The first request outlasts the lease of the rest of its batch, and this worker's
+            # next batch (another thread) leases that rest while this one is still in flight.
+            with h.store._write() as db:
+                db.execute("UPDATE deliveries SET lease_expires = 0 WHERE id > 1")
+            dest = h.container.destinations["api"]
+            second_batch.append(threading.Thread(target=h.worker._deliver, args=(dest,)))
+            second_batch[0].start()
+            second_started.wait(5)
+        elif not second_started.is_set():
+            second_started.set()  # the second batch's first request: kept in flight a while
+            time.sleep(1.0)
+        return Reply.json({"ok": True})
+
+    with LoopbackServer(platform) as server:
+        h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
+        box.append(h)
+        h.accept_sales(3)
+        h.worker.tick(wait=True)
+        second_batch[0].join(10)
+
+    assert sorted(sent) == [0, 1, 2]  # each once: the first batch left the rest to the second
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 3
 
 
 def test_a_plugin_error_checking_one_item_fails_that_item_alone(
@@ -848,3 +1008,116 @@ def test_the_engine_sends_a_ga4_clients_large_events_in_the_fewest_requests_unde
     assert sorted(sent) == sorted(f"ord_{i}" for i in range(25))  # every event, once
     assert emulator.dropped == [] and len(emulator.accepted) == 25
     assert [s[0] for s in h.statuses()] == ["delivered"] * 25
+
+
+def buggy_rules(tmp_path: Path, url: str, bug: str) -> Path:
+    return make_rules(
+        tmp_path,
+        f"""
+        api: {{type: buggy, url: "{url}/items", bug: {bug},
+              delivery: {{batch_wait: 0, max_attempts: 3}}}}
+        """,
+        "- {name: to_api, trigger: all, destination: api}\n",
+    )
+
+
+@pytest.mark.parametrize(("bug", "error"), PLUGIN_BUGS.items(), ids=list(PLUGIN_BUGS))
+def test_a_plugin_bug_that_breaks_off_a_request_counts_an_attempt_and_ends_in_a_dead_letter(
+    tmp_path: Path, plugins: None, bug: str, error: str
+) -> None:
+    sink = FaultySink("429" if bug == "retry_after_text" else "500" if bug == "secrets" else "ok")
+    with LoopbackServer(sink) as server:
+        h = Harness(tmp_path, buggy_rules(tmp_path, server.url, bug))
+        h.accept({"event_name": "sale", "event_id": "e1", "properties": {"value": 1}})
+
+        h.worker.drain()
+        after_one = h.statuses()
+        for _ in range(2):
+            h.make_due()
+            h.worker.drain()
+
+    # Not left leased (sent again whenever the lease ran out, never counted, never given up).
+    [(status, attempts, first_error)] = after_one
+    assert (status, attempts) == ("pending", 1)
+    assert first_error is not None and error in first_error
+    [(status, attempts, last_error)] = h.statuses()
+    assert (status, attempts) == ("dead", 3)
+    assert last_error is not None and error in last_error
+    assert len(server.requests) <= 3
+
+
+def test_results_read_as_a_generator_are_taken_as_a_list(tmp_path: Path, plugins: None) -> None:
+    sink = FaultySink()
+    with LoopbackServer(sink) as server:
+        h = Harness(tmp_path, buggy_rules(tmp_path, server.url, "results_as_generator"))
+        h.accept({"event_name": "sale", "event_id": "e1", "properties": {"value": 1}})
+
+        h.worker.drain()
+
+    assert [s[0] for s in h.statuses()] == ["delivered"]
+    assert sink.ids() == {"e1": 1}
+
+
+class TricklingSink:
+    """A loopback HTTP server that takes a request and answers 200 at once, then sends its body
+    one byte every ``pause`` seconds: each wait is shorter than a read timeout, the whole far
+    longer. Counts the requests it received."""
+
+    def __init__(self, size: int = 30, pause: float = 0.2) -> None:
+        self.size, self.pause = size, pause
+        self.requests = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as request:
+            length = 0
+            while (line := request.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            request.read(length)
+            self.requests += 1
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.size)
+            for _ in range(self.size):
+                time.sleep(self.pause)
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return  # the client gave up
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_an_answer_trickling_in_past_the_timeout_times_out_well_within_the_lease(
+    tmp_path: Path,
+) -> None:
+    # timeout 0.5 s: the lease is 11 s; the body takes 30 x 0.2 s = 6 s, each wait 0.2 s.
+    sink = TricklingSink()
+    try:
+        h = Harness(tmp_path, webhook_rules(tmp_path, sink.url))
+        h.accept({"event_name": "lead", "event_id": "e1"})
+
+        started = time.monotonic()
+        h.worker.drain()
+        took = time.monotonic() - started
+    finally:
+        sink.close()
+
+    [(status, attempts, error)] = h.statuses()
+    assert (status, attempts) == ("pending", 1)
+    assert error is not None and "timed out" in error
+    assert took < 3  # connect + read timeout (1 s), not the 6 s the body took to trickle in
+    assert sink.requests == 1
