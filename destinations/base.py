@@ -188,6 +188,16 @@ class Destination:
     default_mapping: ClassVar[Mapping[str, str]] = {}
     """Target path (dotted) -> expression over the canonical event. Tags override or extend it;
     a tag mapping a target to ``null`` removes it."""
+    hashed_fields: ClassVar[frozenset[str]] = frozenset()
+    """Mapping targets (dotted) whose values the adapter normalizes and hashes. When it names
+    any, ``tagrelay check`` refuses a tag that maps the event's personal data (its e-mail,
+    phone, names, date of birth, or its whole ``user_data``) to any other target, or maps
+    anything to another target named like personal data (``user_data.email`` for Meta): the
+    platform would receive it in clear text. See :mod:`destinations.cleartext`, which also
+    checks built payloads."""
+    personal_homes: ClassVar[Mapping[str, str]] = {}
+    """Kind of personal data (``"email"``, ``"phone"``, ``"first_name"``, ``"last_name"``,
+    ``"date_of_birth"``, ``"street"``) -> the hashed target it belongs in, named in messages."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings: Mapping[str, Any] = dict(settings)

@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode
 
-from destinations import normalize, values
+from destinations import cleartext, normalize, values
 from destinations.base import (
     Destination,
     HttpRequest,
@@ -72,6 +72,17 @@ TOP_LEVEL_FIELDS = frozenset(
 NAME_RULE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 GA_COOKIE = re.compile(r"GA\d\.\d+\.(\d+\.\d+)")
 SESSION_COOKIE = re.compile(r"GS\d\.\d+\.s?(\d+)")
+# Request fields and params passed on as mapped (checked for personal data in clear text).
+_PASSED_ON_REQUEST = ("user_id", "user_location", "device", "user_properties")
+_BUILT_PARAMS = frozenset({"session_id", "value", "currency", "transaction_id"})
+# Where GA4 takes each kind of personal data, hashed (see destinations.cleartext).
+PERSONAL_HOMES = {
+    "email": "user_data.sha256_email_address",
+    "phone": "user_data.sha256_phone_number",
+    "first_name": "user_data.address.sha256_first_name",
+    "last_name": "user_data.address.sha256_last_name",
+    "street": "user_data.address.sha256_street",
+}
 CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
 # What counts as an object: dict comes first, since an exact type test is much cheaper than
 # the Mapping ABC check that a dict would pass anyway.
@@ -174,6 +185,8 @@ class GA4(Destination):
             },
         },
     }
+    hashed_fields = frozenset(PERSONAL_HOMES.values())
+    personal_homes = PERSONAL_HOMES
     default_mapping = {
         "client_id": "context.ga_client_id || visitor_id",
         "user_id": "user_id",
@@ -239,6 +252,14 @@ class GA4(Destination):
             request["user_properties"] = props
 
         params = _params(_object(mapped.get("params"), "params"), ctx.event_name)
+        # What is passed on as mapped must not carry personal data in clear text (a mapping to
+        # params.email, say): user_data above holds only what _user_data hashed or normalized.
+        for key in _PASSED_ON_REQUEST:
+            if key in request:
+                cleartext.check(request[key], key, "GA4", PERSONAL_HOMES)
+        for key, value in params.items():
+            if key not in _BUILT_PARAMS:
+                cleartext.check(value, f"params.{key}", "GA4", PERSONAL_HOMES)
         payload = {"request": request, "event": {"name": ctx.event_name, "params": params}}
         try:
             body = _BODY_JSON.encode(payload)

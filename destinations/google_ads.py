@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
-from destinations import normalize, values
+from destinations import cleartext, normalize, values
 from destinations.base import (
     Destination,
     HttpRequest,
@@ -47,6 +47,14 @@ _KNOWN_FIELDS = CONVERSION_FIELDS | ADJUSTMENT_ONLY
 _IDENTIFIER_FIELDS = frozenset({"hashedEmail", "hashedPhoneNumber", "addressInfo"})
 _CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 _GOOGLE_TIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}")
+# Where Google Ads takes each kind of personal data, hashed (see destinations.cleartext).
+PERSONAL_HOMES = {
+    "email": "userIdentifiers.hashedEmail",
+    "phone": "userIdentifiers.hashedPhoneNumber",
+    "first_name": "userIdentifiers.addressInfo.hashedFirstName",
+    "last_name": "userIdentifiers.addressInfo.hashedLastName",
+    "street": "userIdentifiers.addressInfo.hashedStreetAddress",
+}
 CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
 # What counts as an object: dict comes first, since an exact type test is much cheaper than
 # the Mapping ABC check that a dict would pass anyway.
@@ -188,6 +196,8 @@ class GoogleAds(Destination):
             },
         },
     }
+    hashed_fields = frozenset(PERSONAL_HOMES.values())
+    personal_homes = PERSONAL_HOMES
     default_mapping = {
         "gclid": "context.gclid",
         "gbraid": "context.gbraid",
@@ -222,10 +232,12 @@ class GoogleAds(Destination):
             raise PayloadError(f"Google Ads: unknown field(s) {unknown}")
         kind = str(mapped.get("adjustmentType") or ctx.event_name).strip().upper()
         if kind in ADJUSTMENT_TYPES:
-            return {"operation": ADJUSTMENTS, "row": self._adjustment(kind, mapped, ctx)}
-        if "adjustmentType" in mapped:
+            operation, row = ADJUSTMENTS, self._adjustment(kind, mapped, ctx)
+        elif "adjustmentType" in mapped:
             raise PayloadError(f"Google Ads: adjustmentType must be one of {ADJUSTMENT_TYPES}")
-        return {"operation": CONVERSIONS, "row": self._conversion(mapped, ctx)}
+        else:
+            operation, row = CONVERSIONS, self._conversion(mapped, ctx)
+        return {"operation": operation, "row": row}
 
     def _conversion(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
         if not ADJUSTMENT_ONLY.isdisjoint(mapped):
@@ -262,6 +274,7 @@ class GoogleAds(Destination):
         for key in ("conversionEnvironment", "cartData", "customVariables"):
             if mapped.get(key) is not None:
                 values.check_json(mapped[key], f"Google Ads: {key}")  # passed on as mapped
+                cleartext.check(mapped[key], key, "Google Ads", PERSONAL_HOMES)
                 row[key] = mapped[key]
         return row
 

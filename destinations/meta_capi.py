@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
-from destinations import normalize, values
+from destinations import cleartext, normalize, values
 from destinations.base import (
     Destination,
     HttpRequest,
@@ -51,6 +51,15 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAPPING = (dict, Mapping)
 _RETRY_CODES = frozenset({1, 2, 4, 17, 32, 613})
 _AUTH_CODES = frozenset({10, 102, 104, 190})
+# Where Meta takes each kind of personal data, hashed (named when a payload holds it in clear
+# text elsewhere: see destinations.cleartext).
+PERSONAL_HOMES = {
+    "email": "user_data.em",
+    "phone": "user_data.ph",
+    "first_name": "user_data.fn",
+    "last_name": "user_data.ln",
+    "date_of_birth": "user_data.db",
+}
 # Mapped fields build_payload reads itself; the other mapped fields are passed on as they are.
 # event_time and event_name are always the event's own timestamp and the tag's event name.
 _BUILT_FIELDS = frozenset(
@@ -155,6 +164,11 @@ class MetaCapi(Destination):
         "required": ["pixel_id", "access_token"],
         "additionalProperties": False,
     }
+    hashed_fields: ClassVar[frozenset[str]] = frozenset(
+        f"user_data.{key}"
+        for key in ("em", "ph", "fn", "ln", "db", "ge", "ct", "st", "zp", "country", "external_id")
+    )
+    personal_homes: ClassVar[Mapping[str, str]] = PERSONAL_HOMES
     default_mapping: ClassVar[Mapping[str, str]] = {
         "event_id": "event_id",
         "event_source_url": "context.page_url",
@@ -243,7 +257,7 @@ class MetaCapi(Destination):
             payload["custom_data"] = custom_data
         for key, value in mapped.items():
             if value is not None and key not in _BUILT_FIELDS:
-                values.check_json(value, key)
+                _passed_on(value, key)
                 payload[key] = value
         return payload
 
@@ -269,7 +283,7 @@ class MetaCapi(Destination):
                     out[key] = text
             elif value is not None:
                 # Other Meta fields that are never hashed (lead_id, ...), passed on as mapped.
-                values.check_json(value, f"user_data.{key}")
+                _passed_on(value, f"user_data.{key}")
                 out[key] = value
         return out
 
@@ -366,6 +380,13 @@ _CUSTOM_BUILT_FIELDS = frozenset(
 )
 
 
+def _passed_on(value: Any, field: str) -> None:
+    """Refuse a value passed on as mapped that JSON cannot carry or that holds personal data in
+    clear text (a mapping to ``user_data.email`` instead of ``user_data.em``, say)."""
+    values.check_json(value, field)
+    cleartext.check(value, field, "Meta", PERSONAL_HOMES)
+
+
 def _custom_data(raw: object) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -392,7 +413,7 @@ def _custom_data(raw: object) -> dict[str, Any]:
         out["contents"] = _contents(out["contents"])
     for key, value in out.items():
         if key not in _CUSTOM_BUILT_FIELDS:
-            values.check_json(value, f"custom_data.{key}")
+            _passed_on(value, f"custom_data.{key}")
     return {k: v for k, v in out.items() if v not in ([], {}, None)}
 
 
@@ -413,7 +434,7 @@ def _contents(raw: object) -> list[dict[str, Any]]:
             content["item_price"] = values.number(
                 content["item_price"], "custom_data.contents[].item_price"
             )
-        values.check_json(content, "custom_data.contents[]")
+        _passed_on(content, "custom_data.contents[]")
         contents.append(content)
     return contents
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any, ClassVar
 
-from destinations import normalize, values
+from destinations import cleartext, normalize, values
 from destinations.base import (
     Destination,
     HttpRequest,
@@ -31,6 +31,13 @@ _SUCCESS_CODES = frozenset({0, 20001})
 _MAPPING = (dict, Mapping)
 _RETRY_CODES = frozenset({40100, 40700, 42900})
 _AUTH_CODES = frozenset({40001, 40102, 40104, 40105})
+# Where TikTok takes each kind of personal data, hashed (see destinations.cleartext).
+PERSONAL_HOMES = {
+    "email": "user.email",
+    "phone": "user.phone",
+    "first_name": "user.first_name",
+    "last_name": "user.last_name",
+}
 # Mapped fields build_payload reads itself; the other mapped fields are passed on as they are.
 # event_time and event are always the event's own timestamp and the tag's event name.
 _BUILT_FIELDS = frozenset({"event_time", "event", "page", "user", "properties", "event_id"})
@@ -119,6 +126,11 @@ class TikTok(Destination):
         "required": ["pixel_code", "access_token"],
         "additionalProperties": False,
     }
+    hashed_fields: ClassVar[frozenset[str]] = frozenset(
+        f"user.{key}"
+        for key in ("email", "phone", "external_id", "first_name", "last_name", "zip_code")
+    )
+    personal_homes: ClassVar[Mapping[str, str]] = PERSONAL_HOMES
     default_mapping: ClassVar[Mapping[str, str]] = {
         "event_id": "event_id",
         "user.email": "user_data.email",
@@ -175,11 +187,13 @@ class TikTok(Destination):
         if properties:
             payload["properties"] = properties
         page_out = {k: values.text(v, f"page.{k}") for k, v in page.items() if v is not None}
+        for key, value in page_out.items():
+            cleartext.check(value, f"page.{key}", "TikTok", PERSONAL_HOMES)
         if page_out:
             payload["page"] = page_out
         for key, value in mapped.items():
             if value is not None and key not in _BUILT_FIELDS:
-                values.check_json(value, key)
+                _passed_on(value, key)
                 payload[key] = value
         return payload
 
@@ -219,7 +233,7 @@ class TikTok(Destination):
                 if text:
                     out[key] = text
             elif value is not None:
-                values.check_json(value, f"user.{key}")
+                _passed_on(value, f"user.{key}")
                 out[key] = value
         return out
 
@@ -326,15 +340,22 @@ def _properties(raw: Mapping[str, Any]) -> dict[str, Any]:
                 if i is not None
             ]
         else:
-            values.check_json(out["content_ids"], "properties.content_ids")
+            _passed_on(out["content_ids"], "properties.content_ids")
     if "contents" in out:
         if not isinstance(out["contents"], list):
             raise PayloadError("properties.contents must be a list")
         out["contents"] = [_content(c) for c in out["contents"] if isinstance(c, _MAPPING)]
     for key, value in out.items():
         if key not in _PROPERTIES_BUILT_FIELDS:
-            values.check_json(value, f"properties.{key}")
+            _passed_on(value, f"properties.{key}")
     return {k: v for k, v in out.items() if v not in ([], {}, None)}
+
+
+def _passed_on(value: Any, field: str) -> None:
+    """Refuse a value passed on as mapped that JSON cannot carry or that holds personal data in
+    clear text (a mapping to ``user.em`` instead of ``user.email``, say)."""
+    values.check_json(value, field)
+    cleartext.check(value, field, "TikTok", PERSONAL_HOMES)
 
 
 def _content(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -347,7 +368,7 @@ def _content(raw: Mapping[str, Any]) -> dict[str, Any]:
         content["price"] = values.number(content["price"], "properties.contents[].price")
     if "quantity" in content:
         content["quantity"] = values.integer(content["quantity"], "properties.contents[].quantity")
-    values.check_json(content, "properties.contents[]")
+    _passed_on(content, "properties.contents[]")
     return content
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import jsonschema
 
-from destinations import registry
+from destinations import cleartext, registry
 from engine.consent import Requirement
 from engine.errors import PluginError, RulesError
 from engine.event import EVENT_SCHEMA
@@ -519,12 +519,15 @@ class _Compiler:
                 removals.append((target, where))
             elif isinstance(source, dict):
                 fields.append(Field(tuple(target.split(".")), constant(source["value"])))
+                self._check_cleartext(tag, dest, target, None, where)
             elif isinstance(source, str):
                 getter = self.expression(source, where, f"tag {tag} mapping {target}")
                 if getter is not None:
                     fields.append(Field(tuple(target.split(".")), getter))
+                    self._check_cleartext(tag, dest, target, path_of(getter), where)
             else:
                 fields.append(Field(tuple(target.split(".")), constant(source)))
+                self._check_cleartext(tag, dest, target, None, where)
         reads = {f.target: path_of(f.get) for f in fields}
         for target, where in removals:
             parts = tuple(target.split("."))
@@ -550,6 +553,54 @@ class _Compiler:
                     f"mapping sends no {target} and nothing that holds it",
                 )
         return tuple(fields)
+
+    def _check_cleartext(
+        self,
+        tag: str,
+        dest: DestinationInstance,
+        target: str,
+        source: tuple[str, ...] | None,
+        where: Position,
+    ) -> None:
+        """Refuse a mapping that would send personal data to a platform in clear text.
+
+        For adapters that hash personal data (``Destination.hashed_fields``): a target named
+        like personal data other than those fields (Meta's ``user_data.email``), and the
+        event's e-mail, phone, names, date of birth or whole ``user_data`` read by plain path
+        into any other target. The adapters refuse such payloads too (destinations.cleartext);
+        this says so before the rules are deployed.
+        """
+        adapter = dest.adapter
+        hashed = adapter.hashed_fields
+        if not hashed or target in hashed:
+            return
+        sent = f"tag {tag} mapping {target}: would send"
+        to = f"to {dest.name} ({dest.type}) in clear text"
+        kind = cleartext.kind_of(target.rsplit(".", 1)[-1])
+        if kind is not None:
+            what = cleartext.DESCRIPTIONS[kind]
+        elif source is not None and source[:1] == ("user_data",):
+            if len(source) == 1:
+                fields = ", ".join(sorted(hashed))
+                self.error(
+                    where,
+                    f"{sent} the event's whole user_data (e-mail address, phone, names) {to}; "
+                    f"it hashes personal data only when mapped to {fields}",
+                )
+                return
+            kind = cleartext.kind_of(source[1])
+            if kind is None:
+                return
+            what = f"the event's user_data.{source[1]}"
+        else:
+            return
+        home = adapter.personal_homes.get(kind)
+        where_to = (
+            f"it takes it only hashed, mapped to {home}"
+            if home
+            else f"it takes no {kind.replace('_', ' ')}: leave it out"
+        )
+        self.error(where, f"{sent} {what} {to}; {where_to}")
 
     def _check_canonical(
         self, tag: str, target: str, source: tuple[str, ...], where: Position
