@@ -20,7 +20,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from engine.api import error_response, parse_json_body
 from engine.config import PublishableKey, Settings
-from engine.consent import plain_ip
+from engine.consent import readable_ip
 from engine.errors import BadRequest, Forbidden, PayloadTooLarge, RequestError, Unauthorized
 from engine.identity import capture_click_ids
 from engine.pipeline import Pipeline
@@ -141,7 +141,7 @@ def _client_ip() -> str | None:
     sees every IPv4 client as ``::ffff:203.0.113.7``, and so may a proxy's header.
     """
     remote = request.remote_addr
-    return plain_ip(remote) if remote else None
+    return readable_ip(remote) if remote else None
 
 
 def _from_browser(raw: dict[str, Any], visitor_id: str) -> dict[str, Any]:

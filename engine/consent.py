@@ -273,19 +273,38 @@ def all_purposes_known(purposes: frozenset[str]) -> list[str]:
     return sorted(purposes - set(CONSENT_PURPOSES))
 
 
-def plain_ip(ip: str) -> str:
-    """An IPv4-mapped IPv6 address as the IPv4 address it is; any other text unchanged.
+def readable_ip(ip: str) -> str | None:
+    """The client IP address ``ip`` names, written as ``ipaddress`` writes it; None if none.
 
-    A server listening on ``[::]`` sees every IPv4 client as ``::ffff:203.0.113.7``; that is
-    ``203.0.113.7``, and is kept, truncated and forwarded as such.
+    What backends send as ``context.ip`` is not always one address, and platforms treat an
+    unreadable one differently (Meta drops it, GA4 and TikTok take it, and TikTok may refuse
+    the request it is in). So, before the event is stored:
+
+    - an IPv4-mapped IPv6 address is the IPv4 address it is: a server listening on ``[::]``
+      sees every IPv4 client as ``::ffff:203.0.113.7``, which is kept, truncated and forwarded
+      as ``203.0.113.7``;
+    - a list, as a backend that copied ``X-Forwarded-For`` sends it (``203.0.113.7,
+      10.0.0.1``), gives its first readable address: by that header's convention, the client;
+    - a port is left out (``203.0.113.7:51234``, ``[2001:db8::1]:443``);
+    - anything else (``unknown``, a host name) is no address.
     """
-    if ":" not in ip or "ffff" not in ip.lower():
-        return ip  # IPv4, or IPv6 that cannot be mapped: most addresses, without a parse
-    try:
-        mapped = ipaddress.IPv6Address(ip.strip()).ipv4_mapped
-    except ValueError:
-        return ip
-    return ip if mapped is None else str(mapped)
+    text = ip.strip()
+    if _DOTTED_QUAD.fullmatch(text):
+        return text  # already as ipaddress would write it: most addresses, without a parse
+    for entry in text.split(","):
+        candidate = entry.strip()
+        if candidate.startswith("[") and "]" in candidate:
+            candidate = candidate[1 : candidate.index("]")]
+        elif candidate.count(":") == 1:
+            candidate = candidate.partition(":")[0]
+        try:
+            address = ipaddress.ip_address(candidate)
+        except ValueError:
+            continue
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(address)
+    return None
 
 
 # 6to4 (RFC 3056): the client's IPv4 address is bits 16-48, so a /48 would keep all of it.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from engine.consent import plain_ip, truncate_ip
+from engine.consent import readable_ip, truncate_ip
 
 # Query parameter -> context field. ScCid (Snapchat) keeps its documented spelling in URLs.
 CLICK_PARAMS: Mapping[str, str] = {
@@ -67,14 +67,19 @@ def apply_ip_policy(event: dict[str, Any], mode: str, granted: frozenset[str]) -
 
     ``consent`` (the default) keeps the full IP when ``ad_user_data`` is granted, truncates it
     (:func:`~engine.consent.truncate_ip`: IPv4 /24, IPv6 /48) when only ``analytics_storage``
-    is, and drops it otherwise. An IPv4-mapped IPv6 address (``::ffff:203.0.113.7``, as a
-    backend on a dual-stack listener reads its client) is kept as the IPv4 address it is.
+    is, and drops it otherwise. The address is read first (:func:`~engine.consent.readable_ip`):
+    an IPv4-mapped IPv6 address (``::ffff:203.0.113.7``, as a backend on a dual-stack listener
+    reads its client) is kept as the IPv4 address it is, a copied ``X-Forwarded-For`` list as
+    its first address, and text that is no address is dropped.
     """
     context = event.get("context")
     if not isinstance(context, dict) or not context.get("ip"):
         return
-    if isinstance(context["ip"], str):
-        context["ip"] = plain_ip(context["ip"])
+    ip = readable_ip(context["ip"]) if isinstance(context["ip"], str) else None
+    if ip is None:
+        context.pop("ip")  # not an address: no platform can use it
+        return
+    context["ip"] = ip
     if mode == "consent":
         mode = (
             "keep"

@@ -16,7 +16,7 @@ from engine.consent import (
     Verdict,
     decide,
     granted_purposes,
-    plain_ip,
+    readable_ip,
     strip_identifiers,
     truncate_ip,
 )
@@ -197,14 +197,21 @@ def test_a_teredo_address_loses_the_clients_address_with_its_last_80_bits() -> N
         ("203.0.113.7", "203.0.113.7"),
         ("2001:db8::ffff", "2001:db8::ffff"),
         ("2002:cb00:7107::1", "2002:cb00:7107::1"),
-        ("not an ip", "not an ip"),
-        ("::ffff:not", "::ffff:not"),
+        ("2001:DB8:0::1", "2001:db8::1"),
+        (" 203.0.113.7, 10.0.0.1", "203.0.113.7"),  # a copied X-Forwarded-For: the client
+        ("unknown, 203.0.113.7", "203.0.113.7"),
+        ("203.0.113.7:51234", "203.0.113.7"),
+        ("[2001:db8::1]:443", "2001:db8::1"),
+        ("::ffff:203.0.113.7, 10.0.0.1", "203.0.113.7"),
+        ("not an ip", None),
+        ("::ffff:not", None),
+        ("203.0.113.256", None),
+        ("010.0.0.1", None),  # leading zeros: octal to some readers, refused by ipaddress
+        ("", None),
     ],
 )
-def test_an_ipv4_mapped_address_is_read_as_plain_ipv4_and_others_are_left_alone(
-    ip: str, plain: str
-) -> None:
-    assert plain_ip(ip) == plain
+def test_an_ip_is_read_as_the_address_it_names_or_as_none(ip: str, plain: str | None) -> None:
+    assert readable_ip(ip) == plain
 
 
 def test_urls_without_click_ids_are_left_as_they_were() -> None:

@@ -646,6 +646,31 @@ def test_a_backend_events_ipv4_mapped_ip_is_stored_as_plain_ipv4(
     assert stored(app, "truncate")["context"]["ip"] == "203.0.113.0"
 
 
+def test_a_backend_events_ip_is_stored_as_the_address_it_names_or_not_at_all(
+    app: Flask, client: FlaskClient
+) -> None:
+    """A copied X-Forwarded-For list, a port or text that is no address: GA4 and TikTok used
+    to receive ``203.0.113.7, 10.0.0.1`` as the client's IP, as sent (Meta dropped it)."""
+    for event_id, ip in (
+        ("list", "203.0.113.7, 10.0.0.1"),
+        ("port", "[2001:db8::7]:443"),
+        ("unknown", "unknown"),
+    ):
+        track(
+            client,
+            {
+                "event_name": "x",
+                "event_id": event_id,
+                "consent": ALL_GRANTED,
+                "context": {"ip": ip},
+            },
+        )
+
+    assert stored(app, "list")["context"]["ip"] == "203.0.113.7"
+    assert stored(app, "port")["context"]["ip"] == "2001:db8::7"
+    assert "ip" not in stored(app, "unknown")["context"]
+
+
 def test_an_ipv4_client_has_one_rate_limit_however_its_address_is_written(
     tmp_path: Path,
 ) -> None:
