@@ -1160,3 +1160,27 @@ def test_a_resent_batch_of_duplicates_is_not_encoded_again(
     assert [r.duplicate for r in again] == [True] * 20 + [False]
     # A client's retry of a whole batch costs lookups, not encoding; "new" shows the count works.
     assert [acc.event["event_id"] for acc in encoded] == ["new"]
+
+
+def test_cached_decision_json_is_what_summary_gives_for_every_field() -> None:
+    """intake._summary_json caches by the fields Decision.summary reads; a decision differing
+    in any field (payload and dedup key included) must still get its own summary's JSON."""
+    base = Decision("t", "d", True, "trigger all matched")
+    variants = [
+        base,
+        replace(base, fired=False, reason="consent denied: ad_storage"),
+        replace(base, consent="granted: ad_storage"),
+        replace(base, anonymous=True),
+        replace(base, payload={"x": 1}),
+        replace(base, dedup_key="t:o1"),
+        replace(base, tag="other", destination="elsewhere"),
+    ]
+    for decision in variants + variants[::-1]:
+        assert sqlite_intake._summaries_json([decision]) == json.dumps(
+            [decision.summary()], separators=(",", ":")
+        )
+
+
+def test_a_retention_chunk_of_visitors_fits_in_one_statement() -> None:
+    """_erase_visitors takes at most _MAX_PARAMS visitors in one IN (...) list."""
+    assert sqlite_erasure.PURGE_CHUNK <= sqlite_erasure._MAX_PARAMS
