@@ -439,9 +439,10 @@ class DeliveryWorker:
         dead: list[int] = []
         late: list[int] = []  # the platform asks to wait past their max_age
         wait = result.retry_after
+        limit = opts.max_attempts
         for d in deliveries:
             attempt = d.attempts + 1
-            if attempt >= opts.max_attempts or now - d.created_at >= opts.max_age:
+            if (limit is not None and attempt >= limit) or now - d.created_at >= opts.max_age:
                 dead.append(d.id)
             elif wait is not None and now + wait > d.created_at + opts.max_age:
                 late.append(d.id)
