@@ -1,4 +1,5 @@
-"""Retries over hours and days: the real worker, store and HTTP, on a clock the test moves.
+"""Retries over hours and days, and the circuit breaker's clock: the real worker, store and
+HTTP, on a clock the test moves.
 
 The worker's ``time`` is replaced by :class:`Clock`, whose wall clock and monotonic clock the
 test sets; everything else (the SQLite outbox, the webhook adapter, the loopback sink) is real.
@@ -147,3 +148,35 @@ def test_an_explicit_max_attempts_still_gives_up_after_that_many_attempts(
     assert counts(h) == {"dead": 50}
     assert [attempts for _, attempts, _ in h.statuses()] == [12] * 50
     assert took < HOUR  # 11 waits of backoff: 17 to 34 minutes
+
+
+def test_a_wall_clock_stepped_back_does_not_keep_a_recovered_destination_paused(
+    tmp_path: Path, clock: Clock, sink: tuple[FaultySink, LoopbackServer]
+) -> None:
+    handler, server = sink
+    handler.default = "500"
+    rules = make_rules(
+        tmp_path,
+        f'hook: {{type: webhook, url: "{server.url}/hook", delivery: {{batch_wait: 0}}}}\n',
+        "- {name: to_hook, trigger: all, destination: hook}\n",
+    )
+    h = Harness(tmp_path, rules)
+    h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(5)))
+    clock.advance(1.0)
+    h.worker.tick(wait=True)  # five failed requests: the breaker opens for 10 s
+    breaker = h.worker.breaker("hook")
+    assert breaker.is_open
+    handler.default = "ok"
+
+    clock.now -= HOUR  # NTP (or an operator) steps the wall clock back an hour
+    clock.advance(11.0)  # and the cooldown passes
+    h.accept({"event_name": "lead", "event_id": "fresh"})
+    with h.store._write() as db:  # accepted now, by the stepped clock: due now
+        db.execute(
+            "UPDATE deliveries SET created_at = ?, next_attempt_at = ? WHERE event_id = 'fresh'",
+            (clock.now, clock.now),
+        )
+    h.worker.tick(wait=True)
+
+    assert handler.ids() == {"fresh": 1}  # the probe went, and the platform took it
+    assert not breaker.is_open
