@@ -344,17 +344,27 @@ def _secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """The ``Retry-After`` header in seconds (delta-seconds or an HTTP date), if present."""
+    """The ``Retry-After`` header in seconds, or None when it is absent or unreadable.
+
+    RFC 9110 §10.2.3: delta-seconds (ASCII digits only: ``str.isdigit`` also takes ``²`` and
+    ``١٢٠``) or an HTTP date in any of the three forms a recipient must accept (§5.6.7):
+    ``Sun, 06 Nov 1994 08:49:37 GMT``, ``Sunday, 06-Nov-94 08:49:37 GMT`` and asctime's
+    ``Sun Nov  6 08:49:37 1994``. An HTTP date is always UTC, so one parsed without a zone
+    (asctime, or ``-0000``) is read as UTC; compared as a naive time it raised a TypeError in
+    ``read_response``. A date in the past is 0 s.
+    """
     raw = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
     if raw is None:
         return None
     raw = raw.strip()
-    if raw.isdigit():
+    if raw.isascii() and raw.isdigit():
         return float(raw)
     try:
         when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 

@@ -6,16 +6,33 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from destinations.base import Destination, HttpRequest, Item, PayloadContext, SendContext
+from destinations.base import (
+    JSON_BODY,
+    Destination,
+    HttpRequest,
+    Item,
+    PayloadContext,
+    PayloadError,
+    SendContext,
+    json_size,
+)
 from destinations.values import check_json
 
 SIGNATURE_HEADER = "X-Tagrelay-Signature"
+
+DEFAULT_MAX_BODY_BYTES = 1_000_000
+"""The default ``max_body_bytes``. Receivers sit behind body-size limits that answer 413: nginx,
+in front of most of them, takes at most ``client_max_body_size``, 1 MiB (1,048,576 bytes) unless
+configured otherwise; 1,000,000 stays under it, and under limits written as a decimal "1 MB".
+A receiver with a smaller limit (Express's ``express.json()`` takes 100 kB by default) needs
+``max_body_bytes`` set to it."""
+MIN_MAX_BODY_BYTES = 1024
+_BATCH_FRAME = len(b'{"events":[]}')  # the body of ``batch: true`` around its payloads
 
 # ``Bearer <token>``, ``Basic <base64>``, ``Token token=<t>``: a scheme word, then the credential.
 _SCHEME_VALUE = re.compile(r"^([A-Za-z][\w-]*)\s+(\S.*)$")
@@ -40,9 +57,17 @@ class Webhook(Destination):
     """POST each event (or a batch, with ``batch: true``) as JSON to ``url``.
 
     Body: the payload object for one event; with ``batch: true``, ``{"events": [...]}`` with up
-    to ``max_batch`` payloads. The default mapping is the canonical event itself, with the tag's
-    ``event_name``. With ``secret`` set, every request carries ``X-Tagrelay-Signature`` (see
-    :func:`sign`). Any 2xx is success; 408, 429 and 5xx are retried; 401/403 are auth failures.
+    to ``max_batch`` payloads, packed in order so that no body is longer than
+    ``max_body_bytes`` (:meth:`split`). The default mapping is the canonical event itself, with
+    the tag's ``event_name``. With ``secret`` set, every request carries
+    ``X-Tagrelay-Signature`` (see :func:`sign`). Any 2xx is success; 408, 429 and 5xx are
+    retried; 401/403 are auth failures; any other status (a 413 included) is permanent.
+
+    An event whose body, sent alone, would be longer than ``max_body_bytes`` is refused when
+    its payload is built (:class:`PayloadError`: the tag does not fire, and the decision says
+    why), never queued to be refused by the receiver. Without the packing, one batch of 500
+    events over a proxy's limit was a 413, and every event of it a dead letter (replayed, the
+    same again).
     """
 
     name = "webhook"
@@ -57,6 +82,12 @@ class Webhook(Destination):
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
             "secret": {"type": "string", "minLength": 16, "description": "HMAC signing secret"},
             "batch": {"type": "boolean", "default": False},
+            "max_body_bytes": {
+                "type": "integer",
+                "minimum": MIN_MAX_BODY_BYTES,
+                "default": DEFAULT_MAX_BODY_BYTES,
+                "description": "the longest request body the receiver takes, in bytes (UTF-8)",
+            },
         },
     }
     default_mapping = {
@@ -78,23 +109,85 @@ class Webhook(Destination):
         """The mapped fields as they are, with the event's name, ID and time.
 
         Raises:
-            PayloadError: a value JSON cannot carry (NaN, an infinity), naming its field.
+            PayloadError: a value JSON cannot carry (NaN, an infinity), naming its field; text
+                UTF-8 cannot carry (a lone surrogate); or a body, for this event alone, longer
+                than ``max_body_bytes``.
         """
         check_json(mapped, "")
-        return super().build_payload(mapped, ctx)
+        payload = super().build_payload(mapped, ctx)
+        try:
+            size = self._alone(json_size(payload))
+        except ValueError:
+            raise PayloadError("webhook: the event holds text UTF-8 cannot carry") from None
+        if size > (limit := self.max_body_bytes):
+            raise PayloadError(
+                f"webhook: the request body must be at most max_body_bytes ({limit} B); "
+                f"this event alone makes {size} B"
+            )
+        return payload
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The ``max_body_bytes`` setting: the longest body a request may have."""
+        return int(self.settings.get("max_body_bytes") or DEFAULT_MAX_BODY_BYTES)
+
+    def _alone(self, payload_size: int) -> int:
+        """The body size of a request that sends one payload of ``payload_size`` bytes."""
+        return payload_size + (_BATCH_FRAME if self.settings.get("batch") else 0)
 
     def batch_key(self, item: Item) -> str:
         """Without ``batch: true`` every item travels alone."""
         return "" if self.settings.get("batch") else item.delivery_id
 
+    def split(self, items: Sequence[Item]) -> list[list[Item]]:
+        """With ``batch: true``, the items packed in order into requests of at most
+        ``max_batch`` events whose body is at most ``max_body_bytes`` long.
+
+        Greedy: each event joins the current request when it still fits, else starts the next.
+        The size counted is the body :meth:`build_request` sends, byte for byte (UTF-8), from
+        each payload encoded once. An event that fits only alone goes alone
+        (:meth:`build_payload` refuses one that does not fit even so; one queued before the
+        limit was lowered goes alone, and :meth:`build_request` refuses it).
+        """
+        if not self.settings.get("batch"):
+            return super().split(items)
+        limit = self.max_body_bytes
+        requests: list[list[Item]] = []
+        size = 0
+        for item in items:
+            try:
+                item_size = json_size(dict(item.payload))
+            except ValueError:  # text UTF-8 cannot carry: alone, so it fails alone
+                requests.append([item])
+                size = limit
+                continue
+            grown = size + 1 + item_size  # a comma, then the payload
+            if requests and len(requests[-1]) < self.max_batch and grown <= limit:
+                requests[-1].append(item)
+                size = grown
+            else:
+                requests.append([item])
+                size = _BATCH_FRAME + item_size
+        return requests
+
     def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
-        """One POST with the payload, or ``{"events": [...]}`` when batching."""
+        """One POST with the payload, or ``{"events": [...]}`` when batching.
+
+        Raises:
+            PayloadError: the body is longer than ``max_body_bytes`` (an event queued before
+                the limit was lowered): the receiver would refuse it, so it is not sent.
+        """
         body_obj: Any = (
             {"events": [dict(i.payload) for i in items]}
             if self.settings.get("batch")
             else dict(items[0].payload)
         )
-        body = json.dumps(body_obj, separators=(",", ":"), ensure_ascii=False).encode()
+        body = JSON_BODY.encode(body_obj).encode()
+        if len(body) > (limit := self.max_body_bytes):
+            raise PayloadError(
+                f"webhook: the request body must be at most max_body_bytes ({limit} B); "
+                f"this one is {len(body)} B"
+            )
         headers = {"Content-Type": "application/json", "User-Agent": "tagrelay"}
         headers.update(self.settings.get("headers") or {})
         secret = self.settings.get("secret")

@@ -29,6 +29,12 @@ class CircuitBreaker:
     Closed: everything flows. After ``threshold`` consecutive failed requests it opens for
     ``cooldown`` seconds (doubling on each failed probe up to ``max_cooldown``); then one
     request is let through (half-open), and its success closes the circuit.
+
+    Every ``now`` is a reading of a monotonic clock (:func:`time.monotonic`), and so is
+    ``open_until``: the pause is timed in seconds that pass, whatever the wall clock does. On
+    the wall clock, a step back (NTP, an operator) kept a destination paused for as long as the
+    step, though its platform was back; the outbox's schedule, shared by processes, stays on
+    the wall clock.
     """
 
     threshold: int = 5
@@ -41,7 +47,7 @@ class CircuitBreaker:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def allow(self, now: float) -> bool:
-        """Whether a request may go now."""
+        """Whether a request may go now (``now``: :func:`time.monotonic`)."""
         with self._lock:
             if self.failures < self.threshold:
                 return True
@@ -57,7 +63,7 @@ class CircuitBreaker:
             self.probing = False
 
     def record(self, ok: bool, now: float) -> None:
-        """Count a request's outcome."""
+        """Count a request's outcome (``now``: :func:`time.monotonic`)."""
         with self._lock:
             self.probing = False
             if ok:

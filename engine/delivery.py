@@ -150,7 +150,7 @@ class DeliveryWorker:
                 if self._in_flight[name] >= opts.concurrency:
                     continue
                 probe = breaker.is_open
-                if not breaker.allow(now):
+                if not breaker.allow(time.monotonic()):
                     continue
                 self._in_flight[name] += 1
             started += 1
@@ -351,7 +351,7 @@ class DeliveryWorker:
             return
         results = self._read(adapter, response, items)
         ok = any(r.outcome is not Outcome.RETRYABLE for r in results)
-        self.breaker(dest.name).record(ok, time.time())
+        self.breaker(dest.name).record(ok, time.monotonic())
         by_result: dict[ItemResult, list[Delivery]] = defaultdict(list)
         for delivery, result in zip(deliveries, results, strict=True):
             by_result[result].append(delivery)
@@ -373,7 +373,7 @@ class DeliveryWorker:
                 ctx = SendContext(ctx.now, token)
             request = adapter.build_request(items, ctx)
         except TransportError as exc:
-            self.breaker(dest.name).record(False, time.time())
+            self.breaker(dest.name).record(False, time.monotonic())
             self._finish(dest, deliveries, ItemResult(Outcome.RETRYABLE, f"token request: {exc}"))
             return None
         except TokenFailure as exc:
@@ -388,7 +388,7 @@ class DeliveryWorker:
             response = self.transport.send(request, dest.delivery.timeout)
         except TransportError as exc:
             metrics.observe(metrics.REQUEST_SECONDS, (dest.name,), time.monotonic() - started)
-            self.breaker(dest.name).record(False, time.time())
+            self.breaker(dest.name).record(False, time.monotonic())
             self._finish(dest, deliveries, ItemResult(Outcome.RETRYABLE, str(exc)))
             return None
         metrics.observe(metrics.REQUEST_SECONDS, (dest.name,), time.monotonic() - started)
@@ -439,9 +439,10 @@ class DeliveryWorker:
         dead: list[int] = []
         late: list[int] = []  # the platform asks to wait past their max_age
         wait = result.retry_after
+        limit = opts.max_attempts
         for d in deliveries:
             attempt = d.attempts + 1
-            if attempt >= opts.max_attempts or now - d.created_at >= opts.max_age:
+            if (limit is not None and attempt >= limit) or now - d.created_at >= opts.max_age:
                 dead.append(d.id)
             elif wait is not None and now + wait > d.created_at + opts.max_age:
                 late.append(d.id)

@@ -1,4 +1,4 @@
-"""Rate limits per key, shared by every worker process (and host) through the store.
+"""Rate limits per key, shared by every worker process through the store.
 
 A fixed one-minute window per key. Each process counts locally and adds its count to the
 store's shared counter every ``limit / 100`` requests (at least every request for small limits,

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import engine.ratelimit
+import engine.store.base
 from engine.cli import build_parser
 from engine.consent import TRACKING_PARAMS
 from engine.rules import compile_container
@@ -61,3 +63,38 @@ def test_the_readme_rule_example_checks_clean_and_its_tests_pass(tmp_path: Path)
     assert "test_event_code" not in container.destinations["meta"].adapter.settings
     failed = [r.differences for r in run_tests(container) if not r.passed]
     assert not failed
+
+
+# Wording that promises a store shared by several hosts, or a Redis backend.
+_SEVERAL_HOSTS = re.compile(
+    r"redis|scale[- ]out|several hosts|many hosts|other hosts|hosts sharing|on hosts|"
+    r"every host\b|and hosts?\b",
+    re.IGNORECASE,
+)
+
+
+def _sentences(text: str) -> list[str]:
+    return re.split(r"(?<=[.:;!?])\s+", " ".join(text.split()))
+
+
+def test_the_docs_promise_several_hosts_and_redis_only_as_planned() -> None:
+    backends = {
+        path.stem for path in (ROOT / "engine" / "store").iterdir() if path.stem != "__pycache__"
+    } - {"__init__", "base"}
+    docs = {
+        "README.md": (ROOT / "README.md").read_text(),
+        "engine/store/base.py": str(engine.store.base.__doc__),
+        "Store.secret": str(engine.store.base.Store.secret.__doc__),
+        "engine/ratelimit.py": str(engine.ratelimit.__doc__),
+    }
+
+    promises = [
+        (name, sentence)
+        for name, text in docs.items()
+        for sentence in _sentences(text)
+        if _SEVERAL_HOSTS.search(sentence)
+        and not re.search(r"\bplanned\b|\bwith a backend", sentence)
+    ]
+
+    assert backends == {"sqlite"}, "a new backend: say in the docs what it makes true"
+    assert not promises, "only SQLite exists (one host); say that Redis is planned"

@@ -183,7 +183,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     rules = load_rules(settings.rules, settings.reload_interval)
     store = open_store(settings)
     worker = DeliveryWorker(store, lambda: rules.container)
-    # Retention runs where the store is used; a host with only workers purges too.
+    # Retention runs where the store is used; a `tagrelay worker` running alone purges too.
     maintenance = Maintenance(store, settings.retention_days)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}

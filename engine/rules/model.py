@@ -67,9 +67,17 @@ MAX_TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class DeliveryOptions:
-    """How the engine delivers to one destination (see the delivery section of the README)."""
+    """How the engine delivers to one destination (see the delivery section of the README).
 
-    max_attempts: int = 12
+    A delivery that keeps failing is retried until ``max_age`` has passed since it was queued,
+    however many attempts that takes (the backoff reaches its cap of an hour between attempts
+    within the first hour or so), so it outlives a platform outage of up to ``max_age``.
+    ``max_attempts`` gives up sooner, after that many attempts; None, the default, sets no such
+    limit. (A default of 12 attempts spanned 17 to 34 minutes of backoff: an outage that long
+    turned every delivery queued at its start into a dead letter, days before ``max_age``.)
+    """
+
+    max_attempts: int | None = None
     max_age: float = 3 * 86400.0
     batch_wait: float = 1.0
     timeout: float = 10.0  # at most MAX_TIMEOUT

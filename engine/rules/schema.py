@@ -87,8 +87,18 @@ RULES_SCHEMA: dict[str, Any] = {
                         "type": "object",
                         "additionalProperties": False,
                         "properties": {
-                            "max_attempts": {"type": "integer", "minimum": 1},
-                            "max_age": _DURATION,
+                            "max_attempts": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "description": "give up after this many attempts (default: "
+                                "no limit, max_age bounds the retries)",
+                            },
+                            "max_age": {
+                                **_DURATION,
+                                "description": "retry until this long after the delivery was "
+                                "queued, then dead-letter (default 3d); seconds, or a number "
+                                "with a unit: 500ms, 30s, 10m, 48h, 7d",
+                            },
                             "batch_wait": _DURATION,
                             "timeout": _DURATION,
                             "concurrency": {"type": "integer", "minimum": 1},

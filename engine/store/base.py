@@ -1,8 +1,10 @@
 """The storage interface: accepted events, dedup keys and the delivery outbox.
 
-One interface, two backends: SQLite (:mod:`engine.store.sqlite`, the embedded default, shared by
-all gunicorn workers on one host) and Redis (scale-out, several hosts). The pipeline and the
-delivery workers only ever talk to :class:`Store`.
+One interface, designed for more than one backend. Today there is one: SQLite
+(:mod:`engine.store.sqlite`, the embedded default), shared by any number of processes (gunicorn
+workers, ``tagrelay worker`` processes) on one host. A Redis backend, for several hosts, is
+planned: nothing here assumes a file or a host, and the pipeline and the delivery workers only
+ever talk to :class:`Store`.
 
 Guarantees every backend gives:
 
@@ -309,9 +311,9 @@ class Store(abc.ABC):
     def secret(self, name: str) -> bytes:
         """The random secret named ``name`` (32 bytes), made on first use and kept in the store.
 
-        Every process and host using the store gets the same one, so that what they make with
-        it (say, the names rate counters are shared under) agrees; it never leaves the store
-        otherwise.
+        Every process using the store (and, with a backend several hosts share, every host)
+        gets the same one, so that what they make with it (say, the names rate counters are
+        shared under) agrees; it never leaves the store otherwise.
 
         Raises:
             StoreError: the store could not be read or written.
