@@ -5,17 +5,19 @@ addresses only normalized and hashed, in its own fields (Meta's ``user_data.em``
 ``user.email``): that is where its adapter hashes them. Anywhere else an adapter passes a mapped
 value on as it was mapped, so that a tag can send fields the adapter does not know; a mapping
 that names the wrong target (``user_data.email`` for Meta, ``user.em`` for TikTok,
-``params.email`` for GA4) or sends a whole object of the event (``custom_data: user_data``)
-would then send the address itself. :func:`refuse` looks at the finished payload and refuses
-it instead, naming the field and where the platform takes that data:
+``params.email`` for GA4) or sends a whole object (``custom_data: properties`` holding a
+``customer_phone``) would then send the data itself. :func:`check`, at each place an adapter
+passes a value on, refuses it instead, naming the field and where the platform takes that data:
 
-- a field named like one of those kinds of data (``email``, ``phoneNumber``, ``first_name``,
-  ``em``, ``dob``, ...) must hold SHA-256 digests (64 hexadecimal digits), or nothing;
-- no text anywhere may be an e-mail address.
+- under a name that ends like personal data (``email``, ``phoneNumber``, ``billing_first_name``,
+  ``customer_dob``; Meta's ``em``, ``ph``, ... as whole names), only SHA-256 digests, yes or
+  no, or numbers too small to be a phone number or a birth date;
+- nowhere a text that is an e-mail address (file names such as ``hero@2x.jpg`` are not).
 
-Cities, regions, postal codes and countries are left alone: GA4 and Google Ads take them in
-clear text, and they are also ordinary business data (a shop's region). So are URLs, whose
-query strings are the page's own.
+What it cannot see: personal data inside longer text, or under names that do not say what
+they hold. Cities, regions, postal codes and countries are left alone: GA4 and Google Ads take
+them in clear text, and they are also ordinary business data (a shop's region). So are URLs,
+whose query strings are the page's own.
 """
 
 from __future__ import annotations
@@ -26,37 +28,60 @@ from typing import Any
 
 from destinations.base import PayloadError
 
-# Squashed (lowercase, no "_", "-", "." or spaces) field names -> the kind of data they name.
-_KINDS = {
+# How field names of personal data end, in words (``billing_first_name``, ``customerPhone``,
+# ``shipping-street``: words split at separators and at capitals, lowercased). Ending, not
+# containing: ``phone_verified``, ``email_opt_in`` or ``is_mobile`` name no personal data.
+_ENDINGS = {
     "email": (
-        "email",
-        "emails",
-        "mail",
-        "emailaddress",
-        "emailaddresses",
-        "useremail",
-        "customeremail",
-        "em",
+        ("email",),
+        ("emails",),
+        ("e", "mail"),
+        ("email", "address"),
+        ("email", "addresses"),
+        ("mail", "address"),
     ),
     "phone": (
-        "phone",
-        "phones",
-        "phonenumber",
-        "phonenumbers",
-        "mobile",
-        "mobilenumber",
-        "mobilephone",
-        "telephone",
-        "tel",
-        "ph",
+        ("phone",),
+        ("phones",),
+        ("phone", "number"),
+        ("phone", "numbers"),
+        ("phonenumber",),
+        ("mobile", "number"),
+        ("mobile", "phone"),
+        ("cell", "phone"),
+        ("telephone",),
     ),
-    "first_name": ("firstname", "givenname", "fn"),
-    "last_name": ("lastname", "surname", "familyname", "ln"),
-    "full_name": ("fullname", "customername"),
-    "date_of_birth": ("dateofbirth", "dob", "birthday", "birthdate", "db"),
-    "street": ("street", "streetaddress", "address1", "addressline1", "addressline"),
+    "first_name": (("first", "name"), ("firstname",), ("given", "name"), ("givenname",)),
+    "last_name": (
+        ("last", "name"),
+        ("lastname",),
+        ("family", "name"),
+        ("familyname",),
+        ("surname",),
+    ),
+    "full_name": (("full", "name"), ("fullname",), ("customer", "name")),
+    "date_of_birth": (
+        ("date", "of", "birth"),
+        ("dateofbirth",),
+        ("birth", "date"),
+        ("birthdate",),
+        ("birthday",),
+        ("dob",),
+    ),
+    "street": (
+        ("street",),
+        ("street", "address"),
+        ("address", "line"),
+        ("address", "line", "1"),
+        ("address", "1"),
+        ("address1",),
+        ("addressline1",),
+    ),
 }
-_KIND_OF = {name: kind for kind, names in _KINDS.items() for name in names}
+_KIND_BY_ENDING = {ending: kind for kind, endings in _ENDINGS.items() for ending in endings}
+# Whole names only: as the end of a longer name they would mean something else (``item_em``).
+_SHORT_NAMES = {"em": "email", "mail": "email", "ph": "phone", "tel": "phone"}
+_SHORT_NAMES |= {"fn": "first_name", "ln": "last_name", "db": "date_of_birth"}
 DESCRIPTIONS = {
     "email": "an e-mail address",
     "phone": "a phone number",
@@ -66,9 +91,16 @@ DESCRIPTIONS = {
     "date_of_birth": "a date of birth",
     "street": "a street address",
 }
-_SQUASH = re.compile(r"[\s_.\-]+")
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _DIGEST = re.compile(r"[0-9a-fA-F]{64}")
-_EMAIL = re.compile(r"[A-Za-z0-9._%+\-']+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
+_EMAIL = re.compile(r"[A-Za-z0-9._%+\-']+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.([A-Za-z]{2,})")
+# Endings of file names, which an image's name can make look like an address (``hero@2x.jpg``);
+# none of them is a top-level domain.
+_FILE_ENDINGS = frozenset(
+    {"jpg", "jpeg", "png", "gif", "webp", "svg", "avif", "bmp", "ico", "tif", "tiff", "heic"}
+    | {"pdf", "js", "css", "html", "htm", "json", "xml", "txt", "csv", "mp3", "mp4", "wav"}
+)
+_LARGE = 1_000_000  # a number below it (a flag, a count) holds no phone number or birth date
 
 
 _NOT_SEEN = object()
@@ -78,14 +110,27 @@ _FIELD_KIND: dict[str, object] = {}  # a dotted field of check() -> the kind its
 
 def kind_of(key: str) -> str | None:
     """The kind of personal data a field named ``key`` holds (``"email"``, ``"phone"``, ...),
-    judged by its name alone; None for any other name."""
+    judged by its name alone (see _ENDINGS); None for any other name."""
     kind = _KIND_CACHE.get(key, _NOT_SEEN)
     if kind is _NOT_SEEN:
-        kind = _KIND_OF.get(_SQUASH.sub("", key.lower()))
+        words = tuple(w.lower() for w in _WORDS.findall(key))
+        kind = _SHORT_NAMES.get(words[0]) if len(words) == 1 else None
+        for n in (3, 2, 1):
+            if kind is None and len(words) >= n:
+                kind = _KIND_BY_ENDING.get(words[-n:])
         if len(_KIND_CACHE) >= 4096:  # names can come from events: keep the cache bounded
             _KIND_CACHE.clear()
         _KIND_CACHE[key] = kind
     return kind  # type: ignore[return-value]
+
+
+_DIGEST_WORDS = frozenset({"hash", "hashed", "sha", "sha256", "digest"})
+
+
+def names_a_digest(key: str) -> bool:
+    """Whether the name ``key`` says its value is hashed (``hashed_email``, ``email_sha256``):
+    its value is then checked (see :func:`check`), not the name."""
+    return not _DIGEST_WORDS.isdisjoint(w.lower() for w in _WORDS.findall(key))
 
 
 def _is_digest(value: Any) -> bool:
@@ -93,16 +138,23 @@ def _is_digest(value: Any) -> bool:
 
 
 def _digests_only(value: Any) -> bool:
-    """Whether ``value`` holds nothing but SHA-256 digests (one, a list of them, or nothing)."""
-    if value is None or value == "":
+    """Whether ``value``, under a name of personal data, holds none in clear text: SHA-256
+    digests (one, a list of them), nothing, a yes or no, or a number too small to be a phone
+    number or a date of birth."""
+    if value is None or value == "" or type(value) is bool:
         return True
+    if type(value) is int or type(value) is float:
+        return abs(value) < _LARGE
     if isinstance(value, list | tuple):
-        return all(v is None or v == "" or _is_digest(v) for v in value)
+        return all(_digests_only(v) for v in value if not isinstance(v, list | tuple))
     return _is_digest(value)
 
 
-def _is_email(text: str) -> bool:
-    return "@" in text and _EMAIL.fullmatch(text.strip()) is not None
+def is_email(text: str) -> bool:
+    """Whether ``text`` (trimmed) is an e-mail address, and not a file name such as
+    ``hero@2x.jpg``."""
+    match = _EMAIL.fullmatch(text.strip()) if "@" in text else None
+    return match is not None and match[1].lower() not in _FILE_ENDINGS
 
 
 def _clean(payload: Any) -> bool:
@@ -124,7 +176,7 @@ def _clean(payload: Any) -> bool:
                         return False
                 inner_kind = type(inner)
                 if inner_kind is str:
-                    if "@" in inner and _is_email(inner):
+                    if "@" in inner and is_email(inner):
                         return False
                 elif inner_kind is dict or inner_kind is list or isinstance(inner, tuple | Mapping):
                     stack.append(inner)
@@ -132,11 +184,11 @@ def _clean(payload: Any) -> bool:
             for inner in value:
                 inner_kind = type(inner)
                 if inner_kind is str:
-                    if "@" in inner and _is_email(inner):
+                    if "@" in inner and is_email(inner):
                         return False
                 elif inner_kind is dict or inner_kind is list or isinstance(inner, tuple | Mapping):
                     stack.append(inner)
-        elif isinstance(value, str) and _is_email(value):
+        elif isinstance(value, str) and is_email(value):
             return False
     return True
 
@@ -151,7 +203,7 @@ def find(payload: Any) -> tuple[str, str, bool] | None:
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
-            if _is_email(value):
+            if is_email(value):
                 return path, "email", False
         elif isinstance(value, Mapping):
             for key, inner in value.items():
@@ -186,7 +238,7 @@ def check(value: Any, field: str, platform: str, homes: Mapping[str, str]) -> No
         _refuse(field, str(kind), True, platform, homes)
     value_kind = type(value)
     if value_kind is str:
-        if "@" in value and _is_email(value):
+        if "@" in value and is_email(value):
             _refuse(field, "email", False, platform, homes)
     elif (
         value_kind is dict or value_kind is list or isinstance(value, tuple | Mapping)

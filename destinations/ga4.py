@@ -73,7 +73,14 @@ NAME_RULE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 GA_COOKIE = re.compile(r"GA\d\.\d+\.(\d+\.\d+)")
 SESSION_COOKIE = re.compile(r"GS\d\.\d+\.s?(\d+)")
 # Request fields and params passed on as mapped (checked for personal data in clear text).
-_PASSED_ON_REQUEST = ("user_id", "user_location", "device", "user_properties")
+_PASSED_ON_REQUEST = (
+    "client_id",
+    "ip_override",
+    "user_agent",
+    "user_location",
+    "device",
+    "user_properties",
+)
 _BUILT_PARAMS = frozenset({"session_id", "value", "currency", "transaction_id"})
 # Where GA4 takes each kind of personal data, hashed (see destinations.cleartext).
 PERSONAL_HOMES = {
@@ -233,8 +240,8 @@ class GA4(Destination):
             raise PayloadError(f"GA4: event name {ctx.event_name!r} is reserved")
 
         request: dict[str, Any] = {"client_id": _client_id(mapped.get("client_id"))}
-        if (user_id := mapped.get("user_id")) is not None:
-            request["user_id"] = _user_id(user_id)
+        if (user_id := mapped.get("user_id")) is not None and (user_id := _user_id(user_id)):
+            request["user_id"] = user_id
         request["timestamp_micros"] = int(ctx.event_time.timestamp() * 1_000_000)
         for key in ("ip_override", "user_agent"):
             if mapped.get(key):
@@ -442,8 +449,14 @@ def _client_id(value: Any) -> str:
     return text
 
 
-def _user_id(value: Any) -> str:
+def _user_id(value: Any) -> str | None:
+    """The user ID to send; None for an e-mail address, which Google Analytics must not receive
+    in clear text (personal data goes hashed, in user_data: platforms.md §2.5). Left out rather
+    than refused: a backend that names its users by address still gets its events counted,
+    under client_id."""
     text = values.text(value, "GA4: user_id")
+    if cleartext.is_email(text):
+        return None
     if len(text) > MAX_USER_ID:
         raise PayloadError(f"GA4: user_id must be at most {MAX_USER_ID} characters")
     return text

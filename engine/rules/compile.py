@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 
 from destinations import cleartext, registry
+from destinations.base import PayloadError
 from engine.consent import Requirement
 from engine.errors import PluginError, RulesError
 from engine.event import EVENT_SCHEMA
@@ -519,7 +520,7 @@ class _Compiler:
                 removals.append((target, where))
             elif isinstance(source, dict):
                 fields.append(Field(tuple(target.split(".")), constant(source["value"])))
-                self._check_cleartext(tag, dest, target, None, where)
+                self._check_cleartext_constant(tag, dest, target, source["value"], where)
             elif isinstance(source, str):
                 getter = self.expression(source, where, f"tag {tag} mapping {target}")
                 if getter is not None:
@@ -527,7 +528,7 @@ class _Compiler:
                     self._check_cleartext(tag, dest, target, path_of(getter), where)
             else:
                 fields.append(Field(tuple(target.split(".")), constant(source)))
-                self._check_cleartext(tag, dest, target, None, where)
+                self._check_cleartext_constant(tag, dest, target, source, where)
         reads = {f.target: path_of(f.get) for f in fields}
         for target, where in removals:
             parts = tuple(target.split("."))
@@ -576,7 +577,8 @@ class _Compiler:
             return
         sent = f"tag {tag} mapping {target}: would send"
         to = f"to {dest.name} ({dest.type}) in clear text"
-        kind = cleartext.kind_of(target.rsplit(".", 1)[-1])
+        name = target.rsplit(".", 1)[-1]
+        kind = None if cleartext.names_a_digest(name) else cleartext.kind_of(name)
         if kind is not None:
             what = cleartext.DESCRIPTIONS[kind]
         elif source is not None and source[:1] == ("user_data",):
@@ -601,6 +603,20 @@ class _Compiler:
             else f"it takes no {kind.replace('_', ' ')}: leave it out"
         )
         self.error(where, f"{sent} {what} {to}; {where_to}")
+
+    def _check_cleartext_constant(
+        self, tag: str, dest: DestinationInstance, target: str, value: Any, where: Position
+    ) -> None:
+        """A constant mapped for an adapter that hashes personal data: refused where the
+        adapter would refuse it (a phone number under ``custom_data.phone``, an e-mail address
+        anywhere), not for its target's name alone (``custom_data.mobile: false``)."""
+        adapter = dest.adapter
+        if not adapter.hashed_fields or target in adapter.hashed_fields:
+            return
+        try:
+            cleartext.check(value, target, f"{dest.name} ({dest.type})", adapter.personal_homes)
+        except PayloadError as exc:
+            self.error(where, f"tag {tag} mapping {exc}")
 
     def _check_canonical(
         self, tag: str, target: str, source: tuple[str, ...], where: Position

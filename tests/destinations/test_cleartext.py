@@ -34,7 +34,12 @@ def adapter(name: str) -> Any:
         ("customer_email", "email"),
         ("em", "email"),
         ("phoneNumber", "phone"),
-        ("mobile", "phone"),
+        ("mobileNumber", "phone"),
+        ("customer_phone", "phone"),
+        ("billing_first_name", "first_name"),
+        ("billingLastName", "last_name"),
+        ("shipping-street", "street"),
+        ("customer_dob", "date_of_birth"),
         ("ph", "phone"),
         ("first_name", "first_name"),
         ("givenName", "first_name"),
@@ -51,7 +56,24 @@ def test_field_names_of_personal_data_are_recognized(name: str, kind: str) -> No
 
 @pytest.mark.parametrize(
     "name",
-    ["city", "state", "region", "postal_code", "country", "value", "email_hash", "sha256_em"],
+    [
+        "city",
+        "state",
+        "region",
+        "postal_code",
+        "country",
+        "value",
+        "email_hash",
+        "sha256_em",
+        "mobile",  # a device flag, as often as not
+        "is_mobile",
+        "phone_verified",
+        "email_opt_in",
+        "item_em",
+        "voicemail",
+        "content_name",
+        "ip_address",
+    ],
 )
 def test_places_and_other_fields_are_not_personal_data_by_name(name: str) -> None:
     assert cleartext.kind_of(name) is None
@@ -68,6 +90,9 @@ def test_places_and_other_fields_are_not_personal_data_by_name(name: str) -> Non
         ({"em": DIGEST.upper(), "ph": [DIGEST, None, ""]}, None),
         ({"email": None, "first_name": ""}, None),
         ({"url": "https://shop.example/?e=a@example.com", "city": "Berlin"}, None),
+        ({"creative_name": "hero@2x.jpg", "banner": "promo@3x.webp"}, None),  # file names
+        ({"phone": True, "email": False, "tel": 1, "dob": 0}, None),  # flags and small numbers
+        ({"dob": 19901210}, ("dob", "date_of_birth", True)),
     ],
 )
 def test_find_names_the_first_clear_text_personal_data(
@@ -110,7 +135,7 @@ LEAKS = [
     ("tiktok", "phone_number", "+4915112345678", "phone_number", "user.phone"),
     ("ga4", "params.email", "a@example.com", "params.email", "sha256_email_address"),
     ("ga4", "params.first_name", "Ada", "params.first_name", "sha256_first_name"),
-    ("ga4", "user_id", "a@example.com", "user_id", "sha256_email_address"),
+    ("ga4", "client_id", "a@example.com", "client_id", "sha256_email_address"),
     (
         "ga4",
         "params.items",
@@ -141,6 +166,54 @@ def test_personal_data_passed_on_in_clear_text_is_refused(
     assert message.startswith(f"{field} would send"), message
     assert home in message
     assert "a@example.com" not in message and "4915112345678" not in message  # never echoed
+
+
+# Fields the adapters send as they are (identifiers such as cookies), filled by a mapping that
+# falls back to an address (``context.fbp || user_data.email``).
+CLEAR_IDENTIFIERS = [
+    ("meta_capi", "user_data.fbp", "user_data.em"),
+    ("meta_capi", "user_data.client_user_agent", "user_data.em"),
+    ("tiktok", "user.ttp", "user.email"),
+    ("ga4", "user_agent", "user_data.sha256_email_address"),
+]
+
+
+@pytest.mark.parametrize(("name", "target", "home"), CLEAR_IDENTIFIERS)
+def test_an_address_in_a_clear_text_identifier_is_refused(
+    name: str, target: str, home: str
+) -> None:
+    mapped = mapped_event(name)
+    put(mapped, target, "Ada@Example.com")
+    with pytest.raises(PayloadError, match=f"^{target} would send an e-mail address") as caught:
+        adapter(name).build_payload(mapped, context())
+    assert home in str(caught.value)
+
+
+def test_fields_of_a_whole_object_named_like_personal_data_are_refused() -> None:
+    """``custom_data: properties`` passes on what the shop put there, under any name."""
+    mapped = mapped_event("meta_capi")
+    put(mapped, "custom_data.billing_first_name", "Ada")
+    with pytest.raises(PayloadError, match=r"^custom_data\.billing_first_name would send"):
+        adapter("meta_capi").build_payload(mapped, context())
+
+
+def test_ga4_leaves_out_a_user_id_that_is_an_email_address_and_sends_the_event() -> None:
+    mapped = mapped_event("ga4")
+    mapped["user_id"] = "Ada@Example.com"
+    payload = adapter("ga4").build_payload(mapped, context())
+    assert "user_id" not in payload["request"]
+    assert "Ada@Example.com" not in repr(payload)
+    mapped["user_id"] = "cust_42"
+    assert adapter("ga4").build_payload(mapped, context())["request"]["user_id"] == "cust_42"
+
+
+def test_flags_and_file_names_under_such_names_are_passed_on() -> None:
+    mapped = mapped_event("meta_capi")
+    put(mapped, "custom_data.mobile", True)
+    put(mapped, "custom_data.phone", False)
+    put(mapped, "custom_data.banner", "hero@2x.jpg")
+    payload = adapter("meta_capi").build_payload(mapped, context())
+    assert payload["custom_data"]["banner"] == "hero@2x.jpg"
 
 
 def test_meta_refuses_the_whole_user_data_of_the_event() -> None:
@@ -183,7 +256,8 @@ def test_each_adapters_hashed_fields_are_the_fields_it_hashes() -> None:
                 continue  # addressInfo is for ENHANCEMENT adjustments only (checked below)
             put(mapped, target, "Ada@Example.com")
             payload = adapter(name).build_payload(mapped, context())
-            assert "Ada@Example.com" not in repr(payload), (name, target)
+            sent = _at(payload, target, name)
+            assert sent is None or _all_digests(sent), (name, target, sent)
 
 
 def test_google_ads_hashes_the_address_fields_it_names() -> None:
@@ -194,3 +268,22 @@ def test_google_ads_hashes_the_address_fields_it_names() -> None:
     put(mapped, "userIdentifiers.addressInfo.countryCode", "DE")
     payload = adapter("google_ads").build_payload(mapped, context("ENHANCEMENT"))
     assert "Ada" not in repr(payload) and "Lovelace" not in repr(payload)
+
+
+def _at(payload: dict[str, Any], target: str, name: str) -> Any:
+    """The value a payload sends for a mapping target (None if it sends none)."""
+    node: Any = payload["request"] if name == "ga4" else payload
+    if name == "google_ads":
+        node = payload["row"]
+    for key in target.split("."):
+        if isinstance(node, list):  # Google Ads: one identifier per entry
+            node = next((n for n in node if isinstance(n, dict) and key in n), None)
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _all_digests(value: Any) -> bool:
+    items = value if isinstance(value, list) else [value]
+    return all(isinstance(v, str) and len(v) == 64 and int(v, 16) >= 0 for v in items)
