@@ -20,8 +20,8 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from engine.api import error_response, parse_json_body
 from engine.config import PublishableKey, Settings
-from engine.consent import readable_ip
 from engine.errors import BadRequest, Forbidden, PayloadTooLarge, RequestError, Unauthorized
+from engine.event import readable_ip
 from engine.identity import capture_click_ids
 from engine.pipeline import Pipeline
 from engine.ratelimit import RateLimiter

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-from engine.event import CONSENT_PURPOSES
+from engine.event import _DOTTED_QUAD, CONSENT_PURPOSES
 
 CLICK_ID_FIELDS = (
     "gclid",
@@ -124,10 +123,6 @@ TRACKING_PARAMS: frozenset[str] = frozenset(
     }
     | {p.lower() for p in CLICK_ID_FIELDS}
 )
-
-
-_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_DOTTED_QUAD = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
 
 
 class Verdict(enum.Enum):
@@ -271,40 +266,6 @@ def decide(
 def all_purposes_known(purposes: frozenset[str]) -> list[str]:
     """Purposes not among Consent Mode v2's four (for ``tagrelay check``)."""
     return sorted(purposes - set(CONSENT_PURPOSES))
-
-
-def readable_ip(ip: str) -> str | None:
-    """The client IP address ``ip`` names, written as ``ipaddress`` writes it; None if none.
-
-    What backends send as ``context.ip`` is not always one address, and platforms treat an
-    unreadable one differently (Meta drops it, GA4 and TikTok take it, and TikTok may refuse
-    the request it is in). So, before the event is stored:
-
-    - an IPv4-mapped IPv6 address is the IPv4 address it is: a server listening on ``[::]``
-      sees every IPv4 client as ``::ffff:203.0.113.7``, which is kept, truncated and forwarded
-      as ``203.0.113.7``;
-    - a list, as a backend that copied ``X-Forwarded-For`` sends it (``203.0.113.7,
-      10.0.0.1``), gives its first readable address: by that header's convention, the client;
-    - a port is left out (``203.0.113.7:51234``, ``[2001:db8::1]:443``);
-    - anything else (``unknown``, a host name) is no address.
-    """
-    text = ip.strip()
-    if _DOTTED_QUAD.fullmatch(text):
-        return text  # already as ipaddress would write it: most addresses, without a parse
-    for entry in text.split(","):
-        candidate = entry.strip()
-        if candidate.startswith("[") and "]" in candidate:
-            candidate = candidate[1 : candidate.index("]")]
-        elif candidate.count(":") == 1:
-            candidate = candidate.partition(":")[0]
-        try:
-            address = ipaddress.ip_address(candidate)
-        except ValueError:
-            continue
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(address)
-    return None
 
 
 # 6to4 (RFC 3056): the client's IPv4 address is bits 16-48, so a /48 would keep all of it.

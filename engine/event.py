@@ -4,11 +4,14 @@ What clients send is described in the brief; this module turns one decoded JSON 
 normalized event dict or raises :class:`~engine.errors.BadRequest` with a message that names the
 field. Normalization: ``event_type`` becomes ``event_name``; ``timestamp`` (ISO 8601 or Unix
 seconds) becomes ISO 8601 UTC with a ``Z``; a missing ``event_id`` is generated; consent values
-become ``"granted"`` / ``"denied"``.
+become ``"granted"`` / ``"denied"``; ``context.ip`` is read as the address it names, or left
+out (:func:`readable_ip`).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -214,6 +217,44 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
+def readable_ip(ip: str) -> str | None:
+    """The client IP address ``ip`` names, written as ``ipaddress`` writes it; None if none.
+
+    What backends send as ``context.ip`` is not always one address, and platforms treat an
+    unreadable one differently (Meta drops it, GA4 and TikTok take it, and TikTok may refuse
+    the request it is in). So, before the event is stored:
+
+    - an IPv4-mapped IPv6 address is the IPv4 address it is: a server listening on ``[::]``
+      sees every IPv4 client as ``::ffff:203.0.113.7``, which is kept, truncated and forwarded
+      as ``203.0.113.7``;
+    - a list, as a backend that copied ``X-Forwarded-For`` sends it (``203.0.113.7,
+      10.0.0.1``), gives its first readable address: by that header's convention, the client;
+    - a port is left out (``203.0.113.7:51234``, ``[2001:db8::1]:443``);
+    - anything else (``unknown``, a host name) is no address.
+    """
+    text = ip.strip()
+    if _DOTTED_QUAD.fullmatch(text):
+        return text  # already as ipaddress would write it: most addresses, without a parse
+    for entry in text.split(","):
+        candidate = entry.strip()
+        if candidate.startswith("[") and "]" in candidate:
+            candidate = candidate[1 : candidate.index("]")]
+        elif candidate.count(":") == 1:
+            candidate = candidate.partition(":")[0]
+        try:
+            address = ipaddress.ip_address(candidate)
+        except ValueError:
+            continue
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(address)
+    return None
+
+
 def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
     """Validate one event and return its normalized form.
 
@@ -246,6 +287,15 @@ def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
         event["event_id"] = str(event_id)
     when = parse_timestamp(event["timestamp"], now) if "timestamp" in event else now
     event["timestamp"] = format_time(when)
+    context = event.get("context")
+    if context and (ip := context.get("ip")) is not None:  # text, by the schema
+        readable = readable_ip(ip)
+        if readable != ip:  # read before anything uses it (enrichment, the IP policy, tags)
+            context = event["context"] = dict(context)  # the client's object stays as sent
+            if readable is None:
+                del context["ip"]
+            else:
+                context["ip"] = readable
     consent = event.get("consent")
     if consent:
         event["consent"] = {

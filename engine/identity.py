@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from engine.consent import readable_ip, truncate_ip
+from engine.consent import truncate_ip
+from engine.event import readable_ip
 
 # Query parameter -> context field. ScCid (Snapchat) keeps its documented spelling in URLs.
 CLICK_PARAMS: Mapping[str, str] = {

@@ -16,11 +16,10 @@ from engine.consent import (
     Verdict,
     decide,
     granted_purposes,
-    readable_ip,
     strip_identifiers,
     truncate_ip,
 )
-from engine.event import normalize
+from engine.event import normalize, readable_ip
 from engine.rules import compile_container
 
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)

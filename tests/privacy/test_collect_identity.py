@@ -319,6 +319,35 @@ def test_enriched_names_no_ip_that_the_ip_policy_then_dropped(
     assert "context.ip" not in event["enriched"] and "context.gclid" in event["enriched"]
 
 
+def test_an_unreadable_ip_gives_way_to_the_remembered_one(app: Flask, client: FlaskClient) -> None:
+    """The event's IP is read before enrichment: text that is no address counts as none, so
+    the visitor's remembered IP is used (it used to block it, and was then dropped)."""
+    visitor = remembered_visitor(client)
+    remembered = stored_visitor_ip(app, visitor)
+
+    track(
+        client,
+        {
+            "event_name": "sale",
+            "event_id": "e3",
+            "visitor_id": visitor,
+            "consent": ALL_GRANTED,
+            "context": {"ip": "unknown"},
+        },
+    )
+
+    event = stored(app, "e3")
+    assert event["context"]["ip"] == remembered
+    assert "context.ip" in event["enriched"]
+
+
+def stored_visitor_ip(app: Flask, visitor: str) -> str:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    found = pipeline.store.recall(visitor, None, datetime.now(UTC).timestamp(), {}, 86400.0)
+    assert found is not None and found.ip
+    return str(found.ip)
+
+
 def test_click_ids_older_than_their_window_are_not_used(app: Flask) -> None:
     pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
     long_ago = datetime.now(UTC) - timedelta(days=31)
