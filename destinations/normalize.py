@@ -44,8 +44,10 @@ Normalizer = Callable[[str], str | None]
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _GOOGLE_MAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
-_NON_DIGITS = re.compile(r"\D")
 _ZIP_PLUS_4 = re.compile(r"\d{5}-\d{4}")
+# A US ZIP inside other text (``CA 94035``, ``94035 USA``): five digits, or ZIP+4, not part of
+# a longer run of digits.
+_ZIP_IN_TEXT = re.compile(r"(?<!\d)\d{5}(?:-?\d{4})?(?!\d)")
 # What lets a query key differ from its text in the URL: a percent-escape, or a tab or newline
 # (which ``urlsplit`` removes).
 _KEY_DISGUISE = re.compile(r"[%\t\r\n]")
@@ -314,19 +316,23 @@ def state(value: str, platform: Platform, country: str | None = None) -> str | N
 def postal_code(value: str, platform: Platform, country: str | None = None) -> str | None:
     """A postal code: US ZIPs keep their first 5 digits; others lose spaces and dashes.
 
-    A code is treated as a US ZIP when ``country`` is the United States and the code has no
-    letters (no ZIP has; ``country`` is often a shop's default, and a Canadian ``K1A 0B1`` cut
-    to its digits would be ``101``), or when no country is given and it looks like ZIP+4
-    (``94035-1234``). Meta and TikTok get lowercase alphanumerics (``M1 1AE`` -> ``m11ae``,
-    ``00-950`` -> ``00950``); Google, which receives the code in clear text, gets it trimmed
-    with single spaces.
+    When ``country`` is the United States and the text holds exactly one ZIP-shaped run (five
+    digits, or ZIP+4: ``94035-1234``, ``940351234``) not inside a longer run of digits, the
+    code is that ZIP's first five digits, whatever else the text says (``CA 94035``,
+    ``ZIP 94035``, ``94035 USA``). Otherwise it is read as any other code: ``country`` is often
+    a shop's default, and a Canadian ``K1A 0B1`` cut to its digits would be ``101``. With no
+    country, only a whole ZIP+4 (``94035-1234``) is read as a US ZIP. Meta and TikTok get
+    lowercase alphanumerics (``M1 1AE`` -> ``m11ae``, ``00-950`` -> ``00950``); Google, which
+    receives the code in clear text, gets it trimmed with single spaces.
     """
     text = value.strip()
     resolved = _country_code(country) if country else None
-    us_zip = resolved == "US" and not any(ch.isalpha() for ch in text)
-    if us_zip or (resolved is None and _ZIP_PLUS_4.fullmatch(text)):
-        digits = _NON_DIGITS.sub("", text)
-        return digits[:5] or None
+    if resolved == "US":
+        runs = [match.group() for match in _ZIP_IN_TEXT.finditer(text)]
+        if len(runs) == 1:
+            return runs[0][:5]
+    elif resolved is None and _ZIP_PLUS_4.fullmatch(text):
+        return text[:5]
     if platform == "google":
         return " ".join(text.split()) or None
     return _alnum(text) or None

@@ -25,12 +25,14 @@ from destinations.values import check_json
 
 SIGNATURE_HEADER = "X-Tagrelay-Signature"
 
-DEFAULT_MAX_BODY_BYTES = 1_000_000
-"""The default ``max_body_bytes``. Receivers sit behind body-size limits that answer 413: nginx,
-in front of most of them, takes at most ``client_max_body_size``, 1 MiB (1,048,576 bytes) unless
-configured otherwise; 1,000,000 stays under it, and under limits written as a decimal "1 MB".
-A receiver with a smaller limit (Express's ``express.json()`` takes 100 kB by default) needs
-``max_body_bytes`` set to it."""
+DEFAULT_BATCH_BODY_BYTES = 1_000_000
+"""How long a ``batch: true`` body may grow without ``max_body_bytes``. Receivers sit behind
+body-size limits that answer 413: nginx, in front of most of them, takes at most
+``client_max_body_size``, 1 MiB (1,048,576 bytes) unless configured otherwise; 1,000,000 stays
+under it, and under limits written as a decimal "1 MB". This is where batches are cut, not a
+limit on events: the receiver's real limit is not known, so an event whose body alone is longer
+goes alone, as it would without ``batch``. A receiver with a known limit (Express's
+``express.json()`` takes 100 kB by default) needs ``max_body_bytes`` set to it."""
 MIN_MAX_BODY_BYTES = 1024
 _BATCH_FRAME = len(b'{"events":[]}')  # the body of ``batch: true`` around its payloads
 
@@ -58,16 +60,20 @@ class Webhook(Destination):
 
     Body: the payload object for one event; with ``batch: true``, ``{"events": [...]}`` with up
     to ``max_batch`` payloads, packed in order so that no body is longer than
-    ``max_body_bytes`` (:meth:`split`). The default mapping is the canonical event itself, with
-    the tag's ``event_name``. With ``secret`` set, every request carries
-    ``X-Tagrelay-Signature`` (see :func:`sign`). Any 2xx is success; 408, 429 and 5xx are
-    retried; 401/403 are auth failures; any other status (a 413 included) is permanent.
+    ``max_body_bytes``, or :data:`DEFAULT_BATCH_BODY_BYTES` without it (:meth:`split`). The
+    default mapping is the canonical event itself, with the tag's ``event_name``. With
+    ``secret`` set, every request carries ``X-Tagrelay-Signature`` (see :func:`sign`). Any 2xx
+    is success; 408, 429 and 5xx are retried; 401/403 are auth failures; any other status (a
+    413 included) is permanent.
 
-    An event whose body, sent alone, would be longer than ``max_body_bytes`` is refused when
-    its payload is built (:class:`PayloadError`: the tag does not fire, and the decision says
-    why), never queued to be refused by the receiver. Without the packing, one batch of 500
-    events over a proxy's limit was a 413, and every event of it a dead letter (replayed, the
-    same again).
+    ``max_body_bytes`` is the receiver's limit, and holds for every request, batched or not: an
+    event whose body, sent alone, would be longer is refused when its payload is built
+    (:class:`PayloadError`: the tag does not fire, and the decision says why), never queued to
+    be refused by the receiver. Without the setting no event is refused for its size (a single
+    event goes as intake took it; a batched one too large for the default packing goes alone),
+    since a default that refuses would refuse events the receiver may well take. Without the
+    packing, one batch of 500 events over a proxy's limit was a 413, and every event of it a
+    dead letter (replayed, the same again).
     """
 
     name = "webhook"
@@ -85,8 +91,11 @@ class Webhook(Destination):
             "max_body_bytes": {
                 "type": "integer",
                 "minimum": MIN_MAX_BODY_BYTES,
-                "default": DEFAULT_MAX_BODY_BYTES,
-                "description": "the longest request body the receiver takes, in bytes (UTF-8)",
+                "description": (
+                    "the longest request body the receiver takes, in bytes (UTF-8), for every"
+                    " request; an event whose body alone is longer is refused. Unset: batches"
+                    " are cut at 1,000,000 bytes and no event is refused for its size"
+                ),
             },
         },
     }
@@ -111,7 +120,7 @@ class Webhook(Destination):
         Raises:
             PayloadError: a value JSON cannot carry (NaN, an infinity), naming its field; text
                 UTF-8 cannot carry (a lone surrogate); or a body, for this event alone, longer
-                than ``max_body_bytes``.
+                than ``max_body_bytes`` (when it is set).
         """
         check_json(mapped, "")
         payload = super().build_payload(mapped, ctx)
@@ -119,7 +128,7 @@ class Webhook(Destination):
             size = self._alone(json_size(payload))
         except ValueError:
             raise PayloadError("webhook: the event holds text UTF-8 cannot carry") from None
-        if size > (limit := self.max_body_bytes):
+        if (limit := self.max_body_bytes) is not None and size > limit:
             raise PayloadError(
                 f"webhook: the request body must be at most max_body_bytes ({limit} B); "
                 f"this event alone makes {size} B"
@@ -127,9 +136,10 @@ class Webhook(Destination):
         return payload
 
     @property
-    def max_body_bytes(self) -> int:
-        """The ``max_body_bytes`` setting: the longest body a request may have."""
-        return int(self.settings.get("max_body_bytes") or DEFAULT_MAX_BODY_BYTES)
+    def max_body_bytes(self) -> int | None:
+        """The ``max_body_bytes`` setting, the longest body the receiver takes; None if unset."""
+        value = self.settings.get("max_body_bytes")
+        return int(value) if value else None
 
     def _alone(self, payload_size: int) -> int:
         """The body size of a request that sends one payload of ``payload_size`` bytes."""
@@ -141,17 +151,19 @@ class Webhook(Destination):
 
     def split(self, items: Sequence[Item]) -> list[list[Item]]:
         """With ``batch: true``, the items packed in order into requests of at most
-        ``max_batch`` events whose body is at most ``max_body_bytes`` long.
+        ``max_batch`` events whose body is at most ``max_body_bytes`` long
+        (:data:`DEFAULT_BATCH_BODY_BYTES` without the setting).
 
         Greedy: each event joins the current request when it still fits, else starts the next.
         The size counted is the body :meth:`build_request` sends, byte for byte (UTF-8), from
         each payload encoded once. An event that fits only alone goes alone
-        (:meth:`build_payload` refuses one that does not fit even so; one queued before the
-        limit was lowered goes alone, and :meth:`build_request` refuses it).
+        (with ``max_body_bytes`` set, :meth:`build_payload` refuses one that does not fit even
+        so; one queued before the limit was lowered goes alone, and :meth:`build_request`
+        refuses it).
         """
         if not self.settings.get("batch"):
             return super().split(items)
-        limit = self.max_body_bytes
+        limit = self.max_body_bytes or DEFAULT_BATCH_BODY_BYTES
         requests: list[list[Item]] = []
         size = 0
         for item in items:
@@ -175,7 +187,7 @@ class Webhook(Destination):
 
         Raises:
             PayloadError: the body is longer than ``max_body_bytes`` (an event queued before
-                the limit was lowered): the receiver would refuse it, so it is not sent.
+                the limit was set or lowered): the receiver would refuse it, so it is not sent.
         """
         body_obj: Any = (
             {"events": [dict(i.payload) for i in items]}
@@ -183,7 +195,7 @@ class Webhook(Destination):
             else dict(items[0].payload)
         )
         body = JSON_BODY.encode(body_obj).encode()
-        if len(body) > (limit := self.max_body_bytes):
+        if (limit := self.max_body_bytes) is not None and len(body) > limit:
             raise PayloadError(
                 f"webhook: the request body must be at most max_body_bytes ({limit} B); "
                 f"this one is {len(body)} B"

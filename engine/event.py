@@ -232,27 +232,27 @@ def readable_ip(ip: str) -> str | None:
       sees every IPv4 client as ``::ffff:203.0.113.7``, which is kept, truncated and forwarded
       as ``203.0.113.7``;
     - a list, as a backend that copied ``X-Forwarded-For`` sends it (``203.0.113.7,
-      10.0.0.1``), gives its first readable address: by that header's convention, the client;
+      10.0.0.1``), gives its first entry: by that header's convention the client, the later
+      ones being the proxies it passed. If that entry is no address (``unknown, 10.0.0.1``),
+      there is none: a later one is a proxy's, never the client's;
     - a port is left out (``203.0.113.7:51234``, ``[2001:db8::1]:443``);
     - anything else (``unknown``, a host name) is no address.
     """
     text = ip.strip()
     if _DOTTED_QUAD.fullmatch(text):
         return text  # already as ipaddress would write it: most addresses, without a parse
-    for entry in text.split(","):
-        candidate = entry.strip()
-        if candidate.startswith("[") and "]" in candidate:
-            candidate = candidate[1 : candidate.index("]")]
-        elif candidate.count(":") == 1:
-            candidate = candidate.partition(":")[0]
-        try:
-            address = ipaddress.ip_address(candidate)
-        except ValueError:
-            continue
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(address)
-    return None
+    candidate = text.partition(",")[0].strip()
+    if candidate.startswith("[") and "]" in candidate:
+        candidate = candidate[1 : candidate.index("]")]
+    elif candidate.count(":") == 1:
+        candidate = candidate.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(candidate)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:

@@ -71,7 +71,8 @@ def apply_ip_policy(event: dict[str, Any], mode: str, granted: frozenset[str]) -
     is, and drops it otherwise. The address is read first (:func:`~engine.consent.readable_ip`):
     an IPv4-mapped IPv6 address (``::ffff:203.0.113.7``, as a backend on a dual-stack listener
     reads its client) is kept as the IPv4 address it is, a copied ``X-Forwarded-For`` list as
-    its first address, and text that is no address is dropped.
+    its first entry (the client; none if that is no address), and text that is no address is
+    dropped.
     """
     context = event.get("context")
     if not isinstance(context, dict) or not context.get("ip"):

@@ -4,9 +4,10 @@ and rate counters.
 Runs in a background thread of every server or worker process, once an hour (the first run a
 minute after start); expired dedup keys are dropped every six hours (KEY_INTERVAL). Running it
 in several processes at once is harmless: each purge is a series of short transactions of
-idempotent deletes, so intake is never held up for long. A run that fails (the store is
-unavailable, or anything else goes wrong) is logged and the thread carries on: the next run
-tries again.
+idempotent deletes, so intake is never held up for long. Each step (expired keys, rate
+counters, retention) runs whether or not the others failed; a step or run that fails (the
+store is unavailable, or anything else goes wrong) is logged and the thread carries on: the
+next run tries again.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
-from engine.errors import StoreError
+from engine.errors import StoreError, TagrelayError
 from engine.ratelimit import COUNTER_TTL
 from engine.store.base import Store
 
@@ -34,17 +36,67 @@ a million keys), for a table at most six hours of keys larger. An expired key ne
 a duplicate, whenever it is dropped."""
 
 
+class PurgeIncomplete(TagrelayError):
+    """Some housekeeping steps failed; the others ran. Retrying (the next run) is safe.
+
+    Attributes:
+        removed: what the steps that ran removed, as :func:`run_once` returns it.
+        failed: each failed step's name and its error's type (never its message, which can
+            quote stored data).
+    """
+
+    def __init__(self, removed: dict[str, int], failed: dict[str, str]) -> None:
+        steps = ", ".join(f"{step} ({error_type})" for step, error_type in failed.items())
+        super().__init__(f"housekeeping steps failed: {steps}")
+        self.removed = removed
+        self.failed = failed
+
+
 def run_once(
     store: Store, retention_days: int, now: float | None = None, keys: bool = True
 ) -> dict[str, int]:
     """Purge what is past retention, rate counters past use (whatever the retention: their
     keys are made from client IPs) and, with ``keys``, dedup keys past their window; returns
-    what was removed."""
+    what was removed.
+
+    Each step runs whatever became of the others: a failure in one (dropping expired keys,
+    say) must not keep personal data past retention. A failed step is logged with its error's
+    type only (a message can quote stored data).
+
+    Raises:
+        PurgeIncomplete: a step failed, after every step was tried.
+    """
     now = time.time() if now is None else now
-    removed = {"dedup_keys": store.purge_expired(now)} if keys else {}
-    removed["rate_counters"] = store.purge_rate_counters(now - COUNTER_TTL)
+    steps: list[tuple[str, Callable[[], dict[str, int]]]] = []
+    if keys:
+        steps.append(("dedup_keys", lambda: {"dedup_keys": store.purge_expired(now)}))
+    steps.append(
+        (
+            "rate_counters",
+            lambda: {"rate_counters": store.purge_rate_counters(now - COUNTER_TTL)},
+        )
+    )
     if retention_days > 0:
-        removed.update(store.purge(now - retention_days * DAY, now))
+        steps.append(("retention", lambda: store.purge(now - retention_days * DAY, now)))
+    removed: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    for step, run in steps:
+        try:
+            removed.update(run())
+        except StoreError as exc:
+            failed[step] = type(exc).__name__
+            log.warning(
+                "housekeeping step skipped: store unavailable",
+                extra={"step": step, "error_type": type(exc).__name__},
+            )
+        except Exception as exc:  # noqa: BLE001 - the other steps must run whatever this was
+            failed[step] = type(exc).__name__
+            log.error(
+                "housekeeping step failed; retried at the next run",
+                extra={"step": step, "error_type": type(exc).__name__},
+            )
+    if failed:
+        raise PurgeIncomplete(removed, failed)
     return removed
 
 
@@ -81,14 +133,17 @@ class Maintenance:
         keys_due = 0.0  # time.monotonic() when expired dedup keys are next dropped
         while not self._stop.wait(wait):
             wait = self.interval
+            keys = time.monotonic() >= keys_due
             try:
-                keys = time.monotonic() >= keys_due
                 removed = run_once(self.store, self.retention_days, keys=keys)
-                if keys:
+            except PurgeIncomplete as exc:
+                # Each failed step is logged by run_once; the next run tries it again.
+                if keys and "dedup_keys" not in exc.failed:
                     keys_due = time.monotonic() + self.key_interval
-                log.info("retention purge done", extra={"removed": removed})
-            except StoreError:
-                log.warning("retention purge skipped: store unavailable")
+                log.info(
+                    "retention purge done in part",
+                    extra={"removed": exc.removed, "failed": sorted(exc.failed)},
+                )
             except Exception as exc:  # noqa: BLE001 - the thread must outlive any one run
                 # Uncaught, it ended the thread for good, unlogged (Python's default hook
                 # printed the traceback, message included, to stderr): nothing was purged
@@ -98,3 +153,7 @@ class Maintenance:
                     "retention purge failed; retried at the next run",
                     extra={"error_type": type(exc).__name__},
                 )
+            else:
+                if keys:
+                    keys_due = time.monotonic() + self.key_interval
+                log.info("retention purge done", extra={"removed": removed})

@@ -8,15 +8,18 @@ destination), so a container works with no platform account.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import logging
 import os
+import socket
 import threading
-import time
+from typing import Any
 
 import requests
 import requests.adapters
+import urllib3
+import urllib3.connection
 
 from destinations.base import HttpRequest, HttpResponse
 
@@ -33,37 +36,139 @@ class TransportError(Exception):
     """
 
 
-def _read_body(response: requests.Response, deadline: float, timeout: float) -> bytes:
-    """The body of ``response``, read by ``deadline`` (``time.monotonic()``) or not at all.
+class _Deadline:
+    """The moment by which a request's whole answer must be in, and the connection it is on.
 
-    A watchdog shuts the socket's reading side at the deadline, which ends a read blocked on it.
-
-    Raises:
-        TransportError: the deadline passed first.
-        requests.RequestException: the body could not be read.
+    Armed before the request is sent, so it covers connecting, sending, the status line and
+    headers, and the body. At the deadline a timer shuts the connection's socket down in both
+    directions, which ends whatever read or write the sending thread is blocked in; a connection
+    still being opened then is cut as soon as it is open. The sending thread's connection finds
+    its deadline through :data:`_current` (requests sends on the calling thread).
     """
-    cut = threading.Event()
 
-    def shut() -> None:
-        cut.set()
-        with contextlib.suppress(Exception):  # already released or closed: nothing to cut
-            response.raw.shutdown()
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._conn: _DeadlineConnection | None = None
+        self._done = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
 
-    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), shut)
-    watchdog.daemon = True
-    watchdog.start()
+    def __enter__(self) -> _Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        _current.deadline = None
+        with _cut_lock:
+            self._done = True
+            if self.expired and self._conn is None:
+                # The request went on a connection of another kind (a SOCKS proxy's, say),
+                # which nothing could cut: say so rather than let the deadline mean nothing.
+                log.error("response deadline passed with no connection to cut")
+
+    def attach(self, conn: _DeadlineConnection) -> None:
+        """Make ``conn`` the connection this deadline cuts (it is connecting or sending)."""
+        with _cut_lock:
+            conn.deadline = self
+            self._conn = conn
+            if self.expired:
+                _cut(conn)
+
+    def _expire(self) -> None:
+        with _cut_lock:
+            if self._done:
+                return
+            self.expired = True
+            conn = self._conn
+            # A connection released to the pool may already carry another request: not ours.
+            if conn is not None and conn.deadline is self:
+                _cut(conn)
+
+
+_current = threading.local()
+"""``deadline``: the :class:`_Deadline` of the request the thread is sending, if any."""
+_cut_lock = threading.Lock()
+
+
+def _cut(conn: urllib3.connection.HTTPConnection) -> None:
+    """Shut ``conn``'s socket down both ways, which ends a read or write blocked on it."""
+    sock = conn.sock
+    if sock is None:
+        return  # not open yet (cut once it is, see _DeadlineConnection.connect) or closed
     try:
-        body = response.content
-    except requests.RequestException as exc:
-        if cut.is_set():
-            raise TransportError(f"timed out after {timeout:g}s") from exc
-        raise
-    finally:
-        watchdog.cancel()
-        response.close()
-    if cut.is_set():  # a body read to the end of the connection may have been cut short
-        raise TransportError(f"timed out after {timeout:g}s")
-    return body
+        # socket.socket's own shutdown, not ssl.SSLSocket's: that one also drops the TLS
+        # state from under the thread reading it. The kernel socket is the same.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.EBADF):
+            return  # the peer or the pool closed it already: the request is over
+        log.error(
+            "response deadline could not cut the connection",
+            extra={"error_type": type(exc).__name__, "errno": exc.errno},
+        )
+    except Exception as exc:  # noqa: BLE001 - the timer thread must say why, in our log
+        log.error(
+            "response deadline could not cut the connection",
+            extra={"error_type": type(exc).__name__},
+        )
+
+
+class _DeadlineConnection(urllib3.connection.HTTPConnection):
+    """A connection that registers with the sending thread's :class:`_Deadline`."""
+
+    deadline: _Deadline | None = None
+
+    def connect(self) -> None:
+        """Open the connection; cut it at once if its request's deadline passed meanwhile."""
+        current: _Deadline | None = getattr(_current, "deadline", None)
+        if current is not None:
+            current.attach(self)
+        super().connect()
+        if current is not None:
+            current.attach(self)  # cuts the new socket if the deadline passed while connecting
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        """Send a request, under the sending thread's deadline (a pooled connection too)."""
+        current: _Deadline | None = getattr(_current, "deadline", None)
+        if current is not None:
+            current.attach(self)
+        super().request(*args, **kwargs)
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnection, urllib3.connection.HTTPSConnection):
+    """:class:`_DeadlineConnection` over TLS."""
+
+
+class _DeadlineHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _DeadlineConnection
+
+
+class _DeadlineHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+_DEADLINE_POOLS: dict[str, type[urllib3.HTTPConnectionPool]] = {
+    "http": _DeadlineHTTPPool,
+    "https": _DeadlineHTTPSPool,
+}
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with connections a :class:`_Deadline` can cut, proxied ones too."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """Pool with :data:`_DEADLINE_POOLS` (see :meth:`requests.adapters.HTTPAdapter`)."""
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _DEADLINE_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.PoolManager:
+        """A proxy's pool manager with :data:`_DEADLINE_POOLS` (SOCKS keeps its own)."""
+        manager: urllib3.PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, urllib3.ProxyManager):
+            manager.pool_classes_by_scheme = _DEADLINE_POOLS
+        return manager
 
 
 class Transport:
@@ -82,7 +187,7 @@ class Transport:
             with self._lock:
                 if self._session is None or self._local_pid != os.getpid():
                     session = requests.Session()
-                    adapter = requests.adapters.HTTPAdapter(
+                    adapter = _DeadlineAdapter(
                         pool_connections=self.pool_size, pool_maxsize=self.pool_size, max_retries=0
                     )
                     session.mount("http://", adapter)
@@ -100,29 +205,40 @@ class Transport:
         if request.url.startswith("log:"):
             return self._log(request)
         connect = min(self.connect_timeout, timeout)
-        # The read timeout bounds each wait for data, not the answer: a body that trickles in
-        # faster than that never timed out, and a request outlasting its lease was sent again
-        # by the worker that took the lease over. The whole answer gets connect + read timeout.
-        deadline = time.monotonic() + connect + timeout
+        # The read timeout bounds each wait for data, not the answer: headers or a body that
+        # trickle in faster than that never timed out, and a request outlasting its lease was
+        # sent again by the worker that took the lease over. The whole answer, from connecting
+        # to the body's last byte, gets connect + read timeout.
+        deadline = _Deadline(connect + timeout)
         try:
-            response = self._sess().request(
-                request.method,
-                request.url,
-                headers=dict(request.headers),
-                data=request.body,
-                timeout=(connect, timeout),
-                allow_redirects=False,
-                stream=True,
-            )
-            body = _read_body(response, deadline, timeout)
+            with deadline:
+                response = self._sess().request(
+                    request.method,
+                    request.url,
+                    headers=dict(request.headers),
+                    data=request.body,
+                    timeout=(connect, timeout),
+                    allow_redirects=False,
+                    stream=True,
+                )
+                try:
+                    body = response.content
+                finally:
+                    response.close()
         except requests.Timeout as exc:
             raise TransportError(f"timed out after {timeout:g}s") from exc
         except requests.ConnectionError as exc:
+            if deadline.expired:
+                raise TransportError(f"timed out after {timeout:g}s") from exc
             raise TransportError(
                 f"connection failed ({type(exc.__cause__ or exc).__name__})"
             ) from exc
         except requests.RequestException as exc:
+            if deadline.expired:
+                raise TransportError(f"timed out after {timeout:g}s") from exc
             raise TransportError(f"request failed ({type(exc).__name__})") from exc
+        if deadline.expired:  # a body read to the end of the connection may have been cut short
+            raise TransportError(f"timed out after {timeout:g}s")
         return HttpResponse(response.status_code, dict(response.headers), body)
 
     @staticmethod

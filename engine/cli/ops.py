@@ -140,10 +140,15 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """Apply retention now (the server also does it hourly)."""
-    from engine.maintenance import run_once
+    from engine.maintenance import PurgeIncomplete, run_once
 
     settings = command_settings(args)
     days = args.days if args.days is not None else settings.retention_days
-    removed = run_once(existing_store(settings), days)
+    try:
+        removed = run_once(existing_store(settings), days)
+    except PurgeIncomplete as exc:
+        out("removed: " + ", ".join(f"{n} {kind}" for kind, n in exc.removed.items()))
+        err(f"tagrelay: {exc}")
+        return 1
     out("removed: " + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
     return 0

@@ -276,6 +276,20 @@ def test_phone_is_hashed_as_e164_with_plus_as_in_the_vectors(
     assert payload["request"]["user_data"]["sha256_phone_number"] == digest
 
 
+@pytest.mark.parametrize(
+    ("raw", "sent"),
+    [("CA 94035", "94035"), ("ZIP 94035", "94035"), ("94035 USA", "94035"), ("K1A 0B1", "K1A 0B1")],
+)
+def test_us_zip_with_words_around_it_is_sent_as_its_five_digits(
+    server: LoopbackServer, raw: str, sent: str
+) -> None:
+    event = event_with(user_data__postal_code=raw, user_data__country="US")
+
+    payload = payload_for(ga4(server), event)
+
+    assert payload["request"]["user_data"]["address"]["postal_code"] == sent
+
+
 def test_first_name_and_street_are_hashed_as_in_the_vectors(server: LoopbackServer) -> None:
     mapping = {"user_data.address.sha256_street": {"value": "1600 Amphitheatre Pkwy."}}
 

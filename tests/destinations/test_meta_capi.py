@@ -218,6 +218,24 @@ def test_us_zip_keeps_its_first_five_digits_under_a_us_default_country() -> None
     assert user_data["zp"] == sha256_hex("94035")
 
 
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [("CA 94035", "94035"), ("ZIP 94035", "94035"), ("94035 USA", "94035"), ("K1A 0B1", "k1a0b1")],
+)
+def test_us_zip_with_words_around_it_is_its_five_digits_under_a_us_default_country(
+    raw: str, normalized: str
+) -> None:
+    # Arrange: platforms.md §1.3 zp: "US: first 5 digits only"
+    mapped = web_mapped()
+    mapped["user_data"]["zp"] = raw
+
+    # Act
+    user_data = meta(default_country="US").build_payload(mapped, context())["user_data"]
+
+    # Assert: not "ca94035", "zip94035", "94035usa"; and a Canadian code not cut to "101"
+    assert user_data["zp"] == sha256_hex(normalized)
+
+
 def test_meta_keeps_gmail_dots_and_plus_tags() -> None:
     # Arrange
     mapped = web_mapped()

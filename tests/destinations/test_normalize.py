@@ -317,6 +317,28 @@ def test_postal_code_with_letters_is_never_cut_to_a_us_zip(platform: Platform) -
     assert normalize.postal_code("94035 1234", platform, "US") == "94035"
 
 
+@pytest.mark.parametrize("platform", ["meta", "tiktok", "google"])
+@pytest.mark.parametrize("raw", ["CA 94035", "ZIP 94035", "94035 USA", "CA 94035-1234"])
+def test_us_zip_written_with_words_around_it_is_its_first_five_digits(
+    platform: Platform, raw: str
+) -> None:
+    # platforms.md §1.3 zp "US: first 5 digits only": the state or "ZIP" is not part of it
+    assert normalize.postal_code(raw, platform, "US") == "94035"
+
+
+@pytest.mark.parametrize("platform", ["meta", "tiktok", "google"])
+def test_text_without_exactly_one_zip_is_read_as_any_other_code_under_us(
+    platform: Platform,
+) -> None:
+    google = platform == "google"
+
+    assert normalize.postal_code("K1A 0B1", platform, "US") == ("K1A 0B1" if google else "k1a0b1")
+    assert normalize.postal_code("12345 67890", platform, "US") == (
+        "12345 67890" if google else "1234567890"
+    )
+    assert normalize.postal_code("CA 94035", platform) == ("CA 94035" if google else "ca94035")
+
+
 def test_google_postal_code_stays_readable() -> None:
     assert normalize.postal_code(" M1  1AE ", "google", "GB") == "M1 1AE"
 

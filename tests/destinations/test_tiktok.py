@@ -202,6 +202,23 @@ def test_zip_code_with_letters_is_no_us_zip_under_a_us_default_country() -> None
     assert user["zip_code"] == sha256_hex("k1a0b1")
 
 
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [("CA 94035", "94035"), ("ZIP 94035", "94035"), ("94035 USA", "94035"), ("K1A 0B1", "k1a0b1")],
+)
+def test_us_zip_with_words_around_it_is_its_five_digits_under_a_us_default_country(
+    raw: str, normalized: str
+) -> None:
+    # Arrange
+    mapped = mapped_event(zip_code=raw)
+
+    # Act
+    user = tiktok(default_country="US").build_payload(mapped, context())["user"]
+
+    # Assert
+    assert user["zip_code"] == sha256_hex(normalized)
+
+
 def test_tiktok_email_keeps_gmail_dots() -> None:
     # Arrange
     mapped = mapped_event(email="  John.Doe@Gmail.com ")

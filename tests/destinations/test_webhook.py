@@ -105,7 +105,45 @@ def test_the_default_limit_is_under_nginx_s_default_client_max_body_size() -> No
     sent = bodies(hook, items)
 
     assert len(sent) == 2 and all(len(body) <= 1_000_000 for body in sent)
-    assert Webhook.settings_schema["properties"]["max_body_bytes"]["default"] == 1_000_000
+
+
+# Intake takes bodies up to 1,048,576 bytes (engine.config.Settings.max_body_bytes).
+INTAKE_SIZED = 1_010_000
+
+
+def test_without_a_limit_set_a_single_event_goes_whatever_its_size() -> None:
+    # Arrange: batch: false, no max_body_bytes; an event intake accepts, over 1,000,000 bytes
+    hook = Webhook({"url": URL})
+
+    # Act
+    payload = hook.build_payload({"note": "x" * INTAKE_SIZED}, context())
+    [body] = bodies(hook, items_of(payload))
+
+    # Assert
+    assert len(body) > INTAKE_SIZED
+
+
+def test_without_a_limit_set_a_batched_event_over_the_default_packing_goes_alone() -> None:
+    # Arrange
+    hook = Webhook({"url": URL, "batch": True})
+    small = payload_of(100)
+
+    # Act
+    big = hook.build_payload({"note": "x" * INTAKE_SIZED}, context())
+    sent = bodies(hook, items_of(small, big, small))
+
+    # Assert: cut around the big one, which goes alone and is not refused
+    assert [len(json.loads(body)["events"]) for body in sent] == [1, 1, 1]
+    assert len(sent[1]) > INTAKE_SIZED
+
+
+def test_a_limit_set_holds_for_single_events_too() -> None:
+    hook = Webhook({"url": URL, "max_body_bytes": 1_000_000})
+
+    with pytest.raises(PayloadError, match=r"max_body_bytes \(1000000 B\); this event alone"):
+        hook.build_payload({"note": "x" * INTAKE_SIZED}, context())
+    with pytest.raises(PayloadError, match="this one is"):
+        hook.build_request(items_of({"note": "x" * INTAKE_SIZED}), SendContext(NOW))
 
 
 @pytest.mark.parametrize("batch", [True, False])

@@ -425,3 +425,32 @@ def test_the_worker_applies_retention_like_serve(
     assert not maintenance._thread.is_alive()  # stopped with the worker
     assert signal.getsignal(signal.SIGTERM) == handler  # the caller's handler is back
     assert "tagrelay worker: delivering from" in capsys.readouterr().out
+
+
+def test_purge_runs_retention_though_the_key_expiry_fails_and_exits_1_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Arrange
+    SQLiteStore(tmp_path / "tagrelay.db")
+    purged: list[float] = []
+    purge = SQLiteStore.purge
+
+    def broken(self: SQLiteStore, now: float) -> int:
+        raise ValueError("no such row: jane@example.com")
+
+    def counted(self: SQLiteStore, before: float, now: float | None = None) -> dict[str, int]:
+        purged.append(before)
+        return purge(self, before, now)
+
+    monkeypatch.setattr(SQLiteStore, "purge_expired", broken)
+    monkeypatch.setattr(SQLiteStore, "purge", counted)
+
+    # Act
+    code = run("purge", "--data-dir", tmp_path)
+
+    # Assert
+    assert code == 1
+    assert len(purged) == 1
+    output = capsys.readouterr()
+    assert output.out.startswith("removed: ")
+    assert output.err == "tagrelay: housekeeping steps failed: dedup_keys (ValueError)\n"

@@ -198,7 +198,11 @@ def test_a_teredo_address_loses_the_clients_address_with_its_last_80_bits() -> N
         ("2002:cb00:7107::1", "2002:cb00:7107::1"),
         ("2001:DB8:0::1", "2001:db8::1"),
         (" 203.0.113.7, 10.0.0.1", "203.0.113.7"),  # a copied X-Forwarded-For: the client
-        ("unknown, 203.0.113.7", "203.0.113.7"),
+        # Only the first entry is the client; the later ones are proxies, never read instead.
+        ("unknown, 203.0.113.7", None),
+        (", 203.0.113.7", None),
+        ("[2001:db8::1]:443, 10.0.0.1", "2001:db8::1"),
+        ("203.0.113.7:51234, 10.0.0.1", "203.0.113.7"),
         ("203.0.113.7:51234", "203.0.113.7"),
         ("[2001:db8::1]:443", "2001:db8::1"),
         ("::ffff:203.0.113.7, 10.0.0.1", "203.0.113.7"),

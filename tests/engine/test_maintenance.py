@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.maintenance import Maintenance, run_once
+from engine.maintenance import Maintenance, PurgeIncomplete, run_once
 from engine.store.sqlite import SQLiteStore
 
 
@@ -101,7 +101,66 @@ def test_an_unexpected_error_is_logged_without_its_text_and_the_next_run_purges(
 
     assert alive and len(calls) >= 3  # the thread ran on after the error
     [failed] = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert failed.getMessage() == "retention purge failed; retried at the next run"
+    assert failed.getMessage() == "housekeeping step failed; retried at the next run"
+    assert failed.__dict__["step"] == "retention"
     assert failed.__dict__["error_type"] == "ValueError"
     assert "jane@example.com" not in caplog.text  # nor a traceback quoting it
     assert any(r.getMessage() == "retention purge done" for r in caplog.records)
+
+
+def test_a_failing_step_does_not_keep_the_others_from_running(
+    counted: tuple[SQLiteStore, Counter[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Arrange: the key expiry, the first step, fails for good
+    store, calls = counted
+    now = 1_795_185_060.0
+    store.rate_hit("old", now - 2 * 3600)
+
+    def broken(now: float) -> int:
+        raise ValueError("no such row: jane@example.com")
+
+    monkeypatch.setattr(store, "purge_expired", broken)
+    caplog.set_level(logging.INFO, logger="engine.maintenance")
+
+    # Act
+    with pytest.raises(PurgeIncomplete) as raised:
+        run_once(store, retention_days=30, now=now)
+
+    # Assert: the rate counters and the personal-data purge ran all the same
+    assert raised.value.failed == {"dedup_keys": "ValueError"}
+    assert raised.value.removed["rate_counters"] == 1
+    assert "events" in raised.value.removed
+    assert calls["purge"] == 1
+    [failed] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert failed.__dict__["step"] == "dedup_keys"
+    assert failed.__dict__["error_type"] == "ValueError"
+    assert "jane@example.com" not in caplog.text
+    assert "jane@example.com" not in str(raised.value)
+
+
+def test_retention_runs_every_time_though_the_key_expiry_always_fails(
+    counted: tuple[SQLiteStore, Counter[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange
+    store, calls = counted
+    tried: list[float] = []
+
+    def broken(now: float) -> int:
+        tried.append(now)
+        raise ValueError("a bug in the key expiry")
+
+    monkeypatch.setattr(store, "purge_expired", broken)
+    job = Maintenance(store, retention_days=30, interval=0.02, delay=0.0, key_interval=3600)
+
+    # Act
+    job.start()
+    deadline = time.monotonic() + 5
+    while calls["purge"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.stop()
+
+    # Assert: the purge of personal data ran on; the failed step is tried again each run
+    assert calls["purge"] >= 3
+    assert len(tried) >= 3

@@ -1,0 +1,160 @@
+"""The transport against real loopback servers: the whole answer within connect + timeout, and
+pooled connections reused."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import urllib3.response
+
+from destinations.base import HttpRequest
+from engine.transport import Transport, TransportError
+
+
+class KeepAliveServer:
+    """A loopback HTTP/1.1 server that keeps connections open and answers each request by the
+    next of ``answers``: ``"fast"`` at once, ``"headers"`` with its header lines one byte every
+    ``pause`` seconds, ``"body"`` with its body so. Counts the connections it accepted."""
+
+    def __init__(self, answers: list[str], pause: float = 0.1) -> None:
+        self.answers, self.pause = list(answers), pause
+        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}/"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            threading.Thread(target=self._answer_all, args=(conn,), daemon=True).start()
+
+    def _answer_all(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as request:
+            try:
+                while self.answers:
+                    length = 0
+                    while (line := request.readline()) not in (b"\r\n", b""):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    if not line:
+                        return  # the client closed the connection
+                    request.read(length)
+                    self._answer(conn, self.answers.pop(0))
+            except OSError:
+                return  # the client gave up
+
+    def _answer(self, conn: socket.socket, how: str) -> None:
+        head = b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 40 + b"\r\nContent-Length: 40\r\n\r\n"
+        body = b"y" * 40
+        if how == "fast":
+            conn.sendall(head + body)
+            return
+        trickled, at_once = (head, body) if how == "headers" else (body, head)
+        if how == "body":
+            conn.sendall(at_once)
+        for byte in trickled:
+            time.sleep(self.pause)
+            conn.sendall(bytes([byte]))
+        if how == "headers":
+            conn.sendall(at_once)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def transport() -> Transport:
+    return Transport(connect_timeout=0.5)
+
+
+def send(transport: Transport, server: KeepAliveServer, timeout: float) -> float:
+    """Send one request; how long it took. Raises what the transport raised."""
+    started = time.monotonic()
+    try:
+        transport.send(HttpRequest.json_post(server.url, {"n": 1}), timeout)
+    finally:
+        took = time.monotonic() - started
+    return took
+
+
+def test_headers_trickling_in_past_the_deadline_time_out_within_connect_plus_timeout(
+    transport: Transport,
+) -> None:
+    # Arrange: each header byte comes 0.1 s after the last (within the 1 s read timeout); the
+    # head is about 80 bytes, so 8 s in all
+    server = KeepAliveServer(["headers"])
+
+    # Act
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="timed out"):
+        send(transport, server, timeout=1.0)
+    took = time.monotonic() - started
+    server.close()
+
+    # Assert: connect (0.5 s) + timeout (1 s), and a little slack
+    assert took < 1.5 + 0.5
+
+
+def test_a_body_trickling_in_past_the_deadline_times_out_without_urllib3_response_shutdown(
+    transport: Transport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: HTTPResponse.shutdown came with urllib3 2.3; the deadline must not need it
+    monkeypatch.delattr(urllib3.response.HTTPResponse, "shutdown", raising=False)
+    server = KeepAliveServer(["body"])
+
+    # Act
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="timed out"):
+        send(transport, server, timeout=1.0)
+    took = time.monotonic() - started
+    server.close()
+
+    # Assert
+    assert took < 1.5 + 0.5
+
+
+def test_pooled_connection_is_reused_and_its_next_request_has_a_deadline_too(
+    transport: Transport,
+) -> None:
+    # Arrange
+    server = KeepAliveServer(["fast", "fast", "headers"])
+
+    # Act
+    send(transport, server, timeout=1.0)
+    send(transport, server, timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="timed out"):
+        send(transport, server, timeout=1.0)
+    took = time.monotonic() - started
+    server.close()
+
+    # Assert: one connection for all three, and the third cut at its own deadline
+    assert server.connections == 1
+    assert took < 1.5 + 0.5
+
+
+def test_a_deadline_that_passed_does_not_cut_the_next_request_on_the_connection(
+    transport: Transport,
+) -> None:
+    # Arrange: a request answered well within its deadline, then another on the same
+    # connection that outlives the first one's deadline
+    server = KeepAliveServer(["fast", "body"], pause=0.02)
+
+    # Act: the second answer takes 0.8 s, past the first request's deadline (0.5 + 0.3 s)
+    send(transport, server, timeout=0.3)
+    took = send(transport, server, timeout=1.0)
+    server.close()
+
+    # Assert
+    assert server.connections == 1
+    assert 0.7 < took < 1.5
