@@ -161,11 +161,19 @@ def test_an_event_too_big_to_go_alone_is_refused_when_its_payload_is_built(batch
     assert len(body) == 2048
 
 
-def test_an_event_with_text_utf8_cannot_carry_is_refused_when_its_payload_is_built() -> None:
-    hook = Webhook({"url": URL, "batch": True})
-
+def test_an_event_with_text_utf8_cannot_carry_is_refused_when_its_size_is_measured() -> None:
+    """With max_body_bytes set the payload is measured, and such text refused at intake;
+    without it nothing is measured there, and split sends the item alone, to fail alone.
+    (Intake never lets such text in: api.parse_json_body refuses lone surrogates.)"""
+    hook = Webhook({"url": URL, "batch": True, "max_body_bytes": 10_000})
     with pytest.raises(PayloadError, match="UTF-8"):
         hook.build_payload({"note": "\ud800"}, context())
+
+    unmeasured = Webhook({"url": URL, "batch": True})
+    bad = unmeasured.build_payload({"note": "\ud800"}, context())
+    good = payload_of(100)
+    requests = unmeasured.split(items_of(good, bad, good))
+    assert [[i.delivery_id for i in r] for r in requests] == [["0"], ["1"], ["2"]]
 
 
 def test_an_event_queued_before_the_limit_was_lowered_goes_alone_and_is_refused() -> None:
