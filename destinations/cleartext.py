@@ -146,7 +146,7 @@ def _digests_only(value: Any) -> bool:
     if type(value) is int or type(value) is float:
         return abs(value) < _LARGE
     if isinstance(value, list | tuple):
-        return all(_digests_only(v) for v in value if not isinstance(v, list | tuple))
+        return all(_digests_only(v) for v in value)
     return _is_digest(value)
 
 

@@ -68,7 +68,7 @@ def apply_ip_policy(event: dict[str, Any], mode: str, granted: frozenset[str]) -
 
     ``consent`` (the default) keeps the full IP when ``ad_user_data`` is granted, truncates it
     (:func:`~engine.consent.truncate_ip`: IPv4 /24, IPv6 /48) when only ``analytics_storage``
-    is, and drops it otherwise. The address is read first (:func:`~engine.consent.readable_ip`):
+    is, and drops it otherwise. The address is read first (:func:`~engine.event.readable_ip`):
     an IPv4-mapped IPv6 address (``::ffff:203.0.113.7``, as a backend on a dual-stack listener
     reads its client) is kept as the IPv4 address it is, a copied ``X-Forwarded-For`` list as
     its first entry (the client; none if that is no address), and text that is no address is

@@ -48,14 +48,15 @@ class _Deadline:
 
     def __init__(self, seconds: float) -> None:
         self.expired = False
+        self.cut = False  # the timer shut a connection of this request down
         self._conn: _DeadlineConnection | None = None
         self._done = False
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
     def __enter__(self) -> _Deadline:
+        self._timer.start()  # first: if it cannot start, no deadline is left on the thread
         _current.deadline = self
-        self._timer.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -74,6 +75,7 @@ class _Deadline:
             conn.deadline = self
             self._conn = conn
             if self.expired:
+                self.cut = True
                 _cut(conn)
 
     def _expire(self) -> None:
@@ -84,6 +86,7 @@ class _Deadline:
             conn = self._conn
             # A connection released to the pool may already carry another request: not ours.
             if conn is not None and conn.deadline is self:
+                self.cut = True
                 _cut(conn)
 
 
@@ -141,11 +144,33 @@ class _DeadlineHTTPSConnection(_DeadlineConnection, urllib3.connection.HTTPSConn
     """:class:`_DeadlineConnection` over TLS."""
 
 
-class _DeadlineHTTPPool(urllib3.HTTPConnectionPool):
+class _HandOver:
+    """Pool methods that move a connection's deadline with the connection.
+
+    A connection taken from the pool belongs to the taking thread's request at once, and one
+    put back to none: a request whose timer fires after it put its connection back (its body
+    read, its ``with`` not yet left) must not cut the connection another thread has taken
+    meanwhile, before that thread's ``request()`` could claim it.
+    """
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        with _cut_lock:
+            conn.deadline = getattr(_current, "deadline", None)
+        return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            with _cut_lock:
+                conn.deadline = None
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _DeadlineHTTPPool(_HandOver, urllib3.HTTPConnectionPool):
     ConnectionCls = _DeadlineConnection
 
 
-class _DeadlineHTTPSPool(urllib3.HTTPSConnectionPool):
+class _DeadlineHTTPSPool(_HandOver, urllib3.HTTPSConnectionPool):
     ConnectionCls = _DeadlineHTTPSConnection
 
 
@@ -237,7 +262,7 @@ class Transport:
             if deadline.expired:
                 raise TransportError(f"timed out after {timeout:g}s") from exc
             raise TransportError(f"request failed ({type(exc).__name__})") from exc
-        if deadline.expired:  # a body read to the end of the connection may have been cut short
+        if deadline.cut:  # a body read to the end of the connection may have been cut short
             raise TransportError(f"timed out after {timeout:g}s")
         return HttpResponse(response.status_code, dict(response.headers), body)
 

@@ -93,6 +93,8 @@ def test_places_and_other_fields_are_not_personal_data_by_name(name: str) -> Non
         ({"creative_name": "hero@2x.jpg", "banner": "promo@3x.webp"}, None),  # file names
         ({"phone": True, "email": False, "tel": 1, "dob": 0}, None),  # flags and small numbers
         ({"dob": 19901210}, ("dob", "date_of_birth", True)),
+        ({"phone": [["+15551234567"]]}, ("phone", "phone", True)),  # nested lists too
+        ({"first_name": [[DIGEST], ["Jane"]]}, ("first_name", "first_name", True)),
     ],
 )
 def test_find_names_the_first_clear_text_personal_data(

@@ -158,3 +158,49 @@ def test_a_deadline_that_passed_does_not_cut_the_next_request_on_the_connection(
     # Assert
     assert server.connections == 1
     assert 0.7 < took < 1.5
+
+
+def test_a_deadline_never_cuts_the_pooled_connection_another_request_has_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A's timer fires after A put its connection back and B took it, before B's request()
+    claimed it: it used to cut B's connection (B failed, A reported a timeout and was sent
+    again). The two gaps are real; the sleeps only widen them."""
+    import requests.models
+
+    from engine import transport
+
+    server = KeepAliveServer(["fast", "fast"])
+    close, get = requests.models.Response.close, transport._DeadlineHTTPPool._get_conn
+
+    def slow_close(self: requests.models.Response) -> None:
+        close(self)
+        if threading.current_thread().name == "A":
+            time.sleep(1.0)  # A: connection back in the pool, still inside its deadline
+
+    def slow_get(self: transport._DeadlineHTTPPool, timeout: float | None = None) -> object:
+        conn = get(self, timeout)
+        if threading.current_thread().name == "B":
+            time.sleep(1.0)  # B: connection taken, its request not yet sent
+        return conn
+
+    monkeypatch.setattr(requests.models.Response, "close", slow_close)
+    monkeypatch.setattr(transport._DeadlineHTTPPool, "_get_conn", slow_get)
+    sender = Transport(connect_timeout=0.3)
+    results: dict[str, str] = {}
+
+    def send(name: str, timeout: float) -> None:
+        try:
+            results[name] = str(sender.send(HttpRequest.json_post(server.url, {}), timeout).status)
+        except TransportError as exc:
+            results[name] = str(exc)
+
+    a = threading.Thread(target=send, args=("A", 0.3), name="A")
+    a.start()
+    time.sleep(0.1)
+    b = threading.Thread(target=send, args=("B", 5.0), name="B")
+    b.start()
+    a.join()
+    b.join()
+
+    assert results == {"A": "200", "B": "200"}
