@@ -38,6 +38,7 @@ from engine.replay import replay_dead_letters, replay_destination
 from engine.rules.model import Container
 from engine.store.sqlite import SQLiteStore
 from tests.emulators.ga4 import GA4Emulator
+from tests.emulators.raw import RawServer
 from tests.emulators.server import LoopbackServer, Reply, Request
 from tests.emulators.sink import FaultySink
 
@@ -1058,7 +1059,7 @@ def test_results_read_as_a_generator_are_taken_as_a_list(tmp_path: Path, plugins
     assert sink.ids() == {"e1": 1}
 
 
-class TricklingSink:
+class TricklingSink(RawServer):
     """A loopback HTTP server that takes a request and answers 200 at once, then sends its body
     one byte every ``pause`` seconds: each wait is shorter than a read timeout, the whole far
     longer. Counts the requests it received."""
@@ -1066,22 +1067,10 @@ class TricklingSink:
     def __init__(self, size: int = 30, pause: float = 0.2) -> None:
         self.size, self.pause = size, pause
         self.requests = 0
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
+        """Read one request, then trickle the answer's body."""
         with conn, conn.makefile("rb") as request:
             length = 0
             while (line := request.readline()) not in (b"\r\n", b""):
@@ -1096,9 +1085,6 @@ class TricklingSink:
                     conn.sendall(b"x")
                 except OSError:
                     return  # the client gave up
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 def test_an_answer_trickling_in_past_the_timeout_times_out_well_within_the_lease(

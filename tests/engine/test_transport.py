@@ -12,33 +12,20 @@ import urllib3.response
 
 from destinations.base import HttpRequest
 from engine.transport import Transport, TransportError
+from tests.emulators.raw import RawServer
 
 
-class KeepAliveServer:
+class KeepAliveServer(RawServer):
     """A loopback HTTP/1.1 server that keeps connections open and answers each request by the
     next of ``answers``: ``"fast"`` at once, ``"headers"`` with its header lines one byte every
     ``pause`` seconds, ``"body"`` with its body so. Counts the connections it accepted."""
 
     def __init__(self, answers: list[str], pause: float = 0.1) -> None:
         self.answers, self.pause = list(answers), pause
-        self.connections = 0
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._sock.getsockname()[1]}/"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return  # closed
-            self.connections += 1
-            threading.Thread(target=self._answer_all, args=(conn,), daemon=True).start()
-
-    def _answer_all(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
+        """Answer the connection's requests, one by one, until ``answers`` runs out."""
         with conn, conn.makefile("rb") as request:
             try:
                 while self.answers:
@@ -67,9 +54,6 @@ class KeepAliveServer:
             conn.sendall(bytes([byte]))
         if how == "headers":
             conn.sendall(at_once)
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 @pytest.fixture
