@@ -232,7 +232,7 @@ class DeliveryWorker:
         left to it: an item is only ever sent by the batch that holds it.
         """
         adapter, opts = dest.adapter, dest.delivery
-        lease_seconds = 2 * opts.timeout + 10
+        lease_seconds = self._lease_seconds(opts.timeout)
         leased = self.store.lease(
             dest.name, adapter.max_batch, lease_seconds, self._holder(), time.time()
         )
@@ -493,6 +493,18 @@ class DeliveryWorker:
         )
 
     # -- OAuth tokens ---------------------------------------------------------------------------
+
+    def _lease_seconds(self, timeout: float) -> float:
+        """How long a lease lasts: longer than the longest a request can hold it.
+
+        The transport ends each exchange within its connect timeout plus ``timeout``. A request
+        can take three: waiting while another thread fetches the destination's token, fetching
+        one itself when that failed, then sending; plus 10 s for the store and the scheduler.
+        Shorter, and another worker could take over a request still in flight and send its
+        events again. (A lease whose worker died is taken over only when it runs out.)
+        """
+        exchange = min(self.transport.connect_timeout, timeout) + timeout
+        return 3 * exchange + 10
 
     def _token(self, dest: DestinationInstance) -> str | None:
         request = dest.adapter.token_request()

@@ -1107,3 +1107,23 @@ def test_an_answer_trickling_in_past_the_timeout_times_out_well_within_the_lease
     assert error is not None and "timed out" in error
     assert took < 3  # connect + read timeout (1 s), not the 6 s the body took to trickle in
     assert sink.requests == 1
+
+
+def test_a_lease_outlasts_the_longest_a_request_can_hold_it(tmp_path: Path) -> None:
+    """Waiting for another thread's token fetch, fetching one, then sending: three exchanges,
+    each within connect timeout + timeout. A lease of 2 x timeout + 10 s had no margin over
+    two of them, so another worker could take over a request in flight and send it again."""
+    h = Harness(tmp_path, webhook_rules(tmp_path, "http://127.0.0.1:9"))  # timeout 0.5 s
+    h.accept_sales(1)
+    leased: list[float] = []
+    lease = h.store.lease
+
+    def spy(destination: str, limit: int, seconds: float, owner: str, now: float) -> Any:
+        leased.append(seconds)
+        return lease(destination, limit, seconds, owner, now)
+
+    h.store.lease = spy  # type: ignore[method-assign]
+    h.worker.drain()
+
+    connect = h.worker.transport.connect_timeout
+    assert leased and min(leased) >= 3 * (min(connect, 0.5) + 0.5) + 10
