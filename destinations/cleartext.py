@@ -159,37 +159,21 @@ def is_email(text: str) -> bool:
 
 def _clean(payload: Any) -> bool:
     """Whether ``payload`` holds no personal data in clear text: :func:`find` without the
-    paths, run on every value passed on of every event, so the common types are tested
-    exactly, and a field name already seen costs one dictionary lookup."""
+    paths (field names are looked up once, in :func:`kind_of`'s cache)."""
     stack = [payload]
-    cache = _KIND_CACHE
     while stack:
         value = stack.pop()
-        kind_of_value = type(value)
-        if kind_of_value is dict or isinstance(value, Mapping):
+        if isinstance(value, str):
+            if "@" in value and is_email(value):
+                return False
+        elif isinstance(value, Mapping):
             for key, inner in value.items():
-                kind = cache.get(key, _NOT_SEEN)
-                if kind is not None:
-                    if kind is _NOT_SEEN:
-                        kind = kind_of(key) if type(key) is str else None
-                    if kind is not None and not _digests_only(inner):
-                        return False
-                inner_kind = type(inner)
-                if inner_kind is str:
-                    if "@" in inner and is_email(inner):
-                        return False
-                elif inner_kind is dict or inner_kind is list or isinstance(inner, tuple | Mapping):
-                    stack.append(inner)
-        elif kind_of_value is list or kind_of_value is tuple:
-            for inner in value:
-                inner_kind = type(inner)
-                if inner_kind is str:
-                    if "@" in inner and is_email(inner):
-                        return False
-                elif inner_kind is dict or inner_kind is list or isinstance(inner, tuple | Mapping):
-                    stack.append(inner)
-        elif isinstance(value, str) and is_email(value):
-            return False
+                kind = kind_of(key) if type(key) is str else None
+                if kind is not None and not _digests_only(inner):
+                    return False
+                stack.append(inner)
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
     return True
 
 
