@@ -784,18 +784,21 @@ def test_threads_taking_turns_write_through_one_connection(
     assert opened == []
 
 
-def test_a_read_does_not_wait_for_a_write_in_progress(store: SQLiteStore) -> None:
+def test_a_read_does_not_wait_for_a_write_in_progress(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store.accept(acceptance("o1"))
     writing, finish = threading.Event(), threading.Event()
+    encode = sqlite_intake._encode
 
-    class SlowPayload(dict[str, Any]):
-        def items(self) -> Any:  # the encoder calls it inside the write transaction
+    def slow_encode(acc: Acceptance) -> Any:  # called inside the write transaction
+        if acc.event["event_id"] == "o2":
             writing.set()
             finish.wait(10)
-            return super().items()
+        return encode(acc)
 
-    slow = Decision("meta", "meta_dest", True, "matched", None, False, SlowPayload(a=1))
-    writer = threading.Thread(target=store.accept, args=(acceptance("o2", slow),))
+    monkeypatch.setattr(sqlite_intake, "_encode", slow_encode)
+    writer = threading.Thread(target=store.accept, args=(acceptance("o2"),))
     writer.start()
     try:
         assert writing.wait(10)

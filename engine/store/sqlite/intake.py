@@ -7,13 +7,13 @@ sql.py); what the events teach about their visitors is folded in by visitors._re
 from __future__ import annotations
 
 import functools
-import json
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import jsonio
 from engine.errors import StoreError
 from engine.store.base import Acceptance, Accepted, Decision, StoredEvent
 from engine.store.sqlite.connection import _Connections
@@ -104,7 +104,7 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
     ]
     originals = (
         {
-            row["seq"]: json.loads(row["decisions"])
+            row["seq"]: jsonio.loads(row["decisions"])
             for row in _select_in(
                 db, "SELECT seq, decisions FROM events WHERE seq IN ({marks})", sorted(set(live))
             )

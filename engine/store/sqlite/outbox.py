@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from engine import jsonio
 from engine.store.base import Decision, Delivery, Status, StoredEvent
 from engine.store.sqlite.connection import _Connections
 from engine.store.sqlite.sql import _MAX_PARAMS, _chunks, _dumps, _marks, _stored_event
@@ -29,7 +29,7 @@ def _delivery(row: sqlite3.Row) -> Delivery:
         event_id=row["event_id"],
         tag=row["tag"],
         destination=row["destination"],
-        payload=json.loads(row["payload"]),
+        payload=jsonio.loads(row["payload"]),
         status=Status(row["status"]),
         attempts=row["attempts"],
         created_at=row["created_at"],

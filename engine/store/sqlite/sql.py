@@ -4,39 +4,15 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from engine import jsonio
 from engine.store.base import StoredEvent
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-def _not_serializable(value: Any) -> Any:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-# The C encoder, made once: JSONEncoder.encode builds a new one on every call, a third of the
-# cost of encoding an accept's ~5 small documents. No circular-reference markers: the values
-# come from parsed JSON and compiled mappings (a cycle still fails, as a RecursionError), and
-# the C encoder leaves stale markers behind after an error, which would then be taken for
-# cycles in later documents.
-_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)
-_ITERENCODE = (
-    _C_ENCODER(
-        None, _not_serializable, json.encoder.encode_basestring, None, ":", ",", False, False, True
-    )
-    if _C_ENCODER is not None
-    else None
-)
-
-
-def _dumps(value: Any) -> str:
-    if _ITERENCODE is None:  # an interpreter without the C accelerator
-        return _ENCODER.encode(value)
-    return "".join(_ITERENCODE(value, 0))
+# The store's JSON: compact, not ASCII-escaped (see engine.jsonio).
+_dumps = jsonio.dumps
 
 
 def _marks(values: Iterable[Any]) -> str:
@@ -52,9 +28,9 @@ def _stored_event(row: sqlite3.Row) -> StoredEvent:
     return StoredEvent(
         seq=row["seq"],
         event_id=row["event_id"],
-        event=json.loads(row["body"]),
+        event=jsonio.loads(row["body"]),
         received_at=row["received_at"],
-        decisions=json.loads(row["decisions"]),
+        decisions=jsonio.loads(row["decisions"]),
     )
 
 

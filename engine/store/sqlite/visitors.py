@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine import jsonio
 from engine.identity import Identity, IdentityUpdate
 from engine.store.sqlite.connection import _Connections
 from engine.store.sqlite.sql import _dumps, _insert_rows, _select_in
@@ -112,7 +112,7 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
             row["user_id"],
             row["user_agent"],
             row["ip"],
-            json.loads(row["vals"]),
+            jsonio.loads(row["vals"]),
             row["first_seen"],
             row["last_seen"],
             row["ip_seen"],
@@ -215,7 +215,7 @@ class _Visitors(_Connections):
         visitor = rows[0]
         values = {
             name: (value, first_seen)
-            for name, (value, first_seen) in json.loads(visitor["vals"]).items()
+            for name, (value, first_seen) in jsonio.loads(visitor["vals"]).items()
             if now - first_seen <= windows.get(name, default_window)
         }
 
