@@ -112,6 +112,10 @@ class GoogleAds(Destination):
         consent.adUserData                 consent.ad_user_data  ("granted" -> "GRANTED")
         consent.adPersonalization          consent.ad_personalization (not sent, see below)
         userAgent                          context.user_agent    (ENHANCEMENT only)
+        userIdentifiers.addressInfo.       user_data.first_name / last_name (hashed), city,
+          hashedFirstName / hashedLastName   state, postal_code, country (ENHANCEMENT only;
+          / city / state / postalCode        ``userIdentifiers.addressInfo: null`` in a tag
+          / countryCode                      sends none)
 
     When no click ID is mapped, gclid, gbraid and wbraid are read from the query string of the
     event's ``context.page_url``. One click ID is sent: gclid when present, else wbraid (web
@@ -129,10 +133,12 @@ class GoogleAds(Destination):
     * ``RESTATEMENT``: a partial refund. Map ``restatementValue.adjustedValue`` to the order's
       **new total** (not the refunded amount); ``currencyCode`` is used when it has none.
     * ``ENHANCEMENT``: enhanced conversions for web; needs ``orderId`` and user identifiers,
-      and accepts ``userIdentifiers.addressInfo.*`` (``hashedFirstName``, ``hashedLastName``,
+      and sends ``userIdentifiers.addressInfo`` (``hashedFirstName``, ``hashedLastName``,
       ``hashedStreetAddress`` hashed; ``city``, ``state``, ``countryCode``, ``postalCode`` in
-      clear), ``userAgent`` and, alongside ``orderId``, an optional mapped
-      ``gclidDateTimePair`` (sent when it has its ``conversionDateTime``; platforms.md §3.4).
+      clear; by default the event's name and address, which has no street: map
+      ``hashedStreetAddress`` to add one), ``userAgent`` and, alongside ``orderId``, an
+      optional mapped ``gclidDateTimePair`` (sent when it has its ``conversionDateTime``;
+      platforms.md §3.4).
 
     A RETRACTION or RESTATEMENT names the conversion it changes by ``orderId`` (the default
     mapping gives a refund's ``related_order_id``) or by a mapped
@@ -145,12 +151,12 @@ class GoogleAds(Destination):
     :meth:`batch_key` keeps them apart.
 
     Rules checked before sending (each :class:`PayloadError` names it): one identifier per
-    ``userIdentifiers`` entry and at most 5; only hashed email and phone on click conversions (no
-    ``addressInfo``); a click conversion needs a click ID or a user identifier; an ENHANCEMENT
-    needs ``orderId``, a RETRACTION or RESTATEMENT ``orderId`` or a gclid/date-time pair; unknown
-    fields are refused (Google rejects the whole request for one). At most 2,000 rows per
-    request. Already-hashed (64-hex) identifiers pass through; the IP address and user agent are
-    never hashed.
+    ``userIdentifiers`` entry and at most 5; only hashed email and phone on click conversions
+    (``addressInfo``, mapped or default, is left out of them); a click conversion needs a click ID
+    or a user identifier; an ENHANCEMENT needs ``orderId``, a RETRACTION or RESTATEMENT ``orderId``
+    or a gclid/date-time pair; unknown fields are refused (Google rejects the whole request for
+    one). At most 2,000 rows per request. Already-hashed (64-hex) identifiers pass through; the IP
+    address and user agent are never hashed.
 
     Unconfirmed readings (platforms.md §8) and the safe choice made: whether gclid may be sent
     with gbraid/wbraid (only one is sent); the field name in partial-failure locations
@@ -207,6 +213,13 @@ class GoogleAds(Destination):
         "currencyCode": "properties.currency",
         "userIdentifiers.hashedEmail": "user_data.email",
         "userIdentifiers.hashedPhoneNumber": "user_data.phone",
+        # Sent by ENHANCEMENT adjustments only; click conversions leave the address out.
+        "userIdentifiers.addressInfo.hashedFirstName": "user_data.first_name",
+        "userIdentifiers.addressInfo.hashedLastName": "user_data.last_name",
+        "userIdentifiers.addressInfo.city": "user_data.city",
+        "userIdentifiers.addressInfo.state": "user_data.state",
+        "userIdentifiers.addressInfo.postalCode": "user_data.postal_code",
+        "userIdentifiers.addressInfo.countryCode": "user_data.country",
         "consent.adUserData": "consent.ad_user_data",
         "consent.adPersonalization": "consent.ad_personalization",
         "userAgent": "context.user_agent",
@@ -255,11 +268,9 @@ class GoogleAds(Destination):
         if mapped.get("orderId") is not None:
             row["orderId"] = values.text(mapped["orderId"], "Google Ads: orderId")
         raw_ids = _as_dict(mapped.get("userIdentifiers"), "userIdentifiers")
-        if "addressInfo" in raw_ids:
-            raise PayloadError(
-                "Google Ads: uploadClickConversions accepts only hashedEmail and "
-                "hashedPhoneNumber identifiers (addressInfo is for ENHANCEMENT adjustments)"
-            )
+        # uploadClickConversions takes hashed email and phone only (platforms.md §3.4): the
+        # address the default mapping gives ENHANCEMENT adjustments is left out here.
+        raw_ids.pop("addressInfo", None)
         if not ctx.restricted and (ids := self._identifiers(raw_ids, ctx)):
             row["userIdentifiers"] = ids
         if not any(row.get(k) for k in CLICK_IDS) and "userIdentifiers" not in row:

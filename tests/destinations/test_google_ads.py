@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -25,7 +26,9 @@ from destinations.base import (
     SendContext,
 )
 from destinations.google_ads import GoogleAds, TokenError
+from engine.event import normalize
 from engine.expr import build, compile_mapping
+from engine.rules import compile_container
 from tests.emulators.google_ads import GoogleAdsEmulator
 from tests.emulators.server import LoopbackServer, Reply
 
@@ -321,11 +324,15 @@ def test_more_than_five_identifiers_are_refused(ads: GoogleAds) -> None:
         payload_for(ads, event_with(user_data__email=emails))
 
 
-def test_address_info_on_a_click_conversion_is_refused(ads: GoogleAds) -> None:
-    mapping = {"userIdentifiers.addressInfo.hashedFirstName": "user_data.first_name"}
+def test_a_click_conversion_leaves_the_address_out_mapped_or_default(ads: GoogleAds) -> None:
+    # uploadClickConversions takes hashed email and phone only (platforms.md §3.4).
+    mapping = {"userIdentifiers.addressInfo.hashedStreetAddress": {"value": "Main St 5"}}
 
-    with pytest.raises(PayloadError, match="accepts only hashedEmail and hashedPhoneNumber"):
-        payload_for(ads, EVENT, mapping=mapping)
+    for sent in (row(payload_for(ads, EVENT)), row(payload_for(ads, EVENT, mapping=mapping))):
+        assert [next(iter(i)) for i in sent["userIdentifiers"]] == [
+            "hashedEmail",
+            "hashedPhoneNumber",
+        ]
 
 
 def test_ad_personalization_is_never_sent_on_a_click_conversion(ads: GoogleAds) -> None:
@@ -416,11 +423,79 @@ def test_enhancement_carries_address_info_to_the_adjustments_endpoint(
         "addressInfo": {
             "hashedFirstName": MARY,
             "hashedLastName": OBRIEN,
+            "city": "berlin",  # the default mapping's, as the tag maps no city
+            "state": "be",
             "postalCode": "10115",
             "countryCode": "DE",
         }
     }
     assert sent["userAgent"] == "Mozilla/5.0 ..."
+
+
+def test_enhancement_sends_the_events_name_and_address_by_default(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    results = deliver(ads, [payload_for(ads, EVENT, event_name="ENHANCEMENT")])
+
+    assert results == [ItemResult.delivered()]
+    (sent,) = emulator.adjustments
+    assert sent["userIdentifiers"] == [
+        {"hashedEmail": hashlib.sha256(b"a@example.com").hexdigest()},
+        {"hashedPhoneNumber": hashlib.sha256(b"+4915112345678").hexdigest()},
+        {
+            "addressInfo": {
+                "hashedFirstName": hashlib.sha256(b"ada").hexdigest(),
+                "hashedLastName": hashlib.sha256(b"lovelace").hexdigest(),
+                "city": "berlin",
+                "state": "be",
+                "postalCode": "10115",
+                "countryCode": "DE",
+            }
+        },
+    ]
+
+
+def test_a_tag_removes_the_default_address_or_part_of_it_with_null(
+    write_rules: Callable[..., Path],
+) -> None:
+    # Through the rules compiler, whose null removes a default target and what lies below it.
+    container, problems = compile_container(
+        write_rules(
+            """
+            destinations:
+              ads:
+                type: google_ads
+                customer_id: 123-456-7890
+                conversion_action: "42"
+                developer_token: t
+                client_id: c
+                client_secret: s
+                refresh_token: r
+            triggers:
+              all: {event: purchase}
+            tags:
+              - {name: none, trigger: all, destination: ads, event_name: ENHANCEMENT,
+                 consent: [], mapping: {userIdentifiers.addressInfo: null}}
+              - {name: no_city, trigger: all, destination: ads, event_name: ENHANCEMENT,
+                 consent: [], mapping: {userIdentifiers.addressInfo.city: null}}
+            """
+        ),
+        {},
+    )
+    assert container is not None, problems
+    sent = {
+        d.tag: d.payload["row"]["userIdentifiers"]
+        for d in container.evaluate(normalize(EVENT, NOW), now=NOW)
+    }
+
+    assert [next(iter(i)) for i in sent["none"]] == ["hashedEmail", "hashedPhoneNumber"]
+    assert set(sent["no_city"][-1]["addressInfo"]) == {
+        "hashedFirstName",
+        "hashedLastName",
+        "state",
+        "postalCode",
+        "countryCode",
+    }
 
 
 @pytest.mark.parametrize(
