@@ -259,7 +259,11 @@ class Destination:
         raise NotImplementedError
 
     def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
-        """One result per item, in order. The default reads the HTTP status alone."""
+        """One result per item, in order. The default reads the HTTP status alone.
+
+        Not called for a 413 answer to a request of several items: the engine sends them again
+        in halves (see the README, "Delivery, retries and dead letters").
+        """
         return [status_result(response)] * len(items)
 
     def token_request(self) -> HttpRequest | None:

@@ -63,8 +63,9 @@ class Webhook(Destination):
     ``max_body_bytes``, or :data:`DEFAULT_BATCH_BODY_BYTES` without it (:meth:`split`). The
     default mapping is the canonical event itself, with the tag's ``event_name``. With
     ``secret`` set, every request carries ``X-Tagrelay-Signature`` (see :func:`sign`). Any 2xx
-    is success; 408, 429 and 5xx are retried; 401/403 are auth failures; any other status (a
-    413 included) is permanent.
+    is success; 408, 429 and 5xx are retried; 401/403 are auth failures; any other status is
+    permanent (a 413 for a batch makes the delivery worker send it again in halves; for one
+    event alone it is permanent).
 
     ``max_body_bytes`` is the receiver's limit, and holds for every request, batched or not: an
     event whose body, sent alone, would be longer is refused when its payload is built
@@ -73,7 +74,8 @@ class Webhook(Destination):
     event goes as intake took it; a batched one too large for the default packing goes alone),
     since a default that refuses would refuse events the receiver may well take. Without the
     packing, one batch of 500 events over a proxy's limit was a 413, and every event of it a
-    dead letter (replayed, the same again).
+    dead letter (replayed, the same again); the worker now halves such a batch, but the setting
+    saves the requests that are answered 413 first.
     """
 
     name = "webhook"

@@ -349,6 +349,9 @@ class DeliveryWorker:
             response = self._attempt(dest, deliveries, items, ctx)
         if response is None:
             return
+        if response.status == 413 and len(batch) > 1:
+            self._halve(dest, batch, ctx, lease_seconds)
+            return
         results = self._read(adapter, response, items)
         ok = any(r.outcome is not Outcome.RETRYABLE for r in results)
         self.breaker(dest.name).record(ok, time.monotonic())
@@ -357,6 +360,32 @@ class DeliveryWorker:
             by_result[result].append(delivery)
         for result, group in by_result.items():
             self._finish(dest, group, result, response)
+
+    def _halve(
+        self,
+        dest: DestinationInstance,
+        batch: Sequence[tuple[Delivery, Item]],
+        ctx: SendContext,
+        lease_seconds: float,
+    ) -> None:
+        """A 413 for a request of several items: the request was too large, not its items. Each
+        half goes in a request of its own (halved again on another 413), in order, the lease
+        renewed before each; an item that alone gets a 413 is refused as the adapter reads it.
+
+        A receiver's body limit is often unknown (a proxy in front of it): without this, every
+        item of the batch became a dead letter, and a replay made the same batch again.
+        """
+        log.warning(
+            "request too large for the destination; sending it in two halves",
+            extra={"destination": dest.name, "count": len(batch)},
+        )
+        half = (len(batch) + 1) // 2
+        for part in (batch[:half], batch[half:]):
+            if self._stop.is_set():  # shutting down: what is not sent yet goes back now
+                self._release(dest, part)
+                continue
+            if renewed := self._renew(dest, part, lease_seconds):
+                self._send(dest, renewed, ctx, lease_seconds)
 
     def _attempt(
         self,

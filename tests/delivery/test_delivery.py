@@ -335,6 +335,41 @@ def test_accepted_events_reach_the_sink_in_one_batch(tmp_path: Path, sink: Any) 
     assert [s[0] for s in h.statuses()] == ["delivered"] * 5
 
 
+def test_a_batch_answered_413_is_sent_again_in_halves_until_it_fits(
+    tmp_path: Path, sink: Any
+) -> None:
+    handler, server = sink
+    handler.max_body = 600  # a receiver's body limit, unknown to the rules (~3 events a body)
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept(*({"event_name": "lead", "event_id": f"e{i:02}"} for i in range(10)))
+
+    h.worker.drain()
+
+    assert handler.ids() == {f"e{i:02}": 1 for i in range(10)}
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 10
+    # In order, each body within the limit; the larger ones were answered 413.
+    bodies = [json.loads(r.body)["events"] for r in server.requests if len(r.body) <= 600]
+    assert [e["event_id"] for body in bodies for e in body] == [f"e{i:02}" for i in range(10)]
+    assert any(len(r.body) > 600 for r in server.requests)
+
+
+def test_an_event_answered_413_alone_is_a_dead_letter_and_the_rest_is_delivered(
+    tmp_path: Path, sink: Any
+) -> None:
+    handler, server = sink
+    handler.max_body = 600
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    big = {"event_name": "lead", "event_id": "big", "properties": {"note": "x" * 800}}
+    h.accept({"event_name": "lead", "event_id": "a"}, big, {"event_name": "lead", "event_id": "b"})
+
+    h.worker.drain()
+
+    assert handler.ids() == {"a": 1, "b": 1}
+    [(status, attempts, error)] = [s for s in h.statuses() if s[0] != "delivered"]
+    assert (status, attempts) == ("dead", 1)
+    assert error is not None and "HTTP 413" in error
+
+
 @pytest.mark.parametrize(
     ("fault", "expected_error"),
     [

@@ -23,6 +23,7 @@ class FaultySink:
         self.retry_after = retry_after
         self.delay = delay
         self.received: list[dict[str, Any]] = []  # payloads of answered-OK requests
+        self.max_body: int | None = None  # longer request bodies are answered 413
         self._lock = threading.Lock()
 
     def script(self, *faults: str) -> None:
@@ -36,6 +37,9 @@ class FaultySink:
             return Counter(str(p.get("event_id")) for p in self.received)
 
     def __call__(self, request: Request) -> Reply:
+        if self.max_body is not None and len(request.body) > self.max_body:
+            # As nginx answers a body over client_max_body_size, before reading it.
+            return Reply.json({"error": "request entity too large"}, 413)
         with self._lock:
             fault = self.faults.pop(0) if self.faults else self.default
         if fault == "hang":
