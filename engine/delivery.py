@@ -37,6 +37,8 @@ from engine.transport import Transport, TransportError
 log = logging.getLogger(__name__)
 
 AUTH_RETRY_FLOOR = 60.0  # credentials rarely fix themselves within seconds
+# Outcomes that count as a failed request for the circuit breaker.
+_FAILED = frozenset({Outcome.RETRYABLE, Outcome.AUTH})
 MISSING_DESTINATION_RETRY = 60.0
 MAX_THREADS = 4096
 """The delivery pool's bound, only against runaway settings: what bounds the threads is each
@@ -255,7 +257,9 @@ class DeliveryWorker:
         for n, chunk in enumerate(chunks):
             batch = chunk
             if n:
-                if self._stop.is_set():  # shutting down: what is not sent yet goes back now
+                # Shutting down, or the destination paused by a failure of this batch or of
+                # another one: what is not sent yet goes back now, no attempt counted.
+                if self._stop.is_set() or self.breaker(dest.name).is_open:
                     self._release(dest, [pair for rest in chunks[n:] for pair in rest])
                     return
                 batch = self._renew(dest, chunk, lease_seconds)
@@ -353,7 +357,10 @@ class DeliveryWorker:
             self._halve(dest, batch, ctx, lease_seconds)
             return
         results = self._read(adapter, response, items)
-        ok = any(r.outcome is not Outcome.RETRYABLE for r in results)
+        # Refused credentials fail every request alike until an operator acts: counted as
+        # failures, they pause the destination, instead of sending (and logging at ERROR)
+        # every batch of a backlog about once a minute.
+        ok = any(r.outcome not in _FAILED for r in results)
         self.breaker(dest.name).record(ok, time.monotonic())
         by_result: dict[ItemResult, list[Delivery]] = defaultdict(list)
         for delivery, result in zip(deliveries, results, strict=True):
@@ -406,6 +413,8 @@ class DeliveryWorker:
             self._finish(dest, deliveries, ItemResult(Outcome.RETRYABLE, f"token request: {exc}"))
             return None
         except TokenFailure as exc:
+            if exc.outcome in _FAILED:
+                self.breaker(dest.name).record(False, time.monotonic())
             self._finish(dest, deliveries, ItemResult(exc.outcome, f"token request: {exc}"))
             return None
         except Exception as exc:  # noqa: BLE001 - a plugin bug is a permanent failure of the batch

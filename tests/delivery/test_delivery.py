@@ -496,6 +496,29 @@ def test_oauth_token_is_cached_and_refreshed_on_401(tmp_path: Path, plugins: Non
     assert [s[0] for s in h.statuses()] == ["delivered"] * 3
 
 
+def test_a_refused_token_request_counts_as_a_failure_for_the_circuit_breaker(
+    tmp_path: Path, plugins: None
+) -> None:
+    asked: list[str] = []
+
+    def refuse(request: Request) -> Reply:
+        asked.append(request.path)
+        return Reply.json({"error": "invalid_grant"}, 401)
+
+    with LoopbackServer(refuse) as server:
+        h = Harness(tmp_path, per_item_rules(tmp_path, server.url))
+        h.accept({"event_name": "sale", "event_id": "a", "properties": {"value": 1}})
+        breaker = h.worker.breaker("api")
+        for _ in range(breaker.threshold + 3):
+            h.make_due()
+            h.worker.drain()
+
+    assert asked == ["/token"] * breaker.threshold  # then paused, not asked every round
+    [(status, attempts, error)] = h.statuses()
+    assert (status, attempts) == ("pending", breaker.threshold)
+    assert error is not None and error.startswith("auth: token request")
+
+
 def test_errors_kept_with_dead_letters_never_contain_secrets(tmp_path: Path, plugins: None) -> None:
     def echo_secret(request: Request) -> Reply:
         if request.path == "/token":
@@ -571,6 +594,35 @@ def test_circuit_breaker_pauses_a_failing_destination_then_probes() -> None:
     assert breaker.allow(131.5)
     breaker.record(True, 131.5)
     assert breaker.allow(131.6) and not breaker.is_open
+
+
+@pytest.mark.parametrize(("status", "outcome"), [("401", "auth"), ("500", "retryable")])
+def test_failing_requests_pause_the_destination_within_a_batch_too(
+    tmp_path: Path, status: str, outcome: str
+) -> None:
+    # Refused credentials fail every request alike until an operator acts: they pause the
+    # destination like a platform that is down, instead of sending every batch of a backlog.
+    handler = FaultySink(status)
+    with LoopbackServer(handler) as server:
+        rules = make_rules(
+            tmp_path,
+            f'''hook: {{type: webhook, url: "{server.url}/", delivery: {{batch_wait: 0}}}}\n''',
+            "- {name: to_hook, trigger: all, destination: hook}\n",
+        )
+        h = Harness(tmp_path, rules)
+        h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(12)))
+
+        h.worker.drain()  # one event per request: one batch of twelve requests
+
+    breaker = h.worker.breaker("hook")
+    assert len(server.requests) == breaker.threshold  # then paused: no request per batch
+    assert breaker.is_open
+    statuses = h.statuses()
+    refused = [s for s in statuses if s[1] == 1]
+    assert len(refused) == breaker.threshold
+    assert all(s[0] == "pending" and s[2] and s[2].startswith(f"{outcome}:") for s in refused)
+    # The others wait for the pause to end without using up an attempt.
+    assert [s[:2] for s in statuses if s[1] == 0] == [("pending", 0)] * 7
 
 
 def test_a_slow_destination_does_not_hold_up_another(tmp_path: Path) -> None:

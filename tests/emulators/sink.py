@@ -49,6 +49,8 @@ class FaultySink:
             return Reply.reset()
         if fault == "500":
             return Reply.json({"error": "boom"}, 500)
+        if fault == "401":
+            return Reply.json({"error": "invalid token"}, 401)
         if fault == "429":
             return Reply.json({"error": "slow down"}, 429, {"Retry-After": str(self.retry_after)})
         if fault == "slow":
