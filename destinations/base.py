@@ -373,7 +373,8 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 
 def status_result(response: HttpResponse) -> ItemResult:
-    """The generic reading of an HTTP status: 2xx delivered, 401/403 auth, 408/429/5xx retry."""
+    """The generic reading of an HTTP status: 2xx delivered, 401/403 auth, 408/429/5xx retry
+    (and a 413 with ``Retry-After``, a temporary refusal); any other status is permanent."""
     status = response.status
     if 200 <= status < 300:
         return ItemResult.delivered()
@@ -382,4 +383,7 @@ def status_result(response: HttpResponse) -> ItemResult:
         return ItemResult(Outcome.AUTH, reason)
     if status in (408, 425, 429) or status >= 500:
         return ItemResult(Outcome.RETRYABLE, reason, retry_after_seconds(response.headers))
+    if status == 413 and (wait := retry_after_seconds(response.headers)) is not None:
+        # RFC 9110 §15.5.14: a server whose refusal is temporary says when to retry.
+        return ItemResult(Outcome.RETRYABLE, reason, wait)
     return ItemResult(Outcome.PERMANENT, reason)

@@ -55,6 +55,8 @@ PERSONAL_HOMES = {
     "last_name": "userIdentifiers.addressInfo.hashedLastName",
     "street": "userIdentifiers.addressInfo.hashedStreetAddress",
 }
+# The addressInfo fields that name a person or a place of theirs (see _identifiers).
+_IDENTIFYING = frozenset({"hashedFirstName", "hashedLastName", "hashedStreetAddress"})
 CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
 # What counts as an object: dict comes first, since an exact type test is much cheaper than
 # the Mapping ABC check that a dict would pass anyway.
@@ -149,6 +151,10 @@ class GoogleAds(Destination):
 
     The adjustment time is the event time. The two kinds go to different endpoints, so
     :meth:`batch_key` keeps them apart.
+
+    An ``addressInfo`` is sent only with a hashed name or street (a country, city or postal code
+    alone matches no one) and only when the e-mail and phone identifiers leave room for it
+    among the five a row may carry.
 
     Rules checked before sending (each :class:`PayloadError` names it): one identifier per
     ``userIdentifiers`` entry and at most 5; only hashed email and phone on click conversions
@@ -376,7 +382,17 @@ class GoogleAds(Destination):
             {"hashedEmail": h} for h in _hash_all(raw.get("hashedEmail"), _email)
         ]
         ids += [{"hashedPhoneNumber": h} for h in _hash_all(raw.get("hashedPhoneNumber"), phone)]
-        if address and (info := _address_info(addr)):
+        # An address identifies someone only with a name or a street: a country, a city or a
+        # postal code alone matches no one, so it is left out (and an ENHANCEMENT with nothing
+        # else is not sent). It takes a place only when e-mail and phone leave one: the default
+        # mapping gives every enhancement an address, which must not refuse a row that is
+        # complete without it.
+        if (
+            address
+            and len(ids) < MAX_IDENTIFIERS
+            and (info := _address_info(addr))
+            and not _IDENTIFYING.isdisjoint(info)
+        ):
             ids.append({"addressInfo": info})
         if len(ids) > MAX_IDENTIFIERS:
             raise PayloadError(

@@ -81,8 +81,9 @@ def parse_json_body(body: bytes, content_type: str | None, allow_text: bool = Fa
     if not body:
         raise BadRequest("the request body is empty")
     value = jsonio.loads_fast(body)
-    if value is jsonio.NOT_READ:
-        value = _parse_slowly(body)
+    text = None
+    if value is jsonio.NOT_READ:  # read by json (see jsonio): what orjson refused, or may misread
+        text, value = _parse_slowly(body)
     # Counting brackets (quoted ones too) is cheap and rules out nearly every body at once.
     if (
         body.count(b"{") + body.count(b"[") > MAX_DEPTH
@@ -90,28 +91,26 @@ def parse_json_body(body: bytes, content_type: str | None, allow_text: bool = Fa
         and _too_deep(value, MAX_DEPTH)
     ):
         raise BadRequest(_TOO_DEEP)
+    # orjson refuses a lone surrogate; json reads one, so only a text json read can hold one.
+    if text is not None and _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        raise BadRequest(
+            "the body holds an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF): "
+            "text that is not Unicode cannot be stored"
+        )
     return value
 
 
-def _parse_slowly(body: bytes) -> Any:
-    """Read ``body`` with the json module: what orjson refused (the errors are json's), or may
-    read otherwise (see jsonio). orjson refuses a lone surrogate; json reads it, so it is
-    refused here."""
+def _parse_slowly(body: bytes) -> tuple[str, Any]:
+    """``body`` as text and read by the json module, whose errors clients get."""
     try:
         text = body.decode("utf-8")
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
+        return text, json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
     except UnicodeDecodeError as exc:
         raise BadRequest("the body is not valid UTF-8") from exc
     except RecursionError as exc:
         raise BadRequest(_TOO_DEEP) from exc
     except ValueError as exc:
         raise BadRequest(f"the body is not valid JSON: {str(exc).split(':')[0]}") from exc
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
-        raise BadRequest(
-            "the body holds an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF): "
-            "text that is not Unicode cannot be stored"
-        )
-    return value
 
 
 # A surrogate can only reach a decoded body through a ``\uD8xx``-style escape (UTF-8 cannot

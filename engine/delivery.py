@@ -25,7 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from destinations.base import Destination, HttpResponse, Item, ItemResult, Outcome, SendContext
+from destinations.base import (
+    Destination,
+    HttpResponse,
+    Item,
+    ItemResult,
+    Outcome,
+    SendContext,
+    retry_after_seconds,
+)
 from engine import metrics
 from engine.batching import SplitError, split_group
 from engine.breaker import Backoff, CircuitBreaker
@@ -353,7 +361,12 @@ class DeliveryWorker:
             response = self._attempt(dest, deliveries, items, ctx)
         if response is None:
             return
-        if response.status == 413 and len(batch) > 1:
+        # A 413 with Retry-After is a temporary condition (RFC 9110 §15.5.14), read as one.
+        if (
+            response.status == 413
+            and len(batch) > 1
+            and retry_after_seconds(response.headers) is None
+        ):
             self._halve(dest, batch, ctx, lease_seconds)
             return
         results = self._read(adapter, response, items)
@@ -376,8 +389,9 @@ class DeliveryWorker:
         lease_seconds: float,
     ) -> None:
         """A 413 for a request of several items: the request was too large, not its items. Each
-        half goes in a request of its own (halved again on another 413), in order, the lease
-        renewed before each; an item that alone gets a 413 is refused as the adapter reads it.
+        half goes in a request of its own (halved again on another 413), one after the other,
+        the lease renewed before each; an item that alone gets a 413 is refused as the adapter
+        reads it. A receiver that refuses everything so gets up to 2n - 1 requests for n items.
 
         A receiver's body limit is often unknown (a proxy in front of it): without this, every
         item of the batch became a dead letter, and a replay made the same batch again.

@@ -353,6 +353,25 @@ def test_a_batch_answered_413_is_sent_again_in_halves_until_it_fits(
     assert any(len(r.body) > 600 for r in server.requests)
 
 
+def test_a_413_with_retry_after_is_a_temporary_refusal_retried_whole(
+    tmp_path: Path, sink: Any
+) -> None:
+    handler, server = sink
+    handler.script("413-later")
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(3)))
+
+    before = time.time()
+    h.worker.drain()
+
+    assert len(server.requests) == 1  # not halved
+    statuses = h.statuses()
+    assert [s[:2] for s in statuses] == [("pending", 1)] * 3
+    assert all(s[2] and s[2].startswith("retryable: HTTP 413") for s in statuses)
+    due = h.store.get_delivery(1)
+    assert due is not None and due.next_attempt_at >= before + handler.retry_after
+
+
 def test_an_event_answered_413_alone_is_a_dead_letter_and_the_rest_is_delivered(
     tmp_path: Path, sink: Any
 ) -> None:

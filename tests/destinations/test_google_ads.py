@@ -455,6 +455,34 @@ def test_enhancement_sends_the_events_name_and_address_by_default(
     ]
 
 
+@pytest.mark.parametrize(
+    "where", [{"country": "DE"}, {"city": "Berlin", "state": "BE", "postal_code": "10115"}]
+)
+def test_an_address_without_a_name_or_street_is_no_identifier(
+    ads: GoogleAds, where: dict[str, str]
+) -> None:
+    # A place alone matches no one: an enhancement with nothing else is not sent.
+    event = event_with(user_data=where)
+
+    with pytest.raises(PayloadError, match="ENHANCEMENT needs at least one user identifier"):
+        payload_for(ads, event, event_name="ENHANCEMENT")
+
+
+def test_the_default_address_takes_no_place_that_email_and_phone_fill(ads: GoogleAds) -> None:
+    # Five identifiers a row may carry: a tag's five e-mails and phones are not refused for
+    # the address the default mapping adds.
+    mapping = {
+        "userIdentifiers.hashedEmail": "[user_data.email, 'b@example.com', 'c@example.com']",
+        "userIdentifiers.hashedPhoneNumber": "[user_data.phone, '+4915112345679']",
+    }
+
+    sent = row(payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=mapping))
+
+    assert [next(iter(i)) for i in sent["userIdentifiers"]] == ["hashedEmail"] * 3 + [
+        "hashedPhoneNumber"
+    ] * 2
+
+
 def test_a_tag_removes_the_default_address_or_part_of_it_with_null(
     write_rules: Callable[..., Path],
 ) -> None:

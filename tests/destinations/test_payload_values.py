@@ -331,7 +331,12 @@ def test_a_google_ads_country_that_is_not_text_reads_phone_numbers_without_one(
         "orderId": "ord_789",
         "userIdentifiers": {
             "hashedPhoneNumber": "+4915112345678",
-            "addressInfo": {"countryCode": country, "city": "Berlin", "state": ["BE"]},
+            "addressInfo": {
+                "hashedLastName": "Lovelace",
+                "countryCode": country,
+                "city": "Berlin",
+                "state": ["BE"],
+            },
         },
     }
 
@@ -339,7 +344,8 @@ def test_a_google_ads_country_that_is_not_text_reads_phone_numbers_without_one(
 
     identifiers = payload["row"]["userIdentifiers"]
     assert {"hashedPhoneNumber": normalize.sha256_hex("+4915112345678")} in identifiers
-    assert {"addressInfo": {"city": "berlin"}} in identifiers
+    last_name = normalize.sha256_hex("lovelace")
+    assert {"addressInfo": {"hashedLastName": last_name, "city": "berlin"}} in identifiers
 
 
 def test_numbers_written_as_text_are_still_read() -> None:

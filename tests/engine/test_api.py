@@ -169,6 +169,10 @@ def test_an_event_is_committed_before_it_is_acknowledged(
             b'{"event_name": "x", "properties": {"\\udfff": 1}}',
             "the body holds an unpaired UTF-16 surrogate escape",
         ),
+        (  # both: the depth is told, as before bodies were read with orjson first
+            b'{"event_name": "x", "p": ' + b"[" * 100 + b'"\\ud800"' + b"]" * 100 + b"}",
+            "the JSON is nested too deeply (at most 64 levels)",
+        ),
     ],
 )
 def test_bad_bodies_get_400_with_a_clear_message(
