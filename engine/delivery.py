@@ -401,8 +401,10 @@ class DeliveryWorker:
             extra={"destination": dest.name, "count": len(batch)},
         )
         half = (len(batch) + 1) // 2
-        for part in (batch[:half], batch[half:]):
-            if self._stop.is_set():  # shutting down: what is not sent yet goes back now
+        for n, part in enumerate((batch[:half], batch[half:])):
+            # As between the requests of a batch (_deliver): shutting down, or paused by the
+            # first half's failure, the second half goes back unattempted.
+            if self._stop.is_set() or (n and self.breaker(dest.name).is_open):
                 self._release(dest, part)
                 continue
             if renewed := self._renew(dest, part, lease_seconds):

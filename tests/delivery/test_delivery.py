@@ -353,6 +353,24 @@ def test_a_batch_answered_413_is_sent_again_in_halves_until_it_fits(
     assert any(len(r.body) > 600 for r in server.requests)
 
 
+def test_a_half_that_pauses_the_destination_gives_the_other_half_back(
+    tmp_path: Path, sink: Any
+) -> None:
+    handler, server = sink
+    handler.script("413", "500")
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(4)))
+    breaker = h.worker.breaker("hook")
+    for _ in range(breaker.threshold - 1):  # one failure short of a pause
+        breaker.record(False, time.monotonic())
+
+    h.worker.drain()
+
+    assert len(server.requests) == 2  # the batch, then its first half
+    assert breaker.is_open
+    assert [s[:2] for s in h.statuses()] == [("pending", 1)] * 2 + [("pending", 0)] * 2
+
+
 def test_a_413_with_retry_after_is_a_temporary_refusal_retried_whole(
     tmp_path: Path, sink: Any
 ) -> None:

@@ -49,6 +49,8 @@ class FaultySink:
             return Reply.reset()
         if fault == "500":
             return Reply.json({"error": "boom"}, 500)
+        if fault == "413":
+            return Reply.json({"error": "request entity too large"}, 413)
         if fault == "413-later":  # too large for now (RFC 9110: with Retry-After)
             return Reply.json({"error": "busy"}, 413, {"Retry-After": str(self.retry_after)})
         if fault == "401":
