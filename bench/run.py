@@ -534,6 +534,16 @@ def bench_http(
             "track_over_floor": track_s["req_per_s"] / floor_s["req_per_s"],
             "cpu_track_over_floor": floor_s["server_cpu_us_per_req"]
             / track_s["server_cpu_us_per_req"],
+            # Round by round (the two measured seconds apart): how far the neighbours' load
+            # moves the ratio, which the medians above hide.
+            "track_over_bare_rounds": [
+                t.rps / b.rps if b.rps else 0.0
+                for b, t in zip(measured["bare"], measured["track"], strict=True)
+            ],
+            "cpu_track_over_bare_rounds": [
+                b / t if t else 0.0
+                for b, t in zip(server_cpu["bare"], server_cpu["track"], strict=True)
+            ],
         },
         "stored_events": stored,
         "floor_stored_events": floor_stored,
@@ -551,6 +561,11 @@ def _progress(text: str) -> None:
 
 def _fmt(value: float) -> str:
     return f"{value:,.0f}"
+
+
+def _span(values: Sequence[float]) -> str:
+    """The lowest and highest of ``values`` as ``0.33-0.43``."""
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
 
 
 def report(results: dict[str, Any]) -> str:
@@ -623,6 +638,8 @@ def report(results: dict[str, Any]) -> str:
             f"  {'track req/s / bare req/s':34s} {r['track_over_bare']:10.2f} "
             f"{r['cpu_track_over_bare']:8.2f}   {ok} target {r['track_target']:.2f}"
             " (throughput)",
+            f"  {'  the same, round by round':34s} {_span(r['track_over_bare_rounds']):>10s} "
+            f"{_span(r['cpu_track_over_bare_rounds']):>8s}",
             f"  {'batch events/s / bare req/s':34s} {r['batch_events_over_bare_req']:10.2f} "
             f"{r['cpu_batch_events_over_bare_req']:8.2f}",
             f"  {'floor req/s / bare req/s':34s} {r['floor_over_bare']:10.2f} "
