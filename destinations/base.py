@@ -229,6 +229,17 @@ class Destination:
             payload["timestamp"] = stamp
         return payload
 
+    def mapping_warnings(self, event_name: str | None, targets: Sequence[str]) -> list[str]:
+        """What ``tagrelay check`` warns about a tag of this destination: targets the tag maps
+        that the adapter will leave out of what it sends. The default has nothing to say.
+
+        Args:
+            event_name: the tag's ``event_name`` when it is a constant; None when it has none
+                (the event's own name is used) or it is an expression.
+            targets: the targets the tag's own mapping sets (a removing ``null`` is none).
+        """
+        return []
+
     # -- delivery -------------------------------------------------------------------------------
 
     def check_item(self, item: Item, ctx: SendContext) -> str | None:

@@ -55,6 +55,7 @@ PERSONAL_HOMES = {
     "last_name": "userIdentifiers.addressInfo.hashedLastName",
     "street": "userIdentifiers.addressInfo.hashedStreetAddress",
 }
+_ADDRESS_TARGET = "userIdentifiers.addressInfo"
 # The addressInfo fields that name a person or a place of theirs (see _identifiers).
 _IDENTIFYING = frozenset({"hashedFirstName", "hashedLastName", "hashedStreetAddress"})
 CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
@@ -257,6 +258,21 @@ class GoogleAds(Destination):
         else:
             operation, row = CONVERSIONS, self._conversion(mapped, ctx)
         return {"operation": operation, "row": row}
+
+    def mapping_warnings(self, event_name: str | None, targets: Sequence[str]) -> list[str]:
+        """An address mapped by a tag that makes click conversions, which leave it out."""
+        if event_name is None or "adjustmentType" in targets:
+            return []
+        if event_name.strip().upper() in ADJUSTMENT_TYPES:
+            return []
+        address = sorted(t for t in targets if t.startswith(_ADDRESS_TARGET))
+        if not address:
+            return []
+        return [
+            f"mapping {address[0]} is not sent: event_name {event_name!r} makes a click "
+            "conversion, which takes hashed e-mail and phone only (an address goes with "
+            "ENHANCEMENT adjustments)"
+        ]
 
     def _conversion(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
         if not ADJUSTMENT_ONLY.isdisjoint(mapped):

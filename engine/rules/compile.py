@@ -434,6 +434,7 @@ class _Compiler:
                     if raw_name.startswith("$")
                     else constant(raw_name)
                 )
+            self._adapter_warnings(name, entry, dest)
             dedup = None
             if "dedup_key" in spec:
                 dedup = self.expression(
@@ -617,6 +618,23 @@ class _Compiler:
             cleartext.check(value, target, f"{dest.name} ({dest.type})", adapter.personal_homes)
         except PayloadError as exc:
             self.error(where, f"tag {tag} mapping {exc}")
+
+    def _adapter_warnings(self, tag: str, entry: _Entry, dest: DestinationInstance) -> None:
+        """What the tag's adapter says of its mapping (Destination.mapping_warnings)."""
+        overrides: dict[str, Any] = entry.value.get("mapping") or {}
+        targets = [target for target, source in overrides.items() if source is not None]
+        raw_name = entry.value.get("event_name")
+        event_name = (
+            raw_name if isinstance(raw_name, str) and not raw_name.startswith("$") else None
+        )
+        try:
+            messages = dest.adapter.mapping_warnings(event_name, targets)
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the check
+            messages = [
+                f"the {dest.type} adapter could not check the mapping: {type(exc).__name__}"
+            ]
+        for message in messages:
+            self.warn(entry.at("mapping") if overrides else entry.at(), f"tag {tag}: {message}")
 
     def _check_canonical(
         self, tag: str, target: str, source: tuple[str, ...], where: Position

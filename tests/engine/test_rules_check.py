@@ -283,3 +283,21 @@ def test_a_plugin_that_rejects_its_settings_never_gets_them_quoted(
     shown = "\n".join(map(str, problems))
     assert "rejected its settings" in shown
     assert "8471" not in shown and "abcdef" not in shown
+
+
+def test_an_adapter_whose_mapping_check_fails_gets_a_warning_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: Destination, event_name: str | None, targets: Any) -> list[str]:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(registry.registry()["google_ads"], "mapping_warnings", broken)
+    path = RULES / "valid" / "google_ads_address_on_a_click_conversion.yaml"
+
+    container, problems = compile_container(path, ENV)
+
+    assert container is not None
+    assert [p.message for p in problems if "could not check" in p.message] == [
+        f"tag {tag}: the google_ads adapter could not check the mapping: RuntimeError"
+        for tag in ("click", "enhancement", "removed")
+    ]
