@@ -24,7 +24,7 @@ import enum
 import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -229,16 +229,20 @@ class Destination:
             payload["timestamp"] = stamp
         return payload
 
-    def mapping_warnings(self, event_name: str | None, targets: Sequence[str]) -> list[str]:
+    def mapping_warnings(
+        self, event_names: Collection[str] | None, targets: Sequence[str]
+    ) -> dict[str, str]:
         """What ``tagrelay check`` warns about a tag of this destination: targets the tag maps
-        that the adapter will leave out of what it sends. The default has nothing to say.
+        that the adapter will leave out of what it sends, each with its message. The default has
+        nothing to say.
 
         Args:
-            event_name: the tag's ``event_name`` when it is a constant; None when it has none
-                (the event's own name is used) or it is an expression.
+            event_names: the platform event names the tag can send: its ``event_name`` when it
+                is a constant, else (none given) the events its triggers name; None when they
+                cannot be known (an expression, a trigger on any event).
             targets: the targets the tag's own mapping sets (a removing ``null`` is none).
         """
-        return []
+        return {}
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -272,8 +276,8 @@ class Destination:
     def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
         """One result per item, in order. The default reads the HTTP status alone.
 
-        Not called for a 413 answer to a request of several items: the engine sends them again
-        in halves (see the README, "Delivery, retries and dead letters").
+        Never called for a 413 answer: the engine reads it (a request of several items is sent
+        again in halves; see the README, "Delivery, retries and dead letters").
         """
         return [status_result(response)] * len(items)
 
@@ -384,8 +388,8 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 
 def status_result(response: HttpResponse) -> ItemResult:
-    """The generic reading of an HTTP status: 2xx delivered, 401/403 auth, 408/429/5xx retry
-    (and a 413 with ``Retry-After``, a temporary refusal); any other status is permanent."""
+    """The generic reading of an HTTP status: 2xx delivered, 401/403 auth, 408/429/5xx retry;
+    any other status is permanent (a 413 never comes here: the engine reads it)."""
     status = response.status
     if 200 <= status < 300:
         return ItemResult.delivered()
@@ -394,7 +398,4 @@ def status_result(response: HttpResponse) -> ItemResult:
         return ItemResult(Outcome.AUTH, reason)
     if status in (408, 425, 429) or status >= 500:
         return ItemResult(Outcome.RETRYABLE, reason, retry_after_seconds(response.headers))
-    if status == 413 and (wait := retry_after_seconds(response.headers)) is not None:
-        # RFC 9110 §15.5.14: a server whose refusal is temporary says when to retry.
-        return ItemResult(Outcome.RETRYABLE, reason, wait)
     return ItemResult(Outcome.PERMANENT, reason)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -259,20 +259,24 @@ class GoogleAds(Destination):
             operation, row = CONVERSIONS, self._conversion(mapped, ctx)
         return {"operation": operation, "row": row}
 
-    def mapping_warnings(self, event_name: str | None, targets: Sequence[str]) -> list[str]:
-        """An address mapped by a tag that makes click conversions, which leave it out."""
-        if event_name is None or "adjustmentType" in targets:
-            return []
-        if event_name.strip().upper() in ADJUSTMENT_TYPES:
-            return []
-        address = sorted(t for t in targets if t.startswith(_ADDRESS_TARGET))
-        if not address:
-            return []
-        return [
-            f"mapping {address[0]} is not sent: event_name {event_name!r} makes a click "
-            "conversion, which takes hashed e-mail and phone only (an address goes with "
-            "ENHANCEMENT adjustments)"
-        ]
+    def mapping_warnings(
+        self, event_names: Collection[str] | None, targets: Sequence[str]
+    ) -> dict[str, str]:
+        """An address mapped by a tag that sends rows other than ENHANCEMENT, which leave it out."""
+        if event_names is None or "adjustmentType" in targets:
+            return {}
+        others = sorted(n for n in event_names if n.strip().upper() != "ENHANCEMENT")
+        if not others:
+            return {}
+        return {
+            target: (
+                f"mapping {target} is not sent for event_name {others[0]!r}: an address goes "
+                "with ENHANCEMENT adjustments only (a click conversion takes hashed e-mail and "
+                "phone, a RETRACTION or RESTATEMENT no user identifier)"
+            )
+            for target in targets
+            if target == _ADDRESS_TARGET or target.startswith(_ADDRESS_TARGET + ".")
+        }
 
     def _conversion(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
         if not ADJUSTMENT_ONLY.isdisjoint(mapped):

@@ -64,8 +64,8 @@ class Webhook(Destination):
     default mapping is the canonical event itself, with the tag's ``event_name``. With
     ``secret`` set, every request carries ``X-Tagrelay-Signature`` (see :func:`sign`). Any 2xx
     is success; 408, 429 and 5xx are retried; 401/403 are auth failures; any other status is
-    permanent (a 413 for a batch makes the delivery worker send it again in halves; for one
-    event alone it is permanent).
+    permanent, except a 413, which the delivery worker reads (a batch is sent again in halves;
+    with ``Retry-After``, retried then).
 
     ``max_body_bytes`` is the receiver's limit, and holds for every request, batched or not: an
     event whose body, sent alone, would be longer is refused when its payload is built

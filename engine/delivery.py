@@ -217,7 +217,7 @@ class DeliveryWorker:
 
     def _run_batch(self, dest: DestinationInstance, probe: bool = False) -> None:
         try:
-            self._deliver(dest)
+            self._deliver(dest, probe)
         except StoreError:
             log.warning("store unavailable during delivery", extra={"destination": dest.name})
         except Exception as exc:
@@ -232,7 +232,7 @@ class DeliveryWorker:
             with self._flight_lock:
                 self._in_flight[dest.name] -= 1
 
-    def _deliver(self, dest: DestinationInstance) -> None:
+    def _deliver(self, dest: DestinationInstance, probe: bool = False) -> None:
         """Lease a batch and send it: the items of each batch key in the requests the adapter's
         :meth:`~destinations.base.Destination.split` makes of them.
 
@@ -266,9 +266,14 @@ class DeliveryWorker:
             batch = chunk
             if n:
                 # Shutting down, or the destination paused by a failure of this batch or of
-                # another one: what is not sent yet goes back now, no attempt counted.
-                if self._stop.is_set() or self.breaker(dest.name).is_open:
-                    self._release(dest, [pair for rest in chunks[n:] for pair in rest])
+                # another one: what is not sent yet goes back now, no attempt counted. Not in a
+                # probe: judged by its first request alone, a probe whose first item the platform
+                # always refuses would keep a recovered destination paused, and what it gave
+                # back would never reach its max_age.
+                paused = not probe and self.breaker(dest.name).is_open
+                if self._stop.is_set() or paused:
+                    why = "delivery stopping" if self._stop.is_set() else "destination paused"
+                    self._release(dest, [pair for rest in chunks[n:] for pair in rest], why)
                     return
                 batch = self._renew(dest, chunk, lease_seconds)
             if batch:
@@ -314,10 +319,15 @@ class DeliveryWorker:
         error = f"{type(exc).__name__} in the delivery of a request"
         self._finish(dest, [d for d, _ in batch], ItemResult(Outcome.RETRYABLE, error))
 
-    def _release(self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]]) -> None:
+    def _release(
+        self,
+        dest: DestinationInstance,
+        batch: Sequence[tuple[Delivery, Item]],
+        why: str = "delivery stopping",
+    ) -> None:
         released = self.store.release([d.id for d, _ in batch], self._holder())
         log.info(
-            "delivery stopping; unsent deliveries released",
+            f"{why}; unsent deliveries released",
             extra={"destination": dest.name, "count": released},
         )
 
@@ -361,15 +371,19 @@ class DeliveryWorker:
             response = self._attempt(dest, deliveries, items, ctx)
         if response is None:
             return
-        # A 413 with Retry-After is a temporary condition (RFC 9110 §15.5.14), read as one.
-        if (
-            response.status == 413
-            and len(batch) > 1
-            and retry_after_seconds(response.headers) is None
-        ):
-            self._halve(dest, batch, ctx, lease_seconds)
-            return
-        results = self._read(adapter, response, items)
+        if response.status == 413:
+            # Read here, never by the adapter: a refusal of the request's size, not of its items.
+            wait = retry_after_seconds(response.headers)
+            if wait is None and len(batch) > 1:
+                self._halve(dest, batch, ctx, lease_seconds)
+                return
+            reason = f"HTTP 413: {response.excerpt(200)}".strip()
+            # With Retry-After the refusal is temporary (RFC 9110 §15.5.14); without, an item
+            # alone too large for the receiver stays so.
+            outcome = Outcome.PERMANENT if wait is None else Outcome.RETRYABLE
+            results = [ItemResult(outcome, reason, wait)] * len(items)
+        else:
+            results = self._read(adapter, response, items)
         # Refused credentials fail every request alike until an operator acts: counted as
         # failures, they pause the destination, instead of sending (and logging at ERROR)
         # every batch of a backlog about once a minute.
@@ -390,8 +404,8 @@ class DeliveryWorker:
     ) -> None:
         """A 413 for a request of several items: the request was too large, not its items. Each
         half goes in a request of its own (halved again on another 413), one after the other,
-        the lease renewed before each; an item that alone gets a 413 is refused as the adapter
-        reads it. A receiver that refuses everything so gets up to 2n - 1 requests for n items.
+        the lease renewed before each; an item that alone gets a 413 is permanent. A receiver
+        that refuses everything so gets up to 2n - 1 requests for n items.
 
         A receiver's body limit is often unknown (a proxy in front of it): without this, every
         item of the batch became a dead letter, and a replay made the same batch again.
@@ -401,10 +415,8 @@ class DeliveryWorker:
             extra={"destination": dest.name, "count": len(batch)},
         )
         half = (len(batch) + 1) // 2
-        for n, part in enumerate((batch[:half], batch[half:])):
-            # As between the requests of a batch (_deliver): shutting down, or paused by the
-            # first half's failure, the second half goes back unattempted.
-            if self._stop.is_set() or (n and self.breaker(dest.name).is_open):
+        for part in (batch[:half], batch[half:]):
+            if self._stop.is_set():  # shutting down: what is not sent yet goes back now
                 self._release(dest, part)
                 continue
             if renewed := self._renew(dest, part, lease_seconds):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -434,7 +434,7 @@ class _Compiler:
                     if raw_name.startswith("$")
                     else constant(raw_name)
                 )
-            self._adapter_warnings(name, entry, dest)
+            self._adapter_warnings(name, entry, dest, trigs)
             dedup = None
             if "dedup_key" in spec:
                 dedup = self.expression(
@@ -619,22 +619,30 @@ class _Compiler:
         except PayloadError as exc:
             self.error(where, f"tag {tag} mapping {exc}")
 
-    def _adapter_warnings(self, tag: str, entry: _Entry, dest: DestinationInstance) -> None:
-        """What the tag's adapter says of its mapping (Destination.mapping_warnings)."""
+    def _adapter_warnings(
+        self, tag: str, entry: _Entry, dest: DestinationInstance, triggers: Sequence[Trigger]
+    ) -> None:
+        """What the tag's adapter says of its mapping (Destination.mapping_warnings), each at the
+        target it names. An adapter's bug, or an answer of another shape, is one warning."""
         overrides: dict[str, Any] = entry.value.get("mapping") or {}
         targets = [target for target, source in overrides.items() if source is not None]
         raw_name = entry.value.get("event_name")
-        event_name = (
-            raw_name if isinstance(raw_name, str) and not raw_name.startswith("$") else None
-        )
+        names: frozenset[str] | None = None
+        if isinstance(raw_name, str):
+            names = None if raw_name.startswith("$") else frozenset({raw_name})
+        elif triggers and all(t.events is not None for t in triggers):
+            names = frozenset().union(*(t.events or () for t in triggers))
         try:
-            messages = dest.adapter.mapping_warnings(event_name, targets)
+            found = dict(dest.adapter.mapping_warnings(names, targets) or {})
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
+                raise TypeError("mapping_warnings must give {target: message}")
         except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the check
-            messages = [
-                f"the {dest.type} adapter could not check the mapping: {type(exc).__name__}"
-            ]
-        for message in messages:
-            self.warn(entry.at("mapping") if overrides else entry.at(), f"tag {tag}: {message}")
+            found = {
+                "": f"the {dest.type} adapter could not check the mapping: {type(exc).__name__}"
+            }
+        for target, message in found.items():
+            where = entry.at("mapping", target) if target in overrides else entry.at()
+            self.warn(where, f"tag {tag}: {message}")
 
     def _check_canonical(
         self, tag: str, target: str, source: tuple[str, ...], where: Position

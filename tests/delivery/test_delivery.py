@@ -353,24 +353,6 @@ def test_a_batch_answered_413_is_sent_again_in_halves_until_it_fits(
     assert any(len(r.body) > 600 for r in server.requests)
 
 
-def test_a_half_that_pauses_the_destination_gives_the_other_half_back(
-    tmp_path: Path, sink: Any
-) -> None:
-    handler, server = sink
-    handler.script("413", "500")
-    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
-    h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(4)))
-    breaker = h.worker.breaker("hook")
-    for _ in range(breaker.threshold - 1):  # one failure short of a pause
-        breaker.record(False, time.monotonic())
-
-    h.worker.drain()
-
-    assert len(server.requests) == 2  # the batch, then its first half
-    assert breaker.is_open
-    assert [s[:2] for s in h.statuses()] == [("pending", 1)] * 2 + [("pending", 0)] * 2
-
-
 def test_a_413_with_retry_after_is_a_temporary_refusal_retried_whole(
     tmp_path: Path, sink: Any
 ) -> None:
@@ -660,6 +642,50 @@ def test_failing_requests_pause_the_destination_within_a_batch_too(
     assert all(s[0] == "pending" and s[2] and s[2].startswith(f"{outcome}:") for s in refused)
     # The others wait for the pause to end without using up an attempt.
     assert [s[:2] for s in statuses if s[1] == 0] == [("pending", 0)] * 7
+
+
+def _one_by_one_hook(tmp_path: Path, url: str, delivery: str = "") -> Path:
+    return make_rules(
+        tmp_path,
+        f'''hook: {{type: webhook, url: "{url}/", delivery: {{batch_wait: 0 {delivery}}}}}\n''',
+        "- {name: to_hook, trigger: all, destination: hook}\n",
+    )
+
+
+def test_a_probe_is_not_judged_by_one_item_the_platform_always_refuses(tmp_path: Path) -> None:
+    # The lowest-ID item fails again (a receiver that refuses one kind of payload): the probe
+    # sends the items behind it too, and their success closes the circuit.
+    handler = FaultySink()
+    handler.script("500")
+    with LoopbackServer(handler) as server:
+        h = Harness(tmp_path, _one_by_one_hook(tmp_path, server.url))
+        h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(4)))
+        breaker = h.worker.breaker("hook")
+        for _ in range(breaker.threshold):  # paused a while ago: the next batch is a probe
+            breaker.record(False, time.monotonic() - 1000)
+
+        h.worker.drain()
+
+    assert handler.ids() == {"e1": 1, "e2": 1, "e3": 1}
+    assert not breaker.is_open
+
+
+def test_while_paused_deliveries_past_max_age_still_become_dead_letters(tmp_path: Path) -> None:
+    handler = FaultySink("401")
+    with LoopbackServer(handler) as server:
+        h = Harness(tmp_path, _one_by_one_hook(tmp_path, server.url, ", max_age: 1h"))
+        h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(12)))
+        with h.store._write() as db:  # queued two hours ago
+            db.execute("UPDATE deliveries SET created_at = created_at - 7200")
+        breaker = h.worker.breaker("hook")
+
+        h.worker.drain()  # five refused, then paused: the rest goes back
+        paused = [s[0] for s in h.statuses()]
+        breaker.open_until = 0.0  # the pause is over: the next batch is a probe
+        h.worker.drain()
+
+    assert paused.count("dead") == breaker.threshold
+    assert [s[0] for s in h.statuses()] == ["dead"] * 12  # the probe reached every one
 
 
 def test_a_slow_destination_does_not_hold_up_another(tmp_path: Path) -> None:

@@ -285,19 +285,31 @@ def test_a_plugin_that_rejects_its_settings_never_gets_them_quoted(
     assert "8471" not in shown and "abcdef" not in shown
 
 
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (RuntimeError("bug"), "RuntimeError"),
+        (None, None),
+        ("text", "ValueError"),
+        ([1], "TypeError"),
+    ],
+)
 def test_an_adapter_whose_mapping_check_fails_gets_a_warning_not_a_crash(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, answer: Any, error: str | None
 ) -> None:
-    def broken(self: Destination, event_name: str | None, targets: Any) -> list[str]:
-        raise RuntimeError("bug")
+    def hook(self: Destination, event_names: Any, targets: Any) -> Any:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
-    monkeypatch.setattr(registry.registry()["google_ads"], "mapping_warnings", broken)
+    monkeypatch.setattr(registry.registry()["google_ads"], "mapping_warnings", hook)
     path = RULES / "valid" / "google_ads_address_on_a_click_conversion.yaml"
 
     container, problems = compile_container(path, ENV)
 
     assert container is not None
-    assert [p.message for p in problems if "could not check" in p.message] == [
-        f"tag {tag}: the google_ads adapter could not check the mapping: RuntimeError"
-        for tag in ("click", "enhancement", "removed")
+    assert [p.message for p in problems] == [
+        f"tag {tag}: the google_ads adapter could not check the mapping: {error}"
+        for tag in ("click", "own_name", "refund", "enhancement", "removed", "unknowable")
+        if error
     ]
