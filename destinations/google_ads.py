@@ -270,7 +270,7 @@ class GoogleAds(Destination):
             return {}
         return {
             target: (
-                f"mapping {target} is not sent for event_name {others[0]!r}: an address goes "
+                f"mapping {target} is not sent with the event name {others[0]!r}: an address goes "
                 "with ENHANCEMENT adjustments only (a click conversion takes hashed e-mail and "
                 "phone, a RETRACTION or RESTATEMENT no user identifier)"
             )

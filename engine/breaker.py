@@ -63,15 +63,20 @@ class CircuitBreaker:
             self.probing = False
 
     def record(self, ok: bool, now: float) -> None:
-        """Count a request's outcome (``now``: :func:`time.monotonic`)."""
+        """Count a request's outcome (``now``: :func:`time.monotonic`).
+
+        The pause starts when the circuit opens and doubles on a failed probe: once per probe,
+        however many of its requests fail, and not for the requests of batches that were
+        already under way when it opened.
+        """
         with self._lock:
-            self.probing = False
+            probing, self.probing = self.probing, False
             if ok:
                 self.failures = 0
                 self.current_cooldown = 0.0
                 return
             self.failures += 1
-            if self.failures >= self.threshold:
+            if self.failures == self.threshold or (probing and self.failures > self.threshold):
                 self.current_cooldown = min(
                     self.max_cooldown, max(self.cooldown, self.current_cooldown * 2)
                 )

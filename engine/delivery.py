@@ -262,18 +262,20 @@ class DeliveryWorker:
                 continue
             groups[key].append((delivery, item))
         chunks = self._split(dest, groups.values())
+        breaker = self.breaker(dest.name)
         for n, chunk in enumerate(chunks):
             batch = chunk
             if n:
-                # Shutting down, or the destination paused by a failure of this batch or of
-                # another one: what is not sent yet goes back now, no attempt counted. Not in a
-                # probe: judged by its first request alone, a probe whose first item the platform
-                # always refuses would keep a recovered destination paused, and what it gave
-                # back would never reach its max_age.
-                paused = not probe and self.breaker(dest.name).is_open
-                if self._stop.is_set() or paused:
-                    why = "delivery stopping" if self._stop.is_set() else "destination paused"
-                    self._release(dest, [pair for rest in chunks[n:] for pair in rest], why)
+                if self._stop.is_set():  # shutting down: what is not sent yet goes back now
+                    self._release(dest, [pair for rest in chunks[n:] for pair in rest])
+                    return
+                probe = probe and breaker.is_open  # a success closed it: a batch like others
+                # Paused by a failure of this batch or of another one, what is not sent yet goes
+                # back, no attempt counted. A probe goes on while its requests fail, up to the
+                # breaker's threshold: judged by its first alone, one item the platform always
+                # refuses would keep a recovered destination paused.
+                if breaker.is_open and (not probe or n >= breaker.threshold):
+                    self._pause(dest, [pair for rest in chunks[n:] for pair in rest])
                     return
                 batch = self._renew(dest, chunk, lease_seconds)
             if batch:
@@ -319,15 +321,27 @@ class DeliveryWorker:
         error = f"{type(exc).__name__} in the delivery of a request"
         self._finish(dest, [d for d, _ in batch], ItemResult(Outcome.RETRYABLE, error))
 
-    def _release(
-        self,
-        dest: DestinationInstance,
-        batch: Sequence[tuple[Delivery, Item]],
-        why: str = "delivery stopping",
-    ) -> None:
+    def _release(self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]]) -> None:
         released = self.store.release([d.id for d, _ in batch], self._holder())
         log.info(
-            f"{why}; unsent deliveries released",
+            "delivery stopping; unsent deliveries released",
+            extra={"destination": dest.name, "count": released},
+        )
+
+    def _pause(self, dest: DestinationInstance, batch: Sequence[tuple[Delivery, Item]]) -> None:
+        """Give back what a batch has not sent when its destination pauses; what is past its
+        max_age becomes a dead letter instead (no attempt counted), as it would on its next
+        failed attempt, which a destination that stays down may not give it for long."""
+        now = time.time()
+        max_age = dest.delivery.max_age
+        expired = [d.id for d, _ in batch if now - d.created_at >= max_age]
+        if expired:
+            error = "paused: the destination kept failing until max_age passed"
+            self._dead(dest, expired, error, now, count_attempt=False)
+        rest = [d.id for d, _ in batch if now - d.created_at < max_age]
+        released = self.store.release(rest, self._holder()) if rest else 0
+        log.info(
+            "destination paused; unsent deliveries released",
             extra={"destination": dest.name, "count": released},
         )
 
@@ -548,8 +562,16 @@ class DeliveryWorker:
                 extra={"destination": dest.name, "count": count - applied},
             )
 
-    def _dead(self, dest: DestinationInstance, ids: list[int], error: str, now: float) -> None:
-        self._settled(dest, len(ids), self.store.mark_dead(ids, self._holder(), error[:1000], now))
+    def _dead(
+        self,
+        dest: DestinationInstance,
+        ids: list[int],
+        error: str,
+        now: float,
+        count_attempt: bool = True,
+    ) -> None:
+        marked = self.store.mark_dead(ids, self._holder(), error[:1000], now, count_attempt)
+        self._settled(dest, len(ids), marked)
         metrics.inc(metrics.DELIVERIES, (dest.name, "dead_lettered"), len(ids))
         # The error itself stays in the store (`tagrelay deadletters show`): a platform's answer
         # can echo payload fields, such as an IP, that must not reach a log.

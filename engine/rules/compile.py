@@ -434,7 +434,7 @@ class _Compiler:
                     if raw_name.startswith("$")
                     else constant(raw_name)
                 )
-            self._adapter_warnings(name, entry, dest, trigs)
+            self._adapter_warnings(name, entry, dest, trigs, excs)
             dedup = None
             if "dedup_key" in spec:
                 dedup = self.expression(
@@ -620,7 +620,12 @@ class _Compiler:
             self.error(where, f"tag {tag} mapping {exc}")
 
     def _adapter_warnings(
-        self, tag: str, entry: _Entry, dest: DestinationInstance, triggers: Sequence[Trigger]
+        self,
+        tag: str,
+        entry: _Entry,
+        dest: DestinationInstance,
+        triggers: Sequence[Trigger],
+        exceptions: Sequence[Trigger],
     ) -> None:
         """What the tag's adapter says of its mapping (Destination.mapping_warnings), each at the
         target it names. An adapter's bug, or an answer of another shape, is one warning."""
@@ -632,6 +637,12 @@ class _Compiler:
             names = None if raw_name.startswith("$") else frozenset({raw_name})
         elif triggers and all(t.events is not None for t in triggers):
             names = frozenset().union(*(t.events or () for t in triggers))
+            # An exception without conditions blocks every event it names.
+            for exc in exceptions:
+                if exc.events is not None and not exc.when and not exc.unless:
+                    names -= exc.events
+            if not names:
+                return
         try:
             found = dict(dest.adapter.mapping_warnings(names, targets) or {})
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):

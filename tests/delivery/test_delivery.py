@@ -677,15 +677,31 @@ def test_while_paused_deliveries_past_max_age_still_become_dead_letters(tmp_path
         h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(12)))
         with h.store._write() as db:  # queued two hours ago
             db.execute("UPDATE deliveries SET created_at = created_at - 7200")
-        breaker = h.worker.breaker("hook")
 
-        h.worker.drain()  # five refused, then paused: the rest goes back
-        paused = [s[0] for s in h.statuses()]
-        breaker.open_until = 0.0  # the pause is over: the next batch is a probe
+        h.worker.drain()  # five refused, then paused: what is left is past max_age too
+
+    statuses = h.statuses()
+    assert [s[:2] for s in statuses] == [("dead", 1)] * 5 + [("dead", 0)] * 7
+    assert all(s[2] and s[2].startswith("paused:") for s in statuses[5:])
+    assert len(handler.received) == 0 and len(server.requests) == 5
+
+
+def test_a_failing_probe_stops_after_the_threshold_and_doubles_the_pause_once(
+    tmp_path: Path,
+) -> None:
+    handler = FaultySink("500")
+    with LoopbackServer(handler) as server:
+        h = Harness(tmp_path, _one_by_one_hook(tmp_path, server.url))
+        h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(50)))
+        breaker = h.worker.breaker("hook")
+        for _ in range(breaker.threshold):  # paused a while ago: the next batch is a probe
+            breaker.record(False, time.monotonic() - 1000)
+
         h.worker.drain()
 
-    assert paused.count("dead") == breaker.threshold
-    assert [s[0] for s in h.statuses()] == ["dead"] * 12  # the probe reached every one
+    assert len(server.requests) == breaker.threshold  # not one request per item of the batch
+    assert breaker.current_cooldown == 2 * breaker.cooldown
+    assert sum(1 for s in h.statuses() if s[1]) == breaker.threshold
 
 
 def test_a_slow_destination_does_not_hold_up_another(tmp_path: Path) -> None:

@@ -310,6 +310,14 @@ def test_an_adapter_whose_mapping_check_fails_gets_a_warning_not_a_crash(
     assert container is not None
     assert [p.message for p in problems] == [
         f"tag {tag}: the google_ads adapter could not check the mapping: {error}"
-        for tag in ("click", "own_name", "refund", "enhancement", "removed", "unknowable")
+        for tag in (
+            "click",
+            "own_name",
+            "refund",
+            "enhancement",
+            "removed",
+            "unknowable",
+            "enhancements_only",
+        )
         if error
     ]
