@@ -48,13 +48,19 @@ class CircuitBreaker:
 
     def allow(self, now: float) -> bool:
         """Whether a request may go now (``now``: :func:`time.monotonic`)."""
+        return self.admit(now)[0]
+
+    def admit(self, now: float) -> tuple[bool, bool]:
+        """Whether a batch may go now, and whether it is the probe: decided together, so that
+        another thread's success between two questions cannot make a batch taken for the probe
+        end the real probe's turn (``now``: :func:`time.monotonic`)."""
         with self._lock:
             if self.failures < self.threshold:
-                return True
+                return True, False
             if now < self.open_until or self.probing:
-                return False
+                return False, False
             self.probing = True
-            return True
+            return True, True
 
     def end_probe(self) -> None:
         """The probe let through by :meth:`allow` ended without a request to judge it by (its

@@ -159,8 +159,8 @@ class DeliveryWorker:
             with self._flight_lock:
                 if self._in_flight[name] >= opts.concurrency:
                     continue
-                probe = breaker.is_open
-                if not breaker.allow(time.monotonic()):
+                allowed, probe = breaker.admit(time.monotonic())
+                if not allowed:
                     continue
                 self._in_flight[name] += 1
             started += 1

@@ -1293,3 +1293,16 @@ def test_a_lease_outlasts_the_longest_a_request_can_hold_it(tmp_path: Path) -> N
 
     connect = h.worker.transport.connect_timeout
     assert leased and min(leased) >= 3 * (min(connect, 0.5) + 0.5) + 10
+
+
+def test_the_breaker_says_in_one_step_whether_a_batch_is_the_probe() -> None:
+    breaker = CircuitBreaker(threshold=2, cooldown=10)
+    assert breaker.admit(100.0) == (True, False)  # closed: no probe
+    breaker.record(False, 100.0)
+    breaker.record(False, 100.0)
+
+    assert breaker.admit(105.0) == (False, False)  # paused
+    assert breaker.admit(111.0) == (True, True)  # the probe
+    assert breaker.admit(111.0) == (False, False)  # only one
+    breaker.record(True, 111.5)
+    assert breaker.admit(111.6) == (True, False)
