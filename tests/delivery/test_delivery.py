@@ -652,6 +652,14 @@ def _one_by_one_hook(tmp_path: Path, url: str, delivery: str = "") -> Path:
     )
 
 
+def paused_long_ago(worker: DeliveryWorker, destination: str) -> CircuitBreaker:
+    """The destination's breaker, opened a while ago: the next batch is a probe."""
+    breaker = worker.breaker(destination)
+    for _ in range(breaker.threshold):
+        breaker.record(False, time.monotonic() - 1000)
+    return breaker
+
+
 def test_a_probe_is_not_judged_by_one_item_the_platform_always_refuses(tmp_path: Path) -> None:
     # The lowest-ID item fails again (a receiver that refuses one kind of payload): the probe
     # sends the items behind it too, and their success closes the circuit.
@@ -660,9 +668,7 @@ def test_a_probe_is_not_judged_by_one_item_the_platform_always_refuses(tmp_path:
     with LoopbackServer(handler) as server:
         h = Harness(tmp_path, _one_by_one_hook(tmp_path, server.url))
         h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(4)))
-        breaker = h.worker.breaker("hook")
-        for _ in range(breaker.threshold):  # paused a while ago: the next batch is a probe
-            breaker.record(False, time.monotonic() - 1000)
+        breaker = paused_long_ago(h.worker, "hook")
 
         h.worker.drain()
 
@@ -693,9 +699,7 @@ def test_a_failing_probe_stops_after_the_threshold_and_doubles_the_pause_once(
     with LoopbackServer(handler) as server:
         h = Harness(tmp_path, _one_by_one_hook(tmp_path, server.url))
         h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(50)))
-        breaker = h.worker.breaker("hook")
-        for _ in range(breaker.threshold):  # paused a while ago: the next batch is a probe
-            breaker.record(False, time.monotonic() - 1000)
+        breaker = paused_long_ago(h.worker, "hook")
 
         h.worker.drain()
 
