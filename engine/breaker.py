@@ -44,29 +44,36 @@ class CircuitBreaker:
     open_until: float = 0.0
     current_cooldown: float = 0.0
     probing: bool = False
+    probes: int = 0  # probes let through so far: the number of the latest
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def allow(self, now: float) -> bool:
         """Whether a request may go now (``now``: :func:`time.monotonic`)."""
         return self.admit(now)[0]
 
-    def admit(self, now: float) -> tuple[bool, bool]:
-        """Whether a batch may go now, and whether it is the probe: decided together, so that
-        another thread's success between two questions cannot make a batch taken for the probe
-        end the real probe's turn (``now``: :func:`time.monotonic`)."""
+    def admit(self, now: float) -> tuple[bool, int]:
+        """Whether a batch may go now, and if it is the probe, its number (0: no probe).
+
+        Decided together, so that another thread's success between two questions cannot make a
+        batch taken for the probe; the number lets :meth:`end_probe` end that probe's turn
+        only, never a later one's (``now``: :func:`time.monotonic`).
+        """
         with self._lock:
             if self.failures < self.threshold:
-                return True, False
+                return True, 0
             if now < self.open_until or self.probing:
-                return False, False
+                return False, 0
             self.probing = True
-            return True, True
+            self.probes += 1
+            return True, self.probes
 
-    def end_probe(self) -> None:
-        """The probe let through by :meth:`allow` ended without a request to judge it by (its
-        items were all settled before sending, or taken by another worker): let another go."""
+    def end_probe(self, number: int | None = None) -> None:
+        """The probe let through ended without a request to judge it by (its items were all
+        settled before sending, or taken by another worker): let another go. With ``number``
+        (from :meth:`admit`), only if no later probe has begun meanwhile."""
         with self._lock:
-            self.probing = False
+            if number is None or number == self.probes:
+                self.probing = False
 
     def record(self, ok: bool, now: float) -> None:
         """Count a request's outcome (``now``: :func:`time.monotonic`).

@@ -215,9 +215,10 @@ class DeliveryWorker:
 
     # -- one batch ------------------------------------------------------------------------------
 
-    def _run_batch(self, dest: DestinationInstance, probe: bool = False) -> None:
+    def _run_batch(self, dest: DestinationInstance, probe: int = 0) -> None:
+        """One batch; ``probe``: its number from CircuitBreaker.admit when it is the probe."""
         try:
-            self._deliver(dest, probe)
+            self._deliver(dest, bool(probe))
         except StoreError:
             log.warning("store unavailable during delivery", extra={"destination": dest.name})
         except Exception as exc:
@@ -228,7 +229,7 @@ class DeliveryWorker:
             )
         finally:
             if probe:  # a probe that sent a request was judged by record(); this is a no-op then
-                self.breaker(dest.name).end_probe()
+                self.breaker(dest.name).end_probe(probe)
             with self._flight_lock:
                 self._in_flight[dest.name] -= 1
 

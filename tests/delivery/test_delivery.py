@@ -1301,12 +1301,25 @@ def test_a_lease_outlasts_the_longest_a_request_can_hold_it(tmp_path: Path) -> N
 
 def test_the_breaker_says_in_one_step_whether_a_batch_is_the_probe() -> None:
     breaker = CircuitBreaker(threshold=2, cooldown=10)
-    assert breaker.admit(100.0) == (True, False)  # closed: no probe
+    assert breaker.admit(100.0) == (True, 0)  # closed: no probe
     breaker.record(False, 100.0)
     breaker.record(False, 100.0)
 
-    assert breaker.admit(105.0) == (False, False)  # paused
-    assert breaker.admit(111.0) == (True, True)  # the probe
-    assert breaker.admit(111.0) == (False, False)  # only one
+    assert breaker.admit(105.0) == (False, 0)  # paused
+    assert breaker.admit(111.0) == (True, 1)  # the first probe
+    assert breaker.admit(111.0) == (False, 0)  # only one
     breaker.record(True, 111.5)
-    assert breaker.admit(111.6) == (True, False)
+    assert breaker.admit(111.6) == (True, 0)
+
+
+def test_a_probe_that_ends_late_does_not_end_a_later_probes_turn() -> None:
+    breaker = CircuitBreaker(threshold=1, cooldown=10)
+    breaker.record(False, 100.0)
+    _, first = breaker.admit(111.0)
+    breaker.record(False, 111.0)  # another batch's request failed: paused again, to 131
+    _, second = breaker.admit(132.0)  # the next probe, while the first still runs
+
+    breaker.end_probe(first)  # the first ends, without a request of its own
+
+    assert second == first + 1
+    assert breaker.admit(133.0) == (False, 0)  # still one probe at a time
