@@ -191,8 +191,18 @@ def test_alpha3_country_is_sent_as_alpha2_and_reads_the_phone() -> None:
     assert user_data["ph"] == sha256_hex("442079460958")
 
 
-@pytest.mark.parametrize(("raw", "normalized"), [("K1A 0B1", "k1a0b1"), ("SW1A 1AA", "sw1a1aa")])
-def test_postal_code_with_letters_is_no_us_zip_under_a_us_default_country(
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("94035 1234", "94035"),
+        ("CA 94035", "94035"),
+        ("ZIP 94035", "94035"),
+        ("94035 USA", "94035"),
+        ("K1A 0B1", "k1a0b1"),
+        ("SW1A 1AA", "sw1a1aa"),
+    ],
+)
+def test_a_us_zip_is_its_five_digits_and_other_codes_are_kept_under_a_us_default_country(
     raw: str, normalized: str
 ) -> None:
     # Arrange: platforms.md §1.3 zp: "lowercase, no spaces, no dash; US: first 5 digits only"
@@ -202,37 +212,7 @@ def test_postal_code_with_letters_is_no_us_zip_under_a_us_default_country(
     # Act
     user_data = meta(default_country="US").build_payload(mapped, context())["user_data"]
 
-    # Assert: not its digits alone ("101", "11"), which no US ZIP is either
-    assert user_data["zp"] == sha256_hex(normalized)
-
-
-def test_us_zip_keeps_its_first_five_digits_under_a_us_default_country() -> None:
-    # Arrange
-    mapped = web_mapped()
-    mapped["user_data"]["zp"] = "94035 1234"
-
-    # Act
-    user_data = meta(default_country="US").build_payload(mapped, context())["user_data"]
-
-    # Assert
-    assert user_data["zp"] == sha256_hex("94035")
-
-
-@pytest.mark.parametrize(
-    ("raw", "normalized"),
-    [("CA 94035", "94035"), ("ZIP 94035", "94035"), ("94035 USA", "94035"), ("K1A 0B1", "k1a0b1")],
-)
-def test_us_zip_with_words_around_it_is_its_five_digits_under_a_us_default_country(
-    raw: str, normalized: str
-) -> None:
-    # Arrange: platforms.md §1.3 zp: "US: first 5 digits only"
-    mapped = web_mapped()
-    mapped["user_data"]["zp"] = raw
-
-    # Act
-    user_data = meta(default_country="US").build_payload(mapped, context())["user_data"]
-
-    # Assert: not "ca94035", "zip94035", "94035usa"; and a Canadian code not cut to "101"
+    # Assert: not "ca94035" or "94035usa"; and a code with letters not cut to its digits ("101")
     assert user_data["zp"] == sha256_hex(normalized)
 
 

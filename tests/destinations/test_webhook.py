@@ -196,6 +196,18 @@ def test_the_settings_schema_takes_max_body_bytes_and_refuses_nonsense() -> None
     assert not validator.is_valid({"url": URL, "max_body_bytes": "1mb"})
 
 
+def batched_hook(tmp_path: Path, url: str, max_body_bytes: int) -> Path:
+    """Rules sending every event to a batched webhook at ``url`` with that body limit."""
+    return make_rules(
+        tmp_path,
+        f"""
+        hook: {{type: webhook, url: "{url}/hook", batch: true,
+               max_body_bytes: {max_body_bytes}, delivery: {{batch_wait: 0}}}}
+        """,
+        "- {name: to_hook, trigger: all, destination: hook}\n",
+    )
+
+
 def test_a_receiver_behind_a_body_limit_gets_every_event(tmp_path: Path) -> None:
     got: Counter[str] = Counter()
     largest = 0
@@ -209,14 +221,7 @@ def test_a_receiver_behind_a_body_limit_gets_every_event(tmp_path: Path) -> None
         return Reply.json({"ok": True})
 
     with LoopbackServer(receiver) as server:
-        rules = make_rules(
-            tmp_path,
-            f"""
-            hook: {{type: webhook, url: "{server.url}/hook", batch: true,
-                   max_body_bytes: 50000, delivery: {{batch_wait: 0}}}}
-            """,
-            "- {name: to_hook, trigger: all, destination: hook}\n",
-        )
+        rules = batched_hook(tmp_path, server.url, max_body_bytes=50000)
         h = Harness(tmp_path, rules)
         h.accept(
             *(
@@ -240,14 +245,7 @@ def test_an_event_over_the_limit_does_not_fire_and_others_are_sent(tmp_path: Pat
         return Reply.json({"ok": True})
 
     with LoopbackServer(receiver) as server:
-        rules = make_rules(
-            tmp_path,
-            f"""
-            hook: {{type: webhook, url: "{server.url}/hook", batch: true,
-                   max_body_bytes: 2000, delivery: {{batch_wait: 0}}}}
-            """,
-            "- {name: to_hook, trigger: all, destination: hook}\n",
-        )
+        rules = batched_hook(tmp_path, server.url, max_body_bytes=2000)
         h = Harness(tmp_path, rules)
         outcomes = h.pipeline.accept(
             [

@@ -5,12 +5,25 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from engine.maintenance import Maintenance, PurgeIncomplete, run_once
 from engine.store.sqlite import SQLiteStore
+
+
+def run_until(job: Maintenance, done: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Run the housekeeping thread until ``done()`` (or ``seconds``); whether the thread was
+    still alive when it was stopped."""
+    job.start()
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    alive = job._thread is not None and job._thread.is_alive()
+    job.stop()
+    return alive
 
 
 @pytest.fixture
@@ -37,11 +50,7 @@ def test_expired_keys_are_dropped_at_their_own_slower_pace(
 ) -> None:
     store, calls = counted
     job = Maintenance(store, retention_days=30, interval=0.02, delay=0.0, key_interval=3600)
-    job.start()
-    deadline = time.monotonic() + 5
-    while calls["purge"] < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    job.stop()
+    run_until(job, lambda: calls["purge"] >= 4)
 
     assert calls["purge"] >= 4
     assert calls["purge_expired"] == 1  # the first run, then not before key_interval
@@ -92,12 +101,7 @@ def test_an_unexpected_error_is_logged_without_its_text_and_the_next_run_purges(
     caplog.set_level(logging.INFO, logger="engine.maintenance")
     job = Maintenance(store, retention_days=30, interval=0.02, delay=0.0)
 
-    job.start()
-    deadline = time.monotonic() + 5
-    while len(calls) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    alive = job._thread.is_alive()
-    job.stop()
+    alive = run_until(job, lambda: len(calls) >= 3)
 
     assert alive and len(calls) >= 3  # the thread ran on after the error
     [failed] = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -155,11 +159,7 @@ def test_retention_runs_every_time_though_the_key_expiry_always_fails(
     job = Maintenance(store, retention_days=30, interval=0.02, delay=0.0, key_interval=3600)
 
     # Act
-    job.start()
-    deadline = time.monotonic() + 5
-    while calls["purge"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    job.stop()
+    run_until(job, lambda: calls["purge"] >= 3)
 
     # Assert: the purge of personal data ran on; the failed step is tried again each run
     assert calls["purge"] >= 3

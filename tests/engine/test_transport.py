@@ -71,6 +71,14 @@ def send(transport: Transport, server: KeepAliveServer, timeout: float) -> float
     return took
 
 
+def send_timing_out(transport: Transport, server: KeepAliveServer, timeout: float) -> float:
+    """Send one request that must time out; how long it took to."""
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="timed out"):
+        send(transport, server, timeout)
+    return time.monotonic() - started
+
+
 def test_headers_trickling_in_past_the_deadline_time_out_within_connect_plus_timeout(
     transport: Transport,
 ) -> None:
@@ -79,10 +87,7 @@ def test_headers_trickling_in_past_the_deadline_time_out_within_connect_plus_tim
     server = KeepAliveServer(["headers"])
 
     # Act
-    started = time.monotonic()
-    with pytest.raises(TransportError, match="timed out"):
-        send(transport, server, timeout=1.0)
-    took = time.monotonic() - started
+    took = send_timing_out(transport, server, timeout=1.0)
     server.close()
 
     # Assert: connect (0.5 s) + timeout (1 s), and a little slack
@@ -97,10 +102,7 @@ def test_a_body_trickling_in_past_the_deadline_times_out_without_urllib3_respons
     server = KeepAliveServer(["body"])
 
     # Act
-    started = time.monotonic()
-    with pytest.raises(TransportError, match="timed out"):
-        send(transport, server, timeout=1.0)
-    took = time.monotonic() - started
+    took = send_timing_out(transport, server, timeout=1.0)
     server.close()
 
     # Assert
@@ -116,10 +118,7 @@ def test_pooled_connection_is_reused_and_its_next_request_has_a_deadline_too(
     # Act
     send(transport, server, timeout=1.0)
     send(transport, server, timeout=1.0)
-    started = time.monotonic()
-    with pytest.raises(TransportError, match="timed out"):
-        send(transport, server, timeout=1.0)
-    took = time.monotonic() - started
+    took = send_timing_out(transport, server, timeout=1.0)
     server.close()
 
     # Assert: one connection for all three, and the third cut at its own deadline
