@@ -422,6 +422,21 @@ def _count_stored(path: Path) -> int | None:
         return None
 
 
+def _verdict(throughput: float, cpu: float) -> str:
+    """The track target's verdict: met only if both ratios meet it.
+
+    On a busy machine the neighbours' load can cap the cheap server's throughput (bare Flask
+    cannot get the CPU to go faster) and so lift the throughput ratio without tagrelay costing
+    any less; the CPU ratio does not move with it. When the two disagree the run settles
+    nothing, and says so rather than claim the target.
+    """
+    if throughput >= TRACK_TARGET and cpu >= TRACK_TARGET:
+        return "meets"
+    if throughput < TRACK_TARGET and cpu < TRACK_TARGET:
+        return "BELOW"
+    return "UNSETTLED: throughput and CPU ratios disagree (a busy machine?); run again"
+
+
 def bench_http(
     plan: Plan, workers: int, threads: int, connections: int, tool: str
 ) -> dict[str, Any]:
@@ -520,7 +535,10 @@ def bench_http(
         "ratios": {
             "track_over_bare": track_s["req_per_s"] / bare_s["req_per_s"],
             "track_target": TRACK_TARGET,
-            "meets_target": track_s["req_per_s"] / bare_s["req_per_s"] >= TRACK_TARGET,
+            "verdict": _verdict(
+                track_s["req_per_s"] / bare_s["req_per_s"],
+                bare_s["server_cpu_us_per_req"] / track_s["server_cpu_us_per_req"],
+            ),
             "batch_events_over_bare_req": batch_s["events_per_s"] / bare_s["req_per_s"],
             # The same comparison in server CPU per request: steadier on a shared machine.
             "cpu_track_over_bare": bare_s["server_cpu_us_per_req"]
@@ -632,12 +650,11 @@ def report(results: dict[str, Any]) -> str:
                 f"{row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
                 f"{_fmt(row['server_cpu_us_per_req']):>10s} {row['bad']:5d}"
             )
-        ok = "meets" if r["meets_target"] else "BELOW"
         lines += [
             f"  {'ratio':34s} {'throughput':>10s} {'by CPU':>8s}",
             f"  {'track req/s / bare req/s':34s} {r['track_over_bare']:10.2f} "
-            f"{r['cpu_track_over_bare']:8.2f}   {ok} target {r['track_target']:.2f}"
-            " (throughput)",
+            f"{r['cpu_track_over_bare']:8.2f}   {r['verdict']} (target "
+            f"{r['track_target']:.2f})",
             f"  {'  the same, round by round':34s} {_span(r['track_over_bare_rounds']):>10s} "
             f"{_span(r['cpu_track_over_bare_rounds']):>8s}",
             f"  {'batch events/s / bare req/s':34s} {r['batch_events_over_bare_req']:10.2f} "
