@@ -52,15 +52,16 @@ def presented_key(headers: Mapping[str, str], args: Mapping[str, str]) -> str | 
     return key.strip() if key else None
 
 
-def find_key(presented: str, keys: Sequence[ServerKey]) -> ServerKey | None:
-    """The configured key equal to ``presented``; compares against all keys in constant time."""
-    found = None
+def find_keys(presented: str, keys: Sequence[ServerKey]) -> list[ServerKey]:
+    """The configured entries equal to ``presented`` (a key may be listed once per signing
+    secret, while one is rotated); compares against all keys in constant time."""
+    found = []
     # Digests have one length, so neither the comparison time nor an early length mismatch
     # tells how long a configured key is.
     given = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
     for candidate in keys:
         if hmac.compare_digest(given, _digest(candidate.key)):
-            found = candidate
+            found.append(candidate)
     return found
 
 
@@ -86,11 +87,14 @@ def authenticate(
     presented = presented_key(headers, args)
     if not presented:
         raise Unauthorized("missing server key: send 'Authorization: Bearer <key>' or ?api_key=")
-    key = find_key(presented, keys)
-    if key is None:
+    entries = find_keys(presented, keys)
+    if not entries:
         raise Unauthorized("unknown server key")
-    if key.signing_secret is None:
-        return key
+    # A key listed with a secret needs a signature, even if it is also listed without one; a
+    # key listed with several (a secret being rotated) accepts a signature by any of them.
+    signed = [entry for entry in entries if entry.signing_secret is not None]
+    if not signed:
+        return entries[0]
     timestamp = _header(headers, TIMESTAMP_HEADER).strip()
     sent = _header(headers, SIGNATURE_HEADER).strip()
     if not timestamp or not sent:
@@ -107,7 +111,12 @@ def authenticate(
         raise Unauthorized(f"{TIMESTAMP_HEADER} is outside the {int(window)}-second replay window")
     if sent.lower().startswith("sha256="):
         sent = sent[7:]
-    expected = signature(key.signing_secret, timestamp, body)
-    if not hmac.compare_digest(expected.encode(), sent.lower().encode("utf-8", "surrogatepass")):
+    given = sent.lower().encode("utf-8", "surrogatepass")
+    matched = None
+    for entry in signed:  # every secret is tried, so timing does not tell which one matched
+        expected = signature(str(entry.signing_secret), timestamp, body)
+        if hmac.compare_digest(expected.encode(), given):
+            matched = entry
+    if matched is None:
         raise Unauthorized("signature does not match the body")
-    return key
+    return matched

@@ -13,7 +13,7 @@ from engine.auth import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     authenticate,
-    find_key,
+    find_keys,
     signature,
 )
 from engine.config import ServerKey, parse_keys
@@ -95,7 +95,7 @@ def test_keys_are_compared_as_fixed_length_digests_in_constant_time(
 
     monkeypatch.setattr("engine.auth.hmac.compare_digest", spy)
 
-    assert find_key(PLAIN.key, KEYS) is PLAIN
+    assert find_keys(PLAIN.key, KEYS) == [PLAIN]
 
     # every configured key is compared (no early exit), always 32 bytes against 32 bytes
     assert compared == [(32, 32), (32, 32)]
@@ -105,12 +105,54 @@ def test_keys_are_compared_as_fixed_length_digests_in_constant_time(
 @given(st.text(max_size=80))
 @settings(max_examples=200, deadline=None)
 def test_any_presented_text_is_either_a_key_or_refused(text: str) -> None:
-    found = find_key(text, KEYS)
+    found = find_keys(text, KEYS)
 
-    assert found is None or found.key == text
+    assert all(entry.key == text for entry in found)
 
 
 # -- signatures -------------------------------------------------------------------------------
+
+
+ROTATING = (
+    ServerKey("sk_rot_0123456789", "whsec_new"),
+    ServerKey("sk_rot_0123456789", "whsec_old"),
+)
+
+
+def _signed_by(secret: str, key: str = "sk_rot_0123456789") -> dict[str, str]:
+    stamp = str(int(NOW))
+    return {
+        "Authorization": f"Bearer {key}",
+        TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: signature(secret, stamp, BODY),
+    }
+
+
+@pytest.mark.parametrize("secret", ["whsec_new", "whsec_old"])
+def test_a_key_listed_with_two_secrets_accepts_a_signature_by_either(secret: str) -> None:
+    # Rotating a signing secret: clients move from the old secret to the new one one by one.
+    entry = authenticate(_signed_by(secret), {}, BODY, ROTATING, NOW)
+
+    assert entry.signing_secret == secret
+
+
+def test_a_key_listed_with_two_secrets_refuses_a_third_and_an_unsigned_request() -> None:
+    with pytest.raises(Unauthorized, match="signature does not match"):
+        authenticate(_signed_by("whsec_other"), {}, BODY, ROTATING, NOW)
+    with pytest.raises(Unauthorized, match="requires signed requests"):
+        authenticate({"Authorization": "Bearer sk_rot_0123456789"}, {}, BODY, ROTATING, NOW)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_a_key_listed_with_and_without_a_secret_still_requires_a_signature(
+    order: tuple[int, int],
+) -> None:
+    listed = (ServerKey("sk_rot_0123456789", "whsec_new"), ServerKey("sk_rot_0123456789"))
+    keys = tuple(listed[i] for i in order)
+
+    with pytest.raises(Unauthorized, match="requires signed requests"):
+        authenticate({"Authorization": "Bearer sk_rot_0123456789"}, {}, BODY, keys, NOW)
+    assert authenticate(_signed_by("whsec_new"), {}, BODY, keys, NOW).signing_secret == "whsec_new"
 
 
 def test_a_correctly_signed_request_authenticates() -> None:
