@@ -49,6 +49,8 @@ CLICK_ID_FIELDS = (
     "twclid",
 )
 
+_CLICK_ID_NAMES = frozenset(name.lower() for name in CLICK_ID_FIELDS)
+
 # URL query parameters that identify one click, one person or one email recipient: removed
 # from ``page_url`` and ``referrer`` (query and fragment, any case) in the anonymous view.
 # Drawn from the platforms' documentation and the browsers' query-stripping lists (Brave's
@@ -357,7 +359,12 @@ def strip_identifiers(event: Mapping[str, Any]) -> dict[str, Any]:
     stripped = {k: v for k, v in event.items() if k not in ("user_data", "user_id")}
     context = event.get("context")
     if isinstance(context, dict):
-        ctx = {k: v for k, v in context.items() if k not in CLICK_ID_FIELDS}
+        # Any spelling: a client that sends ``GCLID`` or ``Fbp`` identifies the person as well.
+        ctx = {
+            k: v
+            for k, v in context.items()
+            if not (isinstance(k, str) and k.lower() in _CLICK_ID_NAMES)
+        }
         if isinstance(ctx.get("ip"), str):
             ctx["ip"] = truncate_ip(ctx["ip"])
         for key in ("page_url", "referrer"):

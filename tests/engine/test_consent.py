@@ -132,6 +132,14 @@ def test_stripping_removes_every_identifier_and_keeps_the_rest() -> None:
     assert stripped["event_id"] == "o1"
 
 
+def test_stripping_removes_click_ids_and_cookies_in_any_spelling() -> None:
+    context = {"GCLID": "g", "Fbclid": "f", "FBP": "fb.1.1.2", "TTCLID": "t", "scCid": "s"}
+
+    stripped = strip_identifiers({"context": {**context, "Campaign": "spring"}})
+
+    assert stripped["context"] == {"Campaign": "spring"}
+
+
 def test_stripping_does_not_change_the_stored_event() -> None:
     before = repr(FULL_EVENT)
 
