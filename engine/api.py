@@ -64,10 +64,16 @@ def _too_deep(value: Any, limit: int) -> bool:
 
 
 _TOO_DEEP = f"the JSON is nested too deeply (at most {MAX_DEPTH} levels)"
+# A batch's body holds its events two levels down ({"events": [...]}), so that an event
+# /v1/track takes does not sink its batch. Depth is a limit on the body, as JSON syntax is.
+_BATCH_DEPTH = MAX_DEPTH + 2
 
 
-def parse_json_body(body: bytes, content_type: str | None, allow_text: bool = False) -> Any:
-    """Decode a request body as strict JSON (no NaN/Infinity, finite numbers, bounded depth).
+def parse_json_body(
+    body: bytes, content_type: str | None, allow_text: bool = False, max_depth: int = MAX_DEPTH
+) -> Any:
+    """Decode a request body as strict JSON (no NaN/Infinity, finite numbers, at most
+    ``max_depth`` levels of objects and arrays).
 
     Raises:
         UnsupportedMediaType: the Content-Type is not JSON.
@@ -86,9 +92,9 @@ def parse_json_body(body: bytes, content_type: str | None, allow_text: bool = Fa
         text, value = _parse_slowly(body)
     # Counting brackets (quoted ones too) is cheap and rules out nearly every body at once.
     if (
-        body.count(b"{") + body.count(b"[") > MAX_DEPTH
+        body.count(b"{") + body.count(b"[") > max_depth
         and type(value) in (dict, list)
-        and _too_deep(value, MAX_DEPTH)
+        and _too_deep(value, max_depth)
     ):
         raise BadRequest(_TOO_DEEP)
     # orjson refuses a lone surrogate; json reads one, so only a text json read can hold one.
@@ -204,7 +210,7 @@ def track() -> tuple[Response, int]:
 def track_batch() -> tuple[Response, int]:
     """Accept up to 100 events; one result per event."""
     body = _authenticated_body()
-    raw = parse_json_body(body, request.content_type)
+    raw = parse_json_body(body, request.content_type, max_depth=_BATCH_DEPTH)
     if not isinstance(raw, dict) or not isinstance(raw.get("events"), list):
         raise BadRequest('the body must be {"events": [...]}')
     if extra := sorted(set(raw) - {"events"}):

@@ -326,6 +326,30 @@ def test_a_batch_answers_one_result_per_event_and_a_bad_one_sinks_nothing(
     assert db("SELECT event_id FROM events ORDER BY seq") == [("b1",), ("b3",)]
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    """An event that is ``levels`` levels of objects and arrays deep, itself included."""
+    value: Any = 1
+    for _ in range(levels - 2):  # the event and its properties are two of them
+        value = [value]
+    return {"event_name": "deep", "properties": {"a": value}}
+
+
+def test_an_event_track_takes_does_not_sink_its_batch(client: FlaskClient) -> None:
+    assert post(client, "/v1/track", _nested(64)).status_code == 200
+    assert_error(post(client, "/v1/track", _nested(65)), 400, _TOO_DEEP)
+    events = [{"event_name": "lead", "event_id": "d1"}, _nested(64)]
+
+    response = post(client, "/v1/track/batch", {"events": events})
+
+    assert response.status_code == 200
+    assert [r["success"] for r in response.get_json()["results"]] == [True, True]
+    # An event deeper than /v1/track takes makes the body too deep, as bad JSON syntax would.
+    assert_error(post(client, "/v1/track/batch", {"events": [_nested(65)]}), 400, _TOO_DEEP)
+
+
+_TOO_DEEP = "the JSON is nested too deeply (at most 64 levels)"
+
+
 PLATFORM_RULES = """
 destinations:
   log: {type: log}
