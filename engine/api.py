@@ -116,6 +116,8 @@ def _parse_slowly(body: bytes) -> tuple[str, Any]:
     except RecursionError as exc:
         raise BadRequest(_TOO_DEEP) from exc
     except ValueError as exc:
+        if str(exc).startswith("Exceeds the limit"):  # int(): a number of over 4,300 digits
+            raise BadRequest("a number in the body is out of range (over 4300 digits)") from exc
         raise BadRequest(f"the body is not valid JSON: {str(exc).split(':')[0]}") from exc
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from engine import event as events
 from engine.api import error_response, parse_json_body
 from engine.config import PublishableKey, Settings
 from engine.errors import BadRequest, Forbidden, PayloadTooLarge, RequestError, Unauthorized
@@ -107,8 +108,9 @@ def collect() -> tuple[Response, int]:
         if len(body) > MAX_COLLECT_BYTES:
             raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
         raw = parse_json_body(body, request.content_type, allow_text=True)
-        if not isinstance(raw, dict):
-            raise BadRequest("an event must be a JSON object")
+        # Checked as the page sent it, before the server's own fields replace the page's: a
+        # page's bad context or visitor ID gets the error /v1/track gives, not a silent fix.
+        events.validate(raw)
         visitor_id = _visitor_id(raw)
         event = _from_browser(raw, visitor_id)
         pipeline: Pipeline = current_app.extensions["tagrelay.pipeline"]

@@ -184,6 +184,10 @@ def parse_timestamp(value: Any, now: datetime) -> datetime:
             # RFC 3339 allows a lower-case "t" and "z", which fromisoformat does not read.
             when = datetime.fromisoformat(text if text.isupper() else text.upper())
         except ValueError as exc:
+            if text.isdigit() and len(text) > 8:  # "1795185045": Unix seconds, quoted
+                raise BadRequest(
+                    "timestamp: Unix seconds must be a JSON number, not a string"
+                ) from exc
             raise BadRequest("timestamp must be ISO 8601 (e.g. 2026-11-20T14:30:45Z)") from exc
         try:
             when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
@@ -235,7 +239,8 @@ def readable_ip(ip: str) -> str | None:
       10.0.0.1``), gives its first entry: by that header's convention the client, the later
       ones being the proxies it passed. If that entry is no address (``unknown, 10.0.0.1``),
       there is none: a later one is a proxy's, never the client's;
-    - a port is left out (``203.0.113.7:51234``, ``[2001:db8::1]:443``);
+    - a port is left out (``203.0.113.7:51234``, ``[2001:db8::1]:443``), and so is an IPv6
+      zone (``fe80::1%eth0``);
     - anything else (``unknown``, a host name) is no address.
     """
     text = ip.strip()
@@ -250,9 +255,27 @@ def readable_ip(ip: str) -> str | None:
         address = ipaddress.ip_address(candidate)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        if address.scope_id is not None:
+            # "fe80::1%eth0": the zone names an interface of the sender's own host, nothing the
+            # address means elsewhere, and is any text at all, so it is not kept.
+            return str(ipaddress.IPv6Address(candidate.partition("%")[0]))
     return str(address)
+
+
+def validate(raw: Any) -> None:
+    """Check ``raw`` against :data:`EVENT_SCHEMA`.
+
+    Raises:
+        BadRequest: with a message naming the first problem found.
+    """
+    if not isinstance(raw, dict):
+        raise BadRequest("an event must be a JSON object")
+    if not conforms(raw) and not _VALIDATOR.is_valid(raw):
+        error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(raw))
+        raise BadRequest(_describe(error))
 
 
 def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
@@ -266,11 +289,7 @@ def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
         BadRequest: with a message naming the first problem found.
     """
     now = now or datetime.now(UTC)
-    if not isinstance(raw, dict):
-        raise BadRequest("an event must be a JSON object")
-    if not conforms(raw) and not _VALIDATOR.is_valid(raw):
-        error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(raw))
-        raise BadRequest(_describe(error))
+    validate(raw)
     event = dict(raw)
     alias = event.pop("event_type", None)
     if "event_name" not in event:
@@ -282,8 +301,15 @@ def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
         event["event_id"] = new_event_id()
     elif type(event_id) is not str:
         # The schema's "integer" also admits 1.0 and 1e300, and its maxLength counts no digits.
-        if type(event_id) is not int or len(str(event_id)) > _MAX_ID:
-            raise BadRequest(f"event_id must be a string or a whole number of {_MAX_ID} digits")
+        if type(event_id) is not int:
+            raise BadRequest(
+                "event_id must be a string or a whole number written without a decimal point "
+                "or an exponent"
+            )
+        if len(str(event_id)) > _MAX_ID:
+            raise BadRequest(
+                f"event_id must be a string or a whole number of at most {_MAX_ID} digits"
+            )
         event["event_id"] = str(event_id)
     when = parse_timestamp(event["timestamp"], now) if "timestamp" in event else now
     event["timestamp"] = format_time(when)

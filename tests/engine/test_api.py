@@ -152,10 +152,18 @@ def test_an_event_is_committed_before_it_is_acknowledged(
             b'{"event_name": "x", "properties": {"x": ' + b"[" * 980 + b"]" * 980 + b"}}",
             "the JSON is nested too deeply (at most 64 levels)",
         ),
-        (b'{"event_name": "x", "event_id": 1.0}', "event_id must be a string or a whole number"),
+        (
+            b'{"event_name": "x", "event_id": 1.0}',
+            "event_id must be a string or a whole number written without a decimal point or an "
+            "exponent",
+        ),
         (
             b'{"event_name": "x", "event_id": ' + b"9" * 300 + b"}",
-            "event_id must be a string or a whole number of 256 digits",
+            "event_id must be a string or a whole number of at most 256 digits",
+        ),
+        (
+            b'{"event_name": "x", "properties": {"n": ' + b"7" * 5000 + b"}}",
+            "a number in the body is out of range (over 4300 digits)",
         ),
         (
             b'{"event_name": "x", "timestamp": 1795185045000000}',

@@ -213,6 +213,9 @@ def test_a_teredo_address_loses_the_clients_address_with_its_last_80_bits() -> N
         ("203.0.113.7:51234, 10.0.0.1", "203.0.113.7"),
         ("203.0.113.7:51234", "203.0.113.7"),
         ("[2001:db8::1]:443", "2001:db8::1"),
+        # A zone is any text (an e-mail address, even): it names no part of the address.
+        ("2001:db8::1%ada@example.com", "2001:db8::1"),
+        ("[fe80::1%eth0]:443", "fe80::1"),
         ("::ffff:203.0.113.7, 10.0.0.1", "203.0.113.7"),
         ("not an ip", None),
         ("::ffff:not", None),

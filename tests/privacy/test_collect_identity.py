@@ -173,6 +173,27 @@ def test_oversized_collect_bodies_are_refused(client: FlaskClient) -> None:
     assert collect(client, big).status_code == 413
 
 
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ({"event_name": "page_view", "context": "junk"}, "context must be object"),
+        ({"event_name": "page_view", "visitor_id": 5}, "visitor_id must be string"),
+        ({"event_name": "page_view", "properties": []}, "properties must be object"),
+        (["page_view"], "an event must be a JSON object"),
+    ],
+)
+def test_collect_refuses_what_track_refuses_before_adding_its_own_fields(
+    client: FlaskClient, event: Any, message: str
+) -> None:
+    # The server replaces the page's context IP and user agent and its visitor ID: a bad
+    # value must get its error first, not be silently replaced.
+    response = collect(client, event)
+
+    assert response.status_code == 400
+    assert response.get_json() == {"success": False, "error": message}
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+
+
 def test_click_ids_are_captured_from_the_page_url_and_referrer(
     app: Flask, client: FlaskClient
 ) -> None:
