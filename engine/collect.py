@@ -151,7 +151,9 @@ def _from_browser(raw: dict[str, Any], visitor_id: str) -> dict[str, Any]:
     event = dict(raw)
     event["visitor_id"] = visitor_id
     context = event.get("context")
-    context = dict(context) if isinstance(context, dict) else {}
+    # The page's own claims of its IP and user agent are never taken, even when the request
+    # tells neither: a page could name anyone's.
+    context = {k: v for k, v in (context or {}).items() if k not in ("ip", "user_agent")}
     client_ip = _client_ip()
     if client_ip:
         context["ip"] = client_ip

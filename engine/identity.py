@@ -34,13 +34,15 @@ CLICK_PARAMS: Mapping[str, str] = {
     "ScCid": "sccid",
     "rdt_cid": "rdt_cid",
 }
+_CLICK_PARAMS_ANY_CASE = {param.lower(): name for param, name in CLICK_PARAMS.items()}
 COOKIE_FIELDS = ("fbc", "fbp", "ttp", "ga_client_id")
 REMEMBERED = (*CLICK_PARAMS.values(), *COOKIE_FIELDS)
 _REMEMBERED_SET = frozenset(REMEMBERED)
 
 
 def click_ids_in_url(url: Any) -> dict[str, str]:
-    """The click IDs in a URL's query string (case of values kept)."""
+    """The click IDs in a URL's query string, by their names in any case (``GCLID``,
+    ``sccid``); the case of values is kept."""
     if not isinstance(url, str) or "?" not in url:
         return {}
     try:
@@ -49,7 +51,7 @@ def click_ids_in_url(url: Any) -> dict[str, str]:
         return {}
     found: dict[str, str] = {}
     for key, value in parse_qsl(query, keep_blank_values=False):
-        name = CLICK_PARAMS.get(key) or CLICK_PARAMS.get(key.lower())
+        name = _CLICK_PARAMS_ANY_CASE.get(key.lower())
         if name and value and name not in found:
             found[name] = value[:500]
     return found

@@ -216,6 +216,31 @@ def test_click_ids_are_captured_from_the_page_url_and_referrer(
     assert context["user_agent"] == "Mozilla/5.0 test"
 
 
+@pytest.mark.parametrize("param", ["sccid", "SCCID", "ScCid"])
+def test_a_click_id_parameter_is_read_in_any_case(
+    app: Flask, client: FlaskClient, param: str
+) -> None:
+    page = {"page_url": f"{ORIGIN}/?{param}=snap1&GBRAID=gb-2"}
+    collect(client, {"event_name": "page_view", "event_id": "pv2", "context": page})
+
+    context = stored(app, "pv2")["context"]
+    assert (context["sccid"], context["gbraid"]) == ("snap1", "gb-2")
+
+
+def test_the_pages_own_ip_and_user_agent_are_never_taken(app: Flask, client: FlaskClient) -> None:
+    claimed = {"ip": "198.51.100.9", "user_agent": "Forged/1.0"}
+    collect(
+        client,
+        {"event_name": "page_view", "event_id": "pv3", "consent": ALL_GRANTED, "context": claimed},
+        headers={"User-Agent": ""},
+        environ_base={"REMOTE_ADDR": "not an address"},
+    )
+
+    context = stored(app, "pv3")["context"]
+    assert "ip" not in context
+    assert "user_agent" not in context
+
+
 def test_a_server_sale_is_enriched_with_the_visitors_click_ids(
     app: Flask, client: FlaskClient
 ) -> None:
