@@ -187,7 +187,7 @@ class ConsentState:
     def of(cls, consent: Mapping[str, Any] | None, defaults: Mapping[str, str]) -> ConsentState:
         """The state of one event's ``consent`` (not shared; see :class:`ConsentStates`)."""
         consent = consent or {}
-        return cls(granted_purposes(consent, defaults), frozenset(consent) | frozenset(defaults))
+        return cls(granted_purposes(consent, defaults), frozenset(consent))
 
     def decide(self, requirement: Requirement) -> Decision:
         """:func:`decide` for this signal, computed once per requirement."""

@@ -12,10 +12,9 @@ import pytest
 
 from engine.consent import (
     TRACKING_PARAMS,
+    ConsentState,
     Requirement,
     Verdict,
-    decide,
-    granted_purposes,
     strip_identifiers,
     truncate_ip,
 )
@@ -28,9 +27,7 @@ ANALYTICS = Requirement(frozenset({"ad_storage"}), frozenset({"analytics_storage
 
 
 def verdict(requirement: Requirement, consent: dict[str, str], defaults: Any = None) -> Any:
-    defaults = defaults or {}
-    granted = granted_purposes(consent, defaults)
-    return decide(requirement, granted, frozenset(consent) | frozenset(defaults))
+    return ConsentState.of(consent, defaults or {}).decide(requirement)
 
 
 def test_every_required_purpose_granted_forwards_the_full_event() -> None:
@@ -91,6 +88,13 @@ def test_container_defaults_fill_in_missing_signals_but_never_override_the_event
 
     assert verdict(ADS, {}, defaults).verdict is Verdict.FULL
     assert verdict(ADS, {"ad_user_data": "denied"}, defaults).verdict is Verdict.BLOCKED
+
+
+def test_a_purpose_denied_by_default_is_told_apart_from_one_the_event_denies() -> None:
+    defaults = {"ad_storage": "denied", "ad_user_data": "granted"}
+
+    assert verdict(ADS, {}, defaults).reason == "consent denied: ad_storage (no signal)"
+    assert verdict(ADS, {"ad_storage": "denied"}, defaults).reason == "consent denied: ad_storage"
 
 
 # -- stripping --------------------------------------------------------------------------------
