@@ -9,6 +9,7 @@ at ``file:line:column``. Errors stop the container; warnings do not.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ import jsonschema
 
 from destinations import cleartext, registry
 from destinations.base import PayloadError
+from engine.config import MAX_DAYS
 from engine.consent import Requirement
 from engine.errors import PluginError, RulesError
 from engine.event import EVENT_SCHEMA
@@ -54,6 +56,9 @@ _ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _VAR_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# The longest duration a rule file may set: beyond that it is a typo (the server's own limit on
+# retention and windows), and a time that far ahead no longer fits a date.
+MAX_DURATION = MAX_DAYS * 86400.0
 _ENGINE_KEYS = ("type", "enabled", "delivery")
 _USER_DATA_FIELDS = frozenset(EVENT_SCHEMA["properties"]["user_data"]["properties"])
 
@@ -257,11 +262,21 @@ class _Compiler:
                 )
                 continue
             delivery = entry.value.get("delivery") or {}
+            seconds = {
+                key: self.duration(delivery[key], entry.at("delivery", key), f"delivery {key}", d)
+                if key in delivery
+                else d
+                for key, d in (
+                    ("max_age", DeliveryOptions.max_age),
+                    ("batch_wait", DeliveryOptions.batch_wait),
+                    ("timeout", DeliveryOptions.timeout),
+                )
+            }
             options = DeliveryOptions(
                 max_attempts=delivery.get("max_attempts", DeliveryOptions.max_attempts),
-                max_age=parse_duration(delivery.get("max_age", DeliveryOptions.max_age)),
-                batch_wait=parse_duration(delivery.get("batch_wait", DeliveryOptions.batch_wait)),
-                timeout=parse_duration(delivery.get("timeout", DeliveryOptions.timeout)),
+                max_age=seconds["max_age"],
+                batch_wait=seconds["batch_wait"],
+                timeout=seconds["timeout"],
                 concurrency=delivery.get("concurrency", DeliveryOptions.concurrency),
             )
             if not 0 < options.timeout <= MAX_TIMEOUT:
@@ -274,6 +289,30 @@ class _Compiler:
                 name, type_name, adapter, entry.value.get("enabled", True), options
             )
         return out
+
+    def duration(self, value: Any, where: Position, what: str, default: float) -> float:
+        """Seconds from a duration the schema accepted; ``default`` with an error at ``where``
+        when it is not finite or longer than :data:`MAX_DURATION`.
+
+        The schema cannot refuse YAML's ``.nan`` and ``.inf`` (no comparison holds for NaN): a
+        NaN window became a NULL expiry that the store refused, so every event answered 503.
+        """
+        seconds = parse_duration(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(where, f"{what} must be a finite duration such as 48h, not {_shown(value)}")
+            return default
+        if seconds > MAX_DURATION:  # infinite too: a text of more digits than a float holds
+            self.error(where, f"{what} must be at most {MAX_DAYS}d ({MAX_DAYS // 365} years)")
+            return default
+        return seconds
+
+    def compile_settings(self) -> float:
+        """The dedup window, in seconds (settings are otherwise taken as the schema left them)."""
+        default = Container.dedup_window
+        entry = self.settings.get("dedup_window")
+        if entry is None:
+            return default
+        return self.duration(entry.value, entry.at(), "dedup_window", default)
 
     def _substitute(
         self,
@@ -723,6 +762,13 @@ def _iso_times(value: Any) -> Any:
     return value
 
 
+def _shown(value: Any) -> str:
+    """A number or text from a rule file as it would be written there (``.nan``, ``.inf``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else "-.inf" if value < 0 else ".inf"
+    return str(value)
+
+
 def _requirement(raw: Any) -> Requirement:
     if raw is None:
         return Requirement()
@@ -959,6 +1005,7 @@ def compile_container(
         return None, _sorted(compiler.problems)
     for name, entry in compiler.variables.items():
         compiler.variable(name, entry.at())
+    dedup_window = compiler.compile_settings()
     dests = compiler.compile_destinations()
     triggers = compiler.compile_triggers()
     tags = compiler.compile_tags(dests, triggers)
@@ -973,7 +1020,7 @@ def compile_container(
         destinations=dests,
         tags=tuple(tags),
         tests=tuple(tests),
-        dedup_window=parse_duration(settings.get("dedup_window", 48 * 3600)),
+        dedup_window=dedup_window,
         consent_defaults=dict(settings.get("consent_defaults") or {}),
         fingerprint=digest.hexdigest(),
     )
