@@ -452,19 +452,19 @@ class _Compiler:
                 refs = spec.get(key)
                 used_triggers |= {refs} if isinstance(refs, str) else set(refs or [])
             dest = dests.get(spec["destination"])
-            if dest is None:
-                if spec["destination"] not in self.destinations:
-                    known = ", ".join(sorted(self.destinations)) or "none defined"
-                    wanted = spec["destination"]
-                    self.error(
-                        entry.at("destination"),
-                        f"tag {name}: unknown destination {wanted!r} (destinations: {known})",
-                    )
-                continue
+            if dest is None and spec["destination"] not in self.destinations:
+                known = ", ".join(sorted(self.destinations)) or "none defined"
+                wanted = spec["destination"]
+                self.error(
+                    entry.at("destination"),
+                    f"tag {name}: unknown destination {wanted!r} (destinations: {known})",
+                )
+            # The tag's own mistakes are reported whatever its destination's state, so that
+            # one missing env var does not hide them until it is set.
             trigs = self._trigger_refs(name, entry, "trigger", triggers)
             excs = self._trigger_refs(name, entry, "except", triggers)
             self._check_exceptions(name, entry, trigs, excs)
-            fields = self._mapping(name, entry, dest)
+            getters = self._mapping_getters(name, entry)
             event_name = None
             if "event_name" in spec:
                 raw_name = spec["event_name"]
@@ -473,12 +473,15 @@ class _Compiler:
                     if raw_name.startswith("$")
                     else constant(raw_name)
                 )
-            self._adapter_warnings(name, entry, dest, trigs, excs)
             dedup = None
             if "dedup_key" in spec:
                 dedup = self.expression(
                     spec["dedup_key"], entry.at("dedup_key"), f"tag {name} dedup_key"
                 )
+            if dest is None:
+                continue  # what needs the adapter (its mapping, its warnings) cannot be checked
+            fields = self._mapping(name, entry, dest, getters)
+            self._adapter_warnings(name, entry, dest, trigs, excs)
             out.append(
                 Tag(
                     name=name,
@@ -542,7 +545,24 @@ class _Compiler:
                 self.error(where, f"tag {tag}: unknown trigger {ref!r} (triggers: {known})")
         return out
 
-    def _mapping(self, tag: str, entry: _Entry, dest: DestinationInstance) -> tuple[Field, ...]:
+    def _mapping_getters(self, tag: str, entry: _Entry) -> dict[str, Getter]:
+        """The tag's mapping expressions, compiled (each problem reported at its target), by
+        target; a target whose expression has an error is left out."""
+        overrides: dict[str, Any] = entry.value.get("mapping") or {}
+        out: dict[str, Getter] = {}
+        for target, source in overrides.items():
+            if isinstance(source, str):
+                where = entry.at("mapping", target)
+                getter = self.expression(source, where, f"tag {tag} mapping {target}")
+                if getter is not None:
+                    out[target] = getter
+        return out
+
+    def _mapping(
+        self, tag: str, entry: _Entry, dest: DestinationInstance, getters: Mapping[str, Getter]
+    ) -> tuple[Field, ...]:
+        """The tag's fields: the adapter's default mapping with the tag's ``mapping`` over it
+        (``getters``: its expressions, from :meth:`_mapping_getters`)."""
         overrides: dict[str, Any] = entry.value.get("mapping") or {}
         default_targets = list(dest.adapter.default_mapping)
         defaults = compile_mapping(
@@ -562,7 +582,7 @@ class _Compiler:
                 fields.append(Field(tuple(target.split(".")), constant(source["value"])))
                 self._check_cleartext_constant(tag, dest, target, source["value"], where)
             elif isinstance(source, str):
-                getter = self.expression(source, where, f"tag {tag} mapping {target}")
+                getter = getters.get(target)
                 if getter is not None:
                     fields.append(Field(tuple(target.split(".")), getter))
                     self._check_cleartext(tag, dest, target, path_of(getter), where)
