@@ -52,7 +52,10 @@ from engine.rules.schema import RULES_SCHEMA, VARIABLE_NAME_PATTERN
 from engine.rules.source import Document, Position, Problem, parse_yaml, rule_files
 
 _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(RULES_SCHEMA)
-_ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ``$${`` (a literal ``${``), ``${NAME}`` or ``${NAME:-default}``, or a ``${`` that is neither.
+_ENV_REF = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
+_ENV_SHOWN = 64  # at most this much of a malformed reference is quoted in its error
+_ENV_END = re.compile(r"[}$]")  # where a malformed reference quoted in an error ends
 _VAR_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -341,10 +344,22 @@ class _Compiler:
         if not isinstance(value, str) or "${" not in value:
             return value
 
+        setting = ".".join(map(str, path))
+
         def replace(match: re.Match[str]) -> str:
-            escaped, var, default = match.groups()
-            if escaped:
-                return match.group(0)[1:]
+            var, default = match.groups()
+            if match.group(0) == "$${":
+                return "${"
+            if var is None or (default is not None and "${" in default):
+                # Kept as text, it would be sent as the setting (a token, say) literally.
+                self.error(
+                    entry.at(*path),
+                    f"{setting}: {_env_text(value, match.start())} is not a reference to an "
+                    "environment variable: write ${NAME} or ${NAME:-default} (NAME: letters, "
+                    "digits and _, no spaces; a default holds no ${...}), or $${ for a "
+                    "literal ${",
+                )
+                return ""
             found = self.env.get(var)
             if default is not None:
                 return found or default  # as in the shell: the default when unset or empty
@@ -780,6 +795,17 @@ def _iso_times(value: Any) -> Any:
     if isinstance(value, date):
         return value.isoformat()
     return value
+
+
+def _env_text(value: str, start: int) -> str:
+    """The ``${...}`` at ``start`` of a setting as written, for a message: up to its closing
+    brace or the next ``$``, whichever comes first; cut at :data:`_ENV_SHOWN` characters."""
+    found = _ENV_END.search(value, start + 2)
+    if found is None:
+        text = value[start:]
+    else:
+        text = value[start : found.end() if found.group() == "}" else found.start()].rstrip()
+    return repr(text if len(text) <= _ENV_SHOWN else text[:_ENV_SHOWN] + "...")
 
 
 def _shown(value: Any) -> str:

@@ -153,6 +153,19 @@ def test_dollar_dollar_escapes_an_env_reference(tmp_path: Path) -> None:
     assert compiled.destinations["a"].adapter.settings["headers"] == {"X": "${LITERAL}"}
 
 
+def test_dollar_dollar_is_a_literal_dollar_brace_whatever_follows(tmp_path: Path) -> None:
+    rules = tmp_path / "env.yaml"
+    rules.write_text(
+        "destinations:\n"
+        "  a: {type: webhook, url: 'https://x.example/', headers: {X: '$${not a name} $${'}}\n"
+    )
+
+    compiled, problems = compile_container(rules, {})
+
+    assert compiled is not None, [str(p) for p in problems]
+    assert compiled.destinations["a"].adapter.settings["headers"] == {"X": "${not a name} ${"}
+
+
 def test_missing_container_is_reported_not_raised(tmp_path: Path) -> None:
     compiled, problems = compile_container(tmp_path / "nowhere", {})
 
