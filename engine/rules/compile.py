@@ -531,17 +531,23 @@ class _Compiler:
             )
             self.error(entry.at("except"), f"tag {tag} can never fire: {what}")
             return
-        takes: set[str] = set()
+        takes: set[str] | None = set()  # None: any event name
         for trig in trigs:
-            if trig.events is None:
-                return  # any event name: an exception for some names leaves others
-            takes |= trig.events
+            if takes is None or trig.events is None:
+                takes = None
+            else:
+                takes |= trig.events
         for exc in excs:
-            if not exc.when and not exc.unless and (exc.events is None or takes <= exc.events):
+            if exc.when or exc.unless:
+                continue
+            # An exception of any event name blocks everything; one of some names blocks a
+            # tag whose triggers take only those names.
+            if exc.events is None or (takes is not None and takes <= exc.events):
+                taken = "any event" if takes is None else f"[{', '.join(sorted(takes))}]"
                 self.error(
                     entry.at("except"),
                     f"tag {tag} can never fire: exception {exc.name} has no conditions and "
-                    f"takes every event its triggers take ([{', '.join(sorted(takes))}])",
+                    f"takes every event its triggers take ({taken})",
                 )
                 return
 
