@@ -64,6 +64,9 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 MAX_DURATION = MAX_DAYS * 86400.0
 _ENGINE_KEYS = ("type", "enabled", "delivery")
 _USER_DATA_FIELDS = frozenset(EVENT_SCHEMA["properties"]["user_data"]["properties"])
+# The top-level fields an event has when the rules see it: intake refuses any other, reads
+# event_type as event_name, and the pipeline adds the list of fields enrichment added.
+EVENT_FIELDS = (frozenset(EVENT_SCHEMA["properties"]) - {"event_type"}) | {"enriched"}
 
 
 def parse_duration(value: Any) -> float:
@@ -140,14 +143,22 @@ class _Compiler:
 
     # -- expressions and variables --------------------------------------------------------------
 
-    def expression(self, source: str, where: Position, what: str) -> Getter | None:
+    def expression(
+        self, source: str, where: Position, what: str, constant_hint: str = ""
+    ) -> Getter | None:
         """Compile an expression that may use $variables; report problems at ``where``."""
-        found = self.parsed(source, where, what)
+        found = self.parsed(source, where, what, constant_hint)
         return None if found is None else found.get
 
-    def parsed(self, source: str, where: Position, what: str) -> Variable | None:
+    def parsed(
+        self, source: str, where: Position, what: str, constant_hint: str = ""
+    ) -> Variable | None:
         """An expression's getter and syntax tree (as an unnamed :class:`Variable`), or None
-        with its problems reported at ``where``."""
+        with its problems reported at ``where``.
+
+        ``constant_hint`` (say ``{value: product}``) is how to write a constant where the
+        expression stands, for the warning about a field no event has.
+        """
         whole = _VAR_REF.fullmatch(source.strip())
         if whole:
             return self.variable(whole.group(1), where)
@@ -159,10 +170,34 @@ class _Compiler:
             variables[name] = var
         try:
             tree = expressions.parse(source, variables)
-            return Variable("", compile_tree(tree), tree)
+            found = Variable("", compile_tree(tree), tree)
         except ExpressionError as exc:
             self.error(where, f"{what}: {exc}")
             return None
+        self._check_event_fields(source, tree, where, what, constant_hint)
+        return found
+
+    def _check_event_fields(
+        self, source: str, tree: dict[str, Any], where: Position, what: str, constant_hint: str
+    ) -> None:
+        """Warn of a path whose first step is a top-level field no event has: it is always null
+        (``EUR`` meant as the text 'EUR', ``product`` meant as a constant)."""
+        for name in expressions.root_fields(tree):
+            if name in EVENT_FIELDS:
+                continue
+            known = ", ".join(sorted(EVENT_FIELDS))
+            if name == "event_type":
+                hint = "intake reads event_type as event_name"
+            else:
+                quoted = "'" + name.replace("'", "\\'") + "'"
+                hint = f"a text is written in single quotes ({quoted})"
+                if constant_hint:
+                    hint += f", a constant as {constant_hint.format(name=name)}"
+            self.warn(
+                where,
+                f"{what}: {_quote(source)} reads {name}, a top-level field no event has, so it "
+                f"is always null (an event has: {known}); {hint}",
+            )
 
     def variable(self, name: str, where: Position) -> Variable | None:
         if name in self._variables:
@@ -574,7 +609,8 @@ class _Compiler:
         for target, source in overrides.items():
             if isinstance(source, str):
                 where = entry.at("mapping", target)
-                getter = self.expression(source, where, f"tag {tag} mapping {target}")
+                what = f"tag {tag} mapping {target}"
+                getter = self.expression(source, where, what, "{{value: {name}}}")
                 if getter is not None:
                     out[target] = getter
         return out

@@ -173,6 +173,28 @@ def _rewrite(node: Any, variables: Mapping[str, Variable], at_root: bool) -> Any
     return {**node, "children": children}
 
 
+def root_fields(tree: Mapping[str, Any]) -> list[str]:
+    """The fields an expression reads from the event itself, as the first step of a path.
+
+    Only fields evaluated against the event count: ``properties`` and ``EUR`` in
+    ``properties.currency == EUR``, not ``price`` in ``properties.items[?price > `1`]`` (read
+    from each item) nor what a variable reads (its own definition is checked on its own).
+    """
+    found: list[str] = []
+    stack: list[tuple[Any, bool]] = [(tree, True)]
+    while stack:
+        node, at_root = stack.pop()
+        if not isinstance(node, Mapping):
+            continue
+        kind = node.get("type")
+        if kind == "field" and at_root and isinstance(node.get("value"), str):
+            found.append(node["value"])
+        for i, child in enumerate(node.get("children", ())):
+            same = kind in _SAME_VALUE or (kind in _LEFT_SAME_VALUE and i == 0)
+            stack.append((child, at_root and same))
+    return list(dict.fromkeys(reversed(found)))
+
+
 def variable_of(node: Mapping[str, Any]) -> Variable | None:
     """The variable a syntax-tree node refers to, if it is a variable node."""
     if node.get("type") != VARIABLE:
