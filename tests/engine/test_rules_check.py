@@ -272,6 +272,19 @@ def test_a_file_nested_thousands_deep_is_a_problem_at_its_line_not_a_traceback(
     assert "Traceback" not in out
 
 
+def test_a_control_character_is_reported_at_its_line_and_column(tmp_path: Path) -> None:
+    rules = tmp_path / "triggers.yaml"
+    # A backspace pasted into a value on line 3, column 22 (from a chat or a word processor).
+    rules.write_text("triggers:\n  a: {event: x}\n  b: {event: purchase\b}\n")
+
+    _, problems = compile_container(rules, {})
+
+    assert [str(p) for p in problems] == [
+        f"{rules}:3:22: error: YAML syntax error: the character U+0008 is not allowed in a rule "
+        "file (a control character, often pasted in unseen): retype the text around it"
+    ]
+
+
 def test_a_plugin_that_rejects_its_settings_never_gets_them_quoted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
