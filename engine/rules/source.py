@@ -206,6 +206,8 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None
                 doc.data = {}
                 return doc
             doc.data = _Walker(doc, problems).walk(node, (), loader)
+            if doc.data is None:  # a document of nothing (``---`` alone, or ``~``): empty too
+                doc.data = {}
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as exc:
