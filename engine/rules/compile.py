@@ -173,7 +173,7 @@ class _Compiler:
             variables[name] = var
         try:
             tree = expressions.parse(source, variables)
-            found = Variable("", compile_tree(tree), tree)
+            found = Variable("", compile_tree(tree), tree, expressions.depth(tree))
         except ExpressionError as exc:
             self.error(where, f"{what}: {exc}")
             return None
@@ -231,10 +231,11 @@ class _Compiler:
         value = entry.value
         if isinstance(value, str):
             found = self.parsed(value, entry.at(), f"variable ${name}")
-            return None if found is None else Variable(name, found.get, found.tree)
-        source = self.expression(value["lookup"], entry.at("lookup"), f"lookup ${name}")
-        if source is None:
+            return None if found is None else Variable(name, found.get, found.tree, found.depth)
+        looked_up = self.parsed(value["lookup"], entry.at("lookup"), f"lookup ${name}")
+        if looked_up is None:
             return None
+        source = looked_up.get
         table = {str(k): v for k, v in value["table"].items()}
         default = value.get("default")
 
@@ -246,7 +247,8 @@ class _Compiler:
                 key = str(key).lower()
             return table.get(str(key), default)
 
-        return Variable(name, lookup)  # no tree: its value is only known per event
+        # No tree: its value is only known per event.
+        return Variable(name, lookup, depth=looked_up.depth + 1)
 
     # -- sections -------------------------------------------------------------------------------
 
