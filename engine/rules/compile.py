@@ -9,6 +9,7 @@ at ``file:line:column``. Errors stop the container; warnings do not.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ import jsonschema
 
 from destinations import cleartext, registry
 from destinations.base import PayloadError
+from engine.config import MAX_DAYS
 from engine.consent import Requirement
 from engine.errors import PluginError, RulesError
 from engine.event import EVENT_SCHEMA
@@ -50,12 +52,21 @@ from engine.rules.schema import RULES_SCHEMA, VARIABLE_NAME_PATTERN
 from engine.rules.source import Document, Position, Problem, parse_yaml, rule_files
 
 _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(RULES_SCHEMA)
-_ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ``$${`` (a literal ``${``), ``${NAME}`` or ``${NAME:-default}``, or a ``${`` that is neither.
+_ENV_REF = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
+_ENV_SHOWN = 64  # at most this much of a malformed reference is quoted in its error
+_ENV_END = re.compile(r"[}$]")  # where a malformed reference quoted in an error ends
 _VAR_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# The longest duration a rule file may set: beyond that it is a typo (the server's own limit on
+# retention and windows), and a time that far ahead no longer fits a date.
+MAX_DURATION = MAX_DAYS * 86400.0
 _ENGINE_KEYS = ("type", "enabled", "delivery")
 _USER_DATA_FIELDS = frozenset(EVENT_SCHEMA["properties"]["user_data"]["properties"])
+# The top-level fields an event has when the rules see it: intake refuses any other, reads
+# event_type as event_name, and the pipeline adds the list of fields enrichment added.
+EVENT_FIELDS = (frozenset(EVENT_SCHEMA["properties"]) - {"event_type"}) | {"enriched"}
 
 
 def parse_duration(value: Any) -> float:
@@ -78,6 +89,9 @@ class _Entry:
 
     def at(self, *sub: str | int) -> Position:
         return self.doc.at(*self.path, *sub)
+
+    def key_at(self, *sub: str | int) -> Position:
+        return self.doc.key_at(*self.path, *sub)
 
 
 @dataclass
@@ -132,14 +146,22 @@ class _Compiler:
 
     # -- expressions and variables --------------------------------------------------------------
 
-    def expression(self, source: str, where: Position, what: str) -> Getter | None:
+    def expression(
+        self, source: str, where: Position, what: str, constant_hint: str = ""
+    ) -> Getter | None:
         """Compile an expression that may use $variables; report problems at ``where``."""
-        found = self.parsed(source, where, what)
+        found = self.parsed(source, where, what, constant_hint)
         return None if found is None else found.get
 
-    def parsed(self, source: str, where: Position, what: str) -> Variable | None:
+    def parsed(
+        self, source: str, where: Position, what: str, constant_hint: str = ""
+    ) -> Variable | None:
         """An expression's getter and syntax tree (as an unnamed :class:`Variable`), or None
-        with its problems reported at ``where``."""
+        with its problems reported at ``where``.
+
+        ``constant_hint`` (say ``{value: product}``) is how to write a constant where the
+        expression stands, for the warning about a field no event has.
+        """
         whole = _VAR_REF.fullmatch(source.strip())
         if whole:
             return self.variable(whole.group(1), where)
@@ -151,10 +173,34 @@ class _Compiler:
             variables[name] = var
         try:
             tree = expressions.parse(source, variables)
-            return Variable("", compile_tree(tree), tree)
+            found = Variable("", compile_tree(tree), tree, expressions.depth(tree))
         except ExpressionError as exc:
             self.error(where, f"{what}: {exc}")
             return None
+        self._check_event_fields(source, tree, where, what, constant_hint)
+        return found
+
+    def _check_event_fields(
+        self, source: str, tree: dict[str, Any], where: Position, what: str, constant_hint: str
+    ) -> None:
+        """Warn of a path whose first step is a top-level field no event has: it is always null
+        (``EUR`` meant as the text 'EUR', ``product`` meant as a constant)."""
+        for name in expressions.root_fields(tree):
+            if name in EVENT_FIELDS:
+                continue
+            known = ", ".join(sorted(EVENT_FIELDS))
+            if name == "event_type":
+                hint = "intake reads event_type as event_name"
+            else:
+                quoted = "'" + name.replace("'", "\\'") + "'"
+                hint = f"a text is written in single quotes ({quoted})"
+                if constant_hint:
+                    hint += f", a constant as {constant_hint.format(name=name)}"
+            self.warn(
+                where,
+                f"{what}: {_quote(source)} reads {name}, a top-level field no event has, so it "
+                f"is always null (an event has: {known}); {hint}",
+            )
 
     def variable(self, name: str, where: Position) -> Variable | None:
         if name in self._variables:
@@ -185,10 +231,11 @@ class _Compiler:
         value = entry.value
         if isinstance(value, str):
             found = self.parsed(value, entry.at(), f"variable ${name}")
-            return None if found is None else Variable(name, found.get, found.tree)
-        source = self.expression(value["lookup"], entry.at("lookup"), f"lookup ${name}")
-        if source is None:
+            return None if found is None else Variable(name, found.get, found.tree, found.depth)
+        looked_up = self.parsed(value["lookup"], entry.at("lookup"), f"lookup ${name}")
+        if looked_up is None:
             return None
+        source = looked_up.get
         table = {str(k): v for k, v in value["table"].items()}
         default = value.get("default")
 
@@ -200,7 +247,8 @@ class _Compiler:
                 key = str(key).lower()
             return table.get(str(key), default)
 
-        return Variable(name, lookup)  # no tree: its value is only known per event
+        # No tree: its value is only known per event.
+        return Variable(name, lookup, depth=looked_up.depth + 1)
 
     # -- sections -------------------------------------------------------------------------------
 
@@ -257,11 +305,21 @@ class _Compiler:
                 )
                 continue
             delivery = entry.value.get("delivery") or {}
+            seconds = {
+                key: self.duration(delivery[key], entry.at("delivery", key), f"delivery {key}", d)
+                if key in delivery
+                else d
+                for key, d in (
+                    ("max_age", DeliveryOptions.max_age),
+                    ("batch_wait", DeliveryOptions.batch_wait),
+                    ("timeout", DeliveryOptions.timeout),
+                )
+            }
             options = DeliveryOptions(
                 max_attempts=delivery.get("max_attempts", DeliveryOptions.max_attempts),
-                max_age=parse_duration(delivery.get("max_age", DeliveryOptions.max_age)),
-                batch_wait=parse_duration(delivery.get("batch_wait", DeliveryOptions.batch_wait)),
-                timeout=parse_duration(delivery.get("timeout", DeliveryOptions.timeout)),
+                max_age=seconds["max_age"],
+                batch_wait=seconds["batch_wait"],
+                timeout=seconds["timeout"],
                 concurrency=delivery.get("concurrency", DeliveryOptions.concurrency),
             )
             if not 0 < options.timeout <= MAX_TIMEOUT:
@@ -274,6 +332,30 @@ class _Compiler:
                 name, type_name, adapter, entry.value.get("enabled", True), options
             )
         return out
+
+    def duration(self, value: Any, where: Position, what: str, default: float) -> float:
+        """Seconds from a duration the schema accepted; ``default`` with an error at ``where``
+        when it is not finite or longer than :data:`MAX_DURATION`.
+
+        The schema cannot refuse YAML's ``.nan`` and ``.inf`` (no comparison holds for NaN): a
+        NaN window became a NULL expiry that the store refused, so every event answered 503.
+        """
+        seconds = parse_duration(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(where, f"{what} must be a finite duration such as 48h, not {_shown(value)}")
+            return default
+        if seconds > MAX_DURATION:  # infinite too: a text of more digits than a float holds
+            self.error(where, f"{what} must be at most {MAX_DAYS}d ({MAX_DAYS // 365} years)")
+            return default
+        return seconds
+
+    def compile_settings(self) -> float:
+        """The dedup window, in seconds (settings are otherwise taken as the schema left them)."""
+        default = Container.dedup_window
+        entry = self.settings.get("dedup_window")
+        if entry is None:
+            return default
+        return self.duration(entry.value, entry.at(), "dedup_window", default)
 
     def _substitute(
         self,
@@ -302,10 +384,22 @@ class _Compiler:
         if not isinstance(value, str) or "${" not in value:
             return value
 
+        setting = ".".join(map(str, path))
+
         def replace(match: re.Match[str]) -> str:
-            escaped, var, default = match.groups()
-            if escaped:
-                return match.group(0)[1:]
+            var, default = match.groups()
+            if match.group(0) == "$${":
+                return "${"
+            if var is None or (default is not None and "${" in default):
+                # Kept as text, it would be sent as the setting (a token, say) literally.
+                self.error(
+                    entry.at(*path),
+                    f"{setting}: {_env_text(value, match.start())} is not a reference to an "
+                    "environment variable: write ${NAME} or ${NAME:-default} (NAME: letters, "
+                    "digits and _, no spaces; a default holds no ${...}), or $${ for a "
+                    "literal ${",
+                )
+                return ""
             found = self.env.get(var)
             if default is not None:
                 return found or default  # as in the shell: the default when unset or empty
@@ -413,19 +507,19 @@ class _Compiler:
                 refs = spec.get(key)
                 used_triggers |= {refs} if isinstance(refs, str) else set(refs or [])
             dest = dests.get(spec["destination"])
-            if dest is None:
-                if spec["destination"] not in self.destinations:
-                    known = ", ".join(sorted(self.destinations)) or "none defined"
-                    wanted = spec["destination"]
-                    self.error(
-                        entry.at("destination"),
-                        f"tag {name}: unknown destination {wanted!r} (destinations: {known})",
-                    )
-                continue
+            if dest is None and spec["destination"] not in self.destinations:
+                known = ", ".join(sorted(self.destinations)) or "none defined"
+                wanted = spec["destination"]
+                self.error(
+                    entry.at("destination"),
+                    f"tag {name}: unknown destination {wanted!r} (destinations: {known})",
+                )
+            # The tag's own mistakes are reported whatever its destination's state, so that
+            # one missing env var does not hide them until it is set.
             trigs = self._trigger_refs(name, entry, "trigger", triggers)
             excs = self._trigger_refs(name, entry, "except", triggers)
             self._check_exceptions(name, entry, trigs, excs)
-            fields = self._mapping(name, entry, dest)
+            getters = self._mapping_getters(name, entry)
             event_name = None
             if "event_name" in spec:
                 raw_name = spec["event_name"]
@@ -434,12 +528,15 @@ class _Compiler:
                     if raw_name.startswith("$")
                     else constant(raw_name)
                 )
-            self._adapter_warnings(name, entry, dest, trigs, excs)
             dedup = None
             if "dedup_key" in spec:
                 dedup = self.expression(
                     spec["dedup_key"], entry.at("dedup_key"), f"tag {name} dedup_key"
                 )
+            if dest is None:
+                continue  # what needs the adapter (its mapping, its warnings) cannot be checked
+            fields = self._mapping(name, entry, dest, getters)
+            self._adapter_warnings(name, entry, dest, trigs, excs)
             out.append(
                 Tag(
                     name=name,
@@ -474,17 +571,23 @@ class _Compiler:
             )
             self.error(entry.at("except"), f"tag {tag} can never fire: {what}")
             return
-        takes: set[str] = set()
+        takes: set[str] | None = set()  # None: any event name
         for trig in trigs:
-            if trig.events is None:
-                return  # any event name: an exception for some names leaves others
-            takes |= trig.events
+            if takes is None or trig.events is None:
+                takes = None
+            else:
+                takes |= trig.events
         for exc in excs:
-            if not exc.when and not exc.unless and (exc.events is None or takes <= exc.events):
+            if exc.when or exc.unless:
+                continue
+            # An exception of any event name blocks everything; one of some names blocks a
+            # tag whose triggers take only those names.
+            if exc.events is None or (takes is not None and takes <= exc.events):
+                taken = "any event" if takes is None else f"[{', '.join(sorted(takes))}]"
                 self.error(
                     entry.at("except"),
                     f"tag {tag} can never fire: exception {exc.name} has no conditions and "
-                    f"takes every event its triggers take ([{', '.join(sorted(takes))}])",
+                    f"takes every event its triggers take ({taken})",
                 )
                 return
 
@@ -503,7 +606,30 @@ class _Compiler:
                 self.error(where, f"tag {tag}: unknown trigger {ref!r} (triggers: {known})")
         return out
 
-    def _mapping(self, tag: str, entry: _Entry, dest: DestinationInstance) -> tuple[Field, ...]:
+    def _mapping_getters(self, tag: str, entry: _Entry) -> dict[str, Getter]:
+        """The tag's mapping expressions, compiled (each problem reported at its target), by
+        target; a target whose expression has an error is left out."""
+        overrides: dict[str, Any] = entry.value.get("mapping") or {}
+        out: dict[str, Getter] = {}
+        for target, source in overrides.items():
+            problem = _target_problem(target)
+            if problem is not None:
+                self.error(
+                    entry.key_at("mapping", target), f"tag {tag} mapping {target}: {problem}"
+                )
+            if isinstance(source, str):
+                where = entry.at("mapping", target)
+                what = f"tag {tag} mapping {target}"
+                getter = self.expression(source, where, what, "{{value: {name}}}")
+                if getter is not None:
+                    out[target] = getter
+        return out
+
+    def _mapping(
+        self, tag: str, entry: _Entry, dest: DestinationInstance, getters: Mapping[str, Getter]
+    ) -> tuple[Field, ...]:
+        """The tag's fields: the adapter's default mapping with the tag's ``mapping`` over it
+        (``getters``: its expressions, from :meth:`_mapping_getters`)."""
         overrides: dict[str, Any] = entry.value.get("mapping") or {}
         default_targets = list(dest.adapter.default_mapping)
         defaults = compile_mapping(
@@ -517,13 +643,15 @@ class _Compiler:
         removals: list[tuple[str, Position]] = []
         for target, source in overrides.items():
             where = entry.at("mapping", target)
+            if _target_problem(target) is not None:
+                continue  # reported by _mapping_getters
             if source is None:
                 removals.append((target, where))
             elif isinstance(source, dict):
                 fields.append(Field(tuple(target.split(".")), constant(source["value"])))
                 self._check_cleartext_constant(tag, dest, target, source["value"], where)
             elif isinstance(source, str):
-                getter = self.expression(source, where, f"tag {tag} mapping {target}")
+                getter = getters.get(target)
                 if getter is not None:
                     fields.append(Field(tuple(target.split(".")), getter))
                     self._check_cleartext(tag, dest, target, path_of(getter), where)
@@ -684,6 +812,25 @@ class _Compiler:
         return out
 
 
+def _target_problem(target: str) -> str | None:
+    """What is wrong with a mapping target, if it is not a dotted path of names."""
+    for name in target.split("."):
+        if not name:
+            return (
+                "a target is a dotted path of names (custom_data.value); an empty name (two dots "
+                'in a row, or a dot at the start or end) would send a key named ""'
+            )
+        if "[" in name or "]" in name:
+            return (
+                f"a target is a dotted path of names, and {name!r} indexes a list, which a "
+                "target cannot (the key would be sent as written): map the whole list instead, "
+                'e.g. custom_data.contents: "properties.items[].{id: id, quantity: quantity}"'
+            )
+        if name != name.strip():
+            return f"the name {name!r} starts or ends with a space"
+    return None
+
+
 def _without(get: Getter, path: tuple[str, ...]) -> Getter:
     """``get``, with the value at ``path`` (keys of nested objects) removed from its result."""
 
@@ -721,6 +868,24 @@ def _iso_times(value: Any) -> Any:
     if isinstance(value, date):
         return value.isoformat()
     return value
+
+
+def _env_text(value: str, start: int) -> str:
+    """The ``${...}`` at ``start`` of a setting as written, for a message: up to its closing
+    brace or the next ``$``, whichever comes first; cut at :data:`_ENV_SHOWN` characters."""
+    found = _ENV_END.search(value, start + 2)
+    if found is None:
+        text = value[start:]
+    else:
+        text = value[start : found.end() if found.group() == "}" else found.start()].rstrip()
+    return repr(text if len(text) <= _ENV_SHOWN else text[:_ENV_SHOWN] + "...")
+
+
+def _shown(value: Any) -> str:
+    """A number or text from a rule file as it would be written there (``.nan``, ``.inf``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else "-.inf" if value < 0 else ".inf"
+    return str(value)
 
 
 def _requirement(raw: Any) -> Requirement:
@@ -959,6 +1124,7 @@ def compile_container(
         return None, _sorted(compiler.problems)
     for name, entry in compiler.variables.items():
         compiler.variable(name, entry.at())
+    dedup_window = compiler.compile_settings()
     dests = compiler.compile_destinations()
     triggers = compiler.compile_triggers()
     tags = compiler.compile_tags(dests, triggers)
@@ -973,7 +1139,7 @@ def compile_container(
         destinations=dests,
         tags=tuple(tags),
         tests=tuple(tests),
-        dedup_window=parse_duration(settings.get("dedup_window", 48 * 3600)),
+        dedup_window=dedup_window,
         consent_defaults=dict(settings.get("consent_defaults") or {}),
         fingerprint=digest.hexdigest(),
     )

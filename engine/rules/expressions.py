@@ -34,6 +34,10 @@ from engine.expr import (
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _QUOTES = "'\"`"
+# How deep an expression may nest, the variables it uses included. Checking and evaluating an
+# expression recurse once or twice per level (a chain of ``||`` is as deep as it is long), so
+# this keeps both far from Python's recursion limit, in a request as in ``tagrelay check``.
+MAX_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Variable:
     name: str
     get: Getter
     tree: dict[str, Any] | None = None  # None: only known per event (a lookup table)
+    depth: int = 1  # how deep evaluating it nests (see :func:`depth`)
 
 
 @dataclass(frozen=True)
@@ -124,10 +129,43 @@ def parse(source: str, variables: Mapping[str, Variable]) -> dict[str, Any]:
         raise ExpressionError(
             f"invalid JMESPath expression {source!r}: {jmespath_message(exc, position)}"
         ) from exc
+    except RecursionError:  # jmespath's parser recurses once or more per parenthesis
+        raise ExpressionError(_too_deep("the expression is nested too deeply to read")) from None
+    # Before anything else walks the tree recursively.
+    if (levels := depth(tree)) > MAX_DEPTH:
+        raise ExpressionError(_too_deep(f"the expression is nested {levels} levels deep"))
     by_placeholder = {placeholder: variables[name] for name, placeholder in names.items()}
     rewritten: dict[str, Any] = _rewrite(tree, by_placeholder, at_root=True)
+    if (levels := depth(rewritten)) > MAX_DEPTH:
+        what = f"with the variables it uses, the expression is nested {levels} levels deep"
+        raise ExpressionError(_too_deep(what))
     check_functions(rewritten, source)
     return rewritten
+
+
+def _too_deep(what: str) -> str:
+    return (
+        f"{what}, more than the {MAX_DEPTH} levels allowed: write it shorter (a long chain of "
+        "a == 'x' || a == 'y' is contains(['x', 'y'], a))"
+    )
+
+
+def depth(tree: Mapping[str, Any]) -> int:
+    """How deep evaluating ``tree`` nests: its own levels, a variable counting as many as its
+    definition (:attr:`Variable.depth`). Walked without recursion, as the tree may be deep."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(tree, 1)]
+    while stack:
+        node, level = stack.pop()
+        if not isinstance(node, Mapping):
+            continue
+        var = variable_of(node)
+        if var is not None:
+            deepest = max(deepest, level - 1 + var.depth)
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in node.get("children", ()))
+    return deepest
 
 
 def compile_expression(source: str, variables: Mapping[str, Variable]) -> Getter:
@@ -171,6 +209,28 @@ def _rewrite(node: Any, variables: Mapping[str, Variable], at_root: bool) -> Any
         for i, child in enumerate(node.get("children", ()))
     ]
     return {**node, "children": children}
+
+
+def root_fields(tree: Mapping[str, Any]) -> list[str]:
+    """The fields an expression reads from the event itself, as the first step of a path.
+
+    Only fields evaluated against the event count: ``properties`` and ``EUR`` in
+    ``properties.currency == EUR``, not ``price`` in ``properties.items[?price > `1`]`` (read
+    from each item) nor what a variable reads (its own definition is checked on its own).
+    """
+    found: list[str] = []
+    stack: list[tuple[Any, bool]] = [(tree, True)]
+    while stack:
+        node, at_root = stack.pop()
+        if not isinstance(node, Mapping):
+            continue
+        kind = node.get("type")
+        if kind == "field" and at_root and isinstance(node.get("value"), str):
+            found.append(node["value"])
+        for i, child in enumerate(node.get("children", ())):
+            same = kind in _SAME_VALUE or (kind in _LEFT_SAME_VALUE and i == 0)
+            stack.append((child, at_root and same))
+    return list(dict.fromkeys(reversed(found)))
 
 
 def variable_of(node: Mapping[str, Any]) -> Variable | None:

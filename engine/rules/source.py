@@ -206,6 +206,8 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None
                 doc.data = {}
                 return doc
             doc.data = _Walker(doc, problems).walk(node, (), loader)
+            if doc.data is None:  # a document of nothing (``---`` alone, or ``~``): empty too
+                doc.data = {}
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as exc:
@@ -213,6 +215,9 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None
         where = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
         what = exc.problem or exc.context or "not valid YAML"
         problems.append(Problem(where, f"YAML syntax error: {what}"))
+        return None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, before parsing
+        problems.append(Problem(_text_position(text, file, exc.position), _reader_message(exc)))
         return None
     except yaml.YAMLError as exc:
         problems.append(Problem(Position(file, 1, 1), f"YAML error: {exc}"))
@@ -222,6 +227,23 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None
         problems.append(Problem(Position(file, 1, 1), "the file is nested too deeply to read"))
         return None
     return doc
+
+
+def _text_position(text: str, file: str, index: int) -> Position:
+    """The line and column of the character at ``index`` of ``text``."""
+    index = max(0, min(index, len(text)))
+    line_start = text.rfind("\n", 0, index) + 1
+    return Position(file, text.count("\n", 0, index) + 1, index - line_start + 1)
+
+
+def _reader_message(exc: yaml.reader.ReaderError) -> str:
+    """A character YAML refuses (a control character, often pasted in unseen), in words."""
+    char = exc.character
+    code = f"U+{char:04X}" if isinstance(char, int) else repr(char)
+    return (
+        f"YAML syntax error: the character {code} is not allowed in a rule file (a control "
+        "character, often pasted in unseen): retype the text around it"
+    )
 
 
 def rule_files(path: Path) -> Iterator[Path]:

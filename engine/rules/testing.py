@@ -33,7 +33,12 @@ def _show(value: Any) -> str:
 
 
 def subset_differences(expected: Any, actual: Any, path: str) -> list[str]:
-    """Where ``actual`` does not contain ``expected`` (objects by key, other values equal).
+    """Where ``actual`` does not contain ``expected``, at every depth.
+
+    An object is compared by the keys ``expected`` lists (other keys of ``actual`` are not
+    looked at); a list must have as many elements as ``expected``, each compared in order the
+    same way (so an object inside a list is a subset too); any other value must be equal and of
+    the same JSON type: ``true`` is not ``1``, while ``10`` and ``10.0`` are the same number.
 
     An expected ``null`` under an object's key means the key must be absent (or null): the
     payload never carries nulls of its own, so that is how a test says "not sent".
@@ -51,6 +56,16 @@ def subset_differences(expected: Any, actual: Any, path: str) -> list[str]:
                 out.append(f"{sub}: expected {_show(value)}, but it is missing")
             else:
                 out.extend(subset_differences(value, actual[key], sub))
+        return out
+    if isinstance(expected, list):
+        if not isinstance(actual, list):
+            return [f"{path}: expected a list, got {_show(actual)}"]
+        if len(expected) != len(actual):
+            noun = "element" if len(expected) == 1 else "elements"
+            return [f"{path}: expected {len(expected)} {noun}, got {len(actual)}: {_show(actual)}"]
+        out = []
+        for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
+            out.extend(subset_differences(want, got, f"{path}[{i}]"))
         return out
     if _is_number(expected) and _is_number(actual):
         same = expected == actual

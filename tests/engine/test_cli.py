@@ -156,6 +156,42 @@ def test_rule_tests_say_when_a_field_expected_absent_is_sent(
     assert "currency" not in out
 
 
+def test_rule_tests_compare_types_and_lists_at_every_depth(
+    write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    container = write_rules(
+        RULES.replace(
+            "mapping: {value: properties.value}",
+            "mapping: {value: properties.value, flags: {value: [1, 0]}, items: properties.items}",
+        )
+        + "tests:\n  - name: typed\n"
+        + "    event: {event_name: purchase, consent: {ad_user_data: granted},"
+        + " properties: {value: 10, items: [{id: a, quantity: 1}, {id: b, quantity: 2}]}}\n"
+        + "    expect:\n      crm_purchase:\n        payload:\n"
+        + "          flags: [true, false]\n"
+        + "          items: [{quantity: true}, {id: b, quantity: 2.0}]\n"
+        + "          value: [10]\n"
+        + "  - name: lengths\n"
+        + "    event: {event_name: purchase, consent: {ad_user_data: granted},"
+        + " properties: {items: [{id: a}, {id: b}]}}\n"
+        + "    expect: {crm_purchase: {payload: {items: [{id: a}]}}}\n"
+    )
+
+    code = main(["test", str(container)])
+
+    out = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert out[1:5] == [
+        "       crm_purchase.payload.flags[0]: expected true, got 1",
+        "       crm_purchase.payload.flags[1]: expected false, got 0",
+        "       crm_purchase.payload.items[0].quantity: expected true, got 1",
+        "       crm_purchase.payload.value: expected a list, got 10",
+    ]
+    assert out[6] == (
+        '       crm_purchase.payload.items: expected 1 element, got 2: [{"id": "a"}, {"id": "b"}]'
+    )
+
+
 def test_rule_tests_apply_the_ip_policy_the_server_is_configured_with(
     write_rules: WriteRules, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

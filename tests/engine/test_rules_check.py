@@ -15,8 +15,9 @@ rule tests pass.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ import pytest
 from destinations import registry
 from destinations.base import Destination
 from engine.cli import main
+from engine.event import normalize
 from engine.rules import compile_container
 from engine.rules.source import Problem
 from engine.rules.testing import run_tests
+from engine.store.base import Decision
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
 ENV = {"TAGRELAY_FIXTURE_TOKEN": "fixture-token", "TAGRELAY_FIXTURE_EMPTY": ""}
@@ -153,6 +156,19 @@ def test_dollar_dollar_escapes_an_env_reference(tmp_path: Path) -> None:
     assert compiled.destinations["a"].adapter.settings["headers"] == {"X": "${LITERAL}"}
 
 
+def test_dollar_dollar_is_a_literal_dollar_brace_whatever_follows(tmp_path: Path) -> None:
+    rules = tmp_path / "env.yaml"
+    rules.write_text(
+        "destinations:\n"
+        "  a: {type: webhook, url: 'https://x.example/', headers: {X: '$${not a name} $${'}}\n"
+    )
+
+    compiled, problems = compile_container(rules, {})
+
+    assert compiled is not None, [str(p) for p in problems]
+    assert compiled.destinations["a"].adapter.settings["headers"] == {"X": "${not a name} ${"}
+
+
 def test_missing_container_is_reported_not_raised(tmp_path: Path) -> None:
     compiled, problems = compile_container(tmp_path / "nowhere", {})
 
@@ -257,6 +273,82 @@ def test_a_file_nested_thousands_deep_is_a_problem_at_its_line_not_a_traceback(
     assert f"{rules}:3:" in out
     assert "nested more than 100 levels deep" in out
     assert "Traceback" not in out
+
+
+def test_a_control_character_is_reported_at_its_line_and_column(tmp_path: Path) -> None:
+    rules = tmp_path / "triggers.yaml"
+    # A backspace pasted into a value on line 3, column 22 (from a chat or a word processor).
+    rules.write_text("triggers:\n  a: {event: x}\n  b: {event: purchase\b}\n")
+
+    _, problems = compile_container(rules, {})
+
+    assert [str(p) for p in problems] == [
+        f"{rules}:3:22: error: YAML syntax error: the character U+0008 is not allowed in a rule "
+        "file (a control character, often pasted in unseen): retype the text around it"
+    ]
+
+
+# -- deep expressions -------------------------------------------------------------------------
+
+DEEP_RULES = """
+destinations:
+  log: {{type: log}}
+variables: {{v1: "{v1}", v2: "{v2}"}}
+triggers:
+  t: {{event: x, when: "{when}"}}
+tags:
+  - {{name: a, trigger: t, destination: log}}
+"""
+
+
+def _or_chain(first: str, terms: int) -> str:
+    return " || ".join([first, *(f"properties.a{i}" for i in range(terms - 1))])
+
+
+@pytest.mark.parametrize(
+    ("when", "message"),
+    [
+        ("(" * 1000 + "properties.a" + ")" * 1000, "the expression is nested too deeply to read"),
+        (_or_chain("properties.b", 400), "the expression is nested 401 levels deep"),
+        ("!" * 150 + "properties.a", "the expression is nested 152 levels deep"),
+        (
+            _or_chain("$v2", 60),
+            "with the variables it uses, the expression is nested 120 levels deep",
+        ),
+    ],
+    ids=["parentheses", "long-or-chain", "not-chain", "through-variables"],
+)
+def test_an_expression_nested_too_deeply_is_a_problem_at_its_position_not_a_crash(
+    write_rules: Callable[..., Path], when: str, message: str
+) -> None:
+    rules = DEEP_RULES.format(v1="properties.v", v2=_or_chain("$v1", 60), when=when)
+
+    _, problems = compile_container(write_rules(rules), {})  # must not raise
+
+    errors = [str(p) for p in problems if p.severity == "error"]
+    assert len(errors) == 1, errors
+    assert ":5:23: error: trigger t when: " in errors[0]
+    assert f"{message}, more than the 100 levels allowed" in errors[0]
+
+
+def test_an_expression_at_the_depth_limit_is_evaluated_deep_in_a_request(
+    write_rules: Callable[..., Path],
+) -> None:
+    """Evaluating recurses about twice per level: at the limit, far from Python's own, even
+    when the server's stack is deep already (here 500 frames)."""
+    rules = DEEP_RULES.format(  # 41 levels, 29 more for v2, 30 more for the condition: 100
+        v1=_or_chain("properties.v", 40), v2=_or_chain("$v1", 30), when=_or_chain("$v2", 31)
+    )
+    container, problems = compile_container(write_rules(rules), {})
+    assert container is not None, [str(p) for p in problems]
+    event = normalize({"event_name": "x", "properties": {"v": 1}}, datetime.now(UTC))
+
+    def deep(frames: int) -> list[Decision]:
+        return deep(frames - 1) if frames else container.evaluate(event)
+
+    (decision,) = deep(500)
+
+    assert decision.fired, decision.reason
 
 
 def test_a_plugin_that_rejects_its_settings_never_gets_them_quoted(
