@@ -247,10 +247,16 @@ def _reader_message(exc: yaml.reader.ReaderError) -> str:
 
 
 def rule_files(path: Path) -> Iterator[Path]:
-    """The rule files of a container: the file itself, or every *.yaml/*.yml below a directory."""
+    """The rule files of a container: the file itself, or every ``*.yaml``/``*.yml`` (in any
+    case) below a directory, except hidden ones and those in hidden directories: a container
+    kept in a repository has ``.github/workflows/*.yml`` and the like, which are no rules."""
     if path.is_file():
         yield path
         return
     for child in sorted(path.rglob("*")):
-        if child.suffix in (".yaml", ".yml") and child.is_file() and not child.name.startswith("."):
+        if (
+            child.suffix.lower() in (".yaml", ".yml")
+            and not any(part.startswith(".") for part in child.relative_to(path).parts)
+            and child.is_file()
+        ):
             yield child

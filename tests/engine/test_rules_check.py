@@ -253,6 +253,24 @@ def test_shipped_default_rules_check_clean() -> None:
     assert compiled is not None, "\n".join(str(p) for p in problems)
 
 
+def test_files_in_hidden_directories_are_not_rules_and_upper_case_endings_are(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / ".github" / "workflows").mkdir(parents=True)
+    (tmp_path / ".github" / "workflows" / "ci.yml").write_text("on: [push]\njobs: {}\n")
+    (tmp_path / ".hidden.yaml").write_text("on: [push]\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "TAGS.YAML").write_text(
+        "destinations:\n  log: {type: log}\ntriggers:\n  all: {event: '*'}\n"
+        "tags:\n  - {name: log_all, trigger: all, destination: log}\n"
+    )
+
+    compiled, problems = compile_container(tmp_path, {})
+
+    assert compiled is not None, "\n".join(str(p) for p in problems)
+    assert [t.name for t in compiled.tags] == ["log_all"]
+
+
 # -- odd YAML ---------------------------------------------------------------------------------
 
 
