@@ -20,7 +20,7 @@ from typing import Any
 
 import jsonschema
 
-from destinations import cleartext, registry
+from destinations import cleartext, registry, values
 from destinations.base import PayloadError
 from engine.config import MAX_DAYS
 from engine.consent import Requirement
@@ -112,6 +112,18 @@ class _Compiler:
 
     def warn(self, where: Position, message: str) -> None:
         self.problems.append(Problem(where, message, "warning"))
+
+    def json_constant(self, value: Any, where: Position, what: str, field: str) -> None:
+        """Report a constant no platform could be sent: YAML reads ``2026-11-30`` as a date,
+        ``.nan`` as a float JSON cannot carry, ``!!binary`` as bytes."""
+        try:
+            values.check_json(value, field)
+        except PayloadError as exc:
+            self.error(
+                where,
+                f"{what}: {exc}; quote a date or other text that YAML would read as something "
+                "else ('2026-11-30')",
+            )
 
     # -- gathering ------------------------------------------------------------------------------
 
@@ -238,6 +250,10 @@ class _Compiler:
         source = looked_up.get
         table = {str(k): v for k, v in value["table"].items()}
         default = value.get("default")
+        for key, found in value["table"].items():
+            self.json_constant(found, entry.at("table", key), f"lookup ${name}", f"table.{key}")
+        if "default" in value:
+            self.json_constant(default, entry.at("default"), f"lookup ${name}", "default")
 
         def lookup(event: Any) -> Any:
             key = source(event)
@@ -648,6 +664,8 @@ class _Compiler:
             if source is None:
                 removals.append((target, where))
             elif isinstance(source, dict):
+                at = entry.at("mapping", target, "value")
+                self.json_constant(source["value"], at, f"tag {tag}", target)
                 fields.append(Field(tuple(target.split(".")), constant(source["value"])))
                 self._check_cleartext_constant(tag, dest, target, source["value"], where)
             elif isinstance(source, str):
@@ -656,6 +674,7 @@ class _Compiler:
                     fields.append(Field(tuple(target.split(".")), getter))
                     self._check_cleartext(tag, dest, target, path_of(getter), where)
             else:
+                self.json_constant(source, where, f"tag {tag}", target)
                 fields.append(Field(tuple(target.split(".")), constant(source)))
                 self._check_cleartext_constant(tag, dest, target, source, where)
         reads = {f.target: path_of(f.get) for f in fields}
