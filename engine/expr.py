@@ -519,6 +519,9 @@ def jmespath_message(exc: Exception, position: Callable[[int], int] = lambda p: 
             if exc.lex_position is not None
             else ""
         )
+        if getattr(exc, "token_type", None) == "NUMBER":
+            # A number stands only in an index or a slice; as a value it is a literal.
+            return f"{exc.msg}{where}: a number as a value is written in backticks, `10`"
         return f"{exc.msg}{where}"
     msg = str(exc).strip().splitlines()
     return msg[0] if msg else type(exc).__name__
