@@ -340,7 +340,9 @@ def postal_code(value: str, platform: Platform, country: str | None = None) -> s
 
 def country(value: str, platform: Platform) -> str | None:
     """An ISO 3166-1 alpha-2 code from an alpha-2 or alpha-3 code (``DEU`` -> ``de``) or an
-    English (or common European) name.
+    English (or common European) name: the ISO names, and the usual English, short and former
+    names the ISO list lacks (``Turkey``, ``UAE``, ``Burma``, ``Swaziland``, ``The Gambia``,
+    ``St Lucia``). Kosovo, which has no ISO code, is ``XK``, as ``phonenumbers`` reads it.
 
     Lowercase for Meta and TikTok (``United States`` -> ``us``), uppercase for Google.
     Returns None for an unknown country, and for a value that is not text.
@@ -439,15 +441,20 @@ def _alnum(value: str) -> str:
 
 
 def _country_key(value: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", value.casefold())
+    decomposed = unicodedata.normalize("NFKD", value.casefold().replace("&", "and"))
     return "".join(ch for ch in decomposed if ch.isalnum() and ch.isascii())
 
 
+# Names people write that ``pycountry`` does not know: short, former and English names
+# (the library says Türkiye, Cabo Verde, Eswatini, Myanmar) and parts of a country. Keys as
+# ``_country_key`` writes them. A leading "the" and "St" for "Saint" are read by
+# ``_country_code`` itself (``The Gambia``, ``St Kitts and Nevis``).
 _COUNTRY_ALIASES = {
     "usa": "US",
     "unitedstatesofamerica": "US",
     "america": "US",
     "uk": "GB",
+    "britain": "GB",
     "greatbritain": "GB",
     "england": "GB",
     "scotland": "GB",
@@ -455,14 +462,61 @@ _COUNTRY_ALIASES = {
     "northernireland": "GB",
     "czechia": "CZ",
     "northmacedonia": "MK",
+    "macedonia": "MK",
+    "republicofmacedonia": "MK",
+    "fyrom": "MK",
+    "turkey": "TR",
     "turkiye": "TR",
+    "uae": "AE",
+    "emirates": "AE",
+    "capeverde": "CV",
+    "swaziland": "SZ",
+    "burma": "MM",
     "ivorycoast": "CI",
+    "korea": "KR",
+    "koreasouth": "KR",
+    "koreanorth": "KP",
     "republicofkorea": "KR",
     "korearepublicof": "KR",
     "russianfederation": "RU",
     "vietnam": "VN",
+    "laopdr": "LA",
     "holland": "NL",
-    "thenetherlands": "NL",
+    "vatican": "VA",
+    "vaticancity": "VA",
+    "vaticancitystate": "VA",
+    "holysee": "VA",
+    "palestine": "PS",
+    "stateofpalestine": "PS",
+    "palestinianterritories": "PS",
+    "palestinianterritory": "PS",
+    "easttimor": "TL",
+    "drcongo": "CD",
+    "drc": "CD",
+    "democraticrepublicofthecongo": "CD",
+    "democraticrepublicofcongo": "CD",
+    "congokinshasa": "CD",
+    "congobrazzaville": "CG",
+    "bosnia": "BA",
+    "bosniaherzegovina": "BA",
+    "republicofireland": "IE",
+    "eire": "IE",
+    "falklands": "FK",
+    "falklandislands": "FK",
+    "aland": "AX",
+    "sainthelena": "SH",
+    "saintmartin": "MF",
+    "sintmaarten": "SX",
+    "saintbarts": "BL",
+    "usvirginislands": "VI",
+    "caribbeannetherlands": "BQ",
+    "bonaire": "BQ",
+    "pitcairnislands": "PN",
+    "cocosislands": "CC",
+    "keelingislands": "CC",
+    # Kosovo has no ISO 3166-1 code; XK is the code in common use (phonenumbers reads +383
+    # numbers as XK, and Meta, Google and TikTok take it), so it is read as a code too.
+    "kosovo": "XK",
 }
 
 
@@ -498,10 +552,16 @@ def _country_code(value: str) -> str | None:
         return upper
     if len(key) == 3 and upper in _ALPHA_3:  # no 3-letter country name is another's code
         return _ALPHA_3[upper]
-    return _country_names().get(key)
+    names = _country_names()
+    code = names.get(key)
+    if code is None and key.startswith("the"):  # The Gambia, The Bahamas, The Netherlands
+        code = names.get(key[3:])
+    if code is None and key.startswith("st"):  # St Lucia, St. Kitts and Nevis
+        code = names.get("saint" + key[2:])
+    return code
 
 
-_ALPHA_2 = frozenset(str(c.alpha_2) for c in pycountry.countries)
+_ALPHA_2 = frozenset(str(c.alpha_2) for c in pycountry.countries) | {"XK"}
 _ALPHA_3 = {str(c.alpha_3): str(c.alpha_2) for c in pycountry.countries}
 
 

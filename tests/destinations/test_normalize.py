@@ -268,6 +268,81 @@ def test_country_names_and_codes_become_alpha2_in_the_platform_case(
     assert normalize.country(raw, platform) == expected
 
 
+# Names people write that the ISO names in ``pycountry`` do not give: English short, former and
+# older names, parts of a country, and "The"/"St" forms. Each was None before it was added.
+USUAL_COUNTRY_NAMES = [
+    ("Turkey", "tr"),  # pycountry: Türkiye
+    ("UAE", "ae"),
+    ("Cape Verde", "cv"),  # Cabo Verde
+    ("Swaziland", "sz"),  # Eswatini
+    ("Burma", "mm"),  # Myanmar
+    ("Macedonia", "mk"),  # North Macedonia
+    ("Britain", "gb"),
+    ("Korea", "kr"),
+    ("Korea, North", "kp"),
+    ("Vatican", "va"),
+    ("Vatican City", "va"),
+    ("Holy See", "va"),
+    ("Palestine", "ps"),
+    ("Palestinian Territories", "ps"),
+    ("Kosovo", "xk"),  # no ISO code: XK, as phonenumbers and the ad platforms use
+    ("East Timor", "tl"),
+    ("DR Congo", "cd"),
+    ("Democratic Republic of the Congo", "cd"),
+    ("Congo-Brazzaville", "cg"),
+    ("Bosnia", "ba"),
+    ("Bosnia & Herzegovina", "ba"),
+    ("Republic of Ireland", "ie"),
+    ("Falkland Islands", "fk"),
+    ("Saint Helena", "sh"),
+    ("Saint Martin", "mf"),
+    ("Sint Maarten", "sx"),
+    ("US Virgin Islands", "vi"),
+    ("Bonaire", "bq"),
+    ("The Gambia", "gm"),
+    ("The Bahamas", "bs"),
+    ("St Kitts and Nevis", "kn"),
+    ("St. Vincent and the Grenadines", "vc"),
+    ("Trinidad & Tobago", "tt"),
+    ("Lao PDR", "la"),
+]
+# ... and names that resolved already, kept so: the library's own and earlier aliases.
+KNOWN_COUNTRY_NAMES = [
+    ("Türkiye", "tr"),
+    ("Ivory Coast", "ci"),
+    ("Czech Republic", "cz"),
+    ("North Macedonia", "mk"),
+    ("Holland", "nl"),
+    ("The Netherlands", "nl"),
+    ("Great Britain", "gb"),
+    ("England", "gb"),
+    ("Scotland", "gb"),
+    ("Wales", "gb"),
+    ("Northern Ireland", "gb"),
+    ("South Korea", "kr"),
+    ("North Korea", "kp"),
+    ("Russia", "ru"),
+    ("Vietnam", "vn"),
+    ("Laos", "la"),
+    ("Syria", "sy"),
+    ("Iran", "ir"),
+    ("Bolivia", "bo"),
+    ("Venezuela", "ve"),
+    ("Tanzania", "tz"),
+    ("Moldova", "md"),
+    ("Taiwan", "tw"),
+    ("Brunei", "bn"),
+    ("Eswatini", "sz"),
+    ("Myanmar", "mm"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), USUAL_COUNTRY_NAMES + KNOWN_COUNTRY_NAMES)
+def test_usual_english_and_former_country_names_are_read(raw: str, expected: str) -> None:
+    assert normalize.country(raw, "meta") == expected
+    assert normalize.country(raw, "google") == expected.upper()
+
+
 def test_unknown_country_is_left_out() -> None:
     assert normalize.country("Narnia", "meta") is None
     assert normalize.country("XX", "meta") is None
