@@ -238,8 +238,9 @@ def date_of_birth(value: str | date, platform: Platform) -> str | None:
     """A date of birth: ``YYYYMMDD`` for Meta, ``YYYY-MM-DD`` for the others.
 
     Reads ``1997-02-16``, ``19970216``, ``1997/02/16``, an ISO date-time, ``2/16/1997``
-    (month first, as in Meta's docs; day first when the first number is above 12) and
-    ``16.02.1997`` (day first). Years outside 1900 to this year give None.
+    (month first, as in Meta's docs) and ``16.02.1997`` or ``16-02-1997`` (day first). When
+    the number in the month's place is above 12, the two are swapped: ``16/2/1997`` and
+    ``02-16-1997`` are read too. Years outside 1900 to this year give None.
     """
     parsed = value if isinstance(value, date) else _parse_date(value.strip())
     if parsed is None or not 1900 <= parsed.year <= datetime.now(UTC).year:
@@ -258,12 +259,14 @@ def _parse_date(text: str) -> date | None:
         if match is None:
             continue
         a, b, c = map(int, match.groups())
+        # Either order of day and month: the separator's usual one, the other when the
+        # number in the month's place cannot be a month.
         if order == "ymd":
             year, month, day = a, b, c
         elif order == "mdy":
             year, month, day = (c, a, b) if a <= 12 else (c, b, a)
         else:
-            year, month, day = c, b, a
+            year, month, day = (c, b, a) if b <= 12 else (c, a, b)
         try:
             return date(year, month, day)
         except ValueError:

@@ -427,6 +427,10 @@ def test_google_postal_code_stays_readable() -> None:
         ("1997-02-16T00:00:00Z", "19970216"),
         ("16/2/1997", "19970216"),  # day first when the first number cannot be a month
         ("16.02.1997", "19970216"),
+        ("16-02-1997", "19970216"),
+        ("05.02.1997", "19970205"),  # day first with dots or dashes, as in Europe
+        ("02-16-1997", "19970216"),  # month first when the second number cannot be a month
+        ("02.16.1997", "19970216"),
         (date(1997, 2, 16), "19970216"),
     ],
 )
@@ -434,7 +438,9 @@ def test_meta_date_of_birth_is_yyyymmdd(raw: str | date, expected: str) -> None:
     assert normalize.date_of_birth(raw, "meta") == expected
 
 
-@pytest.mark.parametrize("raw", ["1890-01-01", "2999-01-01", "1997-02-30", "someday"])
+@pytest.mark.parametrize(
+    "raw", ["1890-01-01", "2999-01-01", "1997-02-30", "13/13/1997", "13.13.1997", "someday"]
+)
 def test_impossible_date_of_birth_is_left_out(raw: str) -> None:
     assert normalize.date_of_birth(raw, "meta") is None
 
