@@ -21,6 +21,7 @@ from destinations.base import (
     SendContext,
     Token,
     retry_after_seconds,
+    retryable_status,
     status_result,
 )
 
@@ -84,7 +85,7 @@ AUTH_STATUSES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 class TokenError(Exception):
     """The OAuth token exchange failed.
 
-    ``outcome`` says whether a retry can help: ``Outcome.RETRYABLE`` for 429/5xx or an
+    ``outcome`` says whether a retry can help: ``Outcome.RETRYABLE`` for 408/425/429/5xx or an
     unreadable answer, ``Outcome.AUTH`` when the credentials were refused (an operator must act).
     """
 
@@ -538,7 +539,7 @@ class GoogleAds(Destination):
         reason = f"Google OAuth token exchange failed: HTTP {response.status}"
         if isinstance(error, str):
             reason += f" {error}"  # e.g. invalid_grant: an OAuth error code, never a secret
-        retry = response.status in (408, 429) or response.status >= 500
+        retry = retryable_status(response.status)
         ok_but_unreadable = 200 <= response.status < 300
         outcome = Outcome.RETRYABLE if retry or ok_but_unreadable else Outcome.AUTH
         raise TokenError(reason, outcome)
@@ -695,9 +696,22 @@ def _row_index(error: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _classify(error: Mapping[str, Any]) -> ItemResult:
+def _error_code(error: Mapping[str, Any]) -> tuple[Any, Any]:
+    """A GoogleAdsError's ``errorCode`` as (category, enum): ``("databaseError",
+    "CONCURRENT_MODIFICATION")``; empty strings when it has none."""
     code = error.get("errorCode")
-    category, enum = next(iter(code.items())) if isinstance(code, dict) and code else ("", "")
+    return next(iter(code.items())) if isinstance(code, dict) and code else ("", "")
+
+
+def _transient(error: Mapping[str, Any]) -> bool:
+    """Whether a GoogleAdsError is one a retry can clear (platforms.md §3.7: quota, internal
+    and transient errors, a deadline, a concurrent modification)."""
+    category, enum = _error_code(error)
+    return enum in RETRY_CODES or category == "quotaError"
+
+
+def _classify(error: Mapping[str, Any]) -> ItemResult:
+    category, enum = _error_code(error)
     message = str(error.get("message") or "")[:200]
     # The error's "trigger" may quote the offending value (personal data): never copied.
     reason = f"Google Ads {category}.{enum}: {message}".strip()
@@ -705,7 +719,7 @@ def _classify(error: Mapping[str, Any]) -> ItemResult:
         return ItemResult(Outcome.AUTH, reason)
     if enum in DELAYED_CODES:
         return ItemResult(Outcome.RETRYABLE, reason, DELAYED_CODES[enum])
-    if enum in RETRY_CODES or category == "quotaError":
+    if _transient(error):
         return ItemResult(Outcome.RETRYABLE, reason, _retry_delay(error))
     return ItemResult(Outcome.PERMANENT, reason)
 
@@ -735,7 +749,14 @@ def _row_errors(status: Mapping[str, Any], count: int) -> dict[int, ItemResult]:
 
 
 def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[ItemResult]:
-    """A non-2xx answer: the whole request failed; nothing was processed."""
+    """A non-2xx answer: the whole request failed; nothing was processed.
+
+    Read from the HTTP status and the RPC status first, then from the GoogleAdsErrors in the
+    body: rows they name get their own outcome (the others go again); errors that name no row
+    fail the request as a whole, retryable when every one of them is transient (a
+    ``CONCURRENT_MODIFICATION`` comes as 409 ABORTED, a ``TRANSIENT_ERROR`` with any status),
+    else permanent.
+    """
     error = answer.get("error") if isinstance(answer, dict) else None
     if not isinstance(error, dict):
         return [status_result(response)] * count
@@ -748,7 +769,7 @@ def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[It
     )
     if response.status in (401, 403) or status in AUTH_STATUSES:
         return [ItemResult(Outcome.AUTH, reason)] * count
-    if response.status in (408, 429) or response.status >= 500 or status in RETRY_STATUSES:
+    if retryable_status(response.status) or status in RETRY_STATUSES:
         delay = retry_after or (first.retry_after if first else None)
         return [ItemResult(Outcome.RETRYABLE, reason, delay)] * count
     by_row: dict[int, ItemResult] = {}
@@ -757,6 +778,11 @@ def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[It
         if index is not None and 0 <= index < count:
             by_row.setdefault(index, _classify(ads_error))
     if not by_row:
+        if ads_errors and all(_transient(e) for e in ads_errors):
+            delay = retry_after or next(
+                (d for e in ads_errors if (d := _retry_delay(e)) is not None), None
+            )
+            return [ItemResult(Outcome.RETRYABLE, reason, delay)] * count
         return [ItemResult(Outcome.PERMANENT, reason)] * count
     # Rows named in the error sank the request; the others were fine and can go again.
     innocent = ItemResult(Outcome.RETRYABLE, "Google Ads: not processed (another row failed)")

@@ -23,6 +23,7 @@ from destinations.base import (
     PayloadError,
     SendContext,
     retry_after_seconds,
+    retryable_status,
     status_result,
 )
 
@@ -462,7 +463,7 @@ def _result(response: HttpResponse) -> ItemResult:
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
     if code is None and response.status in (401, 403):
         return ItemResult(Outcome.AUTH, reason)
-    if code is None and response.status in (408, 425, 429):
+    if code is None and retryable_status(response.status):
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
     return ItemResult(Outcome.PERMANENT, reason)
 

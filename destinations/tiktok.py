@@ -18,6 +18,7 @@ from destinations.base import (
     PayloadError,
     SendContext,
     retry_after_seconds,
+    retryable_status,
     status_result,
 )
 
@@ -393,6 +394,6 @@ def _result(response: HttpResponse) -> ItemResult:
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
     if code in _AUTH_CODES or response.status in (401, 403):
         return ItemResult(Outcome.AUTH, reason)
-    if response.status in (408, 425, 429):
+    if retryable_status(response.status):
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
     return ItemResult(Outcome.PERMANENT, reason)
