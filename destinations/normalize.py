@@ -143,7 +143,8 @@ def phone(value: str, platform: Platform, default_country: str | None = None) ->
 
     Meta: the digits of the E.164 form, country code included, no ``+`` (``16505551212``).
     Google and TikTok: E.164 with ``+`` (``+16505551212``). A national trunk prefix
-    (``+44 (0)20…``) and a ``00`` international prefix are handled by ``phonenumbers``.
+    (``+44 (0)20…``) and an international prefix (the default country's own, such as
+    Australia's ``0011``, else ``00``) are read as ``phonenumbers`` reads them.
 
     Args:
         value: the number as the user typed it.

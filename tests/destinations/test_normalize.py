@@ -225,6 +225,12 @@ def test_national_phone_is_read_in_the_default_country() -> None:
     assert normalize.phone("0151 12345678", "meta", "Germany") == "4915112345678"
 
 
+def test_an_international_prefix_is_the_default_countrys_own() -> None:
+    # Australia's is 0011 (phonenumbers' reading), not 00 followed by 11
+    assert normalize.phone("0011 44 20 7946 0958", "google", "AU") == "+442079460958"
+    assert normalize.phone("0011 44 20 7946 0958", "meta", "AU") == "442079460958"
+
+
 def test_national_phone_without_a_default_country_is_left_out() -> None:
     assert normalize.phone("(650) 555-1212", "meta") is None
 
