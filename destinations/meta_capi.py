@@ -111,7 +111,8 @@ class MetaCapi(Destination):
     ``action_source`` the tag's mapping, else the ``action_source`` setting (``website``).
     When no ``fbc`` is given it is built as ``fb.1.<event time ms>.<fbclid>`` from ``fbclid``
     or from the ``fbclid`` query parameter of ``event_source_url``; fbclid is never altered.
-    A national phone number is read in the person's country, else ``default_country``.
+    A national phone number is read in the person's country (the mapped
+    ``user_data.country``, else the event's), else ``default_country``.
 
     Rules enforced before sending: events older than 7 days (62 for ``physical_store``) are
     refused at intake and given up at send time, because one old event fails the whole
@@ -227,7 +228,7 @@ class MetaCapi(Destination):
         event_time = int(ctx.event_time.timestamp())
 
         source_url = _text(mapped.get("event_source_url"))
-        user_data = self._user_data(mapped.get("user_data"))
+        user_data = self._user_data(mapped.get("user_data"), ctx.event)
         if "fbc" not in user_data:
             fbclid = _text(fbclid) or normalize.url_param(source_url, "fbclid")
             if fbclid:
@@ -262,13 +263,14 @@ class MetaCapi(Destination):
                 payload[key] = value
         return payload
 
-    def _user_data(self, raw: object) -> dict[str, Any]:
+    def _user_data(self, raw: object, event: Mapping[str, Any]) -> dict[str, Any]:
         if raw is None:
             return {}
         if not isinstance(raw, _MAPPING):
             raise PayloadError("user_data must be an object")
         # Page views and the like carry nothing to hash: no region to work out then.
-        hashers = _hashers(self._region(raw)) if not _HASHED_FIELDS.isdisjoint(raw) else {}
+        hashed = not _HASHED_FIELDS.isdisjoint(raw)
+        hashers = _hashers(self._region(raw, event)) if hashed else {}
         out: dict[str, Any] = {}
         for key, value in raw.items():
             hasher = hashers.get(key)
@@ -291,15 +293,19 @@ class MetaCapi(Destination):
                 out[key] = value
         return out
 
-    def _region(self, raw: Mapping[str, Any]) -> str | None:
-        """The country that national phone numbers, states and postal codes are read in."""
-        person_country = _text(raw.get("country"))
-        if person_country and normalize.is_hashed(person_country):
-            person_country = None
-        region = person_country or self._default_country
-        if region and not normalize.country(region, "meta"):
-            region = self._default_country
-        return region
+    def _region(self, raw: Mapping[str, Any], event: Mapping[str, Any]) -> str | None:
+        """The country that national phone numbers, states and postal codes are read in: the
+        person's, as Google Ads and TikTok read it (the mapped ``user_data.country``, else the
+        event's own, which a tag may keep out of Meta's payload), else ``default_country``."""
+        person = event.get("user_data")
+        for value in (
+            raw.get("country"),
+            person.get("country") if isinstance(person, _MAPPING) else None,
+        ):
+            country = _text(value)
+            if country and not normalize.is_hashed(country) and normalize.country(country, "meta"):
+                return country
+        return self._default_country
 
     # -- delivery -------------------------------------------------------------------------------
 
