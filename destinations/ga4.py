@@ -508,7 +508,10 @@ def _params(raw: Mapping[str, Any], event_name: str) -> dict[str, Any]:
     if event_name in ("purchase", "refund") and not params.get("transaction_id"):
         raise PayloadError(f"GA4: transaction_id is required for the {event_name} event")
     if "transaction_id" in params:
-        params["transaction_id"] = values.text(params["transaction_id"], "GA4: transaction_id")
+        transaction_id = values.text(params["transaction_id"], "GA4: transaction_id")
+        if "@" in transaction_id:  # built, so not checked with the params passed on as mapped
+            cleartext.check(transaction_id, "params.transaction_id", "GA4", PERSONAL_HOMES)
+        params["transaction_id"] = transaction_id
     return params
 
 

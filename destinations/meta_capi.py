@@ -249,7 +249,7 @@ class MetaCapi(Destination):
         payload: dict[str, Any] = {
             "event_name": ctx.event_name,
             "event_time": event_time,
-            "event_id": values.text(mapped.get("event_id") or ctx.event_id, "event_id"),
+            "event_id": _identifier(mapped.get("event_id") or ctx.event_id, "event_id"),
             "action_source": action_source,
         }
         if source_url:
@@ -397,6 +397,15 @@ def _passed_on(value: Any, field: str) -> None:
     cleartext.check(value, field, "Meta", PERSONAL_HOMES)
 
 
+def _identifier(value: object, field: str) -> str:
+    """An ID Meta receives as it is (event, order and content IDs): text, and no e-mail address,
+    which a mapping such as ``properties.order_id || user_data.email`` could put there."""
+    text = values.text(value, field)
+    if "@" in text:
+        cleartext.check(text, field, "Meta", PERSONAL_HOMES)
+    return text
+
+
 def _custom_data(raw: object) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -413,11 +422,11 @@ def _custom_data(raw: object) -> dict[str, Any]:
             raise PayloadError("custom_data.currency must be an ISO 4217 code")
         out["currency"] = currency
     if "order_id" in out:
-        out["order_id"] = values.text(out["order_id"], "custom_data.order_id")
+        out["order_id"] = _identifier(out["order_id"], "custom_data.order_id")
     if "content_ids" in out:
         ids = out["content_ids"] if isinstance(out["content_ids"], list) else [out["content_ids"]]
         out["content_ids"] = [
-            values.text(i, "custom_data.content_ids[]") for i in ids if i is not None
+            _identifier(i, "custom_data.content_ids[]") for i in ids if i is not None
         ]
     if "contents" in out:
         out["contents"] = _contents(out["contents"])
