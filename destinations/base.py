@@ -387,6 +387,16 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+"""The 4xx statuses that say "try again later" (request timeout, too early, too many requests);
+every 5xx is retryable too (:func:`retryable_status`)."""
+
+
+def retryable_status(status: int) -> bool:
+    """Whether an HTTP status alone makes a failure retryable: 408, 425, 429 or any 5xx."""
+    return status in RETRYABLE_STATUSES or status >= 500
+
+
 def status_result(response: HttpResponse) -> ItemResult:
     """The generic reading of an HTTP status: 2xx delivered, 401/403 auth, 408/429/5xx retry;
     any other status is permanent (a 413 never comes here: the engine reads it)."""
@@ -396,6 +406,6 @@ def status_result(response: HttpResponse) -> ItemResult:
     reason = f"HTTP {status}: {response.excerpt(200)}".strip()
     if status in (401, 403):
         return ItemResult(Outcome.AUTH, reason)
-    if status in (408, 425, 429) or status >= 500:
+    if retryable_status(status):
         return ItemResult(Outcome.RETRYABLE, reason, retry_after_seconds(response.headers))
     return ItemResult(Outcome.PERMANENT, reason)

@@ -50,8 +50,16 @@ def _e164_slow(value: str, region: str | None) -> str | None:
         return None
     if text.startswith("+") or text.startswith("00"):
         # Parse the text itself (not just its digits): ``phonenumbers`` drops a written trunk
-        # prefix such as the ``(0)`` in ``+44 (0)20 7946 0958``.
-        number = _parse("+" + text[2:] if text.startswith("00") else text, None)
+        # prefix such as the ``(0)`` in ``+44 (0)20 7946 0958``. A leading international prefix
+        # is the region's own where it has one that starts so (Australia's 0011, Brazil's 0021,
+        # read by ``phonenumbers``); else "00", the most common one (and the only one read
+        # without a region).
+        if text.startswith("+"):
+            number = _parse(text, None)
+        elif _idd_length(phonenumbers.normalize_digits_only(text), region) is not None:
+            number = _parse(text, region)
+        else:
+            number = _parse("+" + text[2:], None)
         return _format(number) if number and phonenumbers.is_possible_number(number) else None
     # No ``+``: the digits may already start with a country code (``16505551212``,
     # ``4915112345678``). Accept that reading only when it is a valid number in the default
@@ -69,6 +77,36 @@ def _e164_slow(value: str, region: str | None) -> str | None:
         return None
     number = _parse(text, region)
     return _format(number) if number and phonenumbers.is_possible_number(number) else None
+
+
+def _idd_length(digits: str, region: str | None) -> int | None:
+    """How many leading ``digits`` ``phonenumbers`` reads as ``region``'s international prefix.
+
+    None when the region has none or the digits do not start with it; also when the digit
+    after it is 0, where ``phonenumbers`` does not take it for one (no calling code starts
+    with 0: ``_parse_prefix_as_idd``).
+    """
+    idd = _international_prefix(region) if region else None
+    match = idd.match(digits) if idd is not None else None
+    if match is None or digits[match.end() : match.end() + 1] == "0":
+        return None
+    return match.end()
+
+
+@cache
+def _international_prefix(region: str) -> re.Pattern[str] | None:
+    """The pattern of ``region``'s international (IDD) prefixes: ``00``, ``011``, Australia's
+    ``001[14-689]|…``; None for a region ``phonenumbers`` does not know."""
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region(region, None)
+    pattern = metadata.international_prefix if metadata is not None else None
+    return re.compile(pattern) if pattern is not None else None
+
+
+@cache
+def _idd_beyond_00(region: str) -> bool:
+    """Whether ``region`` has an international prefix other than just ``00``."""
+    idd = _international_prefix(region)
+    return idd is not None and idd.pattern != "00"
 
 
 def _may_start_with_country_code(digits: str, region: str | None) -> bool:
@@ -291,14 +329,15 @@ def _need(plan: _PhonePlan | None) -> _PhonePlan:
 def _e164_fast(text: str, region: str | None) -> str | None:
     """What :func:`_e164_slow` gives for a value (``text``, stripped), without ``phonenumbers``.
 
-    Reads ``+``, ``00`` and plain numbers made of ASCII digits and `` ().-/``: a calling code
+    Reads ``+``, ``00`` (or the region's own international prefix that starts so, such as
+    Australia's ``0011``) and plain numbers made of ASCII digits and `` ().-/``: a calling code
     with its national number (``+49 151 1234567``, ``0049…``, ``4915112345678``), or a national
     number in the default region (``0151 1234567``, ``(650) 555-1212``).
 
     Raises:
         _Undecided: for other text, and where the full reading takes a turn this one does not
-            follow (an IDD written before a national number, a region phonenumbers does not
-            know...).
+            follow (an IDD that does not start with ``00``, such as the US ``011``, written
+            before a number; a region phonenumbers does not know...).
     """
     if text.startswith("+"):
         body, international = text[1:], True
@@ -322,6 +361,15 @@ def _e164_fast(text: str, region: str | None) -> str | None:
         or not (digits.isdecimal() and digits.isascii())
     ):
         raise _Undecided
+    # After "00", the region's own international prefix when it starts with those two digits
+    # and goes on, as Australia's 0011 (see _e164_slow); what follows it is read as after a
+    # "+", as phonenumbers does. Most regions' prefix is 00 itself, which needs no look.
+    if international and text[0] == "0" and region is not None and _idd_beyond_00(region):
+        length = _idd_length("00" + digits, region)
+        if length is not None and length != 2:
+            digits = ("00" + digits)[length:]
+            if len(digits) not in _FAST_DIGITS:
+                raise _Undecided
     if international:
         number = _international(digits)
         if number is None:

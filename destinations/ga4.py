@@ -252,7 +252,7 @@ class GA4(Destination):
         if consent := _consent(mapped.get("consent"), ctx.restricted):
             request["consent"] = consent
         if not ctx.restricted and (
-            user_data := self._user_data(_object(mapped.get("user_data"), "user_data"))
+            user_data := self._user_data(_object(mapped.get("user_data"), "user_data"), ctx.event)
         ):
             request["user_data"] = user_data
         if props := _user_properties(mapped.get("user_properties")):
@@ -287,13 +287,19 @@ class GA4(Destination):
             raise PayloadError(f"GA4: the post body must be under 130 kB (this event: {size} B)")
         return payload
 
-    def _user_data(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+    def _user_data(self, raw: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any]:
         if not raw:
             return {}
         out: dict[str, Any] = {}
         addresses = [_object(a, "user_data.address") for a in _listed(raw.get("address"))]
-        country = next((c for a in addresses if (c := _country(a.get("country")))), None)
-        country = country or self._default_country
+        # The person's country, as Google Ads and TikTok read it: the mapped address's, else
+        # the event's own (a tag may keep the address out of GA4), else the setting.
+        person = event.get("user_data")
+        country = (
+            next((c for a in addresses if (c := _country(a.get("country")))), None)
+            or (_country(person.get("country")) if isinstance(person, _MAPPING) else None)
+            or self._default_country
+        )
 
         def phone(v: str) -> str | None:
             return normalize.phone(v, "google", default_country=country)
@@ -502,7 +508,10 @@ def _params(raw: Mapping[str, Any], event_name: str) -> dict[str, Any]:
     if event_name in ("purchase", "refund") and not params.get("transaction_id"):
         raise PayloadError(f"GA4: transaction_id is required for the {event_name} event")
     if "transaction_id" in params:
-        params["transaction_id"] = values.text(params["transaction_id"], "GA4: transaction_id")
+        transaction_id = values.text(params["transaction_id"], "GA4: transaction_id")
+        if "@" in transaction_id:  # built, so not checked with the params passed on as mapped
+            cleartext.check(transaction_id, "params.transaction_id", "GA4", PERSONAL_HOMES)
+        params["transaction_id"] = transaction_id
     return params
 
 

@@ -21,6 +21,7 @@ from destinations.base import (
     SendContext,
     Token,
     retry_after_seconds,
+    retryable_status,
     status_result,
 )
 
@@ -84,7 +85,7 @@ AUTH_STATUSES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 class TokenError(Exception):
     """The OAuth token exchange failed.
 
-    ``outcome`` says whether a retry can help: ``Outcome.RETRYABLE`` for 429/5xx or an
+    ``outcome`` says whether a retry can help: ``Outcome.RETRYABLE`` for 408/425/429/5xx or an
     unreadable answer, ``Outcome.AUTH`` when the credentials were refused (an operator must act).
     """
 
@@ -292,7 +293,7 @@ class GoogleAds(Destination):
         if currency := self._currency(mapped.get("currencyCode")):
             row["currencyCode"] = currency
         if mapped.get("orderId") is not None:
-            row["orderId"] = values.text(mapped["orderId"], "Google Ads: orderId")
+            row["orderId"] = _identifier(mapped["orderId"], "orderId")
         raw_ids = _as_dict(mapped.get("userIdentifiers"), "userIdentifiers")
         # uploadClickConversions takes hashed email and phone only (platforms.md §3.4): the
         # address the default mapping gives ENHANCEMENT adjustments is left out here.
@@ -335,7 +336,7 @@ class GoogleAds(Destination):
             # upload_enhanced_conversions_for_web.py example, quoted in §3.6, sends the date
             # alone); a gclid without its date is left out rather than sent incomplete.
             if order_id is not None:
-                row["orderId"] = values.text(order_id, "Google Ads: orderId")
+                row["orderId"] = _identifier(order_id, "orderId")
             if pair.get("conversionDateTime"):
                 row["gclidDateTimePair"] = _gclid_pair(pair)
         elif order_id is not None and pair:
@@ -343,7 +344,7 @@ class GoogleAds(Destination):
                 f"Google Ads: a {kind} is identified by orderId or gclidDateTimePair, not both"
             )
         elif order_id is not None:
-            row["orderId"] = values.text(order_id, "Google Ads: orderId")
+            row["orderId"] = _identifier(order_id, "orderId")
         elif pair.get("gclid") and pair.get("conversionDateTime"):
             row["gclidDateTimePair"] = _gclid_pair(pair)
         else:
@@ -377,7 +378,7 @@ class GoogleAds(Destination):
                 raise PayloadError("Google Ads: ENHANCEMENT needs at least one user identifier")
             row["userIdentifiers"] = ids
             if mapped.get("userAgent"):
-                row["userAgent"] = values.text(mapped["userAgent"], "Google Ads: userAgent")
+                row["userAgent"] = _identifier(mapped["userAgent"], "userAgent")
         return row
 
     def _identifiers(
@@ -538,7 +539,7 @@ class GoogleAds(Destination):
         reason = f"Google OAuth token exchange failed: HTTP {response.status}"
         if isinstance(error, str):
             reason += f" {error}"  # e.g. invalid_grant: an OAuth error code, never a secret
-        retry = response.status in (408, 429) or response.status >= 500
+        retry = retryable_status(response.status)
         ok_but_unreadable = 200 <= response.status < 300
         outcome = Outcome.RETRYABLE if retry or ok_but_unreadable else Outcome.AUTH
         raise TokenError(reason, outcome)
@@ -608,6 +609,16 @@ def _click_id(mapped: Mapping[str, Any], event: Mapping[str, Any]) -> tuple[str,
         url = context.get("page_url") if isinstance(context, dict) else None
         found = {k: v for k in CLICK_IDS if (v := normalize.url_param(url, k))}
     return next(((k, found[k]) for k in CLICK_IDS if k in found), None)
+
+
+def _identifier(value: object, field: str) -> str:
+    """A text Google Ads receives as it is (``orderId``, ``userAgent``), with no e-mail address:
+    an order ID "must not contain PII" (``ORDER_ID_CONTAINS_PII``, platforms.md §3.3), and a
+    mapping such as ``properties.order_id || user_data.email`` could put one there."""
+    text = values.text(value, f"Google Ads: {field}")
+    if "@" in text:
+        cleartext.check(text, field, "Google Ads", PERSONAL_HOMES)
+    return text
 
 
 def _consent(value: Any) -> str | None:
@@ -695,9 +706,22 @@ def _row_index(error: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _classify(error: Mapping[str, Any]) -> ItemResult:
+def _error_code(error: Mapping[str, Any]) -> tuple[Any, Any]:
+    """A GoogleAdsError's ``errorCode`` as (category, enum): ``("databaseError",
+    "CONCURRENT_MODIFICATION")``; empty strings when it has none."""
     code = error.get("errorCode")
-    category, enum = next(iter(code.items())) if isinstance(code, dict) and code else ("", "")
+    return next(iter(code.items())) if isinstance(code, dict) and code else ("", "")
+
+
+def _transient(error: Mapping[str, Any]) -> bool:
+    """Whether a GoogleAdsError is one a retry can clear (platforms.md §3.7: quota, internal
+    and transient errors, a deadline, a concurrent modification)."""
+    category, enum = _error_code(error)
+    return enum in RETRY_CODES or category == "quotaError"
+
+
+def _classify(error: Mapping[str, Any]) -> ItemResult:
+    category, enum = _error_code(error)
     message = str(error.get("message") or "")[:200]
     # The error's "trigger" may quote the offending value (personal data): never copied.
     reason = f"Google Ads {category}.{enum}: {message}".strip()
@@ -705,7 +729,7 @@ def _classify(error: Mapping[str, Any]) -> ItemResult:
         return ItemResult(Outcome.AUTH, reason)
     if enum in DELAYED_CODES:
         return ItemResult(Outcome.RETRYABLE, reason, DELAYED_CODES[enum])
-    if enum in RETRY_CODES or category == "quotaError":
+    if _transient(error):
         return ItemResult(Outcome.RETRYABLE, reason, _retry_delay(error))
     return ItemResult(Outcome.PERMANENT, reason)
 
@@ -735,7 +759,14 @@ def _row_errors(status: Mapping[str, Any], count: int) -> dict[int, ItemResult]:
 
 
 def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[ItemResult]:
-    """A non-2xx answer: the whole request failed; nothing was processed."""
+    """A non-2xx answer: the whole request failed; nothing was processed.
+
+    Read from the HTTP status and the RPC status first, then from the GoogleAdsErrors in the
+    body: rows they name get their own outcome (the others go again); errors that name no row
+    fail the request as a whole, retryable when every one of them is transient (a
+    ``CONCURRENT_MODIFICATION`` comes as 409 ABORTED, a ``TRANSIENT_ERROR`` with any status),
+    else permanent.
+    """
     error = answer.get("error") if isinstance(answer, dict) else None
     if not isinstance(error, dict):
         return [status_result(response)] * count
@@ -748,7 +779,7 @@ def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[It
     )
     if response.status in (401, 403) or status in AUTH_STATUSES:
         return [ItemResult(Outcome.AUTH, reason)] * count
-    if response.status in (408, 429) or response.status >= 500 or status in RETRY_STATUSES:
+    if retryable_status(response.status) or status in RETRY_STATUSES:
         delay = retry_after or (first.retry_after if first else None)
         return [ItemResult(Outcome.RETRYABLE, reason, delay)] * count
     by_row: dict[int, ItemResult] = {}
@@ -757,6 +788,11 @@ def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[It
         if index is not None and 0 <= index < count:
             by_row.setdefault(index, _classify(ads_error))
     if not by_row:
+        if ads_errors and all(_transient(e) for e in ads_errors):
+            delay = retry_after or next(
+                (d for e in ads_errors if (d := _retry_delay(e)) is not None), None
+            )
+            return [ItemResult(Outcome.RETRYABLE, reason, delay)] * count
         return [ItemResult(Outcome.PERMANENT, reason)] * count
     # Rows named in the error sank the request; the others were fine and can go again.
     innocent = ItemResult(Outcome.RETRYABLE, "Google Ads: not processed (another row failed)")

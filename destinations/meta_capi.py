@@ -23,6 +23,7 @@ from destinations.base import (
     PayloadError,
     SendContext,
     retry_after_seconds,
+    retryable_status,
     status_result,
 )
 
@@ -110,7 +111,8 @@ class MetaCapi(Destination):
     ``action_source`` the tag's mapping, else the ``action_source`` setting (``website``).
     When no ``fbc`` is given it is built as ``fb.1.<event time ms>.<fbclid>`` from ``fbclid``
     or from the ``fbclid`` query parameter of ``event_source_url``; fbclid is never altered.
-    A national phone number is read in the person's country, else ``default_country``.
+    A national phone number is read in the person's country (the mapped
+    ``user_data.country``, else the event's), else ``default_country``.
 
     Rules enforced before sending: events older than 7 days (62 for ``physical_store``) are
     refused at intake and given up at send time, because one old event fails the whole
@@ -226,7 +228,7 @@ class MetaCapi(Destination):
         event_time = int(ctx.event_time.timestamp())
 
         source_url = _text(mapped.get("event_source_url"))
-        user_data = self._user_data(mapped.get("user_data"))
+        user_data = self._user_data(mapped.get("user_data"), ctx.event)
         if "fbc" not in user_data:
             fbclid = _text(fbclid) or normalize.url_param(source_url, "fbclid")
             if fbclid:
@@ -247,7 +249,7 @@ class MetaCapi(Destination):
         payload: dict[str, Any] = {
             "event_name": ctx.event_name,
             "event_time": event_time,
-            "event_id": values.text(mapped.get("event_id") or ctx.event_id, "event_id"),
+            "event_id": _identifier(mapped.get("event_id") or ctx.event_id, "event_id"),
             "action_source": action_source,
         }
         if source_url:
@@ -261,13 +263,14 @@ class MetaCapi(Destination):
                 payload[key] = value
         return payload
 
-    def _user_data(self, raw: object) -> dict[str, Any]:
+    def _user_data(self, raw: object, event: Mapping[str, Any]) -> dict[str, Any]:
         if raw is None:
             return {}
         if not isinstance(raw, _MAPPING):
             raise PayloadError("user_data must be an object")
         # Page views and the like carry nothing to hash: no region to work out then.
-        hashers = _hashers(self._region(raw)) if not _HASHED_FIELDS.isdisjoint(raw) else {}
+        hashed = not _HASHED_FIELDS.isdisjoint(raw)
+        hashers = _hashers(self._region(raw, event)) if hashed else {}
         out: dict[str, Any] = {}
         for key, value in raw.items():
             hasher = hashers.get(key)
@@ -290,15 +293,19 @@ class MetaCapi(Destination):
                 out[key] = value
         return out
 
-    def _region(self, raw: Mapping[str, Any]) -> str | None:
-        """The country that national phone numbers, states and postal codes are read in."""
-        person_country = _text(raw.get("country"))
-        if person_country and normalize.is_hashed(person_country):
-            person_country = None
-        region = person_country or self._default_country
-        if region and not normalize.country(region, "meta"):
-            region = self._default_country
-        return region
+    def _region(self, raw: Mapping[str, Any], event: Mapping[str, Any]) -> str | None:
+        """The country that national phone numbers, states and postal codes are read in: the
+        person's, as Google Ads and TikTok read it (the mapped ``user_data.country``, else the
+        event's own, which a tag may keep out of Meta's payload), else ``default_country``."""
+        person = event.get("user_data")
+        for value in (
+            raw.get("country"),
+            person.get("country") if isinstance(person, _MAPPING) else None,
+        ):
+            country = _text(value)
+            if country and not normalize.is_hashed(country) and normalize.country(country, "meta"):
+                return country
+        return self._default_country
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -390,6 +397,15 @@ def _passed_on(value: Any, field: str) -> None:
     cleartext.check(value, field, "Meta", PERSONAL_HOMES)
 
 
+def _identifier(value: object, field: str) -> str:
+    """An ID Meta receives as it is (event, order and content IDs): text, and no e-mail address,
+    which a mapping such as ``properties.order_id || user_data.email`` could put there."""
+    text = values.text(value, field)
+    if "@" in text:
+        cleartext.check(text, field, "Meta", PERSONAL_HOMES)
+    return text
+
+
 def _custom_data(raw: object) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -406,11 +422,11 @@ def _custom_data(raw: object) -> dict[str, Any]:
             raise PayloadError("custom_data.currency must be an ISO 4217 code")
         out["currency"] = currency
     if "order_id" in out:
-        out["order_id"] = values.text(out["order_id"], "custom_data.order_id")
+        out["order_id"] = _identifier(out["order_id"], "custom_data.order_id")
     if "content_ids" in out:
         ids = out["content_ids"] if isinstance(out["content_ids"], list) else [out["content_ids"]]
         out["content_ids"] = [
-            values.text(i, "custom_data.content_ids[]") for i in ids if i is not None
+            _identifier(i, "custom_data.content_ids[]") for i in ids if i is not None
         ]
     if "contents" in out:
         out["contents"] = _contents(out["contents"])
@@ -462,7 +478,7 @@ def _result(response: HttpResponse) -> ItemResult:
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
     if code is None and response.status in (401, 403):
         return ItemResult(Outcome.AUTH, reason)
-    if code is None and response.status in (408, 425, 429):
+    if code is None and retryable_status(response.status):
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
     return ItemResult(Outcome.PERMANENT, reason)
 

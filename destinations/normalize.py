@@ -143,7 +143,8 @@ def phone(value: str, platform: Platform, default_country: str | None = None) ->
 
     Meta: the digits of the E.164 form, country code included, no ``+`` (``16505551212``).
     Google and TikTok: E.164 with ``+`` (``+16505551212``). A national trunk prefix
-    (``+44 (0)20…``) and a ``00`` international prefix are handled by ``phonenumbers``.
+    (``+44 (0)20…``) and an international prefix (the default country's own, such as
+    Australia's ``0011``, else ``00``) are read as ``phonenumbers`` reads them.
 
     Args:
         value: the number as the user typed it.
@@ -238,8 +239,9 @@ def date_of_birth(value: str | date, platform: Platform) -> str | None:
     """A date of birth: ``YYYYMMDD`` for Meta, ``YYYY-MM-DD`` for the others.
 
     Reads ``1997-02-16``, ``19970216``, ``1997/02/16``, an ISO date-time, ``2/16/1997``
-    (month first, as in Meta's docs; day first when the first number is above 12) and
-    ``16.02.1997`` (day first). Years outside 1900 to this year give None.
+    (month first, as in Meta's docs) and ``16.02.1997`` or ``16-02-1997`` (day first). When
+    the number in the month's place is above 12, the two are swapped: ``16/2/1997`` and
+    ``02-16-1997`` are read too. Years outside 1900 to this year give None.
     """
     parsed = value if isinstance(value, date) else _parse_date(value.strip())
     if parsed is None or not 1900 <= parsed.year <= datetime.now(UTC).year:
@@ -258,12 +260,14 @@ def _parse_date(text: str) -> date | None:
         if match is None:
             continue
         a, b, c = map(int, match.groups())
+        # Either order of day and month: the separator's usual one, the other when the
+        # number in the month's place cannot be a month.
         if order == "ymd":
             year, month, day = a, b, c
         elif order == "mdy":
             year, month, day = (c, a, b) if a <= 12 else (c, b, a)
         else:
-            year, month, day = c, b, a
+            year, month, day = (c, b, a) if b <= 12 else (c, a, b)
         try:
             return date(year, month, day)
         except ValueError:
@@ -340,7 +344,9 @@ def postal_code(value: str, platform: Platform, country: str | None = None) -> s
 
 def country(value: str, platform: Platform) -> str | None:
     """An ISO 3166-1 alpha-2 code from an alpha-2 or alpha-3 code (``DEU`` -> ``de``) or an
-    English (or common European) name.
+    English (or common European) name: the ISO names, and the usual English, short and former
+    names the ISO list lacks (``Turkey``, ``UAE``, ``Burma``, ``Swaziland``, ``The Gambia``,
+    ``St Lucia``). Kosovo, which has no ISO code, is ``XK``, as ``phonenumbers`` reads it.
 
     Lowercase for Meta and TikTok (``United States`` -> ``us``), uppercase for Google.
     Returns None for an unknown country, and for a value that is not text.
@@ -439,15 +445,20 @@ def _alnum(value: str) -> str:
 
 
 def _country_key(value: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", value.casefold())
+    decomposed = unicodedata.normalize("NFKD", value.casefold().replace("&", "and"))
     return "".join(ch for ch in decomposed if ch.isalnum() and ch.isascii())
 
 
+# Names people write that ``pycountry`` does not know: short, former and English names
+# (the library says Türkiye, Cabo Verde, Eswatini, Myanmar) and parts of a country. Keys as
+# ``_country_key`` writes them. A leading "the" and "St" for "Saint" are read by
+# ``_country_code`` itself (``The Gambia``, ``St Kitts and Nevis``).
 _COUNTRY_ALIASES = {
     "usa": "US",
     "unitedstatesofamerica": "US",
     "america": "US",
     "uk": "GB",
+    "britain": "GB",
     "greatbritain": "GB",
     "england": "GB",
     "scotland": "GB",
@@ -455,14 +466,61 @@ _COUNTRY_ALIASES = {
     "northernireland": "GB",
     "czechia": "CZ",
     "northmacedonia": "MK",
+    "macedonia": "MK",
+    "republicofmacedonia": "MK",
+    "fyrom": "MK",
+    "turkey": "TR",
     "turkiye": "TR",
+    "uae": "AE",
+    "emirates": "AE",
+    "capeverde": "CV",
+    "swaziland": "SZ",
+    "burma": "MM",
     "ivorycoast": "CI",
+    "korea": "KR",
+    "koreasouth": "KR",
+    "koreanorth": "KP",
     "republicofkorea": "KR",
     "korearepublicof": "KR",
     "russianfederation": "RU",
     "vietnam": "VN",
+    "laopdr": "LA",
     "holland": "NL",
-    "thenetherlands": "NL",
+    "vatican": "VA",
+    "vaticancity": "VA",
+    "vaticancitystate": "VA",
+    "holysee": "VA",
+    "palestine": "PS",
+    "stateofpalestine": "PS",
+    "palestinianterritories": "PS",
+    "palestinianterritory": "PS",
+    "easttimor": "TL",
+    "drcongo": "CD",
+    "drc": "CD",
+    "democraticrepublicofthecongo": "CD",
+    "democraticrepublicofcongo": "CD",
+    "congokinshasa": "CD",
+    "congobrazzaville": "CG",
+    "bosnia": "BA",
+    "bosniaherzegovina": "BA",
+    "republicofireland": "IE",
+    "eire": "IE",
+    "falklands": "FK",
+    "falklandislands": "FK",
+    "aland": "AX",
+    "sainthelena": "SH",
+    "saintmartin": "MF",
+    "sintmaarten": "SX",
+    "saintbarts": "BL",
+    "usvirginislands": "VI",
+    "caribbeannetherlands": "BQ",
+    "bonaire": "BQ",
+    "pitcairnislands": "PN",
+    "cocosislands": "CC",
+    "keelingislands": "CC",
+    # Kosovo has no ISO 3166-1 code; XK is the code in common use (phonenumbers reads +383
+    # numbers as XK, and Meta, Google and TikTok take it), so it is read as a code too.
+    "kosovo": "XK",
 }
 
 
@@ -498,10 +556,16 @@ def _country_code(value: str) -> str | None:
         return upper
     if len(key) == 3 and upper in _ALPHA_3:  # no 3-letter country name is another's code
         return _ALPHA_3[upper]
-    return _country_names().get(key)
+    names = _country_names()
+    code = names.get(key)
+    if code is None and key.startswith("the"):  # The Gambia, The Bahamas, The Netherlands
+        code = names.get(key[3:])
+    if code is None and key.startswith("st"):  # St Lucia, St. Kitts and Nevis
+        code = names.get("saint" + key[2:])
+    return code
 
 
-_ALPHA_2 = frozenset(str(c.alpha_2) for c in pycountry.countries)
+_ALPHA_2 = frozenset(str(c.alpha_2) for c in pycountry.countries) | {"XK"}
 _ALPHA_3 = {str(c.alpha_3): str(c.alpha_2) for c in pycountry.countries}
 
 

@@ -18,6 +18,7 @@ from destinations.base import (
     PayloadError,
     SendContext,
     retry_after_seconds,
+    retryable_status,
     status_result,
 )
 
@@ -180,7 +181,7 @@ class TikTok(Destination):
         payload: dict[str, Any] = {
             "event": ctx.event_name,
             "event_time": int(ctx.event_time.timestamp()),
-            "event_id": values.text(mapped.get("event_id") or ctx.event_id, "event_id"),
+            "event_id": _identifier(mapped.get("event_id") or ctx.event_id, "event_id"),
         }
         if user:
             payload["user"] = user
@@ -336,11 +337,11 @@ def _properties(raw: Mapping[str, Any]) -> dict[str, Any]:
             raise PayloadError("properties.currency must be an ISO 4217 code")
         out["currency"] = currency
     if "order_id" in out:
-        out["order_id"] = values.text(out["order_id"], "properties.order_id")
+        out["order_id"] = _identifier(out["order_id"], "properties.order_id")
     if "content_ids" in out:
         if isinstance(out["content_ids"], list):
             out["content_ids"] = [
-                values.text(i, "properties.content_ids[]")
+                _identifier(i, "properties.content_ids[]")
                 for i in out["content_ids"]
                 if i is not None
             ]
@@ -354,6 +355,16 @@ def _properties(raw: Mapping[str, Any]) -> dict[str, Any]:
         if key not in _PROPERTIES_BUILT_FIELDS:
             _passed_on(value, f"properties.{key}")
     return {k: v for k, v in out.items() if v not in ([], {}, None)}
+
+
+def _identifier(value: object, field: str) -> str:
+    """An ID TikTok receives as it is (event, order and content IDs): text, and no e-mail
+    address, which a mapping such as ``properties.order_id || user_data.email`` could put
+    there."""
+    text = values.text(value, field)
+    if "@" in text:
+        cleartext.check(text, field, "TikTok", PERSONAL_HOMES)
+    return text
 
 
 def _passed_on(value: Any, field: str) -> None:
@@ -393,6 +404,6 @@ def _result(response: HttpResponse) -> ItemResult:
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
     if code in _AUTH_CODES or response.status in (401, 403):
         return ItemResult(Outcome.AUTH, reason)
-    if response.status in (408, 425, 429):
+    if retryable_status(response.status):
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
     return ItemResult(Outcome.PERMANENT, reason)

@@ -153,6 +153,35 @@ LEAKS = [
         "customVariables[0].value",
         "hashedEmail",
     ),
+    # IDs the adapters build from what is mapped: an order ID "must not contain PII"
+    # (platforms.md §3.3), and a mapping such as `properties.order_id || user_data.email`
+    # puts an address there
+    ("meta_capi", "event_id", "a@example.com", "event_id", "user_data.em"),
+    ("meta_capi", "custom_data.order_id", "a@example.com", "custom_data.order_id", "user_data.em"),
+    (
+        "meta_capi",
+        "custom_data.content_ids",
+        ["sku_1", "a@example.com"],
+        "custom_data.content_ids[]",
+        "user_data.em",
+    ),
+    ("tiktok", "event_id", "a@example.com", "event_id", "user.email"),
+    ("tiktok", "properties.order_id", "a@example.com", "properties.order_id", "user.email"),
+    (
+        "tiktok",
+        "properties.content_ids",
+        ["sku_1", "a@example.com"],
+        "properties.content_ids[]",
+        "user.email",
+    ),
+    (
+        "ga4",
+        "params.transaction_id",
+        "a@example.com",
+        "params.transaction_id",
+        "sha256_email_address",
+    ),
+    ("google_ads", "orderId", "a@example.com", "orderId", "hashedEmail"),
 ]
 
 
@@ -189,6 +218,23 @@ def test_an_address_in_a_clear_text_identifier_is_refused(
     with pytest.raises(PayloadError, match=f"^{target} would send an e-mail address") as caught:
         adapter(name).build_payload(mapped, context())
     assert home in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["RETRACTION", "RESTATEMENT", "ENHANCEMENT"])
+def test_google_ads_refuses_an_address_as_the_order_id_of_an_adjustment(kind: str) -> None:
+    mapped = mapped_event("google_ads")
+    mapped.update(adjustmentType=kind, orderId="a@example.com", restatementValue={})
+    if kind == "RESTATEMENT":
+        mapped["restatementValue"] = {"adjustedValue": 10}
+    with pytest.raises(PayloadError, match=r"^orderId would send an e-mail address"):
+        adapter("google_ads").build_payload(mapped, context(kind))
+
+
+def test_google_ads_refuses_an_address_as_the_user_agent_of_an_enhancement() -> None:
+    mapped = mapped_event("google_ads")
+    mapped.update(adjustmentType="ENHANCEMENT", userAgent="a@example.com")
+    with pytest.raises(PayloadError, match=r"^userAgent would send an e-mail address"):
+        adapter("google_ads").build_payload(mapped, context("ENHANCEMENT"))
 
 
 def test_fields_of_a_whole_object_named_like_personal_data_are_refused() -> None:

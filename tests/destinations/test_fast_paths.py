@@ -81,7 +81,12 @@ def _reference_e164(value: str, region: str | None) -> str | None:
     if not re.search(r"\d", text):
         return None
     if text.startswith("+") or text.startswith("00"):
-        number = e164._parse("+" + text[2:] if text.startswith("00") else text, None)
+        if text.startswith("+"):
+            number = e164._parse(text, None)
+        elif _starts_with_own_idd(text, region):  # Australia's 0011: phonenumbers reads it
+            number = e164._parse(text, region)
+        else:
+            number = e164._parse("+" + text[2:], None)
         return e164._format(number) if number and phonenumbers.is_possible_number(number) else None
     guess = e164._parse("+" + re.sub(r"\D", "", text), None)
     if (
@@ -94,6 +99,17 @@ def _reference_e164(value: str, region: str | None) -> str | None:
         return None
     number = e164._parse(text, region)
     return e164._format(number) if number and phonenumbers.is_possible_number(number) else None
+
+
+def _starts_with_own_idd(text: str, region: str | None) -> bool:
+    """Whether phonenumbers reads the start of ``text`` as ``region``'s international prefix
+    (not when a 0 follows it: no calling code starts with 0)."""
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region(region) if region else None
+    if metadata is None or metadata.international_prefix is None:
+        return False
+    digits = phonenumbers.normalize_digits_only(text)
+    match = re.match(metadata.international_prefix, digits)
+    return match is not None and digits[match.end() : match.end() + 1] != "0"
 
 
 def _reference_ip(text: str) -> str | None:
@@ -144,7 +160,7 @@ DOB_PIECES = [
 ]  # fmt: skip
 PHONE_PIECES = [
     "0", "00", "+", "+49", "49", "1", "151", "1234567", "650", "555", "1212", "(0)", "20", "7946",
-    "0958", " ", "-", "ext 3", "\u0660\u0661\u0665\u0661", "\uff10",
+    "0958", " ", "-", "ext 3", "\u0660\u0661\u0665\u0661", "\uff10", "0011", "44",
 ]  # fmt: skip
 
 
@@ -160,8 +176,11 @@ dob_text = st.one_of(st.text(max_size=20), _assembled(DOB_PIECES, 7))
 phone_text = st.one_of(
     st.text(alphabet="0123456789 +-()", max_size=18), _assembled(PHONE_PIECES, 7)
 )
-# Shared calling codes (US/CA, GB/JE, RU/KZ), longer ones, and regions without one (AQ).
-regions = st.sampled_from([None, "DE", "US", "CA", "GB", "JE", "FR", "IN", "RU", "KZ", "IE", "AQ"])
+# Shared calling codes (US/CA, GB/JE, RU/KZ), longer ones, regions without one (AQ), and
+# international prefixes that start with 00 (AU 0011, BR 0021, KR 001).
+regions = st.sampled_from(
+    [None, "DE", "US", "CA", "GB", "JE", "FR", "IN", "RU", "KZ", "IE", "AQ", "AU", "BR", "KR"]
+)
 octet = st.one_of(
     st.integers(0, 300).map(str), st.sampled_from(["00", "01", "007", "", "\u0663", " 1", "1e1"])
 )

@@ -276,6 +276,23 @@ def test_phone_is_hashed_as_e164_with_plus_as_in_the_vectors(
     assert payload["request"]["user_data"]["sha256_phone_number"] == digest
 
 
+def test_national_phone_is_read_in_the_persons_country_when_the_address_is_not_sent(
+    server: LoopbackServer,
+) -> None:
+    # Arrange: a tag that keeps the address out of GA4; the event says where the person is
+    mapped = {"client_id": "1.2", "user_data": {"sha256_phone_number": "0151 12345678"}}
+    event = event_with(user_data__phone="0151 12345678", user_data__country="DE")
+    ctx = PayloadContext("tag", "purchase_x", "e1", NOW, event)
+
+    # Act
+    payload = ga4(server, default_country="US").build_payload(mapped, ctx)
+
+    # Assert
+    assert payload["request"]["user_data"] == {
+        "sha256_phone_number": hashlib.sha256(b"+4915112345678").hexdigest()
+    }
+
+
 @pytest.mark.parametrize(
     ("raw", "sent"),
     [("CA 94035", "94035"), ("ZIP 94035", "94035"), ("94035 USA", "94035"), ("K1A 0B1", "K1A 0B1")],

@@ -747,6 +747,60 @@ def test_request_level_error_naming_a_row_fails_that_row_and_retries_the_others(
     ]
 
 
+def _request_error(http: int, status: str, *codes: dict[str, str]) -> Reply:
+    """A whole-request failure whose GoogleAdsErrors (one per ``errorCode``) name no row."""
+    errors = [{"errorCode": code, "message": "failed"} for code in codes]
+    error = {"code": http, "status": status, "message": "failed", "details": [
+        {"@type": "type.googleapis.com/google.ads.googleads.v26.errors.GoogleAdsFailure",
+         "errors": errors, "requestId": "r1"}]}  # fmt: skip
+    return Reply.json({"error": error}, status=http)
+
+
+@pytest.mark.parametrize(
+    ("reply", "outcome"),
+    [
+        # platforms.md §3.7: retryable, whatever status carries them
+        (_request_error(409, "ABORTED", {"databaseError": "CONCURRENT_MODIFICATION"}), "retry"),
+        (_request_error(400, "INVALID_ARGUMENT", {"internalError": "TRANSIENT_ERROR"}), "retry"),
+        (_request_error(400, "INVALID_ARGUMENT", {"internalError": "INTERNAL_ERROR"}), "retry"),
+        (_request_error(409, "ABORTED", {"internalError": "DEADLINE_EXCEEDED"}), "retry"),
+        # 425 Too Early, as 408 and 429 (README "Delivery")
+        (_request_error(425, "FAILED_PRECONDITION", {"requestError": "UNKNOWN"}), "retry"),
+        # the rest stays permanent: an error no retry clears, also beside a transient one
+        (_request_error(400, "INVALID_ARGUMENT", {"requestError": "INVALID_INPUT"}), "final"),
+        (_request_error(409, "ABORTED", {"requestError": "INVALID_INPUT"}), "final"),
+        (
+            _request_error(
+                400,
+                "INVALID_ARGUMENT",
+                {"internalError": "TRANSIENT_ERROR"},
+                {"fieldError": "REQUIRED"},
+            ),
+            "final",
+        ),
+    ],
+    ids=[
+        "409 CONCURRENT_MODIFICATION",
+        "400 TRANSIENT_ERROR",
+        "400 INTERNAL_ERROR",
+        "409 DEADLINE_EXCEEDED",
+        "425",
+        "400 INVALID_INPUT",
+        "409 INVALID_INPUT",
+        "400 TRANSIENT_ERROR and REQUIRED",
+    ],
+)
+def test_request_level_error_naming_no_row_is_retried_only_when_transient(
+    ads: GoogleAds, emulator: GoogleAdsEmulator, reply: Reply, outcome: str
+) -> None:
+    emulator.fail_with = reply
+
+    results = deliver(ads, [payload_for(ads, EVENT)] * 3)
+
+    expected = Outcome.RETRYABLE if outcome == "retry" else Outcome.PERMANENT
+    assert [r.outcome for r in results] == [expected] * 3
+
+
 @pytest.mark.parametrize(
     ("status", "outcome"), [(502, Outcome.RETRYABLE), (200, Outcome.RETRYABLE)]
 )
@@ -857,6 +911,16 @@ def test_refused_refresh_token_is_an_auth_error_without_secrets(
     assert raised.value.outcome is Outcome.AUTH
     assert "invalid_grant" in str(raised.value)
     assert "revoked-token" not in str(raised.value)
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 503])
+def test_token_exchange_that_may_succeed_later_is_retryable(ads: GoogleAds, status: int) -> None:
+    answer = HttpResponse(status, {"Content-Type": "application/json"}, b'{"error": "busy"}')
+
+    with pytest.raises(TokenError) as raised:
+        ads.read_token(answer)
+
+    assert raised.value.outcome is Outcome.RETRYABLE
 
 
 def test_secrets_never_appear_in_redacted_requests(ads: GoogleAds) -> None:

@@ -178,6 +178,34 @@ def test_national_phone_is_read_in_the_persons_country_before_the_default_countr
     assert american["user_data"]["ph"] == sha256_hex("16505551212")
 
 
+def test_a_country_by_its_usual_english_name_is_sent_and_reads_the_phone() -> None:
+    # Arrange: pycountry says Türkiye; a Turkish customer's national number must not be read
+    # in the shop's default country (it was hashed as +49 5321234567)
+    mapped = web_mapped()
+    mapped["user_data"].update(ph="0532 123 45 67", country="Turkey")
+
+    # Act
+    user_data = meta(default_country="DE").build_payload(mapped, context())["user_data"]
+
+    # Assert
+    assert user_data["country"] == sha256_hex("tr")
+    assert user_data["ph"] == sha256_hex("905321234567")
+
+
+def test_national_phone_is_read_in_the_events_country_when_the_tag_sends_none() -> None:
+    # Arrange: a tag that keeps the country out of Meta's payload
+    mapped = web_mapped()
+    mapped["user_data"]["ph"] = "0151 12345678"
+    event = {"user_data": {"country": "DE", "phone": "0151 12345678"}}
+
+    # Act
+    user_data = meta(default_country="US").build_payload(mapped, context(event))["user_data"]
+
+    # Assert
+    assert "country" not in user_data
+    assert user_data["ph"] == sha256_hex("4915112345678")
+
+
 def test_alpha3_country_is_sent_as_alpha2_and_reads_the_phone() -> None:
     # Arrange: platforms.md §1.3 wants country as alpha-2, sent even for one-country shops
     mapped = web_mapped()

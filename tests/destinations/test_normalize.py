@@ -225,6 +225,12 @@ def test_national_phone_is_read_in_the_default_country() -> None:
     assert normalize.phone("0151 12345678", "meta", "Germany") == "4915112345678"
 
 
+def test_an_international_prefix_is_the_default_countrys_own() -> None:
+    # Australia's is 0011 (phonenumbers' reading), not 00 followed by 11
+    assert normalize.phone("0011 44 20 7946 0958", "google", "AU") == "+442079460958"
+    assert normalize.phone("0011 44 20 7946 0958", "meta", "AU") == "442079460958"
+
+
 def test_national_phone_without_a_default_country_is_left_out() -> None:
     assert normalize.phone("(650) 555-1212", "meta") is None
 
@@ -266,6 +272,81 @@ def test_country_names_and_codes_become_alpha2_in_the_platform_case(
     raw: str, platform: Platform, expected: str
 ) -> None:
     assert normalize.country(raw, platform) == expected
+
+
+# Names people write that the ISO names in ``pycountry`` do not give: English short, former and
+# older names, parts of a country, and "The"/"St" forms. Each was None before it was added.
+USUAL_COUNTRY_NAMES = [
+    ("Turkey", "tr"),  # pycountry: Türkiye
+    ("UAE", "ae"),
+    ("Cape Verde", "cv"),  # Cabo Verde
+    ("Swaziland", "sz"),  # Eswatini
+    ("Burma", "mm"),  # Myanmar
+    ("Macedonia", "mk"),  # North Macedonia
+    ("Britain", "gb"),
+    ("Korea", "kr"),
+    ("Korea, North", "kp"),
+    ("Vatican", "va"),
+    ("Vatican City", "va"),
+    ("Holy See", "va"),
+    ("Palestine", "ps"),
+    ("Palestinian Territories", "ps"),
+    ("Kosovo", "xk"),  # no ISO code: XK, as phonenumbers and the ad platforms use
+    ("East Timor", "tl"),
+    ("DR Congo", "cd"),
+    ("Democratic Republic of the Congo", "cd"),
+    ("Congo-Brazzaville", "cg"),
+    ("Bosnia", "ba"),
+    ("Bosnia & Herzegovina", "ba"),
+    ("Republic of Ireland", "ie"),
+    ("Falkland Islands", "fk"),
+    ("Saint Helena", "sh"),
+    ("Saint Martin", "mf"),
+    ("Sint Maarten", "sx"),
+    ("US Virgin Islands", "vi"),
+    ("Bonaire", "bq"),
+    ("The Gambia", "gm"),
+    ("The Bahamas", "bs"),
+    ("St Kitts and Nevis", "kn"),
+    ("St. Vincent and the Grenadines", "vc"),
+    ("Trinidad & Tobago", "tt"),
+    ("Lao PDR", "la"),
+]
+# ... and names that resolved already, kept so: the library's own and earlier aliases.
+KNOWN_COUNTRY_NAMES = [
+    ("Türkiye", "tr"),
+    ("Ivory Coast", "ci"),
+    ("Czech Republic", "cz"),
+    ("North Macedonia", "mk"),
+    ("Holland", "nl"),
+    ("The Netherlands", "nl"),
+    ("Great Britain", "gb"),
+    ("England", "gb"),
+    ("Scotland", "gb"),
+    ("Wales", "gb"),
+    ("Northern Ireland", "gb"),
+    ("South Korea", "kr"),
+    ("North Korea", "kp"),
+    ("Russia", "ru"),
+    ("Vietnam", "vn"),
+    ("Laos", "la"),
+    ("Syria", "sy"),
+    ("Iran", "ir"),
+    ("Bolivia", "bo"),
+    ("Venezuela", "ve"),
+    ("Tanzania", "tz"),
+    ("Moldova", "md"),
+    ("Taiwan", "tw"),
+    ("Brunei", "bn"),
+    ("Eswatini", "sz"),
+    ("Myanmar", "mm"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), USUAL_COUNTRY_NAMES + KNOWN_COUNTRY_NAMES)
+def test_usual_english_and_former_country_names_are_read(raw: str, expected: str) -> None:
+    assert normalize.country(raw, "meta") == expected
+    assert normalize.country(raw, "google") == expected.upper()
 
 
 def test_unknown_country_is_left_out() -> None:
@@ -352,6 +433,10 @@ def test_google_postal_code_stays_readable() -> None:
         ("1997-02-16T00:00:00Z", "19970216"),
         ("16/2/1997", "19970216"),  # day first when the first number cannot be a month
         ("16.02.1997", "19970216"),
+        ("16-02-1997", "19970216"),
+        ("05.02.1997", "19970205"),  # day first with dots or dashes, as in Europe
+        ("02-16-1997", "19970216"),  # month first when the second number cannot be a month
+        ("02.16.1997", "19970216"),
         (date(1997, 2, 16), "19970216"),
     ],
 )
@@ -359,7 +444,9 @@ def test_meta_date_of_birth_is_yyyymmdd(raw: str | date, expected: str) -> None:
     assert normalize.date_of_birth(raw, "meta") == expected
 
 
-@pytest.mark.parametrize("raw", ["1890-01-01", "2999-01-01", "1997-02-30", "someday"])
+@pytest.mark.parametrize(
+    "raw", ["1890-01-01", "2999-01-01", "1997-02-30", "13/13/1997", "13.13.1997", "someday"]
+)
 def test_impossible_date_of_birth_is_left_out(raw: str) -> None:
     assert normalize.date_of_birth(raw, "meta") is None
 

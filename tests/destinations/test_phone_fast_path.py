@@ -85,6 +85,16 @@ CASES = [
     ("+1 (650) 555-1212", None, "+16505551212"),
     ("+44 (0)20 7946 0958", None, "+442079460958"),  # the written trunk prefix goes
     ("0044 20 7946 0958", None, "+442079460958"),
+    ("0044 20 7946 0958", "DE", "+442079460958"),  # 00: Germany's international prefix
+    ("0044 20 7946 0958", "AU", "+442079460958"),  # not Australia's (0011), read as 00 still
+    ("0044 20 7946 0958", "US", "+442079460958"),  # nor the US's (011)
+    # a region's own international prefix that starts with 00
+    ("0011 44 20 7946 0958", "AU", "+442079460958"),  # Australia's, not 00 followed by 11
+    ("0011 44 20 7946 0958", "CX", "+442079460958"),  # Christmas Island shares it
+    ("0014 44 20 7946 0958", "AU", "+442079460958"),  # another of Australia's
+    ("0021 44 20 7946 0958", "BR", "+442079460958"),  # Brazil's, with a carrier code
+    ("001 44 20 7946 0958", "KR", "+442079460958"),
+    ("0011 0 20 7946 0958", "AU", None),  # no calling code starts with 0: not Australia's IDD
     ("+44 844 412 4653", None, "+448444124653"),
     ("650.555.1212", "US", "+16505551212"),
     # digits with the calling code, with and without a default region
@@ -202,6 +212,44 @@ def test_possible_lengths_are_those_of_is_possible_number() -> None:
             assert (length in plan.possible_lengths) == phonenumbers.is_possible_number(number)
 
 
+def _written_idds() -> list[tuple[str, str]]:
+    """(region, an international prefix as written there): the region's preferred one, else
+    its pattern when that is plain digits."""
+    found = []
+    for region in REGIONS:
+        metadata = phonenumbers.PhoneMetadata.metadata_for_region(region)
+        pattern = metadata.international_prefix if metadata else None
+        written = metadata.preferred_international_prefix if metadata else None
+        written = written or (pattern if pattern and pattern.isdigit() else None)
+        if written:
+            found.append((region, written))
+    return found
+
+
+def test_every_regions_international_prefix_is_read_as_phonenumbers_reads_it() -> None:
+    # Arrange: a London number dialled from every region with its own prefix (00, 011, 0011,
+    # 810...), and a number of the region's own calling code
+    cases = [
+        (f"{idd} {code} {nsn}", region)
+        for region, idd in _written_idds()
+        for code, nsn in (("44", "20 7946 0958"), ("49", "151 12345678"))
+    ]
+
+    # Act
+    read = [(v, r, _new(v, r), _old(v, r), _phonenumbers(v, r)) for v, r in cases]
+
+    # Assert
+    assert len(cases) > 400
+    assert [case for case in read if not case[2] == case[3] == case[4]] == []
+
+
+def _phonenumbers(value: str, region: str) -> str | None:
+    number = e164._parse(value, region)
+    if number is None or not phonenumbers.is_possible_number(number):
+        return None
+    return phonenumbers.format_number(number, PNF.E164)
+
+
 def test_every_region_has_a_plan() -> None:
     # A region without a plan would send all its numbers to the full reading.
     assert [r for r in REGIONS if e164._region_plan(r) is None] == []
@@ -285,6 +333,27 @@ def written_numbers(draw: st.DrawFn) -> tuple[str, str | None]:
 @settings(max_examples=1500, deadline=None)
 @given(written_numbers())
 def test_written_numbers_read_the_same(case: tuple[str, str | None]) -> None:
+    value, region = case
+    assert _new(value, region) == _old(value, region)
+
+
+@st.composite
+def numbers_after_an_idd(draw: st.DrawFn) -> tuple[str, str]:
+    """A written number after an international prefix of the default region (any of those
+    its pattern allows: Australia's 0011 or 0014, Brazil's 0021...), or after 00."""
+    region = draw(ANY_REGION)
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region(region)
+    pattern = metadata.international_prefix if metadata else None
+    idd = "00"
+    if pattern and draw(st.booleans()):
+        idd = draw(st.from_regex(f"(?:{pattern})", fullmatch=True, alphabet="0123456789"))
+    text, _ = draw(written_numbers())
+    return idd + draw(st.sampled_from(["", " "])) + text.lstrip("+"), region
+
+
+@settings(max_examples=800, deadline=None)
+@given(numbers_after_an_idd())
+def test_numbers_after_an_international_prefix_read_the_same(case: tuple[str, str]) -> None:
     value, region = case
     assert _new(value, region) == _old(value, region)
 
