@@ -506,8 +506,17 @@ class GoogleAds(Destination):
         status = answer.get("partialFailureError")
         if not isinstance(status, dict) or not status.get("code"):
             return [ItemResult.delivered()] * len(items)
-        by_row = _row_errors(status, len(items))
-        return [by_row.get(i) or ItemResult.delivered() for i in range(len(items))]
+        named, unnamed = _row_errors(status, len(items))
+        results = answer.get("results")
+        if isinstance(results, list) and len(results) == len(items):
+            # A failed row has an empty result at its index, an uploaded one a full result
+            # (platforms.md §3.3): an error that names no row sank only the empty ones.
+            fallback = unnamed or _NO_RESULT
+            return [
+                named.get(i) or (ItemResult.delivered() if results[i] else fallback)
+                for i in range(len(items))
+            ]
+        return [named.get(i) or unnamed or ItemResult.delivered() for i in range(len(items))]
 
     # -- OAuth ----------------------------------------------------------------------------------
 
@@ -742,20 +751,30 @@ def _retry_delay(error: Mapping[str, Any]) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def _row_errors(status: Mapping[str, Any], count: int) -> dict[int, ItemResult]:
-    """Row index -> failure. An error naming no row fails every row."""
-    by_row: dict[int, ItemResult] = {}
+def _row_errors(
+    status: Mapping[str, Any], count: int
+) -> tuple[dict[int, ItemResult], ItemResult | None]:
+    """The failures of the rows the errors name (row index -> failure; the first error of a
+    row names it), and the failure told by errors that name no row, if any."""
+    named: dict[int, ItemResult] = {}
     errors = _ads_errors(status)
     if not errors:
         reason = f"Google Ads partial failure: {str(status.get('message') or '')[:200]}"
-        return dict.fromkeys(range(count), ItemResult(Outcome.PERMANENT, reason))
+        return named, ItemResult(Outcome.PERMANENT, reason)
+    unnamed: ItemResult | None = None
     for error in errors:
         result = _classify(error)
         index = _row_index(error)
-        rows = range(count) if index is None else [index] if 0 <= index < count else []
-        for row in rows:
-            by_row.setdefault(row, result)  # the first error of a row names it
-    return by_row
+        if index is None:
+            unnamed = unnamed or result
+        elif 0 <= index < count:
+            named.setdefault(index, result)
+    return named, unnamed
+
+
+_NO_RESULT = ItemResult(
+    Outcome.PERMANENT, "Google Ads partial failure: the row has no result and no error names it"
+)
 
 
 def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[ItemResult]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
@@ -681,6 +682,52 @@ def test_partial_failure_fails_only_the_row_it_names(
     assert results[1].outcome is Outcome.PERMANENT
     assert "CLICK_CONVERSION_ALREADY_EXISTS" in (results[1].error or "")
     assert [c["orderId"] for c in emulator.conversions] == ["o0", "o2"]
+
+
+def _partial_answer(errors: list[dict[str, Any]], results: list[dict[str, Any]] | None) -> Any:
+    body: dict[str, Any] = {
+        "partialFailureError": {
+            "code": 3,
+            "message": "row errors",
+            "details": [{"@type": "GoogleAdsFailure", "errors": errors}],
+        }
+    }
+    if results is not None:
+        body["results"] = results
+    return HttpResponse(200, {"Content-Type": "application/json"}, json.dumps(body).encode())
+
+
+_UNNAMED = {"errorCode": {"conversionUploadError": "CONVERSION_PRECEDES_EVENT"}, "message": "x"}
+_NAMED = {
+    **_UNNAMED,
+    "errorCode": {"conversionUploadError": "CLICK_CONVERSION_ALREADY_EXISTS"},
+    "location": {"fieldPathElements": [{"fieldName": "conversions", "index": 2}]},
+}
+
+
+def test_an_error_naming_no_row_sinks_only_the_rows_without_a_result(ads: GoogleAds) -> None:
+    # A failed row has an empty result at its index: a row with a full result was uploaded,
+    # whatever an error that names no row says (were the errors' row paths misread, say).
+    items = [Item(f"d{i}", f"e{i}", payload_for(ads, EVENT)) for i in range(3)]
+    answer = _partial_answer([_UNNAMED, _NAMED], [{"gclid": "a"}, {}, {}])
+
+    results = ads.read_response(answer, items)
+
+    assert results[0] == ItemResult.delivered()
+    assert results[1].outcome is Outcome.PERMANENT
+    assert "CONVERSION_PRECEDES_EVENT" in (results[1].error or "")
+    assert "CLICK_CONVERSION_ALREADY_EXISTS" in (results[2].error or "")
+
+
+def test_without_results_an_error_naming_no_row_fails_every_row_a_named_one_its_own(
+    ads: GoogleAds,
+) -> None:
+    items = [Item(f"d{i}", f"e{i}", payload_for(ads, EVENT)) for i in range(3)]
+
+    results = ads.read_response(_partial_answer([_UNNAMED, _NAMED], None), items)
+
+    assert ["CONVERSION_PRECEDES_EVENT" in (r.error or "") for r in results] == [True, True, False]
+    assert "CLICK_CONVERSION_ALREADY_EXISTS" in (results[2].error or "")
 
 
 def test_too_recent_click_is_retried_after_six_hours(
