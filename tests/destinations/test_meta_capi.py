@@ -178,20 +178,6 @@ def test_national_phone_is_read_in_the_persons_country_before_the_default_countr
     assert american["user_data"]["ph"] == sha256_hex("16505551212")
 
 
-def test_a_country_by_its_usual_english_name_is_sent_and_reads_the_phone() -> None:
-    # Arrange: pycountry says Türkiye; a Turkish customer's national number must not be read
-    # in the shop's default country (it was hashed as +49 5321234567)
-    mapped = web_mapped()
-    mapped["user_data"].update(ph="0532 123 45 67", country="Turkey")
-
-    # Act
-    user_data = meta(default_country="DE").build_payload(mapped, context())["user_data"]
-
-    # Assert
-    assert user_data["country"] == sha256_hex("tr")
-    assert user_data["ph"] == sha256_hex("905321234567")
-
-
 def test_national_phone_is_read_in_the_events_country_when_the_tag_sends_none() -> None:
     # Arrange: a tag that keeps the country out of Meta's payload
     mapped = web_mapped()
@@ -206,17 +192,29 @@ def test_national_phone_is_read_in_the_events_country_when_the_tag_sends_none() 
     assert user_data["ph"] == sha256_hex("4915112345678")
 
 
-def test_alpha3_country_is_sent_as_alpha2_and_reads_the_phone() -> None:
-    # Arrange: platforms.md §1.3 wants country as alpha-2, sent even for one-country shops
+@pytest.mark.parametrize(
+    ("country", "phone", "alpha2", "e164"),
+    [
+        # platforms.md §1.3 wants country as alpha-2, sent even for one-country shops
+        ("GBR", "020 7946 0958", "gb", "442079460958"),
+        # pycountry says Türkiye; a Turkish customer's national number must not be read in
+        # the shop's default country (it was hashed as +49 5321234567)
+        ("Turkey", "0532 123 45 67", "tr", "905321234567"),
+    ],
+)
+def test_a_country_by_alpha3_or_usual_name_is_sent_as_alpha2_and_reads_the_phone(
+    country: str, phone: str, alpha2: str, e164: str
+) -> None:
+    # Arrange
     mapped = web_mapped()
-    mapped["user_data"].update(ph="020 7946 0958", country="GBR")
+    mapped["user_data"].update(ph=phone, country=country)
 
     # Act
-    user_data = meta(default_country="US").build_payload(mapped, context())["user_data"]
+    user_data = meta(default_country="DE").build_payload(mapped, context())["user_data"]
 
     # Assert
-    assert user_data["country"] == sha256_hex("gb")
-    assert user_data["ph"] == sha256_hex("442079460958")
+    assert user_data["country"] == sha256_hex(alpha2)
+    assert user_data["ph"] == sha256_hex(e164)
 
 
 @pytest.mark.parametrize(
