@@ -203,6 +203,8 @@ class _Compiler:
             known = ", ".join(sorted(EVENT_FIELDS))
             if name == "event_type":
                 hint = "intake reads event_type as event_name"
+            elif name in ("null", "true", "false"):  # JMESPath has no such keywords
+                hint = f"the value {name} is written in backticks (`{name}`)"
             else:
                 quoted = "'" + name.replace("'", "\\'") + "'"
                 hint = f"a text is written in single quotes ({quoted})"
