@@ -46,8 +46,18 @@ _QUERY = re.compile(r"(?<=\S)\?[^\s'\"]+")
 _CLIENT_IP = re.compile(r"\bip=\S*?(?=: |,|\s|$)")
 
 
+# gunicorn's line for a request it refused: "Invalid request from ip=<ip>: <error>", where the
+# error quotes what it could not read: a request line, a header line whole ("Authorization
+# Bearer <key>" with no colon), a header name or value.
+_REFUSED = "Invalid request from "
+
+
 def scrub(text: str) -> str:
-    """``text`` without query strings and client IPs."""
+    """``text`` without query strings, client IPs and what a refused request's line quotes."""
+    if text.startswith(_REFUSED):
+        quotes = [i for i in (text.find("'"), text.find('"')) if i >= 0]
+        if quotes:
+            text = text[: min(quotes)] + "[redacted]"
     if "?" in text:
         text = _QUERY.sub("?[redacted]", text)
     if "ip=" in text:

@@ -5,24 +5,43 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from engine import logs
 from engine.logs import JsonFormatter
 
 
-def test_log_lines_lose_query_strings_and_client_ips() -> None:
-    record = logging.LogRecord(
-        "gunicorn.error",
-        logging.WARNING,
-        __file__,
-        1,
-        "Invalid request from ip=%s: %s",
-        ("2001:db8::7", "Invalid HTTP request line: 'GET /v1/track?api_key=sk_live_x'"),
-        None,
-    )
-    line = json.loads(JsonFormatter().format(record))
+def _formatted(message: str, *args: str) -> str:
+    record = logging.LogRecord("gunicorn.error", logging.WARNING, __file__, 1, message, args, None)
+    return str(json.loads(JsonFormatter().format(record))["message"])
 
-    assert line["message"] == (
-        "Invalid request from ip=[redacted]: Invalid HTTP request line: 'GET /v1/track?[redacted]'"
+
+def test_log_lines_lose_query_strings_and_client_ips() -> None:
+    line = _formatted("Error handling request %s %s", "GET", "/v1/track?api_key=sk_live_x")
+
+    assert line == "Error handling request GET /v1/track?[redacted]"
+
+
+@pytest.mark.parametrize(
+    ("error", "kept"),
+    [
+        (
+            "Invalid HTTP request line: 'GET /v1/track?api_key=sk_live_x'",
+            "Invalid HTTP request line: ",
+        ),
+        # A header line without a colon is quoted whole: a server key, an e-mail address
+        ("Invalid HTTP Header: 'Authorization Bearer sk_live_x'", "Invalid HTTP Header: "),
+        ('Invalid HTTP header name: "X-Email ada@example.com"', "Invalid HTTP header name: "),
+        ("Invalid chunk size", "Invalid chunk size"),
+    ],
+)
+def test_a_refused_request_line_keeps_its_error_but_not_what_the_error_quotes(
+    error: str, kept: str
+) -> None:
+    line = _formatted("Invalid request from ip=%s: %s", "2001:db8::7", error)
+
+    assert line == "Invalid request from ip=[redacted]: " + kept + (
+        "[redacted]" if kept != error else ""
     )
 
 
