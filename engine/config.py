@@ -67,6 +67,7 @@ class Settings:
     data_dir: Path = Path("data")
     database: Path | None = None  # default: <data_dir>/tagrelay.db
     bind: str = DEFAULT_BIND
+    metrics_bind: str | None = None  # where `tagrelay worker` serves /metrics; None: nowhere
     workers: int = 2
     threads: int = 4  # gunicorn gthread threads per worker
     server_keys: tuple[ServerKey, ...] = ()
@@ -227,6 +228,16 @@ def _bind(value: Any) -> str:
     return f"{host}:{int(port)}"
 
 
+def _optional_tcp_bind(value: Any) -> str | None:
+    """None when empty, else ``HOST:PORT`` or ``[IPv6]:PORT`` (no unix socket)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    bound = _bind(value)
+    if bound.startswith("unix:"):
+        raise ValueError("must be HOST:PORT or [IPv6 address]:PORT (not a unix socket)")
+    return bound
+
+
 def parse_keys(raw: str) -> tuple[ServerKey, ...]:
     """``key1,key2:signing-secret`` -> server keys (a ``:secret`` makes signing required).
 
@@ -360,6 +371,7 @@ _SETTINGS: dict[str, tuple[str, Parser, bool]] = {
     "data_dir": ("data_dir", _path, True),
     "db": ("database", _optional_path, True),
     "bind": ("bind", _bind, True),
+    "metrics_bind": ("metrics_bind", _optional_tcp_bind, True),
     "workers": ("workers", _whole(1), True),
     "threads": ("threads", _whole(1), True),
     "server_keys": ("server_keys", _server_keys, False),

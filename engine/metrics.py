@@ -12,9 +12,12 @@ import collections
 import functools
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -212,3 +215,52 @@ def _with(collector: Collector) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(collector)
     return registry
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """``GET /metrics`` of a process that serves no other HTTP (``tagrelay worker``)."""
+
+    depth: Callable[[], dict[str, int]] = dict
+
+    def do_GET(self) -> None:  # the name http.server dispatches to
+        """The metrics page; 404 for any other path, 503 while metrics cannot be read."""
+        if self.path.split("?", 1)[0] != "/metrics":
+            self._answer(404, b"not found\n", "text/plain; charset=utf-8")
+            return
+        try:
+            body, content_type = render(self.depth)
+        except MetricsUnavailable as exc:
+            self._answer(503, f"{exc}\n".encode(), "text/plain; charset=utf-8")
+            return
+        self._answer(200, body, content_type)
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Not logged: a line per scrape says nothing, and would carry the scraper's IP."""
+
+
+def serve_metrics(bind: str, depth: Callable[[], dict[str, int]]) -> ThreadingHTTPServer:
+    """Serve ``GET /metrics`` on ``bind`` (``HOST:PORT``) from a daemon thread; the caller
+    stops it with ``shutdown()``.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    handler = type("MetricsHandler", (_MetricsHandler,), {"depth": staticmethod(depth)})
+    server_class = type(
+        "MetricsServer",
+        (ThreadingHTTPServer,),
+        {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
+    )
+    server: ThreadingHTTPServer = server_class((host, int(port)), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

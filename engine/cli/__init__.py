@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="deliver the outbox without serving HTTP")
     worker.add_argument("--rules", help="rule container (env TAGRELAY_RULES)")
     worker.add_argument("--data-dir", help="store directory (env TAGRELAY_DATA_DIR)")
+    worker.add_argument(
+        "--metrics-bind",
+        help="HOST:PORT to serve this worker's /metrics on (env TAGRELAY_METRICS_BIND; "
+        "default: not served)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     dead = sub.add_parser("deadletters", help="list, show or replay dead letters")

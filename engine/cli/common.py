@@ -36,7 +36,8 @@ def load_container(path: Path) -> Container | None:
 
 def command_settings(args: argparse.Namespace) -> Settings:
     """Settings with the command's flags over the environment and the config file."""
-    flags = {name: getattr(args, name, None) for name in ("bind", "workers", "rules", "data_dir")}
+    names = ("bind", "metrics_bind", "workers", "rules", "data_dir")
+    flags = {name: getattr(args, name, None) for name in names}
     return load_settings(flags=flags)
 
 

@@ -175,27 +175,43 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from engine import logs
     from engine.delivery import DeliveryWorker
     from engine.maintenance import Maintenance
-    from engine.pipeline import load_rules
+    from engine.pipeline import RulesHolder
 
     settings = command_settings(args)
     _prepare_data_dir(settings)
     logs.configure(settings.log_level)
-    rules = load_rules(settings.rules, settings.reload_interval)
+    container = load_container(settings.rules)
+    if container is None:  # as serve: the problems are printed, and rules that fail are exit 1
+        err(f"tagrelay: refusing to start: {settings.rules} has errors (see above)")
+        return 1
+    rules = RulesHolder(settings.rules, container, settings.reload_interval)
     store = open_store(settings)
     worker = DeliveryWorker(store, lambda: rules.container)
     # Retention runs where the store is used; a `tagrelay worker` running alone purges too.
     maintenance = Maintenance(store, settings.retention_days)
+    metrics_server = None
+    if settings.metrics_bind:
+        from engine import metrics
+
+        try:
+            metrics_server = metrics.serve_metrics(settings.metrics_bind, store.depth)
+        except OSError as exc:
+            name = settings.name_of("metrics_bind")
+            raise ConfigError(f"{name} {settings.metrics_bind} cannot be bound: {exc}") from exc
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
     try:
         worker.start()
         maintenance.start()
-        out(f"tagrelay worker: delivering from {settings.database_path}")
+        served = f"; /metrics on {settings.metrics_bind}" if metrics_server else ""
+        out(f"tagrelay worker: delivering from {settings.database_path}{served}")
         sys.stdout.flush()
         stop.wait()
     finally:
         worker.stop()
         maintenance.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

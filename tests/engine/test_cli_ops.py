@@ -390,6 +390,14 @@ def test_schema_to_a_directory_that_does_not_exist_is_a_clear_error(
 # -- the worker ---------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def unconfigured_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's logging set-up left out: pytest keeps the logs (a handler on a captured
+    stream would outlive the test)."""
+    monkeypatch.setattr("engine.logs.configure", lambda level: None)
+
+
+@pytest.mark.usefixtures("unconfigured_logs")
 def test_the_worker_applies_retention_like_serve(
     data_dir: Path,
     write_rules: WriteRules,
@@ -405,7 +413,6 @@ def test_the_worker_applies_retention_like_serve(
         os.kill(os.getpid(), signal.SIGTERM)  # and stop the worker at once
 
     monkeypatch.setattr(Maintenance, "start", record)
-    monkeypatch.setattr("engine.logs.configure", lambda level: None)  # pytest keeps the logs
     monkeypatch.setenv("TAGRELAY_RETENTION_DAYS", "30")
     handler = signal.getsignal(signal.SIGTERM)
     # Should the worker never start its maintenance, it is stopped anyway and the test fails.
@@ -425,6 +432,39 @@ def test_the_worker_applies_retention_like_serve(
     assert not maintenance._thread.is_alive()  # stopped with the worker
     assert signal.getsignal(signal.SIGTERM) == handler  # the caller's handler is back
     assert "tagrelay worker: delivering from" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("unconfigured_logs")
+def test_the_worker_refuses_rules_with_errors_with_exit_1_like_serve(
+    data_dir: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run("worker", "--rules", write_rules("destinations:\n  log: {type: lg}\n"))
+
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "unknown destination type 'lg'" in err
+    assert "refusing to start" in err
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("unix:/tmp/m.sock", "must be HOST:PORT or [IPv6 address]:PORT (not a unix socket)"),
+        ("localhost:99999", "must be HOST:PORT with a port from 1 to 65535"),
+    ],
+)
+@pytest.mark.usefixtures("unconfigured_logs")
+def test_a_worker_metrics_address_that_is_no_tcp_address_is_refused(
+    data_dir: Path,
+    write_rules: WriteRules,
+    capsys: pytest.CaptureFixture[str],
+    given: str,
+    message: str,
+) -> None:
+    code = run("worker", "--rules", write_rules(RULES), "--metrics-bind", given)
+
+    assert code == 2
+    assert capsys.readouterr().err.startswith(f"tagrelay: --metrics-bind {message}")
 
 
 def test_purge_runs_retention_though_the_key_expiry_fails_and_exits_1_naming_it(

@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.server import LOG_ALL_RULES, TagrelayServer
+from tests.emulators.server import LoopbackServer
+from tests.emulators.sink import FaultySink
+from tests.support.server import LOG_ALL_RULES, ROOT, TagrelayServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +151,59 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+def scrape(port: int) -> str:
+    """The metrics page on ``port``; empty while nothing answers there yet."""
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except requests.ConnectionError:
+        return ""
+
+
+def delivered(page: str) -> float:
+    found = r'^tagrelay_deliveries_total\{destination="hook",outcome="delivered"\} (\S+)$'
+    match = re.search(found, page, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_tagrelay_worker_serves_the_metrics_of_its_deliveries(tmp_path: Path) -> None:
+    # Intake in `serve` (delivery off), delivery in a `tagrelay worker`: the worker's own
+    # counts are served on its --metrics-bind, since no serve process sees them.
+    sink = FaultySink("ok")
+    with LoopbackServer(sink) as hook:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(
+            "destinations:\n"
+            f"  hook: {{type: webhook, url: '{hook.url}/in'}}\n"
+            "triggers:\n  all: {event: '*'}\n"
+            "tags:\n  - {name: t, trigger: all, destination: hook}\n"
+        )
+        server = TagrelayServer(
+            rules, tmp_path / "data", KEY, env={"TAGRELAY_DELIVER": "false"}, workers=1
+        ).start()
+        port = free_port()
+        worker = None
+        try:
+            for i in range(3):
+                server.track({"event_name": "sale", "event_id": f"e{i}"})
+            command = [sys.executable, "-m", "engine.cli", "worker", "--rules", str(rules)]
+            command += ["--metrics-bind", f"127.0.0.1:{port}"]
+            with (tmp_path / "worker.log").open("wb") as log:
+                worker = subprocess.Popen(
+                    command, cwd=ROOT, env=server.env(), stdout=log, stderr=subprocess.STDOUT
+                )
+            deadline = time.monotonic() + 20
+            while delivered(page := scrape(port)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            missing = requests.get(f"http://127.0.0.1:{port}/other", timeout=5).status_code
+        finally:
+            if worker is not None:
+                worker.terminate()
+                worker.wait(timeout=30)
+            server.stop()
+    assert len(sink.received) == 3
+    assert delivered(page) == 3
+    assert "# TYPE tagrelay_outbox_depth gauge" in page  # read from the store, as serve's
+    assert missing == 404
+    assert "GET /metrics" not in (tmp_path / "worker.log").read_text()  # scrapes are not logged
