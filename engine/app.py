@@ -8,7 +8,7 @@ from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from engine import api, collect
+from engine import api, collect, metrics
 from engine.config import Settings, ensure_server_key, load_settings
 from engine.errors import RequestError, StoreError
 from engine.pipeline import Pipeline, Privacy, RulesHolder, load_rules
@@ -64,6 +64,7 @@ def create_app(
     @app.errorhandler(StoreError)
     def store_error(exc: StoreError) -> tuple[Response, int]:
         log.error("store unavailable; request refused", extra={"error": str(exc)[:200]})
+        metrics.inc(metrics.REJECTED_REQUESTS, ("503",))
         response = jsonify({"success": False, "error": "the event store is unavailable; retry"})
         response.headers["Retry-After"] = "5"
         return response, 503

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class ReplayReport:
     """What a replay did."""
 
-    events: int = 0
+    events: int = 0  # events (dead letters) that something was queued for
     queued: int = 0
     skipped: list[str] = field(default_factory=list)  # "event_id tag: reason"
 
@@ -50,12 +50,15 @@ def _apply(
 ) -> None:
     now = datetime.now(UTC).timestamp()
     applied = store.requeue(event, decisions, container.dedup_window, now, supersedes)
-    report.events += 1
+    queued = 0
     for decision in applied:
         if decision.fired:
-            report.queued += 1
+            queued += 1
         else:
             report.skipped.append(f"{event.event_id} {decision.tag}: {decision.reason}")
+    # Replayed only if something was queued: a dead letter whose tag no longer fires stays.
+    report.events += 1 if queued else 0
+    report.queued += queued
 
 
 def replay_dead_letters(store: Store, container: Container, ids: Sequence[int]) -> ReplayReport:

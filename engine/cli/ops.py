@@ -64,11 +64,14 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
     if container is None:
         return 1
     ids = list(args.ids)
-    if args.all:
-        ids += [d.id for d in store.dead_letters(args.destination, limit=1_000_000)]
-    if not ids:
+    if not ids and not args.all:
         err("deadletters replay needs delivery IDs or --all")
         return 2
+    if args.all:
+        ids += [d.id for d in store.dead_letters(args.destination, limit=1_000_000)]
+        if not ids:
+            out("no dead letters to replay")
+            return 1
     report = replay_dead_letters(store, container, ids)
     for line in report.skipped:
         out(f"skipped {line}")

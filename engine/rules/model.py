@@ -168,7 +168,7 @@ class Tag:
                 self.name,
                 dest,
                 False,
-                "event_name mapping gave no name",
+                "invalid payload: the event_name mapping gave no name",
                 decision.reason,
                 anonymous,
             )

@@ -13,6 +13,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from engine import metrics
 from engine.api import parse_json_body
 from engine.app import create_app
 from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
@@ -296,10 +297,14 @@ def test_the_store_being_down_gets_503_with_retry_after(
 
     monkeypatch.setattr(store, "accept_many", broken)
 
+    before = metrics.REJECTED_REQUESTS.labels("503")._value.get()
+
     response = post(client, "/v1/track", {"event_name": "x"})
 
     assert_error(response, 503, "the event store is unavailable; retry")
     assert response.headers["Retry-After"] == "5"
+    # The refusal an operator most needs to alert on is counted like the others.
+    assert metrics.REJECTED_REQUESTS.labels("503")._value.get() == before + 1
 
 
 # -- /v1/track/batch --------------------------------------------------------------------------

@@ -314,6 +314,32 @@ def test_replaying_nothing_that_is_a_dead_letter_exits_1(
     assert "replayed 0 dead letters" in out
 
 
+def test_replaying_a_dead_letter_whose_tag_no_longer_fires_replays_none_and_exits_1(
+    data_dir: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = write_rules(RULES.replace('event: "*"', "event: purchase"))
+
+    code = run("deadletters", "replay", "1", "--rules", rules, "--data-dir", data_dir)
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "replayed 0 dead letters: 0 deliveries queued" in out
+    assert [d.id for d in SQLiteStore(data_dir / "tagrelay.db").dead_letters()] == [1]  # stays
+
+
+def test_replaying_all_dead_letters_when_there_are_none_exits_1_not_as_bad_usage(
+    tmp_path: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    SQLiteStore(tmp_path / "tagrelay.db").close()
+
+    code = run(
+        "deadletters", "replay", "--all", "--rules", write_rules(RULES), "--data-dir", tmp_path
+    )
+
+    assert code == 1
+    assert capsys.readouterr().out == "no dead letters to replay\n"
+
+
 def test_replaying_a_dead_letter_exits_0(
     data_dir: Path, write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from engine import metrics
 from engine.event import normalize
 from engine.pipeline import RulesHolder, load_rules
 from engine.rules import Container, compile_container
@@ -395,8 +396,10 @@ def test_event_name_can_be_fixed_or_looked_up(write_rules: WriteRules) -> None:
     assert purchase["looked_up"].payload["event_name"] == "Purchase"
     assert (other["looked_up"].fired, other["looked_up"].reason) == (
         False,
-        "event_name mapping gave no name",
+        "invalid payload: the event_name mapping gave no name",
     )
+    # Counted as what it is, not as a trigger that did not match.
+    assert metrics.reason_kind(other["looked_up"].reason) == "invalid_payload"
 
 
 def test_dedup_key_is_prefixed_with_the_tag_name(write_rules: WriteRules) -> None:
