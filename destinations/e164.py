@@ -50,16 +50,21 @@ def _e164_slow(value: str, region: str | None) -> str | None:
         return None
     if text.startswith("+") or text.startswith("00"):
         # Parse the text itself (not just its digits): ``phonenumbers`` drops a written trunk
-        # prefix such as the ``(0)`` in ``+44 (0)20 7946 0958``. A leading international prefix
-        # is the region's own where it has one that starts so (Australia's 0011, Brazil's 0021,
-        # read by ``phonenumbers``); else "00", the most common one (and the only one read
-        # without a region).
-        if text.startswith("+"):
-            number = _parse(text, None)
-        elif _idd_length(phonenumbers.normalize_digits_only(text), region) is not None:
-            number = _parse(text, region)
-        else:
-            number = _parse("+" + text[2:], None)
+        # prefix such as the ``(0)`` in ``+44 (0)20 7946 0958``. A leading "00" is the
+        # international prefix most people write, whatever their country's: read so first.
+        # Only when that gives no valid number is it read with the region's own prefix
+        # (Australia's 0011, as ``phonenumbers`` reads it): several regions' patterns take a
+        # carrier's digit after "00" (Singapore's 0[0-3]\d, Hong Kong's, Korea's), which would
+        # swallow the first digit of "0049 ..." or "0086 ...".
+        number = _parse(text if text.startswith("+") else "+" + text[2:], None)
+        if (
+            text.startswith("00")
+            and not (number and phonenumbers.is_valid_number(number))
+            and _idd_length(phonenumbers.normalize_digits_only(text), region) not in (None, 2)
+        ):
+            own = _parse(text, region)
+            if own is not None and phonenumbers.is_valid_number(own):
+                number = own
         return _format(number) if number and phonenumbers.is_possible_number(number) else None
     # No ``+``: the digits may already start with a country code (``16505551212``,
     # ``4915112345678``). Accept that reading only when it is a valid number in the default
@@ -361,15 +366,12 @@ def _e164_fast(text: str, region: str | None) -> str | None:
         or not (digits.isdecimal() and digits.isascii())
     ):
         raise _Undecided
-    # After "00", the region's own international prefix when it starts with those two digits
-    # and goes on, as Australia's 0011 (see _e164_slow); what follows it is read as after a
-    # "+", as phonenumbers does. Most regions' prefix is 00 itself, which needs no look.
+    # After "00" in a region whose own international prefix can be longer (Australia's
+    # 0011), which reading holds is for _e164_slow to tell; most regions' prefix is 00 itself.
     if international and text[0] == "0" and region is not None and _idd_beyond_00(region):
         length = _idd_length("00" + digits, region)
         if length is not None and length != 2:
-            digits = ("00" + digits)[length:]
-            if len(digits) not in _FAST_DIGITS:
-                raise _Undecided
+            raise _Undecided
     if international:
         number = _international(digits)
         if number is None:

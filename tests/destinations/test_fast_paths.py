@@ -81,12 +81,17 @@ def _reference_e164(value: str, region: str | None) -> str | None:
     if not re.search(r"\d", text):
         return None
     if text.startswith("+") or text.startswith("00"):
-        if text.startswith("+"):
-            number = e164._parse(text, None)
-        elif _starts_with_own_idd(text, region):  # Australia's 0011: phonenumbers reads it
-            number = e164._parse(text, region)
-        else:
-            number = e164._parse("+" + text[2:], None)
+        number = e164._parse(text if text.startswith("+") else "+" + text[2:], None)
+        # "00" read as the region's own, longer international prefix (Australia's 0011) only
+        # when read as 00 it gives no valid number
+        if (
+            text.startswith("00")
+            and not (number and phonenumbers.is_valid_number(number))
+            and _starts_with_own_idd(text, region)
+        ):
+            own = e164._parse(text, region)
+            if own is not None and phonenumbers.is_valid_number(own):
+                number = own
         return e164._format(number) if number and phonenumbers.is_possible_number(number) else None
     guess = e164._parse("+" + re.sub(r"\D", "", text), None)
     if (

@@ -88,12 +88,6 @@ CASES = [
     ("0044 20 7946 0958", "DE", "+442079460958"),  # 00: Germany's international prefix
     ("0044 20 7946 0958", "AU", "+442079460958"),  # not Australia's (0011), read as 00 still
     ("0044 20 7946 0958", "US", "+442079460958"),  # nor the US's (011)
-    # a region's own international prefix that starts with 00
-    ("0011 44 20 7946 0958", "AU", "+442079460958"),  # Australia's, not 00 followed by 11
-    ("0011 44 20 7946 0958", "CX", "+442079460958"),  # Christmas Island shares it
-    ("0014 44 20 7946 0958", "AU", "+442079460958"),  # another of Australia's
-    ("0021 44 20 7946 0958", "BR", "+442079460958"),  # Brazil's, with a carrier code
-    ("001 44 20 7946 0958", "KR", "+442079460958"),
     ("0011 0 20 7946 0958", "AU", None),  # no calling code starts with 0: not Australia's IDD
     ("+44 844 412 4653", None, "+448444124653"),
     ("650.555.1212", "US", "+16505551212"),
@@ -148,6 +142,21 @@ def test_usual_shapes_are_read_by_the_fast_path_as_phonenumbers_reads_them(
     [
         ("+1 650 555 1212 ext 5", None, "+16505551212"),  # letters
         ("011 49 151 12345678", "US", "+4915112345678"),  # the US IDD before a number
+        # "00" where the region's own international prefix can be longer: read as 00 when
+        # that gives a valid number, else with the region's prefix (Australia's 0011)
+        ("0011 44 20 7946 0958", "AU", "+442079460958"),  # Australia's, not 00 followed by 11
+        ("0011 44 20 7946 0958", "CX", "+442079460958"),  # Christmas Island shares it
+        ("0014 44 20 7946 0958", "AU", "+442079460958"),  # another of Australia's
+        ("0021 44 20 7946 0958", "BR", "+442079460958"),  # Brazil's, with a carrier code
+        ("001 44 20 7946 0958", "KR", "+442079460958"),
+        # ... whose patterns take a carrier's digit after 00: not the calling code's first
+        ("0049 151 12345678", "SG", "+4915112345678"),  # Singapore's 0[0-3]\d
+        ("0044 20 7946 0958", "SG", "+442079460958"),
+        ("0061 412 345 678", "SG", "+61412345678"),
+        ("0086 138 0013 8000", "HK", "+8613800138000"),
+        ("0086 138 0013 8000", "KR", "+8613800138000"),
+        ("00 971 50 123 4567", "KR", "+971501234567"),
+        ("0065 9123 4567", "TH", "+6591234567"),
         ("0151 12345678", "de", None),  # a region phonenumbers does not know
         ("0151 12345678", "AQ", None),
         ("\uff10\uff11\uff15\uff11 12345678", "DE", "+4915112345678"),  # full-width digits
