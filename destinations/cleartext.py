@@ -26,6 +26,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from destinations import values
 from destinations.base import PayloadError
 
 # How field names of personal data end, in words (``billing_first_name``, ``customerPhone``,
@@ -232,6 +233,21 @@ def check(value: Any, field: str, platform: str, homes: Mapping[str, str]) -> No
             path, kind, named = found
             inner = f"{field}{path}" if path.startswith("[") else f"{field}.{path}"
             _refuse(inner, kind, named, platform, homes)
+
+
+def identifier(value: object, field: str, platform: str, homes: Mapping[str, str]) -> str:
+    """An ID a platform receives as it is (event, order, content, click and session IDs), as
+    text, refused if it is an e-mail address: a mapping such as ``properties.order_id ||
+    user_data.email`` puts one there, and an order ID "must not contain PII" (Google Ads'
+    ``ORDER_ID_CONTAINS_PII``, platforms.md §3.3).
+
+    Raises:
+        PayloadError: the value is no text, or is an e-mail address (named as for :func:`check`).
+    """
+    text = values.text(value, f"{platform}: {field}")
+    if "@" in text:
+        check(text, field, platform, homes)
+    return text
 
 
 def refuse(payload: Mapping[str, Any], platform: str, homes: Mapping[str, str]) -> None:

@@ -507,16 +507,15 @@ def _params(raw: Mapping[str, Any], event_name: str) -> dict[str, Any]:
         raise PayloadError("GA4: currency is required when value is set")
     if event_name in ("purchase", "refund") and not params.get("transaction_id"):
         raise PayloadError(f"GA4: transaction_id is required for the {event_name} event")
-    if "transaction_id" in params:
-        transaction_id = values.text(params["transaction_id"], "GA4: transaction_id")
-        if "@" in transaction_id:  # built, so not checked with the params passed on as mapped
-            cleartext.check(transaction_id, "params.transaction_id", "GA4", PERSONAL_HOMES)
-        params["transaction_id"] = transaction_id
+    if "transaction_id" in params:  # built, so not checked with the params passed on as mapped
+        params["transaction_id"] = cleartext.identifier(
+            params["transaction_id"], "params.transaction_id", "GA4", PERSONAL_HOMES
+        )
     return params
 
 
 def _session_id(value: Any) -> str:
-    text = values.text(value, "GA4: params.session_id").strip()
+    text = cleartext.identifier(value, "params.session_id", "GA4", PERSONAL_HOMES).strip()
     match = SESSION_COOKIE.match(text)
     return match.group(1) if match else text
 

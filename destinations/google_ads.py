@@ -293,7 +293,7 @@ class GoogleAds(Destination):
         if currency := self._currency(mapped.get("currencyCode")):
             row["currencyCode"] = currency
         if mapped.get("orderId") is not None:
-            row["orderId"] = _identifier(mapped["orderId"], "orderId")
+            row["orderId"] = _id(mapped["orderId"], "orderId")
         raw_ids = _as_dict(mapped.get("userIdentifiers"), "userIdentifiers")
         # uploadClickConversions takes hashed email and phone only (platforms.md §3.4): the
         # address the default mapping gives ENHANCEMENT adjustments is left out here.
@@ -336,7 +336,7 @@ class GoogleAds(Destination):
             # upload_enhanced_conversions_for_web.py example, quoted in §3.6, sends the date
             # alone); a gclid without its date is left out rather than sent incomplete.
             if order_id is not None:
-                row["orderId"] = _identifier(order_id, "orderId")
+                row["orderId"] = _id(order_id, "orderId")
             if pair.get("conversionDateTime"):
                 row["gclidDateTimePair"] = _gclid_pair(pair)
         elif order_id is not None and pair:
@@ -344,7 +344,7 @@ class GoogleAds(Destination):
                 f"Google Ads: a {kind} is identified by orderId or gclidDateTimePair, not both"
             )
         elif order_id is not None:
-            row["orderId"] = _identifier(order_id, "orderId")
+            row["orderId"] = _id(order_id, "orderId")
         elif pair.get("gclid") and pair.get("conversionDateTime"):
             row["gclidDateTimePair"] = _gclid_pair(pair)
         else:
@@ -378,7 +378,7 @@ class GoogleAds(Destination):
                 raise PayloadError("Google Ads: ENHANCEMENT needs at least one user identifier")
             row["userIdentifiers"] = ids
             if mapped.get("userAgent"):
-                row["userAgent"] = _identifier(mapped["userAgent"], "userAgent")
+                row["userAgent"] = _id(mapped["userAgent"], "userAgent")
         return row
 
     def _identifiers(
@@ -567,7 +567,7 @@ def _gclid_pair(pair: Mapping[str, Any]) -> dict[str, str]:
     ``conversionDateTime`` in Google's format (see :func:`_conversion_time`)."""
     out = {}
     if pair.get("gclid"):
-        out["gclid"] = values.text(pair["gclid"], "Google Ads: gclidDateTimePair.gclid")
+        out["gclid"] = _id(pair["gclid"], "gclidDateTimePair.gclid")
     out["conversionDateTime"] = _conversion_time(pair["conversionDateTime"])
     return out
 
@@ -612,22 +612,12 @@ def _google_moment(text: Any) -> datetime | None:
 
 def _click_id(mapped: Mapping[str, Any], event: Mapping[str, Any]) -> tuple[str, str] | None:
     """gclid first; else wbraid (web conversions); else gbraid. Never two."""
-    found = {k: values.text(mapped[k], f"Google Ads: {k}") for k in CLICK_IDS if mapped.get(k)}
+    found = {k: _id(mapped[k], k) for k in CLICK_IDS if mapped.get(k)}
     if not found:
         context = event.get("context")
         url = context.get("page_url") if isinstance(context, dict) else None
         found = {k: v for k in CLICK_IDS if (v := normalize.url_param(url, k))}
     return next(((k, found[k]) for k in CLICK_IDS if k in found), None)
-
-
-def _identifier(value: object, field: str) -> str:
-    """A text Google Ads receives as it is (``orderId``, ``userAgent``), with no e-mail address:
-    an order ID "must not contain PII" (``ORDER_ID_CONTAINS_PII``, platforms.md §3.3), and a
-    mapping such as ``properties.order_id || user_data.email`` could put one there."""
-    text = values.text(value, f"Google Ads: {field}")
-    if "@" in text:
-        cleartext.check(text, field, "Google Ads", PERSONAL_HOMES)
-    return text
 
 
 def _consent(value: Any) -> str | None:
@@ -816,3 +806,9 @@ def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[It
     # Rows named in the error sank the request; the others were fine and can go again.
     innocent = ItemResult(Outcome.RETRYABLE, "Google Ads: not processed (another row failed)")
     return [by_row.get(i, innocent) for i in range(count)]
+
+
+def _id(value: object, field: str) -> str:
+    """An ID Google Ads receives as it is: text, and no e-mail address (see
+    :func:`cleartext.identifier`)."""
+    return cleartext.identifier(value, field, "Google Ads", PERSONAL_HOMES)

@@ -230,7 +230,10 @@ class MetaCapi(Destination):
         source_url = _text(mapped.get("event_source_url"))
         user_data = self._user_data(mapped.get("user_data"), ctx.event)
         if "fbc" not in user_data:
-            fbclid = _text(fbclid) or normalize.url_param(source_url, "fbclid")
+            fbclid = _text(fbclid)
+            if fbclid and "@" in fbclid:  # built into fbc, so not checked as passed on
+                cleartext.check(fbclid, "fbclid", "Meta", PERSONAL_HOMES)
+            fbclid = fbclid or normalize.url_param(source_url, "fbclid")
             if fbclid:
                 created_ms = (ctx.event_time - _EPOCH) // timedelta(milliseconds=1)
                 user_data["fbc"] = f"fb.1.{created_ms}.{fbclid}"
@@ -249,7 +252,7 @@ class MetaCapi(Destination):
         payload: dict[str, Any] = {
             "event_name": ctx.event_name,
             "event_time": event_time,
-            "event_id": _identifier(mapped.get("event_id") or ctx.event_id, "event_id"),
+            "event_id": _id(mapped.get("event_id") or ctx.event_id, "event_id"),
             "action_source": action_source,
         }
         if source_url:
@@ -397,15 +400,6 @@ def _passed_on(value: Any, field: str) -> None:
     cleartext.check(value, field, "Meta", PERSONAL_HOMES)
 
 
-def _identifier(value: object, field: str) -> str:
-    """An ID Meta receives as it is (event, order and content IDs): text, and no e-mail address,
-    which a mapping such as ``properties.order_id || user_data.email`` could put there."""
-    text = values.text(value, field)
-    if "@" in text:
-        cleartext.check(text, field, "Meta", PERSONAL_HOMES)
-    return text
-
-
 def _custom_data(raw: object) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -422,12 +416,10 @@ def _custom_data(raw: object) -> dict[str, Any]:
             raise PayloadError("custom_data.currency must be an ISO 4217 code")
         out["currency"] = currency
     if "order_id" in out:
-        out["order_id"] = _identifier(out["order_id"], "custom_data.order_id")
+        out["order_id"] = _id(out["order_id"], "custom_data.order_id")
     if "content_ids" in out:
         ids = out["content_ids"] if isinstance(out["content_ids"], list) else [out["content_ids"]]
-        out["content_ids"] = [
-            _identifier(i, "custom_data.content_ids[]") for i in ids if i is not None
-        ]
+        out["content_ids"] = [_id(i, "custom_data.content_ids[]") for i in ids if i is not None]
     if "contents" in out:
         out["contents"] = _contents(out["contents"])
     for key, value in out.items():
@@ -492,3 +484,9 @@ def _reason(error: Mapping[str, Any]) -> str:
         if isinstance(value, str | int) and value != "":
             parts.append(f"{key}={value}")
     return "; ".join(parts)[:500]
+
+
+def _id(value: object, field: str) -> str:
+    """An ID Meta receives as it is: text, and no e-mail address (see
+    :func:`cleartext.identifier`)."""
+    return cleartext.identifier(value, field, "Meta", PERSONAL_HOMES)

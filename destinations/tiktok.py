@@ -181,7 +181,7 @@ class TikTok(Destination):
         payload: dict[str, Any] = {
             "event": ctx.event_name,
             "event_time": int(ctx.event_time.timestamp()),
-            "event_id": _identifier(mapped.get("event_id") or ctx.event_id, "event_id"),
+            "event_id": _id(mapped.get("event_id") or ctx.event_id, "event_id"),
         }
         if user:
             payload["user"] = user
@@ -337,13 +337,11 @@ def _properties(raw: Mapping[str, Any]) -> dict[str, Any]:
             raise PayloadError("properties.currency must be an ISO 4217 code")
         out["currency"] = currency
     if "order_id" in out:
-        out["order_id"] = _identifier(out["order_id"], "properties.order_id")
+        out["order_id"] = _id(out["order_id"], "properties.order_id")
     if "content_ids" in out:
         if isinstance(out["content_ids"], list):
             out["content_ids"] = [
-                _identifier(i, "properties.content_ids[]")
-                for i in out["content_ids"]
-                if i is not None
+                _id(i, "properties.content_ids[]") for i in out["content_ids"] if i is not None
             ]
         else:
             _passed_on(out["content_ids"], "properties.content_ids")
@@ -355,16 +353,6 @@ def _properties(raw: Mapping[str, Any]) -> dict[str, Any]:
         if key not in _PROPERTIES_BUILT_FIELDS:
             _passed_on(value, f"properties.{key}")
     return {k: v for k, v in out.items() if v not in ([], {}, None)}
-
-
-def _identifier(value: object, field: str) -> str:
-    """An ID TikTok receives as it is (event, order and content IDs): text, and no e-mail
-    address, which a mapping such as ``properties.order_id || user_data.email`` could put
-    there."""
-    text = values.text(value, field)
-    if "@" in text:
-        cleartext.check(text, field, "TikTok", PERSONAL_HOMES)
-    return text
 
 
 def _passed_on(value: Any, field: str) -> None:
@@ -407,3 +395,9 @@ def _result(response: HttpResponse) -> ItemResult:
     if retryable_status(response.status):
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
     return ItemResult(Outcome.PERMANENT, reason)
+
+
+def _id(value: object, field: str) -> str:
+    """An ID TikTok receives as it is: text, and no e-mail address (see
+    :func:`cleartext.identifier`)."""
+    return cleartext.identifier(value, field, "TikTok", PERSONAL_HOMES)

@@ -165,6 +165,11 @@ LEAKS = [
         "custom_data.content_ids[]",
         "user_data.em",
     ),
+    # and the click and session IDs they build on: fbc from fbclid, Google's click IDs
+    ("meta_capi", "fbclid", "a@example.com", "fbclid", "user_data.em"),
+    ("ga4", "params.session_id", "a@example.com", "params.session_id", "sha256_email_address"),
+    ("google_ads", "gclid", "a@example.com", "gclid", "hashedEmail"),
+    ("google_ads", "gbraid", "a@example.com", "gbraid", "hashedEmail"),
     ("tiktok", "event_id", "a@example.com", "event_id", "user.email"),
     ("tiktok", "properties.order_id", "a@example.com", "properties.order_id", "user.email"),
     (

@@ -285,7 +285,7 @@ def test_any_mapped_object_gives_a_json_payload_or_a_payload_error(
         ("tiktok", "page.url", {"u": 1}, "page.url must be a string or a number"),
         ("ga4", "params.items.0.quantity", "inf", "GA4: items[].quantity must be a number"),
         ("ga4", "params.value", "NaN", "GA4: params.value must be a number"),
-        ("ga4", "params.transaction_id", {"id": 1}, "GA4: transaction_id must be a string"),
+        ("ga4", "params.transaction_id", {"id": 1}, "GA4: params.transaction_id must be a string"),
         ("ga4", "params.coupon", float("inf"), "GA4: params.coupon must be a finite number"),
         ("ga4", "user_location", {"lat": float("nan")}, "GA4: user_location.lat must be a"),
         ("google_ads", "conversionValue", "1e999", "Google Ads: conversionValue must be a"),
