@@ -72,7 +72,10 @@ EVENT_FIELDS = (frozenset(EVENT_SCHEMA["properties"]) - {"event_type"}) | {"enri
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a text with a unit: ``500ms``, ``30s``, ``10m``, ``48h``, ``7d``."""
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits: longer than any limit
+            return math.inf
     match = _DURATION.match(str(value))
     if not match:
         raise ValueError(f"not a duration: {value!r}")

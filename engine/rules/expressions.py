@@ -131,6 +131,10 @@ def parse(source: str, variables: Mapping[str, Variable]) -> dict[str, Any]:
         ) from exc
     except RecursionError:  # jmespath's parser recurses once or more per parenthesis
         raise ExpressionError(_too_deep("the expression is nested too deeply to read")) from None
+    try:
+        tree = _balanced(tree)
+    except RecursionError:
+        raise ExpressionError(_too_deep("the expression is nested too deeply to read")) from None
     # Before anything else walks the tree recursively.
     if (levels := depth(tree)) > MAX_DEPTH:
         raise ExpressionError(_too_deep(f"the expression is nested {levels} levels deep"))
@@ -141,6 +145,52 @@ def parse(source: str, variables: Mapping[str, Variable]) -> dict[str, Any]:
         raise ExpressionError(_too_deep(what))
     check_functions(rewritten, source)
     return rewritten
+
+
+_CHAINED = frozenset({"or_expression", "and_expression"})
+_LONG_CHAIN = 8
+
+
+def _balanced(node: Any) -> Any:
+    """``node`` with every long chain of ``||`` (or of ``&&``) regrouped as a balanced tree.
+
+    The parser nests ``a || b || c || ...`` one level per term, so a chain of a few hundred
+    alternatives, which marketers do write, is as deep as it is long, for every walk of the
+    tree and every evaluation. ``||`` and ``&&`` are associative (the first truthy operand, else
+    the last; the first falsy one, else the last), evaluated left to right either way: regrouped,
+    a chain of n terms is log2(n) deep. Short chains keep the parser's shape. A new tree: the
+    parser caches the one it gave.
+    """
+    if not isinstance(node, Mapping):
+        return node
+    kind = node.get("type")
+    children = node.get("children") or ()
+    if kind in _CHAINED and len(children) == 2:
+        operands = []
+        spine = node
+        while spine.get("type") == kind and len(spine.get("children", ())) == 2:
+            operands.append(spine["children"][1])
+            spine = spine["children"][0]
+        operands.append(spine)
+        operands.reverse()
+        parts = [_balanced(operand) for operand in operands]
+        if len(parts) > _LONG_CHAIN:
+            return _joined(str(kind), parts)
+        joined = parts[0]
+        for part in parts[1:]:  # the parser's own shape: ((a || b) || c)
+            joined = {"type": kind, "children": [joined, part]}
+        return joined
+    if not children:
+        return node
+    return {**node, "children": [_balanced(child) for child in children]}
+
+
+def _joined(kind: str, parts: list[Any]) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    middle = len(parts) // 2
+    halves = [_joined(kind, parts[:middle]), _joined(kind, parts[middle:])]
+    return {"type": kind, "children": halves}
 
 
 def _too_deep(what: str) -> str:

@@ -317,23 +317,50 @@ def _or_chain(first: str, terms: int) -> str:
     return " || ".join([first, *(f"properties.a{i}" for i in range(terms - 1))])
 
 
+V1 = "!!" * 20 + "(properties.v)"  # 42 levels
+V2 = "!!" * 14 + "$v1"  # 28 more: 70
+
+
+def test_a_flat_chain_of_hundreds_of_alternatives_is_no_deeper_than_a_short_one(
+    write_rules: Callable[..., Path],
+) -> None:
+    # ``||`` and ``&&`` chains are regrouped as balanced trees: a marketer's list of 400
+    # alternatives checks and runs, and each term is still tried in order.
+    when = _or_chain("properties.b", 400) + " || properties.v"
+    rules = DEEP_RULES.format(v1="properties.v", v2="properties.v", when=when)
+    container, problems = compile_container(write_rules(rules), {})
+    assert container is not None, [str(p) for p in problems]
+
+    def fired(properties: dict[str, Any]) -> bool:
+        event = normalize({"event_name": "x", "properties": properties}, datetime.now(UTC))
+        (decision,) = container.evaluate(event)
+        return decision.fired
+
+    assert fired({"v": 1})  # the last term
+    assert fired({"a398": "yes"})  # the one before
+    assert not fired({"a398": False, "b": ""})
+
+
 @pytest.mark.parametrize(
     ("when", "message"),
     [
         ("(" * 1000 + "properties.a" + ")" * 1000, "the expression is nested too deeply to read"),
-        (_or_chain("properties.b", 400), "the expression is nested 401 levels deep"),
+        (
+            "properties.a || (" * 150 + "properties.z" + ")" * 150,
+            "the expression is nested 152 levels deep",
+        ),
         ("!" * 150 + "properties.a", "the expression is nested 152 levels deep"),
         (
-            _or_chain("$v2", 60),
-            "with the variables it uses, the expression is nested 120 levels deep",
+            "!!" * 20 + "$v2",
+            "with the variables it uses, the expression is nested 110 levels deep",
         ),
     ],
-    ids=["parentheses", "long-or-chain", "not-chain", "through-variables"],
+    ids=["parentheses", "nested-or", "not-chain", "through-variables"],
 )
 def test_an_expression_nested_too_deeply_is_a_problem_at_its_position_not_a_crash(
     write_rules: Callable[..., Path], when: str, message: str
 ) -> None:
-    rules = DEEP_RULES.format(v1="properties.v", v2=_or_chain("$v1", 60), when=when)
+    rules = DEEP_RULES.format(v1=V1, v2=V2, when=when)
 
     _, problems = compile_container(write_rules(rules), {})  # must not raise
 
@@ -348,9 +375,7 @@ def test_an_expression_at_the_depth_limit_is_evaluated_deep_in_a_request(
 ) -> None:
     """Evaluating recurses about twice per level: at the limit, far from Python's own, even
     when the server's stack is deep already (here 500 frames)."""
-    rules = DEEP_RULES.format(  # 41 levels, 29 more for v2, 30 more for the condition: 100
-        v1=_or_chain("properties.v", 40), v2=_or_chain("$v1", 30), when=_or_chain("$v2", 31)
-    )
+    rules = DEEP_RULES.format(v1=V1, v2=V2, when="!!" * 15 + "$v2")  # 70, 30 more: 100
     container, problems = compile_container(write_rules(rules), {})
     assert container is not None, [str(p) for p in problems]
     event = normalize({"event_name": "x", "properties": {"v": 1}}, datetime.now(UTC))
