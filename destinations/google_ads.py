@@ -772,9 +772,9 @@ def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[It
 
     Read from the HTTP status and the RPC status first, then from the GoogleAdsErrors in the
     body: rows they name get their own outcome (the others go again); errors that name no row
-    fail the request as a whole, retryable when every one of them is transient (a
-    ``CONCURRENT_MODIFICATION`` comes as 409 ABORTED, a ``TRANSIENT_ERROR`` with any status),
-    else permanent.
+    fail the request as a whole, retryable when every one of them is (a transient one: a
+    ``CONCURRENT_MODIFICATION`` comes as 409 ABORTED, a ``TRANSIENT_ERROR`` with any status;
+    or one that clears with time, as ``TOO_RECENT_CONVERSION_ACTION``), else permanent.
     """
     error = answer.get("error") if isinstance(answer, dict) else None
     if not isinstance(error, dict):
@@ -797,11 +797,14 @@ def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[It
         if index is not None and 0 <= index < count:
             by_row.setdefault(index, _classify(ads_error))
     if not by_row:
-        if ads_errors and all(_transient(e) for e in ads_errors):
-            delay = retry_after or next(
-                (d for e in ads_errors if (d := _retry_delay(e)) is not None), None
-            )
-            return [ItemResult(Outcome.RETRYABLE, reason, delay)] * count
+        # Read as a row's error would be (_classify): retried only if every one of them may
+        # clear, after the longest wait any of them asks for (a TOO_RECENT_* its hours).
+        told = [_classify(e) for e in ads_errors]
+        if told and all(t.outcome is Outcome.RETRYABLE for t in told):
+            waits = [t.retry_after for t in told if t.retry_after is not None]
+            return [
+                ItemResult(Outcome.RETRYABLE, reason, retry_after or max(waits, default=None))
+            ] * count
         return [ItemResult(Outcome.PERMANENT, reason)] * count
     # Rows named in the error sank the request; the others were fine and can go again.
     innocent = ItemResult(Outcome.RETRYABLE, "Google Ads: not processed (another row failed)")

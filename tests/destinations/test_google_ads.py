@@ -811,6 +811,13 @@ def _request_error(http: int, status: str, *codes: dict[str, str]) -> Reply:
         (_request_error(400, "INVALID_ARGUMENT", {"internalError": "TRANSIENT_ERROR"}), "retry"),
         (_request_error(400, "INVALID_ARGUMENT", {"internalError": "INTERNAL_ERROR"}), "retry"),
         (_request_error(409, "ABORTED", {"internalError": "DEADLINE_EXCEEDED"}), "retry"),
+        # one that clears with time, as it does when it names a row
+        (
+            _request_error(
+                400, "INVALID_ARGUMENT", {"conversionUploadError": "TOO_RECENT_CONVERSION_ACTION"}
+            ),
+            "retry",
+        ),
         # 425 Too Early, as 408 and 429 (README "Delivery")
         (_request_error(425, "FAILED_PRECONDITION", {"requestError": "UNKNOWN"}), "retry"),
         # the rest stays permanent: an error no retry clears, also beside a transient one
@@ -831,6 +838,7 @@ def _request_error(http: int, status: str, *codes: dict[str, str]) -> Reply:
         "400 TRANSIENT_ERROR",
         "400 INTERNAL_ERROR",
         "409 DEADLINE_EXCEEDED",
+        "400 TOO_RECENT_CONVERSION_ACTION",
         "425",
         "400 INVALID_INPUT",
         "409 INVALID_INPUT",
