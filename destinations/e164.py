@@ -52,15 +52,20 @@ def _e164_slow(value: str, region: str | None) -> str | None:
         # Parse the text itself (not just its digits): ``phonenumbers`` drops a written trunk
         # prefix such as the ``(0)`` in ``+44 (0)20 7946 0958``. A leading "00" is the
         # international prefix most people write, whatever their country's: read so first.
-        # Only when that gives no valid number is it read with the region's own prefix
-        # (Australia's 0011, as ``phonenumbers`` reads it): several regions' patterns take a
-        # carrier's digit after "00" (Singapore's 0[0-3]\d, Hong Kong's, Korea's), which would
-        # swallow the first digit of "0049 ..." or "0086 ...".
+        # Where the region's own prefix is longer and matches too (Australia's 0011), that
+        # reading is taken instead when the "00" one is no valid number as written: "0011 36 1
+        # 234 5678" read as "00" is +1 with a North American trunk "1" dropped. The "00"
+        # reading stays first because several regions' patterns take a carrier's digit after
+        # "00" (Singapore's 0[0-3]\d, Hong Kong's, Korea's), which would swallow the first
+        # digit of "0049 ..." or "0086 ...".
         number = _parse(text if text.startswith("+") else "+" + text[2:], None)
+        digits = phonenumbers.normalize_digits_only(text)
         if (
             text.startswith("00")
-            and not (number and phonenumbers.is_valid_number(number))
-            and _idd_length(phonenumbers.normalize_digits_only(text), region) not in (None, 2)
+            and _idd_length(digits, region) not in (None, 2)
+            and not (
+                number and phonenumbers.is_valid_number(number) and _as_written(number, digits[2:])
+            )
         ):
             own = _parse(text, region)
             if own is not None and phonenumbers.is_valid_number(own):
@@ -82,6 +87,13 @@ def _e164_slow(value: str, region: str | None) -> str | None:
         return None
     number = _parse(text, region)
     return _format(number) if number and phonenumbers.is_possible_number(number) else None
+
+
+def _as_written(number: phonenumbers.PhoneNumber, digits: str) -> bool:
+    """Whether ``number`` is ``digits`` (a calling code and what follows it) with nothing left
+    out: no trunk prefix dropped after the calling code, as ``phonenumbers`` drops one."""
+    zeros = "0" * (number.number_of_leading_zeros or 1) if number.italian_leading_zero else ""
+    return digits == f"{number.country_code}{zeros}{number.national_number}"
 
 
 def _idd_length(digits: str, region: str | None) -> int | None:

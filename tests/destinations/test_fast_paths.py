@@ -83,11 +83,16 @@ def _reference_e164(value: str, region: str | None) -> str | None:
     if text.startswith("+") or text.startswith("00"):
         number = e164._parse(text if text.startswith("+") else "+" + text[2:], None)
         # "00" read as the region's own, longer international prefix (Australia's 0011) only
-        # when read as 00 it gives no valid number
+        # when read as 00 it gives no valid number, or one only with a trunk prefix dropped
+        digits = re.sub(r"\D", "", phonenumbers.normalize_digits_only(text))[2:]
         if (
             text.startswith("00")
-            and not (number and phonenumbers.is_valid_number(number))
             and _starts_with_own_idd(text, region)
+            and not (
+                number
+                and phonenumbers.is_valid_number(number)
+                and digits == f"{number.country_code}{_zeros(number)}{number.national_number}"
+            )
         ):
             own = e164._parse(text, region)
             if own is not None and phonenumbers.is_valid_number(own):
@@ -104,6 +109,10 @@ def _reference_e164(value: str, region: str | None) -> str | None:
         return None
     number = e164._parse(text, region)
     return e164._format(number) if number and phonenumbers.is_possible_number(number) else None
+
+
+def _zeros(number: phonenumbers.PhoneNumber) -> str:
+    return "0" * (number.number_of_leading_zeros or 1) if number.italian_leading_zero else ""
 
 
 def _starts_with_own_idd(text: str, region: str | None) -> bool:

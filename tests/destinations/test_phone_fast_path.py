@@ -149,6 +149,13 @@ def test_usual_shapes_are_read_by_the_fast_path_as_phonenumbers_reads_them(
         ("0014 44 20 7946 0958", "AU", "+442079460958"),  # another of Australia's
         ("0021 44 20 7946 0958", "BR", "+442079460958"),  # Brazil's, with a carrier code
         ("001 44 20 7946 0958", "KR", "+442079460958"),
+        # read as 00 only with a North American trunk "1" dropped: +1 361 234 5678
+        ("0011 36 1 234 5678", "AU", "+3612345678"),
+        ("0011 354 611 1234", "AU", "+3546111234"),
+        ("0011 353 22 12345", "AU", "+3532212345"),
+        ("0011 32 12 34 56 78", "AU", "+3212345678"),
+        ("0011 47 82 01 23 45", "AU", "+4782012345"),
+        ("0011 507 200 1234", "AU", "+5072001234"),
         # ... whose patterns take a carrier's digit after 00: not the calling code's first
         ("0049 151 12345678", "SG", "+4915112345678"),  # Singapore's 0[0-3]\d
         ("0044 20 7946 0958", "SG", "+442079460958"),
