@@ -232,9 +232,12 @@ def _optional_tcp_bind(value: Any) -> str | None:
     """None when empty, else ``HOST:PORT`` or ``[IPv6]:PORT`` (no unix socket)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
+    allowed = "must be HOST:PORT or [IPv6 address]:PORT"
     bound = _bind(value)
     if bound.startswith("unix:"):
-        raise ValueError("must be HOST:PORT or [IPv6 address]:PORT (not a unix socket)")
+        raise ValueError(f"{allowed} (not a unix socket)")
+    if not str(value).strip().endswith(bound.rpartition(":")[2]):
+        raise ValueError(f"{allowed}, with its port (8080 is the server's own)")
     return bound
 
 

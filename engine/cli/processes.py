@@ -212,6 +212,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         maintenance.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
+            metrics_server.server_close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

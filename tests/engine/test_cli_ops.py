@@ -477,6 +477,7 @@ def test_the_worker_refuses_rules_with_errors_with_exit_1_like_serve(
     [
         ("unix:/tmp/m.sock", "must be HOST:PORT or [IPv6 address]:PORT (not a unix socket)"),
         ("localhost:99999", "must be HOST:PORT with a port from 1 to 65535"),
+        ("localhost", "must be HOST:PORT or [IPv6 address]:PORT, with its port (8080 is the"),
     ],
 )
 @pytest.mark.usefixtures("unconfigured_logs")
