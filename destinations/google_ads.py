@@ -801,10 +801,9 @@ def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[It
         # clear, after the longest wait any of them asks for (a TOO_RECENT_* its hours).
         told = [_classify(e) for e in ads_errors]
         if told and all(t.outcome is Outcome.RETRYABLE for t in told):
-            waits = [t.retry_after for t in told if t.retry_after is not None]
-            return [
-                ItemResult(Outcome.RETRYABLE, reason, retry_after or max(waits, default=None))
-            ] * count
+            # The longest wait asked for, the Retry-After header's included.
+            waits = [w for w in (retry_after, *(t.retry_after for t in told)) if w is not None]
+            return [ItemResult(Outcome.RETRYABLE, reason, max(waits, default=None))] * count
         return [ItemResult(Outcome.PERMANENT, reason)] * count
     # Rows named in the error sank the request; the others were fine and can go again.
     innocent = ItemResult(Outcome.RETRYABLE, "Google Ads: not processed (another row failed)")

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -245,6 +246,21 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         """Not logged: a line per scrape says nothing, and would carry the scraper's IP."""
 
 
+class _MetricsServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` for either address family, without its look-up of the host's
+    full name at bind (which waits on DNS, and the name is used for nothing here)."""
+
+    def __init__(self, address: tuple[str, int], handler: type, family: socket.AddressFamily):
+        self.address_family = family
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        """Bind; the name is the address as given."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
 def serve_metrics(bind: str, depth: Callable[[], dict[str, int]]) -> ThreadingHTTPServer:
     """Serve ``GET /metrics`` on ``bind`` (``HOST:PORT``) from a daemon thread; the caller
     stops it with ``shutdown()``.
@@ -255,12 +271,8 @@ def serve_metrics(bind: str, depth: Callable[[], dict[str, int]]) -> ThreadingHT
     host, _, port = bind.rpartition(":")
     host = host.strip("[]")
     handler = type("MetricsHandler", (_MetricsHandler,), {"depth": staticmethod(depth)})
-    server_class = type(
-        "MetricsServer",
-        (ThreadingHTTPServer,),
-        {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
-    )
-    server: ThreadingHTTPServer = server_class((host, int(port)), handler)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server: ThreadingHTTPServer = _MetricsServer((host, int(port)), handler, family)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server

@@ -7,6 +7,7 @@ import hashlib
 import json
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -801,6 +802,18 @@ def _request_error(http: int, status: str, *codes: dict[str, str]) -> Reply:
         {"@type": "type.googleapis.com/google.ads.googleads.v26.errors.GoogleAdsFailure",
          "errors": errors, "requestId": "r1"}]}  # fmt: skip
     return Reply.json({"error": error}, status=http)
+
+
+def test_a_request_level_wait_of_hours_is_not_shortened_by_a_retry_after_header(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    code = {"conversionUploadError": "TOO_RECENT_CONVERSION_ACTION"}
+    reply = _request_error(400, "INVALID_ARGUMENT", code)
+    emulator.fail_with = replace(reply, headers={**reply.headers, "Retry-After": "30"})
+
+    (result,) = deliver(ads, [payload_for(ads, EVENT)])
+
+    assert (result.outcome, result.retry_after) == (Outcome.RETRYABLE, 6 * 3600)
 
 
 @pytest.mark.parametrize(
