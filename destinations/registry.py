@@ -33,6 +33,12 @@ def check_contract(name: str, cls: object) -> type[Destination]:
             f"destination plugin {name!r}: class name attribute is {cls.name!r}, "
             "it must equal the entry-point name"
         )
+    for attribute in ("settings_schema", "default_mapping"):
+        if not isinstance(getattr(cls, attribute), Mapping):
+            raise PluginError(
+                f"destination plugin {name!r}: {attribute} must be a mapping (a dict), "
+                f"not {type(getattr(cls, attribute)).__name__}"
+            )
     if not isinstance(cls.max_batch, int) or cls.max_batch < 1:
         raise PluginError(f"destination plugin {name!r}: max_batch must be a positive integer")
     try:
@@ -62,7 +68,18 @@ def check_contract(name: str, cls: object) -> type[Destination]:
 def registry() -> Mapping[str, type[Destination]]:
     """Every installed destination class by type name, checked. Built once per process."""
     found: dict[str, type[Destination]] = {}
+    sources: dict[str, str] = {}
     for ep in entry_points(group=GROUP):
+        if ep.name in sources:
+            if sources[ep.name] == ep.value:
+                continue  # one distribution seen twice on the path
+            # Whichever loaded last would silently take the other's destinations (and their
+            # settings and secrets): a built-in's name, or two packages' typo.
+            raise PluginError(
+                f"two destination plugins are named {ep.name!r} ({sources[ep.name]} and "
+                f"{ep.value}): uninstall one"
+            )
+        sources[ep.name] = ep.value
         try:
             cls = ep.load()
         except Exception as exc:

@@ -15,6 +15,7 @@ A slow or failing destination therefore never holds up the others.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -256,6 +257,7 @@ class DeliveryWorker:
             try:
                 problem = adapter.check_item(item, ctx)
                 key = adapter.batch_key(item) if not problem else ""
+                hash(key)  # a key that cannot group items (a list) fails its item here
             except Exception as exc:  # noqa: BLE001 - a plugin bug fails that item alone
                 problem = f"{type(exc).__name__} in the adapter's check of the item"
             if problem:
@@ -448,8 +450,11 @@ class DeliveryWorker:
         adapter = dest.adapter
         try:
             token = self._token(dest)
-            if token is not None:
-                ctx = SendContext(ctx.now, token)
+            # The request's own time: a batch sends its requests one after another, and a
+            # signature's timestamp (the webhook's), an event's age checked against a platform's
+            # limit, are those of the request, not of the lease (a receiver with a replay window
+            # refused the later requests of a backlog).
+            ctx = SendContext(datetime.now(UTC), token)
             request = adapter.build_request(items, ctx)
         except TransportError as exc:
             self.breaker(dest.name).record(False, time.monotonic())
@@ -611,12 +616,16 @@ class DeliveryWorker:
             response = self.transport.send(request, dest.delivery.timeout)
             try:
                 token = dest.adapter.read_token(response)
+                # Refresh a minute before expiry, so a token never expires mid-request. A
+                # lifetime the plugin passed on as text ("3600", as some servers send it) is
+                # read as a number; one that is no number fails like an unreadable answer.
+                expires_at = time.time() + max(0.0, float(token.expires_in) - 60)
+                if not isinstance(token.value, str) or not math.isfinite(expires_at):
+                    raise TypeError("read_token must give a Token of text and seconds")
             except Exception as exc:
                 raise TokenFailure(
                     f"HTTP {response.status} ({type(exc).__name__})", _token_outcome(exc, response)
                 ) from exc
-            # Refresh a minute before expiry, so a token never expires mid-request.
-            expires_at = time.time() + max(0.0, token.expires_in - 60)
             self._tokens[dest.name] = _TokenCache(token.value, expires_at)
             return token.value
 

@@ -1,0 +1,87 @@
+"""The plugin registry: entry-point discovery and the contract a plugin class must meet."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from destinations import registry
+from destinations.base import Destination, HttpRequest, Item, SendContext
+from destinations.webhook import Webhook
+from engine.errors import PluginError
+
+
+class Impostor(Webhook):
+    """A plugin that also calls itself ``webhook`` (a typo'd or malicious package)."""
+
+
+@pytest.fixture
+def fresh_registry() -> Iterator[None]:
+    registry.registry.cache_clear()
+    yield
+    registry.registry.cache_clear()
+
+
+def _install(root: Path, name: str, value: str) -> None:
+    """A distribution on ``root`` whose one entry point is ``name = value``."""
+    info = root / f"tagrelay_{root.name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tagrelay-{root.name}\n")
+    (info / "entry_points.txt").write_text(f"[tagrelay.destinations]\n{name} = {value}\n")
+
+
+@pytest.mark.usefixtures("fresh_registry")
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_a_plugin_named_like_another_stops_the_start_instead_of_shadowing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, position: str
+) -> None:
+    # Whichever loaded last would take the webhook destinations, their secrets included.
+    _install(tmp_path, "webhook", f"{__name__}:Impostor")
+    path = [str(tmp_path), *sys.path] if position == "first" else [*sys.path, str(tmp_path)]
+    monkeypatch.setattr(sys, "path", path)
+
+    with pytest.raises(PluginError, match=r"two destination plugins are named 'webhook' \("):
+        registry.registry()
+
+
+@pytest.mark.usefixtures("fresh_registry")
+def test_one_distribution_found_twice_on_the_path_is_no_clash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for copy in ("a", "b"):
+        (tmp_path / copy).mkdir()
+        _install(tmp_path / copy, "impostor_twice", "destinations.webhook:Webhook")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path / "a"), str(tmp_path / "b")])
+
+    with pytest.raises(PluginError, match="class name attribute is 'webhook'"):
+        registry.registry()  # loaded once, and checked: no "two plugins" error
+
+
+def _plugin(**attrs: Any) -> type[Destination]:
+    def build_request(self: Destination, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        return HttpRequest("POST", "https://example.invalid/")
+
+    return type(
+        "Broken", (Destination,), {"name": "broken", "build_request": build_request, **attrs}
+    )
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        ({"settings_schema": True}, "settings_schema must be a mapping (a dict), not bool"),
+        ({"default_mapping": None}, "default_mapping must be a mapping (a dict), not NoneType"),
+    ],
+)
+def test_a_wrongly_typed_class_attribute_is_a_plugin_error_naming_it(
+    attrs: dict[str, Any], message: str
+) -> None:
+    # It passed the JSON Schema check (True is a valid schema), then crashed the start.
+    with pytest.raises(PluginError) as refused:
+        registry.check_contract("broken", _plugin(**attrs))
+
+    assert str(refused.value) == f"destination plugin 'broken': {message}"
