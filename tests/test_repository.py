@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import engine.ratelimit
@@ -98,3 +100,14 @@ def test_the_docs_promise_several_hosts_and_redis_only_as_planned() -> None:
 
     assert backends == {"sqlite"}, "a new backend: say in the docs what it makes true"
     assert not promises, "only SQLite exists (one host); say that Redis is planned"
+
+
+def test_the_plugin_test_kit_is_installed_with_tagrelay() -> None:
+    # README "Writing a destination": a plugin built against an installed tagrelay tests with
+    # destinations.testkit, so the kit must be a package the build ships.
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    shipped = find["find"]["include"]
+
+    assert any(fnmatch.fnmatch("destinations.testkit", pattern) for pattern in shipped)
+    assert (ROOT / "destinations" / "testkit" / "__init__.py").is_file()
+    assert "class LoopbackServer" in (ROOT / "destinations" / "testkit" / "server.py").read_text()

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
-from tests.emulators.google_ads import GoogleAdsEmulator
-from tests.emulators.meta import MetaEmulator
-from tests.emulators.server import LoopbackServer, Reply, Request
+from destinations.testkit.google_ads import GoogleAdsEmulator
+from destinations.testkit.meta import MetaEmulator
+from destinations.testkit.server import LoopbackServer, Reply, Request
 from tests.support.server import TagrelayServer
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.emulators.server import LoopbackServer
-from tests.emulators.sink import FaultySink
+from destinations.testkit.server import LoopbackServer
+from destinations.testkit.sink import FaultySink
 from tests.support.server import TagrelayServer
 
 KEY = "sk_crash_test_key_0123456789"

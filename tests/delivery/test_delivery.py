@@ -30,6 +30,10 @@ from destinations.base import (
     Token,
     status_result,
 )
+from destinations.testkit.ga4 import GA4Emulator
+from destinations.testkit.raw import RawServer
+from destinations.testkit.server import LoopbackServer, Reply, Request
+from destinations.testkit.sink import FaultySink
 from engine.breaker import Backoff, CircuitBreaker
 from engine.delivery import DeliveryWorker
 from engine.maintenance import run_once
@@ -37,10 +41,6 @@ from engine.pipeline import Pipeline, load_rules
 from engine.replay import replay_dead_letters, replay_destination
 from engine.rules.model import Container
 from engine.store.sqlite import SQLiteStore
-from tests.emulators.ga4 import GA4Emulator
-from tests.emulators.raw import RawServer
-from tests.emulators.server import LoopbackServer, Reply, Request
-from tests.emulators.sink import FaultySink
 
 
 class PerItem(Destination):

@@ -21,8 +21,8 @@ from destinations.base import (
     Token,
     status_result,
 )
+from destinations.testkit.server import LoopbackServer, Reply, Request
 from tests.delivery.test_delivery import Harness, make_rules
-from tests.emulators.server import LoopbackServer, Reply, Request
 
 
 class ListKey(Destination):

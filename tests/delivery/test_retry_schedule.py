@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 import engine.delivery
+from destinations.testkit.server import LoopbackServer
+from destinations.testkit.sink import FaultySink
 from engine.breaker import Backoff
 from tests.delivery.test_delivery import Harness, make_rules
-from tests.emulators.server import LoopbackServer
-from tests.emulators.sink import FaultySink
 
 HOUR = 3600.0
 DAY = 24 * HOUR

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The repository root must be importable (``destinations``, ``engine``, ``tests.emulators``)
+# The repository root must be importable (``destinations``, ``engine``, ``destinations.testkit``)
 # when pytest is run as ``.venv/bin/pytest`` without an installed package. Setting
 # ``pythonpath = ["."]`` in pyproject's pytest options would make this unnecessary.
 _ROOT = str(Path(__file__).resolve().parents[2])
@@ -18,8 +18,8 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.emulators.meta import MetaEmulator  # noqa: E402
-from tests.emulators.tiktok import TikTokEmulator  # noqa: E402
+from destinations.testkit.meta import MetaEmulator  # noqa: E402
+from destinations.testkit.tiktok import TikTokEmulator  # noqa: E402
 
 CANONICAL_EVENT: dict[str, Any] = {
     "event_name": "purchase",

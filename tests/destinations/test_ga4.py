@@ -25,9 +25,9 @@ from destinations.base import (
     SendContext,
 )
 from destinations.ga4 import GA4
+from destinations.testkit.ga4 import GA4Emulator
+from destinations.testkit.server import LoopbackServer, Reply
 from engine.expr import build, compile_mapping
-from tests.emulators.ga4 import GA4Emulator
-from tests.emulators.server import LoopbackServer, Reply
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

@@ -28,11 +28,11 @@ from destinations.base import (
     SendContext,
 )
 from destinations.google_ads import GoogleAds, TokenError
+from destinations.testkit.google_ads import GoogleAdsEmulator
+from destinations.testkit.server import LoopbackServer, Reply
 from engine.event import normalize
 from engine.expr import build, compile_mapping
 from engine.rules import compile_container
-from tests.emulators.google_ads import GoogleAdsEmulator
-from tests.emulators.server import LoopbackServer, Reply
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 JOHN_DOE = "06a240d11cc201676da976f7b49341181fd180da37cbe40a77432c0a366c80c3"

@@ -23,9 +23,9 @@ from destinations.base import (
 )
 from destinations.meta_capi import MetaCapi
 from destinations.normalize import sha256_hex
+from destinations.testkit.meta import MetaEmulator
+from destinations.testkit.server import send
 from engine.expr import build, compile_mapping
-from tests.emulators.meta import MetaEmulator
-from tests.emulators.server import send
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

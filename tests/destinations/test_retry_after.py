@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from destinations.base import HttpResponse, Outcome, retry_after_seconds, status_result
+from destinations.testkit.server import LoopbackServer, Reply
 from tests.delivery.test_delivery import Harness, webhook_rules
-from tests.emulators.server import LoopbackServer, Reply
 
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 LONG_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")

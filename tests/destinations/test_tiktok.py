@@ -21,10 +21,10 @@ from destinations.base import (
     SendContext,
 )
 from destinations.normalize import sha256_hex
+from destinations.testkit.server import send
+from destinations.testkit.tiktok import TikTokEmulator
 from destinations.tiktok import TikTok
 from engine.expr import build, compile_mapping
-from tests.emulators.server import send
-from tests.emulators.tiktok import TikTokEmulator
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

@@ -13,9 +13,9 @@ import jsonschema
 import pytest
 
 from destinations.base import Item, PayloadContext, PayloadError, SendContext
+from destinations.testkit.server import LoopbackServer, Reply, Request
 from destinations.webhook import Webhook
 from tests.delivery.test_delivery import Harness, make_rules
-from tests.emulators.server import LoopbackServer, Reply, Request
 
 URL = "https://hooks.example/in"
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)

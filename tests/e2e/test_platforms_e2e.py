@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
-from tests.emulators.ga4 import GA4Emulator
-from tests.emulators.google_ads import GoogleAdsEmulator
-from tests.emulators.meta import MetaEmulator
-from tests.emulators.server import LoopbackServer, Request
-from tests.emulators.tiktok import TikTokEmulator
+from destinations.testkit.ga4 import GA4Emulator
+from destinations.testkit.google_ads import GoogleAdsEmulator
+from destinations.testkit.meta import MetaEmulator
+from destinations.testkit.server import LoopbackServer, Request
+from destinations.testkit.tiktok import TikTokEmulator
 from tests.support.server import TagrelayServer
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.emulators.server import LoopbackServer
-from tests.emulators.sink import FaultySink
+from destinations.testkit.server import LoopbackServer
+from destinations.testkit.sink import FaultySink
 from tests.support.server import LOG_ALL_RULES, ROOT, TagrelayServer, free_port
 
 pytestmark = pytest.mark.slow

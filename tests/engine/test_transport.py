@@ -11,8 +11,8 @@ import pytest
 import urllib3.response
 
 from destinations.base import HttpRequest
+from destinations.testkit.raw import RawServer
 from engine.transport import Transport, TransportError
-from tests.emulators.raw import RawServer
 
 
 class KeepAliveServer(RawServer):

@@ -21,7 +21,7 @@ import re
 import threading
 from typing import Any
 
-from tests.emulators.server import Reply, Request
+from destinations.testkit.server import Reply, Request
 
 UPLOAD_PATH = re.compile(
     r"/(v\d+)/customers/(\d{10}):(uploadClickConversions|uploadConversionAdjustments)"

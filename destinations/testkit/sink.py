@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from tests.emulators.server import Reply, Request
+from destinations.testkit.server import Reply, Request
 
 
 class FaultySink:

@@ -29,7 +29,7 @@ import threading
 from types import TracebackType
 from typing import Any, Literal
 
-from tests.emulators.server import LoopbackServer, Reply, Request
+from destinations.testkit.server import LoopbackServer, Reply, Request
 
 Fault = Literal["throttle", "transient", "auth", "server_error"]
 

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from tests.emulators.server import Reply, Request
+from destinations.testkit.server import Reply, Request
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
 HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal
 
-from tests.emulators.server import LoopbackServer, Reply, Request
+from destinations.testkit.server import LoopbackServer, Reply, Request
 
 Fault = Literal["throttle", "transient", "auth", "permission", "server_error"]
 
