@@ -545,7 +545,10 @@ class DeliveryWorker:
             floor = AUTH_RETRY_FLOOR if result.outcome is Outcome.AUTH else 0.0
             delay = self.backoff.delay(attempts, result.retry_after, floor)
             self._settled(
-                dest, len(retry), self.store.mark_retry(retry, self._holder(), now + delay, error)
+                dest,
+                len(retry),
+                # Cut as a dead letter's is: a plugin's error text can be any length.
+                self.store.mark_retry(retry, self._holder(), now + delay, error[:MAX_ERROR]),
             )
             metrics.inc(metrics.DELIVERIES, (dest.name, "retried"), len(retry))
             level = logging.ERROR if result.outcome is Outcome.AUTH else logging.WARNING
@@ -576,7 +579,7 @@ class DeliveryWorker:
         now: float,
         count_attempt: bool = True,
     ) -> None:
-        marked = self.store.mark_dead(ids, self._holder(), error[:1000], now, count_attempt)
+        marked = self.store.mark_dead(ids, self._holder(), error[:MAX_ERROR], now, count_attempt)
         self._settled(dest, len(ids), marked)
         metrics.inc(metrics.DELIVERIES, (dest.name, "dead_lettered"), len(ids))
         # The error itself stays in the store (`tagrelay deadletters show`): a platform's answer
@@ -632,6 +635,10 @@ class DeliveryWorker:
     def _forget_token(self, name: str) -> None:
         with self._token_lock:
             self._tokens.pop(name, None)
+
+
+MAX_ERROR = 1000
+"""The characters of an error kept with a delivery (retried or dead)."""
 
 
 def _token_outcome(exc: Exception, response: HttpResponse) -> Outcome:

@@ -83,12 +83,17 @@ def preview(
             dest = container.destinations[decision.destination]
             adapter = dest.adapter
             item = Item("preview", str(event["event_id"]), decision.payload)
-            ctx = SendContext(now, PREVIEW_TOKEN if adapter.token_request() else None)
-            problem = adapter.check_item(item, ctx)
+            try:
+                ctx = SendContext(now, PREVIEW_TOKEN if adapter.token_request() else None)
+                problem = adapter.check_item(item, ctx)
+                if not problem:
+                    request = adapter.redact(adapter.build_request([item], ctx))
+                    entry["request"] = request_json(request)
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug, shown as the send would
+                # Its type only: a plugin's message may quote its settings, secrets included.
+                problem = f"the {dest.type} adapter failed: {type(exc).__name__}"
             if problem:
                 entry["fired"] = False
                 entry["reason"] = f"would fail at send time: {problem}"
-            else:
-                entry["request"] = request_json(adapter.redact(adapter.build_request([item], ctx)))
         tags.append(entry)
     return {"event": event, "tags": tags}

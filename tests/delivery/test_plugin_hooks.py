@@ -17,6 +17,7 @@ from destinations.base import (
     HttpResponse,
     Item,
     ItemResult,
+    Outcome,
     SendContext,
     Token,
     status_result,
@@ -62,11 +63,27 @@ class TextExpiry(Destination):
         return [status_result(response)] * len(items)
 
 
+class Verbose(Destination):
+    """read_response explains a retry at great length."""
+
+    name = "verbose"
+    max_batch = 10
+    settings_schema = {"type": "object", "properties": {"url": {"type": "string"}}}
+    default_mapping = {"value": "properties.value"}
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        return HttpRequest.json_post(str(self.settings["url"]), {"n": len(items)})
+
+    def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+        return [ItemResult(Outcome.RETRYABLE, "busy " * 20_000)] * len(items)
+
+
 @pytest.fixture
 def plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     known = dict(registry.registry())
     known["list_key"] = registry.check_contract("list_key", ListKey)
     known["text_expiry"] = registry.check_contract("text_expiry", TextExpiry)
+    known["verbose"] = registry.check_contract("verbose", Verbose)
     monkeypatch.setattr(registry, "registry", lambda: known)
 
 
@@ -115,6 +132,14 @@ def test_a_token_lifetime_given_as_text_is_read_and_one_that_is_no_number_is_ret
     assert [s[0] for s in statuses] == [status] * 2, statuses
     # Never blamed on build_request and dead-lettered, as the unguarded TypeError was.
     assert all("build_request" not in (s[2] or "") for s in statuses), statuses
+
+
+@pytest.mark.usefixtures("plugins")
+def test_the_error_kept_with_a_retry_is_cut_as_a_dead_letters_is(tmp_path: Path) -> None:
+    with LoopbackServer(_platform(3600)) as server:
+        h = _harness(tmp_path, "verbose", server.url)
+
+    assert [(s[0], len(s[2] or "")) for s in h.statuses()] == [("pending", 1000)] * 2
 
 
 def test_each_request_of_a_batch_is_built_at_its_own_time(tmp_path: Path) -> None:

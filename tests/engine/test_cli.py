@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from destinations.webhook import Webhook
 from engine.cli import main
 
 WriteRules = Callable[..., Path]
@@ -271,6 +272,28 @@ def test_preview_redacts_the_webhook_secret_and_custom_headers(
     assert headers["X-Api-Key"] == "[REDACTED]"
     for secret in (SECRET, HEADER_TOKEN, "crm-api-token-4567", "crm-key-89"):
         assert secret not in out
+
+
+@pytest.mark.parametrize("hook", ["build_request", "check_item"])
+def test_a_plugin_that_raises_in_preview_is_a_tag_that_would_fail_not_a_traceback(
+    write_rules: WriteRules,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    hook: str,
+) -> None:
+    def broken(self: Webhook, *_: Any) -> Any:
+        raise ValueError(f"cannot use {SECRET}")  # a plugin quoting its settings
+
+    monkeypatch.setattr(Webhook, hook, broken)
+
+    code, out = preview_json(write_rules(RULES), tmp_path, capsys)
+
+    crm = json.loads(out)["tags"][0]
+    assert code == 0
+    assert (crm["fired"], crm["request"]) == (False, None)
+    assert crm["reason"] == "would fail at send time: the webhook adapter failed: ValueError"
+    assert SECRET not in out
 
 
 def test_preview_text_output_redacts_secrets_too(
