@@ -26,13 +26,11 @@ import ipaddress
 import itertools
 import json
 import re
-import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Literal
 
-from destinations.testkit.server import LoopbackServer, Reply, Request
+from destinations.testkit.server import Emulator, Reply, Request
 
 Fault = Literal["throttle", "transient", "auth", "permission", "server_error"]
 
@@ -87,7 +85,7 @@ _FAULTS: dict[str, GraphError] = {
 }
 
 
-class MetaEmulator:
+class MetaEmulator(Emulator):
     """The emulator; use it as a context manager, then point ``endpoint`` at :attr:`url`.
 
     Attributes:
@@ -106,37 +104,12 @@ class MetaEmulator:
         self.clock = clock
         self.events: list[dict[str, Any]] = []
         self.test_event_codes: list[str | None] = []
-        self._faults: list[Fault] = []
-        self._lock = threading.Lock()
-        self.server = LoopbackServer(self)
-
-    def __enter__(self) -> MetaEmulator:
-        self.server.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.server.stop()
-
-    @property
-    def url(self) -> str:
-        """The base URL to use as the adapter's ``endpoint`` setting."""
-        return self.server.url
-
-    def fail_next(self, fault: Fault, times: int = 1) -> None:
-        """Answer the next ``times`` requests with ``fault`` instead of processing them."""
-        with self._lock:
-            self._faults.extend([fault] * times)
+        super().__init__()
 
     # -- the handler -----------------------------------------------------------------------------
 
     def __call__(self, request: Request) -> Reply:
-        with self._lock:
-            fault = self._faults.pop(0) if self._faults else None
+        fault = self._next_fault()
         if fault == "server_error":
             return Reply.text("<html><body>502 Bad Gateway</body></html>", status=502)
         if fault is not None:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 import requests
@@ -264,3 +264,45 @@ def send(request: HttpRequest, timeout: float = 10.0) -> HttpResponse:
         timeout=timeout,
     )
     return HttpResponse(answer.status_code, dict(answer.headers), answer.content)
+
+
+class Emulator:
+    """What a platform emulator shares: a :class:`LoopbackServer` that answers through the
+    emulator's ``__call__``, used as a context manager, and faults queued for the next
+    requests (:meth:`fail_next`), which ``__call__`` takes with :meth:`_next_fault`.
+    """
+
+    def __init__(self) -> None:
+        self._faults: list[str] = []
+        self._lock = threading.Lock()
+        self.server = LoopbackServer(self)
+
+    def __call__(self, request: Request) -> Reply:
+        """The platform's answer to ``request``."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.server.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.server.stop()
+
+    @property
+    def url(self) -> str:
+        """The base URL to use as the adapter's ``endpoint`` setting."""
+        return self.server.url
+
+    def fail_next(self, fault: str, times: int = 1) -> None:
+        """Answer the next ``times`` requests with ``fault`` instead of processing them."""
+        with self._lock:
+            self._faults.extend([fault] * times)
+
+    def _next_fault(self) -> str | None:
+        with self._lock:
+            return self._faults.pop(0) if self._faults else None

@@ -25,11 +25,9 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import re
-import threading
-from types import TracebackType
 from typing import Any, Literal
 
-from destinations.testkit.server import LoopbackServer, Reply, Request
+from destinations.testkit.server import Emulator, Reply, Request
 
 Fault = Literal["throttle", "transient", "auth", "server_error"]
 
@@ -43,7 +41,7 @@ _ANY_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _request_ids = itertools.count(1)
 
 
-class TikTokEmulator:
+class TikTokEmulator(Emulator):
     """The emulator; use it as a context manager, then point ``endpoint`` at :attr:`url`.
 
     Attributes:
@@ -56,37 +54,12 @@ class TikTokEmulator:
         self.access_token = access_token
         self.events: list[dict[str, Any]] = []
         self.bodies: list[dict[str, Any]] = []
-        self._faults: list[Fault] = []
-        self._lock = threading.Lock()
-        self.server = LoopbackServer(self)
-
-    def __enter__(self) -> TikTokEmulator:
-        self.server.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.server.stop()
-
-    @property
-    def url(self) -> str:
-        """The base URL to use as the adapter's ``endpoint`` setting."""
-        return self.server.url
-
-    def fail_next(self, fault: Fault, times: int = 1) -> None:
-        """Answer the next ``times`` requests with ``fault`` instead of processing them."""
-        with self._lock:
-            self._faults.extend([fault] * times)
+        super().__init__()
 
     # -- the handler -----------------------------------------------------------------------------
 
     def __call__(self, request: Request) -> Reply:
-        with self._lock:
-            fault = self._faults.pop(0) if self._faults else None
+        fault = self._next_fault()
         if fault == "server_error":
             return Reply.text("<html><body>503 Service Unavailable</body></html>", status=503)
         if fault == "transient":
