@@ -283,7 +283,7 @@ class DeliveryWorker:
                 batch = self._renew(dest, chunk, lease_seconds)
             if batch:
                 try:
-                    self._send(dest, batch, ctx, lease_seconds)
+                    self._send(dest, batch, lease_seconds)
                 except StoreError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a plugin bug fails its request alone
@@ -366,14 +366,13 @@ class DeliveryWorker:
         self,
         dest: DestinationInstance,
         batch: Sequence[tuple[Delivery, Item]],
-        ctx: SendContext,
         lease_seconds: float,
     ) -> None:
         adapter = dest.adapter
         deliveries = [d for d, _ in batch]
         items = [i for _, i in batch]
         uses_token = adapter.token_request() is not None
-        response = self._attempt(dest, deliveries, items, ctx)
+        response = self._attempt(dest, deliveries, items)
         if response is not None and response.status == 401 and uses_token:
             # Expired or revoked: fetch a fresh token and try once more, still holding the lease.
             self._forget_token(dest.name)
@@ -385,14 +384,14 @@ class DeliveryWorker:
                 return
             deliveries = [d for d, _ in batch]
             items = [i for _, i in batch]
-            response = self._attempt(dest, deliveries, items, ctx)
+            response = self._attempt(dest, deliveries, items)
         if response is None:
             return
         if response.status == 413:
             # Read here, never by the adapter: a refusal of the request's size, not of its items.
             wait = retry_after_seconds(response.headers)
             if wait is None and len(batch) > 1:
-                self._halve(dest, batch, ctx, lease_seconds)
+                self._halve(dest, batch, lease_seconds)
                 return
             reason = f"HTTP 413: {response.excerpt(200)}".strip()
             # With Retry-After the refusal is temporary (RFC 9110 §15.5.14); without, an item
@@ -416,7 +415,6 @@ class DeliveryWorker:
         self,
         dest: DestinationInstance,
         batch: Sequence[tuple[Delivery, Item]],
-        ctx: SendContext,
         lease_seconds: float,
     ) -> None:
         """A 413 for a request of several items: the request was too large, not its items. Each
@@ -437,14 +435,13 @@ class DeliveryWorker:
                 self._release(dest, part)
                 continue
             if renewed := self._renew(dest, part, lease_seconds):
-                self._send(dest, renewed, ctx, lease_seconds)
+                self._send(dest, renewed, lease_seconds)
 
     def _attempt(
         self,
         dest: DestinationInstance,
         deliveries: Sequence[Delivery],
         items: Sequence[Item],
-        ctx: SendContext,
     ) -> HttpResponse | None:
         """Build and send one request; None when it failed and the batch was already settled."""
         adapter = dest.adapter

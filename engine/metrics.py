@@ -17,7 +17,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from prometheus_client import (
@@ -221,6 +221,8 @@ def _with(collector: Collector) -> CollectorRegistry:
 class _MetricsHandler(BaseHTTPRequestHandler):
     """``GET /metrics`` of a process that serves no other HTTP (``tagrelay worker``)."""
 
+    timeout = 10  # a client that stalls holds the one serving thread this long at most
+
     depth: Callable[[], dict[str, int]] = dict
 
     def do_GET(self) -> None:  # the name http.server dispatches to
@@ -246,9 +248,10 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         """Not logged: a line per scrape says nothing, and would carry the scraper's IP."""
 
 
-class _MetricsServer(ThreadingHTTPServer):
-    """``ThreadingHTTPServer`` for either address family, without its look-up of the host's
-    full name at bind (which waits on DNS, and the name is used for nothing here)."""
+class _MetricsServer(HTTPServer):
+    """An HTTP server for either address family, one request at a time (scrapes come one by
+    one, and one thread keeps one store connection for the outbox depth), without the look-up
+    of the host's full name at bind (which waits on DNS, for a name nothing here uses)."""
 
     def __init__(self, address: tuple[str, int], handler: type, family: socket.AddressFamily):
         self.address_family = family
@@ -261,7 +264,7 @@ class _MetricsServer(ThreadingHTTPServer):
         self.server_name, self.server_port = str(host), int(port)
 
 
-def serve_metrics(bind: str, depth: Callable[[], dict[str, int]]) -> ThreadingHTTPServer:
+def serve_metrics(bind: str, depth: Callable[[], dict[str, int]]) -> HTTPServer:
     """Serve ``GET /metrics`` on ``bind`` (``HOST:PORT``) from a daemon thread; the caller
     stops it with ``shutdown()``.
 
@@ -272,7 +275,6 @@ def serve_metrics(bind: str, depth: Callable[[], dict[str, int]]) -> ThreadingHT
     host = host.strip("[]")
     handler = type("MetricsHandler", (_MetricsHandler,), {"depth": staticmethod(depth)})
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server: ThreadingHTTPServer = _MetricsServer((host, int(port)), handler, family)
-    server.daemon_threads = True
+    server: HTTPServer = _MetricsServer((host, int(port)), handler, family)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
