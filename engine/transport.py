@@ -25,6 +25,10 @@ from destinations.base import HttpRequest, HttpResponse
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0  # seconds; the read timeout is each destination's own
+# The most of an answer's body read, decompressed. Platforms answer in kilobytes (a Google Ads
+# partial-failure answer for 2,000 rows is well under a megabyte); an endpoint that sends more
+# is broken or hostile, and must not take the worker's memory with it.
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 delivered_log = logging.getLogger("tagrelay.delivered")
 
 
@@ -199,9 +203,15 @@ class _DeadlineAdapter(requests.adapters.HTTPAdapter):
 class Transport:
     """Sends requests; one instance per process is enough (it is thread-safe)."""
 
-    def __init__(self, pool_size: int = 32, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        pool_size: int = 32,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
+        self.max_response_bytes = max_response_bytes
         self._local_pid = -1
         self._session: requests.Session | None = None
         self._lock = threading.Lock()
@@ -225,7 +235,8 @@ class Transport:
         """Send one request and return the platform's answer, whatever its status.
 
         Raises:
-            TransportError: no HTTP answer arrived (retry is safe).
+            TransportError: no HTTP answer arrived, or one whose body is over
+                ``max_response_bytes`` (retry is safe).
         """
         if request.url.startswith("log:"):
             return self._log(request)
@@ -247,7 +258,7 @@ class Transport:
                     stream=True,
                 )
                 try:
-                    body = response.content
+                    body = self._read(response)
                 finally:
                     response.close()
         except requests.Timeout as exc:
@@ -265,6 +276,23 @@ class Transport:
         if deadline.cut:  # a body read to the end of the connection may have been cut short
             raise TransportError(f"timed out after {timeout:g}s")
         return HttpResponse(response.status_code, dict(response.headers), body)
+
+    def _read(self, response: requests.Response) -> bytes:
+        """The answer's body, decompressed, read only as far as ``max_response_bytes``.
+
+        Raises:
+            TransportError: the body is longer than that (a compressed body is counted as it
+                unpacks, so a small compressed bomb is stopped too).
+        """
+        cap = self.max_response_bytes
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_content(chunk_size=64 * 1024):
+            size += len(chunk)
+            if size > cap:
+                raise TransportError(f"the answer's body is over {cap} bytes; not read")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     @staticmethod
     def _log(request: HttpRequest) -> HttpResponse:

@@ -3,6 +3,7 @@ pooled connections reused."""
 
 from __future__ import annotations
 
+import gzip
 import socket
 import threading
 import time
@@ -187,3 +188,58 @@ def test_a_deadline_never_cuts_the_pooled_connection_another_request_has_taken(
     b.join()
 
     assert results == {"A": "200", "B": "200"}
+
+
+class OneAnswerServer(RawServer):
+    """Answers every request with ``head`` (header lines, no blank line) and ``body``, then
+    closes the connection."""
+
+    def __init__(self, head: bytes, body: bytes) -> None:
+        self.head, self.body = head, body
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        """Read the request's head and body, answer, close."""
+        with conn, conn.makefile("rb") as request:
+            length = 0
+            while (line := request.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            request.read(length)
+            try:
+                conn.sendall(self.head + b"\r\n" + self.body)
+            except OSError:
+                return  # the client stopped reading
+
+
+def _answering(body: bytes, *headers: bytes) -> OneAnswerServer:
+    lines = [b"HTTP/1.1 200 OK", b"Connection: close", *headers]
+    return OneAnswerServer(b"".join(line + b"\r\n" for line in lines), body)
+
+
+def test_an_answer_within_the_cap_is_read_whole() -> None:
+    server = _answering(b"z" * 1000, b"Content-Length: 1000")
+    response = Transport(max_response_bytes=1000).send(HttpRequest.json_post(server.url, {}), 5)
+    assert response.status == 200
+    assert response.body == b"z" * 1000
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 5000", None], ids=["length", "unframed"])
+def test_an_answer_over_the_cap_is_a_transport_error_not_a_worker_full_of_it(
+    framing: bytes | None,
+) -> None:
+    server = _answering(b"z" * 5000, *([framing] if framing else []))
+    with pytest.raises(TransportError, match="over 1000 bytes"):
+        Transport(max_response_bytes=1000).send(HttpRequest.json_post(server.url, {}), 5)
+
+
+def test_a_small_compressed_answer_that_unpacks_past_the_cap_is_stopped() -> None:
+    bomb = gzip.compress(b"\0" * 200_000)
+    assert len(bomb) < 1000
+    server = _answering(bomb, b"Content-Encoding: gzip", f"Content-Length: {len(bomb)}".encode())
+    with pytest.raises(TransportError, match="over 1000 bytes"):
+        Transport(max_response_bytes=1000).send(HttpRequest.json_post(server.url, {}), 5)
+
+
+def test_the_default_cap_is_megabytes() -> None:
+    assert Transport().max_response_bytes == 8 * 1024 * 1024
