@@ -786,7 +786,12 @@ def _request_failure(response: HttpResponse, answer: Any, count: int) -> list[It
     reason = f"Google Ads HTTP {response.status} {status}: " + (
         first.error if first and first.error else str(error.get("message") or "")[:200]
     )
-    if response.status in (401, 403) or status in AUTH_STATUSES:
+    if (
+        response.status in (401, 403)
+        or status in AUTH_STATUSES
+        or any(_error_code(e)[0] in AUTH_CATEGORIES for e in ads_errors)
+    ):
+        # Refused credentials refuse every row, whichever status carries them.
         return [ItemResult(Outcome.AUTH, reason)] * count
     if retryable_status(response.status) or status in RETRY_STATUSES:
         delay = retry_after or (first.retry_after if first else None)

@@ -870,6 +870,26 @@ def test_request_level_error_naming_no_row_is_retried_only_when_transient(
 
 
 @pytest.mark.parametrize(
+    "code",
+    [
+        {"authorizationError": "DEVELOPER_TOKEN_NOT_APPROVED"},
+        {"authenticationError": "CUSTOMER_NOT_FOUND"},
+    ],
+    ids=["authorizationError", "authenticationError"],
+)
+def test_refused_credentials_naming_no_row_are_an_auth_failure_whatever_the_status(
+    ads: GoogleAds, emulator: GoogleAdsEmulator, code: dict[str, str]
+) -> None:
+    # An operator must act: an auth failure is retried each minute and pauses the destination;
+    # read as permanent it would turn every row of a backlog into a dead letter.
+    emulator.fail_with = _request_error(400, "INVALID_ARGUMENT", code, {"fieldError": "REQUIRED"})
+
+    results = deliver(ads, [payload_for(ads, EVENT)] * 2)
+
+    assert [r.outcome for r in results] == [Outcome.AUTH] * 2
+
+
+@pytest.mark.parametrize(
     ("status", "outcome"), [(502, Outcome.RETRYABLE), (200, Outcome.RETRYABLE)]
 )
 def test_non_json_answer_does_not_raise(
