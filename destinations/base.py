@@ -323,9 +323,21 @@ class Destination:
         or ends with a letter, digit, ``_`` or ``-`` must not go on into more of them, so a short
         secret such as ``tok`` leaves ``access_token`` alone while ``access_token=tok`` becomes
         ``access_token=[REDACTED]``.
+
+        A secret cut short also goes: the first :data:`FRAGMENT` characters or more of any form
+        of a longer secret, wherever they stand. A platform's answer quoting a secret is cut to
+        a length before it reaches here (``excerpt(200)``), and the cut can fall inside it.
         """
-        pattern = _secrets_pattern(tuple(self.secrets()))
-        return pattern.sub(REDACTED, text) if pattern is not None else text
+        secrets = tuple(self.secrets())
+        pattern = _secrets_pattern(secrets)
+        if pattern is None:
+            return text
+        return _redact_fragments(pattern.sub(REDACTED, text), secrets)
+
+
+FRAGMENT = 8
+"""The fewest leading characters of a secret :meth:`Destination.redact_text` takes for a piece of
+it: a shorter piece tells little of a secret, and would match too much else."""
 
 
 # A character that continues a token: a secret next to one is part of something longer.
@@ -360,6 +372,44 @@ def _secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
         after = r"(?![\w-])" if _TOKEN_CHAR.match(form[-1]) else ""
         alternatives.append(before + re.escape(form) + after)
     return re.compile("|".join(alternatives)) if alternatives else None
+
+
+@functools.lru_cache(maxsize=256)
+def _fragment_index(secrets: tuple[str, ...]) -> tuple[re.Pattern[str], dict[str, tuple[str, ...]]]:
+    """A pattern finding the first :data:`FRAGMENT` characters of every form of every secret
+    longer than that, and the forms each such start begins."""
+    forms: dict[str, set[str]] = {}
+    for secret in secrets:
+        for form in _secret_forms(secret):
+            if len(form) > FRAGMENT:
+                forms.setdefault(form[:FRAGMENT], set()).add(form)
+    starts = sorted(forms, key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, starts)) if starts else r"(?!)")
+    return pattern, {start: tuple(found) for start, found in forms.items()}
+
+
+def _redact_fragments(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` with every run of at least :data:`FRAGMENT` characters that begins a form of a
+    secret replaced by ``[REDACTED]``: what is left of a secret cut short."""
+    pattern, forms = _fragment_index(secrets)
+    pieces: list[str] = []
+    pos = 0
+    while (found := pattern.search(text, pos)) is not None:
+        start = found.start()
+        length = max(_common_prefix(text, start, form) for form in forms[found.group()])
+        pieces += [text[pos:start], REDACTED]
+        pos = start + length
+    return "".join(pieces) + text[pos:] if pieces else text
+
+
+def _common_prefix(text: str, start: int, form: str) -> int:
+    """How many characters of ``text`` from ``start`` on are the first ones of ``form``."""
+    length = 0
+    for a, b in zip(text[start:], form, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

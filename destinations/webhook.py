@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from destinations.base import (
     JSON_BODY,
@@ -252,7 +253,12 @@ def _header_credentials(value: str) -> Iterator[str]:
 
 
 def _url_credentials(hook: Webhook) -> Iterator[str]:
-    """The password and the credential-named query values of the webhook's URL."""
+    """The password and the credential-named query values of the webhook's URL.
+
+    The password as written (percent-encoded) and as sent: ``requests`` decodes the URL's
+    ``user:password@`` and sends it as ``Authorization: Basic base64(user:password)``, which a
+    receiver may quote back in either form.
+    """
     try:
         parts = urlsplit(str(hook.settings.get("url") or ""))
         user, password = parts.username, parts.password
@@ -260,8 +266,14 @@ def _url_credentials(hook: Webhook) -> Iterator[str]:
         return
     if password:
         yield password
+        yield unquote(password)
     if user and (not password or len(user) >= MIN_PART):  # ``https://KEY:@host`` and the like
         yield user
+        yield unquote(user)
+    if user or password:
+        pair = f"{unquote(user or '')}:{unquote(password or '')}"
+        with contextlib.suppress(UnicodeEncodeError):  # requests sends it as latin-1
+            yield base64.b64encode(pair.encode("latin1")).decode("ascii")
     for name, value in parse_qsl(parts.query, keep_blank_values=False):
         if _CREDENTIAL_PARAM.search(name):
             yield value

@@ -5,6 +5,7 @@ Every test sends real HTTP to a loopback sink and uses a real SQLite file.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import textwrap
@@ -642,6 +643,63 @@ def test_failing_requests_pause_the_destination_within_a_batch_too(
     assert all(s[0] == "pending" and s[2] and s[2].startswith(f"{outcome}:") for s in refused)
     # The others wait for the pause to end without using up an attempt.
     assert [s[:2] for s in statuses if s[1] == 0] == [("pending", 0)] * 7
+
+
+TOKEN = "tk_live_9f8e7d6c5b4a39281706f5e4"
+
+
+def test_a_secret_the_answer_quotes_where_its_excerpt_is_cut_is_not_kept(tmp_path: Path) -> None:
+    # The answer is cut to 200 characters before it is redacted; the cut falls in the key.
+    def echo(request: Request) -> Reply:
+        return Reply.text("x" * 180 + f" key={request.header('X-Api-Key')}", 400)
+
+    with LoopbackServer(echo) as server:
+        rules = make_rules(
+            tmp_path,
+            f"""
+            hook:
+              type: webhook
+              url: {server.url}/hook
+              headers: {{X-Api-Key: "{TOKEN}"}}
+              delivery: {{batch_wait: 0}}
+            """,
+            "- {name: to_hook, trigger: all, destination: hook}\n",
+        )
+        h = Harness(tmp_path, rules)
+        h.accept({"event_name": "lead", "event_id": "e1"})
+        h.worker.drain()
+
+    [(status, _, error)] = h.statuses()
+    assert status == "dead"
+    assert error is not None and TOKEN[:8] not in error and error.endswith("key=[REDACTED]")
+
+
+def test_a_url_password_the_receiver_quotes_as_it_was_sent_is_not_kept(tmp_path: Path) -> None:
+    def echo(request: Request) -> Reply:
+        auth = request.header("Authorization") or ""
+        decoded = base64.b64decode(auth.split()[1]).decode()
+        return Reply.text(f"bad login {decoded} / header {auth}", 401)
+
+    with LoopbackServer(echo) as server:
+        url = server.url.replace("http://", "http://alice:p%40ss%2Fw0rd-Secret@")
+        rules = make_rules(
+            tmp_path,
+            f"""
+            hook:
+              type: webhook
+              url: "{url}/hook"
+              delivery: {{batch_wait: 0, max_attempts: 1}}
+            """,
+            "- {name: to_hook, trigger: all, destination: hook}\n",
+        )
+        h = Harness(tmp_path, rules)
+        h.accept({"event_name": "lead", "event_id": "e1"})
+        h.worker.drain()
+
+    [(status, _, error)] = h.statuses()
+    assert status == "dead"
+    assert error is not None and "bad login alice:[REDACTED]" in error
+    assert "w0rd" not in error and "Basic [REDACTED]" in error
 
 
 def _one_by_one_hook(tmp_path: Path, url: str, delivery: str = "") -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -282,3 +283,46 @@ def test_a_credential_given_as_the_urls_user_name_is_redacted(url: str) -> None:
     request = hook.build_request([Item("d1", "e1", {"event_name": "lead"})], SendContext(NOW))
 
     assert leaks(shown(hook.redact(request)), "sk_live_4eC39HqLyjWDarjtT1zdp7dc") == []
+
+
+TOKEN = "tk_live_9f8e7d6c5b4a39281706f5e4"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x" * 180 + " key=" + TOKEN[:15],  # cut at the end of an excerpt
+        f"Google Ads requestError.INVALID: key {TOKEN[:12]} (gave up after retries)",  # then more
+        "echo: " + quote_plus(TOKEN + "/x")[:20],  # an encoded form, cut
+    ],
+    ids=["cut at the end", "cut, then more text", "encoded, cut"],
+)
+def test_a_secret_cut_short_is_redacted_too(text: str) -> None:
+    from destinations.webhook import Webhook
+
+    hook = Webhook({"url": "https://hooks.example.com/in", "headers": {"X-Key": TOKEN + "/x"}})
+
+    redacted = hook.redact_text(text)
+
+    assert REDACTED in redacted
+    assert TOKEN[:8] not in redacted
+
+
+def test_fewer_than_eight_characters_of_a_secret_are_left_alone() -> None:
+    meta = MetaCapi({"pixel_id": "1", "access_token": TOKEN})
+
+    assert meta.redact_text("the key tk_live is unknown") == "the key tk_live is unknown"
+
+
+def test_a_percent_encoded_url_password_is_redacted_as_sent_too() -> None:
+    from destinations.webhook import Webhook
+
+    hook = Webhook({"url": "https://alice:p%40ss%2Fw0rd-Secret@hooks.example.com/in"})
+    basic = base64.b64encode(b"alice:p@ss/w0rd-Secret").decode()
+    # requests sends the URL's user:password decoded, as "Authorization: Basic <base64>".
+    text = f"bad login alice:p@ss/w0rd-Secret (header Basic {basic}; url p%40ss%2Fw0rd-Secret)"
+
+    redacted = hook.redact_text(text)
+
+    assert "w0rd" not in redacted and basic[:8] not in redacted
+    assert redacted.startswith("bad login alice:[REDACTED]")
