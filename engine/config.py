@@ -405,11 +405,32 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what the YAML error is, without the snippet of the file PyYAML's own message
+    quotes: the file holds server keys and signing secrets, and this message reaches logs."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        # PyYAML's context and problem are fixed phrases ("while scanning a quoted scalar",
+        # "found unexpected end of stream"); only its snippet quotes the file.
+        told = [
+            f"{what} (line {mark.line + 1}, column {mark.column + 1})"
+            for what, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark))
+            if what and mark
+        ]
+        return "YAML syntax error: " + (": ".join(told) or "not valid YAML")
+    if isinstance(exc, yaml.reader.ReaderError):
+        char = exc.character
+        code = f"U+{char:04X}" if isinstance(char, int) else "a byte"
+        return f"YAML does not allow the character {code} (at character {exc.position + 1})"
+    return f"not valid YAML ({type(exc).__name__})"
+
+
 def _read_file(path: str) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read TAGRELAY_CONFIG {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot read TAGRELAY_CONFIG {path}: {_yaml_problem(exc)}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of settings (key: value)")
     values: dict[str, Any] = {}

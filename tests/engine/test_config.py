@@ -197,6 +197,30 @@ def test_a_signing_secret_is_not_quoted_when_it_is_refused(tmp_path: Path) -> No
     assert "987654321" not in error
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('server_keys: "sk_live_SUPERSECRET_0123456789:whsec_SIGNINGSECRET_abcdef\n', "line 1"),
+        ("log_level: info\nserver_keys: sk_live_SUPERSECRET_0123456789:whsec_SIGNINGSECRET: x\n",
+         "line 2"),
+        ("server_keys: sk_live_SUPERSECRET_0123456789\x07\n", "character U+0007"),
+    ],
+    ids=["unclosed quote", "mapping in a value", "control character"],
+)  # fmt: skip
+def test_a_config_file_that_is_no_valid_yaml_is_refused_without_quoting_it(
+    tmp_path: Path, text: str, where: str
+) -> None:
+    # PyYAML's own message quotes the line, which holds the keys; this one reaches the logs.
+    path = tmp_path / "tagrelay.yaml"
+    path.write_text(text)
+
+    error = refused({"TAGRELAY_CONFIG": str(path)})
+
+    assert error.startswith(f"cannot read TAGRELAY_CONFIG {path}: ")
+    assert where in error
+    assert "SUPERSECRET" not in error and "SIGNINGSECRET" not in error
+
+
 def test_an_unknown_key_in_the_config_file_is_refused_with_the_known_keys(
     tmp_path: Path,
 ) -> None:
