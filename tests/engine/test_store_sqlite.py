@@ -1187,3 +1187,29 @@ def test_cached_decision_json_is_what_summary_gives_for_every_field() -> None:
 def test_a_retention_chunk_of_visitors_fits_in_one_statement() -> None:
     """_erase_visitors takes at most _MAX_PARAMS visitors in one IN (...) list."""
     assert sqlite_erasure.PURGE_CHUNK <= sqlite_erasure._MAX_PARAMS
+
+
+def test_forget_overwrites_what_it_deletes_even_where_sqlite_is_built_to_only_free_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Debian builds SQLite with secure_delete on; others leave deleted rows readable in free
+    # pages. Connections open here as such a build's would.
+    def default_off(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = _CONNECT(*args, **kwargs)
+        conn.execute("PRAGMA secure_delete=OFF")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", default_off)
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    marker = "ada.lovelace.erase.me@example.com"
+    event = {"event_name": "lead", "event_id": "e1", "user_id": "u1"}
+    event["user_data"] = {"email": marker, "padding": "p" * 3000}  # a page of its own
+    store.accept(Acceptance(event, [decision()], WINDOW, T0))
+
+    store.forget(user_id="u1")
+    store.close()
+    with contextlib.closing(_CONNECT(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    assert marker.encode() not in path.read_bytes()

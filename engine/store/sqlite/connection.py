@@ -161,6 +161,10 @@ class _Connections:
             # own busy handler sleeps in steps of milliseconds, wasting most of them under load.
             conn.execute("PRAGMA busy_timeout=0")
             conn.execute("PRAGMA foreign_keys=OFF")
+            # Deleted rows are overwritten, not just freed: what `tagrelay forget` and the
+            # retention purge delete must not stay readable in the file. (Debian's SQLite is
+            # built with this on; others are not.)
+            conn.execute("PRAGMA secure_delete=ON")
             conn.create_function(_EMAIL_KEY, 1, _email_key, deterministic=True)
             # Checkpoints (which fsync the database) run mostly in a background thread; the
             # writer only finishes the remainder when the WAL has grown past the threshold
