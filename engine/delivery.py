@@ -167,8 +167,19 @@ class DeliveryWorker:
             started += 1
             if wait:
                 self._run_batch(dest, probe)
-            else:
+                continue
+            try:
                 self._pool.submit(self._run_batch, dest, probe)
+            except BaseException:
+                # No thread to start (a process at its limit), or a pool shut down: what
+                # _run_batch would give back, given back here, or the slot (and the breaker's
+                # probe) stayed taken for the life of the process.
+                started -= 1
+                if probe:
+                    breaker.end_probe(probe)
+                with self._flight_lock:
+                    self._in_flight[name] -= 1
+                raise
         return started
 
     def drain(self, timeout: float = 30.0) -> None:
@@ -207,8 +218,8 @@ class DeliveryWorker:
                 f"destination {name} is no longer in the rules "
                 f"(gave up after {max_age / 86400:g} days)"
             )
-            self.store.mark_dead(expired, self._holder(), error, now, count_attempt=False)
-            metrics.inc(metrics.DELIVERIES, (name, "dead_lettered"), len(expired))
+            marked = self.store.mark_dead(expired, self._holder(), error, now, count_attempt=False)
+            metrics.inc(metrics.DELIVERIES, (name, "dead_lettered"), marked)
             log.error(
                 "deliveries dead-lettered",
                 extra={"destination": name, "count": len(expired), "kind": "missing"},
@@ -453,6 +464,14 @@ class DeliveryWorker:
             # refused the later requests of a backlog).
             ctx = SendContext(datetime.now(UTC), token)
             request = adapter.build_request(items, ctx)
+        except _TokenBusy:
+            # Nothing was attempted: the items go back, due at once, no attempt counted.
+            released = self.store.release([d.id for d in deliveries], self._holder())
+            log.warning(
+                "another request's token fetch took too long; deliveries released",
+                extra={"destination": dest.name, "count": released},
+            )
+            return None
         except TransportError as exc:
             self.breaker(dest.name).record(False, time.monotonic())
             self._finish(dest, deliveries, ItemResult(Outcome.RETRYABLE, f"token request: {exc}"))
@@ -506,10 +525,13 @@ class DeliveryWorker:
     ) -> None:
         now = time.time()
         ids = [d.id for d in deliveries]
+        # Metrics count what the store applied: a row whose lease another worker took over
+        # mid-request keeps, and counts, that worker's outcome.
         if result.outcome is Outcome.DELIVERED:
-            self._settled(dest, len(ids), self.store.mark_delivered(ids, self._holder(), now))
-            metrics.inc(metrics.DELIVERIES, (dest.name, "delivered"), len(ids))
-            for d in deliveries:
+            applied = self.store.mark_delivered(ids, self._holder(), now)
+            self._settled(dest, len(ids), applied)
+            metrics.inc(metrics.DELIVERIES, (dest.name, "delivered"), applied)
+            for d in deliveries if applied == len(ids) else ():
                 metrics.observe(metrics.LATENCY_SECONDS, (dest.name,), max(0.0, now - d.created_at))
             log.debug("delivered", extra={"destination": dest.name, "count": len(ids)})
             return
@@ -541,13 +563,10 @@ class DeliveryWorker:
             attempts = max(d.attempts + 1 for d in deliveries)
             floor = AUTH_RETRY_FLOOR if result.outcome is Outcome.AUTH else 0.0
             delay = self.backoff.delay(attempts, result.retry_after, floor)
-            self._settled(
-                dest,
-                len(retry),
-                # Cut as a dead letter's is: a plugin's error text can be any length.
-                self.store.mark_retry(retry, self._holder(), now + delay, error[:MAX_ERROR]),
-            )
-            metrics.inc(metrics.DELIVERIES, (dest.name, "retried"), len(retry))
+            # Cut as a dead letter's is: a plugin's error text can be any length.
+            applied = self.store.mark_retry(retry, self._holder(), now + delay, error[:MAX_ERROR])
+            self._settled(dest, len(retry), applied)
+            metrics.inc(metrics.DELIVERIES, (dest.name, "retried"), applied)
             level = logging.ERROR if result.outcome is Outcome.AUTH else logging.WARNING
             log.log(
                 level,
@@ -578,12 +597,12 @@ class DeliveryWorker:
     ) -> None:
         marked = self.store.mark_dead(ids, self._holder(), error[:MAX_ERROR], now, count_attempt)
         self._settled(dest, len(ids), marked)
-        metrics.inc(metrics.DELIVERIES, (dest.name, "dead_lettered"), len(ids))
+        metrics.inc(metrics.DELIVERIES, (dest.name, "dead_lettered"), marked)
         # The error itself stays in the store (`tagrelay deadletters show`): a platform's answer
         # can echo payload fields, such as an IP, that must not reach a log.
         log.error(
             "deliveries dead-lettered",
-            extra={"destination": dest.name, "count": len(ids), "kind": error.split(":", 1)[0]},
+            extra={"destination": dest.name, "count": marked, "kind": error.split(":", 1)[0]},
         )
 
     # -- OAuth tokens ---------------------------------------------------------------------------
@@ -597,8 +616,11 @@ class DeliveryWorker:
         Shorter, and another worker could take over a request still in flight and send its
         events again. (A lease whose worker died is taken over only when it runs out.)
         """
-        exchange = min(self.transport.connect_timeout, timeout) + timeout
-        return 3 * exchange + 10
+        return 3 * self._exchange_seconds(timeout) + 10
+
+    def _exchange_seconds(self, timeout: float) -> float:
+        """The longest one exchange with a destination takes: connecting, sending, the answer."""
+        return min(self.transport.connect_timeout, timeout) + timeout
 
     def _token(self, dest: DestinationInstance) -> str | None:
         request = dest.adapter.token_request()
@@ -609,7 +631,13 @@ class DeliveryWorker:
             return cached.value
         with self._token_lock:  # one lock per destination: a slow token endpoint stalls no other
             lock = self._token_locks.setdefault(dest.name, threading.Lock())
-        with lock:
+        # Waiting at most one exchange keeps a request within its lease (see _lease_seconds):
+        # behind a token endpoint that hangs, several batches queue here, and each fetches in
+        # turn; the last ones would send after their leases ran out, and another worker that
+        # had taken their items over meanwhile sent them too.
+        if not lock.acquire(timeout=self._exchange_seconds(dest.delivery.timeout)):
+            raise _TokenBusy
+        try:
             cached = self._tokens.get(dest.name)
             if cached and cached.value and time.time() < cached.expires_at:
                 return cached.value  # another thread refreshed it meanwhile
@@ -628,6 +656,8 @@ class DeliveryWorker:
                 ) from exc
             self._tokens[dest.name] = _TokenCache(token.value, expires_at)
             return token.value
+        finally:
+            lock.release()
 
     def _forget_token(self, name: str) -> None:
         with self._token_lock:
@@ -646,6 +676,10 @@ def _token_outcome(exc: Exception, response: HttpResponse) -> Outcome:
     if response.status in (408, 425, 429) or response.status >= 500:
         return Outcome.RETRYABLE
     return Outcome.AUTH
+
+
+class _TokenBusy(Exception):
+    """Another thread's token fetch for the destination outlasted one exchange."""
 
 
 class TokenFailure(Exception):

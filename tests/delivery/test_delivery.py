@@ -35,6 +35,7 @@ from destinations.testkit.ga4 import GA4Emulator
 from destinations.testkit.raw import RawServer
 from destinations.testkit.server import LoopbackServer, Reply, Request
 from destinations.testkit.sink import FaultySink
+from engine import metrics
 from engine.breaker import Backoff, CircuitBreaker
 from engine.delivery import DeliveryWorker
 from engine.maintenance import run_once
@@ -516,6 +517,45 @@ def test_oauth_token_is_cached_and_refreshed_on_401(tmp_path: Path, plugins: Non
     assert [s[0] for s in h.statuses()] == ["delivered"] * 3
 
 
+def test_a_batch_waits_for_another_requests_token_fetch_no_longer_than_one_exchange(
+    tmp_path: Path, plugins: None
+) -> None:
+    # Behind a token endpoint that hangs, batches queue on the destination's token lock and
+    # fetch in turn; waiting longer than one exchange, the last ones sent after their leases
+    # ran out, when another worker had taken their items over and sent them too.
+    platform = PerItemPlatform()
+    with LoopbackServer(platform) as server:
+        rules = make_rules(
+            tmp_path,
+            f"""
+            api: {{type: per_item, url: "{server.url}", client_secret: s3cret-value,
+                  delivery: {{batch_wait: 0, timeout: 0.2}}}}
+            """,
+            "- {name: to_api, trigger: all, destination: api}\n",
+        )
+        h = Harness(tmp_path, rules)
+        h.accept({"event_name": "sale", "event_id": "a", "properties": {"value": 1}})
+        exchange = h.worker._exchange_seconds(0.2)
+        fetching = h.worker._token_locks.setdefault("api", threading.Lock())
+        fetching.acquire()  # another batch's fetch, hanging
+        try:
+            started = time.monotonic()
+            batch = threading.Thread(target=h.worker.tick, kwargs={"wait": True}, daemon=True)
+            batch.start()
+            batch.join(10 * exchange)
+            waited = time.monotonic() - started
+            assert not batch.is_alive(), "the batch waited on for the token"
+        finally:
+            fetching.release()
+        assert waited >= exchange
+        assert platform.items == []  # nothing sent
+        assert h.statuses() == [("pending", 0, None)]  # released: due again, no attempt counted
+
+        h.worker.drain()  # the fetch is over: the next batch gets its token and sends
+
+    assert [s[0] for s in h.statuses()] == ["delivered"]
+
+
 def test_a_refused_token_request_counts_as_a_failure_for_the_circuit_breaker(
     tmp_path: Path, plugins: None
 ) -> None:
@@ -702,6 +742,65 @@ def test_a_url_password_the_receiver_quotes_as_it_was_sent_is_not_kept(tmp_path:
     assert "w0rd" not in error and "Basic [REDACTED]" in error
 
 
+@pytest.mark.parametrize("probe", [False, True], ids=["a batch", "the breaker's probe"])
+def test_a_batch_the_pool_could_not_start_gives_its_slot_back(
+    tmp_path: Path, sink: Any, probe: bool
+) -> None:
+    # "can't start new thread" once: the destination's slot (and the breaker's probe, if it
+    # was one) stayed taken, and the destination never sent again in this process.
+    _, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url, ", concurrency: 1"))
+    h.accept({"event_name": "lead", "event_id": "e1"})
+    worker = h.worker
+    if probe:
+        breaker = worker.breaker("hook")
+        for _ in range(breaker.threshold):
+            breaker.record(False, time.monotonic() - 1000)
+    submit = worker._pool.submit
+    failed: list[bool] = []
+
+    def once_refused(*args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("can't start new thread")
+        return submit(*args, **kwargs)
+
+    worker._pool.submit = once_refused  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        worker.tick()
+    deadline = time.monotonic() + 10
+    while h.statuses()[0][0] != "delivered" and time.monotonic() < deadline:
+        worker.tick()
+        time.sleep(0.05)
+
+    assert h.statuses()[0][0] == "delivered"
+
+
+def test_delivery_metrics_count_what_the_store_applied(tmp_path: Path, sink: Any) -> None:
+    # A lease lost mid-request: the store keeps the other worker's outcome, and so must the
+    # counters (this one's "dead letter" was a false alarm, its "delivered" a double count).
+    _, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept({"event_name": "lead", "event_id": "e1"})
+    dest = h.container.destinations["hook"]
+    late = h.worker
+    [delivery] = h.store.lease("hook", 10, 0.2, late._holder(), time.time())
+    time.sleep(0.3)
+    DeliveryWorker(h.store, lambda: h.container).drain()  # took it over and delivered it
+
+    def counted(kind: str) -> float:
+        value: float = metrics.DELIVERIES.labels("hook", kind)._value.get()
+        return value
+
+    before = {kind: counted(kind) for kind in ("dead_lettered", "delivered", "retried")}
+    late._finish(dest, [delivery], ItemResult(Outcome.PERMANENT, "HTTP 400"))
+    late._finish(dest, [delivery], ItemResult.delivered())
+    late._finish(dest, [delivery], ItemResult(Outcome.RETRYABLE, "HTTP 500"))
+
+    assert {kind: counted(kind) for kind in before} == before
+    assert h.statuses()[0][0] == "delivered"
+
+
 def _one_by_one_hook(tmp_path: Path, url: str, delivery: str = "") -> Path:
     return make_rules(
         tmp_path,
@@ -867,8 +966,6 @@ def test_replay_of_a_destination_uses_the_current_mapping(tmp_path: Path, sink: 
 
 
 def test_metrics_count_deliveries(tmp_path: Path, sink: Any) -> None:
-    from engine import metrics
-
     _, server = sink
     h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
     before = metrics.DELIVERIES.labels("hook", "delivered")._value.get()
