@@ -8,6 +8,8 @@ import json
 import multiprocessing
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -1213,3 +1215,84 @@ def test_forget_overwrites_what_it_deletes_even_where_sqlite_is_built_to_only_fr
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     assert marker.encode() not in path.read_bytes()
+
+
+@contextlib.contextmanager
+def writer_lock_held_elsewhere(path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding the store's host writer lock (as one stopped mid-write would)."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n",
+            f"{path}-writer",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_write_waits_for_a_stuck_writer_no_longer_than_the_busy_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    monkeypatch.setattr(sqlite_connection, "BUSY_TIMEOUT", 0.5)
+    with writer_lock_held_elsewhere(path):
+        outcome: list[BaseException | None] = []
+
+        def accept() -> None:
+            try:
+                store.accept(acceptance("e1"))
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        writer = threading.Thread(target=accept, daemon=True)
+        writer.start()
+        writer.join(10)
+        assert not writer.is_alive(), "the write waited on for the lock"
+        [error] = outcome
+        assert isinstance(error, StoreError) and "busy" in str(error)
+        assert store.get_event("e1") is None
+
+    # The stuck process is gone: the thread left waiting for the lock takes it for the next
+    # write, and gives it back after.
+    store.accept(acceptance("e2"))
+    assert store.get_event("e2") is not None
+    other = SQLiteStore(path)
+    other.accept(acceptance("e3"))
+    assert store.get_event("e3") is not None
+
+
+def test_a_writer_that_gave_up_leaves_the_lock_free_when_nobody_wants_it_any_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    monkeypatch.setattr(sqlite_connection, "BUSY_TIMEOUT", 0.3)
+    with writer_lock_held_elsewhere(path), pytest.raises(StoreError):
+        store.accept(acceptance("e1"))
+    # The waiter thread got the lock when the holder died, with no writer waiting any more:
+    # it gave it back, so another process is not locked out.
+    deadline = time.monotonic() + 5
+    probe = ("import fcntl, os, sys\n"
+             "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n")  # fmt: skip
+    while True:
+        taken = subprocess.run([sys.executable, "-c", probe, f"{path}-writer"], check=False)
+        if taken.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert taken.returncode == 0

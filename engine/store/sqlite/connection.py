@@ -7,7 +7,6 @@ _Connections for why one connection per process makes the writes.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import random
 import sqlite3
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 
 from engine import gate
 from engine.errors import StoreError
+from engine.store.sqlite.hostlock import HostLock
 from engine.store.sqlite.persons import _EMAIL_KEY, _email_key
 
 BUSY_TIMEOUT = 30.0
@@ -108,8 +108,7 @@ class _Connections:
         self._local = threading.local()
         self._writer: sqlite3.Connection | None = None
         self._writer_pid = -1
-        self._lock_fd: int | None = None  # the host writer lock (see _host_lock), per process
-        self._lock_fd_pid = -1
+        self._host = HostLock(self.path)  # the host's writer lock (see _write_locks)
         self._checkpointer_pid = -1
         self._closed = threading.Event()
         self._wlock = threading.Lock()
@@ -157,7 +156,7 @@ class _Connections:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            # Waiting for the write lock is ours to do (_host_lock, then _retry_busy): SQLite's
+            # Waiting for the write lock is ours to do (_write_locks, then _retry_busy): SQLite's
             # own busy handler sleeps in steps of milliseconds, wasting most of them under load.
             conn.execute("PRAGMA busy_timeout=0")
             conn.execute("PRAGMA foreign_keys=OFF")
@@ -198,39 +197,35 @@ class _Connections:
         return self._wlock
 
     @contextmanager
-    def _host_lock(self) -> Iterator[None]:
-        """Hold the host's writer lock: one writing process at a time, queued by the kernel.
+    def _write_locks(self) -> Iterator[None]:
+        """Hold this process's writer lock, then the host's (see :mod:`.hostlock`): one writing
+        thread per process and one writing process per host, the kernel queueing processes.
 
-        SQLite's write lock cannot be waited for, only retried (see _retry_busy), and a process
-        that sleeps between tries leaves the lock idle after it is freed; under steady load
-        from several workers those gaps, not the writes, set the pace. Every tagrelay process
-        writing this file first takes an exclusive ``flock`` on ``<file>-writer`` instead, which
-        the kernel hands to the next waiter the moment it is released (and releases itself if
-        the process dies). ``BEGIN IMMEDIATE`` then rarely has to retry: only when a process
-        that is not tagrelay writes.
+        Waits at most BUSY_TIMEOUT for both, then raises StoreError (a 503 at intake): a process
+        stopped while it held the host's lock must not hang every write of the others.
+        ``BEGIN IMMEDIATE`` then rarely has to retry: only when a process that is not tagrelay
+        writes.
         """
-        if self.path == ":memory:":
-            yield
-            return
-        fd = self._lock_fd
-        if fd is None or self._lock_fd_pid != _PID:
-            # Per process: an open file description inherited across fork would share its lock.
-            # Read-only is enough for flock, so an operator's command run as another user who
-            # can read the database can take it too.
-            try:
-                fd = os.open(f"{self.path}-writer", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                raise StoreError(f"cannot open the store's writer lock: {exc}") from exc
-            self._lock_fd, self._lock_fd_pid = fd, _PID
-        fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        lock = self._process_lock()
+        if not lock.acquire(timeout=BUSY_TIMEOUT):
+            raise StoreError(f"the store is busy: no write could start for {BUSY_TIMEOUT:g} s")
         try:
-            yield
+            if self.path == ":memory:":
+                yield
+                return
+            host = self._host
+            host.acquire(max(0.0, deadline - time.monotonic()))
+            try:
+                yield
+            finally:
+                host.release()
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            lock.release()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._process_lock(), self._host_lock():
+        with self._write_locks():
             db = self._writer_conn()
             try:
                 _retry_busy(lambda: db.execute("BEGIN IMMEDIATE"))
@@ -306,6 +301,4 @@ class _Connections:
             if self._writer is not None and self._writer_pid == _PID:
                 self._writer.close()
             self._writer = None
-            if self._lock_fd is not None and self._lock_fd_pid == _PID:
-                os.close(self._lock_fd)
-            self._lock_fd = None
+            self._host.close()

@@ -24,7 +24,7 @@ class SQLiteStore(_Intake, _Outbox, _Visitors, _Erasure, Store):
         try:
             # The script only writes when it creates or replaces something (a new file, or the
             # first open of a file an older version made); every statement is idempotent.
-            with self._process_lock(), self._host_lock():
+            with self._write_locks():
                 db = self._writer_conn()
                 _retry_busy(lambda: db.executescript(_SCHEMA))
                 _retry_busy(lambda: _upgrade(db))

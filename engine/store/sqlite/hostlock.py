@@ -1,0 +1,127 @@
+"""The host's writer lock: an exclusive ``flock`` on ``<database>-writer``, waited for with a limit.
+
+Every tagrelay process writing the file takes it before ``BEGIN IMMEDIATE``; the kernel hands it
+to the next waiter the moment it is freed (and frees it when its holder dies), which SQLite's own
+lock, retried with sleeps, cannot do. But ``flock`` itself waits without a limit: one process
+stopped while holding it (SIGSTOP, a frozen cgroup, a debugger, a machine swapping hard) would
+hang every write of every other process for good, the intake's included, instead of their
+answering 503.
+
+So a lock that is free is taken at once (``LOCK_NB``); one that is taken is waited for by a
+thread of the process that blocks in ``flock`` for it, and the writer waits for that thread
+with a deadline. A writer that gives up leaves the thread waiting: the next writer of the
+process takes its place in the kernel's queue instead of joining it anew, and a lock that
+comes when nobody wants it any more is given back at once. Each process opens the file on its
+own (an open file description inherited across a fork would share its lock).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+
+from engine.errors import StoreError
+
+
+class HostLock:
+    """The exclusive lock on ``path`` for the writers of one process, one at a time.
+
+    Callers hold a lock of their own process around :meth:`acquire` and :meth:`release` (the
+    store's process lock): one writer of the process asks at a time.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pid = -1
+        self._fd = -1  # this process's descriptor of the lock file; -1 when closed
+        self._cond = threading.Condition()
+        self._blocked = False  # a waiter thread is in its blocking flock (on self._fd)
+        self._wanted = False  # a writer waits for the waiter thread's lock
+        self._granted = False  # the waiter thread took the lock for that writer
+
+    def acquire(self, timeout: float) -> None:
+        """Take the lock, waiting at most ``timeout`` seconds.
+
+        Raises:
+            StoreError: the lock file cannot be opened, or another process held the lock for
+                the whole time.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            fd = self._own_fd()
+            if not self._blocked:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    pass
+                self._blocked = True
+                threading.Thread(
+                    target=self._wait_for_lock, args=(fd,), name="sqlite-writer-lock", daemon=True
+                ).start()
+            self._wanted, self._granted = True, False
+            while not self._granted:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._blocked:
+                    self._wanted = False
+                    raise StoreError(
+                        f"the store is busy: another process held its write lock for {timeout:g} s"
+                        if remaining <= 0
+                        else "the store's write lock failed"
+                    )
+                self._cond.wait(remaining)
+            self._wanted = self._granted = False
+
+    def release(self) -> None:
+        """Give the lock back."""
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close the lock file; a waiter thread still blocked on it closes it when it is done."""
+        with self._cond:
+            if self._pid != os.getpid() or self._fd < 0:
+                return
+            if not self._blocked:
+                os.close(self._fd)
+            self._fd = -1
+
+    def _own_fd(self) -> int:
+        """This process's descriptor of the lock file, opened on first use (and after close)."""
+        pid = os.getpid()
+        if self._pid != pid:
+            # Another process's state: none of its threads came along, nor its descriptor.
+            self._pid, self._fd = pid, -1
+            self._blocked = self._wanted = self._granted = False
+        if self._fd < 0:
+            if self._blocked:
+                raise StoreError("the store was closed while a write waited for its lock")
+            # Read-only is enough for flock, so an operator's command run as another user who
+            # can read the database can take it too.
+            try:
+                self._fd = os.open(
+                    f"{self.path}-writer", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644
+                )
+            except OSError as exc:
+                raise StoreError(f"cannot open the store's writer lock: {exc}") from exc
+        return self._fd
+
+    def _wait_for_lock(self, fd: int) -> None:
+        """The waiter thread: take the lock for whichever writer of the process wants it when
+        it comes, or give it back at once if none does."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+            taken = True
+        except OSError:
+            taken = False
+        with self._cond:
+            self._blocked = False
+            current = fd == self._fd
+            if taken and current and self._wanted:
+                self._granted = True
+            elif taken:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            if not current:  # closed meanwhile: the descriptor was left to this thread
+                os.close(fd)
+            self._cond.notify_all()
