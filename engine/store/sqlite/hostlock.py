@@ -40,6 +40,8 @@ class HostLock:
         self._blocked = False  # a waiter thread is in its blocking flock (on self._fd)
         self._wanted = False  # a writer waits for the waiter thread's lock
         self._granted = False  # the waiter thread took the lock for that writer
+        self._asked = -1  # the descriptor the waiter thread is to wait on next, if any
+        self._waiter: threading.Thread | None = None  # started at the first wait, kept
 
     def acquire(self, timeout: float) -> None:
         """Take the lock, waiting at most ``timeout`` seconds.
@@ -57,10 +59,13 @@ class HostLock:
                     return
                 except BlockingIOError:
                     pass
-                self._blocked = True
-                threading.Thread(
-                    target=self._wait_for_lock, args=(fd,), name="sqlite-writer-lock", daemon=True
-                ).start()
+                self._blocked, self._asked = True, fd
+                if self._waiter is None:
+                    self._waiter = threading.Thread(
+                        target=self._wait_for_locks, name="sqlite-writer-lock", daemon=True
+                    )
+                    self._waiter.start()
+                self._cond.notify_all()
             self._wanted, self._granted = True, False
             while not self._granted:
                 remaining = deadline - time.monotonic()
@@ -92,8 +97,9 @@ class HostLock:
         pid = os.getpid()
         if self._pid != pid:
             # Another process's state: none of its threads came along, nor its descriptor.
-            self._pid, self._fd = pid, -1
+            self._pid, self._fd, self._waiter = pid, -1, None
             self._blocked = self._wanted = self._granted = False
+            self._asked = -1
         if self._fd < 0:
             if self._blocked:
                 raise StoreError("the store was closed while a write waited for its lock")
@@ -107,21 +113,30 @@ class HostLock:
                 raise StoreError(f"cannot open the store's writer lock: {exc}") from exc
         return self._fd
 
-    def _wait_for_lock(self, fd: int) -> None:
-        """The waiter thread: take the lock for whichever writer of the process wants it when
-        it comes, or give it back at once if none does."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
-            taken = True
-        except OSError:
-            taken = False
-        with self._cond:
-            self._blocked = False
-            current = fd == self._fd
-            if taken and current and self._wanted:
-                self._granted = True
-            elif taken:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            if not current:  # closed meanwhile: the descriptor was left to this thread
-                os.close(fd)
-            self._cond.notify_all()
+    def _wait_for_locks(self) -> None:
+        """The waiter thread: whenever asked, take the lock for whichever writer of the process
+        wants it when it comes, or give it back at once if none does any more.
+
+        One thread per process, kept: starting a thread for each wait cost more than the wait
+        itself when processes take turns often.
+        """
+        while True:
+            with self._cond:
+                while self._asked < 0:
+                    self._cond.wait()
+                fd, self._asked = self._asked, -1
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+                taken = True
+            except OSError:
+                taken = False
+            with self._cond:
+                self._blocked = False
+                current = fd == self._fd
+                if taken and current and self._wanted:
+                    self._granted = True
+                elif taken:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                if not current:  # closed meanwhile: the descriptor was left to this thread
+                    os.close(fd)
+                self._cond.notify_all()
