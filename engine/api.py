@@ -6,6 +6,7 @@ store is down); nothing a client sends can produce a 500 or a stack trace.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -192,9 +193,31 @@ def _authenticated_body() -> bytes:
         settings.signature_window,
     )
     g.key = key
+    # A signed request replayed within the window passes the signature check again: its
+    # events must then be duplicates, also those that came without an event_id.
+    g.signed = headers.get(SIGNATURE_HEADER) if key.signing_secret is not None else None
     limiter: RateLimiter = current_app.extensions["tagrelay.ratelimit"]
     limiter.check(key.key, now)
     return body
+
+
+def _replay_safe(events: list[Any]) -> list[Any]:
+    """``events``, each without an ``event_id`` given one derived from the request's signature
+    and its place in the request, when the request was signed; unchanged otherwise.
+
+    A generated ID would make a replayed signed request (same body, same signature, within the
+    replay window) count its events twice; derived so, the replay is a duplicate.
+    """
+    sent: str | None = g.get("signed")
+    if not sent:
+        return events
+    seed = hashlib.sha256(sent.strip().lower().removeprefix("sha256=").encode()).hexdigest()
+    return [
+        {**raw, "event_id": "sig-" + hashlib.sha256(f"{seed}:{n}".encode()).hexdigest()[:32]}
+        if isinstance(raw, dict) and raw.get("event_id") is None
+        else raw
+        for n, raw in enumerate(events)
+    ]
 
 
 @bp.post("/v1/track")
@@ -202,7 +225,7 @@ def track() -> tuple[Response, int]:
     """Accept one event."""
     body = _authenticated_body()
     raw = parse_json_body(body, request.content_type)
-    outcome = _pipeline().accept([raw])[0]
+    outcome = _pipeline().accept(_replay_safe([raw]))[0]
     if outcome.accepted is None:
         raise BadRequest(outcome.error or "invalid event")
     return json_response(outcome.as_json()), 200
@@ -223,7 +246,7 @@ def track_batch() -> tuple[Response, int]:
         raise PayloadTooLarge(f"a batch holds at most {limit} events, got {len(items)}")
     if not items:
         raise BadRequest("the batch has no events")
-    outcomes = _pipeline().accept(items)
+    outcomes = _pipeline().accept(_replay_safe(items))
     results = [o.as_json() for o in outcomes]
     accepted = sum(1 for o in outcomes if o.accepted is not None)
     return json_response(

@@ -252,6 +252,54 @@ def test_a_signed_request_is_accepted_and_a_tampered_one_refused(client: FlaskCl
     assert_error(tampered, 401, "signature does not match the body")
 
 
+def _signed(body: bytes, stamp: str) -> dict[str, str]:
+    return {
+        "Authorization": f"Bearer {SIGNED_KEY.key}",
+        TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: "sha256=" + signature("whsec_0123456789", stamp, body),
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/track", b'{"event_name": "purchase"}'),
+        ("/v1/track/batch", b'{"events": [{"event_name": "purchase"}, {"event_name": "lead"}]}'),
+    ],
+    ids=["track", "batch"],
+)
+def test_a_signed_request_replayed_within_the_window_is_a_duplicate_without_event_ids(
+    client: FlaskClient, path: str, body: bytes
+) -> None:
+    # The signature holds for the whole window: an event given a fresh ID each time was
+    # counted again by every replay of the same request.
+    headers = _signed(body, str(int(time.time())))
+
+    first = client.post(path, data=body, headers=headers, content_type="application/json")
+    again = client.post(path, data=body, headers=headers, content_type="application/json")
+
+    def results(response: Any) -> list[dict[str, Any]]:
+        answer: dict[str, Any] = response.get_json()
+        found: list[dict[str, Any]] = answer.get("results", [answer])
+        return found
+
+    assert [r.get("duplicate", False) for r in results(first)] == [False] * len(results(first))
+    assert [r["duplicate"] for r in results(again)] == [True] * len(results(first))
+    ids = [r["event_id"] for r in results(first)]
+    assert [r["event_id"] for r in results(again)] == ids and len(set(ids)) == len(ids)
+
+
+def test_the_same_events_signed_anew_are_new_events(client: FlaskClient) -> None:
+    body = b'{"event_name": "purchase"}'
+    first = client.post("/v1/track", data=body, headers=_signed(body, str(int(time.time()))),
+                        content_type="application/json")  # fmt: skip
+    later = client.post("/v1/track", data=body, headers=_signed(body, str(int(time.time()) - 1)),
+                        content_type="application/json")  # fmt: skip
+
+    assert later.get_json()["event_id"] != first.get_json()["event_id"]
+    assert not later.get_json().get("duplicate")
+
+
 def test_a_body_over_one_megabyte_gets_413(client: FlaskClient) -> None:
     body = json.dumps({"event_name": "x", "properties": {"blob": "a" * 1_048_576}})
 
