@@ -16,8 +16,9 @@ passes a value on, refuses it instead, naming the field and where the platform t
 
 What it cannot see: personal data inside longer text, or under names that do not say what
 they hold. Cities, regions, postal codes and countries are left alone: GA4 and Google Ads take
-them in clear text, and they are also ordinary business data (a shop's region). So are URLs,
-whose query strings are the page's own.
+them in clear text, and they are also ordinary business data (a shop's region). So are URLs:
+intake has already redacted the personal data of the event's page URL and referrer
+(``engine.urlprivacy``), and what is left of a query string is the page's own.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ normalized event dict or raises :class:`~engine.errors.BadRequest` with a messag
 field. Normalization: ``event_type`` becomes ``event_name``; ``timestamp`` (ISO 8601 or Unix
 seconds) becomes ISO 8601 UTC with a ``Z``; a missing ``event_id`` is generated; consent values
 become ``"granted"`` / ``"denied"``; ``context.ip`` is read as the address it names, or left
-out (:func:`readable_ip`).
+out (:func:`readable_ip`); personal data in ``context.page_url`` and ``context.referrer`` is
+redacted (:mod:`engine.urlprivacy`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import jsonschema
 
 from engine.errors import BadRequest
+from engine.urlprivacy import redact_personal_data
 
 _SHORT_STRING = {"type": "string", "maxLength": 256}
 _MAX_ID = 256
@@ -322,6 +324,13 @@ def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
                 del context["ip"]
             else:
                 context["ip"] = readable
+    if context:
+        for key in ("page_url", "referrer"):  # see engine.urlprivacy: stored, then sent, clean
+            url = context.get(key)
+            if type(url) is str and (clean := redact_personal_data(url)) != url:
+                if context is raw.get("context"):
+                    context = event["context"] = dict(context)
+                context[key] = clean
     consent = event.get("consent")
     if consent:
         event["consent"] = {

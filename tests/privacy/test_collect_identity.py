@@ -1073,3 +1073,40 @@ def test_a_publishable_key_is_limited_per_client_ip(tmp_path: Path) -> None:
 
     assert [from_ip("198.51.100.1") for _ in range(3)] == [200, 200, 429]
     assert from_ip("198.51.100.2") == 200  # another visitor of the same site
+
+
+META_RULES = """
+destinations:
+  meta: {type: meta_capi, pixel_id: "1234567890", access_token: "EAAB-test-token-0123456789"}
+triggers: {all: {event: '*'}}
+tags:
+  - {name: to_meta, trigger: all, destination: meta, event_name: Lead,
+     consent: {require: [ad_storage, ad_user_data], anonymous: [analytics_storage]}}
+"""
+
+
+@pytest.mark.parametrize(
+    "consent",
+    [ALL_GRANTED, {"analytics_storage": "granted"}],
+    ids=["full consent", "analytics only"],
+)
+def test_personal_data_in_the_page_url_is_neither_stored_nor_sent(
+    tmp_path: Path, consent: dict[str, str]
+) -> None:
+    # A sign-up form sent by GET: Meta takes event_source_url in clear text.
+    app = make_app(tmp_path, META_RULES)
+    client = app.test_client()
+    page = f"{ORIGIN}/thanks?email=ada%40example.com&phone=%2B4915112345678&utm_source=news"
+    for send in (collect, track):
+        context = {"page_url": page, "user_agent": "Mozilla/5.0 test"}
+        event = {"event_name": "sign_up", "consent": consent, "context": context}
+        answer = send(client, event).get_json()
+        assert answer["fired"] == ["to_meta"], answer
+        kept = stored(app, answer["event_id"])
+        assert kept["context"]["page_url"] == (
+            f"{ORIGIN}/thanks?email=(redacted)&phone=(redacted)&utm_source=news"
+        )
+    with sqlite3.connect(store_of(app).path) as db:
+        payloads = [row[0] for row in db.execute("SELECT payload FROM deliveries")]
+    assert len(payloads) == 2
+    assert not [p for p in payloads if "ada" in p or "4915112345678" in p]
