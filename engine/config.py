@@ -424,7 +424,9 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"not valid YAML ({type(exc).__name__})"
 
 
-def _read_file(path: str) -> dict[str, Any]:
+def _read_file(path: str, strict: bool = True) -> dict[str, Any]:
+    """The settings of the file at ``path``; an unknown key is an error when ``strict``, else
+    left out (a command that reads one setting must not fail on a typo in another)."""
     try:
         loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError) as exc:
@@ -437,6 +439,8 @@ def _read_file(path: str) -> dict[str, Any]:
     for raw_key, value in loaded.items():
         key = _ALIASES.get(str(raw_key), str(raw_key))
         if key not in _SETTINGS:
+            if not strict:
+                continue
             close = difflib.get_close_matches(str(raw_key), KNOWN_KEYS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(
@@ -506,7 +510,7 @@ def load_setting(key: str, env: Mapping[str, str] | None = None) -> Any:
     variable, config_file = f"TAGRELAY_{key.upper()}", env.get("TAGRELAY_CONFIG")
     if variable in env:
         return _parse(key, env[variable], variable)
-    if config_file and key in (values := _read_file(config_file)):
+    if config_file and key in (values := _read_file(config_file, strict=False)):
         return _parse(key, values[key], f"{config_file}: {key}")
     return getattr(Settings, _SETTINGS[key][0])
 

@@ -416,3 +416,18 @@ def test_tagrelay_test_reads_the_ip_policy_and_no_other_server_setting(
     monkeypatch.setenv("TAGRELAY_IP_STORAGE", "bogus")
     assert main(["test", rules]) == 2
     assert "TAGRELAY_IP_STORAGE must be one of" in capsys.readouterr().err
+
+
+def test_check_and_test_do_not_fail_on_an_unknown_key_in_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A typo in the server's settings is the server's to refuse, not `make check`'s.
+    rules = Path(__file__).resolve().parents[2] / "rules"
+    (tmp_path / "tagrelay.yaml").write_text(f"wrokers: 4\nrules: {rules}\n")
+    monkeypatch.setenv("TAGRELAY_CONFIG", str(tmp_path / "tagrelay.yaml"))
+    monkeypatch.delenv("TAGRELAY_RULES", raising=False)
+
+    assert main(["test", str(rules)]) == 0, capsys.readouterr().err
+    assert main(["check"]) == 0, capsys.readouterr().err  # the rules path from the file
+    with pytest.raises(ConfigError, match="unknown setting 'wrokers'"):
+        load_settings()
