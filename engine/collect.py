@@ -10,6 +10,7 @@ server-set cookie, which browsers do not cap at 7 days as they cap cookies set b
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import secrets
 import time
@@ -108,6 +109,7 @@ def collect() -> tuple[Response, int]:
         if len(body) > MAX_COLLECT_BYTES:
             raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
         raw = parse_json_body(body, request.content_type, allow_text=True)
+        raw = _verified_user(raw)
         # Checked as the page sent it, before the server's own fields replace the page's: a
         # page's bad context or visitor ID gets the error /v1/track gives, not a silent fix.
         events.validate(raw)
@@ -125,6 +127,39 @@ def collect() -> tuple[Response, int]:
     response = jsonify(answer)
     _set_cookie(response, visitor_id)
     return _cors(response, key), 200
+
+
+def _verified_user(raw: Any) -> Any:
+    """The event without its ``user_hash``, once that proves the page may name its ``user_id``.
+
+    Any page can claim any ``user_id``, and a user ID names a person to every platform and
+    links the browser to them: later server events for that user are enriched with the
+    browser's click IDs, IP and user agent. With ``TAGRELAY_IDENTITY_SECRET`` set, the page must
+    send ``user_hash``, the hex HMAC-SHA256 of the user ID keyed with that secret, which only
+    the site's backend can make; without it, ``user_hash`` is ignored.
+
+    Raises:
+        Forbidden: the secret is set and the user ID comes without its hash, or with another.
+    """
+    if not isinstance(raw, dict) or ("user_hash" not in raw and "user_id" not in raw):
+        return raw
+    raw = dict(raw)
+    given = raw.pop("user_hash", None)
+    secret = _settings().identity_secret
+    user_id = raw.get("user_id")
+    if secret is None or user_id is None:
+        return raw
+    expected = hmac.new(secret.encode(), str(user_id).encode(), hashlib.sha256).hexdigest()
+    if not isinstance(given, str) or not hmac.compare_digest(
+        given.strip().lower().encode("utf-8", "surrogatepass"), expected.encode()
+    ):
+        raise Forbidden(
+            "user_id needs its user_hash (identity verification is on): the hex HMAC-SHA256 "
+            "of the user ID keyed with TAGRELAY_IDENTITY_SECRET, made by your backend"
+            if given is None
+            else "user_hash does not match user_id"
+        )
+    return raw
 
 
 def _visitor_id(raw: dict[str, Any]) -> str:

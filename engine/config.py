@@ -31,6 +31,7 @@ KEY_FILE = "server_key"
 MAX_COOKIE_AGE = 400 * 86400  # browsers cap cookie lifetimes at 400 days
 MAX_DAYS = 36500  # a hundred years: retention and windows beyond that are a typo
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MIN_SECRET = 16  # characters of TAGRELAY_IDENTITY_SECRET
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class Settings:
     cookie_max_age: int = 365 * 86400
     cookie_domain: str | None = None
     cookie_secure: bool = True
+    # Set: a /v1/collect event's user_id must come with its user_hash (engine.collect).
+    identity_secret: str | None = field(default=None, repr=False)
     trusted_proxies: int = 0  # how many proxies in front set X-Forwarded-For
     rate_limit: int = 1000  # requests per minute per key; 0 turns it off
     ip_storage: str = "consent"  # consent | truncate | drop | keep
@@ -192,6 +195,14 @@ def _optional_text(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise ValueError("must be text")
+    return value.strip()
+
+
+def _identity_secret(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value.strip()) < MIN_SECRET:
+        raise ValueError(f"must be a secret of at least {MIN_SECRET} characters")
     return value.strip()
 
 
@@ -391,6 +402,7 @@ _SETTINGS: dict[str, tuple[str, Parser, bool]] = {
     "cookie_max_age": ("cookie_max_age", _whole(1, MAX_COOKIE_AGE), True),
     "cookie_domain": ("cookie_domain", _optional_text, True),
     "cookie_secure": ("cookie_secure", _boolean, True),
+    "identity_secret": ("identity_secret", _identity_secret, False),
 }
 KNOWN_KEYS = tuple(_SETTINGS)
 _ALIASES = {"database": "db"}  # the name the store's file had before `db`; still read

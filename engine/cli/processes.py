@@ -162,6 +162,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"tagrelay {__version__}: serving {settings.rules} on http://{settings.bind} "
         f"({settings.workers} workers, {delivery}, store {settings.database_path})"
     )
+    if settings.publishable_keys and settings.identity_secret is None:
+        err(
+            "tagrelay: warning: /v1/collect takes the user_id a page claims unverified; set "
+            "TAGRELAY_IDENTITY_SECRET to require your backend's user_hash (README, Browser "
+            "collection)"
+        )
     sys.stdout.flush()
     run(settings)
     return 0

@@ -28,6 +28,7 @@
 
   var STORAGE_VISITOR = "tr_vid";
   var STORAGE_USER = "tr_uid";
+  var STORAGE_USER_HASH = "tr_uhash"; // the user ID's hash, when the server verifies user IDs
   // user_data fields of the canonical event; other identify() traits go under properties.
   var USER_DATA_KEYS = ["email", "phone", "first_name", "last_name", "date_of_birth", "gender",
     "city", "state", "postal_code", "country", "external_id"];
@@ -123,7 +124,11 @@
       context: context
     };
     var userId = options.user_id || store(STORAGE_USER);
-    if (userId) event.user_id = String(userId);
+    if (userId) {
+      event.user_id = String(userId);
+      var userHash = options.user_id ? options.user_hash : store(STORAGE_USER_HASH);
+      if (userHash) event.user_hash = String(userHash);
+    }
     if (options.user_data) event.user_data = options.user_data;
     if (consentState) event.consent = assign({}, consentState);
     return event;
@@ -226,7 +231,8 @@
     },
 
     /** Send an event; returns its event_id (pass it to your backend for deduplication).
-     *  options: {event_id, user_id, user_data} — user_data only if your page has it. */
+     *  options: {event_id, user_id, user_hash, user_data} — user_data only if your page has
+     *  it; user_hash with user_id when the server verifies user IDs. */
     track: function (eventName, properties, options) {
       if (!eventName) throw new Error("tagrelay.track: an event name is required");
       return enqueue(build(String(eventName), properties, options));
@@ -240,9 +246,15 @@
     },
 
     /** Name the visitor: later events carry user_id. Traits that are user_data fields (email,
-     *  phone, names, address, external_id) go under user_data, others under properties. */
-    identify: function (userId, traits) {
-      if (userId) store(STORAGE_USER, String(userId));
+     *  phone, names, address, external_id) go under user_data, others under properties.
+     *  options.user_hash: the user ID's hash from your backend, when the server verifies user
+     *  IDs (TAGRELAY_IDENTITY_SECRET); later events carry it too. */
+    identify: function (userId, traits, options) {
+      if (userId) {
+        store(STORAGE_USER, String(userId));
+        var hash = options && options.user_hash;
+        store(STORAGE_USER_HASH, hash ? String(hash) : null);
+      }
       var userData = {}, properties = {}, any = false;
       for (var k in traits || {}) {
         if (USER_DATA_KEYS.indexOf(k) >= 0) { userData[k] = traits[k]; any = true; }
@@ -266,6 +278,7 @@
     /** Forget the user (on logout): later events carry no user_id. */
     reset: function () {
       store(STORAGE_USER, null);
+      store(STORAGE_USER_HASH, null);
       return api;
     },
 

@@ -10,6 +10,8 @@ that a page from an origin the publishable key does not allow gets no CORS allow
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import time
@@ -35,6 +37,17 @@ SERVER_KEY = "sk_browser_test_0123456789"
 PUBLISHABLE_KEY = "pk_test"
 ANY_ORIGIN_KEY = "pk_other"
 WAIT = 30.0
+IDENTITY_SECRET = "idsec_browser_tests_0123456789"
+_NEEDS_HASH = (
+    "user_id needs its user_hash (identity verification is on): the hex HMAC-SHA256 of the "
+    "user ID keyed with TAGRELAY_IDENTITY_SECRET, made by your backend"
+)
+
+
+def user_hash(user_id: str) -> str:
+    """What the shop's backend renders into the page for a signed-in user."""
+    return hmac.new(IDENTITY_SECRET.encode(), user_id.encode(), hashlib.sha256).hexdigest()
+
 
 GCLID = "TeSt-gclid_123"  # mixed case, '-' and '_': must arrive unchanged
 FBCLID = "IwAR-TeSt_fbclid"
@@ -157,6 +170,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     f"{PUBLISHABLE_KEY}={shop.url}|https://shop.example,{ANY_ORIGIN_KEY}=*"
                 ),
                 "TAGRELAY_COOKIE_SECURE": "false",  # the test pages are plain http
+                "TAGRELAY_IDENTITY_SECRET": IDENTITY_SECRET,
             },
         )
         site.script = server.url + "/tagrelay.js"
@@ -300,8 +314,10 @@ def test_single_page_app_route_changes_send_page_views(stack: Stack, browser: We
     order_id = browser.execute_script(
         "return tagrelay.track('add_to_cart', {value: 19.9, currency: 'EUR'});"
     )
+    # The user ID's hash, as the shop's backend renders it into the page.
     identify_id = browser.execute_script(
-        "return tagrelay.identify('cust_9', {email: 'ada@example.com', plan: 'pro'});"
+        "return tagrelay.identify('cust_9', {email: 'ada@example.com', plan: 'pro'},"
+        f" {{user_hash: '{user_hash('cust_9')}'}});"
     )
     wait_for(lambda: len(collected(browser)) == 5, "track and identify", server)
     added = server.stored_event(order_id)
@@ -315,6 +331,44 @@ def test_single_page_app_route_changes_send_page_views(stack: Stack, browser: We
     assert identified["user_id"] == "cust_9"
     assert identified["user_data"] == {"email": "ada@example.com"}
     assert identified["properties"] == {"plan": "pro"}
+    assert "user_hash" not in identified  # checked, not kept
+    # Later events carry the user and its hash; after reset(), neither.
+    later = browser.execute_script("return tagrelay.track('wishlist');")
+    wait_for(lambda: len(collected(browser)) == 6, "an identified event", server)
+    assert (server.stored_event(later) or {}).get("user_id") == "cust_9"
+    browser.execute_script("tagrelay.reset();")
+    anonymous = browser.execute_script("return tagrelay.track('wishlist');")
+    wait_for(lambda: len(collected(browser)) == 7, "an anonymous event", server)
+    after = server.stored_event(anonymous) or {}
+    # The page sent none: a user ID there is the server's guess from the visitor, so listed.
+    assert "user_id" not in after or "user_id" in after.get("enriched", [])
+
+
+def test_a_page_cannot_name_a_user_without_the_backends_hash(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # Any page can claim any user ID: with TAGRELAY_IDENTITY_SECRET set, only the site's
+    # backend can vouch for one, so a browser cannot tie its click IDs to someone else.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the page view", server)
+    answers = browser.execute_async_script(
+        """const done = arguments[arguments.length - 1];
+        const post = (body) => fetch(arguments[0], {method: "POST", body: JSON.stringify(body)})
+          .then(async (r) => [r.status, (await r.json()).error]);
+        Promise.all([
+          post({event_name: "identify", user_id: "victim_42"}),
+          post({event_name: "identify", user_id: "victim_42", user_hash: arguments[1]}),
+          post({event_name: "identify", user_id: "victim_42", user_hash: arguments[2]}),
+        ]).then(done);""",
+        f"{server.url}/v1/collect?key={PUBLISHABLE_KEY}",
+        user_hash("someone_else"),
+        user_hash("victim_42"),
+    )
+
+    assert answers[0] == [403, _NEEDS_HASH]
+    assert answers[1] == [403, "user_hash does not match user_id"]
+    assert answers[2][0] == 200
 
 
 def test_beacon_carries_events_without_fetch_and_after_pagehide(

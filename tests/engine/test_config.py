@@ -431,3 +431,12 @@ def test_check_and_test_do_not_fail_on_an_unknown_key_in_the_config_file(
     assert main(["check"]) == 0, capsys.readouterr().err  # the rules path from the file
     with pytest.raises(ConfigError, match="unknown setting 'wrokers'"):
         load_settings()
+
+
+def test_an_identity_secret_must_be_sixteen_characters_and_is_never_quoted() -> None:
+    error = refused({"TAGRELAY_IDENTITY_SECRET": "short-secret"})
+
+    assert error == "TAGRELAY_IDENTITY_SECRET must be a secret of at least 16 characters"
+    settings = load_settings({"TAGRELAY_IDENTITY_SECRET": "idsec_0123456789abcdef"})
+    assert settings.identity_secret == "idsec_0123456789abcdef"
+    assert "idsec_" not in repr(settings)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import socket
 import sqlite3
@@ -1110,3 +1112,55 @@ def test_personal_data_in_the_page_url_is_neither_stored_nor_sent(
         payloads = [row[0] for row in db.execute("SELECT payload FROM deliveries")]
     assert len(payloads) == 2
     assert not [p for p in payloads if "ada" in p or "4915112345678" in p]
+
+
+IDENTITY_SECRET = "idsec_0123456789abcdef"
+
+
+def _hash(user_id: str, secret: str = IDENTITY_SECRET) -> str:
+    return hmac.new(secret.encode(), user_id.encode(), hashlib.sha256).hexdigest()
+
+
+def test_a_browser_cannot_tie_itself_to_another_users_conversions_with_verification_on(
+    tmp_path: Path,
+) -> None:
+    # The attack: a page claims the victim's user ID with its own click IDs, IP and user agent;
+    # the victim's next backend sale was enriched with them and sent to the platforms as theirs.
+    app = make_app(tmp_path, identity_secret=IDENTITY_SECRET)
+    client = app.test_client()
+    claim = {"event_name": "identify", "user_id": "victim_42", "consent": ALL_GRANTED}
+    landing = {"page_url": f"{ORIGIN}/?gclid=ATTACKER_GCLID"}
+
+    refused = collect(client, {**claim, "context": landing})
+    forged = collect(client, {**claim, "context": landing, "user_hash": _hash("attacker")})
+    sale = track(client, {"event_name": "sale", "user_id": "victim_42", "consent": ALL_GRANTED})
+
+    assert refused.status_code == 403
+    assert "user_id needs its user_hash" in refused.get_json()["error"]
+    assert forged.status_code == 403
+    assert forged.get_json()["error"] == "user_hash does not match user_id"
+    kept = stored(app, sale.get_json()["event_id"])
+    assert "gclid" not in kept.get("context", {}) and "enriched" not in kept
+
+
+def test_a_user_id_with_its_hash_links_the_browser_and_the_hash_is_not_kept(
+    tmp_path: Path,
+) -> None:
+    app = make_app(tmp_path, identity_secret=IDENTITY_SECRET)
+    client = app.test_client()
+    landing = {"page_url": f"{ORIGIN}/?gclid=OWN_GCLID"}
+    claim = {"event_name": "identify", "user_id": "cust_7", "consent": ALL_GRANTED}
+
+    linked = collect(client, {**claim, "context": landing, "user_hash": _hash("cust_7").upper()})
+    sale = track(client, {"event_name": "sale", "user_id": "cust_7", "consent": ALL_GRANTED})
+
+    assert linked.status_code == 200
+    assert "user_hash" not in stored(app, linked.get_json()["event_id"])
+    assert stored(app, sale.get_json()["event_id"])["context"]["gclid"] == "OWN_GCLID"
+
+
+def test_without_an_identity_secret_a_user_hash_is_ignored(client: FlaskClient, app: Flask) -> None:
+    answer = collect(client, {"event_name": "identify", "user_id": "u1", "user_hash": "whatever"})
+
+    assert answer.status_code == 200
+    assert "user_hash" not in stored(app, answer.get_json()["event_id"])
