@@ -887,15 +887,57 @@ def test_a_forked_child_writes_through_a_connection_of_its_own(
             code = 0 if store.accept(acceptance("child-1")).duplicate is False else 2
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
 
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert child_exit_code(pid) == 0
     assert store.accept(acceptance("parent-2")).duplicate is False
     assert rows(db_path, "SELECT event_id FROM events ORDER BY seq") == [
         ("parent-1",),
         ("child-1",),
         ("parent-2",),
     ]
+
+
+def child_exit_code(pid: int, timeout: float = 30.0) -> int:
+    """The exit code of forked child ``pid``; killed and failed if it hangs (a lock inherited
+    locked across the fork would leave it waiting for ever, and the test run with it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the forked child hung for {timeout:g} s")
+
+
+def test_a_forked_child_writes_even_if_the_parents_lock_waiter_held_its_lock_at_the_fork(
+    store: SQLiteStore,
+) -> None:
+    store.accept(acceptance("parent-1"))
+    holding, release = threading.Event(), threading.Event()
+
+    def waiter_mid_hand_over() -> None:
+        with store._host._cond:  # as the parent's waiter thread is, now and then
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=waiter_mid_hand_over, daemon=True)
+    thread.start()
+    holding.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if store.accept(acceptance("child-1")).duplicate is False else 2
+            finally:
+                os._exit(code)
+    finally:
+        release.set()
+        thread.join(10)
+
+    assert child_exit_code(pid, timeout=10) == 0
 
 
 def _hold_host_lock(db_path: Path) -> int:
@@ -1296,3 +1338,43 @@ def test_a_writer_that_gave_up_leaves_the_lock_free_when_nobody_wants_it_any_mor
             break
         time.sleep(0.05)
     assert taken.returncode == 0
+
+
+def test_a_fork_waits_until_no_checkpoint_is_inside_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gunicorn's master keeps a checkpointer thread (it opened the store to check it) while it
+    # forks workers; a child forked while that thread held a lock inside SQLite would hang.
+    inside, finished = threading.Event(), threading.Event()
+
+    class SlowCheckpoint:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str) -> Any:
+            if "wal_checkpoint" in sql and not finished.is_set():
+                inside.set()
+                time.sleep(0.3)  # as if deep in SQLite
+                finished.set()
+            return self.conn.execute(sql)
+
+        def close(self) -> None:
+            self.conn.close()
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        conn = _CONNECT(*args, **kwargs)
+        return SlowCheckpoint(conn) if kwargs.get("timeout") == 1.0 else conn
+
+    monkeypatch.setattr(sqlite_connection, "CHECKPOINT_INTERVAL", 0.01)
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    store = SQLiteStore(tmp_path / "s.db")
+    assert inside.wait(10)
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    finished_before_the_fork = finished.is_set()
+    child_exit_code(pid)
+    store.close()
+
+    assert finished_before_the_fork

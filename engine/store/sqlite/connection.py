@@ -45,6 +45,18 @@ def _after_fork() -> None:
 
 os.register_at_fork(after_in_child=_after_fork)
 
+# Held by a checkpointer thread while it is inside SQLite, and by a forking thread across the
+# fork: a child must not start with a lock SQLite holds inside (its allocator's, say) taken
+# by a thread that did not come along. gunicorn's master opens the store (preload_app), so its
+# checkpointer runs while it forks the workers; one forked mid-checkpoint would hang at its
+# first query, for good.
+_IN_SQLITE = threading.Lock()
+os.register_at_fork(
+    before=_IN_SQLITE.acquire,
+    after_in_parent=_IN_SQLITE.release,
+    after_in_child=_IN_SQLITE.release,
+)
+
 
 def _checkpoint_loop(store_ref: weakref.ReferenceType[_Connections], path: str) -> None:
     """Move WAL pages into the database every second, while the store is alive.
@@ -53,7 +65,8 @@ def _checkpoint_loop(store_ref: weakref.ReferenceType[_Connections], path: str) 
     round. One connection of its own, opened in the process that runs it.
     """
     try:
-        conn = sqlite3.connect(path, timeout=1.0, isolation_level=None)
+        with _IN_SQLITE:
+            conn = sqlite3.connect(path, timeout=1.0, isolation_level=None)
     except sqlite3.Error:
         return
     try:
@@ -62,10 +75,11 @@ def _checkpoint_loop(store_ref: weakref.ReferenceType[_Connections], path: str) 
             if store is None or store._closed.wait(CHECKPOINT_INTERVAL):
                 return
             del store
-            with contextlib.suppress(sqlite3.Error):
+            with _IN_SQLITE, contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     finally:
-        conn.close()
+        with _IN_SQLITE:
+            conn.close()
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:

@@ -51,6 +51,8 @@ class HostLock:
                 the whole time.
         """
         deadline = time.monotonic() + timeout
+        if self._pid != os.getpid():
+            self._fresh()
         with self._cond:
             fd = self._own_fd()
             if not self._blocked:
@@ -85,21 +87,26 @@ class HostLock:
 
     def close(self) -> None:
         """Close the lock file; a waiter thread still blocked on it closes it when it is done."""
+        if self._pid != os.getpid():
+            return  # nothing of this process's to close (the parent's is the parent's)
         with self._cond:
-            if self._pid != os.getpid() or self._fd < 0:
+            if self._fd < 0:
                 return
             if not self._blocked:
                 os.close(self._fd)
             self._fd = -1
 
+    def _fresh(self) -> None:
+        """Start over in a forked child: none of the parent's threads came along, its waiter
+        may have held the condition's lock at the fork, and its descriptor shares the parent's
+        lock. (Called before the condition is taken, by the child's only writer.)"""
+        self._pid, self._fd, self._waiter = os.getpid(), -1, None
+        self._cond = threading.Condition()
+        self._blocked = self._wanted = self._granted = False
+        self._asked = -1
+
     def _own_fd(self) -> int:
         """This process's descriptor of the lock file, opened on first use (and after close)."""
-        pid = os.getpid()
-        if self._pid != pid:
-            # Another process's state: none of its threads came along, nor its descriptor.
-            self._pid, self._fd, self._waiter = pid, -1, None
-            self._blocked = self._wanted = self._granted = False
-            self._asked = -1
         if self._fd < 0:
             if self._blocked:
                 raise StoreError("the store was closed while a write waited for its lock")
