@@ -40,6 +40,7 @@ _BATCH_FRAME = len(b'{"events":[]}')  # the body of ``batch: true`` around its p
 # ``Bearer <token>``, ``Basic <base64>``, ``Token token=<t>``: a scheme word, then the credential.
 _SCHEME_VALUE = re.compile(r"^([A-Za-z][\w-]*)\s+(\S.*)$")
 MIN_PART = 6  # characters of a credential found inside a header value
+_DIGIT = re.compile(r"[0-9]")
 _WORD = re.compile(r"[^\W_]")
 _AUTH_PARAM = re.compile(r"[\w-]+\s*=\s*\"?([^\",\s]+)")
 # Query parameters that carry a credential in webhook URLs (Zapier, Make, IFTTT, custom CRMs).
@@ -91,6 +92,14 @@ class Webhook(Destination):
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
             "secret": {"type": "string", "minLength": 16, "description": "HMAC signing secret"},
             "batch": {"type": "boolean", "default": False},
+            "secret_url": {
+                "type": "boolean",
+                "default": False,
+                "description": (
+                    "the URL's path and query are a credential (Slack, Discord or Zapier hooks):"
+                    " redacted wherever the URL is shown"
+                ),
+            },
             "max_body_bytes": {
                 "type": "integer",
                 "minimum": MIN_MAX_BODY_BYTES,
@@ -270,6 +279,11 @@ def _url_credentials(hook: Webhook) -> Iterator[str]:
     if user and (not password or len(user) >= MIN_PART):  # ``https://KEY:@host`` and the like
         yield user
         yield unquote(user)
+    if hook.settings.get("secret_url"):
+        # The whole of what follows the host, and its token-like segments (a word such as
+        # "services" is none): an answer may quote either.
+        yield parts.path + (f"?{parts.query}" if parts.query else "")
+        yield from (s for s in parts.path.split("/") if len(s) >= 8 and _DIGIT.search(s))
     if user or password:
         pair = f"{unquote(user or '')}:{unquote(password or '')}"
         with contextlib.suppress(UnicodeEncodeError):  # requests sends it as latin-1

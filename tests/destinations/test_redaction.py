@@ -326,3 +326,18 @@ def test_a_percent_encoded_url_password_is_redacted_as_sent_too() -> None:
 
     assert "w0rd" not in redacted and basic[:8] not in redacted
     assert redacted.startswith("bad login alice:[REDACTED]")
+
+
+def test_a_webhook_url_marked_secret_is_redacted_after_its_host() -> None:
+    from destinations.webhook import Webhook
+
+    token = "XoXoPathSECRET0123456789"
+    url = f"https://hooks.slack.com/services/T0001/B0001/{token}"
+    hook = Webhook({"url": url, "secret_url": True})
+    request = hook.build_request([Item("d1", "e1", {"event_name": "lead"})], SendContext(NOW))
+
+    assert hook.redact(request).url == f"https://hooks.slack.com{REDACTED}"
+    assert hook.redact_text(f"invalid_token {token} for services") == (
+        f"invalid_token {REDACTED} for services"
+    )
+    assert Webhook({"url": url}).redact(request).url == url  # not marked: shown as it is
