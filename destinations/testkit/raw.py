@@ -5,6 +5,20 @@ from __future__ import annotations
 
 import socket
 import threading
+from typing import BinaryIO
+
+
+def read_request(stream: BinaryIO) -> bool:
+    """Read one HTTP/1.1 request, its head and its ``Content-Length`` body, from ``stream``
+    (``conn.makefile("rb")``); False when the client closed the connection instead."""
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    if not line:
+        return False
+    stream.read(length)
+    return True
 
 
 class RawServer:

@@ -32,7 +32,7 @@ from destinations.base import (
     status_result,
 )
 from destinations.testkit.ga4 import GA4Emulator
-from destinations.testkit.raw import RawServer
+from destinations.testkit.raw import RawServer, read_request
 from destinations.testkit.server import LoopbackServer, Reply, Request
 from destinations.testkit.sink import FaultySink
 from engine import metrics
@@ -1397,11 +1397,7 @@ class TricklingSink(RawServer):
     def handle(self, conn: socket.socket) -> None:
         """Read one request, then trickle the answer's body."""
         with conn, conn.makefile("rb") as request:
-            length = 0
-            while (line := request.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            request.read(length)
+            read_request(request)
             self.requests += 1
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.size)
             for _ in range(self.size):

@@ -880,13 +880,7 @@ def test_a_forked_child_writes_through_a_connection_of_its_own(
 ) -> None:
     store.accept(acceptance("parent-1"))  # the writer is open before the fork, as under gunicorn
 
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = 0 if store.accept(acceptance("child-1")).duplicate is False else 2
-        finally:
-            os._exit(code)
+    pid = fork_accepting(store, "child-1")
 
     assert child_exit_code(pid) == 0
     assert store.accept(acceptance("parent-2")).duplicate is False
@@ -895,6 +889,19 @@ def test_a_forked_child_writes_through_a_connection_of_its_own(
         ("child-1",),
         ("parent-2",),
     ]
+
+
+def fork_accepting(store: SQLiteStore, event_id: str) -> int:
+    """Fork a child that accepts ``event_id`` into ``store`` and exits 0 if it was new; the
+    child's pid (see :func:`child_exit_code`)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if store.accept(acceptance(event_id)).duplicate is False else 2
+        finally:
+            os._exit(code)
+    return pid
 
 
 def child_exit_code(pid: int, timeout: float = 30.0) -> int:
@@ -926,13 +933,7 @@ def test_a_forked_child_writes_even_if_the_parents_lock_waiter_held_its_lock_at_
     thread.start()
     holding.wait(10)
     try:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = 0 if store.accept(acceptance("child-1")).duplicate is False else 2
-            finally:
-                os._exit(code)
+        pid = fork_accepting(store, "child-1")
     finally:
         release.set()
         thread.join(10)

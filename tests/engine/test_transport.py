@@ -12,7 +12,7 @@ import pytest
 import urllib3.response
 
 from destinations.base import HttpRequest
-from destinations.testkit.raw import RawServer
+from destinations.testkit.raw import RawServer, read_request
 from engine.transport import Transport, TransportError
 
 
@@ -30,13 +30,8 @@ class KeepAliveServer(RawServer):
         with conn, conn.makefile("rb") as request:
             try:
                 while self.answers:
-                    length = 0
-                    while (line := request.readline()) not in (b"\r\n", b""):
-                        if line.lower().startswith(b"content-length:"):
-                            length = int(line.split(b":")[1])
-                    if not line:
+                    if not read_request(request):
                         return  # the client closed the connection
-                    request.read(length)
                     self._answer(conn, self.answers.pop(0))
             except OSError:
                 return  # the client gave up
@@ -201,11 +196,7 @@ class OneAnswerServer(RawServer):
     def handle(self, conn: socket.socket) -> None:
         """Read the request's head and body, answer, close."""
         with conn, conn.makefile("rb") as request:
-            length = 0
-            while (line := request.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            request.read(length)
+            read_request(request)
             try:
                 conn.sendall(self.head + b"\r\n" + self.body)
             except OSError:
