@@ -325,7 +325,8 @@ class Destination:
         ``access_token=[REDACTED]``.
 
         A secret cut short also goes: the first :data:`FRAGMENT` characters or more of any form
-        of a longer secret, wherever they stand. A platform's answer quoting a secret is cut to
+        of a longer secret, where the text ends after them or goes on with no letter, digit,
+        ``_`` or ``-``. A platform's answer quoting a secret is cut to
         a length before it reaches here (``excerpt(200)``), and the cut can fall inside it.
         """
         secrets = tuple(self.secrets())
@@ -393,12 +394,18 @@ def _redact_fragments(text: str, secrets: tuple[str, ...]) -> str:
     secret replaced by ``[REDACTED]``: what is left of a secret cut short."""
     pattern, forms = _fragment_index(secrets)
     pieces: list[str] = []
-    pos = 0
-    while (found := pattern.search(text, pos)) is not None:
+    pos = scan = 0
+    while (found := pattern.search(text, scan)) is not None:
         start = found.start()
-        length = max(_common_prefix(text, start, form) for form in forms[found.group()])
+        end = start + max(_common_prefix(text, start, form) for form in forms[found.group()])
+        # Cut short, a secret ends where the text does or where something was added after the
+        # cut; text that goes on in the same word only shares the secret's first characters
+        # ("application/xml" beside an "application/json" header).
+        if end < len(text) and _TOKEN_CHAR.match(text, end):
+            scan = start + 1
+            continue
         pieces += [text[pos:start], REDACTED]
-        pos = start + length
+        pos = scan = end
     return "".join(pieces) + text[pos:] if pieces else text
 
 

@@ -41,6 +41,10 @@ _BATCH_FRAME = len(b'{"events":[]}')  # the body of ``batch: true`` around its p
 _SCHEME_VALUE = re.compile(r"^([A-Za-z][\w-]*)\s+(\S.*)$")
 MIN_PART = 6  # characters of a credential found inside a header value
 _DIGIT = re.compile(r"[0-9]")
+# Headers that carry no credential: their values (application/json...) stay readable in errors.
+PLAIN_HEADERS = frozenset(
+    {"content-type", "accept", "accept-encoding", "accept-language", "user-agent"}
+)
 _WORD = re.compile(r"[^\W_]")
 _AUTH_PARAM = re.compile(r"[\w-]+\s*=\s*\"?([^\",\s]+)")
 # Query parameters that carry a credential in webhook URLs (Zapier, Make, IFTTT, custom CRMs).
@@ -232,7 +236,11 @@ class Webhook(Destination):
         decoded password); and in the URL, the password of ``user:password@`` and the values of
         query parameters named like a credential (``token``, ``api_key``, ``sig``, ...).
         """
-        headers = [str(v) for v in (self.settings.get("headers") or {}).values() if v]
+        headers = [
+            str(v)
+            for k, v in (self.settings.get("headers") or {}).items()
+            if v and str(k).lower() not in PLAIN_HEADERS
+        ]
         values = {v for v in headers if v.strip()}
         if self.settings.get("secret"):
             values.add(str(self.settings["secret"]))

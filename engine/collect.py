@@ -163,9 +163,17 @@ def _verified_user(raw: Any) -> Any:
 
 
 def _visitor_id(raw: dict[str, Any]) -> str:
-    """The server's cookie first (the page cannot forge it), then the event's, else new."""
-    name = _settings().cookie_name
-    for candidate in (request.cookies.get(name), raw.get("visitor_id")):
+    """The server's cookie first (the page cannot forge it), then the event's, else new.
+
+    With identity verification on, the cookie alone: a visitor ID is no secret (every answer
+    and the page's storage hold it, GA4 gets it as client_id), and a page that named another
+    browser's would be enriched with its user and would write its own click IDs, IP and user
+    agent into that visitor, for the user's next server event to carry.
+    """
+    settings = _settings()
+    name = settings.cookie_name
+    claimed = raw.get("visitor_id") if settings.identity_secret is None else None
+    for candidate in (request.cookies.get(name), claimed):
         if isinstance(candidate, str) and 0 < len(candidate) <= 128 and candidate.isprintable():
             return candidate
     return "v_" + secrets.token_urlsafe(18)

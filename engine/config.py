@@ -417,14 +417,18 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|'.*|\".*")
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """Where and what the YAML error is, without the snippet of the file PyYAML's own message
     quotes: the file holds server keys and signing secrets, and this message reaches logs."""
     if isinstance(exc, yaml.MarkedYAMLError):
-        # PyYAML's context and problem are fixed phrases ("while scanning a quoted scalar",
-        # "found unexpected end of stream"); only its snippet quotes the file.
+        # PyYAML's context and problem are phrases ("while scanning a quoted scalar") that
+        # may quote a token of the file in quotes: a tag, an alias or an anchor, which is what
+        # an unquoted secret starting with "!", "*" or "&" reads as. Those are cut out.
         told = [
-            f"{what} (line {mark.line + 1}, column {mark.column + 1})"
+            f"{_QUOTED.sub('...', what)} (line {mark.line + 1}, column {mark.column + 1})"
             for what, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark))
             if what and mark
         ]

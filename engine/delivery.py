@@ -168,19 +168,27 @@ class DeliveryWorker:
             if wait:
                 self._run_batch(dest, probe)
                 continue
+            task = _Queued()
             try:
-                self._pool.submit(self._run_batch, dest, probe)
+                self._pool.submit(self._run_queued, task, dest, probe)
             except BaseException:
-                # No thread to start (a process at its limit), or a pool shut down: what
-                # _run_batch would give back, given back here, or the slot (and the breaker's
-                # probe) stayed taken for the life of the process.
-                started -= 1
-                if probe:
-                    breaker.end_probe(probe)
-                with self._flight_lock:
-                    self._in_flight[name] -= 1
+                # No thread to start (a process at its limit), or a pool shut down. The pool
+                # may have queued the batch before failing to start a thread for it, for a
+                # thread it has to run later: then that run gives the slot back. Otherwise it
+                # is given back here, or the slot (and the breaker's probe) stayed taken for
+                # the life of the process.
+                if task.cancel():
+                    started -= 1
+                    if probe:
+                        breaker.end_probe(probe)
+                    with self._flight_lock:
+                        self._in_flight[name] -= 1
                 raise
         return started
+
+    def _run_queued(self, task: _Queued, dest: DestinationInstance, probe: int) -> None:
+        if task.start():  # not given up when it was queued
+            self._run_batch(dest, probe)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Deliver everything due now, in this thread (for tests and one-shot runs)."""
@@ -676,6 +684,31 @@ def _token_outcome(exc: Exception, response: HttpResponse) -> Outcome:
     if response.status in (408, 425, 429) or response.status >= 500:
         return Outcome.RETRYABLE
     return Outcome.AUTH
+
+
+class _Queued:
+    """A batch handed to the pool: run, or given up by ``tick`` when the hand-over failed,
+    whichever comes first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "queued"
+
+    def start(self) -> bool:
+        """Whether the batch may run (it was not given up)."""
+        with self._lock:
+            if self._state == "cancelled":
+                return False
+            self._state = "running"
+            return True
+
+    def cancel(self) -> bool:
+        """Give the batch up unless it already runs; whether it was given up."""
+        with self._lock:
+            if self._state == "running":
+                return False
+            self._state = "cancelled"
+            return True
 
 
 class _TokenBusy(Exception):

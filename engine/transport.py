@@ -235,8 +235,7 @@ class Transport:
         """Send one request and return the platform's answer, whatever its status.
 
         Raises:
-            TransportError: no HTTP answer arrived, or one whose body is over
-                ``max_response_bytes`` (retry is safe).
+            TransportError: no HTTP answer arrived (retry is safe).
         """
         if request.url.startswith("log:"):
             return self._log(request)
@@ -280,18 +279,20 @@ class Transport:
     def _read(self, response: requests.Response) -> bytes:
         """The answer's body, decompressed, read only as far as ``max_response_bytes``.
 
-        Raises:
-            TransportError: the body is longer than that (a compressed body is counted as it
-                unpacks, so a small compressed bomb is stopped too).
+        A longer body is cut there (counted as it unpacks, so a small compressed bomb is
+        stopped too) and its connection closed, not pooled: the status has arrived and stands,
+        so a 2xx is a delivery, never sent again; an adapter that must parse the whole body
+        finds it unreadable, as it would any broken answer.
         """
         cap = self.max_response_bytes
         chunks: list[bytes] = []
         size = 0
         for chunk in response.iter_content(chunk_size=64 * 1024):
+            chunks.append(chunk)
             size += len(chunk)
             if size > cap:
-                raise TransportError(f"the answer's body is over {cap} bytes; not read")
-            chunks.append(chunk)
+                log.warning("answer body cut", extra={"limit_bytes": cap})
+                return b"".join(chunks)[:cap]
         return b"".join(chunks)
 
     @staticmethod

@@ -8,10 +8,13 @@ personal data it holds would reach them unhashed, even from an analytics-only ev
 
 A query or fragment field is redacted when its name says it holds personal data (as
 :func:`destinations.cleartext.kind_of` reads names: ``email``, ``phone``, ``first_name``,
-``customer_dob``...) and its value is not a SHA-256 digest, or when its value is an e-mail
-address whatever its name; so is a path segment that is an e-mail address. The value becomes
-``(redacted)``, as GA4's own data redaction writes it; the rest of the URL stays exactly as
-sent, so the platforms still see the page and its campaign parameters.
+``customer_dob``...; two-letter names such as ``fn`` say nothing in a URL) and its value is
+not a SHA-256 digest, or when its value holds an e-mail address whatever its name, decoded as
+often as it was encoded (a redirect URL's own query); so is a path segment, in the path or in
+a fragment route, that holds one. The value becomes ``(redacted)``, as GA4's own data
+redaction writes it; the rest of the URL stays exactly as sent, so the platforms still see the
+page and its campaign parameters. What it cannot see: a phone number or name under a name
+that does not say so (``?ref=Ada``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from destinations import cleartext
 
 REDACTED_VALUE = "(redacted)"
 _DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+_EMAIL_IN = re.compile(r"[A-Za-z0-9._%+\-']+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
+_DECODINGS = 3  # a redirect's URL inside a query is encoded once more, and it can nest
 
 
 def redact_personal_data(url: str) -> str:
@@ -36,12 +41,15 @@ def redact_personal_data(url: str) -> str:
     if query:
         query = _redact_fields(query)
     if fragment:
-        # Single-page apps route by fragment and carry their query in it (#/signup?email=...).
+        # Single-page apps route by fragment: a path (#/users/ada@example.com) and a query
+        # (#/signup?email=...) of their own.
         route, inner, rest = fragment.partition("?")
         if inner:
-            fragment = route + inner + _redact_fields(rest)
+            fragment = _redact_segments(route) + inner + _redact_fields(rest)
         elif "=" in fragment:
             fragment = _redact_fields(fragment)
+        else:
+            fragment = _redact_segments(fragment)
     return base + question + query + hash_sign + fragment
 
 
@@ -51,27 +59,54 @@ def _redact_fields(query: str) -> str:
     changed = False
     for n, field in enumerate(fields):
         name, equals, value = field.partition("=")
-        if equals and value and _personal(unquote_plus(name), unquote_plus(value)):
+        if equals and value and _personal(unquote_plus(name), value):
             fields[n] = f"{name}={REDACTED_VALUE}"
             changed = True
     return "&".join(fields) if changed else query
 
 
 def _personal(name: str, value: str) -> bool:
-    if cleartext.is_email(value):
+    """Whether a query field holds personal data: an e-mail address anywhere in its value,
+    however often encoded (a redirect URL's own query included), or a name that says so
+    (two-letter names such as ``fn`` or ``ln`` say nothing in a URL) and no digest."""
+    if _has_email(value):
         return True
-    return cleartext.kind_of(name) is not None and _DIGEST.fullmatch(value.strip()) is None
+    if len(name) <= 2 or cleartext.kind_of(name) is None:
+        return False
+    return _DIGEST.fullmatch(unquote_plus(value).strip()) is None
+
+
+def _has_email(text: str) -> bool:
+    """Whether ``text`` holds an e-mail address (not a file name such as ``hero@2x.jpg``), as
+    written or percent-decoded up to :data:`_DECODINGS` times."""
+    for _ in range(_DECODINGS + 1):
+        if "@" in text and any(cleartext.is_email(m.group()) for m in _EMAIL_IN.finditer(text)):
+            return True
+        if "%" not in text:
+            return False
+        decoded = unquote(text)
+        if decoded == text:
+            return False
+        text = decoded
+    return False
+
+
+def _redact_segments(path: str) -> str:
+    """``path`` with each ``/``-separated segment that holds an e-mail address redacted."""
+    if "@" not in path and "%40" not in path:
+        return path
+    segments = path.split("/")
+    clean = [REDACTED_VALUE if _has_email(s) else s for s in segments]
+    return path if clean == segments else "/".join(clean)
 
 
 def _redact_path(base: str) -> str:
-    """The scheme, host and path, with each path segment that is an e-mail address redacted
-    (the ``user@`` of a host is not one: the host is left alone)."""
+    """The scheme, host and path, with each path segment that holds an e-mail address
+    redacted (the ``user@`` of a host is not one: the host is left alone)."""
     scheme, sep, rest = base.partition("://")
     if not sep:
         scheme, rest = "", base
     host, slash, path = rest.partition("/")
     if not slash:
         return base
-    segments = path.split("/")
-    clean = [REDACTED_VALUE if cleartext.is_email(unquote(s)) else s for s in segments]
-    return base if clean == segments else scheme + sep + host + slash + "/".join(clean)
+    return scheme + sep + host + slash + _redact_segments(path)

@@ -776,6 +776,44 @@ def test_a_batch_the_pool_could_not_start_gives_its_slot_back(
     assert h.statuses()[0][0] == "delivered"
 
 
+def test_a_batch_the_pool_queued_but_could_not_start_a_thread_for_gives_its_slot_back_once(
+    tmp_path: Path, sink: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ThreadPoolExecutor queues the work before it starts a thread for it: a refused thread
+    # start leaves the batch queued, and a pool thread that frees up runs it later.
+    _, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url, ", concurrency: 1"))
+    worker = h.worker
+    busy = threading.Event()
+    worker._pool.submit(busy.wait, 10)  # the pool's one thread, busy with something else
+    h.accept({"event_name": "lead", "event_id": "e1"})
+    real_start = threading.Thread.start
+    refused: list[bool] = []
+
+    def start_once_refused(self: threading.Thread) -> None:
+        if not refused:
+            refused.append(True)
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_refused)
+    with pytest.raises(RuntimeError):
+        worker.tick()
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    busy.set()  # the queued batch runs now, on the freed thread
+    deadline = time.monotonic() + 10
+    while worker._in_flight["hook"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.tick()  # the batch that was given up goes now
+    while h.statuses()[0][0] != "delivered" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        worker.tick()
+    time.sleep(0.2)
+
+    assert h.statuses()[0][0] == "delivered"
+    assert worker._in_flight["hook"] == 0  # given back once: -1 let concurrency be exceeded
+
+
 def test_delivery_metrics_count_what_the_store_applied(tmp_path: Path, sink: Any) -> None:
     # A lease lost mid-request: the store keeps the other worker's outcome, and so must the
     # counters (this one's "dead letter" was a false alarm, its "delivered" a double count).

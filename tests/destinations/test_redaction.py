@@ -292,7 +292,7 @@ TOKEN = "tk_live_9f8e7d6c5b4a39281706f5e4"
     "text",
     [
         "x" * 180 + " key=" + TOKEN[:15],  # cut at the end of an excerpt
-        f"Google Ads requestError.INVALID: key {TOKEN[:12]} (gave up after retries)",  # then more
+        f"Google Ads requestError.INVALID: key {TOKEN[:12]} (gave up after retries)",  # then text
         "echo: " + quote_plus(TOKEN + "/x")[:20],  # an encoded form, cut
     ],
     ids=["cut at the end", "cut, then more text", "encoded, cut"],
@@ -341,3 +341,19 @@ def test_a_webhook_url_marked_secret_is_redacted_after_its_host() -> None:
         f"invalid_token {REDACTED} for services"
     )
     assert Webhook({"url": url}).redact(request).url == url  # not marked: shown as it is
+
+
+def test_text_that_only_shares_a_secrets_first_characters_stays_readable() -> None:
+    from destinations.webhook import Webhook
+
+    hook = Webhook(
+        {
+            "url": "https://hooks.zapier.com/hooks/catch/123456/abcdef/",
+            "secret_url": True,
+            "headers": {"Content-Type": "application/json", "X-Key": TOKEN},
+        }
+    )
+    text = "HTTP 415: unsupported media type application/xml; no route /hooks/catalog/v1"
+
+    assert hook.redact_text(text) == text
+    assert hook.redact_text(f"key {TOKEN[:10]}") == f"key {REDACTED}"

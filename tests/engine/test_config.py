@@ -204,8 +204,12 @@ def test_a_signing_secret_is_not_quoted_when_it_is_refused(tmp_path: Path) -> No
         ("log_level: info\nserver_keys: sk_live_SUPERSECRET_0123456789:whsec_SIGNINGSECRET: x\n",
          "line 2"),
         ("server_keys: sk_live_SUPERSECRET_0123456789\x07\n", "character U+0007"),
+        # unquoted secrets YAML reads as a tag, an alias or an anchor, which it names
+        ("server_keys: sk_1:!SUPERSECRET_0123\nx: !SIGNINGSECRET_abc\n", "line 2"),
+        ("identity_secret: *SUPERSECRET_0123456789\n", "line 1"),
+        ("a: &SUPERSECRET_01 1\nb: &SUPERSECRET_01 2\n", "line 2"),
     ],
-    ids=["unclosed quote", "mapping in a value", "control character"],
+    ids=["unclosed quote", "mapping in a value", "control character", "tag", "alias", "anchor"],
 )  # fmt: skip
 def test_a_config_file_that_is_no_valid_yaml_is_refused_without_quoting_it(
     tmp_path: Path, text: str, where: str

@@ -33,6 +33,15 @@ DIGEST = "a" * 64
         (f"{SHOP}/#email=ada@example.com", f"{SHOP}/#email=(redacted)"),
         (f"{SHOP}/users/ada%40example.com/orders?x=1", f"{SHOP}/users/(redacted)/orders?x=1"),
         ("/users/ada@example.com", "/users/(redacted)"),
+        # a fragment route, a redirect's own query (encoded once more), "+" in an address,
+        # several addresses, an address inside a longer value
+        (f"{SHOP}/#/users/ada@example.com", f"{SHOP}/#/users/(redacted)"),
+        (f"{SHOP}/login?next=/account?email=ada@example.com", f"{SHOP}/login?next=(redacted)"),
+        (f"{SHOP}/login?next=%2Faccount%3Femail%3Dada%2540example.com&x=1",
+         f"{SHOP}/login?next=(redacted)&x=1"),
+        (f"{SHOP}/welcome?ref=ada+news@example.com", f"{SHOP}/welcome?ref=(redacted)"),
+        (f"{SHOP}/share?to=ada@example.com,bob@example.com", f"{SHOP}/share?to=(redacted)"),
+        (f"{SHOP}/search?q=ada@example.com+order", f"{SHOP}/search?q=(redacted)"),
     ],
 )  # fmt: skip
 def test_personal_data_in_a_url_is_redacted_and_the_rest_kept_as_sent(
@@ -51,6 +60,7 @@ def test_personal_data_in_a_url_is_redacted_and_the_rest_kept_as_sent(
         f"{SHOP}/?email=&phone",  # nothing to redact
         f"{SHOP}/?phone_verified=1&email_opt_in=yes",  # names that hold no personal data
         f"{SHOP}/#reviews",
+        f"{SHOP}/?ln=en&fn=search&db=main&ph=2",  # two-letter names say nothing in a URL
     ],
 )
 def test_a_url_without_personal_data_is_left_exactly_as_sent(url: str) -> None:

@@ -1164,3 +1164,24 @@ def test_without_an_identity_secret_a_user_hash_is_ignored(client: FlaskClient, 
 
     assert answer.status_code == 200
     assert "user_hash" not in stored(app, answer.get_json()["event_id"])
+
+
+def test_with_verification_on_a_page_cannot_take_over_a_visitor_by_naming_it(
+    tmp_path: Path,
+) -> None:
+    # The victim's browser, signed in: its visitor is linked to the victim's user ID.
+    app = make_app(tmp_path, identity_secret=IDENTITY_SECRET)
+    victim = app.test_client()
+    signed_in = {"event_name": "identify", "user_id": "victim_42", "consent": ALL_GRANTED}
+    answer = collect(victim, {**signed_in, "user_hash": _hash("victim_42")}).get_json()
+    victims_visitor = answer["visitor_id"]
+    # Another browser (no cookie) names that visitor in the body, with its own click ID.
+    attacker = app.test_client()
+    landing = {"page_url": f"{ORIGIN}/?gclid=ATTACKER_GCLID"}
+    claim = {"event_name": "page_view", "visitor_id": victims_visitor, "consent": ALL_GRANTED}
+    taken = collect(attacker, {**claim, "context": landing}).get_json()
+    sale = track(victim, {"event_name": "sale", "user_id": "victim_42", "consent": ALL_GRANTED})
+
+    assert taken["visitor_id"] != victims_visitor  # a visitor of its own
+    assert "user_id" not in stored(app, taken["event_id"])
+    assert "gclid" not in stored(app, sale.get_json()["event_id"]).get("context", {})

@@ -7,6 +7,7 @@ _Connections for why one connection per process makes the writes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import sqlite3
@@ -35,6 +36,7 @@ commit adds about 45 KB of frames: gigabytes within minutes at full intake), and
 would pay for extending it. The writer's own
 checkpoint finishes what the background one left, so the next transaction rewinds the WAL."""
 
+log = logging.getLogger(__name__)
 _PID = os.getpid()
 
 
@@ -303,6 +305,30 @@ class _Connections:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
+
+    def _reset_wal(self, patience: float = 5.0) -> None:
+        """Copy the WAL into the database and empty it (``wal_checkpoint(TRUNCATE)``).
+
+        After an erasure: secure_delete overwrites what was deleted in the database, but the
+        WAL still holds earlier images of those pages until it is reset. Tried for up to
+        ``patience`` seconds while readers or writers hold it; then logged and left.
+        """
+        if self.path == ":memory:":
+            return
+        deadline = time.monotonic() + patience
+        try:
+            conn = self._conn()
+            while True:
+                row = _retry_busy(lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+                busy = row.fetchone()
+                if not (busy and busy[0]) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        except sqlite3.Error as exc:
+            log.warning("WAL not reset after an erasure", extra={"error_type": type(exc).__name__})
+            return
+        if busy and busy[0]:
+            log.warning("WAL not reset after an erasure: other connections kept using it")
 
     def close(self) -> None:
         """Close this thread's connection and the process's writer (and stop checkpointing)."""

@@ -172,6 +172,7 @@ class _Erasure(_Connections):
                 removed["links"] += db.execute(
                     "DELETE FROM user_visitors WHERE user_id = ?", (u,)
                 ).rowcount
+        self._reset_wal()
         return removed
 
     def purge(self, before: float, now: float | None = None) -> dict[str, int]:
@@ -246,6 +247,8 @@ class _Erasure(_Connections):
                 removed["visitors"] += _erase_visitors(db, gone)
             if len(found) < PURGE_CHUNK:
                 break
+        if any(removed.values()):
+            self._reset_wal()
         return removed
 
     def purge_expired(self, now: float) -> int:

@@ -17,6 +17,7 @@ own (an open file description inherited across a fork would share its lock).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -100,6 +101,12 @@ class HostLock:
         """Start over in a forked child: none of the parent's threads came along, its waiter
         may have held the condition's lock at the fork, and its descriptor shares the parent's
         lock. (Called before the condition is taken, by the child's only writer.)"""
+        if self._fd >= 0:
+            # The parent's descriptor shares the parent's lock: kept open here, it would keep
+            # the lock held for every process if the parent died holding it. Closing this copy
+            # releases nothing of the parent's.
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
         self._pid, self._fd, self._waiter = os.getpid(), -1, None
         self._cond = threading.Condition()
         self._blocked = self._wanted = self._granted = False
