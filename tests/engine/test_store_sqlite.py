@@ -1380,3 +1380,25 @@ def test_a_fork_waits_until_no_checkpoint_is_inside_sqlite(
     store.close()
 
     assert finished_before_the_fork
+
+
+def test_a_waiter_thread_that_could_not_start_does_not_leave_every_later_write_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    monkeypatch.setattr(sqlite_connection, "BUSY_TIMEOUT", 0.5)
+    real_start = threading.Thread.start
+
+    def refused(self: threading.Thread) -> None:
+        if self.name == "sqlite-writer-lock":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    with writer_lock_held_elsewhere(path):
+        monkeypatch.setattr(threading.Thread, "start", refused)
+        with pytest.raises(StoreError, match="no thread to wait with"):
+            store.accept(acceptance("e1"))
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+    # Marked as waiting with no thread, it would refuse every write after the lock was free.
+    assert store.accept(acceptance("e2")).duplicate is False

@@ -64,10 +64,15 @@ class HostLock:
                     pass
                 self._blocked, self._asked = True, fd
                 if self._waiter is None:
-                    self._waiter = threading.Thread(
+                    waiter = threading.Thread(
                         target=self._wait_for_locks, name="sqlite-writer-lock", daemon=True
                     )
-                    self._waiter.start()
+                    try:
+                        waiter.start()
+                    except RuntimeError as exc:  # no thread to be had: try again next time
+                        self._blocked, self._asked = False, -1
+                        raise StoreError("the store is busy (no thread to wait with)") from exc
+                    self._waiter = waiter
                 self._cond.notify_all()
             self._wanted, self._granted = True, False
             while not self._granted:
