@@ -34,6 +34,8 @@ from destinations.testkit.server import Emulator, Reply, Request
 
 Fault = Literal["throttle", "transient", "auth", "permission", "server_error"]
 
+# Written from Meta's documentation, not imported from destinations.meta_capi: the emulator
+# checks the adapter against the platform, so it must not share the adapter's beliefs.
 ACTION_SOURCES = frozenset(
     {
         "email",
