@@ -25,7 +25,7 @@ from engine import gate
 from engine.errors import StoreError
 from engine.identity import IdentityUpdate
 from engine.store.base import Acceptance, Decision
-from engine.store.sqlite import SQLiteStore
+from engine.store.sqlite import SQLiteStore, hostlock
 from engine.store.sqlite import connection as sqlite_connection
 from engine.store.sqlite import erasure as sqlite_erasure
 from engine.store.sqlite import intake as sqlite_intake
@@ -1402,3 +1402,24 @@ def test_a_waiter_thread_that_could_not_start_does_not_leave_every_later_write_w
         monkeypatch.setattr(threading.Thread, "start", real_start)
     # Marked as waiting with no thread, it would refuse every write after the lock was free.
     assert store.accept(acceptance("e2")).duplicate is False
+
+
+def test_a_lock_freed_within_the_polling_time_is_taken_without_the_waiter_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    store.accept(acceptance("warm"))
+    monkeypatch.setattr(hostlock, "POLL_SECONDS", 10.0)  # every wait of this test is "short"
+    fd = _hold_host_lock(path)
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (store.accept(acceptance("e1")), done.set()))
+    writer.start()
+    try:
+        assert not done.wait(0.3)  # waits for the other holder...
+    finally:
+        os.close(fd)
+    writer.join(10)
+    assert done.is_set()
+    assert store._host._waiter is None  # ...by trying again, not through the waiter thread
+    assert store.get_event("e1") is not None
