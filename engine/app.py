@@ -40,7 +40,11 @@ def create_app(
     rules = rules or load_rules(settings.rules, settings.reload_interval)
     store = store or SQLiteStore(settings.database_path, settings.sqlite_sync)
 
-    privacy = Privacy(settings.ip_storage, settings.click_id_window)
+    privacy = Privacy(
+        settings.ip_storage,
+        settings.click_id_window,
+        redact_query_params=settings.redact_query_params,
+    )
     app = Flask("tagrelay")
     if settings.trusted_proxies > 0:
         # The client IP is taken from X-Forwarded-For only as far as the configured number of

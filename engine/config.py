@@ -90,6 +90,8 @@ class Settings:
     rate_limit: int = 1000  # requests per minute per key; 0 turns it off
     ip_storage: str = "consent"  # consent | truncate | drop | keep
     click_id_window: float = 30 * 86400.0
+    # Page URL query and fragment fields redacted at intake whatever they hold (engine.urlprivacy).
+    redact_query_params: frozenset[str] = frozenset()
     retention_days: int = 395  # events and identities older than this are purged; 0: never
     extra: Mapping[str, Any] = field(default_factory=dict)
     # How each setting that was given was named (config key -> "--data-dir", ...), for messages.
@@ -118,6 +120,7 @@ Parser = Callable[[Any], Any]
 _WHOLE = re.compile(r"[+-]?[0-9]{1,30}")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]*)?|\.[0-9]+)")
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 6265 token
+_PARAM_NAME = re.compile(r"[^=&#?\s]+")
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -204,6 +207,21 @@ def _identity_secret(value: Any) -> str | None:
     if not isinstance(value, str) or len(value.strip()) < MIN_SECRET:
         raise ValueError(f"must be a secret of at least {MIN_SECRET} characters")
     return value.strip()
+
+
+def _query_params(value: Any) -> frozenset[str]:
+    """``a,b`` or a YAML list -> the names, in lower case (a URL's field names are compared so)."""
+    if value is None:
+        return frozenset()
+    entries = value.split(",") if isinstance(value, str) else value
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ValueError("must be query parameter names: name1,name2 or a list of names")
+    names = frozenset(e.strip().lower() for e in entries if e.strip())
+    if bad := sorted(n for n in names if not _PARAM_NAME.fullmatch(n)):
+        raise ValueError(
+            f"must be query parameter names, without '=', '&', '#', '?' or spaces ({bad[0]!r})"
+        )
+    return names
 
 
 def _cookie_name(value: Any) -> str:
@@ -398,6 +416,7 @@ _SETTINGS: dict[str, tuple[str, Parser, bool]] = {
     "ip_storage": ("ip_storage", _choice("consent", "truncate", "drop", "keep"), True),
     "retention_days": ("retention_days", _whole(0, MAX_DAYS), True),
     "click_id_window_days": ("click_id_window", _days_in_seconds, True),
+    "redact_query_params": ("redact_query_params", _query_params, True),
     "cookie_name": ("cookie_name", _cookie_name, True),
     "cookie_max_age": ("cookie_max_age", _whole(1, MAX_COOKIE_AGE), True),
     "cookie_domain": ("cookie_domain", _optional_text, True),

@@ -280,12 +280,17 @@ def validate(raw: Any) -> None:
         raise BadRequest(_describe(error))
 
 
-def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
+def normalize(
+    raw: Any, now: datetime | None = None, redact_params: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """Validate one event and return its normalized form.
 
     Args:
         raw: the decoded JSON value the client sent.
         now: the time of receipt (UTC); defaults to the current time.
+        redact_params: page URL fields redacted whatever they hold, beside those
+            :func:`engine.urlprivacy.redact_personal_data` finds itself
+            (``TAGRELAY_REDACT_QUERY_PARAMS``).
 
     Raises:
         BadRequest: with a message naming the first problem found.
@@ -327,7 +332,7 @@ def normalize(raw: Any, now: datetime | None = None) -> dict[str, Any]:
     if context:
         for key in ("page_url", "referrer"):  # see engine.urlprivacy: stored, then sent, clean
             url = context.get(key)
-            if type(url) is str and (clean := redact_personal_data(url)) != url:
+            if type(url) is str and (clean := redact_personal_data(url, redact_params)) != url:
                 if context is raw.get("context"):
                     context = event["context"] = dict(context)
                 context[key] = clean

@@ -126,6 +126,7 @@ class Privacy:
     ip_storage: str = "consent"  # consent | truncate | drop | keep
     click_id_window: float = 30 * 86400.0
     click_id_windows: Mapping[str, float] = field(default_factory=dict)  # per click ID name
+    redact_query_params: frozenset[str] = frozenset()  # page URL fields always redacted
 
 
 def enrich_from_store(
@@ -171,7 +172,7 @@ class Pipeline:
         Raises:
             BadRequest: the event is invalid.
         """
-        normalized = events.normalize(raw, now)
+        normalized = events.normalize(raw, now, self.privacy.redact_query_params)
         # Computed once for the enrichment, the IP policy, every tag and the identity update;
         # neither the enrichment nor the IP policy touches the event's consent.
         consent = container.consent(normalized)

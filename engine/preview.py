@@ -50,6 +50,7 @@ def preview(
     now: datetime | None = None,
     enricher: Enricher | None = None,
     ip_storage: str = "consent",
+    redact_params: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Evaluate ``raw`` against every tag, without storing or sending anything.
 
@@ -62,7 +63,7 @@ def preview(
         BadRequest: the event is invalid.
     """
     now = now or datetime.now(UTC)
-    event = events.normalize(raw, now)
+    event = events.normalize(raw, now, redact_params)
     granted = granted_purposes(event.get("consent"), container.consent_defaults)
     added = enricher(event, now, granted) if enricher is not None else []
     apply_ip_policy(event, ip_storage, granted)

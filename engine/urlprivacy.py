@@ -14,7 +14,8 @@ often as it was encoded (a redirect URL's own query); so is a path segment, in t
 a fragment route, that holds one. The value becomes ``(redacted)``, as GA4's own data
 redaction writes it; the rest of the URL stays exactly as sent, so the platforms still see the
 page and its campaign parameters. What it cannot see: a phone number or name under a name
-that does not say so (``?ref=Ada``).
+that does not say so (``?ref=Ada``); the site's own such names are given in ``names``
+(``TAGRELAY_REDACT_QUERY_PARAMS``), and their values are redacted whatever they hold.
 """
 
 from __future__ import annotations
@@ -30,8 +31,17 @@ _EMAIL_IN = re.compile(r"[A-Za-z0-9._%+\-']+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*
 _DECODINGS = 3  # a redirect's URL inside a query is encoded once more, and it can nest
 
 
-def redact_personal_data(url: str) -> str:
-    """``url`` with the personal data it carries redacted (see the module docstring)."""
+_NONE: frozenset[str] = frozenset()
+
+
+def redact_personal_data(url: str, names: frozenset[str] = _NONE) -> str:
+    """``url`` with the personal data it carries redacted (see the module docstring).
+
+    Args:
+        url: a page URL or referrer, as sent.
+        names: query and fragment field names, in lower case, whose values are redacted
+            whatever they hold.
+    """
     if "?" not in url and "#" not in url and "@" not in url and "%40" not in url:
         return url  # nothing that could hold a field or an address
     head, hash_sign, fragment = url.partition("#")
@@ -39,27 +49,31 @@ def redact_personal_data(url: str) -> str:
     if "@" in base or "%40" in base:
         base = _redact_path(base)
     if query:
-        query = _redact_fields(query)
+        query = _redact_fields(query, names)
     if fragment:
         # Single-page apps route by fragment: a path (#/users/ada@example.com) and a query
         # (#/signup?email=...) of their own.
         route, inner, rest = fragment.partition("?")
         if inner:
-            fragment = _redact_segments(route) + inner + _redact_fields(rest)
+            fragment = _redact_segments(route) + inner + _redact_fields(rest, names)
         elif "=" in fragment:
-            fragment = _redact_fields(fragment)
+            fragment = _redact_fields(fragment, names)
         else:
             fragment = _redact_segments(fragment)
     return base + question + query + hash_sign + fragment
 
 
-def _redact_fields(query: str) -> str:
-    """``name=value&...`` with each field that holds personal data given ``(redacted)``."""
+def _redact_fields(query: str, names: frozenset[str]) -> str:
+    """``name=value&...`` with each field that holds personal data, or is named in ``names``,
+    given ``(redacted)``."""
     fields = query.split("&")
     changed = False
     for n, field in enumerate(fields):
         name, equals, value = field.partition("=")
-        if equals and value and _personal(unquote_plus(name), value):
+        if not (equals and value) or value == REDACTED_VALUE:
+            continue
+        readable = unquote_plus(name)
+        if (names and readable.strip().lower() in names) or _personal(readable, value):
             fields[n] = f"{name}={REDACTED_VALUE}"
             changed = True
     return "&".join(fields) if changed else query

@@ -46,9 +46,14 @@ def cmd_test(args: argparse.Namespace) -> int:
     container = load_container(_rules_path(args))
     if container is None:
         return 1
-    # The server's IP policy applies before the rules, so the tests see what it would send;
-    # only that setting is read, so the server's other settings cannot fail a rules test.
-    results = run_tests(container, ip_storage=load_setting("ip_storage"))
+    # The server's IP policy and page URL redaction apply before the rules, so the tests see
+    # what it would send; only those settings are read, so the server's other settings cannot
+    # fail a rules test.
+    results = run_tests(
+        container,
+        ip_storage=load_setting("ip_storage"),
+        redact_params=load_setting("redact_query_params"),
+    )
     failed = [r for r in results if not r.passed]
     for result in results:
         mark = "ok  " if result.passed else "FAIL"
@@ -84,13 +89,19 @@ def cmd_preview(args: argparse.Namespace) -> int:
         from engine.pipeline import Privacy, enrich_from_store
 
         store = existing_store(settings)
-        privacy = Privacy(settings.ip_storage, settings.click_id_window)
+        privacy = Privacy(settings.ip_storage, settings.click_id_window)  # (enrichment only)
 
         def enricher(event: dict[str, Any], now: datetime, granted: frozenset[str]) -> list[str]:
             return enrich_from_store(store, privacy, event, now, granted)
 
     try:
-        result = preview(container, raw, enricher=enricher, ip_storage=settings.ip_storage)
+        result = preview(
+            container,
+            raw,
+            enricher=enricher,
+            ip_storage=settings.ip_storage,
+            redact_params=settings.redact_query_params,
+        )
     except BadRequest as exc:
         err(f"{args.event}: invalid event: {exc}")
         return 2

@@ -83,16 +83,18 @@ def run_test(
     test: RuleTest,
     now: datetime | None = None,
     ip_storage: str = "consent",
+    redact_params: frozenset[str] = frozenset(),
 ) -> TestResult:
     """Evaluate one test's event as the server would and compare with its expectations.
 
-    ``ip_storage`` is the server's IP policy (``TAGRELAY_IP_STORAGE``), applied to the event
+    ``ip_storage`` is the server's IP policy (``TAGRELAY_IP_STORAGE``) and ``redact_params``
+    its page URL fields to redact (``TAGRELAY_REDACT_QUERY_PARAMS``), applied to the event
     before the rules see it, as intake and ``tagrelay preview`` do.
     """
     result = TestResult(test)
     now = now or datetime.now(UTC)
     try:
-        event = events.normalize(dict(test.event), now)
+        event = events.normalize(dict(test.event), now, redact_params)
     except BadRequest as exc:
         result.differences.append(f"the test event is invalid: {exc}")
         return result
@@ -127,6 +129,11 @@ def run_test(
     return result
 
 
-def run_tests(container: Container, ip_storage: str = "consent") -> list[TestResult]:
-    """Run every test of the container (``ip_storage``: see :func:`run_test`)."""
-    return [run_test(container, test, ip_storage=ip_storage) for test in container.tests]
+def run_tests(
+    container: Container, ip_storage: str = "consent", redact_params: frozenset[str] = frozenset()
+) -> list[TestResult]:
+    """Run every test of the container (the settings: see :func:`run_test`)."""
+    return [
+        run_test(container, test, ip_storage=ip_storage, redact_params=redact_params)
+        for test in container.tests
+    ]

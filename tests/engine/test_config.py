@@ -444,3 +444,18 @@ def test_an_identity_secret_must_be_sixteen_characters_and_is_never_quoted() -> 
     settings = load_settings({"TAGRELAY_IDENTITY_SECRET": "idsec_0123456789abcdef"})
     assert settings.identity_secret == "idsec_0123456789abcdef"
     assert "idsec_" not in repr(settings)
+
+
+def test_query_parameters_to_redact_are_names_from_a_list_or_commas(tmp_path: Path) -> None:
+    from_env = load_settings({"TAGRELAY_REDACT_QUERY_PARAMS": " ref, Mob ,,"})
+    from_file = load_settings(config_file(tmp_path, "redact_query_params: [ref, Mob]\n"))
+
+    assert from_env.redact_query_params == from_file.redact_query_params == {"ref", "mob"}
+    assert load_settings({}).redact_query_params == frozenset()
+    assert refused({"TAGRELAY_REDACT_QUERY_PARAMS": "ref,a=b"}) == (
+        "TAGRELAY_REDACT_QUERY_PARAMS must be query parameter names, without '=', '&', '#', '?' "
+        "or spaces ('a=b'), not 'ref,a=b'"
+    )
+    assert "must be query parameter names" in refused(
+        config_file(tmp_path, "redact_query_params: {ref: 1}\n")
+    )
