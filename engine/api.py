@@ -48,6 +48,9 @@ def _finite(text: str) -> float:
     return value
 
 
+# The content codings of the HTTP registry that compress (RFC 9110 8.4.1, RFC 8878), none read.
+_COMPRESSIONS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
+
 MAX_DEPTH = 64  # objects and arrays inside one another; events need a handful
 
 
@@ -71,13 +74,17 @@ _BATCH_DEPTH = MAX_DEPTH + 2
 
 
 def parse_json_body(
-    body: bytes, content_type: str | None, allow_text: bool = False, max_depth: int = MAX_DEPTH
+    body: bytes,
+    content_type: str | None,
+    allow_text: bool = False,
+    max_depth: int = MAX_DEPTH,
+    content_encoding: str | None = None,
 ) -> Any:
     """Decode a request body as strict JSON (no NaN/Infinity, finite numbers, at most
     ``max_depth`` levels of objects and arrays).
 
     Raises:
-        UnsupportedMediaType: the Content-Type is not JSON.
+        UnsupportedMediaType: the Content-Type is not JSON, or the body is compressed.
         BadRequest: the body is not valid UTF-8 JSON.
     """
     mime = (content_type or "").split(";")[0].strip().lower()
@@ -85,6 +92,15 @@ def parse_json_body(
     if mime not in allowed:
         given = f"not {mime[:60]}" if mime else "none was sent"
         raise UnsupportedMediaType(f"Content-Type must be {' or '.join(allowed)} ({given})")
+    # A compressed body would otherwise be read as it came: gzip as "not valid UTF-8", and a
+    # body labelled compressed that is not would be taken (RFC 9110 15.5.16: answer 415).
+    # Other words there ("utf-8", a common slip) compress nothing: the body is read as sent.
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
+    if not _COMPRESSIONS.isdisjoint(codings):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {', '.join(codings)[:60]} is not supported: send the body "
+            "uncompressed"
+        )
     if not body:
         raise BadRequest("the request body is empty")
     value = jsonio.loads_fast(body)
@@ -224,7 +240,7 @@ def _replay_safe(events: list[Any]) -> list[Any]:
 def track() -> tuple[Response, int]:
     """Accept one event."""
     body = _authenticated_body()
-    raw = parse_json_body(body, request.content_type)
+    raw = parse_json_body(body, request.content_type, content_encoding=request.content_encoding)
     outcome = _pipeline().accept(_replay_safe([raw]))[0]
     if outcome.accepted is None:
         raise BadRequest(outcome.error or "invalid event")
@@ -235,7 +251,12 @@ def track() -> tuple[Response, int]:
 def track_batch() -> tuple[Response, int]:
     """Accept up to 100 events; one result per event."""
     body = _authenticated_body()
-    raw = parse_json_body(body, request.content_type, max_depth=_BATCH_DEPTH)
+    raw = parse_json_body(
+        body,
+        request.content_type,
+        max_depth=_BATCH_DEPTH,
+        content_encoding=request.content_encoding,
+    )
     if not isinstance(raw, dict) or not isinstance(raw.get("events"), list):
         raise BadRequest('the body must be {"events": [...]}')
     if extra := sorted(set(raw) - {"events"}):

@@ -108,7 +108,12 @@ def collect() -> tuple[Response, int]:
         body = request.get_data(cache=False)
         if len(body) > MAX_COLLECT_BYTES:
             raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
-        raw = parse_json_body(body, request.content_type, allow_text=True)
+        raw = parse_json_body(
+            body,
+            request.content_type,
+            allow_text=True,
+            content_encoding=request.content_encoding,
+        )
         raw = _verified_user(raw)
         # Checked as the page sent it, before the server's own fields replace the page's: a
         # page's bad context or visitor ID gets the error /v1/track gives, not a silent fix.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import sqlite3
 import time
@@ -205,6 +206,34 @@ def test_json_with_a_charset_parameter_is_accepted(client: FlaskClient) -> None:
     response = post(
         client, "/v1/track", {"event_name": "x"}, content_type="application/json; charset=utf-8"
     )
+
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "event"),
+    [("/v1/track", {"event_name": "x"}), ("/v1/track/batch", {"events": [{"event_name": "x"}]})],
+    ids=["track", "batch"],
+)
+def test_a_compressed_body_gets_415_and_is_not_read(
+    client: FlaskClient, db: Callable[[str], list[tuple[Any, ...]]], path: str, event: Any
+) -> None:
+    # gzip used to get "the body is not valid UTF-8", and a body labelled br that was not
+    # compressed was accepted as it came.
+    body = json.dumps(event).encode()
+    gzipped = post(client, path, gzip.compress(body), headers={"Content-Encoding": "gzip"})
+    labelled = post(client, path, body, headers={"Content-Encoding": "br"})
+
+    assert_error(gzipped, 415, "Content-Encoding gzip is not supported: send the body uncompressed")
+    assert_error(labelled, 415, "Content-Encoding br is not supported: send the body uncompressed")
+    assert db("SELECT count(*) FROM events") == [(0,)]
+
+
+@pytest.mark.parametrize("coding", ["identity", "utf-8"])
+def test_a_content_encoding_that_compresses_nothing_is_read_as_sent(
+    client: FlaskClient, coding: str
+) -> None:
+    response = post(client, "/v1/track", {"event_name": "x"}, headers={"Content-Encoding": coding})
 
     assert response.status_code == 200
 
