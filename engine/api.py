@@ -219,7 +219,8 @@ def _authenticated_body() -> bytes:
 
 def _replay_safe(events: list[Any]) -> list[Any]:
     """``events``, each without an ``event_id`` given one derived from the request's signature
-    and its place in the request, when the request was signed; unchanged otherwise.
+    and its place in the request, when the request was signed; unchanged otherwise. An
+    ``event_id`` of null is left to validation, which refuses it as it does unsigned.
 
     A generated ID would make a replayed signed request (same body, same signature, within the
     replay window) count its events twice; derived so, the replay is a duplicate.
@@ -230,7 +231,7 @@ def _replay_safe(events: list[Any]) -> list[Any]:
     seed = hashlib.sha256(sent.strip().lower().removeprefix("sha256=").encode()).hexdigest()
     return [
         {**raw, "event_id": "sig-" + hashlib.sha256(f"{seed}:{n}".encode()).hexdigest()[:32]}
-        if isinstance(raw, dict) and raw.get("event_id") is None
+        if isinstance(raw, dict) and "event_id" not in raw
         else raw
         for n, raw in enumerate(events)
     ]

@@ -318,6 +318,21 @@ def test_a_signed_request_replayed_within_the_window_is_a_duplicate_without_even
     assert [r["event_id"] for r in results(again)] == ids and len(set(ids)) == len(ids)
 
 
+def test_an_event_id_of_null_gets_the_same_400_signed_or_not(client: FlaskClient) -> None:
+    # A signed request used to take it as absent and derive an ID; unsigned, it is refused.
+    body = b'{"event_name": "purchase", "event_id": null}'
+    unsigned = post(client, "/v1/track", body)
+    signed = client.post(
+        "/v1/track",
+        data=body,
+        headers=_signed(body, str(int(time.time()))),
+        content_type="application/json",
+    )
+
+    assert_error(unsigned, 400, "event_id must be string or integer")
+    assert_error(signed, 400, "event_id must be string or integer")
+
+
 def test_the_same_events_signed_anew_are_new_events(client: FlaskClient) -> None:
     body = b'{"event_name": "purchase"}'
     first = client.post("/v1/track", data=body, headers=_signed(body, str(int(time.time()))),
