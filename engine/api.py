@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import time
+import zlib
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
@@ -48,8 +49,64 @@ def _finite(text: str) -> float:
     return value
 
 
-# The content codings of the HTTP registry that compress (RFC 9110 8.4.1, RFC 8878), none read.
+# The content codings of the HTTP registry that compress (RFC 9110 8.4.1, RFC 8878), and the
+# zlib window bits that read those read here: gzip, and deflate, which HTTP defines as the zlib
+# format (RFC 9110 8.4.1.2) and some clients send raw (told apart by the zlib header).
 _COMPRESSIONS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
+_READABLE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+MAX_BODY_BYTES = 1_048_576
+
+
+def decode_body(body: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
+    """``body`` decompressed as its ``Content-Encoding`` says (gzip or deflate, applied in the
+    order listed), at most ``max_bytes`` once decompressed.
+
+    Other words in the header (``identity``; ``utf-8``, a common slip) compress nothing: the
+    body is read as sent.
+
+    Raises:
+        UnsupportedMediaType: a compression that is not read here (br, zstd, compress).
+        PayloadTooLarge: the body is over ``max_bytes`` once decompressed.
+        BadRequest: the body is not what its coding says.
+    """
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
+    applied = [c for c in codings if c in _COMPRESSIONS]
+    if unread := [c for c in applied if c not in _READABLE]:
+        # RFC 9110 15.5.16: an unsupported content coding is a 415.
+        raise UnsupportedMediaType(
+            f"Content-Encoding {unread[0][:20]} is not supported: send the body compressed "
+            "with gzip or deflate, or uncompressed"
+        )
+    for coding in reversed(applied):
+        body = _inflate(body, coding, max_bytes)
+    return body
+
+
+def _inflate(body: bytes, coding: str, max_bytes: int) -> bytes:
+    wbits = _READABLE[coding]
+    if coding == "deflate" and (
+        len(body) < 2 or body[0] & 0x0F != 8 or int.from_bytes(body[:2]) % 31
+    ):
+        wbits = -zlib.MAX_WBITS  # raw deflate, without the zlib header
+    out = bytearray()
+    rest = body
+    try:
+        while True:  # gzip members may follow one another (RFC 1952 2.2); each is read
+            inflater = zlib.decompressobj(wbits)
+            out += inflater.decompress(rest, max_bytes + 1 - len(out))
+            if len(out) > max_bytes:
+                raise PayloadTooLarge(f"the body is over {max_bytes} bytes once decompressed")
+            if not inflater.eof:
+                raise BadRequest(f"the {coding} body is cut short")
+            rest = inflater.unused_data
+            if not rest or wbits != _READABLE["gzip"]:
+                break
+    except zlib.error as exc:
+        raise BadRequest(f"the body is not valid {coding} data") from exc
+    if rest:
+        raise BadRequest(f"the {coding} body has data after its end")
+    return bytes(out)
+
 
 MAX_DEPTH = 64  # objects and arrays inside one another; events need a handful
 
@@ -79,28 +136,24 @@ def parse_json_body(
     allow_text: bool = False,
     max_depth: int = MAX_DEPTH,
     content_encoding: str | None = None,
+    max_bytes: int = MAX_BODY_BYTES,
 ) -> Any:
     """Decode a request body as strict JSON (no NaN/Infinity, finite numbers, at most
-    ``max_depth`` levels of objects and arrays).
+    ``max_depth`` levels of objects and arrays), decompressed first as ``content_encoding``
+    says (see :func:`decode_body`; ``max_bytes`` limits the decompressed body).
 
     Raises:
-        UnsupportedMediaType: the Content-Type is not JSON, or the body is compressed.
-        BadRequest: the body is not valid UTF-8 JSON.
+        UnsupportedMediaType: the Content-Type is not JSON, or the compression is not read.
+        PayloadTooLarge: the body is over ``max_bytes`` once decompressed.
+        BadRequest: the body is not valid UTF-8 JSON, or not what its coding says.
     """
     mime = (content_type or "").split(";")[0].strip().lower()
     allowed = _JSON_TYPES + (("text/plain",) if allow_text else ())
     if mime not in allowed:
         given = f"not {mime[:60]}" if mime else "none was sent"
         raise UnsupportedMediaType(f"Content-Type must be {' or '.join(allowed)} ({given})")
-    # A compressed body would otherwise be read as it came: gzip as "not valid UTF-8", and a
-    # body labelled compressed that is not would be taken (RFC 9110 15.5.16: answer 415).
-    # Other words there ("utf-8", a common slip) compress nothing: the body is read as sent.
-    codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
-    if not _COMPRESSIONS.isdisjoint(codings):
-        raise UnsupportedMediaType(
-            f"Content-Encoding {', '.join(codings)[:60]} is not supported: send the body "
-            "uncompressed"
-        )
+    if content_encoding:
+        body = decode_body(body, content_encoding, max_bytes)
     if not body:
         raise BadRequest("the request body is empty")
     value = jsonio.loads_fast(body)
@@ -241,7 +294,12 @@ def _replay_safe(events: list[Any]) -> list[Any]:
 def track() -> tuple[Response, int]:
     """Accept one event."""
     body = _authenticated_body()
-    raw = parse_json_body(body, request.content_type, content_encoding=request.content_encoding)
+    raw = parse_json_body(
+        body,
+        request.content_type,
+        content_encoding=request.content_encoding,
+        max_bytes=_settings().max_body_bytes,
+    )
     outcome = _pipeline().accept(_replay_safe([raw]))[0]
     if outcome.accepted is None:
         raise BadRequest(outcome.error or "invalid event")
@@ -257,6 +315,7 @@ def track_batch() -> tuple[Response, int]:
         request.content_type,
         max_depth=_BATCH_DEPTH,
         content_encoding=request.content_encoding,
+        max_bytes=_settings().max_body_bytes,
     )
     if not isinstance(raw, dict) or not isinstance(raw.get("events"), list):
         raise BadRequest('the body must be {"events": [...]}')

@@ -113,6 +113,7 @@ def collect() -> tuple[Response, int]:
             request.content_type,
             allow_text=True,
             content_encoding=request.content_encoding,
+            max_bytes=MAX_COLLECT_BYTES,
         )
         raw = _verified_user(raw)
         # Checked as the page sent it, before the server's own fields replace the page's: a

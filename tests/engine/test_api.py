@@ -6,6 +6,7 @@ import gzip
 import json
 import sqlite3
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -210,22 +211,87 @@ def test_json_with_a_charset_parameter_is_accepted(client: FlaskClient) -> None:
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize(
-    ("path", "event"),
-    [("/v1/track", {"event_name": "x"}), ("/v1/track/batch", {"events": [{"event_name": "x"}]})],
-    ids=["track", "batch"],
-)
-def test_a_compressed_body_gets_415_and_is_not_read(
-    client: FlaskClient, db: Callable[[str], list[tuple[Any, ...]]], path: str, event: Any
-) -> None:
-    # gzip used to get "the body is not valid UTF-8", and a body labelled br that was not
-    # compressed was accepted as it came.
-    body = json.dumps(event).encode()
-    gzipped = post(client, path, gzip.compress(body), headers={"Content-Encoding": "gzip"})
-    labelled = post(client, path, body, headers={"Content-Encoding": "br"})
+def _raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
 
-    assert_error(gzipped, 415, "Content-Encoding gzip is not supported: send the body uncompressed")
-    assert_error(labelled, 415, "Content-Encoding br is not supported: send the body uncompressed")
+
+@pytest.mark.parametrize(
+    ("coding", "pack"),
+    [
+        ("gzip", gzip.compress),
+        ("x-gzip", gzip.compress),
+        ("GZIP", gzip.compress),
+        ("deflate", zlib.compress),  # HTTP's deflate: the zlib format
+        ("deflate", _raw_deflate),  # what some clients send as deflate
+        ("gzip, identity", gzip.compress),
+        ("deflate, gzip", lambda data: gzip.compress(zlib.compress(data))),  # in the order applied
+        ("gzip", lambda data: gzip.compress(data[:20]) + gzip.compress(data[20:])),  # 2 members
+    ],
+)
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/track", {"event_name": "x", "event_id": "z1"}),
+     ("/v1/track/batch", {"events": [{"event_name": "x", "event_id": "z1"}]})],
+    ids=["track", "batch"],
+)  # fmt: skip
+def test_a_gzip_or_deflate_body_is_read_decompressed(
+    client: FlaskClient,
+    db: Callable[[str], list[tuple[Any, ...]]],
+    coding: str,
+    pack: Callable[[bytes], bytes],
+    path: str,
+    body: Any,
+) -> None:
+    # gzip used to get "the body is not valid UTF-8".
+    data = pack(json.dumps(body).encode())
+    response = post(client, path, data, headers={"Content-Encoding": coding})
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert db("SELECT event_id FROM events") == [("z1",)]
+
+
+def test_a_compressed_batch_is_limited_by_its_decompressed_size(
+    client: FlaskClient, db: Callable[[str], list[tuple[Any, ...]]]
+) -> None:
+    padded = {"event_name": "x", "properties": {"note": " " * 1_048_576}}
+    bomb = gzip.compress(json.dumps(padded).encode())
+    assert len(bomb) < 10_000
+
+    response = post(client, "/v1/track", bomb, headers={"Content-Encoding": "gzip"})
+
+    assert_error(response, 413, "the body is over 1048576 bytes once decompressed")
+    assert db("SELECT count(*) FROM events") == [(0,)]
+
+
+ONE = b'{"event_name": "x"}'
+
+
+@pytest.mark.parametrize(
+    ("coding", "data", "message"),
+    [
+        ("br", ONE,
+         "Content-Encoding br is not supported: send the body compressed with gzip or deflate, "
+         "or uncompressed"),
+        ("zstd", b"(\xb5/\xfd", None),
+        ("gzip", ONE, "the body is not valid gzip data"),
+        ("gzip", gzip.compress(ONE)[:-6], "the gzip body is cut short"),
+        ("gzip", gzip.compress(ONE) + b"junk", "the body is not valid gzip data"),
+        ("deflate", zlib.compress(ONE) + b"junk",
+         "the deflate body has data after its end"),
+        ("deflate", b"", "the deflate body is cut short"),
+    ],
+)  # fmt: skip
+def test_a_body_that_is_not_what_its_coding_says_is_refused_and_not_read(
+    client: FlaskClient,
+    db: Callable[[str], list[tuple[Any, ...]]],
+    coding: str,
+    data: bytes,
+    message: str | None,
+) -> None:
+    response = post(client, "/v1/track", data, headers={"Content-Encoding": coding})
+
+    assert_error(response, 400 if coding in ("gzip", "deflate") else 415, message)
     assert db("SELECT count(*) FROM events") == [(0,)]
 
 
@@ -287,6 +353,22 @@ def _signed(body: bytes, stamp: str) -> dict[str, str]:
         TIMESTAMP_HEADER: stamp,
         SIGNATURE_HEADER: "sha256=" + signature("whsec_0123456789", stamp, body),
     }
+
+
+def test_a_compressed_signed_request_is_signed_as_sent(client: FlaskClient) -> None:
+    body = gzip.compress(b'{"event_name": "purchase"}')
+    stamp = str(int(time.time()))
+    plain = b'{"event_name": "purchase"}'
+
+    ok = post(
+        client, "/v1/track", body, headers={**_signed(body, stamp), "Content-Encoding": "gzip"}
+    )
+    inner = post(
+        client, "/v1/track", body, headers={**_signed(plain, stamp), "Content-Encoding": "gzip"}
+    )
+
+    assert ok.status_code == 200, ok.get_data(as_text=True)
+    assert_error(inner, 401, "signature does not match the body")
 
 
 @pytest.mark.parametrize(
