@@ -6,6 +6,7 @@ container can be shared by all threads of a worker and swapped whole on reload.
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 from collections.abc import Mapping
@@ -190,11 +191,39 @@ class Tag:
             _log_adapter_failure(self.name, destination, exc)
             return Decision(self.name, dest, False, reason, decision.reason, anonymous)
         key = None
-        if self.dedup_key is not None:
-            value = self.dedup_key(event)
-            if value is not None and value != "":
-                key = f"{self.name}:{value}"
+        if self.dedup_key is not None and (text := dedup_text(self.dedup_key(event))):
+            key = f"{self.name}:{text}"
         return Decision(self.name, dest, True, matched, decision.reason, anonymous, payload, key)
+
+
+def dedup_text(value: Any) -> str | None:
+    """A dedup key's value as the text keys are compared by; None when it names nothing.
+
+    An order ID sent as a number by one copy and as text by the other is one order (``1001``,
+    ``"1001"`` and ``1001.0`` are one key). Nothing names nothing: ``null``, ``""``, ``[]``,
+    ``{}``, and ``true``/``false``, which every event would share (one forwarded per window,
+    the others blocked). A list or an object is a composite key (``[event_name,
+    properties.order_id]``): the canonical JSON of its parts' texts, and nothing unless each
+    part names something (``["refund", null]`` would be every refund's).
+    """
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, int | float):
+        return repr(value)
+    parts: Any
+    if isinstance(value, dict):
+        parts = {name: dedup_text(part) for name, part in value.items()}
+        complete = all(text is not None for text in parts.values())
+    else:
+        parts = [dedup_text(part) for part in value]
+        complete = all(text is not None for text in parts)
+    if not parts or not complete:
+        return None
+    return json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def _log_adapter_failure(tag: str, destination: DestinationInstance, exc: Exception) -> None:

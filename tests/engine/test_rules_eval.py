@@ -417,6 +417,65 @@ def test_dedup_key_is_prefixed_with_the_tag_name(write_rules: WriteRules) -> Non
     assert decide(rules, properties={})["t"].dedup_key is None
 
 
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [
+        # one order, whichever way a copy writes its ID
+        ("1001", "t:1001"),
+        (1001, "t:1001"),
+        (1001.0, "t:1001"),
+        (10.5, "t:10.5"),
+        # values every event would share name no order: no key, nothing blocked
+        (True, None),
+        (False, None),
+        ([], None),
+        ({}, None),
+        ("", None),
+        (None, None),
+        # a composite key, by its canonical JSON (the order of an object's keys is no matter),
+        # complete only when each of its parts names something
+        (["o1", 2.0], 't:["o1","2"]'),
+        ({"b": 2, "a": "ü"}, 't:{"a":"ü","b":"2"}'),
+        (["refund", None], None),
+        ({"a": "o1", "b": []}, None),
+    ],
+)
+def test_a_dedup_key_is_compared_by_what_it_names(
+    write_rules: WriteRules, value: Any, key: str | None
+) -> None:
+    rules = build(
+        write_rules,
+        """
+        triggers:
+          all: {event: "*"}
+        tags:
+          - {name: t, trigger: all, destination: log, dedup_key: properties.order_id}
+        """,
+    )
+
+    assert decide(rules, properties={"order_id": value})["t"].dedup_key == key
+
+
+def test_a_composite_dedup_key_keeps_a_refund_from_being_blocked_by_its_sale(
+    write_rules: WriteRules,
+) -> None:
+    rules = build(
+        write_rules,
+        """
+        triggers:
+          money: {event: [sale, refund]}
+        tags:
+          - {name: t, trigger: money, destination: log,
+             dedup_key: "[event_name, properties.order_id]"}
+        """,
+    )
+
+    sale = decide(rules, event_name="sale", properties={"order_id": 1001})["t"]
+    refund = decide(rules, event_name="refund", properties={"order_id": "1001"})["t"]
+
+    assert (sale.dedup_key, refund.dedup_key) == ('t:["sale","1001"]', 't:["refund","1001"]')
+
+
 # -- adapters that fail --------------------------------------------------------------------------
 
 
