@@ -149,11 +149,12 @@ class GA4(Destination):
     event and param names ≤ 40 chars, alphanumeric and ``_``, starting with a letter, not
     reserved and without the reserved prefixes; ≤ 25 params; param values ≤ 100 chars (page
     location, referrer and title are truncated to GA's longer limits); ≤ 200 items, each with
-    ``item_id`` or ``item_name``; ``currency`` whenever ``value`` is set; ``transaction_id`` on
-    ``purchase`` and ``refund``; user properties ≤ 25, names ≤ 24, values ≤ 36 chars; body
-    under 130 kB. At send time an event older than 72 hours fails alone (:meth:`check_item`);
-    the events of one client are packed in order into requests of at most 25 events whose body
-    stays under 130 kB (:meth:`split`); an event too large to share a request goes alone.
+    ``item_id`` or ``item_name``; ``currency`` (not blank) whenever ``value`` is set;
+    ``transaction_id`` on ``purchase`` and ``refund``; user properties ≤ 25, names ≤ 24, values
+    ≤ 36 chars; body under 130 kB. At send time an event older than 72 hours fails alone
+    (:meth:`check_item`); the events of one client are packed in order into requests of at most
+    25 events whose body stays under 130 kB (:meth:`split`); an event too large to share a
+    request goes alone.
 
     Unconfirmed readings (platforms.md marks them so) and the safe choice made:
 
@@ -496,7 +497,11 @@ def _params(raw: Mapping[str, Any], event_name: str) -> dict[str, Any]:
         elif key == "value":
             params[key] = _number(value, "params.value")
         elif key == "currency":
-            params[key] = values.text(value, "GA4: params.currency").strip().upper()
+            currency = values.text(value, "GA4: params.currency").strip().upper()
+            if currency:
+                params[key] = currency
+            else:  # blank is no currency: GA4 would drop the value silently (answers 2xx)
+                del params[key]
         elif isinstance(value, str):
             limit = LONG_PARAMS.get(key)
             if limit is not None:

@@ -420,6 +420,26 @@ def test_params_breaking_a_limit_are_refused_naming_the_rule(
         payload_for(ga4(server), BRIEF_EVENT, mapping=mapping)
 
 
+@pytest.mark.parametrize("currency", ["", "   "])
+def test_blank_currency_with_a_value_is_refused_as_missing(
+    server: LoopbackServer, currency: str
+) -> None:
+    # platforms.md §2.6: currency is required if value is set; a blank one is none, and GA4
+    # answers 2xx and drops the revenue.
+    event = event_with(properties__currency=currency)
+
+    with pytest.raises(PayloadError, match="currency is required when value is set"):
+        payload_for(ga4(server), event)
+
+
+def test_blank_currency_without_a_value_is_left_out(server: LoopbackServer) -> None:
+    event = event_with(properties__currency=" ", properties__value=None)
+
+    payload = payload_for(ga4(server), event)
+
+    assert "currency" not in payload["event"]["params"]
+
+
 def test_long_page_location_is_truncated_to_gas_limit_instead_of_losing_the_event(
     server: LoopbackServer,
 ) -> None:
