@@ -116,11 +116,19 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class ItemResult:
-    """The outcome of one item, with the platform's reason when it was not delivered."""
+    """The outcome of one item, with the platform's reason when it was not delivered.
+
+    ``whole_request``, with :attr:`Outcome.PERMANENT`: the platform refused the request as a
+    whole for an item it does not name (Meta, TikTok), so the other items were not refused for
+    themselves. The delivery worker then sends the request's halves on their own, and halves
+    the refused half again, so that only the refused item becomes a dead letter (see README,
+    "Delivery").
+    """
 
     outcome: Outcome
     error: str | None = None
     retry_after: float | None = None
+    whole_request: bool = False
 
     @classmethod
     def delivered(cls) -> ItemResult:

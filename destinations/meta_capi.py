@@ -472,7 +472,8 @@ def _result(response: HttpResponse) -> ItemResult:
         return ItemResult(Outcome.AUTH, reason)
     if code is None and retryable_status(response.status):
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
-    return ItemResult(Outcome.PERMANENT, reason)
+    # "If any event in data is [invalid], the whole request fails": which one is not said.
+    return ItemResult(Outcome.PERMANENT, reason, whole_request=True)
 
 
 def _reason(error: Mapping[str, Any]) -> str:

@@ -394,7 +394,8 @@ def _result(response: HttpResponse) -> ItemResult:
         return ItemResult(Outcome.AUTH, reason)
     if retryable_status(response.status):
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
-    return ItemResult(Outcome.PERMANENT, reason)
+    # TikTok refuses a whole batch for one erroneous event, without naming it.
+    return ItemResult(Outcome.PERMANENT, reason, whole_request=True)
 
 
 def _id(value: object, field: str) -> str:

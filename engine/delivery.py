@@ -386,7 +386,14 @@ class DeliveryWorker:
         dest: DestinationInstance,
         batch: Sequence[tuple[Delivery, Item]],
         lease_seconds: float,
-    ) -> None:
+        hold_refusal: bool = False,
+    ) -> ItemResult | None:
+        """Send ``batch`` in one request and settle its items by their results.
+
+        A request refused as a whole for an item the platform does not name (``whole_request``)
+        is sent again in halves (:meth:`_isolate`); with ``hold_refusal`` such a refusal is
+        returned instead, its items left unsettled, for the caller that is halving already.
+        """
         adapter = dest.adapter
         deliveries = [d for d, _ in batch]
         items = [i for _, i in batch]
@@ -397,21 +404,21 @@ class DeliveryWorker:
             self._forget_token(dest.name)
             if self._stop.is_set():
                 self._release(dest, batch)
-                return
+                return None
             batch = self._renew(dest, batch, lease_seconds)
             if not batch:
-                return
+                return None
             deliveries = [d for d, _ in batch]
             items = [i for _, i in batch]
             response = self._attempt(dest, deliveries, items)
         if response is None:
-            return
+            return None
         if response.status == 413:
             # Read here, never by the adapter: a refusal of the request's size, not of its items.
             wait = retry_after_seconds(response.headers)
             if wait is None and len(batch) > 1:
                 self._halve(dest, batch, lease_seconds)
-                return
+                return None
             reason = f"HTTP 413: {response.excerpt(200)}".strip()
             # With Retry-After the refusal is temporary (RFC 9110 §15.5.14); without, an item
             # alone too large for the receiver stays so.
@@ -424,11 +431,18 @@ class DeliveryWorker:
         # every batch of a backlog about once a minute.
         ok = any(r.outcome not in _FAILED for r in results)
         self.breaker(dest.name).record(ok, time.monotonic())
+        if all(r.whole_request and r.outcome is Outcome.PERMANENT for r in results):
+            if hold_refusal:
+                return results[0]
+            if len(batch) > 1:
+                self._isolate(dest, batch, lease_seconds)
+                return None
         by_result: dict[ItemResult, list[Delivery]] = defaultdict(list)
         for delivery, result in zip(deliveries, results, strict=True):
             by_result[result].append(delivery)
         for result, group in by_result.items():
             self._finish(dest, group, result, response)
+        return None
 
     def _halve(
         self,
@@ -455,6 +469,43 @@ class DeliveryWorker:
                 continue
             if renewed := self._renew(dest, part, lease_seconds):
                 self._send(dest, renewed, lease_seconds)
+
+    def _isolate(
+        self,
+        dest: DestinationInstance,
+        batch: Sequence[tuple[Delivery, Item]],
+        lease_seconds: float,
+    ) -> None:
+        """Find the items that made the platform refuse ``batch`` as a whole (Meta and TikTok
+        refuse a request for one bad event, without naming it), so that only they become dead
+        letters and the others are delivered.
+
+        Each half is sent on its own. When one half is refused, the other was not refused for
+        its items, and the refused half is halved again: one bad item among n costs about
+        2 log2(n) requests. When both halves are refused, the refusal is taken for every
+        item's (a setting the platform refuses, several bad items), and both become dead
+        letters, so that a refusal of everything costs three requests, not 2n - 1.
+        """
+        log.warning(
+            "request refused as a whole; sending it in halves to find the refused items",
+            extra={"destination": dest.name, "count": len(batch)},
+        )
+        half = (len(batch) + 1) // 2
+        refused: list[tuple[list[tuple[Delivery, Item]], ItemResult]] = []
+        for part in (batch[:half], batch[half:]):
+            if self._stop.is_set():  # shutting down: what is not sent yet goes back now
+                self._release(dest, part)
+                continue
+            renewed = self._renew(dest, part, lease_seconds)
+            if renewed and (refusal := self._send(dest, renewed, lease_seconds, True)):
+                refused.append((renewed, refusal))
+        if len(refused) == 1 and len(refused[0][0]) > 1 and not self._stop.is_set():
+            part, _ = refused[0]
+            if renewed := self._renew(dest, part, lease_seconds):
+                self._isolate(dest, renewed, lease_seconds)
+            return
+        for part, refusal in refused:
+            self._finish(dest, [d for d, _ in part], refusal)
 
     def _attempt(
         self,

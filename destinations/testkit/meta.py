@@ -17,7 +17,8 @@ It checks requests the way Meta documents them and answers like the Graph API:
 
 Success: ``{"events_received": n, "messages": [], "fbtrace_id": ...}``. A failure is a Graph
 error envelope with code 100 (invalid parameter). :meth:`MetaEmulator.fail_next` injects
-throttling, transient, auth, permission or plain server errors.
+throttling, transient, auth, permission or plain server errors; :meth:`MetaEmulator.refuse`
+makes chosen events invalid, as a rule of Meta's that no adapter checks before sending would.
 """
 
 from __future__ import annotations
@@ -106,7 +107,13 @@ class MetaEmulator(Emulator):
         self.clock = clock
         self.events: list[dict[str, Any]] = []
         self.test_event_codes: list[str | None] = []
+        self._refused: frozenset[str] = frozenset()
         super().__init__()
+
+    def refuse(self, *event_ids: str) -> None:
+        """Find the events with these ``event_id`` values invalid: a request holding one fails
+        whole (code 100), as Meta fails one for a rule no adapter checks before sending."""
+        self._refused = frozenset(event_ids)
 
     # -- the handler -----------------------------------------------------------------------------
 
@@ -151,6 +158,8 @@ class MetaEmulator(Emulator):
         now = self.clock()
         for index, event in enumerate(data):
             problem = _event_problem(event, now)
+            if isinstance(event, dict) and event.get("event_id") in self._refused:
+                problem = problem or "this event is refused (MetaEmulator.refuse)"
             if problem:
                 raise GraphError(
                     100,

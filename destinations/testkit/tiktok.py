@@ -17,7 +17,8 @@ says HTTP 200 to most failures and puts the verdict in ``code``:
 Success: ``{"code": 0, "message": "OK", "request_id": ..., "data": {}}``. A bad request gets
 code 40002 (parameter error); TikTok's rejection is for the whole batch.
 :meth:`TikTokEmulator.fail_next` injects throttling (40100), transient server errors, auth
-errors (40105) and plain gateway errors.
+errors (40105) and plain gateway errors; :meth:`TikTokEmulator.refuse` makes chosen events
+invalid, as a rule of TikTok's that no adapter checks before sending would.
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ class TikTokEmulator(Emulator):
         self.access_token = access_token
         self.events: list[dict[str, Any]] = []
         self.bodies: list[dict[str, Any]] = []
+        self._refused: frozenset[str] = frozenset()
         super().__init__()
+
+    def refuse(self, *event_ids: str) -> None:
+        """Find the events with these ``event_id`` values invalid: a request holding one fails
+        whole (code 40002), as TikTok fails one for a rule no adapter checks before sending."""
+        self._refused = frozenset(event_ids)
 
     # -- the handler -----------------------------------------------------------------------------
 
@@ -76,7 +83,7 @@ class TikTokEmulator(Emulator):
         if token != self.access_token:
             return _answer(40105, "Access token is incorrect or has been revoked.")
         body = request.json()
-        problem = _body_problem(body, self.pixel_code)
+        problem = _body_problem(body, self.pixel_code) or self._refused_problem(body)
         if problem:
             return _answer(40002, problem)
         assert isinstance(body, dict)
@@ -84,6 +91,12 @@ class TikTokEmulator(Emulator):
             self.events.extend(body["data"])
             self.bodies.append(body)
         return _answer(0, "OK")
+
+    def _refused_problem(self, body: Any) -> str | None:
+        for index, event in enumerate(body["data"]):
+            if isinstance(event, dict) and event.get("event_id") in self._refused:
+                return f"data[{index}]: this event is refused (TikTokEmulator.refuse)"
+        return None
 
 
 def _answer(code: int, message: str, status: int = 200) -> Reply:

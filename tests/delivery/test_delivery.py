@@ -32,9 +32,11 @@ from destinations.base import (
     status_result,
 )
 from destinations.testkit.ga4 import GA4Emulator
+from destinations.testkit.meta import MetaEmulator
 from destinations.testkit.raw import RawServer, read_request
 from destinations.testkit.server import LoopbackServer, Reply, Request
 from destinations.testkit.sink import FaultySink
+from destinations.testkit.tiktok import TikTokEmulator
 from engine import metrics
 from engine.breaker import Backoff, CircuitBreaker
 from engine.delivery import DeliveryWorker
@@ -389,6 +391,84 @@ def test_an_event_answered_413_alone_is_a_dead_letter_and_the_rest_is_delivered(
     [(status, attempts, error)] = [s for s in h.statuses() if s[0] != "delivered"]
     assert (status, attempts) == ("dead", 1)
     assert error is not None and "HTTP 413" in error
+
+
+def platform_rules(tmp_path: Path, meta: MetaEmulator, tiktok: TikTokEmulator) -> Path:
+    return make_rules(
+        tmp_path,
+        f"""
+        meta: {{type: meta_capi, pixel_id: "{meta.pixel_id}", access_token: {meta.access_token},
+               endpoint: "{meta.url}", delivery: {{batch_wait: 0}}}}
+        tiktok: {{type: tiktok, pixel_code: {tiktok.pixel_code},
+                 access_token: {tiktok.access_token}, endpoint: "{tiktok.url}",
+                 delivery: {{batch_wait: 0}}}}
+        """,
+        "- {name: to_meta, trigger: all, destination: meta, event_name: Purchase}\n"
+        "- {name: to_tiktok, trigger: all, destination: tiktok, event_name: Purchase}\n",
+    )
+
+
+def sale(event_id: str) -> dict[str, Any]:
+    return {
+        "event_name": "sale",
+        "event_id": event_id,
+        "user_data": {"email": f"{event_id}@example.com"},
+        "properties": {"value": 10.0, "currency": "EUR"},
+        "context": {"page_url": "https://shop.example/thanks", "user_agent": "Mozilla/5.0"},
+        "consent": {p: "granted" for p in ("ad_storage", "analytics_storage", "ad_user_data",
+                                           "ad_personalization")},
+    }  # fmt: skip
+
+
+@pytest.fixture
+def platforms() -> Iterator[tuple[MetaEmulator, TikTokEmulator]]:
+    with MetaEmulator() as meta, TikTokEmulator() as tiktok:
+        yield meta, tiktok
+
+
+@pytest.mark.parametrize("bad", [["e05"], ["e00"], ["e15"]])
+def test_a_batch_refused_whole_for_one_event_delivers_the_others(
+    tmp_path: Path, platforms: tuple[MetaEmulator, TikTokEmulator], bad: list[str]
+) -> None:
+    # Meta and TikTok refuse a whole request for one bad event without naming it: every event
+    # of the batch used to become a dead letter.
+    meta, tiktok = platforms
+    meta.refuse(*bad)
+    tiktok.refuse(*bad)
+    h = Harness(tmp_path, platform_rules(tmp_path, meta, tiktok))
+    h.accept(*(sale(f"e{i:02}") for i in range(16)))
+
+    h.worker.drain()
+
+    good = sorted(f"e{i:02}" for i in range(16) if f"e{i:02}" not in bad)
+    for platform in (meta, tiktok):
+        assert sorted(e["event_id"] for e in platform.events) == good  # each once
+        assert len(platform.server.requests) <= 1 + 2 * 4  # 16 events: four halvings at most
+    dead = h.store._read("SELECT event_id, destination, attempts, last_error FROM deliveries "
+                         "WHERE status = 'dead' ORDER BY destination")  # fmt: skip
+    assert [(r["event_id"], r["destination"], r["attempts"]) for r in dead] == [
+        (bad[0], "meta", 1),
+        (bad[0], "tiktok", 1),
+    ]
+    assert "MetaEmulator.refuse" in dead[0]["last_error"]
+    assert "TikTokEmulator.refuse" in dead[1]["last_error"]
+    assert {s[0] for s in h.statuses()} == {"delivered", "dead"}
+
+
+def test_a_refusal_of_every_event_costs_three_requests_not_one_per_event(
+    tmp_path: Path, platforms: tuple[MetaEmulator, TikTokEmulator]
+) -> None:
+    meta, tiktok = platforms
+    ids = [f"e{i:02}" for i in range(16)]
+    meta.refuse(*ids)
+    tiktok.refuse(*ids)
+    h = Harness(tmp_path, platform_rules(tmp_path, meta, tiktok))
+    h.accept(*(sale(event_id) for event_id in ids))
+
+    h.worker.drain()
+
+    assert (len(meta.server.requests), len(tiktok.server.requests)) == (3, 3)
+    assert [s[:2] for s in h.statuses()] == [("dead", 1)] * 32
 
 
 @pytest.mark.parametrize(
