@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
+from destinations import cleartext
 from engine.event import _DOTTED_QUAD, CONSENT_PURPOSES
 
 CLICK_ID_FIELDS = (
@@ -349,22 +350,35 @@ def _strip_url(url: str) -> str | None:
     return urlunsplit(parts._replace(query=query, fragment=fragment))
 
 
+_PERSON_IDS = frozenset({"user_id", "userid", "external_id", "externalid", "customer_id"})
+
+
+def _identifies(name: object) -> bool:
+    """Whether a ``context`` field of this name identifies a person: a click ID or platform
+    cookie in any spelling, a person's ID, or personal data by its name (as ``tagrelay
+    check`` reads names)."""
+    if not isinstance(name, str):
+        return False
+    lowered = name.lower()
+    return (
+        lowered in _CLICK_ID_NAMES or lowered in _PERSON_IDS or cleartext.kind_of(name) is not None
+    )
+
+
 def strip_identifiers(event: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of the event with no way back to a person: for analytics-only forwarding.
 
-    Drops ``user_data`` and ``user_id``, every click ID and platform cookie, the
-    :data:`TRACKING_PARAMS` from the page URL and referrer (a URL that cannot be parsed is
-    dropped whole), and truncates the IP (:func:`truncate_ip`).
+    Drops ``user_data`` and ``user_id``, every click ID and platform cookie, any other
+    ``context`` field whose name says it holds personal data or a person's ID (``email``,
+    ``phone``, ``first_name``, ``user_id``, ``external_id``...), the :data:`TRACKING_PARAMS`
+    from the page URL and referrer (a URL that cannot be parsed is dropped whole), and
+    truncates the IP (:func:`truncate_ip`).
     """
     stripped = {k: v for k, v in event.items() if k not in ("user_data", "user_id")}
     context = event.get("context")
     if isinstance(context, dict):
         # Any spelling: a client that sends ``GCLID`` or ``Fbp`` identifies the person as well.
-        ctx = {
-            k: v
-            for k, v in context.items()
-            if not (isinstance(k, str) and k.lower() in _CLICK_ID_NAMES)
-        }
+        ctx = {k: v for k, v in context.items() if not _identifies(k)}
         if isinstance(ctx.get("ip"), str):
             ctx["ip"] = truncate_ip(ctx["ip"])
         for key in ("page_url", "referrer"):

@@ -144,6 +144,31 @@ def test_stripping_removes_click_ids_and_cookies_in_any_spelling() -> None:
     assert stripped["context"] == {"Campaign": "spring"}
 
 
+def test_stripping_removes_context_fields_named_like_a_person_or_personal_data() -> None:
+    # Other context keys are taken as sent; these reached analytics-only payloads in clear text.
+    context = {
+        "email": "ada@example.com",
+        "customerPhone": "+4915112345678",
+        "First_Name": "Ada",
+        "user_id": "u1",
+        "externalId": "c42",
+        "customer_id": "c42",
+        "locale": "de-DE",
+        "session_id": "s1",
+        "ga_client_id": "1.2",
+        "screen": "1920x1080",
+    }
+
+    stripped = strip_identifiers({"context": context})
+
+    assert stripped["context"] == {
+        "locale": "de-DE",
+        "session_id": "s1",
+        "ga_client_id": "1.2",
+        "screen": "1920x1080",
+    }
+
+
 def test_stripping_does_not_change_the_stored_event() -> None:
     before = repr(FULL_EVENT)
 
