@@ -49,7 +49,14 @@ from engine.rules.model import (
     Trigger,
 )
 from engine.rules.schema import RULES_SCHEMA, VARIABLE_NAME_PATTERN
-from engine.rules.source import Document, Position, Problem, parse_yaml, rule_files
+from engine.rules.source import (
+    Document,
+    Position,
+    Problem,
+    parse_yaml,
+    read_rule_file,
+    rule_files,
+)
 
 _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(RULES_SCHEMA)
 # ``$${`` (a literal ``${``), ``${NAME}`` or ``${NAME:-default}``, or a ``${`` that is neither.
@@ -1139,7 +1146,9 @@ def compile_container(
         return None, [Problem(where, "no rule files found (expected *.yaml files or a YAML file)")]
     digest = hashlib.sha256()
     for file in files:
-        text = file.read_text(encoding="utf-8", errors="replace")
+        text = read_rule_file(file, compiler.problems)
+        if text is None:
+            continue
         digest.update(str(file).encode() + b"\0" + text.encode() + b"\0")
         doc = parse_yaml(text, str(file), compiler.problems)
         if doc is not None:

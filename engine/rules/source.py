@@ -229,6 +229,26 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None
     return doc
 
 
+def read_rule_file(path: Path, problems: list[Problem]) -> str | None:
+    """The text of a rule file, or None (with a problem at the first bad byte) if it is not
+    UTF-8: a file saved as Latin-1 or Windows-1252 would otherwise have its accented letters
+    replaced unseen, and an event name such as ``achat_effectué`` would never match."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start].decode("utf-8")
+        where = _text_position(before, str(path), len(before))
+        problems.append(
+            Problem(
+                where,
+                f"the file is not UTF-8 text (byte 0x{data[exc.start]:02X} here is not UTF-8): "
+                "save it as UTF-8 in your editor",
+            )
+        )
+        return None
+
+
 def _text_position(text: str, file: str, index: int) -> Position:
     """The line and column of the character at ``index`` of ``text``."""
     index = max(0, min(index, len(text)))

@@ -300,6 +300,21 @@ def test_a_control_character_is_reported_at_its_line_and_column(tmp_path: Path) 
     ]
 
 
+def test_a_file_not_saved_as_utf8_is_reported_at_its_first_bad_byte(tmp_path: Path) -> None:
+    rules = tmp_path / "triggers.yaml"
+    # Saved as Latin-1 by an editor: the é of the event name is one byte, 0xE9, and the é of
+    # the comment before it (UTF-8) counts as one column.
+    rules.write_bytes("# café\ntriggers:\n  achat: {event: é_effectu".encode() + b"\xe9}\n")
+
+    compiled, problems = compile_container(rules, {})
+
+    assert compiled is None
+    assert [str(p) for p in problems] == [
+        f"{rules}:3:27: error: the file is not UTF-8 text (byte 0xE9 here is not UTF-8): save "
+        "it as UTF-8 in your editor"
+    ]
+
+
 # -- deep expressions -------------------------------------------------------------------------
 
 DEEP_RULES = """
