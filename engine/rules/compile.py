@@ -1150,8 +1150,7 @@ def compile_container(
         if text is None:
             continue
         digest.update(str(file).encode() + b"\0" + text.encode() + b"\0")
-        doc = parse_yaml(text, str(file), compiler.problems)
-        if doc is not None:
+        for doc in parse_yaml(text, str(file), compiler.problems) or []:
             compiler.add_document(doc)
     if any(p.severity == "error" for p in compiler.problems):
         return None, _sorted(compiler.problems)

@@ -185,13 +185,15 @@ class _Walker:
         return {**{k: v for k, v in merged.items() if k not in own}, **own}
 
 
-def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None:
-    """Parse one YAML document, recording positions; syntax errors become problems.
+def parse_yaml(text: str, file: str, problems: list[Problem]) -> list[Document] | None:
+    """Parse the YAML documents of one file, recording positions; syntax errors become problems.
 
-    Mapping keys are the text as written. Files nested too deeply, values that contain
-    themselves through an alias, and alias bombs are problems too, never a crash or a hang.
+    Each document of a file (they are separated by ``---``) is read as a rule file of its own;
+    a document of nothing (``---`` alone, or ``~``) is an empty one. Mapping keys are the text
+    as written. Files nested too deeply, values that contain themselves through an alias, and
+    alias bombs are problems too, never a crash or a hang.
     """
-    doc = Document(file, None)
+    docs: list[Document] = []
     try:
         screen = yaml.SafeLoader(text)
         try:
@@ -201,13 +203,15 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None
             screen.dispose()
         loader = yaml.SafeLoader(text)
         try:
-            node = loader.get_single_node()
-            if node is None:
-                doc.data = {}
-                return doc
-            doc.data = _Walker(doc, problems).walk(node, (), loader)
-            if doc.data is None:  # a document of nothing (``---`` alone, or ``~``): empty too
-                doc.data = {}
+            while loader.check_node():  # check_node, not get_node, reads the stream's start
+                node = loader.get_node()
+                if node is None:
+                    break
+                doc = Document(file, None)
+                doc.data = _Walker(doc, problems).walk(node, (), loader)
+                if doc.data is None:
+                    doc.data = {}
+                docs.append(doc)
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as exc:
@@ -226,7 +230,7 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> Document | None
         # The screen keeps files well within Python's limit; this is the last line of defence.
         problems.append(Problem(Position(file, 1, 1), "the file is nested too deeply to read"))
         return None
-    return doc
+    return docs
 
 
 def read_rule_file(path: Path, problems: list[Problem]) -> str | None:
