@@ -143,7 +143,7 @@ class _Compiler:
             return
         errors = sorted(_SCHEMA_VALIDATOR.iter_errors(doc.data), key=lambda e: list(e.path))
         for err in errors:
-            self.error(_error_position(doc, (), err), _schema_message(err))
+            self.error(_error_position(doc, (), err), _schema_message(err, doc.written))
         if errors:
             return
         for section, target in (
@@ -998,7 +998,10 @@ def _best_alternative(err: jsonschema.ValidationError) -> jsonschema.ValidationE
     is the least likely one, so its "is not of type" error is only the last resort.
     """
     while err.validator == "oneOf" and err.context:
-        meant = [e for e in err.context if e.validator != "type"] or list(err.context)
+        # A type error below the branch's own level (an item of a list) is from the branch
+        # whose type does match.
+        meant = [e for e in err.context if e.validator != "type" or e.relative_path]
+        meant = meant or list(err.context)
         err = jsonschema.exceptions.best_match(meant)
     return err
 
@@ -1019,9 +1022,21 @@ def _error_position(
     return doc.at(*path)
 
 
-def _schema_message(err: jsonschema.ValidationError) -> str:
+def _schema_message(
+    err: jsonschema.ValidationError, written: Mapping[tuple[str | int, ...], str] | None = None
+) -> str:
+    """A schema error in words; ``written``: a document's values as written (see
+    :attr:`Document.written`), to show a value YAML read as something else as it was typed."""
     where = ".".join(str(p) for p in err.absolute_path)
     prefix = f"{where}: " if where else ""
+    if (text := _text_expected(err)) is not None:
+        shown = (written or {}).get(tuple(err.absolute_path))
+        if not shown:
+            return f"{prefix}must be {text}, not {_TYPE_WORDS.get(_json_type(err.instance))}"
+        return (
+            f"{prefix}must be {text}, but YAML reads the unquoted {shown} as "
+            f'{_yaml_reading(err.instance)}: write it in quotes ("{shown}")'
+        )
     if err.validator == "additionalProperties" and isinstance(err.schema, Mapping):
         allowed = sorted(err.schema.get("properties", {}))
         extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
@@ -1037,7 +1052,7 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         )
     if err.validator == "oneOf" and err.context:
         best = _best_alternative(err)
-        return _schema_message(best) if best is not err else prefix + err.message
+        return _schema_message(best, written) if best is not err else prefix + err.message
     schema: Mapping[str, Any] = err.schema if isinstance(err.schema, Mapping) else {}
     if err.validator == "pattern" and schema.get("pattern") == VARIABLE_NAME_PATTERN:
         usable = re.sub(r"\W", "_", str(err.instance))
@@ -1057,6 +1072,41 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
     return prefix + err.message
 
 
+def _text_expected(err: jsonschema.ValidationError) -> str | None:
+    """For an error that a value is not text where text is expected, how to say what is: "text"
+    or "text or null"; else None."""
+    want = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
+    if err.validator != "type" or "string" not in want or isinstance(err.instance, str):
+        return None
+    return " or ".join(_TYPE_WORDS.get(str(t), str(t)) for t in want)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON Schema type name of a value from a rule file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return "string" if isinstance(value, str) else "other"
+
+
+def _yaml_reading(value: Any) -> str:
+    """What YAML made of an unquoted value, in words (``NO`` is false, ``12:30`` is 750)."""
+    if isinstance(value, bool | type(None)):
+        return str(value).lower().replace("none", "null")
+    if isinstance(value, datetime | date):
+        return "a date"
+    if isinstance(value, int | float):
+        return f"the number {_shown(value)}"
+    return "something other than text"
+
+
 _TYPE_WORDS = {
     "string": "text",
     "integer": "a whole number",
@@ -1065,6 +1115,7 @@ _TYPE_WORDS = {
     "object": "a mapping",
     "array": "a list",
     "null": "null",
+    "other": "something other than text",
 }
 _BOUND_WORDS = {
     "minimum": "at least",
@@ -1086,9 +1137,15 @@ def _setting_message(err: jsonschema.ValidationError) -> str:
     where = ".".join(str(p) for p in err.absolute_path)
     prefix = f"{where}: " if where else ""
     kind, want = err.validator, err.validator_value
+    hint = ""
     if kind == "type":
         types = want if isinstance(want, list) else [want]
         what = f"must be {' or '.join(_TYPE_WORDS.get(str(t), str(t)) for t in types)}"
+        if "string" in types and isinstance(err.instance, bool | int | float | date):
+            hint = (
+                ": YAML reads an unquoted number, date, yes/no or on/off as something other "
+                "than text, so write it in quotes"
+            )
     elif kind == "pattern":
         what = f"does not have the expected form (pattern {want})"
     elif kind == "minLength":
@@ -1105,7 +1162,7 @@ def _setting_message(err: jsonschema.ValidationError) -> str:
         what = f"must be {_BOUND_WORDS[kind]} {want}"
     else:
         what = f"is not valid (the adapter's schema: {kind})"
-    return f"{prefix}{what} (value not shown)"
+    return f"{prefix}{what} (value not shown){hint}"
 
 
 def _redact(message: str, settings: Mapping[str, Any], secrets: frozenset[str]) -> str:

@@ -48,6 +48,9 @@ class Document:
     data: Any
     positions: dict[PathKey, Position] = field(default_factory=dict)
     key_positions: dict[PathKey, Position] = field(default_factory=dict)
+    # Unquoted values that YAML reads as something other than text (``NO``, ``on``, ``12:30``,
+    # ``2026-01-20``), as written: messages show them as the writer sees them.
+    written: dict[PathKey, str] = field(default_factory=dict)
 
     def key_at(self, *path: str | int) -> Position:
         """The position of the key that names the value at ``path`` (else :meth:`at`)."""
@@ -70,6 +73,7 @@ MAX_DEPTH = 100
 MAX_ALIAS_VALUES = 100_000
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
 
 
 def _screen(loader: yaml.SafeLoader, file: str, problems: list[Problem]) -> bool:
@@ -146,6 +150,8 @@ class _Walker:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.walk(child, (*path, i), loader) for i, child in enumerate(node.value)]
+        if isinstance(node, yaml.ScalarNode) and node.style is None and node.tag != _STR_TAG:
+            self.doc.written[path] = node.value
         return loader.construct_object(node, deep=True)
 
     def pairs(self, node: yaml.MappingNode) -> dict[str, tuple[yaml.Node, yaml.Node]]:
