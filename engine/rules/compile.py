@@ -260,23 +260,56 @@ class _Compiler:
         if looked_up is None:
             return None
         source = looked_up.get
-        table = {str(k): v for k, v in value["table"].items()}
-        default = value.get("default")
-        for key, found in value["table"].items():
-            self.json_constant(found, entry.at("table", key), f"lookup ${name}", f"table.{key}")
+        table: dict[str, Getter] = {}
+        depth = looked_up.depth
+        failed = False
+        for key, raw in value["table"].items():
+            result = self._lookup_result(name, raw, entry.at("table", key), f"table.{key}")
+            if result is None:
+                failed = True
+            else:
+                table[str(key)] = result[0]
+                depth = max(depth, result[1])
+        default: Getter = constant(None)
         if "default" in value:
-            self.json_constant(default, entry.at("default"), f"lookup ${name}", "default")
+            result = self._lookup_result(name, value["default"], entry.at("default"), "default")
+            if result is None:
+                failed = True
+            else:
+                default, depth = result[0], max(depth, result[1])
+        if failed:
+            return None
 
         def lookup(event: Any) -> Any:
             key = source(event)
             if key is None:
-                return default
+                return default(event)
             if isinstance(key, bool):
                 key = str(key).lower()
-            return table.get(str(key), default)
+            return table.get(str(key), default)(event)
 
         # No tree: its value is only known per event.
-        return Variable(name, lookup, depth=looked_up.depth + 1)
+        return Variable(name, lookup, depth=depth + 1)
+
+    def _lookup_result(
+        self, lookup: str, raw: Any, where: Position, field: str
+    ) -> tuple[Getter, int] | None:
+        """A lookup table's value or default as a getter, and how deep it nests: the value of
+        the variable it names when it is exactly ``$name``, else the constant as written. None
+        (with the problem reported) if the variable it names has an error."""
+        ref = _VAR_REF.fullmatch(raw.strip()) if isinstance(raw, str) else None
+        if ref is not None and ref.group(1) in self.variables:
+            var = self.variable(ref.group(1), where)
+            return None if var is None else (var.get, var.depth)
+        if ref is not None:
+            known = ", ".join(sorted(self.variables)) or "none defined"
+            self.warn(
+                where,
+                f"lookup ${lookup} {field}: {raw!r} is sent as this text: there is no variable "
+                f"${ref.group(1)} (variables: {known})",
+            )
+        self.json_constant(raw, where, f"lookup ${lookup}", field)
+        return constant(raw), 0
 
     # -- sections -------------------------------------------------------------------------------
 

@@ -226,6 +226,36 @@ def test_lookup_table_maps_values_and_falls_back_to_its_default(write_rules: Wri
     assert tier(3) == "three"
 
 
+def test_a_lookup_tables_value_or_default_that_is_a_variable_is_its_value(
+    write_rules: WriteRules,
+) -> None:
+    rules = build(
+        write_rules,
+        """
+        variables:
+          raw_name: event_name
+          plan: properties.plan
+          meta_name:
+            lookup: event_name
+            table: {sale: Purchase, upgrade: $plan}
+            default: $raw_name
+        triggers:
+          all: {event: "*"}
+        tags:
+          - {name: t, trigger: all, destination: hook, event_name: $meta_name}
+        """,
+    )
+
+    def sent(name: str) -> Any:
+        payload = decide(rules, event_name=name, properties={"plan": "gold"})["t"].payload
+        assert payload is not None
+        return payload["event_name"]
+
+    assert sent("sale") == "Purchase"
+    assert sent("upgrade") == "gold"
+    assert sent("page_view") == "page_view"
+
+
 def test_an_alias_of_a_lookup_table_is_not_mistaken_for_a_constant(
     write_rules: WriteRules,
 ) -> None:
