@@ -286,7 +286,10 @@ class _Compiler:
                 return default(event)
             if isinstance(key, bool):
                 key = str(key).lower()
-            return table.get(str(key), default)(event)
+            found = table.get(str(key))
+            if found is None and isinstance(key, float) and key.is_integer():
+                found = table.get(str(int(key)))  # JSON's 3.0 is the number 3 (key 3:)
+            return (found or default)(event)
 
         # No tree: its value is only known per event.
         return Variable(name, lookup, depth=depth + 1)

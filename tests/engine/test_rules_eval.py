@@ -224,6 +224,7 @@ def test_lookup_table_maps_values_and_falls_back_to_its_default(write_rules: Wri
     assert tier(None) == "basic"
     assert tier(True) == "flagged"
     assert tier(3) == "three"
+    assert tier(3.0) == "three"  # one JSON number, however the sender wrote it
 
 
 def test_a_lookup_tables_value_or_default_that_is_a_variable_is_its_value(
