@@ -544,9 +544,15 @@ class _Compiler:
                     f"every event it takes ([{listed}])",
                 )
             return
-        if kind == "when" and names is not None:
+        if kind == "when":
             wanted = _event_names(tree, _NECESSARY)
-            if wanted is not None and not wanted & names:
+            if wanted is not None and not wanted:  # ``event_name == 'a' && event_name == 'b'``
+                self.error(
+                    where,
+                    f"trigger {trigger} can never fire: {_quote(source)} needs event_name to be "
+                    "two different names at once",
+                )
+            elif names is not None and wanted is not None and not wanted & names:
                 listed = ", ".join(sorted(names))
                 self.error(
                     where,
