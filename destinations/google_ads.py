@@ -384,7 +384,7 @@ class GoogleAds(Destination):
     def _identifiers(
         self, raw: dict[str, Any], ctx: PayloadContext, address: bool = False
     ) -> list[dict[str, Any]]:
-        """One identifier per entry (UserIdentifier is a oneof), at most five."""
+        """One identifier per entry (UserIdentifier is a oneof), at most five (see below)."""
         if not _IDENTIFIER_FIELDS.issuperset(raw):
             unknown = sorted(set(raw) - _IDENTIFIER_FIELDS)
             raise PayloadError(f"Google Ads: unsupported user identifier(s) {unknown}")
@@ -416,9 +416,15 @@ class GoogleAds(Destination):
         ):
             ids.append({"addressInfo": info})
         if len(ids) > MAX_IDENTIFIERS:
-            raise PayloadError(
-                f"Google Ads: at most {MAX_IDENTIFIERS} userIdentifiers per row ({len(ids)} given)"
-            )
+            # Google refuses a row of more (§3.3), and with it the conversion, click ID and
+            # all: five are kept, the first e-mail address and the first phone number among
+            # them, then the others in the order given.
+            first = [
+                next(i for i in ids if kind in i)
+                for kind in ("hashedEmail", "hashedPhoneNumber")
+                if any(kind in i for i in ids)
+            ]
+            ids = (first + [i for i in ids if i not in first])[:MAX_IDENTIFIERS]
         return ids
 
     def _action(self, mapped: Any) -> str:

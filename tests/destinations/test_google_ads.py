@@ -319,11 +319,22 @@ def test_already_hashed_identifiers_pass_through_unchanged(ads: GoogleAds) -> No
     assert row(payload)["userIdentifiers"][0] == {"hashedEmail": JOHN_DOE}
 
 
-def test_more_than_five_identifiers_are_refused(ads: GoogleAds) -> None:
+def test_of_more_than_five_identifiers_five_are_sent_the_first_phone_among_them(
+    ads: GoogleAds,
+) -> None:
+    # Refusing the row lost the conversion, its click ID and all, for a sixth e-mail address.
     emails = [f"user{i}@example.com" for i in range(6)]
+    hashed = [{"hashedEmail": hashlib.sha256(e.encode()).hexdigest()} for e in emails]
+    only_emails = event_with(user_data__email=emails)
+    del only_emails["user_data"]["phone"]
+    with_phone = event_with(user_data__email=emails, user_data__phone="+18005550100")
 
-    with pytest.raises(PayloadError, match="at most 5 userIdentifiers"):
-        payload_for(ads, event_with(user_data__email=emails))
+    assert row(payload_for(ads, only_emails))["userIdentifiers"] == hashed[:5]
+    assert row(payload_for(ads, with_phone))["userIdentifiers"] == [
+        hashed[0],
+        {"hashedPhoneNumber": PHONE_800},
+        *hashed[1:4],
+    ]
 
 
 def test_a_click_conversion_leaves_the_address_out_mapped_or_default(ads: GoogleAds) -> None:
