@@ -38,6 +38,15 @@ _CLICK_PARAMS_ANY_CASE = {param.lower(): name for param, name in CLICK_PARAMS.it
 COOKIE_FIELDS = ("fbc", "fbp", "ttp", "ga_client_id")
 REMEMBERED = (*CLICK_PARAMS.values(), *COOKIE_FIELDS)
 _REMEMBERED_SET = frozenset(REMEMBERED)
+# The click IDs of one platform's click: an event that carries one of them carries its own
+# click, newer than any remembered. (Other names are each their own.)
+_CLICK_OF = {
+    "gclid": "google",
+    "gbraid": "google",
+    "wbraid": "google",
+    "fbclid": "meta",
+    "fbc": "meta",
+}
 
 
 def click_ids_in_url(url: Any) -> dict[str, str]:
@@ -179,7 +188,8 @@ def enrich(event: dict[str, Any], identity: Identity, granted: frozenset[str]) -
 
     Only as the event's own consent (``granted``) allows, the way :func:`identity_update`
     remembers: click IDs and cookies with ``ad_storage``, the user agent and IP with
-    ``ad_user_data``. A person who withdrew consent gets nothing remembered back.
+    ``ad_user_data``. A person who withdrew consent gets nothing remembered back. A platform's
+    click the event carries itself (``_CLICK_OF``) keeps any remembered one of it out.
     """
     added: list[str] = []
     if identity.visitor_id and not event.get("visitor_id"):
@@ -189,10 +199,17 @@ def enrich(event: dict[str, Any], identity: Identity, granted: frozenset[str]) -
         event["user_id"] = identity.user_id
         added.append("user_id")
     context = event.setdefault("context", {})
-    for name, (value, _first_seen) in identity.values.items() if "ad_storage" in granted else ():
-        if not context.get(name):
-            context[name] = value
-            added.append(f"context.{name}")
+    if "ad_storage" in granted and identity.values:
+        # A click the event carries itself (a landing page's fbclid, a new gbraid) is newer
+        # than what is remembered: a remembered fbc or gclid added beside it would be sent in
+        # its place (adapters prefer fbc to fbclid, gclid to gbraid) and credit the old click.
+        own = {name for name in _REMEMBERED_SET if context.get(name)}
+        own.update(click_ids_in_url(context.get("page_url")))
+        clicks = {_CLICK_OF.get(name, name) for name in own}
+        for name, (value, _first_seen) in identity.values.items():
+            if not context.get(name) and _CLICK_OF.get(name, name) not in clicks:
+                context[name] = value
+                added.append(f"context.{name}")
     personal = (("user_agent", identity.user_agent), ("ip", identity.ip))
     for name, remembered in personal if "ad_user_data" in granted else ():
         if remembered and not context.get(name):

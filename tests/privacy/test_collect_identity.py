@@ -272,6 +272,61 @@ def test_a_server_sale_is_enriched_with_the_visitors_click_ids(
     assert "context.gclid" in event["enriched"]
 
 
+def test_a_click_the_event_carries_itself_is_not_replaced_by_a_remembered_older_one(
+    app: Flask, client: FlaskClient
+) -> None:
+    # Adapters prefer fbc to fbclid and gclid to gbraid: an old fbc or gclid added from the
+    # store beside the event's own new click was sent in its place, crediting the old ad.
+    visitor = collect(
+        client,
+        {
+            "event_name": "page_view",
+            "consent": ALL_GRANTED,
+            "context": {
+                "page_url": f"{ORIGIN}/?gclid=Gc-old&fbclid=Fb-old&ttclid=tt-old",
+                "fbp": "fb.1.1700000000000.42",
+            },
+        },
+    ).get_json()["visitor_id"]
+
+    track(
+        client,
+        {
+            "event_name": "sale",
+            "event_id": "s-new-click",
+            "visitor_id": visitor,
+            "consent": ALL_GRANTED,
+            "context": {"page_url": f"{ORIGIN}/thanks?fbclid=Fb-new&gbraid=Gb-new"},
+        },
+    )
+    landing = collect(
+        client,
+        {
+            "event_name": "page_view",
+            "event_id": "p-new-click",
+            "visitor_id": visitor,
+            "consent": ALL_GRANTED,
+            "context": {"page_url": f"{ORIGIN}/?fbclid=Fb-newer"},
+        },
+        headers={"Cookie": f"tr_vid={visitor}"},
+    )
+
+    sale = stored(app, "s-new-click")["context"]
+    assert "fbc" not in sale and "fbclid" not in sale  # Meta builds fbc from the URL's fbclid
+    assert "gclid" not in sale  # Google Ads sends the URL's gbraid
+    assert sale["ttclid"] == "tt-old" and sale["fbp"] == "fb.1.1700000000000.42"  # still given
+    assert landing.status_code == 200, landing.get_data(as_text=True)
+    page = stored(app, "p-new-click")["context"]
+    assert page["fbclid"] == "Fb-newer" and "fbc" not in page
+    later = track(
+        client,
+        {"event_name": "sale", "event_id": "s-later", "visitor_id": visitor,
+         "consent": ALL_GRANTED},
+    )  # fmt: skip
+    assert later.status_code == 200
+    assert stored(app, "s-later")["context"]["fbc"].endswith(".Fb-newer")  # the newest click
+
+
 def test_identify_links_a_user_id_so_a_backend_event_by_user_finds_the_clicks(
     app: Flask, client: FlaskClient
 ) -> None:
