@@ -81,6 +81,12 @@ _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _FUTURE_SLACK = timedelta(hours=1)
 
 
+def _quoted(text: Any) -> str:
+    """``text`` quoted for an error message, cut to 60 characters."""
+    shown = repr(str(text)[:60])
+    return shown if len(str(text)) <= 60 else shown + "..."
+
+
 def _describe(error: jsonschema.ValidationError) -> str:
     where = ".".join(str(p) for p in error.absolute_path) or "event"
     if error.validator == "additionalProperties" and isinstance(error.schema, dict):
@@ -303,6 +309,13 @@ def normalize(
         if alias is None:
             raise BadRequest("event_name is required (event_type is accepted as an alias)")
         event["event_name"] = alias
+    elif alias is not None and alias != event["event_name"]:
+        # Which one the client meant cannot be told; taking either could send a purchase as
+        # a page view.
+        raise BadRequest(
+            f"event_name and event_type differ ({_quoted(event['event_name'])} and "
+            f"{_quoted(alias)}): send one name (event_type is an alias of event_name)"
+        )
     event_id = event.get("event_id")
     if event_id is None:
         event["event_id"] = new_event_id()

@@ -52,11 +52,17 @@ def test_event_type_is_an_alias_of_event_name() -> None:
     assert "event_type" not in event
 
 
-def test_event_name_wins_over_event_type_when_both_are_sent() -> None:
-    event = normalize({"event_name": "purchase", "event_type": "sale"}, NOW)
+def test_event_type_beside_the_same_event_name_is_taken_and_a_different_one_refused() -> None:
+    # A different one used to be dropped without a word: a purchase sent as whatever
+    # event_name said.
+    event = normalize({"event_name": "purchase", "event_type": "purchase"}, NOW)
 
     assert event["event_name"] == "purchase"
     assert "event_type" not in event
+    assert error_of({"event_name": "page_view", "event_type": "purchase"}) == (
+        "event_name and event_type differ ('page_view' and 'purchase'): send one name "
+        "(event_type is an alias of event_name)"
+    )
 
 
 def test_event_without_a_name_names_the_alias_in_its_error() -> None:
