@@ -27,7 +27,10 @@ _SHORT_STRING = {"type": "string", "maxLength": 256}
 _MAX_ID = 256
 _ID = {"type": ["string", "integer"], "minLength": 1, "maxLength": _MAX_ID}
 _NULLABLE_STRING = {"type": ["string", "null"], "maxLength": 4096}
-_CONSENT_VALUE = {"oneOf": [{"enum": ["granted", "denied"]}, {"type": "boolean"}]}
+# Google's own APIs write GRANTED and DENIED (the Ads API's Consent); null is a purpose the
+# person has not decided, taken as not sent (so the container's consent_defaults apply).
+_CONSENT_WORDS = ("granted", "denied", "GRANTED", "DENIED", "Granted", "Denied")
+_CONSENT_VALUE = {"oneOf": [{"enum": list(_CONSENT_WORDS)}, {"type": "boolean"}, {"type": "null"}]}
 
 CONSENT_PURPOSES = ("ad_storage", "analytics_storage", "ad_user_data", "ad_personalization")
 
@@ -101,14 +104,14 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator in ("maxLength", "minLength"):
         return f"{where} is too {'long' if error.validator == 'maxLength' else 'short'}"
     if error.validator == "oneOf":
-        return f"{where} must be 'granted', 'denied' or a boolean"
+        return f"{where} must be 'granted', 'denied', a boolean or null"
     return f"{where}: {error.message}"
 
 
 _TOP_KEYS = frozenset(EVENT_SCHEMA["properties"])
 _ID_KEYS = ("event_name", "event_type", "visitor_id", "session_id", "user_id")
 _USER_DATA_KEYS = frozenset(EVENT_SCHEMA["properties"]["user_data"]["properties"])
-_CONSENT_VALUES = frozenset({"granted", "denied"})
+_CONSENT_VALUES = frozenset(_CONSENT_WORDS)
 
 
 _MISSING = object()
@@ -164,7 +167,11 @@ def conforms(raw: dict[str, Any]) -> bool:
         if type(consent) is not dict:
             return False
         for value in consent.values():
-            if not (value in _CONSENT_VALUES if type(value) is str else type(value) is bool):
+            if not (
+                value in _CONSENT_VALUES
+                if type(value) is str
+                else value is None or type(value) is bool
+            ):
                 return False
     return True
 
@@ -352,7 +359,9 @@ def normalize(
     consent = event.get("consent")
     if consent:
         event["consent"] = {
-            k: ("granted" if v is True or v == "granted" else "denied") for k, v in consent.items()
+            k: ("granted" if v is True or (v is not False and v.lower() == "granted") else "denied")
+            for k, v in consent.items()
+            if v is not None
         }
     return event
 

@@ -88,7 +88,7 @@ def test_event_without_a_name_names_the_alias_in_its_error() -> None:
         ({"event_name": "x", "event_id": True}, "event_id must be string or integer"),
         (
             {"event_name": "x", "consent": {"ad_storage": "yes"}},
-            "consent.ad_storage must be 'granted', 'denied' or a boolean",
+            "consent.ad_storage must be 'granted', 'denied', a boolean or null",
         ),
         ({"event_name": "x", "timestamp": None}, "timestamp must be string or number"),
     ],
@@ -159,12 +159,26 @@ def test_timestamp_more_than_an_hour_in_the_future_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("sent", "stored"),
-    [(True, "granted"), (False, "denied"), ("granted", "granted"), ("denied", "denied")],
+    [
+        (True, "granted"),
+        (False, "denied"),
+        ("granted", "granted"),
+        ("denied", "denied"),
+        ("GRANTED", "granted"),  # as Google's Ads API writes them
+        ("Denied", "denied"),
+    ],
 )
 def test_consent_values_become_granted_or_denied(sent: Any, stored: str) -> None:
     event = norm(consent={"ad_storage": sent, "custom_purpose": sent})
 
     assert event["consent"] == {"ad_storage": stored, "custom_purpose": stored}
+
+
+def test_a_consent_purpose_of_null_is_taken_as_not_sent() -> None:
+    # A consent platform's undecided purpose: the whole event was refused for it.
+    event = norm(consent={"ad_storage": None, "analytics_storage": "granted"})
+
+    assert event["consent"] == {"analytics_storage": "granted"}
 
 
 def test_normalize_does_not_change_what_the_client_sent() -> None:
