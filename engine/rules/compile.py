@@ -1079,6 +1079,19 @@ def _schema_message(
             f"{prefix}must be {text}, but YAML reads the unquoted {shown} as "
             f'{_yaml_reading(err.instance)}: write it in quotes ("{shown}")'
         )
+    if err.validator == "type":  # jsonschema's words ("5 is not of type 'object'") are Python's
+        want = (
+            err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
+        )
+        wanted = [_TYPE_WORDS.get(str(t), str(t)) for t in want if t != "null"]
+        if "null" in want:
+            wanted.append("empty")
+        got = (
+            "empty (nothing written after the colon)"
+            if err.instance is None
+            else _TYPE_WORDS.get(_json_type(err.instance))
+        )
+        return f"{prefix}must be {' or '.join(wanted)}, not {got}"
     if err.validator == "additionalProperties" and isinstance(err.schema, Mapping):
         allowed = sorted(err.schema.get("properties", {}))
         extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
@@ -1154,7 +1167,7 @@ _TYPE_WORDS = {
     "integer": "a whole number",
     "number": "a number",
     "boolean": "true or false",
-    "object": "a mapping",
+    "object": "a mapping (key: value)",
     "array": "a list",
     "null": "null",
     "other": "something other than text",

@@ -6,6 +6,7 @@ position it came from. Positions are 1-based (as editors show them).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,48 @@ class _Walker:
         return {**{k: v for k, v in merged.items() if k not in own}, **own}
 
 
+_CANNOT_START = re.compile(r"found character '(.+)' that cannot start any token")
+_BLOCK_END = re.compile(r"expected <block end>, but found '<(block \w+ start|scalar|block entry)>'")
+_FLOW_END = re.compile(r"expected ',' or '([}\]])'")
+_ALIAS = re.compile(r"found undefined alias '(.*)'")
+
+
+def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's syntax error in plain words, for the mistakes people make most; its own words
+    otherwise (``while parsing a block mapping: expected <block end>`` means nothing to the
+    marketer who misaligned a line)."""
+    problem = exc.problem or ""
+    if (found := _CANNOT_START.search(problem)) is not None:
+        char = found.group(1)
+        if char == "\\t":
+            return "a tab: YAML indents with spaces only; replace the tab with spaces"
+        return f"a value cannot start with {char} in YAML: put the value in quotes"
+    if _BLOCK_END.search(problem):
+        return (
+            "this line is not indented like the lines above it: the keys of one mapping, and "
+            "the '-' items of one list, start in the same column"
+        )
+    if problem == "mapping values are not allowed here":
+        return (
+            "a ': ' where YAML cannot take one: a value that holds ': ' goes in quotes "
+            '("a: b"), and a key starts a line of its own'
+        )
+    if problem == "found unexpected end of stream" and "quoted scalar" in (exc.context or ""):
+        return "a quoted text is not closed: its closing quote is missing"
+    if (flow := _FLOW_END.search(problem)) is not None:
+        kind = "{ ... } mapping" if flow.group(1) == "}" else "[ ... ] list"
+        return f"a {kind} is not closed, or a comma is missing between its entries"
+    if (alias := _ALIAS.search(problem)) is not None:
+        name = alias.group(1)[:40]
+        return f"*{name} refers to no anchor &{name} defined before it"
+    if problem == "could not find expected ':'":
+        return (
+            "a line without ':' where a key: value belongs (or a text that goes on to the "
+            "next line, which needs quotes)"
+        )
+    return ": ".join(part for part in (exc.context, exc.problem) if part) or "not valid YAML"
+
+
 def parse_yaml(text: str, file: str, problems: list[Problem]) -> list[Document] | None:
     """Parse the YAML documents of one file, recording positions; syntax errors become problems.
 
@@ -223,8 +266,7 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> list[Document] 
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
-        what = exc.problem or exc.context or "not valid YAML"
-        problems.append(Problem(where, f"YAML syntax error: {what}"))
+        problems.append(Problem(where, f"YAML syntax error: {_syntax_message(exc)}"))
         return None
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow, before parsing
         problems.append(Problem(_text_position(text, file, exc.position), _reader_message(exc)))
