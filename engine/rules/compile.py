@@ -199,6 +199,15 @@ class _Compiler:
         except ExpressionError as exc:
             self.error(where, f"{what}: {exc}")
             return None
+        if tree.get("type") == "expref":
+            # Its value is an expression, which no payload or condition can use: every event
+            # would be refused (or every condition hold) without a word from check.
+            self.error(
+                where,
+                f"{what}: {_quote(source)} starts with &, which makes it an expression "
+                "reference, an argument of sort_by, min_by, max_by or map only: remove the &",
+            )
+            return None
         self._check_event_fields(source, tree, where, what, constant_hint)
         return found
 
