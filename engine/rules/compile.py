@@ -724,7 +724,8 @@ class _Compiler:
             where = entry.at("mapping", target)
             if _target_problem(target) is not None:
                 continue  # reported by _mapping_getters
-            if source is None:
+            if source is None or (isinstance(source, dict) and source.get("value") is None):
+                # {value: null} sends nothing as null does: the same removal, checked the same.
                 removals.append((target, where))
             elif isinstance(source, dict):
                 at = entry.at("mapping", target, "value")
