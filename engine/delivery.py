@@ -435,6 +435,10 @@ class DeliveryWorker:
             if hold_refusal:
                 return results[0]
             if len(batch) > 1:
+                log.warning(
+                    "request refused as a whole; sending it in halves to find the refused items",
+                    extra={"destination": dest.name, "count": len(batch)},
+                )
                 self._isolate(dest, batch, lease_seconds)
                 return None
         by_result: dict[ItemResult, list[Delivery]] = defaultdict(list)
@@ -486,10 +490,6 @@ class DeliveryWorker:
         item's (a setting the platform refuses, several bad items), and both become dead
         letters, so that a refusal of everything costs three requests, not 2n - 1.
         """
-        log.warning(
-            "request refused as a whole; sending it in halves to find the refused items",
-            extra={"destination": dest.name, "count": len(batch)},
-        )
         half = (len(batch) + 1) // 2
         refused: list[tuple[list[tuple[Delivery, Item]], ItemResult]] = []
         for part in (batch[:half], batch[half:]):
