@@ -499,9 +499,13 @@ class DeliveryWorker:
             renewed = self._renew(dest, part, lease_seconds)
             if renewed and (refusal := self._send(dest, renewed, lease_seconds, True)):
                 refused.append((renewed, refusal))
-        if len(refused) == 1 and len(refused[0][0]) > 1 and not self._stop.is_set():
+        if len(refused) == 1 and len(refused[0][0]) > 1:
             part, _ = refused[0]
-            if renewed := self._renew(dest, part, lease_seconds):
+            if self._stop.is_set():
+                # Not a verdict on its items yet (the other half was not refused): it goes
+                # back, to be sent and halved again, rather than all of it a dead letter.
+                self._release(dest, part)
+            elif renewed := self._renew(dest, part, lease_seconds):
                 self._isolate(dest, renewed, lease_seconds)
             return
         for part, refusal in refused:

@@ -471,6 +471,41 @@ def test_a_refusal_of_every_event_costs_three_requests_not_one_per_event(
     assert [s[:2] for s in h.statuses()] == [("dead", 1)] * 32
 
 
+@pytest.mark.parametrize("stop_after", [2, 3])
+def test_a_worker_stopping_while_it_isolates_a_refused_event_gives_the_rest_back(
+    tmp_path: Path, platforms: tuple[MetaEmulator, TikTokEmulator], stop_after: int
+) -> None:
+    # SIGTERM arrives once the half holding the bad event was refused (request 2), or once
+    # the other half was delivered (request 3): the refused half is no verdict on its events.
+    meta, tiktok = platforms
+    meta.refuse("e05")
+    h = Harness(tmp_path, platform_rules(tmp_path, meta, tiktok))
+    h.accept(*(sale(f"e{i:02}") for i in range(16)))
+    send = h.worker.transport.send
+    sent: list[int] = []
+
+    def stopping(request: Any, timeout: float) -> Any:
+        response = send(request, timeout)
+        if request.url.startswith(meta.url):
+            sent.append(1)
+            if len(sent) == stop_after:
+                h.worker._stop.set()
+        return response
+
+    h.worker.transport.send = stopping  # type: ignore[method-assign]
+    h.worker.tick(wait=True)
+
+    rows = h.store._read(
+        "SELECT event_id, status, lease_owner FROM deliveries WHERE destination = 'meta'"
+    )
+    assert len(sent) == stop_after
+    assert not [r["event_id"] for r in rows if r["status"] == "dead"]
+    assert {r["event_id"] for r in rows if r["status"] == "pending"} >= {
+        f"e{i:02}" for i in range(8)
+    }
+    assert all(r["lease_owner"] is None for r in rows if r["status"] == "pending")
+
+
 @pytest.mark.parametrize(
     ("fault", "expected_error"),
     [
