@@ -66,6 +66,18 @@ def click_ids_in_url(url: Any) -> dict[str, str]:
     return found
 
 
+def _url_clicks(url: Any) -> set[str]:
+    """The click IDs a URL's query carries as the adapters read them there: by their names as
+    the platforms write them (``gclid``, not ``GCLID``; see ``normalize.url_param``)."""
+    if not isinstance(url, str) or "?" not in url:
+        return set()
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return set()
+    return {CLICK_PARAMS[key] for key, value in parse_qsl(query) if value and key in CLICK_PARAMS}
+
+
 def capture_click_ids(event: dict[str, Any]) -> None:
     """Copy click IDs from the page URL (first) and referrer into ``context``, if not set."""
     context = event.setdefault("context", {})
@@ -204,7 +216,7 @@ def enrich(event: dict[str, Any], identity: Identity, granted: frozenset[str]) -
         # than what is remembered: a remembered fbc or gclid added beside it would be sent in
         # its place (adapters prefer fbc to fbclid, gclid to gbraid) and credit the old click.
         own = {name for name in _REMEMBERED_SET if context.get(name)}
-        own.update(click_ids_in_url(context.get("page_url")))
+        own.update(_url_clicks(context.get("page_url")))
         clicks = {_CLICK_OF.get(name, name) for name in own}
         for name, (value, _first_seen) in identity.values.items():
             if not context.get(name) and _CLICK_OF.get(name, name) not in clicks:

@@ -327,6 +327,22 @@ def test_a_click_the_event_carries_itself_is_not_replaced_by_a_remembered_older_
     assert stored(app, "s-later")["context"]["fbc"].endswith(".Fb-newer")  # the newest click
 
 
+def test_a_click_in_the_page_url_that_no_adapter_reads_leaves_the_remembered_one(
+    app: Flask, client: FlaskClient
+) -> None:
+    # Adapters read ?gclid= by its name as Google writes it: a ?GCLID= was taken as the
+    # event's own click, kept the remembered one out, and the conversion went with none.
+    visitor = remembered_visitor(client)
+
+    track(
+        client,
+        {"event_name": "sale", "event_id": "s-upper", "visitor_id": visitor,
+         "consent": ALL_GRANTED, "context": {"page_url": f"{ORIGIN}/thanks?GCLID=Gc-new"}},
+    )  # fmt: skip
+
+    assert stored(app, "s-upper")["context"]["gclid"] == "Gc-9"
+
+
 def test_identify_links_a_user_id_so_a_backend_event_by_user_finds_the_clicks(
     app: Flask, client: FlaskClient
 ) -> None:
