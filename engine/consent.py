@@ -350,27 +350,51 @@ def _strip_url(url: str) -> str | None:
     return urlunsplit(parts._replace(query=query, fragment=fragment))
 
 
-_PERSON_IDS = frozenset({"user_id", "userid", "external_id", "externalid", "customer_id"})
+# Names of a person's IDs and of personal data that cleartext.kind_of leaves to the platforms'
+# own fields (it judges what may be hashed), compared in lower case without "_", "-" or ".".
+_PERSON_NAMES = frozenset(
+    {"userid", "externalid", "customerid", "customernumber", "accountid", "memberid"}
+    | {"username", "login", "zip", "zipcode", "postcode", "postalcode"}
+)
+_NAME_PUNCTUATION = str.maketrans("", "", "_-.")
 
 
 def _identifies(name: object) -> bool:
     """Whether a ``context`` field of this name identifies a person: a click ID or platform
-    cookie in any spelling, a person's ID, or personal data by its name (as ``tagrelay
-    check`` reads names)."""
+    cookie in any spelling, a person's ID, an address of any kind (``billing_address``,
+    ``ip_address``), or personal data by its name (as ``tagrelay check`` reads names)."""
     if not isinstance(name, str):
         return False
     lowered = name.lower()
-    return (
-        lowered in _CLICK_ID_NAMES or lowered in _PERSON_IDS or cleartext.kind_of(name) is not None
-    )
+    if lowered in _CLICK_ID_NAMES:
+        return True
+    bare = lowered.translate(_NAME_PUNCTUATION)
+    return bare in _PERSON_NAMES or bare.endswith("address") or cleartext.kind_of(name) is not None
+
+
+def _without_identifying_fields(value: Any, depth: int = 0) -> Any:
+    """``value`` with the fields :func:`_identifies` names removed, in objects at any depth
+    (``context.customer.email``) and in lists; other values as they are."""
+    if depth > 64:  # intake refuses deeper events; nothing of a person is left this far down
+        return None
+    if isinstance(value, dict):
+        return {
+            k: _without_identifying_fields(v, depth + 1)
+            for k, v in value.items()
+            if not _identifies(k)
+        }
+    if isinstance(value, list):
+        return [_without_identifying_fields(v, depth + 1) for v in value]
+    return value
 
 
 def strip_identifiers(event: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of the event with no way back to a person: for analytics-only forwarding.
 
     Drops ``user_data`` and ``user_id``, every click ID and platform cookie, any other
-    ``context`` field whose name says it holds personal data or a person's ID (``email``,
-    ``phone``, ``first_name``, ``user_id``, ``external_id``...), the :data:`TRACKING_PARAMS`
+    ``context`` field, at any depth, whose name says it holds personal data, an address or a
+    person's ID (``email``, ``phone``, ``first_name``, ``billing_address``, ``user_id``,
+    ``external_id``...; see :func:`_identifies`), the :data:`TRACKING_PARAMS`
     from the page URL and referrer (a URL that cannot be parsed is dropped whole), and
     truncates the IP (:func:`truncate_ip`).
     """
@@ -378,7 +402,7 @@ def strip_identifiers(event: Mapping[str, Any]) -> dict[str, Any]:
     context = event.get("context")
     if isinstance(context, dict):
         # Any spelling: a client that sends ``GCLID`` or ``Fbp`` identifies the person as well.
-        ctx = {k: v for k, v in context.items() if not _identifies(k)}
+        ctx = _without_identifying_fields(context)
         if isinstance(ctx.get("ip"), str):
             ctx["ip"] = truncate_ip(ctx["ip"])
         for key in ("page_url", "referrer"):

@@ -153,6 +153,16 @@ def test_stripping_removes_context_fields_named_like_a_person_or_personal_data()
         "user_id": "u1",
         "externalId": "c42",
         "customer_id": "c42",
+        "billing_address": "1 Main St",
+        "ip_address": "203.0.113.7",
+        "member-id": "m1",
+        "Username": "ada",
+        "zip": "10115",
+        "customer": {
+            "email": "ada@example.com",
+            "tier": "gold",
+            "contacts": [{"phone": "+49", "role": "billing"}],
+        },
         "locale": "de-DE",
         "session_id": "s1",
         "ga_client_id": "1.2",
@@ -162,6 +172,7 @@ def test_stripping_removes_context_fields_named_like_a_person_or_personal_data()
     stripped = strip_identifiers({"context": context})
 
     assert stripped["context"] == {
+        "customer": {"tier": "gold", "contacts": [{"role": "billing"}]},  # at any depth
         "locale": "de-DE",
         "session_id": "s1",
         "ga_client_id": "1.2",
