@@ -10,10 +10,12 @@ batches finish before it exits.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 
 from engine import logs, metrics
 from engine.app import create_app
@@ -44,6 +46,20 @@ def start_maintenance(app: Flask, settings: Settings) -> Maintenance:
 
 
 GRACEFUL_TIMEOUT = int(2 * (CONNECT_TIMEOUT + MAX_TIMEOUT) + 5)  # 75 s
+
+
+class _Arbiter(Arbiter):  # type: ignore[misc]  # gunicorn ships no type hints
+    """gunicorn's master loop, which also keeps the master's copy of the rules current.
+
+    Every worker is forked from the master: at start, and again after a crash, a timeout or a
+    SIGHUP. With the rules the master compiled at start, such a worker served those instead of
+    the last good ones the others serve (and kept them while the files on disk do not check).
+    """
+
+    def manage_workers(self) -> None:
+        """Reload the master's rules when due (every turn of the loop), then gunicorn's."""
+        self.app.refresh_rules()
+        super().manage_workers()
 
 
 class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -108,6 +124,21 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
         logs.configure(self.settings.log_level)
         self.app = create_app(self.settings)
         return self.app
+
+    def refresh_rules(self) -> None:
+        """Reload the rules if they changed and are due a check, as a worker does."""
+        if self.app is not None:
+            pipeline: Pipeline = self.app.extensions["tagrelay.pipeline"]
+            pipeline.rules.container  # noqa: B018 - reading it reloads when due
+
+    def run(self) -> None:
+        """Serve until stopped (gunicorn's ``BaseApplication.run`` with our master loop)."""
+        try:
+            _Arbiter(self).run()
+        except RuntimeError as exc:
+            print(f"\nError: {exc}\n", file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(1)
 
 
 def run(settings: Settings) -> None:

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -207,3 +208,36 @@ def test_a_tagrelay_worker_serves_the_metrics_of_its_deliveries(tmp_path: Path) 
     assert "# TYPE tagrelay_outbox_depth gauge" in page  # read from the store, as serve's
     assert missing == 404
     assert "GET /metrics" not in (tmp_path / "worker.log").read_text()  # scrapes are not logged
+
+
+def readiness(server: TagrelayServer) -> dict[str, Any]:
+    """The ``checks.rules`` part of ``/readyz``."""
+    checks: dict[str, Any] = requests.get(server.url + "/readyz", timeout=10).json()["checks"]
+    return checks["rules"]
+
+
+def test_a_worker_forked_again_serves_the_last_good_rules_not_those_of_the_start(
+    tmp_path: Path, rules: Path
+) -> None:
+    # Rules v1 at start, v2 (good) reloaded, then a bad edit: a worker gunicorn forks again
+    # (SIGHUP here; a crash or a timeout alike) starts from the master's rules, which were v1.
+    server = TagrelayServer(rules, tmp_path / "data", KEY, workers=1).start()
+    assert server.proc is not None
+    try:
+        first = readiness(server)["fingerprint"]
+        rules.write_text(RULES.replace("log_all", "log_everything"))
+        wait_for(lambda: readiness(server)["fingerprint"] != first)
+        good = readiness(server)["fingerprint"]
+        time.sleep(3)  # the master's loop has seen them too
+        rules.write_text(RULES + "tags: [\n")
+        wait_for(lambda: "reload_error" in readiness(server))
+
+        os.kill(server.proc.pid, signal.SIGHUP)
+        wait_for(lambda: server.log.read_text().count("Booting worker") == 2)
+        time.sleep(1)
+        seen = {readiness(server)["fingerprint"] for _ in range(5)}
+
+        assert seen == {good}
+        assert "reload_error" in readiness(server)
+    finally:
+        server.stop()
