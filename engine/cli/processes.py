@@ -177,7 +177,8 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Deliver the outbox and apply retention without serving HTTP, until SIGTERM or SIGINT."""
+    """Deliver the outbox and apply retention without serving HTTP, until SIGTERM or SIGINT
+    (SIGHUP: check the rules for changes now)."""
     from engine import logs
     from engine.delivery import DeliveryWorker
     from engine.maintenance import Maintenance
@@ -206,6 +207,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise ConfigError(f"{name} {settings.metrics_bind} cannot be bound: {exc}") from exc
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    # SIGHUP (`systemctl reload`, as for serve, whose gunicorn starts its workers again)
+    # checks the rules at once. Unhandled, it ended the process on the spot, unlogged, its
+    # batches' leases held until they expired.
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: rules.maybe_reload())
     try:
         worker.start()
         maintenance.start()

@@ -241,3 +241,29 @@ def test_a_worker_forked_again_serves_the_last_good_rules_not_those_of_the_start
         assert "reload_error" in readiness(server)
     finally:
         server.stop()
+
+
+def test_sighup_makes_a_tagrelay_worker_check_its_rules_and_carry_on(
+    tmp_path: Path, rules: Path
+) -> None:
+    # As `systemctl reload` sends it: unhandled, it ended the worker on the spot, unlogged.
+    server = TagrelayServer(rules, tmp_path / "data", KEY, workers=1)  # its environment only
+    log = tmp_path / "worker.log"
+    command = [sys.executable, "-m", "engine.cli", "worker", "--rules", str(rules)]
+    command += ["--data-dir", str(server.data_dir)]
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            command, cwd=ROOT, env=server.env(), stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(lambda: "tagrelay worker: delivering from" in log.read_text())
+        rules.write_text(RULES.replace("log_all", "log_everything"))
+
+        worker.send_signal(signal.SIGHUP)
+        wait_for(lambda: "rules reloaded" in log.read_text(), timeout=10)
+        assert worker.poll() is None
+    finally:
+        worker.terminate()
+        code = worker.wait(timeout=30)
+    assert code == 0
+    assert "delivery worker stopped" in log.read_text()
