@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -262,6 +263,16 @@ class _MetricsServer(HTTPServer):
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), int(port)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One JSON line, with the error's type only: socketserver printed a traceback and
+        the client's address to stderr (a scraper that reset its connection, say)."""
+        error = sys.exc_info()[0]
+        error_type = error.__name__ if error else "unknown"
+        if error is not None and issubclass(error, OSError):  # the client went away
+            log.debug("metrics scrape failed", extra={"error_type": error_type})
+        else:
+            log.error("metrics scrape failed", extra={"error_type": error_type})
 
 
 def serve_metrics(bind: str, depth: Callable[[], dict[str, int]]) -> HTTPServer:
