@@ -28,6 +28,14 @@ from engine.store.base import Acceptance, Accepted, Store
 log = logging.getLogger(__name__)
 
 
+def file_times(path: Path) -> dict[str, float]:
+    """The modification time of each rule file at ``path`` ({} when it cannot be read)."""
+    try:
+        return {str(p): p.stat().st_mtime for p in rule_files(path)}
+    except OSError:
+        return {}
+
+
 class RulesHolder:
     """The live container, reloaded when its files change; a bad edit never replaces a good one.
 
@@ -35,20 +43,25 @@ class RulesHolder:
     without blocking it for more than a ``stat`` per file.
     """
 
-    def __init__(self, path: Path, container: Container, interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        container: Container,
+        interval: float = 2.0,
+        mtimes: dict[str, float] | None = None,
+    ) -> None:
+        """``mtimes``: :func:`file_times` taken before ``container`` was compiled (else now),
+        so that a file changed during the compile is compiled again."""
         self.path = path
         self._container = container
         self._interval = interval
         self._checked = time.monotonic()
-        self._mtimes = self._scan()
+        self._mtimes = file_times(path) if mtimes is None else mtimes
         self._lock = threading.Lock()
         self.last_error: str | None = None
 
     def _scan(self) -> dict[str, float]:
-        try:
-            return {str(p): p.stat().st_mtime for p in rule_files(self.path)}
-        except OSError:
-            return {}
+        return file_times(self.path)
 
     @property
     def container(self) -> Container:
@@ -231,7 +244,8 @@ def load_rules(path: Path, interval: float = 2.0) -> RulesHolder:
     Raises:
         RulesError: the container does not check; the server must not start.
     """
+    mtimes = file_times(path)  # before compiling: a file changed meanwhile is compiled again
     container, problems = compile_container(path)
     if container is None:
         raise RulesError([p for p in problems if p.severity == "error"])
-    return RulesHolder(path, container, interval)
+    return RulesHolder(path, container, interval, mtimes)

@@ -182,16 +182,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from engine import logs
     from engine.delivery import DeliveryWorker
     from engine.maintenance import Maintenance
-    from engine.pipeline import RulesHolder
+    from engine.pipeline import RulesHolder, file_times
 
     settings = command_settings(args)
     _prepare_data_dir(settings)
     logs.configure(settings.log_level)
+    mtimes = file_times(settings.rules)  # before compiling, as load_rules
     container = load_container(settings.rules)
     if container is None:  # as serve: the problems are printed, and rules that fail are exit 1
         err(f"tagrelay: refusing to start: {settings.rules} has errors (see above)")
         return 1
-    rules = RulesHolder(settings.rules, container, settings.reload_interval)
+    rules = RulesHolder(settings.rules, container, settings.reload_interval, mtimes)
     store = open_store(settings)
     worker = DeliveryWorker(store, lambda: rules.container)
     # Retention runs where the store is used; a `tagrelay worker` running alone purges too.

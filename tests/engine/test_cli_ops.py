@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -458,6 +459,46 @@ def test_the_worker_applies_retention_like_serve(
     assert not maintenance._thread.is_alive()  # stopped with the worker
     assert signal.getsignal(signal.SIGTERM) == handler  # the caller's handler is back
     assert "tagrelay worker: delivering from" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("unconfigured_logs")
+def test_the_worker_compiles_again_a_file_edited_while_it_started(
+    data_dir: Path, write_rules: WriteRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its time was taken after the compile: the worker kept the rules of before the edit.
+    from engine.pipeline import RulesHolder
+
+    rules = write_rules(RULES)
+    file = rules / "rules.yaml"
+    load = processes.load_container
+    holders: list[RulesHolder] = []
+
+    def edited_meanwhile(path: Path) -> Any:
+        container = load(path)
+        file.write_text(RULES.replace("log_all", "log_everything"))
+        stat = file.stat()
+        os.utime(file, (stat.st_atime + 5, stat.st_mtime + 5))
+        return container
+
+    def kept(self: RulesHolder, *args: Any) -> None:
+        init(self, *args)
+        holders.append(self)
+
+    def stop(self: Maintenance) -> None:
+        start(self)
+        os.kill(os.getpid(), signal.SIGTERM)  # the worker has started: stop it at once
+
+    init, start = RulesHolder.__init__, Maintenance.start
+    monkeypatch.setattr(processes, "load_container", edited_meanwhile)
+    monkeypatch.setattr(RulesHolder, "__init__", kept)
+    monkeypatch.setattr(Maintenance, "start", stop)
+
+    code = run("worker", "--rules", rules, "--data-dir", data_dir)
+
+    assert code == 0
+    [holder] = holders
+    assert holder.maybe_reload() is True
+    assert [t.name for t in holder.container.tags] == ["log_everything"]
 
 
 @pytest.mark.usefixtures("unconfigured_logs")

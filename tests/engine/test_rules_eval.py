@@ -604,6 +604,28 @@ def test_editing_a_rule_file_installs_the_new_container(write_rules: WriteRules)
     assert holder.last_error is None
 
 
+def test_a_file_edited_while_the_rules_are_first_compiled_is_compiled_again(
+    write_rules: WriteRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its time was taken after the compile: the edit was never seen, until the next one.
+    container = write_rules(RELOADABLE)
+    file = container / "rules.yaml"
+
+    def edited_meanwhile(path: Path, *args: Any) -> Any:
+        compiled = compile_container(path, *args)
+        file.write_text(RELOADABLE.replace("name: first", "name: second"))
+        touch_later(file, 5)
+        return compiled
+
+    monkeypatch.setattr("engine.pipeline.compile_container", edited_meanwhile)
+    holder = load_rules(container, interval=0)
+    monkeypatch.undo()
+
+    assert [t.name for t in holder.container.tags] == ["first"]
+    assert holder.maybe_reload() is True
+    assert [t.name for t in holder.container.tags] == ["second"]
+
+
 def test_a_broken_edit_keeps_the_old_rules_and_records_the_error(
     write_rules: WriteRules,
 ) -> None:
