@@ -132,12 +132,11 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
             pipeline.rules.container  # noqa: B018 - reading it reloads when due
 
     def run(self) -> None:
-        """Serve until stopped (gunicorn's ``BaseApplication.run`` with our master loop)."""
+        """Serve until stopped, through :class:`_Arbiter` in place of gunicorn's own."""
         try:
             _Arbiter(self).run()
-        except RuntimeError as exc:
-            print(f"\nError: {exc}\n", file=sys.stderr)
-            sys.stderr.flush()
+        except RuntimeError as exc:  # the master could not start (a bind, say): said plainly
+            print(f"tagrelay serve: {exc}", file=sys.stderr, flush=True)
             sys.exit(1)
 
 
