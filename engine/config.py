@@ -637,14 +637,26 @@ def ensure_server_key(settings: Settings) -> tuple[Settings, str | None]:
     private_dir(settings.data_dir, settings.name_of("data_dir"), settings.database)
     generated = None
     try:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+        if path.exists():
             key = path.read_text().strip()
         else:
-            key = generated = "sk_" + secrets.token_urlsafe(32)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(key + "\n")
+            # Written whole beside it, then linked into place, which fails if the file exists:
+            # another process starting at the same moment (or a crash mid-write) never leaves
+            # it empty or half written for the other to read.
+            new = "sk_" + secrets.token_urlsafe(32)
+            draft = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+            try:
+                fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(new + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.link(draft, path)
+                key = generated = new
+            except FileExistsError:
+                key = path.read_text().strip()
+            finally:
+                draft.unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot keep the generated server key in {path}: {exc}") from exc
     if not key:

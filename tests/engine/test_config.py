@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import config
 from engine.cli import main
 from engine.config import (
     PublishableKey,
@@ -395,6 +396,32 @@ def test_the_server_key_is_returned_only_when_it_is_generated(tmp_path: Path) ->
     assert repeated is None
     assert mode(tmp_path / "data") == 0o700
     assert mode(tmp_path / "data" / "server_key") == 0o600
+
+
+def test_two_servers_generating_the_key_at_once_both_start_with_one_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second to start read the file the first had created and not yet written: "is
+    # empty; delete it", and it did not start.
+    settings = Settings(data_dir=tmp_path / "data")
+    real = config.secrets.token_urlsafe
+    other: list[tuple[Settings, str | None]] = []
+    calls = 0
+
+    def while_generating(n: int) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the other process starts in the middle of this one's generation
+            other.append(ensure_server_key(settings))
+        return real(n)
+
+    monkeypatch.setattr(config.secrets, "token_urlsafe", while_generating)
+    first, generated = ensure_server_key(settings)
+
+    [(second, second_generated)] = other
+    assert first.server_keys == second.server_keys
+    assert [generated, second_generated].count(None) == 1  # printed by one of them only
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["server_key"]
 
 
 def test_no_key_is_generated_when_keys_are_configured(tmp_path: Path) -> None:
