@@ -357,7 +357,12 @@ def track_batch() -> tuple[Response, int]:
 def metrics_page() -> Response | tuple[Response, int]:
     """Prometheus metrics."""
     try:
-        body, content_type = metrics.render(_pipeline().store.depth)
+        pipeline = _pipeline()
+        body, content_type = metrics.render(
+            metrics.depth_of_each(
+                pipeline.store.depth, lambda: pipeline.rules.container.destinations
+            )
+        )
     except metrics.MetricsUnavailable as exc:
         return json_response({"success": False, "error": str(exc)}), 503
     return Response(body, 200, content_type=content_type)

@@ -190,6 +190,19 @@ class OutboxCollector(Collector):
         yield gauge
 
 
+def depth_of_each(
+    depth: Callable[[], dict[str, int]], destinations: Callable[[], Iterable[str]]
+) -> Callable[[], dict[str, int]]:
+    """``depth`` with a 0 for every configured destination that has nothing waiting: a series
+    that is absent rather than 0 leaves an alert such as ``tagrelay_outbox_depth > 1000`` with
+    nothing to compare, and a graph with a gap."""
+
+    def each() -> dict[str, int]:
+        return {**dict.fromkeys(destinations(), 0), **depth()}
+
+    return each
+
+
 def render(depth: Callable[[], dict[str, int]]) -> tuple[bytes, str]:
     """The metrics page and its content type."""
     TALLY.flush()

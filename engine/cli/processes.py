@@ -202,7 +202,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from engine import metrics
 
         try:
-            metrics_server = metrics.serve_metrics(settings.metrics_bind, store.depth)
+            depth = metrics.depth_of_each(store.depth, lambda: rules.container.destinations)
+            metrics_server = metrics.serve_metrics(settings.metrics_bind, depth)
         except OSError as exc:
             name = settings.name_of("metrics_bind")
             raise ConfigError(f"{name} {settings.metrics_bind} cannot be bound: {exc}") from exc

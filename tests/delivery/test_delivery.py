@@ -1126,9 +1126,13 @@ def test_metrics_count_deliveries(tmp_path: Path, sink: Any) -> None:
     h.worker.drain()
 
     body, _ = metrics.render(h.store.depth)
+    each, _ = metrics.render(metrics.depth_of_each(h.store.depth, lambda: ["hook", "idle"]))
 
     assert metrics.DELIVERIES.labels("hook", "delivered")._value.get() == before + 1
     assert b"tagrelay_outbox_depth" in body
+    # Each configured destination has its series, 0 with nothing waiting.
+    assert b'tagrelay_outbox_depth{destination="hook"} 0.0' in each
+    assert b'tagrelay_outbox_depth{destination="idle"} 0.0' in each
     assert b"tagrelay_delivery_latency_seconds_bucket" in body
 
 

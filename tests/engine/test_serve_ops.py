@@ -206,6 +206,8 @@ def test_a_tagrelay_worker_serves_the_metrics_of_its_deliveries(tmp_path: Path) 
     assert len(sink.received) == 3
     assert delivered(page) == 3
     assert "# TYPE tagrelay_outbox_depth gauge" in page  # read from the store, as serve's
+    # Nothing waiting is a 0, not a missing series (an alert on the depth needs one).
+    assert 'tagrelay_outbox_depth{destination="hook"} 0.0' in page
     assert missing == 404
     assert "GET /metrics" not in (tmp_path / "worker.log").read_text()  # scrapes are not logged
 
