@@ -179,6 +179,11 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def cmd_worker(args: argparse.Namespace) -> int:
     """Deliver the outbox and apply retention without serving HTTP, until SIGTERM or SIGINT
     (SIGHUP: check the rules for changes now)."""
+    # Before prometheus_client is imported (engine.delivery imports it): a worker counts in
+    # its own process and serves its counts itself. With serve's multiprocess directory (one
+    # environment file for both) it wrote its counts there and served serve's back, and
+    # scraping both counted everything twice.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     from engine import logs
     from engine.delivery import DeliveryWorker
     from engine.maintenance import Maintenance

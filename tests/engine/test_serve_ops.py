@@ -190,9 +190,13 @@ def test_a_tagrelay_worker_serves_the_metrics_of_its_deliveries(tmp_path: Path) 
                 server.track({"event_name": "sale", "event_id": f"e{i}"})
             command = [sys.executable, "-m", "engine.cli", "worker", "--rules", str(rules)]
             command += ["--metrics-bind", f"127.0.0.1:{port}"]
+            # One environment for serve and worker may name a multiprocess directory.
+            shared = tmp_path / "multiproc"
+            shared.mkdir()
+            env = {**server.env(), "PROMETHEUS_MULTIPROC_DIR": str(shared)}
             with (tmp_path / "worker.log").open("wb") as log:
                 worker = subprocess.Popen(
-                    command, cwd=ROOT, env=server.env(), stdout=log, stderr=subprocess.STDOUT
+                    command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
                 )
             deadline = time.monotonic() + 20
             while delivered(page := scrape(port)) < 3 and time.monotonic() < deadline:
@@ -208,6 +212,7 @@ def test_a_tagrelay_worker_serves_the_metrics_of_its_deliveries(tmp_path: Path) 
     assert "# TYPE tagrelay_outbox_depth gauge" in page  # read from the store, as serve's
     # Nothing waiting is a 0, not a missing series (an alert on the depth needs one).
     assert 'tagrelay_outbox_depth{destination="hook"} 0.0' in page
+    assert list(shared.iterdir()) == []  # the worker's counts are its own, not mixed in there
     assert missing == 404
     assert "GET /metrics" not in (tmp_path / "worker.log").read_text()  # scrapes are not logged
 
