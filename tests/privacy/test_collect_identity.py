@@ -343,6 +343,39 @@ def test_a_click_in_the_page_url_that_no_adapter_reads_leaves_the_remembered_one
     assert stored(app, "s-upper")["context"]["gclid"] == "Gc-9"
 
 
+def test_a_server_events_page_url_click_is_remembered_for_the_visitors_later_events(
+    app: Flask, client: FlaskClient
+) -> None:
+    # A backend that tracks landings itself (no tagrelay.js) sends the page URL with its click.
+    track(
+        client,
+        {"event_name": "page_view", "event_id": "p-srv", "visitor_id": "v_srv",
+         "consent": ALL_GRANTED,
+         "context": {"page_url": f"{ORIGIN}/?gclid=Gc-srv&fbclid=Fb-srv&utm_source=x"}},
+    )  # fmt: skip
+    track(
+        client,
+        {"event_name": "sale", "event_id": "s-srv", "visitor_id": "v_srv", "consent": ALL_GRANTED},
+    )
+    track(
+        client,
+        {"event_name": "page_view", "event_id": "p-denied", "visitor_id": "v_denied",
+         "consent": {"analytics_storage": "granted"},
+         "context": {"page_url": f"{ORIGIN}/?gclid=Gc-denied"}},
+    )  # fmt: skip
+    track(
+        client,
+        {"event_name": "sale", "event_id": "s-denied", "visitor_id": "v_denied",
+         "consent": ALL_GRANTED},
+    )  # fmt: skip
+
+    sale = stored(app, "s-srv")["context"]
+    assert sale["gclid"] == "Gc-srv"
+    assert sale["fbc"].startswith("fb.1.") and sale["fbc"].endswith(".Fb-srv")
+    assert "gclid" not in stored(app, "p-srv")["context"]  # the event itself as sent
+    assert "gclid" not in stored(app, "s-denied").get("context", {})  # not without ad_storage
+
+
 def test_identify_links_a_user_id_so_a_backend_event_by_user_finds_the_clicks(
     app: Flask, client: FlaskClient
 ) -> None:
