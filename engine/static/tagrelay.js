@@ -289,6 +289,26 @@
     }
   };
 
+  /** Run one queued call (["track", "signup", {}]): a call that names no method, or throws, is
+   *  reported on the console and the calls after it still run. */
+  function run(call) {
+    try {
+      var method = call && api[call[0]];
+      if (typeof method !== "function" || call[0] === "push") {
+        throw new Error("not a tagrelay method: " + (call && call[0]));
+      }
+      method.apply(api, Array.prototype.slice.call(call, 1));
+    } catch (e) {
+      if (window.console) console.error("tagrelay:", e);
+    }
+  }
+
+  /** The queue's push(), after the script has loaded too: the snippet
+   *  `window.tagrelay = window.tagrelay || []; tagrelay.push([...])` works whenever it runs. */
+  api.push = function () {
+    for (var i = 0; i < arguments.length; i++) run(arguments[i]);
+  };
+
   window.tagrelay = api;
 
   // Self-configuration from the script tag: data-key, data-endpoint, data-spa="false". Calls
@@ -302,6 +322,6 @@
       spa: script.getAttribute("data-spa") !== "false"
     });
   }
-  queued.forEach(function (call) { api[call[0]].apply(api, call.slice(1)); });
+  queued.forEach(run);
   if (selfConfigured && lastPage === null) api.page();
 })(window, document);

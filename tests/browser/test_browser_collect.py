@@ -110,6 +110,22 @@ AUTO_PAGE = """<!doctype html>
 </head><body>auto</body></html>
 """
 
+# Queued calls, one of them a mistake, and the same snippet run again once the script is there.
+QUEUE_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Queue</title>
+<script>
+  window.errors = [];
+  console.error = function () {{ window.errors.push([].slice.call(arguments).join(" ")); }};
+  window.tagrelay = [["consent", {consent}], ["trak", "typo"], ["track", "queued"]];
+</script>
+<script src="{script}" data-key="{key}"></script>
+<script>
+  window.tagrelay = window.tagrelay || [];
+  tagrelay.push(["track", "pushed_after_load"]);
+</script>
+</head><body>queue</body></html>
+"""
+
 
 class Site:
     """The shop: ``/page.html`` and SPA routes under ``/app/``, ``/auto.html``; set ``script``."""
@@ -123,6 +139,8 @@ class Site:
             html = PAGE.format(fbp=FBP, **values)
         elif request.path == "/auto.html":
             html = AUTO_PAGE.format(**values)
+        elif request.path == "/queue.html":
+            html = QUEUE_PAGE.format(**values)
         else:
             return Reply.text("not found", status=404)
         return Reply(200, html.encode(), {"Content-Type": "text/html; charset=utf-8"})
@@ -415,6 +433,23 @@ def test_script_tag_attributes_configure_it_and_send_the_first_page_view(
     assert stored["event_name"] == "page_view"
     assert stored["consent"] == GRANTED  # the queued consent() ran before the page view
     assert stored["visitor_id"] == browser.execute_script("return tagrelay.getVisitorId();")
+
+
+def test_queued_calls_survive_a_bad_one_and_push_works_after_load(
+    stack: Stack, browser: WebDriver
+) -> None:
+    server = stack.server
+    url = f"{stack.shop.url}/queue.html"
+    browser.get(url)
+
+    def sent() -> list[str] | None:
+        names = [e["event_name"] for e in server.stored() if e["context"].get("page_url") == url]
+        return names if len(names) >= 3 else None
+
+    names = wait_for(sent, "the queued, pushed and automatic events", server)
+    assert sorted(names) == ["page_view", "pushed_after_load", "queued"]
+    errors = browser.execute_script("return window.errors;")
+    assert errors == ["tagrelay: Error: not a tagrelay method: trak"]
 
 
 def test_a_page_from_an_origin_the_key_does_not_allow_gets_no_cors_allowance(
