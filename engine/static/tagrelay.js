@@ -29,6 +29,7 @@
   var STORAGE_VISITOR = "tr_vid";
   var STORAGE_USER = "tr_uid";
   var STORAGE_USER_HASH = "tr_uhash"; // the user ID's hash, when the server verifies user IDs
+  var STORAGE_ANSWERED = "tr_answered"; // the server has answered, so its visitor cookie is set
   // user_data fields of the canonical event; other identify() traits go under properties.
   var USER_DATA_KEYS = ["email", "phone", "first_name", "last_name", "date_of_birth", "gender",
     "city", "state", "postal_code", "country", "external_id"];
@@ -43,6 +44,7 @@
   var consentState = null; // Consent Mode v2 purposes, sent with every event once set
   var beforeInit = []; // events made before init(), sent once it is called
   var inFlight = []; // promises of requests not yet answered (see flush())
+  var held = null; // bodies waiting for the server's first answer to this browser (see send())
   var unloading = false; // after pagehide, only sendBeacon reliably leaves the page
   var lastPage = null; // URL of the last page view (SPA route changes compare against it)
   var memory = {}; // storage when localStorage is unavailable (private mode, sandboxes)
@@ -151,7 +153,10 @@
   }
 
   function remember(answer) {
-    if (answer && typeof answer.visitor_id === "string") store(STORAGE_VISITOR, answer.visitor_id);
+    if (answer && typeof answer.visitor_id === "string") {
+      store(STORAGE_VISITOR, answer.visitor_id);
+      store(STORAGE_ANSWERED, "1");
+    }
     if (config.onResponse) config.onResponse(answer);
     return answer;
   }
@@ -162,6 +167,24 @@
       if (!beacon(body) && config.debug) console.warn("tagrelay: could not send", event.event_name);
       return;
     }
+    if (held) {
+      held.push(body);
+      return;
+    }
+    // A browser the server has not answered yet has no visitor cookie, and events sent side by
+    // side would each get a new visitor (the server does not take the page's word for one when
+    // it verifies user IDs). The first goes alone; the others follow once it has the cookie.
+    if (!store(STORAGE_ANSWERED)) held = [];
+    post(body);
+  }
+
+  function release() {
+    var bodies = held || [];
+    held = null;
+    bodies.forEach(unloading ? beacon : post);
+  }
+
+  function post(body) {
     var request = window.fetch(collectUrl(), {
       method: "POST",
       body: body,
@@ -178,6 +201,12 @@
       // Network error or keepalive quota: a beacon is safe to try, the event_id deduplicates.
       beacon(body);
       return null;
+    }).then(function (answer) {
+      release(); // answered or not, the events held behind this one go now
+      return answer;
+    }, function (error) {
+      release(); // onResponse threw
+      throw error;
     });
     inFlight.push(request);
     var done = function () { inFlight.splice(inFlight.indexOf(request), 1); };
@@ -224,7 +253,7 @@
       if (!config.key) throw new Error("tagrelay.init: a publishable key is required");
       if (options.consent) api.consent(options.consent);
       if (config.spa) watchHistory();
-      window.addEventListener("pagehide", function () { unloading = true; });
+      window.addEventListener("pagehide", function () { unloading = true; release(); });
       window.addEventListener("pageshow", function () { unloading = false; }); // back/forward cache
       beforeInit.splice(0).forEach(send);
       return api;
@@ -285,7 +314,9 @@
     /** A promise settled when every request sent so far is answered (tests, before navigation). */
     flush: function () {
       var settled = inFlight.map(function (p) { return p.catch(function () {}); });
-      return Promise.all(settled).then(function () {});
+      return Promise.all(settled).then(function () {
+        return inFlight.length ? api.flush() : undefined; // the held ones sent meanwhile
+      });
     }
   };
 

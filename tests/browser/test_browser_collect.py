@@ -126,6 +126,20 @@ QUEUE_PAGE = """<!doctype html>
 </head><body>queue</body></html>
 """
 
+# A new visitor's first events, sent side by side once the page has loaded.
+BURST_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Burst</title>
+<script src="{script}"></script>
+<script>
+  window.collected = [];
+  window.addEventListener("load", function () {{
+    tagrelay.init({{key: "{key}", onResponse: function (a) {{ window.collected.push(a); }}}});
+    tagrelay.consent({consent});
+    window.sent = [tagrelay.page(), tagrelay.track("view_item"), tagrelay.track("scroll")];
+  }});
+</script></head><body>burst</body></html>
+"""
+
 
 class Site:
     """The shop: ``/page.html`` and SPA routes under ``/app/``, ``/auto.html``; set ``script``."""
@@ -139,6 +153,8 @@ class Site:
             html = PAGE.format(fbp=FBP, **values)
         elif request.path == "/auto.html":
             html = AUTO_PAGE.format(**values)
+        elif request.path == "/burst.html":
+            html = BURST_PAGE.format(**values)
         elif request.path == "/queue.html":
             html = QUEUE_PAGE.format(**values)
         else:
@@ -450,6 +466,26 @@ def test_queued_calls_survive_a_bad_one_and_push_works_after_load(
     assert sorted(names) == ["page_view", "pushed_after_load", "queued"]
     errors = browser.execute_script("return window.errors;")
     assert errors == ["tagrelay: Error: not a tagrelay method: trak"]
+
+
+def test_a_new_visitors_first_events_sent_together_are_one_visitor(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # With identity verification on, the server takes the visitor from its cookie alone: the
+    # events a new browser sends before the first answer must not each get a visitor of their own.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/burst.html?gclid={GCLID}")
+    wait_for(lambda: browser.execute_script("return window.sent;"), "the page's events", server)
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+
+    assert len(collected(browser)) == 3  # flush() waited for every one of them
+    cookie = browser.get_cookie("tr_vid")
+    assert cookie is not None
+    stored = [server.stored_event(i) for i in browser.execute_script("return window.sent;")]
+    assert [e and e["visitor_id"] for e in stored] == [cookie["value"]] * 3
+    assert {a["visitor_id"] for a in collected(browser)} == {cookie["value"]}
 
 
 def test_a_page_from_an_origin_the_key_does_not_allow_gets_no_cors_allowance(
