@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -287,6 +288,49 @@ def parse_keys(raw: str) -> tuple[ServerKey, ...]:
     return tuple(keys)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def page_origin(value: str) -> str:
+    """An allowed origin as browsers send it in ``Origin``: ``https://shop.example:8443``.
+
+    The scheme and host lower case, a default port left out, a trailing ``/`` dropped, so that
+    ``https://Shop.Example:443/`` matches the ``https://shop.example`` a page sends; ``*``
+    (any page) as it is.
+
+    Raises:
+        ValueError: not an origin: no scheme or host, a path or query, or a wildcard other than
+            ``*`` alone (``https://*.shop.example`` would never match a page).
+    """
+    text = value.strip().rstrip("/")
+    if text == "*":
+        return text
+    example = "write scheme://host[:port] such as https://shop.example, or * for any page"
+    if "*" in text:
+        raise ValueError(f"has an origin with a wildcard, {text!r}: list each origin ({example})")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (
+        parts is None
+        or not parts.scheme
+        or not parts.hostname
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+    ):
+        raise ValueError(f"has an origin that is not one, {text!r}: {example}")
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    if port is None or port == _DEFAULT_PORTS.get(scheme):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
 def parse_publishable(raw: str) -> tuple[PublishableKey, ...]:
     """``pk_1=https://a.example|https://b.example,pk_2=*`` -> publishable keys.
 
@@ -298,7 +342,7 @@ def parse_publishable(raw: str) -> tuple[PublishableKey, ...]:
         if not entry.strip():
             continue
         key, _, origins = entry.strip().partition("=")
-        allowed = tuple(o.strip().rstrip("/") for o in origins.split("|") if o.strip())
+        allowed = tuple(page_origin(o) for o in origins.split("|") if o.strip())
         if not key.strip():
             raise ValueError("has an entry with no key before its '=origins'")
         if not allowed:
@@ -383,7 +427,11 @@ def _publishable_keys(value: Any) -> tuple[PublishableKey, ...]:
             or not all(isinstance(o, str) and o.strip() for o in origins)
         ):
             raise ValueError(f"{where} needs origins: a list of page origins, or ['*'] for any")
-        keys.append(PublishableKey(key, tuple(o.strip().rstrip("/") for o in origins)))
+        try:
+            allowed = tuple(page_origin(o) for o in origins)
+        except ValueError as exc:
+            raise ValueError(f"{where} {exc}") from None
+        keys.append(PublishableKey(key, allowed))
     return tuple(keys)
 
 

@@ -155,6 +155,53 @@ def test_good_values_are_read_as_before() -> None:
     assert settings.cookie_domain is None
 
 
+def test_publishable_origins_are_read_as_browsers_send_them() -> None:
+    # A page at https://shop.example sends exactly that as its Origin.
+    settings = load_settings(
+        {
+            "TAGRELAY_PUBLISHABLE_KEYS": (
+                "pk_1=https://Shop.Example:443/|HTTP://localhost:80|http://localhost:3000"
+                "|http://[::1]:8080|capacitor://localhost"
+            )
+        }
+    )
+
+    assert settings.publishable_keys[0].origins == (
+        "https://shop.example",
+        "http://localhost",
+        "http://localhost:3000",
+        "http://[::1]:8080",
+        "capacitor://localhost",
+    )
+    assert settings.publishable_keys[0].allows("https://shop.example")
+
+
+@pytest.mark.parametrize(
+    ("origin", "message"),
+    [
+        ("https://*.shop.example", "has an origin with a wildcard, 'https://*.shop.example'"),
+        ("shop.example", "has an origin that is not one, 'shop.example'"),
+        ("https://shop.example/checkout", "has an origin that is not one, 'https://shop.exa"),
+        ("https://shop.example:99999", "has an origin that is not one, 'https://shop.examp"),
+    ],
+)
+def test_a_publishable_origin_no_page_could_send_is_refused(origin: str, message: str) -> None:
+    error = refused({"TAGRELAY_PUBLISHABLE_KEYS": f"pk_1={origin}"})
+
+    assert error.startswith(f"TAGRELAY_PUBLISHABLE_KEYS {message}")
+    assert "scheme://host[:port]" in error
+
+
+def test_a_publishable_origin_in_the_config_file_is_refused_naming_its_entry(
+    tmp_path: Path,
+) -> None:
+    text = "publishable_keys: [{key: pk_1, origins: ['https://*.shop.example']}]"
+
+    error = refused(config_file(tmp_path, text))
+
+    assert "publishable_keys entry 1 has an origin with a wildcard" in error
+
+
 # -- the config file ----------------------------------------------------------------------------
 
 
