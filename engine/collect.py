@@ -61,6 +61,9 @@ def _cors(response: Response, key: PublishableKey | None) -> Response:
     if key is not None and origin and key.allows(origin):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Allow-Credentials"] = "true"
+        # Readable by the page's script, which waits as long before it tries again (a 429, a
+        # 503 while the store is down).
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
         response.headers["Vary"] = "Origin"
     return response
 

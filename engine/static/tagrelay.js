@@ -184,8 +184,24 @@
     bodies.forEach(unloading ? beacon : post);
   }
 
-  function post(body) {
-    var request = window.fetch(collectUrl(), {
+  // A 429 or 5xx (the store unavailable: disk full, a restart) is tried again, after the
+  // server's Retry-After or 1, 2, 4 s, up to RETRIES times while the page stays; a page left
+  // meanwhile sends it by beacon. The event_id makes a repeat a duplicate, never a second event.
+  var RETRIES = 3;
+  var LONGEST_WAIT = 30; // seconds
+
+  function retryable(status) {
+    return status === 429 || status >= 500;
+  }
+
+  function waitBeforeRetry(response, attempt) {
+    var told = Number(response.headers.get("Retry-After"));
+    var seconds = told >= 0 && response.headers.get("Retry-After") !== null ? told : Math.pow(2, attempt);
+    return Math.min(seconds, LONGEST_WAIT) * 1000;
+  }
+
+  function attempt(body, tries) {
+    return window.fetch(collectUrl(), {
       method: "POST",
       body: body,
       headers: {"Content-Type": "text/plain"}, // a "simple" request: no preflight
@@ -193,6 +209,15 @@
       keepalive: true, // finishes even when the page is closed meanwhile
       mode: "cors"
     }).then(function (response) {
+      if (retryable(response.status) && tries < RETRIES) {
+        var wait = waitBeforeRetry(response, tries);
+        if (config.debug) console.warn("tagrelay:", response.status, "trying again in", wait, "ms");
+        return new Promise(function (resolve) { window.setTimeout(resolve, wait); }).then(function () {
+          if (!unloading) return attempt(body, tries + 1);
+          beacon(body);
+          return null;
+        });
+      }
       return response.json().catch(function () { return null; }).then(function (answer) {
         if (!response.ok && config.debug) console.warn("tagrelay:", response.status, answer);
         return response.ok ? remember(answer) : answer;
@@ -201,7 +226,11 @@
       // Network error or keepalive quota: a beacon is safe to try, the event_id deduplicates.
       beacon(body);
       return null;
-    }).then(function (answer) {
+    });
+  }
+
+  function post(body) {
+    var request = attempt(body, 0).then(function (answer) {
       release(); // answered or not, the events held behind this one go now
       return answer;
     }, function (error) {

@@ -435,6 +435,40 @@ def test_beacon_carries_events_without_fetch_and_after_pagehide(
         assert stored["consent"] == GRANTED
 
 
+@pytest.mark.parametrize(("refusals", "kept"), [(2, True), (4, False)])
+def test_an_event_answered_503_or_429_is_sent_again_a_few_times(
+    stack: Stack, browser: WebDriver, refusals: int, kept: bool
+) -> None:
+    # The store unavailable (a restart, a full disk) or a rate limit: the event was lost.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the page view", server)
+
+    event_id = browser.execute_script(
+        """const real = window.fetch, refusals = arguments[0];
+        window.tries = 0;
+        window.fetch = (url, init) => {
+          window.tries += 1;
+          if (window.tries > refusals) return real(url, init);
+          const status = window.tries % 2 ? 503 : 429;
+          return Promise.resolve(new Response('{"success": false}',
+            {status: status, headers: {"Retry-After": "0"}}));
+        };
+        return tagrelay.track("after_outage");""",
+        refusals,
+    )
+    browser.execute_script("return tagrelay.flush();")
+
+    tries = browser.execute_script("return window.tries;")
+    if kept:
+        assert wait_for(lambda: server.stored_event(event_id), "the event, tried again", server)
+        assert tries == refusals + 1
+    else:
+        assert tries == 4  # the first try and three more, then it gives up
+        time.sleep(0.5)
+        assert server.stored_event(event_id) is None
+
+
 def test_script_tag_attributes_configure_it_and_send_the_first_page_view(
     stack: Stack, browser: WebDriver
 ) -> None:
@@ -554,6 +588,7 @@ def test_collect_answers_cors_and_sets_the_visitor_cookie(stack: Stack, tmp_path
     assert answer.json()["success"] is True
     assert answer.headers["Access-Control-Allow-Origin"] == allowed
     assert answer.headers["Access-Control-Allow-Credentials"] == "true"
+    assert answer.headers["Access-Control-Expose-Headers"] == "Retry-After"  # see tagrelay.js
     assert "Origin" in answer.headers.get("Vary", "")
     cookie = cookie_attributes(answer.headers["Set-Cookie"])
     assert cookie["tr_vid"] == answer.json()["visitor_id"]
