@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from destinations.base import Destination, PayloadContext, PayloadError
+from engine import jsonio
 from engine.consent import ConsentState, ConsentStates, Requirement, Verdict, strip_identifiers
 from engine.event import event_time
 from engine.expr import Builder, Field, Getter, compile_builder, truthy
@@ -190,6 +191,12 @@ class Tag:
             )
             _log_adapter_failure(self.name, destination, exc)
             return Decision(self.name, dest, False, reason, decision.reason, anonymous)
+        if (problem := _unstorable(payload)) is not None:
+            # Stored as it was, it failed the store's write of the whole request (a 503, retried
+            # by the client for ever), the event's other tags with it.
+            reason = f"invalid payload: {adapter.name or destination.type} failed: {problem}"
+            _log_adapter_failure(self.name, destination, problem=problem)
+            return Decision(self.name, dest, False, reason, decision.reason, anonymous)
         key = None
         if self.dedup_key is not None and (text := dedup_text(self.dedup_key(event))):
             key = f"{self.name}:{text}"
@@ -226,21 +233,42 @@ def dedup_text(value: Any) -> str | None:
     return json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _log_adapter_failure(tag: str, destination: DestinationInstance, exc: Exception) -> None:
+def _unstorable(payload: object) -> str | None:
+    """What keeps the store from keeping a payload from ``build_payload``, or None: it must be a
+    dict that JSON can carry (as the store writes it: NaN becomes null, a set is refused)."""
+    if not isinstance(payload, dict):
+        return f"build_payload gave {type(payload).__name__}, not dict"
+    try:
+        jsonio.dumps(payload)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return f"build_payload gave no JSON ({type(exc).__name__})"
+    return None
+
+
+def _log_adapter_failure(
+    tag: str,
+    destination: DestinationInstance,
+    exc: Exception | None = None,
+    problem: str | None = None,
+) -> None:
     """Log a build_payload bug for the operator: where it was raised, never the message.
 
     The message and a traceback's text can quote the mapped values (personal data); the type,
-    the tag and the place in the adapter's code are enough to find the bug.
+    the tag and the place in the adapter's code are enough to find the bug. A payload the store
+    cannot keep (``problem``) is named by what it is, never by its content.
     """
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames = traceback.extract_tb(exc.__traceback__) if exc is not None else []
     where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    if exc is None:
+        adapter = type(destination.adapter)
+        where = f"{adapter.__module__}.{adapter.__qualname__}.build_payload"
     log.error(
         "destination adapter failed to build a payload; the tag did not fire",
         extra={
             "tag": tag,
             "destination": destination.name,
             "type": destination.type,
-            "error": type(exc).__name__,
+            "error": type(exc).__name__ if exc is not None else problem,
             "where": where,
         },
     )

@@ -14,9 +14,10 @@ import pytest
 
 from engine import metrics
 from engine.event import normalize
-from engine.pipeline import RulesHolder, load_rules
+from engine.pipeline import Pipeline, RulesHolder, load_rules
 from engine.rules import Container, compile_container
 from engine.store.base import Decision
+from engine.store.sqlite import SQLiteStore
 
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
 WriteRules = Callable[..., Path]
@@ -543,6 +544,53 @@ def test_an_adapter_bug_leaves_its_tag_unfired_and_the_other_tags_unharmed(
     assert "test_rules_eval.py" in vars(record)["where"]
     assert "ada@example.com" not in caplog.text
     assert "ada@example.com" not in str(vars(record))
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ({"ids": {"sku_1"}}, "build_payload gave no JSON (TypeError)"),
+        ([{"id": "sku_1"}], "build_payload gave list, not dict"),
+        (None, "build_payload gave NoneType, not dict"),
+    ],
+)
+def test_a_payload_the_store_cannot_keep_leaves_its_tag_unfired_and_the_event_accepted(
+    write_rules: WriteRules,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    payload: Any,
+    problem: str,
+) -> None:
+    # A plugin's set of IDs failed the store's write of the whole request: a 503 for the event,
+    # retried for ever, its other tags with it.
+    rules = build(
+        write_rules,
+        """
+        triggers:
+          all: {event: "*"}
+        tags:
+          - {name: hook_all, trigger: all, destination: hook}
+          - {name: log_all, trigger: all, destination: log}
+        """,
+    )
+    monkeypatch.setattr(
+        rules.destinations["hook"].adapter, "build_payload", lambda mapped, ctx: payload
+    )
+
+    decisions = decide(rules)
+
+    assert not decisions["hook_all"].fired
+    assert decisions["hook_all"].reason == f"invalid payload: webhook failed: {problem}"
+    assert decisions["log_all"].fired
+    [record] = [r for r in caplog.records if r.name == "engine.rules.model"]
+    assert vars(record)["error"] == problem
+    assert vars(record)["where"] == "destinations.webhook.Webhook.build_payload"
+    holder = RulesHolder(write_rules(), rules, interval=0)
+    [outcome] = Pipeline(SQLiteStore(tmp_path / "store.db"), holder).accept(
+        [{"event_name": "sale", "event_id": "e1"}]
+    )
+    assert outcome.accepted is not None
 
 
 # -- the trigger index ------------------------------------------------------------------------
