@@ -8,7 +8,7 @@ not load or breaks the contract fails when the registry is built (at start), nev
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from importlib.metadata import entry_points
 
 import jsonschema
@@ -39,6 +39,28 @@ def check_contract(name: str, cls: object) -> type[Destination]:
                 f"destination plugin {name!r}: {attribute} must be a mapping (a dict), "
                 f"not {type(getattr(cls, attribute)).__name__}"
             )
+    for attribute, example in (
+        ("secret_settings", "frozenset({'access_token'})"),
+        ("hashed_fields", "frozenset({'user_data.em'})"),
+    ):
+        names = getattr(cls, attribute)
+        # A str is a collection too: "access_token" would declare its letters.
+        if isinstance(names, str) or not (
+            isinstance(names, Collection) and all(isinstance(n, str) for n in names)
+        ):
+            raise PluginError(
+                f"destination plugin {name!r}: {attribute} must be a set of names, such as "
+                f"{example}"
+            )
+    homes = cls.personal_homes
+    if not (
+        isinstance(homes, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in homes.items())
+    ):
+        raise PluginError(
+            f"destination plugin {name!r}: personal_homes must map each kind of personal data "
+            "to a target, such as {'email': 'user_data.em'}"
+        )
     if not isinstance(cls.max_batch, int) or cls.max_batch < 1:
         raise PluginError(f"destination plugin {name!r}: max_batch must be a positive integer")
     try:

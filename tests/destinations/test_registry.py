@@ -75,6 +75,30 @@ def _plugin(**attrs: Any) -> type[Destination]:
     [
         ({"settings_schema": True}, "settings_schema must be a mapping (a dict), not bool"),
         ({"default_mapping": None}, "default_mapping must be a mapping (a dict), not NoneType"),
+        # Each of these passed the start, then failed later: a traceback from `tagrelay check`
+        # (personal_homes), a secret of the letters of its name, hashed fields by substring.
+        (
+            {"personal_homes": ["user_data.em"]},
+            "personal_homes must map each kind of personal data to a target, such as "
+            "{'email': 'user_data.em'}",
+        ),
+        (
+            {"personal_homes": {"email": None}},
+            "personal_homes must map each kind of personal data to a target, such as "
+            "{'email': 'user_data.em'}",
+        ),
+        (
+            {"secret_settings": "token"},
+            "secret_settings must be a set of names, such as frozenset({'access_token'})",
+        ),
+        (
+            {"hashed_fields": "user_data.em"},
+            "hashed_fields must be a set of names, such as frozenset({'user_data.em'})",
+        ),
+        (
+            {"hashed_fields": frozenset({("user_data", "em")})},
+            "hashed_fields must be a set of names, such as frozenset({'user_data.em'})",
+        ),
     ],
 )
 def test_a_wrongly_typed_class_attribute_is_a_plugin_error_naming_it(
