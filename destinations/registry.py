@@ -15,7 +15,7 @@ import jsonschema
 
 from destinations.base import Destination
 from engine.errors import PluginError
-from engine.expr import ExpressionError, compile_mapping
+from engine.expr import ExpressionError, compile_mapping, target_problem
 
 GROUP = "tagrelay.destinations"
 
@@ -74,6 +74,13 @@ def check_contract(name: str, cls: object) -> type[Destination]:
         raise PluginError(
             f"destination plugin {name!r}: secret_settings {unknown} are not in settings_schema"
         )
+    for target in cls.default_mapping:
+        # As in a tag's mapping: "a..b" would send a key named "", "c[0]" one named "c[0]".
+        problem = target_problem(target) if isinstance(target, str) else "it is not text"
+        if problem is not None:
+            raise PluginError(
+                f"destination plugin {name!r}: default_mapping target {target!r}: {problem}"
+            )
     try:
         compile_mapping(cls.default_mapping)
     except ExpressionError as exc:

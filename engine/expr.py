@@ -766,6 +766,25 @@ def constant(value: Any) -> Getter:
     return get_constant
 
 
+def target_problem(target: str) -> str | None:
+    """What is wrong with a mapping target, if it is not a dotted path of names."""
+    for name in target.split("."):
+        if not name:
+            return (
+                "a target is a dotted path of names (custom_data.value); an empty name (two dots "
+                'in a row, or a dot at the start or end) would send a key named ""'
+            )
+        if "[" in name or "]" in name:
+            return (
+                f"a target is a dotted path of names, and {name!r} indexes a list, which a "
+                "target cannot (the key would be sent as written): map the whole list instead, "
+                'e.g. custom_data.contents: "properties.items[].{id: id, quantity: quantity}"'
+            )
+        if name != name.strip():
+            return f"the name {name!r} starts or ends with a space"
+    return None
+
+
 def compile_mapping(mapping: Mapping[str, Any]) -> tuple[Field, ...]:
     """Compile a plain mapping (target -> expression string, or ``{value: X}`` for a constant).
 

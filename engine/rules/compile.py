@@ -35,6 +35,7 @@ from engine.expr import (
     compile_tree,
     constant,
     path_of,
+    target_problem,
 )
 from engine.rules import expressions
 from engine.rules.expressions import Variable
@@ -691,7 +692,7 @@ class _Compiler:
         overrides: dict[str, Any] = entry.value.get("mapping") or {}
         out: dict[str, Getter] = {}
         for target, source in overrides.items():
-            problem = _target_problem(target)
+            problem = target_problem(target)
             if problem is not None:
                 self.error(
                     entry.key_at("mapping", target), f"tag {tag} mapping {target}: {problem}"
@@ -722,7 +723,7 @@ class _Compiler:
         removals: list[tuple[str, Position]] = []
         for target, source in overrides.items():
             where = entry.at("mapping", target)
-            if _target_problem(target) is not None:
+            if target_problem(target) is not None:
                 continue  # reported by _mapping_getters
             if source is None or (isinstance(source, dict) and source.get("value") is None):
                 # {value: null} sends nothing as null does: the same removal, checked the same.
@@ -893,25 +894,6 @@ class _Compiler:
                 RuleTest(spec["name"], _iso_times(spec["event"]), spec["expect"], entry.at())
             )
         return out
-
-
-def _target_problem(target: str) -> str | None:
-    """What is wrong with a mapping target, if it is not a dotted path of names."""
-    for name in target.split("."):
-        if not name:
-            return (
-                "a target is a dotted path of names (custom_data.value); an empty name (two dots "
-                'in a row, or a dot at the start or end) would send a key named ""'
-            )
-        if "[" in name or "]" in name:
-            return (
-                f"a target is a dotted path of names, and {name!r} indexes a list, which a "
-                "target cannot (the key would be sent as written): map the whole list instead, "
-                'e.g. custom_data.contents: "properties.items[].{id: id, quantity: quantity}"'
-            )
-        if name != name.strip():
-            return f"the name {name!r} starts or ends with a space"
-    return None
 
 
 def _without(get: Getter, path: tuple[str, ...]) -> Getter:

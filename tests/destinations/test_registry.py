@@ -95,6 +95,22 @@ def _plugin(**attrs: Any) -> type[Destination]:
             {"hashed_fields": "user_data.em"},
             "hashed_fields must be a set of names, such as frozenset({'user_data.em'})",
         ),
+        # Targets a tag's mapping may not have: keys named "" and "c[0]" went out, and a
+        # number crashed `tagrelay check` with a traceback.
+        (
+            {"default_mapping": {"a..b": "event_id"}},
+            "default_mapping target 'a..b': a target is a dotted path of names "
+            "(custom_data.value); an empty name (two dots in a row, or a dot at the start or "
+            'end) would send a key named ""',
+        ),
+        (
+            {"default_mapping": {"contents[0].id": "event_id"}},
+            "default_mapping target 'contents[0].id': a target is a dotted path of names, and "
+            "'contents[0]' indexes a list, which a target cannot (the key would be sent as "
+            "written): map the whole list instead, e.g. custom_data.contents: "
+            '"properties.items[].{id: id, quantity: quantity}"',
+        ),
+        ({"default_mapping": {1: "event_id"}}, "default_mapping target 1: it is not text"),
         (
             {"hashed_fields": frozenset({("user_data", "em")})},
             "hashed_fields must be a set of names, such as frozenset({'user_data.em'})",
