@@ -337,11 +337,21 @@ class Destination:
         ``_`` or ``-``. A platform's answer quoting a secret is cut to
         a length before it reaches here (``excerpt(200)``), and the cut can fall inside it.
         """
-        secrets = tuple(self.secrets())
-        pattern = _secrets_pattern(secrets)
-        if pattern is None:
-            return text
-        return _redact_fragments(pattern.sub(REDACTED, text), secrets)
+        return redact_values(text, self.secrets())
+
+
+def redact_values(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with each of ``secrets`` (longest first) replaced by ``[REDACTED]``, in every
+    form and cut short, as :meth:`Destination.redact_text` replaces the secret settings.
+
+    For secrets that are no setting, such as the OAuth token the engine obtained with
+    :meth:`Destination.token_request`.
+    """
+    found = tuple(secrets)
+    pattern = _secrets_pattern(found)
+    if pattern is None:
+        return text
+    return _redact_fragments(pattern.sub(REDACTED, text), found)
 
 
 FRAGMENT = 8

@@ -33,6 +33,7 @@ from destinations.base import (
     ItemResult,
     Outcome,
     SendContext,
+    redact_values,
     retry_after_seconds,
 )
 from engine import metrics
@@ -545,7 +546,11 @@ class DeliveryWorker:
             self._finish(dest, deliveries, ItemResult(exc.outcome, f"token request: {exc}"))
             return None
         except Exception as exc:  # noqa: BLE001 - a plugin bug is a permanent failure of the batch
-            message = _redact(adapter, f"build_request failed: {type(exc).__name__}: {exc}")
+            message = _redact(
+                adapter,
+                f"build_request failed: {type(exc).__name__}: {exc}",
+                self._tokens.get(dest.name),
+            )
             self._finish(dest, deliveries, ItemResult(Outcome.PERMANENT, message))
             return None
         started = time.monotonic()
@@ -598,7 +603,8 @@ class DeliveryWorker:
                 metrics.observe(metrics.LATENCY_SECONDS, (dest.name,), max(0.0, now - d.created_at))
             log.debug("delivered", extra={"destination": dest.name, "count": len(ids)})
             return
-        error = f"{result.outcome.value}: {_redact(dest.adapter, result.error or 'failed')}"
+        reason = _redact(dest.adapter, result.error or "failed", self._tokens.get(dest.name))
+        error = f"{result.outcome.value}: {reason}"
         opts = dest.delivery
         if result.outcome is Outcome.PERMANENT:
             self._dead(dest, ids, error, now)
@@ -786,10 +792,13 @@ def _valid_result(result: object) -> bool:
     return delay is None or (isinstance(delay, int | float) and not isinstance(delay, bool))
 
 
-def _redact(adapter: Destination, text: str) -> str:
+def _redact(adapter: Destination, text: str, token: _TokenCache | None = None) -> str:
     # Every encoded form too: a platform's error can echo the request's URL or form body.
     try:
-        return adapter.redact_text(text)
+        text = adapter.redact_text(text)
     except Exception as exc:  # noqa: BLE001 - a plugin's secrets() bug must not stall delivery
         # Nothing of the text can be shown safely without the adapter's secrets.
         return f"(error withheld: {type(exc).__name__} in the adapter's redaction)"
+    # The OAuth token is no setting, so the adapter's secrets lack it; an answer can echo it
+    # (a platform that takes it in the query string quotes the URL).
+    return redact_values(text, [token.value]) if token and token.value else text

@@ -78,12 +78,23 @@ class Verbose(Destination):
         return [ItemResult(Outcome.RETRYABLE, "busy " * 20_000)] * len(items)
 
 
+class QueryToken(TextExpiry):
+    """Sends the OAuth token in the query string, as Snapchat's Conversions API takes it."""
+
+    name = "query_token"
+
+    def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
+        url = f"{self.settings['url']}/events?access_token={ctx.access_token}"
+        return HttpRequest.json_post(url, {"n": len(items)})
+
+
 @pytest.fixture
 def plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     known = dict(registry.registry())
     known["list_key"] = registry.check_contract("list_key", ListKey)
     known["text_expiry"] = registry.check_contract("text_expiry", TextExpiry)
     known["verbose"] = registry.check_contract("verbose", Verbose)
+    known["query_token"] = registry.check_contract("query_token", QueryToken)
     monkeypatch.setattr(registry, "registry", lambda: known)
 
 
@@ -140,6 +151,25 @@ def test_the_error_kept_with_a_retry_is_cut_as_a_dead_letters_is(tmp_path: Path)
         h = _harness(tmp_path, "verbose", server.url)
 
     assert [(s[0], len(s[2] or "")) for s in h.statuses()] == [("pending", 1000)] * 2
+
+
+@pytest.mark.usefixtures("plugins")
+def test_an_oauth_token_echoed_by_the_platform_is_redacted_from_the_dead_letter(
+    tmp_path: Path,
+) -> None:
+    # The token comes from token_request, not from a setting: the adapter's secrets lack it.
+    def platform(request: Request) -> Reply:
+        if request.path == "/token":
+            return Reply.json({"access_token": "oauth-live-7f3a9c2e51", "expires_in": 3600})
+        token = request.param("access_token")
+        return Reply.json({"error": f"token {token} lacks the scope"}, 400)
+
+    with LoopbackServer(platform) as server:
+        h = _harness(tmp_path, "query_token", server.url)
+
+    assert [s[:2] for s in h.statuses()] == [("dead", 1)] * 2
+    assert all("token [REDACTED] lacks" in (s[2] or "") for s in h.statuses())
+    assert "7f3a9c2e51" not in str(h.statuses())
 
 
 def test_each_request_of_a_batch_is_built_at_its_own_time(tmp_path: Path) -> None:
