@@ -37,6 +37,12 @@ class StoreError(TagrelayError):
     """The store could not be reached or written. Nothing was committed; a retry is safe."""
 
 
+class UnstorablePayload(StoreError):
+    """A payload (a plugin's ``build_payload`` result) that JSON cannot carry: nothing of the
+    call was written. :meth:`engine.pipeline.Pipeline.accept` then leaves that tag unfired and
+    accepts the rest."""
+
+
 class RulesError(TagrelayError):
     """A rule container that does not pass ``tagrelay check``.
 

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ from prometheus_client import Counter
 
 from engine import event as events
 from engine import gate, identity, metrics
-from engine.errors import BadRequest, RulesError
+from engine.errors import BadRequest, RulesError, UnstorablePayload
 from engine.rules import Container, compile_container
+from engine.rules.model import without_unstorable
 from engine.rules.source import rule_files
 from engine.store.base import Acceptance, Accepted, Store
 
@@ -215,7 +216,16 @@ class Pipeline:
                 outcomes.append(None)
             except BadRequest as exc:
                 outcomes.append(Outcome(error=str(exc)))
-        stored = iter(self.store.accept_many(prepared) if prepared else [])
+        try:
+            stored = iter(self.store.accept_many(prepared) if prepared else [])
+        except UnstorablePayload:
+            # A plugin's payload that JSON cannot carry (the store found it while encoding;
+            # nothing was written): its tag does not fire, and the rest is accepted.
+            prepared = [
+                replace(acc, decisions=without_unstorable(acc.decisions, container.destinations))
+                for acc in prepared
+            ]
+            stored = iter(self.store.accept_many(prepared))
         result = [o if o is not None else Outcome(accepted=next(stored)) for o in outcomes]
         _count(result)
         return result

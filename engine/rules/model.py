@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -191,9 +191,8 @@ class Tag:
             )
             _log_adapter_failure(self.name, destination, exc)
             return Decision(self.name, dest, False, reason, decision.reason, anonymous)
-        if (problem := _unstorable(payload)) is not None:
-            # Stored as it was, it failed the store's write of the whole request (a 503, retried
-            # by the client for ever), the event's other tags with it.
+        if not isinstance(payload, dict):  # (whether JSON can carry it: see without_unstorable)
+            problem = f"build_payload gave {type(payload).__name__}, not dict"
             reason = f"invalid payload: {adapter.name or destination.type} failed: {problem}"
             _log_adapter_failure(self.name, destination, problem=problem)
             return Decision(self.name, dest, False, reason, decision.reason, anonymous)
@@ -233,16 +232,32 @@ def dedup_text(value: Any) -> str | None:
     return json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _unstorable(payload: object) -> str | None:
-    """What keeps the store from keeping a payload from ``build_payload``, or None: it must be a
-    dict that JSON can carry (as the store writes it: NaN becomes null, a set is refused)."""
-    if not isinstance(payload, dict):
-        return f"build_payload gave {type(payload).__name__}, not dict"
-    try:
-        jsonio.dumps(payload)
-    except (TypeError, ValueError, RecursionError) as exc:
-        return f"build_payload gave no JSON ({type(exc).__name__})"
-    return None
+def without_unstorable(
+    decisions: Sequence[Decision], destinations: Mapping[str, DestinationInstance]
+) -> list[Decision]:
+    """``decisions``, each fired one whose payload JSON cannot carry (a plugin's set of IDs)
+    made unfired, naming the problem; the others as they are.
+
+    Asked only when the store could not encode a payload
+    (:class:`~engine.errors.UnstorablePayload`), since it encodes every payload anyway: such a
+    payload failed the store's write of the whole request (a 503, retried by the client for
+    ever), the event's other tags with it.
+    """
+    out = []
+    for d in decisions:
+        kept = d
+        if d.fired:
+            try:
+                jsonio.dumps(d.payload)
+            except (TypeError, ValueError, RecursionError) as exc:
+                destination = destinations[d.destination]
+                problem = f"build_payload gave no JSON ({type(exc).__name__})"
+                _log_adapter_failure(d.tag, destination, problem=problem)
+                name = destination.adapter.name or destination.type
+                reason = f"invalid payload: {name} failed: {problem}"
+                kept = Decision(d.tag, d.destination, False, reason, d.consent, d.anonymous)
+        out.append(kept)
+    return out
 
 
 def _log_adapter_failure(

@@ -577,20 +577,21 @@ def test_a_payload_the_store_cannot_keep_leaves_its_tag_unfired_and_the_event_ac
     monkeypatch.setattr(
         rules.destinations["hook"].adapter, "build_payload", lambda mapped, ctx: payload
     )
+    holder = RulesHolder(write_rules(), rules, interval=0)
+    store = SQLiteStore(tmp_path / "store.db")
 
-    decisions = decide(rules)
+    [outcome] = Pipeline(store, holder).accept([{"event_name": "sale", "event_id": "e1"}])
 
-    assert not decisions["hook_all"].fired
-    assert decisions["hook_all"].reason == f"invalid payload: webhook failed: {problem}"
-    assert decisions["log_all"].fired
+    assert outcome.accepted is not None
+    hook, log = outcome.accepted.decisions
+    assert (hook["tag"], hook["fired"]) == ("hook_all", False)
+    assert hook["reason"] == f"invalid payload: webhook failed: {problem}"
+    assert (log["tag"], log["fired"]) == ("log_all", True)
+    stored = store._read("SELECT tag FROM deliveries")
+    assert [r["tag"] for r in stored] == ["log_all"]  # the log tag's delivery, only
     [record] = [r for r in caplog.records if r.name == "engine.rules.model"]
     assert vars(record)["error"] == problem
     assert vars(record)["where"] == "destinations.webhook.Webhook.build_payload"
-    holder = RulesHolder(write_rules(), rules, interval=0)
-    [outcome] = Pipeline(SQLiteStore(tmp_path / "store.db"), holder).accept(
-        [{"event_name": "sale", "event_id": "e1"}]
-    )
-    assert outcome.accepted is not None
 
 
 # -- the trigger index ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import jsonio
-from engine.errors import StoreError
+from engine.errors import StoreError, UnstorablePayload
 from engine.store.base import Acceptance, Accepted, Decision, StoredEvent
 from engine.store.sqlite.connection import _Connections
 from engine.store.sqlite.sql import _dumps, _insert_rows, _select_in, _stored_event
@@ -69,8 +69,8 @@ class _Slot:
 
     def outcome(self) -> list[Accepted]:
         if self.error is not None:
-            if isinstance(self.error, StoreError):
-                raise StoreError(str(self.error)) from self.error
+            if isinstance(self.error, StoreError):  # raised anew in this caller's thread
+                raise type(self.error)(str(self.error)) from self.error
             raise StoreError(f"store write failed: {type(self.error).__name__}") from self.error
         return self.results
 
@@ -199,7 +199,7 @@ def _accept_members(
             return members, _accept_group(db, [a for m in members for a in m.acceptances])
         except _Unencodable as exc:
             owner = _owner_of(members, exc.index)
-            owner.error = StoreError(
+            owner.error = UnstorablePayload(
                 f"store write failed: an event or payload is not JSON ({type(exc.cause).__name__})"
             )
             members.remove(owner)
