@@ -87,7 +87,9 @@ def preview(
             try:
                 ctx = SendContext(now, PREVIEW_TOKEN if adapter.token_request() else None)
                 problem = adapter.check_item(item, ctx)
-                if not problem:
+                if problem:  # redacted as delivery redacts it: a plugin may quote its settings
+                    problem = adapter.redact_text(str(problem))
+                else:
                     request = adapter.redact(adapter.build_request([item], ctx))
                     entry["request"] = request_json(request)
             except Exception as exc:  # noqa: BLE001 - a plugin's bug, shown as the send would

@@ -296,6 +296,23 @@ def test_a_plugin_that_raises_in_preview_is_a_tag_that_would_fail_not_a_tracebac
     assert SECRET not in out
 
 
+def test_a_reason_a_plugins_check_item_gives_is_shown_redacted(
+    write_rules: WriteRules,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Delivery redacted it in dead letters; preview showed it as the plugin wrote it.
+    monkeypatch.setattr(Webhook, "check_item", lambda self, item, ctx: f"refused by {SECRET}")
+
+    code, out = preview_json(write_rules(RULES), tmp_path, capsys)
+
+    crm = json.loads(out)["tags"][0]
+    assert code == 0
+    assert crm["reason"] == "would fail at send time: refused by [REDACTED]"
+    assert SECRET not in out
+
+
 def test_preview_text_output_redacts_secrets_too(
     write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
