@@ -61,7 +61,7 @@ def check_contract(name: str, cls: object) -> type[Destination]:
             f"destination plugin {name!r}: personal_homes must map each kind of personal data "
             "to a target, such as {'email': 'user_data.em'}"
         )
-    if not isinstance(cls.max_batch, int) or cls.max_batch < 1:
+    if not isinstance(cls.max_batch, int) or isinstance(cls.max_batch, bool) or cls.max_batch < 1:
         raise PluginError(f"destination plugin {name!r}: max_batch must be a positive integer")
     try:
         jsonschema.Draft202012Validator.check_schema(cls.settings_schema)

@@ -281,7 +281,8 @@ class DeliveryWorker:
             except Exception as exc:  # noqa: BLE001 - a plugin bug fails that item alone
                 problem = f"{type(exc).__name__} in the adapter's check of the item"
             if problem:
-                self._finish(dest, [delivery], ItemResult(Outcome.PERMANENT, problem))
+                # str(): a plugin's reason that is no text (True, a dict) is still its reason.
+                self._finish(dest, [delivery], ItemResult(Outcome.PERMANENT, str(problem)))
                 continue
             groups[key].append((delivery, item))
         chunks = self._split(dest, groups.values())
@@ -787,6 +788,8 @@ class TokenFailure(Exception):
 def _valid_result(result: object) -> bool:
     """Whether ``result`` is an ItemResult the engine can act on (a Retry-After in seconds)."""
     if not isinstance(result, ItemResult) or not isinstance(result.outcome, Outcome):
+        return False
+    if result.error is not None and not isinstance(result.error, str):
         return False
     delay = result.retry_after
     return delay is None or (isinstance(delay, int | float) and not isinstance(delay, bool))

@@ -120,6 +120,9 @@ class OneByOne(Destination):
         value = item.payload.get("value")
         if value == "boom":
             raise ValueError("a bug in the plugin")
+        if value == "flagged":  # a reason that is no text (a plugin's slip)
+            flag: Any = True
+            return flag
         return "too old to send" if value == "stale" else None
 
     def batch_key(self, item: Item) -> str:
@@ -215,6 +218,9 @@ class Buggy(Destination):
             return [ItemResult(Outcome.RETRYABLE, "throttled", delay)] * len(items)
         if bug == "not_a_result":
             return [None] * len(items)  # type: ignore[list-item]  # the bug under test
+        if bug == "error_not_text":  # an unhashable error: it failed later, as a TypeError
+            error: Any = {"code": 100}
+            return [ItemResult(Outcome.PERMANENT, error)] * len(items)
         if bug == "results_as_generator":
             return (status_result(response) for _ in items)  # type: ignore[return-value]
         return [status_result(response)] * len(items)
@@ -236,6 +242,7 @@ class Single(Destination):
 PLUGIN_BUGS = {
     "retry_after_text": "adapter returned a result that is no ItemResult",
     "not_a_result": "adapter returned a result that is no ItemResult",
+    "error_not_text": "adapter returned a result that is no ItemResult",
     "token_request": "KeyError in the delivery of a request",
     "secrets": "error withheld: RuntimeError in the adapter's redaction",
 }
@@ -1244,6 +1251,20 @@ def test_a_plugin_error_checking_one_item_fails_that_item_alone(
     assert (bug, fine) == ("dead", "delivered")
     assert error is not None and "ValueError" in error
     assert sink.ids() == {"fine": 1}
+
+
+def test_a_check_item_reason_that_is_no_text_is_kept_as_its_text(
+    tmp_path: Path, plugins: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plugin with secrets had it taken for a bug of its redaction: "(error withheld: ...)".
+    monkeypatch.setattr(OneByOne, "secrets", lambda self: ["a-secret-value-0123"])
+    with LoopbackServer(FaultySink()) as server:
+        h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
+        h.accept({"event_name": "sale", "event_id": "f", "properties": {"value": "flagged"}})
+        h.worker.drain()
+
+    [(status, _, error)] = h.statuses()
+    assert (status, error) == ("dead", "permanent: True")
 
 
 def test_a_probe_that_sends_nothing_lets_the_next_probe_through(

@@ -115,6 +115,7 @@ def _plugin(**attrs: Any) -> type[Destination]:
             {"hashed_fields": frozenset({("user_data", "em")})},
             "hashed_fields must be a set of names, such as frozenset({'user_data.em'})",
         ),
+        ({"max_batch": True}, "max_batch must be a positive integer"),  # a bool is an int
     ],
 )
 def test_a_wrongly_typed_class_attribute_is_a_plugin_error_naming_it(
