@@ -323,7 +323,10 @@
 
     /** Consent Mode v2 purposes ({ad_storage, analytics_storage, ad_user_data,
      *  ad_personalization}: "granted"/"denied"/boolean), sent with every later event. */
-    consent: function (state) {
+    consent: function (state, gtagState) {
+      // gtag's form too: consent("default" | "update", {...}), as pages call it for Google's
+      // Consent Mode; a string's characters were read as purposes "0", "1", ...
+      if (typeof state === "string") state = gtagState;
       consentState = assign(consentState || {}, state || {});
       return api;
     },

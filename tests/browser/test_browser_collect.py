@@ -435,6 +435,22 @@ def test_beacon_carries_events_without_fetch_and_after_pagehide(
         assert stored["consent"] == GRANTED
 
 
+def test_consent_takes_gtags_form_too(stack: Stack, browser: WebDriver) -> None:
+    # consent("update", {...}), as pages call gtag: the string's characters were read as
+    # purposes "0", "1", ... and the update itself was lost.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the page view", server)
+
+    event_id = browser.execute_script(
+        'tagrelay.consent("update", {ad_storage: "denied", ad_user_data: "denied"});'
+        'return tagrelay.track("after_update");'
+    )
+
+    stored = wait_for(lambda: server.stored_event(event_id), "the event", server)
+    assert stored["consent"] == {**GRANTED, "ad_storage": "denied", "ad_user_data": "denied"}
+
+
 @pytest.mark.parametrize(("refusals", "kept"), [(2, True), (4, False)])
 def test_an_event_answered_503_or_429_is_sent_again_a_few_times(
     stack: Stack, browser: WebDriver, refusals: int, kept: bool
