@@ -54,6 +54,12 @@ def click_ids_in_url(url: Any) -> dict[str, str]:
     ``sccid``); the case of values is kept."""
     if not isinstance(url, str) or "?" not in url:
         return {}
+    # Most page URLs hold no click ID: a key can be one only when its name is written in the
+    # URL, or percent-encoded. (A substring test per name is several times faster than a
+    # case-insensitive regular expression, and than parsing the query.)
+    lowered = url.lower()
+    if "%" not in url and not any(name in lowered for name in _CLICK_PARAMS_ANY_CASE):
+        return {}
     try:
         query = urlsplit(url).query
     except ValueError:
