@@ -324,6 +324,11 @@ def page_origin(value: str) -> str:
     ):
         raise ValueError(f"has an origin that is not one, {text!r}: {example}")
     scheme, host = parts.scheme.lower(), parts.hostname
+    if not host.isascii():  # browsers send an internationalized host in its ASCII form
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"has an origin that is not one, {text!r}: {example}") from None
     if ":" in host:
         host = f"[{host}]"  # IPv6
     if port is None or port == _DEFAULT_PORTS.get(scheme):

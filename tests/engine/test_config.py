@@ -161,7 +161,7 @@ def test_publishable_origins_are_read_as_browsers_send_them() -> None:
         {
             "TAGRELAY_PUBLISHABLE_KEYS": (
                 "pk_1=https://Shop.Example:443/|HTTP://localhost:80|http://localhost:3000"
-                "|http://[::1]:8080|capacitor://localhost"
+                "|http://[::1]:8080|capacitor://localhost|https://Bücher.example"
             )
         }
     )
@@ -172,6 +172,7 @@ def test_publishable_origins_are_read_as_browsers_send_them() -> None:
         "http://localhost:3000",
         "http://[::1]:8080",
         "capacitor://localhost",
+        "https://xn--bcher-kva.example",  # an internationalized host, as browsers send it
     )
     assert settings.publishable_keys[0].allows("https://shop.example")
 
