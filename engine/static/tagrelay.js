@@ -242,6 +242,19 @@
     request.then(done, done);
   }
 
+  /** The purposes of gtag's consent state: without its wait_for_update and region (not
+   *  purposes; the server refuses an event whose consent holds them, and every later event was
+   *  lost). A state for some regions only is not known to apply here: it denies, never grants. */
+  function gtagPurposes(state) {
+    var purposes = {};
+    for (var name in state || {}) {
+      if (name === "wait_for_update" || name === "region") continue;
+      if (state.region && state[name] !== "denied") continue;
+      purposes[name] = state[name];
+    }
+    return purposes;
+  }
+
   // -- single-page apps ----------------------------------------------------------------------
 
   function routeChanged() {
@@ -326,7 +339,7 @@
     consent: function (state, gtagState) {
       // gtag's form too: consent("default" | "update", {...}), as pages call it for Google's
       // Consent Mode; a string's characters were read as purposes "0", "1", ...
-      if (typeof state === "string") state = gtagState;
+      if (typeof state === "string") state = gtagPurposes(gtagState);
       consentState = assign(consentState || {}, state || {});
       return api;
     },

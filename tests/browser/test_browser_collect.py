@@ -451,6 +451,25 @@ def test_consent_takes_gtags_form_too(stack: Stack, browser: WebDriver) -> None:
     assert stored["consent"] == {**GRANTED, "ad_storage": "denied", "ad_user_data": "denied"}
 
 
+def test_gtags_wait_for_update_and_region_are_no_purposes(stack: Stack, browser: WebDriver) -> None:
+    # Google's documented default, wait_for_update: 500, was sent as a purpose: the server
+    # refused every later event (consent.wait_for_update must be 'granted', ...).
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the page view", server)
+
+    event_id = browser.execute_script(
+        'tagrelay.consent("default", {ad_storage: "denied", wait_for_update: 500});'
+        'tagrelay.consent("default", {analytics_storage: "denied", ad_user_data: "granted",'
+        '                             region: ["US-CA"]});'
+        'return tagrelay.track("after_default");'
+    )
+
+    stored = wait_for(lambda: server.stored_event(event_id), "the event", server)
+    # A region's state denies, never grants: the script cannot know the visitor's region.
+    assert stored["consent"] == {**GRANTED, "ad_storage": "denied", "analytics_storage": "denied"}
+
+
 @pytest.mark.parametrize(("refusals", "kept"), [(2, True), (4, False)])
 def test_an_event_answered_503_or_429_is_sent_again_a_few_times(
     stack: Stack, browser: WebDriver, refusals: int, kept: bool
