@@ -45,6 +45,7 @@
   var beforeInit = []; // events made before init(), sent once it is called
   var inFlight = []; // promises of requests not yet answered (see flush())
   var held = null; // bodies waiting for the server's first answer to this browser (see send())
+  var waiting = []; // events waiting to be sent again: {body, timer, resolve} (see attempt())
   var unloading = false; // after pagehide, only sendBeacon reliably leaves the page
   var lastPage = null; // URL of the last page view (SPA route changes compare against it)
   var memory = {}; // storage when localStorage is unavailable (private mode, sandboxes)
@@ -178,6 +179,17 @@
     post(body);
   }
 
+  // A page left while events wait to be sent again: its timers never fire, so they go now.
+  function leaving() {
+    unloading = true;
+    waiting.splice(0).forEach(function (entry) {
+      window.clearTimeout(entry.timer);
+      beacon(entry.body);
+      entry.resolve(true);
+    });
+    release();
+  }
+
   function release() {
     var bodies = held || [];
     held = null;
@@ -212,7 +224,15 @@
       if (retryable(response.status) && tries < RETRIES) {
         var wait = waitBeforeRetry(response, tries);
         if (config.debug) console.warn("tagrelay:", response.status, "trying again in", wait, "ms");
-        return new Promise(function (resolve) { window.setTimeout(resolve, wait); }).then(function () {
+        return new Promise(function (resolve) {
+          var entry = {body: body, resolve: resolve};
+          entry.timer = window.setTimeout(function () {
+            waiting.splice(waiting.indexOf(entry), 1);
+            resolve(false);
+          }, wait);
+          waiting.push(entry);
+        }).then(function (beaconed) {
+          if (beaconed) return null;
           if (!unloading) return attempt(body, tries + 1);
           beacon(body);
           return null;
@@ -295,7 +315,7 @@
       if (!config.key) throw new Error("tagrelay.init: a publishable key is required");
       if (options.consent) api.consent(options.consent);
       if (config.spa) watchHistory();
-      window.addEventListener("pagehide", function () { unloading = true; release(); });
+      window.addEventListener("pagehide", leaving);
       window.addEventListener("pageshow", function () { unloading = false; }); // back/forward cache
       beforeInit.splice(0).forEach(send);
       return api;

@@ -504,6 +504,26 @@ def test_an_event_answered_503_or_429_is_sent_again_a_few_times(
         assert server.stored_event(event_id) is None
 
 
+def test_an_event_waiting_to_be_sent_again_goes_by_beacon_when_the_page_is_left(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # A timer set on a page never fires once it is left: the event waiting for it was lost.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the page view", server)
+
+    event_id = browser.execute_script(
+        """window.fetch = () => Promise.resolve(new Response('{"success": false}',
+          {status: 503, headers: {"Retry-After": "30"}}));
+        return tagrelay.track("before_leaving");"""
+    )
+    time.sleep(0.3)  # answered 503, waiting 30 s
+    assert server.stored_event(event_id) is None
+    browser.get(f"{stack.shop.url}/page.html?next")
+
+    assert wait_for(lambda: server.stored_event(event_id), "the event, by beacon", server)
+
+
 def test_script_tag_attributes_configure_it_and_send_the_first_page_view(
     stack: Stack, browser: WebDriver
 ) -> None:
