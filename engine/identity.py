@@ -77,6 +77,8 @@ def _url_clicks(url: Any) -> set[str]:
     the platforms write them (``gclid``, not ``GCLID``; see ``normalize.url_param``)."""
     if not isinstance(url, str) or "?" not in url:
         return set()
+    if "%" not in url and not any(param in url for param in CLICK_PARAMS):
+        return set()  # no parse for the many URLs that hold none (see click_ids_in_url)
     try:
         query = urlsplit(url).query
     except ValueError:
