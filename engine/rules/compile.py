@@ -60,6 +60,7 @@ from engine.rules.source import (
 )
 
 _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(RULES_SCHEMA)
+_NUMBER_KEY = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 # ``$${`` (a literal ``${``), ``${NAME}`` or ``${NAME:-default}``, or a ``${`` that is neither.
 _ENV_REF = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
 _ENV_SHOWN = 64  # at most this much of a malformed reference is quoted in its error
@@ -289,6 +290,14 @@ class _Compiler:
                 default, depth = result[0], max(depth, result[1])
         if failed:
             return None
+        # A key written as a number in another form than Python writes it (3.50, 1e3) names
+        # the number an event sends (3.5, 1000): looked up by that form too, unless the
+        # table names it itself. Codes with leading zeros (007, 01234) stay text.
+        for key, getter in list(table.items()):
+            if _NUMBER_KEY.fullmatch(key) and math.isfinite(number := float(key)):
+                forms = [repr(number)] + ([str(int(number))] if number.is_integer() else [])
+                for form in forms:
+                    table.setdefault(form, getter)
 
         def lookup(event: Any) -> Any:
             key = source(event)

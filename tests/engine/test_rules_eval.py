@@ -206,7 +206,8 @@ def test_lookup_table_maps_values_and_falls_back_to_its_default(write_rules: Wri
         variables:
           tier:
             lookup: properties.plan
-            table: {gold: premium, silver: standard, "true": flagged, 3: three}
+            table: {gold: premium, silver: standard, "true": flagged, 3: three,
+                    3.50: three and a half, 1e3: thousand, "007": agent}
             default: basic
         triggers:
           all: {event: "*"}
@@ -226,6 +227,10 @@ def test_lookup_table_maps_values_and_falls_back_to_its_default(write_rules: Wri
     assert tier(True) == "flagged"
     assert tier(3) == "three"
     assert tier(3.0) == "three"  # one JSON number, however the sender wrote it
+    assert tier(3.5) == "three and a half"  # however the table writes it, too
+    assert tier(1000) == "thousand"
+    assert tier("007") == "agent"
+    assert tier(7) == "basic"  # a code with a leading zero is text, no number
 
 
 def test_a_lookup_tables_value_or_default_that_is_a_variable_is_its_value(
