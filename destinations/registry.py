@@ -111,8 +111,11 @@ def registry() -> Mapping[str, type[Destination]]:
         sources[ep.name] = ep.value
         try:
             cls = ep.load()
-        except Exception as exc:
-            raise PluginError(f"destination plugin {ep.name!r} failed to load: {exc}") from exc
+        except (Exception, SystemExit) as exc:  # a plugin's sys.exit() at import too
+            raise PluginError(
+                f"destination plugin {ep.name!r} failed to load: {type(exc).__name__}"
+                + (f": {exc}" if str(exc) else "")
+            ) from exc
         found[ep.name] = check_contract(ep.name, cls)
     return found
 

@@ -381,8 +381,9 @@ class _Compiler:
                 continue
             try:
                 adapter = cls(settings)
-            except Exception as exc:  # noqa: BLE001 - a plugin's constructor is foreign code
-                reason = _redact(str(exc), settings, cls.secret_settings)
+            # SystemExit too: a plugin's sys.exit() made `tagrelay check` end without a word.
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin's constructor
+                reason = _redact(str(exc) or type(exc).__name__, settings, cls.secret_settings)
                 self.error(
                     entry.at(), f"destination {name} ({type_name}) rejected its settings: {reason}"
                 )

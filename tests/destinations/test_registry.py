@@ -61,6 +61,22 @@ def test_one_distribution_found_twice_on_the_path_is_no_clash(
         registry.registry()  # loaded once, and checked: no "two plugins" error
 
 
+@pytest.mark.usefixtures("fresh_registry")
+def test_a_plugin_that_exits_at_import_is_a_plugin_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its sys.exit() ended `tagrelay check` (and serve) without a word of why.
+    (tmp_path / "quitting_plugin.py").write_text("import sys\nsys.exit(3)\n")
+    _install(tmp_path, "quitting", "quitting_plugin:Plugin")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "quitting_plugin", raising=False)
+
+    with pytest.raises(PluginError) as refused:
+        registry.registry()
+
+    assert str(refused.value) == "destination plugin 'quitting' failed to load: SystemExit: 3"
+
+
 def _plugin(**attrs: Any) -> type[Destination]:
     def build_request(self: Destination, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
         return HttpRequest("POST", "https://example.invalid/")

@@ -429,6 +429,26 @@ def test_a_plugin_that_rejects_its_settings_never_gets_them_quoted(
     assert "8471" not in shown and "abcdef" not in shown
 
 
+def test_a_plugin_that_exits_in_its_constructor_is_a_check_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `tagrelay check` ended with its status 3 and no word of why.
+    class Quitter(Destination):
+        name = "quitter"
+
+        def __init__(self, settings: Mapping[str, Any]) -> None:
+            raise SystemExit(3)
+
+    monkeypatch.setattr(registry, "registry", lambda: {"quitter": Quitter})
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("destinations:\n  q: {type: quitter}\n")
+
+    container, problems = compile_container(rules, {})
+
+    assert container is None
+    assert "destination q (quitter) rejected its settings: 3" in "\n".join(map(str, problems))
+
+
 @pytest.mark.parametrize(
     ("answer", "error"),
     [
