@@ -54,7 +54,6 @@ def _finite(text: str) -> float:
 # format (RFC 9110 8.4.1.2) and some clients send raw (told apart by the zlib header).
 _COMPRESSIONS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
 _READABLE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-MAX_BODY_BYTES = 1_048_576
 
 
 def decode_body(body: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
@@ -149,7 +148,7 @@ def parse_json_body(
     allow_text: bool = False,
     max_depth: int = MAX_DEPTH,
     content_encoding: str | None = None,
-    max_bytes: int = MAX_BODY_BYTES,
+    max_bytes: int = Settings.max_body_bytes,
 ) -> Any:
     """Decode a request body as strict JSON (no NaN/Infinity, finite numbers, at most
     ``max_depth`` levels of objects and arrays), decompressed first as ``content_encoding``

@@ -103,9 +103,10 @@ class HostLock:
         Another process holds the lock for one commit, a fraction of a millisecond: trying
         again after a short sleep takes it about as soon as it is free, for two system calls,
         where handing the wait to the waiter thread costs four thread switches and the GIL
-        twice. Past ``until`` the wait is handed over and keeps its place in the kernel's
-        queue, which polling does not (a process that only polled could be overtaken for
-        as long as the others kept the lock busy).
+        twice. Past ``until`` the wait is handed over to a thread blocked in ``flock``, which
+        the kernel wakes when the lock is freed: a process that only polled could be overtaken
+        for as long as the others kept the lock busy. (A poller can still take the lock ahead
+        of another process's blocked waiter; ``flock`` promises no order anyway.)
         """
         pause = POLL_FIRST_PAUSE
         while True:
