@@ -9,8 +9,11 @@ batches finish before it exits.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -25,6 +28,8 @@ from engine.maintenance import Maintenance
 from engine.pipeline import Pipeline
 from engine.rules.model import MAX_TIMEOUT
 from engine.transport import CONNECT_TIMEOUT
+
+log = logging.getLogger(__name__)
 
 
 def start_delivery(app: Flask) -> DeliveryWorker:
@@ -46,6 +51,46 @@ def start_maintenance(app: Flask, settings: Settings) -> Maintenance:
 
 
 GRACEFUL_TIMEOUT = int(2 * (CONNECT_TIMEOUT + MAX_TIMEOUT) + 5)  # 75 s
+
+# What a unix socket's path may hold (sun_path: 108 bytes with its terminating NUL on Linux,
+# 104 on the BSDs and macOS).
+_MAX_SOCKET_PATH = 103
+
+
+def control_socket(data_dir: Path) -> Path | None:
+    """The master's control socket, ``<data dir>/gunicorn-<master pid>.ctl``; None if too long.
+
+    One per master, not per data directory: instances sharing a data directory, and the new
+    master of a USR2 upgrade beside the old one, each keep their own (gunicorn removes the file
+    at its path when it starts and again when it stops, so a shared path is taken over, then
+    removed under the one still running). The sockets of masters that are gone (killed, so
+    they could not remove their own) are removed here.
+    """
+    data_dir = data_dir.resolve()
+    for stale in data_dir.glob("gunicorn-*.ctl"):
+        pid = stale.name[len("gunicorn-") : -len(".ctl")]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    path = data_dir / f"gunicorn-{os.getpid()}.ctl"
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        log.warning(
+            "no control socket for gunicornc: the data directory's path is too long for a unix "
+            "socket's",
+            extra={"socket": str(path), "max_bytes": _MAX_SOCKET_PATH},
+        )
+        return None
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class _Arbiter(Arbiter):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -113,9 +158,14 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
             "child_exit": child_exit,
         }
         if "control_socket" in self.cfg.settings:
-            # gunicorn 23+ opens a control socket at one path per user by default, which
-            # several tagrelay instances on a host would fight over; keep it per instance.
-            options["control_socket"] = str(settings.data_dir.resolve() / "gunicorn.ctl")
+            # gunicorn 25.1+ opens a control socket (for `gunicornc`) at one path per user;
+            # several tagrelay instances on a host would take it from each other.
+            logs.configure(settings.log_level)
+            socket_path = control_socket(settings.data_dir)
+            if socket_path is None:
+                options["control_socket_disable"] = True
+            else:
+                options["control_socket"] = str(socket_path)
         for key, value in options.items():
             self.cfg.set(key, value)
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -274,3 +275,56 @@ def test_sighup_makes_a_tagrelay_worker_check_its_rules_and_carry_on(
         code = worker.wait(timeout=30)
     assert code == 0
     assert "delivery worker stopped" in log.read_text()
+
+
+def listeners(socket: Path) -> list[str]:
+    """What the master behind a control socket listens on, asked as `gunicornc` asks."""
+    from gunicorn.ctl.client import ControlClient
+
+    with ControlClient(str(socket), timeout=10) as client:
+        return [item["address"] for item in client.send_command("show listeners")["listeners"]]
+
+
+def test_instances_sharing_a_data_directory_keep_their_own_control_sockets(
+    rules: Path,
+) -> None:
+    # gunicorn removes whatever is at its control socket's path when it starts and when it
+    # stops: with one path per data directory, the second instance took the first's socket
+    # and removed it when it stopped. (A short data directory: a unix socket's path is short.)
+    data = Path(tempfile.mkdtemp(prefix="tr", dir="/tmp"))
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (data / f"gunicorn-{dead.pid}.ctl").touch()  # a master killed before it removed its own
+        first = TagrelayServer(rules, data, KEY, workers=1).start()
+        assert first.proc is not None
+        try:
+            second = TagrelayServer(rules, data, KEY, workers=1).start()
+            assert second.proc is not None
+            own = data / f"gunicorn-{first.proc.pid}.ctl", data / f"gunicorn-{second.proc.pid}.ctl"
+            wait_for(lambda: all(path.exists() for path in own))
+
+            assert sorted(data.glob("gunicorn-*.ctl")) == sorted(own)
+            assert listeners(own[0]) == [f"http://127.0.0.1:{first.port}"]
+            assert listeners(own[1]) == [f"http://127.0.0.1:{second.port}"]
+            second.stop()
+            assert listeners(own[0]) == [f"http://127.0.0.1:{first.port}"]
+            assert not own[1].exists()
+        finally:
+            first.stop()
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_a_data_directory_too_deep_for_a_control_socket_serves_without_one(
+    tmp_path: Path, rules: Path
+) -> None:
+    data = tmp_path / ("d" * 60) / ("e" * 60)
+    server = TagrelayServer(rules, data, KEY, workers=1).start()
+    try:
+        assert server.track({"event_name": "sale", "event_id": "deep"})["success"] is True
+        assert "no control socket for gunicornc" in server.tail(200)
+        assert "Control server error" not in server.tail(200)
+        assert not list(data.glob("gunicorn-*.ctl"))
+    finally:
+        server.stop()
