@@ -48,6 +48,7 @@
   var waiting = []; // events waiting to be sent again: {body, timer, resolve} (see attempt())
   var unloading = false; // after pagehide, only sendBeacon reliably leaves the page
   var lastPage = null; // URL of the last page view (SPA route changes compare against it)
+  var pendingView = null; // an SPA route's page view waiting for the route's title (routeChanged)
   var memory = {}; // storage when localStorage is unavailable (private mode, sandboxes)
 
   // -- small helpers ---------------------------------------------------------------------------
@@ -138,6 +139,7 @@
   }
 
   function enqueue(event) {
+    sendPendingView(); // the route's page view goes first
     if (config) send(event);
     else beforeInit.push(event);
     return event.event_id;
@@ -182,6 +184,7 @@
   // A page left while events wait to be sent again: its timers never fire, so they go now.
   function leaving() {
     unloading = true;
+    sendPendingView();
     waiting.splice(0).forEach(function (entry) {
       window.clearTimeout(entry.timer);
       beacon(entry.body);
@@ -277,11 +280,40 @@
 
   // -- single-page apps ----------------------------------------------------------------------
 
+  // An app changes the route (pushState) before it renders the route and sets its title, so a
+  // page view sent from inside pushState carried the previous route's title. The view is made
+  // then (its URL, referrer and time), and sent once the title changes, after TITLE_WAIT at
+  // the latest (a route with the same title), or before anything else is sent, the page is
+  // left or flush() is called.
+  var TITLE_WAIT = 500; // ms
+
   function routeChanged() {
     var previous = lastPage;
     if (previous !== null && pageKey(previous) === pageKey(window.location.href)) return;
+    sendPendingView();
+    lastPage = window.location.href;
     // In an SPA the referrer of a route is the previous route, not the document's referrer.
-    api.page({}, previous === null ? {} : {referrer: previous});
+    var pending = {event: build("page_view", {}, previous === null ? {} : {referrer: previous})};
+    var title = document.title;
+    pendingView = pending;
+    pending.timer = window.setTimeout(sendPendingView, TITLE_WAIT);
+    if (typeof window.MutationObserver === "function") {
+      pending.observer = new window.MutationObserver(function () {
+        if (document.title !== title) sendPendingView();
+      });
+      pending.observer.observe(document.head || document.documentElement,
+        {childList: true, subtree: true, characterData: true});
+    }
+  }
+
+  function sendPendingView() {
+    var pending = pendingView;
+    if (!pending) return;
+    pendingView = null;
+    window.clearTimeout(pending.timer);
+    if (pending.observer) pending.observer.disconnect();
+    pending.event.properties.title = document.title;
+    send(pending.event);
   }
 
   function watchHistory() {
@@ -296,18 +328,25 @@
     window.addEventListener("popstate", routeChanged);
   }
 
+  /** Where this script came from, with the path it was served under: a site that proxies
+   *  tagrelay under a path of its own (/t/tagrelay.js) is answered there (/t/v1/collect). */
+  function scriptBase() {
+    if (!script || !script.src) return "";
+    var url = new URL(script.src, window.location.href);
+    return url.origin + url.pathname.replace(/\/[^\/]*$/, "");
+  }
+
   // -- the API -------------------------------------------------------------------------------
 
   var api = {
-    /** Configure: {key, endpoint (default: where this script came from), spa, debug, consent,
-     *  onResponse(answer)}. Events made before init() are sent now. */
+    /** Configure: {key, endpoint (default: where this script came from, its path included),
+     *  spa, debug, consent, onResponse(answer)}. Events made before init() are sent now. */
     init: function (options) {
       options = options || {};
       if (config) return api; // once per page
-      var origin = script && script.src ? new URL(script.src, window.location.href).origin : "";
       config = {
         key: options.key,
-        endpoint: String(options.endpoint || origin).replace(/\/+$/, ""),
+        endpoint: String(options.endpoint || scriptBase()).replace(/\/+$/, ""),
         spa: options.spa !== false,
         debug: !!options.debug,
         onResponse: options.onResponse
@@ -378,6 +417,7 @@
 
     /** A promise settled when every request sent so far is answered (tests, before navigation). */
     flush: function () {
+      sendPendingView();
       var settled = inFlight.map(function (p) { return p.catch(function () {}); });
       return Promise.all(settled).then(function () {
         return inFlight.length ? api.flush() : undefined; // the held ones sent meanwhile

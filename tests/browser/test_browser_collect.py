@@ -141,13 +141,49 @@ BURST_PAGE = """<!doctype html>
 """
 
 
+# The shop serves tagrelay under a path of its own domain, through its reverse proxy.
+PROXIED_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Proxied</title>
+<script>window.tagrelay = [["consent", {consent}]];</script>
+<script async src="/t/tagrelay.js?v=3" data-key="{key}"></script>
+</head><body>proxied</body></html>
+"""
+
+PROXIED_HEADERS = ("content-type", "cookie", "origin", "referer", "user-agent")
+
+
 class Site:
-    """The shop: ``/page.html`` and SPA routes under ``/app/``, ``/auto.html``; set ``script``."""
+    """The shop: ``/page.html`` and SPA routes under ``/app/``, ``/auto.html``; set ``script``.
+
+    ``/t/...`` is a reverse proxy to tagrelay at ``upstream``, as a site serving it under a path
+    of its own domain has (nginx's ``location /t/ {proxy_pass http://tagrelay/;}``).
+    """
 
     def __init__(self) -> None:
         self.script = ""
+        self.upstream = ""
+        self.proxied: list[str] = []
+
+    def proxy(self, request: Request) -> Reply:
+        self.proxied.append(f"{request.method} {request.path}")
+        answer = requests.request(
+            request.method,
+            self.upstream + request.path[len("/t") :],
+            params={name: values for name, values in request.query.items()},
+            headers={k: v for k, v in request.headers.items() if k in PROXIED_HEADERS},
+            data=request.body,
+            timeout=10,
+        )
+        kept = ("content-type", "set-cookie", "retry-after")
+        return Reply(
+            answer.status_code,
+            answer.content,
+            {k: answer.headers[k] for k in kept if k in answer.headers},
+        )
 
     def __call__(self, request: Request) -> Reply:
+        if request.path.startswith("/t/"):
+            return self.proxy(request)
         values = {"script": self.script, "key": PUBLISHABLE_KEY, "consent": json.dumps(GRANTED)}
         if request.path == "/page.html" or request.path.startswith("/app/"):
             html = PAGE.format(fbp=FBP, **values)
@@ -157,6 +193,8 @@ class Site:
             html = BURST_PAGE.format(**values)
         elif request.path == "/queue.html":
             html = QUEUE_PAGE.format(**values)
+        elif request.path == "/proxied.html":
+            html = PROXIED_PAGE.format(**values)
         else:
             return Reply.text("not found", status=404)
         return Reply(200, html.encode(), {"Content-Type": "text/html; charset=utf-8"})
@@ -181,6 +219,7 @@ class Stack:
     shop: LoopbackServer
     foreign: LoopbackServer
     server: Server
+    site: Site
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +247,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             },
         )
         site.script = server.url + "/tagrelay.js"
+        site.upstream = server.url
         try:
             server.start()
-            yield Stack(meta, gads, shop, foreign, server)
+            yield Stack(meta, gads, shop, foreign, server, site)
         finally:
             server.stop()
 
@@ -326,7 +366,11 @@ def test_single_page_app_route_changes_send_page_views(stack: Stack, browser: We
     browser.get(f"{stack.shop.url}/app/home")
     wait_for(lambda: collected(browser), "the first page view", server)
 
-    browser.execute_script("history.pushState({}, '', '/app/cart');")
+    # The app renders the route, and sets its title, after it has changed the URL.
+    browser.execute_script(
+        "history.pushState({}, '', '/app/cart');"
+        "setTimeout(function () { document.title = 'Your cart'; }, 150);"
+    )
     cart = wait_for(lambda: collected(browser)[1:], "a page view for the pushState", server)[0]
     browser.execute_script("history.replaceState({}, '', '/app/cart#reviews');")  # same route
     browser.execute_script("history.back();")  # popstate back to /app/home
@@ -340,9 +384,11 @@ def test_single_page_app_route_changes_send_page_views(stack: Stack, browser: We
     assert cart_view["event_name"] == "page_view"
     assert cart_view["context"]["page_url"] == f"{stack.shop.url}/app/cart"
     assert cart_view["context"]["referrer"] == f"{stack.shop.url}/app/home"
+    assert cart_view["properties"] == {"title": "Your cart"}  # not the previous route's
     back_view = server.stored_event(back["event_id"])
     assert back_view is not None
     assert back_view["context"]["page_url"] == f"{stack.shop.url}/app/home"
+    assert back_view["properties"] == {"title": "Your cart"}  # unchanged: sent all the same
 
     # track() and identify() return the event IDs they sent; user data only as the page gave it.
     order_id = browser.execute_script(
@@ -376,6 +422,44 @@ def test_single_page_app_route_changes_send_page_views(stack: Stack, browser: We
     after = server.stored_event(anonymous) or {}
     # The page sent none: a user ID there is the server's guess from the visitor, so listed.
     assert "user_id" not in after or "user_id" in after.get("enriched", [])
+
+
+def test_an_event_right_after_a_route_change_follows_that_routes_page_view(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # The route's page view waits for the route's title, but never behind the route's events.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/app/start")
+    wait_for(lambda: collected(browser), "the first page view", server)
+
+    begun = browser.execute_script(
+        "history.pushState({}, '', '/app/checkout');"
+        "document.title = 'Checkout';"
+        "return tagrelay.track('begin_checkout');"
+    )
+    wait_for(lambda: len(collected(browser)) == 3, "the page view and the event", server)
+
+    on_route = [e for e in server.stored() if e["context"]["page_url"].endswith("/app/checkout")]
+    view = next(e for e in on_route if e["event_name"] == "page_view")
+    assert view["properties"] == {"title": "Checkout"}
+    assert view["timestamp"] <= (server.stored_event(begun) or {})["timestamp"]
+
+
+def test_a_site_proxying_tagrelay_under_a_path_of_its_own_is_answered_there(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # <script src="/t/tagrelay.js">: the script sends to /t/v1/collect, where the proxy is.
+    server = stack.server
+    stack.site.proxied.clear()
+    browser.get(f"{stack.shop.url}/proxied.html")
+
+    def page_view() -> dict[str, Any] | None:
+        url = f"{stack.shop.url}/proxied.html"
+        return next((e for e in server.stored() if e["context"].get("page_url") == url), None)
+
+    stored = wait_for(page_view, "the page view, through the proxy", server)
+    assert stored["properties"] == {"title": "Proxied"}
+    assert stack.site.proxied == ["GET /t/tagrelay.js", "POST /t/v1/collect"]
 
 
 def test_a_page_cannot_name_a_user_without_the_backends_hash(
