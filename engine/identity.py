@@ -184,10 +184,12 @@ def identity_update(
                 value = context[name]
                 if isinstance(value, str) and value:
                     values[name] = value[:500]
-        # A server event's page URL carries its click as a collected one's does (collect copies
-        # those into context first): remembered, for the visitor's later events.
-        for name, value in click_ids_in_url(context.get("page_url")).items():
-            values.setdefault(name, value)
+        # A server event's page URL, then its referrer (the landing page, for an event sent
+        # from the page after it), carry clicks as a collected one's do (collect copies those
+        # into context first): remembered, for the visitor's later events.
+        for url in (context.get("page_url"), context.get("referrer")):
+            for name, value in click_ids_in_url(url).items():
+                values.setdefault(name, value)
         if "fbclid" in values and "fbc" not in values:
             # Meta's documented fbc format, with the time the click was first seen.
             values["fbc"] = f"fb.1.{int(received_at * 1000)}.{values['fbclid']}"

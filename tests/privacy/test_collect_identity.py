@@ -376,6 +376,26 @@ def test_a_server_events_page_url_click_is_remembered_for_the_visitors_later_eve
     assert "gclid" not in stored(app, "s-denied").get("context", {})  # not without ad_storage
 
 
+def test_a_server_events_referrer_click_is_remembered_after_its_page_urls(
+    app: Flask, client: FlaskClient
+) -> None:
+    # A form's backend sends the lead with the page it was on and the landing page before it.
+    track(
+        client,
+        {"event_name": "lead", "event_id": "l-ref", "visitor_id": "v_ref",
+         "consent": ALL_GRANTED,
+         "context": {"page_url": f"{ORIGIN}/contact?ttclid=tt-page",
+                     "referrer": f"{ORIGIN}/landing?gclid=Gc-ref&ttclid=tt-ref"}},
+    )  # fmt: skip
+    track(
+        client,
+        {"event_name": "sale", "event_id": "s-ref", "visitor_id": "v_ref", "consent": ALL_GRANTED},
+    )
+
+    sale = stored(app, "s-ref")["context"]
+    assert (sale["gclid"], sale["ttclid"]) == ("Gc-ref", "tt-page")
+
+
 def test_identify_links_a_user_id_so_a_backend_event_by_user_finds_the_clicks(
     app: Flask, client: FlaskClient
 ) -> None:
