@@ -288,7 +288,8 @@ class Store(abc.ABC):
 
         Of the identities still seen, the values remembered from before ``before`` go: click
         IDs and cookies first seen, the user agent and IP last seen (or at a time not known),
-        before it (``visitor_values`` in the result).
+        before it (``visitor_values`` in the result), and so do their links to user IDs last
+        made before it, with the user ID the visitor row holds from such a link (``links``).
 
         Deliveries still to send, and their events, are kept; so are events whose ID is still
         deduplicated at ``now`` (default: the current time), until their window ends. Backends

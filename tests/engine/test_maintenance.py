@@ -68,6 +68,7 @@ def test_a_manual_purge_drops_expired_keys_too(counted: tuple[SQLiteStore, Count
         "deliveries",
         "visitors",
         "visitor_values",
+        "links",
     }
     assert calls == {"purge": 1, "purge_expired": 1}
 

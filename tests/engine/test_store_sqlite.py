@@ -535,7 +535,13 @@ def test_retention_works_in_chunks_across_events_received_together(
 
     began, removed = _count_transactions(monkeypatch, store, lambda: store.purge(T0 + HOUR))
 
-    assert removed == {"events": 8, "deliveries": 5, "visitors": 3, "visitor_values": 0}
+    assert removed == {
+        "events": 8,
+        "deliveries": 5,
+        "visitors": 3,
+        "visitor_values": 0,
+        "links": 0,
+    }
     # 10 old events, then 3 visitors, in chunks of 2: 6 + 2 + 1 rounds (else 3)
     assert began >= 9
     remaining = {r[0] for r in rows(db_path, "SELECT event_id FROM events")}
@@ -578,6 +584,31 @@ def test_retention_drops_what_a_visitor_still_seen_remembers_from_before_the_cut
     )
     assert rows(db_path, "SELECT MIN(oldest) FROM visitors") == [(cut + HOUR,)]
     assert store.purge(cut)["visitor_values"] == 0  # nothing left to find
+
+
+def test_retention_drops_the_user_links_a_visitor_still_seen_made_before_the_cut_off(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    cut = T0 + 10 * 24 * HOUR
+    for visitor in ("shared", "own"):  # Ada logged in on both long ago
+        seen = acceptance(f"ada-{visitor}", decision(fired=False), at=T0)
+        store.accept(replace(seen, identity=IdentityUpdate(visitor, "ada")))
+    # Since the cut-off: Bob on the shared browser, and Ada's own browser without a login.
+    bob = acceptance("bob", decision(fired=False), at=cut + HOUR)
+    store.accept(replace(bob, identity=IdentityUpdate("shared", "bob")))
+    anonymous = acceptance("anon", decision(fired=False), at=cut + HOUR)
+    store.accept(replace(anonymous, identity=IdentityUpdate("own", values={"gclid": "g"})))
+
+    removed = store.purge(cut, now=cut + 2 * HOUR)
+
+    assert rows(db_path, "SELECT user_id, visitor_id FROM user_visitors") == [("bob", "shared")]
+    # Ada's ID no longer finds Bob's browser, nor is it copied into her old browser's events.
+    assert store.recall(None, "ada", cut + 2 * HOUR, {}, 1e9) is None
+    own = store.recall("own", None, cut + 2 * HOUR, {}, 1e9)
+    assert own is not None and own.user_id is None
+    shared = store.recall(None, "bob", cut + 2 * HOUR, {}, 1e9)
+    assert shared is not None and (shared.visitor_id, shared.user_id) == ("shared", "bob")
+    assert removed["visitors"] == 0 and removed["links"] == 2
 
 
 def test_retention_drops_the_ip_and_user_agent_of_unknown_age_from_a_previous_version(

@@ -178,12 +178,12 @@ class _Erasure(_Connections):
     def purge(self, before: float, now: float | None = None) -> dict[str, int]:
         """See :meth:`Store.purge`.
 
-        In transactions of at most PURGE_CHUNK events (or visitors), each found by an index,
-        so intake never waits for more than one chunk however large the store: one
+        In transactions of at most PURGE_CHUNK events (or visitors, or links), each found by an
+        index, so intake never waits for more than one chunk however large the store: one
         transaction for everything held the write lock while it scanned the outbox.
         """
         now = time.time() if now is None else now
-        removed = {"events": 0, "deliveries": 0, "visitors": 0, "visitor_values": 0}
+        removed = {"events": 0, "deliveries": 0, "visitors": 0, "visitor_values": 0, "links": 0}
         after: tuple[float, int] = (-math.inf, 0)  # (received_at, seq) of the last event seen
         while True:
             with self._write() as db:
@@ -224,6 +224,30 @@ class _Erasure(_Connections):
                 ]
                 removed["visitors"] += _erase_visitors(db, visitors)
             if len(visitors) < PURGE_CHUNK:
+                break
+        # Links to visitors still seen, last made before the cut-off (a browser someone logged
+        # in on long ago), and that user ID in the visitor row while it is still the row's:
+        # recall by user ID would hand the former user the browser's current identity, and
+        # enrichment copy their ID into the browser's new events.
+        while True:
+            with self._write() as db:
+                links = [
+                    (row[0], row[1])
+                    for row in db.execute(
+                        "SELECT user_id, visitor_id FROM user_visitors WHERE linked_at < ? "
+                        "ORDER BY linked_at LIMIT ?",
+                        (before, PURGE_CHUNK),
+                    )
+                ]
+                db.executemany(
+                    "DELETE FROM user_visitors WHERE user_id = ? AND visitor_id = ?", links
+                )
+                db.executemany(
+                    "UPDATE visitors SET user_id = NULL WHERE visitor_id = ? AND user_id = ?",
+                    [(visitor, user) for user, visitor in links],
+                )
+                removed["links"] += len(links)
+            if len(links) < PURGE_CHUNK:
                 break
         # Visitors still seen, with values remembered since before the cut-off (a regular's
         # click ID of long ago): those values go. Each row comes out with ``oldest`` at or

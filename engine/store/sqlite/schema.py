@@ -84,6 +84,8 @@ CREATE TABLE IF NOT EXISTS user_visitors (
 ) WITHOUT ROWID;
 -- Links by visitor, for retention and forget (links are written only when a user ID is new).
 CREATE INDEX IF NOT EXISTS user_visitors_visitor ON user_visitors (visitor_id);
+-- Links by age, for retention (a link is rewritten when its visitor is seen with the user again).
+CREATE INDEX IF NOT EXISTS user_visitors_linked ON user_visitors (linked_at);
 
 -- Random secrets shared by every process using the store (Store.secret).
 CREATE TABLE IF NOT EXISTS secrets (
