@@ -429,6 +429,53 @@ def test_a_file_of_a_previous_version_gets_the_new_visitor_columns_in_place(
     SQLiteStore(db_path).close()  # a third open finds nothing to add
 
 
+_VISITORS_BEFORE_ONE_ROW = """
+DROP TABLE visitors;
+CREATE TABLE visitors (
+    visitor_id   TEXT PRIMARY KEY,
+    user_id      TEXT,
+    user_agent   TEXT,
+    ip           TEXT,
+    first_seen   REAL NOT NULL,
+    last_seen    REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX visitors_last_seen ON visitors (last_seen);
+CREATE TABLE visitor_values (
+    visitor_id   TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    value        TEXT NOT NULL,
+    first_seen   REAL NOT NULL,
+    last_seen    REAL NOT NULL,
+    PRIMARY KEY (visitor_id, name)
+) WITHOUT ROWID;
+"""
+
+
+def test_a_file_that_kept_a_row_per_visitor_value_is_upgraded_with_its_values(
+    db_path: Path,
+) -> None:
+    SQLiteStore(db_path).close()
+    with sqlite3.connect(db_path) as db:  # visitors as the earliest versions made them
+        db.executescript(_VISITORS_BEFORE_ONE_ROW)
+        db.execute("INSERT INTO visitors VALUES ('vis', 'u1', 'UA', '203.0.113.7', ?, ?)", (T0, T0))
+        db.executemany(
+            "INSERT INTO visitor_values VALUES ('vis', ?, ?, ?, ?)",
+            [("gclid", "g1", T0, T0 + 60), ("fbp", "f1", T0 + 30, T0 + 60)],
+        )
+
+    reopened = SQLiteStore(db_path)
+    update = IdentityUpdate("vis", values={"gclid": "g2"}, ip="203.0.113.7")
+    accepted = reopened.accept(replace(acceptance("o1", at=T0 + 120), identity=update))
+
+    assert accepted.duplicate is False
+    found = reopened.recall("vis", None, T0 + 180, {}, 30 * 86400.0)
+    assert found is not None and found.values == {"gclid": ("g2", T0 + 120), "fbp": ("f1", T0 + 30)}
+    assert (found.user_id, found.ip) == ("u1", "203.0.113.7")
+    # Moved, not copied: retention and forget read only the visitor rows.
+    assert rows(db_path, "SELECT name FROM sqlite_master WHERE name = 'visitor_values'") == []
+    SQLiteStore(db_path).close()  # a third open finds nothing to add
+
+
 def _open_and_remember(path: str, start: Any, n: int) -> bool:
     start.wait(30)
     store = SQLiteStore(path)

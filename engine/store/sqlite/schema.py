@@ -101,11 +101,26 @@ CREATE TABLE IF NOT EXISTS rate_counters (
 ) WITHOUT ROWID;
 """
 
-# Columns that files made by earlier versions lack, in the order _SCHEMA declares them: SQL has
-# no "ADD COLUMN IF NOT EXISTS", so _upgrade adds them.
+# Columns that files made by earlier versions lack, in the order _SCHEMA declares them (but
+# vals, which comes after last_seen in a file that lacks it; the code names every column): SQL
+# has no "ADD COLUMN IF NOT EXISTS", so _upgrade adds them.
 _ADDED_COLUMNS = {
-    "visitors": (("ip_seen", "REAL"), ("ua_seen", "REAL"), ("oldest", "REAL NOT NULL DEFAULT 0")),
+    "visitors": (
+        ("vals", "TEXT NOT NULL DEFAULT '{}'"),
+        ("ip_seen", "REAL"),
+        ("ua_seen", "REAL"),
+        ("oldest", "REAL NOT NULL DEFAULT 0"),
+    ),
 }
+# The earliest files kept a visitor's click IDs and cookies a row each, in visitor_values:
+# _upgrade moves them into vals as _remember keeps them ({name: [value, first seen]}) and drops
+# the table, which nothing reads any more (so neither retention nor forget would erase it).
+_OLD_VALUES = "visitor_values"
+_MOVE_OLD_VALUES = (
+    "UPDATE visitors SET vals = (SELECT json_group_object(name, json_array(value, first_seen)) "
+    "FROM visitor_values AS old WHERE old.visitor_id = visitors.visitor_id) "
+    "WHERE visitor_id IN (SELECT visitor_id FROM visitor_values)"
+)
 # Indexes on added columns, made once the columns exist.
 _ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS visitors_oldest ON visitors (oldest);"
 
@@ -114,15 +129,21 @@ def _columns(db: sqlite3.Connection, table: str) -> set[str]:
     return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
 
 
+def _has_table(db: sqlite3.Connection, table: str) -> bool:
+    query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    return db.execute(query, (table,)).fetchone() is not None
+
+
 def _upgrade(db: sqlite3.Connection) -> None:
     """Bring a file made by an earlier version up to _SCHEMA, in place (after _SCHEMA ran).
 
-    Adds the columns it lacks, in one write transaction that looks again under the write lock
-    (another process may have added them meanwhile), then their indexes. Writes nothing when
-    the file is current, so an operator's command that may only read the file can open it.
-    Rows written before get each added column's default.
+    Adds the columns it lacks and moves the rows of visitor_values into them, in one write
+    transaction that looks again under the write lock (another process may have done it
+    meanwhile), then their indexes. Writes nothing when the file is current, so an operator's
+    command that may only read the file can open it. Rows written before get each added
+    column's default.
     """
-    if not any(
+    if not _has_table(db, _OLD_VALUES) and not any(
         name not in _columns(db, table)
         for table, added in _ADDED_COLUMNS.items()
         for name, _ in added
@@ -136,6 +157,9 @@ def _upgrade(db: sqlite3.Connection) -> None:
             for name, declaration in added:
                 if name not in have:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+        if _has_table(db, _OLD_VALUES):
+            db.execute(_MOVE_OLD_VALUES)
+            db.execute(f"DROP TABLE {_OLD_VALUES}")
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
