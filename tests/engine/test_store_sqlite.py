@@ -1267,6 +1267,23 @@ def test_an_event_that_cannot_be_encoded_fails_alone_not_its_group_commit(
     assert rows(db_path, "SELECT COUNT(*) FROM events WHERE event_id LIKE 'g%'") == [(3,)]
 
 
+def test_a_payload_with_a_lone_surrogate_is_stored_and_read_back_as_built(
+    store: SQLiteStore,
+) -> None:
+    # JSON carries it (json writes it as is); UTF-8, SQLite's text, cannot.
+    payload = {"event_name": "Purchase", "content_name": "Schuh \ud800", "city": "Köln"}
+    odd = Decision("meta", "meta_dest", True, "matched", None, False, payload)
+
+    results = store.accept_many([acceptance("odd", odd), acceptance("plain")])
+
+    assert [r.duplicate for r in results] == [False, False]
+    leased = store.lease("meta_dest", 10, 30.0, "w", T0)
+    assert [(d.event_id, dict(d.payload)) for d in leased] == [
+        ("odd", payload),
+        ("plain", {"event_name": "Purchase"}),
+    ]
+
+
 def test_a_resent_batch_of_duplicates_is_not_encoded_again(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,8 +11,21 @@ from typing import Any
 from engine import jsonio
 from engine.store.base import StoredEvent
 
-# The store's JSON: compact, not ASCII-escaped (see engine.jsonio).
-_dumps = jsonio.dumps
+
+def _dumps(value: Any) -> str:
+    """The store's JSON: compact, not ASCII-escaped, but for what orjson refuses (see
+    engine.jsonio.dumpb).
+
+    ``jsonio.dumps`` writes a lone surrogate (in a plugin's payload, say) as it is: text that
+    UTF-8, and so SQLite, cannot carry, and binding it failed the write of the whole group
+    commit (a 503 for every caller in it, and for that event for ever). Escaped, it is read
+    back as it was.
+
+    Raises:
+        TypeError: a value JSON cannot hold.
+        ValueError, RecursionError: as ``json.dumps``.
+    """
+    return jsonio.dumpb(value).decode("utf-8")
 
 
 def _marks(values: Iterable[Any]) -> str:
