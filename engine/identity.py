@@ -163,12 +163,13 @@ def identity_update(
 ) -> IdentityUpdate | None:
     """What to remember from an accepted event, as consent allows; None when nothing.
 
-    ``enriched``: the fields enrichment added (``context.ip``, ...). They came from the store,
-    not from the client, so they are not remembered again: a remembered IP copied into every
-    backend event would otherwise count as seen again, and never age out.
+    ``enriched``: the fields enrichment added (``context.ip``, ``user_id``, ...). They came
+    from the store, not from the client, so they are not remembered again: a remembered IP
+    copied into every backend event would otherwise count as seen again, and never age out,
+    and so would the link to a user who logged in on the browser once, long ago.
     """
     visitor = event.get("visitor_id")
-    user = event.get("user_id")
+    user = event.get("user_id") if "user_id" not in enriched else None
     if not visitor and not user:
         return None
     context = event.get("context") or {}

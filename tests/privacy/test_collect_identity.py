@@ -981,6 +981,33 @@ def test_retention_drops_a_returning_visitors_click_ids_older_than_retention(app
     assert removed["visitors"] == 0 and removed["visitor_values"] == 3
 
 
+def test_retention_drops_a_user_id_the_browser_was_last_logged_in_with_before_the_cut_off(
+    app: Flask,
+) -> None:
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    store = store_of(app)
+    now = datetime.now(UTC)
+    visit = {"event_name": "page_view", "visitor_id": "v_shared", "consent": ALL_GRANTED}
+    pipeline.accept(
+        [{**visit, "event_id": "login", "user_id": "ada"}], now=now - timedelta(days=400)
+    )
+    # Back since without logging in: each event is enriched with Ada's ID, a copy from the
+    # store, not the client's word that she is still the one using the browser.
+    for days_ago in (300, 200, 100, 1):
+        pipeline.accept(
+            [{**visit, "event_id": f"pv{days_ago}"}], now=now - timedelta(days=days_ago)
+        )
+    with store._write() as db:
+        db.execute("UPDATE deliveries SET status = 'delivered'")
+
+    removed = run_once(store, retention_days=395)
+
+    assert store.recall(None, "ada", now.timestamp(), {}, 1e9) is None
+    found = store.recall("v_shared", None, now.timestamp(), {}, 1e9)
+    assert found is not None and found.user_id is None
+    assert removed["visitors"] == 0 and removed["links"] == 1
+
+
 def test_forget_erases_a_person_and_reports_what_it_removed(
     app: Flask, client: FlaskClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
