@@ -50,6 +50,8 @@ AUTH_RETRY_FLOOR = 60.0  # credentials rarely fix themselves within seconds
 # Outcomes that count as a failed request for the circuit breaker.
 _FAILED = frozenset({Outcome.RETRYABLE, Outcome.AUTH})
 MISSING_DESTINATION_RETRY = 60.0
+STORE_SLACK = 10.0
+"""Seconds of a lease kept for the store and the scheduler, beyond its requests' own time."""
 MAX_THREADS = 4096
 """The delivery pool's bound, only against runaway settings: what bounds the threads is each
 destination's ``concurrency`` (the batches in flight, queued included, that :meth:`tick` allows
@@ -265,8 +267,9 @@ class DeliveryWorker:
         """
         adapter, opts = dest.adapter, dest.delivery
         lease_seconds = self._lease_seconds(opts.timeout)
+        asked = time.time()
         leased = self.store.lease(
-            dest.name, adapter.max_batch, lease_seconds, self._holder(), time.time()
+            dest.name, adapter.max_batch, lease_seconds, self._holder(), asked
         )
         if not leased:
             return
@@ -301,6 +304,10 @@ class DeliveryWorker:
                 if breaker.is_open and (not probe or n >= breaker.threshold):
                     self._pause(dest, [pair for rest in chunks[n:] for pair in rest])
                     return
+                batch = self._renew(dest, chunk, lease_seconds)
+            elif time.time() - asked > STORE_SLACK:
+                # The lease runs from when it was asked for: a wait for the store's write lock,
+                # or settling the items found unsendable, ate into the time kept for the request.
                 batch = self._renew(dest, chunk, lease_seconds)
             if batch:
                 try:
@@ -374,7 +381,14 @@ class DeliveryWorker:
     ) -> list[tuple[Delivery, Item]]:
         """The part of ``batch`` still leased to this batch, its lease renewed for ``seconds``."""
         holder = self._holder()
-        held = set(self.store.renew([d.id for d, _ in batch], holder, seconds, time.time()))
+        held = {d.id for d, _ in batch}
+        while held:
+            asked = time.time()
+            held = set(self.store.renew(sorted(held), holder, seconds, asked))
+            # Renewed from when it was asked for: a wait for the store's write lock longer than
+            # the slack kept for it leaves the request too little of the lease; renewed again.
+            if time.time() - asked <= STORE_SLACK:
+                break
         kept = [pair for pair in batch if pair[0].id in held]
         if len(kept) < len(batch):
             log.warning(
@@ -682,11 +696,14 @@ class DeliveryWorker:
 
         The transport ends each exchange within its connect timeout plus ``timeout``. A request
         can take three: waiting while another thread fetches the destination's token, fetching
-        one itself when that failed, then sending; plus 10 s for the store and the scheduler.
-        Shorter, and another worker could take over a request still in flight and send its
-        events again. (A lease whose worker died is taken over only when it runs out.)
+        one itself when that failed, then sending; plus :data:`STORE_SLACK` for the store and
+        the scheduler. Shorter, and another worker could take over a request still in flight
+        and send its events again. (A lease whose worker died is taken over only when it runs
+        out.) A lease runs from when it was asked for, so one that more than the slack has
+        passed since (a wait for the store's write lock, items settled before the first request)
+        is renewed before the request.
         """
-        return 3 * self._exchange_seconds(timeout) + 10
+        return 3 * self._exchange_seconds(timeout) + STORE_SLACK
 
     def _exchange_seconds(self, timeout: float) -> float:
         """The longest one exchange with a destination takes: connecting, sending, the answer."""

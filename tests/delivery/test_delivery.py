@@ -37,7 +37,7 @@ from destinations.testkit.raw import RawServer, read_request
 from destinations.testkit.server import LoopbackServer, Reply, Request
 from destinations.testkit.sink import FaultySink
 from destinations.testkit.tiktok import TikTokEmulator
-from engine import metrics
+from engine import delivery, metrics
 from engine.breaker import Backoff, CircuitBreaker
 from engine.delivery import DeliveryWorker
 from engine.maintenance import run_once
@@ -1652,3 +1652,71 @@ def test_a_probe_that_ends_late_does_not_end_a_later_probes_turn() -> None:
 
     assert second == first + 1
     assert breaker.admit(133.0) == (False, 0)  # still one probe at a time
+
+
+@pytest.mark.parametrize("slow", ["lease", "mark_dead"])
+def test_a_lease_the_store_was_slow_to_grant_is_renewed_before_the_first_request(
+    tmp_path: Path, plugins: None, monkeypatch: pytest.MonkeyPatch, slow: str
+) -> None:
+    """A lease runs from the time asked for it, before the store's write lock is had: a wait for
+    that lock (up to 30 s), or settling unsendable items before the first request, ate into the
+    time kept for the request, and another worker took over a request still in flight."""
+    monkeypatch.setattr(DeliveryWorker, "_lease_seconds", lambda self, timeout: 3.0)
+    monkeypatch.setattr(delivery, "STORE_SLACK", 1.0)
+    taken_over: list[int] = []
+    box: list[Harness] = []
+
+    def platform(request: Request) -> Reply:
+        time.sleep(1.0)  # well within the request's timeout (10 s)
+        taken_over.extend(d.id for d in box[0].store.lease("api", 10, 60, "other", time.time()))
+        return Reply.json({"ok": True})
+
+    with LoopbackServer(platform) as server:
+        h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
+        box.append(h)
+        h.accept(
+            {"event_name": "sale", "event_id": "e0", "properties": {"value": "stale"}},
+            {"event_name": "sale", "event_id": "e1", "properties": {"value": 1}},
+        )
+        original = getattr(h.store, slow)
+
+        def slowly(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(2.5)  # the write lock held by another writer meanwhile
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(h.store, slow, slowly)
+        h.worker.tick(wait=True)
+
+    assert taken_over == []
+    assert [s[0] for s in h.statuses()] == ["dead", "delivered"]
+
+
+def test_a_renewal_the_store_was_slow_to_grant_is_renewed_again_before_the_request(
+    tmp_path: Path, plugins: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DeliveryWorker, "_lease_seconds", lambda self, timeout: 3.0)
+    monkeypatch.setattr(delivery, "STORE_SLACK", 1.0)
+    taken_over: list[int] = []
+    box: list[Harness] = []
+
+    def platform(request: Request) -> Reply:
+        time.sleep(1.0)
+        taken_over.extend(d.id for d in box[0].store.lease("api", 10, 60, "other", time.time()))
+        return Reply.json({"ok": True})
+
+    with LoopbackServer(platform) as server:
+        h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
+        box.append(h)
+        h.accept_sales(2)
+        renew = h.store.renew
+        slow = [2.5]  # the renewal before the second request waits for the write lock
+
+        def slowly(*args: Any) -> list[int]:
+            time.sleep(slow.pop() if slow else 0)
+            return renew(*args)
+
+        monkeypatch.setattr(h.store, "renew", slowly)
+        h.worker.tick(wait=True)
+
+    assert taken_over == []
+    assert [s[0] for s in h.statuses()] == ["delivered", "delivered"]
