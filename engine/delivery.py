@@ -151,6 +151,8 @@ class DeliveryWorker:
         container = self.container()
         started = 0
         for name, (count, oldest) in self.store.destinations_due(now).items():
+            if self._stop.is_set():  # stopping: no batch is started any more
+                break
             dest = container.destinations.get(name)
             if dest is None:
                 self._park_missing(name, now)
@@ -265,6 +267,10 @@ class DeliveryWorker:
         and whatever another worker, or another batch of this one, has meanwhile taken over is
         left to it: an item is only ever sent by the batch that holds it.
         """
+        if self._stop.is_set():
+            # Handed to the pool as the worker began to stop: a request begun now could outlast
+            # the server's graceful timeout, and the worker be killed with its lease held.
+            return
         adapter, opts = dest.adapter, dest.delivery
         lease_seconds = self._lease_seconds(opts.timeout)
         asked = time.time()

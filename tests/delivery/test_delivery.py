@@ -1720,3 +1720,21 @@ def test_a_renewal_the_store_was_slow_to_grant_is_renewed_again_before_the_reque
 
     assert taken_over == []
     assert [s[0] for s in h.statuses()] == ["delivered", "delivered"]
+
+
+def test_a_batch_that_starts_once_the_worker_is_stopping_leases_and_sends_nothing(
+    tmp_path: Path, sink: Any
+) -> None:
+    """A batch the scheduler handed to the pool as SIGTERM came (``tick`` goes on through the
+    destinations) started a request of its own, which could outlast the server's graceful
+    timeout: the worker was killed with the lease held."""
+    handler, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.accept_sales(2)
+    h.worker._stop.set()
+
+    assert h.worker.tick(wait=True) == 0
+    h.worker._run_batch(h.container.destinations["hook"])  # one handed over just before
+
+    assert handler.received == []
+    assert [s[:2] for s in h.statuses()] == [("pending", 0), ("pending", 0)]
