@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,10 +223,13 @@ class Store(abc.ABC):
         """The event a delivery belongs to."""
 
     @abc.abstractmethod
-    def events_since(self, since: float, destination: str | None = None) -> list[StoredEvent]:
+    def events_since(self, since: float, destination: str | None = None) -> Iterator[StoredEvent]:
         """Accepted events received at or after ``since`` (for replay), oldest first.
 
-        With ``destination``, only events that had a decision for it."""
+        Read as they are iterated, a page at a time (memory stays bounded however many), and
+        only those accepted before the call: events accepted while a replay runs have their own
+        deliveries, and replaying them too would send them twice. With ``destination``, only
+        events that had a decision for it."""
 
     @abc.abstractmethod
     def requeue(

@@ -1518,3 +1518,32 @@ def test_a_lock_freed_within_the_polling_time_is_taken_without_the_waiter_thread
     assert done.is_set()
     assert store._host._waiter is None  # ...by trying again, not through the waiter thread
     assert store.get_event("e1") is not None
+
+
+def test_events_since_reads_a_page_at_a_time_and_only_what_was_accepted_before(
+    store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A replay over days of a busy store held them all in memory at once; and an event accepted
+    # while the replay ran (it has its own deliveries) was replayed too, so sent twice.
+    from engine.store.sqlite import outbox as sqlite_outbox
+
+    monkeypatch.setattr(sqlite_outbox, "REPLAY_PAGE", 3)
+    store.accept(acceptance("old", at=T0 - 3600))
+    for n in range(7):
+        store.accept(acceptance(f"e{n}", decision("ga4" if n == 4 else "meta"), at=T0 + n))
+    statements = trace_statements(monkeypatch)
+    store.close()  # connections opened from here on are traced
+    reopened = SQLiteStore(db_path)
+
+    replayed = reopened.events_since(T0)
+    first = next(replayed)
+    reopened.accept(acceptance("during", at=T0 + 100))  # while the replay runs
+    rest = [event.event_id for event in replayed]
+    only_meta = [e.event_id for e in reopened.events_since(T0, destination="meta_dest")]
+
+    assert [first.event_id, *rest] == [f"e{n}" for n in range(7)]
+    assert only_meta == ["e0", "e1", "e2", "e3", "e5", "e6", "during"]  # before this call
+    pages = [s for s in statements if s.startswith("SELECT * FROM events WHERE seq >")]
+    assert len(pages) == 3 + 3  # 7 events, 3 a page: each iteration read three pages
+    read = plans(db_path, [s for s in statements if "FROM events" in s])
+    assert not [(q, steps) for q, steps in read if "SCAN events" in steps]  # each by an index

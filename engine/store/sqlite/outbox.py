@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from engine import jsonio
@@ -15,6 +15,7 @@ _DELIVERY_COLUMNS = (
     "id, event_id, tag, destination, payload, status, attempts, created_at, next_attempt_at, "
     "last_error"
 )
+REPLAY_PAGE = 500  # events read at a time by events_since
 _OPEN = "status IN ('pending', 'leased')"  # the WHERE of the deliveries_open index
 _HELD = "status = 'leased' AND lease_owner = ?"  # still leased to the worker settling it
 _DUE = (
@@ -160,13 +161,39 @@ class _Outbox(_Connections):
         )
         return _delivery(rows[0]) if rows else None
 
-    def events_since(self, since: float, destination: str | None = None) -> list[StoredEvent]:
-        """See :meth:`Store.events_since`."""
-        rows = self._read("SELECT * FROM events WHERE received_at >= ? ORDER BY seq", (since,))
-        events = [_stored_event(r) for r in rows]
-        if destination is None:
-            return events
-        return [e for e in events if any(d.get("destination") == destination for d in e.decisions)]
+    def events_since(self, since: float, destination: str | None = None) -> Iterator[StoredEvent]:
+        """See :meth:`Store.events_since`.
+
+        Read REPLAY_PAGE events at a time, by sequence number, from the first received at or
+        after ``since`` (found by its index) to the last accepted when the reading began: all
+        of them at once held a busy store's days of events in memory.
+        """
+        first, last = self._read(
+            "SELECT (SELECT min(seq) FROM events WHERE received_at >= ?), "
+            "(SELECT max(seq) FROM events)",
+            (since,),
+        )[0]
+        return iter(()) if first is None else self._events_between(first, last, since, destination)
+
+    def _events_between(
+        self, first: int, last: int, since: float, destination: str | None
+    ) -> Iterator[StoredEvent]:
+        after = first - 1
+        while True:
+            rows = self._read(
+                "SELECT * FROM events WHERE seq > ? AND seq <= ? AND received_at >= ? "
+                "ORDER BY seq LIMIT ?",
+                (after, last, since, REPLAY_PAGE),
+            )
+            for row in rows:
+                event = _stored_event(row)
+                if destination is None or any(
+                    d.get("destination") == destination for d in event.decisions
+                ):
+                    yield event
+            if len(rows) < REPLAY_PAGE:
+                return
+            after = rows[-1]["seq"]
 
     def requeue(
         self,
