@@ -296,11 +296,12 @@ def test_instances_sharing_a_data_directory_keep_their_own_control_sockets(
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
         (data / f"gunicorn-{dead.pid}.ctl").touch()  # a master killed before it removed its own
-        first = TagrelayServer(rules, data, KEY, workers=1).start()
-        assert first.proc is not None
+        first = TagrelayServer(rules, data, KEY, workers=1)
+        second = TagrelayServer(rules, data, KEY, workers=1)
         try:
-            second = TagrelayServer(rules, data, KEY, workers=1).start()
-            assert second.proc is not None
+            first.start()
+            second.start()
+            assert first.proc is not None and second.proc is not None
             own = data / f"gunicorn-{first.proc.pid}.ctl", data / f"gunicorn-{second.proc.pid}.ctl"
             wait_for(lambda: all(path.exists() for path in own))
 
@@ -311,6 +312,7 @@ def test_instances_sharing_a_data_directory_keep_their_own_control_sockets(
             assert listeners(own[0]) == [f"http://127.0.0.1:{first.port}"]
             assert not own[1].exists()
         finally:
+            second.stop()  # a failed test leaves no server running either
             first.stop()
     finally:
         shutil.rmtree(data, ignore_errors=True)
