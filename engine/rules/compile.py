@@ -143,7 +143,10 @@ class _Compiler:
         if not isinstance(doc.data, dict):
             self.error(doc.at(), "a rule file must be a mapping with sections such as tags:")
             return
-        errors = sorted(_SCHEMA_VALIDATOR.iter_errors(doc.data), key=lambda e: list(e.path))
+        errors = sorted(
+            (e for err in _SCHEMA_VALIDATOR.iter_errors(doc.data) for e in _meant_errors(err)),
+            key=lambda e: list(e.absolute_path),
+        )
         for err in errors:
             self.error(_error_position(doc, (), err), _schema_message(err, doc.written))
         if errors:
@@ -1048,6 +1051,23 @@ def _best_alternative(err: jsonschema.ValidationError) -> jsonschema.ValidationE
         meant = meant or list(err.context)
         err = jsonschema.exceptions.best_match(meant)
     return err
+
+
+def _meant_errors(err: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """Every error of the ``oneOf`` branch the writer most likely meant, not only the best one,
+    so each bad item of a list (``event: [not_found, 404, on]``) is reported."""
+    if err.validator != "oneOf" or not err.context:
+        return [err]
+    branch = _best_alternative(err)
+    while isinstance(branch.parent, jsonschema.ValidationError) and branch.parent is not err:
+        branch = branch.parent
+    index = branch.relative_schema_path[0]
+    return [
+        found
+        for e in err.context
+        if e.relative_schema_path[0] == index
+        for found in _meant_errors(e)
+    ]
 
 
 def _error_position(
