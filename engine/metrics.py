@@ -209,8 +209,10 @@ def render(depth: Callable[[], dict[str, int]]) -> tuple[bytes, str]:
     registry = CollectorRegistry()
     if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         if not os.path.isdir(directory):
+            # The server's own directory under <data dir>/metrics/, or the operator's: named
+            # alike, since serve sets PROMETHEUS_MULTIPROC_DIR for its workers itself.
             raise MetricsUnavailable(
-                "metrics unavailable: the PROMETHEUS_MULTIPROC_DIR directory is missing"
+                "metrics unavailable: the directory the workers write their counts to is missing"
             )
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
     else:

@@ -66,7 +66,10 @@ def replay_dead_letters(store: Store, container: Container, ids: Sequence[int]) 
     report = ReplayReport()
     for delivery_id in ids:
         delivery = store.get_delivery(delivery_id)
-        if delivery is None or delivery.status is not Status.DEAD:
+        if delivery is None:
+            report.skipped.append(f"delivery {delivery_id}: no such delivery")
+            continue
+        if delivery.status is not Status.DEAD:
             report.skipped.append(f"delivery {delivery_id}: not a dead letter")
             continue
         event = store.event_for_delivery(delivery_id)

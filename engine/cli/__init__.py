@@ -8,7 +8,9 @@ for (no such dead letter); 2 bad usage, bad settings, or an unreadable file or s
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 
 from engine import __version__
@@ -123,3 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into a reader that stopped (`tagrelay preview ... | head`): no traceback.
+        # What Python would still flush at exit goes nowhere; the shell's code for SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

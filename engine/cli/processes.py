@@ -160,7 +160,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     delivery = "delivering" if settings.deliver else "delivery off"
     out(
         f"tagrelay {__version__}: serving {settings.rules} on http://{settings.bind} "
-        f"({settings.workers} workers, {delivery}, store {settings.database_path})"
+        f"({settings.workers} worker{'s' if settings.workers != 1 else ''}, {delivery}, "
+        f"store {settings.database_path})"
     )
     if settings.publishable_keys and settings.identity_secret is None:
         err(

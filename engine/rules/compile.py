@@ -8,6 +8,7 @@ at ``file:line:column``. Errors stop the container; warnings do not.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import os
@@ -1131,6 +1132,22 @@ def _schema_message(
         best = _best_alternative(err)
         return _schema_message(best, written) if best is not err else prefix + err.message
     schema: Mapping[str, Any] = err.schema if isinstance(err.schema, Mapping) else {}
+    if err.validator == "enum" and isinstance(err.validator_value, list):
+        # jsonschema's words are Python's ("1 is not one of ['ad_storage', ...]").
+        choices = ", ".join(str(v) for v in err.validator_value)
+        value = err.instance
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(v) for v in err.validator_value], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return f"{prefix}must be one of {choices}, not {value!r}{hint}"
+        shown = (written or {}).get(tuple(err.absolute_path))
+        if shown is None and _json_type(value) in ("number", "boolean"):
+            shown = _shown(value) if not isinstance(value, bool) else str(value).lower()
+        return f"{prefix}must be one of {choices}, not {shown or _TYPE_WORDS[_json_type(value)]}"
+    if err.validator == "minProperties" and err.validator_value == 1:
+        keys = sorted(schema.get("properties", {}))
+        need = f": write at least one of {', '.join(keys)}" if keys else ""
+        return f"{prefix}must not be empty{need}"
     if err.validator == "pattern" and schema.get("pattern") == VARIABLE_NAME_PATTERN:
         usable = re.sub(r"\W", "_", str(err.instance))
         return (

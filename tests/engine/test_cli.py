@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ import pytest
 
 from destinations.webhook import Webhook
 from engine.cli import main
+from tests.support.server import ROOT
 
 WriteRules = Callable[..., Path]
 SECRET = "whsec_preview_signing_secret_0123"
@@ -389,3 +393,24 @@ def test_preview_of_an_unreadable_file_exits_2(
 
     assert code == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_without_a_traceback() -> None:
+    # `tagrelay preview ... | head`: the reader closes the pipe; Python printed a BrokenPipeError
+    # traceback on stderr.
+    reader, writer = os.pipe()
+    os.close(reader)  # a reader that has already stopped
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "schema"],
+            cwd=ROOT,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+
+    assert done.returncode == 141
+    assert done.stderr == b""

@@ -310,7 +310,7 @@ def test_replaying_nothing_that_is_a_dead_letter_exits_1(
 
     out = capsys.readouterr().out
     assert code == 1
-    assert "skipped delivery 999999: not a dead letter" in out
+    assert "skipped delivery 999999: no such delivery" in out
     assert "skipped delivery 2: not a dead letter" in out
     assert "replayed 0 dead letters" in out
 

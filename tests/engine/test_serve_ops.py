@@ -54,6 +54,7 @@ def test_the_generated_server_key_is_printed_once(tmp_path: Path, rules: Path) -
     assert log.count(key) == 1
     assert f"tagrelay: generated a server key (kept in {data / 'server_key'}): {key}" in log
     assert f"tagrelay: server key kept in {data / 'server_key'}\n" in log
+    assert "(1 worker, delivering, store " in log  # not "1 workers"
 
 
 def test_a_metrics_directory_that_does_not_exist_yet_is_created_and_events_are_accepted(
@@ -112,7 +113,9 @@ def test_a_metrics_directory_removed_under_a_running_server_never_fails_a_reques
         assert page.status_code == 503
         assert page.json() == {
             "success": False,
-            "error": "metrics unavailable: the PROMETHEUS_MULTIPROC_DIR directory is missing",
+            "error": (
+                "metrics unavailable: the directory the workers write their counts to is missing"
+            ),
         }
         time.sleep(1.5)  # the tally's timer flush runs, and must not die with a traceback
         assert "Traceback" not in server.tail(200)
