@@ -100,12 +100,27 @@ class DeliveryWorker:
         self._thread.start()
         log.info("delivery worker started", extra={"owner": self.owner})
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop polling and let in-flight batches finish (their requests have timeouts)."""
+    def stop(self, timeout: float = 20.0, heartbeat: Callable[[], object] | None = None) -> None:
+        """Stop polling and let in-flight batches finish (their requests have timeouts).
+
+        ``heartbeat``: called every second while waiting. A gunicorn worker passes its
+        ``notify``: its master kills a worker silent for its ``timeout`` (30 s), and a worker
+        restarted by a SIGHUP waits here, after its last request, for a delivery request that
+        can take longer than that; killed, it left its lease held and the request was sent
+        again once the lease ran out.
+        """
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+            _join(self._thread, heartbeat, timeout)
+        # The pool's shutdown waits for the batches in flight; in a thread, to beat meanwhile.
+        finish = threading.Thread(
+            target=self._pool.shutdown,
+            kwargs={"wait": True, "cancel_futures": True},
+            name="delivery-stop",
+            daemon=True,
+        )
+        finish.start()
+        _join(finish, heartbeat)
         log.info("delivery worker stopped", extra={"owner": self.owner})
 
     def _run(self) -> None:
@@ -828,3 +843,17 @@ def _redact(adapter: Destination, text: str, token: _TokenCache | None = None) -
     # The OAuth token is no setting, so the adapter's secrets lack it; an answer can echo it
     # (a platform that takes it in the query string quotes the URL).
     return redact_values(text, [token.value]) if token and token.value else text
+
+
+def _join(
+    thread: threading.Thread, heartbeat: Callable[[], object] | None, timeout: float | None = None
+) -> None:
+    """Wait for ``thread`` (at most ``timeout`` seconds), calling ``heartbeat`` every second."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while thread.is_alive():
+        left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        if left <= 0:
+            return
+        if heartbeat is not None:
+            heartbeat()
+        thread.join(left)

@@ -126,10 +126,11 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
             if settings.deliver:
                 start_delivery(self.app)
 
-        def worker_exit(_server: Any, _worker: Any) -> None:
+        def worker_exit(_server: Any, process: Any) -> None:
             worker = self.app.extensions.get("tagrelay.delivery") if self.app else None
             if worker is not None:
-                worker.stop()
+                # Beating while it waits for a delivery request in flight: see stop().
+                worker.stop(heartbeat=process.notify)
             metrics.TALLY.flush()  # counts not yet added to the shared counters
 
         def child_exit(_server: Any, worker: Any) -> None:

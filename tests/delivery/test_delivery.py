@@ -6,6 +6,7 @@ Every test sends real HTTP to a loopback sink and uses a real SQLite file.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import socket
 import textwrap
@@ -1155,6 +1156,59 @@ def test_worker_thread_stops_cleanly(tmp_path: Path, sink: Any) -> None:
     h.worker.start()
     h.worker.stop(timeout=5)
     assert not any(t.name == "delivery" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_stopping_worker_beats_while_it_waits_for_a_request_in_flight(tmp_path: Path) -> None:
+    # gunicorn's master kills a worker silent for 30 s; a worker restarted by SIGHUP waits in
+    # stop() for its delivery request, which can take longer, and was killed with its lease held.
+    answered = threading.Event()
+
+    def slow_platform(request: Request) -> Reply:
+        time.sleep(2.5)
+        answered.set()
+        return Reply.json({"ok": True})
+
+    beats: list[float] = []
+    with LoopbackServer(slow_platform) as server:
+        rules = make_rules(
+            tmp_path,
+            f"hook: {{type: webhook, url: {server.url}/hook, delivery: {{timeout: 10}}}}\n",
+            "- {name: to_hook, trigger: all, destination: hook}\n",
+        )
+        h = Harness(tmp_path, rules)
+        h.accept_sales(1)
+        h.worker.start()
+        deadline = time.monotonic() + 10
+        while not server.requests and time.monotonic() < deadline:  # the request in flight
+            time.sleep(0.02)
+
+        h.worker.stop(heartbeat=lambda: beats.append(time.monotonic()))
+
+    assert answered.is_set()
+    assert [status for status, _, _ in h.statuses()] == ["delivered"]
+    assert len(beats) >= 2  # about one a second while the request was out
+    assert max(b - a for a, b in itertools.pairwise(beats)) < 1.5
+
+
+def test_a_gunicorn_worker_stops_its_delivery_with_its_own_heartbeat(tmp_path: Path) -> None:
+    from engine.config import Settings
+    from engine.server import TagrelayServer
+
+    class Delivery:
+        def stop(self, heartbeat: Any = None) -> None:
+            self.heartbeat = heartbeat
+
+    class Process:
+        def notify(self) -> None:
+            pass
+
+    server = TagrelayServer(Settings(data_dir=tmp_path / "data"))
+    server.app = type("App", (), {"extensions": {"tagrelay.delivery": Delivery()}})()
+    process = Process()
+
+    server.cfg.worker_exit(None, process)
+
+    assert server.app.extensions["tagrelay.delivery"].heartbeat == process.notify
 
 
 def one_by_one_rules(tmp_path: Path, url: str) -> Path:
