@@ -496,6 +496,11 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     """Where and what the YAML error is, without the snippet of the file PyYAML's own message
     quotes: the file holds server keys and signing secrets, and this message reaches logs."""
     if isinstance(exc, yaml.MarkedYAMLError):
+        from engine.rules.source import plain_syntax_words, syntax_mark  # (rules import config)
+
+        mark = syntax_mark(exc)
+        if mark is not None and (words := plain_syntax_words(exc)) is not None:
+            return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {words}"
         # PyYAML's context and problem are phrases ("while scanning a quoted scalar") that
         # may quote a token of the file in quotes: a tag, an alias or an anchor, which is what
         # an unquoted secret starting with "!", "*" or "&" reads as. Those are cut out.

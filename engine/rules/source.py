@@ -202,6 +202,32 @@ def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
     """PyYAML's syntax error in plain words, for the mistakes people make most; its own words
     otherwise (``while parsing a block mapping: expected <block end>`` means nothing to the
     marketer who misaligned a line)."""
+    if (words := plain_syntax_words(exc)) is not None:
+        return words
+    problem = exc.problem or ""
+    if (alias := _ALIAS.search(problem)) is not None:
+        name = alias.group(1)[:40]
+        return f"*{name} refers to no anchor &{name} defined before it"
+    return ": ".join(part for part in (exc.context, exc.problem) if part) or "not valid YAML"
+
+
+def syntax_mark(exc: yaml.MarkedYAMLError) -> yaml.Mark | None:
+    """Where to point at a syntax error: where PyYAML found it, but for a quote never closed,
+    found at the end of the file, where the quote opens."""
+    if _unclosed_quote(exc) and exc.context_mark is not None:
+        return exc.context_mark
+    return exc.problem_mark or exc.context_mark
+
+
+def _unclosed_quote(exc: yaml.MarkedYAMLError) -> bool:
+    return exc.problem == "found unexpected end of stream" and "quoted scalar" in (
+        exc.context or ""
+    )
+
+
+def plain_syntax_words(exc: yaml.MarkedYAMLError) -> str | None:
+    """The plain words for the YAML syntax mistakes people make most, None for others. They
+    quote nothing of the file (the settings file holds secrets), but a single character."""
     problem = exc.problem or ""
     if (found := _CANNOT_START.search(problem)) is not None:
         char = found.group(1)
@@ -218,20 +244,17 @@ def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
             "a ': ' where YAML cannot take one: a value that holds ': ' goes in quotes "
             '("a: b"), and a key starts a line of its own'
         )
-    if problem == "found unexpected end of stream" and "quoted scalar" in (exc.context or ""):
+    if _unclosed_quote(exc):
         return "a quoted text is not closed: its closing quote is missing"
     if (flow := _FLOW_END.search(problem)) is not None:
         kind = "{ ... } mapping" if flow.group(1) == "}" else "[ ... ] list"
         return f"a {kind} is not closed, or a comma is missing between its entries"
-    if (alias := _ALIAS.search(problem)) is not None:
-        name = alias.group(1)[:40]
-        return f"*{name} refers to no anchor &{name} defined before it"
     if problem == "could not find expected ':'":
         return (
             "a line without ':' where a key: value belongs (or a text that goes on to the "
             "next line, which needs quotes)"
         )
-    return ": ".join(part for part in (exc.context, exc.problem) if part) or "not valid YAML"
+    return None
 
 
 def parse_yaml(text: str, file: str, problems: list[Problem]) -> list[Document] | None:
@@ -264,7 +287,7 @@ def parse_yaml(text: str, file: str, problems: list[Problem]) -> list[Document] 
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        mark = syntax_mark(exc)
         where = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
         problems.append(Problem(where, f"YAML syntax error: {_syntax_message(exc)}"))
         return None

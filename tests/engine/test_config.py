@@ -274,6 +274,33 @@ def test_a_config_file_that_is_no_valid_yaml_is_refused_without_quoting_it(
     assert "SUPERSECRET" not in error and "SIGNINGSECRET" not in error
 
 
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("server_keys:\n  - key: sk_1\n\tsigning_secret: SUPERSECRET_0123\n",
+         "line 3, column 1: a tab: YAML indents with spaces only"),
+        ("log_level: info\nserver_keys: sk_SUPERSECRET_01: x\n",
+         "line 2, column 31: a ': ' where YAML cannot take one"),
+        ('identity_secret: "SUPERSECRET_0123456789\n',
+         "line 1, column 18: a quoted text is not closed: its closing quote is missing"),
+    ],
+    ids=["tab", "colon in a value", "unclosed quote"],
+)  # fmt: skip
+def test_a_config_files_common_yaml_mistakes_are_said_in_plain_words(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    # As `tagrelay check` says them of rule files, where PyYAML's phrases ("while scanning a
+    # quoted scalar") were given.
+    path = tmp_path / "tagrelay.yaml"
+    path.write_text(text)
+
+    error = refused({"TAGRELAY_CONFIG": str(path)})
+
+    assert error.startswith(f"cannot read TAGRELAY_CONFIG {path}: YAML syntax error at ")
+    assert words in error
+    assert "SUPERSECRET" not in error
+
+
 def test_an_unknown_key_in_the_config_file_is_refused_with_the_known_keys(
     tmp_path: Path,
 ) -> None:
