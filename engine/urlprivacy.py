@@ -27,7 +27,12 @@ from destinations import cleartext
 
 REDACTED_VALUE = "(redacted)"
 _DIGEST = re.compile(r"[0-9a-fA-F]{64}")
-_EMAIL_IN = re.compile(r"[A-Za-z0-9._%+\-']+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
+# At most 64 characters before the "@" (RFC 5321's longest local part): a longer run still
+# holds an address that ends as the whole run's would, found from a later start, and each start
+# then looks at 64 characters, not on to an "@" however far (a 30 KB page URL took 24 s).
+_EMAIL_IN = re.compile(
+    r"[A-Za-z0-9._%+\-']{1,64}@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
+)
 _DECODINGS = 3  # a redirect's URL inside a query is encoded once more, and it can nest
 
 
