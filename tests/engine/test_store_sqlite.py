@@ -102,6 +102,28 @@ def test_an_accepted_event_is_stored_with_its_deliveries(store: SQLiteStore, db_
     assert rows(db_path, "SELECT tag, status FROM deliveries") == [("meta", "pending")]
 
 
+def test_the_store_files_are_readable_by_their_owner_only_in_a_shared_directory(
+    tmp_path: Path,
+) -> None:
+    # A directory open to others (a shared one, or a TAGRELAY_DB's that existed) is left as it
+    # is; the files holding the events were made as the umask said, readable by every user.
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    path = shared / "tagrelay.db"
+    umask = os.umask(0o022)
+    try:
+        store = SQLiteStore(path)
+        store.accept(acceptance("o1"))
+        files = {p.name: p.stat().st_mode & 0o777 for p in shared.glob("tagrelay.db*")}
+        store.close()
+    finally:
+        os.umask(umask)
+
+    assert {"tagrelay.db", "tagrelay.db-wal", "tagrelay.db-shm"} <= set(files)
+    for name in ("tagrelay.db", "tagrelay.db-wal", "tagrelay.db-shm"):
+        assert files[name] == 0o600, (name, oct(files[name]))
+
+
 def test_the_store_uses_wal_mode(store: SQLiteStore, db_path: Path) -> None:
     store.accept(acceptance("o1"))
 

@@ -111,6 +111,18 @@ def _retry_busy(run: Callable[[], _T]) -> _T:
         delay = min(delay * 2, 0.005)
 
 
+def _create_private(path: str) -> None:
+    """Create the database file, empty and readable by its owner only, if it does not exist.
+
+    SQLite makes its WAL and shared-memory files with the database file's mode, which it
+    would otherwise take from the umask (0644, most often): in a directory others can read (a
+    shared data directory, or a ``TAGRELAY_DB``'s that existed) every user could read the
+    events. An existing file keeps its mode. SQLite reads an empty file as an empty database.
+    """
+    with contextlib.suppress(OSError):  # exists, or cannot be made: sqlite3 says which
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
 class _Connections:
     """The connections, locks and transactions every part of SQLiteStore works through."""
 
@@ -121,6 +133,7 @@ class _Connections:
         self.synchronous = synchronous.upper()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(self.path)
         self._local = threading.local()
         self._writer: sqlite3.Connection | None = None
         self._writer_pid = -1
