@@ -17,6 +17,7 @@ import zlib
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
+from gunicorn.http.errors import NoMoreData, ParseException
 
 from engine import jsonio, metrics
 from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, authenticate, presented_key
@@ -245,6 +246,22 @@ _AUTH_HEADERS = tuple(
 _NO_ARGS: dict[str, str] = {}
 
 
+def read_body(cache: bool) -> bytes:
+    """The request's body as the client sent it (a chunked one put together by gunicorn).
+
+    Raises:
+        BadRequest: the chunked framing is malformed, or the body ended before it said.
+    """
+    try:
+        return request.get_data(cache=cache)
+    # gunicorn reads a chunked body only as the app reads it, and raises its parse errors here:
+    # they were answered as the app's own bug, a 500.
+    except ParseException as exc:
+        raise BadRequest("the chunked body is malformed") from exc
+    except NoMoreData as exc:
+        raise BadRequest("the body ended before its end") from exc
+
+
 def _authenticated_body() -> bytes:
     settings = _settings()
     length = request.content_length
@@ -261,7 +278,7 @@ def _authenticated_body() -> bytes:
         hmac.compare_digest(presented.encode(), pk.key.encode()) for pk in settings.publishable_keys
     ):
         raise Forbidden("a publishable key can only reach /v1/collect")
-    body = request.get_data(cache=True)
+    body = read_body(cache=True)
     if len(body) > settings.max_body_bytes:
         raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
     now = time.time()

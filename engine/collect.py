@@ -20,7 +20,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from engine import event as events
-from engine.api import error_response, parse_json_body
+from engine.api import error_response, parse_json_body, read_body
 from engine.config import PublishableKey, Settings
 from engine.errors import BadRequest, Forbidden, PayloadTooLarge, RequestError, Unauthorized
 from engine.event import readable_ip
@@ -108,7 +108,7 @@ def collect() -> tuple[Response, int]:
         length = request.content_length
         if length is not None and length > MAX_COLLECT_BYTES:
             raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
-        body = request.get_data(cache=False)
+        body = read_body(cache=False)
         if len(body) > MAX_COLLECT_BYTES:
             raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
         raw = parse_json_body(

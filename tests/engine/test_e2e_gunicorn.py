@@ -209,6 +209,33 @@ def test_errors_over_http_are_json(server: Server) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        b"zz\r\n{}\r\n0\r\n\r\n",  # a chunk size that is no hex number
+        b"2\r\n{}XX0\r\n\r\n",  # a chunk not ended by CRLF
+    ],
+)
+def test_a_malformed_chunked_body_is_a_json_400_not_a_500(server: Server, chunks: bytes) -> None:
+    # gunicorn reads a chunked body as the app reads it, and raises its own parse errors there.
+    head = (
+        f"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+        "\r\n"
+    )
+    answer = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + chunks)
+        while data := sock.recv(65536):
+            answer += data
+    status_line, _, rest = answer.partition(b"\r\n")
+    body = rest.partition(b"\r\n\r\n")[2]
+
+    assert status_line.split()[1] == b"400", answer
+    assert json.loads(body)["success"] is False
+    assert "unexpected error" not in server.output()
+
+
 def test_the_server_refuses_to_start_on_an_invalid_container(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.replace("trigger: all", "trigger: al"))

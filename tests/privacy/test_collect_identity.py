@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import socket
 import sqlite3
@@ -19,6 +20,7 @@ import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from gunicorn.http.errors import InvalidChunkSize
 from werkzeug.serving import make_server
 
 from engine.app import create_app
@@ -173,6 +175,29 @@ def test_oversized_collect_bodies_are_refused(client: FlaskClient) -> None:
     big = {"event_name": "x", "properties": {"blob": "a" * 70_000}}
 
     assert collect(client, big).status_code == 413
+
+
+class _MalformedChunks(io.RawIOBase):
+    """A body as gunicorn hands a malformed chunked one to the app: reading it raises."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, _buffer: Any) -> int:
+        raise InvalidChunkSize(b"zz")
+
+
+def test_a_malformed_chunked_body_is_a_400_with_cors(client: FlaskClient) -> None:
+    response = client.post(
+        f"/v1/collect?key={PK}",
+        content_type="text/plain",
+        headers={"Origin": ORIGIN},
+        environ_overrides={"wsgi.input": _MalformedChunks(), "wsgi.input_terminated": True},
+    )
+
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert response.get_json() == {"success": False, "error": "the chunked body is malformed"}
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
 
 
 @pytest.mark.parametrize(
