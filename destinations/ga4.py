@@ -70,6 +70,7 @@ TOP_LEVEL_FIELDS = frozenset(
     | {"user_agent", "user_location", "device", "non_personalized_ads", "params"}
 )
 NAME_RULE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 GA_COOKIE = re.compile(r"GA\d\.\d+\.(\d+\.\d+)")
 SESSION_COOKIE = re.compile(r"GS\d\.\d+\.s?(\d+)")
 # Request fields and params passed on as mapped (checked for personal data in clear text).
@@ -149,7 +150,8 @@ class GA4(Destination):
     event and param names ≤ 40 chars, alphanumeric and ``_``, starting with a letter, not
     reserved and without the reserved prefixes; ≤ 25 params; param values ≤ 100 chars (page
     location, referrer and title are truncated to GA's longer limits); ≤ 200 items, each with
-    ``item_id`` or ``item_name``; ``currency`` (not blank) whenever ``value`` is set;
+    ``item_id`` or ``item_name``; ``currency`` (not blank) whenever ``value`` is set, and an
+    ISO 4217 code (three letters, any case) when given;
     ``transaction_id`` on ``purchase`` and ``refund``; user properties ≤ 25, names ≤ 24, values
     ≤ 36 chars; body under 130 kB. At send time an event older than 72 hours fails alone
     (:meth:`check_item`); the events of one client are packed in order into requests of at most
@@ -498,10 +500,12 @@ def _params(raw: Mapping[str, Any], event_name: str) -> dict[str, Any]:
             params[key] = _number(value, "params.value")
         elif key == "currency":
             currency = values.text(value, "GA4: params.currency").strip().upper()
-            if currency:
-                params[key] = currency
-            else:  # blank is no currency: GA4 would drop the value silently (answers 2xx)
+            if not currency:  # blank is no currency: GA4 would drop the value silently
                 del params[key]
+            elif _CURRENCY_CODE.fullmatch(currency):
+                params[key] = currency
+            else:  # GA4 answers 2xx and counts no revenue in "$" or "EURO"
+                raise PayloadError("GA4: params.currency must be an ISO 4217 code (3 letters)")
         elif isinstance(value, str):
             limit = LONG_PARAMS.get(key)
             if limit is not None:

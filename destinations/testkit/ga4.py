@@ -212,6 +212,9 @@ def _event(index: int, event: Any) -> list[dict[str, str]]:
         out.append(_msg(f"{path}.params.value", "value must be a number", "VALUE_INVALID"))
     if "value" in params and "currency" not in params:
         out.append(_msg(f"{path}.params.currency", "currency is required", "VALUE_REQUIRED"))
+    if "currency" in params and not re.fullmatch(r"[A-Z]{3}", str(params["currency"])):
+        # "in 3-letter ISO 4217 format": GA4 cannot count revenue in anything else.
+        out.append(_msg(f"{path}.params.currency", "ISO 4217 code", "VALUE_INVALID"))
     if name in ("purchase", "refund") and not params.get("transaction_id"):
         out.append(_msg(f"{path}.params.transaction_id", "required", "VALUE_REQUIRED"))
     return out

@@ -432,6 +432,43 @@ def test_blank_currency_with_a_value_is_refused_as_missing(
         payload_for(ga4(server), event)
 
 
+@pytest.mark.parametrize("currency", ["$", "€", "US Dollar", "EURO", "E1R"])
+def test_currency_that_is_no_iso_4217_code_is_refused_naming_the_rule(
+    server: LoopbackServer, currency: str
+) -> None:
+    # GA4 reads currency as a 3-letter ISO 4217 code; anything else is answered 2xx and the
+    # revenue is lost without a word (the emulator drops it: see the next test).
+    dest = ga4(server)
+    event = event_with(properties__currency=currency)
+
+    with pytest.raises(PayloadError, match="currency must be an ISO 4217 code"):
+        payload_for(dest, event)
+
+
+def test_emulator_drops_a_currency_that_is_no_iso_4217_code(
+    server: LoopbackServer, emulator: GA4Emulator
+) -> None:
+    dest = ga4(server)
+    payload = payload_for(dest, BRIEF_EVENT)
+    payload["event"]["params"]["currency"] = "EURO"
+
+    deliver(dest, [payload])
+
+    assert emulator.accepted == []
+    assert [m["fieldPath"] for m in emulator.dropped] == ["events[0].params.currency"]
+
+
+def test_lowercase_currency_is_sent_as_its_iso_4217_code(
+    server: LoopbackServer, emulator: GA4Emulator
+) -> None:
+    dest = ga4(server)
+
+    deliver(dest, [payload_for(dest, event_with(properties__currency=" eur "))])
+
+    assert emulator.dropped == []
+    assert emulator.accepted[0]["params"]["currency"] == "EUR"
+
+
 def test_blank_currency_without_a_value_is_left_out(server: LoopbackServer) -> None:
     event = event_with(properties__currency=" ", properties__value=None)
 
