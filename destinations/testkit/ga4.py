@@ -1,8 +1,9 @@
 """A local GA4 Measurement Protocol server (reference/platforms.md §2).
 
-``/mp/collect`` answers 204 to anything, as GA does; what GA would have dropped is kept in
-:attr:`GA4Emulator.dropped` so tests can see it. ``/debug/mp/collect`` answers
-``{"validationMessages": [...]}`` built by the same checks. Usage::
+``/mp/collect`` answers 204 to anything, as GA does (after checking the limits and formats of
+platforms.md §2.3-§2.6: names, params, items, currency, user properties, user data); what
+GA would have dropped is kept in :attr:`GA4Emulator.dropped` so tests can see it.
+``/debug/mp/collect`` answers ``{"validationMessages": [...]}`` built by the same checks. Usage::
 
     emulator = GA4Emulator()
     with LoopbackServer(emulator) as server:
@@ -29,6 +30,11 @@ RESERVED_EVENTS = frozenset(
     | {"first_open", "first_visit", "in_app_purchase", "notification_dismiss"}
     | {"notification_foreground", "notification_open", "notification_receive"}
     | {"notification_send", "os_update", "screen_view", "session_start", "user_engagement"}
+    | {"app_store_subscription_cancel", "app_store_subscription_renew"}
+)
+RESERVED_USER_PROPERTIES = frozenset(
+    {"first_open_time", "first_visit_time", "last_deep_link_referrer", "user_id"}
+    | {"first_open_after_install"}
 )
 RESERVED_PREFIXES = ("_", "firebase_", "ga_", "google_", "gtag.")
 LONG_PARAMS = {"page_location": 1000, "page_referrer": 420, "page_title": 300}
@@ -109,6 +115,10 @@ class GA4Emulator:
             out.append(_msg("user_id", "user_id must be a string of 256 chars", "VALUE_INVALID"))
         out += self._timestamp(body.get("timestamp_micros"))
         out += _consent(body.get("consent"))
+        out += _user_properties(body.get("user_properties"))
+        npa = body.get("non_personalized_ads")
+        if npa is not None and not isinstance(npa, bool):
+            out.append(_msg("non_personalized_ads", "must be a boolean", "VALUE_INVALID"))
         out += _user_data(body.get("user_data"))
         events = body.get("events")
         if not isinstance(events, list) or not events:
@@ -143,6 +153,28 @@ def _consent(consent: Any) -> list[dict[str, str]]:
     ]
 
 
+def _user_properties(props: Any) -> list[dict[str, str]]:
+    """At most 25, names of at most 24 characters (not reserved), values of at most 36."""
+    if props is None:
+        return []
+    if not isinstance(props, dict):
+        return [_msg("user_properties", "must be an object", "VALUE_INVALID")]
+    out = []
+    if len(props) > 25:
+        out.append(_msg("user_properties", "at most 25", "EXCEEDED_MAX_ENTITIES"))
+    for name, prop in props.items():
+        where = f"user_properties.{name}"
+        if len(name) > 24 or not NAME.fullmatch(name) or name.startswith(RESERVED_PREFIXES):
+            out.append(_msg(where, f"User property name [{name}] is invalid.", "NAME_INVALID"))
+        elif name in RESERVED_USER_PROPERTIES:
+            out.append(_msg(where, f"User property [{name}] is reserved.", "NAME_RESERVED"))
+        if not isinstance(prop, dict) or "value" not in prop:
+            out.append(_msg(where, "must be an object with a value", "VALUE_REQUIRED"))
+        elif isinstance(prop["value"], str) and len(prop["value"]) > 36:
+            out.append(_msg(f"{where}.value", "at most 36 characters", "VALUE_OUT_OF_BOUNDS"))
+    return out
+
+
 def _user_data(user_data: Any) -> list[dict[str, str]]:
     if user_data is None:
         return []
@@ -164,6 +196,12 @@ def _user_data(user_data: Any) -> list[dict[str, str]]:
         for key in ("city", "region", "postal_code", "country"):
             if key in addr and HEX64.fullmatch(str(addr[key])):
                 out.append(_msg(f"user_data.address.{key}", "is sent in clear", "VALUE_INVALID"))
+        city = addr.get("city")
+        if city is not None and (
+            not isinstance(city, str) or city != city.strip().lower() or re.search(r"\d", city)
+        ):
+            # "remove digits and symbols, lowercase, trim" (uid-data): else it matches no one.
+            out.append(_msg("user_data.address.city", "not normalized", "VALUE_INVALID"))
         if "country" in addr and not re.fullmatch(r"[A-Za-z]{2}", str(addr["country"])):
             out.append(_msg("user_data.address.country", "ISO alpha-2", "VALUE_INVALID"))
     return out
@@ -208,6 +246,14 @@ def _event(index: int, event: Any) -> list[dict[str, str]]:
                     out.append(
                         _msg(f"{path}.params.items[{i}]", "item_id or item_name", "VALUE_REQUIRED")
                     )
+                    continue
+                for key in ("price", "quantity"):
+                    number = item.get(key)
+                    if number is not None and (
+                        isinstance(number, bool) or not isinstance(number, int | float)
+                    ):
+                        where = f"{path}.params.items[{i}].{key}"
+                        out.append(_msg(where, f"{key} must be a number", "VALUE_INVALID"))
     if "value" in params and not isinstance(params["value"], int | float):
         out.append(_msg(f"{path}.params.value", "value must be a number", "VALUE_INVALID"))
     if "value" in params and "currency" not in params:

@@ -5,7 +5,9 @@ Conversions`` and ``…:uploadConversionAdjustments``. Requests are checked the 
 documents: bearer token, ``developer-token`` and ``login-customer-id`` headers,
 ``partialFailure: true``, at most 2,000 rows, the row fields and formats (date-time with
 offset, one identifier per ``userIdentifiers`` entry, at most 5, hashes as 64 lowercase hex,
-no ``addressInfo`` on click conversions, gbraid and wbraid never together). Row problems come
+no ``addressInfo`` on click conversions, gbraid and wbraid never together, one click conversion
+per order ID and action in a request, an adjustment not dated before its conversion, currency
+codes of 3 capital letters). Row problems come
 back as ``partialFailureError`` with the row's ``index``, as the API answers. Usage::
 
     emulator = GoogleAdsEmulator()
@@ -19,6 +21,7 @@ from __future__ import annotations
 import itertools
 import re
 import threading
+from datetime import datetime
 from typing import Any
 
 from destinations.testkit.server import Reply, Request
@@ -159,8 +162,15 @@ class GoogleAdsEmulator:
         check = _conversion if conversions else _adjustment
         errors: list[Error] = []
         results: list[dict[str, Any]] = []
+        orders: set[tuple[Any, Any]] = set()
         for index, row in enumerate(rows):
             problems = check(row) if isinstance(row, dict) else [("requestError", "INVALID", "")]
+            if conversions and isinstance(row, dict) and row.get("orderId") is not None:
+                # One conversion per order ID and conversion action (platforms.md §3.3).
+                order = (row.get("conversionAction"), row["orderId"])
+                if order in orders:
+                    problems.append(("conversionUploadError", "DUPLICATE_ORDER_ID", "orderId"))
+                orders.add(order)
             injected = (
                 self.row_errors.get(str(row.get("orderId"))) if isinstance(row, dict) else None
             )
@@ -244,6 +254,16 @@ def _adjustment(row: dict[str, Any]) -> list[Problem]:
         (restatement or {}).get("adjustedValue"), int | float
     ):
         out.append(("fieldError", "REQUIRED", "restatementValue.adjustedValue"))
+    currency = (restatement or {}).get("currencyCode")
+    if currency is not None and not re.fullmatch(r"[A-Z]{3}", str(currency)):
+        field = "restatementValue.currencyCode"
+        out.append(("conversionAdjustmentUploadError", "INVALID_CURRENCY_CODE", field))
+    # The adjustment must come after the conversion it adjusts (platforms.md §3.5).
+    adjusted = _moment(row.get("adjustmentDateTime"))
+    converted = _moment(pair.get("conversionDateTime")) if isinstance(pair, dict) else None
+    if adjusted is not None and converted is not None and adjusted < converted:
+        field = "adjustmentDateTime"
+        out.append(("conversionAdjustmentUploadError", "ADJUSTMENT_PRECEDES_CONVERSION", field))
     if kind == "RETRACTION" and restatement is not None:
         out.append(
             ("conversionAdjustmentUploadError", "RESTATEMENT_ALREADY_EXISTS", "restatementValue")
@@ -256,6 +276,14 @@ def _adjustment(row: dict[str, Any]) -> list[Problem]:
     elif row.get("userIdentifiers"):
         out.append(("fieldError", "UNSUPPORTED_FIELD", "userIdentifiers"))
     return out
+
+
+def _moment(text: Any) -> datetime | None:
+    """A ``yyyy-mm-dd hh:mm:ss+hh:mm`` time as an aware datetime; None when it is not one."""
+    try:
+        return datetime.strptime(str(text), "%Y-%m-%d %H:%M:%S%z")
+    except ValueError:
+        return None
 
 
 def _identifiers(ids: Any, allowed: set[str]) -> list[Problem]:

@@ -13,7 +13,12 @@ It checks requests the way Meta documents them and answers like the Graph API:
 * hashed ``user_data`` keys are 64 lowercase hex (a string or a list of them); ``external_id``
   may be hashed or not; ``client_ip_address``, ``client_user_agent``, ``fbc`` and ``fbp`` must
   not be hashed and must have their documented shape;
-* ``custom_data`` types: numeric ``value``, 3-letter ``currency``, ``contents`` with an ``id``.
+* ``fbc`` and ``fbp`` carry their creation time in milliseconds (13 digits);
+* ``Purchase`` needs ``custom_data.value`` and ``currency``;
+* ``custom_data`` types: numeric ``value``, 3-letter ``currency``, ``contents`` with an ``id``,
+  an integer ``quantity`` and a numeric ``item_price``;
+* ``data_processing_options`` a list (``["LDU"]`` or empty), its country and state integers,
+  a country only with a state.
 
 Success: ``{"events_received": n, "messages": [], "fbtrace_id": ...}``. A failure is a Graph
 error envelope with code 100 (invalid parameter). :meth:`MetaEmulator.fail_next` injects
@@ -55,8 +60,10 @@ MAX_BATCH = 1000
 _PATH = re.compile(r"/(v\d+\.\d+)/(\d+)/events")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ANY_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_FBC = re.compile(r"fb\.\d\.\d{10,}\.\S+")
-_FBP = re.compile(r"fb\.\d\.\d{10,}\.\d+")
+_CURRENCY = re.compile(r"[A-Za-z]{3}")
+# The creation time is in milliseconds (13 digits since 2001), not seconds (platforms.md §1.5).
+_FBC = re.compile(r"fb\.\d\.\d{13}\.\S+")
+_FBP = re.compile(r"fb\.\d\.\d{13}\.\d+")
 _trace_ids = itertools.count(1)
 
 
@@ -203,7 +210,15 @@ def _event_problem(event: object, now: float) -> str | None:
             return "event_source_url is required for website events"
         if not user_data.get("client_user_agent"):
             return "client_user_agent is required for website events"
-    return _user_data_problem(user_data) or _custom_data_problem(event.get("custom_data"))
+    if event["event_name"] == "Purchase":
+        custom_data = event.get("custom_data")
+        if not isinstance(custom_data, dict) or not {"value", "currency"} <= set(custom_data):
+            return "Purchase events require custom_data.value and custom_data.currency"
+    return (
+        _user_data_problem(user_data)
+        or _custom_data_problem(event.get("custom_data"))
+        or _processing_options_problem(event)
+    )
 
 
 def _user_data_problem(user_data: dict[str, Any]) -> str | None:
@@ -241,7 +256,7 @@ def _custom_data_problem(custom_data: object) -> str | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
         return "custom_data.value must be a number"
     currency = custom_data.get("currency")
-    if currency is not None and not (isinstance(currency, str) and len(currency) == 3):
+    if currency is not None and not (isinstance(currency, str) and _CURRENCY.fullmatch(currency)):
         return "custom_data.currency must be a 3-letter ISO 4217 code"
     contents = custom_data.get("contents")
     if contents is not None and not (
@@ -249,9 +264,31 @@ def _custom_data_problem(custom_data: object) -> str | None:
         and all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in contents)
     ):
         return "custom_data.contents must be a list of objects with an id"
+    for content in contents or []:
+        quantity, price = content.get("quantity"), content.get("item_price")
+        if quantity is not None and (isinstance(quantity, bool) or not isinstance(quantity, int)):
+            return "custom_data.contents[].quantity must be an integer"
+        if price is not None and (isinstance(price, bool) or not isinstance(price, int | float)):
+            return "custom_data.contents[].item_price must be a number"
     ids = custom_data.get("content_ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         return "custom_data.content_ids must be a list of strings"
+    return None
+
+
+def _processing_options_problem(event: dict[str, Any]) -> str | None:
+    """``data_processing_options`` is a list (``["LDU"]`` or empty); a country (1: USA, 0:
+    geolocate) goes with a state (1000: California, ..., 0: geolocate) (platforms.md §1.2)."""
+    options = event.get("data_processing_options")
+    if options is not None and not (isinstance(options, list) and all(o == "LDU" for o in options)):
+        return 'data_processing_options must be a list: ["LDU"] or []'
+    country = event.get("data_processing_options_country")
+    state = event.get("data_processing_options_state")
+    for key, value in (("country", country), ("state", state)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"data_processing_options_{key} must be an integer"
+    if country is not None and state is None:
+        return "data_processing_options_country needs data_processing_options_state"
     return None
 
 

@@ -12,7 +12,8 @@ says HTTP 200 to most failures and puts the verdict in ``code``:
   ``last_name``, ``zip_code``) are 64 lowercase hex, a string or a list; ``ttclid``, ``ttp``,
   ``ip`` and ``user_agent`` must not be hashed;
 * ``properties``: numeric ``value``, 3-letter ``currency``, ``contents`` objects with a string
-  ``content_id``.
+  ``content_id``, a numeric ``price`` and an integer ``quantity``, ``content_type`` ``product``
+  or ``product_group``; ``limited_data_use`` a boolean.
 
 Success: ``{"code": 0, "message": "OK", "request_id": ..., "data": {}}``. A bad request gets
 code 40002 (parameter error); TikTok's rejection is for the whole batch.
@@ -153,6 +154,8 @@ def _event_problem(event: object) -> str | None:
             ipaddress.ip_address(user["ip"])
         except ValueError:
             return "user.ip: invalid IP address."
+    if "limited_data_use" in event and not isinstance(event["limited_data_use"], bool):
+        return "limited_data_use: must be a boolean."
     page = event.get("page", {})
     if not isinstance(page, dict) or not all(isinstance(v, str) for v in page.values()):
         return "page: must be an object of strings."
@@ -168,7 +171,9 @@ def _properties_problem(properties: object) -> str | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
         return "properties.value: must be a number."
     currency = properties.get("currency")
-    if currency is not None and not (isinstance(currency, str) and len(currency) == 3):
+    if currency is not None and not (
+        isinstance(currency, str) and re.fullmatch(r"[A-Za-z]{3}", currency)
+    ):
         return "properties.currency: must be an ISO 4217 code."
     contents = properties.get("contents")
     if contents is not None and not (
@@ -176,4 +181,12 @@ def _properties_problem(properties: object) -> str | None:
         and all(isinstance(c, dict) and isinstance(c.get("content_id"), str) for c in contents)
     ):
         return "properties.contents: each needs a string content_id."
+    for content in contents or []:
+        quantity, price = content.get("quantity"), content.get("price")
+        if quantity is not None and (isinstance(quantity, bool) or not isinstance(quantity, int)):
+            return "properties.contents[].quantity: must be an integer."
+        if price is not None and (isinstance(price, bool) or not isinstance(price, int | float)):
+            return "properties.contents[].price: must be a number."
+    if properties.get("content_type", "product") not in ("product", "product_group"):
+        return "properties.content_type: must be product or product_group."
     return None

@@ -458,6 +458,45 @@ def test_emulator_drops_a_currency_that_is_no_iso_4217_code(
     assert [m["fieldPath"] for m in emulator.dropped] == ["events[0].params.currency"]
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda p: p["event"].update(name="app_store_subscription_renew"), "events[0].name"),
+        (lambda p: p["event"]["params"]["items"][0].update(price="9.90"), "items[0].price"),
+        (
+            lambda p: p["request"].update(user_properties={"t" * 25: {"value": 1}}),
+            "user_properties." + "t" * 25,
+        ),
+        (
+            lambda p: p["request"].update(user_properties={"user_id": {"value": 1}}),
+            "user_properties.user_id",
+        ),
+        (
+            lambda p: p["request"].update(user_properties={"tier": {"value": "x" * 37}}),
+            "user_properties.tier.value",
+        ),
+        (lambda p: p["request"].update(non_personalized_ads="yes"), "non_personalized_ads"),
+        (
+            lambda p: p["request"]["user_data"]["address"].update(city="Berlin 10"),
+            "user_data.address.city",
+        ),
+    ],
+)
+def test_emulator_drops_what_ga4_documents_as_invalid(
+    server: LoopbackServer, emulator: GA4Emulator, change: Any, field: str
+) -> None:
+    # A valid event, then one documented rule broken (platforms.md §2.3-§2.5): GA4 answers 2xx
+    # and drops it, which only the emulator's record shows.
+    dest = ga4(server)
+    payload = payload_for(dest, BRIEF_EVENT)
+    change(payload)
+
+    deliver(dest, [payload])
+
+    assert emulator.accepted == []
+    assert field in [m["fieldPath"].removeprefix("events[0].params.") for m in emulator.dropped]
+
+
 def test_lowercase_currency_is_sent_as_its_iso_4217_code(
     server: LoopbackServer, emulator: GA4Emulator
 ) -> None:

@@ -27,7 +27,7 @@ from destinations.base import (
     PayloadError,
     SendContext,
 )
-from destinations.google_ads import GoogleAds, TokenError
+from destinations.google_ads import GoogleAds, TokenError, google_time
 from destinations.testkit.google_ads import GoogleAdsEmulator
 from destinations.testkit.server import LoopbackServer, Reply
 from engine.event import normalize
@@ -935,6 +935,51 @@ def test_emulator_refuses_more_than_two_thousand_rows_as_the_api_does(
     assert GoogleAds.max_batch == 2000
     assert results[0].outcome is Outcome.PERMANENT
     assert "TOO_MANY_CONVERSIONS_IN_REQUEST" in (results[0].error or "")
+
+
+def test_emulator_refuses_a_second_row_of_the_same_order_in_one_request(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    # platforms.md §3.3: one conversion per order ID per conversion action
+    payload = payload_for(ads, EVENT)
+
+    results = deliver(ads, [payload, payload])
+
+    assert results[0] == ItemResult.delivered()
+    assert results[1].outcome is Outcome.PERMANENT
+    assert "DUPLICATE_ORDER_ID" in (results[1].error or "")
+    assert len(emulator.conversions) == 1
+
+
+def test_emulator_refuses_an_adjustment_dated_before_its_conversion(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    # platforms.md §3.5: adjustmentDateTime must be after the conversion
+    later = {
+        "orderId": None,
+        "gclidDateTimePair.gclid": {"value": "Cj0KCQ"},
+        "gclidDateTimePair.conversionDateTime": {"value": google_time(NOW + timedelta(hours=1))},
+    }
+    payload = payload_for(ads, EVENT, event_name="RETRACTION", mapping=later)
+
+    (result,) = deliver(ads, [payload])
+
+    assert result.outcome is Outcome.PERMANENT
+    assert "ADJUSTMENT_PRECEDES_CONVERSION" in (result.error or "")
+    assert emulator.adjustments == []
+
+
+def test_emulator_refuses_a_restatement_currency_that_is_no_iso_code(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    mapping = {"restatementValue.adjustedValue": {"value": 50}}
+    payload = payload_for(ads, EVENT, event_name="RESTATEMENT", mapping=mapping)
+    payload["row"]["restatementValue"]["currencyCode"] = "eur"
+
+    (result,) = deliver(ads, [payload])
+
+    assert result.outcome is Outcome.PERMANENT
+    assert "INVALID_CURRENCY_CODE" in (result.error or "")
 
 
 def test_conversion_older_than_ninety_days_fails_alone_at_send_time(ads: GoogleAds) -> None:

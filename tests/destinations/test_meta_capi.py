@@ -515,6 +515,57 @@ def test_emulator_rejects_an_unhashed_email(meta_emulator: MetaEmulator) -> None
     assert "user_data.em must be SHA-256" in (result.error or "")
 
 
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda e: e["user_data"].update(fbc="fb.1.1554763741.AbC"), "user_data.fbc"),
+        (lambda e: e["user_data"].update(fbp="fb.1.1554763741.123"), "user_data.fbp"),
+        (lambda e: e["custom_data"].pop("currency"), "Purchase events require"),
+        (lambda e: e["custom_data"].update(currency="E1R"), "custom_data.currency"),
+        (
+            lambda e: e["custom_data"].update(contents=[{"id": "a", "quantity": 1.5}]),
+            "contents[].quantity",
+        ),
+        (
+            lambda e: e["custom_data"].update(contents=[{"id": "a", "item_price": "9.90"}]),
+            "contents[].item_price",
+        ),
+        (lambda e: e.update(data_processing_options="LDU"), "data_processing_options must"),
+        (lambda e: e.update(data_processing_options_country=1), "needs data_processing_options"),
+    ],
+)
+def test_emulator_rejects_what_meta_documents_as_invalid(
+    meta_emulator: MetaEmulator, change: Any, problem: str
+) -> None:
+    # Arrange: a valid event, then one documented rule broken (platforms.md §1.2-§1.5)
+    dest = meta(meta_emulator)
+    payload = dest.build_payload(web_mapped(), context())
+    change(payload)
+
+    # Act
+    (result,) = deliver(dest, [payload])
+
+    # Assert
+    assert result.outcome is Outcome.PERMANENT
+    assert problem in (result.error or "")
+
+
+def test_emulator_accepts_limited_data_use_with_country_and_state(
+    meta_emulator: MetaEmulator,
+) -> None:
+    dest = meta(meta_emulator)
+    payload = dest.build_payload(
+        web_mapped(
+            data_processing_options=["LDU"],
+            data_processing_options_country=1,
+            data_processing_options_state=1000,
+        ),
+        context(),
+    )
+
+    assert deliver(dest, [payload]) == [ItemResult.delivered()]
+
+
 # -- the request ---------------------------------------------------------------------------------
 
 

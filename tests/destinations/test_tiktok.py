@@ -384,6 +384,38 @@ def test_emulator_rejects_a_hashed_ip(tiktok_emulator: TikTokEmulator) -> None:
     assert "user.ip" in (result.error or "")
 
 
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda e: e["properties"].update(currency="E1R"), "properties.currency"),
+        (lambda e: e["properties"].update(content_type="sku"), "properties.content_type"),
+        (
+            lambda e: e["properties"].update(contents=[{"content_id": "a", "quantity": "2"}]),
+            "contents[].quantity",
+        ),
+        (
+            lambda e: e["properties"].update(contents=[{"content_id": "a", "price": "9.90"}]),
+            "contents[].price",
+        ),
+        (lambda e: e.update(limited_data_use="true"), "limited_data_use"),
+    ],
+)
+def test_emulator_rejects_what_tiktok_documents_as_invalid(
+    tiktok_emulator: TikTokEmulator, change: Any, problem: str
+) -> None:
+    # Arrange: a valid event, then one documented rule broken (platforms.md §4.2)
+    dest = tiktok(tiktok_emulator)
+    payload = dest.build_payload(mapped_event(), context())
+    change(payload)
+
+    # Act
+    (result,) = deliver(dest, [payload])
+
+    # Assert
+    assert result.outcome is Outcome.PERMANENT
+    assert problem in (result.error or "")
+
+
 # -- the request ---------------------------------------------------------------------------------
 
 
