@@ -130,7 +130,8 @@ VECTORS = [
 ]  # fmt: skip
 
 # (platform, field, default country, input, a wrong normalization that must never come out):
-# the SDK and sample-code rows of §7 that contradict the documented rules.
+# the SDK and sample-code rows of §7 that contradict the documented rules, and each platform's
+# format for another platform's rule (§0's traps).
 WRONG = [
     ("google", "email", None, "Jane.Doe+news@Example.com", "janedoenews@example.com"),
     ("google", "email", None, "user.name+NYC@Example.com", "usernamenyc@example.com"),
@@ -140,6 +141,12 @@ WRONG = [
     ("meta", "dob", None, "1997-02-16", "1997-02-16"),
     ("meta", "zip", None, "00-950", "00"),
     ("meta", "city", None, "Val-d'Or", "vald'or"),
+    ("meta", "phone", "US", "(650)555-1212", "6505551212"),  # no country code added
+    ("meta", "zip", "US", "940351234", "940351234"),  # a 9-digit US ZIP not cut to 5
+    ("meta", "country", None, "United States", None),  # read as "us", not refused as the SDK does
+    ("tiktok", "email", None, "John.Doe+promo@Gmail.com", "johndoe@gmail.com"),  # Google's rule
+    ("meta", "phone", None, "+1 (650) 555-1212", "+16505551212"),  # Google's format
+    ("google", "phone", None, "+1 (650) 555-1212", "16505551212"),  # Meta's format
 ]
 
 
@@ -162,7 +169,7 @@ def test_documented_vector_normalizes_and_hashes_as_published(
 
 @pytest.mark.parametrize(("platform", "field", "country", "raw", "wrong"), WRONG)
 def test_sdk_and_sample_code_normalizations_are_not_reproduced(
-    platform: Platform, field: str, country: str | None, raw: str, wrong: str
+    platform: Platform, field: str, country: str | None, raw: str, wrong: str | None
 ) -> None:
     assert _fn(field, platform, country)(raw) != wrong
 
