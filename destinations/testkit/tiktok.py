@@ -11,9 +11,9 @@ says HTTP 200 to most failures and puts the verdict in ``code``:
 * ``user.email``, ``user.phone``, ``user.external_id`` (and the unconfirmed ``first_name``,
   ``last_name``, ``zip_code``) are 64 lowercase hex, a string or a list; ``ttclid``, ``ttp``,
   ``ip`` and ``user_agent`` must not be hashed;
-* ``properties``: numeric ``value``, 3-letter ``currency``, ``contents`` objects with a string
-  ``content_id``, a numeric ``price`` and an integer ``quantity``, ``content_type`` ``product``
-  or ``product_group``; ``limited_data_use`` a boolean.
+* ``properties``: numeric ``value``, 3-letter ``currency``, ``contents`` objects with an
+  optional string ``content_id``, a numeric ``price`` and an integer ``quantity``,
+  ``content_type`` ``product`` or ``product_group``; ``limited_data_use`` a boolean.
 
 Success: ``{"code": 0, "message": "OK", "request_id": ..., "data": {}}``. A bad request gets
 code 40002 (parameter error); TikTok's rejection is for the whole batch.
@@ -176,11 +176,12 @@ def _properties_problem(properties: object) -> str | None:
     ):
         return "properties.currency: must be an ISO 4217 code."
     contents = properties.get("contents")
+    # content_id is optional (TikTok's SDK: PixelContent), but a string when given.
     if contents is not None and not (
         isinstance(contents, list)
-        and all(isinstance(c, dict) and isinstance(c.get("content_id"), str) for c in contents)
+        and all(isinstance(c, dict) and isinstance(c.get("content_id", ""), str) for c in contents)
     ):
-        return "properties.contents: each needs a string content_id."
+        return "properties.contents: each an object, its content_id (optional) a string."
     for content in contents or []:
         quantity, price = content.get("quantity"), content.get("price")
         if quantity is not None and (isinstance(quantity, bool) or not isinstance(quantity, int)):

@@ -398,6 +398,7 @@ def test_emulator_rejects_a_hashed_ip(tiktok_emulator: TikTokEmulator) -> None:
             "contents[].price",
         ),
         (lambda e: e.update(limited_data_use="true"), "limited_data_use"),
+        (lambda e: e["properties"].update(contents=[{"content_id": 1}]), "content_id"),
     ],
 )
 def test_emulator_rejects_what_tiktok_documents_as_invalid(
@@ -601,3 +602,21 @@ def test_access_token_is_a_secret_setting() -> None:
 def test_adapter_meets_the_plugin_contract() -> None:
     registry = pytest.importorskip("destinations.registry")
     assert registry.check_contract("tiktok", TikTok) is TikTok
+
+
+def test_an_item_without_an_id_goes_to_tiktok_in_contents_without_one(
+    tiktok_emulator: TikTokEmulator,
+) -> None:
+    # content_id is optional (TikTok's SDK, PixelContent): a cart line the shop sends without
+    # one still carries its price and quantity, and does not sink the event.
+    dest = tiktok(tiktok_emulator)
+    event = mapped_event()
+    event["properties"]["contents"] = [{"content_name": "Gift wrap", "price": 2.5, "quantity": 1}]
+    payload = dest.build_payload(event, context())
+
+    (result,) = deliver(dest, [payload])
+
+    assert result.outcome is Outcome.DELIVERED
+    assert payload["properties"]["contents"] == [
+        {"content_name": "Gift wrap", "price": 2.5, "quantity": 1}
+    ]
