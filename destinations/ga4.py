@@ -150,8 +150,8 @@ class GA4(Destination):
     event and param names ≤ 40 chars, alphanumeric and ``_``, starting with a letter, not
     reserved and without the reserved prefixes; ≤ 25 params; param values ≤ 100 chars (page
     location, referrer and title are truncated to GA's longer limits); ≤ 200 items, each with
-    ``item_id`` or ``item_name``; ``currency`` (not blank) whenever ``value`` is set, and an
-    ISO 4217 code (three letters, any case) when given;
+    ``item_id`` or ``item_name`` (an item with neither is left out); ``currency`` (not blank)
+    whenever ``value`` is set, and an ISO 4217 code (three letters, any case) when given;
     ``transaction_id`` on ``purchase`` and ``refund``; user properties ≤ 25, names ≤ 24, values
     ≤ 36 chars; body under 130 kB. At send time an event older than 72 hours fails alone
     (:meth:`check_item`); the events of one client are packed in order into requests of at most
@@ -538,7 +538,9 @@ def _items(value: Any) -> list[dict[str, Any]]:
     for raw in value:
         item = {k: v for k, v in _object(raw, "params.items[]").items() if v is not None}
         if item.get("item_id") is None and item.get("item_name") is None:
-            raise PayloadError("GA4: every item needs item_id or item_name")
+            # GA4 takes no item without either; the event, its value included, goes without
+            # this line (as Meta's contents do), not lost whole for one line of a cart.
+            continue
         for key in ("item_id", "item_name"):
             if key in item:
                 item[key] = values.text(item[key], f"GA4: items[].{key}")
