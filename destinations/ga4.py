@@ -462,14 +462,12 @@ def _client_id(value: Any) -> str:
 
 def _user_id(value: Any) -> str | None:
     """The user ID to send; None for an e-mail address, which Google Analytics must not receive
-    in clear text (personal data goes hashed, in user_data: platforms.md §2.5). Left out rather
-    than refused: a backend that names its users by address still gets its events counted,
-    under client_id."""
+    in clear text (personal data goes hashed, in user_data: platforms.md §2.5), and for one
+    longer than GA4 takes (a session token mapped by mistake, say). Left out rather than
+    refused: the events are still counted, under client_id."""
     text = values.text(value, "GA4: user_id")
-    if cleartext.is_email(text):
+    if cleartext.is_email(text) or len(text) > MAX_USER_ID:
         return None
-    if len(text) > MAX_USER_ID:
-        raise PayloadError(f"GA4: user_id must be at most {MAX_USER_ID} characters")
     return text
 
 

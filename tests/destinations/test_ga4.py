@@ -863,3 +863,16 @@ def test_settings_schema_refuses_unknown_settings_and_requires_the_secret() -> N
     messages = " ".join(e.message for e in errors)
     assert "api_secret" in messages
     assert "pixel" in messages
+
+
+def test_a_user_id_longer_than_ga4_takes_is_left_out_and_the_event_sent(
+    server: LoopbackServer, emulator: GA4Emulator
+) -> None:
+    dest = ga4(server)
+    payload = payload_for(dest, event_with(user_id="u" * 257))
+
+    results = deliver(dest, [payload])
+
+    assert "user_id" not in payload["request"]
+    assert results == [ItemResult.delivered()]
+    assert payload_for(dest, event_with(user_id="u" * 256))["request"]["user_id"] == "u" * 256
