@@ -52,6 +52,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAPPING = (dict, Mapping)
 _RETRY_CODES = frozenset({1, 2, 4, 17, 32, 613})
 _AUTH_CODES = frozenset({10, 102, 104, 190})
+_NO_SUCH_OBJECT = 33  # error_subcode of code 100: the pixel does not exist, or no access to it
 # Where Meta takes each kind of personal data, hashed (named when a payload holds it in clear
 # text elsewhere: see destinations.cleartext).
 PERSONAL_HOMES = {
@@ -465,6 +466,11 @@ def _result(response: HttpResponse) -> ItemResult:
     if code in _RETRY_CODES or (code is not None and 80000 <= code <= 80014):
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)
     if code in _AUTH_CODES or (code is not None and 200 <= code <= 299):
+        return ItemResult(Outcome.AUTH, reason)
+    if code == 100 and error.get("error_subcode") == _NO_SUCH_OBJECT:
+        # "Object with ID ... does not exist, cannot be loaded due to missing permissions": the
+        # pixel ID, or the token's access to it, is wrong for every event alike. A setting to
+        # fix, as a token error is: the events wait for it rather than all becoming dead letters.
         return ItemResult(Outcome.AUTH, reason)
     if error.get("is_transient") is True or response.status >= 500:
         return ItemResult(Outcome.RETRYABLE, reason, retry_after)

@@ -717,6 +717,8 @@ def _graph_error(code: int, status: int = 400, **extra: Any) -> HttpResponse:
         (_graph_error(200), Outcome.AUTH),
         (_graph_error(299), Outcome.AUTH),
         (_graph_error(100), Outcome.PERMANENT),
+        (_graph_error(100, error_subcode=33), Outcome.AUTH),  # a wrong pixel_id, or no access
+        (_graph_error(100, error_subcode=2804003), Outcome.PERMANENT),
         (HttpResponse(200, {}, b"<html>ok</html>"), Outcome.RETRYABLE),
         (HttpResponse(200, {}, b"[1, 2]"), Outcome.RETRYABLE),
         (HttpResponse(400, {}, b'{"error": "weird"}'), Outcome.PERMANENT),
