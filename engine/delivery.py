@@ -90,6 +90,7 @@ class DeliveryWorker:
         self._token_lock = threading.Lock()
         self._token_locks: dict[str, threading.Lock] = {}
         self._stop = threading.Event()
+        self._stopping = False  # stop() was called (it runs once)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -107,8 +108,12 @@ class DeliveryWorker:
         ``notify``: its master kills a worker silent for its ``timeout`` (30 s), and a worker
         restarted by a SIGHUP waits here, after its last request, for a delivery request that
         can take longer than that; killed, it left its lease held and the request was sent
-        again once the lease ran out.
+        again once the lease ran out. Only the first call stops; later ones return at once.
         """
+        with self._flight_lock:
+            if self._stopping:
+                return  # stopped already (a gunicorn worker stops it twice: see engine.server)
+            self._stopping = True
         self._stop.set()
         if self._thread is not None:
             _join(self._thread, heartbeat, timeout)

@@ -19,6 +19,7 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.workers.gthread import ThreadWorker
 
 from engine import logs, metrics
 from engine.app import create_app
@@ -107,6 +108,27 @@ class _Arbiter(Arbiter):  # type: ignore[misc]  # gunicorn ships no type hints
         super().manage_workers()
 
 
+class _Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hints
+    """gunicorn's gthread worker, which stops the app's delivery as it leaves its loop.
+
+    A stopping worker lets its delivery requests in flight finish, which can take longer than
+    the master's worker timeout (30 s) with a destination's `timeout` of 25 s or more. The
+    master watches the workers a SIGHUP restarts meanwhile and kills a silent one, its leases
+    held, their requests then sent again. gunicorn closes the worker's heartbeat file before
+    its ``worker_exit`` hook runs, so delivery stops here, beating, while the file is open.
+    """
+
+    def run(self) -> None:
+        """gthread's loop and its graceful wait for requests, then delivery's stop."""
+        try:
+            super().run()
+        finally:
+            app = self.wsgi if isinstance(self.wsgi, Flask) else None
+            delivery = app.extensions.get("tagrelay.delivery") if app is not None else None
+            if delivery is not None:
+                delivery.stop(heartbeat=self.notify)
+
+
 class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
     """A gunicorn application serving tagrelay (and delivering, per worker)."""
 
@@ -126,11 +148,10 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
             if settings.deliver:
                 start_delivery(self.app)
 
-        def worker_exit(_server: Any, process: Any) -> None:
+        def worker_exit(_server: Any, _worker: Any) -> None:
             worker = self.app.extensions.get("tagrelay.delivery") if self.app else None
             if worker is not None:
-                # Beating while it waits for a delivery request in flight: see stop().
-                worker.stop(heartbeat=process.notify)
+                worker.stop()  # stopped already by _Worker.run, unless that failed
             metrics.TALLY.flush()  # counts not yet added to the shared counters
 
         def child_exit(_server: Any, worker: Any) -> None:
@@ -142,7 +163,7 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
         options: dict[str, Any] = {
             "bind": settings.bind,
             "workers": settings.workers,
-            "worker_class": "gthread",
+            "worker_class": _Worker,
             "threads": settings.threads,
             "preload_app": True,
             "timeout": 30,

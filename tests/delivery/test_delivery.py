@@ -1190,25 +1190,43 @@ def test_a_stopping_worker_beats_while_it_waits_for_a_request_in_flight(tmp_path
     assert max(b - a for a, b in itertools.pairwise(beats)) < 1.5
 
 
-def test_a_gunicorn_worker_stops_its_delivery_with_its_own_heartbeat(tmp_path: Path) -> None:
-    from engine.config import Settings
-    from engine.server import TagrelayServer
+def test_a_gunicorn_worker_stops_delivery_beating_before_its_heartbeat_file_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gunicorn closes a worker's heartbeat file before its worker_exit hook runs: a notify()
+    # from there raised, and the hook's count flush after it never ran. The worker's run()
+    # stops delivery as it leaves gthread's loop, with the file still open.
+    from flask import Flask
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from engine.server import _Worker
 
     class Delivery:
+        heartbeat: Any = "not stopped"
+
         def stop(self, heartbeat: Any = None) -> None:
             self.heartbeat = heartbeat
 
-    class Process:
-        def notify(self) -> None:
-            pass
+    events: list[str] = []
+    monkeypatch.setattr(ThreadWorker, "run", lambda self: events.append("loop ended"))
+    worker = object.__new__(_Worker)
+    worker.wsgi = Flask("app")
+    worker.wsgi.extensions["tagrelay.delivery"] = delivery = Delivery()
+    worker.notify = lambda: events.append("beat")  # type: ignore[method-assign]
 
-    server = TagrelayServer(Settings(data_dir=tmp_path / "data"))
-    server.app = type("App", (), {"extensions": {"tagrelay.delivery": Delivery()}})()
-    process = Process()
+    worker.run()
 
-    server.cfg.worker_exit(None, process)
+    assert events == ["loop ended"]
+    assert delivery.heartbeat is worker.notify
 
-    assert server.app.extensions["tagrelay.delivery"].heartbeat == process.notify
+
+def test_stopping_a_stopped_worker_returns_at_once(tmp_path: Path, sink: Any) -> None:
+    _, server = sink
+    h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+    h.worker.start()
+    h.worker.stop(timeout=5)
+
+    h.worker.stop(heartbeat=lambda: pytest.fail("a second stop waits for nothing"))
 
 
 def one_by_one_rules(tmp_path: Path, url: str) -> Path:

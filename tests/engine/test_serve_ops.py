@@ -147,6 +147,7 @@ def test_a_master_upgraded_with_usr2_keeps_its_metrics_directory_and_counts(
         assert answer["success"] is True
         assert refused.status_code == 401
         assert accepted(server) == 2.0
+        assert "Exception during worker exit" not in server.log.read_text()
     finally:
         server.stop()
 
@@ -250,6 +251,7 @@ def test_a_worker_forked_again_serves_the_last_good_rules_not_those_of_the_start
 
         assert seen == {good}
         assert "reload_error" in readiness(server)
+        assert "Exception during worker exit" not in server.log.read_text()
     finally:
         server.stop()
 
