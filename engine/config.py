@@ -611,15 +611,21 @@ def load_setting(key: str, env: Mapping[str, str] | None = None) -> Any:
 # -- the data directory -----------------------------------------------------------------------
 
 _STORE_SUFFIXES = ("", "-wal", "-shm", "-journal", "-writer")
+# serve's control sockets, one per master (see engine.server.control_socket); gunicorn.ctl is
+# the single one of versions before.
+_CONTROL_SOCKET = re.compile(r"gunicorn(-\d+)?\.ctl")
 
 
 def _ours(directory: Path, database: Path) -> bool:
     """Whether ``directory`` holds nothing but what tagrelay puts in a data directory."""
-    names = {KEY_FILE, "metrics", "gunicorn.ctl"}
+    names = {KEY_FILE, "metrics"}
     names |= {"tagrelay.db" + s for s in _STORE_SUFFIXES}
     names |= {database.name + s for s in _STORE_SUFFIXES}
     try:
-        return all(entry.name in names for entry in directory.iterdir())
+        return all(
+            entry.name in names or _CONTROL_SOCKET.fullmatch(entry.name)
+            for entry in directory.iterdir()
+        )
     except OSError:
         return False
 

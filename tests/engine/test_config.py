@@ -407,6 +407,21 @@ def test_an_existing_data_directory_of_tagrelay_is_tightened_never_loosened(
     assert mode(strict) == 0o500
 
 
+def test_a_data_directory_with_control_sockets_is_still_tagrelay_s(tmp_path: Path) -> None:
+    # serve's control sockets, one per master (a running instance's, or a killed one's left
+    # behind), and the single one of versions before: none makes the directory someone else's.
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("tagrelay.db", "gunicorn-4242.ctl", "gunicorn.ctl"):
+        (data / name).touch()
+    data.chmod(0o755)
+
+    notes = prepare_data_dir(Settings(data_dir=data))
+
+    assert mode(data) == 0o700
+    assert notes == [f"{data} made private (mode 0700, was 0755)"]
+
+
 def test_a_shared_directory_is_left_as_it_is_with_a_warning(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
