@@ -611,9 +611,9 @@ def load_setting(key: str, env: Mapping[str, str] | None = None) -> Any:
 # -- the data directory -----------------------------------------------------------------------
 
 _STORE_SUFFIXES = ("", "-wal", "-shm", "-journal", "-writer")
-# serve's control sockets, one per master (see engine.server.control_socket); gunicorn.ctl is
-# the single one of versions before.
-_CONTROL_SOCKET = re.compile(r"gunicorn(-\d+)?\.ctl")
+CONTROL_SOCKET = re.compile(r"gunicorn(-\d+){0,2}\.ctl")
+"""serve's control sockets, one per master (see engine.server.control_socket); gunicorn.ctl
+is the single one of versions before."""
 
 
 def _ours(directory: Path, database: Path) -> bool:
@@ -623,7 +623,7 @@ def _ours(directory: Path, database: Path) -> bool:
     names |= {database.name + s for s in _STORE_SUFFIXES}
     try:
         return all(
-            entry.name in names or _CONTROL_SOCKET.fullmatch(entry.name)
+            entry.name in names or CONTROL_SOCKET.fullmatch(entry.name)
             for entry in directory.iterdir()
         )
     except OSError:

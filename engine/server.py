@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from engine import logs, metrics
 from engine.app import create_app
-from engine.config import Settings
+from engine.config import CONTROL_SOCKET, Settings
 from engine.delivery import DeliveryWorker
 from engine.maintenance import Maintenance
 from engine.pipeline import Pipeline
@@ -64,16 +65,22 @@ def control_socket(data_dir: Path) -> Path | None:
     One per master, not per data directory: instances sharing a data directory, and the new
     master of a USR2 upgrade beside the old one, each keep their own (gunicorn removes the file
     at its path when it starts and again when it stops, so a shared path is taken over, then
-    removed under the one still running). The sockets of masters that are gone (killed, so
-    they could not remove their own) are removed here.
+    removed under the one still running). A socket nothing listens on any more (its master was
+    killed, so it could not remove its own) is removed here. Whether one is live is asked of
+    the socket itself, not of its PID: masters in containers sharing the data directory each
+    see their own PIDs, so another's PID can be unknown here, or be this master's own (its name
+    then gets a number: ``gunicorn-<pid>-2.ctl``).
     """
     data_dir = data_dir.resolve()
-    for stale in data_dir.glob("gunicorn-*.ctl"):
-        pid = stale.name[len("gunicorn-") : -len(".ctl")]
-        if pid.isdigit() and not _alive(int(pid)):
+    for found in data_dir.glob("gunicorn*.ctl"):
+        if CONTROL_SOCKET.fullmatch(found.name) and not _listening(found):
             with contextlib.suppress(OSError):
-                stale.unlink()
+                found.unlink()
     path = data_dir / f"gunicorn-{os.getpid()}.ctl"
+    taken = 1
+    while path.exists():  # live: another namespace's master with this PID
+        taken += 1
+        path = data_dir / f"gunicorn-{os.getpid()}-{taken}.ctl"
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
         log.warning(
             "no control socket for gunicornc: the data directory's path is too long for a unix "
@@ -84,13 +91,16 @@ def control_socket(data_dir: Path) -> Path | None:
     return path
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
+def _listening(path: Path) -> bool:
+    """Whether a master listens on the unix socket at ``path`` (a refused connection: none)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except TimeoutError:  # its backlog full: busy, so alive
+            return True
+        except OSError:  # refused, or no socket at all
+            return False
     return True
 
 

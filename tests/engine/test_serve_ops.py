@@ -335,3 +335,35 @@ def test_a_data_directory_too_deep_for_a_control_socket_serves_without_one(
         assert not list(data.glob("gunicorn-*.ctl"))
     finally:
         server.stop()
+
+
+def test_control_sockets_are_told_live_or_stale_by_asking_them_not_by_their_pid() -> None:
+    # Masters in containers sharing a data directory each see their own PIDs: another's PID
+    # can be unknown here (its live socket was removed as stale) or be this master's own (its
+    # socket was taken over).
+    import socket
+
+    from engine.server import control_socket
+
+    data = Path(tempfile.mkdtemp(prefix="tr", dir="/tmp"))
+    listeners = []
+    try:
+        for name in (f"gunicorn-{os.getpid()}.ctl", "gunicorn-999999999.ctl"):
+            live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            live.bind(str(data / name))
+            live.listen()
+            listeners.append(live)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+            dead.bind(str(data / "gunicorn-12.ctl"))  # its master killed: nothing listens
+        (data / "gunicorn.ctl").touch()  # an earlier version's, left behind
+
+        path = control_socket(data)
+
+        assert path == data / f"gunicorn-{os.getpid()}-2.ctl"
+        assert sorted(p.name for p in data.iterdir()) == sorted(
+            [f"gunicorn-{os.getpid()}.ctl", "gunicorn-999999999.ctl"]
+        )
+    finally:
+        for live in listeners:
+            live.close()
+        shutil.rmtree(data, ignore_errors=True)
