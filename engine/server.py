@@ -128,6 +128,18 @@ class _Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hin
     its ``worker_exit`` hook runs, so delivery stops here, beating, while the file is open.
     """
 
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gthread's, and once the master is gone (``kill -9``), the listening sockets closed.
+
+        gthread closes them only after its graceful wait for the connections it has, up to the
+        graceful timeout (75 s) while clients keep sending on them; meanwhile the next ``serve``
+        could not bind its port. A master that is alive keeps its own copies, for new workers.
+        """
+        super().set_accept_enabled(enabled)
+        if not enabled and self.ppid != os.getppid():
+            for listener in self.sockets:
+                listener.close()
+
     def run(self) -> None:
         """gthread's loop and its graceful wait for requests, then delivery's stop."""
         try:

@@ -3,6 +3,7 @@ instances on one data directory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -367,3 +369,41 @@ def test_control_sockets_are_told_live_or_stale_by_asking_them_not_by_their_pid(
         for live in listeners:
             live.close()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_a_new_serve_binds_at_once_after_its_predecessors_master_was_killed(
+    tmp_path: Path, rules: Path
+) -> None:
+    # kill -9 of the master alone: its workers finish the connections they have, up to the
+    # graceful timeout while clients keep sending, and held the listening socket meanwhile.
+    old = TagrelayServer(rules, tmp_path / "old", KEY, workers=1).start()
+    assert old.proc is not None
+    sending = threading.Event()
+    sending.set()
+
+    def keep_sending() -> None:
+        with requests.Session() as session:  # one kept-alive connection
+            while sending.is_set():
+                with contextlib.suppress(requests.RequestException):
+                    session.get(old.url + "/healthz", timeout=2)
+                time.sleep(0.05)
+
+    client = threading.Thread(target=keep_sending, daemon=True)
+    client.start()
+    new = TagrelayServer(rules, tmp_path / "new", KEY, workers=1)
+    new.port = old.port
+    try:
+        time.sleep(0.5)
+        os.kill(old.proc.pid, signal.SIGKILL)  # the master alone
+        old.proc.wait(timeout=10)
+        time.sleep(2)  # the orphaned worker has seen its parent go
+
+        new.start(timeout=20)
+
+        assert new.track({"event_name": "sale", "event_id": "after-kill"})["success"] is True
+    finally:
+        sending.clear()
+        client.join(timeout=5)
+        new.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(old.proc.pid, signal.SIGKILL)  # the orphan, if still there
