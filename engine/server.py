@@ -119,7 +119,8 @@ class _Arbiter(Arbiter):  # type: ignore[misc]  # gunicorn ships no type hints
 
 
 class _Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hints
-    """gunicorn's gthread worker, which stops the app's delivery as it leaves its loop.
+    """gunicorn's gthread worker, which stops the app's delivery as it leaves its loop, and
+    closes its listening sockets at once when its master is gone (see set_accept_enabled).
 
     A stopping worker lets its delivery requests in flight finish, which can take longer than
     the master's worker timeout (30 s) with a destination's `timeout` of 25 s or more. The
