@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from destinations.testkit.jsontypes import is_number
 from destinations.testkit.server import Reply, Request
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
@@ -249,12 +250,10 @@ def _event(index: int, event: Any) -> list[dict[str, str]]:
                     continue
                 for key in ("price", "quantity"):
                     number = item.get(key)
-                    if number is not None and (
-                        isinstance(number, bool) or not isinstance(number, int | float)
-                    ):
+                    if number is not None and not is_number(number):
                         where = f"{path}.params.items[{i}].{key}"
                         out.append(_msg(where, f"{key} must be a number", "VALUE_INVALID"))
-    if "value" in params and not isinstance(params["value"], int | float):
+    if "value" in params and not is_number(params["value"]):
         out.append(_msg(f"{path}.params.value", "value must be a number", "VALUE_INVALID"))
     if "value" in params and "currency" not in params:
         out.append(_msg(f"{path}.params.currency", "currency is required", "VALUE_REQUIRED"))

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+from destinations.testkit.jsontypes import is_integer, is_number
 from destinations.testkit.server import Emulator, Reply, Request
 
 Fault = Literal["throttle", "transient", "auth", "permission", "server_error"]
@@ -253,7 +254,7 @@ def _custom_data_problem(custom_data: object) -> str | None:
     if not isinstance(custom_data, dict):
         return "custom_data must be an object"
     value = custom_data.get("value")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+    if value is not None and not is_number(value):
         return "custom_data.value must be a number"
     currency = custom_data.get("currency")
     if currency is not None and not (isinstance(currency, str) and _CURRENCY.fullmatch(currency)):
@@ -266,9 +267,9 @@ def _custom_data_problem(custom_data: object) -> str | None:
         return "custom_data.contents must be a list of objects with an id"
     for content in contents or []:
         quantity, price = content.get("quantity"), content.get("item_price")
-        if quantity is not None and (isinstance(quantity, bool) or not isinstance(quantity, int)):
+        if quantity is not None and not is_integer(quantity):
             return "custom_data.contents[].quantity must be an integer"
-        if price is not None and (isinstance(price, bool) or not isinstance(price, int | float)):
+        if price is not None and not is_number(price):
             return "custom_data.contents[].item_price must be a number"
     ids = custom_data.get("content_ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
@@ -285,7 +286,7 @@ def _processing_options_problem(event: dict[str, Any]) -> str | None:
     country = event.get("data_processing_options_country")
     state = event.get("data_processing_options_state")
     for key, value in (("country", country), ("state", state)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is not None and not is_integer(value):
             return f"data_processing_options_{key} must be an integer"
     if country is not None and state is None:
         return "data_processing_options_country needs data_processing_options_state"

@@ -29,6 +29,7 @@ import itertools
 import re
 from typing import Any, Literal
 
+from destinations.testkit.jsontypes import is_integer, is_number
 from destinations.testkit.server import Emulator, Reply, Request
 
 Fault = Literal["throttle", "transient", "auth", "server_error"]
@@ -168,7 +169,7 @@ def _properties_problem(properties: object) -> str | None:
     if not isinstance(properties, dict):
         return "properties: must be an object."
     value = properties.get("value")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+    if value is not None and not is_number(value):
         return "properties.value: must be a number."
     currency = properties.get("currency")
     if currency is not None and not (
@@ -184,9 +185,9 @@ def _properties_problem(properties: object) -> str | None:
         return "properties.contents: each an object, its content_id (optional) a string."
     for content in contents or []:
         quantity, price = content.get("quantity"), content.get("price")
-        if quantity is not None and (isinstance(quantity, bool) or not isinstance(quantity, int)):
+        if quantity is not None and not is_integer(quantity):
             return "properties.contents[].quantity: must be an integer."
-        if price is not None and (isinstance(price, bool) or not isinstance(price, int | float)):
+        if price is not None and not is_number(price):
             return "properties.contents[].price: must be a number."
     if properties.get("content_type", "product") not in ("product", "product_group"):
         return "properties.content_type: must be product or product_group."
