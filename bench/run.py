@@ -252,9 +252,10 @@ def bench_engine(plan: Plan, workdir: Path) -> dict[str, Any]:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its direct children (gunicorn's workers)."""
-    total = 0.0
+def _cpu_by_process(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of a process and of each of its direct children (gunicorn's
+    workers), by PID."""
+    found: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -264,8 +265,16 @@ def _cpu_seconds(pid: int) -> float:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
         if int(entry.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / _TICK
-    return total
+            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _TICK
+    return found
+
+
+def _busiest_share(pid: int, before: dict[int, float], after: dict[int, float]) -> float:
+    """The busiest worker's share of the workers' CPU between two readings (1.0: one worker
+    did everything, 1/workers: an even spread)."""
+    spent = [after[p] - before.get(p, 0.0) for p in after if p != pid]
+    total = sum(spent)
+    return max(spent) / total if total > 0 else 0.0
 
 
 def _free_port() -> int:
@@ -479,18 +488,22 @@ def bench_http(
                 run_load(spec(target, plan.http_warmup, f"w{target}"), tool)
             measured: dict[str, list[LoadResult]] = {t: [] for t in targets}
             server_cpu: dict[str, list[float]] = {t: [] for t in targets}
+            busiest: dict[str, list[float]] = {t: [] for t in targets}
             for r in range(plan.http_rounds):
                 for target in targets:
                     pid = setups[target][0].proc.pid
-                    cpu_before = _cpu_seconds(pid)
+                    cpu_before = _cpu_by_process(pid)
                     result = run_load(spec(target, plan.http_seconds, f"r{r}{target}"), tool)
-                    cpu = (_cpu_seconds(pid) - cpu_before) / max(result.requests, 1)
+                    cpu_after = _cpu_by_process(pid)
+                    spent = sum(cpu_after.values()) - sum(cpu_before.values())
+                    cpu = spent / max(result.requests, 1)
                     measured[target].append(result)
                     server_cpu[target].append(cpu)
+                    busiest[target].append(_busiest_share(pid, cpu_before, cpu_after))
                     _progress(
                         f"  round {r + 1}/{plan.http_rounds} {target:5s} "
                         f"{result.rps:9.1f} req/s  {cpu * 1e6:8.0f} server CPU us/req  "
-                        f"bad={result.bad}"
+                        f"busiest worker {busiest[target][-1]:4.0%}  bad={result.bad}"
                     )
         stored = _count_stored(workdir / "data" / "tagrelay.db")
         floor_stored = _count_stored(workdir / "floor.db")
@@ -507,7 +520,11 @@ def bench_http(
             "p50_ms": statistics.median(r.p50_ms or 0.0 for r in results),
             "p99_ms": statistics.median(r.p99_ms or 0.0 for r in results),
             "bad": sum(r.bad for r in results),
-            "rounds": [asdict(r) | {"rps": r.rps} for r in results],
+            "busiest_worker_share": max(busiest[target]),
+            "rounds": [
+                asdict(r) | {"rps": r.rps, "busiest_worker_share": b}
+                for r, b in zip(results, busiest[target], strict=True)
+            ],
         }
 
     bare_s, floor_s = summary("bare", 1), summary("floor", 1)
@@ -636,7 +653,7 @@ def report(results: dict[str, Any]) -> str:
             f"({s['load_generator']}), median of {s['rounds']} x {s['seconds_per_round']:g} s",
             f"deliveries: {s['deliveries']}",
             f"  {'endpoint':34s} {'req/s':>9s} {'events/s':>10s} {'p50 ms':>8s} "
-            f"{'p99 ms':>8s} {'CPU us/req':>10s} {'bad':>5s}",
+            f"{'p99 ms':>8s} {'CPU us/req':>10s} {'bad':>5s} {'busiest':>8s}",
         ]
         for label, key in (
             ("bare Flask POST (JSON parse only)", "bare"),
@@ -648,7 +665,8 @@ def report(results: dict[str, Any]) -> str:
             lines.append(
                 f"  {label:34s} {_fmt(row['req_per_s']):>9s} {_fmt(row['events_per_s']):>10s} "
                 f"{row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
-                f"{_fmt(row['server_cpu_us_per_req']):>10s} {row['bad']:5d}"
+                f"{_fmt(row['server_cpu_us_per_req']):>10s} {row['bad']:5d} "
+                f"{row['busiest_worker_share']:8.0%}"
             )
         lines += [
             f"  {'ratio':34s} {'throughput':>10s} {'by CPU':>8s}",
@@ -665,6 +683,8 @@ def report(results: dict[str, Any]) -> str:
             f"{r['cpu_track_over_floor']:8.2f}   (tagrelay's work over that floor)",
             "  (by CPU: the first server's CPU per request over the second's, per request or per"
             " event)",
+            "  (busiest: the largest share of the server's requests' CPU that one worker took in"
+            " a round)",
             f"  events in the store after the run: {h['stored_events']} "
             f"(floor: {h['floor_stored_events']})",
             "",

@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
+from engine.server import KEEPALIVE_REQUESTS
 from tests.support.server import LOG_ALL_RULES
 
 pytestmark = pytest.mark.slow
@@ -234,6 +235,28 @@ def test_a_malformed_chunked_body_is_a_json_400_not_a_500(server: Server, chunks
     assert status_line.split()[1] == b"400", answer
     assert json.loads(body)["success"] is False
     assert "unexpected error" not in server.output()
+
+
+def test_a_keep_alive_connection_is_closed_after_its_hundredth_request(server: Server) -> None:
+    # The client then reconnects, and may land on another worker: long-lived connections from
+    # a proxy do not all stay on the worker that first accepted them.
+    answers: list[tuple[int, str | None]] = []
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        for _ in range(KEEPALIVE_REQUESTS):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status = int(stream.readline().split()[1])
+            headers = {}
+            while (line := stream.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                headers[name.strip().lower()] = value.strip()
+            stream.read(int(headers["content-length"]))
+            answers.append((status, headers.get("connection")))
+        after = stream.read()  # the server closed its end: end of file, not another answer
+
+    assert answers[:-1] == [(200, "keep-alive")] * (KEEPALIVE_REQUESTS - 1)
+    assert answers[-1] == (200, "close")
+    assert after == b""
 
 
 def test_the_server_refuses_to_start_on_an_invalid_container(tmp_path: Path) -> None:
