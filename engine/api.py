@@ -14,6 +14,7 @@ import math
 import re
 import time
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
@@ -28,6 +29,7 @@ from engine.errors import (
     PayloadTooLarge,
     RequestError,
     StoreError,
+    Unauthorized,
     UnsupportedMediaType,
 )
 from engine.pipeline import Pipeline
@@ -262,17 +264,23 @@ def read_body(cache: bool) -> bytes:
         raise BadRequest("the body ended before its end") from exc
 
 
-def _authenticated_body() -> bytes:
-    settings = _settings()
-    length = request.content_length
-    if length is not None and length > settings.max_body_bytes:
-        raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
+def _credentials() -> tuple[dict[str, str], Mapping[str, str]]:
+    """The request's authentication headers, and its query arguments (where ``api_key`` may
+    be)."""
     environ = request.environ
     headers = {
         name: value for name, key in _AUTH_HEADERS if (value := environ.get(key)) is not None
     }
     # No query string (the usual case) means no api_key: skip parsing one.
-    args = request.args if environ.get("QUERY_STRING") else _NO_ARGS
+    return headers, request.args if environ.get("QUERY_STRING") else _NO_ARGS
+
+
+def _authenticated_body() -> bytes:
+    settings = _settings()
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
+    headers, args = _credentials()
     presented = presented_key(headers, args)
     if presented and any(
         hmac.compare_digest(presented.encode(), pk.key.encode()) for pk in settings.publishable_keys
@@ -390,6 +398,26 @@ def healthz() -> tuple[Response, int]:
     return json_response({"status": "ok"}), 200
 
 
+_REFUSED_RELOAD = (
+    "the last change to the rules was refused; the server's log says why, and so does this "
+    "answer to a request with a server key"
+)
+
+
+def _holds_server_key() -> bool:
+    """Whether the request carries a valid server key (and its signature, if the key needs one;
+    here of an empty body)."""
+    settings = _settings()
+    headers, args = _credentials()
+    try:
+        authenticate(
+            headers, args, b"", settings.server_keys, time.time(), settings.signature_window
+        )
+    except Unauthorized:
+        return False
+    return True
+
+
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
     """Readiness: the store answers and rules are loaded."""
@@ -405,7 +433,11 @@ def readyz() -> tuple[Response, int]:
     container = holder.container
     checks["rules"] = {"tags": len(container.tags), "fingerprint": container.fingerprint[:12]}
     if holder.last_error:
-        checks["rules"]["reload_error"] = holder.last_error
+        # The problems name rule files, lines and environment variables: said to a server
+        # key's holder; a load balancer (or anyone) learns only that a change was refused.
+        checks["rules"]["reload_error"] = (
+            holder.last_error if _holds_server_key() else _REFUSED_RELOAD
+        )
     return json_response({"status": "ready" if ready else "not ready", "checks": checks}), (
         200 if ready else 503
     )

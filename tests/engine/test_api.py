@@ -699,10 +699,17 @@ def test_readyz_reports_a_refused_reload_but_stays_ready(
     os.utime(file, (stat.st_atime + 5, stat.st_mtime + 5))
     holder.maybe_reload()
 
-    body = client.get("/readyz").get_json()
+    body = client.get("/readyz", headers={"Authorization": f"Bearer {KEY}"}).get_json()
+    public = client.get("/readyz").get_json()
+    wrong = client.get("/readyz", headers={"Authorization": "Bearer sk_not_a_key"}).get_json()
 
     assert body["status"] == "ready"
     assert "unknown trigger 'purchse'" in body["checks"]["rules"]["reload_error"]
+    # Without a server key, that a change was refused, not the rule files' contents.
+    for answer in (public, wrong):
+        assert answer["status"] == "ready"
+        assert answer["checks"]["rules"]["reload_error"].startswith("the last change to the rules")
+        assert "purchse" not in json.dumps(answer) and "rules.yaml" not in json.dumps(answer)
 
 
 def test_a_rules_file_that_crashes_the_compiler_on_reload_fails_no_request(
@@ -717,7 +724,7 @@ def test_a_rules_file_that_crashes_the_compiler_on_reload_fails_no_request(
     time.sleep(0.01)
 
     statuses = [post(client, "/v1/track", {"event_name": "lead"}).status_code for _ in range(3)]
-    ready = client.get("/readyz")
+    ready = client.get("/readyz", query_string={"api_key": KEY})
 
     assert statuses == [200, 200, 200]
     assert ready.status_code == 200
