@@ -231,8 +231,28 @@ def enrich(event: dict[str, Any], identity: Identity, granted: frozenset[str]) -
         own = {name for name in _REMEMBERED_SET if context.get(name)}
         own.update(_url_clicks(context.get("page_url")))
         clicks = {_CLICK_OF.get(name, name) for name in own}
+        # A click in the referrer (the landing page, for an event sent from the page after
+        # it) is newer than the remembered one of its platform too, and is remembered in its
+        # place by this event: it, not the old click, replaces the remembered one here.
+        # (Where nothing of its platform is remembered, it is not copied, as documented.)
+        referred = {
+            name: value
+            for name, value in click_ids_in_url(context.get("referrer")).items()
+            if _CLICK_OF.get(name, name) not in clicks
+        }
+        newer = {_CLICK_OF.get(name, name) for name in referred}
+        replaced: set[str] = set()
         for name, (value, _first_seen) in identity.values.items():
-            if not context.get(name) and _CLICK_OF.get(name, name) not in clicks:
+            platform = _CLICK_OF.get(name, name)
+            if context.get(name) or platform in clicks:
+                continue
+            if platform in newer:
+                replaced.add(platform)
+                continue
+            context[name] = value
+            added.append(f"context.{name}")
+        for name, value in referred.items():
+            if _CLICK_OF.get(name, name) in replaced and not context.get(name):
                 context[name] = value
                 added.append(f"context.{name}")
     personal = (("user_agent", identity.user_agent), ("ip", identity.ip))

@@ -421,6 +421,34 @@ def test_a_server_events_referrer_click_is_remembered_after_its_page_urls(
     assert (sale["gclid"], sale["ttclid"]) == ("Gc-ref", "tt-page")
 
 
+def test_a_server_events_referrer_click_is_sent_in_place_of_the_remembered_older_one(
+    app: Flask, client: FlaskClient
+) -> None:
+    # The lead's backend sends the landing page of a new ad click as the referrer. That click
+    # is remembered as the newest, but the lead itself was enriched with the old one.
+    old = {"page_url": f"{ORIGIN}/?gclid=Gc-old&fbclid=Fb-old&ttclid=tt-old"}
+    track(
+        client,
+        {"event_name": "page_view", "event_id": "p-old", "visitor_id": "v_rn",
+         "consent": ALL_GRANTED, "context": old},
+    )  # fmt: skip
+    track(
+        client,
+        {"event_name": "lead", "event_id": "l-rn", "visitor_id": "v_rn",
+         "consent": ALL_GRANTED,
+         "context": {"page_url": f"{ORIGIN}/contact",
+                     "referrer": f"{ORIGIN}/landing?gbraid=Gb-new&fbclid=Fb-new&msclkid=ms-1"}},
+    )  # fmt: skip
+
+    lead = stored(app, "l-rn")
+    context = lead["context"]
+    assert context["gbraid"] == "Gb-new" and "gclid" not in context  # Google Ads: the new click
+    assert context["fbclid"] == "Fb-new" and "fbc" not in context  # Meta: fbc from the new one
+    assert context["ttclid"] == "tt-old"  # no newer TikTok click: the remembered one
+    assert "msclkid" not in context  # nothing of it was remembered: not copied, as before
+    assert {"context.gbraid", "context.fbclid"} <= set(lead["enriched"])
+
+
 def test_identify_links_a_user_id_so_a_backend_event_by_user_finds_the_clicks(
     app: Flask, client: FlaskClient
 ) -> None:
