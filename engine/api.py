@@ -59,6 +59,9 @@ _COMPRESSIONS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress"
 _READABLE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
+MAX_COMPRESSIONS = 2  # compressions listed in one Content-Encoding
+
+
 def decode_body(body: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
     """``body`` decompressed as its ``Content-Encoding`` says (gzip or deflate, applied in the
     order listed), at most ``max_bytes`` once decompressed.
@@ -67,7 +70,8 @@ def decode_body(body: bytes, content_encoding: str | None, max_bytes: int) -> by
     body is read as sent.
 
     Raises:
-        UnsupportedMediaType: a compression that is not read here (br, zstd, compress).
+        UnsupportedMediaType: a compression that is not read here (br, zstd, compress), or
+            more than MAX_COMPRESSIONS of them.
         PayloadTooLarge: the body is over ``max_bytes`` once decompressed.
         BadRequest: the body is not what its coding says.
     """
@@ -78,6 +82,13 @@ def decode_body(body: bytes, content_encoding: str | None, max_bytes: int) -> by
         raise UnsupportedMediaType(
             f"Content-Encoding {unread[0][:20]} is not supported: send the body compressed "
             "with gzip or deflate, or uncompressed"
+        )
+    if len(applied) > MAX_COMPRESSIONS:
+        # Each layer may inflate to max_bytes: a header listing gzip a thousand times cost
+        # most of a second of CPU per request. Clients compress once.
+        raise UnsupportedMediaType(
+            f"Content-Encoding lists {len(applied)} compressions; at most {MAX_COMPRESSIONS} "
+            "are read: send the body compressed once"
         )
     for coding in reversed(applied):
         body = _inflate(body, coding, max_bytes)

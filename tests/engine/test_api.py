@@ -322,6 +322,31 @@ def test_a_body_that_is_not_what_its_coding_says_is_refused_and_not_read(
     assert db("SELECT count(*) FROM events") == [(0,)]
 
 
+def test_more_compressions_than_clients_apply_are_refused_before_any_is_read(
+    client: FlaskClient, db: Callable[[str], list[tuple[Any, ...]]]
+) -> None:
+    # Each layer may inflate to the 1 MB limit: a thousand cost most of a second per request.
+    data = ONE
+    for _ in range(3):
+        data = gzip.compress(data)
+
+    response = post(client, "/v1/track", data, headers={"Content-Encoding": "gzip, gzip, gzip"})
+    twice = post(
+        client,
+        "/v1/track",
+        gzip.compress(gzip.compress(ONE)),
+        headers={"Content-Encoding": "gzip, gzip"},
+    )
+
+    assert_error(
+        response,
+        415,
+        "Content-Encoding lists 3 compressions; at most 2 are read: send the body compressed once",
+    )
+    assert twice.status_code == 200
+    assert db("SELECT count(*) FROM events") == [(1,)]
+
+
 @pytest.mark.parametrize("coding", ["identity", "utf-8"])
 def test_a_content_encoding_that_compresses_nothing_is_read_as_sent(
     client: FlaskClient, coding: str
