@@ -52,6 +52,7 @@ _FAILED = frozenset({Outcome.RETRYABLE, Outcome.AUTH})
 MISSING_DESTINATION_RETRY = 60.0
 STORE_SLACK = 10.0
 """Seconds of a lease kept for the store and the scheduler, beyond its requests' own time."""
+RENEW_TRIES = 3  # renewals of one lease before a request, while each is slower than STORE_SLACK
 MAX_THREADS = 4096
 """The delivery pool's bound, only against runaway settings: what bounds the threads is each
 destination's ``concurrency`` (the batches in flight, queued included, that :meth:`tick` allows
@@ -408,13 +409,22 @@ class DeliveryWorker:
         """The part of ``batch`` still leased to this batch, its lease renewed for ``seconds``."""
         holder = self._holder()
         held = {d.id for d, _ in batch}
-        while held:
+        for _ in range(RENEW_TRIES):
             asked = time.time()
             held = set(self.store.renew(sorted(held), holder, seconds, asked))
             # Renewed from when it was asked for: a wait for the store's write lock longer than
             # the slack kept for it leaves the request too little of the lease; renewed again.
-            if time.time() - asked <= STORE_SLACK:
+            if not held or time.time() - asked <= STORE_SLACK:
                 break
+        else:
+            # Every write waits longer than the slack: no request could be sure of its lease.
+            # Nothing is sent; the leases run out and the items are leased again later (giving
+            # them back would be one more write that slow).
+            log.warning(
+                "the store is too slow to renew a lease; the batch waits for its lease to end",
+                extra={"destination": dest.name, "count": len(held)},
+            )
+            return []
         kept = [pair for pair in batch if pair[0].id in held]
         if len(kept) < len(batch):
             log.warning(

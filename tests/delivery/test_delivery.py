@@ -1794,6 +1794,40 @@ def test_a_renewal_the_store_was_slow_to_grant_is_renewed_again_before_the_reque
     assert [s[0] for s in h.statuses()] == ["delivered", "delivered"]
 
 
+def test_a_store_too_slow_to_renew_a_lease_stops_the_batch_without_sending(
+    tmp_path: Path, plugins: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every renewal slower than the slack renewed again, without end: the batch stalled for as
+    # long as the store stayed that slow.
+    monkeypatch.setattr(DeliveryWorker, "_lease_seconds", lambda self, timeout: 3.0)
+    monkeypatch.setattr(delivery, "STORE_SLACK", 0.2)
+    sent: list[Request] = []
+
+    def platform(request: Request) -> Reply:
+        sent.append(request)
+        return Reply.json({"ok": True})
+
+    with LoopbackServer(platform) as server:
+        h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
+        h.accept_sales(2)
+        renew = h.store.renew
+        renewals = [0]
+
+        def slowly(*args: Any) -> list[int]:
+            renewals[0] += 1
+            time.sleep(0.3)
+            return renew(*args)
+
+        monkeypatch.setattr(h.store, "renew", slowly)
+        h.worker.tick(wait=True)
+
+    assert len(sent) == 1  # the first request, on the lease as granted
+    assert renewals[0] == delivery.RENEW_TRIES  # before the second: tried, then given up
+    assert [s[:2] for s in h.statuses()] == [("delivered", 1), ("leased", 0)]  # no attempt
+    later = [d.id for d in h.store.lease("api", 10, 60, "other", time.time() + 10)]
+    assert len(later) == 1  # once its lease has run out, the item is leased again
+
+
 def test_a_batch_that_starts_once_the_worker_is_stopping_leases_and_sends_nothing(
     tmp_path: Path, sink: Any
 ) -> None:
