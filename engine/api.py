@@ -440,6 +440,12 @@ def readyz() -> tuple[Response, int]:
     except StoreError:
         checks["store"] = "unreachable"
         ready = False
+    space = _pipeline().space
+    if space.reserve_bytes > 0:
+        # Below the reserve intake refuses events: a load balancer sends them elsewhere.
+        low = space.low
+        checks["disk"] = "below the reserve (TAGRELAY_MIN_FREE_MB): intake refused" if low else "ok"
+        ready = ready and not low
     holder = _pipeline().rules
     container = holder.container
     checks["rules"] = {"tags": len(container.tags), "fingerprint": container.fingerprint[:12]}

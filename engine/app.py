@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from engine import api, collect, metrics
 from engine.config import Settings, ensure_server_key, load_settings
-from engine.errors import RequestError, StoreError
+from engine.errors import DiskLow, RequestError, StoreError
 from engine.pipeline import Pipeline, Privacy, RulesHolder, load_rules
 from engine.ratelimit import RateLimiter
 from engine.store.base import Store
@@ -56,7 +56,9 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     app.json.sort_keys = False  # type: ignore[attr-defined]  # flask's DefaultJSONProvider has it
     app.extensions["tagrelay.settings"] = settings
-    app.extensions["tagrelay.pipeline"] = Pipeline(store, rules, privacy)
+    app.extensions["tagrelay.pipeline"] = Pipeline(
+        store, rules, privacy, reserve_bytes=settings.min_free_mb * 2**20
+    )
     app.extensions["tagrelay.ratelimit"] = RateLimiter(store, settings.rate_limit)
     app.register_blueprint(api.bp)
     app.register_blueprint(collect.bp)
@@ -67,8 +69,12 @@ def create_app(
 
     @app.errorhandler(StoreError)
     def store_error(exc: StoreError) -> tuple[Response, int]:
-        log.error("store unavailable; request refused", extra={"error": str(exc)[:200]})
         metrics.inc(metrics.REJECTED_REQUESTS, ("503",))
+        if isinstance(exc, DiskLow):  # logged by the pipeline, once a minute
+            response = jsonify({"success": False, "error": str(exc)})
+            response.headers["Retry-After"] = "30"
+            return response, 503
+        log.error("store unavailable; request refused", extra={"error": str(exc)[:200]})
         response = jsonify({"success": False, "error": "the event store is unavailable; retry"})
         response.headers["Retry-After"] = "5"
         return response, 503

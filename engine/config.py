@@ -94,6 +94,7 @@ class Settings:
     # Page URL query and fragment fields redacted at intake whatever they hold (engine.urlprivacy).
     redact_query_params: frozenset[str] = frozenset()
     retention_days: int = 395  # events and identities older than this are purged; 0: never
+    min_free_mb: int = 64  # intake refused (503) below this much free disk at the store; 0: off
     extra: Mapping[str, Any] = field(default_factory=dict)
     # How each setting that was given was named (config key -> "--data-dir", ...), for messages.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -468,6 +469,7 @@ _SETTINGS: dict[str, tuple[str, Parser, bool]] = {
     "trusted_proxies": ("trusted_proxies", _whole(0), True),
     "ip_storage": ("ip_storage", _choice("consent", "truncate", "drop", "keep"), True),
     "retention_days": ("retention_days", _whole(0, MAX_DAYS), True),
+    "min_free_mb": ("min_free_mb", _whole(0), True),
     "click_id_window_days": ("click_id_window", _days_in_seconds, True),
     "redact_query_params": ("redact_query_params", _query_params, True),
     "cookie_name": ("cookie_name", _cookie_name, True),

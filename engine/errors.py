@@ -37,6 +37,11 @@ class StoreError(TagrelayError):
     """The store could not be reached or written. Nothing was committed; a retry is safe."""
 
 
+class DiskLow(StoreError):
+    """Intake refused: the store's file system has less free space than its reserve
+    (``TAGRELAY_MIN_FREE_MB``). Nothing was written; delivery goes on in the reserve."""
+
+
 class UnstorablePayload(StoreError):
     """A payload (a plugin's ``build_payload`` result) that JSON cannot carry: nothing of the
     call was written. :meth:`engine.pipeline.Pipeline.accept` then leaves that tag unfired and

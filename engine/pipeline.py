@@ -20,7 +20,7 @@ from prometheus_client import Counter
 
 from engine import event as events
 from engine import gate, identity, metrics
-from engine.errors import BadRequest, RulesError, UnstorablePayload
+from engine.errors import BadRequest, DiskLow, RulesError, UnstorablePayload
 from engine.rules import Container, compile_container
 from engine.rules.model import without_unstorable
 from engine.rules.source import rule_files
@@ -161,6 +161,57 @@ def enrich_from_store(
     return identity.enrich(event, found, granted) if found else []
 
 
+class FreeSpace:
+    """Intake's reserve of free disk at the store: below it, events are refused (503) before
+    anything is written, and the space left is kept for what must still be written (delivery
+    outcomes, retention's deletes, checkpoints). A full disk fails intake too, but also every
+    delivery outcome, and a delivered item whose outcome cannot be recorded is sent again.
+
+    The store is asked at most every ``interval`` seconds; a store that cannot tell is taken
+    to have room.
+    """
+
+    def __init__(self, store: Store, reserve_bytes: int, interval: float = 1.0) -> None:
+        self.store = store
+        self.reserve_bytes = reserve_bytes
+        self.interval = interval
+        self._checked = -interval
+        self._free: int | None = None
+        self._logged = -60.0
+
+    def free(self) -> int | None:
+        """Bytes free at the store (as of at most ``interval`` seconds ago), None if unknown."""
+        now = time.monotonic()
+        if now - self._checked >= self.interval:
+            self._checked = now
+            self._free = self.store.free_bytes()
+        return self._free
+
+    @property
+    def low(self) -> bool:
+        """Whether the store has less free space than the reserve."""
+        free = self.free() if self.reserve_bytes > 0 else None
+        return free is not None and free < self.reserve_bytes
+
+    def check(self) -> None:
+        """Raises:
+        DiskLow: the store has less free space than the reserve.
+        """
+        if not self.low:
+            return
+        now = time.monotonic()
+        if now - self._logged >= 60.0:  # once a minute, not once a request
+            self._logged = now
+            log.error(
+                "intake refused: the store's disk is below its reserve",
+                extra={
+                    "free_mb": (self._free or 0) // 2**20,
+                    "min_free_mb": self.reserve_bytes // 2**20,
+                },
+            )
+        raise DiskLow("the server's disk is nearly full: nothing was accepted; retry later")
+
+
 class Pipeline:
     """Accepts events: the one path every intake endpoint goes through.
 
@@ -168,10 +219,18 @@ class Pipeline:
     transaction (dedup, event, deliveries, identity update).
     """
 
-    def __init__(self, store: Store, rules: RulesHolder, privacy: Privacy | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        rules: RulesHolder,
+        privacy: Privacy | None = None,
+        reserve_bytes: int = 0,
+    ) -> None:
+        """``reserve_bytes``: free disk at the store below which intake is refused (0: none)."""
         self.store = store
         self.rules = rules
         self.privacy = privacy or Privacy()
+        self.space = FreeSpace(store, reserve_bytes)
 
     def enrich(self, event: dict[str, Any], now: datetime, granted: frozenset[str]) -> list[str]:
         """Add what the store remembers about the event's visitor or user, as its consent
@@ -203,8 +262,10 @@ class Pipeline:
         """Accept a list of raw events; one outcome per event, in order.
 
         Raises:
-            StoreError: the store could not commit; nothing of this call was accepted.
+            StoreError: the store could not commit, or (DiskLow) its disk is below the reserve;
+                nothing of this call was accepted.
         """
+        self.space.check()
         now = now or datetime.now(UTC)
         container = self.rules.container
         outcomes: list[Outcome | None] = []

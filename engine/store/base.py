@@ -333,5 +333,10 @@ class Store(abc.ABC):
     def purge_expired(self, now: float) -> int:
         """Drop dedup keys past their window, in bounded steps; returns how many."""
 
+    def free_bytes(self) -> int | None:
+        """Bytes free to the store where it writes (its file system), or None when it cannot
+        tell; intake stops below a reserve (``TAGRELAY_MIN_FREE_MB``)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release connections."""

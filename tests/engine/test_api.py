@@ -533,6 +533,60 @@ def test_the_store_being_down_gets_503_with_retry_after(
     assert metrics.REJECTED_REQUESTS.labels("503")._value.get() == before + 1
 
 
+def test_intake_stops_below_the_disk_reserve_and_readiness_says_so(
+    tmp_path: Path,
+    write_rules: Callable[..., Path],
+    db: Callable[[str], list[tuple[Any, ...]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A full disk fails delivery's outcomes too, and a delivered item whose outcome cannot be
+    # recorded is sent again: intake stops first, leaving the rest to delivery.
+    container = write_rules(RULES)
+    settings = Settings(
+        rules=container,
+        data_dir=tmp_path / "data",
+        server_keys=(ServerKey(KEY),),
+        deliver=False,
+        min_free_mb=64,
+    )
+    app = create_app(settings, rules=load_rules(container, interval=0))
+    client = app.test_client()
+    pipeline = app.extensions["tagrelay.pipeline"]
+    pipeline.space.interval = 0  # asked on every request here
+    free = [10 * 2**20]
+    pipeline.store.free_bytes = lambda: free[0]
+
+    with caplog.at_level("ERROR"):
+        one = post(client, "/v1/track", {"event_name": "x", "event_id": "low-1"})
+        many = post(client, "/v1/track/batch", {"events": [{"event_name": "x"}]})
+    ready = client.get("/readyz")
+
+    for refused in (one, many):
+        assert_error(
+            refused, 503, "the server's disk is nearly full: nothing was accepted; retry later"
+        )
+        assert refused.headers["Retry-After"] == "30"
+    assert ready.status_code == 503
+    assert ready.get_json()["checks"]["disk"].startswith("below the reserve")
+    assert db("SELECT count(*) FROM events") == [(0,)]
+    refusals = [r for r in caplog.records if "below its reserve" in r.getMessage()]
+    assert len(refusals) == 1  # once a minute, not once a request
+    assert (refusals[0].free_mb, refusals[0].min_free_mb) == (10, 64)
+
+    free[0] = 2**30  # room again
+    assert post(client, "/v1/track", {"event_name": "x", "event_id": "low-1"}).status_code == 200
+    assert client.get("/readyz").get_json()["checks"]["disk"] == "ok"
+
+
+def test_no_disk_reserve_means_no_check(app: Flask, client: FlaskClient) -> None:
+    pipeline = app.extensions["tagrelay.pipeline"]
+    pipeline.space.reserve_bytes = 0
+    pipeline.store.free_bytes = lambda: 0
+
+    assert post(client, "/v1/track", {"event_name": "x"}).status_code == 200
+    assert "disk" not in client.get("/readyz").get_json()["checks"]
+
+
 # -- /v1/track/batch --------------------------------------------------------------------------
 
 

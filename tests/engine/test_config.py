@@ -62,6 +62,7 @@ def config_file(tmp_path: Path, text: str) -> dict[str, str]:
         ("TAGRELAY_RETENTION_DAYS", "-1", "must be a whole number from 0 to 36500"),
         ("TAGRELAY_RETENTION_DAYS", "9" * 40, "must be a whole number from 0 to 36500"),
         ("TAGRELAY_TRUSTED_PROXIES", "-2", "must be a whole number, at least 0"),
+        ("TAGRELAY_MIN_FREE_MB", "64MB", "must be a whole number, at least 0"),
         ("TAGRELAY_CLICK_ID_WINDOW_DAYS", "nan", "must be a number of days from 0 to 36500"),
         ("TAGRELAY_CLICK_ID_WINDOW_DAYS", "-1", "must be a number of days from 0 to 36500"),
         ("TAGRELAY_CLICK_ID_WINDOW_DAYS", "1e400", "must be a number of days from 0 to 36500"),
@@ -141,6 +142,7 @@ def test_good_values_are_read_as_before() -> None:
             "TAGRELAY_PUBLISHABLE_KEYS": "pk_1=https://a.example/|https://b.example,pk_2=*",
             "TAGRELAY_DB": "/srv/store.db",
             "TAGRELAY_COOKIE_DOMAIN": "",
+            "TAGRELAY_MIN_FREE_MB": "512",
         }
     )
 
@@ -153,6 +155,7 @@ def test_good_values_are_read_as_before() -> None:
     )
     assert settings.database_path == Path("/srv/store.db")
     assert settings.cookie_domain is None
+    assert settings.min_free_mb == 512
 
 
 def test_publishable_origins_are_read_as_browsers_send_them() -> None:

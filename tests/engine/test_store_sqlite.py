@@ -1569,3 +1569,15 @@ def test_events_since_reads_a_page_at_a_time_and_only_what_was_accepted_before(
     assert len(pages) == 3 + 3  # 7 events, 3 a page: each iteration read three pages
     read = plans(db_path, [s for s in statements if "FROM events" in s])
     assert not [(q, steps) for q, steps in read if "SCAN events" in steps]  # each by an index
+
+
+def test_free_bytes_is_what_the_files_file_system_leaves_free(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    stat = os.statvfs(tmp_path)
+    try:
+        free = store.free_bytes()
+        assert free is not None
+        assert abs(free - stat.f_bavail * stat.f_frsize) < 64 * 2**20  # give or take other writers
+        assert SQLiteStore(":memory:").free_bytes() is None  # no file system to ask
+    finally:
+        store.close()

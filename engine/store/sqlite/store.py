@@ -67,3 +67,14 @@ class SQLiteStore(_Intake, _Outbox, _Visitors, _Erasure, Store):
     def ping(self) -> None:
         """See :meth:`Store.ping`."""
         self._read("SELECT 1")
+
+    def free_bytes(self) -> int | None:
+        """See :meth:`Store.free_bytes`: what the file system holding the file leaves to an
+        unprivileged process."""
+        if self.path == ":memory:":
+            return None
+        try:
+            stat = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return None
+        return stat.f_bavail * stat.f_frsize
