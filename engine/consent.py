@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -358,17 +359,49 @@ _PERSON_NAMES = frozenset(
 )
 _NAME_PUNCTUATION = str.maketrans("", "", "_-.")
 
+# Click IDs inside a longer name (``last_gclid``, Microsoft's ``_uetmsclkid`` cookie), compared
+# without punctuation; the short ones (``fbc``, ``ttp``, ``epik``) only as whole names.
+_CLICK_ID_ENDINGS = tuple(
+    sorted({n.translate(_NAME_PUNCTUATION) for n in _CLICK_ID_NAMES if len(n) >= 5})
+)
+# The platforms' cookies under their cookie names, without their leading "_" and punctuation
+# (``_gcl_aw``, ``_gcl_dc``... and analytics.js's ``_gac_<property>`` hold the gclid; Reddit's,
+# Snap's, Pinterest's and Microsoft's visitor cookies), and mobile advertising IDs.
+_AD_COOKIE_PREFIXES = ("gcl",)
+_AD_COOKIES = frozenset({"rdtuuid", "scid", "pinunauth", "uetvid", "uetsid"})
+_ADVERTISING_IDS = frozenset({"idfa", "idfv", "gaid", "aaid", "madid", "advertisingid"})
+# A raw IP under a name other than the canonical ``context.ip`` (which is truncated instead):
+# ``client_ip``, ``clientIP``, ``ip_v6``, ``X-Real-IP``, a copied ``x_forwarded_for``,
+# ``forwarded``, ``remote_addr``. Read by words, so that ``shipping`` or ``vip`` are not IPs.
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+_IP_WORDS = frozenset({"ip", "ipv", "ips", "forwarded"})
 
-def _identifies(name: object) -> bool:
+
+def _identifies(name: object, depth: int = 0) -> bool:
     """Whether a ``context`` field of this name identifies a person: a click ID or platform
-    cookie in any spelling, a person's ID, an address of any kind (``billing_address``,
-    ``ip_address``), or personal data by its name (as ``tagrelay check`` reads names)."""
+    cookie in any spelling (``gclid``, ``_fbp``, ``_gcl_aw``), a mobile advertising ID, an IP
+    address under any name but the top-level ``ip`` (which is truncated instead), a person's
+    ID, an address of any kind (``billing_address``, ``ip_address``), or personal data by its
+    name (as ``tagrelay check`` reads names). ``depth``: 0 for the fields of ``context``."""
     if not isinstance(name, str):
         return False
     lowered = name.lower()
-    if lowered in _CLICK_ID_NAMES:
+    if lowered == "ip":
+        return depth > 0
+    unprefixed = lowered.lstrip("_")
+    if lowered in _CLICK_ID_NAMES or unprefixed in _CLICK_ID_NAMES:
         return True
     bare = lowered.translate(_NAME_PUNCTUATION)
+    if (
+        bare.endswith(_CLICK_ID_ENDINGS)
+        or bare.startswith(_AD_COOKIE_PREFIXES)
+        or (lowered.startswith("_gac") and bare.startswith("gac"))
+        or bare in _AD_COOKIES
+        or bare in _ADVERTISING_IDS
+        or bare.endswith("addr")
+        or any(word.lower() in _IP_WORDS for word in _WORDS.findall(name))
+    ):
+        return True
     return bare in _PERSON_NAMES or bare.endswith("address") or cleartext.kind_of(name) is not None
 
 
@@ -381,7 +414,7 @@ def _without_identifying_fields(value: Any, depth: int = 0) -> Any:
         return {
             k: _without_identifying_fields(v, depth + 1)
             for k, v in value.items()
-            if not _identifies(k)
+            if not _identifies(k, depth)
         }
     if isinstance(value, list):
         return [_without_identifying_fields(v, depth + 1) for v in value]

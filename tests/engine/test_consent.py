@@ -180,6 +180,53 @@ def test_stripping_removes_context_fields_named_like_a_person_or_personal_data()
     }
 
 
+def test_stripping_removes_ad_cookies_ips_and_advertising_ids_under_other_names() -> None:
+    # These reached an analytics-only webhook payload as sent: the platforms' cookies under
+    # their cookie names (`_fbp` holds what `fbp` holds; `_gcl_aw` and `_gac_*` the gclid), a
+    # raw IP under a name other than `ip`, and mobile advertising IDs.
+    context = {
+        "ip": "203.0.113.7",
+        "_fbp": "fb.1.1.123",
+        "_FBC": "fb.1.1.f1",
+        "_ttp": "t1",
+        "_gcl_aw": "GCL.1.g1",
+        "gcl_dc": "GCL.1.g2",
+        "_gac_UA-1-1": "1.1.g1",
+        "_uetmsclkid": "_uet-m1",
+        "_rdt_uuid": "1.2",
+        "client_ip": "203.0.113.8",
+        "clientIP": "203.0.113.9",
+        "ip_v6": "2001:db8::1",
+        "x_forwarded_for": "203.0.113.10, 10.0.0.1",
+        "X-Real-IP": "203.0.113.11",
+        "remote_addr": "203.0.113.12",
+        "forwarded": "for=203.0.113.13",
+        "idfa": "6D92078A-8246-4BA4-AE5B-76104861E7DC",
+        "gaid": "38400000-8cf0-11bd-b23e-10b96e40000d",
+        "advertisingId": "a1",
+        "device": {"ip": "203.0.113.14", "type": "mobile"},
+        "user_agent": "UA",
+        "ga_client_id": "1.2",
+        "_ga": "GA1.1.1.2",
+        "description": "spring sale",
+        "shipping_method": "express",
+        "vip": True,
+    }
+
+    stripped = strip_identifiers({"context": context})
+
+    assert stripped["context"] == {
+        "ip": "203.0.113.0",
+        "device": {"type": "mobile"},
+        "user_agent": "UA",
+        "ga_client_id": "1.2",
+        "_ga": "GA1.1.1.2",  # GA's client ID, which analytics needs, as ga_client_id
+        "description": "spring sale",
+        "shipping_method": "express",
+        "vip": True,
+    }
+
+
 def test_stripping_does_not_change_the_stored_event() -> None:
     before = repr(FULL_EVENT)
 
