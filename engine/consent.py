@@ -264,6 +264,8 @@ def decide(
         anon_missing = sorted(requirement.anonymous - granted)
         if not anon_missing:
             return Decision(Verdict.ANONYMOUS, f"forwarded without identifiers: denied {why}")
+        # Both ways were shut: say why the copy without identifiers was not sent either.
+        why += f"; without identifiers: {denied(anon_missing)}"
     return Decision(Verdict.BLOCKED, f"consent denied: {why}")
 
 

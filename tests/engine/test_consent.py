@@ -457,7 +457,10 @@ def test_the_three_outcomes_through_compiled_rules(
     assert "gclid" not in anon.payload["context"]
 
     assert not nothing["ads"].fired and not nothing["analytics"].fired
-    assert nothing["analytics"].reason == "consent denied: ad_storage"
+    # Why neither way was open: the full copy, then the copy without identifiers.
+    assert nothing["analytics"].reason == (
+        "consent denied: ad_storage; without identifiers: analytics_storage"
+    )
 
 
 def test_an_anonymous_only_tag_strips_identifiers_and_needs_its_purposes(
