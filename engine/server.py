@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ GRACEFUL_TIMEOUT = int(2 * (CONNECT_TIMEOUT + MAX_TIMEOUT) + 5)  # 75 s
 # throughput of two workers, in one round of three). The client reconnects, and an idle worker is
 # the likelier to accept, so the load spreads over the workers within a few hundred requests.
 KEEPALIVE_REQUESTS = 100
+HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats (the master waits 30 s)
 
 # What a unix socket's path may hold (sun_path: 108 bytes with its terminating NUL on Linux,
 # 104 on the BSDs and macOS).
@@ -136,6 +138,20 @@ class _Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hin
     held, their requests then sent again. gunicorn closes the worker's heartbeat file before
     its ``worker_exit`` hook runs, so delivery stops here, beating, while the file is open.
     """
+
+    _beaten = float("-inf")  # when notify last told the master this worker is alive
+
+    def notify(self) -> None:
+        """gunicorn's heartbeat, at most once a second.
+
+        gthread beats on every pass of its event loop, a system call (``utime`` of the
+        heartbeat file) per request or more; the master only looks for a worker silent for its
+        timeout (30 s).
+        """
+        now = time.monotonic()
+        if now - self._beaten >= HEARTBEAT_INTERVAL:
+            self._beaten = now
+            super().notify()
 
     def set_accept_enabled(self, enabled: bool) -> None:
         """gthread's, and once the master is gone (``kill -9``), the listening sockets closed.

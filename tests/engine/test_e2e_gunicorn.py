@@ -259,6 +259,26 @@ def test_a_keep_alive_connection_is_closed_after_its_hundredth_request(server: S
     assert after == b""
 
 
+def test_a_worker_tells_the_master_it_is_alive_at_most_once_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # gthread beat on every pass of its loop: a utime() system call per request or more.
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from engine import server as serving
+
+    beats: list[float] = []
+    monkeypatch.setattr(ThreadWorker, "notify", lambda self: beats.append(time.monotonic()))
+    worker = object.__new__(serving._Worker)
+
+    for _ in range(1000):
+        worker.notify()
+    assert len(beats) == 1
+    monkeypatch.setattr(serving, "HEARTBEAT_INTERVAL", 0.0)  # as if a second had passed
+    worker.notify()
+    assert len(beats) == 2
+
+
 def test_the_server_refuses_to_start_on_an_invalid_container(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.replace("trigger: all", "trigger: al"))
