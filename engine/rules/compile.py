@@ -119,6 +119,9 @@ class _Compiler:
     tests: list[_Entry] = field(default_factory=list)
     _variables: dict[str, Variable] = field(default_factory=dict)
     _resolving: list[str] = field(default_factory=list)
+    # Triggers with a condition that did not compile (reported there): what is left of them
+    # says nothing of which events they take.
+    _broken_triggers: set[str] = field(default_factory=set)
 
     def error(self, where: Position, message: str) -> None:
         self.problems.append(Problem(where, message))
@@ -528,6 +531,7 @@ class _Compiler:
                     where = entry.at(kind, i) if isinstance(raw, list) else entry.at(kind)
                     found = self.parsed(source, where, f"trigger {name} {kind}")
                     if found is None:
+                        self._broken_triggers.add(name)
                         continue
                     conds[kind].append(Condition(source, found.get))
                     self._check_reachable(name, kind, source, found, names, where)
@@ -672,7 +676,7 @@ class _Compiler:
             else:
                 takes |= trig.events
         for exc in excs:
-            if exc.when or exc.unless:
+            if exc.when or exc.unless or exc.name in self._broken_triggers:
                 continue
             # An exception of any event name blocks everything; one of some names blocks a
             # tag whose triggers take only those names.
@@ -865,6 +869,8 @@ class _Compiler:
             names = frozenset().union(*(t.events or () for t in triggers))
             # An exception without conditions blocks every event it names.
             for exc in exceptions:
+                if exc.name in self._broken_triggers:
+                    continue
                 if exc.events is not None and not exc.when and not exc.unless:
                     names -= exc.events
             if not names:
