@@ -207,6 +207,11 @@ class Destination:
     """Kind of personal data (``"email"``, ``"phone"``, ``"first_name"``, ``"last_name"``,
     ``"date_of_birth"``, ``"street"``) -> the hashed target it belongs in, named in messages."""
 
+    mapping_fields: ClassVar[frozenset[str] | None] = None
+    """The top-level mapping targets the adapter takes (the first name of a dotted target), or
+    None when it takes any. When set, ``tagrelay check`` reports a tag that maps another one as
+    an error at that target: :meth:`build_payload` would refuse every event of the tag."""
+
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings: Mapping[str, Any] = dict(settings)
 

@@ -223,6 +223,8 @@ class GA4(Destination):
         "user_data.address.country": "user_data.country",
     }
 
+    mapping_fields = TOP_LEVEL_FIELDS
+
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)
         self._default_country: Any = self.settings.get("default_country")  # read once

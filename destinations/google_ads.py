@@ -233,6 +233,8 @@ class GoogleAds(Destination):
         "userAgent": "context.user_agent",
     }
 
+    mapping_fields = _KNOWN_FIELDS
+
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)
         # Read once: build_payload runs for every event.

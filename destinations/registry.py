@@ -52,6 +52,15 @@ def check_contract(name: str, cls: object) -> type[Destination]:
                 f"destination plugin {name!r}: {attribute} must be a set of names, such as "
                 f"{example}"
             )
+    fields = cls.mapping_fields
+    if fields is not None and (
+        isinstance(fields, str)
+        or not (isinstance(fields, Collection) and all(isinstance(n, str) for n in fields))
+    ):
+        raise PluginError(
+            f"destination plugin {name!r}: mapping_fields must be None or a set of names, such "
+            "as frozenset({'event_name', 'custom_data'})"
+        )
     homes = cls.personal_homes
     if not (
         isinstance(homes, Mapping)

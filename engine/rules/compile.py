@@ -739,10 +739,23 @@ class _Compiler:
         )
         fields = list(defaults)
         removals: list[tuple[str, Position]] = []
+        known = dest.adapter.mapping_fields
         for target, source in overrides.items():
             where = entry.at("mapping", target)
             if target_problem(target) is not None:
                 continue  # reported by _mapping_getters
+            root = target.split(".", 1)[0]
+            removal = source is None or (isinstance(source, dict) and source.get("value") is None)
+            if known is not None and root not in known and not removal:
+                # The adapter refuses every payload with it: the tag would never fire.
+                close = difflib.get_close_matches(root, sorted(known), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self.error(
+                    where,
+                    f"tag {tag} mapping {target}: {dest.type} takes no field {root!r}{hint}, so "
+                    f"the tag would never fire; its fields: {', '.join(sorted(known))}",
+                )
+                continue
             if source is None or (isinstance(source, dict) and source.get("value") is None):
                 # {value: null} sends nothing as null does: the same removal, checked the same.
                 removals.append((target, where))

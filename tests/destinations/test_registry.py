@@ -111,6 +111,11 @@ def _plugin(**attrs: Any) -> type[Destination]:
             {"hashed_fields": "user_data.em"},
             "hashed_fields must be a set of names, such as frozenset({'user_data.em'})",
         ),
+        (
+            {"mapping_fields": "params"},
+            "mapping_fields must be None or a set of names, such as "
+            "frozenset({'event_name', 'custom_data'})",
+        ),
         # Targets a tag's mapping may not have: keys named "" and "c[0]" went out, and a
         # number crashed `tagrelay check` with a traceback.
         (
