@@ -50,7 +50,7 @@ from engine.rules.model import (
     Tag,
     Trigger,
 )
-from engine.rules.schema import RULES_SCHEMA, VARIABLE_NAME_PATTERN
+from engine.rules.schema import DURATION_PATTERN, RULES_SCHEMA, VARIABLE_NAME_PATTERN
 from engine.rules.source import (
     Document,
     Position,
@@ -1167,6 +1167,12 @@ def _schema_message(
         keys = sorted(schema.get("properties", {}))
         need = f": write at least one of {', '.join(keys)}" if keys else ""
         return f"{prefix}must not be empty{need}"
+    if err.validator == "pattern" and schema.get("pattern") == DURATION_PATTERN:
+        # jsonschema's words quote the regular expression.
+        return (
+            f"{prefix}{err.instance!r} is not a duration: write seconds, unquoted (90, 0.5), "
+            "or a number with a unit: 500ms, 30s, 10m, 48h, 7d"
+        )
     if err.validator == "pattern" and schema.get("pattern") == VARIABLE_NAME_PATTERN:
         usable = re.sub(r"\W", "_", str(err.instance))
         return (

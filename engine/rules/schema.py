@@ -25,9 +25,10 @@ _ANONYMOUS_PURPOSES = {
     "minItems": 1,
     "description": "purposes that, if granted, allow a copy without identifiers (at least one)",
 }
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)\s*$"
 _DURATION = {
     "oneOf": [
-        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)\s*$"},
+        {"type": "string", "pattern": DURATION_PATTERN},
         {"type": "number", "minimum": 0},
     ],
     "description": "seconds, or a number with a unit: 500ms, 30s, 10m, 48h, 7d",
