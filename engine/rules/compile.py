@@ -756,7 +756,7 @@ class _Compiler:
                     f"the tag would never fire; its fields: {', '.join(sorted(known))}",
                 )
                 continue
-            if source is None or (isinstance(source, dict) and source.get("value") is None):
+            if removal:
                 # {value: null} sends nothing as null does: the same removal, checked the same.
                 removals.append((target, where))
             elif isinstance(source, dict):
