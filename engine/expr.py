@@ -201,6 +201,31 @@ def check_functions(tree: dict[str, Any], source: str) -> None:
             raise ExpressionError(f"{name}(){where} takes {count} {noun}, not {given}")
 
 
+_ORDERING = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
+_NUMBER_TEXT = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*")
+
+
+def check_comparisons(tree: dict[str, Any]) -> None:
+    """Raise ExpressionError for an ordering comparison with a number written as text.
+
+    ``$value > '0'`` compares text: with a number it is null (never true), with text it goes
+    letter by letter (``'10' < '9'``). A number is written in backticks: ``$value > `0```.
+    Other text stays comparable (ISO dates and times order as text).
+    """
+    for node in _walk(tree):
+        if node["type"] != "comparator" or node["value"] not in _ORDERING:
+            continue
+        for child in node["children"]:
+            value = child.get("value") if child.get("type") == "literal" else None
+            if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value):
+                number = value.strip()
+                raise ExpressionError(
+                    f"{_ORDERING[node['value']]} with {value!r} compares text, not numbers: a "
+                    f"number is never greater or smaller than text, and as text '10' < '9'; "
+                    f"write the number in backticks: `{number}`"
+                )
+
+
 def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield node
     for child in node.get("children", ()):
