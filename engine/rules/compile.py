@@ -122,6 +122,9 @@ class _Compiler:
     # Triggers with a condition that did not compile (reported there): what is left of them
     # says nothing of which events they take.
     _broken_triggers: set[str] = field(default_factory=set)
+    # Lookup tables by variable: what they look up (as written), their keys, whether they
+    # have a default (for a tag event_name that a table names: see _check_event_name_table).
+    _lookups: dict[str, tuple[str, frozenset[str], bool]] = field(default_factory=dict)
 
     def error(self, where: Position, message: str) -> None:
         self.problems.append(Problem(where, message))
@@ -297,6 +300,7 @@ class _Compiler:
                 default, depth = result[0], max(depth, result[1])
         if failed:
             return None
+        self._lookups[name] = (str(value["lookup"]).strip(), frozenset(table), "default" in value)
         # A key written as a number in another form than Python writes it (3.50, 1e3) names
         # the number an event sends (3.5, 1000): looked up by that form too, unless the
         # table names it itself. Codes with leading zeros (007, 01234) stay text.
@@ -626,6 +630,7 @@ class _Compiler:
                     if raw_name.startswith("$")
                     else constant(raw_name)
                 )
+                self._check_event_name_table(name, entry, trigs, excs)  # its variable compiled
             dedup = None
             if "dedup_key" in spec:
                 dedup = self.expression(
@@ -862,6 +867,58 @@ class _Compiler:
         except PayloadError as exc:
             self.error(where, f"tag {tag} mapping {exc}")
 
+    def _taken_names(
+        self, triggers: Sequence[Trigger], exceptions: Sequence[Trigger]
+    ) -> frozenset[str] | None:
+        """The event names a tag's triggers take, less those an exception without conditions
+        blocks; None when a trigger takes any name (``'*'``) or there are no triggers."""
+        if not triggers or any(t.events is None for t in triggers):
+            return None
+        names = frozenset().union(*(t.events or () for t in triggers))
+        for exc in exceptions:
+            if exc.name in self._broken_triggers:
+                continue
+            if exc.events is not None and not exc.when and not exc.unless:
+                names -= exc.events
+        return names
+
+    def _check_event_name_table(
+        self,
+        tag: str,
+        entry: _Entry,
+        triggers: Sequence[Trigger],
+        exceptions: Sequence[Trigger],
+    ) -> None:
+        """A tag whose ``event_name`` is a lookup table of the event's name, without a default:
+        an event whose name the table lacks gets no platform name, and the tag does not fire
+        for it (``the event_name mapping gave no name``)."""
+        raw = entry.value.get("event_name")
+        if not isinstance(raw, str) or not raw.startswith("$"):
+            return
+        found = self._lookups.get(raw[1:].strip())
+        if found is None or found[0] != "event_name" or found[2]:
+            return
+        names = self._taken_names(triggers, exceptions)
+        keys = found[1]
+        missing = sorted(names - keys) if names else []
+        if not missing:
+            return
+        named = ", ".join(missing)
+        table = ", ".join(sorted(keys)) or "nothing"
+        if len(missing) == len(names or ()):
+            self.error(
+                entry.at("event_name"),
+                f"tag {tag} can never fire: event_name {raw} has no name for {named} (its table "
+                f"names {table}, with no default)",
+            )
+        else:
+            self.warn(
+                entry.at("event_name"),
+                f"tag {tag} does not fire for {named}: event_name {raw} has no name for it "
+                f"(its table names {table}, with no default); add it to the table, or a "
+                "default",
+            )
+
     def _adapter_warnings(
         self,
         tag: str,
@@ -878,15 +935,9 @@ class _Compiler:
         names: frozenset[str] | None = None
         if isinstance(raw_name, str):
             names = None if raw_name.startswith("$") else frozenset({raw_name})
-        elif triggers and all(t.events is not None for t in triggers):
-            names = frozenset().union(*(t.events or () for t in triggers))
-            # An exception without conditions blocks every event it names.
-            for exc in exceptions:
-                if exc.name in self._broken_triggers:
-                    continue
-                if exc.events is not None and not exc.when and not exc.unless:
-                    names -= exc.events
-            if not names:
+        else:
+            names = self._taken_names(triggers, exceptions)
+            if names is not None and not names:
                 return
         try:
             found = dict(dest.adapter.mapping_warnings(names, targets) or {})
