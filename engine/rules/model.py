@@ -182,9 +182,10 @@ class Tag:
         try:
             payload = adapter.build_payload(mapped, ctx)
         except PayloadError as exc:
-            return Decision(
-                self.name, dest, False, f"invalid payload: {exc}", decision.reason, anonymous
-            )
+            # Stored with the event and shown by preview: a plugin's message may quote its
+            # settings, as a check_item reason may (redacted the same way there).
+            reason = f"invalid payload: {adapter.redact_text(str(exc))}"
+            return Decision(self.name, dest, False, reason, decision.reason, anonymous)
         except Exception as exc:  # noqa: BLE001 - an adapter's bug must not fail the event
             reason = (
                 f"invalid payload: {adapter.name or destination.type} failed: {type(exc).__name__}"

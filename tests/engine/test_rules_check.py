@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from destinations import registry
-from destinations.base import Destination
+from destinations.base import Destination, PayloadError
 from engine.cli import main
 from engine.event import normalize
 from engine.rules import compile_container
@@ -427,6 +427,36 @@ def test_a_plugin_that_rejects_its_settings_never_gets_them_quoted(
     shown = "\n".join(map(str, problems))
     assert "rejected its settings" in shown
     assert "8471" not in shown and "abcdef" not in shown
+
+
+def test_a_plugins_payload_error_never_quotes_its_secret_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reason is stored with the event and shown by preview; check_item's was redacted.
+    class Quoting(Destination):
+        name = "quoting"
+        secret_settings = frozenset({"token"})
+        settings_schema = {"type": "object", "properties": {"token": {}}}
+
+        def build_payload(self, mapped: dict[str, Any], ctx: Any) -> dict[str, Any]:
+            raise PayloadError(f"refused with token {self.settings['token']}")
+
+    monkeypatch.setattr(registry, "registry", lambda: {"quoting": Quoting})
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "destinations:\n  q: {type: quoting, token: tok_84712345}\n"
+        "triggers:\n  all: {event: '*'}\n"
+        "tags:\n  - {name: t, trigger: all, destination: q}\n"
+    )
+    container, _ = compile_container(rules, {})
+    assert container is not None
+
+    (decision,) = container.evaluate(
+        normalize({"event_name": "x"}, datetime.now(UTC)), now=datetime.now(UTC)
+    )
+
+    assert not decision.fired
+    assert decision.reason == "invalid payload: refused with token [REDACTED]"
 
 
 def test_a_plugin_that_exits_in_its_constructor_is_a_check_error(
