@@ -129,6 +129,15 @@ def registry() -> Mapping[str, type[Destination]]:
     return found
 
 
+def built_in() -> Mapping[str, type[Destination]]:
+    """The destinations tagrelay ships (``destinations.*``), without the installed plugins."""
+    return {
+        name: cls
+        for name, cls in registry().items()
+        if cls.__module__.partition(".")[0] == __name__.partition(".")[0]
+    }
+
+
 def get(type_name: str) -> type[Destination] | None:
     """The destination class registered as ``type_name``, or None."""
     return registry().get(type_name)

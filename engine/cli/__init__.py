@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print or write the rule-file JSON Schema")
     schema.add_argument("-o", "--output", default="-")
+    schema.add_argument(
+        "--built-in",
+        action="store_true",
+        help="only the destinations tagrelay ships, not the plugins installed here",
+    )
     schema.set_defaults(func=cmd_schema)
     return parser
 

@@ -9,11 +9,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from destinations import registry
 from engine.cli.common import command_settings, err, existing_store, load_container, out
 from engine.config import load_setting
 from engine.errors import BadRequest
 from engine.rules import compile_container
-from engine.rules.schema import RULES_SCHEMA
+from engine.rules.schema import editor_schema
 
 
 def _rules_path(args: argparse.Namespace) -> Path:
@@ -129,8 +130,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    """Write the rule-file JSON Schema (for editors)."""
-    text = json.dumps(RULES_SCHEMA, indent=2) + "\n"
+    """Write the rule-file JSON Schema (for editors), with the installed adapters' settings."""
+    adapters = registry.built_in() if args.built_in else registry.registry()
+    text = json.dumps(editor_schema(adapters), indent=2) + "\n"
     if args.output == "-":
         sys.stdout.write(text)
         return 0

@@ -8,9 +8,14 @@ what a schema cannot: names that refer to each other, expressions, adapter setti
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from engine.event import CONSENT_PURPOSES
+
+if TYPE_CHECKING:
+    from destinations.base import Destination
 
 _NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_.-]*$"}
 # A variable is referred to as $name, which ends at the first character that is not one of these.
@@ -212,3 +217,49 @@ RULES_SCHEMA: dict[str, Any] = {
 }
 for _section in ("settings", "destinations", "variables", "triggers", "tags", "tests"):
     RULES_SCHEMA["properties"][_section] = _may_be_empty(RULES_SCHEMA["properties"][_section])
+
+
+# A setting's value may be written as an environment reference whatever its type (`${PORT}`,
+# `${FLAG:-true}`): `tagrelay check` validates the value it stands for.
+_ENV_REFERENCE = {"type": "string", "pattern": r"\$\{"}
+
+
+def editor_schema(adapters: Mapping[str, type[Destination]]) -> dict[str, Any]:
+    """:data:`RULES_SCHEMA` with each adapter's settings under the destinations of its type,
+    for editors: the known types offered, each setting's description on hover, a misspelt or
+    missing setting flagged where the adapter's schema says so.
+
+    Editor help only: ``tagrelay check`` validates with :data:`RULES_SCHEMA` and then each
+    adapter's own schema, once ``${...}`` references are read. So a setting here also takes an
+    environment reference, as check does, and an unknown type is still any text (a plugin
+    the editor's schema was written without).
+    """
+    schema = copy.deepcopy(RULES_SCHEMA)
+    entry = schema["properties"]["destinations"]["additionalProperties"]
+    common = entry["properties"]
+    common["type"] = {
+        "description": "the destination adapter",
+        "anyOf": [{"enum": sorted(adapters)}, {"type": "string"}],
+    }
+    by_type = []
+    for name, adapter in sorted(adapters.items()):
+        settings = adapter.settings_schema if isinstance(adapter.settings_schema, dict) else {}
+        own = settings.get("properties")
+        properties: dict[str, Any] = {key: {} for key in common}  # described above
+        for key, rule in (own if isinstance(own, dict) else {}).items():
+            if key in common or not isinstance(rule, dict):
+                continue
+            properties[key] = {"anyOf": [rule, _ENV_REFERENCE]}
+            if isinstance(rule.get("description"), str):
+                properties[key]["description"] = rule["description"]
+        then: dict[str, Any] = {"properties": properties}
+        if isinstance(settings.get("required"), list):
+            then["required"] = list(settings["required"])
+        if settings.get("additionalProperties") is False:
+            then["additionalProperties"] = False
+        by_type.append(
+            {"if": {"properties": {"type": {"const": name}}, "required": ["type"]}, "then": then}
+        )
+    if by_type:
+        entry["allOf"] = by_type
+    return schema

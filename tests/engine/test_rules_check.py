@@ -21,14 +21,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 
 from destinations import registry
 from destinations.base import Destination, PayloadError
 from engine.cli import main
 from engine.event import normalize
 from engine.rules import compile_container
-from engine.rules.source import Problem
+from engine.rules.schema import editor_schema
+from engine.rules.source import Problem, rule_files
 from engine.rules.testing import run_tests
 from engine.store.base import Decision
 
@@ -87,6 +90,50 @@ def read_expectations(container: Path) -> tuple[list[Expected], list[str]]:
 
 def fixtures(kind: str) -> list[Path]:
     return sorted(p for p in (RULES / kind).iterdir() if not p.name.startswith("."))
+
+
+ROOT = RULES.parents[1]
+EDITOR_SCHEMA = editor_schema(registry.built_in())
+
+
+@pytest.mark.parametrize(
+    "container",
+    [*fixtures("valid"), ROOT / "rules", ROOT / "examples" / "ecommerce"],
+    ids=lambda p: p.name,
+)
+def test_the_editor_schema_flags_nothing_check_accepts(container: Path) -> None:
+    # An editor that marks a line check takes would teach marketers to ignore its marks.
+    validator = jsonschema.Draft202012Validator(EDITOR_SCHEMA)
+    for path in rule_files(container):
+        for document in yaml.safe_load_all(path.read_text(encoding="utf-8-sig")):
+            if document is None:
+                continue
+            problems = [e.message for e in validator.iter_errors(document)]
+            assert not problems, f"{path.name}: {problems}"
+
+
+def test_the_editor_schema_knows_each_destinations_settings() -> None:
+    validator = jsonschema.Draft202012Validator(EDITOR_SCHEMA)
+
+    def flags(destination: dict[str, Any]) -> bool:
+        return any(validator.iter_errors({"destinations": {"d": destination}}))
+
+    meta = {"type": "meta_capi", "pixel_id": "123", "access_token": "${META_TOKEN}"}
+    assert not flags(meta)
+    assert flags({**meta, "acess_token": "x"})  # misspelt: the adapter takes no such setting
+    assert flags({"type": "meta_capi", "access_token": "x"})  # its pixel_id is missing
+    ga4 = {"type": "ga4", "measurement_id": "G-ABC123", "api_secret": "s"}
+    assert not flags({**ga4, "validate": True})
+    assert not flags({**ga4, "validate": "${GA4_VALIDATE:-false}"})  # what check reads first
+    assert flags({**ga4, "validate": "yes"})
+    assert not flags({"type": "not_installed_here", "anything": 1})  # a plugin's: any text
+    described = EDITOR_SCHEMA["properties"]["destinations"]["additionalProperties"]
+    meta_then = next(
+        r["then"]
+        for r in described["allOf"]
+        if r["if"]["properties"]["type"]["const"] == "meta_capi"
+    )
+    assert meta_then["properties"]["pixel_id"]["description"] == "The pixel (dataset) ID."
 
 
 @pytest.mark.parametrize("container", fixtures("invalid"), ids=lambda p: p.name)
