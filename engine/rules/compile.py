@@ -1217,6 +1217,8 @@ def _schema_message(
     if err.validator == "minProperties" and err.validator_value == 1:
         keys = sorted(schema.get("properties", {}))
         need = f": write at least one of {', '.join(keys)}" if keys else ""
+        if tuple(err.absolute_path)[-1:] == ("expect",):
+            need = ": name a tag and what it should do (a test that expects nothing passes always)"
         return f"{prefix}must not be empty{need}"
     if err.validator == "pattern" and schema.get("pattern") == DURATION_PATTERN:
         # jsonschema's words quote the regular expression.

@@ -199,8 +199,10 @@ RULES_SCHEMA: dict[str, Any] = {
                     "event": {"type": "object"},
                     "expect": {
                         "type": "object",
+                        "minProperties": 1,  # a test that expects nothing passes whatever
                         "additionalProperties": {
                             "type": "object",
+                            "minProperties": 1,
                             "additionalProperties": False,
                             "properties": {
                                 "fired": {"type": "boolean"},
