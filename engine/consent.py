@@ -394,9 +394,9 @@ def _identifies(name: object, depth: int = 0) -> bool:
 # as clients choose the names.
 @functools.lru_cache(maxsize=4096)
 def _name_identifies(name: str, nested: bool) -> bool:
-    lowered = name.lower()
-    if lowered == "ip":
+    if name == "ip":  # context.ip, truncated by strip_identifiers; "IP" or "Ip" is not
         return nested
+    lowered = name.lower()
     unprefixed = lowered.lstrip("_")
     if lowered in _CLICK_ID_NAMES or unprefixed in _CLICK_ID_NAMES:
         return True
@@ -408,6 +408,7 @@ def _name_identifies(name: str, nested: bool) -> bool:
         or bare in _AD_COOKIES
         or bare in _ADVERTISING_IDS
         or bare.endswith("addr")
+        or bare in _IP_WORDS  # "IP", "iP": a name of its own, in any case
         or any(word.lower() in _IP_WORDS for word in _WORDS.findall(name))
     ):
         return True

@@ -227,6 +227,14 @@ def test_stripping_removes_ad_cookies_ips_and_advertising_ids_under_other_names(
     }
 
 
+@pytest.mark.parametrize("name", ["IP", "Ip", "iP"])
+def test_stripping_removes_an_ip_under_ip_in_another_case(name: str) -> None:
+    # Only context.ip is truncated: "IP" went out whole, the raw address of the person.
+    stripped = strip_identifiers({"context": {"ip": "203.0.113.7", name: "198.51.100.9"}})
+
+    assert stripped["context"] == {"ip": "203.0.113.0"}
+
+
 def test_stripping_does_not_change_the_stored_event() -> None:
     before = repr(FULL_EVENT)
 
