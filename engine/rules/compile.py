@@ -1220,6 +1220,9 @@ def _schema_message(
         if tuple(err.absolute_path)[-1:] == ("expect",):
             need = ": name a tag and what it should do (a test that expects nothing passes always)"
         return f"{prefix}must not be empty{need}"
+    if err.validator == "minLength" and err.validator_value == 1:
+        # jsonschema's words are "'' should be non-empty".
+        return f"{prefix}must not be empty"
     if err.validator == "pattern" and schema.get("pattern") == DURATION_PATTERN:
         # jsonschema's words quote the regular expression.
         return (

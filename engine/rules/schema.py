@@ -206,7 +206,8 @@ RULES_SCHEMA: dict[str, Any] = {
                             "additionalProperties": False,
                             "properties": {
                                 "fired": {"type": "boolean"},
-                                "reason": {"type": "string"},
+                                # "" is a substring of every reason: it expects nothing.
+                                "reason": {"type": "string", "minLength": 1},
                                 "payload": {"type": "object"},
                                 "anonymous": {"type": "boolean"},
                             },
