@@ -205,25 +205,31 @@ _ORDERING = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
 _NUMBER_TEXT = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*")
 
 
-def check_comparisons(tree: dict[str, Any]) -> None:
-    """Raise ExpressionError for an ordering comparison with a number written as text.
+def numbers_as_text(tree: dict[str, Any]) -> list[str]:
+    """What to say of each ordering comparison with a number written as text.
 
-    ``$value > '0'`` compares text: with a number it is null (never true), with text it goes
-    letter by letter (``'10' < '9'``). A number is written in backticks: ``$value > `0```.
-    Other text stays comparable (ISO dates and times order as text).
+    ``$value > '0'`` compares text: if the field holds a number it is null (never true); if it
+    holds text it goes letter by letter (``'10' < '9'``), which is right for ISO dates or
+    fixed-length codes only. So this is a warning, not an error; the event's ``timestamp``
+    (always ISO 8601 text) is not warned of.
     """
+    said = []
     for node in _walk(tree):
         if node["type"] != "comparator" or node["value"] not in _ORDERING:
             continue
-        for child in node["children"]:
+        children = node["children"]
+        if any(c.get("type") == "field" and c.get("value") == "timestamp" for c in children):
+            continue
+        for child in children:
             value = child.get("value") if child.get("type") == "literal" else None
             if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value):
                 number = value.strip()
-                raise ExpressionError(
-                    f"{_ORDERING[node['value']]} with {value!r} compares text, not numbers: a "
-                    f"number is never greater or smaller than text, and as text '10' < '9'; "
-                    f"write the number in backticks: `{number}`"
+                said.append(
+                    f"{_ORDERING[node['value']]} with {value!r} compares text: if the field "
+                    f"holds a number this is never true (write the number in backticks: "
+                    f"`{number}`); if it holds text, it goes letter by letter ('10' < '9')"
                 )
+    return said
 
 
 def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

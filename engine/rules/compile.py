@@ -35,6 +35,7 @@ from engine.expr import (
     compile_mapping,
     compile_tree,
     constant,
+    numbers_as_text,
     path_of,
     target_problem,
 )
@@ -221,6 +222,8 @@ class _Compiler:
             )
             return None
         self._check_event_fields(source, tree, where, what, constant_hint)
+        for message in numbers_as_text(tree):
+            self.warn(where, f"{what}: {message}")
         return found
 
     def _check_event_fields(

@@ -26,7 +26,6 @@ from engine.expr import (
     VARIABLE,
     ExpressionError,
     Getter,
-    check_comparisons,
     check_functions,
     compile_tree,
     jmespath_message,
@@ -145,7 +144,6 @@ def parse(source: str, variables: Mapping[str, Variable]) -> dict[str, Any]:
         what = f"with the variables it uses, the expression is nested {levels} levels deep"
         raise ExpressionError(_too_deep(what))
     check_functions(rewritten, source)
-    check_comparisons(rewritten)
     return rewritten
 
 
