@@ -66,6 +66,11 @@ class _TokenCache:
     expires_at: float = 0.0
 
 
+class StoreTooSlow(StoreError):
+    """A lease could not be renewed within :data:`STORE_SLACK`, :data:`RENEW_TRIES` times in a
+    row: the batch stops before its next request."""
+
+
 class DeliveryWorker:
     """Delivers the outbox, in a background thread, until :meth:`stop`."""
 
@@ -265,6 +270,8 @@ class DeliveryWorker:
         """One batch; ``probe``: its number from CircuitBreaker.admit when it is the probe."""
         try:
             self._deliver(dest, bool(probe))
+        except StoreTooSlow as exc:
+            log.warning(str(exc), extra={"destination": dest.name})
         except StoreError:
             log.warning("store unavailable during delivery", extra={"destination": dest.name})
         except Exception as exc:
@@ -418,13 +425,11 @@ class DeliveryWorker:
                 break
         else:
             # Every write waits longer than the slack: no request could be sure of its lease.
-            # Nothing is sent; the leases run out and the items are leased again later (giving
-            # them back would be one more write that slow).
-            log.warning(
-                "the store is too slow to renew a lease; the batch waits for its lease to end",
-                extra={"destination": dest.name, "count": len(held)},
+            # The batch stops (its other requests would wait as long); the leases run out and
+            # the items are leased again later (giving them back would be one more slow write).
+            raise StoreTooSlow(
+                "the store is too slow to renew a lease; the batch waits for its lease to end"
             )
-            return []
         kept = [pair for pair in batch if pair[0].id in held]
         if len(kept) < len(batch):
             log.warning(

@@ -1809,7 +1809,7 @@ def test_a_store_too_slow_to_renew_a_lease_stops_the_batch_without_sending(
 
     with LoopbackServer(platform) as server:
         h = Harness(tmp_path, one_by_one_rules(tmp_path, server.url))
-        h.accept_sales(2)
+        h.accept_sales(3)  # three requests: the batch stops before the second
         renew = h.store.renew
         renewals = [0]
 
@@ -1822,10 +1822,11 @@ def test_a_store_too_slow_to_renew_a_lease_stops_the_batch_without_sending(
         h.worker.tick(wait=True)
 
     assert len(sent) == 1  # the first request, on the lease as granted
-    assert renewals[0] == delivery.RENEW_TRIES  # before the second: tried, then given up
-    assert [s[:2] for s in h.statuses()] == [("delivered", 1), ("leased", 0)]  # no attempt
+    # Before the second: tried, then given up, and the third not tried at all.
+    assert renewals[0] == delivery.RENEW_TRIES
+    assert [s[:2] for s in h.statuses()] == [("delivered", 1), ("leased", 0), ("leased", 0)]
     later = [d.id for d in h.store.lease("api", 10, 60, "other", time.time() + 10)]
-    assert len(later) == 1  # once its lease has run out, the item is leased again
+    assert len(later) == 2  # once their lease has run out, the items are leased again
 
 
 def test_a_batch_that_starts_once_the_worker_is_stopping_leases_and_sends_nothing(
