@@ -140,6 +140,21 @@ def test_a_store_outage_answer_carries_cors_so_the_page_can_read_it(
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
 
 
+def test_a_disk_below_its_reserve_answers_collect_with_cors_and_retry_after(
+    app: Flask, client: FlaskClient
+) -> None:
+    pipeline = app.extensions["tagrelay.pipeline"]
+    pipeline.space.interval = 0
+    pipeline.space.reserve_bytes = 64 * 2**20
+    pipeline.store.free_bytes = lambda: 2**20
+
+    response = collect(client, {"event_name": "page_view"})
+
+    assert response.status_code == 503 and response.headers["Retry-After"] == "30"
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert response.headers["Access-Control-Expose-Headers"] == "Retry-After"
+
+
 def test_an_origin_not_allowed_for_the_key_is_refused_without_cors(client: FlaskClient) -> None:
     response = collect(
         client, {"event_name": "page_view"}, headers={"Origin": "https://evil.example"}
