@@ -983,6 +983,14 @@ class _Compiler:
         return out
 
 
+def _consent_word(value: Any) -> str:
+    """A default's value as the consent check reads it: ``granted`` or ``denied``, however the
+    file writes it (``GRANTED``, ``true``), as an event may."""
+    if isinstance(value, bool):
+        return "granted" if value else "denied"
+    return str(value).lower()
+
+
 def _without(get: Getter, path: tuple[str, ...]) -> Getter:
     """``get``, with the value at ``path`` (keys of nested objects) removed from its result."""
 
@@ -1407,7 +1415,10 @@ def compile_container(
         tags=tuple(tags),
         tests=tuple(tests),
         dedup_window=dedup_window,
-        consent_defaults=dict(settings.get("consent_defaults") or {}),
+        consent_defaults={
+            purpose: _consent_word(value)
+            for purpose, value in (settings.get("consent_defaults") or {}).items()
+        },
         fingerprint=digest.hexdigest(),
     )
     return container, problems

@@ -75,7 +75,10 @@ RULES_SCHEMA: dict[str, Any] = {
                 "consent_defaults": {
                     "type": "object",
                     "propertyNames": {"enum": list(CONSENT_PURPOSES)},
-                    "additionalProperties": {"enum": ["granted", "denied"]},
+                    # As an event writes them: Google's Ads API spelling and booleans too.
+                    "additionalProperties": {
+                        "enum": ["granted", "denied", "GRANTED", "DENIED", True, False]
+                    },
                     "description": "what a purpose the event does not mention counts as",
                 },
             },
