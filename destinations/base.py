@@ -257,6 +257,13 @@ class Destination:
         """
         return {}
 
+    def anonymous_warning(self, event_names: Collection[str] | None) -> str | None:
+        """What ``tagrelay check`` warns about a tag of this destination that forwards a copy
+        without identifiers (consent ``anonymous``), when the adapter refuses such copies
+        (:meth:`build_payload` needs what they leave out); None when it takes them, as the
+        default does. ``event_names``: as for :meth:`mapping_warnings`."""
+        return None
+
     # -- delivery -------------------------------------------------------------------------------
 
     def check_item(self, item: Item, ctx: SendContext) -> str | None:

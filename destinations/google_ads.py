@@ -281,6 +281,18 @@ class GoogleAds(Destination):
             if target == _ADDRESS_TARGET or target.startswith(_ADDRESS_TARGET + ".")
         }
 
+    def anonymous_warning(self, event_names: Collection[str] | None) -> str | None:
+        """A copy without identifiers has neither click ID nor hashed e-mail or phone, which a
+        click conversion and an ENHANCEMENT need; a RETRACTION or RESTATEMENT goes out without."""
+        keyed = {"RETRACTION", "RESTATEMENT"}
+        if event_names is not None and all(n.strip().upper() in keyed for n in event_names):
+            return None
+        return (
+            "a copy without identifiers is never sent to Google Ads as a conversion or an "
+            "ENHANCEMENT: both need a click ID or a hashed e-mail or phone, which it leaves out "
+            "(only RETRACTION and RESTATEMENT go out without them)"
+        )
+
     def _conversion(self, mapped: dict[str, Any], ctx: PayloadContext) -> dict[str, Any]:
         if not ADJUSTMENT_ONLY.isdisjoint(mapped):
             misplaced = sorted(set(mapped) & ADJUSTMENT_ONLY)

@@ -870,6 +870,16 @@ class _Compiler:
         except PayloadError as exc:
             self.error(where, f"tag {tag} mapping {exc}")
 
+    def _platform_names(
+        self, entry: _Entry, triggers: Sequence[Trigger], exceptions: Sequence[Trigger]
+    ) -> frozenset[str] | None:
+        """The platform event names a tag can send: its constant ``event_name``, else (none
+        given) the event names its triggers take; None when they cannot be known."""
+        raw_name = entry.value.get("event_name")
+        if isinstance(raw_name, str):
+            return None if raw_name.startswith("$") else frozenset({raw_name})
+        return self._taken_names(triggers, exceptions)
+
     def _taken_names(
         self, triggers: Sequence[Trigger], exceptions: Sequence[Trigger]
     ) -> frozenset[str] | None:
@@ -931,17 +941,27 @@ class _Compiler:
         exceptions: Sequence[Trigger],
     ) -> None:
         """What the tag's adapter says of its mapping (Destination.mapping_warnings), each at the
-        target it names. An adapter's bug, or an answer of another shape, is one warning."""
+        target it names, and of its copies without identifiers (anonymous_warning), at the
+        tag's anonymous purposes. An adapter's bug, or an answer of another shape, is one
+        warning."""
         overrides: dict[str, Any] = entry.value.get("mapping") or {}
         targets = [target for target, source in overrides.items() if source is not None]
-        raw_name = entry.value.get("event_name")
-        names: frozenset[str] | None = None
-        if isinstance(raw_name, str):
-            names = None if raw_name.startswith("$") else frozenset({raw_name})
-        else:
-            names = self._taken_names(triggers, exceptions)
-            if names is not None and not names:
-                return
+        names = self._platform_names(entry, triggers, exceptions)
+        if names is not None and not names:
+            return
+        consent = entry.value.get("consent") or {}
+        if isinstance(consent, dict) and consent.get("anonymous") is not None:
+            try:
+                warning = dest.adapter.anonymous_warning(names)
+                if warning is not None and not isinstance(warning, str):
+                    raise TypeError("anonymous_warning must give text or None")
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the check
+                warning = (
+                    f"the {dest.type} adapter could not check its copies without identifiers: "
+                    f"{type(exc).__name__}"
+                )
+            if warning:
+                self.warn(entry.at("consent", "anonymous"), f"tag {tag}: {warning}")
         try:
             found = dict(dest.adapter.mapping_warnings(names, targets) or {})
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):

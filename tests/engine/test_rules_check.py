@@ -476,6 +476,29 @@ def test_a_plugin_that_rejects_its_settings_never_gets_them_quoted(
     assert "8471" not in shown and "abcdef" not in shown
 
 
+@pytest.mark.parametrize(
+    ("answer", "error"), [(RuntimeError("bug"), "RuntimeError"), (1, "TypeError")]
+)
+def test_an_adapter_whose_anonymous_check_fails_gets_a_warning_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, answer: Any, error: str
+) -> None:
+    def hook(self: Destination, event_names: Any) -> Any:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(registry.registry()["google_ads"], "anonymous_warning", hook)
+    path = RULES / "valid" / "google_ads_tag_without_identifiers.yaml"
+
+    container, problems = compile_container(path, ENV)
+
+    assert container is not None
+    assert [p.message for p in problems] == [
+        f"tag {tag}: the google_ads adapter could not check its copies without identifiers: {error}"
+        for tag in ("sale_anon", "refund_anon")
+    ]
+
+
 def test_a_plugins_payload_error_never_quotes_its_secret_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
