@@ -20,6 +20,7 @@ the class under the ``tagrelay.destinations`` entry-point group; its entry-point
 
 from __future__ import annotations
 
+import difflib
 import enum
 import functools
 import json
@@ -482,6 +483,28 @@ every 5xx is retryable too (:func:`retryable_status`)."""
 def retryable_status(status: int) -> bool:
     """Whether an HTTP status alone makes a failure retryable: 408, 425, 429 or any 5xx."""
     return status in RETRYABLE_STATUSES or status >= 500
+
+
+def misspelt_targets(
+    targets: Sequence[str], documented: Collection[str], platform: str
+) -> dict[str, str]:
+    """For :meth:`Destination.mapping_warnings` of an adapter that passes fields it does not
+    build on as written: each target whose first name the platform does not document but is
+    close to one it does (``customdata``, ``custom-data``), a likely typo. A name far from every
+    documented one is left alone: the platform may have added it since."""
+    found = {}
+    known = sorted(documented)
+    for target in targets:
+        root = target.split(".", 1)[0]
+        if root in documented:
+            continue
+        close = difflib.get_close_matches(root, known, n=1, cutoff=0.8)
+        if close:
+            found[target] = (
+                f"mapping {target}: {platform} documents no field {root!r} (did you mean "
+                f"{close[0]}?); it is sent as written, and {platform} ignores or refuses it"
+            )
+    return found
 
 
 def status_result(response: HttpResponse) -> ItemResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -22,6 +22,7 @@ from destinations.base import (
     PayloadContext,
     PayloadError,
     SendContext,
+    misspelt_targets,
     retry_after_seconds,
     retryable_status,
     status_result,
@@ -69,6 +70,20 @@ _BUILT_FIELDS = frozenset(
     | {"custom_data", "event_id"}
 )
 _CLEAR_USER_FIELDS = frozenset({"client_ip_address", "client_user_agent", "fbc", "fbp"})
+# The server event's top-level fields Meta documents (platforms.md §1), and fbclid, read here.
+_DOCUMENTED_FIELDS = _BUILT_FIELDS | {
+    "opt_out",
+    "referrer_url",
+    "data_processing_options",
+    "data_processing_options_country",
+    "data_processing_options_state",
+    "customer_segmentation",
+    "advertiser_tracking_enabled",
+    "messaging_channel",
+    "original_event_data",
+    "attribution_data",
+    "app_data",
+}
 # An IPv4 address in its canonical dotted form (no leading zeros, octets up to 255), which
 # ``ipaddress`` reads and writes back unchanged.
 _CANONICAL_IPV4 = re.compile(
@@ -201,6 +216,12 @@ class MetaCapi(Destination):
         "custom_data.content_ids": "properties.items[].id",
         "custom_data.content_type": "properties.items[0] && 'product'",
     }
+
+    def mapping_warnings(
+        self, event_names: Collection[str] | None, targets: Sequence[str]
+    ) -> dict[str, str]:
+        """A target passed on as written whose name is close to a documented one: a typo."""
+        return misspelt_targets(targets, _DOCUMENTED_FIELDS, "Meta")
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)

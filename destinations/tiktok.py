@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -17,6 +17,7 @@ from destinations.base import (
     PayloadContext,
     PayloadError,
     SendContext,
+    misspelt_targets,
     retry_after_seconds,
     retryable_status,
     status_result,
@@ -43,6 +44,11 @@ PERSONAL_HOMES = {
 # event_time and event are always the event's own timestamp and the tag's event name.
 _BUILT_FIELDS = frozenset({"event_time", "event", "page", "user", "properties", "event_id"})
 _CLEAR_USER_FIELDS = frozenset({"ttclid", "ttp", "ip", "user_agent", "locale"})
+# An event's top-level fields as TikTok's Events API 2.0 and its SDK write them (platforms.md).
+_DOCUMENTED_FIELDS = frozenset(
+    {"event", "event_time", "event_id", "user", "properties", "page", "app", "ad", "device"}
+    | {"lead", "limited_data_use", "locale"}
+)
 
 
 class TikTok(Destination):
@@ -152,6 +158,12 @@ class TikTok(Destination):
         "page.url": "context.page_url",
         "page.referrer": "context.referrer",
     }
+
+    def mapping_warnings(
+        self, event_names: Collection[str] | None, targets: Sequence[str]
+    ) -> dict[str, str]:
+        """A target passed on as written whose name is close to a documented one: a typo."""
+        return misspelt_targets(targets, _DOCUMENTED_FIELDS, "TikTok")
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)
