@@ -951,26 +951,24 @@ class _Compiler:
             return
         consent = entry.value.get("consent") or {}
         if isinstance(consent, dict) and consent.get("anonymous") is not None:
-            try:
+
+            def anonymous() -> dict[str, str]:
                 warning = dest.adapter.anonymous_warning(names)
                 if warning is not None and not isinstance(warning, str):
                     raise TypeError("anonymous_warning must give text or None")
-            except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the check
-                warning = (
-                    f"the {dest.type} adapter could not check its copies without identifiers: "
-                    f"{type(exc).__name__}"
-                )
-            if warning:
+                return {"": warning} if warning else {}
+
+            said = _asked(dest, anonymous, "its copies without identifiers")
+            for warning in said.values():
                 self.warn(entry.at("consent", "anonymous"), f"tag {tag}: {warning}")
-        try:
+
+        def mapping() -> dict[str, str]:
             found = dict(dest.adapter.mapping_warnings(names, targets) or {})
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
                 raise TypeError("mapping_warnings must give {target: message}")
-        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the check
-            found = {
-                "": f"the {dest.type} adapter could not check the mapping: {type(exc).__name__}"
-            }
-        for target, message in found.items():
+            return found
+
+        for target, message in _asked(dest, mapping, "the mapping").items():
             where = entry.at("mapping", target) if target in overrides else entry.at()
             self.warn(where, f"tag {tag}: {message}")
 
@@ -1001,6 +999,17 @@ class _Compiler:
                 RuleTest(spec["name"], _iso_times(spec["event"]), spec["expect"], entry.at())
             )
         return out
+
+
+def _asked(
+    dest: DestinationInstance, ask: Callable[[], dict[str, str]], what: str
+) -> dict[str, str]:
+    """A plugin hook's warnings (``ask()``); its bug, or an answer of another shape, is one
+    warning (under the key ``""``) instead of a stopped check."""
+    try:
+        return ask()
+    except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the check
+        return {"": f"the {dest.type} adapter could not check {what}: {type(exc).__name__}"}
 
 
 def _consent_word(value: Any) -> str:
