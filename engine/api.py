@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 import zlib
 from collections.abc import Mapping
@@ -259,6 +260,28 @@ _AUTH_HEADERS = tuple(
 _NO_ARGS: dict[str, str] = {}
 
 
+# The gunicorn request this thread is answering, set by the server's ``pre_request`` hook; not
+# set outside gunicorn (the test client, the CLI).
+_answering = threading.local()
+
+
+def answering(req: Any) -> None:
+    """Note the gunicorn request this thread answers next (called by the server)."""
+    _answering.req = req
+
+
+def close_connection() -> None:
+    """Answer with ``Connection: close`` and close the connection after the answer.
+
+    For an answer that leaves bytes of the body unread or unreadable (its framing is broken, or
+    it is over the limit): the client learns the connection is done, and the server does not
+    read a body it refused to find the next request behind it.
+    """
+    req = getattr(_answering, "req", None)
+    if req is not None:
+        req.must_close = True
+
+
 def read_body(cache: bool) -> bytes:
     """The request's body as the client sent it (a chunked one put together by gunicorn).
 
@@ -270,8 +293,10 @@ def read_body(cache: bool) -> bytes:
     # gunicorn reads a chunked body only as the app reads it, and raises its parse errors here:
     # they were answered as the app's own bug, a 500.
     except ParseException as exc:
+        close_connection()
         raise BadRequest("the chunked body is malformed") from exc
     except NoMoreData as exc:
+        close_connection()
         raise BadRequest("the body ended before its end") from exc
 
 
@@ -463,6 +488,8 @@ def readyz() -> tuple[Response, int]:
 def error_response(exc: RequestError) -> tuple[Response, int]:
     """The JSON answer for a request error."""
     metrics.inc(metrics.REJECTED_REQUESTS, (str(exc.status),))
+    if exc.status == 413:
+        close_connection()
     response = json_response({"success": False, "error": str(exc)})
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)

@@ -87,6 +87,8 @@ def create_app(
             405: "method not allowed",
             413: f"the body is over {settings.max_body_bytes} bytes",
         }.get(status, exc.description or exc.name)
+        if status == 413:  # a chunked body over the limit, cut off while being read
+            api.close_connection()
         return jsonify({"success": False, "error": message}), status
 
     @app.errorhandler(Exception)

@@ -24,6 +24,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.workers.gthread import ThreadWorker
 
 from engine import logs, metrics
+from engine.api import answering
 from engine.app import create_app
 from engine.config import CONTROL_SOCKET, Settings
 from engine.delivery import DeliveryWorker
@@ -208,6 +209,7 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
                 multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
         def pre_request(_worker: Any, req: Any) -> None:
+            answering(req)
             if req.req_number >= KEEPALIVE_REQUESTS:  # the connection's nth request
                 req.must_close = True
 

@@ -210,6 +210,35 @@ def test_errors_over_http_are_json(server: Server) -> None:
     }
 
 
+def read_answer(stream: Any) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP answer from a socket's file: its status, headers (lower-cased) and body."""
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, stream.read(int(headers["content-length"]))
+
+
+def exchange(server: Server, request: bytes) -> tuple[int, dict[str, str], bytes, bytes]:
+    """Send raw bytes on a keep-alive connection: the answer's status, headers and body, and
+    what the server sent after it before closing (``b""``: it closed right after the answer).
+
+    Fails (socket timeout) if the server keeps the connection open.
+    """
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        stream = sock.makefile("rb")
+        return *read_answer(stream), stream.read()
+
+
+def post_head(extra: str) -> bytes:
+    return (
+        f"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\n{extra}\r\n"
+    ).encode()
+
+
 @pytest.mark.parametrize(
     "chunks",
     [
@@ -217,24 +246,54 @@ def test_errors_over_http_are_json(server: Server) -> None:
         b"2\r\n{}XX0\r\n\r\n",  # a chunk not ended by CRLF
     ],
 )
-def test_a_malformed_chunked_body_is_a_json_400_not_a_500(server: Server, chunks: bytes) -> None:
+def test_a_malformed_chunked_body_is_a_json_400_that_closes_the_connection(
+    server: Server, chunks: bytes
+) -> None:
     # gunicorn reads a chunked body as the app reads it, and raises its own parse errors there.
-    head = (
-        f"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
-        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
-        "\r\n"
+    # What follows the broken framing is no request: the answer says the connection is done.
+    status, headers, body, after = exchange(
+        server, post_head("Transfer-Encoding: chunked\r\n") + chunks
     )
-    answer = b""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(head.encode() + chunks)
-        while data := sock.recv(65536):
-            answer += data
-    status_line, _, rest = answer.partition(b"\r\n")
-    body = rest.partition(b"\r\n\r\n")[2]
 
-    assert status_line.split()[1] == b"400", answer
-    assert json.loads(body)["success"] is False
+    assert status == 400 and json.loads(body) == {
+        "success": False,
+        "error": "the chunked body is malformed",
+    }
+    assert headers["connection"] == "close" and after == b""
     assert "unexpected error" not in server.output()
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        # declared over the 1 MB limit: refused before any of it is read
+        f"Content-Length: {2 * 2**20}\r\n".encode() + b"\r\n" + b"x" * 1000,
+        # chunked, over the limit once read
+        b"Transfer-Encoding: chunked\r\n\r\n" + (b"100000\r\n" + b"x" * 2**20 + b"\r\n") * 2,
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_a_body_over_the_limit_is_a_413_that_closes_the_connection(
+    server: Server, framing: bytes
+) -> None:
+    # Kept open, the server would read the refused body to find the next request behind it.
+    head, _, rest = framing.partition(b"\r\n\r\n")
+    status, headers, body, after = exchange(server, post_head(head.decode() + "\r\n") + rest)
+
+    assert status == 413 and json.loads(body) == {
+        "success": False,
+        "error": "the body is over 1048576 bytes",
+    }
+    assert headers["connection"] == "close" and after == b""
+
+
+def test_a_refused_request_that_was_read_whole_keeps_its_connection(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        for _ in range(2):  # two refusals on one connection
+            sock.sendall(post_head("Content-Length: 5\r\n") + b"{oops")
+            status, headers, _ = read_answer(stream)
+            assert (status, headers["connection"]) == (400, "keep-alive")
 
 
 def test_a_keep_alive_connection_is_closed_after_its_hundredth_request(server: Server) -> None:
@@ -245,12 +304,7 @@ def test_a_keep_alive_connection_is_closed_after_its_hundredth_request(server: S
         stream = sock.makefile("rb")
         for _ in range(KEEPALIVE_REQUESTS):
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            status = int(stream.readline().split()[1])
-            headers = {}
-            while (line := stream.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode().partition(":")
-                headers[name.strip().lower()] = value.strip()
-            stream.read(int(headers["content-length"]))
+            status, headers, _ = read_answer(stream)
             answers.append((status, headers.get("connection")))
         after = stream.read()  # the server closed its end: end of file, not another answer
 
