@@ -48,6 +48,9 @@ class LoadSpec:
     connections: int
     threads: int
     run_id: str
+    # Each connection's every nth request asks to close it (0: never), so that the connections
+    # are accepted afresh and spread over the workers, also at a few requests a second.
+    close_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ _LUA = """
 local templates = {%(templates)s}
 local ntemplates = #templates
 local req_headers = {%(headers)s}
+local closing_headers = {%(headers)s, ["Connection"] = "close"}
+local close_every = %(close_every)d
 local max_per_thread = %(max_per_thread)d
 local all_threads = {}
 local next_id = 0
@@ -111,7 +116,9 @@ function request()
     return prefix .. counter .. "-" .. n
   end)
   body = body:gsub("%(number)s", string.format("%%07d", (tid * 1000000 + counter) %% 10000000))
-  return wrk.format("POST", "%(path)s", req_headers, body)
+  local headers = req_headers
+  if close_every > 0 and counter %% close_every == 0 then headers = closing_headers end
+  return wrk.format("POST", "%(path)s", headers, body)
 end
 
 function response(status, headers, body)
@@ -151,6 +158,7 @@ def _run_wrk(spec: LoadSpec) -> LoadResult:
         "placeholder": PLACEHOLDER,
         "number": NUMBER,
         "path": spec.path,
+        "close_every": spec.close_every,
     }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         fh.write(script)
@@ -283,7 +291,9 @@ def _client(spec: LoadSpec) -> dict[str, Any]:
             ids = [f"{spec.run_id}-{tid}-{n}-{i}".encode() for i in range(len(pieces) - 1)]
             body = b"".join(itertools.chain.from_iterable(zip(pieces, [*ids, b""], strict=True)))
             body = body.replace(number, b"%07d" % ((tid * 1_000_000 + n) % 10_000_000))
-            request = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+            last = spec.close_every and (n + 1) % spec.close_every == 0
+            closing = "Connection: close\r\n" if last else ""
+            request = f"{head}{closing}Content-Length: {len(body)}\r\n\r\n".encode() + body
             start = time.perf_counter()
             try:
                 status = conn.roundtrip(request)
