@@ -315,6 +315,7 @@ def _authenticated_body() -> bytes:
     settings = _settings()
     length = request.content_length
     if length is not None and length > settings.max_body_bytes:
+        close_connection()  # refused unread
         raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
     headers, args = _credentials()
     presented = presented_key(headers, args)
@@ -323,7 +324,8 @@ def _authenticated_body() -> bytes:
     ):
         raise Forbidden("a publishable key can only reach /v1/collect")
     body = read_body(cache=True)
-    if len(body) > settings.max_body_bytes:
+    if len(body) > settings.max_body_bytes:  # chunked: read only up to the limit
+        close_connection()
         raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
     now = time.time()
     key = authenticate(
@@ -488,8 +490,6 @@ def readyz() -> tuple[Response, int]:
 def error_response(exc: RequestError) -> tuple[Response, int]:
     """The JSON answer for a request error."""
     metrics.inc(metrics.REJECTED_REQUESTS, (str(exc.status),))
-    if exc.status == 413:
-        close_connection()
     response = json_response({"success": False, "error": str(exc)})
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)

@@ -20,7 +20,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from engine import event as events
-from engine.api import error_response, parse_json_body, read_body
+from engine.api import close_connection, error_response, parse_json_body, read_body
 from engine.config import PublishableKey, Settings
 from engine.errors import BadRequest, Forbidden, PayloadTooLarge, RequestError, Unauthorized
 from engine.event import readable_ip
@@ -107,9 +107,11 @@ def collect() -> tuple[Response, int]:
         limiter.check(f"{key.key}|{_client_ip()}", time.time())
         length = request.content_length
         if length is not None and length > MAX_COLLECT_BYTES:
+            close_connection()  # refused unread
             raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
         body = read_body(cache=False)
-        if len(body) > MAX_COLLECT_BYTES:
+        if len(body) > MAX_COLLECT_BYTES:  # chunked: maybe read only up to a limit
+            close_connection()
             raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
         raw = parse_json_body(
             body,

@@ -290,10 +290,17 @@ def test_a_body_over_the_limit_is_a_413_that_closes_the_connection(
 def test_a_refused_request_that_was_read_whole_keeps_its_connection(server: Server) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         stream = sock.makefile("rb")
-        for _ in range(2):  # two refusals on one connection
-            sock.sendall(post_head("Content-Length: 5\r\n") + b"{oops")
+        too_many = json.dumps({"events": [{"event_name": "x"}] * 101}).encode()
+        refusals = [
+            (b"/v1/track", b"{oops", 400),
+            (b"/v1/track/batch", too_many, 413),  # read whole, then counted
+            (b"/v1/track", b"{oops", 400),
+        ]
+        for path, body, expected in refusals:  # all on one connection
+            request = post_head(f"Content-Length: {len(body)}\r\n").replace(b"/v1/track", path)
+            sock.sendall(request + body)
             status, headers, _ = read_answer(stream)
-            assert (status, headers["connection"]) == (400, "keep-alive")
+            assert (status, headers["connection"]) == (expected, "keep-alive")
 
 
 def test_a_keep_alive_connection_is_closed_after_its_hundredth_request(server: Server) -> None:

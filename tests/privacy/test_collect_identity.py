@@ -23,6 +23,7 @@ from flask.testing import FlaskClient
 from gunicorn.http.errors import InvalidChunkSize
 from werkzeug.serving import make_server
 
+from engine import api
 from engine.app import create_app
 from engine.cli import main
 from engine.config import PublishableKey, ServerKey, Settings
@@ -190,6 +191,29 @@ def test_oversized_collect_bodies_are_refused(client: FlaskClient) -> None:
     big = {"event_name": "x", "properties": {"blob": "a" * 70_000}}
 
     assert collect(client, big).status_code == 413
+
+
+class _GunicornRequest:
+    """What the server's pre_request hook notes of the gunicorn request being answered."""
+
+    must_close = False
+
+
+def test_a_collect_body_declared_over_the_limit_is_refused_unread_on_its_last_answer(
+    client: FlaskClient,
+) -> None:
+    # Kept open, gunicorn would read on through the refused body to find the next request.
+    declared, read_whole = _GunicornRequest(), _GunicornRequest()
+    try:
+        api.answering(declared)
+        refused = collect(client, {"event_name": "x", "properties": {"blob": "a" * 70_000}})
+        api.answering(read_whole)
+        accepted = collect(client, {"event_name": "x"})
+    finally:
+        api.answering(None)
+
+    assert (refused.status_code, declared.must_close) == (413, True)
+    assert (accepted.status_code, read_whole.must_close) == (200, False)
 
 
 class _MalformedChunks(io.RawIOBase):
