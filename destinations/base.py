@@ -485,13 +485,17 @@ def retryable_status(status: int) -> bool:
     return status in RETRYABLE_STATUSES or status >= 500
 
 
-def misspelt_targets(
-    targets: Sequence[str], documented: Collection[str], platform: str
+def undocumented_targets(
+    targets: Sequence[str], documented: Collection[str], platform: str, fate: str
 ) -> dict[str, str]:
     """For :meth:`Destination.mapping_warnings` of an adapter that passes fields it does not
-    build on as written: each target whose first name the platform does not document but is
-    close to one it does (``customdata``, ``custom-data``), a likely typo. A name far from every
-    documented one is left alone: the platform may have added it since."""
+    build on as written: each target whose first name the platform does not document, with a
+    did-you-mean when it is close to one it does (``customdata``, ``custom-data``).
+
+    ``fate`` says what the platform does with such a field (``"Meta refuses the event"``). A
+    name far from every documented one is still warned of, as a field the platform may have
+    added since: the warning says so.
+    """
     found = {}
     known = sorted(documented)
     for target in targets:
@@ -502,7 +506,12 @@ def misspelt_targets(
         if close:
             found[target] = (
                 f"mapping {target}: {platform} documents no field {root!r} (did you mean "
-                f"{close[0]}?); it is sent as written, and {platform} ignores or refuses it"
+                f"{close[0]}?); it is sent as written, and {fate}"
+            )
+        else:
+            found[target] = (
+                f"mapping {target}: {platform} documents no field {root!r}; it is sent as "
+                f"written, and {fate} (if {platform} has added the field since, it is taken)"
             )
     return found
 

@@ -22,10 +22,10 @@ from destinations.base import (
     PayloadContext,
     PayloadError,
     SendContext,
-    misspelt_targets,
     retry_after_seconds,
     retryable_status,
     status_result,
+    undocumented_targets,
 )
 
 DEFAULT_ENDPOINT = "https://graph.facebook.com"
@@ -84,6 +84,13 @@ _DOCUMENTED_FIELDS = _BUILT_FIELDS | {
     "attribution_data",
     "app_data",
 }
+# Meta answers an event with a key it does not know "(#100) Unexpected key ... on param
+# $['data'][0]" (reported by SDK users: facebook-nodejs-business-sdk issue 258), refusing the
+# whole request; delivery then splits the batch until the tag's events are dead letters.
+_UNDOCUMENTED_FATE = (
+    "Meta refuses an event with a key it does not know, so every event of this tag would "
+    "become a dead letter"
+)
 # An IPv4 address in its canonical dotted form (no leading zeros, octets up to 255), which
 # ``ipaddress`` reads and writes back unchanged.
 _CANONICAL_IPV4 = re.compile(
@@ -220,8 +227,9 @@ class MetaCapi(Destination):
     def mapping_warnings(
         self, event_names: Collection[str] | None, targets: Sequence[str]
     ) -> dict[str, str]:
-        """A target passed on as written whose name is close to a documented one: a typo."""
-        return misspelt_targets(targets, _DOCUMENTED_FIELDS, "Meta")
+        """A target passed on as written that Meta does not document (a did-you-mean when its
+        name is close to one it does)."""
+        return undocumented_targets(targets, _DOCUMENTED_FIELDS, "Meta", _UNDOCUMENTED_FATE)
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)

@@ -17,10 +17,10 @@ from destinations.base import (
     PayloadContext,
     PayloadError,
     SendContext,
-    misspelt_targets,
     retry_after_seconds,
     retryable_status,
     status_result,
+    undocumented_targets,
 )
 
 DEFAULT_ENDPOINT = "https://business-api.tiktok.com"
@@ -49,6 +49,8 @@ _DOCUMENTED_FIELDS = frozenset(
     {"event", "event_time", "event_id", "user", "properties", "page", "app", "ad", "device"}
     | {"lead", "limited_data_use", "locale"}
 )
+# Whether TikTok refuses a key it does not know or drops it is not documented (platforms.md).
+_UNDOCUMENTED_FATE = "TikTok ignores or refuses it"
 
 
 class TikTok(Destination):
@@ -162,8 +164,9 @@ class TikTok(Destination):
     def mapping_warnings(
         self, event_names: Collection[str] | None, targets: Sequence[str]
     ) -> dict[str, str]:
-        """A target passed on as written whose name is close to a documented one: a typo."""
-        return misspelt_targets(targets, _DOCUMENTED_FIELDS, "TikTok")
+        """A target passed on as written that TikTok does not document (a did-you-mean when
+        its name is close to one it does)."""
+        return undocumented_targets(targets, _DOCUMENTED_FIELDS, "TikTok", _UNDOCUMENTED_FATE)
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)
