@@ -92,7 +92,15 @@ def replay_destination(
     report = ReplayReport()
     for event in store.events_since(since.timestamp()):
         decisions = _decisions(container, event, destination, None)
-        if decisions:
-            _apply(store, container, event, decisions, report)
+        # Listed as skipped: a tag that fired for the event then and does not now (its consent,
+        # a mapping, a dedup key). Every event the tag never fired for was listed too, a line
+        # per event read, held in memory for the whole replay and printed.
+        sent = {d.get("tag") for d in event.decisions if d.get("fired")}
+        for decision in decisions:
+            if not decision.fired and decision.tag in sent:
+                report.skipped.append(f"{event.event_id} {decision.tag}: {decision.reason}")
+        fired = [d for d in decisions if d.fired]
+        if fired:  # a write only for what it queues
+            _apply(store, container, event, fired, report)
     log.info("destination replayed", extra={"destination": destination, "queued": report.queued})
     return report

@@ -1126,6 +1126,41 @@ def test_replay_of_a_destination_uses_the_current_mapping(tmp_path: Path, sink: 
     assert [p.get("fixed") for p in handler.received] == [None, 3]
 
 
+def test_replay_of_a_destination_lists_only_events_it_sent_before_and_would_not_now(
+    tmp_path: Path, sink: Any
+) -> None:
+    # A tag that fires on a few events of many: the events it never fired for are no news,
+    # and listing each of them held a line per event read in memory (and printed it).
+    _, server = sink
+    rules = make_rules(
+        tmp_path,
+        f"""
+        hook: {{type: webhook, url: {server.url}/hook, delivery: {{batch_wait: 0}}}}
+        """,
+        "- {name: to_hook, trigger: sales, destination: hook, consent: [ad_storage]}\n",
+    )
+    rules.write_text(rules.read_text().replace("all: {event: '*'}", "sales: {event: sale}"))
+    h = Harness(tmp_path, rules)
+    granted = {"ad_storage": "granted"}
+    h.accept(
+        *({"event_name": "page_view", "event_id": f"v{i}"} for i in range(50)),
+        {"event_name": "sale", "event_id": "s1", "consent": granted},
+        {"event_name": "sale", "event_id": "s2", "consent": {"ad_storage": "denied"}},
+    )
+    h.worker.drain()
+    with h.store._write() as db:  # s1's consent withdrawn since it was sent
+        db.execute(
+            "UPDATE events SET body = json_set(body, '$.consent.ad_storage', 'denied') "
+            "WHERE event_id = 's1'"
+        )
+    h.accept({"event_name": "sale", "event_id": "s3", "consent": granted})
+
+    report = replay_destination(h.store, h.container, "hook", since=_an_hour_ago())
+
+    assert report.queued == 1  # s3
+    assert [line.split(":")[0] for line in report.skipped] == ["s1 to_hook"]
+
+
 def test_metrics_count_deliveries(tmp_path: Path, sink: Any) -> None:
     _, server = sink
     h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
