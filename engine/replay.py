@@ -47,9 +47,12 @@ def _apply(
     decisions: Sequence[Decision],
     report: ReplayReport,
     supersedes: Sequence[int] = (),
+    replace_waiting: bool = False,
 ) -> None:
     now = datetime.now(UTC).timestamp()
-    applied = store.requeue(event, decisions, container.dedup_window, now, supersedes)
+    applied = store.requeue(
+        event, decisions, container.dedup_window, now, supersedes, replace_waiting
+    )
     queued = 0
     for decision in applied:
         if decision.fired:
@@ -88,7 +91,11 @@ def replay_dead_letters(store: Store, container: Container, ids: Sequence[int]) 
 def replay_destination(
     store: Store, container: Container, destination: str, since: datetime
 ) -> ReplayReport:
-    """Send every event accepted since ``since`` to ``destination`` again, per current rules."""
+    """Send every event accepted since ``since`` to ``destination`` again, per current rules.
+
+    A delivery of the event by the same tag that still waits (a retry) is replaced by the
+    replay's, not sent as well; one in flight (leased) stays.
+    """
     report = ReplayReport()
     for event in store.events_since(since.timestamp()):
         decisions = _decisions(container, event, destination, None)
@@ -100,7 +107,7 @@ def replay_destination(
             if not decision.fired and decision.tag in sent:
                 report.skipped.append(f"{event.event_id} {decision.tag}: {decision.reason}")
         fired = [d for d in decisions if d.fired]
-        if fired:  # a write only for what it queues
-            _apply(store, container, event, fired, report)
+        if fired:  # a write only for what it queues; it replaces what still waits to go
+            _apply(store, container, event, fired, report, replace_waiting=True)
     log.info("destination replayed", extra={"destination": destination, "queued": report.queued})
     return report

@@ -239,14 +239,17 @@ class Store(abc.ABC):
         window: float,
         now: float,
         supersedes: Sequence[int] = (),
+        replace_waiting: bool = False,
     ) -> list[Decision]:
         """Queue new deliveries for an already accepted event (replay), atomically.
 
         Fired decisions whose dedup key is held by *another* event are turned into "not fired";
         ``supersedes`` (the dead letters being replayed) are removed in the same transaction
-        if anything was queued in their place. Nothing is queued if the event is no longer
-        stored, or if one of ``supersedes`` is no longer a dead letter (replayed meanwhile).
-        Returns the decisions as applied.
+        if anything was queued in their place. With ``replace_waiting``, so are the event's
+        deliveries by the same tag to the same destination that still wait (pending, not
+        leased): sent as well, the event went twice, the second time as the old rules made it.
+        Nothing is queued if the event is no longer stored, or if one of ``supersedes`` is no
+        longer a dead letter (replayed meanwhile). Returns the decisions as applied.
         """
 
     # -- identity and privacy -------------------------------------------------------------------

@@ -1161,6 +1161,34 @@ def test_replay_of_a_destination_lists_only_events_it_sent_before_and_would_not_
     assert [line.split(":")[0] for line in report.skipped] == ["s1 to_hook"]
 
 
+def test_replay_of_a_destination_replaces_what_still_waits_instead_of_sending_it_twice(
+    tmp_path: Path, sink: Any
+) -> None:
+    # A mapping fixed during an outage and replayed: the deliveries still waiting for their
+    # retry carry the old payload, and were sent as well as the replay's.
+    handler, server = sink
+    rules = webhook_rules(tmp_path, server.url)
+    h = Harness(tmp_path, rules)
+    handler.script("500")
+    h.accept({"event_name": "lead", "event_id": "e1", "properties": {"value": 3}})
+    h.worker.drain()
+    assert [s for s, _, _ in h.statuses()] == ["pending"]
+    rules.write_text(
+        rules.read_text().replace(
+            "destination: hook}", "destination: hook, mapping: {fixed: properties.value}}"
+        )
+    )
+    h.rules.maybe_reload()
+
+    report = replay_destination(h.store, h.container, "hook", since=_an_hour_ago())
+    h.make_due()
+    h.worker.drain()
+
+    assert report.queued == 1
+    assert [p.get("fixed") for p in handler.received] == [3]
+    assert [s for s, _, _ in h.statuses()] == ["delivered"]
+
+
 def test_metrics_count_deliveries(tmp_path: Path, sink: Any) -> None:
     _, server = sink
     h = Harness(tmp_path, webhook_rules(tmp_path, server.url))

@@ -202,6 +202,7 @@ class _Outbox(_Connections):
         window: float,
         now: float,
         supersedes: Sequence[int] = (),
+        replace_waiting: bool = False,
     ) -> list[Decision]:
         """See :meth:`Store.requeue`."""
         applied: list[Decision] = []
@@ -229,6 +230,13 @@ class _Outbox(_Connections):
                             "expires_at) VALUES (?, ?, ?, ?)",
                             (key, event.seq, event.event_id, now + window),
                         )
+                if decision.fired and replace_waiting:
+                    # Leased ones may be in flight: they stay (delivery is at least once).
+                    db.execute(
+                        "DELETE FROM deliveries WHERE event_seq = ? AND tag = ? "
+                        "AND destination = ? AND status = 'pending'",
+                        (event.seq, decision.tag, decision.destination),
+                    )
                 if decision.fired:
                     db.execute(
                         "INSERT INTO deliveries (event_seq, event_id, tag, destination, payload, "
