@@ -14,6 +14,7 @@ A slow or failing destination therefore never holds up the others.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from datetime import UTC, datetime
 
 from destinations.base import (
     Destination,
+    HttpRequest,
     HttpResponse,
     Item,
     ItemResult,
@@ -64,6 +66,22 @@ let a slow destination's batches take every thread and hold up the others."""
 class _TokenCache:
     value: str | None = None
     expires_at: float = 0.0
+    # The exchange that gave the token: a reload that changes the destination's credentials
+    # (another client, account or refresh token) changes it, and the token is not used again.
+    exchange: bytes = b""
+
+    def usable(self, exchange: bytes) -> bool:
+        """Still valid, and given for these credentials."""
+        return bool(self.value) and self.exchange == exchange and time.time() < self.expires_at
+
+
+def _exchange_digest(request: HttpRequest) -> bytes:
+    """A digest of a token exchange as it would be sent (its credentials included)."""
+    digest = hashlib.sha256()
+    for part in (request.method, request.url, *sorted(request.headers.items())):
+        digest.update(repr(part).encode() + b"\0")
+    digest.update(request.body)
+    return digest.digest()
 
 
 class StoreTooSlow(StoreError):
@@ -754,8 +772,9 @@ class DeliveryWorker:
         request = dest.adapter.token_request()
         if request is None:
             return None
+        exchange = _exchange_digest(request)
         cached = self._tokens.get(dest.name)
-        if cached and cached.value and time.time() < cached.expires_at:
+        if cached and cached.usable(exchange):
             return cached.value
         with self._token_lock:  # one lock per destination: a slow token endpoint stalls no other
             lock = self._token_locks.setdefault(dest.name, threading.Lock())
@@ -767,7 +786,7 @@ class DeliveryWorker:
             raise _TokenBusy
         try:
             cached = self._tokens.get(dest.name)
-            if cached and cached.value and time.time() < cached.expires_at:
+            if cached and cached.usable(exchange):
                 return cached.value  # another thread refreshed it meanwhile
             response = self.transport.send(request, dest.delivery.timeout)
             try:
@@ -782,7 +801,7 @@ class DeliveryWorker:
                 raise TokenFailure(
                     f"HTTP {response.status} ({type(exc).__name__})", _token_outcome(exc, response)
                 ) from exc
-            self._tokens[dest.name] = _TokenCache(token.value, expires_at)
+            self._tokens[dest.name] = _TokenCache(token.value, expires_at, exchange)
             return token.value
         finally:
             lock.release()

@@ -89,11 +89,13 @@ class PerItemPlatform:
 
     def __init__(self) -> None:
         self.tokens_issued = 0
+        self.secrets: list[str] = []  # the client secret of each token exchange
         self.valid_token = ""
         self.items: list[dict[str, Any]] = []
 
     def __call__(self, request: Request) -> Reply:
         if request.path == "/token":
+            self.secrets.append(request.json()["secret"])
             self.tokens_issued += 1
             self.valid_token = f"tok{self.tokens_issued}"
             return Reply.json({"access_token": self.valid_token, "expires_in": 3600})
@@ -637,6 +639,29 @@ def test_oauth_token_is_cached_and_refreshed_on_401(tmp_path: Path, plugins: Non
         h.worker.drain()
 
     assert platform.tokens_issued == 2
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 3
+
+
+def test_a_reload_that_changes_the_credentials_fetches_a_token_for_them(
+    tmp_path: Path, plugins: None
+) -> None:
+    # The token given for the old credentials still works for an hour: used on, it sent the
+    # new rules' events as the old client (another account, a revoked refresh token).
+    platform = PerItemPlatform()
+    with LoopbackServer(platform) as server:
+        h = Harness(tmp_path, per_item_rules(tmp_path, server.url))
+        h.accept({"event_name": "sale", "event_id": "a", "properties": {"value": 1}})
+        h.worker.drain()
+        rotated = per_item_rules(tmp_path, server.url).read_text()
+        (tmp_path / "v2").mkdir()
+        (tmp_path / "v2" / "rules.yaml").write_text(rotated.replace("s3cret-value", "rotated-1"))
+        h.rules = load_rules(tmp_path / "v2" / "rules.yaml", interval=0)
+        h.accept({"event_name": "sale", "event_id": "b", "properties": {"value": 1}})
+        h.worker.drain()
+        h.accept({"event_name": "sale", "event_id": "c", "properties": {"value": 1}})
+        h.worker.drain()
+
+    assert platform.secrets == ["s3cret-value", "rotated-1"]  # then cached for the new ones
     assert [s[0] for s in h.statuses()] == ["delivered"] * 3
 
 
