@@ -275,6 +275,13 @@ class Destination:
         """Items with different keys never share a request (e.g. GA4's one client_id)."""
         return ""
 
+    def sends_alone(self) -> bool:
+        """Whether every request carries one item (``max_batch`` 1, or a setting such as the
+        webhook's ``batch: false``). The engine then shares a destination's due items among
+        its ``concurrency`` slots, whose batches send request after request, instead of
+        leasing ``max_batch`` of them to one batch."""
+        return self.max_batch == 1
+
     def split(self, items: Sequence[Item]) -> list[list[Item]]:
         """Cut the items of one batch key into the requests that deliver them. Pure.
 

@@ -170,6 +170,10 @@ class Webhook(Destination):
         """Without ``batch: true`` every item travels alone."""
         return "" if self.settings.get("batch") else item.delivery_id
 
+    def sends_alone(self) -> bool:
+        """Without ``batch: true``: one event a request."""
+        return not self.settings.get("batch")
+
     def split(self, items: Sequence[Item]) -> list[list[Item]]:
         """With ``batch: true``, the items packed in order into requests of at most
         ``max_batch`` events whose body is at most ``max_body_bytes`` long

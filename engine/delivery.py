@@ -205,39 +205,48 @@ class DeliveryWorker:
             full = count >= dest.adapter.max_batch
             if not full and now - oldest < opts.batch_wait and not wait:
                 continue  # let the batch fill up, up to batch_wait
+            size = _lease_size(dest.adapter, count, opts.concurrency)
             breaker = self.breaker(name)
-            with self._flight_lock:
-                if self._in_flight[name] >= opts.concurrency:
-                    continue
-                allowed, probe = breaker.admit(time.monotonic())
-                if not allowed:
-                    continue
-                self._in_flight[name] += 1
-            started += 1
-            if wait:
-                self._run_batch(dest, probe)
-                continue
-            task = _Queued()
-            try:
-                self._pool.submit(self._run_queued, task, dest, probe)
-            except BaseException:
-                # No thread to start (a process at its limit), or a pool shut down. The pool
-                # may have queued the batch before failing to start a thread for it, for a
-                # thread it has to run later: then that run gives the slot back. Otherwise it
-                # is given back here, or the slot (and the breaker's probe) stayed taken for
-                # the life of the process.
-                if task.cancel():
-                    started -= 1
-                    if probe:
-                        breaker.end_probe(probe)
-                    with self._flight_lock:
-                        self._in_flight[name] -= 1
-                raise
+            # As many batches as the due items fill and the free slots take: one batch a tick
+            # left the other slots idle for a poll interval each.
+            for _ in range(-(-count // size)):
+                with self._flight_lock:
+                    if self._in_flight[name] >= opts.concurrency:
+                        break
+                    allowed, probe = breaker.admit(time.monotonic())
+                    if not allowed:
+                        break
+                    self._in_flight[name] += 1
+                started += 1
+                if wait:
+                    self._run_batch(dest, probe, size)
+                else:
+                    self._submit(dest, probe, size)
+                if probe:  # the one request let through a paused destination
+                    break
         return started
 
-    def _run_queued(self, task: _Queued, dest: DestinationInstance, probe: int) -> None:
+    def _submit(self, dest: DestinationInstance, probe: int, size: int) -> None:
+        """Hand a batch, whose slot is taken, to the pool."""
+        task = _Queued()
+        try:
+            self._pool.submit(self._run_queued, task, dest, probe, size)
+        except BaseException:
+            # No thread to start (a process at its limit), or a pool shut down. The pool may
+            # have queued the batch before failing to start a thread for it, for a thread it
+            # has to run later: then that run gives the slot back. Otherwise it is given back
+            # here, or the slot (and the breaker's probe) stayed taken for the life of the
+            # process.
+            if task.cancel():
+                if probe:
+                    self.breaker(dest.name).end_probe(probe)
+                with self._flight_lock:
+                    self._in_flight[dest.name] -= 1
+            raise
+
+    def _run_queued(self, task: _Queued, dest: DestinationInstance, probe: int, size: int) -> None:
         if task.start():  # not given up when it was queued
-            self._run_batch(dest, probe)
+            self._run_batch(dest, probe, size)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Deliver everything due now, in this thread (for tests and one-shot runs)."""
@@ -284,10 +293,11 @@ class DeliveryWorker:
 
     # -- one batch ------------------------------------------------------------------------------
 
-    def _run_batch(self, dest: DestinationInstance, probe: int = 0) -> None:
-        """One batch; ``probe``: its number from CircuitBreaker.admit when it is the probe."""
+    def _run_batch(self, dest: DestinationInstance, probe: int = 0, size: int = 0) -> None:
+        """One batch (see :meth:`_deliver`); ``probe``: its number from CircuitBreaker.admit
+        when it is the probe."""
         try:
-            self._deliver(dest, bool(probe))
+            self._deliver(dest, bool(probe), size)
         except StoreTooSlow as exc:
             log.warning(str(exc), extra={"destination": dest.name})
         except StoreError:
@@ -304,8 +314,9 @@ class DeliveryWorker:
             with self._flight_lock:
                 self._in_flight[dest.name] -= 1
 
-    def _deliver(self, dest: DestinationInstance, probe: bool = False) -> None:
-        """Lease a batch and send it: the items of each batch key in the requests the adapter's
+    def _deliver(self, dest: DestinationInstance, probe: bool = False, size: int = 0) -> None:
+        """Lease a batch of ``size`` items at most (0: ``max_batch``) and send it: the items of
+        each batch key in the requests the adapter's
         :meth:`~destinations.base.Destination.split` makes of them.
 
         The lease covers one request. Before each further request (GA4 sends one per client,
@@ -320,9 +331,8 @@ class DeliveryWorker:
         adapter, opts = dest.adapter, dest.delivery
         lease_seconds = self._lease_seconds(opts.timeout)
         asked = time.time()
-        leased = self.store.lease(
-            dest.name, adapter.max_batch, lease_seconds, self._holder(), asked
-        )
+        limit = size or adapter.max_batch
+        leased = self.store.lease(dest.name, limit, lease_seconds, self._holder(), asked)
         if not leased:
             return
         ctx = SendContext(datetime.now(UTC))
@@ -823,6 +833,23 @@ def _token_outcome(exc: Exception, response: HttpResponse) -> Outcome:
     if response.status in (408, 425, 429) or response.status >= 500:
         return Outcome.RETRYABLE
     return Outcome.AUTH
+
+
+def _lease_size(adapter: Destination, due: int, concurrency: int) -> int:
+    """How many items each batch of a destination leases, ``due`` being due.
+
+    ``max_batch``, the most one request carries, for a destination that batches. One whose
+    requests carry an item each (:meth:`~destinations.base.Destination.sends_alone`) sends a
+    batch request after request: the due items are shared among its ``concurrency`` slots,
+    or one batch took a backlog of hundreds and sent it alone while the others found nothing.
+    """
+    try:
+        alone = adapter.sends_alone() is True
+    except Exception:  # noqa: BLE001 - a plugin bug: batched as if it had no such hook
+        alone = False
+    if not alone:
+        return adapter.max_batch
+    return max(1, min(adapter.max_batch, -(-due // max(concurrency, 1))))
 
 
 class _Queued:

@@ -12,6 +12,7 @@ import socket
 import textwrap
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -209,6 +210,11 @@ class Buggy(Destination):
         if self.settings["bug"] == "token_request":
             raise KeyError("client_id")
         return None
+
+    def sends_alone(self) -> bool:
+        if self.settings["bug"] == "sends_alone":
+            raise RuntimeError("a bug in the plugin")
+        return False
 
     def build_request(self, items: Sequence[Item], ctx: SendContext) -> HttpRequest:
         events = [{"event_id": i.event_id, **i.payload} for i in items]
@@ -1022,7 +1028,9 @@ def test_a_probe_is_not_judged_by_one_item_the_platform_always_refuses(tmp_path:
 def test_while_paused_deliveries_past_max_age_still_become_dead_letters(tmp_path: Path) -> None:
     handler = FaultySink("401")
     with LoopbackServer(handler) as server:
-        h = Harness(tmp_path, _one_by_one_hook(tmp_path, server.url, ", max_age: 1h"))
+        # One slot: the twelve are one batch (two slots would share them, six each).
+        rules = _one_by_one_hook(tmp_path, server.url, ", max_age: 1h, concurrency: 1")
+        h = Harness(tmp_path, rules)
         h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(12)))
         with h.store._write() as db:  # queued two hours ago
             db.execute("UPDATE deliveries SET created_at = created_at - 7200")
@@ -1078,6 +1086,46 @@ def test_a_slow_destination_does_not_hold_up_another(tmp_path: Path) -> None:
 
     assert fast_done == 3
     assert slow_done == 0
+
+
+def test_an_unbatched_destination_shares_its_backlog_among_its_concurrency_slots(
+    tmp_path: Path,
+) -> None:
+    # Without batch: true each request carries one event. One batch leased all forty and sent
+    # them request after request, while the other three slots found nothing left to lease.
+    slow = FaultySink("slow", delay=1.0)
+    with LoopbackServer(slow) as server:
+        h = Harness(tmp_path, _one_by_one_hook(tmp_path, server.url, ", concurrency: 4"))
+        h.worker.poll_interval = 0.02
+        h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(40)))
+        h.worker.start()
+        try:
+            deadline = time.time() + 0.8  # under the sink's 1 s answer
+            while len(server.requests) < 4 and time.time() < deadline:
+                time.sleep(0.01)
+            in_flight = len(server.requests)
+        finally:
+            h.worker.stop()  # each batch stops after its request and gives the rest back
+
+    assert in_flight == 4
+    assert Counter(s[0] for s in h.statuses()) == {"delivered": 4, "pending": 36}
+
+
+def test_batches_sharing_a_backlog_send_each_event_once(tmp_path: Path, sink: Any) -> None:
+    handler, server = sink
+    h = Harness(tmp_path, _one_by_one_hook(tmp_path, server.url, ", concurrency: 4"))
+    h.worker.poll_interval = 0.02
+    h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(100)))
+    h.worker.start()
+    try:
+        deadline = time.time() + 20
+        while len(handler.ids()) < 100 and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        h.worker.stop()
+
+    assert handler.ids() == {f"e{i}": 1 for i in range(100)}
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 100
 
 
 def test_a_slow_destination_using_all_its_concurrency_holds_up_no_other(
@@ -1720,6 +1768,21 @@ def test_results_read_as_a_generator_are_taken_as_a_list(tmp_path: Path, plugins
 
     assert [s[0] for s in h.statuses()] == ["delivered"]
     assert sink.ids() == {"e1": 1}
+
+
+def test_a_plugin_bug_saying_whether_it_sends_alone_leaves_it_batched(
+    tmp_path: Path, plugins: None
+) -> None:
+    # Asked for every destination on every pass: raised, it stopped delivery to all of them.
+    sink = FaultySink()
+    with LoopbackServer(sink) as server:
+        h = Harness(tmp_path, buggy_rules(tmp_path, server.url, "sends_alone"))
+        h.accept_sales(3)
+
+        h.worker.drain()
+
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 3
+    assert len(server.requests) == 1  # one batch, as without the hook
 
 
 class TricklingSink(RawServer):
