@@ -183,7 +183,8 @@ class DeliveryWorker:
     # -- scheduling -----------------------------------------------------------------------------
 
     def tick(self, wait: bool = False) -> int:
-        """One pass: start a batch for every destination that is due and has room.
+        """One pass: start batches for every destination that is due and has room (as many
+        as its due items fill and its free slots take; see :func:`_lease_size`).
 
         Args:
             wait: run the batches in this thread (tests, ``drain``) instead of the pool.
@@ -205,11 +206,11 @@ class DeliveryWorker:
             full = count >= dest.adapter.max_batch
             if not full and now - oldest < opts.batch_wait and not wait:
                 continue  # let the batch fill up, up to batch_wait
-            size = _lease_size(dest.adapter, count, opts.concurrency)
+            size, batches = _lease_size(dest.adapter, count, opts.concurrency)
             breaker = self.breaker(name)
             # As many batches as the due items fill and the free slots take: one batch a tick
             # left the other slots idle for a poll interval each.
-            for _ in range(-(-count // size)):
+            for _ in range(batches):
                 with self._flight_lock:
                     if self._in_flight[name] >= opts.concurrency:
                         break
@@ -835,21 +836,26 @@ def _token_outcome(exc: Exception, response: HttpResponse) -> Outcome:
     return Outcome.AUTH
 
 
-def _lease_size(adapter: Destination, due: int, concurrency: int) -> int:
-    """How many items each batch of a destination leases, ``due`` being due.
+def _lease_size(adapter: Destination, due: int, concurrency: int) -> tuple[int, int]:
+    """How many items each batch of a destination leases, ``due`` being due, and how many
+    batches a pass may start (as the free slots allow).
 
-    ``max_batch``, the most one request carries, for a destination that batches. One whose
-    requests carry an item each (:meth:`~destinations.base.Destination.sends_alone`) sends a
-    batch request after request: the due items are shared among its ``concurrency`` slots,
-    or one batch took a backlog of hundreds and sent it alone while the others found nothing.
+    ``max_batch``, the most one request carries, for a destination that batches, and only
+    full batches past the first: the rest of a backlog waits for the next pass, where it
+    goes once its oldest item has waited ``batch_wait`` (started at once, it went in a small
+    request of what had just arrived). One whose requests carry an item each
+    (:meth:`~destinations.base.Destination.sends_alone`) sends a batch request after
+    request: the due items are shared among its ``concurrency`` slots, or one batch took a
+    backlog of hundreds and sent it alone while the others found nothing.
     """
     try:
         alone = adapter.sends_alone() is True
     except Exception:  # noqa: BLE001 - a plugin bug: batched as if it had no such hook
         alone = False
     if not alone:
-        return adapter.max_batch
-    return max(1, min(adapter.max_batch, -(-due // max(concurrency, 1))))
+        return adapter.max_batch, max(1, due // adapter.max_batch)
+    size = max(1, min(adapter.max_batch, -(-due // max(concurrency, 1))))
+    return size, -(-due // size)
 
 
 class _Queued:

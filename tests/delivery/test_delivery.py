@@ -1128,6 +1128,30 @@ def test_batches_sharing_a_backlog_send_each_event_once(tmp_path: Path, sink: An
     assert [s[0] for s in h.statuses()] == ["delivered"] * 100
 
 
+def test_a_batching_destination_starts_no_batch_of_what_has_not_waited_batch_wait(
+    tmp_path: Path,
+) -> None:
+    # 501 due: one full batch of 500 goes; the one left over has not waited batch_wait, and
+    # a second batch started in the same pass sent it alone instead of letting it fill up.
+    sink = FaultySink()
+    with LoopbackServer(sink) as server:
+        rules = make_rules(
+            tmp_path,
+            f'hook: {{type: webhook, url: "{server.url}/", batch: true, '
+            "delivery: {batch_wait: 1h}}\n",
+            "- {name: to_hook, trigger: all, destination: hook}\n",
+        )
+        h = Harness(tmp_path, rules)
+        h.accept(*({"event_name": "lead", "event_id": f"e{i}"} for i in range(501)))
+        try:
+            started = h.worker.tick()
+        finally:
+            h.worker.stop()
+
+    assert started == 1 and len(server.requests) == 1
+    assert Counter(s[0] for s in h.statuses()) == {"delivered": 500, "pending": 1}
+
+
 def test_a_slow_destination_using_all_its_concurrency_holds_up_no_other(
     tmp_path: Path, plugins: None
 ) -> None:
