@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -836,6 +837,10 @@ def _token_outcome(exc: Exception, response: HttpResponse) -> Outcome:
     return Outcome.AUTH
 
 
+# Each adapter instance's answer to sends_alone (an instance lives as long as its rules).
+_ALONE: weakref.WeakKeyDictionary[Destination, bool] = weakref.WeakKeyDictionary()
+
+
 def _lease_size(adapter: Destination, due: int, concurrency: int) -> tuple[int, int]:
     """How many items each batch of a destination leases, ``due`` being due, and how many
     batches a pass may start (as the free slots allow).
@@ -848,10 +853,17 @@ def _lease_size(adapter: Destination, due: int, concurrency: int) -> tuple[int, 
     request: the due items are shared among its ``concurrency`` slots, or one batch took a
     backlog of hundreds and sent it alone while the others found nothing.
     """
-    try:
-        alone = adapter.sends_alone() is True
-    except Exception:  # noqa: BLE001 - a plugin bug: batched as if it had no such hook
-        alone = False
+    alone = _ALONE.get(adapter)
+    if alone is None:  # asked once per adapter: its settings do not change
+        try:
+            alone = adapter.sends_alone() is True
+        except Exception as exc:  # noqa: BLE001 - a plugin bug: batched as without the hook
+            log.error(
+                "the adapter's sends_alone failed; its destination is batched",
+                extra={"adapter": type(adapter).__name__, "error_type": type(exc).__name__},
+            )
+            alone = False
+        _ALONE[adapter] = alone
     if not alone:
         return adapter.max_batch, max(1, due // adapter.max_batch)
     size = max(1, min(adapter.max_batch, -(-due // max(concurrency, 1))))

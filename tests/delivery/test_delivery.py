@@ -1795,7 +1795,7 @@ def test_results_read_as_a_generator_are_taken_as_a_list(tmp_path: Path, plugins
 
 
 def test_a_plugin_bug_saying_whether_it_sends_alone_leaves_it_batched(
-    tmp_path: Path, plugins: None
+    tmp_path: Path, plugins: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Asked for every destination on every pass: raised, it stopped delivery to all of them.
     sink = FaultySink()
@@ -1807,6 +1807,8 @@ def test_a_plugin_bug_saying_whether_it_sends_alone_leaves_it_batched(
 
     assert [s[0] for s in h.statuses()] == ["delivered"] * 3
     assert len(server.requests) == 1  # one batch, as without the hook
+    failed = [r for r in caplog.records if "sends_alone failed" in r.getMessage()]
+    assert len(failed) == 1  # said once, not on every pass
 
 
 class TricklingSink(RawServer):
