@@ -837,6 +837,17 @@ def _token_outcome(exc: Exception, response: HttpResponse) -> Outcome:
     return Outcome.AUTH
 
 
+def _sends_alone(adapter: Destination) -> bool:
+    try:
+        return adapter.sends_alone() is True
+    except Exception as exc:  # noqa: BLE001 - a plugin bug: batched as without the hook
+        log.error(
+            "the adapter's sends_alone failed; its destination is batched",
+            extra={"adapter": type(adapter).__name__, "error_type": type(exc).__name__},
+        )
+        return False
+
+
 # Each adapter instance's answer to sends_alone (an instance lives as long as its rules).
 _ALONE: weakref.WeakKeyDictionary[Destination, bool] = weakref.WeakKeyDictionary()
 
@@ -853,17 +864,12 @@ def _lease_size(adapter: Destination, due: int, concurrency: int) -> tuple[int, 
     request: the due items are shared among its ``concurrency`` slots, or one batch took a
     backlog of hundreds and sent it alone while the others found nothing.
     """
-    alone = _ALONE.get(adapter)
+    try:
+        alone = _ALONE.get(adapter)
+    except TypeError:  # a plugin object with no weak reference or hash: asked every pass
+        alone = _sends_alone(adapter)
     if alone is None:  # asked once per adapter: its settings do not change
-        try:
-            alone = adapter.sends_alone() is True
-        except Exception as exc:  # noqa: BLE001 - a plugin bug: batched as without the hook
-            log.error(
-                "the adapter's sends_alone failed; its destination is batched",
-                extra={"adapter": type(adapter).__name__, "error_type": type(exc).__name__},
-            )
-            alone = False
-        _ALONE[adapter] = alone
+        alone = _ALONE[adapter] = _sends_alone(adapter)
     if not alone:
         return adapter.max_batch, max(1, due // adapter.max_batch)
     size = max(1, min(adapter.max_batch, -(-due // max(concurrency, 1))))

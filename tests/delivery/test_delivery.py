@@ -41,7 +41,7 @@ from destinations.testkit.sink import FaultySink
 from destinations.testkit.tiktok import TikTokEmulator
 from engine import delivery, metrics
 from engine.breaker import Backoff, CircuitBreaker
-from engine.delivery import DeliveryWorker
+from engine.delivery import DeliveryWorker, _lease_size
 from engine.maintenance import run_once
 from engine.pipeline import Pipeline, load_rules
 from engine.replay import replay_dead_letters, replay_destination
@@ -1809,6 +1809,23 @@ def test_a_plugin_bug_saying_whether_it_sends_alone_leaves_it_batched(
     assert len(server.requests) == 1  # one batch, as without the hook
     failed = [r for r in caplog.records if "sends_alone failed" in r.getMessage()]
     assert len(failed) == 1  # said once, not on every pass
+
+
+class _Unhashable(Single):
+    """A plugin that compares by value and so has no hash (as a dataclass would)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Unhashable) and self.settings == other.settings
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_an_unhashable_plugin_is_still_asked_whether_it_sends_alone() -> None:
+    # The answer is kept per adapter object, which takes a hash: without one it is asked again.
+    adapter = _Unhashable({"url": "http://127.0.0.1:9/"})
+
+    assert _lease_size(adapter, 7, 2) == (1, 7)  # max_batch 1: shared, one item a batch
+    assert _lease_size(Single({"url": "http://127.0.0.1:9/"}), 7, 2) == (1, 7)
 
 
 class TricklingSink(RawServer):
