@@ -142,9 +142,15 @@ def _prepare_all(
     return run
 
 
-def bench_engine(plan: Plan, workdir: Path) -> dict[str, Any]:
+def _shown(path: Path) -> str:
+    """A path as the report shows it: within the repository, relative to it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def bench_engine(plan: Plan, workdir: Path, container_path: Path = CONTAINER) -> dict[str, Any]:
     """Events/s through ``Pipeline.prepare``, then through ``Pipeline.accept`` with SQLite."""
-    rules = load_rules(CONTAINER)
+    rules = load_rules(container_path)
     container = rules.container
     store = SQLiteStore(workdir / "engine.db")
     pipeline = Pipeline(store, rules)
@@ -173,7 +179,7 @@ def bench_engine(plan: Plan, workdir: Path) -> dict[str, Any]:
     # The rules engine alone: the same container and events, but every adapter's payload step
     # (normalize, hash, check) replaced by the plugin API's default, which only copies the
     # mapped fields. Triggers, conditions, consent, mappings and dedup keys run as above.
-    plain = load_rules(CONTAINER).container
+    plain = load_rules(container_path).container
     for instance in plain.destinations.values():
         adapter = instance.adapter
         adapter.build_payload = types.MethodType(Destination.build_payload, adapter)  # type: ignore[method-assign]
@@ -338,7 +344,9 @@ def _stop(server: Server) -> None:
 
 
 @contextlib.contextmanager
-def _servers(workers: int, threads: int, workdir: Path) -> Iterator[dict[str, Server]]:
+def _servers(
+    workers: int, threads: int, workdir: Path, container_path: Path = CONTAINER
+) -> Iterator[dict[str, Server]]:
     """tagrelay, the bare app and the durable floor, under the same gunicorn options."""
     env = dict(os.environ)
     env.update(
@@ -362,7 +370,7 @@ def _servers(workers: int, threads: int, workdir: Path) -> Iterator[dict[str, Se
             "--workers",
             str(workers),
             "--rules",
-            str(CONTAINER),
+            str(container_path),
             "--data-dir",
             str(workdir / "data"),
         ],
@@ -449,7 +457,12 @@ def _verdict(throughput: float, cpu: float) -> str:
 
 
 def bench_http(
-    plan: Plan, workers: int, threads: int, connections: int, tool: str
+    plan: Plan,
+    workers: int,
+    threads: int,
+    connections: int,
+    tool: str,
+    container_path: Path = CONTAINER,
 ) -> dict[str, Any]:
     """Bare Flask, the durable floor, tagrelay track and batch: alternating, one gunicorn setup."""
     singles = workload.templates(200)
@@ -459,7 +472,7 @@ def bench_http(
     used_tool = "wrk" if tool == "wrk" or (tool == "auto" and wrk_path()) else "python"
     with tempfile.TemporaryDirectory(prefix="tagrelay-bench-") as tmp:
         workdir = Path(tmp)
-        with _servers(workers, threads, workdir) as servers:
+        with _servers(workers, threads, workdir, container_path) as servers:
             sanity = _sanity(servers, singles[0], batches[0])
 
             # target -> (server, path, body templates, headers, request cap)
@@ -547,7 +560,7 @@ def bench_http(
             "seconds_per_round": plan.http_seconds,
             "rounds": plan.http_rounds,
             "deliveries": "disabled (TAGRELAY_DELIVER=false); the outbox is still written",
-            "rules": str(CONTAINER.relative_to(ROOT)),
+            "rules": _shown(container_path),
         },
         "sanity": sanity,
         "bare": bare_s,
@@ -656,7 +669,7 @@ def report(results: dict[str, Any]) -> str:
             f"HTTP intake, gunicorn {s['worker_class']} workers={s['workers']} "
             f"threads={s['threads']}, {s['connections']} keep-alive connections "
             f"({s['load_generator']}), median of {s['rounds']} x {s['seconds_per_round']:g} s",
-            f"deliveries: {s['deliveries']}",
+            f"rules: {s['rules']}; deliveries: {s['deliveries']}",
             f"  {'endpoint':34s} {'req/s':>9s} {'events/s':>10s} {'p50 ms':>8s} "
             f"{'p99 ms':>8s} {'CPU us/req':>10s} {'bad':>5s} {'busiest':>8s}",
         ]
@@ -713,6 +726,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--connections", type=int, help="keep-alive connections (default 2 x workers x threads)"
     )
     parser.add_argument("--tool", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument(
+        "--rules",
+        type=Path,
+        default=CONTAINER,
+        help="the container to measure (default bench/container: 12 tags, 4 platforms)",
+    )
     parser.add_argument("--output", default=str(HERE / "results.json"), help="JSON results file")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -722,10 +741,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only in (None, "engine"):
         _progress("engine: in-process throughput ...")
         with tempfile.TemporaryDirectory(prefix="tagrelay-bench-") as tmp:
-            results["engine"] = bench_engine(plan, Path(tmp))
+            results["engine"] = bench_engine(plan, Path(tmp), args.rules)
     if args.only in (None, "http"):
         _progress("http: starting tagrelay and the bare app under gunicorn ...")
-        results["http"] = bench_http(plan, args.workers, args.threads, connections, args.tool)
+        results["http"] = bench_http(
+            plan, args.workers, args.threads, connections, args.tool, args.rules
+        )
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     sys.stdout.write(report(results) + "\n")
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
