@@ -196,6 +196,8 @@ _CANNOT_START = re.compile(r"found character '(.+)' that cannot start any token"
 _BLOCK_END = re.compile(r"expected <block end>, but found '<(block \w+ start|scalar|block entry)>'")
 _FLOW_END = re.compile(r"expected ',' or '([}\]])'")
 _ALIAS = re.compile(r"found undefined alias '(.*)'")
+_TAG = re.compile(r"constructor for the tag '")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|'.*|\".*")
 
 
 def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
@@ -204,11 +206,28 @@ def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
     marketer who misaligned a line)."""
     if (words := plain_syntax_words(exc)) is not None:
         return words
+    # Never the name of an alias or a tag, nor any other token PyYAML quotes: an unquoted
+    # secret that starts with "*" or "!" reads as one, and these messages reach the server's
+    # log and /readyz when a reload is refused.
     problem = exc.problem or ""
-    if (alias := _ALIAS.search(problem)) is not None:
-        name = alias.group(1)[:40]
-        return f"*{name} refers to no anchor &{name} defined before it"
-    return ": ".join(part for part in (exc.context, exc.problem) if part) or "not valid YAML"
+    if _ALIAS.search(problem) is not None:
+        return (
+            "an alias (a value starting with *) that names no anchor defined before it; "
+            "a text that starts with * goes in quotes"
+        )
+    if _TAG.search(problem) is not None:
+        return (
+            "a value starting with ! is a YAML tag this file cannot use; "
+            "a text that starts with ! goes in quotes"
+        )
+    told = [_QUOTED.sub(_one_character, part) for part in (exc.context, exc.problem) if part]
+    return ": ".join(told) or "not valid YAML"
+
+
+def _one_character(quoted: re.Match[str]) -> str:
+    """A quoted character kept ("found unknown escape character 'q'"), a longer token cut."""
+    text = quoted.group()
+    return text if len(text) == 3 and text[0] == text[-1] else "..."
 
 
 def syntax_mark(exc: yaml.MarkedYAMLError) -> yaml.Mark | None:
