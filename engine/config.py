@@ -374,8 +374,15 @@ def _text_in(entry: Mapping[str, Any], name: str, where: str, required: bool) ->
     return value.strip()
 
 
-def _entries(value: Any, fields: tuple[str, ...], example: str) -> list[tuple[str, Any]]:
-    """A list of keys from the file: each entry with where it is, for messages."""
+def _entries(
+    value: Any, fields: tuple[str, ...], example: str, secret: bool = False
+) -> list[tuple[str, Any]]:
+    """A list of keys from the file: each entry with where it is, for messages.
+
+    With ``secret`` (server keys), an unknown field is quoted only when it is a misspelt field
+    (``signing-secret``): ``- sk_1: whsec_...``, the environment's ``key:secret`` written as
+    YAML, makes the key itself the field's name, and this message reaches the server's log.
+    """
     if not isinstance(value, list):
         raise ValueError(f"must be a list of entries such as {example}, or comma-separated text")
     entries = []
@@ -384,8 +391,14 @@ def _entries(value: Any, fields: tuple[str, ...], example: str) -> list[tuple[st
         if isinstance(entry, dict):
             unknown = sorted(str(k) for k in entry if k not in fields)
             if unknown:
+                name = unknown[0]
+                if secret and not difflib.get_close_matches(name, fields, n=1, cutoff=0.6):
+                    raise ValueError(
+                        f"{where} has a field that is not {' or '.join(fields)} (its name not "
+                        f"shown: it may be a key); write {example}"
+                    )
                 raise ValueError(
-                    f"{where} has an unknown field {unknown[0]!r} (known: {', '.join(fields)})"
+                    f"{where} has an unknown field {name!r} (known: {', '.join(fields)})"
                 )
         entries.append((where, entry))
     return entries
@@ -398,7 +411,7 @@ def _server_keys(value: Any) -> tuple[ServerKey, ...]:
         return parse_keys(value)
     keys = []
     fields = ("key", "signing_secret")
-    for where, entry in _entries(value, fields, "{key: ..., signing_secret: ...}"):
+    for where, entry in _entries(value, fields, "{key: ..., signing_secret: ...}", secret=True):
         if isinstance(entry, dict):
             key = _text_in(entry, "key", where, required=True)
             assert key is not None  # required

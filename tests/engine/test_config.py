@@ -243,6 +243,23 @@ def test_a_bad_value_in_the_config_file_is_refused_naming_file_and_key(
     assert message in error
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # the environment's `key:secret` written as YAML: the key is the entry's field name
+        "server_keys:\n  - sk_live_SUPERSECRET_0123: whsec_SIGNINGSECRET_abcdef\n",
+        "server_keys: [{sk_live_SUPERSECRET_0123: whsec_SIGNINGSECRET_abcdef}]\n",
+        "server_keys: [{key: k1, sk_live_SUPERSECRET_0123: x}]\n",
+    ],
+)
+def test_a_server_key_written_as_a_field_name_is_not_quoted(tmp_path: Path, text: str) -> None:
+    error = refused(config_file(tmp_path, text))
+
+    assert "server_keys entry 1 has a field that is not key or signing_secret" in error
+    assert "SUPERSECRET" not in error
+    assert "SIGNINGSECRET" not in error
+
+
 def test_a_signing_secret_is_not_quoted_when_it_is_refused(tmp_path: Path) -> None:
     error = refused(config_file(tmp_path, "server_keys: [{key: abc, signing_secret: 987654321}]"))
 
