@@ -27,6 +27,7 @@ from engine.event import readable_ip
 from engine.identity import capture_click_ids
 from engine.pipeline import Pipeline
 from engine.ratelimit import RateLimiter
+from engine.store.base import BROWSER_IDS
 
 bp = Blueprint("collect", __name__)
 
@@ -127,7 +128,9 @@ def collect() -> tuple[Response, int]:
         visitor_id = _visitor_id(raw)
         event = _from_browser(raw, visitor_id)
         pipeline: Pipeline = current_app.extensions["tagrelay.pipeline"]
-        outcome = pipeline.accept([event])[0]
+        # The page's event IDs are kept apart from the backend's (BROWSER_IDS): any page can
+        # send any ID, and a backend's order ID sent first would make its sale a duplicate.
+        outcome = pipeline.accept([event], id_scope=BROWSER_IDS)[0]
         if outcome.accepted is None:
             raise BadRequest(outcome.error or "invalid event")
     except RequestError as exc:

@@ -24,7 +24,7 @@ from engine.errors import BadRequest, DiskLow, RulesError, UnstorablePayload
 from engine.rules import Container, compile_container
 from engine.rules.model import without_unstorable
 from engine.rules.source import rule_files
-from engine.store.base import Acceptance, Accepted, Store
+from engine.store.base import SERVER_IDS, Acceptance, Accepted, Store
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +238,17 @@ class Pipeline:
         return enrich_from_store(self.store, self.privacy, event, now, granted)
 
     def prepare(
-        self, raw: Any, container: Container, now: datetime, enrich: bool = True
+        self,
+        raw: Any,
+        container: Container,
+        now: datetime,
+        enrich: bool = True,
+        id_scope: str = SERVER_IDS,
     ) -> Acceptance:
         """Validate, enrich and evaluate one event (reads the store, writes nothing).
+
+        ``id_scope``: whose event IDs the event's is deduplicated among (see
+        :data:`~engine.store.base.BROWSER_IDS`).
 
         Raises:
             BadRequest: the event is invalid.
@@ -256,10 +264,15 @@ class Pipeline:
         decisions = container.evaluate(normalized, now=now, consent=consent)
         received_at = now.timestamp()
         update = identity.identity_update(normalized, consent.granted, received_at, added)
-        return Acceptance(normalized, decisions, container.dedup_window, received_at, update)
+        return Acceptance(
+            normalized, decisions, container.dedup_window, received_at, update, id_scope
+        )
 
-    def accept(self, raws: Sequence[Any], now: datetime | None = None) -> list[Outcome]:
-        """Accept a list of raw events; one outcome per event, in order.
+    def accept(
+        self, raws: Sequence[Any], now: datetime | None = None, id_scope: str = SERVER_IDS
+    ) -> list[Outcome]:
+        """Accept a list of raw events; one outcome per event, in order. ``id_scope``: see
+        :meth:`prepare`.
 
         Raises:
             StoreError: the store could not commit, or (DiskLow) its disk is below the reserve;
@@ -273,7 +286,7 @@ class Pipeline:
         for raw in raws:
             try:
                 with gate.CPU:
-                    prepared.append(self.prepare(raw, container, now))
+                    prepared.append(self.prepare(raw, container, now, id_scope=id_scope))
                 outcomes.append(None)
             except BadRequest as exc:
                 outcomes.append(Outcome(error=str(exc)))

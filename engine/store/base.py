@@ -85,6 +85,18 @@ class Acceptance:
     window: float  # dedup window in seconds
     received_at: float  # Unix seconds
     identity: IdentityUpdate | None = None  # what to remember about the visitor
+    # Whose event IDs the event's is deduplicated among (see ID_SCOPES): a page's (publishable
+    # keys are public) must neither claim nor find a backend's.
+    id_scope: str = "event"
+
+
+SERVER_IDS = "event"
+"""The event IDs of the server endpoints (``/v1/track``, ``/v1/track/batch``)."""
+BROWSER_IDS = "browser"
+"""The event IDs of ``/v1/collect``: any page may send one, so they are kept apart from the
+server's, and a page that sends a backend's event ID (an order ID) first neither makes the
+backend's event a duplicate nor, sending it after, learns that it exists."""
+ID_SCOPES = (SERVER_IDS, BROWSER_IDS)
 
 
 @dataclass(frozen=True)
@@ -137,8 +149,9 @@ class Store(abc.ABC):
     def accept_many(self, acceptances: Sequence[Acceptance]) -> list[Accepted]:
         """Accept events atomically, in order; returns one outcome per event.
 
-        For each event: if its event ID was accepted within the window, nothing is written and
-        the original outcome comes back with ``duplicate=True``. Otherwise the event is stored,
+        For each event: if its event ID was accepted within the window (in the event's
+        ``id_scope``), nothing is written and the original outcome comes back with
+        ``duplicate=True``. Otherwise the event is stored,
         every fired decision whose dedup key is already claimed is turned into a "not fired"
         decision naming the original event, and a pending delivery is queued for every
         decision still fired. Returns only after the commit.
@@ -153,7 +166,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def get_event(self, event_id: str) -> StoredEvent | None:
-        """The most recent accepted event with this ID."""
+        """The most recent accepted event with this ID (of the server's, else a page's)."""
 
     # -- outbox ---------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import pytest
 from engine import gate
 from engine.errors import StoreError
 from engine.identity import IdentityUpdate
-from engine.store.base import Acceptance, Decision
+from engine.store.base import BROWSER_IDS, Acceptance, Decision
 from engine.store.sqlite import SQLiteStore, hostlock
 from engine.store.sqlite import connection as sqlite_connection
 from engine.store.sqlite import erasure as sqlite_erasure
@@ -1201,6 +1201,30 @@ def test_retention_keeps_an_event_while_its_id_is_deduplicated(store: SQLiteStor
     assert repeat.duplicate and repeat.fired == ["meta"]
     assert store.lease("meta_dest", 10, 30.0, "w", T0 + 31 * HOUR) == []  # nothing sent twice
     assert gone["events"] == 1 and store.get_event("o1") is None
+
+
+def test_a_pages_event_ids_and_the_servers_are_deduplicated_apart(store: SQLiteStore) -> None:
+    page = replace(acceptance("o1"), id_scope=BROWSER_IDS)
+    first = store.accept(page)
+    server = store.accept(acceptance("o1"))
+    both = store.accept_many([page, acceptance("o1"), replace(page, received_at=T0 + 1)])
+
+    assert not first.duplicate and not server.duplicate
+    assert [a.duplicate for a in both] == [True, True, True]
+    assert len(store.lease("meta_dest", 10, 30.0, "w", T0)) == 2
+
+
+def test_retention_keeps_a_pages_event_while_its_id_is_deduplicated(store: SQLiteStore) -> None:
+    store.accept(replace(acceptance("p1"), id_scope=BROWSER_IDS))
+    [d] = store.lease("meta_dest", 10, 30.0, "w", T0)
+    store.mark_delivered([d.id], "w", T0 + 1)
+
+    kept = store.purge(T0 + 6 * HOUR, now=T0 + 30 * HOUR)
+    found = store.get_event("p1")
+    gone = store.purge(T0 + 6 * HOUR, now=T0 + WINDOW + 1)
+
+    assert kept["events"] == 0 and found is not None and found.event_id == "p1"
+    assert gone["events"] == 1 and store.get_event("p1") is None
 
 
 def test_forget_by_email_erases_the_identities_the_person_was_seen_with(

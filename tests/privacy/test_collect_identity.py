@@ -1429,3 +1429,21 @@ def test_with_verification_on_a_page_cannot_take_over_a_visitor_by_naming_it(
     assert taken["visitor_id"] != victims_visitor  # a visitor of its own
     assert "user_id" not in stored(app, taken["event_id"])
     assert "gclid" not in stored(app, sale.get_json()["event_id"]).get("context", {})
+
+
+def test_a_page_cannot_take_or_probe_a_backend_events_id(client: FlaskClient) -> None:
+    """A publishable key is public: a page that sent a backend's event ID (an order ID) first
+    would have the backend's sale answered as a duplicate, stored and delivered never; one
+    that sent it after would learn the order exists and which tags it fired."""
+    taken = collect(client, {"event_name": "page_view", "event_id": "ord_789"})
+    sale = track(client, {"event_name": "purchase", "event_id": "ord_789"})
+    probe = collect(client, {"event_name": "page_view", "event_id": "ord_789"})
+    again = collect(client, {"event_name": "page_view", "event_id": "ord_789"})
+    backend_again = track(client, {"event_name": "purchase", "event_id": "ord_789"})
+
+    assert taken.get_json()["duplicate"] is False
+    assert sale.status_code == 200 and sale.get_json()["duplicate"] is False
+    assert sale.get_json()["fired"] == ["to_hook"]
+    assert probe.get_json()["duplicate"] is True  # the page's own earlier copy, not the sale
+    assert again.get_json()["duplicate"] is True  # a browser's retry is still a duplicate
+    assert backend_again.get_json()["duplicate"] is True

@@ -205,7 +205,8 @@ class _Erasure(_Connections):
                     removed["events"] += db.execute(
                         f"DELETE FROM events WHERE seq IN ({marks}) AND NOT EXISTS "
                         "(SELECT 1 FROM deliveries WHERE event_seq = events.seq) AND NOT EXISTS "
-                        "(SELECT 1 FROM dedup_keys WHERE key = 'event:' || events.event_id "
+                        "(SELECT 1 FROM dedup_keys WHERE key IN ('event:' || events.event_id, "
+                        "'browser:' || events.event_id) "
                         "AND event_seq = events.seq AND expires_at > ?)",
                         [*seqs, now],
                     ).rowcount

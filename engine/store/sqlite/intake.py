@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine import jsonio
 from engine.errors import StoreError, UnstorablePayload
-from engine.store.base import Acceptance, Accepted, Decision, StoredEvent
+from engine.store.base import ID_SCOPES, Acceptance, Accepted, Decision, StoredEvent
 from engine.store.sqlite.connection import _Connections
 from engine.store.sqlite.sql import _dumps, _insert_rows, _select_in, _stored_event
 from engine.store.sqlite.visitors import _remember
@@ -83,7 +83,9 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
             payloads cannot be encoded as JSON.
     """
     event_ids = [str(acc.event["event_id"]) for acc in accs]
-    wanted = {"event:" + event_id for event_id in event_ids}
+    # An event ID's dedup key, in its scope: "event:<id>" for the server's, "browser:<id>".
+    id_keys = [f"{acc.id_scope}:{event_id}" for acc, event_id in zip(accs, event_ids, strict=True)]
+    wanted = set(id_keys)
     wanted.update(
         "tag:" + d.dedup_key for acc in accs for d in acc.decisions if d.fired and d.dedup_key
     )
@@ -98,9 +100,8 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
     # Stored originals of repeated event IDs (a live key whose event is gone counts as absent).
     live = [
         row["event_seq"]
-        for acc, event_id in zip(accs, event_ids, strict=True)
-        if (row := stored.get("event:" + event_id)) is not None
-        and row["expires_at"] > acc.received_at
+        for acc, id_key in zip(accs, id_keys, strict=True)
+        if (row := stored.get(id_key)) is not None and row["expires_at"] > acc.received_at
     ]
     originals = (
         {
@@ -114,18 +115,18 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
     )
     results: list[Accepted] = []
     claimed: dict[str, str] = {}  # tag dedup key -> event ID, for keys claimed in this group
-    first_of: dict[str, int] = {}  # event ID -> index of its first copy in this group
+    first_of: dict[str, int] = {}  # event ID's key -> index of its first copy in this group
     fresh: list[tuple[int, Acceptance, list[Decision]]] = []
-    for i, (acc, event_id) in enumerate(zip(accs, event_ids, strict=True)):
+    for i, (acc, event_id, id_key) in enumerate(zip(accs, event_ids, id_keys, strict=True)):
         now = acc.received_at
-        if event_id in first_of:
-            results.append(Accepted(event_id, True, results[first_of[event_id]].decisions))
+        if id_key in first_of:
+            results.append(Accepted(event_id, True, results[first_of[id_key]].decisions))
             continue
-        hit = stored.get("event:" + event_id)
+        hit = stored.get(id_key)
         if hit is not None and hit["expires_at"] > now and hit["event_seq"] in originals:
             results.append(Accepted(event_id, True, originals[hit["event_seq"]]))
             continue
-        first_of[event_id] = i
+        first_of[id_key] = i
         decisions = [_claim(d, event_id, now, claimed, stored) for d in acc.decisions]
         summaries = [d.summary() for d in decisions]
         fresh.append((i, acc, decisions))
@@ -161,7 +162,7 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
     for seq, (i, acc, decisions) in zip(seqs, fresh, strict=True):
         event_id, now = event_ids[i], acc.received_at
         expires = now + acc.window
-        key_rows.append(("event:" + event_id, seq, event_id, expires))
+        key_rows.append((id_keys[i], seq, event_id, expires))
         payloads = encoded[i][1]
         for d, payload in zip(decisions, payloads, strict=True):
             if d.fired:
@@ -283,11 +284,16 @@ class _Intake(_Connections):
 
     def get_event(self, event_id: str) -> StoredEvent | None:
         """See :meth:`Store.get_event`."""
-        rows = self._read(
-            "SELECT e.* FROM dedup_keys k JOIN events e ON e.seq = k.event_seq WHERE k.key = ?",
-            ("event:" + event_id,),
-            lookup=True,
-        ) or self._read(
+        rows: list[sqlite3.Row] = []
+        for scope in ID_SCOPES:  # the server's event first, then a page's of the same ID
+            rows = self._read(
+                "SELECT e.* FROM dedup_keys k JOIN events e ON e.seq = k.event_seq WHERE k.key = ?",
+                (f"{scope}:{event_id}",),
+                lookup=True,
+            )
+            if rows:
+                break
+        rows = rows or self._read(
             "SELECT * FROM events WHERE event_id = ? ORDER BY seq DESC LIMIT 1", (event_id,)
         )
         return _stored_event(rows[0]) if rows else None
