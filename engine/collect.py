@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from importlib import resources
@@ -105,7 +106,7 @@ def collect() -> tuple[Response, int]:
         limiter: RateLimiter = current_app.extensions["tagrelay.ratelimit"]
         # A publishable key is shared by every visitor of a site: its limit applies per client
         # IP, so one abusive client is throttled without silencing the whole site.
-        limiter.check(f"{key.key}|{_client_ip()}", time.time())
+        limiter.check(f"{key.key}|{_rate_subject(_client_ip())}", time.time())
         length = request.content_length
         if length is not None and length > MAX_COLLECT_BYTES:
             close_connection()  # refused unread
@@ -201,6 +202,18 @@ def _client_ip() -> str | None:
     """
     remote = request.remote_addr
     return readable_ip(remote) if remote else None
+
+
+def _rate_subject(ip: str | None) -> str | None:
+    """Whom a publishable key's rate limit counts: an IPv4 client by its address, an IPv6
+    client by its /64, which one subscriber (one host, even) holds whole and picks any
+    address of: counted per address, it had no limit."""
+    if ip is None or ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    except ValueError:
+        return ip
 
 
 def _from_browser(raw: dict[str, Any], visitor_id: str) -> dict[str, Any]:

@@ -1447,3 +1447,21 @@ def test_a_page_cannot_take_or_probe_a_backend_events_id(client: FlaskClient) ->
     assert probe.get_json()["duplicate"] is True  # the page's own earlier copy, not the sale
     assert again.get_json()["duplicate"] is True  # a browser's retry is still a duplicate
     assert backend_again.get_json()["duplicate"] is True
+
+
+def test_an_ipv6_client_cannot_escape_its_rate_limit_by_moving_within_its_64(
+    tmp_path: Path,
+) -> None:
+    """One IPv6 subscriber, one host even, holds a whole /64 and picks any address in it: a
+    limit per address was none."""
+    app = make_app(tmp_path, rate_limit=2, trusted_proxies=1)
+    client = app.test_client()
+
+    def from_ip(ip: str) -> int:
+        answer = collect(client, {"event_name": "x"}, headers={"X-Forwarded-For": ip})
+        return int(answer.status_code)
+
+    answers = [from_ip(f"2001:db8:1:2::{n:x}") for n in range(1, 5)]
+
+    assert answers == [200, 200, 429, 429]
+    assert from_ip("2001:db8:1:3::1") == 200  # the next /64: another subscriber
