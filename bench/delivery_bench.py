@@ -208,7 +208,7 @@ def memory_with_destination_down(events: int) -> dict[str, Any]:
                     samples.append((start, rss_kb(proc.pid)))
             elapsed = time.perf_counter() - began
             samples.append((events, rss_kb(proc.pid)))
-            metrics = session.get(url + "/metrics", timeout=10).text
+            metrics = session.get(url + "/metrics", headers=headers, timeout=10).text
             depth = next(
                 (
                     line

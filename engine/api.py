@@ -22,7 +22,13 @@ from flask import Blueprint, Response, current_app, g, request
 from gunicorn.http.errors import NoMoreData, ParseException
 
 from engine import jsonio, metrics
-from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, authenticate, presented_key
+from engine.auth import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    authenticate,
+    find_keys,
+    presented_key,
+)
 from engine.config import Settings
 from engine.errors import (
     BadRequest,
@@ -417,7 +423,19 @@ def track_batch() -> tuple[Response, int]:
 
 @bp.get("/metrics")
 def metrics_page() -> Response | tuple[Response, int]:
-    """Prometheus metrics."""
+    """Prometheus metrics, to a request with a server key.
+
+    The server that takes ``/v1/collect`` faces the internet, and the counts tell anyone who
+    reads them a shop's sales as they happen. A key's signing secret is not asked for: a
+    scraper sends a fixed header and cannot sign.
+
+    Raises:
+        Unauthorized: no server key.
+    """
+    headers, args = _credentials()
+    presented = presented_key(headers, args)
+    if not presented or not find_keys(presented, _settings().server_keys):
+        raise Unauthorized("/metrics needs a server key: send 'Authorization: Bearer <server key>'")
     try:
         pipeline = _pipeline()
         body, content_type = metrics.render(

@@ -756,6 +756,36 @@ def test_healthz_answers_without_a_key(client: FlaskClient) -> None:
     assert (response.status_code, response.get_json()) == (200, {"status": "ok"})
 
 
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ({}, ""),
+        ({"Authorization": "Bearer sk_wrong_0123456789"}, ""),
+        ({"Authorization": "Basic c2s6"}, ""),
+        ({}, "?api_key=sk_wrong_0123456789"),
+    ],
+    ids=["none", "unknown key", "not bearer", "unknown api_key"],
+)
+def test_metrics_are_refused_without_a_server_key(
+    client: FlaskClient, headers: dict[str, str], query: str
+) -> None:
+    # The server that takes /v1/collect faces the internet: its counts are a shop's sales.
+    answer = client.get("/metrics" + query, headers=headers)
+
+    assert answer.status_code == 401
+    assert answer.get_json()["success"] is False
+    assert b"tagrelay_events_total" not in answer.get_data()
+
+
+@pytest.mark.parametrize("key", [KEY, SIGNED_KEY.key], ids=["key", "signed key, unsigned"])
+def test_metrics_answer_a_server_key_without_a_signature(client: FlaskClient, key: str) -> None:
+    # A scraper sends a fixed header: it cannot sign, so a signing key's secret is not asked.
+    answer = client.get("/metrics", headers={"Authorization": f"Bearer {key}"})
+
+    assert answer.status_code == 200
+    assert b"tagrelay_events_total" in answer.get_data()
+
+
 def test_readyz_reports_the_store_and_the_rules(client: FlaskClient) -> None:
     response = client.get("/readyz")
 

@@ -39,7 +39,8 @@ def rules(tmp_path: Path) -> Path:
 
 def accepted(server: TagrelayServer) -> float:
     """The server's count of accepted events, from /metrics."""
-    text = requests.get(server.url + "/metrics", timeout=10).text
+    auth = {"Authorization": f"Bearer {server.key}"}
+    text = requests.get(server.url + "/metrics", headers=auth, timeout=10).text
     match = re.search(r'^tagrelay_events_total\{outcome="accepted"\} (\S+)$', text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
@@ -108,7 +109,8 @@ def test_a_metrics_directory_removed_under_a_running_server_never_fails_a_reques
 
         answer = server.track({"event_name": "sale", "event_id": "gone1"})
         refused = requests.post(server.url + "/v1/track", json={"event_name": "x"}, timeout=10)
-        page = requests.get(server.url + "/metrics", timeout=10)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        page = requests.get(server.url + "/metrics", headers=auth, timeout=10)
 
         assert answer["success"] is True
         assert refused.status_code == 401
