@@ -95,6 +95,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties" and isinstance(error.schema, dict):
         instance: Any = error.instance
         extra = sorted(set(instance) - set(error.schema.get("properties", {})))
+        if extra == ["source"] and not error.absolute_path:
+            return (
+                "source is set by tagrelay (server for /v1/track, browser for /v1/collect), "
+                "not by the client: leave it out"
+            )
         return f"unknown field {extra[0]!r} in {where}" if extra else f"{where}: {error.message}"
     if error.validator == "type":
         expected = error.validator_value
@@ -293,8 +298,32 @@ def validate(raw: Any) -> None:
         raise BadRequest(_describe(error))
 
 
+SOURCES = ("server", "browser")
+"""What an event's ``source`` may be: set by tagrelay, never by the client (see normalize)."""
+
+
+def simulated_source(raw: Any) -> tuple[Any, str]:
+    """An event given to ``tagrelay preview`` or a rule test, which may say which endpoint it
+    stands for with ``source`` (``server``, the default, or ``browser``): the event without
+    it, and the source.
+
+    Raises:
+        BadRequest: ``source`` is neither.
+    """
+    if not isinstance(raw, dict) or "source" not in raw:
+        return raw, "server"
+    rest = dict(raw)
+    source = rest.pop("source")
+    if source not in SOURCES:
+        raise BadRequest(f"source must be 'server' or 'browser', not {_quoted(source)}")
+    return rest, source
+
+
 def normalize(
-    raw: Any, now: datetime | None = None, redact_params: frozenset[str] = frozenset()
+    raw: Any,
+    now: datetime | None = None,
+    redact_params: frozenset[str] = frozenset(),
+    source: str = "server",
 ) -> dict[str, Any]:
     """Validate one event and return its normalized form.
 
@@ -304,6 +333,10 @@ def normalize(
         redact_params: page URL fields redacted whatever they hold, beside those
             :func:`engine.urlprivacy.redact_personal_data` finds itself
             (``TAGRELAY_REDACT_QUERY_PARAMS``).
+        source: the endpoint that took it, kept as the event's ``source``: ``server``
+            (``/v1/track``, a server key) or ``browser`` (``/v1/collect``, a publishable key
+            any page may use). Rules can then tell a backend's copy from a page's, which no
+            field the client sends can (a client that sends ``source`` is refused).
 
     Raises:
         BadRequest: with a message naming the first problem found.
@@ -311,6 +344,7 @@ def normalize(
     now = now or datetime.now(UTC)
     validate(raw)
     event = dict(raw)
+    event["source"] = source
     alias = event.pop("event_type", None)
     if "event_name" not in event:
         if alias is None:

@@ -24,7 +24,7 @@ from engine.errors import BadRequest, DiskLow, RulesError, UnstorablePayload
 from engine.rules import Container, compile_container
 from engine.rules.model import without_unstorable
 from engine.rules.source import rule_files
-from engine.store.base import SERVER_IDS, Acceptance, Accepted, Store
+from engine.store.base import BROWSER_IDS, SERVER_IDS, Acceptance, Accepted, Store
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,8 @@ class Pipeline:
         Raises:
             BadRequest: the event is invalid.
         """
-        normalized = events.normalize(raw, now, self.privacy.redact_query_params)
+        source = "browser" if id_scope == BROWSER_IDS else "server"
+        normalized = events.normalize(raw, now, self.privacy.redact_query_params, source)
         # Computed once for the enrichment, the IP policy, every tag and the identity update;
         # neither the enrichment nor the IP policy touches the event's consent.
         consent = container.consent(normalized)

@@ -63,7 +63,8 @@ def preview(
         BadRequest: the event is invalid.
     """
     now = now or datetime.now(UTC)
-    event = events.normalize(raw, now, redact_params)
+    raw, source = events.simulated_source(raw)
+    event = events.normalize(raw, now, redact_params, source)
     granted = granted_purposes(event.get("consent"), container.consent_defaults)
     added = enricher(event, now, granted) if enricher is not None else []
     apply_ip_policy(event, ip_storage, granted)

@@ -31,7 +31,10 @@ def _decisions(
     container: Container, event: StoredEvent, destination: str | None, tag: str | None
 ) -> list[Decision]:
     out = []
-    for decision in container.evaluate(dict(event.event), explain=True, now=datetime.now(UTC)):
+    # An event stored before events had a source came in as the server's: /v1/collect's
+    # were few, and their tags saw no source either.
+    stored = {"source": "server", **event.event}
+    for decision in container.evaluate(stored, explain=True, now=datetime.now(UTC)):
         if destination is not None and decision.destination != destination:
             continue
         if tag is not None and decision.tag != tag:

@@ -94,7 +94,8 @@ def run_test(
     result = TestResult(test)
     now = now or datetime.now(UTC)
     try:
-        event = events.normalize(dict(test.event), now, redact_params)
+        raw, source = events.simulated_source(dict(test.event))
+        event = events.normalize(raw, now, redact_params, source)
     except BadRequest as exc:
         result.differences.append(f"the test event is invalid: {exc}")
         return result

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from engine.errors import BadRequest
-from engine.event import normalize, parse_timestamp
+from engine.event import normalize, parse_timestamp, simulated_source
 
 NOW = datetime(2026, 11, 20, 15, 0, 0, tzinfo=UTC)
 
@@ -187,3 +187,31 @@ def test_normalize_does_not_change_what_the_client_sent() -> None:
     normalize(raw, NOW)
 
     assert raw == {"event_type": "x", "consent": {"ad_storage": True}}
+
+
+def test_the_source_is_the_endpoints_and_never_the_clients() -> None:
+    assert normalize({"event_name": "x"})["source"] == "server"
+    assert normalize({"event_name": "x"}, source="browser")["source"] == "browser"
+    with pytest.raises(BadRequest, match=r"^source is set by tagrelay"):
+        normalize({"event_name": "x", "source": "server"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"event_name": "x"}, ({"event_name": "x"}, "server")),
+        ({"event_name": "x", "source": "browser"}, ({"event_name": "x"}, "browser")),
+        ({"event_name": "x", "source": "server"}, ({"event_name": "x"}, "server")),
+        (["not an event"], (["not an event"], "server")),  # refused later, by normalize
+    ],
+)
+def test_a_preview_or_rule_test_event_may_say_which_endpoint_it_stands_for(
+    raw: Any, expected: tuple[Any, str]
+) -> None:
+    assert simulated_source(raw) == expected
+
+
+@pytest.mark.parametrize("source", ["phone", None, 1, "Browser"])
+def test_a_simulated_source_is_server_or_browser(source: Any) -> None:
+    with pytest.raises(BadRequest, match=r"^source must be 'server' or 'browser'"):
+        simulated_source({"event_name": "x", "source": source})

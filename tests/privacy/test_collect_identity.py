@@ -1449,6 +1449,52 @@ def test_a_page_cannot_take_or_probe_a_backend_events_id(client: FlaskClient) ->
     assert backend_again.get_json()["duplicate"] is True
 
 
+def test_each_event_says_which_endpoint_took_it_and_a_client_cannot_say_so(
+    client: FlaskClient, app: Flask
+) -> None:
+    collect(client, {"event_name": "page_view", "event_id": "from_page"})
+    track(client, {"event_name": "purchase", "event_id": "from_backend"})
+    claimed = track(client, {"event_name": "purchase", "source": "server"})
+    claimed_by_page = collect(client, {"event_name": "purchase", "source": "server"})
+
+    assert stored(app, "from_page")["source"] == "browser"
+    assert stored(app, "from_backend")["source"] == "server"
+    for answer in (claimed, claimed_by_page):
+        assert answer.status_code == 400
+        assert answer.get_json()["error"].startswith("source is set by tagrelay")
+
+
+SERVER_COPY_RULES = """
+destinations:
+  hook: {type: webhook, url: "http://127.0.0.1:9/hook"}
+triggers:
+  purchase: {event: purchase}
+  from_a_page: {event: '*', when: "source == 'browser'"}
+tags:
+  - name: sale
+    trigger: purchase
+    except: from_a_page
+    destination: hook
+    dedup_key: properties.order_id
+"""
+
+
+def test_a_tag_that_takes_no_page_copy_keeps_its_dedup_key_for_the_backend(
+    tmp_path: Path,
+) -> None:
+    """A page (any page: the publishable key is public) that sends a purchase with a coming
+    order ID claims the tag's key first, unless the tag takes only the backend's copies."""
+    client = make_app(tmp_path, SERVER_COPY_RULES).test_client()
+    forged = {"event_name": "purchase", "properties": {"order_id": "ord_9", "value": 0.01}}
+    real = {"event_name": "purchase", "properties": {"order_id": "ord_9", "value": 129.0}}
+
+    page = collect(client, forged).get_json()
+    backend = track(client, real).get_json()
+
+    assert page["fired"] == []
+    assert backend["fired"] == ["sale"]
+
+
 def test_an_ipv6_client_cannot_escape_its_rate_limit_by_moving_within_its_64(
     tmp_path: Path,
 ) -> None:
