@@ -1172,6 +1172,23 @@ def test_a_replay_that_queues_nothing_keeps_the_dead_letter(store: SQLiteStore) 
     assert [d.id for d in store.dead_letters()] == [dead]
 
 
+def test_a_replay_does_not_take_a_dedup_key_held_by_a_page_event_of_the_same_id(
+    store: SQLiteStore,
+) -> None:
+    # A page's event and the server's may share an event ID (their IDs are deduplicated
+    # apart): the key the page's claimed is held by another event, whatever its ID.
+    keyed = decision(dedup_key="ord_1")
+    store.accept(replace(acceptance("o1", keyed), id_scope=BROWSER_IDS))
+    server = store.accept(acceptance("o1", keyed, at=T0 + 1))
+    page, backend = store.events_since(0.0)
+
+    applied = store.requeue(backend, [keyed], WINDOW, T0 + 2)
+
+    assert server.fired == [] and page.event_id == backend.event_id == "o1"
+    assert [d.fired for d in applied] == [False] and "dedup key" in applied[0].reason
+    assert len(store.lease("meta_dest", 10, 30.0, "w", T0 + 3)) == 1  # the page's, once
+
+
 def test_a_replay_of_an_event_erased_meanwhile_queues_nothing(store: SQLiteStore) -> None:
     store.accept(_of_person("p1"))
     event = store.get_event("p1")

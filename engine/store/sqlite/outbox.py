@@ -217,10 +217,12 @@ class _Outbox(_Connections):
                 key = "tag:" + decision.dedup_key if decision.dedup_key else None
                 if decision.fired and key:
                     row = db.execute(
-                        "SELECT event_id FROM dedup_keys WHERE key = ? AND expires_at > ?",
+                        "SELECT event_seq, event_id FROM dedup_keys WHERE key = ? "
+                        "AND expires_at > ?",
                         (key, now),
                     ).fetchone()
-                    if row is not None and row["event_id"] != event.event_id:
+                    # Another event by its seq: a page's event may share the event's ID.
+                    if row is not None and row["event_seq"] != event.seq:
                         decision = decision.blocked(  # noqa: PLW2901 - the applied version
                             f"duplicate: dedup key already forwarded by event {row['event_id']}"
                         )
