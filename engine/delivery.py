@@ -70,10 +70,23 @@ class _TokenCache:
     # The exchange that gave the token: a reload that changes the destination's credentials
     # (another client, account or refresh token) changes it, and the token is not used again.
     exchange: bytes = b""
+    # The adapter instance that obtained it (a weak reference, None if it takes none): its
+    # settings do not change, so its token is its own however its exchange differs from one
+    # call to the next (a plugin's may carry the time: a JWT assertion, a nonce).
+    owner: weakref.ref[Destination] | None = None
 
-    def usable(self, exchange: bytes) -> bool:
-        """Still valid, and given for these credentials."""
-        return bool(self.value) and self.exchange == exchange and time.time() < self.expires_at
+    def usable(self, exchange: bytes, adapter: Destination) -> bool:
+        """Still valid, and given to this adapter or for these credentials."""
+        if not self.value or time.time() >= self.expires_at:
+            return False
+        return (self.owner is not None and self.owner() is adapter) or self.exchange == exchange
+
+
+def _owner(adapter: Destination) -> weakref.ref[Destination] | None:
+    try:
+        return weakref.ref(adapter)
+    except TypeError:  # a plugin object that takes no weak reference: told by its exchange
+        return None
 
 
 def _exchange_digest(request: HttpRequest) -> bytes:
@@ -786,7 +799,7 @@ class DeliveryWorker:
             return None
         exchange = _exchange_digest(request)
         cached = self._tokens.get(dest.name)
-        if cached and cached.usable(exchange):
+        if cached and cached.usable(exchange, dest.adapter):
             return cached.value
         with self._token_lock:  # one lock per destination: a slow token endpoint stalls no other
             lock = self._token_locks.setdefault(dest.name, threading.Lock())
@@ -798,7 +811,7 @@ class DeliveryWorker:
             raise _TokenBusy
         try:
             cached = self._tokens.get(dest.name)
-            if cached and cached.usable(exchange):
+            if cached and cached.usable(exchange, dest.adapter):
                 return cached.value  # another thread refreshed it meanwhile
             response = self.transport.send(request, dest.delivery.timeout)
             try:
@@ -813,7 +826,9 @@ class DeliveryWorker:
                 raise TokenFailure(
                     f"HTTP {response.status} ({type(exc).__name__})", _token_outcome(exc, response)
                 ) from exc
-            self._tokens[dest.name] = _TokenCache(token.value, expires_at, exchange)
+            self._tokens[dest.name] = _TokenCache(
+                token.value, expires_at, exchange, _owner(dest.adapter)
+            )
             return token.value
         finally:
             lock.release()

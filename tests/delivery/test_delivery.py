@@ -671,6 +671,29 @@ def test_a_reload_that_changes_the_credentials_fetches_a_token_for_them(
     assert [s[0] for s in h.statuses()] == ["delivered"] * 3
 
 
+def test_a_token_exchange_that_differs_each_time_still_uses_the_cached_token(
+    tmp_path: Path, plugins: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plugin's exchange may carry the time (a JWT assertion's iat, a nonce): told apart from
+    # the one that gave the token, it fetched a token for every batch.
+    calls = iter(range(1_000_000))
+
+    def signed_now(self: PerItem) -> HttpRequest:
+        body = {"secret": str(self.settings["client_secret"]), "iat": next(calls)}
+        return HttpRequest.json_post(f"{self.settings['url']}/token", body)
+
+    monkeypatch.setattr(PerItem, "token_request", signed_now)
+    platform = PerItemPlatform()
+    with LoopbackServer(platform) as server:
+        h = Harness(tmp_path, per_item_rules(tmp_path, server.url))
+        for event_id in ("a", "b", "c"):
+            h.accept({"event_name": "sale", "event_id": event_id, "properties": {"value": 1}})
+            h.worker.drain()
+
+    assert platform.tokens_issued == 1
+    assert [s[0] for s in h.statuses()] == ["delivered"] * 3
+
+
 def test_a_batch_waits_for_another_requests_token_fetch_no_longer_than_one_exchange(
     tmp_path: Path, plugins: None
 ) -> None:
