@@ -9,6 +9,7 @@ server-set cookie, which browsers do not cap at 7 days as they cap cookies set b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -100,6 +101,15 @@ def collect() -> tuple[Response, int]:
     """Accept one event from a browser; set or refresh the visitor cookie."""
     key: PublishableKey | None = None
     try:
+        length = request.content_length
+        if length is not None and length > MAX_COLLECT_BYTES:
+            # Before the key, the origin and the rate limit, as /v1/track's: refused there
+            # (401, 403, 429), the body stayed unread on an open connection, and gunicorn read
+            # on through all of it, whatever its size, to find the next request.
+            close_connection()  # refused unread
+            with contextlib.suppress(RequestError):
+                key = _key()  # for CORS only: the page's script can read why
+            raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
         key = g.collect_key = _key()
         if not key.allows(_origin()):
             raise Forbidden("this page's origin is not allowed for the publishable key")
@@ -107,10 +117,6 @@ def collect() -> tuple[Response, int]:
         # A publishable key is shared by every visitor of a site: its limit applies per client
         # IP, so one abusive client is throttled without silencing the whole site.
         limiter.check(f"{key.key}|{_rate_subject(_client_ip())}", time.time())
-        length = request.content_length
-        if length is not None and length > MAX_COLLECT_BYTES:
-            close_connection()  # refused unread
-            raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
         body = read_body(cache=False)
         if len(body) > MAX_COLLECT_BYTES:  # chunked: maybe read only up to a limit
             close_connection()

@@ -216,6 +216,29 @@ def test_a_collect_body_declared_over_the_limit_is_refused_unread_on_its_last_an
     assert (accepted.status_code, read_whole.must_close) == (200, False)
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [{"Origin": "https://elsewhere.example"}, {"X-Forwarded-For": "203.0.113.9"}],
+    ids=["origin refused", "rate limited"],
+)
+def test_a_collect_body_declared_over_the_limit_is_refused_unread_before_anything_else(
+    tmp_path: Path, headers: dict[str, str]
+) -> None:
+    # A 403 or a 429 kept the connection, and gunicorn read on through the whole declared
+    # body (any size) to find the next request, as /v1/track's 413 before its key prevents.
+    client = make_app(tmp_path, rate_limit=1, trusted_proxies=1).test_client()
+    collect(client, {"event_name": "x"}, headers={"X-Forwarded-For": "203.0.113.9"})
+    declared = _GunicornRequest()
+    try:
+        api.answering(declared)
+        big = {"event_name": "x", "properties": {"blob": "a" * 70_000}}
+        refused = collect(client, big, headers=headers)
+    finally:
+        api.answering(None)
+
+    assert (refused.status_code, declared.must_close) == (413, True)
+
+
 class _MalformedChunks(io.RawIOBase):
     """A body as gunicorn hands a malformed chunked one to the app: reading it raises."""
 
