@@ -144,6 +144,9 @@ def collect() -> tuple[Response, int]:
         response, status = error_response(exc)
         return _cors(response, key), status
     answer = outcome.as_json()
+    # Which tags fired is the server's business: any page (the key is public) learnt from it
+    # the shop's tags and, where a tag's dedup key kept its copy back, that an order exists.
+    answer.pop("fired", None)
     answer["visitor_id"] = visitor_id
     response = jsonify(answer)
     _set_cookie(response, visitor_id)
