@@ -31,8 +31,8 @@ def _decisions(
     container: Container, event: StoredEvent, destination: str | None, tag: str | None
 ) -> list[Decision]:
     out = []
-    # An event stored before events had a source came in as the server's: /v1/collect's
-    # were few, and their tags saw no source either.
+    # An event stored before events had a source is read as the server's: which endpoint
+    # took it cannot be told any more.
     stored = {"source": "server", **event.event}
     for decision in container.evaluate(stored, explain=True, now=datetime.now(UTC)):
         if destination is not None and decision.destination != destination:

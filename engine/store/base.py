@@ -73,6 +73,15 @@ class Decision:
         return out
 
 
+SERVER_IDS = "event"
+"""The event IDs of the server endpoints (``/v1/track``, ``/v1/track/batch``)."""
+BROWSER_IDS = "browser"
+"""The event IDs of ``/v1/collect``: any page may send one, so they are kept apart from the
+server's, and a page that sends a backend's event ID (an order ID) first neither makes the
+backend's event a duplicate nor, sending it after, learns that it exists."""
+ID_SCOPES = (SERVER_IDS, BROWSER_IDS)
+
+
 @dataclass(slots=True)
 class Acceptance:
     """An event to accept, with what the rules decided for it.
@@ -87,16 +96,7 @@ class Acceptance:
     identity: IdentityUpdate | None = None  # what to remember about the visitor
     # Whose event IDs the event's is deduplicated among (see ID_SCOPES): a page's (publishable
     # keys are public) must neither claim nor find a backend's.
-    id_scope: str = "event"
-
-
-SERVER_IDS = "event"
-"""The event IDs of the server endpoints (``/v1/track``, ``/v1/track/batch``)."""
-BROWSER_IDS = "browser"
-"""The event IDs of ``/v1/collect``: any page may send one, so they are kept apart from the
-server's, and a page that sends a backend's event ID (an order ID) first neither makes the
-backend's event a duplicate nor, sending it after, learns that it exists."""
-ID_SCOPES = (SERVER_IDS, BROWSER_IDS)
+    id_scope: str = SERVER_IDS
 
 
 @dataclass(frozen=True)
