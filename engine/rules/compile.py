@@ -225,6 +225,11 @@ class _Compiler:
         self._check_event_fields(source, tree, where, what, constant_hint)
         for message in numbers_as_text(tree):
             self.warn(where, f"{what}: {message}")
+        foreign = expressions.foreign_sources(tree)
+        for message in foreign:
+            self.error(where, f"{what}: {message}")
+        if foreign:
+            return None
         return found
 
     def _check_event_fields(

@@ -22,6 +22,7 @@ from typing import Any
 import jmespath
 import jmespath.exceptions
 
+from engine.event import SOURCES
 from engine.expr import (
     VARIABLE,
     ExpressionError,
@@ -281,6 +282,43 @@ def root_fields(tree: Mapping[str, Any]) -> list[str]:
             same = kind in _SAME_VALUE or (kind in _LEFT_SAME_VALUE and i == 0)
             stack.append((child, at_root and same))
     return list(dict.fromkeys(reversed(found)))
+
+
+def foreign_sources(tree: Mapping[str, Any]) -> list[str]:
+    """What to say of each comparison of the event's ``source`` with a text it never holds.
+
+    tagrelay sets ``source`` to ``server`` or ``browser`` (:data:`engine.event.SOURCES`), so
+    ``source == 'page'`` is always false: a trigger that never fires, or an exception meant to
+    keep a page's copies out that never does. Only ``source`` read from the event itself
+    counts (see :func:`root_fields`), not an item's field of that name in a filter.
+    """
+    said = []
+    stack: list[tuple[Any, bool]] = [(tree, True)]
+    while stack:
+        node, at_root = stack.pop()
+        if not isinstance(node, Mapping):
+            continue
+        kind = node.get("type")
+        children = node.get("children", ())
+        if kind == "comparator" and at_root and node.get("value") in ("eq", "ne"):
+            left, right = (*children, None, None)[:2]
+            if isinstance(right, Mapping) and right.get("type") == "field":
+                left, right = right, left
+            if (
+                left == {"type": "field", "value": "source", "children": []}
+                and isinstance(right, Mapping)
+                and right.get("type") == "literal"
+                and right.get("value") not in SOURCES
+            ):
+                always = "false" if node["value"] == "eq" else "true"
+                said.append(
+                    f"source is 'server' or 'browser' (set by tagrelay), never "
+                    f"{right.get('value')!r}: this comparison is always {always}"
+                )
+        for i, child in enumerate(children):
+            same = kind in _SAME_VALUE or (kind in _LEFT_SAME_VALUE and i == 0)
+            stack.append((child, at_root and same))
+    return said
 
 
 def variable_of(node: Mapping[str, Any]) -> Variable | None:
