@@ -15,7 +15,7 @@ Nothing of one expression's text is pasted into another.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,6 +262,22 @@ def _rewrite(node: Any, variables: Mapping[str, Variable], at_root: bool) -> Any
     return {**node, "children": children}
 
 
+def _read_from_the_event(tree: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """The nodes of an expression evaluated against the event itself: not those read from
+    each item of a filter or a projection, nor what a variable reads."""
+    stack: list[tuple[Any, bool]] = [(tree, True)]
+    while stack:
+        node, at_root = stack.pop()
+        if not isinstance(node, Mapping):
+            continue
+        kind = node.get("type")
+        if at_root:
+            yield node
+        for i, child in enumerate(node.get("children", ())):
+            same = kind in _SAME_VALUE or (kind in _LEFT_SAME_VALUE and i == 0)
+            stack.append((child, at_root and same))
+
+
 def root_fields(tree: Mapping[str, Any]) -> list[str]:
     """The fields an expression reads from the event itself, as the first step of a path.
 
@@ -269,19 +285,15 @@ def root_fields(tree: Mapping[str, Any]) -> list[str]:
     ``properties.currency == EUR``, not ``price`` in ``properties.items[?price > `1`]`` (read
     from each item) nor what a variable reads (its own definition is checked on its own).
     """
-    found: list[str] = []
-    stack: list[tuple[Any, bool]] = [(tree, True)]
-    while stack:
-        node, at_root = stack.pop()
-        if not isinstance(node, Mapping):
-            continue
-        kind = node.get("type")
-        if kind == "field" and at_root and isinstance(node.get("value"), str):
-            found.append(node["value"])
-        for i, child in enumerate(node.get("children", ())):
-            same = kind in _SAME_VALUE or (kind in _LEFT_SAME_VALUE and i == 0)
-            stack.append((child, at_root and same))
+    found = [
+        node["value"]
+        for node in _read_from_the_event(tree)
+        if node.get("type") == "field" and isinstance(node.get("value"), str)
+    ]
     return list(dict.fromkeys(reversed(found)))
+
+
+_SOURCE_FIELD = {"type": "field", "value": "source", "children": []}
 
 
 def foreign_sources(tree: Mapping[str, Any]) -> list[str]:
@@ -293,31 +305,23 @@ def foreign_sources(tree: Mapping[str, Any]) -> list[str]:
     counts (see :func:`root_fields`), not an item's field of that name in a filter.
     """
     said = []
-    stack: list[tuple[Any, bool]] = [(tree, True)]
-    while stack:
-        node, at_root = stack.pop()
-        if not isinstance(node, Mapping):
+    for node in _read_from_the_event(tree):
+        if node.get("type") != "comparator" or node.get("value") not in ("eq", "ne"):
             continue
-        kind = node.get("type")
-        children = node.get("children", ())
-        if kind == "comparator" and at_root and node.get("value") in ("eq", "ne"):
-            left, right = (*children, None, None)[:2]
-            if isinstance(right, Mapping) and right.get("type") == "field":
-                left, right = right, left
-            if (
-                left == {"type": "field", "value": "source", "children": []}
-                and isinstance(right, Mapping)
-                and right.get("type") == "literal"
-                and right.get("value") not in SOURCES
-            ):
-                always = "false" if node["value"] == "eq" else "true"
-                said.append(
-                    f"source is 'server' or 'browser' (set by tagrelay), never "
-                    f"{right.get('value')!r}: this comparison is always {always}"
-                )
-        for i, child in enumerate(children):
-            same = kind in _SAME_VALUE or (kind in _LEFT_SAME_VALUE and i == 0)
-            stack.append((child, at_root and same))
+        left, right = (*node.get("children", ()), None, None)[:2]
+        if isinstance(right, Mapping) and right.get("type") == "field":
+            left, right = right, left
+        if (
+            left == _SOURCE_FIELD
+            and isinstance(right, Mapping)
+            and right.get("type") == "literal"
+            and right.get("value") not in SOURCES
+        ):
+            always = "false" if node["value"] == "eq" else "true"
+            said.append(
+                f"source is 'server' or 'browser' (set by tagrelay), never "
+                f"{right.get('value')!r}: this comparison is always {always}"
+            )
     return said
 
 
