@@ -32,6 +32,7 @@ from engine.auth import (
 from engine.config import Settings
 from engine.errors import (
     BadRequest,
+    BodyTooLarge,
     Forbidden,
     PayloadTooLarge,
     RequestError,
@@ -280,8 +281,9 @@ def close_connection() -> None:
     """Answer with ``Connection: close`` and close the connection after the answer.
 
     For an answer that leaves bytes of the body unread or unreadable (its framing is broken, or
-    it is over the limit): the client learns the connection is done, and the server does not
-    read a body it refused to find the next request behind it.
+    it is over the limit: :class:`~engine.errors.BodyTooLarge`, which :func:`error_response`
+    answers so): the client learns the connection is done, and the server does not read a body
+    it refused to find the next request behind it.
     """
     req = getattr(_answering, "req", None)
     if req is not None:
@@ -321,8 +323,7 @@ def _authenticated_body() -> bytes:
     settings = _settings()
     length = request.content_length
     if length is not None and length > settings.max_body_bytes:
-        close_connection()  # refused unread
-        raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
+        raise BodyTooLarge(f"the body is over {settings.max_body_bytes} bytes")
     headers, args = _credentials()
     presented = presented_key(headers, args)
     if presented and any(
@@ -331,8 +332,7 @@ def _authenticated_body() -> bytes:
         raise Forbidden("a publishable key can only reach /v1/collect")
     body = read_body(cache=True)
     if len(body) > settings.max_body_bytes:  # chunked: read only up to the limit
-        close_connection()
-        raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
+        raise BodyTooLarge(f"the body is over {settings.max_body_bytes} bytes")
     now = time.time()
     key = authenticate(
         headers,
@@ -508,6 +508,8 @@ def readyz() -> tuple[Response, int]:
 def error_response(exc: RequestError) -> tuple[Response, int]:
     """The JSON answer for a request error."""
     metrics.inc(metrics.REJECTED_REQUESTS, (str(exc.status),))
+    if isinstance(exc, BodyTooLarge):
+        close_connection()
     response = json_response({"success": False, "error": str(exc)})
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)

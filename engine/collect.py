@@ -22,14 +22,13 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from engine import event as events
-from engine.api import close_connection, error_response, parse_json_body, read_body
+from engine.api import error_response, parse_json_body, read_body
 from engine.config import PublishableKey, Settings
-from engine.errors import BadRequest, Forbidden, PayloadTooLarge, RequestError, Unauthorized
+from engine.errors import BadRequest, BodyTooLarge, Forbidden, RequestError, Unauthorized
 from engine.event import readable_ip
 from engine.identity import capture_click_ids
 from engine.pipeline import Pipeline
 from engine.ratelimit import RateLimiter
-from engine.store.base import BROWSER_IDS
 
 bp = Blueprint("collect", __name__)
 
@@ -106,10 +105,9 @@ def collect() -> tuple[Response, int]:
             # Before the key, the origin and the rate limit, as /v1/track's: refused there
             # (401, 403, 429), the body stayed unread on an open connection, and gunicorn read
             # on through all of it, whatever its size, to find the next request.
-            close_connection()  # refused unread
             with contextlib.suppress(RequestError):
                 key = _key()  # for CORS only: the page's script can read why
-            raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
+            raise BodyTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
         key = g.collect_key = _key()
         if not key.allows(_origin()):
             raise Forbidden("this page's origin is not allowed for the publishable key")
@@ -119,8 +117,7 @@ def collect() -> tuple[Response, int]:
         limiter.check(f"{key.key}|{_rate_subject(_client_ip())}", time.time())
         body = read_body(cache=False)
         if len(body) > MAX_COLLECT_BYTES:  # chunked: maybe read only up to a limit
-            close_connection()
-            raise PayloadTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
+            raise BodyTooLarge(f"a collected event is at most {MAX_COLLECT_BYTES} bytes")
         raw = parse_json_body(
             body,
             request.content_type,
@@ -135,9 +132,9 @@ def collect() -> tuple[Response, int]:
         visitor_id = _visitor_id(raw)
         event = _from_browser(raw, visitor_id)
         pipeline: Pipeline = current_app.extensions["tagrelay.pipeline"]
-        # The page's event IDs are kept apart from the backend's (BROWSER_IDS): any page can
+        # Its source, browser, keeps the page's event IDs apart from the backend's: any page can
         # send any ID, and a backend's order ID sent first would make its sale a duplicate.
-        outcome = pipeline.accept([event], id_scope=BROWSER_IDS)[0]
+        outcome = pipeline.accept([event], source="browser")[0]
         if outcome.accepted is None:
             raise BadRequest(outcome.error or "invalid event")
     except RequestError as exc:

@@ -94,6 +94,12 @@ class PayloadTooLarge(RequestError):
     status = 413
 
 
+class BodyTooLarge(PayloadTooLarge):
+    """The body is over the size limit, refused before it was read or once read up to the
+    limit: its answer closes the connection (the rest of the body is not read to find the
+    next request behind it)."""
+
+
 class UnsupportedMediaType(RequestError):
     """The body is not JSON."""
 

@@ -24,7 +24,7 @@ from engine.errors import BadRequest, DiskLow, RulesError, UnstorablePayload
 from engine.rules import Container, compile_container
 from engine.rules.model import without_unstorable
 from engine.rules.source import rule_files
-from engine.store.base import BROWSER_IDS, SERVER_IDS, Acceptance, Accepted, Store
+from engine.store.base import Acceptance, Accepted, Store
 
 log = logging.getLogger(__name__)
 
@@ -243,17 +243,16 @@ class Pipeline:
         container: Container,
         now: datetime,
         enrich: bool = True,
-        id_scope: str = SERVER_IDS,
+        source: str = "server",
     ) -> Acceptance:
         """Validate, enrich and evaluate one event (reads the store, writes nothing).
 
-        ``id_scope``: whose event IDs the event's is deduplicated among (see
-        :data:`~engine.store.base.BROWSER_IDS`).
+        ``source``: the endpoint that took it, ``server`` or ``browser`` (see
+        :func:`engine.event.normalize`); event IDs are deduplicated per source.
 
         Raises:
             BadRequest: the event is invalid.
         """
-        source = "browser" if id_scope == BROWSER_IDS else "server"
         normalized = events.normalize(raw, now, self.privacy.redact_query_params, source)
         # Computed once for the enrichment, the IP policy, every tag and the identity update;
         # neither the enrichment nor the IP policy touches the event's consent.
@@ -265,14 +264,12 @@ class Pipeline:
         decisions = container.evaluate(normalized, now=now, consent=consent)
         received_at = now.timestamp()
         update = identity.identity_update(normalized, consent.granted, received_at, added)
-        return Acceptance(
-            normalized, decisions, container.dedup_window, received_at, update, id_scope
-        )
+        return Acceptance(normalized, decisions, container.dedup_window, received_at, update)
 
     def accept(
-        self, raws: Sequence[Any], now: datetime | None = None, id_scope: str = SERVER_IDS
+        self, raws: Sequence[Any], now: datetime | None = None, source: str = "server"
     ) -> list[Outcome]:
-        """Accept a list of raw events; one outcome per event, in order. ``id_scope``: see
+        """Accept a list of raw events; one outcome per event, in order. ``source``: see
         :meth:`prepare`.
 
         Raises:
@@ -287,7 +284,7 @@ class Pipeline:
         for raw in raws:
             try:
                 with gate.CPU:
-                    prepared.append(self.prepare(raw, container, now, id_scope=id_scope))
+                    prepared.append(self.prepare(raw, container, now, source=source))
                 outcomes.append(None)
             except BadRequest as exc:
                 outcomes.append(Outcome(error=str(exc)))

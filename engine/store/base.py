@@ -73,13 +73,22 @@ class Decision:
         return out
 
 
-SERVER_IDS = "event"
-"""The event IDs of the server endpoints (``/v1/track``, ``/v1/track/batch``)."""
-BROWSER_IDS = "browser"
-"""The event IDs of ``/v1/collect``: any page may send one, so they are kept apart from the
-server's, and a page that sends a backend's event ID (an order ID) first neither makes the
-backend's event a duplicate nor, sending it after, learns that it exists."""
-ID_SCOPES = (SERVER_IDS, BROWSER_IDS)
+# Event IDs are deduplicated per source (the event's ``source``, set at intake): any page may
+# send any ID to /v1/collect, so a page's IDs are kept apart from the server endpoints', and a
+# page that sends a backend's event ID (an order ID) first neither makes the backend's event a
+# duplicate nor, sending it after, learns that it exists. The server's keep the prefix they
+# had before sources existed.
+_ID_PREFIXES = {"server": "event", "browser": "browser"}
+
+
+def event_id_key(event_id: str, source: str = "server") -> str:
+    """The dedup key of an event ID among the events of its source (``server``, ``browser``)."""
+    return f"{_ID_PREFIXES.get(source, 'event')}:{event_id}"
+
+
+def event_id_keys(event_id: str) -> list[str]:
+    """The dedup keys an event ID may have: the server's first, then a page's."""
+    return [f"{prefix}:{event_id}" for prefix in _ID_PREFIXES.values()]
 
 
 @dataclass(slots=True)
@@ -94,9 +103,6 @@ class Acceptance:
     window: float  # dedup window in seconds
     received_at: float  # Unix seconds
     identity: IdentityUpdate | None = None  # what to remember about the visitor
-    # Whose event IDs the event's is deduplicated among (see ID_SCOPES): a page's (publishable
-    # keys are public) must neither claim nor find a backend's.
-    id_scope: str = SERVER_IDS
 
 
 @dataclass(frozen=True)
@@ -149,12 +155,12 @@ class Store(abc.ABC):
     def accept_many(self, acceptances: Sequence[Acceptance]) -> list[Accepted]:
         """Accept events atomically, in order; returns one outcome per event.
 
-        For each event: if its event ID was accepted within the window (in the event's
-        ``id_scope``), nothing is written and the original outcome comes back with
-        ``duplicate=True``. Otherwise the event is stored,
-        every fired decision whose dedup key is already claimed is turned into a "not fired"
-        decision naming the original event, and a pending delivery is queued for every
-        decision still fired. Returns only after the commit.
+        For each event: if its event ID was accepted within the window (among the events of
+        its ``source``: see :func:`event_id_key`), nothing is written and the original outcome
+        comes back with ``duplicate=True``. Otherwise the event is stored, every fired decision
+        whose dedup key is already claimed is turned into a "not fired" decision naming the
+        original event, and a pending delivery is queued for every decision still fired.
+        Returns only after the commit.
 
         Raises:
             StoreError: nothing was committed; a retry is safe.

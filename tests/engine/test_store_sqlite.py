@@ -24,7 +24,7 @@ import pytest
 from engine import gate
 from engine.errors import StoreError
 from engine.identity import IdentityUpdate
-from engine.store.base import BROWSER_IDS, Acceptance, Decision
+from engine.store.base import Acceptance, Decision
 from engine.store.sqlite import SQLiteStore, hostlock
 from engine.store.sqlite import connection as sqlite_connection
 from engine.store.sqlite import erasure as sqlite_erasure
@@ -41,9 +41,13 @@ def decision(tag: str = "meta", dedup_key: str | None = None, fired: bool = True
 
 
 def acceptance(
-    event_id: str, *decisions: Decision, at: float = T0, window: float = WINDOW
+    event_id: str,
+    *decisions: Decision,
+    at: float = T0,
+    window: float = WINDOW,
+    source: str = "server",
 ) -> Acceptance:
-    event = {"event_name": "purchase", "event_id": event_id}
+    event = {"event_name": "purchase", "event_id": event_id, "source": source}
     return Acceptance(event, list(decisions) or [decision()], window, at)
 
 
@@ -1178,7 +1182,7 @@ def test_a_replay_does_not_take_a_dedup_key_held_by_a_page_event_of_the_same_id(
     # A page's event and the server's may share an event ID (their IDs are deduplicated
     # apart): the key the page's claimed is held by another event, whatever its ID.
     keyed = decision(dedup_key="ord_1")
-    store.accept(replace(acceptance("o1", keyed), id_scope=BROWSER_IDS))
+    store.accept(acceptance("o1", keyed, source="browser"))
     server = store.accept(acceptance("o1", keyed, at=T0 + 1))
     page, backend = store.events_since(0.0)
 
@@ -1221,7 +1225,7 @@ def test_retention_keeps_an_event_while_its_id_is_deduplicated(store: SQLiteStor
 
 
 def test_a_pages_event_ids_and_the_servers_are_deduplicated_apart(store: SQLiteStore) -> None:
-    page = replace(acceptance("o1"), id_scope=BROWSER_IDS)
+    page = acceptance("o1", source="browser")
     first = store.accept(page)
     server = store.accept(acceptance("o1"))
     both = store.accept_many([page, acceptance("o1"), replace(page, received_at=T0 + 1)])
@@ -1232,7 +1236,7 @@ def test_a_pages_event_ids_and_the_servers_are_deduplicated_apart(store: SQLiteS
 
 
 def test_retention_keeps_a_pages_event_while_its_id_is_deduplicated(store: SQLiteStore) -> None:
-    store.accept(replace(acceptance("p1"), id_scope=BROWSER_IDS))
+    store.accept(acceptance("p1", source="browser"))
     [d] = store.lease("meta_dest", 10, 30.0, "w", T0)
     store.mark_delivered([d.id], "w", T0 + 1)
 

@@ -205,6 +205,7 @@ class _Erasure(_Connections):
                     removed["events"] += db.execute(
                         f"DELETE FROM events WHERE seq IN ({marks}) AND NOT EXISTS "
                         "(SELECT 1 FROM deliveries WHERE event_seq = events.seq) AND NOT EXISTS "
+                        # its event ID's key, of either source (store.base.event_id_keys)
                         "(SELECT 1 FROM dedup_keys WHERE key IN ('event:' || events.event_id, "
                         "'browser:' || events.event_id) "
                         "AND event_seq = events.seq AND expires_at > ?)",

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from engine import jsonio
 from engine.errors import StoreError, UnstorablePayload
-from engine.store.base import ID_SCOPES, Acceptance, Accepted, Decision, StoredEvent
+from engine.store.base import (
+    Acceptance,
+    Accepted,
+    Decision,
+    StoredEvent,
+    event_id_key,
+    event_id_keys,
+)
 from engine.store.sqlite.connection import _Connections
 from engine.store.sqlite.sql import _dumps, _insert_rows, _select_in, _stored_event
 from engine.store.sqlite.visitors import _remember
@@ -83,8 +90,10 @@ def _accept_group(db: sqlite3.Connection, accs: Sequence[Acceptance]) -> list[Ac
             payloads cannot be encoded as JSON.
     """
     event_ids = [str(acc.event["event_id"]) for acc in accs]
-    # An event ID's dedup key, in its scope: "event:<id>" for the server's, "browser:<id>".
-    id_keys = [f"{acc.id_scope}:{event_id}" for acc, event_id in zip(accs, event_ids, strict=True)]
+    id_keys = [
+        event_id_key(event_id, acc.event.get("source", "server"))
+        for acc, event_id in zip(accs, event_ids, strict=True)
+    ]
     wanted = set(id_keys)
     wanted.update(
         "tag:" + d.dedup_key for acc in accs for d in acc.decisions if d.fired and d.dedup_key
@@ -285,10 +294,10 @@ class _Intake(_Connections):
     def get_event(self, event_id: str) -> StoredEvent | None:
         """See :meth:`Store.get_event`."""
         rows: list[sqlite3.Row] = []
-        for scope in ID_SCOPES:  # the server's event first, then a page's of the same ID
+        for key in event_id_keys(event_id):  # the server's event first, then a page's
             rows = self._read(
                 "SELECT e.* FROM dedup_keys k JOIN events e ON e.seq = k.event_seq WHERE k.key = ?",
-                (f"{scope}:{event_id}",),
+                (key,),
                 lookup=True,
             )
             if rows:
