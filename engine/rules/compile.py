@@ -109,6 +109,16 @@ class _Entry:
         return self.doc.key_at(*self.path, *sub)
 
 
+@dataclass(frozen=True)
+class _Lookup:
+    """A lookup table as check reads it: what it looks up (as written), its keys, and whether
+    it has a default."""
+
+    looks_up: str
+    keys: frozenset[str]
+    has_default: bool
+
+
 @dataclass
 class _Compiler:
     env: Mapping[str, str]
@@ -124,9 +134,9 @@ class _Compiler:
     # Triggers with a condition that did not compile (reported there): what is left of them
     # says nothing of which events they take.
     _broken_triggers: set[str] = field(default_factory=set)
-    # Lookup tables by variable: what they look up (as written), their keys, whether they
-    # have a default (for a tag event_name that a table names: see _check_event_name_table).
-    _lookups: dict[str, tuple[str, frozenset[str], bool]] = field(default_factory=dict)
+    # Lookup tables by variable (for a tag event_name that a table names: see
+    # _check_event_name_table).
+    _lookups: dict[str, _Lookup] = field(default_factory=dict)
 
     def error(self, where: Position, message: str) -> None:
         self.problems.append(Problem(where, message))
@@ -309,7 +319,9 @@ class _Compiler:
                 default, depth = result[0], max(depth, result[1])
         if failed:
             return None
-        self._lookups[name] = (str(value["lookup"]).strip(), frozenset(table), "default" in value)
+        self._lookups[name] = _Lookup(
+            str(value["lookup"]).strip(), frozenset(table), "default" in value
+        )
         # A key written as a number in another form than Python writes it (3.50, 1e3) names
         # the number an event sends (3.5, 1000): looked up by that form too, unless the
         # table names it itself. Codes with leading zeros (007, 01234) stay text.
@@ -915,10 +927,10 @@ class _Compiler:
         if not isinstance(raw, str) or not raw.startswith("$"):
             return
         found = self._lookups.get(raw[1:].strip())
-        if found is None or found[0] != "event_name" or found[2]:
+        if found is None or found.looks_up != "event_name" or found.has_default:
             return
         names = self._taken_names(triggers, exceptions)
-        keys = found[1]
+        keys = found.keys
         missing = sorted(names - keys) if names else []
         if not missing:
             return
