@@ -137,6 +137,8 @@ class _Compiler:
     # Lookup tables by variable (for a tag event_name that a table names: see
     # _check_event_name_table).
     _lookups: dict[str, _Lookup] = field(default_factory=dict)
+    # Lookup tables already checked as a tag's event_name (see _check_event_name_texts).
+    _event_name_tables: set[str] = field(default_factory=set)
 
     def error(self, where: Position, message: str) -> None:
         self.problems.append(Problem(where, message))
@@ -926,6 +928,7 @@ class _Compiler:
         raw = entry.value.get("event_name")
         if not isinstance(raw, str) or not raw.startswith("$"):
             return
+        self._check_event_name_texts(tag, raw[1:].strip())
         found = self._lookups.get(raw[1:].strip())
         if found is None or found.looks_up != "event_name" or found.has_default:
             return
@@ -948,6 +951,39 @@ class _Compiler:
                 f"tag {tag} does not fire for {named}: event_name {raw} has no name for it "
                 f"(its table names {table}, with no default); add it to the table, or a "
                 "default",
+            )
+
+    def _check_event_name_texts(self, tag: str, variable: str) -> None:
+        """A lookup table used as a tag's ``event_name`` whose value (or default) YAML reads as
+        something other than text (``lead: on`` is true, ``signup: 404`` a number): every event
+        it names gets no platform name, and the tag does not fire for it (``the event_name
+        mapping gave no name``). Reported once per table, at the value."""
+        entry = self.variables.get(variable)
+        if variable in self._event_name_tables or entry is None or variable not in self._lookups:
+            return
+        self._event_name_tables.add(variable)
+        spec = entry.value
+        values: list[tuple[tuple[str, ...], str | None, Any]] = [
+            (("table", str(key)), str(key), raw) for key, raw in spec["table"].items()
+        ]
+        if "default" in spec:
+            values.append((("default",), None, spec["default"]))
+        for path, key, raw in values:
+            if raw is None or isinstance(raw, str | date):
+                continue  # null: no name, as a missing default; a date: reported as no JSON
+            shown = entry.doc.written.get((*entry.path, *path))
+            reading = (
+                f'YAML reads the unquoted {shown} as {_yaml_reading(raw)}: write it in quotes ("'
+                f'{shown}")'
+                if shown
+                else f"it is {_TYPE_WORDS[_json_type(raw)]}"
+            )
+            events = f"event {key}" if key is not None else "the events the table does not name"
+            self.error(
+                entry.at(*path),
+                f"lookup ${variable} {'.'.join(map(str, path))}: tag {tag} sends it as its "
+                f"event_name, which must be text, but {reading}; else the tag does not fire "
+                f"for {events}",
             )
 
     def _adapter_warnings(
