@@ -66,6 +66,8 @@ _NUMBER_KEY = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
 # ``$${`` (a literal ``${``), ``${NAME}`` or ``${NAME:-default}``, or a ``${`` that is neither.
 _ENV_REF = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
 _ENV_SHOWN = 64  # at most this much of a malformed reference is quoted in its error
+# ``${NAME}`` or ``${NAME:-default}`` outside a destination's settings, where nothing replaces it.
+_ENV_LIKE = re.compile(r"(?<!\$)\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
 _ENV_END = re.compile(r"[}$]")  # where a malformed reference quoted in an error ends
 _VAR_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -158,6 +160,35 @@ class _Compiler:
                 "else ('2026-11-30')",
             )
 
+    def env_outside_settings(self, value: Any, where: Position, what: str) -> bool:
+        """Report a ``${VAR}`` in a constant or an expression: only a destination's settings
+        are read from the environment, so anywhere else it would be sent as written (a
+        Google Ads ``conversionAction`` of ``${LEAD_ACTION}``, refused in every event).
+        Whether one was found."""
+        texts: list[str] = []
+
+        def collect(item: Any) -> None:
+            if isinstance(item, str):
+                texts.append(item)
+            elif isinstance(item, dict):
+                for inner in item.values():
+                    collect(inner)
+            elif isinstance(item, list):
+                for inner in item:
+                    collect(inner)
+
+        collect(value)
+        found = next((m.group() for t in texts if (m := _ENV_LIKE.search(t))), None)
+        if found is None:
+            return False
+        self.error(
+            where,
+            f"{what}: {found} stays this text here: environment variables are read only in "
+            "a destination's settings; write the value itself, or set it in a destination's "
+            "settings",
+        )
+        return True
+
     # -- gathering ------------------------------------------------------------------------------
 
     def add_document(self, doc: Document) -> None:
@@ -213,6 +244,8 @@ class _Compiler:
         whole = _VAR_REF.fullmatch(source.strip())
         if whole:
             return self.variable(whole.group(1), where)
+        if self.env_outside_settings(source, where, what):
+            return None
         variables: dict[str, Variable] = {}
         for name in expressions.references(source):
             var = self.variable(name, where)
@@ -365,6 +398,7 @@ class _Compiler:
                 f"${ref.group(1)} (variables: {known})",
             )
         self.json_constant(raw, where, f"lookup ${lookup}", field)
+        self.env_outside_settings(raw, where, f"lookup ${lookup} {field}")
         return constant(raw), 0
 
     # -- sections -------------------------------------------------------------------------------
@@ -653,6 +687,9 @@ class _Compiler:
                     if raw_name.startswith("$")
                     else constant(raw_name)
                 )
+                if not raw_name.startswith("$"):
+                    where = entry.at("event_name")
+                    self.env_outside_settings(raw_name, where, f"tag {name} event_name")
                 self._check_event_name_table(name, entry, trigs, excs)  # its variable compiled
             dedup = None
             if "dedup_key" in spec:
@@ -790,6 +827,7 @@ class _Compiler:
             elif isinstance(source, dict):
                 at = entry.at("mapping", target, "value")
                 self.json_constant(source["value"], at, f"tag {tag}", target)
+                self.env_outside_settings(source["value"], at, f"tag {tag} mapping {target}")
                 fields.append(Field(tuple(target.split(".")), constant(source["value"])))
                 self._check_cleartext_constant(tag, dest, target, source["value"], where)
             elif isinstance(source, str):
