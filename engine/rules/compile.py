@@ -585,6 +585,7 @@ class _Compiler:
                     self.error(
                         entry.at("event"), f"trigger {name} can never fire: its event list is empty"
                     )
+                self._check_event_names(name, entry)
             conds: dict[str, list[Condition]] = {"when": [], "unless": []}
             for kind in ("when", "unless"):
                 raw = spec.get(kind)
@@ -598,6 +599,27 @@ class _Compiler:
                     self._check_reachable(name, kind, source, found, names, where)
             out[name] = Trigger(name, names, tuple(conds["when"]), tuple(conds["unless"]))
         return out
+
+    def _check_event_names(self, trigger: str, entry: _Entry) -> None:
+        """Warn of an event name with a comma or a space at either end. ``event: purchase, sale``
+        is one name to YAML, which no event is likely to send: the trigger would take neither
+        purchases nor sales. Intake takes a name as sent, so such a name is not refused."""
+        events = entry.value["event"]
+        for i, event in enumerate([events] if isinstance(events, str) else events):
+            where = entry.at("event") if isinstance(events, str) else entry.at("event", i)
+            parts = [part.strip() for part in event.split(",")]
+            if len(parts) > 1 and all(parts):
+                self.warn(
+                    where,
+                    f"trigger {trigger}: {event!r} is one event name, with a comma in it; for "
+                    f"several events write a list: [{', '.join(parts)}]",
+                )
+            elif event != event.strip():
+                self.warn(
+                    where,
+                    f"trigger {trigger}: {event!r} has a space at its start or end, so it takes "
+                    f"only events whose name has it too, not {event.strip()!r}",
+                )
 
     def _check_reachable(
         self,
