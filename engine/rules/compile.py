@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -1384,10 +1385,10 @@ def _schema_message(
             "or a number with a unit: 500ms, 30s, 10m, 48h, 7d"
         )
     if err.validator == "pattern" and schema.get("pattern") == VARIABLE_NAME_PATTERN:
-        usable = re.sub(r"\W", "_", str(err.instance))
         return (
             f"{prefix}{err.instance!r} is not a valid variable name: it is used as $name, so "
-            f"letters, digits and _ only, not starting with a digit (e.g. {usable})"
+            "letters, digits and _ only (letters a-z, without accents), not starting with a "
+            f"digit (e.g. {_usable_name(str(err.instance))})"
         )
     if (
         err.validator == "pattern"
@@ -1396,9 +1397,16 @@ def _schema_message(
     ):
         return (
             f"{prefix}{err.instance!r} is not a valid name "
-            "(letters, digits, _ . - and not starting with a digit)"
+            "(letters a-z without accents, digits, _ . - and not starting with a digit)"
         )
     return prefix + err.message
+
+
+def _usable_name(name: str) -> str:
+    """A variable name like ``name`` that can be used as ``$name``: accents dropped
+    (``payé``: ``paye``), anything else but letters a-z, digits and _ made _."""
+    ascii_only = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_]", "_", ascii_only)
 
 
 def _text_expected(err: jsonschema.ValidationError) -> str | None:
