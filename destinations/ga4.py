@@ -167,8 +167,9 @@ class GA4(Destination):
     * The Gmail ``+tag`` strip is confirmed for Data Manager, not for MP ``user_data``; it is
       applied (as Google Ads does) through :func:`destinations.normalize.email`.
     * ``user_agent`` is seen only in third-party code; GA ignores fields it does not know.
-    * With analytics-only consent (``restricted``) ``user_data`` is dropped and both consent
-      signals are sent as ``DENIED``.
+    * With analytics-only consent (``restricted``) ``user_data`` and ``user_id`` are dropped
+      (even what a tag maps there out of ``properties``) and both consent signals are sent as
+      ``DENIED``.
     """
 
     name = "ga4"
@@ -245,7 +246,8 @@ class GA4(Destination):
             raise PayloadError(f"GA4: event name {ctx.event_name!r} is reserved")
 
         request: dict[str, Any] = {"client_id": _client_id(mapped.get("client_id"))}
-        if (user_id := mapped.get("user_id")) is not None and (user_id := _user_id(user_id)):
+        user_id = None if ctx.restricted else mapped.get("user_id")  # a person's ID
+        if user_id is not None and (user_id := _user_id(user_id)):
             request["user_id"] = user_id
         request["timestamp_micros"] = int(ctx.event_time.timestamp() * 1_000_000)
         for key in ("ip_override", "user_agent"):

@@ -171,6 +171,11 @@ class GoogleAds(Destination):
     (``conversions`` / ``conversion_adjustments``): any first path element with an ``index``
     is taken as the row. ``consent.adPersonalization`` is accepted only by Customer Match and
     UserDataService, so it is never sent on uploads; adjustments carry no consent field.
+
+    A copy without identifiers (``ctx.restricted``: analytics-only consent) carries no click ID
+    (nor the gclid of a ``gclidDateTimePair``) and no user identifiers, even what a tag maps
+    there out of ``properties``, and says ``adUserData: DENIED``; so only a RETRACTION or
+    RESTATEMENT by ``orderId`` goes out.
     """
 
     name = "google_ads"
@@ -298,7 +303,8 @@ class GoogleAds(Destination):
             misplaced = sorted(set(mapped) & ADJUSTMENT_ONLY)
             raise PayloadError(f"Google Ads: {misplaced} apply to conversion adjustments only")
         row: dict[str, Any] = {}
-        if click := _click_id(mapped, ctx.event):
+        # A copy without identifiers sends no click ID, even one a tag maps out of properties.
+        if not ctx.restricted and (click := _click_id(mapped, ctx.event)):
             row[click[0]] = click[1]
         row["conversionAction"] = self._action(mapped.get("conversionAction"))
         row["conversionDateTime"] = google_time(ctx.event_time)
@@ -337,6 +343,8 @@ class GoogleAds(Destination):
             "adjustmentDateTime": google_time(ctx.event_time),
         }
         pair = _as_dict(mapped.get("gclidDateTimePair"), "gclidDateTimePair")
+        if ctx.restricted and "gclid" in pair:  # a click ID: not in a copy without identifiers
+            pair = {k: v for k, v in pair.items() if k != "gclid"}
         order_id = mapped.get("orderId")
         if kind == "ENHANCEMENT":
             # platforms.md §3.4 gives ENHANCEMENT its own fields: orderId required (checked

@@ -70,6 +70,10 @@ _BUILT_FIELDS = frozenset(
     | {"custom_data", "event_id"}
 )
 _CLEAR_USER_FIELDS = frozenset({"client_ip_address", "client_user_agent", "fbc", "fbp"})
+# The user_data of a copy without identifiers (analytics-only consent): the IP, which the
+# engine has truncated, and the user agent, which website events require. Nothing that names a
+# person or a click (hashed fields, external_id, fbc, fbp...), whatever the tag maps there.
+_ANONYMOUS_USER_FIELDS = frozenset({"client_ip_address", "client_user_agent"})
 # The server event's top-level fields Meta documents (platforms.md §1), and fbclid, read here.
 _DOCUMENTED_FIELDS = _BUILT_FIELDS | {
     "opt_out",
@@ -129,6 +133,10 @@ class MetaCapi(Destination):
         custom_data.contents          properties.items -> {id, quantity, item_price, title}
         custom_data.content_ids       properties.items[].id
         custom_data.content_type      "product" when there are items
+
+    In a copy without identifiers (``ctx.restricted``: analytics-only consent) ``user_data``
+    keeps only ``client_ip_address`` and ``client_user_agent``, and no ``fbc`` is built, even
+    from what a tag maps there out of ``properties``.
 
     ``event_name`` is the tag's event name, ``event_time`` the event's timestamp, and
     ``action_source`` the tag's mapping, else the ``action_source`` setting (``website``).
@@ -258,8 +266,8 @@ class MetaCapi(Destination):
         event_time = int(ctx.event_time.timestamp())
 
         source_url = _text(mapped.get("event_source_url"))
-        user_data = self._user_data(mapped.get("user_data"), ctx.event)
-        if "fbc" not in user_data:
+        user_data = self._user_data(mapped.get("user_data"), ctx.event, ctx.restricted)
+        if "fbc" not in user_data and not ctx.restricted:
             fbclid = _text(fbclid)
             if fbclid and "@" in fbclid:  # built into fbc, so not checked as passed on
                 cleartext.check(fbclid, "fbclid", "Meta", PERSONAL_HOMES)
@@ -296,11 +304,15 @@ class MetaCapi(Destination):
                 payload[key] = value
         return payload
 
-    def _user_data(self, raw: object, event: Mapping[str, Any]) -> dict[str, Any]:
+    def _user_data(
+        self, raw: object, event: Mapping[str, Any], restricted: bool = False
+    ) -> dict[str, Any]:
         if raw is None:
             return {}
         if not isinstance(raw, _MAPPING):
             raise PayloadError("user_data must be an object")
+        if restricted:
+            raw = {k: v for k, v in raw.items() if k in _ANONYMOUS_USER_FIELDS}
         # Page views and the like carry nothing to hash: no region to work out then.
         hashed = not _HASHED_FIELDS.isdisjoint(raw)
         hashers = _hashers(self._region(raw, event)) if hashed else {}

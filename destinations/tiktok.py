@@ -44,6 +44,10 @@ PERSONAL_HOMES = {
 # event_time and event are always the event's own timestamp and the tag's event name.
 _BUILT_FIELDS = frozenset({"event_time", "event", "page", "user", "properties", "event_id"})
 _CLEAR_USER_FIELDS = frozenset({"ttclid", "ttp", "ip", "user_agent", "locale"})
+# The user of a copy without identifiers (analytics-only consent): the IP, which the engine has
+# truncated, the user agent and the locale. Nothing that names a person or a click (hashed
+# fields, external_id, ttclid, ttp...), whatever the tag maps there.
+_ANONYMOUS_USER_FIELDS = frozenset({"ip", "user_agent", "locale"})
 # An event's top-level fields as TikTok's Events API 2.0 and its SDK write them (platforms.md).
 _DOCUMENTED_FIELDS = frozenset(
     {"event", "event_time", "event_id", "user", "properties", "page", "app", "ad", "device"}
@@ -80,6 +84,9 @@ class TikTok(Destination):
         page.referrer         context.referrer
 
     ``event`` is the tag's event name and ``event_time`` the event's timestamp (Unix seconds).
+    In a copy without identifiers (``ctx.restricted``: analytics-only consent) ``user`` keeps
+    only ``ip``, ``user_agent`` and ``locale``, and no ``ttclid`` is read from the page URL,
+    even from what a tag maps there out of ``properties``.
     A national phone number (and a mapped state or ZIP) is read in the person's country: a
     mapped ``user.country``, else the event's ``user_data.country`` (read for this only: the
     default mapping does not send it, see below), else ``default_country``.
@@ -186,8 +193,11 @@ class TikTok(Destination):
         """
         self._event_source()
         page = _object(mapped.get("page"), "page")
-        user = self._user(_object(mapped.get("user"), "user"), ctx.event)
-        if "ttclid" not in user:
+        raw_user = _object(mapped.get("user"), "user")
+        if ctx.restricted:
+            raw_user = {k: v for k, v in raw_user.items() if k in _ANONYMOUS_USER_FIELDS}
+        user = self._user(raw_user, ctx.event)
+        if "ttclid" not in user and not ctx.restricted:
             ttclid = normalize.url_param(page.get("url"), "ttclid")
             if ttclid:
                 user["ttclid"] = ttclid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from destinations.normalize import sha256_hex
 from engine.consent import (
     TRACKING_PARAMS,
     ConsentState,
@@ -490,3 +492,101 @@ def test_an_anonymous_only_tag_strips_identifiers_and_needs_its_purposes(
     assert everything.payload["context"]["ip"] == "203.0.113.0"
     assert not no_signal.fired
     assert no_signal.reason == "consent denied: analytics_storage (no signal)"
+
+
+# A tag that copies identifiers out of properties into a platform's own identifier fields:
+# its copy without identifiers must carry none of them all the same.
+IDENTIFIERS_MAPPED_RULES = """
+destinations:
+  meta: {type: meta_capi, pixel_id: "123", access_token: meta-token}
+  ga4: {type: ga4, measurement_id: G-ABC, api_secret: ga4-secret}
+  gads: {type: google_ads, customer_id: "123-456-7890", conversion_action: "111",
+         developer_token: dt, client_id: ci, client_secret: cs, refresh_token: rt}
+  tiktok: {type: tiktok, pixel_code: CABC, access_token: tiktok-token}
+triggers:
+  all: {event: "*"}
+tags:
+  - name: meta
+    trigger: all
+    destination: meta
+    event_name: Purchase
+    consent: {require: [ad_storage, ad_user_data], anonymous: [analytics_storage]}
+    mapping: {user_data.em: properties.crm.email, user_data.external_id: properties.crm.id,
+              user_data.fbp: properties.crm.fbp, fbclid: properties.crm.fbclid}
+  - name: ga4
+    trigger: all
+    destination: ga4
+    event_name: purchase
+    consent: {require: [ad_storage, ad_user_data], anonymous: [analytics_storage]}
+    mapping: {user_id: properties.crm.id,
+              user_data.sha256_email_address: properties.crm.email}
+  - name: gads_sale
+    trigger: all
+    destination: gads
+    consent: {require: [ad_storage, ad_user_data], anonymous: [analytics_storage]}
+    mapping: {gclid: properties.crm.gclid, userIdentifiers.hashedEmail: properties.crm.email}
+  - name: gads_refund
+    trigger: all
+    destination: gads
+    event_name: RETRACTION
+    consent: {require: [ad_storage, ad_user_data], anonymous: [analytics_storage]}
+    mapping: {orderId: null, gclidDateTimePair.gclid: properties.crm.gclid,
+              gclidDateTimePair.conversionDateTime: timestamp}
+  - name: tiktok
+    trigger: all
+    destination: tiktok
+    event_name: CompletePayment
+    consent: {require: [ad_storage, ad_user_data], anonymous: [analytics_storage]}
+    mapping: {user.email: properties.crm.email, user.external_id: properties.crm.id,
+              user.ttclid: properties.crm.ttclid, page.url: properties.crm.landing}
+"""
+CRM = {
+    "email": "ada@example.com",
+    "id": "cust_42",
+    "fbp": "fb.1.1700000000000.7",
+    "fbclid": "FbClickId1",
+    "gclid": "GoogleClickId1",
+    "ttclid": "TikTokClickId1",
+    "landing": "https://shop.example/?ttclid=TikTokClickId1",
+}
+
+
+def test_a_copy_without_identifiers_carries_none_that_a_mapping_copies_from_properties(
+    write_rules: Callable[..., Path],
+) -> None:
+    rules, _ = compile_container(write_rules(IDENTIFIERS_MAPPED_RULES), {})
+    assert rules is not None
+    event = normalize(
+        {
+            "event_name": "purchase",
+            "event_id": "o1",
+            "visitor_id": "v1",
+            "properties": {"order_id": "o1", "value": 10, "currency": "EUR", "crm": CRM},
+            "context": {
+                "ip": "203.0.113.7",
+                "user_agent": "UA",
+                "page_url": "https://shop.example/thanks",
+            },
+            "consent": {"analytics_storage": "granted"},
+        },
+        NOW,
+    )
+
+    decisions = {d.tag: d for d in rules.evaluate(event, now=NOW)}
+
+    sent = {tag: d.payload for tag, d in decisions.items() if d.fired}
+    assert all(d.anonymous for d in decisions.values())
+    assert sent["meta"]["user_data"] == {
+        "client_ip_address": "203.0.113.0",
+        "client_user_agent": "UA",
+    }
+    assert "user_id" not in sent["ga4"]["request"] and "user_data" not in sent["ga4"]["request"]
+    assert sent["tiktok"]["user"] == {"ip": "203.0.113.0", "user_agent": "UA"}
+    # Google Ads: a conversion or a retraction by its gclid needs the click ID it may not send.
+    assert "gads_sale" not in sent and "gads_refund" not in sent
+    assert "needs gclid" in decisions["gads_sale"].reason
+    # (The page URL is sent as the tag maps it, the author's choice; its ttclid is not read.)
+    text = json.dumps({**sent, "tiktok": {**sent["tiktok"], "page": None}})
+    for value in CRM.values():
+        assert value not in text
+    assert sha256_hex(CRM["email"]) not in text and sha256_hex(CRM["id"]) not in text
