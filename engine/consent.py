@@ -400,6 +400,10 @@ def _name_identifies(name: str, nested: bool) -> bool:
     unprefixed = lowered.lstrip("_")
     if lowered in _CLICK_ID_NAMES or unprefixed in _CLICK_ID_NAMES:
         return True
+    if lowered in TRACKING_PARAMS or unprefixed in TRACKING_PARAMS:
+        # What identifies a click or a recipient in a URL's query (``yclid``, ``irclickid``,
+        # ``_kx``, ``mc_eid``) identifies them as a field of its own too.
+        return True
     bare = lowered.translate(_NAME_PUNCTUATION)
     if (
         bare.endswith(_CLICK_ID_ENDINGS)
@@ -415,19 +419,32 @@ def _name_identifies(name: str, nested: bool) -> bool:
     return bare in _PERSON_NAMES or bare.endswith("address") or cleartext.kind_of(name) is not None
 
 
+_DROPPED = object()  # a URL that cannot be parsed: left out (see _strip_url)
+
+
 def _without_identifying_fields(value: Any, depth: int = 0) -> Any:
     """``value`` with the fields :func:`_identifies` names removed, in objects at any depth
-    (``context.customer.email``) and in lists; other values as they are."""
+    (``context.customer.email``) and in lists, and the :data:`TRACKING_PARAMS` removed from
+    every text with a query or a fragment (a ``landing_url``, a ``page.url`` as well as the
+    ``page_url``: see :func:`_strip_url`); other values as they are."""
     if depth > 64:  # intake refuses deeper events; nothing of a person is left this far down
         return None
+    if isinstance(value, str):
+        if "?" not in value and "#" not in value:
+            return value
+        clean = _strip_url(value)
+        return _DROPPED if clean is None else clean
     if isinstance(value, dict):
-        return {
-            k: _without_identifying_fields(v, depth + 1)
-            for k, v in value.items()
-            if not _identifies(k, depth)
-        }
+        out = {}
+        for k, v in value.items():
+            if not _identifies(k, depth):
+                kept = _without_identifying_fields(v, depth + 1)
+                if kept is not _DROPPED:
+                    out[k] = kept
+        return out
     if isinstance(value, list):
-        return [_without_identifying_fields(v, depth + 1) for v in value]
+        kept_items = (_without_identifying_fields(v, depth + 1) for v in value)
+        return [v for v in kept_items if v is not _DROPPED]
     return value
 
 
@@ -438,8 +455,8 @@ def strip_identifiers(event: Mapping[str, Any]) -> dict[str, Any]:
     ``context`` field, at any depth, whose name says it holds personal data, an address or a
     person's ID (``email``, ``phone``, ``first_name``, ``billing_address``, ``user_id``,
     ``external_id``...; see :func:`_identifies`), the :data:`TRACKING_PARAMS`
-    from the page URL and referrer (a URL that cannot be parsed is dropped whole), and
-    truncates the IP (:func:`truncate_ip`).
+    from the page URL, the referrer and any other URL in ``context`` (a URL that cannot be
+    parsed is dropped whole), and truncates the IP (:func:`truncate_ip`).
     """
     stripped = {k: v for k, v in event.items() if k not in ("user_data", "user_id")}
     context = event.get("context")
@@ -448,13 +465,5 @@ def strip_identifiers(event: Mapping[str, Any]) -> dict[str, Any]:
         ctx = _without_identifying_fields(context)
         if isinstance(ctx.get("ip"), str):
             ctx["ip"] = truncate_ip(ctx["ip"])
-        for key in ("page_url", "referrer"):
-            url = ctx.get(key)
-            if isinstance(url, str):
-                clean = _strip_url(url)
-                if clean is None:
-                    del ctx[key]
-                else:
-                    ctx[key] = clean
         stripped["context"] = ctx
     return stripped

@@ -229,6 +229,35 @@ def test_stripping_removes_ad_cookies_ips_and_advertising_ids_under_other_names(
     }
 
 
+def test_stripping_removes_click_and_recipient_ids_under_their_url_parameter_names() -> None:
+    # Stripped from a URL's query, these went out whole as fields of their own.
+    context = {"yclid": "y1", "irclickid": "i1", "_kx": "k1", "MC_EID": "m1", "igshid": "s1"}
+
+    stripped = strip_identifiers({"context": {**context, "utm_source": "newsletter"}})
+
+    assert stripped["context"] == {"utm_source": "newsletter"}
+
+
+def test_stripping_removes_tracking_parameters_from_every_url_in_context() -> None:
+    # Only page_url and referrer were cleaned: the same click went out in any other URL field.
+    context = {
+        "landing_url": "https://shop.example/?gclid=G1&utm_source=ads",
+        "page": {"url": "https://shop.example/p?fbclid=F1", "search": "?ttclid=T1&q=shoes"},
+        "history": ["https://shop.example/#/a?msclkid=M1", "https://shop.example/b"],
+        "broken": "http://[shop.example/?gclid=G2",
+        "note": "50% off? yes",
+    }
+
+    stripped = strip_identifiers({"context": context})
+
+    assert stripped["context"] == {
+        "landing_url": "https://shop.example/?utm_source=ads",
+        "page": {"url": "https://shop.example/p", "search": "?q=shoes"},
+        "history": ["https://shop.example/#/a", "https://shop.example/b"],
+        "note": "50% off? yes",
+    }
+
+
 @pytest.mark.parametrize("name", ["IP", "Ip", "iP"])
 def test_stripping_removes_an_ip_under_ip_in_another_case(name: str) -> None:
     # Only context.ip is truncated: "IP" went out whole, the raw address of the person.
