@@ -208,19 +208,25 @@ def identity_update(
     )
 
 
+_USER_ID_PURPOSES = frozenset({"ad_user_data", "analytics_storage"})
+
+
 def enrich(event: dict[str, Any], identity: Identity, granted: frozenset[str]) -> list[str]:
     """Fill what the event lacks from the visitor's identity; returns the fields added.
 
     Only as the event's own consent (``granted``) allows, the way :func:`identity_update`
     remembers: click IDs and cookies with ``ad_storage``, the user agent and IP with
-    ``ad_user_data``. A person who withdrew consent gets nothing remembered back. A platform's
+    ``ad_user_data``, the user ID with ``ad_user_data`` or ``analytics_storage``. A person who
+    withdrew consent gets nothing remembered back. A platform's
     click the event carries itself (``_CLICK_OF``) keeps any remembered one of it out.
     """
     added: list[str] = []
     if identity.visitor_id and not event.get("visitor_id"):
         event["visitor_id"] = identity.visitor_id
         added.append("visitor_id")
-    if identity.user_id and not event.get("user_id"):
+    # The user ID the browser was last seen with names a person, for analytics (GA4's user_id)
+    # and for ads (external_id): back only with one of those purposes, never without consent.
+    if identity.user_id and not event.get("user_id") and not _USER_ID_PURPOSES.isdisjoint(granted):
         event["user_id"] = identity.user_id
         added.append("user_id")
     context = event.setdefault("context", {})

@@ -589,6 +589,34 @@ def test_enrichment_gives_back_only_what_the_events_own_consent_allows(
     assert {f.removeprefix("context.") for f in event.get("enriched", [])} == expected
 
 
+@pytest.mark.parametrize(
+    ("consent", "linked"),
+    [
+        ({}, False),
+        ({"ad_storage": "denied", "analytics_storage": "denied", "ad_user_data": "denied"}, False),
+        ({"ad_storage": "granted"}, False),
+        ({"analytics_storage": "granted"}, True),
+        ({"ad_user_data": "granted"}, True),
+    ],
+)
+def test_the_user_id_comes_back_only_with_consent_for_it(
+    app: Flask, client: FlaskClient, consent: dict[str, str], linked: bool
+) -> None:
+    # It came back whatever the consent: a backend event of a browser whose person had
+    # withdrawn consent carried their user ID, and Meta got it as external_id under ad_storage.
+    visitor = collect(
+        client, {"event_name": "identify", "user_id": "u42", "consent": ALL_GRANTED}
+    ).get_json()["visitor_id"]
+
+    track(
+        client, {"event_name": "sale", "event_id": "e3", "visitor_id": visitor, "consent": consent}
+    )
+
+    event = stored(app, "e3")
+    assert (event.get("user_id") == "u42") is linked
+    assert ("user_id" in event.get("enriched", [])) is linked
+
+
 def test_enriched_names_no_ip_that_the_ip_policy_then_dropped(
     app: Flask, client: FlaskClient
 ) -> None:
