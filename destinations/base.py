@@ -25,7 +25,7 @@ import enum
 import functools
 import json
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -258,6 +258,13 @@ class Destination:
         """
         return {}
 
+    def constant_problem(self, target: str, value: Any) -> str | None:
+        """Why :meth:`build_payload` would refuse every event of a tag whose mapping sets
+        ``target`` (dotted) to the constant ``value`` (a Google Ads ``conversionAction`` that
+        is no ID, a currency that is no ISO 4217 code), else None. ``tagrelay check`` reports it
+        as an error at the constant. The default has nothing to say."""
+        return None
+
     def anonymous_warning(self, event_names: Collection[str] | None) -> str | None:
         """What ``tagrelay check`` warns about a tag of this destination that forwards a copy
         without identifiers (consent ``anonymous``), when the adapter refuses such copies
@@ -485,6 +492,17 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 """The 4xx statuses that say "try again later" (request timeout, too early, too many requests);
 every 5xx is retryable too (:func:`retryable_status`)."""
+
+
+def refusal(build: Callable[[], object]) -> str | None:
+    """The PayloadError ``build()`` raises, as text, else None: for
+    :meth:`Destination.constant_problem`, which asks a constant the checks
+    :meth:`~Destination.build_payload` makes of it."""
+    try:
+        build()
+    except PayloadError as exc:
+        return str(exc)
+    return None
 
 
 def retryable_status(status: int) -> bool:

@@ -23,6 +23,7 @@ from destinations.base import (
     PayloadError,
     SendContext,
     json_size,
+    refusal,
     status_result,
 )
 
@@ -225,6 +226,15 @@ class GA4(Destination):
     }
 
     mapping_fields = TOP_LEVEL_FIELDS
+
+    def constant_problem(self, target: str, value: Any) -> str | None:
+        """A constant ``params.currency`` that is no ISO 4217 code, ``params.value`` that is no
+        number, or ``params.items`` that is no list of items."""
+        if target == "params.value":
+            return refusal(lambda: _number(value, "params.value"))
+        if target in ("params.currency", "params.items"):
+            return refusal(lambda: _params({target.removeprefix("params."): value}, ""))
+        return None
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)

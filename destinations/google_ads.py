@@ -20,6 +20,7 @@ from destinations.base import (
     PayloadError,
     SendContext,
     Token,
+    refusal,
     retry_after_seconds,
     retryable_status,
     status_result,
@@ -65,6 +66,7 @@ CONSENT_VALUES = {"granted": "GRANTED", "denied": "DENIED"}
 _MAPPING = (dict, Mapping)
 CUSTOMER_ID = re.compile(r"\d{3}-?\d{3}-?\d{4}")
 ACTION_NAME = re.compile(r"customers/\d{10}/conversionActions/\d+")
+_ADJUSTMENT_TYPE_ERROR = f"Google Ads: adjustmentType must be one of {ADJUSTMENT_TYPES}"
 
 # -- how row and request errors are read (platforms.md §3.7) -------------------------------------
 RETRY_CODES = frozenset(
@@ -262,7 +264,7 @@ class GoogleAds(Destination):
         if kind in ADJUSTMENT_TYPES:
             operation, row = ADJUSTMENTS, self._adjustment(kind, mapped, ctx)
         elif "adjustmentType" in mapped:
-            raise PayloadError(f"Google Ads: adjustmentType must be one of {ADJUSTMENT_TYPES}")
+            raise PayloadError(_ADJUSTMENT_TYPE_ERROR)
         else:
             operation, row = CONVERSIONS, self._conversion(mapped, ctx)
         return {"operation": operation, "row": row}
@@ -285,6 +287,18 @@ class GoogleAds(Destination):
             for target in targets
             if target == _ADDRESS_TARGET or target.startswith(_ADDRESS_TARGET + ".")
         }
+
+    def constant_problem(self, target: str, value: Any) -> str | None:
+        """A constant ``conversionAction`` that is no ID, ``currencyCode`` that is no ISO 4217
+        code, ``conversionValue`` that is no number, or ``adjustmentType`` of no kind."""
+        checks: dict[str, Callable[[], object]] = {
+            "conversionAction": lambda: self._action(value),
+            "currencyCode": lambda: self._currency(value),
+            "conversionValue": lambda: _number(value, "conversionValue"),
+            "adjustmentType": lambda: _adjustment_type(value),
+        }
+        check = checks.get(target)
+        return refusal(check) if check is not None else None
 
     def anonymous_warning(self, event_names: Collection[str] | None) -> str | None:
         """A copy without identifiers has neither click ID nor hashed e-mail or phone, which a
@@ -650,6 +664,13 @@ def _click_id(mapped: Mapping[str, Any], event: Mapping[str, Any]) -> tuple[str,
 
 def _consent(value: Any) -> str | None:
     return CONSENT_VALUES.get(value.lower()) if isinstance(value, str) else None
+
+
+def _adjustment_type(value: Any) -> None:
+    """Raises: PayloadError: a mapped ``adjustmentType`` names no kind of adjustment (an empty
+    one leaves the kind to the event name)."""
+    if value and str(value).strip().upper() not in ADJUSTMENT_TYPES:
+        raise PayloadError(_ADJUSTMENT_TYPE_ERROR)
 
 
 def _number(value: Any, what: str) -> float:

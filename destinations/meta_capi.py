@@ -22,6 +22,7 @@ from destinations.base import (
     PayloadContext,
     PayloadError,
     SendContext,
+    refusal,
     retry_after_seconds,
     retryable_status,
     status_result,
@@ -239,6 +240,16 @@ class MetaCapi(Destination):
         name is close to one it does)."""
         return undocumented_targets(targets, _DOCUMENTED_FIELDS, "Meta", _UNDOCUMENTED_FATE)
 
+    def constant_problem(self, target: str, value: Any) -> str | None:
+        """A constant ``action_source`` Meta does not take, or a ``custom_data`` field read here
+        (``currency``, ``value``...) that its check refuses."""
+        if target == "action_source":
+            return refusal(lambda: _action_source(value))
+        root, _, field = target.partition(".")
+        if root == "custom_data" and field in _CUSTOM_BUILT_FIELDS:
+            return refusal(lambda: _custom_data({field: value}))
+        return None
+
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)
         # Read once: build_payload runs for every event.
@@ -254,9 +265,7 @@ class MetaCapi(Destination):
             PayloadError: the event breaks a Meta rule (the message names it).
         """
         fbclid = mapped.get("fbclid")
-        action_source = mapped.get("action_source") or self._action_source
-        if action_source not in ACTION_SOURCES:
-            raise PayloadError(f"action_source must be one of {', '.join(ACTION_SOURCES)}")
+        action_source = _action_source(mapped.get("action_source") or self._action_source)
         age = (ctx.now or datetime.now(UTC)) - ctx.event_time
         if age > _max_age(action_source):
             raise PayloadError(
@@ -404,6 +413,13 @@ def _hashers(region: str | None) -> Mapping[str, normalize.Normalizer]:
 
 
 _HASHED_FIELDS = frozenset(_hashers(None))
+
+
+def _action_source(value: Any) -> str:
+    """Raises: PayloadError: ``value`` is no action source Meta takes."""
+    if value not in ACTION_SOURCES:
+        raise PayloadError(f"action_source must be one of {', '.join(ACTION_SOURCES)}")
+    return str(value)
 
 
 def _max_age(action_source: str) -> timedelta:

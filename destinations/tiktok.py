@@ -17,6 +17,7 @@ from destinations.base import (
     PayloadContext,
     PayloadError,
     SendContext,
+    refusal,
     retry_after_seconds,
     retryable_status,
     status_result,
@@ -222,6 +223,14 @@ class TikTok(Destination):
                 _passed_on(value, key)
                 payload[key] = value
         return payload
+
+    def constant_problem(self, target: str, value: Any) -> str | None:
+        """A constant ``properties`` field read here (``currency``, ``value``...) that its check
+        refuses."""
+        root, _, field = target.partition(".")
+        if root == "properties" and field in _PROPERTIES_BUILT_FIELDS:
+            return refusal(lambda: _properties({field: value}))
+        return None
 
     def _event_source(self) -> str:
         if self._source not in EVENT_SOURCES:

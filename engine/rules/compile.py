@@ -149,9 +149,9 @@ class _Compiler:
     def warn(self, where: Position, message: str) -> None:
         self.problems.append(Problem(where, message, "warning"))
 
-    def json_constant(self, value: Any, where: Position, what: str, field: str) -> None:
+    def json_constant(self, value: Any, where: Position, what: str, field: str) -> bool:
         """Report a constant no platform could be sent: YAML reads ``2026-11-30`` as a date,
-        ``.nan`` as a float JSON cannot carry, ``!!binary`` as bytes."""
+        ``.nan`` as a float JSON cannot carry, ``!!binary`` as bytes. Whether it was."""
         try:
             values.check_json(value, field)
         except PayloadError as exc:
@@ -160,6 +160,8 @@ class _Compiler:
                 f"{what}: {exc}; quote a date or other text that YAML would read as something "
                 "else ('2026-11-30')",
             )
+            return True
+        return False
 
     def env_outside_settings(self, value: Any, where: Position, what: str) -> bool:
         """Report a ``${VAR}`` in a constant or an expression: only a destination's settings
@@ -849,10 +851,13 @@ class _Compiler:
                 removals.append((target, where))
             elif isinstance(source, dict):
                 at = entry.at("mapping", target, "value")
-                self.json_constant(source["value"], at, f"tag {tag}", target)
-                self.env_outside_settings(source["value"], at, f"tag {tag} mapping {target}")
+                reported = self.json_constant(source["value"], at, f"tag {tag}", target)
+                what = f"tag {tag} mapping {target}"
+                reported = self.env_outside_settings(source["value"], at, what) or reported
                 fields.append(Field(tuple(target.split(".")), constant(source["value"])))
                 self._check_cleartext_constant(tag, dest, target, source["value"], where)
+                if not reported:  # one error at a constant: what it is, before what it does
+                    self._check_adapter_constant(tag, dest, target, source["value"], at)
             elif isinstance(source, str):
                 getter = getters.get(target)
                 if getter is not None:
@@ -950,6 +955,33 @@ class _Compiler:
             cleartext.check(value, target, f"{dest.name} ({dest.type})", adapter.personal_homes)
         except PayloadError as exc:
             self.error(where, f"tag {tag} mapping {exc}")
+
+    def _check_adapter_constant(
+        self, tag: str, dest: DestinationInstance, target: str, value: Any, where: Position
+    ) -> None:
+        """A constant the tag's adapter would refuse in every event (a Google Ads
+        ``conversionAction`` that is no ID: Destination.constant_problem) is an error at it. An
+        adapter's bug there, or an answer of another shape, is a warning, as for its other
+        hooks."""
+        if value is None:
+            return
+        try:
+            problem = dest.adapter.constant_problem(target, value)
+            if problem is not None and not isinstance(problem, str):
+                raise TypeError("constant_problem must give text or None")
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the check
+            self.warn(
+                where,
+                f"tag {tag}: the {dest.type} adapter could not check the constant of {target}: "
+                f"{type(exc).__name__}",
+            )
+            return
+        if problem:
+            self.error(
+                where,
+                f"tag {tag} mapping {target}: {dest.adapter.redact_text(problem)}, so "
+                f"{dest.name} ({dest.type}) would refuse every event of the tag",
+            )
 
     def _platform_names(
         self, entry: _Entry, triggers: Sequence[Trigger], exceptions: Sequence[Trigger]

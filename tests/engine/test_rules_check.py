@@ -585,3 +585,58 @@ def test_an_adapter_whose_mapping_check_fails_gets_a_warning_not_a_crash(
         )
         if error
     ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"), [(RuntimeError("bug"), "RuntimeError"), (1, "TypeError")]
+)
+def test_an_adapter_whose_constant_check_fails_gets_a_warning_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, answer: Any, error: str
+) -> None:
+    def hook(self: Destination, target: str, value: Any) -> Any:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(registry.registry()["log"], "constant_problem", hook)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "destinations:\n  l: {type: log}\n"
+        "triggers:\n  all: {event: '*'}\n"
+        "tags:\n  - {name: t, trigger: all, destination: l, mapping: {x: {value: 1}}}\n"
+    )
+
+    container, problems = compile_container(rules, {})
+
+    assert container is not None
+    assert [p.message for p in problems] == [
+        f"tag t: the log adapter could not check the constant of x: {error}"
+    ]
+
+
+def test_a_constant_the_adapter_refuses_is_said_without_the_adapters_secrets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    class Quoting(Destination):
+        name = "quoting"
+        secret_settings = frozenset({"token"})
+        settings_schema = {"type": "object", "properties": {"token": {}}}
+
+        def constant_problem(self, target: str, value: Any) -> str | None:
+            return f"{target} refused with token {self.settings['token']}"
+
+    monkeypatch.setattr(registry, "registry", lambda: {"quoting": Quoting})
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "destinations:\n  q: {type: quoting, token: tok_84712345}\n"
+        "triggers:\n  all: {event: '*'}\n"
+        "tags:\n  - {name: t, trigger: all, destination: q, mapping: {x: {value: 1}}}\n"
+    )
+
+    container, problems = compile_container(rules, {})
+
+    assert container is None
+    assert [p.message for p in problems] == [
+        "tag t mapping x: x refused with token [REDACTED], so q (quoting) would refuse every "
+        "event of the tag"
+    ]
