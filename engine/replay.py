@@ -8,7 +8,7 @@ the replayed payload, and a key another event already forwarded is still not for
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -51,7 +51,10 @@ def _apply(
     report: ReplayReport,
     supersedes: Sequence[int] = (),
     replace_waiting: bool = False,
+    listed: Collection[str] | None = None,
 ) -> None:
+    """Requeue ``decisions`` of ``event``; a tag the store then holds back (its dedup key) is
+    listed as skipped if it is among ``listed`` (None: every tag)."""
     now = datetime.now(UTC).timestamp()
     applied = store.requeue(
         event, decisions, container.dedup_window, now, supersedes, replace_waiting
@@ -60,7 +63,7 @@ def _apply(
     for decision in applied:
         if decision.fired:
             queued += 1
-        else:
+        elif listed is None or decision.tag in listed:
             report.skipped.append(f"{event.event_id} {decision.tag}: {decision.reason}")
     # Replayed only if something was queued: a dead letter whose tag no longer fires stays.
     report.events += 1 if queued else 0
@@ -105,12 +108,12 @@ def replay_destination(
         # Listed as skipped: a tag that fired for the event then and does not now (its consent,
         # a mapping, a dedup key). Every event the tag never fired for was listed too, a line
         # per event read, held in memory for the whole replay and printed.
-        sent = {d.get("tag") for d in event.decisions if d.get("fired")}
+        sent = {str(d.get("tag")) for d in event.decisions if d.get("fired")}
         for decision in decisions:
             if not decision.fired and decision.tag in sent:
                 report.skipped.append(f"{event.event_id} {decision.tag}: {decision.reason}")
         fired = [d for d in decisions if d.fired]
         if fired:  # a write only for what it queues; it replaces what still waits to go
-            _apply(store, container, event, fired, report, replace_waiting=True)
+            _apply(store, container, event, fired, report, replace_waiting=True, listed=sent)
     log.info("destination replayed", extra={"destination": destination, "queued": report.queued})
     return report

@@ -1281,6 +1281,30 @@ def test_replay_of_a_destination_lists_only_events_it_sent_before_and_would_not_
     assert [line.split(":")[0] for line in report.skipped] == ["s1 to_hook"]
 
 
+def test_replay_of_a_destination_does_not_list_copies_whose_dedup_key_held_them_back_then(
+    tmp_path: Path, sink: Any
+) -> None:
+    # The backend's copy of an order the browser's copy forwarded first was never sent; at the
+    # replay its key still holds it back, which is no news either (one line per such copy).
+    _, server = sink
+    rules = make_rules(
+        tmp_path,
+        f"hook: {{type: webhook, url: {server.url}/hook, delivery: {{batch_wait: 0}}}}\n",
+        "- {name: to_hook, trigger: all, destination: hook, dedup_key: properties.order_id}\n",
+    )
+    h = Harness(tmp_path, rules)
+    h.accept(
+        {"event_name": "sale", "event_id": "page", "properties": {"order_id": "o1"}},
+        {"event_name": "sale", "event_id": "backend", "properties": {"order_id": "o1"}},
+    )
+    h.worker.drain()
+
+    report = replay_destination(h.store, h.container, "hook", since=_an_hour_ago())
+
+    assert report.queued == 1  # the copy that held the key
+    assert report.skipped == []
+
+
 def test_replay_of_a_destination_replaces_what_still_waits_instead_of_sending_it_twice(
     tmp_path: Path, sink: Any
 ) -> None:
