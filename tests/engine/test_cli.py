@@ -224,6 +224,43 @@ def test_rule_tests_apply_the_ip_policy_the_server_is_configured_with(
     assert "hook_all.payload.context.ip: expected" in capsys.readouterr().out
 
 
+AD_CLICK_RULES = """
+destinations:
+  crm: {type: webhook, url: https://crm.example/in}
+triggers:
+  ad_click: {event: page_view, when: context.gclid}
+tags:
+  - {name: crm_click, trigger: ad_click, destination: crm}
+tests:
+  - name: a page's landing from an ad carries its click ID, as /v1/collect copies it
+    event: {event_name: page_view, source: browser,
+            context: {page_url: "https://shop.example/?GCLID=abc&utm_source=x"}}
+    expect:
+      crm_click: {fired: true, payload: {context: {gclid: abc}}}
+"""
+
+
+def test_a_rule_test_of_a_page_event_sees_the_click_ids_collect_copies_from_its_url(
+    write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    container = write_rules(AD_CLICK_RULES)
+
+    code = main(["test", str(container)])
+    out = capsys.readouterr().out
+    event = {
+        "event_name": "page_view",
+        "source": "browser",
+        "context": {"page_url": "https://shop.example/?GCLID=abc"},
+    }
+    preview_code, preview_out = preview_json(container, tmp_path, capsys, event)
+
+    assert code == 0, out
+    assert preview_code == 0, preview_out
+    result = json.loads(preview_out)
+    assert result["event"]["context"]["gclid"] == "abc"
+    assert result["tags"][0]["fired"] is True
+
+
 # -- preview ----------------------------------------------------------------------------------
 
 EVENT = {
