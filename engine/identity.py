@@ -155,6 +155,22 @@ class Identity:
     ip: str | None = None
 
 
+def same_click(name: str, remembered: Any, value: str) -> bool:
+    """Whether ``value``, seen for ``name``, is what is remembered: equal, or for ``fbc`` the
+    same click (``fb.1.<ms>.<fbclid>`` with the same fbclid) written with another time.
+
+    An fbc made of an fbclid carries the time it is made; a landing page seen again (reloaded,
+    its link opened again) makes it again, later. Meta's pixel keeps the ``_fbc`` of a click it
+    already has: so does the store, with the time the click was first seen, and its window.
+    """
+    if remembered == value:
+        return True
+    if name != "fbc" or not isinstance(remembered, str):
+        return False
+    old, new = remembered.split(".", 3), value.split(".", 3)
+    return len(old) == len(new) == 4 and old[:2] == new[:2] and old[3] == new[3]
+
+
 def identity_update(
     event: Mapping[str, Any],
     granted: frozenset[str],

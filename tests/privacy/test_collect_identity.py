@@ -9,6 +9,7 @@ import json
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -357,6 +358,34 @@ def test_a_server_sale_is_enriched_with_the_visitors_click_ids(
     assert context["fbp"] == "fb.1.1700000000000.42"
     assert context["fbc"].startswith("fb.1.") and context["fbc"].endswith(".IwAR-Mixed_Case")
     assert "context.gclid" in event["enriched"]
+
+
+def test_the_fbc_made_of_an_fbclid_keeps_the_time_it_was_first_seen_when_the_page_is_seen_again(
+    app: Flask, client: FlaskClient
+) -> None:
+    # A landing page reloaded (or its link opened again) carries the same fbclid: the same
+    # click. Its fbc was made again with the later time, as a new click: Meta read the click as
+    # newer than it was, and its attribution window started again.
+    landing = {
+        "event_name": "page_view",
+        "consent": ALL_GRANTED,
+        "context": {"page_url": f"{ORIGIN}/?fbclid=IwAR-same"},
+    }
+    visitor = collect(client, landing).get_json()["visitor_id"]
+    track(
+        client,
+        {"event_name": "sale", "event_id": "s1", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+    first = stored(app, "s1")["context"]["fbc"]
+    time.sleep(0.01)  # the fbc's time is in milliseconds
+
+    collect(client, landing)
+    track(
+        client,
+        {"event_name": "sale", "event_id": "s2", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+
+    assert stored(app, "s2")["context"]["fbc"] == first
 
 
 def test_a_click_the_event_carries_itself_is_not_replaced_by_a_remembered_older_one(

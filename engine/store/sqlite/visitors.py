@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import jsonio
-from engine.identity import Identity, IdentityUpdate
+from engine.identity import Identity, IdentityUpdate, same_click
 from engine.store.sqlite.connection import _Connections
 from engine.store.sqlite.sql import _dumps, _insert_rows, _select_in
 
@@ -136,7 +136,7 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
         touch = not known or now - row.last_seen > IDENTITY_TOUCH
         changed = touch
         for name, value in update.values.items():
-            if row.vals.get(name, [None])[0] != value:
+            if not same_click(name, row.vals.get(name, [None])[0], value):
                 row.vals[name] = [value, now]  # a new click starts its attribution window anew
                 changed = True
         previous_user = row.user_id
