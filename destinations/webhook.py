@@ -52,7 +52,7 @@ _CREDENTIAL_PARAM = re.compile(r"token|key|secret|sig|auth|pass|code|credential"
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """The signature header value: ``t=<unix seconds>,v1=<hex HMAC-SHA256 of "t." + body>``.
+    """The signature header value: ``t=<unix seconds>,v1=<hex HMAC-SHA256 of t + "." + body>``.
 
     A receiver recomputes the HMAC over ``f"{t}.".encode() + raw_body`` with the shared secret,
     compares in constant time and rejects timestamps outside its replay window.
