@@ -92,6 +92,18 @@ def capture_click_ids(event: dict[str, Any]) -> None:
             context.setdefault(name, value)
 
 
+def as_collected(raw: Any) -> Any:
+    """A page's event for a rule test or a preview (``source: browser``) as ``/v1/collect``
+    hands it on before validation: the click IDs of its page URL and referrer copied into its
+    context (:func:`capture_click_ids`). Anything but an object whose ``context`` is an object
+    or absent stays as it is, for validation to refuse."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("context") or {}, dict):
+        return raw
+    event = {**raw, "context": dict(raw.get("context") or {})}
+    capture_click_ids(event)
+    return event
+
+
 def apply_ip_policy(event: dict[str, Any], mode: str, granted: frozenset[str]) -> None:
     """Keep, truncate or drop ``context.ip`` before the event is stored.
 

@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 from destinations.base import HttpRequest, Item, SendContext
 from engine import event as events
 from engine.consent import granted_purposes
-from engine.identity import apply_ip_policy, capture_click_ids, still_held
+from engine.identity import apply_ip_policy, as_collected, still_held
 from engine.rules.model import Container
 
 PREVIEW_TOKEN = "[access token]"  # noqa: S105 - a placeholder, not a credential  # stands in for an OAuth token a preview never fetches
@@ -64,9 +64,9 @@ def preview(
     """
     now = now or datetime.now(UTC)
     raw, source = events.simulated_source(raw)
+    if source == "browser":
+        raw = as_collected(raw)
     event = events.normalize(raw, now, redact_params, source)
-    if source == "browser" and "context" in event:
-        capture_click_ids(event)  # from the page URL, as /v1/collect does
     granted = granted_purposes(event.get("consent"), container.consent_defaults)
     added = enricher(event, now, granted) if enricher is not None else []
     apply_ip_policy(event, ip_storage, granted)

@@ -10,7 +10,7 @@ from typing import Any
 
 from engine import event as events
 from engine.errors import BadRequest
-from engine.identity import apply_ip_policy, capture_click_ids
+from engine.identity import apply_ip_policy, as_collected
 from engine.rules.model import Container, RuleTest
 from engine.store.base import Decision
 
@@ -95,9 +95,9 @@ def run_test(
     now = now or datetime.now(UTC)
     try:
         raw, source = events.simulated_source(dict(test.event))
+        if source == "browser":
+            raw = as_collected(raw)
         event = events.normalize(raw, now, redact_params, source)
-        if source == "browser" and "context" in event:
-            capture_click_ids(event)  # from the page URL, as /v1/collect does
     except BadRequest as exc:
         result.differences.append(f"the test event is invalid: {exc}")
         return result
