@@ -176,11 +176,20 @@ class ConsentState:
     decision twice and store equal values.
     """
 
-    __slots__ = ("_decisions", "granted", "mentioned")
+    __slots__ = ("_decisions", "filled", "granted", "mentioned")
 
-    def __init__(self, granted: frozenset[str], mentioned: frozenset[str]) -> None:
+    def __init__(
+        self,
+        granted: frozenset[str],
+        mentioned: frozenset[str],
+        filled: Mapping[str, str] | None = None,
+    ) -> None:
         self.granted = granted
         self.mentioned = mentioned
+        # The signal as a tag's mapping reads it (GA4's consent, Google Ads' adUserData): the
+        # event's, with the container's defaults for the purposes it does not state; None when
+        # the defaults add nothing. Shared: copied before it is handed out.
+        self.filled = filled
         # Keyed by the requirement's id: a requirement is a dataclass whose hash is computed in
         # Python on every lookup. The requirement is kept in the entry, so its id cannot be
         # reused by another object while the entry exists, and it is checked on every hit.
@@ -190,7 +199,9 @@ class ConsentState:
     def of(cls, consent: Mapping[str, Any] | None, defaults: Mapping[str, str]) -> ConsentState:
         """The state of one event's ``consent`` (not shared; see :class:`ConsentStates`)."""
         consent = consent or {}
-        return cls(granted_purposes(consent, defaults), frozenset(consent))
+        added = {p: v for p, v in defaults.items() if p not in consent}
+        filled = {**consent, **added} if added else None
+        return cls(granted_purposes(consent, defaults), frozenset(consent), filled)
 
     def decide(self, requirement: Requirement) -> Decision:
         """:func:`decide` for this signal, computed once per requirement."""

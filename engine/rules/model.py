@@ -163,7 +163,7 @@ class Tag:
         if verdict is _BLOCKED:
             return Decision(self.name, dest, False, decision.reason, decision.reason)
         anonymous = verdict is _ANONYMOUS
-        view = scope.stripped() if anonymous else event
+        view = scope.stripped() if anonymous else scope.view
         platform_name = self.event_name(view) if self.event_name else view.get("event_name")
         if not isinstance(platform_name, str) or not platform_name:
             return Decision(
@@ -302,6 +302,7 @@ class EventScope:
         "event",
         "granted",
         "mentioned",
+        "view",
     )
 
     def __init__(
@@ -318,6 +319,10 @@ class EventScope:
         self.consent = consent
         self.granted = consent.granted
         self.mentioned = consent.mentioned
+        # What a tag's mapping reads: the event, its consent with the container's defaults for
+        # the purposes it does not state, as the tags' consent decisions read it.
+        filled = consent.filled
+        self.view = event if filled is None else {**event, "consent": dict(filled)}
         self.checked: dict[str, tuple[bool, str]] = {}  # trigger name -> verdict
         self._stripped: dict[str, Any] | None = None
         self._time: datetime | None = None
@@ -330,9 +335,9 @@ class EventScope:
         return found
 
     def stripped(self) -> dict[str, Any]:
-        """The event without identifiers (for anonymous forwarding)."""
+        """The event without identifiers (for anonymous forwarding), as :attr:`view`."""
         if self._stripped is None:
-            self._stripped = strip_identifiers(self.event)
+            self._stripped = strip_identifiers(self.view)
         return self._stripped
 
     @property

@@ -619,3 +619,87 @@ def test_a_copy_without_identifiers_carries_none_that_a_mapping_copies_from_prop
     for value in CRM.values():
         assert value not in text
     assert sha256_hex(CRM["email"]) not in text and sha256_hex(CRM["id"]) not in text
+
+
+DEFAULTS_RULES = """
+settings:
+  consent_defaults: {ad_user_data: denied, ad_personalization: granted}
+destinations:
+  ga4: {type: ga4, measurement_id: G-ABC, api_secret: ga4-secret}
+  gads: {type: google_ads, customer_id: "123-456-7890", conversion_action: "111",
+         developer_token: dt, client_id: ci, client_secret: cs, refresh_token: rt}
+  hook: {type: webhook, url: "https://crm.example/in"}
+triggers:
+  all: {event: "*"}
+tags:
+  - {name: ga4, trigger: all, destination: ga4, event_name: sign_up,
+     consent: [analytics_storage]}
+  - {name: gads, trigger: all, destination: gads, consent: [ad_storage]}
+  - {name: hook, trigger: all, destination: hook}
+  - {name: ga4_anonymous, trigger: all, destination: ga4, event_name: sign_up,
+     consent: {anonymous: [analytics_storage]}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("stated", "ad_user_data", "ad_personalization"),
+    [
+        ({}, "DENIED", "GRANTED"),  # the container's defaults
+        ({"ad_user_data": "granted"}, "GRANTED", "GRANTED"),  # what the event states wins
+        ({"ad_personalization": False}, "DENIED", "DENIED"),
+    ],
+)
+def test_the_platforms_consent_fields_take_the_containers_defaults_for_what_the_event_leaves_out(
+    write_rules: Callable[..., Path],
+    stated: dict[str, Any],
+    ad_user_data: str,
+    ad_personalization: str,
+) -> None:
+    # The tags decided with the defaults, but GA4 and Google Ads were sent the event's consent
+    # as it came: no field for a purpose it left out, whatever the container declared for it.
+    rules, _ = compile_container(write_rules(DEFAULTS_RULES), {})
+    assert rules is not None
+    event = normalize(
+        {
+            "event_name": "sign_up",
+            "event_id": "e1",
+            "visitor_id": "v1",
+            "context": {"gclid": "gclid-1"},
+            "user_data": {"email": "a@example.com"},
+            "consent": {"ad_storage": "granted", "analytics_storage": "granted", **stated},
+        },
+        NOW,
+    )
+
+    sent = {d.tag: d.payload for d in rules.evaluate(event, now=NOW) if d.fired}
+
+    assert sent["ga4"]["request"]["consent"] == {
+        "ad_user_data": ad_user_data,
+        "ad_personalization": ad_personalization,
+    }
+    assert sent["gads"]["row"]["consent"] == {"adUserData": ad_user_data}
+    assert sent["hook"]["consent"]["ad_user_data"] == ad_user_data.lower()
+    # A copy without identifiers still says DENIED, whatever the defaults.
+    assert sent["ga4_anonymous"]["request"]["consent"] == {
+        "ad_user_data": "DENIED",
+        "ad_personalization": "DENIED",
+    }
+    # The event (as stored) keeps the purposes it stated, and only those.
+    assert set(event["consent"]) == {"ad_storage", "analytics_storage", *stated}
+
+
+def test_the_defaults_a_mapping_reads_are_copied_for_each_event(
+    write_rules: Callable[..., Path],
+) -> None:
+    rules, _ = compile_container(write_rules(DEFAULTS_RULES), {})
+    assert rules is not None
+    first, second = (
+        normalize({"event_name": "x", "event_id": f"e{i}", "consent": {}}, NOW) for i in (1, 2)
+    )
+    one = next(d for d in rules.evaluate(first, now=NOW) if d.tag == "hook").payload
+    one["consent"]["ad_user_data"] = "granted"  # an adapter that edits what it was handed
+
+    other = next(d for d in rules.evaluate(second, now=NOW) if d.tag == "hook").payload
+
+    assert other["consent"]["ad_user_data"] == "denied"
+    assert first["consent"] == {}
