@@ -20,6 +20,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 from gunicorn.http.errors import NoMoreData, ParseException
+from werkzeug.exceptions import ClientDisconnected
 
 from engine import jsonio, metrics
 from engine.auth import (
@@ -36,6 +37,7 @@ from engine.errors import (
     Forbidden,
     PayloadTooLarge,
     RequestError,
+    RequestTimeout,
     StoreError,
     Unauthorized,
     UnsupportedMediaType,
@@ -295,6 +297,8 @@ def read_body(cache: bool) -> bytes:
 
     Raises:
         BadRequest: the chunked framing is malformed, or the body ended before it said.
+        RequestTimeout: the client sent nothing for a while part-way through the body (the
+            server's read timeout; see engine.server.READ_TIMEOUT).
     """
     try:
         return request.get_data(cache=cache)
@@ -303,8 +307,15 @@ def read_body(cache: bool) -> bytes:
     except ParseException as exc:
         close_connection()
         raise BadRequest("the chunked body is malformed") from exc
-    except NoMoreData as exc:
+    except (NoMoreData, ClientDisconnected, OSError) as exc:
         close_connection()
+        # werkzeug reports a failed read of a body of known length as ClientDisconnected, the
+        # read's own error its context; a chunked body's read fails as itself.
+        failed = exc.__context__ if isinstance(exc, ClientDisconnected) else exc
+        if isinstance(failed, BlockingIOError | TimeoutError):  # the socket's read timeout
+            raise RequestTimeout(
+                "the body stopped arriving before its end: send it whole, without pauses"
+            ) from exc
         raise BadRequest("the body ended before its end") from exc
 
 

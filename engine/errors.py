@@ -11,6 +11,7 @@
         ├── BadRequest              400: malformed JSON, schema violation, bad field
         ├── Unauthorized            401: missing or unknown key, bad signature
         ├── Forbidden               403: key not allowed here
+        ├── RequestTimeout          408: the body stopped arriving
         ├── PayloadTooLarge         413
         ├── UnsupportedMediaType    415
         └── TooManyRequests         429 (with Retry-After)
@@ -86,6 +87,13 @@ class Forbidden(RequestError):
     """Valid credentials that may not reach this endpoint."""
 
     status = 403
+
+
+class RequestTimeout(RequestError):
+    """The client stopped sending the body part-way (see ``engine.server.READ_TIMEOUT``): its
+    answer closes the connection. Nothing was accepted; a retry is safe."""
+
+    status = 408
 
 
 class PayloadTooLarge(RequestError):

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,13 @@ GRACEFUL_TIMEOUT = int(2 * (CONNECT_TIMEOUT + MAX_TIMEOUT) + 5)  # 75 s
 # the likelier to accept, so the load spreads over the workers within a few hundred requests.
 KEEPALIVE_REQUESTS = 100
 HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats (the master waits 30 s)
+
+# How long one read of a request's headers or body may wait for the client's next bytes, as
+# nginx's client_header_timeout and client_body_timeout. gthread reads them with blocking reads
+# in its threads (workers x threads of them, 8 by default), so without a limit that many
+# connections that stop mid-request held every thread, and nothing was answered, not even
+# /healthz, until the client closed them.
+READ_TIMEOUT = 10
 
 # What a unix socket's path may hold (sun_path: 108 bytes with its terminating NUL on Linux,
 # 104 on the BSDs and macOS).
@@ -141,6 +149,20 @@ class _Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hin
     """
 
     _beaten = float("-inf")  # when notify last told the master this worker is alive
+
+    def enqueue_req(self, conn: Any) -> None:
+        """gthread's, with each blocking read of the connection limited to READ_TIMEOUT.
+
+        The limit is the socket's own (``SO_RCVTIMEO``), which gthread's switches between
+        blocking and non-blocking mode leave in place: a read that waits longer fails with
+        EAGAIN, a header read's closes the connection and a body read's is answered 408 (see
+        :func:`engine.api.read_body`).
+        """
+        with contextlib.suppress(OSError):  # a connection closed meanwhile: gthread sees it
+            conn.sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", READ_TIMEOUT, 0)
+            )
+        super().enqueue_req(conn)
 
     def notify(self) -> None:
         """gunicorn's heartbeat, at most once a second.

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
-from engine.server import KEEPALIVE_REQUESTS
+from engine.server import KEEPALIVE_REQUESTS, READ_TIMEOUT
 from tests.support.server import LOG_ALL_RULES
 
 pytestmark = pytest.mark.slow
@@ -285,6 +285,50 @@ def test_a_body_over_the_limit_is_a_413_that_closes_the_connection(
         "error": "the body is over 1048576 bytes",
     }
     assert headers["connection"] == "close" and after == b""
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b'Content-Length: 100\r\n\r\n{"event', b'Transfer-Encoding: chunked\r\n\r\n6\r\n{"even\r\n'],
+    ids=["content-length", "chunked"],
+)
+def test_a_body_that_stops_arriving_is_a_408_that_closes_the_connection(
+    server: Server, framing: bytes
+) -> None:
+    head, _, rest = framing.partition(b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=READ_TIMEOUT + 20) as sock:
+        sock.sendall(post_head(head.decode() + "\r\n") + rest)  # and nothing more
+        stream = sock.makefile("rb")
+        status, headers, body = read_answer(stream)
+        after = stream.read()
+
+    assert status == 408 and json.loads(body) == {
+        "success": False,
+        "error": "the body stopped arriving before its end: send it whole, without pauses",
+    }
+    assert headers["connection"] == "close" and after == b""
+    assert "unexpected error" not in server.output()
+
+
+def test_clients_that_stop_mid_request_do_not_hold_the_server(server: Server) -> None:
+    # Two workers of four threads: ten connections that stop part-way through their headers or
+    # their body took every thread, each until its client closed it.
+    stalled = []
+    try:
+        for n in range(10):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(post_head("Content-Length: 100\r\n") + b'{"ev' if n % 2 else b"POST /")
+            stalled.append(sock)
+        time.sleep(1)  # every thread waits on one of them
+        started = time.monotonic()
+        health = requests.get(server.url + "/healthz", timeout=2 * READ_TIMEOUT + 10)
+        waited = time.monotonic() - started
+    finally:
+        for sock in stalled:
+            sock.close()
+
+    assert health.status_code == 200 and waited < 2 * READ_TIMEOUT + 5
+    assert '"level": "error"' not in server.output()
 
 
 def test_a_refused_request_that_was_read_whole_keeps_its_connection(server: Server) -> None:
