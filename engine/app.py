@@ -45,7 +45,9 @@ def create_app(
         settings.click_id_window,
         redact_query_params=settings.redact_query_params,
     )
-    app = Flask("tagrelay")
+    # No static folder: Flask's default is <root path>/static/, and the root path of an app
+    # named after no module is the working directory, whose static/ it served to anyone.
+    app = Flask("tagrelay", static_folder=None)
     if settings.trusted_proxies > 0:
         # The client IP is taken from X-Forwarded-For only as far as the configured number of
         # proxies in front of us appended to it; anything further left is client-supplied.

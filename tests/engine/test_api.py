@@ -513,6 +513,24 @@ def test_unknown_routes_and_methods_answer_json(
     assert_error(getattr(client, method)(path), status, message)
 
 
+def test_files_in_the_working_directorys_static_folder_are_not_served(
+    tmp_path: Path, write_rules: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Flask serves <root path>/static/ by default, and an app named "tagrelay" (no such module)
+    # has the working directory as its root path: tagrelay serve, started where a static/
+    # folder is, served its files to anyone.
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "backup.sql").write_text("INSERT INTO customers ...")
+    monkeypatch.chdir(tmp_path)
+    container = write_rules(RULES)
+    settings = Settings(
+        rules=container, data_dir=tmp_path / "data", server_keys=(ServerKey(KEY),), deliver=False
+    )
+    client = create_app(settings, rules=load_rules(container, interval=0)).test_client()
+
+    assert_error(client.get("/static/backup.sql"), 404, "no such endpoint")
+
+
 def test_the_store_being_down_gets_503_with_retry_after(
     app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
