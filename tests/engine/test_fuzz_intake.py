@@ -6,8 +6,10 @@ consent forwarding and a tag dedup key, so odd events reach the whole intake pat
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
+import zlib
 from typing import Any
 
 import pytest
@@ -72,6 +74,8 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> FlaskClient:
             data_dir=root / "data",
             server_keys=(ServerKey(KEY), SIGNED),
             deliver=False,
+            # The tests of this module send well over a minute's 1,000 requests of one key.
+            rate_limit=0,
         ),
         rules=load_rules(root / "rules.yaml", interval=0),
     )
@@ -299,3 +303,89 @@ def test_signed_requests_pass_exactly_within_the_window(
         assert response.status_code == 401
     elif abs(skew) < 298:
         assert response.status_code in (200, 400)
+
+
+timestamps = st.one_of(
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.builds(
+        "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}{}".format,
+        st.integers(0, 9999),
+        st.integers(0, 13),
+        st.integers(0, 32),
+        st.integers(0, 25),
+        st.integers(0, 60),
+        st.integers(0, 61),
+        st.sampled_from(["", "Z", "z", "+00:00", "+14:00", "-23:59", "+24:00", ".999999Z"]),
+    ),
+)
+
+
+@FUZZ
+@given(timestamp=timestamps)
+def test_any_timestamp_is_accepted_or_refused_with_400(client: FlaskClient, timestamp: Any) -> None:
+    # Year 1 with a positive offset, 9999 with a negative one, 1e20, -1: out of range of
+    # datetime one way or another, each a 400 naming the timestamp.
+    response = client.post(
+        "/v1/track", json={"event_name": "x", "timestamp": timestamp}, headers=AUTH
+    )
+
+    body = check(response)
+    assert response.status_code in (200, 400)
+    if response.status_code == 400:
+        assert "timestamp" in body["error"]
+
+
+escaped_text = st.lists(
+    st.integers(0, 0xFFFF).map(lambda unit: f"\\u{unit:04x}") | st.text(max_size=3), max_size=6
+).map("".join)
+
+
+@FUZZ
+@given(
+    name=escaped_text,
+    key=escaped_text,
+    value=escaped_text,
+    path=st.sampled_from(["/v1/track", "/v1/track/batch"]),
+)
+def test_any_escape_in_keys_and_strings_is_accepted_or_refused_with_400(
+    client: FlaskClient, name: str, key: str, value: str, path: str
+) -> None:
+    # \u escapes of any UTF-16 code unit: lone and paired surrogates, NUL, controls.
+    event = (
+        f'{{"event_name": "{name}x", "properties": {{"{key}": "{value}"}},'
+        f' "user_data": {{"{key}": "{value}"}}}}'
+    )
+    body = f'{{"events": [{event}]}}' if path.endswith("batch") else event
+
+    response = client.post(path, data=body.encode(), headers=AUTH, content_type="application/json")
+
+    check(response)
+    assert response.status_code in (200, 400)
+
+
+@FUZZ
+@given(
+    coding=st.lists(
+        st.sampled_from(["gzip", "deflate", "x-gzip", "identity", "br", "utf-8", "GZIP", ""]),
+        max_size=4,
+    ).map(", ".join)
+    | header_text,
+    compress=st.lists(st.sampled_from(["gzip", "zlib", "raw"]), max_size=3),
+    body=st.binary(max_size=100) | events.map(lambda e: json.dumps(e).encode()),
+)
+def test_any_content_encoding_over_any_compression_never_causes_a_500(
+    client: FlaskClient, coding: str, compress: list[str], body: bytes
+) -> None:
+    for method in compress:
+        if method == "gzip":
+            body = gzip.compress(body)
+        else:
+            packer = zlib.compressobj(wbits=zlib.MAX_WBITS if method == "zlib" else -15)
+            body = packer.compress(body) + packer.flush()
+    headers = {**AUTH, "Content-Encoding": coding}
+
+    response = client.post("/v1/track", data=body, headers=headers, content_type="application/json")
+
+    check(response)
+    assert response.status_code in (200, 400, 413, 415)
