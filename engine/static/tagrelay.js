@@ -41,7 +41,12 @@
 
   var script = document.currentScript;
   var config = null; // {endpoint, key, spa}
-  var consentState = null; // Consent Mode v2 purposes, sent with every event once set
+  // Consent Mode v2 purposes, sent with every event once set: gtag's "default" ones, and over
+  // them what consent() and gtag's "update" set, which a later "default" never overrides (a
+  // page whose default ran after its consent platform's update would otherwise grant what
+  // the visitor had refused), as in gtag.
+  var consentDefaults = null;
+  var consentState = null;
   var beforeInit = []; // events made before init(), sent once it is called
   var inFlight = []; // promises of requests not yet answered (see flush())
   var held = null; // bodies waiting for the server's first answer to this browser (see send())
@@ -134,7 +139,9 @@
       if (userHash) event.user_hash = String(userHash);
     }
     if (options.user_data) event.user_data = options.user_data;
-    if (consentState) event.consent = assign({}, consentState);
+    if (consentDefaults || consentState) {
+      event.consent = assign(assign({}, consentDefaults), consentState);
+    }
     return event;
   }
 
@@ -394,10 +401,16 @@
     },
 
     /** Consent Mode v2 purposes ({ad_storage, analytics_storage, ad_user_data,
-     *  ad_personalization}: "granted"/"denied"/boolean), sent with every later event. */
+     *  ad_personalization}: "granted"/"denied"/boolean), sent with every later event; or
+     *  gtag's form, consent("default" | "update", {...}): a default never overrides what
+     *  consent() or an update set. */
     consent: function (state, gtagState) {
       // gtag's form too: consent("default" | "update", {...}), as pages call it for Google's
       // Consent Mode; a string's characters were read as purposes "0", "1", ...
+      if (state === "default") {
+        consentDefaults = assign(consentDefaults || {}, gtagPurposes(gtagState));
+        return api;
+      }
       if (typeof state === "string") state = gtagPurposes(gtagState);
       consentState = assign(consentState || {}, state || {});
       return api;

@@ -102,6 +102,17 @@ PAGE = """<!doctype html>
 <body><h1>Trail shoe</h1></body></html>
 """
 
+# A site on Google's Consent Mode: its consent comes through gtag's commands only.
+GTAG_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Gtag</title>
+<script src="{script}"></script>
+<script>
+  window.collected = [];
+  tagrelay.init({{key: "{key}", onResponse: function (a) {{ window.collected.push(a); }}}});
+  tagrelay.page();
+</script></head><body>gtag</body></html>
+"""
+
 # The script tag configures itself; consent is queued before the script loads.
 AUTO_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>Auto</title>
@@ -189,6 +200,8 @@ class Site:
             html = PAGE.format(fbp=FBP, **values)
         elif request.path == "/auto.html":
             html = AUTO_PAGE.format(**values)
+        elif request.path == "/gtag.html":
+            html = GTAG_PAGE.format(**values)
         elif request.path == "/burst.html":
             html = BURST_PAGE.format(**values)
         elif request.path == "/queue.html":
@@ -539,19 +552,57 @@ def test_gtags_wait_for_update_and_region_are_no_purposes(stack: Stack, browser:
     # Google's documented default, wait_for_update: 500, was sent as a purpose: the server
     # refused every later event (consent.wait_for_update must be 'granted', ...).
     server = stack.server
-    browser.get(f"{stack.shop.url}/page.html")
+    browser.get(f"{stack.shop.url}/gtag.html")
     wait_for(lambda: collected(browser), "the page view", server)
 
     event_id = browser.execute_script(
         'tagrelay.consent("default", {ad_storage: "denied", wait_for_update: 500});'
         'tagrelay.consent("default", {analytics_storage: "denied", ad_user_data: "granted",'
         '                             region: ["US-CA"]});'
+        'tagrelay.consent("default", {ad_user_data: "granted", ad_personalization: "granted"});'
         'return tagrelay.track("after_default");'
     )
 
     stored = wait_for(lambda: server.stored_event(event_id), "the event", server)
     # A region's state denies, never grants: the script cannot know the visitor's region.
-    assert stored["consent"] == {**GRANTED, "ad_storage": "denied", "analytics_storage": "denied"}
+    assert stored["consent"] == {
+        "ad_storage": "denied",
+        "analytics_storage": "denied",
+        "ad_user_data": "granted",
+        "ad_personalization": "granted",
+    }
+
+
+def test_a_default_never_overrides_the_visitors_choice(stack: Stack, browser: WebDriver) -> None:
+    # gtag's default is what holds until the visitor decides. A page whose default snippet ran
+    # after its consent platform restored a refusal (consent("update", ...) or consent({...}))
+    # granted what the visitor had refused: the default overwrote the update.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/gtag.html")
+    wait_for(lambda: collected(browser), "the page view", server)
+
+    event_id = browser.execute_script(
+        'tagrelay.consent("update", {ad_storage: "denied", ad_user_data: "denied"});'
+        'tagrelay.consent({ad_personalization: "denied"});'
+        'tagrelay.consent("default", {ad_storage: "granted", ad_user_data: "granted",'
+        '                             ad_personalization: "granted",'
+        '                             analytics_storage: "granted"});'
+        'return tagrelay.track("after_late_default");'
+    )
+    refused = browser.execute_script(
+        'tagrelay.consent("update", {analytics_storage: "denied"});'
+        'return tagrelay.track("after_second_update");'
+    )
+
+    stored = wait_for(lambda: server.stored_event(event_id), "the event", server)
+    assert stored["consent"] == {
+        "ad_storage": "denied",
+        "ad_user_data": "denied",
+        "ad_personalization": "denied",
+        "analytics_storage": "granted",  # the default, for what the visitor did not decide
+    }
+    stored = wait_for(lambda: server.stored_event(refused), "the second event", server)
+    assert stored["consent"]["analytics_storage"] == "denied"
 
 
 @pytest.mark.parametrize(("refusals", "kept"), [(2, True), (4, False)])
