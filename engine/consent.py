@@ -423,11 +423,43 @@ def _name_identifies(name: str, nested: bool) -> bool:
         or bare in _AD_COOKIES
         or bare in _ADVERTISING_IDS
         or bare.endswith("addr")
-        or bare in _IP_WORDS  # "IP", "iP": a name of its own, in any case
-        or any(word.lower() in _IP_WORDS for word in _WORDS.findall(name))
+        or _names_an_ip(name, bare)
     ):
         return True
     return bare in _PERSON_NAMES or bare.endswith("address") or cleartext.kind_of(name) is not None
+
+
+def _names_an_ip(name: str, bare: str) -> bool:
+    """Whether a field's name says it holds an IP address (``bare``: the name in lower case
+    without punctuation): ``IP``, ``client_ip``, ``clientIP``, ``ip_v6``, ``x_forwarded_for``."""
+    return bare in _IP_WORDS or any(word.lower() in _IP_WORDS for word in _WORDS.findall(name))
+
+
+@functools.lru_cache(maxsize=4096)
+def _other_ip_name(name: str, nested: bool) -> bool:
+    """Whether a ``context`` field of this name holds an IP address, but for the canonical
+    top-level ``ip`` (which the IP policy reads itself): ``client_ip``, ``X-Real-IP``, a copied
+    ``x_forwarded_for``, ``forwarded``, ``remote_addr``, a nested ``device.ip``."""
+    if name == "ip":
+        return nested
+    bare = name.lower().translate(_NAME_PUNCTUATION)
+    return bare.endswith("remoteaddr") or _names_an_ip(name, bare)
+
+
+def drop_other_ips(value: Any, depth: int = 0) -> None:
+    """Remove, in place, the fields of ``context`` (at any depth, in objects and lists) that
+    hold an IP address under another name than the top-level ``ip``: what the IP policy does
+    not keep whole must not stay under a name of the client's choosing."""
+    if depth > 64:  # intake refuses deeper events
+        return
+    if isinstance(value, dict):
+        for key in [k for k in value if isinstance(k, str) and _other_ip_name(k, depth > 0)]:
+            del value[key]
+        for inner in value.values():
+            drop_other_ips(inner, depth + 1)
+    elif isinstance(value, list):
+        for inner in value:
+            drop_other_ips(inner, depth + 1)
 
 
 _DROPPED = object()  # a URL that cannot be parsed: left out (see _strip_url)

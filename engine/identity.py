@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from engine.consent import truncate_ip
+from engine.consent import drop_other_ips, truncate_ip
 from engine.event import readable_ip
 
 # Query parameter -> context field. ScCid (Snapchat) keeps its documented spelling in URLs.
@@ -114,15 +114,14 @@ def apply_ip_policy(event: dict[str, Any], mode: str, granted: frozenset[str]) -
     reads its client) is kept as the IPv4 address it is, a copied ``X-Forwarded-For`` list as
     its first entry (the client; none if that is no address), and text that is no address is
     dropped.
+
+    Unless the IP is kept whole, an address the client put in ``context`` under another name
+    (``client_ip``, ``x_forwarded_for``, ``remote_addr``, a nested ``device.ip``) is dropped
+    (:func:`~engine.consent.drop_other_ips`): the policy must not depend on the field's name.
     """
     context = event.get("context")
-    if not isinstance(context, dict) or not context.get("ip"):
+    if not isinstance(context, dict):
         return
-    ip = readable_ip(context["ip"]) if isinstance(context["ip"], str) else None
-    if ip is None:
-        context.pop("ip")  # not an address: no platform can use it
-        return
-    context["ip"] = ip
     if mode == "consent":
         mode = (
             "keep"
@@ -131,6 +130,15 @@ def apply_ip_policy(event: dict[str, Any], mode: str, granted: frozenset[str]) -
             if "analytics_storage" in granted
             else "drop"
         )
+    if mode != "keep":
+        drop_other_ips(context)
+    if not context.get("ip"):
+        return
+    ip = readable_ip(context["ip"]) if isinstance(context["ip"], str) else None
+    if ip is None:
+        context.pop("ip")  # not an address: no platform can use it
+        return
+    context["ip"] = ip
     if mode == "drop":
         context.pop("ip")
     elif mode == "truncate":

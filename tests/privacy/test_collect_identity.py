@@ -806,6 +806,47 @@ def test_ip_storage_drop_never_stores_an_ip(tmp_path: Path) -> None:
     assert "ip" not in stored(app, "ip2").get("context", {})
 
 
+OTHER_IPS = {
+    "client_ip": "203.0.113.77",
+    "clientIP": "203.0.113.77",
+    "x_forwarded_for": "203.0.113.77, 10.0.0.1",
+    "X-Real-IP": "203.0.113.77",
+    "remote_addr": "203.0.113.77",
+    "device": {"ip": "2001:db8::7", "model": "Pixel"},
+    "shipping": "standard",
+}
+
+
+@pytest.mark.parametrize(
+    ("ip_storage", "consent", "kept"),
+    [
+        ("drop", ALL_GRANTED, False),
+        ("truncate", ALL_GRANTED, False),
+        ("consent", {"analytics_storage": "granted"}, False),
+        ("consent", {}, False),
+        ("consent", ALL_GRANTED, True),
+        ("keep", {}, True),
+    ],
+)
+def test_an_ip_under_another_name_follows_the_ip_policy(
+    tmp_path: Path, ip_storage: str, consent: dict[str, str], kept: bool
+) -> None:
+    # Only context.ip was dropped or truncated: the same address under client_ip,
+    # x_forwarded_for or remote_addr (or nested) was stored and forwarded whole.
+    app = make_app(tmp_path, ip_storage=ip_storage)
+
+    track(
+        app.test_client(),
+        {"event_name": "x", "event_id": "ip3", "consent": consent, "context": OTHER_IPS},
+    )
+
+    context = stored(app, "ip3")["context"]
+    if kept:
+        assert context == OTHER_IPS
+    else:
+        assert context == {"device": {"model": "Pixel"}, "shipping": "standard"}
+
+
 def test_rate_limit_answers_429_with_retry_after_per_key(tmp_path: Path) -> None:
     app = make_app(tmp_path, rate_limit=3)
     client = app.test_client()
