@@ -99,8 +99,8 @@ def replay_destination(
 ) -> ReplayReport:
     """Send every event accepted since ``since`` to ``destination`` again, per current rules.
 
-    A delivery of the event by the same tag that still waits (a retry) is replaced by the
-    replay's, not sent as well; one in flight (leased) stays.
+    A delivery of the event by the same tag that still waits (a retry), or its dead letter, is
+    replaced by the replay's, not sent as well; one in flight (leased) stays.
     """
     report = ReplayReport()
     for event in store.events_since(since.timestamp()):

@@ -266,7 +266,8 @@ class Store(abc.ABC):
         ``supersedes`` (the dead letters being replayed) are removed in the same transaction
         if anything was queued in their place. With ``replace_waiting``, so are the event's
         deliveries by the same tag to the same destination that still wait (pending, not
-        leased): sent as well, the event went twice, the second time as the old rules made it.
+        leased): sent as well, the event went twice, the second time as the old rules made it;
+        and its dead letters by that tag, which a later dead-letter replay sent again.
         Nothing is queued if the event is no longer stored, or if one of ``supersedes`` is no
         longer a dead letter (replayed meanwhile). Returns the decisions as applied.
         """

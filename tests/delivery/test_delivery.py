@@ -1333,6 +1333,37 @@ def test_replay_of_a_destination_replaces_what_still_waits_instead_of_sending_it
     assert [s for s, _, _ in h.statuses()] == ["delivered"]
 
 
+def test_replay_of_a_destination_replaces_a_dead_letter_of_the_event_instead_of_sending_it_twice(
+    tmp_path: Path, sink: Any
+) -> None:
+    # A mapping the platform refused, fixed and replayed: the dead letters it left stayed in
+    # the list as if never sent, and `deadletters replay --all` then sent each event again.
+    handler, server = sink
+    rules = webhook_rules(tmp_path, server.url)
+    h = Harness(tmp_path, rules)
+    handler.script("500", "500", "500")
+    h.accept({"event_name": "lead", "event_id": "e1", "properties": {"value": 3}})
+    for _ in range(3):
+        h.make_due()
+        h.worker.drain()
+    assert [s for s, _, _ in h.statuses()] == ["dead"]
+    rules.write_text(
+        rules.read_text().replace(
+            "destination: hook}", "destination: hook, mapping: {fixed: properties.value}}"
+        )
+    )
+    h.rules.maybe_reload()
+
+    report = replay_destination(h.store, h.container, "hook", since=_an_hour_ago())
+    h.worker.drain()
+    later = replay_dead_letters(h.store, h.container, [d.id for d in h.store.dead_letters()])
+    h.worker.drain()
+
+    assert (report.queued, later.queued) == (1, 0)
+    assert [p.get("fixed") for p in handler.received] == [3]
+    assert [s for s, _, _ in h.statuses()] == ["delivered"]
+
+
 def test_metrics_count_deliveries(tmp_path: Path, sink: Any) -> None:
     _, server = sink
     h = Harness(tmp_path, webhook_rules(tmp_path, server.url))

@@ -233,10 +233,12 @@ class _Outbox(_Connections):
                             (key, event.seq, event.event_id, now + window),
                         )
                 if decision.fired and replace_waiting:
-                    # Leased ones may be in flight: they stay (delivery is at least once).
+                    # Leased ones may be in flight: they stay (delivery is at least once). A
+                    # dead letter is replaced too, as `deadletters replay` replaces it: left,
+                    # it was listed as never sent, and replaying it sent the event again.
                     db.execute(
                         "DELETE FROM deliveries WHERE event_seq = ? AND tag = ? "
-                        "AND destination = ? AND status = 'pending'",
+                        "AND destination = ? AND status IN ('pending', 'dead')",
                         (event.seq, decision.tag, decision.destination),
                     )
                 if decision.fired:
