@@ -304,6 +304,21 @@ class _Compiler:
                 f"is always null (an event has: {known}); {hint}",
             )
 
+    def _dedup_key(self, tag: str, entry: _Entry, source: str) -> Getter | None:
+        """A tag's dedup key; a constant one (``'properties.order_id'``, a text) is an error:
+        every event would have that key, and the tag forward one event per window."""
+        where, what = entry.at("dedup_key"), f"tag {tag} dedup_key"
+        found = self.parsed(source, where, what)
+        if found is None or found.tree is None or expressions.reads_the_event(found.tree):
+            return None if found is None else found.get
+        self.error(
+            where,
+            f"{what}: {_quote(source)} reads nothing of the event, so every event has the same "
+            "key and the tag forwards one event per dedup window; name the field holding the "
+            "order ID, as properties.order_id (a text in single quotes is a constant)",
+        )
+        return None
+
     def variable(self, name: str, where: Position) -> Variable | None:
         if name in self._variables:
             return self._variables[name]
@@ -718,9 +733,7 @@ class _Compiler:
                 self._check_event_name_table(name, entry, trigs, excs)  # its variable compiled
             dedup = None
             if "dedup_key" in spec:
-                dedup = self.expression(
-                    spec["dedup_key"], entry.at("dedup_key"), f"tag {name} dedup_key"
-                )
+                dedup = self._dedup_key(name, entry, spec["dedup_key"])
             if dest is None:
                 continue  # what needs the adapter (its mapping, its warnings) cannot be checked
             fields = self._mapping(name, entry, dest, getters)

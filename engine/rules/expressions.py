@@ -293,6 +293,27 @@ def root_fields(tree: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(reversed(found)))
 
 
+_READS_INPUT = frozenset({"field", "current", "identity"})
+
+
+def reads_the_event(tree: Mapping[str, Any]) -> bool:
+    """Whether an expression reads anything of the event (a field, ``@``, ``*``), itself or
+    through a variable; False for a constant such as ``'properties.order_id'`` (a text)."""
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, Mapping):
+            continue
+        if node.get("type") in _READS_INPUT:
+            return True
+        if node.get("type") == VARIABLE:
+            var = variable_of(node)
+            if var is None or var.tree is None or reads_the_event(var.tree):
+                return True
+        stack.extend(node.get("children", ()))
+    return False
+
+
 _SOURCE_FIELD = {"type": "field", "value": "source", "children": []}
 
 
