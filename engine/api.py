@@ -298,7 +298,7 @@ def read_body(cache: bool) -> bytes:
     Raises:
         BadRequest: the chunked framing is malformed, or the body ended before it said.
         RequestTimeout: the client sent nothing for a while part-way through the body (the
-            server's read timeout; see engine.server.READ_TIMEOUT).
+            server's read timeout, TAGRELAY_READ_TIMEOUT).
     """
     try:
         return request.get_data(cache=cache)

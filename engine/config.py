@@ -72,6 +72,7 @@ class Settings:
     metrics_bind: str | None = None  # where `tagrelay worker` serves /metrics; None: nowhere
     workers: int = 2
     threads: int = 4  # gunicorn gthread threads per worker
+    read_timeout: int = 10  # seconds one read of a request may wait for the client (408)
     server_keys: tuple[ServerKey, ...] = ()
     sqlite_sync: str = "normal"
     max_body_bytes: int = 1_048_576
@@ -473,6 +474,7 @@ _SETTINGS: dict[str, tuple[str, Parser, bool]] = {
     "metrics_bind": ("metrics_bind", _optional_tcp_bind, True),
     "workers": ("workers", _whole(1), True),
     "threads": ("threads", _whole(1), True),
+    "read_timeout": ("read_timeout", _whole(1, 3600), True),
     "server_keys": ("server_keys", _server_keys, False),
     "sqlite_sync": ("sqlite_sync", _choice("normal", "full"), True),
     "deliver": ("deliver", _boolean, True),

@@ -90,8 +90,9 @@ class Forbidden(RequestError):
 
 
 class RequestTimeout(RequestError):
-    """The client stopped sending the body part-way (see ``engine.server.READ_TIMEOUT``): its
-    answer closes the connection. Nothing was accepted; a retry is safe."""
+    """The client stopped sending the body part-way (the server's read timeout,
+    ``TAGRELAY_READ_TIMEOUT``): its answer closes the connection. Nothing was accepted; a retry
+    is safe."""
 
     status = 408
 

@@ -118,9 +118,10 @@ class GunicornLogger(glogging.Logger):  # type: ignore[misc]  # gunicorn ships n
     def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
         """gunicorn's error with its exception, but a read that timed out at DEBUG.
 
-        A client that stops part-way through its request's headers fails the read after
-        ``engine.server.READ_TIMEOUT``, which gthread logs as a socket error; the connection is
-        closed, and there is nothing for an operator to do (any client can cause it at will).
+        A client that stops part-way through its request's headers fails the read after the
+        read timeout (``TAGRELAY_READ_TIMEOUT``), which gthread logs as a socket error; the
+        connection is closed, and there is nothing for an operator to do (any client can cause
+        it at will).
         """
         if isinstance(sys.exc_info()[1], BlockingIOError | TimeoutError):
             self.error_log.debug("a client stopped sending its request; connection closed")

@@ -66,13 +66,6 @@ GRACEFUL_TIMEOUT = int(2 * (CONNECT_TIMEOUT + MAX_TIMEOUT) + 5)  # 75 s
 KEEPALIVE_REQUESTS = 100
 HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats (the master waits 30 s)
 
-# How long one read of a request's headers or body may wait for the client's next bytes, as
-# nginx's client_header_timeout and client_body_timeout. gthread reads them with blocking reads
-# in its threads (workers x threads of them, 8 by default), so without a limit that many
-# connections that stop mid-request held every thread, and nothing was answered, not even
-# /healthz, until the client closed them.
-READ_TIMEOUT = 10
-
 # What a unix socket's path may hold (sun_path: 108 bytes with its terminating NUL on Linux,
 # 104 on the BSDs and macOS).
 _MAX_SOCKET_PATH = 103
@@ -149,9 +142,16 @@ class _Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hin
     """
 
     _beaten = float("-inf")  # when notify last told the master this worker is alive
+    # How long one read of a request's headers or body may wait for the client's next bytes
+    # (Settings.read_timeout), as nginx's client_header_timeout and client_body_timeout: gthread
+    # reads them with blocking reads in its threads (workers x threads of them, 8 by default),
+    # so without a limit that many connections that stopped mid-request held every thread, and
+    # nothing was answered, not even /healthz, until the client closed them. SO_RCVTIMEO's
+    # timeval (seconds, microseconds); set per server by _worker_class.
+    _read_timeout = struct.pack("ll", Settings.read_timeout, 0)
 
     def enqueue_req(self, conn: Any) -> None:
-        """gthread's, with each blocking read of the connection limited to READ_TIMEOUT.
+        """gthread's, with each blocking read of the connection limited to the read timeout.
 
         The limit is the socket's own (``SO_RCVTIMEO``), which gthread's switches between
         blocking and non-blocking mode leave in place: a read that waits longer fails with
@@ -159,9 +159,7 @@ class _Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hin
         :func:`engine.api.read_body`).
         """
         with contextlib.suppress(OSError):  # a connection closed meanwhile: gthread sees it
-            conn.sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", READ_TIMEOUT, 0)
-            )
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._read_timeout)
         super().enqueue_req(conn)
 
     def notify(self) -> None:
@@ -197,6 +195,12 @@ class _Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hin
             delivery = app.extensions.get("tagrelay.delivery") if app is not None else None
             if delivery is not None:
                 delivery.stop(heartbeat=self.notify)
+
+
+def _worker_class(read_timeout: int) -> type[_Worker]:
+    """The worker class, its connections' reads limited to ``read_timeout`` seconds."""
+    timeval = struct.pack("ll", read_timeout, 0)
+    return type("_Worker", (_Worker,), {"_read_timeout": timeval})
 
 
 class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -238,7 +242,7 @@ class TagrelayServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships n
         options: dict[str, Any] = {
             "bind": settings.bind,
             "workers": settings.workers,
-            "worker_class": _Worker,
+            "worker_class": _worker_class(settings.read_timeout),
             "threads": settings.threads,
             "preload_app": True,
             "timeout": 30,

@@ -51,6 +51,7 @@ def config_file(tmp_path: Path, text: str) -> dict[str, str]:
         ("TAGRELAY_LOG_LEVEL", "bogus", "must be one of debug, info, warning, error, critical"),
         ("TAGRELAY_THREADS", "0", "must be a whole number, at least 1, not '0'"),
         ("TAGRELAY_THREADS", "abc", "must be a whole number, at least 1, not 'abc'"),
+        ("TAGRELAY_READ_TIMEOUT", "0", "must be a whole number from 1 to 3600, not '0'"),
         ("TAGRELAY_WORKERS", "", "must be a whole number, at least 1, not ''"),
         ("TAGRELAY_BIND", "127.0.0.1:99999", "a port from 1 to 65535"),
         ("TAGRELAY_BIND", "", "must be HOST:PORT"),
@@ -129,6 +130,7 @@ def test_bind_takes_host_and_port_and_defaults_the_port_to_8080(value: str, bind
 def test_threads_are_a_setting_of_their_own() -> None:
     assert load_settings({}).threads == 4
     assert load_settings({"TAGRELAY_THREADS": "8"}).threads == 8
+    assert load_settings({"TAGRELAY_READ_TIMEOUT": "30"}).read_timeout == 30
 
 
 def test_good_values_are_read_as_before() -> None:

@@ -19,10 +19,11 @@ import pytest
 import requests
 
 from engine.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
-from engine.server import KEEPALIVE_REQUESTS, READ_TIMEOUT
+from engine.server import KEEPALIVE_REQUESTS
 from tests.support.server import LOG_ALL_RULES
 
 pytestmark = pytest.mark.slow
+READ_TIMEOUT = 3  # seconds a read of a request waits for the client (default 10)
 
 KEY = "sk_e2e_0123456789"
 SIGNED_KEY, SIGNING_SECRET = "sk_e2e_signed_0123", "whsec_e2e_secret"
@@ -63,6 +64,7 @@ class Server:
             "TAGRELAY_SERVER_KEYS": f"{KEY},{SIGNED_KEY}:{SIGNING_SECRET}",
             "TAGRELAY_BIND": f"127.0.0.1:{self.port}",
             "TAGRELAY_WORKERS": "2",
+            "TAGRELAY_READ_TIMEOUT": str(READ_TIMEOUT),
             "TAGRELAY_DELIVER": "false",
             "TAGRELAY_LOG_LEVEL": "WARNING",
         }
