@@ -66,6 +66,7 @@ _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(RULES_SCHEMA)
 _NUMBER_KEY = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 # ``$${`` (a literal ``${``), ``${NAME}`` or ``${NAME:-default}``, or a ``${`` that is neither.
 _ENV_REF = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
+_SHORTEST_DEDUP_WINDOW = 300.0  # seconds: the signature replay window (engine.auth)
 _ENV_SHOWN = 64  # at most this much of a malformed reference is quoted in its error
 # ``${NAME}`` or ``${NAME:-default}`` outside a destination's settings, where nothing replaces it.
 _ENV_LIKE = re.compile(r"(?<!\$)\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
@@ -525,7 +526,17 @@ class _Compiler:
         entry = self.settings.get("dedup_window")
         if entry is None:
             return default
-        return self.duration(entry.value, entry.at(), "dedup_window", default)
+        window = self.duration(entry.value, entry.at(), "dedup_window", default)
+        if window < _SHORTEST_DEDUP_WINDOW:
+            # A bare number is seconds: 48 was meant as hours, and a repeat 49 s later, or a
+            # backend's copy of an order a page sent a minute before, went out again.
+            self.warn(
+                entry.at(),
+                f"dedup_window is {window:g} s (a number alone is seconds): a repeat of an event "
+                "ID, or the second copy of an order, that comes later is forwarded again; a "
+                "signed request may be replayed for 5 minutes. Write a unit: 48h, 2d",
+            )
+        return window
 
     def _substitute(
         self,
