@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode
@@ -29,6 +29,7 @@ from destinations.base import (
 
 DEFAULT_ENDPOINT = "https://www.google-analytics.com"
 MAX_AGE = timedelta(hours=72)
+_TOO_OLD = "GA4: timestamp_micros is older than the 72-hour backdating limit"
 MAX_BODY_BYTES = 130_000
 MAX_PARAMS = 25
 MAX_ITEMS = 200
@@ -254,6 +255,10 @@ class GA4(Destination):
         _check_name(ctx.event_name, "event name")
         if ctx.event_name in RESERVED_EVENTS:
             raise PayloadError(f"GA4: event name {ctx.event_name!r} is reserved")
+        if (ctx.now or datetime.now(UTC)) - ctx.event_time > MAX_AGE:
+            # Refused here, as at send time (check_item): queued, it became a dead letter, and
+            # its tag's dedup key held back a later copy of the order that GA4 would take.
+            raise PayloadError(_TOO_OLD)
 
         request: dict[str, Any] = {"client_id": _client_id(mapped.get("client_id"))}
         user_id = None if ctx.restricted else mapped.get("user_id")  # a person's ID
@@ -337,7 +342,7 @@ class GA4(Destination):
         if isinstance(micros, int) and ctx.now.timestamp() * 1_000_000 - micros > (
             MAX_AGE.total_seconds() * 1_000_000
         ):
-            return "GA4: timestamp_micros is older than the 72-hour backdating limit"
+            return _TOO_OLD
         return None
 
     def batch_key(self, item: Item) -> str:

@@ -127,10 +127,13 @@ def payload_for(
     mapping: dict[str, Any] | None = None,
     when: datetime = NOW,
     restricted: bool = False,
+    received: datetime | None = None,
 ) -> dict[str, Any]:
     """What the engine does at intake: default mapping + tag mapping, then build_payload."""
     fields = compile_mapping({**GA4.default_mapping, **(mapping or {})})
-    ctx = PayloadContext("tag", event_name, str(event.get("event_id")), when, event, restricted)
+    ctx = PayloadContext(
+        "tag", event_name, str(event.get("event_id")), when, event, restricted, received
+    )
     return dest.build_payload(build(fields, event), ctx)
 
 
@@ -558,13 +561,35 @@ def test_refund_names_the_original_order_as_transaction_id(
 
 def test_event_older_than_72_hours_fails_alone_at_send_time(server: LoopbackServer) -> None:
     dest = ga4(server)
-    old = Item("d1", "e1", payload_for(dest, BRIEF_EVENT, when=NOW - timedelta(hours=73)))
-    fresh = Item("d2", "e2", payload_for(dest, BRIEF_EVENT, when=NOW - timedelta(hours=71)))
+    # Both were under 72 hours old when they were accepted, two hours ago.
+    accepted = NOW - timedelta(hours=2)
+    old = Item(
+        "d1",
+        "e1",
+        payload_for(dest, BRIEF_EVENT, when=NOW - timedelta(hours=73), received=accepted),
+    )
+    fresh = Item(
+        "d2",
+        "e2",
+        payload_for(dest, BRIEF_EVENT, when=NOW - timedelta(hours=71), received=accepted),
+    )
 
     reasons = [dest.check_item(i, SendContext(now=NOW)) for i in (old, fresh)]
 
     assert reasons[0] is not None and "72-hour" in reasons[0]
     assert reasons[1] is None
+
+
+def test_an_event_older_than_72_hours_when_it_arrives_is_refused_at_intake(
+    server: LoopbackServer,
+) -> None:
+    # It was queued, to become a dead letter at send time, and its tag's dedup key held back a
+    # later copy of the order that GA4 would have taken.
+    dest = ga4(server)
+
+    with pytest.raises(PayloadError, match="72-hour"):
+        payload_for(dest, BRIEF_EVENT, when=NOW - timedelta(hours=73), received=NOW)
+    payload_for(dest, BRIEF_EVENT, when=NOW - timedelta(hours=71), received=NOW)
 
 
 # -- batching -----------------------------------------------------------------------------------
