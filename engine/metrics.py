@@ -9,6 +9,7 @@ the truth across hosts too.
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import logging
 import os
@@ -28,11 +29,75 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client import values as _values
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
+
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_INITIAL_FILE_BYTES = 1 << 16  # prometheus_client's first size of a process's file
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Give the first ``size`` bytes of the file at ``fd`` disk blocks (growing it if shorter).
+
+    Raises:
+        OSError: the file system is full (ENOSPC, EDQUOT, EFBIG). A file system that cannot
+            allocate ahead (no ``fallocate``) is left as it is.
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except (AttributeError, OSError) as exc:  # AttributeError: a platform without it
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            raise
+
+
+class _AllocatedMmapedDict(MmapedDict):
+    """prometheus_client's file of one process's counts, with its disk blocks allocated before
+    they are written through the memory map.
+
+    The library sizes the file with ``truncate``, which allocates nothing, and writes through
+    ``mmap``: on a full disk, a write to a page without a block is a SIGBUS, which kills the
+    process. Measured: every gunicorn worker started while the disk was full (after a SIGHUP, or
+    one that replaced a crashed worker) died at its first count, was started again and died
+    again, and no request got an answer, not the 503 that says to retry. Allocated first, a
+    full disk is an OSError when a file is made or grown, which :func:`inc` and
+    :func:`observe` log as a lost count.
+    """
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    _allocate(fd, max(size, _INITIAL_FILE_BYTES))
+                except OSError:
+                    if size == 0:  # made here: an empty file is no file of counts to a scrape
+                        os.unlink(filename)
+                    raise
+            finally:
+                os.close(fd)
+        super().__init__(filename, read_mode)  # type: ignore[no-untyped-call]  # untyped upstream
+
+    def _init_value(self, key: str) -> None:
+        """The library's, with the file's new size allocated before it grows into it."""
+        encoded = len(key.encode("utf-8"))
+        entry = 4 + encoded + (8 - (encoded + 4) % 8) + 16  # as the library packs an entry
+        capacity = self._capacity
+        while self._used + entry > capacity:
+            capacity *= 2
+        if capacity > self._capacity:
+            _allocate(self._f.fileno(), capacity)
+        super()._init_value(key)  # type: ignore[no-untyped-call]  # untyped upstream
+
+
+# prometheus_client opens each process's files through this module-level name, when a labelled
+# metric first counts (never at import), so replacing it here covers every file of the process.
+_values.MmapedDict = _AllocatedMmapedDict  # type: ignore[attr-defined]  # an internal name
 
 EVENTS = Counter(
     "tagrelay_events", "Events received, by outcome (accepted, duplicate, rejected)", ["outcome"]
@@ -127,7 +192,8 @@ def _write_failed(exc: Exception) -> None:
     if time.monotonic() - _failed_at >= 60:
         _failed_at = time.monotonic()
         log.error(
-            "metrics cannot be written; counts are lost until PROMETHEUS_MULTIPROC_DIR is back",
+            "metrics cannot be written (their directory is gone, or its disk is full); counts "
+            "are lost until they can be",
             extra={"error": f"{type(exc).__name__}: {exc}"},
         )
 
