@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
@@ -17,6 +19,35 @@ from engine.store.base import Store
 from engine.store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
+
+OUTAGE_LOG_INTERVAL = 60.0  # seconds between two log lines of one store outage
+
+
+class _Refusals:
+    """Requests refused because the store failed, logged at most once a minute per process.
+
+    A full disk or a store that stays locked refuses every request: a line each was thousands a
+    second at full load, drowning what else the log has to say (and, with the log on the full
+    disk, filling it further). The line says how many were refused since the last.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._logged = -OUTAGE_LOG_INTERVAL
+        self._since = 0
+
+    def refused(self, exc: StoreError) -> None:
+        """Count one refusal; log it (with those since the last line) when a minute has passed."""
+        with self._lock:
+            self._since += 1
+            now = time.monotonic()
+            if now - self._logged < OUTAGE_LOG_INTERVAL:
+                return
+            self._logged, count, self._since = now, self._since, 0
+        log.error(
+            "store unavailable; requests refused",
+            extra={"error": str(exc)[:200], "refused": count},
+        )
 
 
 def create_app(
@@ -64,6 +95,7 @@ def create_app(
     app.extensions["tagrelay.ratelimit"] = RateLimiter(store, settings.rate_limit)
     app.register_blueprint(api.bp)
     app.register_blueprint(collect.bp)
+    refusals = _Refusals()
 
     @app.errorhandler(RequestError)
     def request_error(exc: RequestError) -> tuple[Response, int]:
@@ -76,7 +108,7 @@ def create_app(
             response = jsonify({"success": False, "error": str(exc)})
             response.headers["Retry-After"] = "30"
             return response, 503
-        log.error("store unavailable; request refused", extra={"error": str(exc)[:200]})
+        refusals.refused(exc)
         response = jsonify({"success": False, "error": "the event store is unavailable; retry"})
         response.headers["Retry-After"] = "5"
         return response, 503

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import sqlite3
 import time
 import zlib
@@ -905,3 +906,25 @@ def test_the_415_message_names_every_type_the_endpoint_takes() -> None:
     assert str(refused.value) == (
         "Content-Type must be application/json or text/json or text/plain (not application/xml)"
     )
+
+
+def test_a_store_outage_is_logged_once_a_minute_not_once_a_request(
+    app: Flask,
+    client: FlaskClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = app.extensions["tagrelay.pipeline"].store
+
+    def full(*_: Any) -> Any:
+        raise StoreError("store write failed: database or disk is full")
+
+    monkeypatch.setattr(store, "accept_many", full)
+
+    with caplog.at_level(logging.ERROR, logger="engine.app"):
+        statuses = {post(client, "/v1/track", {"event_name": "x"}).status_code for _ in range(50)}
+
+    lines = [r for r in caplog.records if r.name == "engine.app"]
+    assert statuses == {503}
+    assert len(lines) == 1
+    assert lines[0].refused == 1  # type: ignore[attr-defined]  # an extra field
