@@ -84,14 +84,20 @@ class _AllocatedMmapedDict(MmapedDict):
         super().__init__(filename, read_mode)  # type: ignore[no-untyped-call]  # untyped upstream
 
     def _init_value(self, key: str) -> None:
-        """The library's, with the file's new size allocated before it grows into it."""
-        encoded = len(key.encode("utf-8"))
-        entry = 4 + encoded + (8 - (encoded + 4) % 8) + 16  # as the library packs an entry
-        capacity = self._capacity
-        while self._used + entry > capacity:
-            capacity *= 2
-        if capacity > self._capacity:
-            _allocate(self._f.fileno(), capacity)
+        """The library's, with the file's new size allocated before it grows into it.
+
+        Read from the library's own attributes; a version without them grows its file as it
+        would have (a count is then a SIGBUS on a full disk again, never an error here).
+        """
+        capacity, used, file = (getattr(self, a, None) for a in ("_capacity", "_used", "_f"))
+        if isinstance(capacity, int) and isinstance(used, int) and capacity > 0 and file:
+            encoded = len(key.encode("utf-8"))
+            entry = 4 + encoded + (8 - (encoded + 4) % 8) + 16  # as the library packs one
+            grown = capacity
+            while used + entry > grown:
+                grown *= 2
+            if grown > capacity:
+                _allocate(file.fileno(), grown)
         super()._init_value(key)  # type: ignore[no-untyped-call]  # untyped upstream
 
 
