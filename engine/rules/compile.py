@@ -1159,12 +1159,23 @@ class _Compiler:
         out = []
         for entry in self.tests:
             spec = entry.value
-            for tag_name in spec["expect"]:
+            for tag_name, wanted in spec["expect"].items():
                 if tag_name not in tag_names:
                     known = ", ".join(sorted(tag_names)) or "none defined"
                     self.error(
                         entry.at("expect", tag_name),
                         f"test {spec['name']!r}: unknown tag {tag_name!r} (tags: {known})",
+                    )
+                sent = [k for k in ("payload", "anonymous") if k in wanted]
+                if wanted.get("fired") is False and (
+                    "payload" in wanted or wanted.get("anonymous") is True
+                ):
+                    # A tag that does not fire sends nothing: the test could never pass.
+                    self.error(
+                        entry.at("expect", tag_name, "fired"),
+                        f"test {spec['name']!r}: tag {tag_name} is expected not to fire and "
+                        f"to send {' and '.join(sent)}: a tag that does not fire sends nothing; "
+                        "expect one or the other",
                     )
             out.append(
                 RuleTest(spec["name"], _iso_times(spec["event"]), spec["expect"], entry.at())
