@@ -26,7 +26,7 @@ from destinations import cleartext, registry, values
 from destinations.base import PayloadError
 from engine.config import MAX_DAYS
 from engine.consent import Requirement
-from engine.errors import PluginError, RulesError
+from engine.errors import BadRequest, PluginError, RulesError
 from engine.event import EVENT_SCHEMA
 from engine.expr import (
     VARIABLE,
@@ -61,6 +61,7 @@ from engine.rules.source import (
     read_rule_file,
     rule_files,
 )
+from engine.rules.testing import prepared_event
 
 _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(RULES_SCHEMA)
 _NUMBER_KEY = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
@@ -1177,9 +1178,17 @@ class _Compiler:
                         f"to send {' and '.join(sent)}: a tag that does not fire sends nothing; "
                         "expect one or the other",
                     )
-            out.append(
-                RuleTest(spec["name"], _iso_times(spec["event"]), spec["expect"], entry.at())
-            )
+            test = RuleTest(spec["name"], _iso_times(spec["event"]), spec["expect"], entry.at())
+            try:
+                prepared_event(test.event, datetime.now(UTC))
+            except BadRequest as exc:
+                # What `tagrelay test` fails it for, said where it is written; a warning, as a
+                # test's event never keeps the rules from serving.
+                self.warn(
+                    entry.at("event"),
+                    f"test {spec['name']!r}: the event is invalid, so the test fails: {exc}",
+                )
+            out.append(test)
         return out
 
 

@@ -78,6 +78,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def prepared_event(
+    raw: Mapping[str, Any], now: datetime, redact_params: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """A test's event as the endpoint it stands for takes it (``source: browser``: as
+    ``/v1/collect``, the click IDs of its URLs copied in), validated and normalized.
+
+    Raises:
+        BadRequest: the event is one the endpoint would refuse (the message says why).
+    """
+    event, source = events.simulated_source(dict(raw))
+    if source == "browser":
+        event = as_collected(event)
+    return events.normalize(event, now, redact_params, source)
+
+
 def run_test(
     container: Container,
     test: RuleTest,
@@ -94,10 +109,7 @@ def run_test(
     result = TestResult(test)
     now = now or datetime.now(UTC)
     try:
-        raw, source = events.simulated_source(dict(test.event))
-        if source == "browser":
-            raw = as_collected(raw)
-        event = events.normalize(raw, now, redact_params, source)
+        event = prepared_event(test.event, now, redact_params)
     except BadRequest as exc:
         result.differences.append(f"the test event is invalid: {exc}")
         return result

@@ -640,3 +640,45 @@ def test_a_constant_the_adapter_refuses_is_said_without_the_adapters_secrets(
         "tag t mapping x: x refused with token [REDACTED], so q (quoting) would refuse every "
         "event of the tag"
     ]
+
+
+def test_a_test_whose_event_intake_would_refuse_is_a_warning_where_it_is_written(
+    tmp_path: Path,
+) -> None:
+    # It failed `tagrelay test` ("the test event is invalid") with no word from `check`. A
+    # warning: a test never keeps the rules from serving.
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "destinations:\n  hook: {type: log}\n"
+        "triggers:\n  all: {event: '*'}\n"
+        "tags:\n  - {name: t, trigger: all, destination: hook}\n"
+        "tests:\n"
+        "  - name: an old order\n"
+        "    event: {event_name: purchase, timestamp: '1999-01-01T00:00:00Z'}\n"
+        "    expect: {t: {fired: true}}\n"
+        "  - name: a page's event\n"
+        "    event: {event_name: purchase, source: browser,\n"
+        "            context: {page_url: 'https://a.example/?gclid=1'}}\n"
+        "    expect: {t: {fired: true}}\n"
+        "  - name: a typo\n"
+        "    event: {event_name: purchase, propertes: {value: 1}}\n"
+        "    expect: {t: {fired: true}}\n"
+    )
+
+    container, problems = compile_container(rules, {})
+
+    assert container is not None
+    assert [(p.severity, p.position.line, p.message) for p in problems] == [
+        (
+            "warning",
+            9,
+            "test 'an old order': the event is invalid, so the test fails: timestamp is before "
+            "the year 2000",
+        ),
+        (
+            "warning",
+            16,
+            "test 'a typo': the event is invalid, so the test fails: unknown field 'propertes' "
+            "in event",
+        ),
+    ]
