@@ -224,7 +224,10 @@ def _parse_slowly(body: bytes) -> tuple[str, Any]:
     except ValueError as exc:
         if str(exc).startswith("Exceeds the limit"):  # int(): a number of over 4,300 digits
             raise BadRequest("a number in the body is out of range (over 4300 digits)") from exc
-        raise BadRequest(f"the body is not valid JSON: {str(exc).split(':')[0]}") from exc
+        if isinstance(exc, json.JSONDecodeError):  # where, so that it can be found
+            where = f"line {exc.lineno}, column {exc.colno}"
+            raise BadRequest(f"the body is not valid JSON: {exc.msg} at {where}") from exc
+        raise BadRequest(f"the body is not valid JSON: {exc}") from exc
 
 
 # A surrogate can only reach a decoded body through a ``\uD8xx``-style escape (UTF-8 cannot

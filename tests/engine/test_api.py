@@ -136,9 +136,14 @@ def test_an_event_is_committed_before_it_is_acknowledged(
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (b"{not json", "the body is not valid JSON"),
+        (
+            b"{not json",
+            "the body is not valid JSON: Expecting property name enclosed in double quotes at "
+            "line 1, column 2",
+        ),
+        (b'{"event_name": "x",\n "a": }', "the body is not valid JSON: Expecting value at line 2"),
         (b"", "the request body is empty"),
-        (b'{"event_name": NaN}', "the body is not valid JSON"),
+        (b'{"event_name": NaN}', "the body is not valid JSON: NaN is not valid JSON"),
         (b"\xff\xfe", "the body is not valid UTF-8"),
         (b"[" * 100_000, "the JSON is nested too deeply"),
         (b"[]", "an event must be a JSON object"),
