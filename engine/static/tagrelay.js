@@ -58,13 +58,22 @@
 
   // -- small helpers ---------------------------------------------------------------------------
 
+  // What localStorage refused is kept in memory and read from there first. Read from
+  // localStorage first, a localStorage that throws on every access (cookies blocked) made a new
+  // visitor ID at each call and lost identify()'s user, and one refusing writes (a full quota)
+  // gave back the previous user in place of the one it could not store.
   function store(name, value) {
+    if (value === undefined) {
+      if (Object.prototype.hasOwnProperty.call(memory, name)) return memory[name];
+      try { return window.localStorage.getItem(name); } catch (e) { return null; }
+    }
     try {
-      if (value === undefined) return window.localStorage.getItem(name) || memory[name] || null;
       if (value === null) window.localStorage.removeItem(name);
       else window.localStorage.setItem(name, value);
-    } catch (e) { /* storage disabled: keep it for this page only */ }
-    if (value !== undefined) memory[name] = value;
+      delete memory[name];
+    } catch (e) {
+      memory[name] = value; // storage disabled: keep it for this page only
+    }
     return value;
   }
 

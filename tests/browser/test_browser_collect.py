@@ -162,6 +162,29 @@ PROXIED_PAGE = """<!doctype html>
 
 PROXIED_HEADERS = ("content-type", "cookie", "origin", "referer", "user-agent")
 
+# localStorage as browsers break it: "throws" on every access (cookies blocked for the site: a
+# SecurityError), "full" refuses writes (a full quota; Safari's private mode before 11).
+STORAGE_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Storage</title>
+<script>
+  if (location.search === "?throws") {{
+    Object.defineProperty(window, "localStorage", {{get: function () {{
+      throw new DOMException("The document is sandboxed", "SecurityError");
+    }}}});
+  }} else if (location.search === "?full") {{
+    Storage.prototype.setItem = function () {{
+      throw new DOMException("The quota has been exceeded.", "QuotaExceededError");
+    }};
+  }}
+</script>
+<script src="{script}"></script>
+<script>
+  window.collected = [];
+  tagrelay.init({{key: "{key}", onResponse: function (a) {{ window.collected.push(a); }}}});
+  tagrelay.consent({consent});
+</script></head><body>storage</body></html>
+"""
+
 
 class Site:
     """The shop: ``/page.html`` and SPA routes under ``/app/``, ``/auto.html``; set ``script``.
@@ -208,6 +231,8 @@ class Site:
             html = QUEUE_PAGE.format(**values)
         elif request.path == "/proxied.html":
             html = PROXIED_PAGE.format(**values)
+        elif request.path == "/storage.html":
+            html = STORAGE_PAGE.format(**values)
         else:
             return Reply.text("not found", status=404)
         return Reply(200, html.encode(), {"Content-Type": "text/html; charset=utf-8"})
@@ -713,6 +738,60 @@ def test_a_new_visitors_first_events_sent_together_are_one_visitor(
     stored = [server.stored_event(i) for i in browser.execute_script("return window.sent;")]
     assert [e and e["visitor_id"] for e in stored] == [cookie["value"]] * 3
     assert {a["visitor_id"] for a in collected(browser)} == {cookie["value"]}
+
+
+def test_a_page_without_usable_local_storage_keeps_its_visitor_and_user(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # localStorage that throws on every access was read as nothing at all: each call made a new
+    # visitor ID and identify()'s user ID was never sent, not even with the identify event.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/storage.html?throws")
+    first = browser.execute_script("return tagrelay.getVisitorId();")
+    assert browser.execute_script("return tagrelay.getVisitorId();") == first
+    identified = browser.execute_script(
+        "return tagrelay.identify('cust_21', {}, {user_hash: arguments[0]});", user_hash("cust_21")
+    )
+    later = browser.execute_script("return tagrelay.track('after_identify');")
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+
+    visitor = browser.execute_script("return tagrelay.getVisitorId();")
+    assert visitor == collected(browser)[0]["visitor_id"]  # the server's, once it has answered
+    for event_id in (identified, later):
+        stored = wait_for(lambda i=event_id: server.stored_event(i), "the event", server)
+        assert stored["user_id"] == "cust_21"
+        assert stored["visitor_id"] == visitor
+
+
+def test_a_page_whose_local_storage_refuses_writes_sends_the_user_it_was_given(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # A full localStorage still held the previous user: identify() could not replace it, and the
+    # new user's events went out as the previous one's.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/storage.html")
+    browser.execute_script(
+        "tagrelay.identify('cust_old', {}, {user_hash: arguments[0]});", user_hash("cust_old")
+    )
+    browser.get(f"{stack.shop.url}/storage.html?full")
+    assert browser.execute_script("return localStorage.getItem('tr_uid');") == "cust_old"
+    identified = browser.execute_script(
+        "return tagrelay.identify('cust_new', {}, {user_hash: arguments[0]});", user_hash("cust_new")
+    )
+    later = browser.execute_script("return tagrelay.track('after_identify');")
+    browser.execute_script("tagrelay.reset();")
+    anonymous = browser.execute_script("return tagrelay.track('after_reset');")
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+
+    for event_id in (identified, later):
+        stored = wait_for(lambda i=event_id: server.stored_event(i), "the event", server)
+        assert stored["user_id"] == "cust_new"
+    after = wait_for(lambda: server.stored_event(anonymous), "the event after reset()", server)
+    assert "user_id" not in after or "user_id" in after.get("enriched", [])
 
 
 def test_a_page_from_an_origin_the_key_does_not_allow_gets_no_cors_allowance(
