@@ -231,13 +231,13 @@
     return Math.min(seconds, LONGEST_WAIT) * 1000;
   }
 
-  function attempt(body, tries) {
+  function attempt(body, tries, keepalive) {
     return window.fetch(collectUrl(), {
       method: "POST",
       body: body,
       headers: {"Content-Type": "text/plain"}, // a "simple" request: no preflight
       credentials: "include", // send and receive the server's visitor cookie
-      keepalive: true, // finishes even when the page is closed meanwhile
+      keepalive: keepalive !== false, // finishes even when the page is closed meanwhile
       mode: "cors"
     }).then(function (response) {
       if (retryable(response.status) && tries < RETRIES) {
@@ -262,9 +262,11 @@
         return response.ok ? remember(answer) : answer;
       });
     }, function () {
-      // Network error or keepalive quota: a beacon is safe to try, the event_id deduplicates.
-      beacon(body);
-      return null;
+      // Network error: a beacon is safe to try, the event_id deduplicates. Refused, it is the
+      // browser's 64 KB for keepalive requests and beacons in flight, which a burst of events
+      // or a large one uses up: the event goes by a fetch without keepalive.
+      if (beacon(body) || keepalive === false || unloading) return null;
+      return attempt(body, tries, false);
     });
   }
 

@@ -684,6 +684,29 @@ def test_an_event_waiting_to_be_sent_again_goes_by_beacon_when_the_page_is_left(
     assert wait_for(lambda: server.stored_event(event_id), "the event, by beacon", server)
 
 
+def test_events_beyond_the_browsers_keepalive_allowance_are_sent_all_the_same(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # Chromium allows 64 KB in all to keepalive requests and beacons in flight: of ten 12 KB
+    # events sent together, fetch refused the sixth and later, so did sendBeacon, and they were
+    # lost without a word.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the page view", server)
+
+    sent = browser.execute_script(
+        """const text = "x".repeat(12000), sent = [];
+        for (let i = 0; i < 10; i++) sent.push(tagrelay.track("configured", {text: text}));
+        return sent;"""
+    )
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+
+    assert len(collected(browser)) == 11
+    assert all(server.stored_event(event_id) for event_id in sent)
+
+
 def test_script_tag_attributes_configure_it_and_send_the_first_page_view(
     stack: Stack, browser: WebDriver
 ) -> None:
