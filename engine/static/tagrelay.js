@@ -362,6 +362,9 @@
     init: function (options) {
       options = options || {};
       if (config) return api; // once per page
+      // Checked before the page is configured: a call without a key configured it all the same,
+      // and every event, those of a later init() with the key too, went out with "key=undefined".
+      if (!options.key) throw new Error("tagrelay.init: a publishable key is required");
       config = {
         key: options.key,
         endpoint: String(options.endpoint || scriptBase()).replace(/\/+$/, ""),
@@ -369,7 +372,6 @@
         debug: !!options.debug,
         onResponse: options.onResponse
       };
-      if (!config.key) throw new Error("tagrelay.init: a publishable key is required");
       if (options.consent) api.consent(options.consent);
       if (config.spa) watchHistory();
       window.addEventListener("pagehide", leaving);

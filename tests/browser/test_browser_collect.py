@@ -162,6 +162,14 @@ PROXIED_PAGE = """<!doctype html>
 
 PROXIED_HEADERS = ("content-type", "cookie", "origin", "referer", "user-agent")
 
+# The script without init(): the test configures it.
+BARE_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Bare</title>
+<script src="{script}"></script>
+<script>window.collected = [];</script>
+</head><body>bare</body></html>
+"""
+
 # localStorage as browsers break it: "throws" on every access (cookies blocked for the site: a
 # SecurityError), "full" refuses writes (a full quota; Safari's private mode before 11).
 STORAGE_PAGE = """<!doctype html>
@@ -231,6 +239,8 @@ class Site:
             html = QUEUE_PAGE.format(**values)
         elif request.path == "/proxied.html":
             html = PROXIED_PAGE.format(**values)
+        elif request.path == "/bare.html":
+            html = BARE_PAGE.format(**values)
         elif request.path == "/storage.html":
             html = STORAGE_PAGE.format(**values)
         else:
@@ -761,6 +771,34 @@ def test_a_new_visitors_first_events_sent_together_are_one_visitor(
     stored = [server.stored_event(i) for i in browser.execute_script("return window.sent;")]
     assert [e and e["visitor_id"] for e in stored] == [cookie["value"]] * 3
     assert {a["visitor_id"] for a in collected(browser)} == {cookie["value"]}
+
+
+def test_an_init_without_a_key_leaves_the_script_to_a_later_init_with_one(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # init() threw for the missing key, but had configured the script: the later init() with
+    # the key was ignored (once per page), and every event went out with ?key=undefined.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/bare.html")
+
+    error = browser.execute_script(
+        "try { tagrelay.init({key: window.notYetSet}); } catch (e) { return e.message; }"
+    )
+    before = browser.execute_script("return tagrelay.track('before_init');")
+    browser.execute_script(
+        "tagrelay.init({key: arguments[0], consent: arguments[1],"
+        "               onResponse: function (a) { window.collected.push(a); }});",
+        PUBLISHABLE_KEY,
+        GRANTED,
+    )
+    after = browser.execute_script("return tagrelay.track('after_init');")
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+
+    assert error == "tagrelay.init: a publishable key is required"
+    assert [a["event_id"] for a in collected(browser)] == [before, after]
+    assert wait_for(lambda: server.stored_event(after), "the event after init()", server)
 
 
 def test_a_page_without_usable_local_storage_keeps_its_visitor_and_user(
