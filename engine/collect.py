@@ -16,6 +16,7 @@ import hmac
 import ipaddress
 import secrets
 import time
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -33,6 +34,8 @@ from engine.ratelimit import RateLimiter
 bp = Blueprint("collect", __name__)
 
 MAX_COLLECT_BYTES = 64 * 1024  # a browser event is small; a large body is a mistake or abuse
+# Any time a page's clock may show: read only to see whether it is later than the server's.
+_ANY_TIME = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 def _settings() -> Settings:
@@ -226,6 +229,13 @@ def _from_browser(raw: dict[str, Any], visitor_id: str) -> dict[str, Any]:
     """The event as the server sees it: its visitor, the request's IP and UA, click IDs."""
     event = dict(raw)
     event["visitor_id"] = visitor_id
+    # The page's clock is the visitor's. One set ahead (a wrong time zone: hours) had every
+    # event of that browser refused, "timestamp is more than an hour in the future". An event
+    # happened before it arrived: a later time is the server's.
+    if "timestamp" in event:
+        now = datetime.now(UTC)
+        if events.parse_timestamp(event["timestamp"], _ANY_TIME) > now:
+            event["timestamp"] = events.format_time(now)
     context = event.get("context")
     # The page's own claims of its IP and user agent are never taken, even when the request
     # tells neither: a page could name anyone's.

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -771,6 +772,35 @@ def test_a_new_visitors_first_events_sent_together_are_one_visitor(
     stored = [server.stored_event(i) for i in browser.execute_script("return window.sent;")]
     assert [e and e["visitor_id"] for e in stored] == [cookie["value"]] * 3
     assert {a["visitor_id"] for a in collected(browser)} == {cookie["value"]}
+
+
+def test_a_browser_whose_clock_is_ahead_has_its_events_taken_at_the_servers_time(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # A visitor's clock two hours ahead (a wrong time zone): every event it sent was refused,
+    # 400 "timestamp is more than an hour in the future", and lost.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/bare.html")
+    browser.execute_script(
+        """const iso = Date.prototype.toISOString, ahead = 2 * 3600 * 1000;
+        Date.prototype.toISOString = function () {
+          return iso.call(new Date(this.getTime() + ahead));
+        };
+        tagrelay.init({key: arguments[0], consent: arguments[1],
+                       onResponse: function (a) { window.collected.push(a); }});""",
+        PUBLISHABLE_KEY,
+        GRANTED,
+    )
+
+    event_id = browser.execute_script("return tagrelay.track('clock_ahead');")
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+
+    assert [a.get("event_id") for a in collected(browser)] == [event_id]
+    stored = wait_for(lambda: server.stored_event(event_id), "the event", server)
+    when = datetime.fromisoformat(stored["timestamp"])
+    assert abs((datetime.now(UTC) - when).total_seconds()) < 60
 
 
 def test_an_init_without_a_key_leaves_the_script_to_a_later_init_with_one(
