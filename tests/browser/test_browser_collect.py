@@ -869,7 +869,8 @@ def test_a_page_whose_local_storage_refuses_writes_sends_the_user_it_was_given(
     browser.get(f"{stack.shop.url}/storage.html?full")
     assert browser.execute_script("return localStorage.getItem('tr_uid');") == "cust_old"
     identified = browser.execute_script(
-        "return tagrelay.identify('cust_new', {}, {user_hash: arguments[0]});", user_hash("cust_new")
+        "return tagrelay.identify('cust_new', {}, {user_hash: arguments[0]});",
+        user_hash("cust_new"),
     )
     later = browser.execute_script("return tagrelay.track('after_identify');")
     browser.execute_script("tagrelay.reset();")
