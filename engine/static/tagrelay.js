@@ -215,9 +215,10 @@
     bodies.forEach(unloading ? beacon : post);
   }
 
-  // A 429 or 5xx (the store unavailable: disk full, a restart) is tried again, after the
-  // server's Retry-After or 1, 2, 4 s, up to RETRIES times while the page stays; a page left
-  // meanwhile sends it by beacon. The event_id makes a repeat a duplicate, never a second event.
+  // A 429 or 5xx (the store unavailable: disk full, a restart), or no answer at all (the server
+  // down, the connection lost), is tried again, after the server's Retry-After or 1, 2, 4 s, up
+  // to RETRIES times while the page stays; a page left meanwhile sends it by beacon. The
+  // event_id makes a repeat a duplicate, never a second event.
   var RETRIES = 3;
   var LONGEST_WAIT = 30; // seconds
 
@@ -241,32 +242,39 @@
       mode: "cors"
     }).then(function (response) {
       if (retryable(response.status) && tries < RETRIES) {
-        var wait = waitBeforeRetry(response, tries);
-        if (config.debug) console.warn("tagrelay:", response.status, "trying again in", wait, "ms");
-        return new Promise(function (resolve) {
-          var entry = {body: body, resolve: resolve};
-          entry.timer = window.setTimeout(function () {
-            waiting.splice(waiting.indexOf(entry), 1);
-            resolve(false);
-          }, wait);
-          waiting.push(entry);
-        }).then(function (beaconed) {
-          if (beaconed) return null;
-          if (!unloading) return attempt(body, tries + 1);
-          beacon(body);
-          return null;
-        });
+        return again(body, tries, waitBeforeRetry(response, tries), response.status);
       }
       return response.json().catch(function () { return null; }).then(function (answer) {
         if (!response.ok && config.debug) console.warn("tagrelay:", response.status, answer);
         return response.ok ? remember(answer) : answer;
       });
     }, function () {
-      // Network error: a beacon is safe to try, the event_id deduplicates. Refused, it is the
-      // browser's 64 KB for keepalive requests and beacons in flight, which a burst of events
-      // or a large one uses up: the event goes by a fetch without keepalive.
-      if (beacon(body) || keepalive === false || unloading) return null;
-      return attempt(body, tries, false);
+      // Refused before it left, maybe: the browser allows 64 KB in all to keepalive requests
+      // and beacons in flight, which a burst of events or a large one uses up. Without
+      // keepalive it goes; failing that too, it had no answer, and is tried again as a 503 is,
+      // then by beacon (the server down so long, or the origin not allowed).
+      if (keepalive !== false && !unloading) return attempt(body, tries, false);
+      if (tries < RETRIES && !unloading) return again(body, tries, Math.pow(2, tries) * 1000);
+      beacon(body);
+      return null;
+    });
+  }
+
+  /** Send body again after wait ms, or by beacon when the page is left meanwhile. */
+  function again(body, tries, wait, status) {
+    if (config.debug) console.warn("tagrelay:", status || "no answer", "trying again in", wait, "ms");
+    return new Promise(function (resolve) {
+      var entry = {body: body, resolve: resolve};
+      entry.timer = window.setTimeout(function () {
+        waiting.splice(waiting.indexOf(entry), 1);
+        resolve(false);
+      }, wait);
+      waiting.push(entry);
+    }).then(function (beaconed) {
+      if (beaconed) return null;
+      if (!unloading) return attempt(body, tries + 1);
+      beacon(body);
+      return null;
     });
   }
 

@@ -206,9 +206,13 @@ class Site:
         self.script = ""
         self.upstream = ""
         self.proxied: list[str] = []
+        self.down = 0  # so many requests to /t/v1/collect find tagrelay down: a reset connection
 
     def proxy(self, request: Request) -> Reply:
         self.proxied.append(f"{request.method} {request.path}")
+        if self.down and request.path == "/t/v1/collect":
+            self.down -= 1
+            return Reply.reset()
         answer = requests.request(
             request.method,
             self.upstream + request.path[len("/t") :],
@@ -673,6 +677,26 @@ def test_an_event_answered_503_or_429_is_sent_again_a_few_times(
         assert tries == 4  # the first try and three more, then it gives up
         time.sleep(0.5)
         assert server.stored_event(event_id) is None
+
+
+def test_an_event_that_finds_the_server_down_is_sent_again(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # No answer at all (tagrelay restarting, the connection lost): the event went by beacon at
+    # once, to the same server, and was lost; a 503 would have been tried again.
+    server, site = stack.server, stack.site
+    browser.get(f"{stack.shop.url}/proxied.html")
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+    site.proxied.clear()
+    site.down = 4  # the fetch, the fetch without keepalive, a second try and its fallback
+
+    event_id = browser.execute_script("return tagrelay.track('while_restarting');")
+
+    assert wait_for(lambda: server.stored_event(event_id), "the event, sent again", server)
+    assert site.proxied.count("POST /t/v1/collect") == 5
+    assert site.down == 0
 
 
 def test_an_event_waiting_to_be_sent_again_goes_by_beacon_when_the_page_is_left(
