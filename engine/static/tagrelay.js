@@ -101,6 +101,25 @@
     return null;
   }
 
+  // A lone UTF-16 surrogate (a title or a name cut in the middle of an emoji) is no Unicode:
+  // JSON.stringify writes it as "\ud83d", and the server refused the whole event. It goes as
+  // U+FFFD, as the browser's own UTF-8 encoding would write it.
+  function wellFormed(key, value) {
+    if (typeof value !== "string" || !/[\ud800-\udfff]/.test(value)) return value;
+    if (typeof value.toWellFormed === "function") return value.toWellFormed();
+    var text = "";
+    for (var i = 0; i < value.length; i++) {
+      var unit = value.charCodeAt(i);
+      if (unit >= 0xd800 && unit <= 0xdbff && (value.charCodeAt(i + 1) & 0xfc00) === 0xdc00) {
+        text += value.slice(i, i + 2);
+        i++;
+      } else {
+        text += (unit & 0xf800) === 0xd800 ? "\ufffd" : value.charAt(i);
+      }
+    }
+    return text;
+  }
+
   function assign(target, source) {
     for (var k in source) {
       if (Object.prototype.hasOwnProperty.call(source, k)) target[k] = source[k];
@@ -181,7 +200,7 @@
   }
 
   function send(event) {
-    var body = JSON.stringify(event);
+    var body = JSON.stringify(event, wellFormed);
     if (unloading || typeof window.fetch !== "function") {
       if (!beacon(body) && config.debug) console.warn("tagrelay: could not send", event.event_name);
       return;

@@ -742,6 +742,33 @@ def test_events_beyond_the_browsers_keepalive_allowance_are_sent_all_the_same(
     assert all(server.stored_event(event_id) for event_id in sent)
 
 
+def test_text_cut_in_the_middle_of_an_emoji_is_sent_all_the_same(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # A name cut to length with slice() can end in half an emoji, a lone UTF-16 surrogate:
+    # JSON.stringify wrote it as "\ud83d", which the server refuses, and the event was lost.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the page view", server)
+
+    sent = browser.execute_script(
+        r"""const name = "Trail shoe \ud83d\udc5f".slice(0, -1);  // half of the shoe emoji
+        document.title = name;
+        const sent = [tagrelay.track("view_item", {name: name}), tagrelay.page()];
+        delete String.prototype.toWellFormed;  // browsers before 2023
+        sent.push(tagrelay.track("view_item", {name: name + " \udc5f \u00fc \ud83d\udc5f"}));
+        return sent;"""
+    )
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+
+    stored = [wait_for(lambda i=i: server.stored_event(i), "the event", server) for i in sent]
+    assert stored[0]["properties"] == {"name": "Trail shoe \ufffd"}
+    assert stored[1]["properties"] == {"title": "Trail shoe \ufffd"}
+    assert stored[2]["properties"] == {"name": "Trail shoe \ufffd \ufffd \u00fc \U0001f45f"}
+
+
 def test_script_tag_attributes_configure_it_and_send_the_first_page_view(
     stack: Stack, browser: WebDriver
 ) -> None:
