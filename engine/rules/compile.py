@@ -51,6 +51,7 @@ from engine.rules.model import (
     RuleTest,
     Tag,
     Trigger,
+    redacted,
 )
 from engine.rules.schema import DURATION_PATTERN, RULES_SCHEMA, VARIABLE_NAME_PATTERN
 from engine.rules.source import (
@@ -1004,7 +1005,7 @@ class _Compiler:
         if problem:
             self.error(
                 where,
-                f"tag {tag} mapping {target}: {dest.adapter.redact_text(problem)}, so "
+                f"tag {tag} mapping {target}: {redacted(dest.adapter, problem)}, so "
                 f"{dest.name} ({dest.type}) would refuse every event of the tag",
             )
 

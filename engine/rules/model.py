@@ -184,7 +184,7 @@ class Tag:
         except PayloadError as exc:
             # Stored with the event and shown by preview: a plugin's message may quote its
             # settings, as a check_item reason may (redacted the same way there).
-            reason = f"invalid payload: {adapter.redact_text(str(exc))}"
+            reason = f"invalid payload: {redacted(adapter, str(exc))}"
             return Decision(self.name, dest, False, reason, decision.reason, anonymous)
         except Exception as exc:  # noqa: BLE001 - an adapter's bug must not fail the event
             reason = (
@@ -259,6 +259,23 @@ def without_unstorable(
                 kept = Decision(d.tag, d.destination, False, reason, d.consent, d.anonymous)
         out.append(kept)
     return out
+
+
+def redacted(adapter: Destination, text: str) -> str:
+    """``text`` (a plugin's reason) through the adapter's :meth:`~Destination.redact_text`.
+
+    A ``secrets`` that raises is a bug of the plugin: the reason is withheld, since nothing of it
+    can be shown safely without the secrets, and the caller goes on (it failed the request of
+    an event whose tag the plugin refused, as a 500, or stopped ``tagrelay check``).
+    """
+    try:
+        return adapter.redact_text(text)
+    except Exception as exc:  # noqa: BLE001 - a plugin's bug must not fail the event
+        log.error(
+            "destination adapter failed to redact a reason; it is withheld",
+            extra={"adapter": type(adapter).__name__, "error_type": type(exc).__name__},
+        )
+        return f"(reason withheld: {type(exc).__name__} in the adapter's redaction)"
 
 
 def _log_adapter_failure(

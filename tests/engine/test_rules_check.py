@@ -529,6 +529,74 @@ def test_a_plugins_payload_error_never_quotes_its_secret_settings(
     assert decision.reason == "invalid payload: refused with token [REDACTED]"
 
 
+class BrokenSecrets(Destination):
+    """A plugin whose ``secrets`` raises (quoting its secret, as a bug's message may), and
+    whose ``build_payload`` and ``constant_problem`` refuse with a reason to redact."""
+
+    name = "broken_secrets"
+    secret_settings = frozenset({"token"})
+    settings_schema = {"type": "object", "properties": {"token": {}}}
+
+    def secrets(self) -> list[str]:
+        raise RuntimeError(f"no secrets today: {self.settings['token']}")
+
+    def build_payload(self, mapped: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        raise PayloadError("refused")
+
+    def constant_problem(self, target: str, value: Any) -> str | None:
+        return "not that constant"
+
+    def build_request(self, items: Any, ctx: Any) -> Any:
+        raise NotImplementedError
+
+
+def broken_secrets_rules(tmp_path: Path, mapping: str = "") -> Path:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "destinations:\n  b: {type: broken_secrets, token: tok_84712345}\n"
+        "triggers:\n  all: {event: '*'}\n"
+        f"tags:\n  - {{name: t, trigger: all, destination: b{mapping}}}\n"
+    )
+    return rules
+
+
+def test_a_plugins_payload_error_with_a_failing_redaction_leaves_the_tag_unfired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The RuntimeError went up through the pipeline: /v1/track answered 500 and the event,
+    # with its other tags, was not accepted.
+    monkeypatch.setattr(registry, "registry", lambda: {"broken_secrets": BrokenSecrets})
+    container, _ = compile_container(broken_secrets_rules(tmp_path), {})
+    assert container is not None
+
+    (decision,) = container.evaluate(
+        normalize({"event_name": "x"}, datetime.now(UTC)), now=datetime.now(UTC)
+    )
+
+    assert not decision.fired
+    assert decision.reason == (
+        "invalid payload: (reason withheld: RuntimeError in the adapter's redaction)"
+    )
+
+
+def test_a_plugins_constant_problem_with_a_failing_redaction_is_a_check_error_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `tagrelay check` ended in a traceback that printed the secret.
+    monkeypatch.setattr(registry, "registry", lambda: {"broken_secrets": BrokenSecrets})
+    rules = broken_secrets_rules(tmp_path, ", mapping: {currency: {value: EURO}}")
+
+    status = main(["check", str(rules)])
+
+    out = capsys.readouterr()
+    assert status == 1
+    assert (
+        "tag t mapping currency: (reason withheld: RuntimeError in the adapter's redaction), "
+        "so b (broken_secrets) would refuse every event of the tag"
+    ) in out.out + out.err
+    assert "tok_84712345" not in out.out + out.err
+
+
 def test_a_plugin_that_exits_in_its_constructor_is_a_check_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
