@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -179,6 +179,11 @@ class Tag:
         )
         mapped = self._build(view)
         adapter = destination.adapter
+        if anonymous and adapter.hashed_fields:
+            # A plugin's identifier fields stay empty in a copy without identifiers, whatever a
+            # mapping copies into them from properties, as the built-ins' do (they read
+            # ctx.restricted; a plugin may not).
+            mapped = _without_targets(mapped, adapter.hashed_fields)
         try:
             payload = adapter.build_payload(mapped, ctx)
         except PayloadError as exc:
@@ -258,6 +263,23 @@ def without_unstorable(
                 reason = f"invalid payload: {name} failed: {problem}"
                 kept = Decision(d.tag, d.destination, False, reason, d.consent, d.anonymous)
         out.append(kept)
+    return out
+
+
+def _without_targets(mapped: dict[str, Any], targets: Collection[str]) -> dict[str, Any]:
+    """``mapped`` without the dotted ``targets``. The objects on their paths are copied, never
+    changed: a mapping's value can be an object of the event itself."""
+    out = dict(mapped)
+    for target in targets:
+        *parents, last = target.split(".")
+        node = out
+        for name in parents:
+            child = node.get(name)
+            if not isinstance(child, dict):
+                break
+            node[name] = node = dict(child)  # the parent's copy holds the copy
+        else:
+            node.pop(last, None)
     return out
 
 

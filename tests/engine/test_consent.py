@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from destinations import registry
+from destinations.base import Destination
 from destinations.normalize import sha256_hex
 from engine.consent import (
     TRACKING_PARAMS,
@@ -703,3 +705,59 @@ def test_the_defaults_a_mapping_reads_are_copied_for_each_event(
 
     assert other["consent"]["ad_user_data"] == "denied"
     assert first["consent"] == {}
+
+
+class HashingPlugin(Destination):
+    """A third-party plugin that names its hashed targets and keeps the default
+    ``build_payload``, which passes the mapped values on (it reads no ``ctx.restricted``)."""
+
+    name = "hashing_plugin"
+    hashed_fields = frozenset({"user.email_sha256", "user.phone_sha256"})
+    personal_homes = {"email": "user.email_sha256", "phone": "user.phone_sha256"}
+    default_mapping = {"value": "properties.value", "user.phone_sha256": "user_data.phone"}
+
+    def build_request(self, items: Any, ctx: Any) -> Any:
+        raise NotImplementedError
+
+
+def test_a_plugins_copy_without_identifiers_carries_none_of_its_hashed_fields(
+    write_rules: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mapping from properties filled the plugin's identifier fields of an anonymous copy:
+    # the README's "stay empty whatever a mapping puts there" held for the built-ins alone.
+    monkeypatch.setattr(registry, "registry", lambda: {"hashing_plugin": HashingPlugin})
+    rules, problems = compile_container(
+        write_rules(
+            """
+            destinations:
+              hp: {type: hashing_plugin}
+            triggers:
+              all: {event: "*"}
+            tags:
+              - name: hp
+                trigger: all
+                destination: hp
+                consent: {require: [ad_storage], anonymous: [analytics_storage]}
+                mapping: {user.email_sha256: properties.crm.email, user.tier: properties.tier}
+            """
+        ),
+        {},
+    )
+    assert rules is not None, problems
+    crm = {"email": "ada@example.com"}
+    event = normalize(
+        {
+            "event_name": "purchase",
+            "properties": {"value": 10, "tier": "gold", "crm": crm},
+            "consent": {"analytics_storage": "granted"},
+        },
+        NOW,
+    )
+
+    (decision,) = rules.evaluate(event, now=NOW)
+
+    assert decision.fired and decision.anonymous
+    assert decision.payload is not None
+    assert decision.payload["user"] == {"tier": "gold"}
+    assert decision.payload["value"] == 10
+    assert event["properties"]["crm"] == {"email": "ada@example.com"}  # the event is unchanged
