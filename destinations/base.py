@@ -327,9 +327,15 @@ class Destination:
     # -- secrets --------------------------------------------------------------------------------
 
     def secrets(self) -> list[str]:
-        """The secret setting values, longest first (so replacing never leaves a fragment)."""
-        values = [str(self.settings[k]) for k in self.secret_settings if self.settings.get(k)]
-        return sorted(values, key=len, reverse=True)
+        """The secret setting values, longest first (so replacing never leaves a fragment).
+
+        A setting that is an object or a list (headers, several keys) gives each value in it, at
+        any depth: its text as a whole is nothing a request carries. Booleans are no secrets.
+        """
+        found: set[str] = set()
+        for key in self.secret_settings:
+            _secret_texts(self.settings.get(key), found)
+        return sorted(found, key=lambda text: (-len(text), text))
 
     def redact(self, request: HttpRequest) -> HttpRequest:
         """The same request with every secret replaced by ``[REDACTED]`` (see :meth:`redact_text`).
@@ -365,6 +371,18 @@ class Destination:
         a length before it reaches here (``excerpt(200)``), and the cut can fall inside it.
         """
         return redact_values(text, self.secrets())
+
+
+def _secret_texts(value: object, found: set[str]) -> None:
+    """Add the text of every value in ``value`` (a setting, at any depth) to ``found``."""
+    if isinstance(value, Mapping):
+        for inner in value.values():
+            _secret_texts(inner, found)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for inner in value:
+            _secret_texts(inner, found)
+    elif value and not isinstance(value, bool):  # as before: an empty value or a 0 is none
+        found.add(str(value))
 
 
 def redact_values(text: str, secrets: Sequence[str]) -> str:

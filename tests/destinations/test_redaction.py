@@ -139,6 +139,53 @@ def test_redact_text_without_secrets_returns_the_text() -> None:
     assert log.redact_text("nothing secret here") == "nothing secret here"
 
 
+class Structured(Destination):
+    """A plugin whose secret settings are an object, a list and a number, as YAML gives them."""
+
+    name = "structured"
+    secret_settings = frozenset({"headers", "keys", "pin", "debug"})
+    settings_schema = {
+        "type": "object",
+        "properties": {
+            "headers": {"type": "object"},
+            "keys": {"type": "array"},
+            "pin": {"type": "integer"},
+            "debug": {"type": "boolean"},
+        },
+    }
+
+
+def test_secret_settings_that_are_objects_or_lists_are_redacted_value_by_value() -> None:
+    # Their text as a whole ("{'X-Api-Key': '...'}") was the secret: nothing a request
+    # carries matched it, and preview showed every value in clear.
+    plugin = Structured(
+        {
+            "headers": {"X-Api-Key": "k_live_abcdef123456", "X-Nested": {"deep": "deep-secret-1"}},
+            "keys": ["key-one-123456", "key-two-654321"],
+            "pin": 98765432,
+            "debug": True,
+        }
+    )
+    request = HttpRequest.json_post(
+        "https://x.example/in?pin=98765432",
+        {"keys": ["key-one-123456", "key-two-654321"], "deep": "deep-secret-1", "debug": True},
+        {"X-Api-Key": "k_live_abcdef123456"},
+    )
+
+    redacted = plugin.redact(request)
+
+    assert redacted.url == f"https://x.example/in?pin={REDACTED}"
+    assert redacted.headers["X-Api-Key"] == REDACTED
+    assert redacted.json() == {"keys": [REDACTED, REDACTED], "deep": REDACTED, "debug": True}
+    assert plugin.secrets() == [
+        "k_live_abcdef123456",
+        "key-one-123456",
+        "key-two-654321",
+        "deep-secret-1",
+        "98765432",
+    ]
+
+
 # -- every destination --------------------------------------------------------------------------
 
 
