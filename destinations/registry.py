@@ -8,14 +8,15 @@ not load or breaks the contract fails when the registry is built (at start), nev
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from importlib.metadata import entry_points
 
 import jsonschema
 
+from destinations import cleartext
 from destinations.base import Destination
 from engine.errors import PluginError
-from engine.expr import ExpressionError, compile_mapping, target_problem
+from engine.expr import ExpressionError, Field, compile_mapping, path_of, target_problem
 
 GROUP = "tagrelay.destinations"
 
@@ -91,15 +92,57 @@ def check_contract(name: str, cls: object) -> type[Destination]:
                 f"destination plugin {name!r}: default_mapping target {target!r}: {problem}"
             )
     try:
-        compile_mapping(cls.default_mapping)
+        compiled = compile_mapping(cls.default_mapping)
     except ExpressionError as exc:
         raise PluginError(f"destination plugin {name!r}: default_mapping: {exc}") from exc
+    if leak := _cleartext_problem(cls, compiled):
+        raise PluginError(f"destination plugin {name!r}: {leak}")
     if (
         type(cls).__dict__.get("build_request") is None
         and cls.build_request is Destination.build_request
     ):
         raise PluginError(f"destination plugin {name!r} does not implement build_request")
     return cls
+
+
+def _cleartext_problem(cls: type[Destination], fields: Sequence[Field]) -> str | None:
+    """Where a plugin that hashes personal data (``hashed_fields``) would send it in clear
+    text all the same, by its own default mapping or ``personal_homes``, else None.
+
+    ``tagrelay check`` holds a tag's mapping to this; the default mapping is the plugin's, and
+    every tag of the plugin sends it.
+    """
+    hashed = cls.hashed_fields
+    if not hashed:
+        return None
+    for what, home in cls.personal_homes.items():
+        if home not in hashed:
+            return (
+                f"personal_homes names {home!r} for {what}, which is not in hashed_fields: "
+                "tagrelay check would tell rule authors to send it there in clear text"
+            )
+    for field in fields:
+        target = ".".join(field.target)
+        if target in hashed:
+            continue
+        name = field.target[-1]
+        kind = None if cleartext.names_a_digest(name) else cleartext.kind_of(name)
+        if kind is not None:
+            return (
+                f"default_mapping target {target!r} is named like "
+                f"{cleartext.DESCRIPTIONS[kind]} but is not in hashed_fields, so it would be "
+                "sent in clear text"
+            )
+        source = path_of(field.get)
+        if source is None or source[:1] != ("user_data",):
+            continue
+        if len(source) == 1 or cleartext.kind_of(source[1]) is not None:
+            sent = "whole user_data" if len(source) == 1 else f"user_data.{source[1]}"
+            return (
+                f"default_mapping target {target!r} would send the event's {sent}, which is "
+                "not in hashed_fields, in clear text"
+            )
+    return None
 
 
 @functools.cache

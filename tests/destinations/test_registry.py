@@ -137,6 +137,35 @@ def _plugin(**attrs: Any) -> type[Destination]:
             "hashed_fields must be a set of names, such as frozenset({'user_data.em'})",
         ),
         ({"max_batch": True}, "max_batch must be a positive integer"),  # a bool is an int
+        # A hashing plugin's own default mapping that sends personal data past its hashed
+        # fields (a typo of its target): every event went out with it in clear text, and
+        # neither the start nor `tagrelay check` said a word.
+        (
+            {
+                "hashed_fields": frozenset({"user.em"}),
+                "default_mapping": {"user.email": "user_data.email"},
+            },
+            "default_mapping target 'user.email' is named like an e-mail address but is not "
+            "in hashed_fields, so it would be sent in clear text",
+        ),
+        (
+            {"hashed_fields": frozenset({"user.em"}), "default_mapping": {"note": "user_data"}},
+            "default_mapping target 'note' would send the event's whole user_data, which is "
+            "not in hashed_fields, in clear text",
+        ),
+        (
+            {
+                "hashed_fields": frozenset({"user.em"}),
+                "default_mapping": {"contact": "user_data.phone"},
+            },
+            "default_mapping target 'contact' would send the event's user_data.phone, which "
+            "is not in hashed_fields, in clear text",
+        ),
+        (
+            {"hashed_fields": frozenset({"user.em"}), "personal_homes": {"email": "user.mail"}},
+            "personal_homes names 'user.mail' for email, which is not in hashed_fields: "
+            "tagrelay check would tell rule authors to send it there in clear text",
+        ),
     ],
 )
 def test_a_wrongly_typed_class_attribute_is_a_plugin_error_naming_it(
