@@ -370,7 +370,9 @@ class Destination:
         ``_`` or ``-``. A platform's answer quoting a secret is cut to
         a length before it reaches here (``excerpt(200)``), and the cut can fall inside it.
         """
-        return redact_values(text, self.secrets())
+        secrets = self.secrets()
+        # A plugin's secrets() giving one text, not a list of them, would redact each letter.
+        return redact_values(text, [secrets] if isinstance(secrets, str) else secrets)
 
 
 def _secret_texts(value: object, found: set[str]) -> None:

@@ -1133,7 +1133,8 @@ class _Compiler:
 
             said = _asked(dest, anonymous, "its copies without identifiers")
             for warning in said.values():
-                self.warn(entry.at("consent", "anonymous"), f"tag {tag}: {warning}")
+                said_safely = redacted(dest.adapter, warning)  # a plugin's may quote settings
+                self.warn(entry.at("consent", "anonymous"), f"tag {tag}: {said_safely}")
 
         def mapping() -> dict[str, str]:
             found = dict(dest.adapter.mapping_warnings(names, targets) or {})
@@ -1143,7 +1144,7 @@ class _Compiler:
 
         for target, message in _asked(dest, mapping, "the mapping").items():
             where = entry.at("mapping", target) if target in overrides else entry.at()
-            self.warn(where, f"tag {tag}: {message}")
+            self.warn(where, f"tag {tag}: {redacted(dest.adapter, message)}")
 
     def _check_canonical(
         self, tag: str, target: str, source: tuple[str, ...], where: Position

@@ -750,3 +750,45 @@ def test_a_test_whose_event_intake_would_refuse_is_a_warning_where_it_is_written
             "in event",
         ),
     ]
+
+
+def test_a_plugins_mapping_and_anonymous_warnings_are_said_without_its_secrets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    class Quoting(Destination):
+        name = "quoting"
+        secret_settings = frozenset({"token"})
+        settings_schema = {"type": "object", "properties": {"token": {}}}
+
+        def mapping_warnings(self, event_names: Any, targets: Any) -> dict[str, str]:
+            return {"x": f"x is dropped (token {self.settings['token']})"}
+
+        def anonymous_warning(self, event_names: Any) -> str | None:
+            return f"copies are refused with token {self.settings['token']}"
+
+    monkeypatch.setattr(registry, "registry", lambda: {"quoting": Quoting})
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "destinations:\n  q: {type: quoting, token: tok_84712345}\n"
+        "triggers:\n  all: {event: '*'}\n"
+        "tags:\n  - {name: t, trigger: all, destination: q, mapping: {x: {value: 1}},\n"
+        "     consent: {anonymous: [analytics_storage]}}\n"
+    )
+
+    container, problems = compile_container(rules, {})
+
+    assert container is not None
+    assert sorted(p.message for p in problems) == [
+        "tag t: copies are refused with token [REDACTED]",
+        "tag t: x is dropped (token [REDACTED])",
+    ]
+
+
+def test_a_plugins_secrets_given_as_one_text_redact_that_text_not_each_letter() -> None:
+    class OneText(Destination):
+        name = "one_text"
+
+        def secrets(self) -> Any:
+            return "tok_84712345"
+
+    assert OneText({}).redact_text("sent tok_84712345 to the API") == "sent [REDACTED] to the API"
