@@ -234,15 +234,16 @@
     bodies.forEach(unloading ? beacon : post);
   }
 
-  // A 429 or 5xx (the store unavailable: disk full, a restart), or no answer at all (the server
-  // down, the connection lost), is tried again, after the server's Retry-After or 1, 2, 4 s, up
-  // to RETRIES times while the page stays; a page left meanwhile sends it by beacon. The
-  // event_id makes a repeat a duplicate, never a second event.
+  // A 408, 429 or 5xx (the body stalled, the store unavailable: disk full, a restart), or no
+  // answer at all (the server down, the connection lost), is tried again, after the server's
+  // Retry-After or 1, 2, 4 s, up to RETRIES times while the page stays; a page left meanwhile
+  // sends it by beacon. The event_id makes a repeat a duplicate, never a second event.
   var RETRIES = 3;
   var LONGEST_WAIT = 30; // seconds
 
+  // 408: the server stopped waiting for the body (its read timeout); nothing was accepted.
   function retryable(status) {
-    return status === 429 || status >= 500;
+    return status === 408 || status === 429 || status >= 500;
   }
 
   function waitBeforeRetry(response, attempt) {

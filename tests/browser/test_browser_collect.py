@@ -679,6 +679,32 @@ def test_an_event_answered_503_or_429_is_sent_again_a_few_times(
         assert server.stored_event(event_id) is None
 
 
+def test_an_event_answered_408_is_sent_again(stack: Stack, browser: WebDriver) -> None:
+    # The server answers 408 to a body that stopped arriving (TAGRELAY_READ_TIMEOUT): nothing
+    # was accepted, and the README says to retry. The script took it as final, and the event
+    # (of a page on a network that stalled a moment) was lost.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the page view", server)
+
+    event_id = browser.execute_script(
+        """const real = window.fetch;
+        window.tries = 0;
+        window.fetch = (url, init) => {
+          window.tries += 1;
+          if (window.tries > 1) return real(url, init);
+          return Promise.resolve(new Response('{"success": false}', {status: 408}));
+        };
+        return tagrelay.track("after_stall");"""
+    )
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+
+    assert wait_for(lambda: server.stored_event(event_id), "the event, tried again", server)
+    assert browser.execute_script("return window.tries;") == 2
+
+
 def test_an_event_that_finds_the_server_down_is_sent_again(
     stack: Stack, browser: WebDriver
 ) -> None:
