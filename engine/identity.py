@@ -97,9 +97,10 @@ def as_collected(raw: Any) -> Any:
     hands it on before validation: the click IDs of its page URL and referrer copied into its
     context (:func:`capture_click_ids`). Anything but an object whose ``context`` is an object
     or absent stays as it is, for validation to refuse."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("context") or {}, dict):
+    # Only an absent context is taken as {}: a null, [] or "" one is refused by /v1/collect.
+    if not isinstance(raw, dict) or not isinstance(raw.get("context", {}), dict):
         return raw
-    event = {**raw, "context": dict(raw.get("context") or {})}
+    event = {**raw, "context": dict(raw.get("context", {}))}
     capture_click_ids(event)
     return event
 

@@ -261,6 +261,23 @@ def test_a_rule_test_of_a_page_event_sees_the_click_ids_collect_copies_from_its_
     assert result["tags"][0]["fired"] is True
 
 
+@pytest.mark.parametrize("context", [None, [], "", 0, False])
+def test_a_rule_test_of_a_page_event_whose_context_is_no_object_fails_as_collect_refuses_it(
+    write_rules: WriteRules, capsys: pytest.CaptureFixture[str], context: Any
+) -> None:
+    # /v1/collect refuses such an event (400 context must be object); the test made its context
+    # {} and passed.
+    rules = AD_CLICK_RULES.replace(
+        'context: {page_url: "https://shop.example/?GCLID=abc&utm_source=x"}',
+        f"context: {json.dumps(context)}",
+    ).replace("{fired: true, payload: {context: {gclid: abc}}}", "{fired: false}")
+
+    code = main(["test", str(write_rules(rules))])
+
+    assert code == 1
+    assert "the test event is invalid: context must be object" in capsys.readouterr().out
+
+
 # -- preview ----------------------------------------------------------------------------------
 
 EVENT = {
