@@ -27,15 +27,13 @@ from engine.api import error_response, parse_json_body, read_body
 from engine.config import PublishableKey, Settings
 from engine.errors import BadRequest, BodyTooLarge, Forbidden, RequestError, Unauthorized
 from engine.event import readable_ip
-from engine.identity import capture_click_ids
+from engine.identity import at_most_now, capture_click_ids
 from engine.pipeline import Pipeline
 from engine.ratelimit import RateLimiter
 
 bp = Blueprint("collect", __name__)
 
 MAX_COLLECT_BYTES = 64 * 1024  # a browser event is small; a large body is a mistake or abuse
-# Any time a page's clock may show: read only to see whether it is later than the server's.
-_ANY_TIME = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 def _settings() -> Settings:
@@ -229,13 +227,7 @@ def _from_browser(raw: dict[str, Any], visitor_id: str) -> dict[str, Any]:
     """The event as the server sees it: its visitor, the request's IP and UA, click IDs."""
     event = dict(raw)
     event["visitor_id"] = visitor_id
-    # The page's clock is the visitor's. One set ahead (a wrong time zone: hours) had every
-    # event of that browser refused, "timestamp is more than an hour in the future". An event
-    # happened before it arrived: a later time is the server's.
-    if "timestamp" in event:
-        now = datetime.now(UTC)
-        if events.parse_timestamp(event["timestamp"], _ANY_TIME) > now:
-            event["timestamp"] = events.format_time(now)
+    at_most_now(event, datetime.now(UTC))  # the page's clock may be ahead of the server's
     context = event.get("context")
     # The page's own claims of its IP and user agent are never taken, even when the request
     # tells neither: a page could name anyone's.

@@ -13,13 +13,16 @@ granted; the user agent and IP only when ``ad_user_data`` is granted.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from engine.consent import drop_other_ips, truncate_ip
-from engine.event import readable_ip
+from engine.errors import BadRequest
+from engine.event import format_time, parse_timestamp, readable_ip
 
 # Query parameter -> context field. ScCid (Snapchat) keeps its documented spelling in URLs.
 CLICK_PARAMS: Mapping[str, str] = {
@@ -92,16 +95,37 @@ def capture_click_ids(event: dict[str, Any]) -> None:
             context.setdefault(name, value)
 
 
-def as_collected(raw: Any) -> Any:
+# Any time a page's clock may show: read only to see whether it is later than the server's.
+_ANY_TIME = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def at_most_now(event: dict[str, Any], now: datetime) -> None:
+    """Replace, in place, a page's ``timestamp`` later than ``now`` by ``now``.
+
+    The page's clock is the visitor's. One set ahead (a wrong time zone: hours) had every event
+    of that browser refused, "timestamp is more than an hour in the future". An event happened
+    before it arrived: a later time is the server's.
+
+    Raises:
+        BadRequest: the timestamp cannot be read (as validation would say).
+    """
+    if "timestamp" in event and parse_timestamp(event["timestamp"], _ANY_TIME) > now:
+        event["timestamp"] = format_time(now)
+
+
+def as_collected(raw: Any, now: datetime) -> Any:
     """A page's event for a rule test or a preview (``source: browser``) as ``/v1/collect``
-    hands it on before validation: the click IDs of its page URL and referrer copied into its
-    context (:func:`capture_click_ids`). Anything but an object whose ``context`` is an object
-    or absent stays as it is, for validation to refuse."""
+    hands it on: the click IDs of its page URL and referrer copied into its context
+    (:func:`capture_click_ids`), a timestamp later than ``now`` made ``now``
+    (:func:`at_most_now`). Anything but an object whose ``context`` is an object or absent
+    stays as it is, for validation to refuse, and so does a timestamp that cannot be read."""
     # Only an absent context is taken as {}: a null, [] or "" one is refused by /v1/collect.
     if not isinstance(raw, dict) or not isinstance(raw.get("context", {}), dict):
         return raw
     event = {**raw, "context": dict(raw.get("context", {}))}
     capture_click_ids(event)
+    with contextlib.suppress(BadRequest):  # refused by validation, with the same words
+        at_most_now(event, now)
     return event
 
 

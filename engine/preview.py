@@ -65,7 +65,7 @@ def preview(
     now = now or datetime.now(UTC)
     raw, source = events.simulated_source(raw)
     if source == "browser":
-        raw = as_collected(raw)
+        raw = as_collected(raw, now)
     event = events.normalize(raw, now, redact_params, source)
     granted = granted_purposes(event.get("consent"), container.consent_defaults)
     added = enricher(event, now, granted) if enricher is not None else []

@@ -89,7 +89,7 @@ def prepared_event(
     """
     event, source = events.simulated_source(dict(raw))
     if source == "browser":
-        event = as_collected(event)
+        event = as_collected(event, now)
     return events.normalize(event, now, redact_params, source)
 
 

@@ -278,6 +278,21 @@ def test_a_rule_test_of_a_page_event_whose_context_is_no_object_fails_as_collect
     assert "the test event is invalid: context must be object" in capsys.readouterr().out
 
 
+def test_a_rule_test_of_a_page_event_from_a_clock_ahead_takes_the_servers_time_as_collect_does(
+    write_rules: WriteRules, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /v1/collect takes a page's timestamp later than the server's time as the server's time;
+    # the test refused it ("more than an hour in the future"), and failed.
+    rules = AD_CLICK_RULES.replace(
+        "event: {event_name: page_view, source: browser,",
+        "event: {event_name: page_view, source: browser, timestamp: '2999-01-01T00:00:00Z',",
+    )
+
+    code = main(["test", str(write_rules(rules))])
+
+    assert code == 0, capsys.readouterr().out
+
+
 # -- preview ----------------------------------------------------------------------------------
 
 EVENT = {
