@@ -532,11 +532,16 @@ class _Compiler:
         if window < _SHORTEST_DEDUP_WINDOW:
             # A bare number is seconds: 48 was meant as hours, and a repeat 49 s later, or a
             # backend's copy of an order a page sent a minute before, went out again.
+            bare = isinstance(entry.value, int | float) or _NUMBER_KEY.fullmatch(
+                str(entry.value).strip()
+            )
             self.warn(
                 entry.at(),
-                f"dedup_window is {window:g} s (a number alone is seconds): a repeat of an event "
-                "ID, or the second copy of an order, that comes later is forwarded again; a "
-                "signed request may be replayed for 5 minutes. Write a unit: 48h, 2d",
+                f"dedup_window is {window:g} s"
+                + (" (a number alone is seconds)" if bare else "")
+                + ": a repeat of an event ID, or the second copy of an order, that comes later is "
+                "forwarded again; a signed request may be replayed for 5 minutes"
+                + (". Write a unit: 48h, 2d" if bare else ""),
             )
         return window
 

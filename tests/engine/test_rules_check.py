@@ -792,3 +792,21 @@ def test_a_plugins_secrets_given_as_one_text_redact_that_text_not_each_letter() 
             return "tok_84712345"
 
     assert OneText({}).redact_text("sent tok_84712345 to the API") == "sent [REDACTED] to the API"
+
+
+def test_a_short_dedup_window_written_with_a_unit_is_not_said_to_lack_one(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "settings: {dedup_window: 2m}\n"
+        "destinations:\n  l: {type: log}\n"
+        "triggers:\n  all: {event: '*'}\n"
+        "tags:\n  - {name: t, trigger: all, destination: l}\n"
+    )
+
+    container, problems = compile_container(rules, {})
+
+    assert container is not None
+    assert [p.message for p in problems] == [
+        "dedup_window is 120 s: a repeat of an event ID, or the second copy of an order, that "
+        "comes later is forwarded again; a signed request may be replayed for 5 minutes"
+    ]
