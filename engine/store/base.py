@@ -305,7 +305,8 @@ class Store(abc.ABC):
         SHA-256, normalized as the adapters do before hashing. Events the client sent with
         another user's ID stay. The deliveries of erased events go with them (pending ones
         too), and so do the person's visitor rows and every link of their visitors and user
-        IDs. Returns how many of each kind were removed.
+        IDs; other events' deliveries keep no error that quotes the erased events (``errors``:
+        withheld). Returns how many of each kind were removed.
         """
 
     @abc.abstractmethod

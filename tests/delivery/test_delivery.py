@@ -1682,6 +1682,39 @@ def test_a_removed_destination_keeps_no_event_past_retention(tmp_path: Path, sin
     assert h.statuses() == []
 
 
+def _store_bytes(store: SQLiteStore) -> bytes:
+    path = Path(store.path)
+    return b"".join(
+        p.read_bytes() for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()
+    )
+
+
+def test_forget_leaves_no_quote_of_the_person_in_a_batch_mates_dead_letter(
+    tmp_path: Path,
+) -> None:
+    def quoting(request: Request) -> Reply:  # a receiver that refuses a batch and quotes it
+        return Reply.json({"refused": request.json()}, 400)
+
+    with LoopbackServer(quoting) as server:
+        h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+        h.accept(
+            {"event_name": "lead", "event_id": "a1", "user_id": "user_ada_4711"},
+            {"event_name": "lead", "event_id": "b1", "user_id": "user_bob_0815"},
+        )
+        h.worker.drain()
+    [(_, _, error)] = h.statuses()[1:]
+    assert error is not None and "user_ada_4711" in error  # Bob's dead letter quotes Ada
+
+    removed = h.store.forget(user_id="user_ada_4711")
+
+    assert removed["events"] == 1
+    assert [(status, attempts) for status, attempts, _ in h.statuses()] == [("dead", 1)]
+    assert b"user_ada_4711" not in _store_bytes(h.store)
+    # Bob's dead letter stays, with what kind of failure it was.
+    [(_, _, error)] = h.statuses()
+    assert error is not None and error.startswith("permanent: ")
+
+
 def test_a_stopping_worker_sends_nothing_more_and_gives_back_what_it_did_not_send(
     tmp_path: Path, plugins: None
 ) -> None:

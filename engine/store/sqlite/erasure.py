@@ -10,16 +10,83 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from engine.store.sqlite.connection import _Connections
 from engine.store.sqlite.persons import _ids_by_email, _person_filter, _visitors_of
-from engine.store.sqlite.sql import _MAX_PARAMS, _chunks, _dumps, _marks
+from engine.store.sqlite.sql import _MAX_PARAMS, _chunks, _dumps, _marks, _withheld
 from engine.store.sqlite.visitors import _oldest
 
 PURGE_CHUNK = 500  # events or visitors per retention transaction
 PURGE_SCAN = 20_000  # dedup keys looked at per expiry transaction
+QUOTED = 6  # characters of an erased event's value that, found in an error, count as a quote
+_NOT_QUOTES = frozenset({"consent", "source"})
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """The text values in a JSON document, at any depth."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _texts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
+
+
+def _values(body: str, payload: str) -> set[str]:
+    """The text values of an event and its delivery's payload (QUOTED characters or more), but
+    those of its consent and source: words every event has ("granted", "server")."""
+    found: set[str] = set()
+    for document in (json.loads(body), json.loads(payload)):
+        parts = (
+            [v for k, v in document.items() if k not in _NOT_QUOTES]
+            if isinstance(document, dict)
+            else [document]
+        )
+        found.update(v for v in _texts(parts) if len(v) >= QUOTED)
+    return found
+
+
+def _quoting(db: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[str, int, str]]:
+    """The errors of other events' deliveries that quote the events ``seqs``, as the UPDATE's
+    parameters (withheld text, delivery ID, error as found).
+
+    An error is the answer to a whole request: the deliveries of a batch refused (or failed)
+    together each keep the same text, which can quote any of its events (a receiver that
+    echoes the body). Where another event's delivery has the very text of an error of these
+    events' deliveries, and the text quotes a value of these events (an ID, an address, a
+    digest, a time) that is not one of that event's own, it is withheld. Identical errors that
+    quote nothing of these events ("HTTP 400: invalid event") are left.
+    """
+    if not seqs:
+        return []
+    found = json.dumps(list(seqs))
+    quoted: dict[str, set[str]] = {}  # an error -> the values of these events it quotes
+    for error, body, payload in db.execute(
+        "SELECT d.last_error, e.body, d.payload FROM deliveries d "
+        "JOIN events e ON e.seq = d.event_seq "
+        "WHERE d.event_seq IN (SELECT value FROM json_each(?)) AND d.last_error IS NOT NULL",
+        (found,),
+    ):
+        if error != _withheld(error):
+            quoted.setdefault(error, set()).update(v for v in _values(body, payload) if v in error)
+    quoted = {error: values for error, values in quoted.items() if values}
+    if not quoted:
+        return []
+    return [
+        (_withheld(r[0]), r[1], r[0])
+        for r in db.execute(
+            "SELECT d.last_error, d.id, e.body, d.payload FROM deliveries d "
+            "JOIN events e ON e.seq = d.event_seq "
+            "WHERE d.last_error IN (SELECT value FROM json_each(?)) "
+            "AND d.event_seq NOT IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(quoted)), found),
+        )
+        if quoted[r[0]] - _values(r[2], r[3])
+    ]
 
 
 def _erase_visitors(db: sqlite3.Connection, visitors: Sequence[str]) -> int:
@@ -104,7 +171,14 @@ class _Erasure(_Connections):
         events on any visitor linked to the person meanwhile, which is rare), so nothing of the
         person is left as of that transaction.
         """
-        removed = {"events": 0, "deliveries": 0, "visitors": 0, "links": 0, "dedup_keys": 0}
+        removed = {
+            "events": 0,
+            "deliveries": 0,
+            "visitors": 0,
+            "links": 0,
+            "dedup_keys": 0,
+            "errors": 0,
+        }
         # The person's own IDs: those given, and with ``email`` those of their events with it.
         seed_visitors = {visitor_id} if visitor_id else set()
         seed_users = {user_id} if user_id else set()
@@ -113,7 +187,9 @@ class _Erasure(_Connections):
         visitors: set[str] = set()
         users: set[str] = set()
 
-        def search(db: sqlite3.Connection) -> tuple[int, list[int], list[tuple[str, int]]]:
+        def search(
+            db: sqlite3.Connection,
+        ) -> tuple[int, list[int], list[tuple[str, int]], list[tuple[str, int, str]]]:
             last = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
             if email:
                 _ids_by_email(db, email, "seq <= ?", [last], seed_visitors, seed_users)
@@ -122,9 +198,9 @@ class _Erasure(_Connections):
             where, params = _person_filter(users, visitors, email)
             sql = f"SELECT seq FROM events WHERE seq <= ? AND ({where})"
             seqs = [r[0] for r in db.execute(sql, [last, *params])]
-            return last, seqs, _keys_of(db, seqs)
+            return last, seqs, _keys_of(db, seqs), _quoting(db, seqs)
 
-        last, seqs, keys = self._snapshot(search)
+        last, seqs, keys, quoting = self._snapshot(search)
         for chunk in _chunks(seqs, PURGE_CHUNK):
             these = set(chunk)
             with self._write() as db:
@@ -156,7 +232,12 @@ class _Erasure(_Connections):
                     )
                 ]
             if tail:
+                quoting += _quoting(db, tail)
                 _erase_events(db, tail, _keys_of(db, tail), removed)
+            # Unless the error changed since (another attempt, another answer).
+            removed["errors"] += db.executemany(
+                "UPDATE deliveries SET last_error = ? WHERE id = ? AND last_error = ?", quoting
+            ).rowcount
             # A visitor of the person's is erased whole, even one another person used too: it
             # is only what enrichment remembers (click IDs, user agent, IP), which cannot be
             # told apart by person; the other person's events, and their own links to their

@@ -28,6 +28,20 @@ def _dumps(value: Any) -> str:
     return jsonio.dumpb(value).decode("utf-8")
 
 
+WITHHELD = "(error withheld: it may quote a person since erased)"
+
+
+def _withheld(error: str) -> str:
+    """A delivery's error without its text, but with its kind (``permanent: HTTP 400: ...``).
+
+    An error answers a whole request, and may quote any of its events (a receiver that echoes
+    the body): it is kept so in the other deliveries of a request one of whose events was
+    erased (forget).
+    """
+    kind, sep, _ = error.partition(": ")
+    return f"{kind}: {WITHHELD}" if sep and " " not in kind else WITHHELD
+
+
 def _marks(values: Iterable[Any]) -> str:
     return ", ".join("?" for _ in values)
 
