@@ -706,7 +706,7 @@ class DeliveryWorker:
         error = f"{result.outcome.value}: {reason}"
         opts = dest.delivery
         if result.outcome is Outcome.PERMANENT:
-            self._dead(dest, ids, error, now)
+            self._dead(dest, ids, error, now, answered=ids)
             return
         retry: list[int] = []
         dead: list[int] = []
@@ -722,17 +722,25 @@ class DeliveryWorker:
             else:
                 retry.append(d.id)
         if dead:
-            self._dead(dest, dead, f"{error} (gave up after retries)", now)
+            self._dead(dest, dead, f"{error} (gave up after retries)", now, answered=ids)
         if late:
             # Scheduled that late they stayed pending, unlisted and past retention, for as long
             # as the header said (years, from a broken proxy), and were never given up.
-            self._dead(dest, late, f"{error} (Retry-After {wait:g} s reaches past max_age)", now)
+            self._dead(
+                dest,
+                late,
+                f"{error} (Retry-After {wait:g} s reaches past max_age)",
+                now,
+                answered=ids,
+            )
         if retry:
             attempts = max(d.attempts + 1 for d in deliveries)
             floor = AUTH_RETRY_FLOOR if result.outcome is Outcome.AUTH else 0.0
             delay = self.backoff.delay(attempts, result.retry_after, floor)
             # Cut as a dead letter's is: a plugin's error text can be any length.
-            applied = self.store.mark_retry(retry, self._holder(), now + delay, error[:MAX_ERROR])
+            applied = self.store.mark_retry(
+                retry, self._holder(), now + delay, error[:MAX_ERROR], answered=ids
+            )
             self._settled(dest, len(retry), applied)
             metrics.inc(metrics.DELIVERIES, (dest.name, "retried"), applied)
             level = logging.ERROR if result.outcome is Outcome.AUTH else logging.WARNING
@@ -762,8 +770,13 @@ class DeliveryWorker:
         error: str,
         now: float,
         count_attempt: bool = True,
+        answered: Sequence[int] = (),
     ) -> None:
-        marked = self.store.mark_dead(ids, self._holder(), error[:MAX_ERROR], now, count_attempt)
+        # ``answered``: the request's deliveries the error answered; if one was erased
+        # meanwhile, the store keeps the error without its text (it may quote that event).
+        marked = self.store.mark_dead(
+            ids, self._holder(), error[:MAX_ERROR], now, count_attempt, answered
+        )
         self._settled(dest, len(ids), marked)
         metrics.inc(metrics.DELIVERIES, (dest.name, "dead_lettered"), marked)
         # The error itself stays in the store (`tagrelay deadletters show`): a platform's answer

@@ -205,16 +205,29 @@ class Store(abc.ABC):
         next_attempt_at: float,
         error: str,
         count_attempt: bool = True,
+        answered: Sequence[int] = (),
     ) -> int:
         """Deliveries to try again at ``next_attempt_at``, counting one attempt unless
-        ``count_attempt`` is false; how many were still leased to ``owner``."""
+        ``count_attempt`` is false; how many were still leased to ``owner``.
+
+        ``answered``: the deliveries of the request that ``error`` answered (``ids`` among
+        them). When one of them was erased meanwhile (forget), the error is kept without its
+        text, which may quote that delivery's event.
+        """
 
     @abc.abstractmethod
     def mark_dead(
-        self, ids: Sequence[int], owner: str, error: str, now: float, count_attempt: bool = True
+        self,
+        ids: Sequence[int],
+        owner: str,
+        error: str,
+        now: float,
+        count_attempt: bool = True,
+        answered: Sequence[int] = (),
     ) -> int:
         """Deliveries that will not be retried (dead letters), counting one attempt unless
-        ``count_attempt`` is false; how many were still leased to ``owner``."""
+        ``count_attempt`` is false; how many were still leased to ``owner``. ``answered`` as
+        for :meth:`mark_retry`."""
 
     @abc.abstractmethod
     def release(self, ids: Sequence[int], owner: str) -> int:

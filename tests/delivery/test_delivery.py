@@ -1715,6 +1715,31 @@ def test_forget_leaves_no_quote_of_the_person_in_a_batch_mates_dead_letter(
     assert error is not None and error.startswith("permanent: ")
 
 
+@pytest.mark.parametrize("status", [400, 500])
+def test_forget_while_a_batch_is_in_flight_leaves_no_quote_of_the_person_in_its_errors(
+    tmp_path: Path, status: int
+) -> None:
+    harness: list[Harness] = []
+
+    def quoting(request: Request) -> Reply:
+        harness[0].store.forget(user_id="user_ada_4711")  # while the request is in flight
+        return Reply.json({"refused": request.json()}, status)
+
+    with LoopbackServer(quoting) as server:
+        h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+        harness.append(h)
+        h.accept(
+            {"event_name": "lead", "event_id": "a1", "user_id": "user_ada_4711"},
+            {"event_name": "lead", "event_id": "b1", "user_id": "user_bob_0815"},
+        )
+        h.worker.tick(wait=True)
+
+    [(state, attempts, error)] = h.statuses()  # Bob's, a dead letter or to be retried
+    assert (state, attempts) == ("dead" if status == 400 else "pending", 1)
+    assert error is not None and error.startswith(("permanent: ", "retryable: "))
+    assert b"user_ada_4711" not in _store_bytes(h.store)
+
+
 def test_a_stopping_worker_sends_nothing_more_and_gives_back_what_it_did_not_send(
     tmp_path: Path, plugins: None
 ) -> None:

@@ -9,7 +9,14 @@ from typing import Any
 from engine import jsonio
 from engine.store.base import Decision, Delivery, Status, StoredEvent
 from engine.store.sqlite.connection import _Connections
-from engine.store.sqlite.sql import _MAX_PARAMS, _chunks, _dumps, _marks, _stored_event
+from engine.store.sqlite.sql import (
+    _MAX_PARAMS,
+    _chunks,
+    _dumps,
+    _marks,
+    _stored_event,
+    _withheld,
+)
 
 _DELIVERY_COLUMNS = (
     "id, event_id, tag, destination, payload, status, attempts, created_at, next_attempt_at, "
@@ -42,6 +49,15 @@ def _delivery(row: sqlite3.Row) -> Delivery:
 def _is_dead(db: sqlite3.Connection, delivery_id: int) -> bool:
     row = db.execute("SELECT status FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
     return row is not None and row[0] == "dead"
+
+
+def _count(db: sqlite3.Connection, ids: Sequence[int]) -> int:
+    """How many of the deliveries ``ids`` exist."""
+    found = 0
+    for chunk in _chunks(list(ids), _MAX_PARAMS):
+        sql = f"SELECT COUNT(*) FROM deliveries WHERE id IN ({_marks(chunk)})"
+        found += int(db.execute(sql, chunk).fetchone()[0])
+    return found
 
 
 def _not_queued(decisions: Sequence[Decision], why: str) -> list[Decision]:
@@ -84,8 +100,13 @@ class _Outbox(_Connections):
                 )
         return sorted(held)
 
-    def _settle(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+    def _settle(self, sql: str, rows: Sequence[Sequence[Any]], answered: Sequence[int] = ()) -> int:
+        """``sql`` for each of ``rows``, whose first parameter is the error when ``answered``
+        is given: withheld if one of those deliveries is gone (see Store.mark_retry)."""
         with self._write() as db:
+            wanted = sorted(set(answered))
+            if wanted and _count(db, wanted) < len(wanted):
+                rows = [(_withheld(row[0]), *row[1:]) for row in rows]
             return int(db.executemany(f"{sql} WHERE id = ? AND {_HELD}", rows).rowcount)
 
     def mark_delivered(self, ids: Sequence[int], owner: str, now: float) -> int:
@@ -103,22 +124,31 @@ class _Outbox(_Connections):
         next_attempt_at: float,
         error: str,
         count_attempt: bool = True,
+        answered: Sequence[int] = (),
     ) -> int:
         """See :meth:`Store.mark_retry`."""
         return self._settle(
-            "UPDATE deliveries SET status = 'pending', attempts = attempts + ?, "
-            "next_attempt_at = ?, last_error = ?, lease_owner = NULL, lease_expires = NULL",
-            [(int(count_attempt), next_attempt_at, error, i, owner) for i in ids],
+            "UPDATE deliveries SET last_error = ?, status = 'pending', attempts = attempts + ?, "
+            "next_attempt_at = ?, lease_owner = NULL, lease_expires = NULL",
+            [(error, int(count_attempt), next_attempt_at, i, owner) for i in ids],
+            answered,
         )
 
     def mark_dead(
-        self, ids: Sequence[int], owner: str, error: str, now: float, count_attempt: bool = True
+        self,
+        ids: Sequence[int],
+        owner: str,
+        error: str,
+        now: float,
+        count_attempt: bool = True,
+        answered: Sequence[int] = (),
     ) -> int:
         """See :meth:`Store.mark_dead`."""
         return self._settle(
-            "UPDATE deliveries SET status = 'dead', attempts = attempts + ?, last_error = ?, "
+            "UPDATE deliveries SET last_error = ?, status = 'dead', attempts = attempts + ?, "
             "finished_at = ?, lease_owner = NULL, lease_expires = NULL",
-            [(int(count_attempt), error, now, i, owner) for i in ids],
+            [(error, int(count_attempt), now, i, owner) for i in ids],
+            answered,
         )
 
     def release(self, ids: Sequence[int], owner: str) -> int:
