@@ -757,9 +757,10 @@ class DeliveryWorker:
             )
 
     def _settled(self, dest: DestinationInstance, count: int, applied: int) -> None:
-        if applied < count:  # the lease ran out mid-request and another worker took over
+        if applied < count:  # the lease ran out mid-request, or `forget` erased the delivery
             log.warning(
-                "lease lost before the answer; kept the other worker's outcome",
+                "lease lost before the answer (another worker took the delivery over, or it "
+                "was erased); its outcome was not recorded",
                 extra={"destination": dest.name, "count": count - applied},
             )
 

@@ -1626,3 +1626,21 @@ def test_free_bytes_is_what_the_files_file_system_leaves_free(tmp_path: Path) ->
         assert SQLiteStore(":memory:").free_bytes() is None  # no file system to ask
     finally:
         store.close()
+
+
+def test_dropping_expired_dedup_keys_leaves_none_of_their_values_in_the_wal(
+    tmp_path: Path,
+) -> None:
+    # A key's value is stored as written: a tag keyed by an e-mail keeps the address. The
+    # six-hourly drop of expired keys left the deleted rows' pages in the WAL, where the
+    # erasure and the retention purge reset it.
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    marker = "ada.lovelace.expired.key@example.com"
+    store.accept(acceptance("e1", decision(dedup_key=f"meta:{marker}")))
+
+    assert store.purge_expired(T0 + WINDOW + 1) == 2  # the event ID's key and the tag's
+
+    assert marker.encode() not in path.read_bytes()
+    wal = Path(f"{path}-wal")
+    assert not wal.exists() or marker.encode() not in wal.read_bytes()

@@ -322,8 +322,9 @@ class _Connections:
     def _reset_wal(self, patience: float = 5.0) -> None:
         """Copy the WAL into the database and empty it (``wal_checkpoint(TRUNCATE)``).
 
-        After an erasure: secure_delete overwrites what was deleted in the database, but the
-        WAL still holds earlier images of those pages until it is reset. Tried for up to
+        After deleting personal data (an erasure, retention, expired dedup keys): secure_delete
+        overwrites what was deleted in the database, but the WAL still holds earlier images of
+        those pages until it is reset. Tried for up to
         ``patience`` seconds while readers or writers hold it; then logged and left.
         """
         if self.path == ":memory:":
@@ -338,10 +339,15 @@ class _Connections:
                     break
                 time.sleep(0.05)
         except sqlite3.Error as exc:
-            log.warning("WAL not reset after an erasure", extra={"error_type": type(exc).__name__})
+            log.warning(
+                "WAL not reset after deleting personal data",
+                extra={"error_type": type(exc).__name__},
+            )
             return
         if busy and busy[0]:
-            log.warning("WAL not reset after an erasure: other connections kept using it")
+            log.warning(
+                "WAL not reset after deleting personal data: other connections kept using it"
+            )
 
     def close(self) -> None:
         """Close this thread's connection and the process's writer (and stop checkpointing)."""

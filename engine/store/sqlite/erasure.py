@@ -376,14 +376,21 @@ class _Erasure(_Connections):
                     (after, PURGE_SCAN - 1),
                 ).fetchone()
                 if end is None:
-                    return removed + int(
+                    removed += int(
                         db.execute(
                             "DELETE FROM dedup_keys WHERE key > ? AND expires_at <= ?",
                             (after, now),
                         ).rowcount
                     )
+                    break
                 removed += db.execute(
                     "DELETE FROM dedup_keys WHERE key > ? AND key <= ? AND expires_at <= ?",
                     (after, end[0], now),
                 ).rowcount
             after = end[0]
+        if removed:
+            # A key's value is stored as written (an order ID; a tag keyed by an e-mail, which
+            # the README advises against, keeps the address): the WAL keeps the deleted rows'
+            # pages until it is reset, as after an erasure or the retention purge.
+            self._reset_wal()
+        return removed
