@@ -922,7 +922,13 @@ class _Compiler:
                     f"tag {tag} mapping {target}: null removes nothing: the {dest.type} "
                     f"mapping sends no {target} and nothing that holds it",
                 )
-        return tuple(fields)
+        # YAML's mappings have no order: a target goes inside the value of a shallower one the
+        # tag sets too (``x`` and ``x.y``), whichever of them the file writes first, as a tag's
+        # ``properties.value`` goes inside the default ``properties``.
+        targets = {f.target for f in fields}
+        return tuple(
+            sorted(fields, key=lambda f: sum(f.target[:i] in targets for i in range(len(f.target))))
+        )
 
     def _check_cleartext(
         self,

@@ -410,6 +410,33 @@ def test_null_removes_a_field_from_the_whole_object_a_default_sends(
     assert event["properties"]["basket"] == {"coupon": "X", "size": 2}
 
 
+def test_a_target_below_another_of_the_tag_goes_inside_it_whichever_is_written_first(
+    write_rules: WriteRules,
+) -> None:
+    rules = build(
+        write_rules,
+        """
+        triggers:
+          all: {event: "*"}
+        tags:
+          - name: deeper_first
+            trigger: all
+            destination: hook
+            mapping: {basket.coupon: properties.coupon, basket: properties.basket}
+          - name: shallower_first
+            trigger: all
+            destination: hook
+            mapping: {basket: properties.basket, basket.coupon: properties.coupon}
+        """,
+    )
+
+    decisions = decide(rules, properties={"basket": {"size": 2}, "coupon": "X"})
+
+    for tag in ("deeper_first", "shallower_first"):
+        payload = decisions[tag].payload
+        assert payload is not None and payload["basket"] == {"size": 2, "coupon": "X"}, tag
+
+
 def test_event_name_can_be_fixed_or_looked_up(write_rules: WriteRules) -> None:
     rules = build(
         write_rules,
