@@ -379,23 +379,29 @@ class _Compiler:
             str(value["lookup"]).strip(), frozenset(table), "default" in value
         )
         # A key written as a number in another form than Python writes it (3.50, 1e3) names
-        # the number an event sends (3.5, 1000): looked up by that form too, unless the
-        # table names it itself. Codes with leading zeros (007, 01234) stay text.
-        for key, getter in list(table.items()):
+        # the number an event sends (3.5, 1000): a number is looked up by that form too,
+        # unless the table names it itself. A text is looked up by the keys as written only
+        # ("1000" is not 1e3:, "3.5" not 3.50:), and codes with leading zeros (007, 01234)
+        # stay text.
+        numbers = dict(table)
+        for key, getter in table.items():
             if _NUMBER_KEY.fullmatch(key) and math.isfinite(number := float(key)):
                 forms = [repr(number)] + ([str(int(number))] if number.is_integer() else [])
                 for form in forms:
-                    table.setdefault(form, getter)
+                    numbers.setdefault(form, getter)
 
         def lookup(event: Any) -> Any:
             key = source(event)
-            if key is None:
-                return default(event)
-            if isinstance(key, bool):
-                key = str(key).lower()
-            found = table.get(str(key))
-            if found is None and isinstance(key, float) and key.is_integer():
-                found = table.get(str(int(key)))  # JSON's 3.0 is the number 3 (key 3:)
+            found: Getter | None = None
+            if isinstance(key, str):
+                found = table.get(key)
+            elif isinstance(key, bool):
+                found = table.get("true" if key else "false")
+            elif isinstance(key, int | float):
+                found = numbers.get(str(key))
+                if found is None and isinstance(key, float) and key.is_integer():
+                    found = numbers.get(str(int(key)))  # JSON's 3.0 is the number 3 (key 3:)
+            # null, a list or an object: no key names it (a list is not the text "[1]").
             return (found or default)(event)
 
         # No tree: its value is only known per event.

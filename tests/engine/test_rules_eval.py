@@ -233,6 +233,36 @@ def test_lookup_table_maps_values_and_falls_back_to_its_default(write_rules: Wri
     assert tier(7) == "basic"  # a code with a leading zero is text, no number
 
 
+def test_a_text_is_looked_up_by_the_keys_as_written_and_a_number_by_its_value(
+    write_rules: WriteRules,
+) -> None:
+    rules = build(
+        write_rules,
+        """
+        variables:
+          tier:
+            lookup: properties.plan
+            table: {3.50: three and a half, 1e3: thousand, "[1]": listed}
+            default: basic
+        triggers:
+          all: {event: "*"}
+        tags:
+          - {name: t, trigger: all, destination: hook, mapping: {tier: $tier}}
+        """,
+    )
+
+    def tier(plan: Any) -> Any:
+        payload = decide(rules, properties={"plan": plan})["t"].payload
+        assert payload is not None
+        return payload.get("tier")
+
+    assert (tier(3.5), tier(1000)) == ("three and a half", "thousand")
+    assert tier("3.50") == "three and a half"
+    assert tier("3.5") == "basic"  # the text "3.5" is no key of the table, as "1000" is not
+    assert tier("1000") == "basic"
+    assert tier([1]) == "basic"  # a list is not the text "[1]"
+
+
 def test_a_lookup_tables_value_or_default_that_is_a_variable_is_its_value(
     write_rules: WriteRules,
 ) -> None:
