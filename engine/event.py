@@ -29,8 +29,8 @@ _ID = {"type": ["string", "integer"], "minLength": 1, "maxLength": _MAX_ID}
 _NULLABLE_STRING = {"type": ["string", "null"], "maxLength": 4096}
 # Google's own APIs write GRANTED and DENIED (the Ads API's Consent); null is a purpose the
 # person has not decided, taken as not sent (so the container's consent_defaults apply).
-_CONSENT_WORDS = ("granted", "denied", "GRANTED", "DENIED", "Granted", "Denied")
-_CONSENT_VALUE = {"oneOf": [{"enum": list(_CONSENT_WORDS)}, {"type": "boolean"}, {"type": "null"}]}
+CONSENT_WORDS = ("granted", "denied", "GRANTED", "DENIED", "Granted", "Denied")
+_CONSENT_VALUE = {"oneOf": [{"enum": list(CONSENT_WORDS)}, {"type": "boolean"}, {"type": "null"}]}
 
 CONSENT_PURPOSES = ("ad_storage", "analytics_storage", "ad_user_data", "ad_personalization")
 
@@ -116,7 +116,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
 _TOP_KEYS = frozenset(EVENT_SCHEMA["properties"])
 _ID_KEYS = ("event_name", "event_type", "visitor_id", "session_id", "user_id")
 _USER_DATA_KEYS = frozenset(EVENT_SCHEMA["properties"]["user_data"]["properties"])
-_CONSENT_VALUES = frozenset(_CONSENT_WORDS)
+_CONSENT_VALUES = frozenset(CONSENT_WORDS)
 
 
 _MISSING = object()

@@ -1453,12 +1453,16 @@ def _schema_message(
         return _schema_message(best, written) if best is not err else prefix + err.message
     schema: Mapping[str, Any] = err.schema if isinstance(err.schema, Mapping) else {}
     if err.validator == "enum" and isinstance(err.validator_value, list):
-        # jsonschema's words are Python's ("1 is not one of ['ad_storage', ...]").
-        choices = ", ".join(str(v) for v in err.validator_value)
+        # jsonschema's words are Python's ("1 is not one of ['ad_storage', ...]"); a boolean
+        # choice is written as YAML writes it (true, not True).
+        words = [str(v).lower() if isinstance(v, bool) else str(v) for v in err.validator_value]
+        choices = ", ".join(words)
         value = err.instance
         if isinstance(value, str):
-            close = difflib.get_close_matches(value, [str(v) for v in err.validator_value], n=1)
+            close = difflib.get_close_matches(value, words, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
+            if value.strip().lower() in ("true", "false") and True in err.validator_value:
+                hint = f" (text, in quotes: a boolean is written without, {value.strip().lower()})"
             return f"{prefix}must be one of {choices}, not {value!r}{hint}"
         shown = (written or {}).get(tuple(err.absolute_path))
         if shown is None and _json_type(value) in ("number", "boolean"):

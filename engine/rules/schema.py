@@ -12,7 +12,7 @@ import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from engine.event import CONSENT_PURPOSES
+from engine.event import CONSENT_PURPOSES, CONSENT_WORDS
 
 if TYPE_CHECKING:
     from destinations.base import Destination
@@ -76,9 +76,7 @@ RULES_SCHEMA: dict[str, Any] = {
                     "type": "object",
                     "propertyNames": {"enum": list(CONSENT_PURPOSES)},
                     # As an event writes them: Google's Ads API spelling and booleans too.
-                    "additionalProperties": {
-                        "enum": ["granted", "denied", "GRANTED", "DENIED", True, False]
-                    },
+                    "additionalProperties": {"enum": [*CONSENT_WORDS, True, False]},
                     "description": "what a purpose the event does not mention counts as",
                 },
             },
