@@ -455,10 +455,13 @@ def drop_other_ips(value: Any, depth: int = 0) -> None:
     if isinstance(value, dict):
         for key in [k for k in value if isinstance(k, str) and _other_ip_name(k, depth > 0)]:
             del value[key]
-        for inner in value.values():
-            drop_other_ips(inner, depth + 1)
+        inner_values: Any = value.values()
     elif isinstance(value, list):
-        for inner in value:
+        inner_values = value
+    else:
+        return
+    for inner in inner_values:
+        if isinstance(inner, dict | list):  # a text or a number holds no fields: not walked
             drop_other_ips(inner, depth + 1)
 
 
