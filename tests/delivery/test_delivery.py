@@ -1740,6 +1740,37 @@ def test_forget_while_a_batch_is_in_flight_leaves_no_quote_of_the_person_in_its_
     assert b"user_ada_4711" not in _store_bytes(h.store)
 
 
+def test_forget_leaves_no_quote_of_the_person_in_an_answer_recorded_during_its_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The errors that quote the person were read with the search, outside the write lock:
+    # a batch answered while it ran (seconds on a large store) kept Ada's user ID in Bob's
+    # dead letter after she was forgotten.
+    def quoting(request: Request) -> Reply:
+        return Reply.json({"refused": request.json()}, 400)
+
+    with LoopbackServer(quoting) as server:
+        h = Harness(tmp_path, webhook_rules(tmp_path, server.url))
+        h.accept(
+            {"event_name": "lead", "event_id": "a1", "user_id": "user_ada_4711"},
+            {"event_name": "lead", "event_id": "b1", "user_id": "user_bob_0815"},
+        )
+        snapshot = h.store._snapshot
+
+        def search_then_answer(run: Any) -> Any:
+            found = snapshot(run)
+            h.worker.drain()  # the batch is answered after the search read the outbox
+            return found
+
+        monkeypatch.setattr(h.store, "_snapshot", search_then_answer)
+        removed = h.store.forget(user_id="user_ada_4711")
+
+    assert removed["errors"] == 1
+    [(state, _, error)] = h.statuses()
+    assert state == "dead" and error is not None and error.startswith("permanent: ")
+    assert b"user_ada_4711" not in _store_bytes(h.store)
+
+
 def test_a_stopping_worker_sends_nothing_more_and_gives_back_what_it_did_not_send(
     tmp_path: Path, plugins: None
 ) -> None:

@@ -50,7 +50,26 @@ def _values(body: str, payload: str) -> set[str]:
     return found
 
 
-def _quoting(db: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[str, int, str]]:
+def _quoted(db: sqlite3.Connection, seqs: Sequence[int]) -> dict[str, set[str]]:
+    """The errors of the deliveries of the events ``seqs`` that quote them, each with the
+    values of these events it quotes (see :func:`_quoting`). Read by an index."""
+    quoted: dict[str, set[str]] = {}
+    for chunk in _chunks(list(seqs), _MAX_PARAMS):
+        for error, body, payload in db.execute(
+            "SELECT d.last_error, e.body, d.payload FROM deliveries d "
+            "JOIN events e ON e.seq = d.event_seq "
+            f"WHERE d.event_seq IN ({_marks(chunk)}) AND d.last_error IS NOT NULL",
+            chunk,
+        ):
+            if error != _withheld(error):
+                found = (v for v in _values(body, payload) if v in error)
+                quoted.setdefault(error, set()).update(found)
+    return {error: values for error, values in quoted.items() if values}
+
+
+def _quoting(
+    db: sqlite3.Connection, seqs: Sequence[int], quoted: dict[str, set[str]] | None = None
+) -> list[tuple[str, int, str]]:
     """The errors of other events' deliveries that quote the events ``seqs``, as the UPDATE's
     parameters (withheld text, delivery ID, error as found).
 
@@ -59,21 +78,13 @@ def _quoting(db: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[str, int
     echoes the body). Where another event's delivery has the very text of an error of these
     events' deliveries, and the text quotes a value of these events (an ID, an address, a
     digest, a time) that is not one of that event's own, it is withheld. Identical errors that
-    quote nothing of these events ("HTTP 400: invalid event") are left.
+    quote nothing of these events ("HTTP 400: invalid event") are left. ``quoted``: those
+    errors when already read (:func:`_quoted`), else they are read here.
     """
     if not seqs:
         return []
-    found = json.dumps(list(seqs))
-    quoted: dict[str, set[str]] = {}  # an error -> the values of these events it quotes
-    for error, body, payload in db.execute(
-        "SELECT d.last_error, e.body, d.payload FROM deliveries d "
-        "JOIN events e ON e.seq = d.event_seq "
-        "WHERE d.event_seq IN (SELECT value FROM json_each(?)) AND d.last_error IS NOT NULL",
-        (found,),
-    ):
-        if error != _withheld(error):
-            quoted.setdefault(error, set()).update(v for v in _values(body, payload) if v in error)
-    quoted = {error: values for error, values in quoted.items() if values}
+    if quoted is None:
+        quoted = _quoted(db, seqs)
     if not quoted:
         return []
     return [
@@ -83,7 +94,7 @@ def _quoting(db: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[str, int
             "JOIN events e ON e.seq = d.event_seq "
             "WHERE d.last_error IN (SELECT value FROM json_each(?)) "
             "AND d.event_seq NOT IN (SELECT value FROM json_each(?))",
-            (json.dumps(sorted(quoted)), found),
+            (json.dumps(sorted(quoted)), json.dumps(list(seqs))),
         )
         if quoted[r[0]] - _values(r[2], r[3])
     ]
@@ -189,7 +200,7 @@ class _Erasure(_Connections):
 
         def search(
             db: sqlite3.Connection,
-        ) -> tuple[int, list[int], list[tuple[str, int]], list[tuple[str, int, str]]]:
+        ) -> tuple[int, list[int], list[tuple[str, int]], set[str], list[tuple[str, int, str]]]:
             last = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
             if email:
                 _ids_by_email(db, email, "seq <= ?", [last], seed_visitors, seed_users)
@@ -198,12 +209,19 @@ class _Erasure(_Connections):
             where, params = _person_filter(users, visitors, email)
             sql = f"SELECT seq FROM events WHERE seq <= ? AND ({where})"
             seqs = [r[0] for r in db.execute(sql, [last, *params])]
-            return last, seqs, _keys_of(db, seqs), _quoting(db, seqs)
+            quoted = _quoted(db, seqs) if seqs else {}
+            return last, seqs, _keys_of(db, seqs), set(quoted), _quoting(db, seqs, quoted)
 
-        last, seqs, keys, quoting = self._snapshot(search)
+        last, seqs, keys, seen, quoting = self._snapshot(search)
         for chunk in _chunks(seqs, PURGE_CHUNK):
             these = set(chunk)
             with self._write() as db:
+                # An error recorded during the search (a request answered meanwhile) is read
+                # here, by an index; only a new one that quotes the person costs a full read.
+                fresh = _quoted(db, chunk)
+                if new := {e: v for e, v in fresh.items() if e not in seen}:
+                    quoting += _quoting(db, seqs, new)
+                    seen.update(new)
                 _erase_events(db, chunk, [k for k in keys if k[1] in these], removed)
         with self._write() as db:
             # The same step from the same start, on the links as they are now: whoever it
