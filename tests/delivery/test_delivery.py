@@ -1771,6 +1771,32 @@ def test_forget_leaves_no_quote_of_the_person_in_an_answer_recorded_during_its_s
     assert b"user_ada_4711" not in _store_bytes(h.store)
 
 
+def test_forget_leaves_no_quote_of_the_person_in_a_batch_mate_given_up_on(
+    tmp_path: Path,
+) -> None:
+    # A batch-mate at its last attempt keeps the answer with "(gave up after retries)"
+    # appended, the person's delivery the answer alone: not "the very error", it was left.
+    def naming(request: Request) -> Reply:  # a receiver that names the users it failed
+        return Reply.json({"failed": [e["user_id"] for e in request.json()["events"]]}, 500)
+
+    with LoopbackServer(naming) as server:
+        h = Harness(tmp_path, webhook_rules(tmp_path, server.url))  # max_attempts: 3
+        h.accept({"event_name": "lead", "event_id": "b1", "user_id": "user_bob_0815"})
+        with h.store._write() as db:  # Bob's delivery was tried twice before
+            db.execute("UPDATE deliveries SET attempts = 2")
+        h.accept({"event_name": "lead", "event_id": "a1", "user_id": "user_ada_4711"})
+        h.worker.drain()
+    [(state, _, error), _] = h.statuses()
+    assert state == "dead" and error is not None and "user_ada_4711" in error
+
+    removed = h.store.forget(user_id="user_ada_4711")
+
+    assert removed["errors"] == 1
+    [(state, _, error)] = h.statuses()
+    assert state == "dead" and error is not None and error.startswith("retryable: ")
+    assert b"user_ada_4711" not in _store_bytes(h.store)
+
+
 def test_a_stopping_worker_sends_nothing_more_and_gives_back_what_it_did_not_send(
     tmp_path: Path, plugins: None
 ) -> None:

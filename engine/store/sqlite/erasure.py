@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,8 @@ PURGE_CHUNK = 500  # events or visitors per retention transaction
 PURGE_SCAN = 20_000  # dedup keys looked at per expiry transaction
 QUOTED = 6  # characters of an erased event's value that, found in an error, count as a quote
 _NOT_QUOTES = frozenset({"consent", "source"})
+# What the delivery worker appends to a request's answer for the deliveries it gives up on.
+_GAVE_UP = re.compile(r" \((?:gave up after retries|Retry-After \S+ s reaches past max_age)\)$")
 
 
 def _texts(value: Any) -> Iterator[str]:
@@ -76,7 +79,8 @@ def _quoting(
     An error is the answer to a whole request: the deliveries of a batch refused (or failed)
     together each keep the same text, which can quote any of its events (a receiver that
     echoes the body). Where another event's delivery has the very text of an error of these
-    events' deliveries, and the text quotes a value of these events (an ID, an address, a
+    events' deliveries (the worker appends why it gave up to some: "(gave up after retries)"),
+    and the text quotes a value of these events (an ID, an address, a
     digest, a time) that is not one of that event's own, it is withheld. Identical errors that
     quote nothing of these events ("HTTP 400: invalid event") are left. ``quoted``: those
     errors when already read (:func:`_quoted`), else they are read here.
@@ -87,17 +91,24 @@ def _quoting(
         quoted = _quoted(db, seqs)
     if not quoted:
         return []
-    return [
-        (_withheld(r[0]), r[1], r[0])
-        for r in db.execute(
-            "SELECT d.last_error, d.id, e.body, d.payload FROM deliveries d "
-            "JOIN events e ON e.seq = d.event_seq "
-            "WHERE d.last_error IN (SELECT value FROM json_each(?)) "
-            "AND d.event_seq NOT IN (SELECT value FROM json_each(?))",
-            (json.dumps(sorted(quoted)), json.dumps(list(seqs))),
-        )
-        if quoted[r[0]] - _values(r[2], r[3])
-    ]
+    # The deliveries the worker gave up on keep the same answer with why appended, those it
+    # retries the answer alone (engine.delivery): a batch-mate's error starts with the answer.
+    answers: dict[str, set[str]] = {}
+    for error, values in quoted.items():
+        answers.setdefault(_GAVE_UP.sub("", error), set()).update(values)
+    found = []
+    for error, delivery_id, body, payload in db.execute(
+        "SELECT d.last_error, d.id, e.body, d.payload FROM deliveries d "
+        "JOIN events e ON e.seq = d.event_seq "
+        "WHERE EXISTS (SELECT 1 FROM json_each(?) "
+        "WHERE substr(d.last_error, 1, length(value)) = value) "
+        "AND d.event_seq NOT IN (SELECT value FROM json_each(?))",
+        (json.dumps(sorted(answers)), json.dumps(list(seqs))),
+    ):
+        values = set().union(*(v for a, v in answers.items() if error.startswith(a)))
+        if values - _values(body, payload):
+            found.append((_withheld(error), delivery_id, error))
+    return found
 
 
 def _erase_visitors(db: sqlite3.Connection, visitors: Sequence[str]) -> int:
