@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import traceback
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -293,11 +294,19 @@ def redacted(adapter: Destination, text: str) -> str:
     try:
         return adapter.redact_text(text)
     except Exception as exc:  # noqa: BLE001 - a plugin's bug must not fail the event
-        log.error(
-            "destination adapter failed to redact a reason; it is withheld",
-            extra={"adapter": type(adapter).__name__, "error_type": type(exc).__name__},
-        )
+        name = type(adapter).__name__
+        now = time.monotonic()
+        # Once a minute per adapter: it fails for every event its tags refuse.
+        if now - _REDACTION_LOGGED.get(name, -60.0) >= 60.0:
+            _REDACTION_LOGGED[name] = now
+            log.error(
+                "destination adapter failed to redact a reason; it is withheld",
+                extra={"adapter": name, "error_type": type(exc).__name__},
+            )
         return f"(reason withheld: {type(exc).__name__} in the adapter's redaction)"
+
+
+_REDACTION_LOGGED: dict[str, float] = {}  # adapter class name -> when its failure was logged
 
 
 def _log_adapter_failure(

@@ -14,6 +14,7 @@ rule tests pass.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from destinations import registry
 from destinations.base import Destination, PayloadError
 from engine.cli import main
 from engine.event import normalize
-from engine.rules import compile_container
+from engine.rules import compile_container, model
 from engine.rules.schema import editor_schema
 from engine.rules.source import Problem, rule_files
 from engine.rules.testing import run_tests
@@ -810,3 +811,23 @@ def test_a_short_dedup_window_written_with_a_unit_is_not_said_to_lack_one(tmp_pa
         "dedup_window is 120 s: a repeat of an event ID, or the second copy of an order, that "
         "comes later is forwarded again; a signed request may be replayed for 5 minutes"
     ]
+
+
+def test_an_adapter_whose_redaction_fails_is_logged_once_a_minute_not_per_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It fails for every event its tags refuse: an ERROR line each flooded the log.
+    class Broken(Destination):
+        name = "broken_redaction"
+
+        def secrets(self) -> list[str]:
+            raise RuntimeError("bug")
+
+    adapter = Broken({})
+    with caplog.at_level(logging.ERROR):
+        reasons = [model.redacted(adapter, f"refused event {n}") for n in range(5)]
+
+    assert set(reasons) == {"(reason withheld: RuntimeError in the adapter's redaction)"}
+    assert [r.message for r in caplog.records].count(
+        "destination adapter failed to redact a reason; it is withheld"
+    ) == 1
