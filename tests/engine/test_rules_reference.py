@@ -63,7 +63,8 @@ class Reference:
         self.triggers: dict[str, Any] = rules.get("triggers") or {}
         raw = (rules.get("settings") or {}).get("consent_defaults") or {}
         self.defaults = {
-            p: ("granted" if v in (True, "granted") else "denied") for p, v in raw.items()
+            p: ("granted" if v is True or str(v).lower() == "granted" else "denied")
+            for p, v in raw.items()
         }
 
     def substituted(self, source: str, doc: Any) -> str:
@@ -565,7 +566,9 @@ containers = st.fixed_dictionaries(
         "settings": st.fixed_dictionaries(
             {
                 "consent_defaults": st.dictionaries(
-                    st.sampled_from(PURPOSES), st.sampled_from(["granted", "denied"]), max_size=2
+                    st.sampled_from(PURPOSES),
+                    st.sampled_from(["granted", "denied", "GRANTED", "Denied", True, False]),
+                    max_size=2,
                 )
             }
         )
