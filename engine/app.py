@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
@@ -13,6 +12,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from engine import api, collect, metrics
 from engine.config import Settings, ensure_server_key, load_settings
 from engine.errors import DiskLow, RequestError, StoreError
+from engine.logs import Throttle
 from engine.pipeline import Pipeline, Privacy, RulesHolder, load_rules
 from engine.ratelimit import RateLimiter
 from engine.store.base import Store
@@ -33,17 +33,16 @@ class _Refusals:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._logged = -OUTAGE_LOG_INTERVAL
+        self._throttle = Throttle(OUTAGE_LOG_INTERVAL)
         self._since = 0
 
     def refused(self, exc: StoreError) -> None:
         """Count one refusal; log it (with those since the last line) when a minute has passed."""
         with self._lock:
             self._since += 1
-            now = time.monotonic()
-            if now - self._logged < OUTAGE_LOG_INTERVAL:
+            if not self._throttle.due():
                 return
-            self._logged, count, self._since = now, self._since, 0
+            count, self._since = self._since, 0
         log.error(
             "store unavailable; requests refused",
             extra={"error": str(exc)[:200], "refused": count},

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
+import threading
+import time
+from collections.abc import Hashable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -127,3 +131,26 @@ class GunicornLogger(glogging.Logger):  # type: ignore[misc]  # gunicorn ships n
             self.error_log.debug("a client stopped sending its request; connection closed")
             return
         self.error_log.exception(msg, *args, **kwargs)
+
+
+class Throttle:
+    """When a repeated condition is logged: at most once per ``interval`` seconds for each key.
+
+    A failure that comes with every request or every event (a full disk, a store outage, a
+    plugin's bug) would otherwise write a line each, thousands a second, drowning the rest of
+    the log. Thread-safe; keys are few (a constant, an adapter's name).
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._last: dict[Hashable, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, key: Hashable = None) -> bool:
+        """Whether to log now for ``key``; if so, the next time is ``interval`` from now."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -math.inf) < self.interval:
+                return False
+            self._last[key] = now
+            return True

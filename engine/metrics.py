@@ -35,6 +35,8 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from engine.logs import Throttle
+
 log = logging.getLogger(__name__)
 
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -189,14 +191,12 @@ class MetricsUnavailable(Exception):
     """The metrics directory cannot be read (``GET /metrics`` answers 503)."""
 
 
-_failed_at = -3600.0
+_WRITE_FAILED = Throttle()
 
 
 def _write_failed(exc: Exception) -> None:
     """Report a metrics write that failed, at most once a minute."""
-    global _failed_at
-    if time.monotonic() - _failed_at >= 60:
-        _failed_at = time.monotonic()
+    if _WRITE_FAILED.due():
         log.error(
             "metrics cannot be written (their directory is gone, or its disk is full); counts "
             "are lost until they can be",

@@ -21,6 +21,7 @@ from prometheus_client import Counter
 from engine import event as events
 from engine import gate, identity, metrics
 from engine.errors import BadRequest, DiskLow, RulesError, UnstorablePayload
+from engine.logs import Throttle
 from engine.rules import Container, compile_container
 from engine.rules.model import without_unstorable
 from engine.rules.source import rule_files
@@ -177,7 +178,7 @@ class FreeSpace:
         self.interval = interval
         self._checked = -interval
         self._free: int | None = None
-        self._logged = -60.0
+        self._reported = Throttle()  # once a minute, not once a request
 
     def free(self) -> int | None:
         """Bytes free at the store (as of at most ``interval`` seconds ago), None if unknown."""
@@ -199,9 +200,7 @@ class FreeSpace:
         """
         if not self.low:
             return
-        now = time.monotonic()
-        if now - self._logged >= 60.0:  # once a minute, not once a request
-            self._logged = now
+        if self._reported.due():
             log.error(
                 "intake refused: the store's disk is below its reserve",
                 extra={

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import traceback
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from engine import jsonio
 from engine.consent import ConsentState, ConsentStates, Requirement, Verdict, strip_identifiers
 from engine.event import event_time
 from engine.expr import Builder, Field, Getter, compile_builder, truthy
+from engine.logs import Throttle
 from engine.rules.source import Position
 from engine.store.base import Decision
 
@@ -295,10 +295,7 @@ def redacted(adapter: Destination, text: str) -> str:
         return adapter.redact_text(text)
     except Exception as exc:  # noqa: BLE001 - a plugin's bug must not fail the event
         name = type(adapter).__name__
-        now = time.monotonic()
-        # Once a minute per adapter: it fails for every event its tags refuse.
-        if now - _REDACTION_LOGGED.get(name, -60.0) >= 60.0:
-            _REDACTION_LOGGED[name] = now
+        if _REDACTION_FAILED.due(name):  # it fails for every event its tags refuse
             log.error(
                 "destination adapter failed to redact a reason; it is withheld",
                 extra={"adapter": name, "error_type": type(exc).__name__},
@@ -306,7 +303,7 @@ def redacted(adapter: Destination, text: str) -> str:
         return f"(reason withheld: {type(exc).__name__} in the adapter's redaction)"
 
 
-_REDACTION_LOGGED: dict[str, float] = {}  # adapter class name -> when its failure was logged
+_REDACTION_FAILED = Throttle()  # once a minute per adapter class
 
 
 def _log_adapter_failure(

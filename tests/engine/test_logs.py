@@ -51,3 +51,20 @@ def test_urllib3_request_lines_are_not_logged_even_at_debug() -> None:
         assert not logging.getLogger("urllib3.connectionpool").isEnabledFor(logging.DEBUG)
     finally:
         logs.configure("INFO")
+
+
+def test_a_throttle_lets_each_key_through_once_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    throttle = logs.Throttle(60.0)
+
+    first = [throttle.due("a"), throttle.due("a"), throttle.due("b"), throttle.due()]
+    clock[0] += 59.9
+    within = throttle.due("a")
+    clock[0] += 0.1
+    after = throttle.due("a")
+
+    assert first == [True, False, True, True]
+    assert (within, after) == (False, True)
