@@ -27,7 +27,7 @@ from engine.api import error_response, parse_json_body, read_body
 from engine.config import PublishableKey, Settings
 from engine.errors import BadRequest, BodyTooLarge, Forbidden, RequestError, Unauthorized
 from engine.event import readable_ip
-from engine.identity import at_most_now, capture_click_ids
+from engine.identity import as_collected
 from engine.pipeline import Pipeline
 from engine.ratelimit import RateLimiter
 
@@ -224,21 +224,22 @@ def _rate_subject(ip: str | None) -> str | None:
 
 
 def _from_browser(raw: dict[str, Any], visitor_id: str) -> dict[str, Any]:
-    """The event as the server sees it: its visitor, the request's IP and UA, click IDs."""
-    event = dict(raw)
+    """The event as the server sees it: as rule tests and previews take a page's event
+    (:func:`~engine.identity.as_collected`: the click IDs of its URLs, a clock ahead of the
+    server's), with its visitor and the request's IP and user agent."""
+    event = dict(as_collected(raw, datetime.now(UTC)))
     event["visitor_id"] = visitor_id
-    at_most_now(event, datetime.now(UTC))  # the page's clock may be ahead of the server's
-    context = event.get("context")
     # The page's own claims of its IP and user agent are never taken, even when the request
     # tells neither: a page could name anyone's.
-    context = {k: v for k, v in (context or {}).items() if k not in ("ip", "user_agent")}
+    context = {
+        k: v for k, v in (event.get("context") or {}).items() if k not in ("ip", "user_agent")
+    }
     client_ip = _client_ip()
     if client_ip:
         context["ip"] = client_ip
     if request.user_agent.string:
         context["user_agent"] = request.user_agent.string[:1000]
     event["context"] = context
-    capture_click_ids(event)
     return event
 
 
