@@ -44,7 +44,7 @@ from engine.batching import SplitError, split_group
 from engine.breaker import Backoff, CircuitBreaker
 from engine.errors import StoreError
 from engine.rules.model import Container, DeliveryOptions, DestinationInstance
-from engine.store.base import Delivery, Store
+from engine.store.base import GAVE_UP_AFTER_RETRIES, Delivery, Store, given_up, past_max_age
 from engine.transport import Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -722,17 +722,11 @@ class DeliveryWorker:
             else:
                 retry.append(d.id)
         if dead:
-            self._dead(dest, dead, f"{error} (gave up after retries)", now, answered=ids)
-        if late:
+            self._dead(dest, dead, given_up(error, GAVE_UP_AFTER_RETRIES), now, answered=ids)
+        if late and wait is not None:  # (late holds something only with a wait)
             # Scheduled that late they stayed pending, unlisted and past retention, for as long
             # as the header said (years, from a broken proxy), and were never given up.
-            self._dead(
-                dest,
-                late,
-                f"{error} (Retry-After {wait:g} s reaches past max_age)",
-                now,
-                answered=ids,
-            )
+            self._dead(dest, late, given_up(error, past_max_age(wait)), now, answered=ids)
         if retry:
             attempts = max(d.attempts + 1 for d in deliveries)
             floor = AUTH_RETRY_FLOOR if result.outcome is Outcome.AUTH else 0.0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,33 @@ def event_id_key(event_id: str, source: str = "server") -> str:
 def event_id_keys(event_id: str) -> list[str]:
     """The dedup keys an event ID may have: the server's first, then a page's."""
     return [f"{prefix}:{event_id}" for prefix in _ID_PREFIXES.values()]
+
+
+def given_up(answer: str, why: str) -> str:
+    """A dead letter's error when the worker gives up on a delivery: the request's answer, then
+    why (``gave up after retries``). :func:`answer_of` reads the answer back."""
+    return f"{answer} ({why})"
+
+
+GAVE_UP_AFTER_RETRIES = "gave up after retries"
+_PAST_MAX_AGE = "Retry-After {} s reaches past max_age"
+_GIVEN_UP = re.compile(
+    r" \((?:{}|{})\)$".format(
+        re.escape(GAVE_UP_AFTER_RETRIES), re.escape(_PAST_MAX_AGE).replace(r"\{\}", r"\S+")
+    )
+)
+
+
+def answer_of(error: str) -> str:
+    """The request's answer in a delivery's error, without why the worker gave up on it (see
+    :func:`given_up`): the deliveries of one request keep the same answer, those given up on
+    with why appended."""
+    return _GIVEN_UP.sub("", error)
+
+
+def past_max_age(wait: float) -> str:
+    """Why a delivery is given up on whose Retry-After reaches past its ``max_age``."""
+    return _PAST_MAX_AGE.format(f"{wait:g}")
 
 
 @dataclass(slots=True)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from engine.store.base import answer_of
 from engine.store.sqlite.connection import _Connections
 from engine.store.sqlite.persons import _ids_by_email, _person_filter, _visitors_of
 from engine.store.sqlite.sql import _MAX_PARAMS, _chunks, _dumps, _marks, _withheld
@@ -23,8 +23,6 @@ PURGE_CHUNK = 500  # events or visitors per retention transaction
 PURGE_SCAN = 20_000  # dedup keys looked at per expiry transaction
 QUOTED = 6  # characters of an erased event's value that, found in an error, count as a quote
 _NOT_QUOTES = frozenset({"consent", "source"})
-# What the delivery worker appends to a request's answer for the deliveries it gives up on.
-_GAVE_UP = re.compile(r" \((?:gave up after retries|Retry-After \S+ s reaches past max_age)\)$")
 
 
 def _texts(value: Any) -> Iterator[str]:
@@ -95,7 +93,7 @@ def _quoting(
     # retries the answer alone (engine.delivery): a batch-mate's error starts with the answer.
     answers: dict[str, set[str]] = {}
     for error, values in quoted.items():
-        answers.setdefault(_GAVE_UP.sub("", error), set()).update(values)
+        answers.setdefault(answer_of(error), set()).update(values)
     found = []
     for error, delivery_id, body, payload in db.execute(
         "SELECT d.last_error, d.id, e.body, d.payload FROM deliveries d "
