@@ -16,6 +16,7 @@ import socket
 import struct
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -150,16 +151,22 @@ class _Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hin
     # timeval (seconds, microseconds); set per server by _worker_class.
     _read_timeout = struct.pack("ll", Settings.read_timeout, 0)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._timed: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # read timeout set
+
     def enqueue_req(self, conn: Any) -> None:
         """gthread's, with each blocking read of the connection limited to the read timeout.
 
         The limit is the socket's own (``SO_RCVTIMEO``), which gthread's switches between
         blocking and non-blocking mode leave in place: a read that waits longer fails with
         EAGAIN, a header read's closes the connection and a body read's is answered 408 (see
-        :func:`engine.api.read_body`).
+        :func:`engine.api.read_body`). Set once per connection, not for each of its requests.
         """
-        with contextlib.suppress(OSError):  # a connection closed meanwhile: gthread sees it
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._read_timeout)
+        if conn.sock not in self._timed:
+            with contextlib.suppress(OSError):  # a connection closed meanwhile: gthread sees it
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._read_timeout)
+                self._timed.add(conn.sock)
         super().enqueue_req(conn)
 
     def notify(self) -> None:
