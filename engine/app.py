@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
@@ -12,41 +11,12 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from engine import api, collect, metrics
 from engine.config import Settings, ensure_server_key, load_settings
 from engine.errors import DiskLow, RequestError, StoreError
-from engine.logs import Throttle
 from engine.pipeline import Pipeline, Privacy, RulesHolder, load_rules
 from engine.ratelimit import RateLimiter
 from engine.store.base import Store
 from engine.store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
-
-OUTAGE_LOG_INTERVAL = 60.0  # seconds between two log lines of one store outage
-
-
-class _Refusals:
-    """Requests refused because the store failed, logged at most once a minute per process.
-
-    A full disk or a store that stays locked refuses every request: a line each was thousands a
-    second at full load, drowning what else the log has to say (and, with the log on the full
-    disk, filling it further). The line says how many were refused since the last.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._throttle = Throttle(OUTAGE_LOG_INTERVAL)
-        self._since = 0
-
-    def refused(self, exc: StoreError) -> None:
-        """Count one refusal; log it (with those since the last line) when a minute has passed."""
-        with self._lock:
-            self._since += 1
-            if not self._throttle.due():
-                return
-            count, self._since = self._since, 0
-        log.error(
-            "store unavailable; requests refused",
-            extra={"error": str(exc)[:200], "refused": count},
-        )
 
 
 def create_app(
@@ -88,13 +58,11 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     app.json.sort_keys = False  # type: ignore[attr-defined]  # flask's DefaultJSONProvider has it
     app.extensions["tagrelay.settings"] = settings
-    app.extensions["tagrelay.pipeline"] = Pipeline(
-        store, rules, privacy, reserve_bytes=settings.min_free_mb * 2**20
-    )
+    pipeline = Pipeline(store, rules, privacy, reserve_bytes=settings.min_free_mb * 2**20)
+    app.extensions["tagrelay.pipeline"] = pipeline
     app.extensions["tagrelay.ratelimit"] = RateLimiter(store, settings.rate_limit)
     app.register_blueprint(api.bp)
     app.register_blueprint(collect.bp)
-    refusals = _Refusals()
 
     @app.errorhandler(RequestError)
     def request_error(exc: RequestError) -> tuple[Response, int]:
@@ -107,7 +75,7 @@ def create_app(
             response = jsonify({"success": False, "error": str(exc)})
             response.headers["Retry-After"] = "30"
             return response, 503
-        refusals.refused(exc)
+        pipeline.outage.refused(exc)
         response = jsonify({"success": False, "error": "the event store is unavailable; retry"})
         response.headers["Retry-After"] = "5"
         return response, 503

@@ -211,6 +211,53 @@ class FreeSpace:
         raise DiskLow("the server's disk is nearly full: nothing was accepted; retry later")
 
 
+class StoreOutage:
+    """Requests refused because the store failed, logged at ERROR at most once a minute per
+    process, and the outage's end once, with the first event committed after it.
+
+    A full disk or a store that stays locked refuses every request: a line each was thousands a
+    second at full load, drowning what else the log has to say (and, with the log on the full
+    disk, filling it further). Each line says how many were refused since the last.
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self._lock = threading.Lock()
+        self._throttle = Throttle(interval)
+        self._since = 0  # refused since the last line
+        self._total = 0  # refused since the outage began
+        self._began: float | None = None  # time.monotonic() of its first refusal; None: no outage
+
+    def refused(self, exc: Exception) -> None:
+        """Count one refusal; log it (with those since the last line) when a minute has passed."""
+        with self._lock:
+            self._since += 1
+            self._total += 1
+            if self._began is None:
+                self._began = time.monotonic()
+            if not self._throttle.due():
+                return
+            count, self._since = self._since, 0
+        log.error(
+            "store unavailable; requests refused",
+            extra={"error": str(exc)[:200], "refused": count},
+        )
+
+    def over(self) -> None:
+        """The store committed: if an outage was going on, log its end (once)."""
+        if self._began is None:  # the usual case, without taking the lock
+            return
+        with self._lock:
+            if self._began is None:
+                return
+            seconds = time.monotonic() - self._began
+            total, self._total, self._since, self._began = self._total, 0, 0, None
+            self._throttle = Throttle(self._throttle.interval)  # the next outage's first line
+        log.warning(
+            "store available again; intake resumed",
+            extra={"refused": total, "outage_seconds": round(seconds, 1)},
+        )
+
+
 class Pipeline:
     """Accepts events: the one path every intake endpoint goes through.
 
@@ -230,6 +277,7 @@ class Pipeline:
         self.rules = rules
         self.privacy = privacy or Privacy()
         self.space = FreeSpace(store, reserve_bytes)
+        self.outage = StoreOutage()
 
     def enrich(self, event: dict[str, Any], now: datetime, granted: frozenset[str]) -> list[str]:
         """Add what the store remembers about the event's visitor or user, as its consent
@@ -297,6 +345,8 @@ class Pipeline:
                 for acc in prepared
             ]
             stored = iter(self.store.accept_many(prepared))
+        if prepared:
+            self.outage.over()
         result = [o if o is not None else Outcome(accepted=next(stored)) for o in outcomes]
         _count(result)
         return result

@@ -926,10 +926,40 @@ def test_a_store_outage_is_logged_once_a_minute_not_once_a_request(
 
     monkeypatch.setattr(store, "accept_many", full)
 
-    with caplog.at_level(logging.ERROR, logger="engine.app"):
+    with caplog.at_level(logging.ERROR, logger="engine.pipeline"):
         statuses = {post(client, "/v1/track", {"event_name": "x"}).status_code for _ in range(50)}
 
-    lines = [r for r in caplog.records if r.name == "engine.app"]
+    lines = [r for r in caplog.records if r.name == "engine.pipeline"]
     assert statuses == {503}
     assert len(lines) == 1
     assert lines[0].refused == 1  # type: ignore[attr-defined]  # an extra field
+
+
+def test_the_end_of_a_store_outage_is_logged_once_with_how_many_requests_it_refused(
+    app: Flask,
+    client: FlaskClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = app.extensions["tagrelay.pipeline"].store
+    accept_many = store.accept_many
+
+    def full(*_: Any) -> Any:
+        raise StoreError("store write failed: database or disk is full")
+
+    with caplog.at_level(logging.INFO, logger="engine.pipeline"):
+        post(client, "/v1/track", {"event_name": "before"})  # no outage: nothing logged
+        monkeypatch.setattr(store, "accept_many", full)
+        for _ in range(3):
+            post(client, "/v1/track", {"event_name": "x"})
+        monkeypatch.setattr(store, "accept_many", accept_many)
+        post(client, "/v1/track", {"no_name": True})  # invalid: nothing committed, no end yet
+        ended = [r for r in caplog.records if r.getMessage().startswith("store available")]
+        assert ended == []
+        for _ in range(3):
+            assert post(client, "/v1/track", {"event_name": "y"}).status_code == 200
+
+    ended = [r for r in caplog.records if r.getMessage().startswith("store available")]
+    assert len(ended) == 1
+    assert ended[0].refused == 3  # type: ignore[attr-defined]  # an extra field
+    assert ended[0].outage_seconds >= 0  # type: ignore[attr-defined]
