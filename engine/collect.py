@@ -71,12 +71,32 @@ def _cors(response: Response, key: PublishableKey | None) -> Response:
     return response
 
 
+def _readable_refusal(response: Response) -> None:
+    """Let a page read that its key or its origin was refused (401, 403), and nothing else.
+
+    Without it the browser hides the answer from the page's script, which cannot tell it from
+    no answer at all and sends each event again, some nine requests, all refused; with it the
+    script stops at the first, and says why on the console (``debug``). The answer holds only
+    the reason: no cookie, and no header exposed.
+    """
+    origin = _origin()
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"  # fetch sends cookies
+        response.headers["Vary"] = "Origin"
+
+
 @bp.after_request
 def _cors_on_every_answer(response: Response) -> Response:
     """CORS on the answers the app's error handlers make too (503 when the store is down), so
-    the page's script can read why, and retry."""
+    the page's script can read why, and retry; and on refusals of the key or the origin, so it
+    can read that it should not."""
     if request.method == "POST" and "Access-Control-Allow-Origin" not in response.headers:
         _cors(response, g.get("collect_key"))
+        if response.status_code in (401, 403) and "Access-Control-Allow-Origin" not in (
+            response.headers
+        ):
+            _readable_refusal(response)
     return response
 
 

@@ -157,13 +157,34 @@ def test_a_disk_below_its_reserve_answers_collect_with_cors_and_retry_after(
     assert response.headers["Access-Control-Expose-Headers"] == "Retry-After"
 
 
-def test_an_origin_not_allowed_for_the_key_is_refused_without_cors(client: FlaskClient) -> None:
+def test_an_origin_not_allowed_for_the_key_is_refused_readably_and_nothing_more(
+    client: FlaskClient,
+) -> None:
+    # The page's script reads the refusal, so it does not send the event again and again.
     response = collect(
         client, {"event_name": "page_view"}, headers={"Origin": "https://evil.example"}
     )
 
     assert response.status_code == 403
-    assert "Access-Control-Allow-Origin" not in response.headers
+    assert response.get_json()["error"] == (
+        "this page's origin is not allowed for the publishable key"
+    )
+    assert response.headers["Access-Control-Allow-Origin"] == "https://evil.example"
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "Access-Control-Expose-Headers" not in response.headers
+    assert "Set-Cookie" not in response.headers
+
+
+def test_an_unknown_publishable_key_is_refused_readably(client: FlaskClient) -> None:
+    response = client.post(
+        "/v1/collect?key=pk_nope",
+        data=b'{"event_name": "page_view"}',
+        headers={"Origin": ORIGIN, "Content-Type": "text/plain"},
+    )
+
+    assert response.status_code == 401
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "Set-Cookie" not in response.headers
 
 
 def test_preflight_allows_only_the_keys_origins(client: FlaskClient) -> None:
