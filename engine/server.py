@@ -23,6 +23,7 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.workers import gthread
 from gunicorn.workers.gthread import ThreadWorker
 
 from engine import logs, metrics
@@ -70,6 +71,10 @@ HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats (the master wa
 # What a unix socket's path may hold (sun_path: 108 bytes with its terminating NUL on Linux,
 # 104 on the BSDs and macOS).
 _MAX_SOCKET_PATH = 103
+
+# What gthread's handle() returns to give a connection back to its poller until the client
+# sends (gunicorn 24 and later; older ones accept into the poller, and lack it).
+_DEFER: object | None = getattr(gthread, "_DEFER", None)
 
 
 def control_socket(data_dir: Path) -> Path | None:
@@ -168,6 +173,25 @@ class _Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hin
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._read_timeout)
                 self._timed.add(conn.sock)
         super().enqueue_req(conn)
+
+    def handle(self, conn: Any) -> Any:
+        """gthread's, for a new connection only once its client has sent something.
+
+        gunicorn 24 and later hand each connection to a thread as soon as it is accepted, and
+        the thread waits up to 5 s for the client's first bytes before it gives the connection
+        back to the poller: forty connections that sent nothing kept every thread of two
+        workers busy, and /healthz waiting, for 25 s. Such a connection now waits in the poller
+        at once, on no thread, as it did in gunicorn 23, and is closed after the keep-alive
+        timeout (5 s) if nothing comes.
+        """
+        if (
+            _DEFER is not None
+            and not conn.initialized
+            and not conn.data_ready
+            and not conn.wait_for_data(0)
+        ):
+            return _DEFER
+        return super().handle(conn)
 
     def notify(self) -> None:
         """gunicorn's heartbeat, at most once a second.
