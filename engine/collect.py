@@ -207,18 +207,45 @@ def _verified_user(raw: Any) -> Any:
 def _visitor_id(raw: dict[str, Any]) -> str:
     """The server's cookie first (the page cannot forge it), then the event's, else new.
 
-    With identity verification on, the cookie alone: a visitor ID is no secret (every answer
-    and the page's storage hold it, GA4 gets it as client_id), and a page that named another
-    browser's would be enriched with its user and would write its own click IDs, IP and user
-    agent into that visitor, for the user's next server event to carry.
+    With identity verification on, the cookie alone, and only as the server signed it: a
+    visitor ID is no secret (every answer and the page's storage hold it, GA4 gets it as
+    client_id), and a client that named another browser's, in the body or in a cookie of its
+    own making (any HTTP client sends what cookies it likes), would be enriched with its user
+    and would write its own click IDs, IP and user agent into that visitor, for the user's next
+    server event to carry.
     """
     settings = _settings()
-    name = settings.cookie_name
-    claimed = raw.get("visitor_id") if settings.identity_secret is None else None
-    for candidate in (request.cookies.get(name), claimed):
+    cookie = request.cookies.get(settings.cookie_name)
+    claimed = None
+    if settings.identity_secret is None:
+        claimed = raw.get("visitor_id")
+    elif cookie is not None:
+        cookie = _signed_visitor(cookie, settings.identity_secret)
+    for candidate in (cookie, claimed):
         if isinstance(candidate, str) and 0 < len(candidate) <= 128 and candidate.isprintable():
             return candidate
     return "v_" + secrets.token_urlsafe(18)
+
+
+def _visitor_signature(visitor_id: str, secret: str) -> str:
+    """What the visitor cookie carries after its visitor ID when identity verification is on:
+    an HMAC-SHA256 of the ID keyed with the identity secret, which only the server can make."""
+    mac = hmac.new(
+        secret.encode(), b"visitor:" + visitor_id.encode("utf-8", "surrogatepass"), hashlib.sha256
+    )
+    return mac.hexdigest()[:32]
+
+
+def _signed_visitor(cookie: str, secret: str) -> str | None:
+    """The visitor ID of a cookie ``<visitor ID>.<signature>`` the server set; None for any
+    other (unsigned, signed with another secret, or made up)."""
+    visitor_id, dot, signature = cookie.rpartition(".")
+    if not dot or not hmac.compare_digest(
+        signature.encode("utf-8", "surrogatepass"),
+        _visitor_signature(visitor_id, secret).encode(),
+    ):
+        return None
+    return visitor_id
 
 
 def _client_ip() -> str | None:
@@ -265,9 +292,10 @@ def _from_browser(raw: dict[str, Any], visitor_id: str) -> dict[str, Any]:
 
 def _set_cookie(response: Response, visitor_id: str) -> None:
     settings = _settings()
+    secret = settings.identity_secret
     response.set_cookie(
         settings.cookie_name,
-        visitor_id,
+        visitor_id if secret is None else f"{visitor_id}.{_visitor_signature(visitor_id, secret)}",
         max_age=settings.cookie_max_age,
         path="/",
         domain=settings.cookie_domain,

@@ -1573,6 +1573,36 @@ def test_with_verification_on_a_page_cannot_take_over_a_visitor_by_naming_it(
     assert "gclid" not in stored(app, sale.get_json()["event_id"]).get("context", {})
 
 
+def test_with_verification_on_a_client_cannot_take_over_a_visitor_with_a_cookie_it_made(
+    tmp_path: Path,
+) -> None:
+    # Any HTTP client sends the cookies it likes: one that sent the victim's visitor ID (no
+    # secret) as the visitor cookie had its click ID, IP and user agent added to the victim's
+    # next backend sale.
+    app = make_app(tmp_path, identity_secret=IDENTITY_SECRET)
+    victim = app.test_client()
+    signed_in = {"event_name": "identify", "user_id": "victim_42", "consent": ALL_GRANTED}
+    answer = collect(victim, {**signed_in, "user_hash": _hash("victim_42")})
+    victims_visitor = answer.get_json()["visitor_id"]
+    landing = {"page_url": f"{ORIGIN}/?gclid=ATTACKER_GCLID"}
+    forged = [
+        collect(
+            app.test_client(use_cookies=False),  # a client that sends the cookie it made up
+            {"event_name": "page_view", "consent": ALL_GRANTED, "context": landing},
+            headers={"Cookie": f"tr_vid={cookie}", "User-Agent": "attacker-agent"},
+        ).get_json()
+        for cookie in (victims_visitor, f"{victims_visitor}.{'0' * 32}")
+    ]
+    sale = track(victim, {"event_name": "sale", "user_id": "victim_42", "consent": ALL_GRANTED})
+
+    assert all(f["visitor_id"] != victims_visitor for f in forged)  # visitors of their own
+    context = stored(app, sale.get_json()["event_id"]).get("context", {})
+    assert "gclid" not in context and context.get("user_agent") != "attacker-agent"
+    again = collect(victim, {"event_name": "page_view", "consent": ALL_GRANTED})
+    assert again.get_json()["visitor_id"] == victims_visitor  # its own signed cookie holds
+    assert answer.headers["Set-Cookie"].startswith(f"tr_vid={victims_visitor}.")
+
+
 def test_a_page_cannot_take_or_probe_a_backend_events_id(client: FlaskClient) -> None:
     """A publishable key is public: a page that sent a backend's event ID (an order ID) first
     would have the backend's sale answered as a duplicate, stored and delivered never; one
