@@ -348,7 +348,7 @@ def test_connections_that_send_nothing_take_no_thread(server: Server) -> None:
         for sock in idle:
             sock.close()
 
-    assert health.status_code == 200 and waited < 2
+    assert health.status_code == 200 and waited < 5  # it was about 25 s
 
 
 def test_a_refused_request_that_was_read_whole_keeps_its_connection(server: Server) -> None:
