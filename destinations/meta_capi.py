@@ -96,6 +96,15 @@ _UNDOCUMENTED_FATE = (
     "Meta refuses an event with a key it does not know, so every event of this tag would "
     "become a dead letter"
 )
+# Customer information Meta refuses an event for when it is all the event has: these sets or
+# any part of them (platforms.md §1.3, "invalid-alone combinations", the Graph API v13.0
+# rule). One such event fails the whole request it is sent in.
+_INVALID_ALONE = (
+    frozenset({"ct", "country", "st", "zp", "ge", "client_user_agent"}),
+    frozenset({"db", "client_user_agent"}),
+    frozenset({"fn", "ge"}),
+    frozenset({"ln", "ge"}),
+)
 # An IPv4 address in its canonical dotted form (no leading zeros, octets up to 255), which
 # ``ipaddress`` reads and writes back unchanged.
 _CANONICAL_IPV4 = re.compile(
@@ -149,7 +158,11 @@ class MetaCapi(Destination):
     Rules enforced before sending: events older than 7 days (62 for ``physical_store``) are
     refused at intake and given up at send time, because one old event fails the whole
     request; ``action_source`` is required; ``website`` events need ``event_source_url``
-    (http/https) and ``client_user_agent``; ``Purchase`` needs ``value`` and ``currency``.
+    (http/https) and ``client_user_agent``; ``Purchase`` needs ``value`` and ``currency``;
+    ``user_data`` must not be only one of the combinations Meta refuses alone (``ct``,
+    ``country``, ``st``, ``zp``, ``ge`` and ``client_user_agent``; ``db`` and
+    ``client_user_agent``; ``fn`` and ``ge``; ``ln`` and ``ge``; or part of one), such as a
+    user agent without an IP address.
 
     Unconfirmed (platforms.md §8), read safely: the Business-Use-Case rate-limit codes
     80000-80014 are retried; Graph OAuth codes 102 and 104 are treated as auth errors; a 2xx
@@ -293,6 +306,13 @@ class MetaCapi(Destination):
                 raise PayloadError("website events require user_data.client_user_agent")
         if not user_data:
             raise PayloadError("user_data needs at least one customer information parameter")
+        if any(weak.issuperset(user_data) for weak in _INVALID_ALONE):
+            raise PayloadError(
+                f"user_data holds only {', '.join(sorted(user_data))}: Meta refuses an event"
+                " whose only customer information is ct, country, st, zp, ge and"
+                " client_user_agent, db and client_user_agent, fn and ge, ln and ge, or part"
+                " of one of these (add em, ph, external_id, client_ip_address, fbc or fbp)"
+            )
         if ctx.event_name == "Purchase" and not {"value", "currency"} <= set(custom_data):
             raise PayloadError("Purchase events require custom_data.value and currency")
 

@@ -9,7 +9,9 @@ It checks requests the way Meta documents them and answers like the Graph API:
 * each event: ``event_name``, integer ``event_time`` at most 7 days old (62 for
   ``physical_store``; one old event fails the whole request), ``action_source`` from the
   documented list, ``event_source_url`` (http/https) and ``client_user_agent`` for
-  ``website``, a non-empty ``user_data``;
+  ``website``, a non-empty ``user_data`` that is not only one of the invalid-alone
+  combinations (``ct``, ``country``, ``st``, ``zp``, ``ge`` and ``client_user_agent``;
+  ``db`` and ``client_user_agent``; ``fn`` and ``ge``; ``ln`` and ``ge``; or part of one);
 * hashed ``user_data`` keys are 64 lowercase hex (a string or a list of them); ``external_id``
   may be hashed or not; ``client_ip_address``, ``client_user_agent``, ``fbc`` and ``fbp`` must
   not be hashed and must have their documented shape;
@@ -57,6 +59,14 @@ ACTION_SOURCES = frozenset(
     }
 )
 HASHED_KEYS = frozenset({"em", "ph", "fn", "ln", "ge", "db", "ct", "st", "zp", "country"})
+# An event whose only customer information is one of these sets, or part of one, is invalid
+# (platforms.md §1.3, the combinations Graph API v13.0 made invalid).
+INVALID_ALONE = (
+    frozenset({"ct", "country", "st", "zp", "ge", "client_user_agent"}),
+    frozenset({"db", "client_user_agent"}),
+    frozenset({"fn", "ge"}),
+    frozenset({"ln", "ge"}),
+)
 MAX_BATCH = 1000
 _PATH = re.compile(r"/(v\d+\.\d+)/(\d+)/events")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -205,6 +215,8 @@ def _event_problem(event: object, now: float) -> str | None:
     user_data = event.get("user_data")
     if not isinstance(user_data, dict) or not user_data:
         return "user_data is required"
+    if any(weak.issuperset(user_data) for weak in INVALID_ALONE):
+        return "user_data: this combination of customer information parameters is not valid"
     if action_source == "website":
         url = event.get("event_source_url")
         if not isinstance(url, str) or not re.match(r"https?://", url):

@@ -313,13 +313,15 @@ def test_invalid_ip_address_is_left_out() -> None:
 def test_an_unnormalizable_value_is_left_out_rather_than_hashed() -> None:
     # Arrange
     mapped = web_mapped()
-    mapped["user_data"].update(em="not-an-email", ge="unknown", country="Narnia")
+    mapped["user_data"].update(
+        em="not-an-email", ge="unknown", country="Narnia", client_ip_address="203.0.113.7"
+    )
 
     # Act
     user_data = meta().build_payload(mapped, context())["user_data"]
 
     # Assert
-    assert set(user_data) == {"client_user_agent"}
+    assert set(user_data) == {"client_user_agent", "client_ip_address"}
 
 
 # -- click IDs ----------------------------------------------------------------------------------
@@ -426,6 +428,61 @@ def test_action_source_comes_from_the_settings_then_the_mapping() -> None:
 def test_event_without_any_customer_information_is_refused() -> None:
     with pytest.raises(PayloadError, match="user_data needs at least one"):
         meta(action_source="other").build_payload({}, context(event_name="Lead"))
+
+
+@pytest.mark.parametrize(
+    "user_data",
+    [
+        {"client_user_agent": "Mozilla/5.0"},
+        {"client_user_agent": "Mozilla/5.0", "ct": "Berlin", "country": "DE", "zp": "10115"},
+        {"client_user_agent": "Mozilla/5.0", "db": "1990-12-10"},
+        {"fn": "Ada", "ge": "female"},
+        {"ln": "Lovelace"},
+    ],
+)
+def test_event_with_only_an_invalid_alone_combination_is_refused_at_intake(
+    user_data: dict[str, Any],
+) -> None:
+    # Arrange: customer information Meta takes for no event on its own (platforms.md §1.3);
+    # sent, it failed the whole request, every other event of the batch with it.
+    source = "website" if "client_user_agent" in user_data else "system_generated"
+    mapped = web_mapped(user_data=user_data, action_source=source)
+
+    # Act / Assert
+    with pytest.raises(PayloadError, match="Meta refuses an event whose only customer"):
+        meta().build_payload(mapped, context())
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"client_ip_address": "203.0.113.7"}, {"external_id": "cust_42"}, {"ln": "Lovelace"}],
+)
+def test_an_invalid_alone_combination_with_another_identifier_is_sent(
+    meta_emulator: MetaEmulator, extra: dict[str, Any]
+) -> None:
+    # Arrange
+    dest = meta(meta_emulator)
+    user_data = {"client_user_agent": "Mozilla/5.0", "db": "1990-12-10", **extra}
+
+    # Act
+    results = deliver(dest, [dest.build_payload(web_mapped(user_data=user_data), context())])
+
+    # Assert
+    assert results == [ItemResult.delivered()]
+
+
+def test_emulator_rejects_an_invalid_alone_combination(meta_emulator: MetaEmulator) -> None:
+    # Arrange
+    dest = meta(meta_emulator)
+    payload = dest.build_payload(web_mapped(), context())
+    payload["user_data"] = {"client_user_agent": "Mozilla/5.0", "ge": sha256_hex("f")}
+
+    # Act
+    (result,) = deliver(dest, [payload])
+
+    # Assert
+    assert result.outcome is Outcome.PERMANENT
+    assert "combination of customer information" in (result.error or "")
 
 
 def test_event_older_than_seven_days_is_refused_at_intake() -> None:

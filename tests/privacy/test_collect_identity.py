@@ -952,7 +952,9 @@ def test_an_unparsable_page_url_is_accepted_on_every_endpoint_and_left_out_of_an
 ) -> None:
     app = make_app(tmp_path, ANONYMOUS_RULES)
     client = app.test_client()
-    context = {"page_url": url, "referrer": url, "user_agent": "UA"}
+    # An IP beside the user agent: Meta takes no event whose only customer information is the
+    # user agent (platforms.md §1.3).
+    context = {"page_url": url, "referrer": url, "user_agent": "UA", "ip": "203.0.113.7"}
     bad = {
         "event_name": "page_view",
         "visitor_id": "v_1",
@@ -1485,7 +1487,8 @@ def test_personal_data_in_the_page_url_is_neither_stored_nor_sent(
     client = app.test_client()
     page = f"{ORIGIN}/thanks?email=ada%40example.com&phone=%2B4915112345678&utm_source=news"
     for send in (collect, track):
-        context = {"page_url": page, "user_agent": "Mozilla/5.0 test"}
+        # (With an IP: Meta takes no event whose only customer information is the user agent.)
+        context = {"page_url": page, "user_agent": "Mozilla/5.0 test", "ip": "203.0.113.7"}
         event = {"event_name": "sign_up", "consent": consent, "context": context}
         answer = send(client, event).get_json()
         assert answer["success"] is True, answer
