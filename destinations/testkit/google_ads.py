@@ -6,8 +6,8 @@ documents: bearer token, ``developer-token`` and ``login-customer-id`` headers,
 ``partialFailure: true``, at most 2,000 rows, the row fields and formats (date-time with
 offset, one identifier per ``userIdentifiers`` entry, at most 5, hashes as 64 lowercase hex,
 no ``addressInfo`` on click conversions, gbraid and wbraid never together, one click conversion
-per order ID and action in a request, an adjustment not dated before its conversion, currency
-codes of 3 capital letters). Row problems come
+per order ID and action in a request, an ``orderId`` on every ENHANCEMENT, an adjustment not
+dated before its conversion, currency codes of 3 capital letters). Row problems come
 back as ``partialFailureError`` with the row's ``index``, as the API answers. Usage::
 
     emulator = GoogleAdsEmulator()
@@ -247,7 +247,9 @@ def _adjustment(row: dict[str, Any]) -> list[Problem]:
     if kind != "ENHANCEMENT" and "orderId" in row and "gclidDateTimePair" in row:
         enum = "GCLID_DATE_TIME_PAIR_AND_ORDER_ID_BOTH_SET"
         out.append(("conversionAdjustmentUploadError", enum, "orderId"))
-    if "orderId" not in row and "gclidDateTimePair" not in row:
+    if "orderId" not in row and (kind == "ENHANCEMENT" or "gclidDateTimePair" not in row):
+        # An ENHANCEMENT names its conversion by orderId, the tag's transaction ID, always
+        # (platforms.md §3.4); a gclidDateTimePair only goes alongside it.
         out.append(("conversionAdjustmentUploadError", "MISSING_ORDER_ID_FOR_WEBPAGE", "orderId"))
     restatement = row.get("restatementValue")
     if kind == "RESTATEMENT" and not isinstance(

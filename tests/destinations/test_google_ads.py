@@ -969,6 +969,22 @@ def test_emulator_refuses_an_adjustment_dated_before_its_conversion(
     assert emulator.adjustments == []
 
 
+def test_emulator_refuses_an_enhancement_without_its_order_id(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    # platforms.md §3.4: an ENHANCEMENT's orderId is required (the tag's transaction ID); a
+    # gclidDateTimePair goes alongside it, never in its place.
+    pair = {"gclidDateTimePair.conversionDateTime": {"value": google_time(NOW)}}
+    payload = payload_for(ads, EVENT, event_name="ENHANCEMENT", mapping=pair)
+    del payload["row"]["orderId"]
+
+    (result,) = deliver(ads, [payload])
+
+    assert result.outcome is Outcome.PERMANENT
+    assert "MISSING_ORDER_ID_FOR_WEBPAGE" in (result.error or "")
+    assert emulator.adjustments == []
+
+
 def test_emulator_refuses_a_restatement_currency_that_is_no_iso_code(
     ads: GoogleAds, emulator: GoogleAdsEmulator
 ) -> None:
