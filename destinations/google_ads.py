@@ -80,6 +80,12 @@ DELAYED_CODES = {
     "CONVERSION_NOT_FOUND": 3600.0,  # often just not processed yet (retry for some hours)
 }
 AUTH_CATEGORIES = frozenset({"authenticationError", "authorizationError"})
+ALREADY_UPLOADED = frozenset({"ORDER_ID_ALREADY_IN_USE", "CLICK_CONVERSION_ALREADY_EXISTS"})
+"""Row errors that say the row's conversion is at Google already: its order ID, or without one
+its click and conversion time, were uploaded before. Delivery is at least once, so this is what
+a retry gets when the first upload arrived but its answer did not (a timeout, a reset, a worker
+killed mid-request), and what a replay of a delivered sale gets: the conversion counts, and the
+row is delivered, not a dead letter that a replay would only have refused again."""
 RETRY_STATUSES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED"})
 AUTH_STATUSES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 
@@ -775,6 +781,8 @@ def _classify(error: Mapping[str, Any]) -> ItemResult:
     reason = f"Google Ads {category}.{enum}: {message}".strip()
     if category in AUTH_CATEGORIES:
         return ItemResult(Outcome.AUTH, reason)
+    if enum in ALREADY_UPLOADED:
+        return ItemResult(Outcome.DELIVERED, reason)
     if enum in DELAYED_CODES:
         return ItemResult(Outcome.RETRYABLE, reason, DELAYED_CODES[enum])
     if _transient(error):

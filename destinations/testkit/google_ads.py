@@ -7,7 +7,9 @@ documents: bearer token, ``developer-token`` and ``login-customer-id`` headers,
 offset, one identifier per ``userIdentifiers`` entry, at most 5, hashes as 64 lowercase hex,
 no ``addressInfo`` on click conversions, gbraid and wbraid never together, one click conversion
 per order ID and action in a request, an ``orderId`` on every ENHANCEMENT, an adjustment not
-dated before its conversion, currency codes of 3 capital letters). Row problems come
+dated before its conversion, currency codes of 3 capital letters; a click conversion uploaded
+before is refused, as ``ORDER_ID_ALREADY_IN_USE`` by its action and order ID, else as
+``CLICK_CONVERSION_ALREADY_EXISTS`` by its click and time). Row problems come
 back as ``partialFailureError`` with the row's ``index``, as the API answers. Usage::
 
     emulator = GoogleAdsEmulator()
@@ -163,6 +165,8 @@ class GoogleAdsEmulator:
         errors: list[Error] = []
         results: list[dict[str, Any]] = []
         orders: set[tuple[Any, Any]] = set()
+        with self._lock:
+            uploaded = {_identity(c) for c in self.conversions} - {None}
         for index, row in enumerate(rows):
             problems = check(row) if isinstance(row, dict) else [("requestError", "INVALID", "")]
             if conversions and isinstance(row, dict) and row.get("orderId") is not None:
@@ -171,6 +175,15 @@ class GoogleAdsEmulator:
                 if order in orders:
                     problems.append(("conversionUploadError", "DUPLICATE_ORDER_ID", "orderId"))
                 orders.add(order)
+            # Uploaded before (a retry whose first answer was lost): Google keeps the first and
+            # refuses the row, by its order ID, else by its click and time.
+            if (
+                conversions
+                and isinstance(row, dict)
+                and not problems
+                and _identity(row) in uploaded
+            ):
+                problems.append(_ALREADY_IN_USE if row.get("orderId") else _ALREADY_EXISTS)
             injected = (
                 self.row_errors.get(str(row.get("orderId"))) if isinstance(row, dict) else None
             )
@@ -201,6 +214,22 @@ class GoogleAdsEmulator:
 
 _FAILURE_TYPE = "type.googleapis.com/google.ads.googleads.v26.errors.GoogleAdsFailure"
 Problem = tuple[str, str, str]  # (error category, enum, field name)
+
+
+_ALREADY_IN_USE: Problem = ("conversionUploadError", "ORDER_ID_ALREADY_IN_USE", "orderId")
+_ALREADY_EXISTS: Problem = (
+    "conversionUploadError", "CLICK_CONVERSION_ALREADY_EXISTS", "conversionDateTime"
+)  # fmt: skip
+
+
+def _identity(row: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What makes a click conversion one Google has already: its action and order ID, or
+    without one its click and time (None for a conversion with neither)."""
+    action = row.get("conversionAction")
+    if row.get("orderId"):
+        return action, "order", row["orderId"]
+    click = row.get("gclid") or row.get("gbraid") or row.get("wbraid")
+    return (action, "click", click, row.get("conversionDateTime")) if click else None
 
 
 def _conversion(row: dict[str, Any]) -> list[Problem]:

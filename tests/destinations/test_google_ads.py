@@ -686,14 +686,42 @@ def test_partial_failure_fails_only_the_row_it_names(
     ads: GoogleAds, emulator: GoogleAdsEmulator
 ) -> None:
     payloads = [payload_for(ads, event_with(properties__order_id=f"o{i}")) for i in range(3)]
-    emulator.row_errors["o1"] = ("conversionUploadError", "CLICK_CONVERSION_ALREADY_EXISTS")
+    emulator.row_errors["o1"] = ("conversionUploadError", "UNPARSEABLE_GCLID")
 
     results = deliver(ads, payloads)
 
     assert results[0] == results[2] == ItemResult.delivered()
     assert results[1].outcome is Outcome.PERMANENT
-    assert "CLICK_CONVERSION_ALREADY_EXISTS" in (results[1].error or "")
+    assert "UNPARSEABLE_GCLID" in (results[1].error or "")
     assert [c["orderId"] for c in emulator.conversions] == ["o0", "o2"]
+
+
+def test_a_conversion_sent_again_after_its_answer_was_lost_is_delivered_not_dead(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    # Delivery is at least once: a timeout, a reset or a killed worker after Google took the
+    # upload sends it again, and Google refuses the row as a conversion it already has.
+    payloads = [payload_for(ads, event_with(properties__order_id=f"o{i}")) for i in range(2)]
+    deliver(ads, payloads[:1])  # uploaded; its answer never reached the worker
+
+    results = deliver(ads, payloads)
+
+    assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.DELIVERED]
+    assert "ORDER_ID_ALREADY_IN_USE" in (results[0].error or "")
+    assert [c["orderId"] for c in emulator.conversions] == ["o0", "o1"]
+
+
+def test_a_conversion_without_order_id_sent_again_is_delivered_not_dead(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    payload = payload_for(ads, event_with(properties__order_id=None))
+    deliver(ads, [payload])  # uploaded; its answer never reached the worker
+
+    (again,) = deliver(ads, [payload])
+
+    assert again.outcome is Outcome.DELIVERED
+    assert "CLICK_CONVERSION_ALREADY_EXISTS" in (again.error or "")
+    assert len(emulator.conversions) == 1
 
 
 def _partial_answer(errors: list[dict[str, Any]], results: list[dict[str, Any]] | None) -> Any:
