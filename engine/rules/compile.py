@@ -58,6 +58,7 @@ from engine.rules.source import (
     Document,
     Position,
     Problem,
+    misread_number,
     parse_yaml,
     read_rule_file,
     rule_files,
@@ -207,6 +208,12 @@ class _Compiler:
         )
         for err in errors:
             self.error(_error_position(doc, (), err), _schema_message(err, doc.written))
+        # Where text belongs, the schema error above already says how YAML read the value.
+        said = {tuple(err.absolute_path) for err in errors}
+        for path, written in doc.written.items():
+            if path not in said and (misread := misread_number(written)) is not None:
+                where = ".".join(str(p) for p in path)
+                self.error(doc.at(*path), f"{where}: {misread}")
         if errors:
             return
         for section, target in (

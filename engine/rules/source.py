@@ -192,6 +192,39 @@ class _Walker:
         return {**{k: v for k, v in merged.items() if k not in own}, **own}
 
 
+# Plain numbers YAML 1.1 reads in another base than the decimal they look like: a leading 0
+# makes ``0755`` octal (493), and colons make ``1:30`` a count in sixties (90).
+_OCTAL = re.compile(r"[-+]?0[0-9_]+")
+_SEXAGESIMAL = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
+
+
+def misread_number(written: str) -> str | None:
+    """What is wrong with an unquoted value that YAML reads as a number other than the one
+    written (``0755`` as 493, ``1:30`` as 90), in words; None for any other value.
+
+    Nowhere in a rule file is such a number meant: sent as a constant or a lookup table's
+    value, or set as a limit, it would silently be another number; in a test's event it is not
+    what a page sends (``01067`` is no JSON number, and a code to its writer).
+    """
+    octal = _OCTAL.fullmatch(written) is not None
+    if not octal and _SEXAGESIMAL.fullmatch(written) is None:
+        return None
+    value = yaml.safe_load(written)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    shown = f"YAML reads the unquoted {written} as the number {value}"
+    if octal:
+        decimal = int(written.replace("_", ""), 10)
+        return (
+            f"{shown} (to YAML a number that starts with 0 is octal): write it in quotes "
+            f'("{written}") if it is a code, or {decimal} if it is the number'
+        )
+    return (
+        f"{shown} (to YAML numbers with colons count in sixties, as minutes and seconds): "
+        f'write it in quotes ("{written}")'
+    )
+
+
 _CANNOT_START = re.compile(r"found character '(.+)' that cannot start any token")
 _BLOCK_END = re.compile(r"expected <block end>, but found '<(block \w+ start|scalar|block entry)>'")
 _FLOW_END = re.compile(r"expected ',' or '([}\]])'")
