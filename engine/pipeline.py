@@ -31,11 +31,18 @@ log = logging.getLogger(__name__)
 
 
 def file_times(path: Path) -> dict[str, float]:
-    """The modification time of each rule file at ``path`` ({} when it cannot be read)."""
+    """The modification time of each rule file at ``path`` ({} when it cannot be read); a link
+    to nothing counts as a file of time 0, so that restoring what it points to is a change."""
+    times: dict[str, float] = {}
     try:
-        return {str(p): p.stat().st_mtime for p in rule_files(path)}
+        for file in rule_files(path):
+            try:
+                times[str(file)] = file.stat().st_mtime
+            except FileNotFoundError:
+                times[str(file)] = 0.0
     except OSError:
         return {}
+    return times
 
 
 class RulesHolder:

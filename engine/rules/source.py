@@ -6,6 +6,7 @@ position it came from. Positions are 1-based (as editors show them).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -360,7 +361,11 @@ def read_rule_file(path: Path, problems: list[Problem]) -> str | None:
     """The text of a rule file, or None (with a problem at the first bad byte) if it is not
     UTF-8: a file saved as Latin-1 or Windows-1252 would otherwise have its accented letters
     replaced unseen, and an event name such as ``achat_effectué`` would never match."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        problems.append(Problem(Position(str(path), 1, 1), _unreadable(path, exc)))
+        return None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -374,6 +379,16 @@ def read_rule_file(path: Path, problems: list[Problem]) -> str | None:
             )
         )
         return None
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    """Why a rule file cannot be read, in words."""
+    if path.is_symlink() and not path.exists():
+        return (
+            f"the file is a symbolic link to {os.readlink(path)}, which does not exist: "
+            "restore what it points to, or remove the link"
+        )
+    return f"the file cannot be read: {exc.strerror or exc}"
 
 
 def _text_position(text: str, file: str, index: int) -> Position:
@@ -396,14 +411,30 @@ def _reader_message(exc: yaml.reader.ReaderError) -> str:
 def rule_files(path: Path) -> Iterator[Path]:
     """The rule files of a container: the file itself, or every ``*.yaml``/``*.yml`` (in any
     case) below a directory, except hidden ones and those in hidden directories: a container
-    kept in a repository has ``.github/workflows/*.yml`` and the like, which are no rules."""
+    kept in a repository has ``.github/workflows/*.yml`` and the like, which are no rules.
+
+    Symbolic links are followed, to directories too (each directory is read once, so a link to
+    a directory above is no loop); a link to nothing is yielded, for the reader to report: a
+    container that lost a file must not load without it, unsaid.
+    """
     if path.is_file():
         yield path
         return
-    for child in sorted(path.rglob("*")):
-        if (
-            child.suffix.lower() in (".yaml", ".yml")
-            and not any(part.startswith(".") for part in child.relative_to(path).parts)
-            and child.is_file()
-        ):
-            yield child
+    found: list[Path] = []
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            child = Path(top, name)
+            if (
+                not name.startswith(".")
+                and child.suffix.lower() in (".yaml", ".yml")
+                and (child.is_file() or (child.is_symlink() and not child.exists()))
+            ):
+                found.append(child)
+    yield from sorted(found)

@@ -30,6 +30,7 @@ from destinations import registry
 from destinations.base import Destination, PayloadError
 from engine.cli import main
 from engine.event import normalize
+from engine.pipeline import file_times
 from engine.rules import compile_container, model
 from engine.rules.schema import editor_schema
 from engine.rules.source import Problem, rule_files
@@ -308,6 +309,40 @@ def test_files_in_hidden_directories_are_not_rules_and_upper_case_endings_are(
     )
 
     compiled, problems = compile_container(tmp_path, {})
+
+    assert compiled is not None, "\n".join(str(p) for p in problems)
+    assert [t.name for t in compiled.tags] == ["log_all"]
+
+
+def test_a_rule_file_linked_to_nothing_is_an_error_not_left_out(tmp_path: Path) -> None:
+    # A deploy that lost the file a link points to must not serve the container without it.
+    (tmp_path / "default.yaml").write_text("destinations:\n  log: {type: log}\n")
+    (tmp_path / "tags.yaml").symlink_to(tmp_path / "shared" / "tags.yaml")
+
+    compiled, problems = compile_container(tmp_path, {})
+
+    assert compiled is None
+    assert [str(p) for p in problems] == [
+        f"{tmp_path / 'tags.yaml'}:1:1: error: the file is a symbolic link to "
+        f"{tmp_path / 'shared' / 'tags.yaml'}, which does not exist: restore what it points "
+        "to, or remove the link"
+    ]
+    assert file_times(tmp_path)[str(tmp_path / "tags.yaml")] == 0.0  # its return is a change
+
+
+def test_a_linked_directory_is_read_and_a_link_back_up_read_once(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "tags.yaml").write_text(
+        "destinations:\n  log: {type: log}\ntriggers:\n  all: {event: '*'}\n"
+        "tags:\n  - {name: log_all, trigger: all, destination: log}\n"
+    )
+    container = tmp_path / "rules"
+    container.mkdir()
+    (container / "shared").symlink_to(shared)
+    (shared / "up").symlink_to(tmp_path)  # rules/shared/up/rules/shared/...: a loop
+
+    compiled, problems = compile_container(container, {})
 
     assert compiled is not None, "\n".join(str(p) for p in problems)
     assert [t.name for t in compiled.tags] == ["log_all"]
