@@ -227,7 +227,9 @@ def misread_number(written: str) -> str | None:
 
 
 _CANNOT_START = re.compile(r"found character '(.+)' that cannot start any token")
-_BLOCK_END = re.compile(r"expected <block end>, but found '<(block \w+ start|scalar|block entry)>'")
+_BLOCK_END = re.compile(
+    r"expected <block end>, but found '(?:<(?:block \w+ start|scalar|block entry)>|\?)'"
+)
 _FLOW_END = re.compile(r"expected ',' or '([}\]])'")
 _ALIAS = re.compile(r"found undefined alias '(.*)'")
 _TAG = re.compile(r"constructor for the tag '")
