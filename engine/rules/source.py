@@ -295,6 +295,12 @@ def plain_syntax_words(exc: yaml.MarkedYAMLError) -> str | None:
             "the '-' items of one list, start in the same column"
         )
     if problem == "mapping values are not allowed here":
+        if _over_indented_key(exc.problem_mark):
+            return (
+                "this line is indented more than the key above it, so YAML reads it as the "
+                "rest of that key's value: start it in the same column as the keys beside it "
+                "(a text that holds ': ' goes in quotes, \"a: b\")"
+            )
         return (
             "a ': ' where YAML cannot take one: a value that holds ': ' goes in quotes "
             '("a: b"), and a key starts a line of its own'
@@ -310,6 +316,19 @@ def plain_syntax_words(exc: yaml.MarkedYAMLError) -> str | None:
             "next line, which needs quotes)"
         )
     return None
+
+
+_LONE_KEY = re.compile(r"\s+[A-Za-z_$][\w.$-]*")
+
+
+def _over_indented_key(mark: yaml.Mark | None) -> bool:
+    """Whether the ': ' YAML could not take follows a lone key on an indented line: a key
+    indented past its neighbours continues the value above (``event: purchase`` then
+    ``when: ...`` one space further in), where the ': ' is out of place."""
+    if mark is None or not isinstance(mark.buffer, str):
+        return False
+    before = mark.buffer[mark.pointer - mark.column : mark.pointer]
+    return _LONE_KEY.fullmatch(before) is not None
 
 
 def parse_yaml(text: str, file: str, problems: list[Problem]) -> list[Document] | None:
