@@ -1204,7 +1204,11 @@ class _Compiler:
                         f"to send {' and '.join(sent)}: a tag that does not fire sends nothing; "
                         "expect one or the other",
                     )
-            test = RuleTest(spec["name"], _iso_times(spec["event"]), spec["expect"], entry.at())
+            # Both stand for JSON, which has no time type: an unquoted 2026-01-20 in a payload
+            # expected is the text, as written (it is compared with the payload's text).
+            expect = _times_as_written(spec["expect"], entry.doc, (*entry.path, "expect"))
+            self.json_constant(expect, entry.at("expect"), f"test {spec['name']!r}", "expect")
+            test = RuleTest(spec["name"], _iso_times(spec["event"]), expect, entry.at())
             try:
                 prepared_event(test.event, datetime.now(UTC))
             except BadRequest as exc:
@@ -1273,6 +1277,17 @@ def _iso_times(value: Any) -> Any:
         return aware.isoformat().replace("+00:00", "Z")
     if isinstance(value, date):
         return value.isoformat()
+    return value
+
+
+def _times_as_written(value: Any, doc: Document, path: tuple[str | int, ...]) -> Any:
+    """``value`` with YAML dates and times (``2026-01-20``, unquoted) as the text written."""
+    if isinstance(value, dict):
+        return {k: _times_as_written(v, doc, (*path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_times_as_written(v, doc, (*path, i)) for i, v in enumerate(value)]
+    if isinstance(value, date):  # a datetime too
+        return doc.written.get(path) or _iso_times(value)
     return value
 
 
