@@ -86,6 +86,15 @@ its click and conversion time, were uploaded before. Delivery is at least once, 
 a retry gets when the first upload arrived but its answer did not (a timeout, a reset, a worker
 killed mid-request), and what a replay of a delivered sale gets: the conversion counts, and the
 row is delivered, not a dead letter that a replay would only have refused again."""
+ALREADY_ADJUSTED = frozenset({"CONVERSION_ALREADY_RETRACTED", "MORE_RECENT_RESTATEMENT_FOUND"})
+"""Adjustment row errors that say Google's conversion already stands where the row would put it,
+or past it: it is retracted (nothing changes a retracted conversion, and the refunds,
+cancellations and reversals a RETRACTION or RESTATEMENT carries only ever lower it), or a
+restatement dated no earlier than this one set its value (a RESTATEMENT sends the order's new
+total, so the latest one is right). This is what a retried adjustment gets when the first
+upload arrived and its answer did not, what a replay of a delivered one gets, and what a second
+retraction of one order gets (a cancellation after a refund): the row is delivered, not a dead
+letter that a replay would only have refused again."""
 RETRY_STATUSES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED"})
 AUTH_STATUSES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 
@@ -781,7 +790,7 @@ def _classify(error: Mapping[str, Any]) -> ItemResult:
     reason = f"Google Ads {category}.{enum}: {message}".strip()
     if category in AUTH_CATEGORIES:
         return ItemResult(Outcome.AUTH, reason)
-    if enum in ALREADY_UPLOADED:
+    if enum in ALREADY_UPLOADED or enum in ALREADY_ADJUSTED:
         return ItemResult(Outcome.DELIVERED, reason)
     if enum in DELAYED_CODES:
         return ItemResult(Outcome.RETRYABLE, reason, DELAYED_CODES[enum])

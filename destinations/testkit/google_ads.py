@@ -9,7 +9,9 @@ no ``addressInfo`` on click conversions, gbraid and wbraid never together, one c
 per order ID and action in a request, an ``orderId`` on every ENHANCEMENT, an adjustment not
 dated before its conversion, currency codes of 3 capital letters; a click conversion uploaded
 before is refused, as ``ORDER_ID_ALREADY_IN_USE`` by its action and order ID, else as
-``CLICK_CONVERSION_ALREADY_EXISTS`` by its click and time). Row problems come
+``CLICK_CONVERSION_ALREADY_EXISTS`` by its click and time; an adjustment of a retracted
+conversion as ``CONVERSION_ALREADY_RETRACTED``, a restatement no newer than its conversion's
+last as ``MORE_RECENT_RESTATEMENT_FOUND``). Row problems come
 back as ``partialFailureError`` with the row's ``index``, as the API answers. Usage::
 
     emulator = GoogleAdsEmulator()
@@ -117,6 +119,28 @@ class GoogleAdsEmulator:
             {"access_token": token, "expires_in": 3599, "token_type": "Bearer"},
         )
 
+    def order_value(self, order_id: str) -> float | None:
+        """What Google reports for an order now: its conversion's value, then the last
+        restatement's new total, 0 once retracted (None: no conversion or adjustment names it).
+        """
+        with self._lock:
+            value: float | None = next(
+                (
+                    c.get("conversionValue")
+                    for c in self.conversions
+                    if c.get("orderId") == order_id
+                ),
+                None,
+            )
+            for adjustment in self.adjustments:
+                if adjustment.get("orderId") != order_id:
+                    continue
+                if adjustment.get("adjustmentType") == "RETRACTION":
+                    value = 0.0
+                elif adjustment.get("adjustmentType") == "RESTATEMENT":
+                    value = adjustment["restatementValue"]["adjustedValue"]
+            return value
+
     def revoke_tokens(self) -> None:
         """Forget every issued access token (the next upload answers 401)."""
         with self._lock:
@@ -167,6 +191,8 @@ class GoogleAdsEmulator:
         orders: set[tuple[Any, Any]] = set()
         with self._lock:
             uploaded = {_identity(c) for c in self.conversions} - {None}
+            earlier = list(self.adjustments)
+        accepted: list[dict[str, Any]] = []  # this request's adjustments, in order
         for index, row in enumerate(rows):
             problems = check(row) if isinstance(row, dict) else [("requestError", "INVALID", "")]
             if conversions and isinstance(row, dict) and row.get("orderId") is not None:
@@ -184,6 +210,10 @@ class GoogleAdsEmulator:
                 and _identity(row) in uploaded
             ):
                 problems.append(_ALREADY_IN_USE if row.get("orderId") else _ALREADY_EXISTS)
+            # An adjustment of a retracted conversion, or a restatement no newer than the last
+            # one of its conversion, is refused, as Google refuses them (platforms.md §3.5).
+            if not conversions and isinstance(row, dict) and not problems:
+                problems += _adjusted_before(row, earlier, accepted)
             injected = (
                 self.row_errors.get(str(row.get("orderId"))) if isinstance(row, dict) else None
             )
@@ -197,6 +227,7 @@ class GoogleAdsEmulator:
             results.append(
                 {k: row[k] for k in ("gclid", "conversionAction", "orderId") if k in row}
             )
+            accepted.append(row)
             if not body.get("validateOnly"):
                 with self._lock:
                     (self.conversions if conversions else self.adjustments).append(row)
@@ -230,6 +261,42 @@ def _identity(row: dict[str, Any]) -> tuple[Any, ...] | None:
         return action, "order", row["orderId"]
     click = row.get("gclid") or row.get("gbraid") or row.get("wbraid")
     return (action, "click", click, row.get("conversionDateTime")) if click else None
+
+
+def _adjusted(row: dict[str, Any]) -> tuple[Any, ...]:
+    """The conversion an adjustment changes: its action and order ID, or click and time."""
+    pair = row.get("gclidDateTimePair") or {}
+    named = ("order", row["orderId"]) if row.get("orderId") else ("click", *pair.values())
+    return (row.get("conversionAction"), *named)
+
+
+def _adjusted_before(
+    row: dict[str, Any], earlier: list[dict[str, Any]], accepted: list[dict[str, Any]]
+) -> list[Problem]:
+    """``CONVERSION_ALREADY_RETRACTED`` for a RETRACTION or RESTATEMENT of a conversion retracted
+    before; ``MORE_RECENT_RESTATEMENT_FOUND`` for a RESTATEMENT dated no later than one its
+    conversion had (a second restatement needs a newer ``adjustmentDateTime``, §3.5).
+
+    ``earlier`` and ``accepted`` are the adjustments taken before and in this request."""
+    kind = row.get("adjustmentType")
+    if kind not in ("RETRACTION", "RESTATEMENT"):
+        return []
+    target = _adjusted(row)
+    before = [a for a in [*earlier, *accepted] if _adjusted(a) == target]
+    if any(a.get("adjustmentType") == "RETRACTION" for a in before):
+        return [("conversionAdjustmentUploadError", "CONVERSION_ALREADY_RETRACTED", "orderId")]
+    when = _moment(row.get("adjustmentDateTime"))
+    restated = [
+        _moment(a.get("adjustmentDateTime"))
+        for a in before
+        if a.get("adjustmentType") == "RESTATEMENT"
+    ]
+    if kind == "RESTATEMENT" and any(
+        at is not None and when is not None and at >= when for at in restated
+    ):
+        enum = "MORE_RECENT_RESTATEMENT_FOUND"
+        return [("conversionAdjustmentUploadError", enum, "adjustmentDateTime")]
+    return []
 
 
 def _conversion(row: dict[str, Any]) -> list[Problem]:

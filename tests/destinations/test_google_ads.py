@@ -724,6 +724,69 @@ def test_a_conversion_without_order_id_sent_again_is_delivered_not_dead(
     assert len(emulator.conversions) == 1
 
 
+def restatement(ads: GoogleAds, new_total: float, when: datetime) -> dict[str, Any]:
+    """A partial refund of ord_789 restating it to ``new_total``, dated ``when``."""
+    mapping = {"restatementValue.adjustedValue": f"`{new_total}`"}
+    return payload_for(ads, refund_event(), event_name="RESTATEMENT", mapping=mapping, when=when)
+
+
+def test_a_retraction_sent_again_after_its_answer_was_lost_is_delivered_not_dead(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    # Google took the first upload; the retry is refused as CONVERSION_ALREADY_RETRACTED.
+    payload = payload_for(ads, refund_event(), event_name="RETRACTION")
+    deliver(ads, [payload])  # retracted; its answer never reached the worker
+
+    (again,) = deliver(ads, [payload])
+
+    assert again.outcome is Outcome.DELIVERED
+    assert "CONVERSION_ALREADY_RETRACTED" in (again.error or "")
+    assert len(emulator.adjustments) == 1
+    assert emulator.order_value("ord_789") == 0.0
+
+
+def test_a_restatement_sent_again_after_its_answer_was_lost_is_delivered_not_dead(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    payload = restatement(ads, 79.0, NOW)
+    deliver(ads, [payload])  # restated; its answer never reached the worker
+
+    (again,) = deliver(ads, [payload])
+
+    assert again.outcome is Outcome.DELIVERED
+    assert "MORE_RECENT_RESTATEMENT_FOUND" in (again.error or "")
+    assert emulator.order_value("ord_789") == 79.0
+
+
+def test_an_older_restatement_retried_after_a_newer_one_leaves_the_newer_total(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    # Two partial refunds: the first (new total 119) failed and is retried after the second
+    # (new total 100) went through. Each carries the order's whole new total: 100 is right.
+    first = restatement(ads, 119.0, NOW - timedelta(hours=1))
+    second = restatement(ads, 100.0, NOW)
+    deliver(ads, [second])
+
+    (late,) = deliver(ads, [first])
+
+    assert late.outcome is Outcome.DELIVERED
+    assert emulator.order_value("ord_789") == 100.0
+
+
+def test_an_adjustment_of_a_retracted_conversion_is_delivered_not_dead(
+    ads: GoogleAds, emulator: GoogleAdsEmulator
+) -> None:
+    # A partial refund retried after the order's cancellation retracted it: nothing changes a
+    # retracted conversion, and the retraction is what the order's history ends in.
+    deliver(ads, [payload_for(ads, refund_event(), event_name="RETRACTION")])
+
+    (late,) = deliver(ads, [restatement(ads, 50.0, NOW - timedelta(hours=1))])
+
+    assert late.outcome is Outcome.DELIVERED
+    assert "CONVERSION_ALREADY_RETRACTED" in (late.error or "")
+    assert emulator.order_value("ord_789") == 0.0
+
+
 def _partial_answer(errors: list[dict[str, Any]], results: list[dict[str, Any]] | None) -> Any:
     body: dict[str, Any] = {
         "partialFailureError": {
