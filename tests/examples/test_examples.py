@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 
 from destinations import registry
+from engine.pipeline import Pipeline, load_rules
 from engine.preview import preview
 from engine.rules.compile import compile_container
 from engine.rules.model import Container
 from engine.rules.testing import run_tests
+from engine.store.sqlite import SQLiteStore
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ECOMMERCE = EXAMPLES / "ecommerce"
@@ -105,6 +107,60 @@ def test_negative_follow_ons_never_reach_platforms_without_a_refund_api(
     reached = {tag["destination"] for tag in result["tags"] if tag["fired"]}
     assert reached.isdisjoint({"meta", "tiktok"})
     assert {"ga4", "google_ads"} <= reached
+
+
+def follow_on(name: str, event_id: str, **properties: Any) -> dict[str, Any]:
+    """A backend's negative follow-on of ord_1001 with every consent granted."""
+    return {
+        "event_name": name,
+        "event_id": event_id,
+        "visitor_id": "vis_1",
+        "properties": {"related_order_id": "ord_1001", "currency": "EUR", **properties},
+        "consent": {"ad_storage": "granted", "analytics_storage": "granted",
+                    "ad_user_data": "granted"},
+    }  # fmt: skip
+
+
+def fired_for_ga4_and_google_ads(tmp_path: Path, *events: dict[str, Any]) -> list[set[str]]:
+    """The ga4 and google_ads tags each event fires, accepted one after the other into a real
+    store (where the tags' dedup keys are claimed)."""
+    pipeline = Pipeline(SQLiteStore(tmp_path / "store.db"), load_rules(ECOMMERCE, interval=0))
+    fired = []
+    for event in events:
+        (outcome,) = pipeline.accept([event])
+        assert outcome.accepted is not None, outcome.error
+        decisions = outcome.accepted.decisions
+        fired.append({d["tag"] for d in decisions if d["fired"] and d["tag"] != "crm_outcomes"})
+    return fired
+
+
+def test_an_order_undone_twice_is_refunded_once_in_ga4_as_it_is_retracted_once(
+    tmp_path: Path,
+) -> None:
+    # An order cancelled, then its payment refunded, then charged back: three events, one order.
+    events = [
+        follow_on("cancellation", "cnl_1", value=129.0),
+        follow_on("refund", "rfd_1", value=129.0),
+        follow_on("reversal", "chb_1", value=129.0),
+    ]
+
+    fired = fired_for_ga4_and_google_ads(tmp_path, *events)
+
+    assert fired == [{"ga4_refund", "gads_retraction"}, set(), set()]
+
+
+def test_each_partial_refund_reaches_ga4_and_then_the_whole_rest_once(tmp_path: Path) -> None:
+    events = [
+        follow_on("refund", "rfd_1", value=10.0, remaining_value=119.0),
+        follow_on("refund", "rfd_2", value=19.0, remaining_value=100.0),
+        follow_on("refund", "rfd_3", value=100.0),  # the rest: the order is undone
+        follow_on("reversal", "chb_1", value=100.0),
+    ]
+
+    fired = fired_for_ga4_and_google_ads(tmp_path, *events)
+
+    partial, whole = {"ga4_refund", "gads_restatement"}, {"ga4_refund", "gads_retraction"}
+    assert fired == [partial, partial, whole, set()]
 
 
 def test_slack_plugin_is_discovered_through_entry_points() -> None:
