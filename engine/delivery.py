@@ -700,7 +700,15 @@ class DeliveryWorker:
             metrics.inc(metrics.DELIVERIES, (dest.name, "delivered"), applied)
             for d in deliveries if applied == len(ids) else ():
                 metrics.observe(metrics.LATENCY_SECONDS, (dest.name,), max(0.0, now - d.created_at))
-            log.debug("delivered", extra={"destination": dest.name, "count": len(ids)})
+            if result.error:
+                # The platform had the item already (a retry after a lost answer, a replay) or
+                # took it with a warning. Its words may quote the item: the log has only this.
+                log.info(
+                    "delivered: the platform had it already or took it with a warning",
+                    extra={"destination": dest.name, "count": len(ids)},
+                )
+            else:
+                log.debug("delivered", extra={"destination": dest.name, "count": len(ids)})
             return
         reason = _redact(dest.adapter, result.error or "failed", self._tokens.get(dest.name))
         error = f"{result.outcome.value}: {reason}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import logging
 import socket
 import textwrap
 import threading
@@ -2232,3 +2233,44 @@ def test_a_batch_that_starts_once_the_worker_is_stopping_leases_and_sends_nothin
 
     assert handler.received == []
     assert [s[:2] for s in h.statuses()] == [("pending", 0), ("pending", 0)]
+
+
+class AlreadyThere(PerItem):
+    """A platform that answers every item as one it had already, in words quoting the item."""
+
+    name = "already_there"
+
+    def read_response(self, response: HttpResponse, items: Sequence[Item]) -> list[ItemResult]:
+        return [ItemResult(Outcome.DELIVERED, "had it: ada@example.com")] * len(items)
+
+
+def test_a_delivery_the_platform_had_already_is_logged_without_its_words(
+    tmp_path: Path,
+    plugins: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A Google Ads ORDER_ID_ALREADY_IN_USE after a lost answer is delivered: the operator can
+    # still see that it happened, but the platform's words, which may quote the item, stay out.
+    known = dict(registry.registry())
+    known["already_there"] = registry.check_contract("already_there", AlreadyThere)
+    monkeypatch.setattr(registry, "registry", lambda: known)
+    platform = PerItemPlatform()
+    with LoopbackServer(platform) as server:
+        rules = make_rules(
+            tmp_path,
+            f"""
+            api: {{type: already_there, url: "{server.url}", client_secret: s3cret-value,
+                  delivery: {{batch_wait: 0}}}}
+            """,
+            "- {name: to_api, trigger: all, destination: api}\n",
+        )
+        h = Harness(tmp_path, rules)
+        h.accept_sales(2)
+        with caplog.at_level(logging.INFO, logger="engine.delivery"):
+            h.worker.drain()
+
+    assert [s[0] for s in h.statuses()] == ["delivered", "delivered"]
+    noted = [r for r in caplog.records if "had it already" in r.getMessage()]
+    assert [(r.destination, r.count) for r in noted] == [("api", 2)]  # type: ignore[attr-defined]
+    assert "ada@example.com" not in caplog.text
