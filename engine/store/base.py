@@ -324,7 +324,8 @@ class Store(abc.ABC):
         windows: Mapping[str, float],
         default_window: float,
     ) -> Identity | None:
-        """What is remembered about a visitor (or the latest visitor linked to ``user_id``).
+        """What is remembered about a visitor (or the latest visitor linked to ``user_id`` that
+        no other user has signed in on since).
 
         Click IDs and cookies first seen longer ago than their window are left out, and so
         are the user agent and IP when last seen longer ago than ``default_window`` (or at a

@@ -610,6 +610,46 @@ def test_after_logout_the_browser_and_a_guest_sale_on_it_carry_no_user_id(
     assert stored(app, "ada2")["visitor_id"] == visitor  # her link stays
 
 
+def test_a_users_sale_takes_no_clicks_from_a_browser_another_user_signed_in_on_since(
+    app: Flask,
+) -> None:
+    # Ada's sale by user ID took the browser she was last linked to, a shared one Bob had
+    # signed in on since: it carried Bob's click, IP and user agent, crediting his ad.
+    own, shared = app.test_client(), app.test_client()
+    visitors = [
+        collect(
+            client,
+            {
+                "event_name": "page_view",
+                "user_id": "ada",
+                "consent": ALL_GRANTED,
+                "context": {"page_url": f"{ORIGIN}/?{click}"},
+            },
+        ).get_json()["visitor_id"]
+        for client, click in ((own, "gclid=ada-phone"), (shared, "fbclid=ada-shared"))
+    ]
+    collect(
+        shared,
+        {
+            "event_name": "page_view",
+            "user_id": "bob",
+            "consent": ALL_GRANTED,
+            "context": {"page_url": f"{ORIGIN}/?ttclid=bob-click"},
+        },
+        headers={"User-Agent": "Bob's browser"},
+    )
+
+    track(own, {"event_name": "sale", "event_id": "ada", "user_id": "ada", "consent": ALL_GRANTED})
+    track(own, {"event_name": "sale", "event_id": "bob", "user_id": "bob", "consent": ALL_GRANTED})
+
+    ada = stored(app, "ada")
+    assert ada["visitor_id"] == visitors[0]  # her own browser, not the one Bob is signed in on
+    assert ada["context"]["gclid"] == "ada-phone" and "ttclid" not in ada["context"]
+    assert ada["context"]["user_agent"] != "Bob's browser"
+    bob = stored(app, "bob")
+    assert bob["visitor_id"] == visitors[1] and bob["context"]["ttclid"] == "bob-click"
+
+
 def test_click_ids_are_not_remembered_without_ad_storage_consent(
     app: Flask, client: FlaskClient
 ) -> None:

@@ -203,9 +203,13 @@ class _Visitors(_Connections):
     ) -> Identity | None:
         """See :meth:`Store.recall`."""
         if not visitor_id and user_id:
+            # Not a browser someone else has signed in on since: what it remembers now (their
+            # clicks, IP and user agent) is theirs, not this user's.
             rows = self._read(
-                "SELECT visitor_id FROM user_visitors WHERE user_id = ? "
-                "ORDER BY linked_at DESC LIMIT 1",
+                "SELECT l.visitor_id FROM user_visitors l JOIN visitors v "
+                "ON v.visitor_id = l.visitor_id WHERE l.user_id = ? "
+                "AND (v.user_id IS NULL OR v.user_id = l.user_id) "
+                "ORDER BY l.linked_at DESC LIMIT 1",
                 (user_id,),
                 lookup=True,
             )
