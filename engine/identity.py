@@ -319,10 +319,19 @@ def enrich(event: dict[str, Any], identity: Identity, granted: frozenset[str]) -
             if _CLICK_OF.get(name, name) not in clicks
         }
         newer = {_CLICK_OF.get(name, name) for name in referred}
+        # Of a platform's remembered clicks, only the last one seen: a gclid beside a later
+        # gbraid (or an fbc beside a later fbclid) is an earlier click, which the adapters,
+        # preferring gclid to gbraid and fbc to fbclid, would send in the later one's place.
+        last: dict[str, float] = {}
+        for name, (_value, first_seen) in identity.values.items():
+            if name in _CLICK_OF:
+                last[_CLICK_OF[name]] = max(first_seen, last.get(_CLICK_OF[name], first_seen))
         replaced: set[str] = set()
-        for name, (value, _first_seen) in identity.values.items():
+        for name, (value, first_seen) in identity.values.items():
             platform = _CLICK_OF.get(name, name)
             if context.get(name) or platform in clicks:
+                continue
+            if name in _CLICK_OF and first_seen < last[platform]:
                 continue
             if platform in newer:
                 replaced.add(platform)

@@ -464,6 +464,32 @@ def test_a_click_the_event_carries_itself_is_not_replaced_by_a_remembered_older_
     assert stored(app, "s-later")["context"]["fbc"].endswith(".Fb-newer")  # the newest click
 
 
+def test_a_later_click_of_a_platform_is_sent_in_place_of_its_earlier_remembered_one(
+    app: Flask, client: FlaskClient
+) -> None:
+    # A gclid, then days later a click on iOS (gbraid): both were added to the sale, and
+    # Google Ads, preferring gclid, was sent the earlier click.
+    for click in ("gclid=Gc-earlier", "gbraid=Gb-later"):
+        visitor = collect(
+            client,
+            {
+                "event_name": "page_view",
+                "consent": ALL_GRANTED,
+                "context": {"page_url": f"{ORIGIN}/?{click}&msclkid=ms-{click[:2]}"},
+            },
+        ).get_json()["visitor_id"]
+        time.sleep(0.01)
+
+    track(
+        client,
+        {"event_name": "sale", "event_id": "s", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+
+    context = stored(app, "s")["context"]
+    assert context["gbraid"] == "Gb-later" and "gclid" not in context
+    assert context["msclkid"] == "ms-gb"
+
+
 def test_a_click_in_the_page_url_that_no_adapter_reads_leaves_the_remembered_one(
     app: Flask, client: FlaskClient
 ) -> None:
