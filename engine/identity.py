@@ -88,11 +88,27 @@ def _url_clicks(url: Any) -> set[str]:
 
 
 def capture_click_ids(event: dict[str, Any]) -> None:
-    """Copy click IDs from the page URL (first) and referrer into ``context``, if not set."""
+    """Copy click IDs from the page URL (first) and referrer into ``context``, if not set.
+
+    An ``_fbc`` cookie (``context.fbc``) of another click than the page URL's ``fbclid`` is
+    left out: it is the cookie of an earlier click, read before Meta's pixel wrote the new
+    one, and the adapter, which prefers ``fbc`` to ``fbclid``, would send the earlier click.
+    """
     context = event.setdefault("context", {})
+    fbclid = click_ids_in_url(context.get("page_url")).get("fbclid")
+    fbc = context.get("fbc")
+    if fbclid and isinstance(fbc, str) and not _of_click(fbc, fbclid):
+        del context["fbc"]
     for source in (context.get("page_url"), context.get("referrer")):
         for name, value in click_ids_in_url(source).items():
             context.setdefault(name, value)
+
+
+def _of_click(fbc: str, fbclid: str) -> bool:
+    """Whether ``fbc`` (``fb.<index>.<ms>.<fbclid>``, maybe with a ``.<appendix>`` of Meta's
+    Parameter Builder) is made of ``fbclid``."""
+    parts = fbc.split(".", 3)
+    return len(parts) == 4 and (parts[3] == fbclid or parts[3].startswith(fbclid + "."))
 
 
 # Any time a page's clock may show: read only to see whether it is later than the server's.

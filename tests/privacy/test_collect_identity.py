@@ -490,6 +490,38 @@ def test_a_later_click_of_a_platform_is_sent_in_place_of_its_earlier_remembered_
     assert context["msclkid"] == "ms-gb"
 
 
+def test_an_fbc_cookie_of_an_earlier_click_gives_way_to_the_landing_pages_fbclid(
+    app: Flask, client: FlaskClient
+) -> None:
+    # The page's script read the _fbc cookie of the visitor's previous Meta click before the
+    # pixel wrote the new one: the landing page's event and the later sale went to Meta with
+    # the earlier click's fbc (the adapter prefers fbc to fbclid), crediting the earlier ad.
+    def landing(event_id: str, fbclid: str, fbc: str) -> str:
+        page = {
+            "event_name": "page_view",
+            "event_id": event_id,
+            "consent": ALL_GRANTED,
+            "context": {"page_url": f"{ORIGIN}/?fbclid={fbclid}", "fbc": fbc},
+        }
+        visitor: str = collect(client, page).get_json()["visitor_id"]
+        return visitor
+
+    def sale(event_id: str, visitor: str) -> str:
+        sale = {"event_name": "sale", "event_id": event_id, "visitor_id": visitor}
+        track(client, {**sale, "consent": ALL_GRANTED})
+        fbc: str = stored(app, event_id)["context"]["fbc"]
+        return fbc
+
+    visitor = landing("p1", "Fb-new", "fb.1.1700000000000.Fb-earlier")
+    assert sale("s1", visitor).endswith(".Fb-new")
+    time.sleep(0.01)
+    landing("p2", "Fb-same", "fb.2.1700000000000.Fb-same.AbCdEfGh")  # the pixel's own cookie
+    assert sale("s2", visitor) == "fb.2.1700000000000.Fb-same.AbCdEfGh"
+
+    assert "fbc" not in stored(app, "p1")["context"]  # Meta builds it from the fbclid
+    assert stored(app, "p2")["context"]["fbc"] == "fb.2.1700000000000.Fb-same.AbCdEfGh"
+
+
 def test_a_click_in_the_page_url_that_no_adapter_reads_leaves_the_remembered_one(
     app: Flask, client: FlaskClient
 ) -> None:
