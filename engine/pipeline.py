@@ -151,6 +151,11 @@ class Privacy:
     redact_query_params: frozenset[str] = frozenset()  # page URL fields always redacted
 
 
+# How far a backend's clock may be behind the server's: a click seen up to this long after a
+# server event's time may still be the one that led to it.
+CLOCK_SKEW = 60.0
+
+
 def enrich_from_store(
     store: Store, privacy: Privacy, event: dict[str, Any], now: datetime, granted: frozenset[str]
 ) -> list[str]:
@@ -159,10 +164,17 @@ def enrich_from_store(
     visitor, user = event.get("visitor_id"), event.get("user_id")
     if not visitor and not user:
         return []
+    at = now.timestamp()
+    if event.get("source") != "browser":
+        # A backend's event sent after it happened (a queue, a CRM's sale of yesterday) is
+        # enriched as of its time: a click seen after the sale did not lead to it (Google Ads
+        # refuses the conversion, Meta credits the wrong ad), and the windows run to the sale.
+        # A page's time is the visitor's clock, read only up to the server's (at_most_now).
+        at = min(at, events.event_time(event).timestamp() + CLOCK_SKEW)
     found = store.recall(
         str(visitor) if visitor else None,
         str(user) if user else None,
-        now.timestamp(),
+        at,
         privacy.click_id_windows,
         privacy.click_id_window,
     )

@@ -327,9 +327,9 @@ class Store(abc.ABC):
         """What is remembered about a visitor (or the latest visitor linked to ``user_id`` that
         no other user has signed in on since).
 
-        Click IDs and cookies first seen longer ago than their window are left out, and so
-        are the user agent and IP when last seen longer ago than ``default_window`` (or at a
-        time not known).
+        As of ``now``: click IDs and cookies first seen after it, or longer before it than
+        their window, are left out, and so are the user agent and IP when last seen longer
+        before it than ``default_window`` (or at a time not known).
         """
 
     @abc.abstractmethod

@@ -858,6 +858,35 @@ def test_click_ids_older_than_their_window_are_not_used(app: Flask) -> None:
     assert "gclid" not in stored(app, "s4").get("context", {})
 
 
+def test_a_backend_event_sent_late_is_enriched_as_of_its_own_time(app: Flask) -> None:
+    # Enriched as of its arrival: a sale sent two hours late took a TikTok click seen an hour
+    # after it (Google Ads refuses a click after its conversion; the platforms credit the wrong
+    # ad), and one sent two days late lost a click 29 days older than the sale.
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    now = datetime.now(UTC)
+
+    def seen(visitor: str, ago: timedelta, **clicks: str) -> None:
+        page = {"event_name": "page_view", "visitor_id": visitor, "consent": ALL_GRANTED}
+        pipeline.accept([{**page, "context": clicks}], now=now - ago, source="browser")
+
+    def sale(event_id: str, visitor: str, ago: timedelta) -> dict[str, Any]:
+        event = {"event_name": "sale", "event_id": event_id, "visitor_id": visitor}
+        when = (now - ago).isoformat()
+        pipeline.accept([{**event, "timestamp": when, "consent": ALL_GRANTED}], now=now)
+        context: dict[str, Any] = stored(app, event_id).get("context", {})
+        return context
+
+    seen("v_late", timedelta(hours=3), gclid="Gc-before")
+    seen("v_late", timedelta(hours=1), ttclid="tt-after")
+    seen("v_old", timedelta(days=31), gclid="Gc-29-days-before")
+
+    late = sale("late", "v_late", timedelta(hours=2))
+    old = sale("old", "v_old", timedelta(days=2))
+
+    assert late["gclid"] == "Gc-before" and "ttclid" not in late
+    assert old["gclid"] == "Gc-29-days-before"
+
+
 @pytest.mark.parametrize(("days_ago", "used"), [(200, False), (31, False), (29, True)])
 def test_a_remembered_ip_and_user_agent_are_used_only_within_the_attribution_window(
     app: Flask, days_ago: int, used: bool

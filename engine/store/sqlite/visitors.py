@@ -223,7 +223,7 @@ class _Visitors(_Connections):
         values = {
             name: (value, first_seen)
             for name, (value, first_seen) in jsonio.loads(visitor["vals"]).items()
-            if now - first_seen <= windows.get(name, default_window)
+            if 0 <= now - first_seen <= windows.get(name, default_window)
         }
 
         def recent(column: str, seen: str) -> str | None:
