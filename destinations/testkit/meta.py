@@ -15,7 +15,8 @@ It checks requests the way Meta documents them and answers like the Graph API:
 * hashed ``user_data`` keys are 64 lowercase hex (a string or a list of them); ``external_id``
   may be hashed or not; ``client_ip_address``, ``client_user_agent``, ``fbc`` and ``fbp`` must
   not be hashed and must have their documented shape;
-* ``fbc`` and ``fbp`` carry their creation time in milliseconds (13 digits);
+* ``fbc`` and ``fbp`` carry their creation time in milliseconds (13 digits); an ``fbp`` may
+  end with the Parameter Builder's appendix (``fb.1.<ms>.<random>.Ag``);
 * ``Purchase`` needs ``custom_data.value`` and ``currency``;
 * ``custom_data`` types: numeric ``value``, 3-letter ``currency``, ``contents`` with an ``id``,
   an integer ``quantity`` and a numeric ``item_price``;
@@ -73,8 +74,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ANY_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
 # The creation time is in milliseconds (13 digits since 2001), not seconds (platforms.md §1.5).
+# Meta's Parameter Builder ends both cookies with an appendix, a language token such as "Ag"
+# (facebook/capi-param-builder: it adds one to an _fbp cookie that has none), which Meta reads;
+# platforms.md §1.5 says to pass it through unchanged.
 _FBC = re.compile(r"fb\.\d\.\d{13}\.\S+")
-_FBP = re.compile(r"fb\.\d\.\d{13}\.\d+")
+_FBP = re.compile(r"fb\.\d\.\d{13}\.\d+(?:\.[A-Za-z0-9]{2,8})?")
 _trace_ids = itertools.count(1)
 
 

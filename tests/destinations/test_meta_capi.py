@@ -623,6 +623,23 @@ def test_emulator_accepts_limited_data_use_with_country_and_state(
     assert deliver(dest, [payload]) == [ItemResult.delivered()]
 
 
+@pytest.mark.parametrize(
+    "fbp", ["fb.1.1596403881668.1116446470.Ag", "fb.2.1596403881668.1116446470.AQ"]
+)
+def test_emulator_accepts_an_fbp_with_the_parameter_builders_appendix(
+    meta_emulator: MetaEmulator, fbp: str
+) -> None:
+    # Meta's Parameter Builder (facebook/capi-param-builder) writes _fbp cookies with a
+    # language token appended, and adds one to a cookie that has none (platforms.md §1.5).
+    dest = meta(meta_emulator)
+    mapped = web_mapped()
+    mapped["user_data"]["fbp"] = fbp
+    payload = dest.build_payload(mapped, context())
+
+    assert deliver(dest, [payload]) == [ItemResult.delivered()]
+    assert meta_emulator.events[-1]["user_data"]["fbp"] == fbp
+
+
 # -- the request ---------------------------------------------------------------------------------
 
 
