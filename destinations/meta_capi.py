@@ -105,6 +105,14 @@ _INVALID_ALONE = (
     frozenset({"fn", "ge"}),
     frozenset({"ln", "ge"}),
 )
+# Meta's click and browser cookies (platforms.md §1.5): fb.<subdomain index>.<creation time in
+# ms>.<fbclid | random number>, with the appendix Meta's Parameter Builder may add. Meta refuses
+# the whole request for one in another shape (code 100, "Click ID Incorrectly Formatted"), so
+# such a value (a JavaScript "undefined", a bare fbclid, a time in seconds) is left out.
+_COOKIE_SHAPES = {
+    "fbc": re.compile(r"fb\.\d\.\d{13}\.\S+"),
+    "fbp": re.compile(r"fb\.\d\.\d{13}\.\d+(?:\.[A-Za-z0-9]{2,8})?"),
+}
 # An IPv4 address in its canonical dotted form (no leading zeros, octets up to 255), which
 # ``ipaddress`` reads and writes back unchanged.
 _CANONICAL_IPV4 = re.compile(
@@ -152,6 +160,9 @@ class MetaCapi(Destination):
     ``action_source`` the tag's mapping, else the ``action_source`` setting (``website``).
     When no ``fbc`` is given it is built as ``fb.1.<event time ms>.<fbclid>`` from ``fbclid``
     or from the ``fbclid`` query parameter of ``event_source_url``; fbclid is never altered.
+    An ``fbc`` or ``fbp`` not in Meta's format (``fb.<n>.<ms>.<fbclid or number>``, with the
+    Parameter Builder's appendix or without) is left out, as is an fbclid with a space in it:
+    Meta refuses the whole request for one (an ``fbc`` left out is built from ``fbclid``).
     A national phone number is read in the person's country (the mapped
     ``user_data.country``, else the event's), else ``default_country``.
 
@@ -296,7 +307,9 @@ class MetaCapi(Destination):
             fbclid = fbclid or normalize.url_param(source_url, "fbclid")
             if fbclid:
                 created_ms = (ctx.event_time - _EPOCH) // timedelta(milliseconds=1)
-                user_data["fbc"] = f"fb.1.{created_ms}.{fbclid}"
+                fbc = f"fb.1.{created_ms}.{fbclid}"
+                if _COOKIE_SHAPES["fbc"].fullmatch(fbc):  # not of an fbclid with a space in it
+                    user_data["fbc"] = fbc
         custom_data = _custom_data(mapped.get("custom_data"))
 
         if action_source == "website":
@@ -360,7 +373,9 @@ class MetaCapi(Destination):
                     # Sent as it is: no e-mail address from a mapping that falls back to one.
                     if "@" in text:
                         cleartext.check(text, f"user_data.{key}", "Meta", PERSONAL_HOMES)
-                    out[key] = text
+                    shape = _COOKIE_SHAPES.get(key)
+                    if shape is None or shape.fullmatch(text):
+                        out[key] = text
             elif value is not None:
                 # Other Meta fields that are never hashed (lead_id, ...), passed on as mapped.
                 _passed_on(value, f"user_data.{key}")

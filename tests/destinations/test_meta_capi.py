@@ -366,6 +366,54 @@ def test_a_given_fbc_wins_over_fbclid() -> None:
     assert payload["user_data"]["fbc"] == "fb.1.1554763741205.Given"
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("fbc", "undefined"),  # a JavaScript client's String(undefined)
+        ("fbc", "IwAR2xYz_AbC"),  # a bare fbclid where the cookie belongs
+        ("fbc", "fb.1.1554763741.AbC"),  # the creation time in seconds
+        ("fbc", "fb.1.1554763741205"),  # the cookie without its fbclid
+        ("fbp", "undefined"),
+        ("fbp", "fb.1.1596403881.1116446470"),
+        ("fbp", "1116446470"),
+    ],
+)
+def test_an_fbc_or_fbp_not_in_metas_format_is_left_out_and_the_event_accepted(
+    meta_emulator: MetaEmulator, key: str, value: str
+) -> None:
+    # Arrange: Meta refuses the whole request for one ("Click ID Incorrectly Formatted")
+    dest = meta(meta_emulator)
+    mapped = web_mapped()
+    mapped["user_data"].update({"client_ip_address": "203.0.113.7", key: value})
+
+    # Act
+    payload = dest.build_payload(mapped, context())
+
+    # Assert
+    assert key not in payload["user_data"]
+    assert deliver(dest, [payload]) == [ItemResult.delivered()]
+
+
+def test_an_fbc_not_in_metas_format_gives_way_to_one_built_from_fbclid() -> None:
+    mapped = web_mapped(fbclid="IwAR2xYz_AbC")
+    mapped["user_data"]["fbc"] = "undefined"
+
+    payload = meta().build_payload(mapped, context())
+
+    expected_ms = int((NOW - timedelta(minutes=1)).timestamp() * 1000)
+    assert payload["user_data"]["fbc"] == f"fb.1.{expected_ms}.IwAR2xYz_AbC"
+
+
+def test_no_fbc_is_built_from_an_fbclid_with_a_space_in_it(meta_emulator: MetaEmulator) -> None:
+    dest = meta(meta_emulator)
+    mapped = web_mapped(event_source_url="https://shop.example/?fbclid=IwAR%20AbC")
+
+    payload = dest.build_payload(mapped, context())
+
+    assert "fbc" not in payload["user_data"]
+    assert deliver(dest, [payload]) == [ItemResult.delivered()]
+
+
 def test_default_mapping_takes_fbclid_from_the_event_context(
     meta_emulator: MetaEmulator, canonical_event: dict[str, Any]
 ) -> None:
