@@ -227,11 +227,20 @@ def _visitor_id(raw: dict[str, Any]) -> str:
     return "v_" + secrets.token_urlsafe(18)
 
 
+@functools.cache
+def _visitor_key(secret: str) -> bytes:
+    """The key of visitor cookie signatures, derived from the identity secret: not the secret
+    itself, whose HMACs the site's backend hands out as user hashes, of user IDs that may be
+    chosen by their users (a username ``visitor:<someone's visitor ID>``)."""
+    return hmac.new(secret.encode(), b"tagrelay visitor cookie", hashlib.sha256).digest()
+
+
 def _visitor_signature(visitor_id: str, secret: str) -> str:
     """What the visitor cookie carries after its visitor ID when identity verification is on:
-    an HMAC-SHA256 of the ID keyed with the identity secret, which only the server can make."""
+    an HMAC-SHA256 of the ID under a key derived from the identity secret, which only the
+    server can make."""
     mac = hmac.new(
-        secret.encode(), b"visitor:" + visitor_id.encode("utf-8", "surrogatepass"), hashlib.sha256
+        _visitor_key(secret), visitor_id.encode("utf-8", "surrogatepass"), hashlib.sha256
     )
     return mac.hexdigest()[:32]
 

@@ -1760,6 +1760,34 @@ def test_with_verification_on_a_client_cannot_take_over_a_visitor_with_a_cookie_
     assert answer.headers["Set-Cookie"].startswith(f"tr_vid={victims_visitor}.")
 
 
+def test_a_user_hash_the_site_made_for_a_chosen_user_id_is_no_visitor_cookie_signature(
+    tmp_path: Path,
+) -> None:
+    # The cookie was signed with the HMAC that makes user hashes, of "visitor:" + the visitor
+    # ID: a client that got the site's backend to hash a user ID of its choosing (a username
+    # "visitor:<the victim's visitor ID>") held the victim's cookie signature in that hash.
+    app = make_app(tmp_path, identity_secret=IDENTITY_SECRET)
+    victim = app.test_client()
+    signed_in = {"event_name": "identify", "user_id": "victim_42", "consent": ALL_GRANTED}
+    victims_visitor = collect(victim, {**signed_in, "user_hash": _hash("victim_42")}).get_json()[
+        "visitor_id"
+    ]
+    made_by_the_site = _hash(f"visitor:{victims_visitor}")
+    forged = collect(
+        app.test_client(use_cookies=False),
+        {
+            "event_name": "page_view",
+            "consent": ALL_GRANTED,
+            "context": {"page_url": f"{ORIGIN}/?gclid=ATTACKER_GCLID"},
+        },
+        headers={"Cookie": f"tr_vid={victims_visitor}.{made_by_the_site[:32]}"},
+    ).get_json()
+    sale = track(victim, {"event_name": "sale", "user_id": "victim_42", "consent": ALL_GRANTED})
+
+    assert forged["visitor_id"] != victims_visitor
+    assert "gclid" not in stored(app, sale.get_json()["event_id"]).get("context", {})
+
+
 def test_a_page_cannot_take_or_probe_a_backend_events_id(client: FlaskClient) -> None:
     """A publishable key is public: a page that sent a backend's event ID (an order ID) first
     would have the backend's sale answered as a duplicate, stored and delivered never; one
