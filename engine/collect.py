@@ -231,8 +231,10 @@ def _visitor_id(raw: dict[str, Any]) -> str:
 def _visitor_key(secret: str) -> bytes:
     """The key of visitor cookie signatures, derived from the identity secret: not the secret
     itself, whose HMACs the site's backend hands out as user hashes, of user IDs that may be
-    chosen by their users (a username ``visitor:<someone's visitor ID>``)."""
-    return hmac.new(secret.encode(), b"tagrelay visitor cookie", hashlib.sha256).digest()
+    chosen by their users (a username ``visitor:<someone's visitor ID>``). The secret is the
+    message here, not the key: an HMAC keyed with the secret, of any label, is a user hash the
+    site would give out for a user ID spelt as that label, and with it the key."""
+    return hmac.new(b"tagrelay visitor cookie", secret.encode(), hashlib.sha256).digest()
 
 
 def _visitor_signature(visitor_id: str, secret: str) -> str:

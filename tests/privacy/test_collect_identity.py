@@ -1870,3 +1870,26 @@ def test_an_ipv6_client_cannot_escape_its_rate_limit_by_moving_within_its_64(
 
     assert answers == [200, 200, 429, 429]
     assert from_ip("2001:db8:1:3::1") == 200  # the next /64: another subscriber
+
+
+def test_no_user_id_a_client_chooses_gets_it_the_key_that_signs_visitor_cookies(
+    tmp_path: Path,
+) -> None:
+    # The key was the HMAC of a fixed label keyed with the identity secret: the user hash the
+    # site made for a user ID spelt as that label was the key, and signed any visitor.
+    app = make_app(tmp_path, identity_secret=IDENTITY_SECRET)
+    victim = app.test_client()
+    signed_in = {"event_name": "identify", "user_id": "victim_42", "consent": ALL_GRANTED}
+    victims_visitor = collect(victim, {**signed_in, "user_hash": _hash("victim_42")}).get_json()[
+        "visitor_id"
+    ]
+    for label in ("tagrelay visitor cookie", "visitor cookie", "tagrelay"):
+        key = bytes.fromhex(_hash(label))  # what the site hands a user named ``label``
+        signature = hmac.new(key, victims_visitor.encode(), hashlib.sha256).hexdigest()[:32]
+        forged = collect(
+            app.test_client(use_cookies=False),
+            {"event_name": "page_view", "consent": ALL_GRANTED},
+            headers={"Cookie": f"tr_vid={victims_visitor}.{signature}"},
+        ).get_json()
+
+        assert forged["visitor_id"] != victims_visitor, label
