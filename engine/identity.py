@@ -203,9 +203,6 @@ class IdentityUpdate:
     values: Mapping[str, str] = field(default_factory=dict)  # click IDs and cookies
     user_agent: str | None = None
     ip: str | None = None
-    # A page's event without a user: nobody is signed in on that browser (tagrelay.js sends
-    # the identified user with every event, and none after reset()).
-    signed_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -285,7 +282,6 @@ def identity_update(
         values,
         ua if isinstance(ua, str) else None,
         ip if isinstance(ip, str) else None,
-        signed_out=not user and event.get("source") == "browser",
     )
 
 
@@ -307,14 +303,7 @@ def enrich(event: dict[str, Any], identity: Identity, granted: frozenset[str]) -
         added.append("visitor_id")
     # The user ID the browser was last seen with names a person, for analytics (GA4's user_id)
     # and for ads (external_id): back only with one of those purposes, never without consent.
-    # Never to a page's own event: the page sends the signed-in user with every event, so one
-    # without is the page's word that nobody is (after reset(): a guest on a shared computer).
-    if (
-        identity.user_id
-        and not event.get("user_id")
-        and event.get("source") != "browser"
-        and not _USER_ID_PURPOSES.isdisjoint(granted)
-    ):
+    if identity.user_id and not event.get("user_id") and not _USER_ID_PURPOSES.isdisjoint(granted):
         event["user_id"] = identity.user_id
         added.append("user_id")
     context = event.setdefault("context", {})

@@ -641,33 +641,6 @@ def test_identify_links_a_user_id_so_a_backend_event_by_user_finds_the_clicks(
     assert event["visitor_id"].startswith("v_")
 
 
-def test_after_logout_the_browser_and_a_guest_sale_on_it_carry_no_user_id(
-    app: Flask, client: FlaskClient
-) -> None:
-    # tagrelay.reset() on logout: the page's later events carried no user_id, but enrichment
-    # put the last user's back on each, and on a guest's sale on that computer, which went to
-    # GA4 as user_id and to Meta and TikTok as external_id beside the guest's own e-mail.
-    visitor = collect(
-        client, {"event_name": "identify", "user_id": "ada", "consent": ALL_GRANTED}
-    ).get_json()["visitor_id"]
-    page = {"event_name": "page_view", "event_id": "after_logout", "consent": ALL_GRANTED}
-
-    collect(client, page)
-    track(
-        client,
-        {"event_name": "sale", "event_id": "guest", "visitor_id": visitor, "consent": ALL_GRANTED},
-    )
-
-    for event_id in ("after_logout", "guest"):
-        event = stored(app, event_id)
-        assert "user_id" not in event
-        assert "user_id" not in event.get("enriched", [])
-    track(
-        client, {"event_name": "sale", "event_id": "ada2", "user_id": "ada", "consent": ALL_GRANTED}
-    )
-    assert stored(app, "ada2")["visitor_id"] == visitor  # her link stays
-
-
 def test_a_users_sale_takes_no_clicks_from_a_browser_another_user_signed_in_on_since(
     app: Flask,
 ) -> None:

@@ -143,9 +143,6 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
         if update.user_id is not None and update.user_id != row.user_id:
             row.user_id = update.user_id
             changed = True
-        elif update.signed_out and row.user_id is not None:
-            row.user_id = None  # signed out (reset()): a later event of the browser is no one's
-            changed = True
         changed = _seen(row, "user_agent", update.user_agent, now) or changed
         changed = _seen(row, "ip", update.ip, now) or changed
         if touch:
