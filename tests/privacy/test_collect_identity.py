@@ -1866,3 +1866,23 @@ def test_no_user_id_a_client_chooses_gets_it_the_key_that_signs_visitor_cookies(
         ).get_json()
 
         assert forged["visitor_id"] != victims_visitor, label
+
+
+def test_a_user_the_backend_linked_stays_the_visitors_across_page_views_that_name_none(
+    app: Flask, client: FlaskClient
+) -> None:
+    # A site whose pages never name their user links it from its backend (a server event with
+    # both IDs). A page view naming no user signed that visitor out, and the backend's later
+    # event naming only the visitor went to GA4, Meta and TikTok without the user.
+    visitor = collect(client, {"event_name": "page_view", "consent": ALL_GRANTED}).get_json()[
+        "visitor_id"
+    ]
+    login = {"event_name": "login", "visitor_id": visitor, "user_id": "ada", "consent": ALL_GRANTED}
+    track(client, login)
+    collect(client, {"event_name": "page_view", "consent": ALL_GRANTED})
+    track(
+        client,
+        {"event_name": "sale", "event_id": "s1", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+
+    assert stored(app, "s1")["user_id"] == "ada"
