@@ -189,8 +189,8 @@ def _verified_user(raw: Any) -> Any:
     given = raw.pop("user_hash", None)
     secret = _settings().identity_secret
     user_id = raw.get("user_id")
-    if secret is None or user_id is None:
-        return raw
+    if secret is None or user_id is None or events.no_value(user_id):
+        return raw  # a user ID "undefined" names no one: dropped at intake, never linked
     expected = hmac.new(secret.encode(), str(user_id).encode(), hashlib.sha256).hexdigest()
     if not isinstance(given, str) or not hmac.compare_digest(
         given.strip().lower().encode("utf-8", "surrogatepass"), expected.encode()
@@ -212,7 +212,7 @@ def _visitor_id(raw: dict[str, Any]) -> str:
     client_id), and a client that named another browser's, in the body or in a cookie of its
     own making (any HTTP client sends what cookies it likes), would be enriched with its user
     and would write its own click IDs, IP and user agent into that visitor, for the user's next
-    server event to carry.
+    server event to carry. A JavaScript non-value (``undefined``, ``null``...) is none.
     """
     settings = _settings()
     cookie = request.cookies.get(settings.cookie_name)
@@ -222,7 +222,14 @@ def _visitor_id(raw: dict[str, Any]) -> str:
     elif cookie is not None:
         cookie = _signed_visitor(cookie, settings.identity_secret)
     for candidate in (cookie, claimed):
-        if isinstance(candidate, str) and 0 < len(candidate) <= 128 and candidate.isprintable():
+        # A claimed "undefined" (a page's storage read before it was set) is no visitor: taken,
+        # every such browser would be one visitor, each enriched with the others' clicks.
+        if (
+            isinstance(candidate, str)
+            and 0 < len(candidate) <= 128
+            and candidate.isprintable()
+            and not events.no_value(candidate)
+        ):
             return candidate
     return "v_" + secrets.token_urlsafe(18)
 

@@ -6,7 +6,8 @@ field. Normalization: ``event_type`` becomes ``event_name``; ``timestamp`` (ISO 
 seconds) becomes ISO 8601 UTC with a ``Z``; a missing ``event_id`` is generated; consent values
 become ``"granted"`` / ``"denied"``; ``context.ip`` is read as the address it names, or left
 out (:func:`readable_ip`); personal data in ``context.page_url`` and ``context.referrer`` is
-redacted (:mod:`engine.urlprivacy`).
+redacted (:mod:`engine.urlprivacy`); an identifier that is a JavaScript non-value
+(:data:`NON_VALUES`, or blank) is left out and listed under ``dropped`` (:func:`no_value`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 import jsonschema
 
@@ -120,6 +121,51 @@ _CONSENT_VALUES = frozenset(CONSENT_WORDS)
 
 
 _MISSING = object()
+
+NON_VALUES = frozenset({"undefined", "null", "NaN", "[object Object]"})
+"""What JavaScript writes where a value is missing: ``String(undefined)``, ``String(null)``,
+``String(NaN)`` and ``String({})``, as a page or a Node backend sends them in an identifier
+(a cookie not set, an object's missing field). Case counts: ``Null`` and ``Nan`` are names."""
+_TOP_IDS = ("visitor_id", "session_id", "user_id")
+CONTEXT_IDS = frozenset(
+    {
+        # click IDs (engine.identity.CLICK_PARAMS) and the platforms' cookies
+        *("gclid", "gbraid", "wbraid", "fbclid", "ttclid", "msclkid", "li_fat_id", "epik"),
+        *("sccid", "rdt_cid", "fbc", "fbp", "ttp", "ga_client_id", "ga_session_id"),
+    }
+)
+"""The identifiers of ``context`` that a JavaScript non-value is dropped from."""
+
+
+def no_value(value: Any) -> TypeGuard[str]:
+    """Whether ``value`` is text that names nothing: one of :data:`NON_VALUES`, or blank.
+
+    Such an identifier is no click, cookie or person, and sent as one it is worse than none:
+    Google Ads refuses a gclid ``undefined`` (``UNPARSEABLE_GCLID``), and every visitor whose
+    ``external_id`` or ``user_id`` is ``undefined`` would be one person to each platform and to
+    tagrelay's own visitor links. A set lookup: it runs for each identifier of every event.
+    """
+    return type(value) is str and (value in NON_VALUES or not value.strip())
+
+
+def _drop_non_values(event: dict[str, Any], raw: Mapping[str, Any]) -> dict[str, str]:
+    """Leave out of ``event`` (in place; the client's nested objects are copied, not changed)
+    its identifiers that are :func:`no_value`: ``visitor_id``, ``session_id``, ``user_id``,
+    the documented ``user_data`` fields and :data:`CONTEXT_IDS`. Returns them, by path."""
+    dropped: dict[str, str] = {}
+    for key in _TOP_IDS:
+        if no_value(value := event.get(key)):
+            dropped[key] = value
+            del event[key]
+    for part, names in (("user_data", _USER_DATA_KEYS), ("context", CONTEXT_IDS)):
+        section = event.get(part)
+        if not section:
+            continue
+        junk = [key for key, value in section.items() if key in names and no_value(value)]
+        if junk:
+            section = event[part] = {k: v for k, v in section.items() if k not in junk}
+            dropped.update((f"{part}.{key}", raw[part][key]) for key in junk)
+    return dropped
 
 
 def conforms(raw: dict[str, Any]) -> bool:
@@ -338,12 +384,20 @@ def normalize(
             any page may use). Rules can then tell a backend's copy from a page's, which no
             field the client sends can (a client that sends ``source`` is refused).
 
+    Identifiers that are JavaScript non-values (``"undefined"``, ``"null"``, ``"NaN"``,
+    ``"[object Object]"``, blank; see :func:`no_value`) are left out, not refused (the event's
+    other tags still need it), and listed under ``dropped`` (path -> the text sent).
+
     Raises:
         BadRequest: with a message naming the first problem found.
     """
     now = now or datetime.now(UTC)
     validate(raw)
     event = dict(raw)
+    # Before anything reads them (enrichment, the identity update, tags): treated as absent, so
+    # enrichment may fill them and nothing remembers them; listed, so the drop is seen.
+    if dropped := _drop_non_values(event, raw):
+        event["dropped"] = dropped
     event["source"] = source
     alias = event.pop("event_type", None)
     if "event_name" not in event:

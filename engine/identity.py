@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from engine.consent import drop_other_ips, truncate_ip
 from engine.errors import BadRequest
-from engine.event import format_time, parse_timestamp, readable_ip
+from engine.event import format_time, no_value, parse_timestamp, readable_ip
 
 # Query parameter -> context field. ScCid (Snapchat) keeps its documented spelling in URLs.
 CLICK_PARAMS: Mapping[str, str] = {
@@ -88,7 +88,8 @@ def _url_clicks(url: Any) -> set[str]:
 
 
 def capture_click_ids(event: dict[str, Any]) -> None:
-    """Copy click IDs from the page URL (first) and referrer into ``context``, if not set.
+    """Copy click IDs from the page URL (first) and referrer into ``context``, if not set (or
+    set to a JavaScript non-value, :func:`~engine.event.no_value`).
 
     An ``_fbc`` cookie (``context.fbc``) of another click than the page URL's ``fbclid`` is
     left out: it is the cookie of an earlier click, read before Meta's pixel wrote the new
@@ -101,7 +102,9 @@ def capture_click_ids(event: dict[str, Any]) -> None:
         del context["fbc"]
     for source in (context.get("page_url"), context.get("referrer")):
         for name, value in click_ids_in_url(source).items():
-            context.setdefault(name, value)
+            # A page's "undefined" (its script read a cookie or parameter not set) is none.
+            if name not in context or no_value(context[name]):
+                context[name] = value
 
 
 def _of_click(fbc: str, fbclid: str) -> bool:

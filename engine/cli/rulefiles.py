@@ -113,6 +113,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
     out(f"event {event['event_name']!r} (event_id {event['event_id']})")
     if event.get("enriched"):
         out(f"  enriched from the visitor's identity: {', '.join(event['enriched'])}")
+    if event.get("dropped"):
+        dropped = ", ".join(f"{k} ({v!r})" for k, v in event["dropped"].items())
+        out(f"  dropped as no value: {dropped}")
     for tag in result["tags"]:
         mark = "FIRED  " if tag["fired"] else "skipped"
         out(f"  {mark} {tag['name']} -> {tag['destination']}: {tag['reason']}")

@@ -83,9 +83,13 @@ MAX_DURATION = MAX_DAYS * 86400.0
 _ENGINE_KEYS = ("type", "enabled", "delivery")
 _USER_DATA_FIELDS = frozenset(EVENT_SCHEMA["properties"]["user_data"]["properties"])
 # The top-level fields an event has when the rules see it: intake refuses any other, reads
-# event_type as event_name, sets source, and the pipeline adds the list of fields enrichment
-# added.
-EVENT_FIELDS = (frozenset(EVENT_SCHEMA["properties"]) - {"event_type"}) | {"enriched", "source"}
+# event_type as event_name, sets source and the identifiers it dropped as no values, and the
+# pipeline adds the list of fields enrichment added.
+EVENT_FIELDS = (frozenset(EVENT_SCHEMA["properties"]) - {"event_type"}) | {
+    "dropped",
+    "enriched",
+    "source",
+}
 
 
 def parse_duration(value: Any) -> float:

@@ -402,6 +402,19 @@ def test_preview_text_output_redacts_secrets_too(
         assert secret not in out
 
 
+def test_preview_text_output_shows_identifiers_dropped_as_no_value(
+    write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps({**EVENT, "user_id": "undefined", "context": {"gclid": "null"}}))
+
+    code = main(["preview", str(path), "--rules", str(write_rules(RULES))])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "dropped as no value: user_id ('undefined'), context.gclid ('null')" in out
+
+
 def test_preview_explains_tags_that_do_not_fire(
     write_rules: WriteRules, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1886,3 +1886,93 @@ def test_a_user_the_backend_linked_stays_the_visitors_across_page_views_that_nam
     )
 
     assert stored(app, "s1")["user_id"] == "ada"
+
+
+def test_a_pages_undefined_identifiers_are_dropped_and_the_urls_click_and_a_visitor_used(
+    app: Flask, client: FlaskClient
+) -> None:
+    answer = collect(
+        client,
+        {
+            "event_name": "page_view",
+            "event_id": "pv-undef",
+            "visitor_id": "undefined",
+            "user_id": "null",
+            "consent": ALL_GRANTED,
+            "user_data": {"email": "undefined"},
+            "context": {
+                "page_url": f"{ORIGIN}/?gclid=Gc-real",
+                "gclid": "undefined",
+                "fbp": "undefined",
+                "ga_client_id": "[object Object]",
+            },
+        },
+    )
+
+    assert answer.status_code == 200
+    visitor = answer.get_json()["visitor_id"]
+    assert visitor.startswith("v_")  # a new visitor, not one shared by every such browser
+    event = stored(app, "pv-undef")
+    assert event["context"]["gclid"] == "Gc-real"
+    assert not {"fbp", "ga_client_id"} & set(event["context"])
+    assert "user_id" not in event and not event.get("user_data")
+    assert event["dropped"] == {
+        "user_id": "null",
+        "user_data.email": "undefined",
+        "context.fbp": "undefined",
+        "context.ga_client_id": "[object Object]",
+    }
+
+
+def test_a_backend_events_undefined_gclid_gives_way_to_the_visitors_remembered_one(
+    app: Flask, client: FlaskClient
+) -> None:
+    visitor = collect(
+        client,
+        {
+            "event_name": "page_view",
+            "consent": ALL_GRANTED,
+            "context": {"page_url": f"{ORIGIN}/?gclid=Gc-3"},
+        },
+    ).get_json()["visitor_id"]
+
+    track(
+        client,
+        {
+            "event_name": "sale",
+            "event_id": "s-undef",
+            "visitor_id": visitor,
+            "user_id": "undefined",
+            "consent": ALL_GRANTED,
+            "context": {"gclid": "undefined"},
+        },
+    )
+    track(
+        client,
+        {
+            "event_name": "sale",
+            "event_id": "s-undef2",
+            "user_id": "undefined",
+            "consent": ALL_GRANTED,
+        },
+    )
+
+    event = stored(app, "s-undef")
+    assert event["context"]["gclid"] == "Gc-3"
+    assert "context.gclid" in event["enriched"]
+    assert event["dropped"] == {"user_id": "undefined", "context.gclid": "undefined"}
+    # No user "undefined" was linked to the visitor: another such event finds no one's clicks.
+    other = stored(app, "s-undef2")
+    assert "visitor_id" not in other and "gclid" not in other.get("context", {})
+
+
+def test_a_user_id_that_is_no_value_needs_no_hash_with_verification_on(tmp_path: Path) -> None:
+    app = make_app(tmp_path, identity_secret=IDENTITY_SECRET)
+    client = app.test_client()
+
+    answer = collect(
+        client, {"event_name": "page_view", "event_id": "pv-u", "user_id": "undefined"}
+    )
+
+    assert answer.status_code == 200
+    assert "user_id" not in stored(app, "pv-u")
