@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 import pycountry
 
 from destinations.e164 import e164
-from destinations.values import scalar_text
+from destinations.values import no_value, scalar_text
 
 Platform = Literal["meta", "google", "tiktok"]
 """The platforms whose rules this module knows."""
@@ -363,7 +363,8 @@ def country(value: str, platform: Platform) -> str | None:
 
 
 def url_param(url: object, param: str) -> str | None:
-    """The first value of query parameter ``param`` in ``url``, unchanged (case kept)."""
+    """The first value of query parameter ``param`` in ``url``, unchanged (case kept); None
+    for a JavaScript non-value (:func:`~destinations.values.no_value`), such as ``undefined``."""
     if not isinstance(url, str) or not url:
         return None
     # Most URLs do not carry the parameter: skip the parse when none of its keys can be
@@ -378,7 +379,8 @@ def url_param(url: object, param: str) -> str | None:
     except ValueError:
         return None
     values = parse_qs(query).get(param)
-    return values[0] if values and values[0] else None
+    # "?gclid=undefined": a link a script built of a click ID it did not have carries none.
+    return values[0] if values and values[0] and not no_value(values[0]) else None
 
 
 # -- helpers ------------------------------------------------------------------------------------

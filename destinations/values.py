@@ -14,7 +14,7 @@ included (``"GA4: params.value"``); the helpers add what is wrong (``... must be
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from destinations.base import PayloadError
 
@@ -155,3 +155,20 @@ def _first_non_json(value: Any, path: str) -> tuple[str, Any]:
             path = f"{path}[{index}]"
         else:
             return path or "value", value
+
+
+NON_VALUES = frozenset({"undefined", "null", "NaN", "[object Object]"})
+"""What JavaScript writes where a value is missing: ``String(undefined)``, ``String(null)``,
+``String(NaN)`` and ``String({})``, as a page or a Node backend sends them in an identifier
+(a cookie not set, an object's missing field). Case counts: ``Null`` and ``Nan`` are names."""
+
+
+def no_value(value: Any) -> TypeGuard[str]:
+    """Whether ``value`` is text that names nothing: one of :data:`NON_VALUES`, or blank.
+
+    Such an identifier is no click, cookie or person, and sent as one it is worse than none:
+    Google Ads refuses a gclid ``undefined`` (``UNPARSEABLE_GCLID``), and every visitor whose
+    ``external_id`` or ``user_id`` is ``undefined`` would be one person to each platform and to
+    tagrelay's own visitor links. A set lookup: it runs for each identifier of every event.
+    """
+    return type(value) is str and (value in NON_VALUES or not value.strip())

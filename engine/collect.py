@@ -22,6 +22,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from destinations.values import no_value
 from engine import event as events
 from engine.api import error_response, parse_json_body, read_body
 from engine.config import PublishableKey, Settings
@@ -189,7 +190,7 @@ def _verified_user(raw: Any) -> Any:
     given = raw.pop("user_hash", None)
     secret = _settings().identity_secret
     user_id = raw.get("user_id")
-    if secret is None or user_id is None or events.no_value(user_id):
+    if secret is None or user_id is None or no_value(user_id):
         return raw  # a user ID "undefined" names no one: dropped at intake, never linked
     expected = hmac.new(secret.encode(), str(user_id).encode(), hashlib.sha256).hexdigest()
     if not isinstance(given, str) or not hmac.compare_digest(
@@ -228,7 +229,7 @@ def _visitor_id(raw: dict[str, Any]) -> str:
             isinstance(candidate, str)
             and 0 < len(candidate) <= 128
             and candidate.isprintable()
-            and not events.no_value(candidate)
+            and not no_value(candidate)
         ):
             return candidate
     return "v_" + secrets.token_urlsafe(18)

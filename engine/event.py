@@ -7,7 +7,8 @@ seconds) becomes ISO 8601 UTC with a ``Z``; a missing ``event_id`` is generated;
 become ``"granted"`` / ``"denied"``; ``context.ip`` is read as the address it names, or left
 out (:func:`readable_ip`); personal data in ``context.page_url`` and ``context.referrer`` is
 redacted (:mod:`engine.urlprivacy`); an identifier that is a JavaScript non-value
-(:data:`NON_VALUES`, or blank) is left out and listed under ``dropped`` (:func:`no_value`).
+(:data:`destinations.values.NON_VALUES`, or blank) is left out and listed under ``dropped``
+(:func:`~destinations.values.no_value`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeGuard
+from typing import Any
 
 import jsonschema
 
+from destinations.values import no_value
 from engine.errors import BadRequest
 from engine.urlprivacy import redact_personal_data
 
@@ -122,10 +124,6 @@ _CONSENT_VALUES = frozenset(CONSENT_WORDS)
 
 _MISSING = object()
 
-NON_VALUES = frozenset({"undefined", "null", "NaN", "[object Object]"})
-"""What JavaScript writes where a value is missing: ``String(undefined)``, ``String(null)``,
-``String(NaN)`` and ``String({})``, as a page or a Node backend sends them in an identifier
-(a cookie not set, an object's missing field). Case counts: ``Null`` and ``Nan`` are names."""
 _TOP_IDS = ("visitor_id", "session_id", "user_id")
 CONTEXT_IDS = frozenset(
     {
@@ -135,17 +133,6 @@ CONTEXT_IDS = frozenset(
     }
 )
 """The identifiers of ``context`` that a JavaScript non-value is dropped from."""
-
-
-def no_value(value: Any) -> TypeGuard[str]:
-    """Whether ``value`` is text that names nothing: one of :data:`NON_VALUES`, or blank.
-
-    Such an identifier is no click, cookie or person, and sent as one it is worse than none:
-    Google Ads refuses a gclid ``undefined`` (``UNPARSEABLE_GCLID``), and every visitor whose
-    ``external_id`` or ``user_id`` is ``undefined`` would be one person to each platform and to
-    tagrelay's own visitor links. A set lookup: it runs for each identifier of every event.
-    """
-    return type(value) is str and (value in NON_VALUES or not value.strip())
 
 
 def _drop_non_values(event: dict[str, Any], raw: Mapping[str, Any]) -> dict[str, str]:

@@ -20,9 +20,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from destinations.values import no_value
 from engine.consent import drop_other_ips, truncate_ip
 from engine.errors import BadRequest
-from engine.event import format_time, no_value, parse_timestamp, readable_ip
+from engine.event import format_time, parse_timestamp, readable_ip
 
 # Query parameter -> context field. ScCid (Snapchat) keeps its documented spelling in URLs.
 CLICK_PARAMS: Mapping[str, str] = {
@@ -71,11 +72,12 @@ def _query_if_clicks(url: Any, any_case: bool) -> list[tuple[str, str]]:
 
 def click_ids_in_url(url: Any) -> dict[str, str]:
     """The click IDs in a URL's query string, by their names in any case (``GCLID``,
-    ``sccid``); the case of values is kept."""
+    ``sccid``); the case of values is kept. A JavaScript non-value (``?gclid=undefined``, a
+    link a script built of a click ID it did not have) is none."""
     found: dict[str, str] = {}
     for key, value in _query_if_clicks(url, any_case=True):
         name = _CLICK_PARAMS_ANY_CASE.get(key.lower())
-        if name and value and name not in found:
+        if name and value and name not in found and not no_value(value):
             found[name] = value[:500]
     return found
 
@@ -84,7 +86,11 @@ def _url_clicks(url: Any) -> set[str]:
     """The click IDs a URL's query carries as the adapters read them there: by their names as
     the platforms write them (``gclid``, not ``GCLID``; see ``normalize.url_param``)."""
     pairs = _query_if_clicks(url, any_case=False)
-    return {CLICK_PARAMS[key] for key, value in pairs if value and key in CLICK_PARAMS}
+    return {
+        CLICK_PARAMS[key]
+        for key, value in pairs
+        if value and key in CLICK_PARAMS and not no_value(value)
+    }
 
 
 def capture_click_ids(event: dict[str, Any]) -> None:

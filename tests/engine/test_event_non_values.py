@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from destinations import normalize as normalize_
 from engine import identity
 from engine.event import CONTEXT_IDS, normalize
 
@@ -133,3 +134,34 @@ def test_nothing_dropped_is_remembered_for_enrichment() -> None:
 def test_a_client_cannot_send_dropped_itself() -> None:
     with pytest.raises(Exception, match="unknown field 'dropped'"):
         normalize({"event_name": "x", "dropped": {}}, NOW)
+
+
+@pytest.mark.parametrize("junk", ["undefined", "null", "NaN", "%5Bobject+Object%5D", "+"])
+def test_a_click_id_that_is_no_value_in_a_url_is_none(junk: str) -> None:
+    url = f"https://shop.example/?gclid={junk}&ttclid={junk}&fbclid=IwAR-1"
+
+    assert identity.click_ids_in_url(url) == {"fbclid": "IwAR-1"}
+    assert normalize_.url_param(url, "gclid") is None
+    assert normalize_.url_param(url, "fbclid") == "IwAR-1"
+
+
+def test_a_server_events_page_url_gclid_undefined_is_not_remembered() -> None:
+    event = norm(
+        visitor_id="v1",
+        context={"page_url": "https://shop.example/?gclid=undefined&ttclid=tt-1"},
+    )
+
+    update = identity.identity_update(event, frozenset({"ad_storage"}), NOW.timestamp())
+
+    assert update is not None
+    assert dict(update.values) == {"ttclid": "tt-1"}
+
+
+def test_a_page_url_gclid_undefined_lets_the_remembered_click_through() -> None:
+    event = norm(visitor_id="v1", context={"page_url": "https://shop.example/?gclid=undefined"})
+    remembered = identity.Identity("v1", values={"gclid": ("Gc-real", NOW.timestamp())})
+
+    added = identity.enrich(event, remembered, frozenset({"ad_storage"}))
+
+    assert event["context"]["gclid"] == "Gc-real"
+    assert "context.gclid" in added
