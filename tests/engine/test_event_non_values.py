@@ -4,14 +4,18 @@ blank) are left out at intake and listed under ``dropped``; the event itself is 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from destinations import normalize as normalize_
+from destinations.normalize import sha256_hex
 from engine import identity
 from engine.event import CONTEXT_IDS, normalize
+from engine.rules import compile_container
 
 NOW = datetime(2026, 11, 20, 15, 0, 0, tzinfo=UTC)
 JUNK = ["undefined", "null", "NaN", "[object Object]", "", "  "]
@@ -165,3 +169,40 @@ def test_a_page_url_gclid_undefined_lets_the_remembered_click_through() -> None:
 
     assert event["context"]["gclid"] == "Gc-real"
     assert "context.gclid" in added
+
+
+PLATFORM_RULES = """
+destinations:
+  gads: {type: google_ads, customer_id: "123-456-7890", conversion_action: "111",
+         developer_token: dt, client_id: ci, client_secret: cs, refresh_token: rt}
+  tiktok: {type: tiktok, pixel_code: CABC, access_token: tiktok-token}
+triggers:
+  all: {event: "*"}
+tags:
+  - {name: gads, trigger: all, destination: gads}
+  - {name: tiktok, trigger: all, destination: tiktok, event_name: CompletePayment}
+"""
+
+
+def test_google_ads_gets_the_hashed_email_and_no_gclid_undefined(
+    write_rules: Callable[..., Path],
+) -> None:
+    rules, _ = compile_container(write_rules(PLATFORM_RULES), {})
+    assert rules is not None
+    event = norm(
+        event_id="o1",
+        user_id="undefined",
+        properties={"order_id": "o1", "value": 10, "currency": "EUR"},
+        user_data={"email": "ada@example.com", "external_id": "null", "phone": "undefined"},
+        context={"gclid": "undefined", "ttclid": "NaN", "ip": "203.0.113.7", "user_agent": "UA"},
+        consent={p: "granted" for p in ("ad_storage", "ad_user_data", "analytics_storage")},
+    )
+
+    sent = {d.tag: d.payload for d in rules.evaluate(event, now=NOW) if d.fired}
+
+    conversion = sent["gads"]["row"]
+    assert "gclid" not in conversion
+    assert conversion["userIdentifiers"] == [{"hashedEmail": sha256_hex("ada@example.com")}]
+    user = sent["tiktok"]["user"]
+    assert not {"external_id", "phone", "ttclid"} & set(user)
+    assert user["email"] == sha256_hex("ada@example.com")
