@@ -48,7 +48,9 @@ EVENT_SCHEMA: dict[str, Any] = {
         "timestamp": {"type": ["string", "number"]},
         "visitor_id": {**_SHORT_STRING, "minLength": 1},
         "session_id": {**_SHORT_STRING, "minLength": 1},
-        "user_id": {**_SHORT_STRING, "minLength": 1},
+        # null: no user is signed in (tagrelay.js after reset(), a backend's logout), which
+        # enrichment then adds none to and the visitor forgets (see signs_out).
+        "user_id": {"type": ["string", "null"], "maxLength": 256, "minLength": 1},
         "properties": {"type": "object"},
         "user_data": {
             "type": "object",
@@ -117,7 +119,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 
 _TOP_KEYS = frozenset(EVENT_SCHEMA["properties"])
-_ID_KEYS = ("event_name", "event_type", "visitor_id", "session_id", "user_id")
+_ID_KEYS = ("event_name", "event_type", "visitor_id", "session_id")
 _USER_DATA_KEYS = frozenset(EVENT_SCHEMA["properties"]["user_data"]["properties"])
 _CONSENT_VALUES = frozenset(CONSENT_WORDS)
 
@@ -169,6 +171,9 @@ def conforms(raw: dict[str, Any]) -> bool:
         value = get(key, _MISSING)
         if value is not _MISSING and not (type(value) is str and 0 < len(value) <= 256):
             return False
+    user_id = get("user_id")  # absent, null (no user signed in) or an ID
+    if user_id is not None and not (type(user_id) is str and 0 < len(user_id) <= 256):
+        return False
     event_id = get("event_id", _MISSING)
     if event_id is not _MISSING and not (
         type(event_id) is int or (type(event_id) is str and 0 < len(event_id) <= 256)
@@ -331,6 +336,14 @@ def validate(raw: Any) -> None:
         raise BadRequest(_describe(error))
 
 
+def signs_out(raw: Any) -> bool:
+    """Whether ``raw`` says no user is signed in: ``"user_id": null`` (tagrelay.js after
+    ``reset()``, a backend's logout). Its visitor is then no user's (the identity update
+    forgets its user) and enrichment adds it none; :func:`normalize` leaves the null out, so
+    the stored event and the tags see an event without a user ID."""
+    return isinstance(raw, dict) and "user_id" in raw and raw["user_id"] is None
+
+
 SOURCES = ("server", "browser")
 """What an event's ``source`` may be: set by tagrelay, never by the client (see normalize)."""
 
@@ -381,6 +394,8 @@ def normalize(
     now = now or datetime.now(UTC)
     validate(raw)
     event = dict(raw)
+    if "user_id" in event and event["user_id"] is None:
+        del event["user_id"]  # no user signed in (see signs_out): absent to all that follows
     # Before anything reads them (enrichment, the identity update, tags): treated as absent, so
     # enrichment may fill them and nothing remembers them; listed, so the drop is seen.
     if dropped := _drop_non_values(event, raw):

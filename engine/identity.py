@@ -212,6 +212,9 @@ class IdentityUpdate:
     values: Mapping[str, str] = field(default_factory=dict)  # click IDs and cookies
     user_agent: str | None = None
     ip: str | None = None
+    # The event said no user is signed in ("user_id": null: reset(), a backend's logout): the
+    # visitor is no longer taken to be its last user's (who keeps the link to it).
+    signed_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,8 +249,12 @@ def identity_update(
     granted: frozenset[str],
     received_at: float,
     enriched: Collection[str] = (),
+    signed_out: bool = False,
 ) -> IdentityUpdate | None:
     """What to remember from an accepted event, as consent allows; None when nothing.
+
+    ``signed_out``: the event sent ``"user_id": null`` (:func:`engine.event.signs_out`): its
+    visitor's remembered user is forgotten, whatever the consent (it removes, never adds).
 
     ``enriched``: the fields enrichment added (``context.ip``, ``user_id``, ...). They came
     from the store, not from the client, so they are not remembered again: a remembered IP
@@ -291,14 +298,19 @@ def identity_update(
         values,
         ua if isinstance(ua, str) else None,
         ip if isinstance(ip, str) else None,
+        signed_out=signed_out and not user,
     )
 
 
 _USER_ID_PURPOSES = frozenset({"ad_user_data", "analytics_storage"})
 
 
-def enrich(event: dict[str, Any], identity: Identity, granted: frozenset[str]) -> list[str]:
+def enrich(
+    event: dict[str, Any], identity: Identity, granted: frozenset[str], signed_out: bool = False
+) -> list[str]:
     """Fill what the event lacks from the visitor's identity; returns the fields added.
+
+    ``signed_out``: the event sent ``"user_id": null`` (no user is signed in): no user ID.
 
     Only as the event's own consent (``granted``) allows, the way :func:`identity_update`
     remembers: click IDs and cookies with ``ad_storage``, the user agent and IP with
@@ -312,7 +324,12 @@ def enrich(event: dict[str, Any], identity: Identity, granted: frozenset[str]) -
         added.append("visitor_id")
     # The user ID the browser was last seen with names a person, for analytics (GA4's user_id)
     # and for ads (external_id): back only with one of those purposes, never without consent.
-    if identity.user_id and not event.get("user_id") and not _USER_ID_PURPOSES.isdisjoint(granted):
+    if (
+        identity.user_id
+        and not signed_out
+        and not event.get("user_id")
+        and not _USER_ID_PURPOSES.isdisjoint(granted)
+    ):
         event["user_id"] = identity.user_id
         added.append("user_id")
     context = event.setdefault("context", {})

@@ -157,10 +157,16 @@ CLOCK_SKEW = 60.0
 
 
 def enrich_from_store(
-    store: Store, privacy: Privacy, event: dict[str, Any], now: datetime, granted: frozenset[str]
+    store: Store,
+    privacy: Privacy,
+    event: dict[str, Any],
+    now: datetime,
+    granted: frozenset[str],
+    signed_out: bool = False,
 ) -> list[str]:
     """Add what ``store`` remembers about the event's visitor or user, as the event's consent
-    (``granted``) allows; the fields added."""
+    (``granted``) allows; the fields added. ``signed_out``: the client sent ``"user_id":
+    null`` (:func:`engine.event.signs_out`), so no user ID is added."""
     visitor, user = event.get("visitor_id"), event.get("user_id")
     if not visitor and not user:
         return []
@@ -178,7 +184,7 @@ def enrich_from_store(
         privacy.click_id_windows,
         privacy.click_id_window,
     )
-    return identity.enrich(event, found, granted) if found else []
+    return identity.enrich(event, found, granted, signed_out) if found else []
 
 
 class FreeSpace:
@@ -298,10 +304,16 @@ class Pipeline:
         self.space = FreeSpace(store, reserve_bytes)
         self.outage = StoreOutage()
 
-    def enrich(self, event: dict[str, Any], now: datetime, granted: frozenset[str]) -> list[str]:
+    def enrich(
+        self,
+        event: dict[str, Any],
+        now: datetime,
+        granted: frozenset[str],
+        signed_out: bool = False,
+    ) -> list[str]:
         """Add what the store remembers about the event's visitor or user, as its consent
-        allows; the fields added."""
-        return enrich_from_store(self.store, self.privacy, event, now, granted)
+        allows; the fields added (no user ID when ``signed_out``: see enrich_from_store)."""
+        return enrich_from_store(self.store, self.privacy, event, now, granted, signed_out)
 
     def prepare(
         self,
@@ -320,16 +332,20 @@ class Pipeline:
             BadRequest: the event is invalid.
         """
         normalized = events.normalize(raw, now, self.privacy.redact_query_params, source)
+        # "user_id": null, which normalize leaves out: nobody is signed in (reset(), a logout).
+        signed_out = events.signs_out(raw)
         # Computed once for the enrichment, the IP policy, every tag and the identity update;
         # neither the enrichment nor the IP policy touches the event's consent.
         consent = container.consent(normalized)
-        added = self.enrich(normalized, now, consent.granted) if enrich else []
+        added = self.enrich(normalized, now, consent.granted, signed_out) if enrich else []
         identity.apply_ip_policy(normalized, self.privacy.ip_storage, consent.granted)
         if added and (held := identity.still_held(normalized, added)):
             normalized["enriched"] = held
         decisions = container.evaluate(normalized, now=now, consent=consent)
         received_at = now.timestamp()
-        update = identity.identity_update(normalized, consent.granted, received_at, added)
+        update = identity.identity_update(
+            normalized, consent.granted, received_at, added, signed_out
+        )
         return Acceptance(normalized, decisions, container.dedup_window, received_at, update)
 
     def accept(

@@ -41,7 +41,8 @@ def request_json(request: HttpRequest) -> dict[str, Any]:
     }
 
 
-Enricher = Callable[[dict[str, Any], datetime, frozenset[str]], list[str]]
+# (event, now, granted purposes, signed_out: the event sent "user_id": null) -> fields added
+Enricher = Callable[[dict[str, Any], datetime, frozenset[str], bool], list[str]]
 
 
 def preview(
@@ -68,7 +69,8 @@ def preview(
         raw = as_collected(raw, now)
     event = events.normalize(raw, now, redact_params, source)
     granted = granted_purposes(event.get("consent"), container.consent_defaults)
-    added = enricher(event, now, granted) if enricher is not None else []
+    signed_out = events.signs_out(raw)
+    added = enricher(event, now, granted, signed_out) if enricher is not None else []
     apply_ip_policy(event, ip_storage, granted)
     if added and (added := still_held(event, added)):
         event["enriched"] = added  # shown, so the reader sees what the store contributed

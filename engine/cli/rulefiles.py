@@ -92,8 +92,10 @@ def cmd_preview(args: argparse.Namespace) -> int:
         store = existing_store(settings)
         privacy = Privacy(settings.ip_storage, settings.click_id_window)  # (enrichment only)
 
-        def enricher(event: dict[str, Any], now: datetime, granted: frozenset[str]) -> list[str]:
-            return enrich_from_store(store, privacy, event, now, granted)
+        def enricher(
+            event: dict[str, Any], now: datetime, granted: frozenset[str], signed_out: bool
+        ) -> list[str]:
+            return enrich_from_store(store, privacy, event, now, granted, signed_out)
 
     try:
         result = preview(

@@ -29,6 +29,7 @@
   var STORAGE_VISITOR = "tr_vid";
   var STORAGE_USER = "tr_uid";
   var STORAGE_USER_HASH = "tr_uhash"; // the user ID's hash, when the server verifies user IDs
+  var STORAGE_SIGNED_OUT = "tr_out"; // reset() was called: events say no user is signed in
   var STORAGE_ANSWERED = "tr_answered"; // the server has answered, so its visitor cookie is set
   // user_data fields of the canonical event; other identify() traits go under properties.
   var USER_DATA_KEYS = ["email", "phone", "first_name", "last_name", "date_of_birth", "gender",
@@ -165,6 +166,10 @@
       event.user_id = String(userId);
       var userHash = options.user_id ? options.user_hash : store(STORAGE_USER_HASH);
       if (userHash) event.user_hash = String(userHash);
+    } else if (store(STORAGE_SIGNED_OUT)) {
+      // After reset(): null says nobody is signed in, so the server forgets the visitor's last
+      // user and adds it to no event (no user_id at all is a page that never names its user).
+      event.user_id = null;
     }
     if (options.user_data) event.user_data = options.user_data;
     if (consentDefaults || consentState) {
@@ -432,6 +437,7 @@
         store(STORAGE_USER, String(userId));
         var hash = options && options.user_hash;
         store(STORAGE_USER_HASH, hash ? String(hash) : null);
+        store(STORAGE_SIGNED_OUT, null);
       }
       var userData = {}, properties = {}, any = false;
       for (var k in traits || {}) {
@@ -462,10 +468,12 @@
       return visitorId();
     },
 
-    /** Forget the user (on logout): later events carry no user_id. */
+    /** Forget the user (on logout): later events carry "user_id": null, until identify(),
+     *  and the server stops taking this browser for that user's (see README, Enrichment). */
     reset: function () {
       store(STORAGE_USER, null);
       store(STORAGE_USER_HASH, null);
+      store(STORAGE_SIGNED_OUT, "1");
       return api;
     },
 

@@ -474,8 +474,9 @@ def test_single_page_app_route_changes_send_page_views(stack: Stack, browser: We
     anonymous = browser.execute_script("return tagrelay.track('wishlist');")
     wait_for(lambda: len(collected(browser)) == 7, "an anonymous event", server)
     after = server.stored_event(anonymous) or {}
-    # The page sent none: a user ID there is the server's guess from the visitor, so listed.
-    assert "user_id" not in after or "user_id" in after.get("enriched", [])
+    # The page said nobody is signed in ("user_id": null): none, nor one added from the visitor.
+    assert "user_id" not in after
+    assert "user_id" not in after.get("enriched", [])
 
 
 def test_an_event_right_after_a_route_change_follows_that_routes_page_view(
@@ -962,7 +963,7 @@ def test_a_page_whose_local_storage_refuses_writes_sends_the_user_it_was_given(
         stored = wait_for(lambda i=event_id: server.stored_event(i), "the event", server)
         assert stored["user_id"] == "cust_new"
     after = wait_for(lambda: server.stored_event(anonymous), "the event after reset()", server)
-    assert "user_id" not in after or "user_id" in after.get("enriched", [])
+    assert "user_id" not in after  # reset() kept in memory: the page says nobody is signed in
 
 
 def test_a_page_from_an_origin_the_key_does_not_allow_reads_the_refusal_and_stops(
@@ -1084,3 +1085,60 @@ def test_collect_answers_cors_and_sets_the_visitor_cookie(stack: Stack, tmp_path
         secure_server.stop()
     assert secure.status_code == 200, secure.text
     assert "secure" in cookie_attributes(secure.headers["Set-Cookie"])
+
+
+def test_after_reset_the_pages_events_and_a_guests_sale_on_that_browser_name_no_user(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # A shared computer: after the user's logout (reset()), enrichment put their user ID back
+    # on the page's events and on a guest's sale naming only that visitor (Meta's external_id
+    # beside the guest's own e-mail), for the visitor was still taken to be theirs.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the first page view", server)
+    visitor = browser.execute_script("return tagrelay.getVisitorId();")
+    signed_in = browser.execute_script(
+        "return tagrelay.identify('cust_shared', {}, {user_hash: arguments[0]});",
+        user_hash("cust_shared"),
+    )
+    identified = wait_for(lambda: server.stored_event(signed_in), "identify", server)
+    assert identified["user_id"] == "cust_shared"
+
+    browser.execute_script("tagrelay.reset();")
+    assert browser.execute_script("return localStorage.getItem('tr_out');") == "1"
+    browser.get(f"{stack.shop.url}/page.html")  # the logout's next page: a new page load
+    wait_for(lambda: collected(browser), "the page view after logout", server)
+    page_view = browser.execute_script("return window.firstPageView;")
+    stored = wait_for(lambda: server.stored_event(page_view), "the page view", server)
+    assert stored["visitor_id"] == visitor
+    assert "user_id" not in stored
+    assert "user_id" not in stored.get("enriched", [])
+
+    sale = {
+        "event_name": "sale",
+        "event_id": "ord_guest_after_logout",
+        "visitor_id": visitor,
+        "user_data": {"email": "guest@example.com"},
+        "properties": {"order_id": "ord_guest_after_logout", "value": 12.0, "currency": "EUR"},
+        "consent": GRANTED,
+    }
+    assert "meta_purchase" in server.track(sale)["fired"]
+    purchase = wait_for(
+        lambda: next(
+            (e for e in stack.meta.events if e["event_id"] == "ord_guest_after_logout"), None
+        ),
+        "the guest's sale at Meta",
+        server,
+    )
+    assert "external_id" not in purchase["user_data"]  # not the previous user's
+    assert "em" in purchase["user_data"]  # the guest's own e-mail
+    assert "user_id" not in (server.stored_event("ord_guest_after_logout") or {"user_id": "?"})
+
+    # The next user to sign in is named again, and the page's events carry them.
+    browser.execute_script(
+        "tagrelay.identify('cust_next', {}, {user_hash: arguments[0]});", user_hash("cust_next")
+    )
+    later = browser.execute_script("return tagrelay.track('after_next_login');")
+    next_user = wait_for(lambda: server.stored_event(later), "the next user's event", server)
+    assert next_user["user_id"] == "cust_next"
+    assert browser.execute_script("return localStorage.getItem('tr_out');") is None

@@ -963,3 +963,38 @@ def test_the_end_of_a_store_outage_is_logged_once_with_how_many_requests_it_refu
     assert len(ended) == 1
     assert ended[0].refused == 3  # type: ignore[attr-defined]  # an extra field
     assert ended[0].outage_seconds >= 0  # type: ignore[attr-defined]
+
+
+def test_a_null_user_id_is_taken_by_track_and_its_batch_and_reaches_no_platform(
+    tmp_path: Path, write_rules: Callable[..., Path]
+) -> None:
+    # "user_id": null: nobody is signed in (a backend's logout, tagrelay.js after reset()).
+    # Valid on every endpoint, stored and forwarded as no user ID at all.
+    container = write_rules(PLATFORM_RULES)
+    settings = Settings(
+        rules=container, data_dir=tmp_path / "data", server_keys=(ServerKey(KEY),), deliver=False
+    )
+    client = create_app(settings, rules=load_rules(container, interval=0)).test_client()
+    granted = {p: "granted" for p in ("ad_storage", "analytics_storage", "ad_user_data")}
+
+    single = post(client, "/v1/track", {**sale("n1"), "user_id": None, "consent": granted})
+    batch = post(
+        client, "/v1/track/batch", {"events": [{**sale("n2"), "user_id": None, "consent": granted}]}
+    )
+
+    assert single.status_code == 200, single.get_data(as_text=True)
+    assert "meta_purchase" in single.get_json()["fired"]
+    assert batch.get_json()["results"][0]["success"] is True
+    with sqlite3.connect(tmp_path / "data" / "tagrelay.db") as conn:
+        bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM events")]
+        payloads = {
+            destination: json.loads(payload)
+            for destination, payload in conn.execute(
+                "SELECT destination, payload FROM deliveries WHERE event_seq = 1"
+            )
+        }
+    assert [("user_id" in b, b["event_id"]) for b in bodies] == [(False, "n1"), (False, "n2")]
+    assert set(payloads) == {"log", "meta", "tiktok", "ga4"}
+    assert "external_id" not in payloads["meta"]["user_data"]
+    assert "external_id" not in json.dumps(payloads["tiktok"])
+    assert "user_id" not in payloads["ga4"]

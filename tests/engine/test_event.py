@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from engine.errors import BadRequest
-from engine.event import normalize, parse_timestamp, simulated_source
+from engine.event import normalize, parse_timestamp, signs_out, simulated_source
 
 NOW = datetime(2026, 11, 20, 15, 0, 0, tzinfo=UTC)
 
@@ -91,12 +91,30 @@ def test_event_without_a_name_names_the_alias_in_its_error() -> None:
             "consent.ad_storage must be 'granted', 'denied', a boolean or null",
         ),
         ({"event_name": "x", "timestamp": None}, "timestamp must be string or number"),
+        ({"event_name": "x", "user_id": ""}, "user_id is too short"),
+        ({"event_name": "x", "user_id": "u" * 257}, "user_id is too long"),
+        ({"event_name": "x", "user_id": 42}, "user_id must be string or null"),
     ],
 )
 def test_invalid_events_are_rejected_with_a_message_naming_the_field(
     raw: Any, message: str
 ) -> None:
     assert error_of(raw) == message
+
+
+def test_a_null_user_id_says_nobody_is_signed_in_and_is_left_out() -> None:
+    # "user_id": null (tagrelay.js after reset(), a backend's logout): the event names no
+    # user, for the store and every tag; signs_out tells the pipeline to forget the visitor's.
+    raw = {"event_name": "page_view", "visitor_id": "v1", "user_id": None}
+
+    for source in ("server", "browser"):
+        event = normalize(raw, NOW, source=source)
+        assert "user_id" not in event
+    assert raw["user_id"] is None  # what the client sent stays as sent
+    assert signs_out(raw)
+    assert not signs_out({"event_name": "page_view"})  # no user_id: not a sign-out
+    assert not signs_out({"event_name": "page_view", "user_id": "u1"})
+    assert norm(user_id="u1")["user_id"] == "u1"
 
 
 def test_user_data_fields_may_be_null() -> None:

@@ -69,3 +69,11 @@ def test_fast_check_accepts_the_brief_example() -> None:
     }
 
     assert conforms(event) and _VALIDATOR.is_valid(event)
+
+
+def test_fast_check_accepts_a_null_user_id() -> None:
+    # "user_id": null says nobody is signed in (see engine.event.signs_out).
+    event = {"event_name": "page_view", "user_id": None}
+
+    assert conforms(event) and _VALIDATOR.is_valid(event)
+    assert not conforms({"event_name": "page_view", "user_id": ""})

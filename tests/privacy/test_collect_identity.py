@@ -1976,3 +1976,103 @@ def test_a_user_id_that_is_no_value_needs_no_hash_with_verification_on(tmp_path:
 
     assert answer.status_code == 200
     assert "user_id" not in stored(app, "pv-u")
+
+
+def test_after_logout_the_browser_and_a_guest_sale_on_it_carry_no_user_id(
+    app: Flask, client: FlaskClient
+) -> None:
+    # tagrelay.reset() on logout: the page's later events carried no user_id, but enrichment
+    # put the last user's back on each, and on a guest's sale on that computer, which went to
+    # GA4 as user_id and to Meta and TikTok as external_id beside the guest's own e-mail.
+    # reset() now sends "user_id": null: nobody is signed in on that browser.
+    visitor = collect(
+        client, {"event_name": "identify", "user_id": "ada", "consent": ALL_GRANTED}
+    ).get_json()["visitor_id"]
+    signed_out = {"event_name": "page_view", "event_id": "after_logout", "user_id": None}
+
+    answer = collect(client, {**signed_out, "consent": ALL_GRANTED})
+    collect(client, {"event_name": "page_view", "event_id": "no_user", "consent": ALL_GRANTED})
+    track(
+        client,
+        {"event_name": "sale", "event_id": "guest", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+
+    assert answer.status_code == 200, answer.get_json()
+    for event_id in ("after_logout", "no_user", "guest"):
+        event = stored(app, event_id)
+        assert "user_id" not in event  # not even null: the stored event names no user
+        assert "user_id" not in event.get("enriched", [])
+    track(
+        client, {"event_name": "sale", "event_id": "ada2", "user_id": "ada", "consent": ALL_GRANTED}
+    )
+    assert stored(app, "ada2")["visitor_id"] == visitor  # her link stays, for her own events
+    # The next user to sign in on that browser is its user again.
+    collect(client, {"event_name": "identify", "user_id": "bob", "consent": ALL_GRANTED})
+    track(
+        client,
+        {"event_name": "sale", "event_id": "bob1", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+    assert stored(app, "bob1")["user_id"] == "bob"
+
+
+def test_a_sign_out_forgets_the_visitors_user_whatever_its_consent(
+    app: Flask, client: FlaskClient
+) -> None:
+    # Forgetting the user adds nothing to what is remembered: no purpose needs granting.
+    visitor = collect(
+        client, {"event_name": "identify", "user_id": "ada", "consent": ALL_GRANTED}
+    ).get_json()["visitor_id"]
+    denied = {p: "denied" for p in ALL_GRANTED}
+
+    collect(client, {"event_name": "logout", "user_id": None, "consent": denied})
+    track(
+        client,
+        {"event_name": "sale", "event_id": "guest", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+
+    assert "user_id" not in stored(app, "guest")
+
+
+def test_a_backends_logout_with_a_null_user_id_signs_the_visitor_out(
+    app: Flask, client: FlaskClient
+) -> None:
+    # A site whose backend links user and visitor signs them out the same way: its logout
+    # endpoint sends the visitor with "user_id": null.
+    visitor = collect(client, {"event_name": "page_view", "consent": ALL_GRANTED}).get_json()[
+        "visitor_id"
+    ]
+    track(client, {"event_name": "login", "visitor_id": visitor, "user_id": "ada"})
+    logout = {"event_name": "logout", "event_id": "out", "visitor_id": visitor, "user_id": None}
+
+    answer = track(client, logout)
+    collect(client, {"event_name": "page_view", "event_id": "guest_view", "consent": ALL_GRANTED})
+    track(
+        client,
+        {"event_name": "sale", "event_id": "guest", "visitor_id": visitor, "consent": ALL_GRANTED},
+    )
+
+    assert answer.status_code == 200, answer.get_json()
+    assert "user_id" not in stored(app, "out")
+    for event_id in ("guest_view", "guest"):
+        assert "user_id" not in stored(app, event_id)
+    # Her link stays, for her own events and for `tagrelay forget --user-id`.
+    ada = track(client, {"event_name": "sale", "user_id": "ada", "consent": ALL_GRANTED})
+    assert stored(app, ada.get_json()["event_id"])["visitor_id"] == visitor
+    removed = store_of(app).forget(user_id="ada")
+    assert removed.get("visitors", 0) >= 1, removed
+
+
+def test_a_null_user_id_needs_no_user_hash_with_verification_on(tmp_path: Path) -> None:
+    # Nobody is signed in: there is no user ID to prove, and a page can sign out only its
+    # own (signed-cookie) visitor.
+    app = make_app(tmp_path, identity_secret=IDENTITY_SECRET)
+    client = app.test_client()
+    ada = {"event_name": "identify", "user_id": "ada", "consent": ALL_GRANTED}
+    visitor = collect(client, {**ada, "user_hash": _hash("ada")}).get_json()["visitor_id"]
+
+    answer = collect(client, {"event_name": "page_view", "user_id": None, "consent": ALL_GRANTED})
+    sale = track(client, {"event_name": "sale", "visitor_id": visitor, "consent": ALL_GRANTED})
+
+    assert answer.status_code == 200, answer.get_json()
+    assert "user_id" not in stored(app, answer.get_json()["event_id"])
+    assert "user_id" not in stored(app, sale.get_json()["event_id"])

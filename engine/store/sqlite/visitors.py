@@ -143,6 +143,11 @@ def _remember(db: sqlite3.Connection, updates: Sequence[tuple[IdentityUpdate, fl
         if update.user_id is not None and update.user_id != row.user_id:
             row.user_id = update.user_id
             changed = True
+        elif update.signed_out and row.user_id is not None:
+            # "user_id": null (reset(), a logout): the browser's later events, and server
+            # events naming only it, are no one's; the user's link to it stays (user_visitors).
+            row.user_id = None
+            changed = True
         changed = _seen(row, "user_agent", update.user_agent, now) or changed
         changed = _seen(row, "ip", update.ip, now) or changed
         if touch:
