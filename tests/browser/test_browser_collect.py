@@ -1120,9 +1120,11 @@ def test_after_reset_the_pages_events_and_a_guests_sale_on_that_browser_name_no_
         "visitor_id": visitor,
         "user_data": {"email": "guest@example.com"},
         "properties": {"order_id": "ord_guest_after_logout", "value": 12.0, "currency": "EUR"},
+        "context": {"page_url": "https://shop.example/checkout/complete"},
         "consent": GRANTED,
     }
-    assert "meta_purchase" in server.track(sale)["fired"]
+    answer = server.track(sale)
+    assert "meta_purchase" in answer["fired"], (answer, server.stored_event(sale["event_id"]))
     purchase = wait_for(
         lambda: next(
             (e for e in stack.meta.events if e["event_id"] == "ord_guest_after_logout"), None
