@@ -2076,3 +2076,28 @@ def test_a_null_user_id_needs_no_user_hash_with_verification_on(tmp_path: Path) 
     assert answer.status_code == 200, answer.get_json()
     assert "user_id" not in stored(app, answer.get_json()["event_id"])
     assert "user_id" not in stored(app, sale.get_json()["event_id"])
+
+
+def test_preview_of_a_sign_out_shows_no_user_added(app: Flask, client: FlaskClient) -> None:
+    # `tagrelay preview --data-dir` enriches as intake does: a null user_id gets no user back.
+    from engine.pipeline import Privacy, enrich_from_store
+    from engine.preview import preview
+
+    visitor = collect(
+        client, {"event_name": "identify", "user_id": "ada", "consent": ALL_GRANTED}
+    ).get_json()["visitor_id"]
+    pipeline: Pipeline = app.extensions["tagrelay.pipeline"]
+    store = store_of(app)
+
+    def enricher(
+        event: dict[str, Any], now: datetime, granted: frozenset[str], signed_out: bool
+    ) -> list[str]:
+        return enrich_from_store(store, Privacy(), event, now, granted, signed_out)
+
+    sale = {"event_name": "sale", "visitor_id": visitor, "consent": ALL_GRANTED}
+    named = preview(pipeline.rules.container, sale, enricher=enricher)["event"]
+    signed_out = preview(pipeline.rules.container, {**sale, "user_id": None}, enricher=enricher)
+
+    assert named["user_id"] == "ada" and "user_id" in named["enriched"]
+    assert "user_id" not in signed_out["event"]
+    assert "user_id" not in signed_out["event"].get("enriched", [])
