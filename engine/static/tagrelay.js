@@ -78,6 +78,12 @@
     return value;
   }
 
+  // What String() makes of a missing value, or blank: the server takes such a user ID for none
+  // (README, The event), so it signs no one in, nor ends a reset()'s sign-out.
+  function noValue(text) {
+    return /^(undefined|null|NaN|\[object Object\])$/.test(text) || !/\S/.test(text);
+  }
+
   function uuid() {
     var c = window.crypto;
     if (c && typeof c.randomUUID === "function") return c.randomUUID(); // secure contexts only
@@ -162,7 +168,7 @@
       context: context
     };
     var userId = options.user_id || store(STORAGE_USER);
-    if (userId) {
+    if (userId && !noValue(String(userId))) {
       event.user_id = String(userId);
       var userHash = options.user_id ? options.user_hash : store(STORAGE_USER_HASH);
       if (userHash) event.user_hash = String(userHash);
@@ -433,7 +439,7 @@
      *  options.user_hash: the user ID's hash from your backend, when the server verifies user
      *  IDs (TAGRELAY_IDENTITY_SECRET); later events carry it too. */
     identify: function (userId, traits, options) {
-      if (userId) {
+      if (userId && !noValue(String(userId))) {
         store(STORAGE_USER, String(userId));
         var hash = options && options.user_hash;
         store(STORAGE_USER_HASH, hash ? String(hash) : null);

@@ -1144,3 +1144,26 @@ def test_after_reset_the_pages_events_and_a_guests_sale_on_that_browser_name_no_
     next_user = wait_for(lambda: server.stored_event(later), "the next user's event", server)
     assert next_user["user_id"] == "cust_next"
     assert browser.execute_script("return localStorage.getItem('tr_out');") is None
+
+
+def test_identify_of_a_javascript_non_value_after_reset_keeps_the_sign_out(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # identify(String(user.id)) on a page with no user is identify("undefined"), which the
+    # server takes for no user ID: it ended reset()'s sign-out, and the page's events then got
+    # the last user's ID added back by enrichment.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the first page view", server)
+    signed_in = browser.execute_script(
+        "return tagrelay.identify('cust_gone', {}, {user_hash: arguments[0]});",
+        user_hash("cust_gone"),
+    )
+    wait_for(lambda: server.stored_event(signed_in), "identify", server)
+
+    browser.execute_script("tagrelay.reset(); tagrelay.identify(String(undefined));")
+    assert browser.execute_script("return localStorage.getItem('tr_out');") == "1"
+    later = browser.execute_script("return tagrelay.track('after_logout', {}, {user_id: 'null'});")
+    stored = wait_for(lambda: server.stored_event(later), "the event after logout", server)
+    assert "user_id" not in stored
+    assert "user_id" not in stored.get("enriched", [])
