@@ -277,6 +277,11 @@
       }
       return response.json().catch(function () { return null; }).then(function (answer) {
         if (!response.ok && config.debug) console.warn("tagrelay:", response.status, answer);
+        if (response.ok && store(STORAGE_SIGNED_OUT) && JSON.parse(body).user_id === null) {
+          // The server has the sign-out: later events name no user, as a page that never names
+          // its user does, so a user the site's backend links next is not signed out again.
+          store(STORAGE_SIGNED_OUT, null);
+        }
         return response.ok ? remember(answer) : answer;
       });
     }, function () {
@@ -474,8 +479,9 @@
       return visitorId();
     },
 
-    /** Forget the user (on logout): later events carry "user_id": null, until identify(),
-     *  and the server stops taking this browser for that user's (see README, Enrichment). */
+    /** Forget the user (on logout): later events carry "user_id": null until the server has
+     *  answered one (or identify()), and it stops taking this browser for that user's (see
+     *  README, Enrichment). */
     reset: function () {
       store(STORAGE_USER, null);
       store(STORAGE_USER_HASH, null);

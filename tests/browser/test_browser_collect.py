@@ -1162,8 +1162,37 @@ def test_identify_of_a_javascript_non_value_after_reset_keeps_the_sign_out(
     wait_for(lambda: server.stored_event(signed_in), "identify", server)
 
     browser.execute_script("tagrelay.reset(); tagrelay.identify(String(undefined));")
-    assert browser.execute_script("return localStorage.getItem('tr_out');") == "1"
+    assert browser.execute_script("return localStorage.getItem('tr_uid');") is None
     later = browser.execute_script("return tagrelay.track('after_logout', {}, {user_id: 'null'});")
     stored = wait_for(lambda: server.stored_event(later), "the event after logout", server)
     assert "user_id" not in stored
     assert "user_id" not in stored.get("enriched", [])
+
+
+def test_a_site_that_links_its_users_from_its_backend_is_signed_out_once_by_reset(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # A site that never calls identify() (its backend links the user) but calls reset() on
+    # logout: every later page view said "user_id": null until an identify() that never came,
+    # and signed out the next user its backend linked to that browser.
+    server = stack.server
+    browser.get(f"{stack.shop.url}/page.html")
+    wait_for(lambda: collected(browser), "the first page view", server)
+    visitor = browser.execute_script("return tagrelay.getVisitorId();")
+    browser.execute_script("tagrelay.reset();")
+    signed_out = browser.execute_script("return tagrelay.track('after_logout');")
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; tagrelay.flush().then(done, done);"
+    )
+    wait_for(lambda: server.stored_event(signed_out), "the sign-out", server)
+    assert browser.execute_script("return localStorage.getItem('tr_out');") is None
+
+    login = {"event_name": "login", "visitor_id": visitor, "user_id": "cust_b", "consent": GRANTED}
+    server.track(login)
+    later = browser.execute_script("return tagrelay.track('browsing');")
+    stored = wait_for(lambda: server.stored_event(later), "a page event after the login", server)
+    sale = {"event_name": "note", "event_id": "after_backend_login", "visitor_id": visitor}
+    server.track({**sale, "consent": GRANTED})
+
+    assert "user_id" not in stored or stored["user_id"] == "cust_b"
+    assert server.stored_event("after_backend_login")["user_id"] == "cust_b"
