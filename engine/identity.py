@@ -95,7 +95,7 @@ def _url_clicks(url: Any) -> set[str]:
 
 def capture_click_ids(event: dict[str, Any]) -> None:
     """Copy click IDs from the page URL (first) and referrer into ``context``, if not set (or
-    set to a JavaScript non-value, :func:`~engine.event.no_value`).
+    set to a JavaScript non-value, :func:`~destinations.values.no_value`).
 
     An ``_fbc`` cookie (``context.fbc``) of another click than the page URL's ``fbclid`` is
     left out: it is the cookie of an earlier click, read before Meta's pixel wrote the new
