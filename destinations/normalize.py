@@ -363,8 +363,9 @@ def country(value: str, platform: Platform) -> str | None:
 
 
 def url_param(url: object, param: str) -> str | None:
-    """The first value of query parameter ``param`` in ``url``, unchanged (case kept); None
-    for a JavaScript non-value (:func:`~destinations.values.no_value`), such as ``undefined``."""
+    """The first value of query parameter ``param`` in ``url``, unchanged (case kept), that is
+    no JavaScript non-value (:func:`~destinations.values.no_value`), such as ``undefined``: the
+    one click capture reads (:func:`engine.identity.click_ids_in_url`)."""
     if not isinstance(url, str) or not url:
         return None
     # Most URLs do not carry the parameter: skip the parse when none of its keys can be
@@ -378,9 +379,8 @@ def url_param(url: object, param: str) -> str | None:
         query = urlsplit(url).query
     except ValueError:
         return None
-    values = parse_qs(query).get(param)
     # "?gclid=undefined": a link a script built of a click ID it did not have carries none.
-    return values[0] if values and values[0] and not no_value(values[0]) else None
+    return next((v for v in parse_qs(query).get(param, ()) if not no_value(v)), None)
 
 
 # -- helpers ------------------------------------------------------------------------------------

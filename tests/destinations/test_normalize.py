@@ -511,3 +511,11 @@ def test_url_param_keeps_the_case_of_the_value() -> None:
     assert normalize.url_param(url, "fbclid") == "AbC-123_xYz"
     assert normalize.url_param(url, "ttclid") is None
     assert normalize.url_param(None, "fbclid") is None
+
+
+def test_url_param_reads_the_value_click_capture_reads_past_a_javascript_non_value() -> None:
+    # The adapters found no gclid where click capture (and so enrichment) found REAL.
+    url = "https://shop.example/?gclid=undefined&gclid=REAL&fbclid=null"
+
+    assert normalize.url_param(url, "gclid") == "REAL"
+    assert normalize.url_param(url, "fbclid") is None
